@@ -1,0 +1,58 @@
+"""`probsft` console entry point: one thin subcommand per library module.
+
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``;
+the heavy imports (megatron, vllm, nemo_run) happen only inside the chosen module,
+so ``probsft objectives`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "objectives": ("probsft_megatron.objectives_cli", "list or validate training objectives"),
+    "train": ("probsft_megatron.train_cli", "supervised fine-tuning on Megatron-Core"),
+    "convert": ("probsft_megatron.converters.cli", "Hugging Face <-> Megatron checkpoints"),
+    "eval": ("probsft_megatron.eval.cli", "vLLM evaluation of a Hugging Face model"),
+    "probe": ("probsft_megatron.probe_cli", "token-probability probe of a base model on a dataset"),
+    "launch": ("probsft_megatron.launchers.cli", "NeMo-Run experiments (local or SLURM)"),
+    "data": ("probsft_megatron.data_cli", "generate or inspect SFT datasets"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="probsft", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or name == only:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:  # a subcommand not built yet / missing extra
+                if exc.name and exc.name.startswith("probsft_megatron"):
+                    p.set_defaults(_unavailable=f"`probsft {name}` is not available in this build")
+                    continue
+                raise
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=first if first in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    if getattr(args, "_unavailable", None):
+        print(f"error: {args._unavailable}", file=sys.stderr)
+        return 2
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
