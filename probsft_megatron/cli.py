@@ -51,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    return int(args._run(args) or 0)
+    from probsft_megatron.errors import ProbsftError
+
+    try:
+        return int(args._run(args) or 0)
+    except ProbsftError as exc:  # a user's mistake: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

