@@ -116,3 +116,26 @@ def model_config_of(model: Any):
     from megatron.core.utils import get_model_config
 
     return get_model_config(model)
+
+
+def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, *, is_loading: bool):
+    """The optimizer's sharded state in a layout that reshards over TP, PP and DP on load.
+
+    ``fully_reshardable`` is the distributed optimizer's canonical (per-parameter) format in
+    0.16 and later; the plain optimizer ignores the metadata.
+    """
+    return optimizer.sharded_state_dict(
+        model_sharded_state_dict, is_loading=is_loading,
+        metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+
+
+def dist_save(sharded_state_dict, ckpt_dir: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(sharded_state_dict, ckpt_dir)
+
+
+def dist_load(sharded_state_dict, ckpt_dir: str):
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load(sharded_state_dict, ckpt_dir)

@@ -1,0 +1,387 @@
+"""Probability-based SFT objectives of "Beyond Log Likelihood" (Li et al., 2025).
+
+For the target token with model probability ``p = exp(-ce)`` (``ce`` the per-token cross
+entropy), an objective is a per-token loss ``f(p)``. Its gradient with respect to ``ce`` is
+the weight ``w(p) = -f'(p) * p``, so the logit gradient of ``f`` is ``w(p)`` times the NLL
+logit gradient. Everything here is an elementwise map on ``ce``: it composes with any
+cross-entropy backend (vocab-parallel, fused linear+CE) and never needs the full softmax.
+
+Spellings (the paper's seed names; matching is case-insensitive)::
+
+    original | nll | logp                  f = -log p            w = 1
+    p | dft                               f = 1 - p             w = p
+    GeneralFamily-<a> | convexity-<a>     f = (1 - p^a) / a     w = p^a      (a >= 0; a = 0 is NLL)
+    OnlyTopP-<q> / OnlyBottomP-<q>        f = 1 - p             w = p        keep p >= q / p <= q
+    OnlyTopLogP-<q> / OnlyBottomLogP-<q>  f = -log p            w = 1        keep p >= q / p <= q
+    UnlikehoodTop-<q> / UnlikehoodBottom-<q>
+                                          f = log(1 - p)        w = p/(1-p)  keep p >= q / p <= q
+
+A threshold ``<q>`` is an absolute probability (top: ``0 <= q < 1``, bottom: ``0 < q <= 1``) or
+``K<k>``: the k-th percentile (``0 <= k <= 100``) of the target-token probabilities of the
+batch's response tokens, resolved at run time with :func:`resolve_percentile`.
+
+``log(1 - p)`` diverges as ``p -> 1``: below ``1 - p = UNLIKELIHOOD_EPS`` the loss continues
+linearly in ``ce`` with the slope it has there, so loss and gradient stay finite and the
+weight is capped at ``(1 - eps) / eps`` instead of being zeroed.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from probsft_megatron.errors import ConfigError
+
+__all__ = [
+    "UNLIKELIHOOD_EPS",
+    "Objective",
+    "ObjectiveError",
+    "Threshold",
+    "list_objectives",
+    "parse_objective",
+    "resolve_percentile",
+]
+
+#: Floor on ``1 - p`` for the ``log(1 - p)`` family (see the module docstring).
+UNLIKELIHOOD_EPS = 1e-6
+# ce at which 1 - p == eps, and the capped weight p / (1 - p) there.
+_UNLIKELIHOOD_CE0 = -math.log1p(-UNLIKELIHOOD_EPS)
+_UNLIKELIHOOD_WMAX = (1.0 - UNLIKELIHOOD_EPS) / UNLIKELIHOOD_EPS
+
+_VALID_FORMS = (
+    "original (aliases nll, logp), p (alias dft), GeneralFamily-<a> with finite a >= 0 "
+    "(alias convexity-<a>), OnlyTopP-<q>, OnlyTopLogP-<q>, UnlikehoodTop-<q> with 0 <= q < 1, "
+    "OnlyBottomP-<q>, OnlyBottomLogP-<q>, UnlikehoodBottom-<q> with 0 < q <= 1; "
+    "any threshold may be K<k>, the k-th percentile (0..100) of the batch's token p, "
+    "e.g. OnlyTopP-K20; dict form {name: GeneralFamily, a: 8}, {name: OnlyTopP, q: 0.5} "
+    "or {name: OnlyTopP, percentile: 20}"
+)
+
+# lower-cased spelling -> family, for names without a parameter
+_PLAIN = {"original": "nll", "nll": "nll", "logp": "nll", "p": "p", "dft": "p"}
+# lower-cased spelling -> (family, side), for names with a parameter
+_PARAMETRIC = {
+    "generalfamily": ("general", None),
+    "convexity": ("general", None),
+    "onlytopp": ("p_thr", "top"),
+    "onlybottomp": ("p_thr", "bottom"),
+    "onlytoplogp": ("logp_thr", "top"),
+    "onlybottomlogp": ("logp_thr", "bottom"),
+    "unlikehoodtop": ("unlikelihood_thr", "top"),
+    "unlikehoodbottom": ("unlikelihood_thr", "bottom"),
+    "unlikelihoodtop": ("unlikelihood_thr", "top"),
+    "unlikelihoodbottom": ("unlikelihood_thr", "bottom"),
+}
+# (family, side) -> canonical prefix of thresholded names
+_THRESHOLD_PREFIX = {
+    ("p_thr", "top"): "OnlyTopP",
+    ("p_thr", "bottom"): "OnlyBottomP",
+    ("logp_thr", "top"): "OnlyTopLogP",
+    ("logp_thr", "bottom"): "OnlyBottomLogP",
+    ("unlikelihood_thr", "top"): "UnlikehoodTop",
+    ("unlikelihood_thr", "bottom"): "UnlikehoodBottom",
+}
+_NAME_ARG = re.compile(r"^([A-Za-z_]+)-(.+)$")
+_NUMBER = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
+
+
+class ObjectiveError(ConfigError):
+    """An objective spec that cannot be parsed or is out of range; the message lists valid forms."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what}; valid objectives: {_VALID_FORMS}")
+
+
+def _fmt(x: float) -> str:
+    """Shortest string that parses back to exactly ``x`` (``8.0`` -> ``"8"``)."""
+    s = repr(float(x))
+    return s[:-2] if s.endswith(".0") else s
+
+
+def _work(ce: Tensor) -> Tensor:
+    """``ce`` in at least float32 (half-precision ``ce`` loses p near 1)."""
+    return ce.float() if ce.dtype in (torch.float16, torch.bfloat16) else ce
+
+
+class _WeightedLoss(torch.autograd.Function):
+    """``f(p)`` of an objective whose backward is ``grad * w(p)``."""
+
+    @staticmethod
+    def forward(ctx, ce: Tensor, objective: "Objective") -> Tensor:
+        work = _work(ce)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(objective.weight_from_ce(work))
+        ctx.ce_dtype = ce.dtype
+        return objective._loss_values(work)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return (grad * weight).to(ctx.ce_dtype), None
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Which tokens a thresholded objective keeps.
+
+    ``value`` is an absolute probability ``q`` in [0, 1] when ``percentile`` is False, else a
+    percentile ``K`` in [0, 100] resolved per batch. ``side`` "top" keeps ``p >= q``,
+    "bottom" keeps ``p <= q``.
+    """
+
+    value: float
+    percentile: bool
+    side: str
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A per-token SFT objective ``f(p)``; build one with :func:`parse_objective`.
+
+    ``name`` is canonical: ``parse_objective(o.name) == o``.
+    """
+
+    name: str
+    family: str
+    a: float | None = None
+    threshold: Threshold | None = None
+
+    @property
+    def thresholded(self) -> bool:
+        """Whether only tokens passing a probability threshold are trained on."""
+        return self.threshold is not None
+
+    @property
+    def needs_percentile(self) -> bool:
+        """Whether the threshold is a percentile that must be resolved per batch."""
+        return self.threshold is not None and self.threshold.percentile
+
+    def loss_from_ce(self, ce: Tensor) -> Tensor:
+        """Elementwise ``f(p)`` for ``p = exp(-ce)``, differentiable with ``d f / d ce = w(p)``.
+
+        The threshold is not applied here: multiply by :meth:`keep_mask`. The backward pass
+        multiplies the upstream gradient by :meth:`weight_from_ce`, which keeps the weight
+        exact where autograd through ``expm1`` would round it (``p`` below machine epsilon).
+        Half-precision ``ce`` is computed in float32.
+        """
+        if self.family in ("nll", "logp_thr") or (self.family == "general" and self.a == 0):
+            return _work(ce).clone()
+        return _WeightedLoss.apply(ce, self)
+
+    def _loss_values(self, ce: Tensor) -> Tensor:
+        """``f(p)`` without autograd, for ``ce`` already in the working dtype."""
+        if self.family in ("p", "p_thr"):
+            return -torch.expm1(-ce)
+        if self.family == "general":
+            return -torch.expm1(-self.a * ce) / self.a
+        # log(1 - p) while 1 - p >= eps; below, the tangent line in ce at 1 - p = eps
+        log_part = torch.log(-torch.expm1(-ce.clamp(min=_UNLIKELIHOOD_CE0)))
+        return log_part + _UNLIKELIHOOD_WMAX * (ce - _UNLIKELIHOOD_CE0).clamp(max=0.0)
+
+    def weight_from_ce(self, ce: Tensor) -> Tensor:
+        """Elementwise ``w(p) = -f'(p) * p`` (the factor on the NLL gradient), without grad."""
+        with torch.no_grad():
+            ce = _work(ce)
+            if self.family in ("nll", "logp_thr"):
+                return torch.ones_like(ce)
+            if self.family in ("p", "p_thr"):
+                return torch.exp(-ce)
+            if self.family == "general":
+                return torch.exp(-self.a * ce)
+            # p / (1 - p) = 1 / expm1(ce), capped where 1 - p = eps
+            return 1.0 / torch.expm1(ce.clamp(min=_UNLIKELIHOOD_CE0))
+
+    def keep_mask(self, ce: Tensor, q: float | None = None) -> Tensor:
+        """Bool mask of tokens the objective trains on (all True when not thresholded).
+
+        Compares ``p = exp(-ce)`` with ``q`` exactly like the seed: top keeps ``p >= q``,
+        bottom keeps ``p <= q``, in the dtype of ``p`` (float32 for float32 or half ``ce``).
+        ``q`` defaults to the absolute threshold; a percentile threshold needs the resolved
+        ``q`` from :func:`resolve_percentile` (a NaN ``q``, the percentile of no tokens, keeps
+        nothing).
+        """
+        if self.threshold is None:
+            return torch.ones_like(ce, dtype=torch.bool)
+        if q is None:
+            if self.threshold.percentile:
+                raise ValueError(
+                    f"objective {self.name} has a percentile threshold: pass q, the resolved "
+                    "probability from resolve_percentile(), to keep_mask()"
+                )
+            q = self.threshold.value
+        p = torch.exp(-_work(ce))
+        return p >= q if self.threshold.side == "top" else p <= q
+
+    def describe(self) -> dict:
+        """Human-readable ``name``, ``f``, ``w``, ``mask`` and ``normalization`` strings."""
+        f, w = _formulas(self.family, self.a)
+        if self.threshold is None:
+            mask = "all response tokens"
+            norm = ("sum of f(p) over response tokens / number of response tokens (counted "
+                    "over the whole global batch)")
+        else:
+            op = ">=" if self.threshold.side == "top" else "<="
+            if self.threshold.percentile:
+                q = (f"q = percentile {_fmt(self.threshold.value)} of p over the batch's "
+                     "response tokens (all data-parallel ranks)")
+            else:
+                q = f"q = {_fmt(self.threshold.value)}"
+            mask = f"response tokens with p {op} q, {q}"
+            norm = ("sum of f(p) over kept tokens / number of kept tokens over the whole global "
+                    "batch (the seed's default; the count is clamped at 1, so an empty keep set "
+                    "gives loss 0)")
+        return {"name": self.name, "f": f, "w": w, "mask": mask, "normalization": norm}
+
+
+def _formulas(family: str, a: float | None) -> tuple[str, str]:
+    """(f, w) strings of a family."""
+    if family in ("nll", "logp_thr") or (family == "general" and a == 0):
+        return "-log p", "1"
+    if family in ("p", "p_thr"):
+        return "1 - p", "p"
+    if family == "general":
+        s = _fmt(a)
+        return f"(1 - p^{s}) / {s}", f"p^{s}"
+    cap = _fmt(_UNLIKELIHOOD_WMAX)
+    return (f"log(1 - p), continued linearly in ce once 1 - p < {_fmt(UNLIKELIHOOD_EPS)}",
+            f"p / (1 - p), capped at {cap}")
+
+
+def _number(text: str, spec: str) -> float:
+    if not _NUMBER.match(text):
+        raise ObjectiveError(f"objective {spec!r}: {text!r} is not a number")
+    return float(text)
+
+
+def _parse_string(spec: str) -> Objective:
+    text = spec.strip()
+    family = _PLAIN.get(text.lower())
+    if family is not None:
+        return Objective(name="original" if family == "nll" else "p", family=family)
+    m = _NAME_ARG.match(text)
+    if m is None or m.group(1).lower() not in _PARAMETRIC:
+        if text.lower() in _PARAMETRIC:
+            raise ObjectiveError(f"objective {spec!r} needs a parameter, e.g. {text}-0.5")
+        raise ObjectiveError(f"unknown objective {spec!r}")
+    family, side = _PARAMETRIC[m.group(1).lower()]
+    arg = m.group(2).strip()
+    if family == "general":
+        a = _number(arg, spec)
+        if not math.isfinite(a) or a < 0:
+            raise ObjectiveError(
+                f"objective {spec!r}: a must be finite and >= 0 (got {arg}); for a < 0 the "
+                "weight p^a grows without bound as p -> 0, outside the paper's family, "
+                "which starts at NLL (a = 0)"
+            )
+        return Objective(name=f"GeneralFamily-{_fmt(a)}", family="general", a=a)
+    percentile = arg[:1] in ("K", "k")
+    value = _number(arg[1:] if percentile else arg, spec)
+    prefix = _THRESHOLD_PREFIX[(family, side)]
+    if percentile:
+        if not 0.0 <= value <= 100.0:
+            raise ObjectiveError(
+                f"objective {spec!r}: percentile K must be in [0, 100] (got {value:g})")
+        tag = f"K{_fmt(value)}"
+    elif side == "top" and not 0.0 <= value < 1.0:
+        raise ObjectiveError(f"objective {spec!r}: {prefix} needs 0 <= q < 1 (got {value:g})")
+    elif side == "bottom" and not 0.0 < value <= 1.0:
+        raise ObjectiveError(f"objective {spec!r}: {prefix} needs 0 < q <= 1 (got {value:g})")
+    else:
+        tag = _fmt(value)
+    return Objective(name=f"{prefix}-{tag}", family=family,
+                     threshold=Threshold(value=value, percentile=percentile, side=side))
+
+
+def _param_text(value: object, key: str, spec: dict) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (
+        isinstance(value, float) and not math.isfinite(value)
+    ):
+        raise ObjectiveError(f"objective {spec!r}: {key} must be a finite number")
+    return value.strip() if isinstance(value, str) else _fmt(value)
+
+
+def _parse_dict(spec: dict) -> Objective:
+    unknown = sorted(set(spec) - {"name", "a", "q", "percentile"})
+    if unknown:
+        raise ObjectiveError(f"objective {spec!r}: unknown key(s) {', '.join(map(str, unknown))}")
+    name = spec.get("name")
+    if not isinstance(name, str):
+        raise ObjectiveError(f"objective {spec!r}: 'name' (a string) is required")
+    params = [k for k in ("a", "q", "percentile") if k in spec]
+    if not params:
+        return _parse_string(name)
+    base = name.strip().lower()
+    if len(params) > 1 or base not in _PARAMETRIC:
+        raise ObjectiveError(f"objective {spec!r}: give the name without a parameter and exactly "
+                             "one of a (GeneralFamily), q or percentile (thresholds)")
+    key = params[0]
+    if (key == "a") != (_PARAMETRIC[base][0] == "general"):
+        raise ObjectiveError(f"objective {spec!r}: {name} does not take {key}")
+    text = _param_text(spec[key], key, spec)
+    return _parse_string(f"{name.strip()}-{'K' if key == 'percentile' else ''}{text}")
+
+
+def parse_objective(spec: str | dict | Objective) -> Objective:
+    """Parse a seed name (``"GeneralFamily-8"``, ``"OnlyTopP-K20"``), alias or dict spec.
+
+    Raises :class:`ObjectiveError` (one sentence listing the valid forms) for anything else.
+    """
+    if isinstance(spec, Objective):
+        if _parse_string(spec.name) != spec:
+            raise ObjectiveError(f"objective {spec!r} is inconsistent with its name {spec.name!r}")
+        return spec
+    if isinstance(spec, str):
+        return _parse_string(spec)
+    if isinstance(spec, dict):
+        return _parse_dict(spec)
+    raise ObjectiveError(f"objective must be a name or a mapping, got {type(spec).__name__}")
+
+
+def resolve_percentile(p: Tensor, percentile: float) -> float:
+    """The ``percentile``-th percentile of the 1-D tensor ``p``, as an absolute threshold.
+
+    Linear interpolation between order statistics, like ``numpy.percentile`` and
+    ``torch.quantile`` defaults, computed in float64 on a full sort (no size limit, unlike
+    ``torch.quantile``; ``kthvalue`` is avoided because it degrades badly on sorted input on
+    CPU). Empty ``p`` gives NaN, which keeps no token in :meth:`Objective.keep_mask`.
+    """
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+    if p.dim() != 1:
+        raise ValueError(f"resolve_percentile expects a 1-D tensor, got shape {tuple(p.shape)}")
+    n = p.numel()
+    if n == 0:
+        return float("nan")
+    pos = percentile / 100.0 * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    ordered = torch.sort(p.detach().double()).values
+    v_lo, v_hi = ordered[lo].item(), ordered[hi].item()
+    return v_lo + (v_hi - v_lo) * (pos - lo)
+
+
+def list_objectives() -> list[dict]:
+    """One entry per spelling form: ``form``, ``f``, ``w``, ``mask``, ``example``, ``aliases``."""
+    f_nll, w_nll = _formulas("nll", None)
+    f_p, w_p = _formulas("p", None)
+    out = [
+        {"form": "original", "f": f_nll, "w": w_nll, "mask": "all", "example": "original",
+         "aliases": ["nll", "logp"]},
+        {"form": "p", "f": f_p, "w": w_p, "mask": "all", "example": "p", "aliases": ["dft"]},
+        {"form": "GeneralFamily-<a>", "f": "(1 - p^a) / a  (a = 0: -log p)", "w": "p^a",
+         "mask": "all", "example": "GeneralFamily-8", "aliases": ["convexity-<a>"]},
+    ]
+    for (family, side), prefix in _THRESHOLD_PREFIX.items():
+        f, w = _formulas(family, None)
+        aliases = [f"{prefix}-K<k>"]
+        if family == "unlikelihood_thr":
+            aliases.append(prefix.replace("Unlikehood", "Unlikelihood") + "-<q>")
+        out.append({"form": f"{prefix}-<q>", "f": f, "w": w,
+                    "mask": "p >= q" if side == "top" else "p <= q",
+                    "example": f"{prefix}-{'0.5' if side == 'top' else '0.9'}",
+                    "aliases": aliases})
+    return out

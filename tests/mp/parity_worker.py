@@ -1,0 +1,137 @@
+"""Multi-rank parity worker: train the tiny Qwen2-style model a few steps per objective.
+
+Run under torchrun (gloo on CPU). Every layout trains on the same global batches from the
+same initial weights (a torch_dist checkpoint written by the single-rank reference run and
+resharded on load), so per-step losses and grad norms must agree across layouts.
+Writes ``{objective: {"loss": [...], "grad_norm": [...], "mean_p": [...], ...}}`` as JSON
+from the rank that holds the last pipeline stage and DP rank 0.
+"""
+import argparse
+import json
+import os
+import sys
+import types
+
+import torch
+
+
+def break_tp_reduction() -> None:
+    """Negative control: skip the SUM all-reduces inside megatron's vocab-parallel CE."""
+    import megatron.core.tensor_parallel.cross_entropy as ce_mod
+
+    real_dist = torch.distributed
+
+    def all_reduce(tensor, op=real_dist.ReduceOp.SUM, group=None, async_op=False):
+        if op == real_dist.ReduceOp.SUM:
+            return None
+        return real_dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+    fake_dist = types.SimpleNamespace(**{k: getattr(real_dist, k) for k in dir(real_dist)
+                                         if not k.startswith("__")})
+    fake_dist.all_reduce = all_reduce
+    fake_torch = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch)
+                                          if not k.startswith("__")})
+    fake_torch.distributed = fake_dist
+    ce_mod.torch = fake_torch
+
+
+def global_batches(steps, global_batch, seq, vocab, seed=0, noise=0.3):
+    """Counting sequences (next = token + 1) with a fraction of random tokens: learnable,
+    so a briefly pre-trained model has token probabilities spread over (0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        start = torch.randint(0, vocab, (global_batch, 1), generator=g)
+        tokens = (start + torch.arange(seq + 1)[None, :]) % vocab
+        noisy = torch.rand(global_batch, seq + 1, generator=g) < noise
+        tokens = torch.where(noisy, torch.randint(0, vocab, tokens.shape, generator=g), tokens)
+        prompt_len = torch.randint(1, seq // 2, (global_batch,), generator=g)
+        mask = (torch.arange(seq)[None, :] >= prompt_len[:, None]).float()
+        out.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--sp", action="store_true")
+    ap.add_argument("--objectives", default="original,p,GeneralFamily-8,OnlyTopP-0.3,OnlyBottomP-K50")
+    ap.add_argument("--normalization", default="kept")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--global-batch", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--init-ckpt", required=True)
+    ap.add_argument("--save-init", action="store_true")
+    ap.add_argument("--pretrain-steps", type=int, default=100)
+    ap.add_argument("--distributed-optimizer", action="store_true")
+    ap.add_argument("--break-tp-reduction", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    from megatron.core import parallel_state
+
+    from probsft_megatron import runtime
+    from probsft_megatron.loss import LossConfig, ObjectiveLoss, step_loss
+    from probsft_megatron.model import TINY_QWEN2, ParallelConfig, transformer_config
+
+    torch.use_deterministic_algorithms(True)
+    if args.break_tp_reduction:
+        break_tp_reduction()
+    parallel = ParallelConfig(args.tp, args.pp, args.sp)
+    dp = runtime.init_distributed(parallel, seed=1234, model=TINY_QWEN2)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    tconfig = transformer_config(TINY_QWEN2, parallel)
+
+    per_rank = args.global_batch // dp
+
+    def micro_batches(tokens, labels, mask):
+        sl = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        pos = torch.arange(args.seq)[None, :].expand(per_rank, -1).contiguous()
+        return [runtime.Batch(tokens[sl][i:i + args.micro_batch], labels[sl][i:i + args.micro_batch],
+                              mask[sl][i:i + args.micro_batch], pos[i:i + args.micro_batch])
+                for i in range(0, per_rank, args.micro_batch)]
+
+    if args.save_init:
+        # Pre-train briefly with NLL so the parity steps see p spread over (0, 1).
+        chunks, optimizer = runtime.build_training_model(TINY_QWEN2, tconfig, lr=1e-2)
+        fwd = runtime.make_forward_step(ObjectiveLoss(LossConfig("original")), "cpu")
+        for batch in global_batches(args.pretrain_steps, args.global_batch, args.seq,
+                                    TINY_QWEN2.vocab_size, seed=99):
+            runtime.train_step(chunks, optimizer, fwd, micro_batches(*batch),
+                               seq_length=args.seq, micro_batch_size=args.micro_batch)
+        runtime.save_model_weights(chunks[0].module, args.init_ckpt)
+        torch.distributed.barrier()
+
+    results = {}
+    for name in args.objectives.split(","):
+        chunks, optimizer = runtime.build_training_model(
+            TINY_QWEN2, tconfig, lr=1e-3, use_distributed_optimizer=args.distributed_optimizer,
+            load_dir=args.init_ckpt)
+        loss = ObjectiveLoss(LossConfig(objective=name, normalization=args.normalization),
+                             dp_group=runtime.dp_group())
+        fwd = runtime.make_forward_step(loss, "cpu")
+        rec = {k: [] for k in ("loss", "grad_norm", "mean_p", "frac_kept", "mean_w")}
+        for batch in global_batches(args.steps, args.global_batch, args.seq,
+                                    TINY_QWEN2.vocab_size):
+            stats = runtime.train_step(chunks, optimizer, fwd, micro_batches(*batch), seq_length=args.seq,
+                                       micro_batch_size=args.micro_batch)
+            rec["grad_norm"].append(stats["grad_norm"])
+            if runtime.is_last_stage():
+                rec["loss"].append(step_loss(stats, args.normalization))
+                for k in ("mean_p", "frac_kept", "mean_w"):
+                    rec[k].append(stats[k])
+        results[name] = rec
+
+    if runtime.is_last_stage() and dp_rank == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"dp": dp, "results": results}, f)
+        os.replace(tmp, args.out)
+    runtime.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
