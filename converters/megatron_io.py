@@ -1,0 +1,139 @@
+"""The Megatron side of conversion: one process, TP=1/PP=1, torch_dist checkpoints.
+
+Every megatron-core call the converters make lives here. The conversion model is built
+with ``perform_initialization=False``: its parameters are allocated but never written
+before the checkpoint's values are copied in, so untouched pages cost no host memory and
+the model is held once.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from probsft_megatron import compat, platform
+from probsft_megatron.errors import CheckpointError
+from probsft_megatron.model import ModelConfig, ParallelConfig, build_gpt_model, transformer_config
+
+
+@contextmanager
+def single_process_group() -> Iterator[None]:
+    """torch.distributed (gloo, world size 1) and megatron TP=1/PP=1 groups for this block.
+
+    Reuses groups that already exist with that layout and tears down only what it created.
+
+    Raises:
+        CheckpointError: the process belongs to a multi-process job or another layout.
+    """
+    from megatron.core import parallel_state
+
+    was_active = platform.is_active()
+    platform.activate()
+    own_dist = not dist.is_initialized()
+    if own_dist:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    own_groups = False
+    try:
+        if dist.get_world_size() != 1:
+            raise CheckpointError(
+                f"checkpoint conversion runs in a single process, not inside a "
+                f"{dist.get_world_size()}-process job; convert before launching the job")
+        if parallel_state.model_parallel_is_initialized():
+            layout = (parallel_state.get_tensor_model_parallel_world_size(),
+                      parallel_state.get_pipeline_model_parallel_world_size())
+            if layout != (1, 1):
+                raise CheckpointError(f"checkpoint conversion needs TP=1/PP=1 groups, this "
+                                      f"process has TP={layout[0]}/PP={layout[1]}")
+        else:
+            compat.initialize_model_parallel(1, 1)
+            own_groups = True
+        yield
+    finally:
+        if own_groups:
+            compat.destroy_model_parallel()
+        if own_dist:
+            dist.destroy_process_group()
+        if not was_active:
+            platform.deactivate()
+
+
+def build_model(model: ModelConfig, dtype: torch.dtype):
+    """The whole model (TP=1/PP=1) in ``dtype`` with uninitialized parameters on the CPU."""
+    config = transformer_config(model, ParallelConfig(), params_dtype=dtype,
+                                perform_initialization=False, use_cpu_initialization=True,
+                                fp16=dtype == torch.float16)
+    return build_gpt_model(model, config, pre_process=True, post_process=True)
+
+
+def parameters(gpt) -> dict[str, torch.Tensor]:
+    """The model's parameters by state-dict name (tied output weights appear once)."""
+    return {name: p for name, p in gpt.state_dict(keep_vars=True).items()
+            if isinstance(p, torch.Tensor)}
+
+
+def _sharded_tensors(gpt) -> tuple[dict, list]:
+    """The model's sharded state dict with factories applied, and its ShardedTensors."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sd = gpt.sharded_state_dict()
+    apply_factories(sd)
+    return sd, [x for x in nested_values(sd) if isinstance(x, ShardedTensor)]
+
+
+def _is_partial_view(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
+
+
+def save_weights(gpt, weights_dir: str | os.PathLike) -> None:
+    """Save the model as a torch_dist checkpoint; the model is unusable afterwards.
+
+    The checkpoint writer copies any tensor that is a view into part of a parameter (the
+    gate and up halves of ``linear_fc1``). To keep one copy of the model in memory, those
+    views are materialized one parameter at a time and the parameter's storage is released.
+    """
+    from megatron.core import dist_checkpointing
+
+    sd, tensors = _sharded_tensors(gpt)
+    by_storage = {p.untyped_storage().data_ptr(): p for p in gpt.parameters()}
+    partial_views = defaultdict(list)
+    for sh in tensors:
+        if _is_partial_view(sh.data):
+            partial_views[sh.data.untyped_storage().data_ptr()].append(sh)
+    for ptr, views in partial_views.items():
+        for sh in views:
+            sh.data = sh.data.clone()
+        param = by_storage[ptr]
+        param.data = torch.empty(0, dtype=param.dtype)
+    Path(weights_dir).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(sd, str(weights_dir))
+
+
+def load_weights(gpt, weights_dir: str | os.PathLike) -> None:
+    """Load a torch_dist checkpoint into the model's parameters in place.
+
+    Raises:
+        CheckpointError: the checkpoint does not fit the model (names or shapes).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    sd, _ = _sharded_tensors(gpt)
+    try:
+        dist_checkpointing.load(sd, str(weights_dir))
+    except CheckpointingException as exc:
+        raise CheckpointError(f"{weights_dir} does not fit the model described by its "
+                              f"model_config.json: {str(exc).splitlines()[0]}") from None
+
+
+def checkpoint_dtype(weights_dir: str | os.PathLike) -> torch.dtype:
+    """The dtype of the word embedding stored in a torch_dist checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(weights_dir))
+    return meta["embedding.word_embeddings.weight"].dtype
