@@ -118,15 +118,46 @@ def model_config_of(model: Any):
     return get_model_config(model)
 
 
-def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, *, is_loading: bool):
-    """The optimizer's sharded state in a layout that reshards over TP, PP and DP on load.
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a never-stepped distributed optimizer a state to load into.
 
-    ``fully_reshardable`` is the distributed optimizer's canonical (per-parameter) format in
-    0.16 and later; the plain optimizer ignores the metadata.
+    Without apex/TE, megatron's DistributedOptimizer.state_dict() (called while building the
+    sharded state dict for loading) needs Adam's per-parameter state including ``step``.
+    One step on zero gradients with the learning rate at 0 creates it and changes no weight;
+    the loaded checkpoint then overwrites it.
     """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if not isinstance(sub, DistributedOptimizer) or inner is None or len(inner.state):
+            continue
+        saved_lr = [group["lr"] for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        for group, lr in zip(inner.param_groups, saved_lr):
+            group["lr"] = lr
+
+
+def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, *, is_loading: bool):
+    """The optimizer's sharded state for a torch_dist checkpoint.
+
+    The distributed optimizer uses ``dp_reshardable`` (its buffers as saved, resumable at the
+    same TP/PP with any DP size): in 0.16 without apex/TE it is the format that round-trips,
+    because ``fully_reshardable`` drops torch Adam's per-parameter ``step`` on save and
+    ``fully_sharded_model_space`` builds flattened ShardedTensors that the torch_dist
+    strategy rejects. Model weights always reshard freely. The plain optimizer ignores the
+    metadata.
+    """
+    if is_loading:
+        _materialize_optimizer_state(optimizer)
     return optimizer.sharded_state_dict(
         model_sharded_state_dict, is_loading=is_loading,
-        metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        metadata={"distrib_optim_sharding_type": "dp_reshardable"})
 
 
 def dist_save(sharded_state_dict, ckpt_dir: str) -> None:
