@@ -1,0 +1,225 @@
+"""`probsft launch`: one command from (dataset, model, objective) to evaluated results.
+
+    probsft launch --dataset figfont --model qwen2.5-7b --objective p --hf /models/Qwen2.5-7B
+    probsft launch --dataset math --model qwen2.5-7b --objective p --executor slurm \
+        --profile mycluster --hf /models/Qwen2.5-7B --set data.train_files=[/data/numina.jsonl] --dryrun
+    probsft launch sweep convexity-math --executor slurm --profile mycluster --hf /models/Qwen2.5-Math-1.5B ...
+    probsft launch sweep                      # list the sweeps
+
+Builds one NeMo-Run experiment (convert -> train -> export -> eval for every run), prints its
+steps, then runs it here (``--executor local``: torchrun on this node, waiting for the end),
+submits it (``--executor slurm``: one job per step, chained by dependencies), or with
+``--dryrun`` only writes the job scripts and says where.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from probsft_megatron.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the launch options on ``parser``."""
+    parser.add_argument("target", nargs="*", metavar="sweep NAME",
+                        help="`sweep NAME` runs a sweep from configs/sweeps; `sweep` lists them")
+    parser.add_argument("--dataset", help="math, medical, figfont or custom")
+    parser.add_argument("--model", help="model preset (configs/models), e.g. qwen2.5-7b")
+    parser.add_argument("--objective", help="training objective, e.g. original, p, GeneralFamily-8")
+    parser.add_argument("--executor", choices=("local", "slurm"), default="local",
+                        help="run here with torchrun (default) or submit to SLURM")
+    parser.add_argument("--dryrun", action="store_true",
+                        help="write the job scripts (sbatch for slurm) and print where; launch nothing")
+    parser.add_argument("--profile", help="cluster profile: a name under configs/clusters or a YAML file")
+    parser.add_argument("--nproc", type=int,
+                        help="training processes per node (local default 1; slurm: gpus_per_node)")
+    parser.add_argument("--nodes", type=int, help="training nodes (slurm; default: the profile's)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                        metavar="KEY=VALUE", help="training overrides, e.g. optim.lr=4e-5")
+    parser.add_argument("--hf", action="append", default=[], metavar="[PRESET=]DIR",
+                        help="Hugging Face backbone folder to convert (per preset for sweeps over models)")
+    parser.add_argument("--work-dir",
+                        help="models/, runs/ and experiments/ go here (local default ./outputs; "
+                             "slurm default: the profile's work_dir)")
+    parser.add_argument("--recipe", help="recipe to use instead of the (dataset, model) lookup")
+    parser.add_argument("--eval-task", help="eval tasks, comma-separated (default: the dataset's)")
+    parser.add_argument("--eval-args", default="",
+                        help="extra `probsft eval` arguments in one string, e.g. '--limit 8 --n 4'")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for every step")
+    parser.add_argument("--sweep", help="same as the positional `sweep NAME`")
+    parser.add_argument("--only", help="sweeps: keep these objectives (comma-separated labels)")
+    parser.add_argument("--thresholds",
+                        help="sweeps: percentile -> threshold table (configs/sweeps/thresholds or a file)")
+    parser.add_argument("--probe-report", help="sweeps: resolve percentile thresholds from this probe report")
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r} must look like KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _hf_folders(items: list[str]) -> dict[str, str]:
+    """``--hf DIR`` (any model) and ``--hf PRESET=DIR`` as {preset or ANY_MODEL: absolute dir}."""
+    from probsft_megatron.config import list_presets
+    from probsft_megatron.launchers.experiment import ANY_MODEL
+
+    presets = set(list_presets())
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if sep and key in presets:
+            out[key] = os.path.abspath(value)
+        else:
+            out[ANY_MODEL] = os.path.abspath(item)
+    return out
+
+
+def _sweep_ref(args: argparse.Namespace) -> str | None:
+    target = list(args.target)
+    if (target and target[0] != "sweep") or len(target) > 2:
+        raise ConfigError(f"unexpected arguments {' '.join(target)!r}; the only positional form "
+                          "is `probsft launch sweep NAME` (training overrides follow --set)")
+    if len(target) == 2:
+        if args.sweep and args.sweep != target[1]:
+            raise ConfigError("give the sweep once: `sweep NAME` or --sweep NAME")
+        return target[1]
+    return args.sweep
+
+
+def _print_sweeps() -> int:
+    from probsft_megatron.launchers.sweeps import list_sweeps, load_sweep
+
+    for name in list_sweeps():
+        parts = load_sweep(name)
+        runs = sum(len(s.settings) * len(s.objectives) for s in parts)
+        description = parts[0].description if len(parts) == 1 else \
+            "combines " + ", ".join(s.name for s in parts)
+        print(f"{name:28s} {runs:3d} runs  {description}")
+    return 0
+
+
+def _placement(args: argparse.Namespace):
+    """(profile or None, nodes, processes per node, layout check, work dir) of the launch."""
+    if args.executor == "local":
+        if args.profile or (args.nodes or 1) > 1:
+            raise ConfigError("--profile and --nodes apply to --executor slurm only")
+        return None, 1, args.nproc or 1, None, args.work_dir or "outputs"
+    from probsft_megatron.launchers.slurm import check_layout, list_profiles, load_profile
+
+    if not args.profile:
+        raise ConfigError("--executor slurm needs --profile NAME|FILE (profiles in "
+                          f"configs/clusters: {', '.join(list_profiles()) or 'none'})")
+    profile = load_profile(args.profile)
+    nodes = args.nodes or profile.nodes
+    nproc = args.nproc or profile.gpus_per_node
+    placeholders = profile.placeholders()
+    if placeholders and not args.dryrun:
+        raise ConfigError(f"cluster profile '{profile.name}' still has placeholders in "
+                          f"{', '.join(placeholders)}; fill them in before submitting")
+    work_dir = args.work_dir or profile.work_dir
+    if work_dir is None:
+        raise ConfigError(f"cluster profile '{profile.name}' has no work_dir; pass "
+                          "--work-dir DIR on the shared file system")
+
+    def layout_check(tp: int, pp: int) -> None:
+        check_layout(profile, nodes, nproc, tp, pp)
+
+    return profile, nodes, nproc, layout_check, work_dir
+
+
+def _requests(args: argparse.Namespace, sweep: str | None):
+    """(run requests, notes, experiment title or None) of a single launch or a sweep."""
+    from probsft_megatron.launchers.experiment import RunRequest
+
+    if sweep is None:
+        missing = [f"--{k}" for k in ("dataset", "model", "objective") if not getattr(args, k)]
+        if missing:
+            raise ConfigError(f"missing {', '.join(missing)} (or run a sweep: "
+                              "probsft launch sweep NAME)")
+        if args.only or args.thresholds or args.probe_report:
+            raise ConfigError("--only, --thresholds and --probe-report apply to sweeps only")
+        return [RunRequest(args.dataset, args.model, args.objective,
+                           overrides=list(args.overrides), recipe=args.recipe)], [], None
+    from probsft_megatron.launchers.sweeps import expand_sweep
+
+    if args.objective or args.recipe:
+        raise ConfigError("a sweep sets the objectives and recipes; drop --objective/--recipe")
+    requests, notes = expand_sweep(
+        sweep, dataset=args.dataset, model=args.model,
+        only=[o for o in (args.only or "").split(",") if o.strip()],
+        thresholds=args.thresholds, probe_report=args.probe_report, overrides=args.overrides)
+    return requests, notes, f"sweep-{Path(sweep).stem}"
+
+
+def _report(mode: str, plan, exp_dir: Path) -> int:
+    """Say where the scripts, jobs or results are; exit code 1 when a local run failed."""
+    if mode == "dryrun":
+        print(f"dry run: experiment written to {exp_dir}")
+        for script in sorted(exp_dir.glob("*_sbatch.sh")):
+            print(f"  sbatch script: {script}")
+        return 0
+    if mode == "submit":
+        print(f"submitted {len(plan.steps)} jobs; experiment record and logs: {exp_dir}")
+        for r in plan.runs:
+            print(f"  {r.name}: results will be in {r.eval_summary}")
+        return 0
+    failed = [r for r in plan.runs if not r.eval_summary.is_file()]
+    for r in plan.runs:
+        print(f"{r.name}: {'missing' if r in failed else 'ok'} {r.eval_summary}")
+        summary_md = Path(r.eval_dir) / "summary.md"
+        if summary_md.is_file():
+            print(summary_md.read_text(), end="")
+    if failed:
+        print(f"error: {len(failed)} run(s) produced no eval summary; step logs are under "
+              f"{exp_dir}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan, print and dry-run / run / submit the experiment; returns the exit code."""
+    from probsft_megatron.launchers import experiment as ex
+
+    sweep = _sweep_ref(args)
+    if args.target == ["sweep"] and sweep is None:
+        return _print_sweeps()
+    for flag in ("nproc", "nodes"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag} must be >= 1 (got {value})")
+    profile, nodes, nproc, layout_check, work_dir = _placement(args)
+    if "<" in work_dir and ">" in work_dir:
+        raise ConfigError(f"work directory {work_dir!r} is a placeholder; pass --work-dir DIR")
+    options = ex.LaunchOptions(
+        work_dir=os.path.abspath(work_dir), world_size=nodes * nproc,
+        hf=_hf_folders(args.hf), env=_pairs(args.env, "--env"), eval_tasks=args.eval_task,
+        eval_args=shlex.split(args.eval_args), layout_check=layout_check)
+    requests, notes, title = _requests(args, sweep)
+    plan = ex.plan_experiment(title, requests, options)
+    plan.notes[:0] = notes
+    print(plan.describe(nodes, nproc))
+    sys.stdout.flush()
+
+    if profile is None:
+        def executor_for(step: ex.Step):
+            return ex.local_executor(step, nproc)
+    else:
+        from probsft_megatron.launchers.slurm import slurm_executor
+
+        job_dir = str(Path(plan.work_dir) / "experiments")
+
+        def executor_for(step: ex.Step):
+            return slurm_executor(profile, step.kind, job_dir=job_dir, nodes=nodes,
+                                  nproc_per_node=nproc)
+
+    mode = "dryrun" if args.dryrun else ("run" if profile is None else "submit")
+    return _report(mode, plan, ex.execute(plan, executor_for, mode))

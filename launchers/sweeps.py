@@ -1,0 +1,224 @@
+"""The paper's ablations as experiments: sweep files in ``configs/sweeps``.
+
+A sweep file lists ``settings`` (dataset, model, optional ``set`` overrides) and
+``objectives``; the sweep is every objective on every setting, one run each. A file may
+instead combine other sweeps with ``sweeps: [name, ...]``.
+
+Objectives named with a percentile threshold, ``OnlyTopP-K20``, are the figure-5 runs: the
+paper trains them with a *fixed* absolute threshold, the k-th percentile of the base model's
+token probabilities on the training set. Those percentiles come from the capability probe's
+report (``--probe-report``, through ``probsft_megatron.probe.resolve_threshold_names``) or
+from a threshold table (``--thresholds``, default the sweep's ``thresholds`` entry, a file in
+``configs/sweeps/thresholds``; the shipped one is the seed's table for Qwen2.5-Math-1.5B on
+NuminaMath-CoT). The run keeps the percentile in its name (``...-OnlyTopP-K20``) and trains
+with the absolute threshold (``OnlyTopP-0.5858418226242066``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from probsft_megatron.errors import ConfigError
+from probsft_megatron.launchers.experiment import RunRequest
+from probsft_megatron.objectives import parse_objective
+
+SWEEP_DIR = Path(__file__).resolve().parent.parent / "configs" / "sweeps"
+THRESHOLD_DIR = SWEEP_DIR / "thresholds"
+
+
+@dataclass
+class Setting:
+    """A (dataset, model) pair of a sweep, with training overrides of its own."""
+
+    dataset: str
+    model: str
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Sweep:
+    """A loaded sweep: every objective on every setting."""
+
+    name: str
+    description: str
+    settings: list[Setting]
+    objectives: list[str]
+    thresholds: str | None = None
+
+
+@dataclass
+class ThresholdTable:
+    """Absolute thresholds by percentile, measured for one (model, dataset)."""
+
+    source: str
+    model: str | None
+    dataset: str | None
+    percentiles: dict[float, float]
+
+    def resolve(self, name: str) -> str:
+        """``OnlyTopP-K20`` -> ``OnlyTopP-<the 20th percentile>`` (canonical spelling)."""
+        objective = parse_objective(name)
+        k = objective.threshold.value
+        if k not in self.percentiles:
+            known = ", ".join(f"{p:g}" for p in sorted(self.percentiles))
+            raise ConfigError(f"threshold table {self.source} has no {k:g}th percentile (for "
+                              f"{name}); it lists {known}")
+        prefix = objective.name.rsplit("-", 1)[0]
+        return parse_objective(f"{prefix}-{self.percentiles[k]!r}").name
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must contain a YAML mapping ({what})")
+    return data
+
+
+def _find(ref: str, folder: Path, what: str, names: list[str]) -> Path:
+    path = Path(ref)
+    if not path.is_file():
+        path = folder / f"{ref}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{what} {ref!r} not found (a file, or one of: {', '.join(names)})")
+    return path
+
+
+def list_sweeps() -> list[str]:
+    """Names of the sweeps shipped in ``configs/sweeps``."""
+    return sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+
+
+def list_threshold_tables() -> list[str]:
+    """Names of the threshold tables shipped in ``configs/sweeps/thresholds``."""
+    return sorted(p.stem for p in THRESHOLD_DIR.glob("*.yaml"))
+
+
+def load_sweep(ref: str, _seen: tuple[str, ...] = ()) -> list[Sweep]:
+    """The sweep(s) of a file or name; a combining file returns each part in order."""
+    path = _find(ref, SWEEP_DIR, "sweep", list_sweeps())
+    if path.stem in _seen:
+        raise ConfigError(f"sweep {path.stem} includes itself")
+    data = _read_yaml(path, "a sweep")
+    allowed = {"description", "settings", "objectives", "thresholds", "sweeps"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"sweep {path}: unknown key '{unknown[0]}'; valid keys: "
+                          f"{', '.join(sorted(allowed))}")
+    if "sweeps" in data:
+        return [s for part in data["sweeps"] for s in load_sweep(str(part), _seen + (path.stem,))]
+    settings = []
+    for item in data.get("settings") or []:
+        if not isinstance(item, dict) or not {"dataset", "model"} <= set(item) or \
+                set(item) - {"dataset", "model", "set"}:
+            raise ConfigError(f"sweep {path}: each setting needs dataset and model (and "
+                              f"optionally set: [key=value, ...]); got {item!r}")
+        settings.append(Setting(str(item["dataset"]), str(item["model"]),
+                                [str(o) for o in item.get("set") or []]))
+    objectives = [str(o) for o in data.get("objectives") or []]
+    if not settings or not objectives:
+        raise ConfigError(f"sweep {path} needs at least one setting and one objective")
+    return [Sweep(path.stem, str(data.get("description", "")), settings, objectives,
+                  data.get("thresholds"))]
+
+
+def load_threshold_table(ref: str) -> ThresholdTable:
+    """A table of absolute thresholds by percentile (file or name under thresholds/)."""
+    path = _find(ref, THRESHOLD_DIR, "threshold table", list_threshold_tables())
+    data = _read_yaml(path, "a threshold table")
+    table = data.get("percentiles")
+    if not isinstance(table, dict) or not table:
+        raise ConfigError(f"threshold table {path}: 'percentiles' must map percentiles "
+                          "(0-100) to absolute probabilities")
+    percentiles = {}
+    for k, q in table.items():
+        if not (isinstance(k, (int, float)) and isinstance(q, (int, float))
+                and 0 <= k <= 100 and 0 <= q <= 1 and math.isfinite(q)):
+            raise ConfigError(f"threshold table {path}: entry {k!r}: {q!r} must be a "
+                              "percentile in [0, 100] mapped to a probability in [0, 1]")
+        percentiles[float(k)] = float(q)
+    return ThresholdTable(str(path), data.get("model"), data.get("dataset"), percentiles)
+
+
+def resolve_with_probe(report: str, names: list[str]) -> dict[str, str]:
+    """Percentile names -> absolute names through the capability probe's report.
+
+    ``probsft_megatron.probe.resolve_threshold_names(report, names)`` maps each name to its
+    absolute threshold, as a name (``"OnlyTopP-0.58"``) or a number (``0.58``).
+    """
+    try:
+        from probsft_megatron.probe import resolve_threshold_names
+    except ImportError:
+        raise ConfigError("--probe-report needs `probsft probe`, which this build does not "
+                          "have; pass --thresholds TABLE instead") from None
+    resolved = resolve_threshold_names(report, names)
+    out = {}
+    for name in names:
+        value = resolved[name]
+        prefix = parse_objective(name).name.rsplit("-", 1)[0]
+        out[name] = parse_objective(value if isinstance(value, str)
+                                    else f"{prefix}-{float(value)!r}").name
+    return out
+
+
+def expand_sweep(ref: str, *, dataset: str | None = None, model: str | None = None,
+                 only: list[str] | None = None, thresholds: str | None = None,
+                 probe_report: str | None = None, overrides: list[str] | None = None,
+                 ) -> tuple[list[RunRequest], list[str]]:
+    """The runs of a sweep and notes about how its thresholds were resolved.
+
+    ``dataset`` / ``model`` replace those of every setting (e.g. to try a sweep on a small
+    model); ``only`` keeps the objectives with these labels; ``overrides`` apply to every run
+    after the setting's own.
+    """
+    requests: list[RunRequest] = []
+    notes: list[str] = []
+    wanted = {parse_objective(o).name.lower() for o in only or []}
+    seen_labels: set[str] = set()
+    for sweep in load_sweep(ref):
+        labels = [parse_objective(o).name for o in sweep.objectives]
+        seen_labels.update(label.lower() for label in labels)
+        labels = [label for label in labels if not wanted or label.lower() in wanted]
+        percentile_names = [label for label in labels if parse_objective(label).needs_percentile]
+        resolved: dict[str, str] = {}
+        if percentile_names:
+            if probe_report:
+                resolved = resolve_with_probe(probe_report, percentile_names)
+                notes.append(f"percentile thresholds from the probe report {probe_report}")
+            else:
+                table_ref = thresholds or sweep.thresholds
+                if table_ref is None:
+                    raise ConfigError(f"sweep {sweep.name} names percentile thresholds; pass "
+                                      "--probe-report REPORT or --thresholds TABLE")
+                table = load_threshold_table(table_ref)
+                resolved = {name: table.resolve(name) for name in percentile_names}
+                notes.append(f"percentile thresholds from {table.source} "
+                             f"(measured for {table.model} on {table.dataset})")
+        settings: list[Setting] = []
+        for s in sweep.settings:
+            setting = Setting(dataset or s.dataset, model or s.model, s.overrides)
+            if setting not in settings:
+                settings.append(setting)
+        if percentile_names and not probe_report:
+            for s in settings:
+                if (s.model, s.dataset) != (table.model, table.dataset):
+                    notes.append(f"the thresholds were measured for {table.model} "
+                                 f"on {table.dataset}, not {s.model} on {s.dataset}; measure "
+                                 "them with `probsft probe` and pass --probe-report")
+        for s in settings:
+            for label in labels:
+                requests.append(RunRequest(s.dataset, s.model, resolved.get(label, label),
+                                           label=label,
+                                           overrides=[*s.overrides, *(overrides or [])]))
+    unknown = sorted(wanted - seen_labels)
+    if unknown:
+        raise ConfigError(f"--only {unknown[0]} is not an objective of sweep {ref}")
+    if not requests:
+        raise ConfigError(f"sweep {ref} has no runs left after --only")
+    return requests, notes
