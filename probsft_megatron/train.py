@@ -100,6 +100,7 @@ def train(cfg: TrainJobConfig) -> dict[str, Any]:
     """Run (or resume) the job described by ``cfg``; returns a summary on every rank."""
     from megatron.core import parallel_state as ps
 
+    from probsft_megatron import probe
     from probsft_megatron.data import GlobalBatchLoader, SFTDataset
     from probsft_megatron.tokenizers import load_tokenizer
 
@@ -159,10 +160,9 @@ def train(cfg: TrainJobConfig) -> dict[str, Any]:
         if is_logger:
             print(f"[probsft] resumed from {resume_from} (step {start_step}/{total_steps})",
                   file=sys.stderr)
-    from probsft_megatron import probe
-
+    objective_evidence = None
     if probe.is_auto(cfg.loss.objective):  # probe the base model (or reuse its result)
-        cfg.loss.objective, _ = probe.resolve_auto_objective(
+        cfg.loss.objective, objective_evidence = probe.resolve_auto_objective(
             cfg, model_chunks=chunks if resume_from is None else None)
     loss = ObjectiveLoss(cfg.loss, dp_group=runtime.dp_group())
     forward_step = runtime.make_forward_step(loss, device)
@@ -226,6 +226,7 @@ def train(cfg: TrainJobConfig) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     summary = {"steps": step, "total_steps": total_steps, "output_dir": str(out_dir),
+               "objective": str(cfg.loss.objective), "objective_evidence": objective_evidence,
                "checkpoint": str(ckpt.latest_checkpoint(ckpt_root)), "history": history}
     if is_logger:
         tmp = out_dir / "summary.json.tmp"

@@ -33,7 +33,9 @@ def _load_with_files(recipe: str):
 def test_every_recipe_loads_and_validates(recipe):
     cfg = _load_with_files(recipe)
     assert cfg.train.global_batch_size >= cfg.train.micro_batch_size
-    cfg.validate(world_size=8 if cfg.model.num_layers > 2 else 1)
+    cfg.validate(world_size=1)
+    if cfg.train.global_batch_size == 256:  # the paper's runs: also a full 8-GPU node
+        cfg.validate(world_size=8)
 
 
 def test_seed_hyperparameters_in_recipes():
