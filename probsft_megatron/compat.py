@@ -20,6 +20,16 @@ def megatron_version() -> str:
     return getattr(megatron.core, "__version__", "unknown")
 
 
+def te_available() -> bool:
+    """Whether Transformer Engine imports (never installed on CPU machines: its CPU wheel
+    raises RuntimeError on import, which is caught here too)."""
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or the CPU wheel's RuntimeError
+        return False
+    return True
+
+
 def _accepts(fn: Callable, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters

@@ -194,10 +194,33 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(config):
-    """The local (non-TE) GPT block spec with SP-capable RMSNorm everywhere."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+
+
+def resolve_transformer_impl(impl: str) -> str:
+    """``auto`` is Transformer Engine where it is installed and CUDA exists, else ``local``."""
+    if impl not in TRANSFORMER_IMPLS:
+        raise ConfigError(f"train.transformer_impl={impl!r} is invalid; use one of "
+                          f"{', '.join(TRANSFORMER_IMPLS)}")
+    if impl != "auto":
+        return impl
+    from probsft_megatron import compat, platform
+
+    return "transformer_engine" if platform.cuda_available() and compat.te_available() \
+        else "local"
+
+
+def layer_spec(config, impl: str = "local"):
+    """The GPT block spec: megatron's Transformer Engine spec (fused attention, TE norms
+    fused into the linears; NGC GPU containers) or the local spec with SP-capable RMSNorm
+    (CPU and any GPU). Both store weights under the same checkpoint keys: the local spec maps
+    its norms onto TE's ``layer_norm_weight`` names in its sharded state dict."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    if impl == "transformer_engine":
+        return get_gpt_layer_with_transformer_engine_spec()
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.input_layernorm = SequenceParallelRMSNorm
@@ -209,7 +232,7 @@ def layer_spec(config):
 
 
 def build_gpt_model(model: ModelConfig, config, *, pre_process: bool | None = None,
-                    post_process: bool | None = None):
+                    post_process: bool | None = None, transformer_impl: str = "local"):
     """One pipeline stage of a megatron ``GPTModel`` (call after parallel state is set up).
 
     Returns logits split over the vocabulary on each TP rank (``parallel_output=True``);
@@ -225,7 +248,7 @@ def build_gpt_model(model: ModelConfig, config, *, pre_process: bool | None = No
         post_process = parallel_state.is_pipeline_last_stage()
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config),
+        transformer_layer_spec=layer_spec(config, resolve_transformer_impl(transformer_impl)),
         vocab_size=model.vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

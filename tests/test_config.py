@@ -122,3 +122,17 @@ def test_cli_rejects_bad_layout_before_spawning(tmp_path):
     assert lines[-1].startswith("error: TP*PP = 2*1 = 2 does not divide the world size 3")
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_transformer_impl_resolves_to_local_without_te():
+    from probsft_megatron.model import resolve_transformer_impl
+
+    assert resolve_transformer_impl("auto") == "local"  # no CUDA / TE on this machine
+    assert resolve_transformer_impl("local") == "local"
+    with pytest.raises(ConfigError, match="transformer_impl"):
+        resolve_transformer_impl("apex")
+    cfg = load_config("tiny-figfont-cpu", ["train.transformer_impl=transformer_engine"])
+    with pytest.raises(ConfigError, match="Transformer Engine is not installed"):
+        cfg.validate(1)
+    with pytest.raises(ConfigError, match="train.transformer_impl"):
+        load_config("tiny-figfont-cpu", ["train.transformer_impl=fast"]).validate(1)
