@@ -122,6 +122,7 @@ def deactivate() -> None:
         if not _STATE["active"]:
             return
         _STATE["mode"].__exit__(None, None, None)
+        torch.set_flush_denormal(False)
         for name, original in _STATE["saved"].items():
             setattr(torch.cuda, name, original)
         _STATE["saved"].clear()

@@ -472,8 +472,8 @@ def resolve_threshold_names(report: dict | str | os.PathLike,
     back canonical. ``report``: a report dict, a report.json path or its folder. Returns
     ``{name as given: canonical absolute name}`` in input order (dict specs are keyed by
     their canonical name). Percentiles must be integers (the report stores 0..100). A
-    percentile equal to 1 (top) or 0 (bottom) is moved to the nearest float inside the
-    objective's range, which keeps exactly the same tokens.
+    percentile equal to 1 (top) or 0 (bottom) is moved just inside the objective's range
+    (the float below 1, or the smallest normal float above 0), which keeps the same tokens.
     """
     data = load_report(report)
     out: dict[str, str] = {}
@@ -491,7 +491,7 @@ def resolve_threshold_names(report: dict | str | os.PathLike,
         if objective.threshold.side == "top":
             q = min(q, math.nextafter(1.0, 0.0))
         else:
-            q = max(q, math.nextafter(0.0, 1.0))
+            q = max(q, sys.float_info.min)  # smallest normal float: CPU runs flush subnormals
         prefix = objective.name.rsplit("-", 1)[0]
         out[label] = parse_objective(f"{prefix}-{q!r}").name
     return out

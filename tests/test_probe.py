@@ -104,7 +104,7 @@ def test_resolve_threshold_names(tmp_path):
             "onlybottomlogp-k50": "OnlyBottomLogP-0.25",
             "OnlyTopP-K10": "OnlyTopP-0.05",
             "UnlikehoodTop-K100": f"UnlikehoodTop-{math.nextafter(1.0, 0.0)!r}",
-            "OnlyBottomP-K0": "OnlyBottomP-5e-324",
+            "OnlyBottomP-K0": f"OnlyBottomP-{sys.float_info.min!r}",
             "GeneralFamily-8.0": "GeneralFamily-8",
             "OnlyTopP-0.3": "OnlyTopP-0.3",
         }
