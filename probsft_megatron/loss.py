@@ -50,7 +50,8 @@ class LossConfig:
     """``objective``: a name or dict (see :mod:`probsft_megatron.objectives`);
     ``normalization``: ``kept`` | ``response``; ``implementation``: ``unfused`` (megatron's
     output layer + vocab-parallel CE) or ``fused`` (chunked linear + CE that never holds the
-    full logits); ``chunk_size``: tokens per chunk of the fused path; ``percentile_scope``:
+    full logits); ``chunk_size``: tokens per chunk of the fused path (its logits workspace is
+    ``chunk_size x V/TP`` floats, see :mod:`probsft_megatron.fused_loss`); ``percentile_scope``:
     where percentile thresholds are taken, ``global`` (the whole global batch, exact and
     layout-independent, one extra forward per step) or ``micro`` (each micro-batch's tokens
     on all DP ranks, no extra forward; depends on the micro-batch split)."""
@@ -58,10 +59,16 @@ class LossConfig:
     objective: Any = "original"
     normalization: str = "kept"
     implementation: str = "unfused"
-    chunk_size: int = 4096
+    chunk_size: int = 512
     percentile_scope: str = "global"
 
     def __post_init__(self) -> None:
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) \
+                or self.chunk_size < 1:
+            raise ConfigError(
+                f"loss.chunk_size={self.chunk_size!r} is invalid; use a positive number of tokens "
+                "per chunk of the fused loss (e.g. 512)"
+            )
         if self.percentile_scope not in PERCENTILE_SCOPES:
             raise ConfigError(
                 f"loss.percentile_scope={self.percentile_scope!r} is invalid; use 'global' "

@@ -1,0 +1,359 @@
+"""Fused vocab-parallel output layer + objective loss that never holds the full logits.
+
+The unfused path computes ``logits = hidden @ W^T`` for the whole micro-batch (``[s, b, V/TP]``
+per rank, plus float32 copies inside the cross entropy) and keeps them until the backward.
+Every objective only needs, per token, the target logit and the log-sum-exp, and its logit
+gradient ``w(p) * keep * (softmax - onehot)`` is known as soon as the CE is. So this module
+walks over the tokens in chunks of ``LossConfig.chunk_size``: per chunk it forms the chunk's
+logits, reduces max / sum-exp / target logit over the tensor-parallel (TP) group, derives the
+CE, the objective's coefficient and the chunk's logit gradient, and immediately folds that
+gradient into ``d_hidden`` (this chunk's rows) and ``d_weight`` (accumulated in float32). At
+most one chunk of logits exists at a time; the backward only scales the two saved gradients
+by the incoming gradient of the loss sum.
+
+Distributed contract of :func:`fused_objective_loss` (what every rank passes and gets):
+
+* ``hidden``: ``[b, s, h]`` the final hidden states, replicated over the TP group; with
+  sequence parallelism (SP) ``[b, s/TP, h]``, this TP rank's slice of the sequence (megatron
+  splits ``[s, b, h]`` along ``s``). SP gathers the sequence with megatron's
+  ``gather_from_sequence_parallel_region`` (backward: reduce-scatter); without SP the input
+  goes through ``copy_to_tensor_model_parallel_region`` (backward: all-reduce). These are the
+  collectives megatron's ``ColumnParallelLinear`` output layer uses.
+* ``weight``: ``[V/TP, h]`` this TP rank's rows of the output weight (vocabulary ids
+  ``[rank * V/TP, (rank + 1) * V/TP)``), the tensor the unfused output layer multiplies with.
+* ``labels``, ``loss_mask``: ``[b, s]`` for the full sequence, identical on every TP rank.
+* Returns ``(loss_sum, num_tokens, {"stats": ...})`` exactly like
+  :class:`~probsft_megatron.loss.ObjectiveLoss` (same values on every TP rank). Backward:
+  ``d_hidden`` has ``hidden``'s shape (TP-reduced by the collective above), ``d_weight`` is
+  this rank's shard.
+
+Three collectives per chunk run on the TP group: an all-reduce MAX of the row maxima and one
+all-reduce SUM of the stacked ``[target logit, sum of exp]`` (only the rank owning a target id
+contributes its logit). All TP ranks hold the same tokens and labels, so they walk the same
+chunks in lockstep.
+
+Tokens outside ``loss_mask`` are skipped: the objective gives them coefficient 0 in both
+paths (zero loss and zero gradient), so only response tokens are multiplied with the weight.
+
+Percentile thresholds: the absolute ``q`` comes from :meth:`ObjectiveLoss.threshold`. When it
+is already fixed (absolute thresholds, or ``train_step``'s global-batch pre-pass) the chunk
+loop is a single pass. When it depends on this micro-batch's CE
+(:attr:`ObjectiveLoss.threshold_needs_ce`), a first pass computes only the CE (no gradient
+work, O(tokens) memory), the threshold is resolved, and the gradient pass recomputes the
+logits: one extra ``hidden @ W^T`` per chunk.
+
+The model side: :func:`install_fused_head` makes a ``GPTModel``'s output layer hand back its
+input (the hidden states) instead of logits, keeping the parameter and its checkpoint keys;
+:func:`make_forward_step` is megatron's ``forward_step_func`` for such a model.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from probsft_megatron.errors import ConfigError
+from probsft_megatron.loss import LossConfig, ObjectiveLoss
+from probsft_megatron.objectives import Objective
+
+__all__ = [
+    "fused_objective_loss",
+    "head_is_fused",
+    "install_fused_head",
+    "make_forward_step",
+    "output_weight",
+]
+
+_FUSED_MARK = "_probsft_fused_head"
+
+
+# -- the chunked linear + cross entropy ------------------------------------------------------
+def _tp_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _reduce_max(values: Tensor, group) -> None:
+    """All-reduce MAX of the per-row logit maxima over the TP group (in place)."""
+    if _tp_size(group) > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
+
+
+def _reduce_partials(partials: Tensor, group) -> None:
+    """All-reduce SUM of ``[2, C]``: row 0 the target logit (0 on ranks not owning the target
+    id), row 1 the sum of ``exp(logit - max)`` over the local vocabulary (in place)."""
+    if _tp_size(group) > 1:
+        dist.all_reduce(partials, op=dist.ReduceOp.SUM, group=group)
+
+
+def _chunk_ce(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_start: int, group):
+    """Cross entropy of one chunk of tokens against the local vocabulary shard.
+
+    Returns ``(ce [C] float32, exp_logits [C, V/TP] float32, sum_exp [C], local_target [C],
+    owned [C] bool)`` where ``exp_logits = exp(logits - global max)`` and ``sum_exp`` is its
+    sum over the full vocabulary; the operations follow megatron's vocab-parallel cross
+    entropy (max subtracted before the target logit is read, ``ce = log(sum_exp) - target``).
+    """
+    logits = torch.mm(hidden, weight.t()).float()
+    logits_max = logits.max(dim=1).values
+    _reduce_max(logits_max, group)
+    logits.sub_(logits_max.unsqueeze(1))
+    local = labels - vocab_start
+    owned = (local >= 0) & (local < logits.shape[1])
+    local = torch.where(owned, local, torch.zeros_like(local))
+    target = logits.gather(1, local.unsqueeze(1)).squeeze(1)
+    target = torch.where(owned, target, torch.zeros_like(target))
+    logits.exp_()
+    partials = torch.stack([target, logits.sum(dim=1)])
+    _reduce_partials(partials, group)
+    target, sum_exp = partials[0], partials[1]
+    ce = torch.log(sum_exp) - target
+    return ce, logits, sum_exp, local, owned
+
+
+def _chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, chunk_size):
+        yield start, min(start + chunk_size, n)
+
+
+def _ce_only(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int,
+             vocab_start: int, group) -> Tensor:
+    """Per-token CE ``[N]`` (float32) without gradients: one matmul per chunk."""
+    ce = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        for start, end in _chunks(hidden.shape[0], chunk_size):
+            ce[start:end] = _chunk_ce(hidden[start:end], weight, labels[start:end],
+                                      vocab_start, group)[0]
+    return ce
+
+
+def _accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
+    """``acc += grad_logits^T @ hidden`` with a float32 accumulator."""
+    if grad_logits.dtype == acc.dtype and hidden.dtype == acc.dtype:
+        acc.addmm_(grad_logits.t(), hidden)
+    else:
+        acc.add_(torch.mm(grad_logits.t(), hidden))
+
+
+class _LinearObjective(torch.autograd.Function):
+    """``sum_t keep_t * f(p_t)`` over token rows, with its gradients formed in the forward.
+
+    Inputs: ``hidden [N, h]`` (the same rows on every TP rank), ``weight [V/TP, h]`` (local
+    shard), ``labels [N]`` (global vocabulary ids). Outputs: the loss sum (differentiable),
+    ``ce [N]`` and ``keep [N]`` (not differentiable). The backward returns this rank's
+    partial ``d_hidden`` (the caller's collective reduces it over TP) and its ``d_weight``
+    shard, both scaled by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, objective: Objective,
+                q: float | None, chunk_size: int, vocab_start: int, group):
+        n = hidden.shape[0]
+        ce = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        keep = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        d_hidden = torch.empty_like(hidden)
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        arange = torch.arange(min(chunk_size, n), device=hidden.device)
+        for start, end in _chunks(n, chunk_size):
+            h = hidden[start:end]
+            ce_c, probs, sum_exp, local, owned = _chunk_ce(h, weight, labels[start:end],
+                                                           vocab_start, group)
+            keep_c = objective.keep_mask(ce_c, q)
+            coef = objective.weight_from_ce(ce_c) * keep_c
+            ce[start:end], keep[start:end] = ce_c, keep_c
+            # d(coef * ce) / d logits = coef * (softmax - onehot), as megatron's CE backward
+            probs.div_(sum_exp.unsqueeze(1))
+            probs[arange[: end - start], local] -= owned.to(probs.dtype)
+            probs.mul_(coef.unsqueeze(1))
+            grad_logits = probs.to(weight.dtype)
+            torch.mm(grad_logits, weight, out=d_hidden[start:end])
+            _accumulate_weight_grad(d_weight, grad_logits, h)
+            del probs, grad_logits
+        loss_sum = (objective.loss_from_ce(ce) * keep.to(ce.dtype)).sum()
+        ctx.grads = (d_hidden, d_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(ce, keep)
+        return loss_sum, ce, keep
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_ce, _grad_keep):
+        if ctx.grads is None:
+            raise RuntimeError("the fused objective loss supports a single backward per forward")
+        d_hidden, d_weight = ctx.grads
+        ctx.grads = None
+        if not bool(grad_loss == 1):
+            d_hidden.mul_(grad_loss.to(d_hidden.dtype))
+            d_weight.mul_(grad_loss.to(d_weight.dtype))
+        return d_hidden, d_weight, None, None, None, None, None, None
+
+
+def fused_objective_loss(hidden: Tensor, weight: Tensor, labels: Tensor, loss_mask: Tensor,
+                         objective_loss: ObjectiveLoss, *, tp_group=None,
+                         sequence_parallel: bool = False, chunk_size: int | None = None):
+    """The objective loss of ``hidden @ weight^T`` without materializing the logits.
+
+    See the module docstring for the distributed contract (shapes per TP rank, collectives,
+    what each rank returns). ``tp_group``: megatron's tensor-parallel group (``None``: a
+    single rank, no collectives). ``chunk_size``: tokens per chunk (default
+    ``objective_loss.config.chunk_size``).
+
+    Equivalent to the unfused ``objective_loss(vocab_parallel_cross_entropy(hidden @ W^T,
+    labels), loss_mask)``: same loss sum, counts and statistics, same gradients.
+    """
+    chunk = objective_loss.config.chunk_size if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ConfigError(f"loss.chunk_size={chunk} is invalid; use a positive number of tokens")
+    if hidden.dtype != weight.dtype:
+        # e.g. megatron's Float16Module hands the last stage's output back in float32; the
+        # unfused output layer multiplies in the weight's dtype, and so does this
+        hidden = hidden.to(weight.dtype)
+    tp = _tp_size(tp_group)
+    if tp > 1:
+        from megatron.core.tensor_parallel import (
+            copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
+        )
+
+        if sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(
+                hidden.transpose(0, 1), group=tp_group).transpose(0, 1)
+        else:
+            hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+    b, s = labels.shape
+    if hidden.dim() != 3 or tuple(hidden.shape[:2]) != (b, s) or hidden.shape[2] != weight.shape[1]:
+        raise ValueError(
+            f"fused loss: hidden states of shape {tuple(hidden.shape)} (after the sequence "
+            f"gather) do not match labels {tuple(labels.shape)} and an output weight of shape "
+            f"{tuple(weight.shape)}; expected [b, s, h] with h = weight.shape[1]")
+    vocab_start = (dist.get_rank(tp_group) if tp > 1 else 0) * weight.shape[0]
+
+    response = loss_mask.to(hidden.device) > 0
+    rows = response.reshape(-1).nonzero().squeeze(1)
+    h = hidden.reshape(b * s, hidden.shape[2]).index_select(0, rows)
+    y = labels.reshape(-1).index_select(0, rows)
+
+    def full(values: Tensor) -> Tensor:
+        out = torch.zeros(b * s, dtype=values.dtype, device=values.device)
+        return out.index_copy_(0, rows, values).view(b, s)
+
+    wants_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if objective_loss.collecting or not wants_grad:
+        ce = full(_ce_only(h, weight, y, chunk, vocab_start, tp_group))
+        return objective_loss(ce, loss_mask)
+    if objective_loss.threshold_needs_ce:
+        ce = full(_ce_only(h.detach(), weight.detach(), y, chunk, vocab_start, tp_group))
+        q = objective_loss.threshold(ce, response)
+    else:
+        q = objective_loss.threshold(None, None)
+    loss_sum, ce, keep = _LinearObjective.apply(h, weight, y, objective_loss.objective, q,
+                                                chunk, vocab_start, tp_group)
+    return objective_loss.summarize(loss_sum, full(ce), full(keep), response)
+
+
+# -- the model side ---------------------------------------------------------------------------
+def _unwrap(model):
+    """The ``GPTModel`` inside megatron's wrappers (DDP, Float16Module)."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    while not isinstance(model, LanguageModule) and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _hidden_pass_through(input_: Tensor, weight: Tensor | None = None,
+                         runtime_gather_output: bool | None = None):
+    """Stands in for ``ColumnParallelLinear.forward``: returns the hidden states unchanged."""
+    return input_, None
+
+
+def _refuse_unfused_loss(labels: Tensor, logits: Tensor) -> Tensor:
+    raise RuntimeError(
+        "this model's output layer returns hidden states (fused loss head installed); call it "
+        "without labels and compute the loss with probsft_megatron.fused_loss")
+
+
+def install_fused_head(model, loss_config: LossConfig | None = None) -> bool:
+    """Make a ``GPTModel``'s output layer return its input hidden states instead of logits.
+
+    Only the module *instance* changes: ``output_layer.forward`` becomes a pass-through, so
+    the weight, its sharded state dict and checkpoint keys stay as they are, and calling the
+    model with ``labels`` raises (its loss would read hidden states as logits). Called without
+    labels, the last stage then returns ``[b, s, h]`` (``[b, s/TP, h]`` under SP). Stages
+    without an output layer (PP > 1, not last) are left alone. Idempotent.
+
+    ``loss_config``: when given, it must select ``implementation="fused"``.
+    Returns whether this stage has a fused head.
+    """
+    if loss_config is not None and loss_config.implementation != "fused":
+        raise ConfigError(
+            f"install_fused_head needs loss.implementation='fused', got "
+            f"{loss_config.implementation!r}")
+    gpt = _unwrap(model)
+    if not getattr(gpt, "post_process", False):
+        return False
+    if head_is_fused(gpt):
+        return True
+    if getattr(gpt.config, "mtp_num_layers", None):
+        raise ConfigError("loss.implementation='fused' does not support multi-token prediction "
+                          "(mtp_num_layers); use loss.implementation='unfused'")
+    if getattr(gpt.config, "defer_embedding_wgrad_compute", False):
+        raise ConfigError("loss.implementation='fused' computes the output weight's gradient "
+                          "itself; turn off defer_embedding_wgrad_compute")
+    gpt.output_layer.forward = _hidden_pass_through
+    setattr(gpt.output_layer, _FUSED_MARK, True)
+    gpt.compute_language_model_loss = _refuse_unfused_loss
+    return True
+
+
+def head_is_fused(model) -> bool:
+    """Whether :func:`install_fused_head` has been applied to this stage's output layer."""
+    gpt = _unwrap(model)
+    return bool(getattr(getattr(gpt, "output_layer", None), _FUSED_MARK, False))
+
+
+def output_weight(model) -> Tensor:
+    """The ``[V/TP, h]`` weight the unfused output layer multiplies with on this stage.
+
+    Tied embeddings: ``shared_embedding_or_output_weight()`` (the word embeddings when this
+    stage also embeds, else the last stage's copy that megatron keeps in sync), exactly as
+    ``GPTModel._postprocess`` chooses; untied: ``output_layer.weight``.
+    """
+    gpt = _unwrap(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+def _head_loss(hidden: Tensor, *, loss: ObjectiveLoss, model, labels: Tensor,
+               loss_mask: Tensor):
+    """megatron ``loss_func`` of the last stage: hidden states -> the loss triple."""
+    gpt = _unwrap(model)
+    if not head_is_fused(gpt):
+        raise RuntimeError(
+            "loss.implementation='fused' needs a model built with the same loss config "
+            "(runtime.build_training_model(..., loss_config=...) or fused_loss.install_fused_head)")
+    layer = gpt.output_layer
+    return fused_objective_loss(hidden, output_weight(gpt), labels, loss_mask, loss,
+                                tp_group=layer.tp_group,
+                                sequence_parallel=bool(layer.sequence_parallel))
+
+
+def make_forward_step(loss: ObjectiveLoss, device) -> Callable:
+    """megatron ``forward_step_func`` for a model with :func:`install_fused_head` applied.
+
+    Runs the model without labels: the last stage returns hidden states and the returned
+    ``loss_func`` computes the fused linear + objective loss; other stages return the hidden
+    states they send on, as in the unfused step.
+    """
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator).to(device)
+        out = model(batch.tokens, batch.position_ids, batch.attention_mask)
+        return out, partial(_head_loss, loss=loss, model=model, labels=batch.labels,
+                            loss_mask=batch.loss_mask)
+
+    forward_step.objective_loss = loss
+    return forward_step

@@ -1,0 +1,306 @@
+"""The fused linear + objective loss equals megatron's unfused output layer + vocab-parallel CE.
+
+Single process (TP=1, fp32): loss sum, normalizer count, statistics, ``d_hidden`` and
+``d_weight`` against the unfused computation for every objective family (absolute and
+percentile thresholds, with and without the global-batch pre-pass), chunk sizes that do and do
+not divide the token count, and the whole tiny GPT model with tied and untied embeddings.
+Multi-rank (torchrun, 2 gloo processes): TP=2, TP=2+SP at the op level against the unfused
+path at the same layout, and TP=2, TP=2+SP, PP=2 training steps against a TP=1 unfused run;
+a negative control drops the TP reduction of the sum of exponentials and must be caught.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import read_json, run_torchrun
+from probsft_megatron import fused_loss, platform, runtime
+from probsft_megatron.errors import ConfigError
+from probsft_megatron.loss import LossConfig, ObjectiveLoss, reduce_stats
+from probsft_megatron.model import TINY_QWEN2, ParallelConfig, build_gpt_model, transformer_config
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(scope="module")
+def tp1():
+    """Megatron's model-parallel state for one process (TP=1), torn down afterwards."""
+    from megatron.core import parallel_state
+
+    was_active = platform.is_active()
+    owned = not parallel_state.model_parallel_is_initialized()
+    if owned:
+        runtime.init_distributed(ParallelConfig())
+    yield parallel_state.get_tensor_model_parallel_group()
+    if owned:
+        runtime.shutdown()
+        if not was_active:
+            platform.deactivate()
+
+
+def _inputs(seed, b=3, s=11, h=16, vocab=48, dtype=torch.float32):
+    """Random hidden states and weight; labels drawn from the model so p spreads over (0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, s, h, generator=g)
+    weight = torch.randn(vocab, h, generator=g) * 0.6
+    with torch.no_grad():
+        probs = torch.softmax(hidden @ weight.T, -1).view(-1, vocab)
+        labels = torch.multinomial(probs, 1, generator=g).view(b, s)
+    mask = (torch.rand(b, s, generator=g) < 0.7).float()
+    return hidden.to(dtype), weight.to(dtype), labels, mask
+
+
+def _unfused(hidden, weight, labels, mask, loss):
+    """megatron's path: [s, b, h] @ W^T -> vocab_parallel_cross_entropy -> ObjectiveLoss."""
+    from megatron.core import tensor_parallel
+
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    logits = h.transpose(0, 1) @ w.T
+    ce = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.T.contiguous()).T
+    out = loss(ce, mask)
+    if torch.is_grad_enabled():
+        out[0].backward()
+    return out, h.grad, w.grad
+
+
+def _fused(hidden, weight, labels, mask, loss, group, chunk_size, scale=1.0):
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    out = fused_loss.fused_objective_loss(h, w, labels, mask, loss, tp_group=group,
+                                          chunk_size=chunk_size)
+    if torch.is_grad_enabled():
+        (out[0] * scale).backward()
+    return out, h.grad, w.grad
+
+
+def _assert_same(got, ref, rtol=RTOL, atol=ATOL):
+    (g_sum, g_n, g_extra), g_dh, g_dw = got
+    (r_sum, r_n, r_extra), r_dh, r_dw = ref
+    torch.testing.assert_close(g_sum, r_sum, rtol=rtol, atol=atol)
+    assert int(g_n) == int(r_n)
+    torch.testing.assert_close(g_extra["stats"], r_extra["stats"], rtol=rtol, atol=atol)
+    if r_dh is not None:
+        torch.testing.assert_close(g_dh, r_dh, rtol=rtol, atol=atol)
+        torch.testing.assert_close(g_dw, r_dw, rtol=rtol, atol=atol)
+
+
+OBJECTIVES = ["original", "p", "GeneralFamily-8", "GeneralFamily-0", "OnlyTopP-0.3",
+              "OnlyBottomP-0.4", "OnlyTopLogP-0.3", "OnlyBottomLogP-0.5", "UnlikehoodTop-0.2",
+              "UnlikehoodBottom-0.1", "OnlyBottomP-K50", "OnlyTopLogP-K30"]
+
+
+@pytest.mark.parametrize("chunk_size", [5, 1000])
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_op_matches_unfused(tp1, name, chunk_size):
+    hidden, weight, labels, mask = _inputs(seed=sum(map(ord, name)))
+    cfg = LossConfig(objective=name)
+    ref = _unfused(hidden, weight, labels, mask, ObjectiveLoss(cfg))
+    if ObjectiveLoss(cfg).objective.thresholded:
+        kept, resp = ref[0][2]["stats"][2], ref[0][2]["stats"][1]
+        assert 0 < kept < resp, "the threshold must keep a strict part of the tokens"
+    got = _fused(hidden, weight, labels, mask, ObjectiveLoss(cfg), tp1, chunk_size)
+    _assert_same(got, ref)
+    # masked tokens get exactly zero gradient
+    assert float(got[1][mask == 0].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("name", ["OnlyTopP-K30", "UnlikehoodBottom-K70"])
+def test_op_matches_unfused_with_global_percentile(tp1, name):
+    """With the pre-pass fixing q over several micro-batches, both paths use that q."""
+    micro = [_inputs(seed=s) for s in (1, 2, 3)]
+    losses = {}
+    for path, run in (("ref", _unfused), ("fused", _fused)):
+        loss = ObjectiveLoss(LossConfig(objective=name))
+        loss.start_collecting()
+        with torch.no_grad():
+            for hidden, weight, labels, mask in micro:
+                extra = (tp1, 4) if path == "fused" else ()
+                assert int(run(hidden, weight, labels, mask, loss, *extra)[0][1]) == 0
+        losses[path] = (loss, loss.finish_collecting())
+    assert losses["fused"][1] == pytest.approx(losses["ref"][1], rel=1e-6)
+    for hidden, weight, labels, mask in micro:
+        ref = _unfused(hidden, weight, labels, mask, losses["ref"][0])
+        got = _fused(hidden, weight, labels, mask, losses["fused"][0], tp1, 4)
+        _assert_same(got, ref)
+
+
+def test_response_normalization_forward_only_and_grad_scale(tp1):
+    hidden, weight, labels, mask = _inputs(seed=11)
+    cfg = LossConfig(objective="OnlyTopP-0.3", normalization="response")
+    ref = _unfused(hidden, weight, labels, mask, ObjectiveLoss(cfg))
+    _assert_same(_fused(hidden, weight, labels, mask, ObjectiveLoss(cfg), tp1, 6), ref)
+    # an upstream gradient other than 1 (e.g. a loss scale) scales both gradients
+    scaled = _fused(hidden, weight, labels, mask, ObjectiveLoss(cfg), tp1, 6, scale=3.0)
+    torch.testing.assert_close(scaled[1], 3.0 * ref[1], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(scaled[2], 3.0 * ref[2], rtol=RTOL, atol=ATOL)
+    with torch.no_grad():
+        got = _fused(hidden, weight, labels, mask, ObjectiveLoss(cfg), tp1, 6)
+    _assert_same(got, (ref[0], None, None))
+
+
+def test_comparison_detects_a_wrong_weight(tp1):
+    """Negative control: a 1e-3 change of one output row must fail the comparison."""
+    hidden, weight, labels, mask = _inputs(seed=5)
+    cfg = LossConfig(objective="p")
+    ref = _unfused(hidden, weight, labels, mask, ObjectiveLoss(cfg))
+    wrong = weight.clone()
+    wrong[labels[mask > 0][0]] += 1e-3
+    with pytest.raises(AssertionError):
+        _assert_same(_fused(hidden, wrong, labels, mask, ObjectiveLoss(cfg), tp1, 5), ref)
+
+
+def test_empty_mask_gives_zero_loss_and_gradients(tp1):
+    hidden, weight, labels, _ = _inputs(seed=6)
+    (loss_sum, n, extra), dh, dw = _fused(hidden, weight, labels, torch.zeros(labels.shape),
+                                          ObjectiveLoss(LossConfig(objective="p")), tp1, 4)
+    assert float(loss_sum) == 0.0 and int(n) == 0
+    assert float(dh.abs().max()) == 0.0 and float(dw.abs().max()) == 0.0
+    assert reduce_stats([extra])["response_tokens"] == 0
+
+
+def test_bf16_stays_close_to_fp32(tp1):
+    """The GPU dtype path: bf16 logits, float32 softmax and weight-gradient accumulator."""
+    hidden, weight, labels, mask = _inputs(seed=8)
+    cfg = LossConfig(objective="original")
+    ref = _unfused(hidden, weight, labels, mask, ObjectiveLoss(cfg))
+    (loss_sum, _, _), dh, dw = _fused(hidden.bfloat16(), weight.bfloat16(), labels, mask,
+                                      ObjectiveLoss(cfg), tp1, 5)
+    assert dh.dtype == dw.dtype == torch.bfloat16
+    torch.testing.assert_close(loss_sum, ref[0][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dh.float(), ref[1], rtol=5e-2, atol=2e-2)
+    torch.testing.assert_close(dw.float(), ref[2], rtol=5e-2, atol=2e-2)
+    # float32 hidden states with a bf16 weight (megatron's Float16Module hands the last
+    # stage's output back in float32) multiply in the weight's dtype, like the output layer
+    (mixed_sum, _, _), mixed_dh, mixed_dw = _fused(hidden.bfloat16().float(), weight.bfloat16(),
+                                                   labels, mask, ObjectiveLoss(cfg), tp1, 5)
+    assert mixed_dh.dtype == torch.float32
+    torch.testing.assert_close(mixed_sum, loss_sum, rtol=0, atol=0)
+    torch.testing.assert_close(mixed_dh, dh.float(), rtol=0, atol=0)
+    torch.testing.assert_close(mixed_dw, dw, rtol=0, atol=0)
+
+
+def _tiny_models(tied: bool):
+    cfg = dataclasses.replace(TINY_QWEN2, tie_word_embeddings=tied)
+    tconfig = transformer_config(cfg, ParallelConfig())
+    unfused = build_gpt_model(cfg, tconfig)
+    fused = build_gpt_model(cfg, tconfig)
+    fused.load_state_dict(unfused.state_dict())
+    keys = set(fused.state_dict())
+    assert fused_loss.install_fused_head(fused, LossConfig(implementation="fused"))
+    assert set(fused.state_dict()) == keys
+    return cfg, unfused, fused
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("name", ["original", "UnlikehoodTop-0.2", "OnlyBottomP-K40"])
+def test_model_gradients_match(tp1, tied, name):
+    """Whole model, TP=1: same loss and the same gradient for every parameter."""
+    cfg, unfused, fused = _tiny_models(tied)
+    g = torch.Generator().manual_seed(3)
+    b, s = 2, 16
+    tokens = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
+    mask = (torch.rand(b, s, generator=g) < 0.8).float()
+    pos = torch.arange(s)[None].expand(b, -1)
+    with torch.no_grad():
+        # a logit scale that spreads p, and labels drawn from the model itself, so
+        # thresholds keep part of the tokens
+        for m in (unfused, fused):
+            fused_loss.output_weight(m).mul_(4.0 if tied else 40.0)
+        probs = torch.softmax(unfused(tokens, pos, None), -1).view(b * s, -1)
+        labels = torch.multinomial(probs, 1, generator=g).view(b, s)
+    ref = ObjectiveLoss(LossConfig(objective=name))(unfused(tokens, pos, None, labels=labels), mask)
+    ref[0].backward()
+    got = fused_loss._head_loss(fused(tokens, pos, None),
+                                loss=ObjectiveLoss(LossConfig(objective=name, chunk_size=5)),
+                                model=fused, labels=labels, loss_mask=mask)
+    got[0].backward()
+    torch.testing.assert_close(got[0], ref[0], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got[2]["stats"], ref[2]["stats"], rtol=RTOL, atol=ATOL)
+    if name != "original":
+        assert 0 < float(ref[2]["stats"][2]) < float(ref[2]["stats"][1])
+    # fp32 rounding of differently blocked matmuls grows through the layers: compare each
+    # gradient to 1e-5 of its largest entry (at least 1e-5 absolute)
+    ref_params = dict(unfused.named_parameters())
+    for key, param in fused.named_parameters():
+        want = ref_params[key].grad
+        scale = max(1.0, float(want.abs().max()))
+        torch.testing.assert_close(param.grad, want, rtol=0, atol=RTOL * scale,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_head_install_guards(tp1):
+    _, unfused, fused = _tiny_models(tied=False)
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    pos = torch.arange(4)[None]
+    with pytest.raises(RuntimeError, match="fused loss head installed"):
+        fused(tokens, pos, None, labels=tokens)
+    with pytest.raises(RuntimeError, match="needs a model built"):
+        fused_loss._head_loss(unfused(tokens, pos, None), loss=ObjectiveLoss(LossConfig()),
+                              model=unfused, labels=tokens, loss_mask=torch.ones(1, 4))
+    with pytest.raises(ConfigError, match="implementation='fused'"):
+        fused_loss.install_fused_head(unfused, LossConfig(implementation="unfused"))
+    assert fused_loss.install_fused_head(fused) and fused_loss.head_is_fused(fused)
+    assert not fused_loss.head_is_fused(unfused)
+    step = runtime.make_forward_step(ObjectiveLoss(LossConfig(implementation="fused")), "cpu")
+    assert step.__module__ == fused_loss.__name__
+
+
+# -- multi-rank ----------------------------------------------------------------------------
+LAYOUTS = ("tp2", "tp2_sp", "pp2")
+
+
+@pytest.fixture(scope="module")
+def multirank(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fused")
+    init = str(d / "init")
+    run_torchrun("fused_worker.py", 1, ["--layouts", "ref", "--save-init", "--init-ckpt", init,
+                                        "--out", str(d / "ref.json")])
+    run_torchrun("fused_worker.py", 2, ["--layouts", ",".join(LAYOUTS), "--init-ckpt", init,
+                                        "--out", str(d / "fused.json")])
+    return read_json(d / "ref.json")["train"]["ref"], read_json(d / "fused.json")
+
+
+def _op_ok(rec: dict) -> bool:
+    return (rec["count"] == 0
+            and rec["loss"] <= RTOL * max(1.0, rec["ref_loss"])
+            and rec["stats"] <= RTOL * max(1.0, rec["ref_loss"], rec["ref_count"])
+            and rec["d_hidden"] <= RTOL * max(1.0, rec["ref_d_hidden"])
+            and rec["d_weight"] <= RTOL * max(1.0, rec["ref_d_weight"]))
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp"])
+def test_multirank_op_matches_unfused(multirank, layout):
+    _, got = multirank
+    for name, rec in got["op"][layout].items():
+        assert _op_ok(rec), (layout, name, rec)
+        if name not in ("original", "p", "GeneralFamily-8"):  # thresholds keep a part
+            assert 0 < rec["ref_count"] < rec["ref_response"], (name, rec)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_multirank_training_matches_tp1_unfused(multirank, layout):
+    ref, got = multirank
+    for tie, per_obj in got["train"][layout].items():
+        for name, series in per_obj.items():
+            expect = ref[tie][name]
+            assert all(g > 1e-3 for g in expect["grad_norm"]), (tie, name, expect)
+            if name not in ("original", "p", "GeneralFamily-8"):
+                assert all(0.05 < f < 0.95 for f in expect["frac_kept"]), (tie, name, expect)
+            for key in ("loss", "grad_norm"):
+                assert len(series[key]) == len(expect[key])
+                for step, (a, b) in enumerate(zip(series[key], expect[key])):
+                    assert abs(a - b) <= RTOL * max(1.0, abs(b)), (layout, tie, name, key, step, a, b)
+
+
+@pytest.mark.multirank
+def test_multirank_negative_control_is_detected(tmp_path):
+    out = tmp_path / "broken.json"
+    run_torchrun("fused_worker.py", 2, ["--layouts", "tp2", "--op-only", "--break-sumexp-reduce",
+                                        "--out", str(out)])
+    recs = read_json(out)["op"]["tp2"]
+    assert not any(_op_ok(rec) for rec in recs.values()), recs
