@@ -25,7 +25,8 @@ from probsft_megatron.data import DataConfig
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.loss import LossConfig
 from probsft_megatron import compat
-from probsft_megatron.model import TRANSFORMER_IMPLS, ModelConfig, ParallelConfig
+from probsft_megatron.attention import ATTENTION_IMPLS
+from probsft_megatron.model import ModelConfig, ParallelConfig
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESET_DIR = REPO_CONFIGS / "models"
@@ -56,7 +57,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (e.g. smoke tests); schedule still spans all steps
     seed: int = 42
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    transformer_impl: str = "auto"  # auto (TE where installed with CUDA) | local | transformer_engine
+    attention: str = "auto"  # auto (te where TE+CUDA, else sdpa) | sdpa | local | te
     output_dir: str = "runs/sft"
     save_interval: int = 100  # steps; 0 = only at the end
     keep_last: int = 2
@@ -99,12 +100,12 @@ class TrainJobConfig:
                 f"train.micro_batch_size*DP = {t.micro_batch_size}*{dp}; choose a global batch "
                 f"that is a multiple of {t.micro_batch_size * dp}"
             )
-        if t.transformer_impl not in TRANSFORMER_IMPLS:
-            raise ConfigError(f"train.transformer_impl={t.transformer_impl!r} is invalid; use "
-                              f"one of {', '.join(TRANSFORMER_IMPLS)}")
-        if t.transformer_impl == "transformer_engine" and not compat.te_available():
-            raise ConfigError("train.transformer_impl=transformer_engine but Transformer Engine "
-                              "is not installed here; use auto or local")
+        if t.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"train.attention={t.attention!r} is invalid; use one of "
+                              f"{', '.join(ATTENTION_IMPLS)}")
+        if t.attention == "te" and not compat.te_available():
+            raise ConfigError("train.attention=te but Transformer Engine is not installed here; "
+                              "use auto, sdpa or local")
         if t.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision={t.precision!r} is invalid; use auto, bf16 or fp32")
         if self.optim.schedule not in ("cosine", "constant"):

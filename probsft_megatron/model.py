@@ -194,37 +194,45 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+def resolve_attention(impl: str) -> str:
+    """``auto`` is ``te`` (Transformer Engine layer spec) where TE is installed and CUDA
+    exists, else ``sdpa``; see :data:`probsft_megatron.attention.ATTENTION_IMPLS`."""
+    from probsft_megatron.attention import ATTENTION_IMPLS
 
-
-def resolve_transformer_impl(impl: str) -> str:
-    """``auto`` is Transformer Engine where it is installed and CUDA exists, else ``local``."""
-    if impl not in TRANSFORMER_IMPLS:
-        raise ConfigError(f"train.transformer_impl={impl!r} is invalid; use one of "
-                          f"{', '.join(TRANSFORMER_IMPLS)}")
+    if impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"train.attention={impl!r} is invalid; use one of "
+                          f"{', '.join(ATTENTION_IMPLS)}")
     if impl != "auto":
         return impl
     from probsft_megatron import compat, platform
 
-    return "transformer_engine" if platform.cuda_available() and compat.te_available() \
-        else "local"
+    return "te" if platform.cuda_available() and compat.te_available() else "sdpa"
 
 
-def layer_spec(config, impl: str = "local"):
-    """The GPT block spec: megatron's Transformer Engine spec (fused attention, TE norms
-    fused into the linears; NGC GPU containers) or the local spec with SP-capable RMSNorm
-    (CPU and any GPU). Both store weights under the same checkpoint keys: the local spec maps
-    its norms onto TE's ``layer_norm_weight`` names in its sharded state dict."""
+def layer_spec(config, attention: str = "sdpa"):
+    """The GPT block spec for an attention implementation:
+
+    * ``te``: megatron's Transformer Engine spec (fused attention, TE norms fused into the
+      linears; NGC GPU containers);
+    * ``sdpa``: the local spec with :class:`~probsft_megatron.attention.SDPAttention`;
+    * ``local``: the local spec with megatron's unfused ``DotProductAttention``.
+
+    The local variants use SP-capable RMSNorm everywhere. All store weights under the same
+    checkpoint keys (the local spec maps its norms onto TE's ``layer_norm_weight`` names).
+    """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    if impl == "transformer_engine":
+    if attention == "te":
         return get_gpt_layer_with_transformer_engine_spec()
-
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.input_layernorm = SequenceParallelRMSNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if attention == "sdpa":
+        from probsft_megatron.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return TransformerBlockSubmodules(
         layer_specs=[spec] * (config.num_layers // config.pipeline_model_parallel_size),
         layer_norm=SequenceParallelRMSNorm,
@@ -232,7 +240,7 @@ def layer_spec(config, impl: str = "local"):
 
 
 def build_gpt_model(model: ModelConfig, config, *, pre_process: bool | None = None,
-                    post_process: bool | None = None, transformer_impl: str = "local"):
+                    post_process: bool | None = None, attention: str = "sdpa"):
     """One pipeline stage of a megatron ``GPTModel`` (call after parallel state is set up).
 
     Returns logits split over the vocabulary on each TP rank (``parallel_output=True``);
@@ -248,7 +256,7 @@ def build_gpt_model(model: ModelConfig, config, *, pre_process: bool | None = No
         post_process = parallel_state.is_pipeline_last_stage()
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config, resolve_transformer_impl(transformer_impl)),
+        transformer_layer_spec=layer_spec(config, resolve_attention(attention)),
         vocab_size=model.vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

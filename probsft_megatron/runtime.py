@@ -151,22 +151,21 @@ def build_training_model(model_cfg, tconfig, *, lr: float = 1e-3, weight_decay: 
                          adam_betas: tuple[float, float] = (0.9, 0.95), adam_eps: float = 1e-8,
                          clip_grad: float = 1.0, use_distributed_optimizer: bool = False,
                          load_dir: str | None = None, loss_config=None,
-                         transformer_impl: str = "local"):
+                         attention: str = "sdpa"):
     """This rank's pipeline stage wrapped in megatron DDP, and megatron's optimizer.
 
     ``load_dir``: a torch_dist checkpoint of model weights to start from (resharded on load
     to this rank's TP/PP layout), loaded before DDP and the optimizer see the parameters.
     ``loss_config``: with ``implementation="fused"`` the output layer hands its hidden states
     to the fused linear + objective loss instead of computing logits.
-    ``transformer_impl``: ``local``, ``transformer_engine`` or ``auto`` (see
-    :func:`probsft_megatron.model.resolve_transformer_impl`). megatron's optimizer picks
-    TE/apex fused Adam by itself where they are installed.
+    ``attention``: ``sdpa``, ``local``, ``te`` or ``auto`` (see
+    :func:`probsft_megatron.model.resolve_attention`). megatron's optimizer picks TE/apex
+    fused Adam by itself where they are installed.
     Returns ``([ddp_model], optimizer)``.
     """
     from probsft_megatron.model import build_gpt_model
 
-    gpt = build_gpt_model(model_cfg, tconfig, transformer_impl=transformer_impl
-                          ).to(platform.device())
+    gpt = build_gpt_model(model_cfg, tconfig, attention=attention).to(platform.device())
     if loss_config is not None and loss_config.implementation == "fused":
         from probsft_megatron.fused_loss import install_fused_head
 

@@ -152,7 +152,7 @@ def train(cfg: TrainJobConfig) -> dict[str, Any]:
         adam_betas=(o.adam_beta1, o.adam_beta2), adam_eps=o.adam_eps, clip_grad=o.clip_grad,
         use_distributed_optimizer=o.use_distributed_optimizer and dp > 1,
         load_dir=init_weights, loss_config=cfg.loss,
-        transformer_impl=cfg.train.transformer_impl)
+        attention=cfg.train.attention)
     start_step, history = 0, []
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, chunks[0].module, optimizer)

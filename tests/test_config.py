@@ -124,15 +124,15 @@ def test_cli_rejects_bad_layout_before_spawning(tmp_path):
     assert not out.exists()
 
 
-def test_transformer_impl_resolves_to_local_without_te():
-    from probsft_megatron.model import resolve_transformer_impl
+def test_attention_resolves_to_sdpa_without_te():
+    from probsft_megatron.model import resolve_attention
 
-    assert resolve_transformer_impl("auto") == "local"  # no CUDA / TE on this machine
-    assert resolve_transformer_impl("local") == "local"
-    with pytest.raises(ConfigError, match="transformer_impl"):
-        resolve_transformer_impl("apex")
-    cfg = load_config("tiny-figfont-cpu", ["train.transformer_impl=transformer_engine"])
+    assert resolve_attention("auto") == "sdpa"  # no CUDA / TE on this machine
+    assert resolve_attention("local") == "local"
+    with pytest.raises(ConfigError, match="train.attention"):
+        resolve_attention("flash")
+    cfg = load_config("tiny-figfont-cpu", ["train.attention=te"])
     with pytest.raises(ConfigError, match="Transformer Engine is not installed"):
         cfg.validate(1)
-    with pytest.raises(ConfigError, match="train.transformer_impl"):
-        load_config("tiny-figfont-cpu", ["train.transformer_impl=fast"]).validate(1)
+    with pytest.raises(ConfigError, match="train.attention"):
+        load_config("tiny-figfont-cpu", ["train.attention=fast"]).validate(1)

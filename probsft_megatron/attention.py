@@ -1,0 +1,76 @@
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention`` for the local spec.
+
+megatron's local ``DotProductAttention`` materializes the full ``[b, heads, s, s]`` score
+matrix, its softmax and dropout. :class:`SDPAttention` is a drop-in replacement (same
+constructor and ``forward`` contract, no parameters, so checkpoints are unchanged) that lets
+PyTorch dispatch to its flash / memory-efficient kernels on GPU and its fused CPU kernel.
+
+Contract (per tensor-parallel rank): ``query`` is ``[sq, b, np, hn]`` with ``np`` this rank's
+heads, ``key``/``value`` are ``[sk, b, ng, hn]`` with ``ng`` this rank's query groups (GQA:
+``np`` a multiple of ``ng``; TP splits whole groups, so no communication happens here).
+``attention_mask`` is ``None`` (causal) or megatron's boolean ``[b or 1, 1, sq, sk]`` with
+True = masked, e.g. the block-diagonal causal mask of packed sequences. Returns the context
+``[sq, b, np * hn]``. Attention dropout uses megatron's model-parallel RNG tracker, like the
+local implementation.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ATTENTION_IMPLS = ("auto", "sdpa", "local", "te")
+
+
+def _base():
+    from megatron.core.transformer.module import MegatronModule
+
+    return MegatronModule
+
+
+class SDPAttention(_base()):
+    """Drop-in for megatron's ``DotProductAttention`` built on PyTorch SDPA."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection=None) -> None:
+        super().__init__(config=config)
+        from megatron.core import parallel_state
+
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not support context parallelism")
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.heads = config.num_attention_heads // tp
+        self.groups = config.num_query_groups // tp
+        self.head_dim = config.kv_channels
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                attention_mask: Optional[Tensor], attn_mask_type=None,
+                attention_bias: Optional[Tensor] = None, packed_seq_params=None) -> Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPAttention takes packing as an attention mask, not "
+                             "packed_seq_params/attention_bias")
+        sq, b = query.shape[0], query.shape[1]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        mask = None if attention_mask is None else ~attention_mask  # SDPA: True = attend
+        dropout = self.dropout if self.training else 0.0
+        rng = nullcontext()
+        if dropout > 0.0:
+            from megatron.core import tensor_parallel
+
+            rng = tensor_parallel.get_cuda_rng_tracker().fork()
+        with rng:
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout,
+                is_causal=mask is None and sq > 1, scale=self.scale,
+                enable_gqa=self.heads != self.groups)
+        return context.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        return {}  # no parameters
