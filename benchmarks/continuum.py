@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
 
+from common import device_name, device_tag, write_results
 from probsft_megatron.demo import Stages, _probsft, _write_jsonl, arithmetic_records
 
 SIZES = {
@@ -35,15 +34,6 @@ SIZES = {
     "full": dict(strong=(4000, 500), weak=(8000, 500), epochs=1, batch=64, strong_len=64,
                  weak_len=800),
 }
-
-
-def _device() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return "CPU"
 
 
 def make_tasks(work: Path, size: dict, tok) -> dict[str, dict]:
@@ -158,21 +148,14 @@ def main() -> int:
                 "original" if by_obj["original"] > by_obj["p"] else "tie")
             verdicts.append(f"{task}: {better} is better ({by_obj['p']:.3f} for p vs "
                             f"{by_obj['original']:.3f} for original)")
-    result = {"device": _device(), "size": args.size, "lr": args.lr, "rows": rows,
+    result = {"device": device_name(), "size": args.size, "lr": args.lr, "rows": rows,
               "verdicts": verdicts, "seconds": time.perf_counter() - t0,
               "stage_seconds": stages.times}
     md = [f"# Continuum at {args.size} size ({result['device']})", "", *table, "",
           "Paper's prediction: p >= original on the strong task, original > p on the weak task.",
           *[f"- {v}" for v in verdicts], "", f"Total time: {result['seconds'] / 60:.1f} min."]
     print("\n".join(md))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "gpu" if torch.cuda.is_available() else "cpu"
-    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", "\n".join(md) + "\n")):
-        path = out / f"continuum_{args.size}_{tag}{suffix}"
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_results(args.out, f"continuum_{args.size}_{device_tag()}", result, "\n".join(md))
     return 0
 
 

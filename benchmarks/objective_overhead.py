@@ -13,9 +13,6 @@ with percentile_scope=global add one forward by design and are reported separate
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform as py_platform
 import statistics
 import sys
 import time
@@ -23,20 +20,10 @@ from pathlib import Path
 
 import torch
 
+from common import device_name, device_tag, write_results
+
 OBJECTIVES = ["original", "p", "GeneralFamily-8", "OnlyTopP-0.5", "OnlyTopLogP-0.5",
               "UnlikehoodTop-0.5", "OnlyTopP-K20"]
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU: {py_platform.processor()}"
 
 
 def main() -> int:
@@ -124,14 +111,7 @@ def main() -> int:
         lines.append(f"| {r['variant']}{note} | {r['median_step_s']:.4f} | {r['ratio']:.3f} |")
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "gpu" if torch.cuda.is_available() else "cpu"
-    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", table + "\n")):
-        path = out / f"objective_overhead_{tag}{suffix}"
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_results(args.out, f"objective_overhead_{device_tag()}", result, table)
     runtime.shutdown()
     return 0
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from common import device_name, device_tag, write_results
+
 SHAPES = {
     "qwen2.5-1.5b": dict(num_layers=28, hidden_size=1536, ffn_hidden_size=8960,
                          num_attention_heads=12, num_query_groups=2, vocab_size=151936),
@@ -32,15 +34,6 @@ SHAPES = {
                   num_query_groups=2, vocab_size=8192),
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return "CPU"
 
 
 def peak_tflops() -> float | None:
@@ -189,15 +182,8 @@ def main() -> int:
         md.append(f"| {r['variant']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
                   f"{ratio} | {r['peak_memory_gib']:.2f} | {r['achieved_tflops']:.3f} | {mfu} |")
     print("\n".join(md))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = f"{'gpu' if torch.cuda.is_available() else 'cpu'}_{args.shape}_seq{args.seq}"
-    for suffix, text in ((".json", json.dumps({"device": dev, "args": vars(args), "rows": rows},
-                                              indent=2)), (".md", "\n".join(md) + "\n")):
-        path = out / f"throughput_{tag}{suffix}"
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_results(args.out, f"throughput_{device_tag()}_{args.shape}_seq{args.seq}",
+                  {"device": dev, "args": vars(args), "rows": rows}, "\n".join(md))
     return 0
 
 
