@@ -29,7 +29,7 @@ from probsft_megatron.demo import Stages, _probsft, _write_jsonl, arithmetic_rec
 
 SIZES = {
     # train examples, test examples, epochs, global batch, max length
-    "small": dict(strong=(192, 64), weak=(192, 32), epochs=1, batch=16, strong_len=64,
+    "small": dict(strong=(192, 64), weak=(64, 32), epochs=1, batch=16, strong_len=64,
                   weak_len=384),
     "full": dict(strong=(4000, 500), weak=(8000, 500), epochs=1, batch=64, strong_len=64,
                  weak_len=800),
