@@ -134,13 +134,10 @@ def main() -> int:
             sel = [r for r in rows if r["task"] == task and r["objective"] == obj]
             ex = [r["exact"] for r in sel]
             sc = [r["score"] for r in sel if r["score"] is not None]
-            key = "score" if sc else "exact"
             summary.setdefault(task, {})[obj] = statistics.mean(sc or ex)
+            score = f"{statistics.mean(sc):.3f}" if sc else "-"
             table.append(f"| {task} | {obj} | {len(sel)} | {statistics.mean(ex):.3f} | "
-                         f"{min(ex):.3f}-{max(ex):.3f} | "
-                         f"{statistics.mean(sc):.3f} |" if sc else
-                         f"| {task} | {obj} | {len(sel)} | {statistics.mean(ex):.3f} | "
-                         f"{min(ex):.3f}-{max(ex):.3f} | - |")
+                         f"{min(ex):.3f}-{max(ex):.3f} | {score} |")
     verdicts = []
     for task, by_obj in summary.items():
         if {"original", "p"} <= set(by_obj):

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as py_platform
 import resource
 import subprocess
 import sys
@@ -44,20 +43,9 @@ from pathlib import Path
 
 import torch
 
+from common import device_name
+
 VOCAB, HIDDEN = 151_936, 1536
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU: {py_platform.processor() or 'unknown'} ({os.cpu_count()} cores)"
 
 
 # -- one measurement, in its own process -----------------------------------------------------
