@@ -130,12 +130,30 @@ def _ce_only(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int,
     return ce
 
 
+def _main_grad(weight: Tensor) -> Tensor | None:
+    """megatron DDP's gradient-buffer view for ``weight`` (``param.main_grad``), if any."""
+    target = getattr(weight, "main_grad", None)
+    if isinstance(target, Tensor) and target.shape == weight.shape:
+        return target
+    return None
+
+
 def _accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
-    """``acc += grad_logits^T @ hidden`` with a float32 accumulator."""
+    """``acc += grad_logits^T @ hidden`` into a (float32) accumulator.
+
+    Same dtypes: one in-place ``addmm_``. Otherwise (bf16 gradients into a float32 buffer) the
+    product is formed in blocks of vocabulary rows, so the temporary in the input dtype never
+    exceeds the chunk's ``grad_logits`` (``h / C`` blocks) instead of a whole ``V/TP x h``.
+    """
     if grad_logits.dtype == acc.dtype and hidden.dtype == acc.dtype:
         acc.addmm_(grad_logits.t(), hidden)
-    else:
-        acc.add_(torch.mm(grad_logits.t(), hidden))
+        return
+    rows = acc.shape[0]
+    blocks = max(1, -(-hidden.shape[1] // max(grad_logits.shape[0], 1)))
+    step = -(-rows // blocks)
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        acc[start:end].add_(torch.mm(grad_logits[:, start:end].t(), hidden))
 
 
 class _LinearObjective(torch.autograd.Function):
@@ -146,16 +164,26 @@ class _LinearObjective(torch.autograd.Function):
     ``ce [N]`` and ``keep [N]`` (not differentiable). The backward returns this rank's
     partial ``d_hidden`` (the caller's collective reduces it over TP) and its ``d_weight``
     shard, both scaled by the incoming gradient.
+
+    ``main_grad``: megatron DDP's float32 gradient buffer for ``weight``. When given, the
+    weight gradient is added to it chunk by chunk during the forward (no ``V/TP x h``
+    accumulator is held until the backward), and the backward returns no weight gradient;
+    this needs the loss sum's upstream gradient to be 1, which megatron's schedule gives
+    (no loss scaler in bf16/fp32), and is checked.
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, objective: Objective,
-                q: float | None, chunk_size: int, vocab_start: int, group):
+                q: float | None, chunk_size: int, vocab_start: int, group,
+                main_grad: Tensor | None):
         n = hidden.shape[0]
         ce = torch.empty(n, dtype=torch.float32, device=hidden.device)
         keep = torch.empty(n, dtype=torch.bool, device=hidden.device)
         d_hidden = torch.empty_like(hidden)
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if main_grad is None:
+            d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        else:
+            d_weight = main_grad
         arange = torch.arange(min(chunk_size, n), device=hidden.device)
         for start, end in _chunks(n, chunk_size):
             h = hidden[start:end]
@@ -173,7 +201,8 @@ class _LinearObjective(torch.autograd.Function):
             _accumulate_weight_grad(d_weight, grad_logits, h)
             del probs, grad_logits
         loss_sum = (objective.loss_from_ce(ce) * keep.to(ce.dtype)).sum()
-        ctx.grads = (d_hidden, d_weight.to(weight.dtype))
+        ctx.grads = (d_hidden, None if main_grad is not None else d_weight.to(weight.dtype))
+        del d_weight
         ctx.mark_non_differentiable(ce, keep)
         return loss_sum, ce, keep
 
@@ -185,20 +214,35 @@ class _LinearObjective(torch.autograd.Function):
         d_hidden, d_weight = ctx.grads
         ctx.grads = None
         if not bool(grad_loss == 1):
+            if d_weight is None:
+                raise RuntimeError(
+                    f"the fused loss head added the output weight's gradient to megatron's "
+                    f"main_grad during the forward, which assumes the loss sum is "
+                    f"back-propagated with gradient 1, but got {float(grad_loss)}; pass "
+                    f"weight_grad='autograd' to fused_objective_loss to scale it in the backward")
             d_hidden.mul_(grad_loss.to(d_hidden.dtype))
             d_weight.mul_(grad_loss.to(d_weight.dtype))
-        return d_hidden, d_weight, None, None, None, None, None, None
+        return d_hidden, d_weight, None, None, None, None, None, None, None
 
 
 def fused_objective_loss(hidden: Tensor, weight: Tensor, labels: Tensor, loss_mask: Tensor,
                          objective_loss: ObjectiveLoss, *, tp_group=None,
-                         sequence_parallel: bool = False, chunk_size: int | None = None):
+                         sequence_parallel: bool = False, chunk_size: int | None = None,
+                         weight_grad: str = "auto"):
     """The objective loss of ``hidden @ weight^T`` without materializing the logits.
 
     See the module docstring for the distributed contract (shapes per TP rank, collectives,
     what each rank returns). ``tp_group``: megatron's tensor-parallel group (``None``: a
     single rank, no collectives). ``chunk_size``: tokens per chunk (default
     ``objective_loss.config.chunk_size``).
+    ``weight_grad``: where the output weight's gradient goes. ``"main_grad"``: added to
+    megatron DDP's float32 gradient buffer (``weight.main_grad``) chunk by chunk during the
+    forward, so no ``V/TP x h`` gradient is ever allocated (DDP's backward hook, with
+    ``overlap_grad_reduce`` off, then finds no ``.grad`` to add); the loss sum must be
+    back-propagated with gradient 1, as megatron's schedule does without a loss scaler.
+    ``"autograd"``: accumulated in a private float32 buffer and returned by the backward into
+    ``weight.grad`` (scaled by any upstream gradient). ``"auto"`` (default): ``main_grad``
+    when the weight has one, else ``autograd``.
 
     Equivalent to the unfused ``objective_loss(vocab_parallel_cross_entropy(hidden @ W^T,
     labels), loss_mask)``: same loss sum, counts and statistics, same gradients.
@@ -206,6 +250,15 @@ def fused_objective_loss(hidden: Tensor, weight: Tensor, labels: Tensor, loss_ma
     chunk = objective_loss.config.chunk_size if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ConfigError(f"loss.chunk_size={chunk} is invalid; use a positive number of tokens")
+    if weight_grad not in ("auto", "main_grad", "autograd"):
+        raise ValueError(f"weight_grad={weight_grad!r} is invalid; use 'auto', 'main_grad' or "
+                         f"'autograd'")
+    main_grad = None if weight_grad == "autograd" else _main_grad(weight)
+    if weight_grad == "main_grad" and main_grad is None:
+        raise ValueError("weight_grad='main_grad' needs a weight wrapped by megatron's "
+                         "DistributedDataParallel (it has no main_grad buffer); use 'auto'")
+    if not weight.requires_grad:
+        main_grad = None
     if hidden.dtype != weight.dtype:
         # e.g. megatron's Float16Module hands the last stage's output back in float32; the
         # unfused output layer multiplies in the weight's dtype, and so does this
@@ -249,7 +302,7 @@ def fused_objective_loss(hidden: Tensor, weight: Tensor, labels: Tensor, loss_ma
     else:
         q = objective_loss.threshold(None, None)
     loss_sum, ce, keep = _LinearObjective.apply(h, weight, y, objective_loss.objective, q,
-                                                chunk, vocab_start, tp_group)
+                                                chunk, vocab_start, tp_group, main_grad)
     return objective_loss.summarize(loss_sum, full(ce), full(keep), response)
 
 

@@ -182,6 +182,68 @@ def test_bf16_stays_close_to_fp32(tp1):
     torch.testing.assert_close(mixed_dw, dw, rtol=0, atol=0)
 
 
+def _fused_into_main_grad(hidden, weight, labels, mask, loss, group, chunk_size, prefill):
+    """The fused op with a megatron-DDP-style ``main_grad`` (float32) buffer on the weight."""
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    w.main_grad = prefill.clone()
+    out = fused_loss.fused_objective_loss(h, w, labels, mask, loss, tp_group=group,
+                                          chunk_size=chunk_size)
+    return out, h, w
+
+
+@pytest.mark.parametrize("name", ["p", "OnlyTopLogP-0.3", "OnlyBottomP-K50"])
+def test_weight_grad_goes_into_main_grad(tp1, name):
+    """With a DDP gradient buffer the weight gradient is added to it during the forward and
+    never allocated on its own: ``main_grad`` ends at its old value + the unfused gradient,
+    ``weight.grad`` stays empty, ``d_hidden`` is unchanged."""
+    hidden, weight, labels, mask = _inputs(seed=21)
+    cfg = LossConfig(objective=name)
+    ref = _unfused(hidden, weight, labels, mask, ObjectiveLoss(cfg))
+    prefill = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
+    out, h, w = _fused_into_main_grad(hidden, weight, labels, mask, ObjectiveLoss(cfg), tp1, 4,
+                                      prefill)
+    # added during the forward already: nothing is held for the backward
+    torch.testing.assert_close(w.main_grad - prefill, ref[2], rtol=RTOL, atol=ATOL)
+    out[0].backward()
+    assert w.grad is None
+    torch.testing.assert_close(w.main_grad - prefill, ref[2], rtol=RTOL, atol=ATOL)
+    _assert_same((out, h.grad, ref[2]), ref)
+    # weight_grad='autograd' keeps the old behaviour even when a buffer exists
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    w2.main_grad = prefill.clone()
+    fused_loss.fused_objective_loss(h2, w2, labels, mask, ObjectiveLoss(cfg), tp_group=tp1,
+                                    chunk_size=4, weight_grad="autograd")[0].backward()
+    torch.testing.assert_close(w2.grad, ref[2], rtol=RTOL, atol=ATOL)
+    assert torch.equal(w2.main_grad, prefill)
+
+
+def test_main_grad_bf16_and_guards(tp1):
+    """bf16 weights accumulate into a float32 buffer (in vocabulary blocks) to the same values
+    as the private float32 accumulator; an upstream gradient other than 1 is refused."""
+    hidden, weight, labels, mask = _inputs(seed=22, vocab=50)
+    cfg = LossConfig(objective="original")
+    hb, wb = hidden.bfloat16(), weight.bfloat16()
+    zeros = torch.zeros(weight.shape)
+    out, _, w = _fused_into_main_grad(hb, wb, labels, mask, ObjectiveLoss(cfg), tp1, 3, zeros)
+    out[0].backward()
+    _, _, ref_dw = _fused(hb, wb, labels, mask, ObjectiveLoss(cfg), tp1, 3)
+    assert w.main_grad.dtype == torch.float32 and w.grad is None
+    torch.testing.assert_close(w.main_grad.bfloat16(), ref_dw, rtol=0, atol=0)
+    # the scale cannot be applied to what the forward already added
+    out, _, _ = _fused_into_main_grad(hidden, weight, labels, mask, ObjectiveLoss(cfg), tp1, 4,
+                                      zeros)
+    with pytest.raises(RuntimeError, match="weight_grad='autograd'"):
+        (out[0] * 2.0).backward()
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="no main_grad buffer"):
+        fused_loss.fused_objective_loss(h, w, labels, mask, ObjectiveLoss(cfg), tp_group=tp1,
+                                        weight_grad="main_grad")
+    with pytest.raises(ValueError, match="weight_grad='bogus' is invalid"):
+        fused_loss.fused_objective_loss(h, w, labels, mask, ObjectiveLoss(cfg), tp_group=tp1,
+                                        weight_grad="bogus")
+
+
 def _tiny_models(tied: bool):
     cfg = dataclasses.replace(TINY_QWEN2, tie_word_embeddings=tied)
     tconfig = transformer_config(cfg, ParallelConfig())
@@ -228,6 +290,44 @@ def test_model_gradients_match(tp1, tied, name):
         want = ref_params[key].grad
         scale = max(1.0, float(want.abs().max()))
         torch.testing.assert_close(param.grad, want, rtol=0, atol=RTOL * scale,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_ddp_main_grad_matches_unfused(tp1, tied):
+    """Under megatron's DistributedDataParallel the fused head adds the output weight's
+    gradient straight into the float32 grad buffer; every parameter's ``main_grad`` equals
+    the unfused model's after the backward and DDP's gradient sync."""
+    from probsft_megatron import compat
+
+    cfg, unfused, fused = _tiny_models(tied)
+    tconfig = transformer_config(cfg, ParallelConfig())
+    models = {k: compat.wrap_ddp(m, tconfig, use_distributed_optimizer=False)
+              for k, m in (("unfused", unfused), ("fused", fused))}
+    g = torch.Generator().manual_seed(4)
+    b, s = 2, 16
+    tokens = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
+    labels = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
+    mask = (torch.rand(b, s, generator=g) < 0.8).float()
+    pos = torch.arange(s)[None].expand(b, -1)
+    loss = ObjectiveLoss(LossConfig(objective="p", chunk_size=7))
+    for name, ddp in models.items():
+        ddp.zero_grad_buffer()
+        if name == "unfused":
+            out = loss(ddp(tokens, pos, None, labels=labels), mask)
+        else:
+            out = fused_loss._head_loss(ddp(tokens, pos, None), loss=loss, model=ddp,
+                                        labels=labels, loss_mask=mask)
+            # the head's weight gradient is in the buffer before the backward runs
+            assert float(fused_loss.output_weight(fused).main_grad.abs().max()) > 0
+        out[0].backward()
+        ddp.finish_grad_sync()
+    assert fused_loss.output_weight(fused).grad is None
+    ref_params = dict(unfused.named_parameters())
+    for key, param in fused.named_parameters():
+        want = ref_params[key].main_grad
+        scale = max(1.0, float(want.abs().max()))
+        torch.testing.assert_close(param.main_grad, want, rtol=0, atol=RTOL * scale,
                                    msg=lambda m, key=key: f"{key}: {m}")
 
 
