@@ -81,6 +81,8 @@ def wrap_ddp(model: torch.nn.Module, config, *, use_distributed_optimizer: bool,
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
+        # off: the fused loss head adds the output weight's gradient to main_grad itself and
+        # leaves no .grad, which DDP's overlapped reduction would wait for
         overlap_grad_reduce=False,
         use_distributed_optimizer=use_distributed_optimizer,
         bucket_size=bucket_size,

@@ -256,6 +256,18 @@ def _tiny_models(tied: bool):
     return cfg, unfused, fused
 
 
+def _assert_same_param_grads(fused, unfused, attr: str) -> None:
+    """Every parameter's gradient (``attr``: ``grad`` or DDP's ``main_grad``) agrees. fp32
+    rounding of differently blocked matmuls grows through the layers: each gradient is
+    compared to 1e-5 of its largest entry (at least 1e-5 absolute)."""
+    ref_params = dict(unfused.named_parameters())
+    for key, param in fused.named_parameters():
+        want = getattr(ref_params[key], attr)
+        scale = max(1.0, float(want.abs().max()))
+        torch.testing.assert_close(getattr(param, attr), want, rtol=0, atol=RTOL * scale,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("name", ["original", "UnlikehoodTop-0.2", "OnlyBottomP-K40"])
 def test_model_gradients_match(tp1, tied, name):
@@ -283,14 +295,7 @@ def test_model_gradients_match(tp1, tied, name):
     torch.testing.assert_close(got[2]["stats"], ref[2]["stats"], rtol=RTOL, atol=ATOL)
     if name != "original":
         assert 0 < float(ref[2]["stats"][2]) < float(ref[2]["stats"][1])
-    # fp32 rounding of differently blocked matmuls grows through the layers: compare each
-    # gradient to 1e-5 of its largest entry (at least 1e-5 absolute)
-    ref_params = dict(unfused.named_parameters())
-    for key, param in fused.named_parameters():
-        want = ref_params[key].grad
-        scale = max(1.0, float(want.abs().max()))
-        torch.testing.assert_close(param.grad, want, rtol=0, atol=RTOL * scale,
-                                   msg=lambda m, key=key: f"{key}: {m}")
+    _assert_same_param_grads(fused, unfused, "grad")
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -323,12 +328,7 @@ def test_ddp_main_grad_matches_unfused(tp1, tied):
         out[0].backward()
         ddp.finish_grad_sync()
     assert fused_loss.output_weight(fused).grad is None
-    ref_params = dict(unfused.named_parameters())
-    for key, param in fused.named_parameters():
-        want = ref_params[key].main_grad
-        scale = max(1.0, float(want.abs().max()))
-        torch.testing.assert_close(param.main_grad, want, rtol=0, atol=RTOL * scale,
-                                   msg=lambda m, key=key: f"{key}: {m}")
+    _assert_same_param_grads(fused, unfused, "main_grad")
 
 
 def test_head_install_guards(tp1):
