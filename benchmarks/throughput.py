@@ -1,7 +1,7 @@
 """Training throughput: megatron (local vs SDPA vs TE attention) vs plain Hugging Face, one run.
 
 Every variant trains the same decoder shape (random weights, random tokens, NLL) with AdamW
-for a few steps in a fresh process; the script reports median step time, tokens/s, peak
+for a few steps in a fresh process (``sdpa+fused``: SDPA attention with the fused loss head); the script reports median step time, tokens/s, peak
 memory and MFU (model FLOPs per second over the device's peak; FLOPs = 6 * parameters +
 12 * layers * hidden * sequence per token, the usual dense-transformer count), and the
 ratio of each variant's tokens/s to the Hugging Face baseline.
@@ -50,7 +50,8 @@ def peak_memory_gib() -> float:
     return float("nan")
 
 
-def run_megatron(shape: dict, attention: str, seq: int, mbs: int, steps: int, bf16: bool):
+def run_megatron(shape: dict, variant: str, seq: int, mbs: int, steps: int, bf16: bool):
+    """``variant``: an attention implementation, optionally ``+fused`` (the fused loss head)."""
     from probsft_megatron import runtime
     from probsft_megatron.loss import LossConfig, ObjectiveLoss
     from probsft_megatron.model import ModelConfig, ParallelConfig, transformer_config
@@ -60,10 +61,12 @@ def run_megatron(shape: dict, attention: str, seq: int, mbs: int, steps: int, bf
     runtime.init_distributed(parallel, seed=0, model=cfg)
     tconfig = transformer_config(cfg, parallel,
                                  params_dtype=torch.bfloat16 if bf16 else torch.float32)
+    attention, _, head = variant.partition("+")
+    loss_cfg = LossConfig("original", implementation="fused" if head == "fused" else "unfused")
     chunks, optimizer = runtime.build_training_model(cfg, tconfig, lr=1e-5, weight_decay=0.01,
-                                                     attention=attention)
+                                                     attention=attention, loss_config=loss_cfg)
     dev = runtime.platform.device()
-    fwd = runtime.make_forward_step(ObjectiveLoss(LossConfig("original")), dev)
+    fwd = runtime.make_forward_step(ObjectiveLoss(loss_cfg), dev)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (mbs, seq + 1), generator=g)
     batch = runtime.Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(),
@@ -141,7 +144,9 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--variants", default="local,sdpa,te,huggingface")
+    ap.add_argument("--variants", default="local,sdpa,sdpa+fused,te,huggingface",
+                    help="attention implementations (local, sdpa, te), each optionally with "
+                         "'+fused' (the fused loss head), and huggingface")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -152,8 +157,8 @@ def main() -> int:
 
     rows = []
     for variant in args.variants.split(","):
-        if variant == "te" and not (torch.cuda.is_available() and compat.te_available()):
-            print("[throughput] te: skipped (Transformer Engine or CUDA not available)",
+        if variant.startswith("te") and not (torch.cuda.is_available() and compat.te_available()):
+            print(f"[throughput] {variant}: skipped (Transformer Engine or CUDA not available)",
                   file=sys.stderr)
             continue
         cmd = [sys.executable, __file__, "--variant", variant, "--shape", args.shape,
