@@ -5,7 +5,8 @@ Single process (TP=1, fp32): loss sum, normalizer count, statistics, ``d_hidden`
 percentile thresholds, with and without the global-batch pre-pass), chunk sizes that do and do
 not divide the token count, and the whole tiny GPT model with tied and untied embeddings.
 Multi-rank (torchrun, 2 gloo processes): TP=2, TP=2+SP at the op level against the unfused
-path at the same layout, and TP=2, TP=2+SP, PP=2 training steps against a TP=1 unfused run;
+path at the same layout, and TP=2, TP=2+SP, PP=2, DP=2 training steps against a TP=1 unfused
+run (the fused head adds its weight gradient to DDP's buffer, reduced over DP);
 a negative control drops the TP reduction of the sum of exponentials and must be caught.
 """
 from __future__ import annotations
@@ -349,7 +350,7 @@ def test_head_install_guards(tp1):
 
 
 # -- multi-rank ----------------------------------------------------------------------------
-LAYOUTS = ("tp2", "tp2_sp", "pp2")
+LAYOUTS = ("tp2", "tp2_sp", "pp2", "dp2")
 
 
 @pytest.fixture(scope="module")

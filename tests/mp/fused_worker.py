@@ -36,7 +36,7 @@ TIED_OBJECTIVES = "original,UnlikehoodTop-0.5,OnlyBottomP-K50"
 OP_OBJECTIVES = ("original,p,GeneralFamily-8,OnlyTopP-0.3,OnlyBottomP-0.3,OnlyTopLogP-0.3,"
                  "OnlyBottomLogP-0.3,UnlikehoodTop-0.5,UnlikehoodBottom-0.3,OnlyBottomP-K50")
 LAYOUTS = {"ref": (1, 1, False), "tp2": (2, 1, False), "tp2_sp": (2, 1, True),
-           "pp2": (1, 2, False)}
+           "pp2": (1, 2, False), "dp2": (1, 1, False)}  # dp2: whatever ranks TP/PP leave
 
 
 def loss_config(spec: str, implementation: str):
@@ -151,6 +151,10 @@ def train(parallel, model_cfg, objectives, implementation, init_ckpt, steps) -> 
 
     tconfig = transformer_config(model_cfg, parallel)
     global_batch, micro, seq = 4, 2, 24
+    # each data-parallel rank trains its own slice of the global batch
+    dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
+                   parallel_state.get_data_parallel_rank())
+    mine = range(dp_rank * global_batch // dp, (dp_rank + 1) * global_batch // dp, micro)
     pos = torch.arange(seq)[None, :].expand(micro, -1).contiguous()
     out = {}
     for spec in objectives:
@@ -162,7 +166,7 @@ def train(parallel, model_cfg, objectives, implementation, init_ckpt, steps) -> 
         rec = {"loss": [], "grad_norm": [], "frac_kept": []}
         for tokens, labels, mask in batches(steps, global_batch, seq, model_cfg.vocab_size, seed=0):
             mbs = [runtime.Batch(tokens[i:i + micro], labels[i:i + micro], mask[i:i + micro], pos)
-                   for i in range(0, global_batch, micro)]
+                   for i in mine]
             stats = runtime.train_step(chunks, optimizer, fwd, mbs, seq_length=seq,
                                        micro_batch_size=micro)
             rec["grad_norm"].append(stats["grad_norm"])
@@ -230,6 +234,10 @@ def main() -> int:
             continue
         implementation = "unfused" if layout == "ref" else "fused"
         per_tie = {"untied": objectives, "tied": args.tied_objectives.split(",")}
+        if dist.get_world_size() // (parallel.tensor_model_parallel_size
+                                     * parallel.pipeline_model_parallel_size) > 1:
+            # a per-micro-batch percentile depends on how micro-batches split over DP ranks
+            per_tie = {k: [o for o in v if not o.endswith("@micro")] for k, v in per_tie.items()}
         result["train"][layout] = {
             tie: train(parallel, cfg, per_tie[tie], implementation,
                        os.path.join(args.init_ckpt, tie), args.steps)
