@@ -30,6 +30,9 @@ from common import device_name, device_tag, write_results
 SHAPES = {
     "qwen2.5-1.5b": dict(num_layers=28, hidden_size=1536, ffn_hidden_size=8960,
                          num_attention_heads=12, num_query_groups=2, vocab_size=151936),
+    # SmolLM2-135M's dimensions (the embedded default), in Qwen2-style blocks like the others
+    "smollm2-135m": dict(num_layers=30, hidden_size=576, ffn_hidden_size=1536,
+                         num_attention_heads=9, num_query_groups=3, vocab_size=49152),
     "small": dict(num_layers=4, hidden_size=512, ffn_hidden_size=1408, num_attention_heads=8,
                   num_query_groups=2, vocab_size=8192),
 }
