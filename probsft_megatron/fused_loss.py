@@ -192,10 +192,10 @@ class _LinearObjective(torch.autograd.Function):
             keep_c = objective.keep_mask(ce_c, q)
             coef = objective.weight_from_ce(ce_c) * keep_c
             ce[start:end], keep[start:end] = ce_c, keep_c
-            # d(coef * ce) / d logits = coef * (softmax - onehot), as megatron's CE backward
-            probs.div_(sum_exp.unsqueeze(1))
-            probs[arange[: end - start], local] -= owned.to(probs.dtype)
-            probs.mul_(coef.unsqueeze(1))
+            # d(coef * ce) / d logits = coef * (softmax - onehot), as megatron's CE backward;
+            # one pass over the chunk: exp * (coef / sum_exp), then -coef at the owned target
+            probs.mul_((coef / sum_exp).unsqueeze(1))
+            probs[arange[: end - start], local] -= coef * owned.to(probs.dtype)
             grad_logits = probs.to(weight.dtype)
             torch.mm(grad_logits, weight, out=d_hidden[start:end])
             _accumulate_weight_grad(d_weight, grad_logits, h)
