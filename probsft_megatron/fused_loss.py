@@ -7,9 +7,11 @@ gradient ``w(p) * keep * (softmax - onehot)`` is known as soon as the CE is. So 
 walks over the tokens in chunks of ``LossConfig.chunk_size``: per chunk it forms the chunk's
 logits, reduces max / sum-exp / target logit over the tensor-parallel (TP) group, derives the
 CE, the objective's coefficient and the chunk's logit gradient, and immediately folds that
-gradient into ``d_hidden`` (this chunk's rows) and ``d_weight`` (accumulated in float32). At
-most one chunk of logits exists at a time; the backward only scales the two saved gradients
-by the incoming gradient of the loss sum.
+gradient into ``d_hidden`` (this chunk's rows) and the weight gradient (added to megatron
+DDP's float32 ``main_grad`` buffer when the weight has one, else to a float32 accumulator
+returned by the backward; nothing for a frozen weight). At most one chunk of logits exists at
+a time; the backward only hands back the saved gradients, scaled by the incoming gradient of
+the loss sum.
 
 Distributed contract of :func:`fused_objective_loss` (what every rank passes and gets):
 
@@ -175,12 +177,14 @@ class _LinearObjective(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, objective: Objective,
                 q: float | None, chunk_size: int, vocab_start: int, group,
-                main_grad: Tensor | None):
+                main_grad: Tensor | None, need_weight_grad: bool = True):
         n = hidden.shape[0]
         ce = torch.empty(n, dtype=torch.float32, device=hidden.device)
         keep = torch.empty(n, dtype=torch.bool, device=hidden.device)
         d_hidden = torch.empty_like(hidden)
-        if main_grad is None:
+        if not need_weight_grad:
+            d_weight = None  # a frozen output weight: no weight-gradient work at all
+        elif main_grad is None:
             d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         else:
             d_weight = main_grad
@@ -198,10 +202,13 @@ class _LinearObjective(torch.autograd.Function):
             probs[arange[: end - start], local] -= coef * owned.to(probs.dtype)
             grad_logits = probs.to(weight.dtype)
             torch.mm(grad_logits, weight, out=d_hidden[start:end])
-            _accumulate_weight_grad(d_weight, grad_logits, h)
+            if d_weight is not None:
+                _accumulate_weight_grad(d_weight, grad_logits, h)
             del probs, grad_logits
         loss_sum = (objective.loss_from_ce(ce) * keep.to(ce.dtype)).sum()
-        ctx.grads = (d_hidden, None if main_grad is not None else d_weight.to(weight.dtype))
+        own = d_weight is not None and main_grad is None
+        ctx.grads = (d_hidden, d_weight.to(weight.dtype) if own else None)
+        ctx.weight_grad_in_buffer = need_weight_grad and main_grad is not None
         del d_weight
         ctx.mark_non_differentiable(ce, keep)
         return loss_sum, ce, keep
@@ -214,15 +221,16 @@ class _LinearObjective(torch.autograd.Function):
         d_hidden, d_weight = ctx.grads
         ctx.grads = None
         if not bool(grad_loss == 1):
-            if d_weight is None:
+            if ctx.weight_grad_in_buffer:
                 raise RuntimeError(
                     f"the fused loss head added the output weight's gradient to megatron's "
                     f"main_grad during the forward, which assumes the loss sum is "
                     f"back-propagated with gradient 1, but got {float(grad_loss)}; pass "
                     f"weight_grad='autograd' to fused_objective_loss to scale it in the backward")
             d_hidden.mul_(grad_loss.to(d_hidden.dtype))
-            d_weight.mul_(grad_loss.to(d_weight.dtype))
-        return d_hidden, d_weight, None, None, None, None, None, None, None
+            if d_weight is not None:
+                d_weight.mul_(grad_loss.to(d_weight.dtype))
+        return d_hidden, d_weight, None, None, None, None, None, None, None, None
 
 
 def fused_objective_loss(hidden: Tensor, weight: Tensor, labels: Tensor, loss_mask: Tensor,
@@ -257,8 +265,6 @@ def fused_objective_loss(hidden: Tensor, weight: Tensor, labels: Tensor, loss_ma
     if weight_grad == "main_grad" and main_grad is None:
         raise ValueError("weight_grad='main_grad' needs a weight wrapped by megatron's "
                          "DistributedDataParallel (it has no main_grad buffer); use 'auto'")
-    if not weight.requires_grad:
-        main_grad = None
     if hidden.dtype != weight.dtype:
         # e.g. megatron's Float16Module hands the last stage's output back in float32; the
         # unfused output layer multiplies in the weight's dtype, and so does this
@@ -302,7 +308,8 @@ def fused_objective_loss(hidden: Tensor, weight: Tensor, labels: Tensor, loss_ma
     else:
         q = objective_loss.threshold(None, None)
     loss_sum, ce, keep = _LinearObjective.apply(h, weight, y, objective_loss.objective, q,
-                                                chunk, vocab_start, tp_group, main_grad)
+                                                chunk, vocab_start, tp_group, main_grad,
+                                                weight.requires_grad)
     return objective_loss.summarize(loss_sum, full(ce), full(keep), response)
 
 

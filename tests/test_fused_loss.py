@@ -219,6 +219,21 @@ def test_weight_grad_goes_into_main_grad(tp1, name):
     assert torch.equal(w2.main_grad, prefill)
 
 
+def test_frozen_output_weight_gets_no_weight_gradient_work(tp1):
+    """A frozen output weight (no requires_grad): d_hidden as unfused, no weight gradient,
+    its DDP buffer (if any) untouched."""
+    hidden, weight, labels, mask = _inputs(seed=23)
+    cfg = LossConfig(objective="OnlyTopP-0.3")
+    ref = _unfused(hidden, weight, labels, mask, ObjectiveLoss(cfg))
+    h, w = hidden.clone().requires_grad_(True), weight.clone()
+    w.main_grad = torch.zeros(weight.shape)
+    out = fused_loss.fused_objective_loss(h, w, labels, mask, ObjectiveLoss(cfg), tp_group=tp1,
+                                          chunk_size=4)
+    (out[0] * 2.0).backward()  # no buffer in use, so any upstream gradient is fine
+    torch.testing.assert_close(h.grad, 2.0 * ref[1], rtol=RTOL, atol=ATOL)
+    assert w.grad is None and float(w.main_grad.abs().max()) == 0.0
+
+
 def test_main_grad_bf16_and_guards(tp1):
     """bf16 weights accumulate into a float32 buffer (in vocabulary blocks) to the same values
     as the private float32 accumulator; an upstream gradient other than 1 is refused."""
