@@ -464,10 +464,12 @@ def test_resume_yields_the_batches_of_an_uninterrupted_run(rng, packing):
         resumed.load_state_dict(state)
         rest = list(resumed)
         assert len(rest) == len(full) - k and all(_same(x, y) for x, y in zip(rest, full[k:]))
-    # the global batches do not depend on the layout: resume with another DP size
+    # the global batches do not depend on the layout: resume with another DP size (at step 3,
+    # or the last step when packing leaves fewer: 2-3 steps for about 7% of random datasets)
+    step = min(3, len(full) - 1)
     one_rank = _loader(ds, packing=packing)
-    one_rank.load_state_dict({"step": 3})
-    assert _starts(next(iter(one_rank))) == sum((_starts(b) for b in _loader_ranks(ds, packing, 3)), [])
+    one_rank.load_state_dict({"step": step})
+    assert _starts(next(iter(one_rank))) == sum((_starts(b) for b in _loader_ranks(ds, packing, step)), [])
     with pytest.raises(ConfigError, match="saved with global_batch_size=12 but this run has "
                                           "global_batch_size=4"):
         _loader(ds, packing=packing, global_batch_size=4).load_state_dict(state)
