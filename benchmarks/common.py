@@ -1,25 +1,32 @@
 """Helpers shared by the benchmark scripts: naming the device and writing results atomically."""
 from __future__ import annotations
 
-import json
 import os
+import platform as py_platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from probsft_megatron.fileio import atomic_write_json, atomic_write_text
 
-def device_name() -> str:
-    """The GPU's name, or the CPU model and core count."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+
+def cpu_name() -> str:
+    """The CPU model and core count."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
     except OSError:
         pass
-    return f"CPU ({os.cpu_count()} cores)"
+    return f"{py_platform.processor() or 'unknown CPU'} ({os.cpu_count()} cores)"
+
+
+def device_name() -> str:
+    """The GPU's name, or ``CPU: <model> (<n> cores)``."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU: {cpu_name()}"
 
 
 def device_tag() -> str:
@@ -28,10 +35,5 @@ def device_tag() -> str:
 
 def write_results(out_dir: str | Path, stem: str, result: dict[str, Any], markdown: str) -> None:
     """``<stem>.json`` and ``<stem>.md`` under ``out_dir``, each via a temporary name."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", markdown + "\n")):
-        path = out / f"{stem}{suffix}"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    atomic_write_json(Path(out_dir) / f"{stem}.json", result)
+    atomic_write_text(Path(out_dir) / f"{stem}.md", markdown + "\n")

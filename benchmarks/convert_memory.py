@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as py_platform
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import psutil
 import torch
+
+from common import cpu_name, write_results
 
 QWEN25_15B = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "attention_dropout": 0.0,
@@ -51,16 +52,6 @@ _BASELINE = ("import psutil, probsft_megatron.converters.api, megatron.core.dist
 _RUNNER = ("import resource, sys; from probsft_megatron.cli import main; rc = main(sys.argv[1:]); "
            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
            "file=sys.stderr); sys.exit(rc)")
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return py_platform.processor()
 
 
 def write_random_checkpoint(folder: Path) -> int:
@@ -170,9 +161,6 @@ def main() -> int:
                    "conversion_rss_ratio": round((r["peak_rss"] - baseline) / model_bytes, 3)}
             for name, r in runs.items()},
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "convert_memory.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"Peak host memory of `probsft convert` ({result['model']}; {result['machine']}, "
         f"torch {result['torch']})",
@@ -190,7 +178,7 @@ def main() -> int:
                      f"| {r['peak_rss_ratio']:.2f} "
                      f"| {r['conversion_rss_ratio']:.2f} | {r['peak_tree_pss'] / _MB:.0f} "
                      f"| {r['peak_tree_pss_ratio']:.2f} | {r['seconds']} |")
-    (out / "convert_memory.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "convert_memory", result, "\n".join(lines))
     print("\n".join(lines))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

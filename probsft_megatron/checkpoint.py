@@ -29,6 +29,7 @@ import torch.distributed as dist
 from probsft_megatron import compat
 from probsft_megatron.converters import layout
 from probsft_megatron.errors import CheckpointError
+from probsft_megatron.fileio import atomic_write_json
 from probsft_megatron.model import ModelConfig
 
 STEP_RE = re.compile(r"^step_(\d{7})$")
@@ -64,12 +65,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -124,7 +119,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizer, *,
                                   source={"kind": "training checkpoint", "step": step})
         if hf_template is not None and Path(hf_template).is_dir():
             layout.copy_hf_files(hf_template, staging / layout.HF_DIR)
-        _write_json(staging / "train_state.json", dict(train_state, step=step))
+        atomic_write_json(staging / "train_state.json", dict(train_state, step=step), default=str)
         if os.environ.get(CRASH_ENV) == str(step):
             os._exit(17)
         layout.commit_staging(staging, final)

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from probsft_megatron.fileio import atomic_write_json, atomic_write_text
+
 OBJECTIVES = ("original", "p")
 
 
@@ -33,9 +35,7 @@ def arithmetic_records(n: int, seed: int) -> list[dict[str, str]]:
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 class Stages:
@@ -203,11 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| **total** | **{total:.0f}** |", "",
               "First test example, greedy completion per model:", ""]
     lines += [f"- {name}: `{text.strip()[:80]}`" for name, text in samples.items()]
-    report_md = work / "report.md"
-    tmp = work / "report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, report_md)
-    (work / "report.json").write_text(json.dumps(report, indent=2))
+    report_md = atomic_write_text(work / "report.md", "\n".join(lines) + "\n")
+    atomic_write_json(work / "report.json", report)
     print("\n".join(lines[:12]))
     print(f"\n[demo] finished in {total / 60:.1f} min; report: {report_md}")
     return 0

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from probsft_megatron import platform, runtime
+from probsft_megatron.fileio import atomic_write, atomic_write_json
 from probsft_megatron.errors import CheckpointError, ConfigError, DataError
 from probsft_megatron.loss import LossConfig, ObjectiveLoss
 from probsft_megatron.model import ModelConfig, ParallelConfig
@@ -423,17 +424,10 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
               title=f"{report['placement']['regime']} -> {report['recommendation']['objective']}")
     right.legend(loc="upper left")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def write_outputs(report: dict[str, Any], out_dir: str | os.PathLike) -> Path:
@@ -441,7 +435,7 @@ def write_outputs(report: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_report(report, out / PLOT_FILE)
-    _write_json(out / REPORT_FILE, report)
+    atomic_write_json(out / REPORT_FILE, report)
     return out / REPORT_FILE
 
 
@@ -702,7 +696,7 @@ def resolve_auto_objective(cfg, model_chunks: list | None = None) -> tuple[str, 
         if source != "cache":
             write_outputs(report, cache_dir() / key)
         write_outputs(report, out_dir / "probe")
-        _write_json(choice_file, dict(evidence, report=report))
+        atomic_write_json(choice_file, dict(evidence, report=report))
         print(f"[probsft] loss.objective=auto -> {objective}: {report['placement']['regime']} "
               f"({report['placement']['reason']}; probe {source}, key {key})", file=sys.stderr)
     dist.barrier()

@@ -26,6 +26,7 @@ from probsft_megatron import checkpoint as ckpt
 from probsft_megatron import platform, runtime
 from probsft_megatron.config import TrainJobConfig, load_config
 from probsft_megatron.errors import ConfigError, ProbsftError
+from probsft_megatron.fileio import atomic_write_json
 from probsft_megatron.loss import ObjectiveLoss, step_loss
 from probsft_megatron.model import ModelConfig, transformer_config
 
@@ -230,9 +231,7 @@ def train(cfg: TrainJobConfig) -> dict[str, Any]:
                "objective": str(cfg.loss.objective), "objective_evidence": objective_evidence,
                "checkpoint": str(ckpt.latest_checkpoint(ckpt_root)), "history": history}
     if is_logger:
-        tmp = out_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, out_dir / "summary.json")
+        atomic_write_json(out_dir / "summary.json", summary)
     runtime.shutdown()
     return summary
 

@@ -6,11 +6,11 @@ entry: the test loss sums many terms, so gradients are large) as JSON
 from rank 0. --break-mask drops the mask from the SDPA model only (negative control).
 """
 import argparse
-import json
-import os
 import sys
 
 import torch
+
+from probsft_megatron.fileio import atomic_write_json
 
 
 def main() -> int:
@@ -69,10 +69,7 @@ def main() -> int:
     torch.distributed.all_reduce(diffs, op=torch.distributed.ReduceOp.MAX)
     res["logits"], res["grads"] = diffs.tolist()
     if torch.distributed.get_rank() == 0:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f)
-        os.replace(tmp, args.out)
+        atomic_write_json(args.out, res, indent=None)
     runtime.shutdown()
     return 0
 

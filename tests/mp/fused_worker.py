@@ -23,11 +23,12 @@ must expose.
 """
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
 import torch
+
+from probsft_megatron.fileio import atomic_write_json
 import torch.distributed as dist
 
 OBJECTIVES = ("original,p,GeneralFamily-8,OnlyTopP-0.3,UnlikehoodTop-0.5,OnlyBottomP-K50,"
@@ -252,10 +253,7 @@ def main() -> int:
                 for spec in per_obj:
                     per_obj[spec] = next(r["train"][layout][tie][spec] for r in gathered
                                          if r["train"][layout][tie][spec] is not None)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f)
-        os.replace(tmp, args.out)
+        atomic_write_json(args.out, result, indent=None)
     runtime.shutdown()
     return 0
 

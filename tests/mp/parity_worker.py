@@ -7,12 +7,12 @@ Writes ``{objective: {"loss": [...], "grad_norm": [...], "mean_p": [...], ...}}`
 from the rank that holds the last pipeline stage and DP rank 0.
 """
 import argparse
-import json
-import os
 import sys
 import types
 
 import torch
+
+from probsft_megatron.fileio import atomic_write_json
 
 
 def break_tp_reduction() -> None:
@@ -125,10 +125,7 @@ def main() -> int:
         results[name] = rec
 
     if runtime.is_last_stage() and dp_rank == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"dp": dp, "results": results}, f)
-        os.replace(tmp, args.out)
+        atomic_write_json(args.out, {"dp": dp, "results": results}, indent=None)
     runtime.shutdown()
     return 0
 

@@ -1,0 +1,41 @@
+"""Atomic file writes: every result, report and state file goes through here.
+
+A file is written under a temporary name in its own folder and renamed over the target, so a
+reader (or a resumed run) sees either the old complete file or the new complete one, never a
+half-written file; a failed write removes its temporary file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` for a temporary file next to ``path``, then rename it over
+    ``path`` (the folder is created if needed). Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2,
+                      default: Callable[[Any], Any] | None = None) -> Path:
+    """``data`` as JSON (plus a final newline) to ``path`` atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=indent, default=default) + "\n")
