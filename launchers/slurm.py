@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from probsft_megatron.config import read_yaml_mapping
 from probsft_megatron.errors import ConfigError
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "configs" / "clusters"
@@ -128,12 +128,7 @@ def load_profile(ref: str) -> ClusterProfile:
     if not path.is_file():
         raise ConfigError(f"cluster profile {ref!r} not found (a file, or a name under "
                           f"configs/clusters: {', '.join(list_profiles()) or 'none'})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must contain a YAML mapping of profile fields")
+    data = read_yaml_mapping(path, "cluster profile fields")
     fields = {f.name for f in dataclasses.fields(ClusterProfile)} - {"name"}
     unknown = sorted(set(data) - fields)
     if unknown:

@@ -18,10 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
+from probsft_megatron.config import read_yaml_mapping
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.launchers.experiment import RunRequest
 from probsft_megatron.objectives import parse_objective
@@ -71,16 +69,6 @@ class ThresholdTable:
         return parse_objective(f"{prefix}-{self.percentiles[k]!r}").name
 
 
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must contain a YAML mapping ({what})")
-    return data
-
-
 def _find(ref: str, folder: Path, what: str, names: list[str]) -> Path:
     path = Path(ref)
     if not path.is_file():
@@ -105,7 +93,7 @@ def load_sweep(ref: str, _seen: tuple[str, ...] = ()) -> list[Sweep]:
     path = _find(ref, SWEEP_DIR, "sweep", list_sweeps())
     if path.stem in _seen:
         raise ConfigError(f"sweep {path.stem} includes itself")
-    data = _read_yaml(path, "a sweep")
+    data = read_yaml_mapping(path, "a sweep")
     allowed = {"description", "settings", "objectives", "thresholds", "sweeps"}
     unknown = sorted(set(data) - allowed)
     if unknown:
@@ -131,7 +119,7 @@ def load_sweep(ref: str, _seen: tuple[str, ...] = ()) -> list[Sweep]:
 def load_threshold_table(ref: str) -> ThresholdTable:
     """A table of absolute thresholds by percentile (file or name under thresholds/)."""
     path = _find(ref, THRESHOLD_DIR, "threshold table", list_threshold_tables())
-    data = _read_yaml(path, "a threshold table")
+    data = read_yaml_mapping(path, "a threshold table")
     table = data.get("percentiles")
     if not isinstance(table, dict) or not table:
         raise ConfigError(f"threshold table {path}: 'percentiles' must map percentiles "

@@ -217,15 +217,17 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_mapping(path: Path, what: str = "config sections at the top level") -> dict:
+    """A YAML file whose top level is a mapping (``what`` it should hold names it in the error);
+    unreadable files, invalid YAML and other top levels raise a one-line ConfigError."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must contain a YAML mapping at the top level")
+        raise ConfigError(f"{path} must contain a YAML mapping ({what})")
     return data
 
 
@@ -241,7 +243,7 @@ def load_preset(name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(list_presets())}")
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path)
     data.pop("hf_id", None)  # documentation only
     return data
 
@@ -262,7 +264,7 @@ def load_raw(ref: str, relative_to: Path | None = None, seen: tuple = ()) -> dic
     path = _resolve_recipe_path(ref, relative_to).resolve()
     if path in seen:
         raise ConfigError(f"recipe {path} includes itself through 'base'")
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path)
     base = data.pop("base", None)
     if base is not None:
         data = _deep_merge(load_raw(str(base), path.parent, seen + (path,)), data)

@@ -152,28 +152,28 @@ def two_ranks(subjects) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ logits parity (multi-rank)
+def _assert_logits_match(subjects, runs: dict, name: str, layout: str) -> None:
+    diff = max_abs_diff(subjects[name]["reference"], runs[f"{name}_{layout}"])
+    print(f"{name} {layout.upper()}: max |diff| = {diff:.2e}")
+    assert diff <= TOL
+
+
 @pytest.mark.multirank
 @pytest.mark.parametrize("name", SUBJECTS)
 def test_logits_parity_tp1(subjects, single_rank, name):
-    diff = max_abs_diff(subjects[name]["reference"], single_rank[f"{name}_tp1"])
-    print(f"{name} TP=1: max |diff| = {diff:.2e}")
-    assert diff <= TOL
+    _assert_logits_match(subjects, single_rank, name, "tp1")
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("name", [n for n in SUBJECTS if n != "smollm2"])
 def test_logits_parity_tp2(subjects, two_ranks, name):
-    diff = max_abs_diff(subjects[name]["reference"], two_ranks[f"{name}_tp2"])
-    print(f"{name} TP=2: max |diff| = {diff:.2e}")
-    assert diff <= TOL
+    _assert_logits_match(subjects, two_ranks, name, "tp2")
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("name", SUBJECTS)
 def test_logits_parity_pp2(subjects, two_ranks, name):
-    diff = max_abs_diff(subjects[name]["reference"], two_ranks[f"{name}_pp2"])
-    print(f"{name} PP=2: max |diff| = {diff:.2e}")
-    assert diff <= TOL
+    _assert_logits_match(subjects, two_ranks, name, "pp2")
 
 
 @pytest.mark.multirank
