@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 
+from probsft_megatron import resources
 from probsft_megatron.config import read_yaml_mapping
 from probsft_megatron.errors import ConfigError
 
-CLUSTER_DIR = Path(__file__).resolve().parent.parent / "configs" / "clusters"
 
 #: Step kinds that get their own SLURM job; ``train`` spans all nodes under torchrun.
 STEP_KINDS = ("convert", "train", "export", "eval")
@@ -117,14 +117,14 @@ class ClusterProfile:
 
 def list_profiles() -> list[str]:
     """Names of the profiles shipped in ``configs/clusters``."""
-    return sorted(p.stem for p in CLUSTER_DIR.glob("*.yaml"))
+    return resources.names("clusters")
 
 
 def load_profile(ref: str) -> ClusterProfile:
     """Load a profile by file path or by name under ``configs/clusters``."""
     path = Path(ref)
     if not path.is_file():
-        path = CLUSTER_DIR / f"{ref}.yaml"
+        path = resources.find("clusters", ref) or path
     if not path.is_file():
         raise ConfigError(f"cluster profile {ref!r} not found (a file, or a name under "
                           f"configs/clusters: {', '.join(list_profiles()) or 'none'})")

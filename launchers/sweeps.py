@@ -19,13 +19,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from probsft_megatron import resources
 from probsft_megatron.config import read_yaml_mapping
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.launchers.experiment import RunRequest
 from probsft_megatron.objectives import parse_objective
 
-SWEEP_DIR = Path(__file__).resolve().parent.parent / "configs" / "sweeps"
-THRESHOLD_DIR = SWEEP_DIR / "thresholds"
 
 
 @dataclass
@@ -69,10 +68,10 @@ class ThresholdTable:
         return parse_objective(f"{prefix}-{self.percentiles[k]!r}").name
 
 
-def _find(ref: str, folder: Path, what: str, names: list[str]) -> Path:
+def _find(ref: str, kind: str, what: str, names: list[str]) -> Path:
     path = Path(ref)
     if not path.is_file():
-        path = folder / f"{ref}.yaml"
+        path = resources.find(kind, ref) or path
     if not path.is_file():
         raise ConfigError(f"{what} {ref!r} not found (a file, or one of: {', '.join(names)})")
     return path
@@ -80,17 +79,17 @@ def _find(ref: str, folder: Path, what: str, names: list[str]) -> Path:
 
 def list_sweeps() -> list[str]:
     """Names of the sweeps shipped in ``configs/sweeps``."""
-    return sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+    return resources.names("sweeps")
 
 
 def list_threshold_tables() -> list[str]:
     """Names of the threshold tables shipped in ``configs/sweeps/thresholds``."""
-    return sorted(p.stem for p in THRESHOLD_DIR.glob("*.yaml"))
+    return resources.names("sweeps/thresholds")
 
 
 def load_sweep(ref: str, _seen: tuple[str, ...] = ()) -> list[Sweep]:
     """The sweep(s) of a file or name; a combining file returns each part in order."""
-    path = _find(ref, SWEEP_DIR, "sweep", list_sweeps())
+    path = _find(ref, "sweeps", "sweep", list_sweeps())
     if path.stem in _seen:
         raise ConfigError(f"sweep {path.stem} includes itself")
     data = read_yaml_mapping(path, "a sweep")
@@ -118,7 +117,7 @@ def load_sweep(ref: str, _seen: tuple[str, ...] = ()) -> list[Sweep]:
 
 def load_threshold_table(ref: str) -> ThresholdTable:
     """A table of absolute thresholds by percentile (file or name under thresholds/)."""
-    path = _find(ref, THRESHOLD_DIR, "threshold table", list_threshold_tables())
+    path = _find(ref, "sweeps/thresholds", "threshold table", list_threshold_tables())
     data = read_yaml_mapping(path, "a threshold table")
     table = data.get("percentiles")
     if not isinstance(table, dict) or not table:

@@ -24,13 +24,10 @@ import yaml
 from probsft_megatron.data import DataConfig
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.loss import LossConfig
-from probsft_megatron import compat
+from probsft_megatron import compat, resources
 from probsft_megatron.attention import ATTENTION_IMPLS
 from probsft_megatron.model import ModelConfig, ParallelConfig
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-PRESET_DIR = REPO_CONFIGS / "models"
-RECIPE_DIR = REPO_CONFIGS / "recipes"
 
 
 @dataclass
@@ -232,16 +229,16 @@ def read_yaml_mapping(path: Path, what: str = "config sections at the top level"
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return resources.names("models")
 
 
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+    return resources.names("recipes")
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    path = PRESET_DIR / f"{name}.yaml"
-    if not path.exists():
+    path = resources.find("models", name)
+    if path is None:
         raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(list_presets())}")
     data = read_yaml_mapping(path)
     data.pop("hf_id", None)  # documentation only
@@ -252,12 +249,15 @@ def _resolve_recipe_path(ref: str, relative_to: Path | None) -> Path:
     candidates = [Path(ref)]
     if relative_to is not None:
         candidates.append(relative_to / ref)
-    candidates.append(RECIPE_DIR / f"{ref}.yaml")
     for c in candidates:
         if c.is_file():
             return c
-    raise ConfigError(f"config {ref!r} not found (looked for a file and for recipe "
-                      f"configs/recipes/{ref}.yaml; recipes: {', '.join(list_recipes())})")
+    shipped = resources.find("recipes", ref)
+    if shipped is not None:
+        return shipped
+    raise ConfigError(f"config {ref!r} not found (looked for a file and for a recipe named "
+                      f"{ref!r} in {resources.describe_search('recipes')}; recipes: "
+                      f"{', '.join(list_recipes())})")
 
 
 def load_raw(ref: str, relative_to: Path | None = None, seen: tuple = ()) -> dict:
