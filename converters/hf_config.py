@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from probsft_megatron.errors import CheckpointError
-from probsft_megatron.model import ModelConfig
+from probsft_megatron.config import ModelConfig
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 """HF architecture class -> ``ModelConfig.arch`` (also the HF ``model_type``)."""

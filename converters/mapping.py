@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from probsft_megatron.model import ModelConfig
+from probsft_megatron.config import ModelConfig
 
 IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
 """HF tensors that are derived buffers, not weights (older checkpoints saved them)."""

@@ -1,24 +1,28 @@
 """The Megatron side of conversion: one process, TP=1/PP=1, torch_dist checkpoints.
 
-Every megatron-core call the converters make lives here. The conversion model is built
-with ``perform_initialization=False``: its parameters are allocated but never written
-before the checkpoint's values are copied in, so untouched pages cost no host memory and
-the model is held once.
+Every megatron operation the converters need goes through here, and from here through the
+megatron layer (:mod:`probsft_megatron.model` builds the model,
+:mod:`probsft_megatron.compat` holds the megatron calls). The conversion model is built with
+``perform_initialization=False``: its parameters are allocated but never written before the
+checkpoint's values are copied in, so untouched pages cost no host memory and the model is
+held once.
 """
+
 from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
 from probsft_megatron import compat, platform
+from probsft_megatron.config import ModelConfig, ParallelConfig
 from probsft_megatron.errors import CheckpointError
-from probsft_megatron.model import ModelConfig, ParallelConfig, build_gpt_model, transformer_config
+from probsft_megatron.model import build_gpt_model, transformer_config
 
 
 @contextmanager
@@ -30,8 +34,6 @@ def single_process_group() -> Iterator[None]:
     Raises:
         CheckpointError: the process belongs to a multi-process job or another layout.
     """
-    from megatron.core import parallel_state
-
     was_active = platform.is_active()
     platform.activate()
     own_dist = not dist.is_initialized()
@@ -42,13 +44,15 @@ def single_process_group() -> Iterator[None]:
         if dist.get_world_size() != 1:
             raise CheckpointError(
                 f"checkpoint conversion runs in a single process, not inside a "
-                f"{dist.get_world_size()}-process job; convert before launching the job")
-        if parallel_state.model_parallel_is_initialized():
-            layout = (parallel_state.get_tensor_model_parallel_world_size(),
-                      parallel_state.get_pipeline_model_parallel_world_size())
-            if layout != (1, 1):
-                raise CheckpointError(f"checkpoint conversion needs TP=1/PP=1 groups, this "
-                                      f"process has TP={layout[0]}/PP={layout[1]}")
+                f"{dist.get_world_size()}-process job; convert before launching the job"
+            )
+        if compat.model_parallel_is_initialized():
+            layout = compat.layout()
+            if (layout.tp, layout.pp) != (1, 1):
+                raise CheckpointError(
+                    f"checkpoint conversion needs TP=1/PP=1 groups, this "
+                    f"process has TP={layout.tp}/PP={layout.pp}"
+                )
         else:
             compat.initialize_model_parallel(1, 1)
             own_groups = True
@@ -64,26 +68,22 @@ def single_process_group() -> Iterator[None]:
 
 def build_model(model: ModelConfig, dtype: torch.dtype):
     """The whole model (TP=1/PP=1) in ``dtype`` with uninitialized parameters on the CPU."""
-    config = transformer_config(model, ParallelConfig(), params_dtype=dtype,
-                                perform_initialization=False, use_cpu_initialization=True,
-                                fp16=dtype == torch.float16)
+    config = transformer_config(
+        model,
+        ParallelConfig(),
+        params_dtype=dtype,
+        perform_initialization=False,
+        use_cpu_initialization=True,
+        fp16=dtype == torch.float16,
+    )
     return build_gpt_model(model, config, pre_process=True, post_process=True)
 
 
 def parameters(gpt) -> dict[str, torch.Tensor]:
     """The model's parameters by state-dict name (tied output weights appear once)."""
-    return {name: p for name, p in gpt.state_dict(keep_vars=True).items()
-            if isinstance(p, torch.Tensor)}
-
-
-def _sharded_tensors(gpt) -> tuple[dict, list]:
-    """The model's sharded state dict with factories applied, and its ShardedTensors."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
-    sd = gpt.sharded_state_dict()
-    apply_factories(sd)
-    return sd, [x for x in nested_values(sd) if isinstance(x, ShardedTensor)]
+    return {
+        name: p for name, p in gpt.state_dict(keep_vars=True).items() if isinstance(p, torch.Tensor)
+    }
 
 
 def _is_partial_view(t: torch.Tensor) -> bool:
@@ -97,9 +97,7 @@ def save_weights(gpt, weights_dir: str | os.PathLike) -> None:
     gate and up halves of ``linear_fc1``). To keep one copy of the model in memory, those
     views are materialized one parameter at a time and the parameter's storage is released.
     """
-    from megatron.core import dist_checkpointing
-
-    sd, tensors = _sharded_tensors(gpt)
+    sd, tensors = compat.sharded_tensors(gpt)
     by_storage = {p.untyped_storage().data_ptr(): p for p in gpt.parameters()}
     partial_views = defaultdict(list)
     for sh in tensors:
@@ -111,7 +109,7 @@ def save_weights(gpt, weights_dir: str | os.PathLike) -> None:
         param = by_storage[ptr]
         param.data = torch.empty(0, dtype=param.dtype)
     Path(weights_dir).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(sd, str(weights_dir))
+    compat.dist_save(sd, str(weights_dir))
 
 
 def load_weights(gpt, weights_dir: str | os.PathLike) -> None:
@@ -120,20 +118,10 @@ def load_weights(gpt, weights_dir: str | os.PathLike) -> None:
     Raises:
         CheckpointError: the checkpoint does not fit the model (names or shapes).
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-
-    sd, _ = _sharded_tensors(gpt)
-    try:
-        dist_checkpointing.load(sd, str(weights_dir))
-    except CheckpointingException as exc:
-        raise CheckpointError(f"{weights_dir} does not fit the model described by its "
-                              f"model_config.json: {str(exc).splitlines()[0]}") from None
+    sd, _ = compat.sharded_tensors(gpt)
+    compat.dist_load(sd, str(weights_dir))
 
 
 def checkpoint_dtype(weights_dir: str | os.PathLike) -> torch.dtype:
     """The dtype of the word embedding stored in a torch_dist checkpoint."""
-    from megatron.core import dist_checkpointing
-
-    meta = dist_checkpointing.load_tensors_metadata(str(weights_dir))
-    return meta["embedding.word_embeddings.weight"].dtype
+    return compat.checkpoint_tensor_dtype(str(weights_dir), "embedding.word_embeddings.weight")

@@ -83,7 +83,7 @@ def qwen_tokenizer(out_dir: str | os.PathLike | None = None) -> Path:
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     from probsft_megatron.converters.layout import staged
-    from probsft_megatron.eval.models import default_cache_dir
+    from probsft_megatron.embedded import default_cache_dir
 
     out = Path(out_dir) if out_dir is not None else default_cache_dir() / "qwen-tokenizer-hf"
     if (out / "tokenizer.json").is_file():

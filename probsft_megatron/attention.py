@@ -13,16 +13,16 @@ True = masked, e.g. the block-diagonal causal mask of packed sequences. Returns 
 ``[sq, b, np * hn]``. Attention dropout uses megatron's model-parallel RNG tracker, like the
 local implementation.
 """
+
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Optional
 
 import torch.nn.functional as F
 from torch import Tensor
 
-ATTENTION_IMPLS = ("auto", "sdpa", "local", "te")
+from probsft_megatron.config import ATTENTION_IMPLS  # noqa: F401  (re-exported)
 
 
 def _base():
@@ -34,41 +34,64 @@ def _base():
 class SDPAttention(_base()):
     """Drop-in for megatron's ``DotProductAttention`` built on PyTorch SDPA."""
 
-    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None) -> None:
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ) -> None:
         super().__init__(config=config)
-        from megatron.core import parallel_state
-
         if config.context_parallel_size != 1:
             raise ValueError("SDPAttention does not support context parallelism")
-        tp = parallel_state.get_tensor_model_parallel_world_size()
+        from probsft_megatron import compat
+
+        tp = compat.layout().tp
         self.heads = config.num_attention_heads // tp
         self.groups = config.num_query_groups // tp
         self.head_dim = config.kv_channels
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor,
-                attention_mask: Optional[Tensor], attn_mask_type=None,
-                attention_bias: Optional[Tensor] = None, packed_seq_params=None) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type=None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params=None,
+    ) -> Tensor:
         if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention takes packing as an attention mask, not "
-                             "packed_seq_params/attention_bias")
+            raise ValueError(
+                "SDPAttention takes packing as an attention mask, not "
+                "packed_seq_params/attention_bias"
+            )
         sq, b = query.shape[0], query.shape[1]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         mask = None if attention_mask is None else ~attention_mask  # SDPA: True = attend
         dropout = self.dropout if self.training else 0.0
         rng = nullcontext()
         if dropout > 0.0:
-            from megatron.core import tensor_parallel
+            from probsft_megatron import compat
 
-            rng = tensor_parallel.get_cuda_rng_tracker().fork()
+            rng = compat.model_parallel_rng()
         with rng:
             context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout,
-                is_causal=mask is None and sq > 1, scale=self.scale,
-                enable_gqa=self.heads != self.groups)
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=mask is None and sq > 1,
+                scale=self.scale,
+                enable_gqa=self.heads != self.groups,
+            )
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):

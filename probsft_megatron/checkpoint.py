@@ -1,6 +1,6 @@
 """Training checkpoints: torch_dist model + optimizer, training state, RNG; atomic; keep last K.
 
-A checkpoint is a Megatron model dir (:mod:`probsft_megatron.converters.layout`:
+A checkpoint is a Megatron model dir (:mod:`probsft_megatron.model_dir`:
 ``model_config.json``, ``weights/`` in torch_dist format, ``hf/`` export template) plus what
 resuming needs::
 
@@ -14,6 +14,7 @@ so a crash mid-write leaves the previous checkpoint as the newest complete one. 
 weights reshard on load (export or fine-tune at any TP/PP); the distributed optimizer's state
 resumes at the same TP/PP with any DP size (see :func:`compat.optimizer_sharded_state_dict`).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,10 @@ import torch
 import torch.distributed as dist
 
 from probsft_megatron import compat
-from probsft_megatron.converters import layout
+from probsft_megatron import model_dir as layout
+from probsft_megatron.config import ModelConfig
 from probsft_megatron.errors import CheckpointError
 from probsft_megatron.fileio import atomic_write_json
-from probsft_megatron.model import ModelConfig
 
 STEP_RE = re.compile(r"^step_(\d{7})$")
 CRASH_ENV = "PROBSFT_TEST_CRASH_BEFORE_RENAME"  # tests: die after writing, before the rename
@@ -68,35 +69,41 @@ def _barrier() -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    from megatron.core import tensor_parallel
-
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "tracker": compat.rng_tracker_states(),
     }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    compat.set_rng_tracker_states(state["tracker"])
 
 
 def _sharded_state(model, optimizer, *, is_loading: bool) -> dict[str, Any]:
     state = {"model": model.sharded_state_dict()}
     if optimizer is not None:
         state["optimizer"] = compat.optimizer_sharded_state_dict(
-            optimizer, state["model"], is_loading=is_loading)
+            optimizer, state["model"], is_loading=is_loading
+        )
     return state
 
 
-def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizer, *,
-                    model_config: ModelConfig, dtype: str, train_state: dict[str, Any],
-                    hf_template: str | Path | None = None, keep_last: int = 2) -> Path:
+def save_checkpoint(
+    ckpt_root: str | Path,
+    step: int,
+    model,
+    optimizer,
+    *,
+    model_config: ModelConfig,
+    dtype: str,
+    train_state: dict[str, Any],
+    hf_template: str | Path | None = None,
+    keep_last: int = 2,
+) -> Path:
     """Write checkpoint ``step`` atomically (collective: every rank must call it).
 
     ``model`` is this rank's (unwrapped) GPT model chunk. Returns the final directory.
@@ -110,13 +117,15 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizer, *,
         (staging / "rng").mkdir()
         (staging / layout.WEIGHTS_DIR).mkdir()
     _barrier()
-    compat.dist_save(_sharded_state(model, optimizer, is_loading=False),
-                     str(staging / layout.WEIGHTS_DIR))
+    compat.dist_save(
+        _sharded_state(model, optimizer, is_loading=False), str(staging / layout.WEIGHTS_DIR)
+    )
     torch.save(_rng_state(), staging / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
-        layout.write_model_config(staging, model_config, dtype=dtype,
-                                  source={"kind": "training checkpoint", "step": step})
+        layout.write_model_config(
+            staging, model_config, dtype=dtype, source={"kind": "training checkpoint", "step": step}
+        )
         if hf_template is not None and Path(hf_template).is_dir():
             layout.copy_hf_files(hf_template, staging / layout.HF_DIR)
         atomic_write_json(staging / "train_state.json", dict(train_state, step=step), default=str)
@@ -134,10 +143,13 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
     path = Path(path)
     state_file = path / "train_state.json"
     if not state_file.is_file():
-        raise CheckpointError(f"{path} is not a complete training checkpoint "
-                              "(no train_state.json); point to a step_NNNNNNN folder")
-    loaded = compat.dist_load(_sharded_state(model, optimizer, is_loading=True),
-                              str(path / "weights"))
+        raise CheckpointError(
+            f"{path} is not a complete training checkpoint "
+            "(no train_state.json); point to a step_NNNNNNN folder"
+        )
+    loaded = compat.dist_load(
+        _sharded_state(model, optimizer, is_loading=True), str(path / "weights")
+    )
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
         with torch.no_grad():  # megatron copies into leaf parameters in place

@@ -2,8 +2,11 @@
 
 Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``;
 the heavy imports (megatron, vllm, nemo_run) happen only inside the chosen module,
-so ``probsft objectives`` stays instant.
+so ``probsft objectives`` stays instant. ``-v`` / ``--verbose`` (before or after the
+subcommand) turns on debug logging, megatron's own warnings included
+(:mod:`probsft_megatron.console`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,11 +25,18 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+VERBOSE_HELP = "debug logging, including megatron's own warnings (also PROBSFT_LOG_LEVEL)"
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="probsft", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument(
+            "-v", "--verbose", action="count", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
         if only is None or name == only:
             try:
                 module = importlib.import_module(module_name)
@@ -51,13 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    from probsft_megatron.errors import ProbsftError
+    from probsft_megatron.console import run_main
 
-    try:
-        return int(args._run(args) or 0)
-    except ProbsftError as exc:  # a user's mistake: one line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(lambda: args._run(args), getattr(args, "verbose", 0))
 
 
 if __name__ == "__main__":

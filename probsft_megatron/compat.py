@@ -1,33 +1,27 @@
-"""Every megatron-core call whose signature or location differs between versions.
+"""The megatron-core seam: every megatron call that is not model building.
 
-Developed against megatron-core 0.16.1 (the newest for Python 3.11, used on CPU and in CI);
-GPU clusters run 0.19+ in NGC containers. Code elsewhere calls these wrappers instead of
-reaching into megatron directly, so a version bump is a change to this file only.
+Process groups and ranks, RNG, the pipeline schedule, DDP and the optimizer, tensor-parallel
+region functions, distributed checkpointing. Developed against megatron-core 0.16.1 (the
+newest for Python 3.11, used on CPU and in CI); GPU clusters run newer releases in NGC
+containers. Code elsewhere calls these wrappers instead of reaching into megatron, so a
+version bump is a change to this file (and to the modules that subclass megatron's classes:
+:mod:`~probsft_megatron.model`, :mod:`~probsft_megatron.attention`,
+:mod:`~probsft_megatron.fused_head`). ``tests/test_architecture.py`` enforces that no other
+module imports megatron.
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from probsft_megatron import platform
-
-
-def megatron_version() -> str:
-    import megatron.core
-
-    return getattr(megatron.core, "__version__", "unknown")
-
-
-def te_available() -> bool:
-    """Whether Transformer Engine imports (never installed on CPU machines: its CPU wheel
-    raises RuntimeError on import, which is caught here too)."""
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # ImportError, or the CPU wheel's RuntimeError
-        return False
-    return True
+from probsft_megatron.errors import CheckpointError
+from probsft_megatron.hardware import te_available  # noqa: F401  (re-exported)
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -35,6 +29,9 @@ def _accepts(fn: Callable, name: str) -> bool:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+# -- process groups ----------------------------------------------------------------------------
 
 
 def initialize_model_parallel(tp: int, pp: int) -> None:
@@ -49,6 +46,73 @@ def destroy_model_parallel() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+
+
+def model_parallel_is_initialized() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.model_parallel_is_initialized()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This rank's place in megatron's groups: sizes and ranks of TP, PP and DP."""
+
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def layout() -> Layout:
+    """Sizes and ranks of this process in the current model-parallel groups."""
+    from megatron.core import parallel_state as ps
+
+    return Layout(
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def is_pipeline_last_stage() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.is_pipeline_last_stage()
+
+
+def is_pipeline_first_stage() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.is_pipeline_first_stage()
+
+
+def data_parallel_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def tensor_parallel_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+# -- RNG ---------------------------------------------------------------------------------------
 
 
 def seed_model_parallel(seed: int) -> None:
@@ -68,15 +132,62 @@ def seed_model_parallel(seed: int) -> None:
     fn(seed, **kwargs)
 
 
+def model_parallel_rng():
+    """Context manager: draw from megatron's model-parallel RNG stream (e.g. for dropout)."""
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.get_cuda_rng_tracker().fork()
+
+
+def rng_tracker_states() -> dict:
+    """The model-parallel RNG tracker's states (saved with a training checkpoint)."""
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.get_cuda_rng_tracker().get_states()
+
+
+def set_rng_tracker_states(states: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.get_cuda_rng_tracker().set_states(states)
+
+
+# -- tensor-parallel regions (what megatron's ColumnParallelLinear does to its input) ----------
+
+
+def copy_to_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward, all-reduce of the gradient over ``group`` backward."""
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    return copy_to_tensor_model_parallel_region(x, group=group)
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """All-gather along the first dimension forward, reduce-scatter of the gradient backward."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region as gather
+
+    return gather(x, group=group)
+
+
+# -- the step: schedule, DDP, optimizer ---------------------------------------------------------
+
+
 def get_forward_backward_func() -> Callable:
     from megatron.core.pipeline_parallel import get_forward_backward_func as _get
 
     return _get()
 
 
-def wrap_ddp(model: torch.nn.Module, config, *, use_distributed_optimizer: bool,
-             grad_reduce_in_fp32: bool = True, bucket_size: int | None = None):
-    """megatron DDP around one model chunk (contiguous grad buffers, DP grad reduction)."""
+def wrap_ddp(
+    model: torch.nn.Module,
+    config,
+    *,
+    use_distributed_optimizer: bool,
+    grad_reduce_in_fp32: bool = True,
+    bucket_size: int | None = None,
+):
+    """megatron DDP around one model chunk (contiguous grad buffers, DP grad reduction);
+    ``grad_reduce_in_fp32``: float32 gradient buffers and reduction for bf16 parameters."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
@@ -90,21 +201,21 @@ def wrap_ddp(model: torch.nn.Module, config, *, use_distributed_optimizer: bool,
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
 
 
-def build_optimizer(model_chunks: list, *, lr: float, min_lr: float = 0.0, weight_decay: float,
-                    adam_beta1: float, adam_beta2: float, adam_eps: float, clip_grad: float,
-                    use_distributed_optimizer: bool, bf16: bool):
-    """megatron's Adam(W) optimizer (plain or distributed) with built-in grad clipping."""
+def build_optimizer(model_chunks: list, optim, *, use_distributed_optimizer: bool, bf16: bool):
+    """megatron's Adam(W) optimizer (plain or distributed) with built-in grad clipping, from
+    an :class:`~probsft_megatron.config.OptimConfig` (its learning rate is the start value;
+    the training loop sets the scheduled rate every step)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     cfg = OptimizerConfig(
         optimizer="adam",
-        lr=lr,
-        min_lr=min_lr,
-        weight_decay=weight_decay,
-        adam_beta1=adam_beta1,
-        adam_beta2=adam_beta2,
-        adam_eps=adam_eps,
-        clip_grad=clip_grad,
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=use_distributed_optimizer,
@@ -116,18 +227,6 @@ def finalize_model_grads_func() -> Callable:
     from megatron.core.distributed import finalize_model_grads
 
     return finalize_model_grads
-
-
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    from megatron.core import tensor_parallel
-
-    return tensor_parallel.vocab_parallel_cross_entropy(logits, target)
-
-
-def model_config_of(model: Any):
-    from megatron.core.utils import get_model_config
-
-    return get_model_config(model)
 
 
 def _materialize_optimizer_state(optimizer) -> None:
@@ -168,8 +267,13 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, *, is_load
     if is_loading:
         _materialize_optimizer_state(optimizer)
     return optimizer.sharded_state_dict(
-        model_sharded_state_dict, is_loading=is_loading,
-        metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+        model_sharded_state_dict,
+        is_loading=is_loading,
+        metadata={"distrib_optim_sharding_type": "dp_reshardable"},
+    )
+
+
+# -- distributed checkpointing -----------------------------------------------------------------
 
 
 def dist_save(sharded_state_dict, ckpt_dir: str) -> None:
@@ -179,6 +283,31 @@ def dist_save(sharded_state_dict, ckpt_dir: str) -> None:
 
 
 def dist_load(sharded_state_dict, ckpt_dir: str):
+    """Load a torch_dist checkpoint into ``sharded_state_dict``'s layout; a checkpoint that
+    does not fit (names or shapes) is a one-line CheckpointError."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    try:
+        return dist_checkpointing.load(sharded_state_dict, ckpt_dir)
+    except CheckpointingException as exc:
+        raise CheckpointError(
+            f"{ckpt_dir} does not fit the model: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def sharded_tensors(model) -> tuple[dict, list]:
+    """A model's sharded state dict with factories applied, and its ShardedTensors."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sd = model.sharded_state_dict()
+    apply_factories(sd)
+    return sd, [x for x in nested_values(sd) if isinstance(x, ShardedTensor)]
+
+
+def checkpoint_tensor_dtype(ckpt_dir: str, key: str) -> torch.dtype:
+    """The dtype of tensor ``key`` stored in a torch_dist checkpoint (metadata only)."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load(sharded_state_dict, ckpt_dir)
+    return dist_checkpointing.load_tensors_metadata(ckpt_dir)[key].dtype

@@ -1,38 +1,337 @@
-"""Typed training configuration: YAML recipes + dotted command-line overrides.
+"""The training configuration: every section, its one validation, and the resolved job.
 
 A recipe is a YAML mapping whose sections mirror :class:`TrainJobConfig`; ``model`` may be a
 preset name (``configs/models/<name>.yaml``) or a mapping of :class:`ModelConfig` fields, and
 a recipe may start from another with ``base: <recipe name or path>``. Overrides are
 ``section.key=value`` strings (``optim.lr=4e-5``, ``loss.objective=GeneralFamily-8``).
 
-Everything is checked here, before any process group starts: unknown keys (with the valid
-ones listed), wrong types, and impossible layouts (TP*PP not dividing the world size, micro
-batch not dividing the global batch, heads or vocabulary not divisible by TP).
+Three steps, each once:
+
+1. **load** (:func:`load_config`): YAML + overrides -> frozen section dataclasses; each value is
+   type-checked and range-checked where it is read (``__post_init__``), so a bad key or value
+   fails with one line naming it.
+2. **validate** (:func:`validate`): the combinations, for a given world size: TP*PP dividing the
+   world size, the micro batch dividing the global batch, heads/vocabulary divisible by TP,
+   recomputation layers per stage, the objective's spelling, data sources. Cheap: no process
+   group, tokenizer, model or data file is touched.
+3. **resolve** (:func:`probsft_megatron.job.resolve_job`): validate, then decide what a run
+   derives from the config (the checkpoint's model, DP size, dtype, attention, objective,
+   tokenizer, paths) into a frozen :class:`~probsft_megatron.job.Job`, which training reads.
+   ``probsft train --dry-run`` and the real run both start with it. It lives in its own
+   module because it reads a converted checkpoint's ``model_config.json``
+   (:mod:`probsft_megatron.model_dir`, which itself needs :class:`ModelConfig`).
+
+Sections are frozen: code that needs a variant builds one with :func:`dataclasses.replace`.
+This module imports neither megatron nor torch at import time (``probsft objectives`` and
+``--dry-run`` stay instant). YAML reading and type coercion live in
+:mod:`probsft_megatron.typed_yaml`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from probsft_megatron.data import DataConfig
+from probsft_megatron import hardware, resources
 from probsft_megatron.errors import ConfigError
-from probsft_megatron.loss import LossConfig
-from probsft_megatron import compat, resources
-from probsft_megatron.attention import ATTENTION_IMPLS
-from probsft_megatron.model import ModelConfig, ParallelConfig
+from probsft_megatron.typed_yaml import apply_override, deep_merge, from_mapping, read_yaml_mapping
+
+__all__ = [
+    "DataConfig",
+    "InitConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "TrainJobConfig",
+    "apply_override",
+    "build_config",
+    "list_presets",
+    "list_recipes",
+    "load_config",
+    "load_preset",
+    "load_raw",
+    "read_yaml_mapping",
+    "resolve_attention",
+    "resolve_precision",
+    "validate",
+    "validate_layout",
+    "world_size_from_env",
+]
+
+ARCHITECTURES = ("llama", "qwen2")
+ATTENTION_IMPLS = ("auto", "sdpa", "local", "te")
+PRECISIONS = {"bf16": "bfloat16", "fp32": "float32"}
+"""``train.precision`` -> parameter dtype name (``auto``: bf16 with CUDA, fp32 on the CPU)."""
+NORMALIZATIONS = ("kept", "response")
+IMPLEMENTATIONS = ("unfused", "fused")
+PERCENTILE_SCOPES = ("global", "micro")
+RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+SCHEDULES = ("cosine", "constant")
+SOURCES = ("file", "figfont")
+FORMATS = ("auto", "jsonl", "parquet", "numina", "m23k")
+TRUNCATIONS = ("right", "error")
 
 
+def _one_of(key: str, value: Any, allowed, hint: str = "") -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is invalid; use one of {', '.join(allowed)}{hint}")
 
-@dataclass
+
+# -- sections ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer in Hugging Face terms.
+
+    ``arch`` selects the family: ``qwen2`` (q/k/v bias) or ``llama`` (no biases; Llama-3 rope
+    scaling when ``rope_scaling_factor`` is set). ``head_dim`` defaults to hidden/heads.
+    """
+
+    arch: str = "llama"
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    head_dim: int | None = None
+    vocab_size: int = 256
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool | None = None  # None: the family's default (qwen2: True, llama: False)
+    rope_scaling_factor: float | None = None  # Llama-3 "llama3" rope scaling factor
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(
+                f"model.arch={self.arch!r} is not supported; use one of {', '.join(ARCHITECTURES)}"
+            )
+        if self.qkv_bias is None:
+            object.__setattr__(self, "qkv_bias", self.arch == "qwen2")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"model.hidden_size={self.hidden_size} is not divisible by "
+                    f"model.num_attention_heads={self.num_attention_heads}; set model.head_dim"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"model.num_query_groups={self.num_query_groups}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown model config key(s) {unknown}; valid keys are {sorted(known)}"
+            )
+        return cls(**d)
+
+    def num_parameters(self) -> int:
+        """Parameter count of the unsharded model (for FLOPs and reporting)."""
+        h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_query_groups * self.head_dim
+        attn = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if self.qkv_bias else 0)
+        mlp = 3 * h * f
+        per_layer = attn + mlp + 2 * h
+        emb = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + emb + h
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is split and what it recomputes.
+
+    ``tensor_model_parallel_size`` (TP), ``pipeline_model_parallel_size`` (PP),
+    ``sequence_parallel`` (SP, needs TP > 1); the rest of the world is data parallel (DP).
+    Activation recomputation, passed to megatron's ``TransformerConfig``:
+    ``recompute_granularity`` ``none`` | ``selective`` (core attention is recomputed in the
+    backward) | ``full`` (whole transformer layers); with ``full``, ``recompute_method``
+    ``uniform`` (checkpoint groups of ``recompute_num_layers`` layers) or ``block`` (recompute
+    the first ``recompute_num_layers`` layers of each pipeline stage).
+    """
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    recompute_granularity: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+
+    def __post_init__(self) -> None:
+        _one_of(
+            "parallel.recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES
+        )
+        _one_of("parallel.recompute_method", self.recompute_method, RECOMPUTE_METHODS)
+        if self.recompute_num_layers < 1:
+            raise ConfigError(
+                f"parallel.recompute_num_layers must be >= 1 (got {self.recompute_num_layers})"
+            )
+
+    def validate(self, world_size: int, model: ModelConfig | None = None) -> int:
+        """Check the layout against the world size and model; returns the DP size
+        (:func:`validate_layout`)."""
+        return validate_layout(self, world_size, model)
+
+    def megatron_recompute(self) -> dict[str, Any]:
+        """The ``TransformerConfig`` recompute options (empty without recomputation)."""
+        if self.recompute_granularity == "none":
+            return {}
+        if self.recompute_granularity == "selective":
+            return {"recompute_granularity": "selective"}
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": self.recompute_method,
+            "recompute_num_layers": self.recompute_num_layers,
+        }
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """``objective``: a name or dict (see :mod:`probsft_megatron.objectives`) or ``auto``;
+    ``normalization``: ``kept`` | ``response``; ``implementation``: ``unfused`` (megatron's
+    output layer + vocab-parallel CE) or ``fused`` (chunked linear + CE that never holds the
+    full logits); ``chunk_size``: tokens per chunk of the fused path (its logits workspace is
+    ``chunk_size x V/TP`` floats, see :mod:`probsft_megatron.fused_loss`); ``percentile_scope``:
+    where percentile thresholds are taken, ``global`` (the whole global batch, exact and
+    layout-independent, one extra forward per step) or ``micro`` (each micro-batch's tokens
+    on all DP ranks, no extra forward; depends on the micro-batch split)."""
+
+    objective: Any = "original"
+    normalization: str = "kept"
+    implementation: str = "unfused"
+    chunk_size: int = 512
+    percentile_scope: str = "global"
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.chunk_size, bool)
+            or not isinstance(self.chunk_size, int)
+            or self.chunk_size < 1
+        ):
+            raise ConfigError(
+                f"loss.chunk_size={self.chunk_size!r} is invalid; use a positive number of tokens "
+                "per chunk of the fused loss (e.g. 512)"
+            )
+        _one_of(
+            "loss.percentile_scope",
+            self.percentile_scope,
+            PERCENTILE_SCOPES,
+            " ('global': exact over the global batch, 'micro': per micro-batch, no extra forward)",
+        )
+        _one_of("loss.implementation", self.implementation, IMPLEMENTATIONS)
+        _one_of(
+            "loss.normalization",
+            self.normalization,
+            NORMALIZATIONS,
+            " ('kept': divide by the tokens the objective keeps, the paper's default; "
+            "'response': all response tokens)",
+        )
+
+    @property
+    def is_auto(self) -> bool:
+        """Whether the objective is ``auto`` (chosen by the probe when training starts)."""
+        return isinstance(self.objective, str) and self.objective.strip().lower() == "auto"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the SFT examples come from and how they are tokenized (the ``data.*`` keys)."""
+
+    source: str = "file"
+    """``file`` (``train_files``) or ``figfont`` (generated offline, no files needed)."""
+    train_files: list[str] = field(default_factory=list)
+    """Local ``.jsonl`` / ``.json`` / ``.parquet`` files, read in this order."""
+    format: str = "auto"
+    """``auto`` (by extension, fields from the keys below), ``jsonl``, ``parquet``, or a
+    field preset: ``numina`` (NuminaMath-CoT) or ``m23k`` (the paper's medical set)."""
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    prompt_dict_keys: list[str] | None = None
+    """When ``prompt_key`` holds a dict, the nested keys to follow (outermost first)."""
+    response_dict_keys: list[str] | None = None
+    chat_template: str = "auto"
+    """``auto`` (the tokenizer's template if it has one), ``none``, or a Jinja template."""
+    system_prompt: str | None = None
+    """System message of the chat template (needs a template)."""
+    max_length: int = 1024
+    """Longest example in tokens (prompt + response)."""
+    truncation: str = "right"
+    """``right``: cut longer examples and count them; ``error``: refuse them."""
+    packing: bool = False
+    """Pack several examples per ``seq_length`` row (read by the trainer's loader)."""
+    num_samples: int | None = None
+    """Use only the first N records (file order, before any shuffling)."""
+    figfont_split: str = "train"
+    seed: int = 42
+    """Seed of the per-epoch shuffle (pass it to the batch loader). The figfont generator
+    always uses the paper's seed, so its train and test splits never overlap."""
+
+    def __post_init__(self) -> None:
+        """Per-key checks (every default passes, so a default config can be filled in later)."""
+        if self.source not in SOURCES:
+            raise ConfigError(f"data.source={self.source!r} is unknown; use one of {list(SOURCES)}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format={self.format!r} is unknown; use one of {list(FORMATS)}")
+        if self.truncation not in TRUNCATIONS:
+            raise ConfigError(
+                f"data.truncation={self.truncation!r} is unknown; use one of {list(TRUNCATIONS)}"
+            )
+        if self.chat_template not in ("auto", "none") and not (
+            "{{" in self.chat_template or "{%" in self.chat_template
+        ):
+            raise ConfigError(
+                f"data.chat_template={self.chat_template!r} is neither auto, none "
+                "nor a Jinja template string"
+            )
+        if isinstance(self.train_files, str):
+            raise ConfigError("data.train_files must be a list of paths, e.g. [train.jsonl]")
+        if self.max_length < 2:
+            raise ConfigError(f"data.max_length must be >= 2, got {self.max_length}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ConfigError(
+                f"data.num_samples must be >= 1 (or null for all), got {self.num_samples}"
+            )
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the key when the sources contradict each other
+        (the data loader calls it; :func:`validate` calls it for a whole job)."""
+        if self.source == "file" and not self.train_files:
+            raise ConfigError(
+                "data.train_files is empty; list .jsonl/.json/.parquet files "
+                "or set data.source=figfont"
+            )
+        if self.source == "figfont" and self.train_files:
+            raise ConfigError(
+                "data.train_files is set but data.source=figfont generates its "
+                "data; remove one of them"
+            )
+
+
+@dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with warmup + cosine decay (the paper's verl defaults)."""
+    """AdamW with warmup + cosine decay (the paper's verl defaults), megatron's optimizer.
+
+    ``grad_reduce_in_fp32``: megatron DDP keeps the gradient buffers and reduces them over
+    data-parallel ranks in float32 even when parameters are bf16 (more memory, exact sums).
+    """
 
     lr: float = 5e-5
     min_lr: float = 0.0
@@ -44,9 +343,15 @@ class OptimConfig:
     warmup_ratio: float = 0.1
     schedule: str = "cosine"  # cosine | constant
     use_distributed_optimizer: bool = True
+    grad_reduce_in_fp32: bool = True
+
+    def __post_init__(self) -> None:
+        _one_of("optim.schedule", self.schedule, SCHEDULES)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError("optim.warmup_ratio must be in [0, 1)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     global_batch_size: int = 256
     micro_batch_size: int = 4
@@ -63,14 +368,23 @@ class TrainConfig:
     resume: bool = True  # continue from the newest complete checkpoint in output_dir
     tensorboard: bool = True
 
+    def __post_init__(self) -> None:
+        for key in ("global_batch_size", "micro_batch_size", "epochs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1 (got {getattr(self, key)})")
+        _one_of("train.attention", self.attention, ATTENTION_IMPLS)
+        _one_of("train.precision", self.precision, ("auto", *PRECISIONS))
+        if self.keep_last < 1:
+            raise ConfigError("train.keep_last must be >= 1")
 
-@dataclass
+
+@dataclass(frozen=True)
 class InitConfig:
     checkpoint: str | None = None  # a Megatron model dir (probsft convert) or None = random init
     tokenizer: str | None = None  # HF tokenizer dir; default: the checkpoint's hf/ folder
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainJobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     init: InitConfig = field(default_factory=InitConfig)
@@ -84,148 +398,117 @@ class TrainJobConfig:
         return dataclasses.asdict(self)
 
     def validate(self, world_size: int) -> int:
-        """Check the whole job against ``world_size`` processes; returns the DP size."""
-        dp = self.parallel.validate(world_size, self.model)
-        self.data.validate()
-        t = self.train
-        for key in ("global_batch_size", "micro_batch_size", "epochs"):
-            if getattr(t, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1 (got {getattr(t, key)})")
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            raise ConfigError(
-                f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                f"train.micro_batch_size*DP = {t.micro_batch_size}*{dp}; choose a global batch "
-                f"that is a multiple of {t.micro_batch_size * dp}"
-            )
-        if t.attention not in ATTENTION_IMPLS:
-            raise ConfigError(f"train.attention={t.attention!r} is invalid; use one of "
-                              f"{', '.join(ATTENTION_IMPLS)}")
-        if t.attention == "te" and not compat.te_available():
-            raise ConfigError("train.attention=te but Transformer Engine is not installed here; "
-                              "use auto, sdpa or local")
-        if t.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"train.precision={t.precision!r} is invalid; use auto, bf16 or fp32")
-        if self.optim.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"optim.schedule={self.optim.schedule!r} is invalid; "
-                              "use cosine or constant")
-        if not 0.0 <= self.optim.warmup_ratio < 1.0:
-            raise ConfigError("optim.warmup_ratio must be in [0, 1)")
-        if self.data.max_length > self.model.max_position_embeddings:
-            raise ConfigError(
-                f"data.max_length={self.data.max_length} exceeds the model's "
-                f"max_position_embeddings={self.model.max_position_embeddings}"
-            )
-        if t.keep_last < 1:
-            raise ConfigError("train.keep_last must be >= 1")
-        return dp
+        """Check the whole job against ``world_size`` processes; returns the DP size
+        (:func:`validate`)."""
+        return validate(self, world_size)
 
 
-# -- generic dataclass <-> mapping ---------------------------------------------------------
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
+# -- validation --------------------------------------------------------------------------------
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert ``value`` to the annotated type ``tp`` (YAML and CLI strings alike)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if tp is Any:
-        return value
-    if origin is list:
-        (item,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else \
-                [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} expects a list, got {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where} expects true/false, got {value!r}")
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} expects a number, got {value!r}")
-        try:
-            number = float(value) if tp is float else value
-            if tp is int:
-                as_float = float(value)
-                if not as_float.is_integer():
-                    raise ValueError
-                number = int(as_float)
-            return number
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} expects {_type_name(tp)}, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where} expects a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _from_mapping(cls, data: dict[str, Any], where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        prefix = f"{where}." if where else ""
+def validate_layout(
+    parallel: ParallelConfig, world_size: int, model: ModelConfig | None = None
+) -> int:
+    """Check a parallel layout against the world size and (optionally) the model; returns
+    the data-parallel size."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys under "
-            f"'{where or 'top level'}' are: {', '.join(sorted(fields))}"
+            "parallel.tensor_model_parallel_size and "
+            "parallel.pipeline_model_parallel_size must be >= 1"
         )
-    kwargs = {}
-    for name, value in data.items():
-        tp, key = hints[name], f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _from_mapping(tp, value or {}, key)
-        else:
-            kwargs[name] = _coerce(value, tp, key)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where or 'config'}: {exc}") from None
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"TP*PP = {tp}*{pp} = {tp * pp} does not divide the world size {world_size}; "
+            "change parallel.tensor_model_parallel_size / parallel.pipeline_model_parallel_size "
+            "or the number of processes"
+        )
+    if parallel.sequence_parallel and tp == 1:
+        raise ConfigError(
+            "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1"
+        )
+    if model is not None:
+        for key, value in (
+            ("num_attention_heads", model.num_attention_heads),
+            ("num_query_groups", model.num_query_groups),
+            ("vocab_size", model.vocab_size),
+            ("ffn_hidden_size", model.ffn_hidden_size),
+        ):
+            if value % tp:
+                raise ConfigError(
+                    f"model.{key}={value} is not divisible by "
+                    f"parallel.tensor_model_parallel_size={tp}; pick a TP that divides it"
+                )
+        if model.num_layers % pp:
+            raise ConfigError(
+                f"model.num_layers={model.num_layers} is not divisible by "
+                f"parallel.pipeline_model_parallel_size={pp}"
+            )
+        per_stage = model.num_layers // pp
+        if parallel.recompute_granularity == "full" and parallel.recompute_num_layers > per_stage:
+            raise ConfigError(
+                f"parallel.recompute_num_layers={parallel.recompute_num_layers} exceeds the "
+                f"{per_stage} layers of a pipeline stage; use 1..{per_stage}"
+            )
+    return world_size // (tp * pp)
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
-            else v
-    return out
+def validate(cfg: TrainJobConfig, world_size: int) -> int:
+    """The one validation of a job for ``world_size`` processes; returns the DP size.
+
+    Checks what single keys cannot: the layout (:func:`validate_layout`), the batch split,
+    the objective's spelling, the data sources, Transformer Engine for ``train.attention=te``,
+    the sequence length against the model. Touches no process group, tokenizer, model or
+    data file.
+    """
+    dp = validate_layout(cfg.parallel, world_size, cfg.model)
+    cfg.data.validate()
+    t = cfg.train
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size*DP = {t.micro_batch_size}*{dp}; choose a global batch "
+            f"that is a multiple of {t.micro_batch_size * dp}"
+        )
+    if t.attention == "te" and not hardware.te_available():
+        raise ConfigError(
+            "train.attention=te but Transformer Engine is not installed here; "
+            "use auto, sdpa or local"
+        )
+    if cfg.data.max_length > cfg.model.max_position_embeddings:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} exceeds the model's "
+            f"max_position_embeddings={cfg.model.max_position_embeddings}"
+        )
+    if not cfg.loss.is_auto:
+        from probsft_megatron.objectives import parse_objective
+
+        parse_objective(cfg.loss.objective)
+    return dp
 
 
-def read_yaml_mapping(path: Path, what: str = "config sections at the top level") -> dict:
-    """A YAML file whose top level is a mapping (``what`` it should hold names it in the error);
-    unreadable files, invalid YAML and other top levels raise a one-line ConfigError."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must contain a YAML mapping ({what})")
-    return data
+# -- resolution of single values ------------------------------------------------------------
+
+
+def resolve_precision(precision: str) -> str:
+    """``train.precision`` (``auto`` | ``bf16`` | ``fp32``) -> ``bfloat16`` | ``float32``;
+    ``auto`` is bf16 where CUDA exists and fp32 on the CPU."""
+    if precision == "auto":
+        return "bfloat16" if hardware.cuda_available() else "float32"
+    _one_of("train.precision", precision, ("auto", *PRECISIONS))
+    return PRECISIONS[precision]
+
+
+def resolve_attention(impl: str) -> str:
+    """``auto`` is ``te`` (Transformer Engine layer spec) where TE is installed and CUDA
+    exists, else ``sdpa``; other values are returned as they are."""
+    _one_of("train.attention", impl, ATTENTION_IMPLS)
+    if impl != "auto":
+        return impl
+    return "te" if hardware.cuda_available() and hardware.te_available() else "sdpa"
+
+
+# -- loading -----------------------------------------------------------------------------------
 
 
 def list_presets() -> list[str]:
@@ -255,42 +538,22 @@ def _resolve_recipe_path(ref: str, relative_to: Path | None) -> Path:
     shipped = resources.find("recipes", ref)
     if shipped is not None:
         return shipped
-    raise ConfigError(f"config {ref!r} not found (looked for a file and for a recipe named "
-                      f"{ref!r} in {resources.describe_search('recipes')}; recipes: "
-                      f"{', '.join(list_recipes())})")
+    raise ConfigError(
+        f"config {ref!r} not found (looked for a file and for a recipe named "
+        f"{ref!r} in {resources.describe_search('recipes')}; recipes: "
+        f"{', '.join(list_recipes())})"
+    )
 
 
 def load_raw(ref: str, relative_to: Path | None = None, seen: tuple = ()) -> dict:
+    """The raw mapping of a recipe (a path or a shipped name), ``base`` chains merged."""
     path = _resolve_recipe_path(ref, relative_to).resolve()
     if path in seen:
         raise ConfigError(f"recipe {path} includes itself through 'base'")
     data = read_yaml_mapping(path)
     base = data.pop("base", None)
     if base is not None:
-        data = _deep_merge(load_raw(str(base), path.parent, seen + (path,)), data)
-    return data
-
-
-def apply_override(data: dict, override: str) -> dict:
-    """Apply one ``a.b.c=value`` override to a raw config mapping (value parsed as YAML)."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like section.key=value "
-                          "(e.g. optim.lr=4e-5)")
-    key, raw = override.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"override {override!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    node = data
-    for p in parts[:-1]:
-        if not isinstance(node.get(p), dict):
-            node[p] = {} if node.get(p) is None or not isinstance(node.get(p), str) else \
-                {"__preset__": node[p]}
-        node = node[p]
-    node[parts[-1]] = value
+        data = deep_merge(load_raw(str(base), path.parent, seen + (path,)), data)
     return data
 
 
@@ -300,13 +563,13 @@ def build_config(raw: dict[str, Any]) -> TrainJobConfig:
     model = raw.get("model")
     if isinstance(model, str):
         raw["model"] = load_preset(model)
-    elif isinstance(model, dict) and "preset" in model:
-        model = dict(model)
-        raw["model"] = _deep_merge(load_preset(str(model.pop("preset"))), model)
-    elif isinstance(model, dict) and "__preset__" in model:
-        model = dict(model)
-        raw["model"] = _deep_merge(load_preset(str(model.pop("__preset__"))), model)
-    return _from_mapping(TrainJobConfig, raw, "")
+    elif isinstance(model, dict):
+        for key in ("preset", "__preset__"):
+            if key in model:
+                model = dict(model)
+                raw["model"] = deep_merge(load_preset(str(model.pop(key))), model)
+                break
+    return from_mapping(TrainJobConfig, raw, "")
 
 
 def load_config(ref: str | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainJobConfig:

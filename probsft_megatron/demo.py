@@ -7,6 +7,7 @@ vLLM (greedy, exact match) next to the untouched base model. A markdown report w
 and a plot compares the objectives. Every stage runs as its own process (the same commands
 a user would type), and finished stages are reused when the demo is run again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,9 +56,13 @@ class Stages:
         t0 = time.perf_counter()
         log = self.work / "logs" / f"{name}.log"
         with open(log, "w") as f:
-            rc = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT,
-                                 env=dict(os.environ, PYTHONWARNINGS="ignore"),
-                                 start_new_session=True)
+            rc = subprocess.call(
+                argv,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                start_new_session=True,
+            )
         self.times[name] = time.perf_counter() - t0
         if rc != 0:
             tail = log.read_text()[-3000:]
@@ -113,11 +118,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. the embedded model, as Hugging Face and as a Megatron model dir
     model_dir = work / "smollm2-megatron"
-    stages.run("convert", _probsft("convert", "smollm2", "--out", str(model_dir)),
-               done=model_dir / "model_config.json")
+    stages.run(
+        "convert",
+        _probsft("convert", "smollm2", "--out", str(model_dir)),
+        done=model_dir / "model_config.json",
+    )
     hf_base = model_dir / "hf-export"
-    stages.run("export-base", _probsft("convert", "megatron-to-hf", "--ckpt", str(model_dir),
-                                       "--out", str(hf_base)), done=hf_base / "config.json")
+    stages.run(
+        "export-base",
+        _probsft("convert", "megatron-to-hf", "--ckpt", str(model_dir), "--out", str(hf_base)),
+        done=hf_base / "config.json",
+    )
 
     # 2. the task: generated offline, disjoint train/test by seed
     data = work / "data"
@@ -128,40 +139,99 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = load_tokenizer(str(model_dir / "hf"))
     test = arithmetic_records(args.test_examples, args.seed + 1000)
-    _write_jsonl(data / "test.jsonl", [
-        {"prompt": tok.apply_chat_template([{"role": "user", "content": r["prompt"]}],
-                                           tokenize=False, add_generation_prompt=True),
-         "reference": r["response"]} for r in test])
+    _write_jsonl(
+        data / "test.jsonl",
+        [
+            {
+                "prompt": tok.apply_chat_template(
+                    [{"role": "user", "content": r["prompt"]}],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                ),
+                "reference": r["response"],
+            }
+            for r in test
+        ],
+    )
 
     # 3. where does the task sit on the continuum?
     probe_dir = work / "probe"
-    stages.run("probe", _probsft("probe", "--model", str(model_dir), "--data",
-                                 str(data / "train.jsonl"), "--out", str(probe_dir),
-                                 "data.max_length=64"), done=probe_dir / "report.json")
+    stages.run(
+        "probe",
+        _probsft(
+            "probe",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data / "train.jsonl"),
+            "--out",
+            str(probe_dir),
+            "data.max_length=64",
+        ),
+        done=probe_dir / "report.json",
+    )
     probe = json.loads((probe_dir / "report.json").read_text())
 
     # 4. fine-tune with each objective, export, evaluate
-    common = [f"init.checkpoint={model_dir}", f"data.train_files=[{data / 'train.jsonl'}]",
-              f"train.epochs={args.epochs}", f"optim.lr={args.lr}", f"train.seed={args.seed}"]
+    common = [
+        f"init.checkpoint={model_dir}",
+        f"data.train_files=[{data / 'train.jsonl'}]",
+        f"train.epochs={args.epochs}",
+        f"optim.lr={args.lr}",
+        f"train.seed={args.seed}",
+    ]
     evals = {"base": hf_base}
     for obj in OBJECTIVES:
         run_dir = work / "runs" / obj
-        stages.run(f"train-{obj}", [sys.executable, "-m", "probsft_megatron.train",
-                                    "--config", "demo-smollm2", *common,
-                                    f"loss.objective={obj}", f"train.output_dir={run_dir}"],
-                   done=run_dir / "summary.json")
+        stages.run(
+            f"train-{obj}",
+            [
+                sys.executable,
+                "-m",
+                "probsft_megatron.train",
+                "--config",
+                "demo-smollm2",
+                *common,
+                f"loss.objective={obj}",
+                f"train.output_dir={run_dir}",
+            ],
+            done=run_dir / "summary.json",
+        )
         ckpt = json.loads((run_dir / "summary.json").read_text())["checkpoint"]
         hf = run_dir / "hf"
-        stages.run(f"export-{obj}", _probsft("convert", "megatron-to-hf", "--ckpt", ckpt,
-                                             "--out", str(hf)), done=hf / "config.json")
+        stages.run(
+            f"export-{obj}",
+            _probsft("convert", "megatron-to-hf", "--ckpt", ckpt, "--out", str(hf)),
+            done=hf / "config.json",
+        )
         evals[obj] = hf
     for name, hf in evals.items():
         out = work / "eval" / name
-        stages.run(f"eval-{name}", _probsft("eval", "--model", str(hf), "--task", "custom",
-                                            "--data", str(data / "test.jsonl"), "--grader",
-                                            "exact", "--prompt-format", "raw", "--max-new-tokens", "24", "--temperature",
-                                            "0", "--n", "1", "--out", str(out)),
-                   done=out / "summary.json")
+        stages.run(
+            f"eval-{name}",
+            _probsft(
+                "eval",
+                "--model",
+                str(hf),
+                "--task",
+                "custom",
+                "--data",
+                str(data / "test.jsonl"),
+                "--grader",
+                "exact",
+                "--prompt-format",
+                "raw",
+                "--max-new-tokens",
+                "24",
+                "--temperature",
+                "0",
+                "--n",
+                "1",
+                "--out",
+                str(out),
+            ),
+            done=out / "summary.json",
+        )
 
     # 5. the report
     accuracy, samples = {}, {}
@@ -169,39 +239,59 @@ def main(argv: list[str] | None = None) -> int:
         rows = _read_jsonl(next((work / "eval" / name).glob("*/samples.jsonl")))
         accuracy[name] = sum(bool(r["correct"][0]) for r in rows) / len(rows)
         samples[name] = rows[0]["completions"][0]
-    histories = {obj: json.loads((work / "runs" / obj / "summary.json").read_text())["history"]
-                 for obj in OBJECTIVES}
+    histories = {
+        obj: json.loads((work / "runs" / obj / "summary.json").read_text())["history"]
+        for obj in OBJECTIVES
+    }
     total = time.perf_counter() - t_start
-    report = {"probe": {k: probe[k] for k in ("mean_p", "median_p", "placement")
-                        if k in probe},
-              "accuracy": accuracy, "stage_seconds": stages.times, "total_seconds": total,
-              "train_examples": args.train_examples, "test_examples": args.test_examples}
+    report = {
+        "probe": {k: probe[k] for k in ("mean_p", "median_p", "placement") if k in probe},
+        "accuracy": accuracy,
+        "stage_seconds": stages.times,
+        "total_seconds": total,
+        "train_examples": args.train_examples,
+        "test_examples": args.test_examples,
+    }
     plot(report, histories, work / "report.png")
     lines = [
-        "# probsft-megatron demo: NLL vs -p on SmolLM2-135M-Instruct (CPU)", "",
+        "# probsft-megatron demo: NLL vs -p on SmolLM2-135M-Instruct (CPU)",
+        "",
         f"Task: two-digit addition in the model's answer style (`What is 37 + 48?` -> "
         f"`37 + 48 = 85`), {args.train_examples} training and {args.test_examples} test "
         f"examples generated offline; {args.epochs} epoch(s), lr {args.lr}, global batch 16, "
-        "max length 64.", "",
+        "max length 64.",
+        "",
         f"Probe of the base model on the training responses: mean p "
-        f"{probe.get('mean_p', float('nan')):.3f}, median p {probe.get('median_p', float('nan')):.3f}"
+        f"{probe.get('mean_p', float('nan')):.3f}, median p "
+        f"{probe.get('median_p', float('nan')):.3f}"
         f" -> **{(probe.get('placement') or {}).get('regime', '?')}** "
         f"({(probe.get('placement') or {}).get('reason', '')}); recommended objective: "
-        f"`{(probe.get('recommendation') or {}).get('objective', '?')}`.", "",
-        "| model | final train loss | final mean p | test exact match |", "|---|---|---|---|",
+        f"`{(probe.get('recommendation') or {}).get('objective', '?')}`.",
+        "",
+        "| model | final train loss | final mean p | test exact match |",
+        "|---|---|---|---|",
         f"| base | - | - | {accuracy['base']:.3f} |",
     ]
     for obj in OBJECTIVES:
         last = histories[obj][-1]
-        lines.append(f"| {obj} | {last['loss']:.4f} | {last['mean_p']:.3f} | "
-                     f"{accuracy[obj]:.3f} |")
-    lines += ["", "The training loss column is each run's own objective (NLL for `original`, "
-              "1-p for `p`), so only the mean p and accuracy columns compare across rows.", "",
-              "![training curves and accuracy](report.png)", "",
-              "| stage | seconds |", "|---|---|"]
+        lines.append(f"| {obj} | {last['loss']:.4f} | {last['mean_p']:.3f} | {accuracy[obj]:.3f} |")
+    lines += [
+        "",
+        "The training loss column is each run's own objective (NLL for `original`, "
+        "1-p for `p`), so only the mean p and accuracy columns compare across rows.",
+        "",
+        "![training curves and accuracy](report.png)",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.0f} |" for k, v in stages.times.items()]
-    lines += [f"| **total** | **{total:.0f}** |", "",
-              "First test example, greedy completion per model:", ""]
+    lines += [
+        f"| **total** | **{total:.0f}** |",
+        "",
+        "First test example, greedy completion per model:",
+        "",
+    ]
     lines += [f"- {name}: `{text.strip()[:80]}`" for name, text in samples.items()]
     report_md = atomic_write_text(work / "report.md", "\n".join(lines) + "\n")
     atomic_write_json(work / "report.json", report)

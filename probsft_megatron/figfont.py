@@ -12,6 +12,7 @@ Each record carries the raw question (``prompt``), the word (``response``) and t
 chat-formatted prompts the paper trains and evaluates with (``qwen_prompt``,
 ``llama_prompt``).
 """
+
 from __future__ import annotations
 
 from functools import lru_cache

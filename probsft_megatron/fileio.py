@@ -4,13 +4,15 @@ A file is written under a temporary name in its own folder and renamed over the 
 reader (or a resumed run) sees either the old complete file or the new complete one, never a
 half-written file; a failed write removes its temporary file.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -35,7 +37,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2,
-                      default: Callable[[Any], Any] | None = None) -> Path:
+def atomic_write_json(
+    path: str | os.PathLike,
+    data: Any,
+    *,
+    indent: int | None = 2,
+    default: Callable[[Any], Any] | None = None,
+) -> Path:
     """``data`` as JSON (plus a final newline) to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(data, indent=indent, default=default) + "\n")

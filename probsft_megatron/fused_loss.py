@@ -25,11 +25,11 @@ Distributed contract of :func:`fused_objective_loss` (what every rank passes and
   ``[rank * V/TP, (rank + 1) * V/TP)``), the tensor the unfused output layer multiplies with.
 * ``labels``, ``loss_mask``: ``[b, s]`` for the full sequence, identical on every TP rank.
 * Returns ``(loss_sum, num_tokens, {"stats": ...})`` exactly like
-  :class:`~probsft_megatron.loss.ObjectiveLoss` (same values on every TP rank). Backward:
+  :func:`~probsft_megatron.loss.objective_loss` (same values on every TP rank). Backward:
   ``d_hidden`` has ``hidden``'s shape (TP-reduced by the collective above), ``d_weight`` is
   this rank's shard.
 
-Three collectives per chunk run on the TP group: an all-reduce MAX of the row maxima and one
+Two collectives per chunk run on the TP group: an all-reduce MAX of the row maxima and one
 all-reduce SUM of the stacked ``[target logit, sum of exp]`` (only the rank owning a target id
 contributes its logit). All TP ranks hold the same tokens and labels, so they walk the same
 chunks in lockstep.
@@ -37,40 +37,40 @@ chunks in lockstep.
 Tokens outside ``loss_mask`` are skipped: the objective gives them coefficient 0 in both
 paths (zero loss and zero gradient), so only response tokens are multiplied with the weight.
 
-Percentile thresholds: the absolute ``q`` comes from :meth:`ObjectiveLoss.threshold`. When it
-is already fixed (absolute thresholds, or ``train_step``'s global-batch pre-pass) the chunk
-loop is a single pass. When it depends on this micro-batch's CE
-(:attr:`ObjectiveLoss.threshold_needs_ce`), a first pass computes only the CE (no gradient
-work, O(tokens) memory), the threshold is resolved, and the gradient pass recomputes the
-logits: one extra ``hidden @ W^T`` per chunk.
+Thresholds are passed the way :func:`probsft_megatron.loss.objective_loss` takes them. An
+absolute ``q`` (an absolute threshold, or ``train_step``'s global-batch pre-pass) makes the
+chunk loop a single pass. A :class:`~probsft_megatron.loss.MicroBatchPercentile` depends on
+this micro-batch's CE: a first pass computes only the CE (no gradient work, O(tokens)
+memory), the threshold is resolved, and the gradient pass recomputes the logits: one extra
+``hidden @ W^T`` per chunk. :func:`fused_token_ce` is the CE-only pass on its own (the
+probe's and the pre-pass's measurement).
 
-The model side: :func:`install_fused_head` makes a ``GPTModel``'s output layer hand back its
-input (the hidden states) instead of logits, keeping the parameter and its checkpoint keys;
-:func:`make_forward_step` is megatron's ``forward_step_func`` for such a model.
+The model side (an output layer that hands back its input) is
+:mod:`probsft_megatron.fused_head`; the step that connects the two is
+:class:`probsft_megatron.runtime.ForwardStep`.
 """
+
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from probsft_megatron import compat
 from probsft_megatron.errors import ConfigError
-from probsft_megatron.loss import LossConfig, ObjectiveLoss
+from probsft_megatron.loss import (
+    MicroBatchPercentile,
+    ObjectiveLoss,
+    Threshold,
+    loss_triple,
+    resolve_threshold,
+)
 from probsft_megatron.objectives import Objective
 
-__all__ = [
-    "fused_objective_loss",
-    "head_is_fused",
-    "install_fused_head",
-    "make_forward_step",
-    "output_weight",
-]
-
-_FUSED_MARK = "_probsft_fused_head"
+__all__ = ["fused_objective_loss", "fused_token_ce"]
 
 
 # -- the chunked linear + cross entropy ------------------------------------------------------
@@ -121,14 +121,16 @@ def _chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + chunk_size, n)
 
 
-def _ce_only(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int,
-             vocab_start: int, group) -> Tensor:
+def _ce_only(
+    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int, vocab_start: int, group
+) -> Tensor:
     """Per-token CE ``[N]`` (float32) without gradients: one matmul per chunk."""
     ce = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
         for start, end in _chunks(hidden.shape[0], chunk_size):
-            ce[start:end] = _chunk_ce(hidden[start:end], weight, labels[start:end],
-                                      vocab_start, group)[0]
+            ce[start:end] = _chunk_ce(
+                hidden[start:end], weight, labels[start:end], vocab_start, group
+            )[0]
     return ce
 
 
@@ -175,9 +177,19 @@ class _LinearObjective(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, objective: Objective,
-                q: float | None, chunk_size: int, vocab_start: int, group,
-                main_grad: Tensor | None, need_weight_grad: bool = True):
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        objective: Objective,
+        q: float | None,
+        chunk_size: int,
+        vocab_start: int,
+        group,
+        main_grad: Tensor | None,
+        need_weight_grad: bool = True,
+    ):
         n = hidden.shape[0]
         ce = torch.empty(n, dtype=torch.float32, device=hidden.device)
         keep = torch.empty(n, dtype=torch.bool, device=hidden.device)
@@ -191,8 +203,9 @@ class _LinearObjective(torch.autograd.Function):
         arange = torch.arange(min(chunk_size, n), device=hidden.device)
         for start, end in _chunks(n, chunk_size):
             h = hidden[start:end]
-            ce_c, probs, sum_exp, local, owned = _chunk_ce(h, weight, labels[start:end],
-                                                           vocab_start, group)
+            ce_c, probs, sum_exp, local, owned = _chunk_ce(
+                h, weight, labels[start:end], vocab_start, group
+            )
             keep_c = objective.keep_mask(ce_c, q)
             coef = objective.weight_from_ce(ce_c) * keep_c
             ce[start:end], keep[start:end] = ce_c, keep_c
@@ -226,23 +239,105 @@ class _LinearObjective(torch.autograd.Function):
                     f"the fused loss head added the output weight's gradient to megatron's "
                     f"main_grad during the forward, which assumes the loss sum is "
                     f"back-propagated with gradient 1, but got {float(grad_loss)}; pass "
-                    f"weight_grad='autograd' to fused_objective_loss to scale it in the backward")
+                    f"weight_grad='autograd' to fused_objective_loss to scale it in the backward"
+                )
             d_hidden.mul_(grad_loss.to(d_hidden.dtype))
             if d_weight is not None:
                 d_weight.mul_(grad_loss.to(d_weight.dtype))
         return d_hidden, d_weight, None, None, None, None, None, None, None, None
 
 
-def fused_objective_loss(hidden: Tensor, weight: Tensor, labels: Tensor, loss_mask: Tensor,
-                         objective_loss: ObjectiveLoss, *, tp_group=None,
-                         sequence_parallel: bool = False, chunk_size: int | None = None,
-                         weight_grad: str = "auto"):
+def _response_rows(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    loss_mask: Tensor,
+    tp_group,
+    sequence_parallel: bool,
+):
+    """The response tokens' rows of the full-sequence hidden states, after megatron's
+    output-layer collective; returns ``(h [N, h], y [N], response [b, s], full, vocab_start)``
+    where ``full`` scatters per-row values back to ``[b, s]``."""
+    if hidden.dtype != weight.dtype:
+        # e.g. megatron's Float16Module hands the last stage's output back in float32; the
+        # unfused output layer multiplies in the weight's dtype, and so does this
+        hidden = hidden.to(weight.dtype)
+    tp = _tp_size(tp_group)
+    if tp > 1:
+        if sequence_parallel:
+            hidden = compat.gather_from_sequence_parallel_region(
+                hidden.transpose(0, 1), tp_group
+            ).transpose(0, 1)
+        else:
+            hidden = compat.copy_to_tensor_parallel_region(hidden, tp_group)
+    b, s = labels.shape
+    if hidden.dim() != 3 or tuple(hidden.shape[:2]) != (b, s) or hidden.shape[2] != weight.shape[1]:
+        raise ValueError(
+            f"fused loss: hidden states of shape {tuple(hidden.shape)} (after the sequence "
+            f"gather) do not match labels {tuple(labels.shape)} and an output weight of shape "
+            f"{tuple(weight.shape)}; expected [b, s, h] with h = weight.shape[1]"
+        )
+    vocab_start = (dist.get_rank(tp_group) if tp > 1 else 0) * weight.shape[0]
+
+    response = loss_mask.to(hidden.device) > 0
+    rows = response.reshape(-1).nonzero().squeeze(1)
+    h = hidden.reshape(b * s, hidden.shape[2]).index_select(0, rows)
+    y = labels.reshape(-1).index_select(0, rows)
+
+    def full(values: Tensor) -> Tensor:
+        out = torch.zeros(b * s, dtype=values.dtype, device=values.device)
+        return out.index_copy_(0, rows, values).view(b, s)
+
+    return h, y, response, full, vocab_start
+
+
+def _check_chunk(chunk: int) -> int:
+    if chunk < 1:
+        raise ConfigError(f"loss.chunk_size={chunk} is invalid; use a positive number of tokens")
+    return chunk
+
+
+def fused_token_ce(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    loss_mask: Tensor,
+    *,
+    tp_group=None,
+    sequence_parallel: bool = False,
+    chunk_size: int = 4096,
+) -> Tensor:
+    """The per-token CE ``[b, s]`` (float32, no gradient; 0 outside ``loss_mask``) of
+    ``hidden @ weight^T``, one chunk of logits at a time; same contract as
+    :func:`fused_objective_loss`."""
+    with torch.no_grad():
+        h, y, _, full, vocab_start = _response_rows(
+            hidden, weight, labels, loss_mask, tp_group, sequence_parallel
+        )
+        return full(_ce_only(h, weight, y, _check_chunk(int(chunk_size)), vocab_start, tp_group))
+
+
+def fused_objective_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    loss_mask: Tensor,
+    objective_loss: ObjectiveLoss,
+    *,
+    tp_group=None,
+    sequence_parallel: bool = False,
+    chunk_size: int | None = None,
+    weight_grad: str = "auto",
+    threshold: Threshold = None,
+    record_p: bool = False,
+):
     """The objective loss of ``hidden @ weight^T`` without materializing the logits.
 
     See the module docstring for the distributed contract (shapes per TP rank, collectives,
     what each rank returns). ``tp_group``: megatron's tensor-parallel group (``None``: a
     single rank, no collectives). ``chunk_size``: tokens per chunk (default
-    ``objective_loss.config.chunk_size``).
+    ``objective_loss.config.chunk_size``). ``threshold`` and ``record_p``: as for
+    :meth:`ObjectiveLoss.__call__` (None: the objective's own rule).
     ``weight_grad``: where the output weight's gradient goes. ``"main_grad"``: added to
     megatron DDP's float32 gradient buffer (``weight.main_grad``) chunk by chunk during the
     forward, so no ``V/TP x h`` gradient is ever allocated (DDP's backward hook, with
@@ -255,165 +350,50 @@ def fused_objective_loss(hidden: Tensor, weight: Tensor, labels: Tensor, loss_ma
     Equivalent to the unfused ``objective_loss(vocab_parallel_cross_entropy(hidden @ W^T,
     labels), loss_mask)``: same loss sum, counts and statistics, same gradients.
     """
-    chunk = objective_loss.config.chunk_size if chunk_size is None else int(chunk_size)
-    if chunk < 1:
-        raise ConfigError(f"loss.chunk_size={chunk} is invalid; use a positive number of tokens")
+    chunk = _check_chunk(
+        objective_loss.config.chunk_size if chunk_size is None else int(chunk_size)
+    )
     if weight_grad not in ("auto", "main_grad", "autograd"):
-        raise ValueError(f"weight_grad={weight_grad!r} is invalid; use 'auto', 'main_grad' or "
-                         f"'autograd'")
+        raise ValueError(
+            f"weight_grad={weight_grad!r} is invalid; use 'auto', 'main_grad' or 'autograd'"
+        )
     main_grad = None if weight_grad == "autograd" else _main_grad(weight)
     if weight_grad == "main_grad" and main_grad is None:
-        raise ValueError("weight_grad='main_grad' needs a weight wrapped by megatron's "
-                         "DistributedDataParallel (it has no main_grad buffer); use 'auto'")
-    if hidden.dtype != weight.dtype:
-        # e.g. megatron's Float16Module hands the last stage's output back in float32; the
-        # unfused output layer multiplies in the weight's dtype, and so does this
-        hidden = hidden.to(weight.dtype)
-    tp = _tp_size(tp_group)
-    if tp > 1:
-        from megatron.core.tensor_parallel import (
-            copy_to_tensor_model_parallel_region,
-            gather_from_sequence_parallel_region,
-        )
-
-        if sequence_parallel:
-            hidden = gather_from_sequence_parallel_region(
-                hidden.transpose(0, 1), group=tp_group).transpose(0, 1)
-        else:
-            hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
-    b, s = labels.shape
-    if hidden.dim() != 3 or tuple(hidden.shape[:2]) != (b, s) or hidden.shape[2] != weight.shape[1]:
         raise ValueError(
-            f"fused loss: hidden states of shape {tuple(hidden.shape)} (after the sequence "
-            f"gather) do not match labels {tuple(labels.shape)} and an output weight of shape "
-            f"{tuple(weight.shape)}; expected [b, s, h] with h = weight.shape[1]")
-    vocab_start = (dist.get_rank(tp_group) if tp > 1 else 0) * weight.shape[0]
-
-    response = loss_mask.to(hidden.device) > 0
-    rows = response.reshape(-1).nonzero().squeeze(1)
-    h = hidden.reshape(b * s, hidden.shape[2]).index_select(0, rows)
-    y = labels.reshape(-1).index_select(0, rows)
-
-    def full(values: Tensor) -> Tensor:
-        out = torch.zeros(b * s, dtype=values.dtype, device=values.device)
-        return out.index_copy_(0, rows, values).view(b, s)
-
+            "weight_grad='main_grad' needs a weight wrapped by megatron's "
+            "DistributedDataParallel (it has no main_grad buffer); use 'auto'"
+        )
+    h, y, response, full, vocab_start = _response_rows(
+        hidden, weight, labels, loss_mask, tp_group, sequence_parallel
+    )
+    threshold = objective_loss.threshold(threshold)
     wants_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    if objective_loss.collecting or not wants_grad:
+    if not wants_grad:
         ce = full(_ce_only(h, weight, y, chunk, vocab_start, tp_group))
-        return objective_loss(ce, loss_mask)
-    if objective_loss.threshold_needs_ce:
+        return objective_loss(ce, loss_mask, threshold=threshold, record_p=record_p)
+    if not isinstance(threshold, MicroBatchPercentile):
+        q = threshold
+    else:  # resolved on this micro-batch's CE: a CE-only pass first
         ce = full(_ce_only(h.detach(), weight.detach(), y, chunk, vocab_start, tp_group))
-        q = objective_loss.threshold(ce, response)
-    else:
-        q = objective_loss.threshold(None, None)
-    loss_sum, ce, keep = _LinearObjective.apply(h, weight, y, objective_loss.objective, q,
-                                                chunk, vocab_start, tp_group, main_grad,
-                                                weight.requires_grad)
-    return objective_loss.summarize(loss_sum, full(ce), full(keep), response)
-
-
-# -- the model side ---------------------------------------------------------------------------
-def _unwrap(model):
-    """The ``GPTModel`` inside megatron's wrappers (DDP, Float16Module)."""
-    from megatron.core.models.common.language_module.language_module import LanguageModule
-
-    while not isinstance(model, LanguageModule) and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def _hidden_pass_through(input_: Tensor, weight: Tensor | None = None,
-                         runtime_gather_output: bool | None = None):
-    """Stands in for ``ColumnParallelLinear.forward``: returns the hidden states unchanged."""
-    return input_, None
-
-
-def _refuse_unfused_loss(labels: Tensor, logits: Tensor) -> Tensor:
-    raise RuntimeError(
-        "this model's output layer returns hidden states (fused loss head installed); call it "
-        "without labels and compute the loss with probsft_megatron.fused_loss")
-
-
-def install_fused_head(model, loss_config: LossConfig | None = None) -> bool:
-    """Make a ``GPTModel``'s output layer return its input hidden states instead of logits.
-
-    Only the module *instance* changes: ``output_layer.forward`` becomes a pass-through, so
-    the weight, its sharded state dict and checkpoint keys stay as they are, and calling the
-    model with ``labels`` raises (its loss would read hidden states as logits). Called without
-    labels, the last stage then returns ``[b, s, h]`` (``[b, s/TP, h]`` under SP). Stages
-    without an output layer (PP > 1, not last) are left alone. Idempotent.
-
-    ``loss_config``: when given, it must select ``implementation="fused"``.
-    Returns whether this stage has a fused head.
-    """
-    if loss_config is not None and loss_config.implementation != "fused":
-        raise ConfigError(
-            f"install_fused_head needs loss.implementation='fused', got "
-            f"{loss_config.implementation!r}")
-    gpt = _unwrap(model)
-    if not getattr(gpt, "post_process", False):
-        return False
-    if head_is_fused(gpt):
-        return True
-    if getattr(gpt.config, "mtp_num_layers", None):
-        raise ConfigError("loss.implementation='fused' does not support multi-token prediction "
-                          "(mtp_num_layers); use loss.implementation='unfused'")
-    if getattr(gpt.config, "defer_embedding_wgrad_compute", False):
-        raise ConfigError("loss.implementation='fused' computes the output weight's gradient "
-                          "itself; turn off defer_embedding_wgrad_compute")
-    gpt.output_layer.forward = _hidden_pass_through
-    setattr(gpt.output_layer, _FUSED_MARK, True)
-    gpt.compute_language_model_loss = _refuse_unfused_loss
-    return True
-
-
-def head_is_fused(model) -> bool:
-    """Whether :func:`install_fused_head` has been applied to this stage's output layer."""
-    gpt = _unwrap(model)
-    return bool(getattr(getattr(gpt, "output_layer", None), _FUSED_MARK, False))
-
-
-def output_weight(model) -> Tensor:
-    """The ``[V/TP, h]`` weight the unfused output layer multiplies with on this stage.
-
-    Tied embeddings: ``shared_embedding_or_output_weight()`` (the word embeddings when this
-    stage also embeds, else the last stage's copy that megatron keeps in sync), exactly as
-    ``GPTModel._postprocess`` chooses; untied: ``output_layer.weight``.
-    """
-    gpt = _unwrap(model)
-    if gpt.share_embeddings_and_output_weights:
-        return gpt.shared_embedding_or_output_weight()
-    return gpt.output_layer.weight
-
-
-def _head_loss(hidden: Tensor, *, loss: ObjectiveLoss, model, labels: Tensor,
-               loss_mask: Tensor):
-    """megatron ``loss_func`` of the last stage: hidden states -> the loss triple."""
-    gpt = _unwrap(model)
-    if not head_is_fused(gpt):
-        raise RuntimeError(
-            "loss.implementation='fused' needs a model built with the same loss config "
-            "(runtime.build_training_model(..., loss_config=...) or fused_loss.install_fused_head)")
-    layer = gpt.output_layer
-    return fused_objective_loss(hidden, output_weight(gpt), labels, loss_mask, loss,
-                                tp_group=layer.tp_group,
-                                sequence_parallel=bool(layer.sequence_parallel))
-
-
-def make_forward_step(loss: ObjectiveLoss, device) -> Callable:
-    """megatron ``forward_step_func`` for a model with :func:`install_fused_head` applied.
-
-    Runs the model without labels: the last stage returns hidden states and the returned
-    ``loss_func`` computes the fused linear + objective loss; other stages return the hidden
-    states they send on, as in the unfused step.
-    """
-
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator).to(device)
-        out = model(batch.tokens, batch.position_ids, batch.attention_mask)
-        return out, partial(_head_loss, loss=loss, model=model, labels=batch.labels,
-                            loss_mask=batch.loss_mask)
-
-    forward_step.objective_loss = loss
-    return forward_step
+        q = resolve_threshold(threshold, ce, response)
+    loss_sum, ce, keep = _LinearObjective.apply(
+        h,
+        weight,
+        y,
+        objective_loss.objective,
+        q,
+        chunk,
+        vocab_start,
+        tp_group,
+        main_grad,
+        weight.requires_grad,
+    )
+    return loss_triple(
+        loss_sum,
+        full(ce),
+        full(keep),
+        response,
+        objective_loss.objective,
+        normalization=objective_loss.normalization,
+        record_p=record_p,
+    )

@@ -1,5 +1,10 @@
 """The objective loss: per-token cross entropy -> objective -> globally normalized sum.
 
+Stateless: :func:`objective_loss` is a function of (CE, loss mask, objective, resolved
+threshold, normalization) that returns megatron's loss triple; nothing is remembered between
+calls. :class:`ObjectiveLoss` binds a run's loss settings (objective, normalization, the
+data-parallel group for percentiles) to that function and is immutable.
+
 Contract (unfused path). The model's output layer keeps the logits split over the vocabulary
 on each tensor-parallel (TP) rank; megatron's vocab-parallel cross entropy all-reduces the
 max, the sum of exponentials and the target logit over the TP group and returns the per-token
@@ -15,16 +20,20 @@ data-parallel (DP) group and divides the gradients once. ``normalization="kept"`
 default, as the paper's code) divides by the tokens a threshold keeps; ``"response"`` divides
 by all response tokens.
 
-Percentile thresholds (``OnlyTopP-K20``) are resolved over the response tokens of the whole
-global batch (all micro-batches, all DP ranks), so the threshold does not depend on the
-layout (``LossConfig.percentile_scope="global"``, the default):
-:func:`probsft_megatron.runtime.train_step` first runs a forward-only pass that
-collects the probabilities (:meth:`ObjectiveLoss.start_collecting`), all-gathers them over the DP
-group, resolves the percentile and fixes the absolute threshold for the training pass. The
-extra forward costs about a third of a step, and only for percentile objectives;
-``percentile_scope="micro"`` skips it and thresholds each micro-batch on its own tokens
-(gathered over DP), which then depends on how the batch is split.
+Thresholds. An absolute threshold (``OnlyTopP-0.5``) is part of the objective. A percentile
+(``OnlyTopP-K20``) must be resolved to an absolute ``q`` before tokens can be kept, and the
+caller says how, through the ``threshold`` argument:
+
+* a float: ``q`` resolved elsewhere. :func:`probsft_megatron.runtime.train_step` does this for
+  ``LossConfig.percentile_scope="global"`` (the default): a forward-only pre-pass measures the
+  response tokens' CE of the whole global batch (:func:`token_ce_triple`), all-gathers it over
+  the DP group, and resolves the percentile once, so the threshold does not depend on the
+  layout. The extra forward costs about a third of a step, only for percentile objectives.
+* :class:`MicroBatchPercentile`: ``q`` is the percentile of this micro-batch's response tokens
+  gathered over the DP group (``percentile_scope="micro"``: no extra forward, but the result
+  depends on how the batch is split).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,61 +42,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from probsft_megatron.errors import ConfigError
+from probsft_megatron.config import LossConfig
 from probsft_megatron.objectives import Objective, parse_objective, resolve_percentile
 
-NORMALIZATIONS = ("kept", "response")
+__all__ = [
+    "STAT_FIELDS",
+    "LossConfig",
+    "MicroBatchPercentile",
+    "ObjectiveLoss",
+    "gather_varlen",
+    "loss_triple",
+    "objective_loss",
+    "reduce_stats",
+    "resolve_threshold",
+    "step_loss",
+    "token_ce_triple",
+]
+
 STAT_FIELDS = ("loss_sum", "response_tokens", "kept_tokens", "p_sum", "w_sum")
 """Per-micro-batch statistics, summed over micro-batches and DP ranks by :func:`reduce_stats`."""
 
 
-IMPLEMENTATIONS = ("unfused", "fused")
-PERCENTILE_SCOPES = ("global", "micro")
-
-
-@dataclass
-class LossConfig:
-    """``objective``: a name or dict (see :mod:`probsft_megatron.objectives`);
-    ``normalization``: ``kept`` | ``response``; ``implementation``: ``unfused`` (megatron's
-    output layer + vocab-parallel CE) or ``fused`` (chunked linear + CE that never holds the
-    full logits); ``chunk_size``: tokens per chunk of the fused path (its logits workspace is
-    ``chunk_size x V/TP`` floats, see :mod:`probsft_megatron.fused_loss`); ``percentile_scope``:
-    where percentile thresholds are taken, ``global`` (the whole global batch, exact and
-    layout-independent, one extra forward per step) or ``micro`` (each micro-batch's tokens
-    on all DP ranks, no extra forward; depends on the micro-batch split)."""
-
-    objective: Any = "original"
-    normalization: str = "kept"
-    implementation: str = "unfused"
-    chunk_size: int = 512
-    percentile_scope: str = "global"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) \
-                or self.chunk_size < 1:
-            raise ConfigError(
-                f"loss.chunk_size={self.chunk_size!r} is invalid; use a positive number of tokens "
-                "per chunk of the fused loss (e.g. 512)"
-            )
-        if self.percentile_scope not in PERCENTILE_SCOPES:
-            raise ConfigError(
-                f"loss.percentile_scope={self.percentile_scope!r} is invalid; use 'global' "
-                "(exact over the global batch) or 'micro' (per micro-batch, no extra forward)"
-            )
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ConfigError(
-                f"loss.implementation={self.implementation!r} is invalid; use one of "
-                f"{', '.join(IMPLEMENTATIONS)}"
-            )
-        if self.normalization not in NORMALIZATIONS:
-            raise ConfigError(
-                f"loss.normalization={self.normalization!r} is invalid; use 'kept' (divide by the "
-                "tokens the objective keeps, the paper's default) or 'response' (all response tokens)"
-            )
-
-
-def _gather_varlen(values: torch.Tensor, group) -> torch.Tensor:
-    """All-gather 1-D tensors of different lengths over ``group``; returns their concatenation."""
+def gather_varlen(values: torch.Tensor, group) -> torch.Tensor:
+    """All-gather 1-D tensors of different lengths over ``group``; returns their concatenation
+    (``values`` itself without a group, outside torch.distributed, or on one rank)."""
+    if group is None or not dist.is_initialized():
+        return values
     world = dist.get_world_size(group)
     if world == 1:
         return values
@@ -102,132 +82,210 @@ def _gather_varlen(values: torch.Tensor, group) -> torch.Tensor:
     return torch.cat([c[:s] for c, s in zip(chunks, sizes)])
 
 
-class ObjectiveLoss:
-    """Callable used as megatron's ``loss_func``: ``(ce [b, s], loss_mask [b, s]) -> triple``.
+@dataclass(frozen=True)
+class MicroBatchPercentile:
+    """A percentile threshold resolved on each micro-batch's own response tokens, gathered
+    over ``group`` (the DP group; resolving is a collective on it)."""
 
-    Returns ``(loss_sum, num_tokens, {"stats": tensor[len(STAT_FIELDS)]})`` where ``loss_sum``
-    is the differentiable sum of kept token losses, ``num_tokens`` the int32 normalizer count
-    of this micro-batch, and the stats are detached sums (see :data:`STAT_FIELDS`).
+    percentile: float
+    group: Any = None
 
-    Args:
-        config: objective and normalization.
-        dp_group: the data-parallel process group over which percentile thresholds are
-            resolved (``None``: no gathering, e.g. single process).
+    def resolve(self, p: torch.Tensor) -> float:
+        return resolve_percentile(gather_varlen(p.to(torch.float64), self.group), self.percentile)
+
+
+Threshold = float | None | MicroBatchPercentile
+"""What the loss is told about the threshold: an absolute ``q``, None (the objective's own
+absolute threshold, or none), or a rule resolved per micro-batch."""
+
+
+def resolve_threshold(
+    threshold: Threshold, ce: torch.Tensor, response: torch.Tensor
+) -> float | None:
+    """The absolute ``q`` for this micro-batch (reads ``ce``/``response`` only for a
+    :class:`MicroBatchPercentile`, a collective on its group)."""
+    if isinstance(threshold, MicroBatchPercentile):
+        return threshold.resolve(torch.exp(-ce.detach()[response]))
+    return threshold
+
+
+def _work_dtype(ce: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(ce.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
+
+
+def objective_loss(
+    ce: torch.Tensor,
+    loss_mask: torch.Tensor,
+    objective: Objective,
+    threshold: Threshold = None,
+    *,
+    normalization: str = "kept",
+    record_p: bool = False,
+):
+    """The loss triple of one micro-batch: ``(loss_sum, num_tokens, {"stats": ...})``.
+
+    ``ce``: per-token cross entropy ``[b, s]`` (differentiable); ``loss_mask``: 1 on response
+    tokens. ``loss_sum`` is the differentiable sum of ``f(p)`` over kept response tokens,
+    ``num_tokens`` the int32 normalizer count, ``stats`` the detached sums of
+    :data:`STAT_FIELDS` (float64). ``record_p`` adds ``"p"``: the response tokens' p, for a
+    histogram. A percentile objective needs ``threshold`` (see the module docstring).
     """
+    ce = ce.to(_work_dtype(ce))
+    response = loss_mask.to(ce.device) > 0
+    q = resolve_threshold(threshold, ce, response)
+    if objective.needs_percentile and q is None:
+        raise ValueError(
+            f"objective {objective.name} has a percentile threshold: pass the "
+            "resolved threshold (a float or a MicroBatchPercentile)"
+        )
+    keep = objective.keep_mask(ce.detach(), q) & response
+    loss_sum = (objective.loss_from_ce(ce) * keep.to(ce.dtype)).sum()
+    return loss_triple(
+        loss_sum, ce, keep, response, objective, normalization=normalization, record_p=record_p
+    )
 
-    def __init__(self, config: LossConfig, dp_group=None) -> None:
-        self.config = config
-        self.objective: Objective = parse_objective(config.objective)
-        self.dp_group = dp_group
-        self._collected: list[torch.Tensor] | None = None
-        self._fixed_q: float | None = None
-        self.record_p = False  # keep this step's response-token p for a histogram
-        self._recorded: list[torch.Tensor] = []
 
-    def gathered_p(self) -> torch.Tensor:
-        """Response-token p recorded this step on all DP ranks (then forgotten)."""
-        local = (torch.cat(self._recorded) if self._recorded
-                 else torch.zeros(0, dtype=torch.float32))
-        self._recorded = []
-        if self.dp_group is not None and dist.is_initialized():
-            local = _gather_varlen(local, self.dp_group)
-        return local
+def loss_triple(
+    loss_sum: torch.Tensor,
+    ce: torch.Tensor,
+    keep: torch.Tensor,
+    response: torch.Tensor,
+    objective: Objective,
+    *,
+    normalization: str,
+    record_p: bool = False,
+):
+    """The loss triple from an already computed differentiable ``loss_sum``.
 
-    # -- percentile thresholds over the global batch ------------------------------------
-    def start_collecting(self) -> None:
-        """Next calls only record response-token probabilities (forward-only pre-pass)."""
-        self._collected, self._fixed_q = [], None
-
-    def finish_collecting(self) -> float:
-        """Resolve the percentile over everything collected on all DP ranks; fix it."""
-        local = (torch.cat(self._collected) if self._collected
-                 else torch.zeros(0, dtype=torch.float64))
-        self._collected = None
-        if self.dp_group is not None and dist.is_initialized():
-            local = _gather_varlen(local, self.dp_group)
-        self._fixed_q = resolve_percentile(local, self.objective.threshold.value)
-        return self._fixed_q
-
-    @property
-    def collecting(self) -> bool:
-        """Whether calls only record probabilities (between start and finish_collecting)."""
-        return self._collected is not None
-
-    @property
-    def threshold_needs_ce(self) -> bool:
-        """Whether :meth:`threshold` depends on this micro-batch's CE: a percentile threshold
-        without a fixed global-batch value (no pre-pass ran)."""
-        return self.objective.needs_percentile and self._fixed_q is None
-
-    def threshold(self, ce: torch.Tensor | None, response: torch.Tensor | None) -> float | None:
-        """The absolute probability threshold (None when the objective has none to resolve).
-
-        Uses the global-batch value fixed by :meth:`finish_collecting`; without a pre-pass
-        (``percentile_scope="micro"``, or a single forward) it takes the percentile of this
-        micro-batch's response tokens gathered over the DP group (a collective on that group),
-        the only case that reads ``ce`` and ``response`` (see :attr:`threshold_needs_ce`).
-        """
-        if not self.objective.needs_percentile:
-            return None
-        if self._fixed_q is not None:
-            return self._fixed_q
-        p = torch.exp(-ce.detach()[response]).to(torch.float64)
-        if self.dp_group is not None and dist.is_initialized():
-            p = _gather_varlen(p, self.dp_group)
-        return resolve_percentile(p, self.objective.threshold.value)
-
-    def __call__(self, ce: torch.Tensor, loss_mask: torch.Tensor):
-        ce = ce.to(torch.promote_types(ce.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-        response = loss_mask.to(ce.device) > 0
-        if self.collecting:
-            self._collected.append(torch.exp(-ce.detach()[response]).to(torch.float64))
-            return ce.sum() * 0.0, torch.zeros((), dtype=torch.int), {}
-        keep = self.objective.keep_mask(ce.detach(), self.threshold(ce, response)) & response
-        loss_sum = (self.objective.loss_from_ce(ce) * keep.to(ce.dtype)).sum()
-        return self.summarize(loss_sum, ce, keep, response)
-
-    def summarize(self, loss_sum: torch.Tensor, ce: torch.Tensor, keep: torch.Tensor,
-                  response: torch.Tensor):
-        """The loss-function triple from an already computed differentiable ``loss_sum``.
-
-        ``ce`` (float), ``keep`` and ``response`` (bool) have the micro-batch's shape; ``keep``
-        must already be restricted to response tokens. Shared by :meth:`__call__` and the fused
-        output layer (:mod:`probsft_megatron.fused_loss`) so both report identical counts and
-        statistics.
-        """
-        counted = keep if self.config.normalization == "kept" else response
-        num_tokens = counted.sum().to(torch.int)
-        with torch.no_grad():
-            ce = ce.detach().to(torch.promote_types(ce.dtype, torch.float32))
-            if self.record_p:
-                self._recorded.append(torch.exp(-ce[response]))
-            keep_f, resp_f = keep.to(ce.dtype), response.to(ce.dtype)
-            stats = torch.stack([
+    ``ce`` (float), ``keep`` and ``response`` (bool) have the micro-batch's shape; ``keep``
+    must already be restricted to response tokens. Shared by :func:`objective_loss` and the
+    fused output layer (:mod:`probsft_megatron.fused_loss`) so both report identical counts
+    and statistics.
+    """
+    counted = keep if normalization == "kept" else response
+    num_tokens = counted.sum().to(torch.int)
+    with torch.no_grad():
+        ce = ce.detach().to(_work_dtype(ce))
+        keep_f, resp_f = keep.to(ce.dtype), response.to(ce.dtype)
+        stats = torch.stack(
+            [
                 loss_sum.detach().to(ce.dtype),
                 resp_f.sum(),
                 keep_f.sum(),
                 (torch.exp(-ce) * resp_f).sum(),
-                (self.objective.weight_from_ce(ce) * keep_f).sum(),
-            ]).to(torch.float64)
-        return loss_sum, num_tokens, {"stats": stats}
+                (objective.weight_from_ce(ce) * keep_f).sum(),
+            ]
+        ).to(torch.float64)
+        report: dict[str, Any] = {"stats": stats}
+        if record_p:
+            report["p"] = torch.exp(-ce[response])
+    return loss_sum, num_tokens, report
 
 
-def reduce_stats(losses_reduced: list[dict], dp_group=None) -> dict[str, float]:
+def token_ce_triple(ce: torch.Tensor, loss_mask: torch.Tensor):
+    """A measuring (not training) loss triple: zero loss and count, and ``{"token_ce": [...]}``
+    with each row's response-token CE (1-D, detached, at least float32, in row order)."""
+    response = loss_mask.to(ce.device) > 0
+    detached = ce.detach().to(_work_dtype(ce))
+    rows = [detached[row][response[row]] for row in range(ce.shape[0])]
+    return ce.sum() * 0.0, torch.zeros((), dtype=torch.int), {"token_ce": rows}
+
+
+class ObjectiveLoss:
+    """A run's loss settings, bound once and immutable; calling it is :func:`objective_loss`.
+
+    ``ObjectiveLoss(config, dp_group)(ce, loss_mask, threshold=None, record_p=False)`` is
+    megatron's ``loss_func`` body for the unfused path. ``threshold=None`` applies the
+    objective's own rule: its absolute threshold, or, for a percentile, the percentile of the
+    micro-batch's response tokens over ``dp_group`` (:meth:`default_threshold`); a training
+    step that resolved the percentile over the global batch passes that float instead.
+
+    Args:
+        config: objective, normalization, implementation and chunk size of the fused path,
+            percentile scope.
+        dp_group: the data-parallel process group over which percentile thresholds are
+            resolved (``None``: no gathering, e.g. single process).
+    """
+
+    __slots__ = ("config", "objective", "dp_group")
+
+    def __init__(self, config: LossConfig, dp_group=None) -> None:
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "objective", parse_objective(config.objective))
+        object.__setattr__(self, "dp_group", dp_group)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"ObjectiveLoss is immutable (cannot set {name!r})")
+
+    def __repr__(self) -> str:
+        return f"ObjectiveLoss({self.objective.name}, {self.config.normalization})"
+
+    @property
+    def normalization(self) -> str:
+        return self.config.normalization
+
+    @property
+    def needs_global_threshold(self) -> bool:
+        """Whether a training step resolves this objective's percentile over the whole
+        global batch first (a percentile objective with ``percentile_scope="global"``)."""
+        return self.objective.needs_percentile and self.config.percentile_scope == "global"
+
+    def default_threshold(self) -> Threshold:
+        """The threshold when none is passed: None (absolute or no threshold) or the
+        per-micro-batch percentile over the DP group."""
+        if not self.objective.needs_percentile:
+            return None
+        return MicroBatchPercentile(self.objective.threshold.value, self.dp_group)
+
+    def threshold(self, threshold: Threshold = None) -> Threshold:
+        """``threshold``, or :meth:`default_threshold` when it is None."""
+        return self.default_threshold() if threshold is None else threshold
+
+    def __call__(
+        self,
+        ce: torch.Tensor,
+        loss_mask: torch.Tensor,
+        threshold: Threshold = None,
+        record_p: bool = False,
+    ):
+        return objective_loss(
+            ce,
+            loss_mask,
+            self.objective,
+            self.threshold(threshold),
+            normalization=self.config.normalization,
+            record_p=record_p,
+        )
+
+
+def reduce_stats(
+    losses_reduced: list[dict], dp_group=None, extra: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Sum the per-micro-batch stats of one step over micro-batches and DP ranks.
 
-    Call on the last pipeline stage (the only one with losses). Returns the step's
-    ``loss`` (global loss sum / global normalizer count), ``mean_p`` over response tokens,
-    ``frac_kept`` and ``mean_w`` (mean w(p)*keep over response tokens), plus raw counts.
+    Call on the last pipeline stage (the only one with losses); a collective on ``dp_group``.
+    Returns the step's ``loss_sum``, ``response_tokens``, ``kept_tokens``, ``mean_p`` over
+    response tokens, ``frac_kept`` and ``mean_w`` (mean w(p)*keep over response tokens);
+    ``extra`` counts (e.g. this rank's real tokens) are summed over DP ranks in the same
+    all-reduce. When the micro-batches recorded ``"p"``, ``p`` holds the response tokens' p of
+    the whole global batch (all DP ranks). Empty when no micro-batch reported stats.
     """
     parts = [d["stats"] for d in losses_reduced if "stats" in d]
     if not parts:
         return {}
-    total = torch.stack(parts).sum(0)
+    extra = dict(extra or {})
+    total = torch.cat(
+        [
+            torch.stack(parts).sum(0),
+            torch.tensor(list(extra.values()), dtype=torch.float64, device=parts[0].device),
+        ]
+    )
     if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(total, group=dp_group)
-    s = dict(zip(STAT_FIELDS, total.tolist()))
+    values = total.tolist()
+    s = dict(zip(STAT_FIELDS, values))
     resp = max(s["response_tokens"], 1.0)
-    return {
+    out: dict[str, Any] = {
         "loss_sum": s["loss_sum"],
         "response_tokens": int(s["response_tokens"]),
         "kept_tokens": int(s["kept_tokens"]),
@@ -235,6 +293,11 @@ def reduce_stats(losses_reduced: list[dict], dp_group=None) -> dict[str, float]:
         "frac_kept": s["kept_tokens"] / resp,
         "mean_w": s["w_sum"] / resp,
     }
+    out.update(zip(extra, values[len(STAT_FIELDS) :]))
+    recorded = [d["p"] for d in losses_reduced if "p" in d]
+    if recorded:
+        out["p"] = gather_varlen(torch.cat(recorded).float(), dp_group)
+    return out
 
 
 def step_loss(stats: dict[str, float], normalization: str) -> float:

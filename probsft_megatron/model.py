@@ -1,132 +1,33 @@
-"""Model description and Megatron-Core GPT model building (Qwen2 / Llama families).
+"""Megatron-Core GPT model building (Qwen2 / Llama families).
 
-:class:`ModelConfig` describes a decoder in Hugging Face terms (what a ``config.json`` says);
-:func:`transformer_config` turns it plus a :class:`ParallelConfig` into megatron's
-``TransformerConfig`` (the single source of truth inside megatron), and
-:func:`build_gpt_model` builds one pipeline stage of a ``GPTModel`` with the local
-(non-Transformer-Engine) layer spec, which runs on CPU and GPU alike.
+:class:`~probsft_megatron.config.ModelConfig` describes a decoder in Hugging Face terms (what a
+``config.json`` says); :func:`transformer_config` turns it plus a
+:class:`~probsft_megatron.config.ParallelConfig` (layout and activation recomputation) into
+megatron's ``TransformerConfig`` (the single source of truth inside megatron), and
+:func:`build_gpt_model` builds one pipeline stage of a ``GPTModel`` with the layer spec of the
+chosen attention (the local spec runs on CPU and GPU alike) and the chosen output head:
+logits (megatron's own) or hidden states for the fused loss
+(:class:`~probsft_megatron.fused_head.FusedHeadGPTModel`).
 """
+
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from probsft_megatron.errors import ConfigError
+from probsft_megatron.config import ModelConfig, ParallelConfig, resolve_attention
 
-ARCHITECTURES = ("llama", "qwen2")
-
-
-@dataclass
-class ModelConfig:
-    """A decoder-only transformer in Hugging Face terms.
-
-    ``arch`` selects the family: ``qwen2`` (q/k/v bias) or ``llama`` (no biases; Llama-3 rope
-    scaling when ``rope_scaling_factor`` is set). ``head_dim`` defaults to hidden/heads.
-    """
-
-    arch: str = "llama"
-    num_layers: int = 2
-    hidden_size: int = 64
-    ffn_hidden_size: int = 128
-    num_attention_heads: int = 4
-    num_query_groups: int = 2
-    head_dim: int | None = None
-    vocab_size: int = 256
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    qkv_bias: bool | None = None  # None: the family's default (qwen2: True, llama: False)
-    rope_scaling_factor: float | None = None  # Llama-3 "llama3" rope scaling factor
-    init_std: float = 0.02
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ConfigError(
-                f"model.arch={self.arch!r} is not supported; use one of {', '.join(ARCHITECTURES)}"
-            )
-        if self.qkv_bias is None:
-            self.qkv_bias = self.arch == "qwen2"
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ConfigError(
-                    f"model.hidden_size={self.hidden_size} is not divisible by "
-                    f"model.num_attention_heads={self.num_attention_heads}; set model.head_dim"
-                )
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_query_groups:
-            raise ConfigError(
-                f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"model.num_query_groups={self.num_query_groups}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown model config key(s) {unknown}; valid keys are {sorted(known)}"
-            )
-        return cls(**d)
-
-    def num_parameters(self) -> int:
-        """Parameter count of the unsharded model (for FLOPs and reporting)."""
-        h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
-        q = self.num_attention_heads * self.head_dim
-        kv = self.num_query_groups * self.head_dim
-        attn = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if self.qkv_bias else 0)
-        mlp = 3 * h * f
-        per_layer = attn + mlp + 2 * h
-        emb = v * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + emb + h
-
-
-@dataclass
-class ParallelConfig:
-    """How the model is split: tensor (TP), pipeline (PP), sequence parallel (SP, needs TP>1)."""
-
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
-
-    def validate(self, world_size: int, model: ModelConfig | None = None) -> int:
-        """Check the layout against the world size and model; returns the data-parallel size."""
-        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        if tp < 1 or pp < 1:
-            raise ConfigError("parallel.tensor_model_parallel_size and "
-                              "parallel.pipeline_model_parallel_size must be >= 1")
-        if world_size % (tp * pp):
-            raise ConfigError(
-                f"TP*PP = {tp}*{pp} = {tp * pp} does not divide the world size {world_size}; "
-                "change parallel.tensor_model_parallel_size / parallel.pipeline_model_parallel_size "
-                "or the number of processes"
-            )
-        if self.sequence_parallel and tp == 1:
-            raise ConfigError("parallel.sequence_parallel=true needs "
-                              "parallel.tensor_model_parallel_size > 1")
-        if model is not None:
-            for key, value in (("num_attention_heads", model.num_attention_heads),
-                               ("num_query_groups", model.num_query_groups),
-                               ("vocab_size", model.vocab_size),
-                               ("ffn_hidden_size", model.ffn_hidden_size)):
-                if value % tp:
-                    raise ConfigError(
-                        f"model.{key}={value} is not divisible by "
-                        f"parallel.tensor_model_parallel_size={tp}; pick a TP that divides it"
-                    )
-            if model.num_layers % pp:
-                raise ConfigError(
-                    f"model.num_layers={model.num_layers} is not divisible by "
-                    f"parallel.pipeline_model_parallel_size={pp}"
-                )
-        return world_size // (tp * pp)
+__all__ = [
+    "TINY_QWEN2",
+    "ModelConfig",
+    "ParallelConfig",
+    "SequenceParallelRMSNorm",
+    "build_gpt_model",
+    "layer_spec",
+    "resolve_attention",
+    "transformer_config",
+]
 
 
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):
@@ -155,7 +56,8 @@ def transformer_config(
 
     Dropout is 0 (SFT of pretrained backbones; also what makes CPU runs TP-exact) and
     ``calculate_per_token_loss`` is on: losses are summed per micro-batch and gradients are
-    divided once by the global token count (see :mod:`probsft_megatron.loss`).
+    divided once by the global token count (see :mod:`probsft_megatron.loss`). Activation
+    recomputation follows ``parallel.recompute_*`` (megatron's own options).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -189,24 +91,10 @@ def transformer_config(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
+        **parallel.megatron_recompute(),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
-
-
-def resolve_attention(impl: str) -> str:
-    """``auto`` is ``te`` (Transformer Engine layer spec) where TE is installed and CUDA
-    exists, else ``sdpa``; see :data:`probsft_megatron.attention.ATTENTION_IMPLS`."""
-    from probsft_megatron.attention import ATTENTION_IMPLS
-
-    if impl not in ATTENTION_IMPLS:
-        raise ConfigError(f"train.attention={impl!r} is invalid; use one of "
-                          f"{', '.join(ATTENTION_IMPLS)}")
-    if impl != "auto":
-        return impl
-    from probsft_megatron import compat, platform
-
-    return "te" if platform.cuda_available() and compat.te_available() else "sdpa"
 
 
 def layer_spec(config, attention: str = "sdpa"):
@@ -221,7 +109,9 @@ def layer_spec(config, attention: str = "sdpa"):
     checkpoint keys (the local spec maps its norms onto TE's ``layer_norm_weight`` names).
     """
     from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     if attention == "te":
@@ -239,13 +129,22 @@ def layer_spec(config, attention: str = "sdpa"):
     )
 
 
-def build_gpt_model(model: ModelConfig, config, *, pre_process: bool | None = None,
-                    post_process: bool | None = None, attention: str = "sdpa"):
+def build_gpt_model(
+    model: ModelConfig,
+    config,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    attention: str = "sdpa",
+    fused_head: bool = False,
+):
     """One pipeline stage of a megatron ``GPTModel`` (call after parallel state is set up).
 
     Returns logits split over the vocabulary on each TP rank (``parallel_output=True``);
     with ``labels`` the model returns the per-token cross entropy ``[b, s]``, identical on
-    every TP rank.
+    every TP rank. ``fused_head``: a :class:`~probsft_megatron.fused_head.FusedHeadGPTModel`,
+    whose last stage returns the hidden states for the fused loss instead (same parameters
+    and checkpoint keys).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -254,7 +153,12 @@ def build_gpt_model(model: ModelConfig, config, *, pre_process: bool | None = No
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    gpt = GPTModel(
+    model_class = GPTModel
+    if fused_head:
+        from probsft_megatron.fused_head import FusedHeadGPTModel
+
+        model_class = FusedHeadGPTModel
+    gpt = model_class(
         config=config,
         transformer_layer_spec=layer_spec(config, resolve_attention(attention)),
         vocab_size=model.vocab_size,
@@ -272,7 +176,14 @@ def build_gpt_model(model: ModelConfig, config, *, pre_process: bool | None = No
     return gpt
 
 
-TINY_QWEN2 = ModelConfig(arch="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=128,
-                         num_attention_heads=4, num_query_groups=2, vocab_size=256,
-                         rope_theta=1e6)
+TINY_QWEN2 = ModelConfig(
+    arch="qwen2",
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=256,
+    rope_theta=1e6,
+)
 """The tiny Qwen2-style model of the tests: RMSNorm, SwiGLU, GQA, qkv bias, RoPE, untied."""

@@ -24,6 +24,7 @@ batch's response tokens, resolved at run time with :func:`resolve_percentile`.
 linearly in ``ce`` with the slope it has there, so loss and gradient stay finite and the
 weight is capped at ``(1 - eps) / eps`` instead of being zeroed.
 """
+
 from __future__ import annotations
 
 import math
@@ -110,7 +111,7 @@ class _WeightedLoss(torch.autograd.Function):
     """``f(p)`` of an objective whose backward is ``grad * w(p)``."""
 
     @staticmethod
-    def forward(ctx, ce: Tensor, objective: "Objective") -> Tensor:
+    def forward(ctx, ce: Tensor, objective: Objective) -> Tensor:
         work = _work(ce)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(objective.weight_from_ce(work))
@@ -221,19 +222,25 @@ class Objective:
         f, w = _formulas(self.family, self.a)
         if self.threshold is None:
             mask = "all response tokens"
-            norm = ("sum of f(p) over response tokens / number of response tokens (counted "
-                    "over the whole global batch)")
+            norm = (
+                "sum of f(p) over response tokens / number of response tokens (counted "
+                "over the whole global batch)"
+            )
         else:
             op = ">=" if self.threshold.side == "top" else "<="
             if self.threshold.percentile:
-                q = (f"q = percentile {_fmt(self.threshold.value)} of p over the batch's "
-                     "response tokens (all data-parallel ranks)")
+                q = (
+                    f"q = percentile {_fmt(self.threshold.value)} of p over the batch's "
+                    "response tokens (all data-parallel ranks)"
+                )
             else:
                 q = f"q = {_fmt(self.threshold.value)}"
             mask = f"response tokens with p {op} q, {q}"
-            norm = ("sum of f(p) over kept tokens / number of kept tokens over the whole global "
-                    "batch (the seed's default; the count is clamped at 1, so an empty keep set "
-                    "gives loss 0)")
+            norm = (
+                "sum of f(p) over kept tokens / number of kept tokens over the whole global "
+                "batch (the seed's default; the count is clamped at 1, so an empty keep set "
+                "gives loss 0)"
+            )
         return {"name": self.name, "f": f, "w": w, "mask": mask, "normalization": norm}
 
 
@@ -247,8 +254,10 @@ def _formulas(family: str, a: float | None) -> tuple[str, str]:
         s = _fmt(a)
         return f"(1 - p^{s}) / {s}", f"p^{s}"
     cap = _fmt(_UNLIKELIHOOD_WMAX)
-    return (f"log(1 - p), continued linearly in ce once 1 - p < {_fmt(UNLIKELIHOOD_EPS)}",
-            f"p / (1 - p), capped at {cap}")
+    return (
+        f"log(1 - p), continued linearly in ce once 1 - p < {_fmt(UNLIKELIHOOD_EPS)}",
+        f"p / (1 - p), capped at {cap}",
+    )
 
 
 def _number(text: str, spec: str) -> float:
@@ -284,7 +293,8 @@ def _parse_string(spec: str) -> Objective:
     if percentile:
         if not 0.0 <= value <= 100.0:
             raise ObjectiveError(
-                f"objective {spec!r}: percentile K must be in [0, 100] (got {value:g})")
+                f"objective {spec!r}: percentile K must be in [0, 100] (got {value:g})"
+            )
         tag = f"K{_fmt(value)}"
     elif side == "top" and not 0.0 <= value < 1.0:
         raise ObjectiveError(f"objective {spec!r}: {prefix} needs 0 <= q < 1 (got {value:g})")
@@ -292,13 +302,18 @@ def _parse_string(spec: str) -> Objective:
         raise ObjectiveError(f"objective {spec!r}: {prefix} needs 0 < q <= 1 (got {value:g})")
     else:
         tag = _fmt(value)
-    return Objective(name=f"{prefix}-{tag}", family=family,
-                     threshold=Threshold(value=value, percentile=percentile, side=side))
+    return Objective(
+        name=f"{prefix}-{tag}",
+        family=family,
+        threshold=Threshold(value=value, percentile=percentile, side=side),
+    )
 
 
 def _param_text(value: object, key: str, spec: dict) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (
-        isinstance(value, float) and not math.isfinite(value)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, str))
+        or (isinstance(value, float) and not math.isfinite(value))
     ):
         raise ObjectiveError(f"objective {spec!r}: {key} must be a finite number")
     return value.strip() if isinstance(value, str) else _fmt(value)
@@ -316,8 +331,10 @@ def _parse_dict(spec: dict) -> Objective:
         return _parse_string(name)
     base = name.strip().lower()
     if len(params) > 1 or base not in _PARAMETRIC:
-        raise ObjectiveError(f"objective {spec!r}: give the name without a parameter and exactly "
-                             "one of a (GeneralFamily), q or percentile (thresholds)")
+        raise ObjectiveError(
+            f"objective {spec!r}: give the name without a parameter and exactly "
+            "one of a (GeneralFamily), q or percentile (thresholds)"
+        )
     key = params[0]
     if (key == "a") != (_PARAMETRIC[base][0] == "general"):
         raise ObjectiveError(f"objective {spec!r}: {name} does not take {key}")
@@ -369,19 +386,37 @@ def list_objectives() -> list[dict]:
     f_nll, w_nll = _formulas("nll", None)
     f_p, w_p = _formulas("p", None)
     out = [
-        {"form": "original", "f": f_nll, "w": w_nll, "mask": "all", "example": "original",
-         "aliases": ["nll", "logp"]},
+        {
+            "form": "original",
+            "f": f_nll,
+            "w": w_nll,
+            "mask": "all",
+            "example": "original",
+            "aliases": ["nll", "logp"],
+        },
         {"form": "p", "f": f_p, "w": w_p, "mask": "all", "example": "p", "aliases": ["dft"]},
-        {"form": "GeneralFamily-<a>", "f": "(1 - p^a) / a  (a = 0: -log p)", "w": "p^a",
-         "mask": "all", "example": "GeneralFamily-8", "aliases": ["convexity-<a>"]},
+        {
+            "form": "GeneralFamily-<a>",
+            "f": "(1 - p^a) / a  (a = 0: -log p)",
+            "w": "p^a",
+            "mask": "all",
+            "example": "GeneralFamily-8",
+            "aliases": ["convexity-<a>"],
+        },
     ]
     for (family, side), prefix in _THRESHOLD_PREFIX.items():
         f, w = _formulas(family, None)
         aliases = [f"{prefix}-K<k>"]
         if family == "unlikelihood_thr":
             aliases.append(prefix.replace("Unlikehood", "Unlikelihood") + "-<q>")
-        out.append({"form": f"{prefix}-<q>", "f": f, "w": w,
-                    "mask": "p >= q" if side == "top" else "p <= q",
-                    "example": f"{prefix}-{'0.5' if side == 'top' else '0.9'}",
-                    "aliases": aliases})
+        out.append(
+            {
+                "form": f"{prefix}-<q>",
+                "f": f,
+                "w": w,
+                "mask": "p >= q" if side == "top" else "p <= q",
+                "example": f"{prefix}-{'0.5' if side == 'top' else '0.9'}",
+                "aliases": aliases,
+            }
+        )
     return out

@@ -1,9 +1,10 @@
 """`probsft objectives`: list the training objectives or validate one spec.
 
-    probsft objectives                      table of every form with f(p), w(p) and mask
-    probsft objectives --describe NAME      canonical name, f, w, mask; exit 1 if invalid
-    probsft objectives [--describe NAME] --json
+probsft objectives                      table of every form with f(p), w(p) and mask
+probsft objectives --describe NAME      canonical name, f, w, mask; exit 1 if invalid
+probsft objectives [--describe NAME] --json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,16 +16,21 @@ from probsft_megatron.objectives import ObjectiveError, list_objectives, parse_o
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the subcommand's options."""
-    parser.add_argument("--describe", metavar="NAME",
-                        help="validate an objective spec (e.g. GeneralFamily-8, OnlyTopP-K20) "
-                             "and print its canonical name, f(p), w(p) and mask")
+    parser.add_argument(
+        "--describe",
+        metavar="NAME",
+        help="validate an objective spec (e.g. GeneralFamily-8, OnlyTopP-K20) "
+        "and print its canonical name, f(p), w(p) and mask",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)).rstrip() for r in rows]
     return "\n".join(lines)
 
@@ -39,9 +45,11 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             r["aliases"] = ", ".join(r["aliases"])
         print(_table(rows, ["form", "f", "w", "mask", "aliases"]))
-        print("\nw(p) = -f'(p) * p multiplies the NLL gradient. <q>: absolute probability "
-              "(top 0 <= q < 1, bottom 0 < q <= 1);\nK<k>: k-th percentile (0..100) of the "
-              "batch's response-token p. Details: probsft objectives --describe NAME.")
+        print(
+            "\nw(p) = -f'(p) * p multiplies the NLL gradient. <q>: absolute probability "
+            "(top 0 <= q < 1, bottom 0 < q <= 1);\nK<k>: k-th percentile (0..100) of the "
+            "batch's response-token p. Details: probsft objectives --describe NAME."
+        )
         return 0
     try:
         objective = parse_objective(args.describe)
@@ -51,14 +59,26 @@ def run(args: argparse.Namespace) -> int:
     info = objective.describe()
     if args.json:
         threshold = objective.threshold
-        info.update(family=objective.family, a=objective.a,
-                    threshold=None if threshold is None else {
-                        "value": threshold.value, "percentile": threshold.percentile,
-                        "side": threshold.side})
+        info.update(
+            family=objective.family,
+            a=objective.a,
+            threshold=None
+            if threshold is None
+            else {
+                "value": threshold.value,
+                "percentile": threshold.percentile,
+                "side": threshold.side,
+            },
+        )
         print(json.dumps(info, indent=2))
         return 0
-    labels = {"name": "name", "f": "loss f(p)", "w": "weight w(p)", "mask": "mask",
-              "normalization": "normalization"}
+    labels = {
+        "name": "name",
+        "f": "loss f(p)",
+        "w": "weight w(p)",
+        "mask": "mask",
+        "normalization": "normalization",
+    }
     width = max(map(len, labels.values()))
     for key, label in labels.items():
         print(f"{label + ':':<{width + 1}}  {info[key]}")

@@ -20,15 +20,23 @@ megatron *API* differences between versions live in :mod:`probsft_megatron.compa
 
 RNG: without CUDA, call ``model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)``
 (see :func:`probsft_megatron.compat.seed_model_parallel`); dropout is then not TP-aware, so
-multi-rank parity tests use dropout 0.
+multi-rank parity tests use dropout 0. Activation recomputation
+(``parallel.recompute_granularity``) saves and restores "the CUDA RNG state" around each
+recomputed block; without CUDA there is none, so megatron's two helpers that read and write
+it are replaced by ones that hand back an empty state and ignore it (the CPU generator, which
+is what the recomputed forward uses, is saved and restored by megatron as usual).
 """
+
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from probsft_megatron.hardware import cuda_available, te_available  # noqa: F401  (re-exported)
 
 _STATE: dict[str, Any] = {"active": False, "mode": None, "saved": {}}
 _LOCK = threading.Lock()
@@ -71,11 +79,6 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def cuda_available() -> bool:
-    """Whether a usable CUDA device exists (the single check :func:`activate` relies on)."""
-    return torch.cuda.is_available()
-
-
 def is_active() -> bool:
     """Whether the CPU fallback is installed in this process."""
     return bool(_STATE["active"])
@@ -110,6 +113,7 @@ def activate(cuda: bool | None = None) -> bool:
         # Tiny objective weights (p^a with small p) make subnormal gradients, which x86 CPUs
         # process orders of magnitude slower; GPUs flush them in their fast paths anyway.
         torch.set_flush_denormal(True)
+        _patch_recompute_rng(saved)
         mode = _CudaToCpuMode()
         mode.__enter__()
         _STATE.update(active=True, mode=mode)
@@ -124,9 +128,26 @@ def deactivate() -> None:
         _STATE["mode"].__exit__(None, None, None)
         torch.set_flush_denormal(False)
         for name, original in _STATE["saved"].items():
-            setattr(torch.cuda, name, original)
+            owner, attr = name if isinstance(name, tuple) else (torch.cuda, name)
+            setattr(owner, attr, original)
         _STATE["saved"].clear()
         _STATE.update(active=False, mode=None)
+
+
+def _patch_recompute_rng(saved: dict) -> None:
+    """Let megatron's activation checkpointing run without a CUDA RNG (see the module
+    docstring); a no-op where megatron is not installed."""
+    try:
+        from megatron.core.tensor_parallel import random as mrandom
+    except ImportError:
+        return
+    empty = torch.empty(0, dtype=torch.uint8)
+    for attr, replacement in (
+        ("_get_cuda_rng_state", lambda *a, **k: empty),
+        ("_set_cuda_rng_state", lambda *a, **k: None),
+    ):
+        saved[(mrandom, attr)] = getattr(mrandom, attr)
+        setattr(mrandom, attr, replacement)
 
 
 def device() -> torch.device:

@@ -10,6 +10,7 @@ cache first). ``--data`` is a recipe (its ``data`` section), a ``.jsonl`` / ``.j
 probe runs under ``torchrun --nproc-per-node N`` (TP*PP must divide N; the rest is DP). The
 report is cached by model, dtype and tokens; ``--refresh`` measures again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,26 +21,43 @@ import subprocess
 import sys
 from pathlib import Path
 
-from probsft_megatron.errors import CheckpointError, ConfigError, ProbsftError
+from probsft_megatron import console
+from probsft_megatron.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="Megatron model dir, or a Hugging Face folder (converted once, cached)")
-    p.add_argument("--data", required=True,
-                   help="recipe (path or name), a .jsonl/.json/.parquet file, or 'figfont'")
-    p.add_argument("--samples", type=int, default=None,
-                   help="examples to probe (a seeded random sample; default 512)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Megatron model dir, or a Hugging Face folder (converted once, cached)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="recipe (path or name), a .jsonl/.json/.parquet file, or 'figfont'",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="examples to probe (a seeded random sample; default 512)",
+    )
     p.add_argument("--out", help="also write report.json and probe.png into this folder")
     p.add_argument("--nproc", type=int, default=1, help="processes (devices) on this node")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward micro-batch")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float64"),
-                   help="model precision (auto: bfloat16 on GPU, float32 on CPU, like training; "
-                        "float64 for reference checks)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float64"),
+        help="model precision (auto: bfloat16 on GPU, float32 on CPU, like training; "
+        "float64 for reference checks)",
+    )
     p.add_argument("--tokenizer", help="tokenizer folder or 'smollm2' (default: the model's hf/)")
     p.add_argument("--refresh", action="store_true", help="ignore and replace a cached report")
     p.add_argument("overrides", nargs="*", help="data overrides, e.g. data.max_length=2048")
@@ -51,11 +69,16 @@ def data_config(spec: str, overrides: list[str]):
 
     bad = [o for o in overrides if not o.strip().startswith("data.")]
     if bad:
-        raise ConfigError(f"override {bad[0]!r} is not a data.* key; `probsft probe` only takes "
-                          "data overrides (e.g. data.max_length=2048)")
+        raise ConfigError(
+            f"override {bad[0]!r} is not a data.* key; `probsft probe` only takes "
+            "data overrides (e.g. data.max_length=2048)"
+        )
     if spec == "figfont" or Path(spec).suffix.lower() in DATA_SUFFIXES:
-        raw = {"data": {"source": "figfont"} if spec == "figfont" else
-               {"source": "file", "train_files": [spec]}}
+        raw = {
+            "data": {"source": "figfont"}
+            if spec == "figfont"
+            else {"source": "file", "train_files": [spec]}
+        }
         for o in overrides:
             raw = apply_override(raw, o)
         cfg = build_config(raw).data
@@ -69,14 +92,16 @@ def megatron_model_dir(path: str) -> Path:
     """``path`` if it is a Megatron model dir; a Hugging Face folder is converted once into
     ``<probsft cache>/megatron/<name>-<hash>`` (keyed by its path, config and weight files)."""
     from probsft_megatron.converters.api import hf_to_megatron
-    from probsft_megatron.eval.models import default_cache_dir
+    from probsft_megatron.embedded import default_cache_dir
 
     folder = Path(path)
     if (folder / "model_config.json").is_file():
         return folder
     if not (folder / "config.json").is_file():
-        raise CheckpointError(f"--model {folder} is neither a Megatron model dir "
-                              "(model_config.json) nor a Hugging Face folder (config.json)")
+        raise CheckpointError(
+            f"--model {folder} is neither a Megatron model dir "
+            "(model_config.json) nor a Hugging Face folder (config.json)"
+        )
     h = hashlib.sha256(str(folder.resolve()).encode())
     h.update((folder / "config.json").read_bytes())
     for f in sorted(folder.glob("*.safetensors")):
@@ -84,21 +109,39 @@ def megatron_model_dir(path: str) -> Path:
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     target = default_cache_dir() / "megatron" / f"{folder.resolve().name}-{h.hexdigest()[:12]}"
     if not (target / "model_config.json").is_file():
-        print(f"[probsft] converting {folder} to a Megatron model dir at {target} (once)",
-              file=sys.stderr)
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        logger.info("converting %s to a Megatron model dir at %s (once)", folder, target)
         hf_to_megatron(folder, target, overwrite=True)
     return target
 
 
 def _child_command(args: argparse.Namespace, model_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node", str(args.nproc), "-m", "probsft_megatron.probe_cli",
-           "--model", str(model_dir), "--data", args.data, "--tp", str(args.tp),
-           "--pp", str(args.pp), "--micro-batch-size", str(args.micro_batch_size),
-           "--dtype", args.dtype]
-    for flag, value in (("--samples", args.samples), ("--out", args.out),
-                        ("--tokenizer", args.tokenizer)):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(args.nproc),
+        "-m",
+        "probsft_megatron.probe_cli",
+        "--model",
+        str(model_dir),
+        "--data",
+        args.data,
+        "--tp",
+        str(args.tp),
+        "--pp",
+        str(args.pp),
+        "--micro-batch-size",
+        str(args.micro_batch_size),
+        "--dtype",
+        args.dtype,
+    ]
+    for flag, value in (
+        ("--samples", args.samples),
+        ("--out", args.out),
+        ("--tokenizer", args.tokenizer),
+    ):
         if value is not None:
             cmd += [flag, str(value)]
     if args.refresh:
@@ -110,27 +153,36 @@ def run(args: argparse.Namespace) -> int:
     """Probe and print the table (rank 0); spawns torchrun for ``--nproc`` > 1."""
     import torch.distributed as dist
 
-    from probsft_megatron.model import ParallelConfig
+    from probsft_megatron.config import ParallelConfig
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (got {args.nproc})")
-    parallel = ParallelConfig(tensor_model_parallel_size=args.tp,
-                              pipeline_model_parallel_size=args.pp)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp
+    )
     data = data_config(args.data, args.overrides)
     under_torchrun = dist.is_torchelastic_launched()
     model_dir = Path(args.model) if under_torchrun else megatron_model_dir(args.model)
     if not under_torchrun:
-        from probsft_megatron.train import read_model_dir_config
+        from probsft_megatron.config import validate_layout
+        from probsft_megatron.model_dir import read_model_config
 
-        parallel.validate(args.nproc, read_model_dir_config(model_dir))
+        validate_layout(parallel, args.nproc, read_model_config(model_dir))
         if args.nproc > 1:
             return subprocess.call(_child_command(args, model_dir))
     from probsft_megatron import probe
 
-    report = probe.probe(model_dir, data, tokenizer=args.tokenizer,
-                         samples=probe.DEFAULT_SAMPLES if args.samples is None else args.samples,
-                         parallel=parallel, micro_batch_size=args.micro_batch_size,
-                         dtype=args.dtype, out_dir=args.out, use_cache=not args.refresh)
+    report = probe.probe(
+        model_dir,
+        data,
+        tokenizer=args.tokenizer,
+        samples=probe.DEFAULT_SAMPLES if args.samples is None else args.samples,
+        parallel=parallel,
+        micro_batch_size=args.micro_batch_size,
+        dtype=args.dtype,
+        out_dir=args.out,
+        use_cache=not args.refresh,
+    )
     if not under_torchrun or os.environ.get("RANK") == "0":
         print(probe.format_table(report))
         where = Path(args.out) if args.out else probe.cache_dir() / report["key"]
@@ -142,11 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="probsft probe", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ProbsftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return console.run_main(lambda: run(args))
 
 
 if __name__ == "__main__":

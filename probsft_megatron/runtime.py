@@ -1,24 +1,61 @@
-"""Process-group set-up and the training step, shared by training, probing and tests.
+"""Process groups, the model and optimizer, and one training step; shared by training,
+probing and tests.
 
 Launch contract: one process per device under ``torchrun`` (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` in the environment), or a plain single
 process (world size 1, a free local port is chosen). Megatron's groups are laid out
 TP-fastest, then DP, then PP (megatron's default order).
+
+The step (:func:`train_step`) is megatron's ``forward_backward_func`` driven by a
+:class:`ForwardStep`: an immutable value that runs the model on the next micro-batch and
+returns megatron's ``loss_func`` for the objective. When the objective's percentile must be
+taken over the whole global batch, the step first runs a forward-only pass with a
+:class:`MeasureStep` (each micro-batch reports its response tokens' CE), resolves the
+threshold on the last pipeline stage, and trains with ``ForwardStep(..., threshold=q)``.
+It returns :class:`StepStats`.
 """
+
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from probsft_megatron import compat, platform
-from probsft_megatron.loss import ObjectiveLoss, reduce_stats
-from probsft_megatron.model import ParallelConfig
+from probsft_megatron.config import OptimConfig, ParallelConfig, validate_layout
+from probsft_megatron.data.batches import Batch
+from probsft_megatron.loss import (
+    ObjectiveLoss,
+    gather_varlen,
+    reduce_stats,
+    step_loss,
+    token_ce_triple,
+)
+from probsft_megatron.objectives import resolve_percentile
+
+__all__ = [
+    "Batch",
+    "ForwardStep",
+    "MeasureStep",
+    "StepStats",
+    "build_training_model",
+    "dp_group",
+    "init_distributed",
+    "is_last_stage",
+    "load_model_weights",
+    "make_forward_step",
+    "measure_token_ce",
+    "save_model_weights",
+    "shutdown",
+    "train_step",
+]
 
 
 def _free_port() -> int:
@@ -30,10 +67,11 @@ def _free_port() -> int:
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, model=None) -> int:
     """Start torch.distributed (nccl on GPU, gloo on CPU) and megatron's model-parallel groups.
 
-    Validates the layout before any group is created. Returns the data-parallel size.
+    Checks the layout against the world size (and ``model``) before any group is created.
+    Returns the data-parallel size.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = parallel.validate(world, model)
+    dp = validate_layout(parallel, world, model)
     platform.activate()
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
@@ -44,8 +82,9 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, model=None) -> 
         if platform.cuda_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=platform.distributed_backend())
-    compat.initialize_model_parallel(parallel.tensor_model_parallel_size,
-                                     parallel.pipeline_model_parallel_size)
+    compat.initialize_model_parallel(
+        parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    )
     compat.seed_model_parallel(seed)
     return dp
 
@@ -57,127 +96,354 @@ def shutdown() -> None:
 
 
 def is_last_stage() -> bool:
-    from megatron.core import parallel_state
-
-    return parallel_state.is_pipeline_last_stage()
+    return compat.is_pipeline_last_stage()
 
 
 def dp_group():
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_group()
+    return compat.data_parallel_group()
 
 
-@dataclass
-class Batch:
-    """One micro-batch on one rank: all tensors ``[b, s]``.
+# -- the forward step --------------------------------------------------------------------------
 
-    ``labels[i, t]`` is the token that follows ``tokens[i, t]``; ``loss_mask`` is 1 on
-    response tokens. ``attention_mask`` is an optional boolean ``[b, 1, s, s]`` (True =
-    masked) used for packed sequences; ``None`` means plain causal attention.
+
+def head_loss(
+    hidden: torch.Tensor,
+    *,
+    loss: ObjectiveLoss,
+    model,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    threshold=None,
+    record_p: bool = False,
+):
+    """megatron ``loss_func`` of a fused-head model's last stage: hidden states -> the loss
+    triple (:func:`probsft_megatron.fused_loss.fused_objective_loss`)."""
+    from probsft_megatron import fused_head
+    from probsft_megatron.fused_loss import fused_objective_loss
+
+    gpt = fused_head.unwrap(model)
+    if not fused_head.head_is_fused(gpt):
+        raise RuntimeError(
+            "loss.implementation='fused' needs a model built with the fused head "
+            "(runtime.build_training_model(..., loss_config=...) or "
+            "model.build_gpt_model(..., fused_head=True))"
+        )
+    layer = gpt.output_layer
+    return fused_objective_loss(
+        hidden,
+        fused_head.output_weight(gpt),
+        labels,
+        loss_mask,
+        loss,
+        tp_group=layer.tp_group,
+        sequence_parallel=bool(layer.sequence_parallel),
+        threshold=threshold,
+        record_p=record_p,
+    )
+
+
+@dataclass(frozen=True)
+class ForwardStep:
+    """megatron's ``forward_step_func`` for one objective.
+
+    Runs the model on the next micro-batch and returns its output with the ``loss_func`` the
+    schedule applies on the last pipeline stage. Unfused (``loss.config.implementation``):
+    the model gets the labels and returns the per-token vocab-parallel CE, and the loss is
+    ``loss(ce, mask, threshold, record_p)``. Fused: the model (built with the fused head)
+    returns hidden states and :func:`head_loss` computes the fused linear + objective loss.
+
+    ``threshold``: an absolute percentile threshold resolved by :func:`train_step` over the
+    global batch; None applies the objective's own rule (see
+    :meth:`~probsft_megatron.loss.ObjectiveLoss.default_threshold`). ``record_p``: every
+    micro-batch also reports its response tokens' p (for a histogram).
     """
 
-    tokens: torch.Tensor
-    labels: torch.Tensor
-    loss_mask: torch.Tensor
-    position_ids: torch.Tensor
-    attention_mask: torch.Tensor | None = None
+    loss: ObjectiveLoss
+    device: Any = "cpu"
+    threshold: float | None = None
+    record_p: bool = False
 
-    def to(self, device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.tokens), move(self.labels), move(self.loss_mask),
-                     move(self.position_ids), move(self.attention_mask))
-
-
-def make_forward_step(loss: ObjectiveLoss, device) -> Callable:
-    """megatron ``forward_step_func``: runs the model on the next micro-batch.
-
-    On the last pipeline stage the model returns the per-token CE (vocab-parallel) and the
-    returned ``loss_func`` applies the objective; other stages return hidden states. With
-    ``loss.config.implementation == "fused"`` the step comes from
-    :func:`probsft_megatron.fused_loss.make_forward_step` (the model must have been built
-    with that loss config, see :func:`build_training_model`).
-    """
-    if loss.config.implementation == "fused":
-        from probsft_megatron import fused_loss
-
-        return fused_loss.make_forward_step(loss, device)
-
-    def forward_step(data_iterator: Iterator[Batch], model):
-        batch = next(data_iterator).to(device)
+    def __call__(self, data_iterator: Iterator[Batch], model):
+        batch = next(data_iterator).to(self.device)
+        if self.loss.config.implementation == "fused":
+            out = model(batch.tokens, batch.position_ids, batch.attention_mask)
+            return out, partial(
+                head_loss,
+                loss=self.loss,
+                model=model,
+                labels=batch.labels,
+                loss_mask=batch.loss_mask,
+                threshold=self.threshold,
+                record_p=self.record_p,
+            )
         out = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
-        return out, partial(loss, loss_mask=batch.loss_mask)
+        return out, partial(
+            self.loss, loss_mask=batch.loss_mask, threshold=self.threshold, record_p=self.record_p
+        )
 
-    forward_step.objective_loss = loss
-    return forward_step
+
+def make_forward_step(loss: ObjectiveLoss, device) -> ForwardStep:
+    """The :class:`ForwardStep` of ``loss`` on ``device``."""
+    return ForwardStep(loss, device)
 
 
-def train_step(model_chunks: list, optimizer, forward_step: Callable, micro_batches: list[Batch],
-               *, seq_length: int, micro_batch_size: int) -> dict[str, Any]:
-    """One optimizer step over ``micro_batches`` (gradient accumulation inside megatron's schedule).
+def _fused_token_ce(
+    hidden: torch.Tensor, *, model, labels: torch.Tensor, loss_mask: torch.Tensor, chunk_size: int
+):
+    from probsft_megatron import fused_head
+    from probsft_megatron.fused_loss import fused_token_ce
 
-    Returns the step's statistics on the last pipeline stage (loss, mean p, fraction kept,
-    mean w, counts) and ``grad_norm`` / ``update_successful`` on every rank.
+    gpt = fused_head.unwrap(model)
+    layer = gpt.output_layer
+    ce = fused_token_ce(
+        hidden,
+        fused_head.output_weight(gpt),
+        labels,
+        loss_mask,
+        tp_group=layer.tp_group,
+        sequence_parallel=bool(layer.sequence_parallel),
+        chunk_size=chunk_size,
+    )
+    return token_ce_triple(ce, loss_mask)
+
+
+@dataclass(frozen=True)
+class MeasureStep:
+    """``forward_step_func`` of a forward-only measurement: each micro-batch reports its
+    rows' response-token CE (:func:`~probsft_megatron.loss.token_ce_triple`) and trains
+    nothing. ``implementation``: the model's head (``unfused``: megatron's vocab-parallel
+    CE; ``fused``: the fused head's chunked CE, ``chunk_size`` tokens at a time)."""
+
+    device: Any = "cpu"
+    implementation: str = "unfused"
+    chunk_size: int = 4096
+
+    def __call__(self, data_iterator: Iterator[Batch], model):
+        batch = next(data_iterator).to(self.device)
+        if self.implementation == "fused":
+            out = model(batch.tokens, batch.position_ids, batch.attention_mask)
+            return out, partial(
+                _fused_token_ce,
+                model=model,
+                labels=batch.labels,
+                loss_mask=batch.loss_mask,
+                chunk_size=self.chunk_size,
+            )
+        out = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+        return out, partial(token_ce_triple, loss_mask=batch.loss_mask)
+
+
+def measure_token_ce(
+    model_chunks: list,
+    micro_batches: list[Batch],
+    step: MeasureStep,
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+) -> list[torch.Tensor]:
+    """Forward-only pass over ``micro_batches`` (megatron's schedule, a collective over the
+    pipeline); returns every row's response-token CE in micro-batch and row order on the last
+    pipeline stage, ``[]`` on other stages."""
+    with torch.no_grad():
+        reports = compat.get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iter(micro_batches),
+            model=model_chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+        )
+    if not is_last_stage():
+        return []
+    return [row for report in reports for row in report["token_ce"]]
+
+
+# -- the training step -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimizer step reports.
+
+    Every rank: ``grad_norm``, ``update_successful``. The last pipeline stage (where the loss
+    is computed; None elsewhere): ``loss`` (global loss sum / global normalizer count),
+    ``loss_sum``, ``response_tokens``, ``kept_tokens``, ``mean_p``, ``frac_kept``, ``mean_w``,
+    ``tokens`` (non-padding tokens of the global batch), ``threshold`` (a global-batch
+    percentile threshold, when one was resolved) and ``p`` (the response tokens' p of the
+    global batch, when asked for with ``record_p``).
     """
-    run = partial(compat.get_forward_backward_func(), forward_step_func=forward_step,
-                  model=model_chunks, num_microbatches=len(micro_batches),
-                  seq_length=seq_length, micro_batch_size=micro_batch_size)
-    loss: ObjectiveLoss | None = getattr(forward_step, "objective_loss", None)
+
+    grad_norm: float
+    update_successful: bool
+    loss: float | None = None
+    loss_sum: float | None = None
+    response_tokens: int | None = None
+    kept_tokens: int | None = None
+    mean_p: float | None = None
+    frac_kept: float | None = None
+    mean_w: float | None = None
+    tokens: int | None = None
+    threshold: float | None = None
+    p: torch.Tensor | None = None
+
+    @property
+    def has_loss(self) -> bool:
+        """Whether this rank holds the step's loss statistics (last pipeline stage)."""
+        return self.loss_sum is not None
+
+
+def global_threshold(
+    model_chunks: list,
+    step: ForwardStep,
+    micro_batches: list[Batch],
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+) -> float | None:
+    """The objective's percentile over the response tokens of the whole global batch (all
+    micro-batches, all DP ranks): a forward-only measurement pass, then the percentile of
+    the gathered p on the last stage (None on other stages, which do not need it)."""
+    measure = MeasureStep(step.device, step.loss.config.implementation, step.loss.config.chunk_size)
+    rows = measure_token_ce(
+        model_chunks,
+        micro_batches,
+        measure,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+    )
+    if not is_last_stage():
+        return None
+    local = (
+        torch.exp(-torch.cat(rows)).to(torch.float64)
+        if rows
+        else torch.zeros(0, dtype=torch.float64)
+    )
+    return resolve_percentile(
+        gather_varlen(local, step.loss.dp_group), step.loss.objective.threshold.value
+    )
+
+
+def train_step(
+    model_chunks: list,
+    optimizer,
+    forward_step: Callable,
+    micro_batches: list[Batch],
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    record_p: bool = False,
+) -> StepStats:
+    """One optimizer step over ``micro_batches`` (gradient accumulation inside megatron's
+    schedule); a collective over the whole job.
+
+    ``forward_step``: a :class:`ForwardStep` (or any megatron ``forward_step_func``, which is
+    run as it is). A ForwardStep whose objective needs a global-batch percentile gets it
+    resolved first (:func:`global_threshold`); ``record_p`` asks for the response tokens' p.
+    """
+    run = partial(
+        compat.get_forward_backward_func(),
+        model=model_chunks,
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+    )
     threshold = None
-    if (loss is not None and loss.objective.needs_percentile
-            and loss.config.percentile_scope == "global"):
-        # Exact global-batch percentile: a forward-only pass collects p on the last stage.
-        last = is_last_stage()
-        if last:
-            loss.start_collecting()
-        with torch.no_grad():
-            run(data_iterator=iter(micro_batches), forward_only=True)
-        if last:
-            threshold = loss.finish_collecting()
+    normalization = None
+    if isinstance(forward_step, ForwardStep):
+        normalization = forward_step.loss.normalization
+        if forward_step.threshold is None and forward_step.loss.needs_global_threshold:
+            threshold = global_threshold(
+                model_chunks,
+                forward_step,
+                micro_batches,
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+            )
+            forward_step = dataclasses.replace(forward_step, threshold=threshold)
+        if record_p:
+            forward_step = dataclasses.replace(forward_step, record_p=True)
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = run(data_iterator=iter(micro_batches), forward_only=False)
+    losses = run(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), forward_only=False
+    )
     update_successful, grad_norm, _ = optimizer.step()
-    stats = reduce_stats(losses, dp_group()) if is_last_stage() else {}
-    if threshold is not None:
+    stats: dict[str, Any] = {}
+    if is_last_stage():
+        real = sum(
+            b.tokens.numel() if b.real_tokens is None else b.real_tokens for b in micro_batches
+        )
+        stats = reduce_stats(losses, dp_group(), extra={"tokens": real})
+        if stats:
+            stats["tokens"] = int(stats["tokens"])
+            if normalization is not None:
+                stats["loss"] = step_loss(stats, normalization)
         stats["threshold"] = threshold
-    stats.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                 update_successful=bool(update_successful))
-    return stats
+    return StepStats(
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        update_successful=bool(update_successful),
+        **stats,
+    )
 
 
-def build_training_model(model_cfg, tconfig, *, lr: float = 1e-3, weight_decay: float = 0.0,
-                         adam_betas: tuple[float, float] = (0.9, 0.95), adam_eps: float = 1e-8,
-                         clip_grad: float = 1.0, use_distributed_optimizer: bool = False,
-                         load_dir: str | None = None, loss_config=None,
-                         attention: str = "sdpa"):
+# -- model and optimizer -----------------------------------------------------------------------
+
+LIBRARY_OPTIM = OptimConfig(lr=1e-3, weight_decay=0.0)
+"""The optimizer settings :func:`build_training_model` starts from when given none (tests and
+benchmarks); training passes its job's ``optim`` section."""
+
+_LEGACY_OPTIM_KEYS = {"adam_betas": ("adam_beta1", "adam_beta2")}
+
+
+def build_training_model(
+    model_cfg,
+    tconfig,
+    optim: OptimConfig | None = None,
+    *,
+    use_distributed_optimizer: bool = False,
+    load_dir: str | None = None,
+    loss_config=None,
+    attention: str = "sdpa",
+    **optim_overrides,
+):
     """This rank's pipeline stage wrapped in megatron DDP, and megatron's optimizer.
 
+    ``optim``: the optimizer settings (default :data:`LIBRARY_OPTIM`); keyword overrides of
+    its fields (``lr=...``, ``weight_decay=...``, ``adam_betas=(b1, b2)``) apply on top.
+    ``grad_reduce_in_fp32`` of those settings configures DDP's gradient buffers.
     ``load_dir``: a torch_dist checkpoint of model weights to start from (resharded on load
     to this rank's TP/PP layout), loaded before DDP and the optimizer see the parameters.
-    ``loss_config``: with ``implementation="fused"`` the output layer hands its hidden states
-    to the fused linear + objective loss instead of computing logits.
+    ``loss_config``: with ``implementation="fused"`` the model is built with the fused head
+    (the output layer hands its hidden states to the fused linear + objective loss).
     ``attention``: ``sdpa``, ``local``, ``te`` or ``auto`` (see
-    :func:`probsft_megatron.model.resolve_attention`). megatron's optimizer picks TE/apex
+    :func:`probsft_megatron.config.resolve_attention`). megatron's optimizer picks TE/apex
     fused Adam by itself where they are installed.
     Returns ``([ddp_model], optimizer)``.
     """
     from probsft_megatron.model import build_gpt_model
 
-    gpt = build_gpt_model(model_cfg, tconfig, attention=attention).to(platform.device())
-    if loss_config is not None and loss_config.implementation == "fused":
-        from probsft_megatron.fused_loss import install_fused_head
-
-        install_fused_head(gpt, loss_config)
+    optim = optim or LIBRARY_OPTIM
+    for key, value in optim_overrides.items():
+        names = _LEGACY_OPTIM_KEYS.get(key)
+        optim = dataclasses.replace(optim, **(dict(zip(names, value)) if names else {key: value}))
+    fused = loss_config is not None and loss_config.implementation == "fused"
+    gpt = build_gpt_model(model_cfg, tconfig, attention=attention, fused_head=fused).to(
+        platform.device()
+    )
     if load_dir is not None:
         load_model_weights(gpt, load_dir)
-    ddp = compat.wrap_ddp(gpt, tconfig, use_distributed_optimizer=use_distributed_optimizer)
+    ddp = compat.wrap_ddp(
+        gpt,
+        tconfig,
+        use_distributed_optimizer=use_distributed_optimizer,
+        grad_reduce_in_fp32=optim.grad_reduce_in_fp32,
+    )
     tconfig.finalize_model_grads_func = compat.finalize_model_grads_func()
     optimizer = compat.build_optimizer(
-        [ddp], lr=lr, weight_decay=weight_decay, adam_beta1=adam_betas[0],
-        adam_beta2=adam_betas[1], adam_eps=adam_eps, clip_grad=clip_grad,
-        use_distributed_optimizer=use_distributed_optimizer, bf16=bool(tconfig.bf16))
+        [ddp], optim, use_distributed_optimizer=use_distributed_optimizer, bf16=bool(tconfig.bf16)
+    )
     return [ddp], optimizer
 
 

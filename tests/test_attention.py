@@ -1,5 +1,6 @@
 """SDPA core attention equals megatron's local attention (fp32, CPU) at TP=1 and TP=2,
 plain causal and with packed sequences; dropping the packing mask must be caught."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,11 +15,16 @@ TOL = 1e-5
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
 def test_sdpa_matches_local(tmp_path, tp, packed):
     out = tmp_path / "diff.json"
-    run_torchrun("attention_worker.py", tp, ["--tp", str(tp), "--out", str(out),
-                                             *(["--packed"] if packed else [])])
+    run_torchrun(
+        "attention_worker.py",
+        tp,
+        ["--tp", str(tp), "--out", str(out), *(["--packed"] if packed else [])],
+    )
     res = read_json(out)
-    print(f"TP={tp} packed={packed}: logits {res['logits']:.2e} (scale "
-          f"{res['logits_scale']:.2f}), grads (relative) {res['grads']:.2e}")
+    print(
+        f"TP={tp} packed={packed}: logits {res['logits']:.2e} (scale "
+        f"{res['logits_scale']:.2f}), grads (relative) {res['grads']:.2e}"
+    )
     assert res["logits"] <= TOL and res["grads"] <= TOL
 
 

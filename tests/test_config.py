@@ -1,4 +1,5 @@
 """Config loading: recipes, presets, dotted overrides, and bad input failing before any work."""
+
 from __future__ import annotations
 
 import subprocess
@@ -6,13 +7,30 @@ import sys
 
 import pytest
 
-from probsft_megatron.config import (apply_override, build_config, list_presets, list_recipes,
-                                     load_config)
+from probsft_megatron.config import (
+    apply_override,
+    build_config,
+    list_presets,
+    list_recipes,
+    load_config,
+)
 from probsft_megatron.errors import ConfigError
 
-PRESETS = {"qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-math-1.5b",
-           "qwen2.5-math-7b", "qwen2.5-coder-7b", "llama-3.2-3b", "llama-3.1-8b",
-           "deepseek-math-7b-base", "smollm2-135m", "tiny-qwen2", "tiny-llama"}
+PRESETS = {
+    "qwen2.5-1.5b",
+    "qwen2.5-3b",
+    "qwen2.5-7b",
+    "qwen2.5-14b",
+    "qwen2.5-math-1.5b",
+    "qwen2.5-math-7b",
+    "qwen2.5-coder-7b",
+    "llama-3.2-3b",
+    "llama-3.1-8b",
+    "deepseek-math-7b-base",
+    "smollm2-135m",
+    "tiny-qwen2",
+    "tiny-llama",
+}
 
 
 def test_every_seed_backbone_has_a_preset():
@@ -40,18 +58,28 @@ def test_every_recipe_loads_and_validates(recipe):
 
 def test_seed_hyperparameters_in_recipes():
     math = _load_with_files("math-qwen2.5-math-1.5b")
-    assert (math.optim.lr, math.train.global_batch_size, math.data.max_length,
-            math.train.epochs) == (5e-5, 256, 3072, 1)
+    assert (
+        math.optim.lr,
+        math.train.global_batch_size,
+        math.data.max_length,
+        math.train.epochs,
+    ) == (5e-5, 256, 3072, 1)
     fig = load_config("figfont-qwen2.5-7b")
     assert (fig.optim.lr, fig.data.max_length, fig.optim.weight_decay) == (5e-5, 800, 1e-5)
     assert _load_with_files("math-qwen2.5-14b").optim.lr == 2e-5
 
 
 def test_overrides_are_typed():
-    cfg = load_config("tiny-figfont-cpu", ["optim.lr=4e-5", "train.max_steps=3",
-                                           "loss.objective=GeneralFamily-8",
-                                           "parallel.sequence_parallel=true",
-                                           "model.num_layers=4"])
+    cfg = load_config(
+        "tiny-figfont-cpu",
+        [
+            "optim.lr=4e-5",
+            "train.max_steps=3",
+            "loss.objective=GeneralFamily-8",
+            "parallel.sequence_parallel=true",
+            "model.num_layers=4",
+        ],
+    )
     assert cfg.optim.lr == 4e-5 and isinstance(cfg.optim.lr, float)
     assert cfg.train.max_steps == 3
     assert cfg.loss.objective == "GeneralFamily-8"
@@ -59,32 +87,41 @@ def test_overrides_are_typed():
     assert cfg.model.num_layers == 4 and cfg.model.hidden_size == 128  # preset kept
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("train.lrr=1", "train.lrr"),
-    ("optimizer.lr=1", "optimizer"),
-    ("optim.lr=fast", "optim.lr"),
-    ("train.micro_batch_size=2.5", "train.micro_batch_size"),
-    ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel"),
-    ("loss.normalization=mean", "loss.normalization"),
-    ("model=gpt5", "gpt5"),
-    ("trainlr", "section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.lrr=1", "train.lrr"),
+        ("optimizer.lr=1", "optimizer"),
+        ("optim.lr=fast", "optim.lr"),
+        ("train.micro_batch_size=2.5", "train.micro_batch_size"),
+        ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel"),
+        ("loss.normalization=mean", "loss.normalization"),
+        ("model=gpt5", "gpt5"),
+        ("trainlr", "section.key=value"),
+    ],
+)
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config("tiny-figfont-cpu", [override])
 
 
-@pytest.mark.parametrize("overrides,world,needle", [
-    (["parallel.tensor_model_parallel_size=2"], 3, "does not divide the world size"),
-    (["parallel.pipeline_model_parallel_size=2", "parallel.tensor_model_parallel_size=2"], 2,
-     "does not divide"),
-    (["train.global_batch_size=6", "train.micro_batch_size=4"], 1, "global_batch_size"),
-    (["train.global_batch_size=4", "train.micro_batch_size=2"], 4, "global_batch_size"),
-    (["model=smollm2-135m", "parallel.tensor_model_parallel_size=2"], 2, "num_attention_heads"),
-    (["parallel.sequence_parallel=true"], 1, "sequence_parallel"),
-    (["model.num_layers=3", "parallel.pipeline_model_parallel_size=2"], 2, "num_layers"),
-    (["data.max_length=4096"], 1, "max_position_embeddings"),
-])
+@pytest.mark.parametrize(
+    "overrides,world,needle",
+    [
+        (["parallel.tensor_model_parallel_size=2"], 3, "does not divide the world size"),
+        (
+            ["parallel.pipeline_model_parallel_size=2", "parallel.tensor_model_parallel_size=2"],
+            2,
+            "does not divide",
+        ),
+        (["train.global_batch_size=6", "train.micro_batch_size=4"], 1, "global_batch_size"),
+        (["train.global_batch_size=4", "train.micro_batch_size=2"], 4, "global_batch_size"),
+        (["model=smollm2-135m", "parallel.tensor_model_parallel_size=2"], 2, "num_attention_heads"),
+        (["parallel.sequence_parallel=true"], 1, "sequence_parallel"),
+        (["model.num_layers=3", "parallel.pipeline_model_parallel_size=2"], 2, "num_layers"),
+        (["data.max_length=4096"], 1, "max_position_embeddings"),
+    ],
+)
 def test_impossible_layouts_fail_validation(overrides, world, needle):
     cfg = load_config("tiny-figfont-cpu", overrides)
     with pytest.raises(ConfigError, match=needle):
@@ -105,8 +142,9 @@ def test_unknown_key_in_yaml_and_missing_recipe(tmp_path):
 
 
 def test_apply_override_into_preset_name():
-    raw = apply_override({"model": "tiny-qwen2", "data": {"source": "figfont"}},
-                         "model.num_layers=6")
+    raw = apply_override(
+        {"model": "tiny-qwen2", "data": {"source": "figfont"}}, "model.num_layers=6"
+    )
     cfg = build_config(raw)
     assert cfg.model.arch == "qwen2" and cfg.model.num_layers == 6
 
@@ -114,9 +152,22 @@ def test_apply_override_into_preset_name():
 def test_cli_rejects_bad_layout_before_spawning(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "probsft_megatron.cli", "train", "--config", "tiny-figfont-cpu",
-         "--nproc", "3", "parallel.tensor_model_parallel_size=2", f"train.output_dir={out}"],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "probsft_megatron.cli",
+            "train",
+            "--config",
+            "tiny-figfont-cpu",
+            "--nproc",
+            "3",
+            "parallel.tensor_model_parallel_size=2",
+            f"train.output_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: TP*PP = 2*1 = 2 does not divide the world size 3")

@@ -1,4 +1,5 @@
 """The generated figlet-font task: paper configuration, split layout, determinism."""
+
 from __future__ import annotations
 
 import pyfiglet
@@ -25,9 +26,13 @@ def test_records_are_deterministic_and_well_formed():
         assert pyfiglet.figlet_format(" ".join(word), font=r["font"]) in r["prompt"]
         assert r["qwen_prompt"].startswith("<|im_start|>system\n" + SYSTEM_PROMPT)
         assert r["qwen_prompt"].endswith(r["prompt"] + "\n<|im_end|>\n<|im_start|>assistant\n")
-        assert r["llama_prompt"].startswith("<|begin_of_text|><|begin_of_text|><|start_header_id|>system")
+        assert r["llama_prompt"].startswith(
+            "<|begin_of_text|><|begin_of_text|><|start_header_id|>system"
+        )
     # a different generator seed gives different items (negative control for the seed)
-    assert [r["prompt"] for r in figfont_records("test", n=6, seed=7)] != [r["prompt"] for r in first]
+    assert [r["prompt"] for r in figfont_records("test", n=6, seed=7)] != [
+        r["prompt"] for r in first
+    ]
 
 
 def test_bad_split_or_count():

@@ -1,4 +1,5 @@
 """Atomic writes: a complete new file or the old one, never a half-written file."""
+
 from __future__ import annotations
 
 import json

@@ -14,6 +14,7 @@ Tolerances (float64, machine eps 2.2e-16; atol 1e-13 throughout for entries near
   formula: rtol 1e-9 (1 - exp(-ce) in the test loses digits for small ce); w(p) vs a central
   finite difference of the loss values: rtol 1e-6.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,6 +47,7 @@ CE0 = -math.log1p(-EPS)  # ce at which 1 - p == EPS
 
 
 # ----------------------------------------------------------------------------- reference
+
 
 def ref_f(obj: Objective, p: torch.Tensor, a: float | None = None) -> torch.Tensor:
     """f(p) written from the paper's table, directly in p (float64)."""
@@ -119,12 +121,27 @@ def make_batch(n: int = 48, vocab: int = 32, seed: int | None = None):
 
 
 SPECS = [
-    "original", "p", "dft",
-    "GeneralFamily-0", "GeneralFamily-0.5", "GeneralFamily-1", "GeneralFamily-8",
-    "OnlyTopP-0.5", "OnlyBottomP-0.3", "OnlyTopLogP-0.2", "OnlyBottomLogP-0.9",
-    "UnlikehoodTop-0.4", "UnlikehoodBottom-0.7",
-    "OnlyTopP-K20", "OnlyBottomP-K50", "OnlyTopLogP-K70", "OnlyBottomLogP-K5",
-    "UnlikehoodTop-K60", "UnlikehoodBottom-K80", "OnlyTopP-K0", "OnlyBottomP-K100",
+    "original",
+    "p",
+    "dft",
+    "GeneralFamily-0",
+    "GeneralFamily-0.5",
+    "GeneralFamily-1",
+    "GeneralFamily-8",
+    "OnlyTopP-0.5",
+    "OnlyBottomP-0.3",
+    "OnlyTopLogP-0.2",
+    "OnlyBottomLogP-0.9",
+    "UnlikehoodTop-0.4",
+    "UnlikehoodBottom-0.7",
+    "OnlyTopP-K20",
+    "OnlyBottomP-K50",
+    "OnlyTopLogP-K70",
+    "OnlyBottomLogP-K5",
+    "UnlikehoodTop-K60",
+    "UnlikehoodBottom-K80",
+    "OnlyTopP-K0",
+    "OnlyBottomP-K100",
 ]
 
 
@@ -133,6 +150,7 @@ def tolerances(obj: Objective) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- parity
+
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_loss_and_logit_grad_match_float64_reference(spec):
@@ -155,8 +173,9 @@ def test_negative_controls_are_detected():
     obj = parse_objective("GeneralFamily-8")
     loss, grad, _ = lib_loss_and_grad(obj, logits, y, resp)
     # wrong weight p^(a+1): f(p) = (1 - p^(a+1)) / (a+1)
-    _, wrong_grad, _ = ref_loss_and_grad(obj, logits, y, resp,
-                                         f=lambda o, p: ref_f(o, p, a=o.a + 1))
+    _, wrong_grad, _ = ref_loss_and_grad(
+        obj, logits, y, resp, f=lambda o, p: ref_f(o, p, a=o.a + 1)
+    )
     assert not close(grad, wrong_grad, *tolerances(obj))
 
     thr = parse_objective("OnlyTopP-0.5")
@@ -196,9 +215,20 @@ def analytic_w(obj: Objective, ce: torch.Tensor) -> torch.Tensor:
     return torch.minimum(p / (1 - p), torch.full_like(p, WMAX))
 
 
-@pytest.mark.parametrize("spec", ["original", "p", "GeneralFamily-0", "GeneralFamily-0.5",
-                                  "GeneralFamily-1", "GeneralFamily-8", "OnlyTopP-0.5",
-                                  "OnlyBottomLogP-K10", "UnlikehoodTop-0.1"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "original",
+        "p",
+        "GeneralFamily-0",
+        "GeneralFamily-0.5",
+        "GeneralFamily-1",
+        "GeneralFamily-8",
+        "OnlyTopP-0.5",
+        "OnlyBottomLogP-K10",
+        "UnlikehoodTop-0.1",
+    ],
+)
 def test_weight_is_dloss_dce(spec):
     obj = parse_objective(spec)
     ce = torch.tensor(CE_VALUES, dtype=torch.float64, requires_grad=True)
@@ -226,8 +256,9 @@ def test_weight_is_dloss_dce(spec):
 def test_unlikelihood_floor_is_continuous_and_bounded():
     assert UNLIKELIHOOD_EPS == EPS
     obj = parse_objective("UnlikehoodTop-0.5")
-    ce = torch.tensor([0.0, CE0 * (1 - 1e-9), CE0, CE0 * (1 + 1e-9)], dtype=torch.float64,
-                      requires_grad=True)
+    ce = torch.tensor(
+        [0.0, CE0 * (1 - 1e-9), CE0, CE0 * (1 + 1e-9)], dtype=torch.float64, requires_grad=True
+    )
     loss = obj.loss_from_ce(ce)
     (dce,) = torch.autograd.grad(loss.sum(), ce)
     assert loss[0].item() == pytest.approx(math.log(EPS) - WMAX * CE0, rel=1e-12)
@@ -247,8 +278,10 @@ def test_general_family_zero_is_nll_and_small_a_converges():
     assert torch.equal(g0.loss_from_ce(ce), ce)
     (d0,) = torch.autograd.grad(g0.loss_from_ce(ce).sum(), ce)
     assert torch.equal(d0, torch.ones_like(ce))
-    err = {a: (parse_objective(f"GeneralFamily-{a}").loss_from_ce(ce) - ce).abs().max().item()
-           for a in (1e-3, 1e-6)}
+    err = {
+        a: (parse_objective(f"GeneralFamily-{a}").loss_from_ce(ce) - ce).abs().max().item()
+        for a in (1e-3, 1e-6)
+    }
     assert err[1e-6] < 1e-5 * 5**2  # |f_a - ce| <= a * ce^2 / 2
     assert err[1e-6] < err[1e-3] / 100
 
@@ -284,26 +317,51 @@ VALID = [
     ("convexity-0.1", "GeneralFamily-0.1", "general", 0.1, None),
     ("GeneralFamily-1e-6", "GeneralFamily-1e-06", "general", 1e-6, None),
     ("OnlyTopP-0", "OnlyTopP-0", "p_thr", None, Threshold(0.0, False, "top")),
-    ("OnlyTopP-0.5858418226242066", "OnlyTopP-0.5858418226242066", "p_thr", None,
-     Threshold(0.5858418226242066, False, "top")),
+    (
+        "OnlyTopP-0.5858418226242066",
+        "OnlyTopP-0.5858418226242066",
+        "p_thr",
+        None,
+        Threshold(0.5858418226242066, False, "top"),
+    ),
     ("OnlyBottomP-1.0", "OnlyBottomP-1", "p_thr", None, Threshold(1.0, False, "bottom")),
     ("OnlyTopLogP-0.9", "OnlyTopLogP-0.9", "logp_thr", None, Threshold(0.9, False, "top")),
     ("OnlyBottomLogP-0.2", "OnlyBottomLogP-0.2", "logp_thr", None, Threshold(0.2, False, "bottom")),
-    ("UnlikehoodTop-0.3", "UnlikehoodTop-0.3", "unlikelihood_thr", None,
-     Threshold(0.3, False, "top")),
-    ("UnlikelihoodBottom-0.7", "UnlikehoodBottom-0.7", "unlikelihood_thr", None,
-     Threshold(0.7, False, "bottom")),
+    (
+        "UnlikehoodTop-0.3",
+        "UnlikehoodTop-0.3",
+        "unlikelihood_thr",
+        None,
+        Threshold(0.3, False, "top"),
+    ),
+    (
+        "UnlikelihoodBottom-0.7",
+        "UnlikehoodBottom-0.7",
+        "unlikelihood_thr",
+        None,
+        Threshold(0.7, False, "bottom"),
+    ),
     ("OnlyTopP-K20", "OnlyTopP-K20", "p_thr", None, Threshold(20.0, True, "top")),
     ("onlybottomp-k100", "OnlyBottomP-K100", "p_thr", None, Threshold(100.0, True, "bottom")),
     ("UnlikehoodTop-K0", "UnlikehoodTop-K0", "unlikelihood_thr", None, Threshold(0.0, True, "top")),
     ({"name": "GeneralFamily", "a": 8}, "GeneralFamily-8", "general", 8.0, None),
     ({"name": "convexity", "a": "2.5"}, "GeneralFamily-2.5", "general", 2.5, None),
     ({"name": "OnlyTopP", "q": 0.5}, "OnlyTopP-0.5", "p_thr", None, Threshold(0.5, False, "top")),
-    ({"name": "OnlyTopP", "percentile": 20}, "OnlyTopP-K20", "p_thr", None,
-     Threshold(20.0, True, "top")),
+    (
+        {"name": "OnlyTopP", "percentile": 20},
+        "OnlyTopP-K20",
+        "p_thr",
+        None,
+        Threshold(20.0, True, "top"),
+    ),
     ({"name": "p"}, "p", "p", None, None),
-    ({"name": "OnlyTopLogP-K30"}, "OnlyTopLogP-K30", "logp_thr", None,
-     Threshold(30.0, True, "top")),
+    (
+        {"name": "OnlyTopLogP-K30"},
+        "OnlyTopLogP-K30",
+        "logp_thr",
+        None,
+        Threshold(30.0, True, "top"),
+    ),
 ]
 
 
@@ -318,15 +376,40 @@ def test_parse_valid_and_round_trip(spec, name, family, a, threshold):
 
 
 INVALID = [
-    "foo", "", "GeneralFamily", "OnlyTopP", "GeneralFamily-abc", "GeneralFamily--1",
-    "GeneralFamily-nan", "GeneralFamily-inf", "GeneralFamily-K20", "OnlyTopP-1.5", "OnlyTopP-1",
-    "OnlyTopP--0.1", "OnlyBottomP-0", "OnlyBottomP-1.01", "OnlyTopLogP-1", "UnlikehoodBottom-0",
-    "OnlyTopP-K101", "OnlyTopP-K-1", "OnlyTopP-Kx", "p-0.5", "original-1",
-    {"name": "GeneralFamily", "a": -1}, {"name": "GeneralFamily", "a": float("inf")},
-    {"name": "OnlyTopP", "q": 0.5, "percentile": 20}, {"name": "p", "a": 1},
-    {"name": "OnlyTopP", "a": 1}, {"name": "GeneralFamily", "q": 0.5},
-    {"name": "OnlyTopP", "q": True}, {"name": "OnlyTopP", "q": 0.5, "foo": 1}, {"a": 1},
-    {"name": "OnlyTopP-0.5", "q": 0.5}, {"name": "OnlyTopP", "percentile": 150}, 42, None,
+    "foo",
+    "",
+    "GeneralFamily",
+    "OnlyTopP",
+    "GeneralFamily-abc",
+    "GeneralFamily--1",
+    "GeneralFamily-nan",
+    "GeneralFamily-inf",
+    "GeneralFamily-K20",
+    "OnlyTopP-1.5",
+    "OnlyTopP-1",
+    "OnlyTopP--0.1",
+    "OnlyBottomP-0",
+    "OnlyBottomP-1.01",
+    "OnlyTopLogP-1",
+    "UnlikehoodBottom-0",
+    "OnlyTopP-K101",
+    "OnlyTopP-K-1",
+    "OnlyTopP-Kx",
+    "p-0.5",
+    "original-1",
+    {"name": "GeneralFamily", "a": -1},
+    {"name": "GeneralFamily", "a": float("inf")},
+    {"name": "OnlyTopP", "q": 0.5, "percentile": 20},
+    {"name": "p", "a": 1},
+    {"name": "OnlyTopP", "a": 1},
+    {"name": "GeneralFamily", "q": 0.5},
+    {"name": "OnlyTopP", "q": True},
+    {"name": "OnlyTopP", "q": 0.5, "foo": 1},
+    {"a": 1},
+    {"name": "OnlyTopP-0.5", "q": 0.5},
+    {"name": "OnlyTopP", "percentile": 150},
+    42,
+    None,
     Objective(name="p", family="nll"),
 ]
 
@@ -350,8 +433,16 @@ def test_negative_a_says_why():
 def test_list_and_describe():
     rows = list_objectives()
     assert [r["form"] for r in rows] == [
-        "original", "p", "GeneralFamily-<a>", "OnlyTopP-<q>", "OnlyBottomP-<q>",
-        "OnlyTopLogP-<q>", "OnlyBottomLogP-<q>", "UnlikehoodTop-<q>", "UnlikehoodBottom-<q>"]
+        "original",
+        "p",
+        "GeneralFamily-<a>",
+        "OnlyTopP-<q>",
+        "OnlyBottomP-<q>",
+        "OnlyTopLogP-<q>",
+        "OnlyBottomLogP-<q>",
+        "UnlikehoodTop-<q>",
+        "UnlikehoodBottom-<q>",
+    ]
     for r in rows:
         assert set(r) == {"form", "f", "w", "mask", "example", "aliases"}
         parse_objective(r["example"])
@@ -364,6 +455,7 @@ def test_list_and_describe():
 
 
 # ----------------------------------------------------------------------------- percentile
+
 
 @pytest.mark.parametrize("n", [1, 2, 7, 1001])
 def test_resolve_percentile_matches_numpy(n):
@@ -392,6 +484,7 @@ def test_resolve_percentile_beyond_torch_quantile_limit():
 
 
 # ----------------------------------------------------------------------------- CLI
+
 
 def test_cli_table_and_json(capsys):
     assert cli_main(["objectives"]) == 0
@@ -425,9 +518,14 @@ def test_console_script():
     exe = os.path.join(os.path.dirname(sys.executable), "probsft")
     if not os.path.exists(exe):
         pytest.skip("probsft console script not installed")
-    done = subprocess.run([exe, "objectives", "--describe", "dft"], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [exe, "objectives", "--describe", "dft"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0 and "name:" in done.stdout and " p\n" in done.stdout
-    done = subprocess.run([exe, "objectives", "--describe", "OnlyBottomP-0"], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [exe, "objectives", "--describe", "OnlyBottomP-0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1 and done.stderr.startswith("error: ")

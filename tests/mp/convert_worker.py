@@ -12,6 +12,7 @@ NLL objective on counting sequences, and save the result as a new Megatron model
 (``model_config.json`` + ``weights/`` + the source's ``hf/``) with the layout helpers'
 multi-rank protocol.
 """
+
 import argparse
 import json
 import sys
@@ -55,9 +56,14 @@ def full_logits(model, tokens: torch.Tensor, seq: int):
 
     with torch.no_grad():
         compat.get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([tokens]), model=[model],
-            num_microbatches=1, seq_length=seq, micro_batch_size=tokens.shape[0],
-            forward_only=True)
+            forward_step_func=forward_step,
+            data_iterator=iter([tokens]),
+            model=[model],
+            num_microbatches=1,
+            seq_length=seq,
+            micro_batch_size=tokens.shape[0],
+            forward_only=True,
+        )
     return collected[0] if runtime.is_last_stage() else None
 
 
@@ -73,15 +79,19 @@ def run_logits(jobs_file: str) -> None:
         md = read_model_dir(job["model_dir"])
         parallel = ParallelConfig(job["tp"], job["pp"])
         current = setup_layout(parallel, md.model, current)
-        tconfig = transformer_config(md.model, parallel, calculate_per_token_loss=False,
-                                     **job.get("overrides", {}))
+        tconfig = transformer_config(
+            md.model, parallel, calculate_per_token_loss=False, **job.get("overrides", {})
+        )
         model = build_gpt_model(md.model, tconfig)
         runtime.load_model_weights(model, str(md.weights))
         model.eval()
         tokens = torch.load(job["tokens"])
         logits = full_logits(model, tokens, tokens.shape[1])
-        if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
-                and parallel_state.get_data_parallel_rank() == 0:
+        if (
+            logits is not None
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0
+        ):
             torch.save(logits.float().contiguous(), job["out"])
         torch.distributed.barrier()
 
@@ -101,24 +111,27 @@ def run_train(args) -> None:
 
     from probsft_megatron import runtime
     from probsft_megatron.converters import layout
-    from probsft_megatron.loss import LossConfig, ObjectiveLoss, step_loss
+    from probsft_megatron.loss import LossConfig, ObjectiveLoss
     from probsft_megatron.model import ParallelConfig, transformer_config
 
     src = layout.read_model_dir(args.model_dir)
     parallel = ParallelConfig(args.tp, args.pp)
     runtime.init_distributed(parallel, seed=1234, model=src.model)
     tconfig = transformer_config(src.model, parallel)
-    chunks, optimizer = runtime.build_training_model(src.model, tconfig, lr=args.lr,
-                                                     load_dir=str(src.weights))
+    chunks, optimizer = runtime.build_training_model(
+        src.model, tconfig, lr=args.lr, load_dir=str(src.weights)
+    )
     forward_step = runtime.make_forward_step(ObjectiveLoss(LossConfig("original")), "cpu")
-    for step, (tokens, labels) in enumerate(counting_batches(args.steps, 4, args.seq,
-                                                             src.model.vocab_size)):
+    for step, (tokens, labels) in enumerate(
+        counting_batches(args.steps, 4, args.seq, src.model.vocab_size)
+    ):
         pos = torch.arange(args.seq)[None, :].expand(4, -1).contiguous()
         batch = runtime.Batch(tokens, labels, torch.ones(tokens.shape), pos)
-        stats = runtime.train_step(chunks, optimizer, forward_step, [batch],
-                                   seq_length=args.seq, micro_batch_size=4)
+        stats = runtime.train_step(
+            chunks, optimizer, forward_step, [batch], seq_length=args.seq, micro_batch_size=4
+        )
         if runtime.is_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
-            print(f"step {step + 1}: loss {step_loss(stats, 'all'):.4f}", flush=True)
+            print(f"step {step + 1}: loss {stats.loss:.4f}", flush=True)
     rank0 = torch.distributed.get_rank() == 0
     staging = layout.staging_path(args.out)
     if rank0:
@@ -127,8 +140,9 @@ def run_train(args) -> None:
     runtime.save_model_weights(chunks[0].module, str(staging / layout.WEIGHTS_DIR))
     torch.distributed.barrier()
     if rank0:
-        layout.write_model_config(staging, src.model, dtype=src.dtype,
-                                  source=dict(src.source, trained_steps=args.steps))
+        layout.write_model_config(
+            staging, src.model, dtype=src.dtype, source=dict(src.source, trained_steps=args.steps)
+        )
         layout.copy_hf_files(src.hf, staging / layout.HF_DIR)
         layout.commit_staging(staging, args.out)
     torch.distributed.barrier()

@@ -21,23 +21,33 @@ for each layout inside the same process group.
 of the sum of exponentials (its target-logit reduction still runs), which the ``op`` check
 must expose.
 """
+
 import argparse
 import dataclasses
 import os
 import sys
 
 import torch
-
-from probsft_megatron.fileio import atomic_write_json
 import torch.distributed as dist
 
-OBJECTIVES = ("original,p,GeneralFamily-8,OnlyTopP-0.3,UnlikehoodTop-0.5,OnlyBottomP-K50,"
-              "OnlyBottomP-K50@micro")
+from probsft_megatron.fileio import atomic_write_json
+
+OBJECTIVES = (
+    "original,p,GeneralFamily-8,OnlyTopP-0.3,UnlikehoodTop-0.5,OnlyBottomP-K50,"
+    "OnlyBottomP-K50@micro"
+)
 TIED_OBJECTIVES = "original,UnlikehoodTop-0.5,OnlyBottomP-K50"
-OP_OBJECTIVES = ("original,p,GeneralFamily-8,OnlyTopP-0.3,OnlyBottomP-0.3,OnlyTopLogP-0.3,"
-                 "OnlyBottomLogP-0.3,UnlikehoodTop-0.5,UnlikehoodBottom-0.3,OnlyBottomP-K50")
-LAYOUTS = {"ref": (1, 1, False), "tp2": (2, 1, False), "tp2_sp": (2, 1, True),
-           "pp2": (1, 2, False), "dp2": (1, 1, False)}  # dp2: whatever ranks TP/PP leave
+OP_OBJECTIVES = (
+    "original,p,GeneralFamily-8,OnlyTopP-0.3,OnlyBottomP-0.3,OnlyTopLogP-0.3,"
+    "OnlyBottomLogP-0.3,UnlikehoodTop-0.5,UnlikehoodBottom-0.3,OnlyBottomP-K50"
+)
+LAYOUTS = {
+    "ref": (1, 1, False),
+    "tp2": (2, 1, False),
+    "tp2_sp": (2, 1, True),
+    "pp2": (1, 2, False),
+    "dp2": (1, 1, False),
+}  # dp2: whatever ranks TP/PP leave
 
 
 def loss_config(spec: str, implementation: str):
@@ -45,8 +55,12 @@ def loss_config(spec: str, implementation: str):
     from probsft_megatron.loss import LossConfig
 
     name, _, scope = spec.partition("@")
-    return LossConfig(objective=name, implementation=implementation,
-                      percentile_scope=scope or "global", chunk_size=24)
+    return LossConfig(
+        objective=name,
+        implementation=implementation,
+        percentile_scope=scope or "global",
+        chunk_size=24,
+    )
 
 
 def break_sumexp_reduction() -> None:
@@ -99,15 +113,18 @@ def op_check(sp: bool, objectives: list[str]) -> dict:
     hidden_full = torch.randn(b, s, h, generator=g)
     weight_full = torch.randn(vocab, h, generator=g) * 0.6
     with torch.no_grad():  # labels drawn from the model itself: p spread over (0, 1)
-        labels = torch.multinomial(torch.softmax(hidden_full @ weight_full.T, -1).view(-1, vocab),
-                                   1, generator=g).view(b, s)
+        labels = torch.multinomial(
+            torch.softmax(hidden_full @ weight_full.T, -1).view(-1, vocab), 1, generator=g
+        ).view(b, s)
     mask = (torch.rand(b, s, generator=g) < 0.75).float()
     rows = slice(rank * vocab // tp, (rank + 1) * vocab // tp)
     seq = slice(rank * s // tp, (rank + 1) * s // tp) if sp else slice(None)
 
     def leaves():
-        return (hidden_full[:, seq].clone().requires_grad_(True),
-                weight_full[rows].clone().requires_grad_(True))
+        return (
+            hidden_full[:, seq].clone().requires_grad_(True),
+            weight_full[rows].clone().requires_grad_(True),
+        )
 
     out = {}
     for spec in objectives:
@@ -115,30 +132,60 @@ def op_check(sp: bool, objectives: list[str]) -> dict:
         # unfused: the output layer's collective, the local logits, megatron's vocab-parallel CE
         hid, w = leaves()
         x = hid.transpose(0, 1)
-        x = (tensor_parallel.gather_from_sequence_parallel_region(x, group=group) if sp
-             else tensor_parallel.copy_to_tensor_model_parallel_region(x, group=group))
+        x = (
+            tensor_parallel.gather_from_sequence_parallel_region(x, group=group)
+            if sp
+            else tensor_parallel.copy_to_tensor_model_parallel_region(x, group=group)
+        )
         ce = tensor_parallel.vocab_parallel_cross_entropy(x @ w.T, labels.T.contiguous()).T
         ref_sum, ref_n, ref_extra = ObjectiveLoss(cfg)(ce, mask)
         ref_dh, ref_dw = torch.autograd.grad(ref_sum, [hid, w])
         # fused
         hid, w = leaves()
-        got_sum, got_n, got_extra = fused_objective_loss(hid, w, labels, mask, ObjectiveLoss(cfg),
-                                                         tp_group=group, sequence_parallel=sp,
-                                                         chunk_size=7)
+        got_sum, got_n, got_extra = fused_objective_loss(
+            hid,
+            w,
+            labels,
+            mask,
+            ObjectiveLoss(cfg),
+            tp_group=group,
+            sequence_parallel=sp,
+            chunk_size=7,
+        )
         got_dh, got_dw = torch.autograd.grad(got_sum, [hid, w])
-        diffs = torch.tensor([
-            (got_sum - ref_sum).abs().item(),
-            float(int(got_n) != int(ref_n)),
-            (got_extra["stats"] - ref_extra["stats"]).abs().max().item(),
-            (got_dh - ref_dh).abs().max().item(),
-            (got_dw - ref_dw).abs().max().item(),
-            ref_sum.abs().item(), ref_dh.abs().max().item(), ref_dw.abs().max().item(),
-            float(int(ref_n)), ref_extra["stats"][1].item(),
-        ], dtype=torch.float64)
+        diffs = torch.tensor(
+            [
+                (got_sum - ref_sum).abs().item(),
+                float(int(got_n) != int(ref_n)),
+                (got_extra["stats"] - ref_extra["stats"]).abs().max().item(),
+                (got_dh - ref_dh).abs().max().item(),
+                (got_dw - ref_dw).abs().max().item(),
+                ref_sum.abs().item(),
+                ref_dh.abs().max().item(),
+                ref_dw.abs().max().item(),
+                float(int(ref_n)),
+                ref_extra["stats"][1].item(),
+            ],
+            dtype=torch.float64,
+        )
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
-        out[spec] = dict(zip(["loss", "count", "stats", "d_hidden", "d_weight", "ref_loss",
-                              "ref_d_hidden", "ref_d_weight", "ref_count", "ref_response"],
-                             diffs.tolist()))
+        out[spec] = dict(
+            zip(
+                [
+                    "loss",
+                    "count",
+                    "stats",
+                    "d_hidden",
+                    "d_weight",
+                    "ref_loss",
+                    "ref_d_hidden",
+                    "ref_d_weight",
+                    "ref_count",
+                    "ref_response",
+                ],
+                diffs.tolist(),
+            )
+        )
     return out
 
 
@@ -147,35 +194,46 @@ def train(parallel, model_cfg, objectives, implementation, init_ckpt, steps) -> 
     from megatron.core import parallel_state
 
     from probsft_megatron import runtime
-    from probsft_megatron.loss import ObjectiveLoss, step_loss
+    from probsft_megatron.loss import ObjectiveLoss
     from probsft_megatron.model import transformer_config
 
     tconfig = transformer_config(model_cfg, parallel)
     global_batch, micro, seq = 4, 2, 24
     # each data-parallel rank trains its own slice of the global batch
-    dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
-                   parallel_state.get_data_parallel_rank())
+    dp, dp_rank = (
+        parallel_state.get_data_parallel_world_size(),
+        parallel_state.get_data_parallel_rank(),
+    )
     mine = range(dp_rank * global_batch // dp, (dp_rank + 1) * global_batch // dp, micro)
     pos = torch.arange(seq)[None, :].expand(micro, -1).contiguous()
     out = {}
     for spec in objectives:
         cfg = loss_config(spec, implementation)
-        chunks, optimizer = runtime.build_training_model(model_cfg, tconfig, lr=1e-3,
-                                                         load_dir=init_ckpt, loss_config=cfg)
+        chunks, optimizer = runtime.build_training_model(
+            model_cfg, tconfig, lr=1e-3, load_dir=init_ckpt, loss_config=cfg
+        )
         loss = ObjectiveLoss(cfg, dp_group=runtime.dp_group())
         fwd = runtime.make_forward_step(loss, "cpu")
         rec = {"loss": [], "grad_norm": [], "frac_kept": []}
         for tokens, labels, mask in batches(steps, global_batch, seq, model_cfg.vocab_size, seed=0):
-            mbs = [runtime.Batch(tokens[i:i + micro], labels[i:i + micro], mask[i:i + micro], pos)
-                   for i in mine]
-            stats = runtime.train_step(chunks, optimizer, fwd, mbs, seq_length=seq,
-                                       micro_batch_size=micro)
-            rec["grad_norm"].append(stats["grad_norm"])
-            if runtime.is_last_stage():
-                rec["loss"].append(step_loss(stats, cfg.normalization))
-                rec["frac_kept"].append(stats["frac_kept"])
-        out[spec] = rec if (runtime.is_last_stage()
-                            and parallel_state.get_tensor_model_parallel_rank() == 0) else None
+            mbs = [
+                runtime.Batch(
+                    tokens[i : i + micro], labels[i : i + micro], mask[i : i + micro], pos
+                )
+                for i in mine
+            ]
+            stats = runtime.train_step(
+                chunks, optimizer, fwd, mbs, seq_length=seq, micro_batch_size=micro
+            )
+            rec["grad_norm"].append(stats.grad_norm)
+            if stats.has_loss:
+                rec["loss"].append(stats.loss)
+                rec["frac_kept"].append(stats.frac_kept)
+        out[spec] = (
+            rec
+            if (runtime.is_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0)
+            else None
+        )
     return out
 
 
@@ -198,10 +256,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layouts", default="tp2,tp2_sp,pp2")
     ap.add_argument("--objectives", default=OBJECTIVES, help="trained objectives")
-    ap.add_argument("--op-objectives", default=OP_OBJECTIVES,
-                    help="objectives of the op-level comparison")
-    ap.add_argument("--tied-objectives", default=TIED_OBJECTIVES,
-                    help="objectives trained with tied embeddings too")
+    ap.add_argument(
+        "--op-objectives", default=OP_OBJECTIVES, help="objectives of the op-level comparison"
+    )
+    ap.add_argument(
+        "--tied-objectives",
+        default=TIED_OBJECTIVES,
+        help="objectives trained with tied embeddings too",
+    )
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--init-ckpt", help="folder holding the untied/ and tied/ checkpoints")
     ap.add_argument("--save-init", action="store_true")
@@ -217,8 +279,10 @@ def main() -> int:
     if args.break_sumexp_reduce:
         break_sumexp_reduction()
     objectives = args.objectives.split(",")
-    models = {"untied": TINY_QWEN2,
-              "tied": dataclasses.replace(TINY_QWEN2, tie_word_embeddings=True)}
+    models = {
+        "untied": TINY_QWEN2,
+        "tied": dataclasses.replace(TINY_QWEN2, tie_word_embeddings=True),
+    }
     runtime.init_distributed(ParallelConfig(1, 1), seed=1234)
     if args.save_init:
         for tie, cfg in models.items():
@@ -229,20 +293,31 @@ def main() -> int:
     for layout in args.layouts.split(","):
         parallel = set_layout(layout)
         if parallel.tensor_model_parallel_size > 1:
-            result["op"][layout] = op_check(parallel.sequence_parallel,
-                                            args.op_objectives.split(","))
+            result["op"][layout] = op_check(
+                parallel.sequence_parallel, args.op_objectives.split(",")
+            )
         if args.op_only:
             continue
         implementation = "unfused" if layout == "ref" else "fused"
         per_tie = {"untied": objectives, "tied": args.tied_objectives.split(",")}
-        if dist.get_world_size() // (parallel.tensor_model_parallel_size
-                                     * parallel.pipeline_model_parallel_size) > 1:
+        if (
+            dist.get_world_size()
+            // (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size)
+            > 1
+        ):
             # a per-micro-batch percentile depends on how micro-batches split over DP ranks
             per_tie = {k: [o for o in v if not o.endswith("@micro")] for k, v in per_tie.items()}
         result["train"][layout] = {
-            tie: train(parallel, cfg, per_tie[tie], implementation,
-                       os.path.join(args.init_ckpt, tie), args.steps)
-            for tie, cfg in models.items()}
+            tie: train(
+                parallel,
+                cfg,
+                per_tie[tie],
+                implementation,
+                os.path.join(args.init_ckpt, tie),
+                args.steps,
+            )
+            for tie, cfg in models.items()
+        }
 
     # Losses live on the last stage's TP rank 0; merge every rank's records on rank 0.
     gathered = [None] * dist.get_world_size()
@@ -251,8 +326,11 @@ def main() -> int:
         for layout, per_tie in result["train"].items():
             for tie, per_obj in per_tie.items():
                 for spec in per_obj:
-                    per_obj[spec] = next(r["train"][layout][tie][spec] for r in gathered
-                                         if r["train"][layout][tie][spec] is not None)
+                    per_obj[spec] = next(
+                        r["train"][layout][tie][spec]
+                        for r in gathered
+                        if r["train"][layout][tie][spec] is not None
+                    )
         atomic_write_json(args.out, result, indent=None)
     runtime.shutdown()
     return 0

@@ -4,8 +4,11 @@ Run under torchrun (gloo on CPU). Every layout trains on the same global batches
 same initial weights (a torch_dist checkpoint written by the single-rank reference run and
 resharded on load), so per-step losses and grad norms must agree across layouts.
 Writes ``{objective: {"loss": [...], "grad_norm": [...], "mean_p": [...], ...}}`` as JSON
-from the rank that holds the last pipeline stage and DP rank 0.
+from the rank that holds the last pipeline stage and DP rank 0. ``--recompute`` trains the
+parity steps with megatron's activation recomputation (the reference's pre-training never
+recomputes), which must not change a single figure beyond rounding.
 """
+
 import argparse
 import sys
 import types
@@ -26,11 +29,13 @@ def break_tp_reduction() -> None:
             return None
         return real_dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
 
-    fake_dist = types.SimpleNamespace(**{k: getattr(real_dist, k) for k in dir(real_dist)
-                                         if not k.startswith("__")})
+    fake_dist = types.SimpleNamespace(
+        **{k: getattr(real_dist, k) for k in dir(real_dist) if not k.startswith("__")}
+    )
     fake_dist.all_reduce = all_reduce
-    fake_torch = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch)
-                                          if not k.startswith("__")})
+    fake_torch = types.SimpleNamespace(
+        **{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")}
+    )
     fake_torch.distributed = fake_dist
     ce_mod.torch = fake_torch
 
@@ -56,7 +61,9 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--sp", action="store_true")
-    ap.add_argument("--objectives", default="original,p,GeneralFamily-8,OnlyTopP-0.3,OnlyBottomP-K50")
+    ap.add_argument(
+        "--objectives", default="original,p,GeneralFamily-8,OnlyTopP-0.3,OnlyBottomP-K50"
+    )
     ap.add_argument("--normalization", default="kept")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--global-batch", type=int, default=8)
@@ -67,13 +74,18 @@ def main() -> int:
     ap.add_argument("--pretrain-steps", type=int, default=100)
     ap.add_argument("--distributed-optimizer", action="store_true")
     ap.add_argument("--break-tp-reduction", action="store_true")
+    ap.add_argument(
+        "--recompute",
+        default="none",
+        help="activation recomputation: none, selective or full:<uniform|block>:<layers>",
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     from megatron.core import parallel_state
 
     from probsft_megatron import runtime
-    from probsft_megatron.loss import LossConfig, ObjectiveLoss, step_loss
+    from probsft_megatron.loss import LossConfig, ObjectiveLoss
     from probsft_megatron.model import TINY_QWEN2, ParallelConfig, transformer_config
 
     torch.use_deterministic_algorithms(True)
@@ -82,49 +94,88 @@ def main() -> int:
     parallel = ParallelConfig(args.tp, args.pp, args.sp)
     dp = runtime.init_distributed(parallel, seed=1234, model=TINY_QWEN2)
     dp_rank = parallel_state.get_data_parallel_rank()
-    tconfig = transformer_config(TINY_QWEN2, parallel)
+    if args.save_init:  # the reference's pre-training runs without recomputation
+        tconfig = transformer_config(TINY_QWEN2, parallel)
+    recompute = dict(
+        zip(
+            ("recompute_granularity", "recompute_method", "recompute_num_layers"),
+            args.recompute.split(":"),
+        )
+    )
+    if "recompute_num_layers" in recompute:
+        recompute["recompute_num_layers"] = int(recompute["recompute_num_layers"])
+    parallel = ParallelConfig(args.tp, args.pp, args.sp, **recompute)
 
     per_rank = args.global_batch // dp
 
     def micro_batches(tokens, labels, mask):
         sl = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
         pos = torch.arange(args.seq)[None, :].expand(per_rank, -1).contiguous()
-        return [runtime.Batch(tokens[sl][i:i + args.micro_batch], labels[sl][i:i + args.micro_batch],
-                              mask[sl][i:i + args.micro_batch], pos[i:i + args.micro_batch])
-                for i in range(0, per_rank, args.micro_batch)]
+        return [
+            runtime.Batch(
+                tokens[sl][i : i + args.micro_batch],
+                labels[sl][i : i + args.micro_batch],
+                mask[sl][i : i + args.micro_batch],
+                pos[i : i + args.micro_batch],
+            )
+            for i in range(0, per_rank, args.micro_batch)
+        ]
 
     if args.save_init:
         # Pre-train briefly with NLL so the parity steps see p spread over (0, 1).
         chunks, optimizer = runtime.build_training_model(TINY_QWEN2, tconfig, lr=1e-2)
         fwd = runtime.make_forward_step(ObjectiveLoss(LossConfig("original")), "cpu")
-        for batch in global_batches(args.pretrain_steps, args.global_batch, args.seq,
-                                    TINY_QWEN2.vocab_size, seed=99):
-            runtime.train_step(chunks, optimizer, fwd, micro_batches(*batch),
-                               seq_length=args.seq, micro_batch_size=args.micro_batch)
+        for batch in global_batches(
+            args.pretrain_steps, args.global_batch, args.seq, TINY_QWEN2.vocab_size, seed=99
+        ):
+            runtime.train_step(
+                chunks,
+                optimizer,
+                fwd,
+                micro_batches(*batch),
+                seq_length=args.seq,
+                micro_batch_size=args.micro_batch,
+            )
         runtime.save_model_weights(chunks[0].module, args.init_ckpt)
         torch.distributed.barrier()
 
+    tconfig = transformer_config(TINY_QWEN2, parallel)
     results = {}
     for name in args.objectives.split(","):
         chunks, optimizer = runtime.build_training_model(
-            TINY_QWEN2, tconfig, lr=1e-3, use_distributed_optimizer=args.distributed_optimizer,
-            load_dir=args.init_ckpt)
-        loss = ObjectiveLoss(LossConfig(objective=name, normalization=args.normalization),
-                             dp_group=runtime.dp_group())
+            TINY_QWEN2,
+            tconfig,
+            lr=1e-3,
+            use_distributed_optimizer=args.distributed_optimizer,
+            load_dir=args.init_ckpt,
+        )
+        loss = ObjectiveLoss(
+            LossConfig(objective=name, normalization=args.normalization),
+            dp_group=runtime.dp_group(),
+        )
         fwd = runtime.make_forward_step(loss, "cpu")
         rec = {k: [] for k in ("loss", "grad_norm", "mean_p", "frac_kept", "mean_w")}
-        for batch in global_batches(args.steps, args.global_batch, args.seq,
-                                    TINY_QWEN2.vocab_size):
-            stats = runtime.train_step(chunks, optimizer, fwd, micro_batches(*batch), seq_length=args.seq,
-                                       micro_batch_size=args.micro_batch)
-            rec["grad_norm"].append(stats["grad_norm"])
-            if runtime.is_last_stage():
-                rec["loss"].append(step_loss(stats, args.normalization))
+        for batch in global_batches(args.steps, args.global_batch, args.seq, TINY_QWEN2.vocab_size):
+            stats = runtime.train_step(
+                chunks,
+                optimizer,
+                fwd,
+                micro_batches(*batch),
+                seq_length=args.seq,
+                micro_batch_size=args.micro_batch,
+            )
+            rec["grad_norm"].append(stats.grad_norm)
+            if stats.has_loss:
+                rec["loss"].append(stats.loss)
                 for k in ("mean_p", "frac_kept", "mean_w"):
-                    rec[k].append(stats[k])
+                    rec[k].append(getattr(stats, k))
         results[name] = rec
 
-    if runtime.is_last_stage() and dp_rank == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
+    if (
+        runtime.is_last_stage()
+        and dp_rank == 0
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    ):
         atomic_write_json(args.out, {"dp": dp, "results": results}, indent=None)
     runtime.shutdown()
     return 0

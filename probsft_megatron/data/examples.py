@@ -1,0 +1,226 @@
+"""Tokenized SFT examples: chat template or plain concatenation, truncation, loss masks.
+
+Loss-mask convention: ``loss_mask[t] == 1`` iff the *next* token ``input_ids[t + 1]`` is a
+response token (the end-of-sequence token that ends the response included), so with
+``labels[t] = input_ids[t + 1]`` the loss is exactly the response tokens' negative
+log-likelihood. The last position of an example is never trained.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from probsft_megatron.config import DataConfig
+from probsft_megatron.data.records import load_records
+from probsft_megatron.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZE_CHUNK = 1024  # examples tokenized per call (bounds the Python-int lists in memory)
+
+
+def _resolve_template(cfg: DataConfig, tokenizer) -> str | None:
+    """The Jinja template to render with, or None for plain concatenation."""
+    if cfg.chat_template == "none":
+        return None
+    if cfg.chat_template == "auto":
+        # m23k prompts are already chat-formatted for their model family.
+        if cfg.format == "m23k":
+            return None
+        return getattr(tokenizer, "chat_template", None) or None
+    return cfg.chat_template
+
+
+class SFTDataset:
+    """Tokenized SFT examples (all in memory, int32 token storage).
+
+    ``dataset[i]`` is ``{"input_ids": LongTensor[n], "loss_mask": FloatTensor[n]}`` with
+    ``n <= cfg.max_length`` and ``loss_mask[t] = 1`` iff ``input_ids[t + 1]`` is a response
+    token. Every untruncated example ends with the tokenizer's eos token. ``stats``:
+    ``n_examples`` (kept), ``n_truncated`` (cut at the right),
+    ``n_dropped`` (prompt alone fills ``max_length``), ``n_template_fallback`` (prompt
+    tokens were not a prefix of the conversation tokens), ``n_tokens``,
+    ``n_response_tokens`` (trained labels). ``pad_id`` is the tokenizer's pad token
+    (its end-of-sequence token when it has none).
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, records: list[dict] | None = None):
+        """Tokenize ``records`` (default: :func:`load_records` of ``cfg``)."""
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        records = load_records(cfg) if records is None else records
+        self.template = _resolve_template(cfg, tokenizer)
+        if self.template is None and cfg.system_prompt is not None:
+            raise ConfigError(
+                "data.system_prompt needs a chat template (data.chat_template is "
+                "none or the tokenizer has none); put the text into the prompts "
+                "or set data.chat_template"
+            )
+        eos_id = tokenizer.eos_token_id
+        if eos_id is None:
+            raise ConfigError("the tokenizer has no eos_token; SFT responses must end with one")
+        self.eos_id = int(eos_id)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(self.eos_id if pad is None else pad)
+
+        self.stats = {
+            "n_examples": 0,
+            "n_truncated": 0,
+            "n_dropped": 0,
+            "n_template_fallback": 0,
+            "n_tokens": 0,
+            "n_response_tokens": 0,
+        }
+        tokens: list[np.ndarray] = []
+        prompt_lengths: list[int] = []
+        for start in range(0, len(records), _TOKENIZE_CHUNK):
+            chunk = records[start : start + _TOKENIZE_CHUNK]
+            for record, (prompt_ids, response_ids) in zip(chunk, self._tokenize(chunk)):
+                ids = self._truncate(prompt_ids, response_ids, record)
+                if ids is None:
+                    continue
+                tokens.append(ids)
+                prompt_lengths.append(len(prompt_ids))
+        if not tokens:
+            raise DataError(
+                f"no usable examples among {len(records)} records "
+                f"(dropped: {self.stats['n_dropped']}); raise data.max_length"
+            )
+        self.lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+        self.prompt_lengths = np.minimum(np.array(prompt_lengths, dtype=np.int64), self.lengths)
+        self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        self._tokens = np.concatenate(tokens).astype(np.int32)
+        trained = self.lengths - np.maximum(self.prompt_lengths, 1)
+        self.stats.update(
+            n_examples=len(tokens),
+            n_tokens=int(self.lengths.sum()),
+            n_response_tokens=int(trained.sum()),
+        )
+        self._warn(len(records))
+
+    # -- building
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _render(self, record: dict, with_response: bool) -> str:
+        messages = [{"role": "user", "content": record["prompt"]}]
+        if self.cfg.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
+        if with_response:
+            messages.append({"role": "assistant", "content": record["response"]})
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.template,
+                tokenize=False,
+                add_generation_prompt=not with_response,
+            )
+        except Exception as exc:  # Jinja errors surface as several exception types
+            raise ConfigError(
+                f"the chat template failed on {record.get('origin', 'a record')}: {exc}"
+            ) from None
+
+    def _tokenize(self, records: list[dict]) -> list[tuple[list[int], list[int]]]:
+        """``(prompt_ids, response_ids)`` per record, before truncation."""
+        if self.template is None:
+            prompts = self._encode([r["prompt"] for r in records])
+            responses = self._encode([r["response"] for r in records])
+            return [(p, r + [self.eos_id]) for p, r in zip(prompts, responses)]
+        prompt_texts = [self._render(r, with_response=False) for r in records]
+        full_texts = [self._render(r, with_response=True) for r in records]
+        prompts = self._encode(prompt_texts)
+        fulls = self._encode(full_texts)
+        out = []
+        for record, p_text, f_text, p_ids, f_ids in zip(
+            records, prompt_texts, full_texts, prompts, fulls
+        ):
+            if f_ids[: len(p_ids)] == p_ids:
+                response_ids = f_ids[len(p_ids) :]
+            else:
+                # Token boundaries differ (or the template renders the prompt differently
+                # once an answer follows): concatenate prompt and response tokens instead.
+                self.stats["n_template_fallback"] += 1
+                if f_text.startswith(p_text):
+                    response_ids = self._encode([f_text[len(p_text) :]])[0]
+                else:
+                    response_ids = self._encode([record["response"]])[0] + [self.eos_id]
+            if self.eos_id in response_ids:
+                # Stop at the end-of-sequence token: what a template renders after it
+                # (e.g. a newline after <|im_end|>) is never generated, so never trained.
+                last = len(response_ids) - 1 - response_ids[::-1].index(self.eos_id)
+                response_ids = response_ids[: last + 1]
+            else:
+                # The turn ends with a token other than eos (a base model's tokenizer, e.g.
+                # Qwen2.5: eos <|endoftext|>, turns end with <|im_end|>): generation stops at
+                # eos, so the example must end with it.
+                response_ids = response_ids + [self.eos_id]
+            out.append((p_ids, response_ids))
+        return out
+
+    def _truncate(
+        self, prompt_ids: list[int], response_ids: list[int], record: dict
+    ) -> np.ndarray | None:
+        """The example's tokens within ``max_length``, or None when it is dropped."""
+        limit = self.cfg.max_length
+        n = len(prompt_ids) + len(response_ids)
+        if n > limit:
+            if self.cfg.truncation == "error":
+                raise DataError(
+                    f"{record.get('origin', 'an example')} has {n} tokens, more than "
+                    f"data.max_length={limit}; raise data.max_length or set "
+                    "data.truncation=right"
+                )
+            if len(prompt_ids) >= limit:
+                self.stats["n_dropped"] += 1
+                return None
+            self.stats["n_truncated"] += 1
+        return np.array((prompt_ids + response_ids)[:limit], dtype=np.int64)
+
+    def _warn(self, n_records: int) -> None:
+        s, limit = self.stats, self.cfg.max_length
+        if s["n_truncated"]:
+            logger.warning(
+                "%d of %d examples were longer than data.max_length=%d tokens and were "
+                "cut at the right; raise data.max_length to keep them whole",
+                s["n_truncated"],
+                n_records,
+                limit,
+            )
+        if s["n_dropped"]:
+            logger.warning(
+                "%d of %d examples were dropped: their prompt alone fills "
+                "data.max_length=%d tokens; raise data.max_length to keep them",
+                s["n_dropped"],
+                n_records,
+                limit,
+            )
+        if s["n_template_fallback"]:
+            logger.warning(
+                "%d of %d examples: the chat template's prompt tokens are not a prefix "
+                "of the whole conversation's tokens; their prompt and response were "
+                "tokenized separately and concatenated",
+                s["n_template_fallback"],
+                n_records,
+            )
+
+    # -- access
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {i} out of range for {len(self)} examples")
+        n, p = int(self.lengths[i]), int(self.prompt_lengths[i])
+        ids = torch.from_numpy(
+            self._tokens[self._offsets[i] : self._offsets[i] + n].astype(np.int64)
+        )
+        loss_mask = torch.zeros(n, dtype=torch.float32)
+        loss_mask[max(p, 1) - 1 : n - 1] = 1.0
+        return {"input_ids": ids, "loss_mask": loss_mask}

@@ -1,0 +1,115 @@
+"""``loss.objective: auto``: the probe picks the training objective when a run starts."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import torch.distributed as dist
+
+from probsft_megatron.errors import ConfigError
+from probsft_megatron.fileio import atomic_write_json
+from probsft_megatron.job import Job
+from probsft_megatron.model_dir import read_model_config
+from probsft_megatron.objectives import parse_objective
+from probsft_megatron.probe.examples import (
+    DEFAULT_SAMPLES,
+    cache_dir,
+    load_examples,
+    probe_key,
+    read_cached,
+)
+from probsft_megatron.probe.measure import broadcast, build_probe_model, run_probe
+from probsft_megatron.probe.report import REPORT_FILE, TABLE_PERCENTILES, write_outputs
+
+logger = logging.getLogger(__name__)
+
+CHOICE_FILE = "objective_choice.json"
+
+
+def is_auto(objective: Any) -> bool:
+    """Whether a ``loss.objective`` value asks for the probe's choice."""
+    return isinstance(objective, str) and objective.strip().lower() == "auto"
+
+
+def resolve_auto_objective(
+    job: Job, model_chunks: list | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The objective for ``loss.objective: auto`` and the evidence for it (collective).
+
+    Call on every rank of a training job after megatron's groups exist, before the loss is
+    built. The probe measures the base model ``init.checkpoint`` on ``DEFAULT_SAMPLES``
+    examples of the job's data in the job's dtype. The choice comes from, in order:
+    ``<output_dir>/objective_choice.json`` of an earlier start of this run with the same
+    probe key (a resumed run keeps its objective), the probe cache, or a new measurement
+    (cached afterwards). ``model_chunks``: training's freshly loaded (untrained) model, used
+    instead of building a second copy; pass None after a resume. Global rank 0 writes
+    ``<output_dir>/objective_choice.json`` and the report and plot under
+    ``<output_dir>/probe/``. Every rank returns ``(objective name, evidence)``; the evidence
+    records ``source``: ``run`` | ``cache`` | ``measured``.
+    """
+    from probsft_megatron.tokenizers import load_tokenizer
+
+    model_dir = job.config.init.checkpoint
+    if model_dir is None:
+        raise ConfigError(
+            "loss.objective=auto probes the base model: set init.checkpoint to a "
+            "Megatron model dir (probsft convert hf-to-megatron)"
+        )
+    examples = load_examples(job.data, load_tokenizer(job.tokenizer), DEFAULT_SAMPLES)
+    key = probe_key(model_dir, job.dtype, examples)
+    choice_file = job.output_dir / CHOICE_FILE
+    found: tuple[str, dict | None] = ("measured", None)
+    if dist.get_rank() == 0:
+        recorded = json.loads(choice_file.read_text()) if choice_file.is_file() else {}
+        cached = read_cached(key)
+        if recorded.get("key") == key:
+            found = ("run", recorded["report"])
+        elif cached is not None:
+            found = ("cache", cached)
+    source, report = broadcast(found, 0)
+    if report is None:
+        model = read_model_config(model_dir)
+        chunks = model_chunks or build_probe_model(model_dir, model, job.parallel, job.dtype)
+        report = run_probe(
+            chunks,
+            examples,
+            model_dir=model_dir,
+            model=model,
+            dtype=job.dtype,
+            key=key,
+            micro_batch_size=job.train.micro_batch_size,
+            implementation=job.loss.implementation if model_chunks else "unfused",
+            chunk_size=job.loss.chunk_size,
+        )
+        del chunks
+    objective = parse_objective(report["recommendation"]["objective"]).name
+    evidence = {
+        "objective": objective,
+        "source": source,
+        "key": key,
+        "cache": str(cache_dir() / key / REPORT_FILE),
+        "placement": report["placement"],
+        "recommendation": report["recommendation"],
+        "statistics": {
+            k: report[k]
+            for k in ("tokens", "mean_p", "median_p", "mean_nll", "frac_p_gt_0.5", "frac_p_gt_0.9")
+        },
+        "percentiles": {str(k): report["percentiles"][str(k)] for k in TABLE_PERCENTILES},
+    }
+    if dist.get_rank() == 0:
+        if source != "cache":
+            write_outputs(report, cache_dir() / key)
+        write_outputs(report, job.output_dir / "probe")
+        atomic_write_json(choice_file, dict(evidence, report=report))
+        logger.info(
+            "loss.objective=auto -> %s: %s (%s; probe %s, key %s)",
+            objective,
+            report["placement"]["regime"],
+            report["placement"]["reason"],
+            source,
+            key,
+        )
+    dist.barrier()
+    return objective, evidence

@@ -1,0 +1,287 @@
+"""Measuring: the base model forward-only over the probe sample, distributed like training.
+
+Distributed contract of :func:`probe` (every rank of the job calls it with the same
+arguments): each rank tokenizes the same sample; :class:`~probsft_megatron.data.
+GlobalBatchLoader` splits it over the DP ranks and micro-batches and names the example of
+every row (padding rows name none); megatron's schedule runs the micro-batches forward-only
+(:class:`~probsft_megatron.runtime.MeasureStep`: the same vocab-parallel cross entropy or
+fused output layer as training), so under PP the activations flow stage to stage and only
+the last stage computes the CE; the last pipeline stage of every DP rank keeps each example's
+response-token CE (identical on all TP ranks), the DP ranks all-gather it, the last-stage
+rank with DP rank 0 and TP rank 0 builds the report and broadcasts it, and every rank
+returns the same report. Global rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from probsft_megatron import compat, platform, runtime
+from probsft_megatron.config import ModelConfig, ParallelConfig, resolve_precision
+from probsft_megatron.errors import ConfigError
+from probsft_megatron.model_dir import read_model_config
+from probsft_megatron.probe.examples import (
+    DEFAULT_SAMPLES,
+    ProbeExamples,
+    cache_dir,
+    load_examples,
+    probe_key,
+    read_cached,
+)
+from probsft_megatron.probe.report import build_report, write_outputs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+"""Model precisions. The cross entropy itself is float32 in every case (megatron's
+vocab-parallel CE casts the logits), so float64 bounds the error of p by that CE (~5e-7)."""
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``auto`` -> bfloat16 with CUDA, float32 on the CPU (training's ``precision: auto``)."""
+    if dtype == "auto":
+        return resolve_precision("auto")
+    if dtype not in DTYPES:
+        raise ConfigError(f"probe dtype {dtype!r} is invalid; use auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def measure(
+    model_chunks: list,
+    examples: ProbeExamples,
+    *,
+    micro_batch_size: int,
+    implementation: str = "unfused",
+    chunk_size: int = 4096,
+) -> dict[int, np.ndarray]:
+    """Forward-only pass over every probe example; a collective over the whole job.
+
+    Contract: call on every rank after megatron's groups exist, with this rank's model
+    chunks (bare ``GPTModel`` stages or training's DDP-wrapped ones; ``implementation``
+    ``fused`` for a fused-head model) and the same ``examples`` everywhere. The examples are
+    split over the DP ranks and micro-batches of ``micro_batch_size`` rows by
+    :class:`~probsft_megatron.data.GlobalBatchLoader`, padded to one sequence length (a
+    multiple of 8*TP). Global rank 0 shows progress on stderr. Returns ``{example index:
+    float64 CE of its response tokens}`` for the examples of this DP rank on last-stage ranks
+    (identical on every TP rank), ``{}`` on other stages.
+    """
+    from probsft_megatron.data import GlobalBatchLoader
+
+    dataset = examples.dataset
+    n = len(dataset)
+    lay = compat.layout()
+    mbs = max(1, min(micro_batch_size, -(-n // lay.dp)))
+    per_call = max(1, min(4 * lay.pp, -(-n // (mbs * lay.dp))))
+    seq_length = _round_up(int(dataset.lengths.max()), 8 * lay.tp)
+    loader = GlobalBatchLoader(
+        dataset,
+        global_batch_size=mbs * lay.dp * per_call,
+        micro_batch_size=mbs,
+        dp_rank=lay.dp_rank,
+        dp_size=lay.dp,
+        seq_length=seq_length,
+        seed=examples.data_config.seed,
+        pad_id=dataset.pad_id,
+        drop_last=False,
+    )
+    step = runtime.MeasureStep(platform.device(), implementation, chunk_size)
+    progress = None
+    if dist.get_rank() == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(
+            total=len(loader), desc="probe", unit="batch", dynamic_ncols=True, file=sys.stderr
+        )
+    out: dict[int, np.ndarray] = {}
+    start, tokens = time.perf_counter(), 0
+    for micro_batches in loader:
+        rows = runtime.measure_token_ce(
+            model_chunks, micro_batches, step, seq_length=seq_length, micro_batch_size=mbs
+        )
+        if runtime.is_last_stage():
+            owners = [row for batch in micro_batches for row in batch.examples]
+            if len(rows) != len(owners):
+                raise RuntimeError(
+                    f"the probe measured {len(rows)} rows for {len(owners)} scheduled rows"
+                )
+            for owner, ce in zip(owners, rows):
+                if owner:  # padding rows hold no example
+                    out[owner[0]] = ce.to(torch.float64).cpu().numpy()
+        if progress is not None:
+            tokens += sum(batch.real_tokens for batch in micro_batches)
+            progress.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f} (rank 0)")
+            progress.update(1)
+    if progress is not None:
+        progress.close()
+    return out
+
+
+def _reporter_rank(is_reporter: bool) -> int:
+    flags: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, bool(is_reporter))
+    return flags.index(True)
+
+
+def broadcast(obj: Any, src: int) -> Any:
+    """``obj`` of rank ``src`` on every rank (a collective)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def run_probe(
+    model_chunks: list,
+    examples: ProbeExamples,
+    *,
+    model_dir: str | os.PathLike,
+    model: ModelConfig,
+    dtype: str,
+    key: str,
+    micro_batch_size: int,
+    implementation: str = "unfused",
+    chunk_size: int = 4096,
+) -> dict[str, Any]:
+    """Measure and report (collective; see the module docstring). Every rank returns the report."""
+    start = time.perf_counter()
+    local = measure(
+        model_chunks,
+        examples,
+        micro_batch_size=micro_batch_size,
+        implementation=implementation,
+        chunk_size=chunk_size,
+    )
+    lay = compat.layout()
+    last = runtime.is_last_stage()
+    merged: dict[int, np.ndarray] = {}
+    if last:
+        parts: list[Any] = [None] * lay.dp
+        dist.all_gather_object(parts, local, group=compat.data_parallel_group())
+        for part in parts:
+            merged.update(part)
+    reporter = last and lay.dp_rank == 0 and lay.tp_rank == 0
+    src = _reporter_rank(reporter)
+    report = None
+    if reporter:
+        report = build_report(
+            merged,
+            examples,
+            model_dir=model_dir,
+            model=model,
+            dtype=dtype,
+            key=key,
+            layout={"tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
+            elapsed_s=time.perf_counter() - start,
+        )
+    return broadcast(report, src)
+
+
+def build_probe_model(
+    model_dir: str | os.PathLike, model: ModelConfig, parallel: ParallelConfig, dtype: str
+) -> list:
+    """This rank's pipeline stage of the model in ``model_dir``, weights loaded (resharded to
+    the current TP/PP layout; collective), in eval mode. Returns ``[gpt]``."""
+    from probsft_megatron.model import build_gpt_model, transformer_config
+
+    tconfig = transformer_config(model, parallel, params_dtype=DTYPES[dtype])
+    gpt = build_gpt_model(model, tconfig).to(platform.device())
+    runtime.load_model_weights(gpt, str(Path(model_dir) / "weights"))
+    gpt.eval()
+    return [gpt]
+
+
+def default_tokenizer(model_dir: str | os.PathLike) -> str:
+    """The tokenizer of a Megatron model dir: its ``hf/`` folder."""
+    hf = Path(model_dir) / "hf"
+    if not hf.is_dir():
+        raise ConfigError(
+            f"{model_dir} has no hf/ folder with tokenizer files; pass a tokenizer "
+            "(--tokenizer DIR or 'smollm2')"
+        )
+    return str(hf)
+
+
+def probe(
+    model_dir: str | os.PathLike,
+    data_cfg,
+    *,
+    tokenizer: str | None = None,
+    samples: int | None = DEFAULT_SAMPLES,
+    parallel: ParallelConfig | None = None,
+    micro_batch_size: int = 4,
+    dtype: str = "auto",
+    out_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> dict[str, Any]:
+    """Probe the Megatron model dir ``model_dir`` on ``data_cfg``; returns the report.
+
+    Collective when run under torchrun (every rank calls it with the same arguments; see the
+    module docstring); a plain process runs alone. Starts and shuts down megatron's groups
+    itself unless they already exist (then ``parallel`` must match them). The report is
+    cached under :func:`~probsft_megatron.probe.examples.cache_dir` by
+    :func:`~probsft_megatron.probe.examples.probe_key` (model fingerprint, dtype, exact
+    tokens), so the layout does not change it; ``use_cache=False`` measures again and
+    replaces the cached entry. With ``out_dir`` global rank 0 also writes report.json and
+    probe.png there.
+    """
+    from probsft_megatron.tokenizers import load_tokenizer
+
+    parallel = parallel or ParallelConfig()
+    model = read_model_config(model_dir)
+    dtype = resolve_dtype(dtype)
+    if micro_batch_size < 1:
+        raise ConfigError(f"micro batch size must be >= 1 (got {micro_batch_size})")
+    if samples is not None and samples < 1:
+        raise ConfigError(f"--samples must be >= 1 (got {samples})")
+    was_active = platform.is_active()
+    own = not compat.model_parallel_is_initialized()
+    if own:
+        runtime.init_distributed(parallel, model=model)
+    else:
+        lay = compat.layout()
+        if (lay.tp, lay.pp) != (
+            parallel.tensor_model_parallel_size,
+            parallel.pipeline_model_parallel_size,
+        ):
+            raise ConfigError(
+                f"the probe was asked for TP={parallel.tensor_model_parallel_size} "
+                f"PP={parallel.pipeline_model_parallel_size} but this job's groups "
+                f"are TP={lay.tp} PP={lay.pp}"
+            )
+    try:
+        tok = load_tokenizer(tokenizer or default_tokenizer(model_dir))
+        examples = load_examples(data_cfg, tok, samples)
+        key = probe_key(model_dir, dtype, examples)
+        report = broadcast(read_cached(key) if use_cache and dist.get_rank() == 0 else None, 0)
+        if report is None:
+            chunks = build_probe_model(model_dir, model, parallel, dtype)
+            report = run_probe(
+                chunks,
+                examples,
+                model_dir=model_dir,
+                model=model,
+                dtype=dtype,
+                key=key,
+                micro_batch_size=micro_batch_size,
+            )
+            del chunks
+            if dist.get_rank() == 0:
+                write_outputs(report, cache_dir() / key)
+        if out_dir is not None and dist.get_rank() == 0:
+            write_outputs(report, out_dir)
+        dist.barrier()
+    finally:
+        if own:
+            runtime.shutdown()
+            if not was_active:
+                platform.deactivate()
+    return report
