@@ -505,12 +505,14 @@ def _state_class(state: str | None) -> str | None:
 
 
 def read_run(path: str | os.PathLike, records: dict[str, StepRecord] | None = None,
-             step_states: dict[str, str] | None = None) -> dict[str, Any]:
+             step_states: dict[str, str] | None = None,
+             step_logs: dict[str, str] | None = None) -> dict[str, Any]:
     """Everything the report knows about one run folder (see :data:`STATUSES`).
 
     ``records``: the run's launched steps by kind (from :func:`read_experiment_records`);
     ``step_states``: job states by step name (``train-<run>``, ``export-<run>``,
-    ``eval-<run>``), e.g. from SLURM accounting; they take precedence over ``records``."""
+    ``eval-<run>``), e.g. from SLURM accounting; they take precedence over ``records``;
+    ``step_logs``: log files by step name, searched for the error of a failed step."""
     root = Path(path)
     problems: list[str] = []
     records = dict(records or {})
@@ -590,6 +592,11 @@ def read_run(path: str | os.PathLike, records: dict[str, StepRecord] | None = No
     for kind in ("train", "export", "eval"):
         if step_states and f"{kind}-{name}" in step_states:
             states[kind] = step_states[f"{kind}-{name}"]
+            log = (step_logs or {}).get(f"{kind}-{name}")
+            rec = records.setdefault(kind, StepRecord(f"{kind}-{name}", kind, str(root)))
+            rec.state = states[kind]
+            if log and _state_class(rec.state) == "failed":
+                rec.log, rec.error = str(log), _step_error([Path(log)])
     classes = {kind: _state_class(s) for kind, s in states.items()}
     exists = root.is_dir() and any(root.iterdir())
     status, detail = None, ""
@@ -708,7 +715,8 @@ def _add_probe(col: Collection, path: Path) -> bool:
 
 
 def collect(paths: Iterable[str | os.PathLike], *, probes: Iterable[str | os.PathLike] = (),
-            step_states: dict[str, str] | None = None) -> Collection:
+            step_states: dict[str, str] | None = None,
+            step_logs: dict[str, str] | None = None) -> Collection:
     """Find and read every run of ``paths`` (see the module docstring for what a path may be).
 
     Raises :class:`ConfigError` for a path that does not exist or holds nothing a report
@@ -729,10 +737,10 @@ def collect(paths: Iterable[str | os.PathLike], *, probes: Iterable[str | os.Pat
         runs_dir = work / "runs"
         for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()) \
                 if runs_dir.is_dir() else []:
-            add_run(read_run(run_dir, by_dir.get(str(run_dir.resolve())), step_states))
+            add_run(read_run(run_dir, by_dir.get(str(run_dir.resolve())), step_states, step_logs))
         for run_dir, recs in sorted(records.items()):
             if str(Path(run_dir).resolve()) not in seen:  # planned, not started
-                add_run(read_run(Path(run_dir), recs, step_states))
+                add_run(read_run(Path(run_dir), recs, step_states, step_logs))
         for depth in ("report.json", "*/report.json", "*/*/report.json"):
             for path in sorted(work.glob(depth)):
                 if path.parts[len(work.parts)] not in ("runs", "experiments", "models"):
@@ -754,7 +762,7 @@ def collect(paths: Iterable[str | os.PathLike], *, probes: Iterable[str | os.Pat
         if (path / "runs").is_dir() or (path / "experiments").is_dir():
             add_work(path)
         elif _is_run_dir(path):
-            add_run(read_run(path, None, step_states))
+            add_run(read_run(path, None, step_states, step_logs))
             if (path / "probe" / "report.json").is_file():
                 _add_probe(col, path / "probe" / "report.json")
         elif _is_eval_dir(path):
@@ -767,7 +775,7 @@ def collect(paths: Iterable[str | os.PathLike], *, probes: Iterable[str | os.Pat
                 if (child / "runs").is_dir():
                     add_work(child)
                 elif _is_run_dir(child):
-                    add_run(read_run(child, None, step_states))
+                    add_run(read_run(child, None, step_states, step_logs))
                 elif _is_eval_dir(child):
                     add_run(read_eval_only(child))
                 elif not _add_probe(col, child / "report.json"):
@@ -1031,8 +1039,8 @@ def _stat(g: dict, col: str) -> dict | None:
 
 
 def _errorbar(ax, xs, stats, **kw):
-    ys = [s["mean"] for s in stats]
-    err = [s["half_width"] or 0.0 for s in stats]
+    ys = [100 * s["mean"] for s in stats]
+    err = [100 * (s["half_width"] or 0.0) for s in stats]
     ax.errorbar(xs, ys, yerr=err if any(err) else None, capsize=3, **kw)
 
 
@@ -1109,10 +1117,10 @@ def plot_sweep(groups: list[dict], blocks: list[dict], axis: str, metric: str,
             s = _stat(g, col)
             color = colors.get(block["setting"], "k")
             if axis == "a" and g["objective"]["family"] == "p":
-                ax.plot([1.0], [s["mean"]], marker="*", markersize=12, color=color,
+                ax.plot([1.0], [100 * s["mean"]], marker="*", markersize=12, color=color,
                         linestyle="none", label=f"p (a = 1){', ' + block['setting'] if block['setting'] else ''}")
             else:
-                ax.axhline(s["mean"], color=color, linestyle="--" if g["objective"]["family"]
+                ax.axhline(100 * s["mean"], color=color, linestyle="--" if g["objective"]["family"]
                            == "nll" else ":", linewidth=1,
                            label=f"{label}{' (a = 0)' if axis == 'a' and label == 'original' else ''}"
                                  f"{', ' + block['setting'] if block['setting'] else ''}")
@@ -1404,6 +1412,7 @@ def _check_metric(metric: str) -> None:
 def build_report(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike | None = None,
                  *, metric: str = "avg@n", probes: Iterable[str | os.PathLike] = (),
                  step_states: dict[str, str] | None = None,
+                 step_logs: dict[str, str] | None = None,
                  figures: bool = True) -> dict[str, Any]:
     """Compare the runs under ``paths`` and write ``report.json``, ``report.md`` and the
     figures into ``out_dir`` (default: :func:`default_out_dir`). Returns the report dict.
@@ -1411,7 +1420,9 @@ def build_report(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike 
     ``metric``: the per-task number of the table (``avg@n`` accuracy, ``mean_score``,
     ``exact``, ``boxed_rate`` or ``pass@K``); ``probes``: extra probe reports (e.g. the one a
     sweep's thresholds came from); ``step_states``: job states by step name
-    (``train-<run>``, ...) that the caller knows, e.g. from SLURM accounting. Every file is
+    (``train-<run>``, ...) that the caller knows, e.g. from SLURM accounting, and
+    ``step_logs`` their log files (the last ``error:`` line of a failed step's log is shown
+    with its state). Every file is
     written under a temporary name and renamed; files of an earlier report in ``out_dir``
     that this one does not write again are removed, nothing else there is touched.
     """
@@ -1419,7 +1430,7 @@ def build_report(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike 
     if not paths:
         raise ConfigError("no PATH given; pass an experiment work directory or run folders")
     _check_metric(metric)
-    col = collect(paths, probes=probes, step_states=step_states)
+    col = collect(paths, probes=probes, step_states=step_states, step_logs=step_logs)
     out = Path(out_dir) if out_dir is not None else default_out_dir(paths)
     out_res = out.resolve()
     for run in col.runs:

@@ -290,11 +290,17 @@ def test_step_states_from_the_caller_and_partial_eval(tmp_path, base_config):
     make_run(runs, "y-s1", base_config, "GeneralFamily-2", 1, evals={"figfont": {"avg@n": 0.5}})
     make_run(runs, "y-s2", base_config, "GeneralFamily-2", 2,
              evals={"figfont": {"avg@n": 0.5, "n": 4}})
+    log = tmp_path / "log-eval.out"
+    log.write_text("Processed prompts: 50%\nerror: vLLM ran out of KV cache; lower --n\n"
+                   "slurmstepd: *** JOB 12 CANCELLED DUE TO TIME LIMIT ***\n")
     report = rp.build_report([runs], tmp_path / "out", figures=False,
-                             step_states={"eval-x-p": "TIMEOUT"})
+                             step_states={"eval-x-p": "TIMEOUT", "train-x-p": "COMPLETED"},
+                             step_logs={"eval-x-p": str(log)})
     runs_by = {r["name"]: r for r in report["runs"]}
     assert runs_by["x-p"]["status"] == "failed"
-    assert runs_by["x-p"]["status_detail"] == "eval step timeout"
+    assert runs_by["x-p"]["status_detail"] == \
+        "eval step timeout: error: vLLM ran out of KV cache; lower --n"
+    assert runs_by["x-p"]["steps"]["train"]["state"] == "COMPLETED"
     assert runs_by["x-original"]["status"] == "running"
     assert sorted(runs_by["x-original"]["eval"]) == ["figfont", "math500"]
     assert any("GeneralFamily-2" in n and "different problems or sampling" in n
