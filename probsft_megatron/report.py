@@ -28,6 +28,7 @@ distribution with the weight curves ``w(p)`` of the compared objectives.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -1022,7 +1023,7 @@ def plot_curves(groups: list[dict], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     handles, labels = axes[1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
-               title="group (seeds share a colour)")
+               title="group (seeds share a colour)", ncol=1 + len(labels) // 25)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -1375,7 +1376,8 @@ def render_markdown(report: dict) -> str:
         for p in report["probes"]:
             pl, rec = p.get("placement") or {}, p.get("recommendation") or {}
             pct20 = (p.get("percentiles") or {}).get("20")
-            lines.append(f"| `{p['path']}` | {p['model'] or '-'} | {p['data'] or '-'} | "
+            short = "/".join(Path(p["path"]).parts[-3:])
+            lines.append(f"| `{short}` | {p['model'] or '-'} | {p['data'] or '-'} | "
                          f"{p['tokens']} | {_fmt_num(p.get('mean_p'))} | "
                          f"{_fmt_num(p.get('median_p'))} | {_fmt_num(pct20)} | "
                          f"{pl.get('regime', '-')} | `{rec.get('objective', '-')}` |")
@@ -1454,6 +1456,10 @@ def build_report(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike 
 
     out.mkdir(parents=True, exist_ok=True)
     figs: list[dict] = []
+    if figures and importlib.util.find_spec("matplotlib") is None:
+        figures = False
+        notes.append("no figures: matplotlib is not installed (pip install "
+                     "'probsft-megatron[train]')")
     if figures:
         made = plot_curves(groups, out / "curves.png")
         if made:
