@@ -375,6 +375,19 @@ def test_library_error_type(tmp_path):
         rp.build_report([], tmp_path / "out")
 
 
+def test_without_matplotlib_the_tables_still_come(tmp_path, base_config, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    run = make_run(tmp_path, "r", base_config, "p", 1, evals={"figfont": {"avg@n": 0.5}})
+    report = rp.build_report([run], tmp_path / "out")
+    assert report["figures"] == [] and not list((tmp_path / "out").glob("*.png"))
+    assert any("matplotlib is not installed" in n for n in report["notes"])
+    assert "| `p` | n=1 | 50.0 | 1 complete |" in (tmp_path / "out" / "report.md").read_text()
+
+
 # ------------------------------------------------------------------------ real tiny runs
 
 @pytest.fixture(scope="session")
@@ -453,3 +466,4 @@ def test_report_of_real_runs(real_work, tmp_path):
     assert "| `p` | n=2 |" in md and "**trained**: not evaluated" in md
     assert (out / "curves.png").read_bytes()[:8] == PNG
     assert "report: " in proc.stdout
+
