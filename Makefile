@@ -2,8 +2,11 @@
 # Both create .venv on first use (scripts/setup_env.sh; ~4 min, pinned CPU torch).
 PY := .venv/bin/python
 PYTEST_ARGS ?=
+# megatron-core releases of the version matrix (docs/environment.md); .venv itself has 0.16.1
+MCORE ?= 0.16.1
+MCORE_MATRIX ?= 0.14.0 0.15.3
 
-.PHONY: venv test test-fast demo clean
+.PHONY: venv test test-fast test-mcore test-mcore-matrix lint-docker demo clean
 
 venv:
 	@bash scripts/setup_env.sh
@@ -14,8 +17,19 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not multirank" $(PYTEST_ARGS)
 
+# the version-sensitive subset against one megatron-core release: make test-mcore MCORE=0.14.0
+test-mcore: venv
+	bash scripts/test_mcore.sh $(MCORE)
+
+# the same subset against every release of the matrix other than .venv's own (CI)
+test-mcore-matrix: venv
+	bash scripts/test_mcore.sh $(MCORE_MATRIX)
+
+lint-docker: venv
+	.venv/bin/hadolint docker/Dockerfile
+
 demo: venv
 	$(PY) -m probsft_megatron.demo
 
 clean:
-	rm -rf .venv outputs runs
+	rm -rf .venv .venv-mcore-* outputs runs

@@ -66,7 +66,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation; print the table (and where reports went). Returns the exit code."""
-    from probsft_megatron.eval.report import markdown_table
+    from probsft_megatron.eval.report import format_notes, markdown_table
     from probsft_megatron.eval.runner import evaluate
 
     try:
@@ -74,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     except ProbsftError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(markdown_table([r.summary for r in results]), end="")
+    summaries = [r.summary for r in results]
+    print(markdown_table(summaries), end="")
+    print(format_notes(summaries), end="")
     if args.out:
         print(f"reports written to {args.out}")
     return 0

@@ -6,12 +6,18 @@ Every grader maps ``(completion, reference)`` to a :class:`Grade`: the extracted
 
 Conventions (see docs/eval.md):
 
-* math: the answer is the content of the **last** ``\\boxed{...}`` (or ``\\fbox{...}``)
-  in the completion, braces matched so nested groups survive; no boxed answer means
-  ``None`` and wrong. Equivalence is decided by math-verify, so ``1/2 == 0.5`` but
-  ``1/3 != 0.33``; ``\\dfrac`` equals ``\\frac``; units in text form (``5 \\text{ cm}``,
-  ``5 cm``) are dropped, so ``5 cm`` equals ``5``; comma-separated answers are sets, so
-  ``1, 2`` equals ``2, 1`` and ``\\{1, 2\\}``, while parenthesized tuples stay ordered.
+* math: the final answer is the content of the **last** ``\\boxed{...}`` (or ``\\fbox``),
+  braces matched, joined with the boxes right before it when only a separator stands
+  between them (``\\boxed{2} and \\boxed{3}``); without a box, the last explicit answer
+  statement ("the answer is X", "final answer is X", "Answer: X"); otherwise nothing is
+  extracted and the sample is wrong (a formatting failure, counted apart in summaries).
+  Equivalence (:func:`math_equal`): units are dropped (``5 \\text{ cm}`` = 5) but a bare
+  letter is a variable unless the reference carries it as a unit (``6t`` != ``6m``); a
+  reference in scientific notation (``4.5e33``) accepts any number that rounds to it at
+  its significant digits, in ``e`` or ``\\times 10^{}`` form; ``25\\%`` equals 1/4 and 25;
+  the rest is math-verify: ``1/2 == 0.5`` but ``1/3 != 0.33``, comma-separated answers are
+  sets, parenthesized tuples stay ordered, equations and matrices compare symbolically.
+  tests/data/grader_pairs.jsonl is the labeled test set (docs/eval.md lists its accuracy).
 * choice: the option letter from ``\\boxed{X}``, "answer is X", "Answer: X", or a
   completion that is just the letter (``X``, ``(X)``, ``X.``).
 * exact: equality after stripping surrounding whitespace.
@@ -31,20 +37,26 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 
 @dataclass(frozen=True)
 class Grade:
-    """The outcome of grading one completion."""
+    """The outcome of grading one completion.
+
+    ``source`` says where a math answer came from: ``"boxed"`` (a ``\\boxed{}``),
+    ``"statement"`` (an explicit "the answer is ..." without a box) or ``None`` when
+    nothing was extracted; other graders leave it ``None``.
+    """
 
     extracted: str | None
     correct: bool
     score: float
+    source: str | None = None
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}``/``\\fbox{...}`` in ``text`` (braces matched).
+def _boxes(text: str) -> list[tuple[int, int, str]]:
+    """Every complete ``\\boxed``/``\\fbox`` in ``text`` as (start, end, content), in order.
 
-    ``\\boxed 5`` (no braces) yields the following token. Returns ``None`` when there is
-    no complete boxed expression.
+    Braces are matched, so nested groups survive; ``\\boxed 5`` (no braces) is the
+    following token. An unclosed box is skipped.
     """
-    result = None
+    found = []
     for match in _BOXED.finditer(text):
         pos = match.end()
         if pos < len(text) and text[pos] == "{":
@@ -55,13 +67,76 @@ def extract_boxed(text: str) -> str | None:
                 elif text[end] == "}":
                     depth -= 1
                     if depth == 0:
-                        result = text[pos + 1 : end].strip()
+                        found.append((match.start(), end + 1, text[pos + 1 : end].strip()))
                         break
         elif match.group(0).endswith(" "):
             token = re.match(r"[^\s$]+", text[pos:])
             if token:
-                result = token.group(0)
-    return result
+                found.append((match.start(), pos + token.end(), token.group(0)))
+    return found
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}``/``\\fbox{...}`` in ``text`` (braces matched).
+
+    ``\\boxed 5`` (no braces) yields the following token. Returns ``None`` when there is
+    no complete boxed expression.
+    """
+    boxes = _boxes(text)
+    return boxes[-1][2] if boxes else None
+
+
+# What may stand between two boxes that together state one answer ("x = \boxed{2} or
+# x = \boxed{3}"): math delimiters, spacing, a separator word, and an "x =" label.
+_BOX_GAP_NOISE = re.compile(r"\$|\\[(\[\])]|\\q?quad|\\[,;: ]|\\text\s*\{|[{}\s~]")
+_BOX_GAP = re.compile(r"^(?:,|;|and|or|,and|,or|&)?(?:[A-Za-z](?:_\{?\w+\}?)?=)?$")
+
+
+def _final_boxed(text: str) -> str | None:
+    """The last boxed answer, joined with the boxes right before it when only a separator
+    stands between them (``\\boxed{2} and \\boxed{3}`` -> ``2, 3``); ``None`` without a box."""
+    boxes = _boxes(text)
+    if not boxes:
+        return None
+    parts = [boxes[-1][2]]
+    for (_, prev_end, prev), (start, _, _) in zip(reversed(boxes[:-1]), reversed(boxes[1:])):
+        gap = _BOX_GAP_NOISE.sub("", text[prev_end:start])
+        if not _BOX_GAP.match(gap):
+            break
+        if prev != parts[0]:
+            parts.insert(0, prev)
+    return ", ".join(parts)
+
+
+_STATEMENT = re.compile(r"(?i)(?:final\s+answer\s+is|the\s+answer\s+is|\banswer\s*:)[\s:*]*")
+_DELIMITED = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+
+
+def extract_statement(text: str) -> str | None:
+    """The answer of the last explicit statement "the answer is X", "final answer is X" or
+    "Answer: X" in ``text`` (no box needed), or ``None``.
+
+    X is the math-delimited group right after the phrase (``$...$``, ``\\(...\\)``,
+    ``\\[...\\]``), else the rest of the sentence; a leading number followed by words keeps
+    only the number ("13 apples" -> "13").
+    """
+    matches = list(_STATEMENT.finditer(text))
+    if not matches:
+        return None
+    tail = text[matches[-1].end() :]
+    for opening, closing in _DELIMITED:
+        if tail.startswith(opening):
+            end = tail.find(closing, len(opening))
+            answer = tail[len(opening) : end] if end > 0 else ""
+            break
+    else:
+        answer = re.split(r"\.(?:\s|$)|\n|\s+I hope", tail, maxsplit=1)[0]
+        answer = answer.strip().strip("*").strip()
+        number = re.match(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?\s*(?:\\?%)?(?=\s+[A-Za-z]|$)", answer)
+        if number:
+            answer = number.group(0)
+    answer = answer.strip().rstrip(".").strip()
+    return answer or None
 
 
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
@@ -79,31 +154,278 @@ def boxed_answer(text: str) -> str | None:
     return None if boxed is None else normalize_latex(_UNESCAPED_DOLLAR.sub("", boxed))
 
 
-def _as_latex(text: str) -> str:
-    """Wrap a bare answer in ``$...$`` so math-verify's LaTeX extractor sees it whole
-    (text that already has math delimiters, like ``$69$,$84$``, is left as is)."""
-    return text if _UNESCAPED_DOLLAR.search(text) else f"${text}$"
+def extract_math_answer(text: str) -> tuple[str | None, str | None]:
+    """``(answer, source)`` of a math completion: the final boxed answer (``"boxed"``), else
+    the last explicit answer statement (``"statement"``), else ``(None, None)``."""
+    answer = _final_boxed(text)
+    source = "boxed"
+    if answer is None:
+        answer, source = extract_statement(text), "statement"
+    if answer is None:
+        return None, None
+    return normalize_latex(_UNESCAPED_DOLLAR.sub("", answer)), source
 
 
-def math_equal(reference: str, answer: str) -> bool:
-    """Whether ``answer`` is mathematically equivalent to ``reference`` (math-verify)."""
-    from math_verify import parse, verify
+# ---------------------------------------------------------------- equivalence
+_REPEATING = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\overline\{(\d+)\}")
 
+
+def _repeating_fraction(match: re.Match) -> str:
+    """``0.1\\overline{6}`` -> ``\\frac{1}{6}`` (a repeating decimal as its exact fraction)."""
+    from fractions import Fraction
+
+    whole, fixed, period = match.group(1) or "0", match.group(2), match.group(3)
+    value = Fraction(int(whole)) + Fraction(int(fixed or "0"), 10 ** len(fixed))
+    value += Fraction(int(period), (10 ** len(period) - 1) * 10 ** len(fixed))
+    return f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
+
+
+_NUMBER_WORDS = {
+    word: str(i)
+    for i, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
+
+
+def _clean(text: str) -> str:
+    """Drop what never changes an answer's value: math delimiters, ``\\dfrac``, spacing
+    commands, thousands separators, ``\\left``/``\\right``, currency signs, a final period."""
+    s = text.strip()
+    s = re.sub(r"(\d)\s*(?:,\s*\\!|\{,\})\s*(?=\d{3})", r"\1", s)  # 32,\!348 and 32{,}348
+    s = _UNESCAPED_DOLLAR.sub("", s)
+    s = re.sub(r"\\[()\[\]]", "", s)
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"\\displaystyle|\\!", "", s)
+    s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)\b\s*", "", s)
+    s = re.sub(r"(?<!\\)\\[,;: ]|~", " ", s)
+    s = _REPEATING.sub(_repeating_fraction, s)
+    s = s.replace("\\$", "").replace("−", "-")
+    s = re.sub(r"\bnp\.(?=[a-z])", r"\\", s)  # np.arcsin(x) in a reference
+    s = re.sub(r"(\d)\.(?!\d)", r"\1", s)  # 1./3 -> 1/3, 5. -> 5
+    s = re.sub(r"(?<![A-Za-z\\])E_", r"\\mathcal{E}_", s)  # E_1 (math-verify cannot parse it)
+    s = re.sub(r"^\s*(?:\\approx|\\sim|≈|=)\s*", "", s)  # "\approx 41.8" states 41.8
+    s = s.strip().rstrip(".").strip()
+    return _NUMBER_WORDS.get(s.lower(), s)
+
+
+_UNIT_WORDS = (
+    "cm|mm|km|nm|kg|mg|ml|mL|eV|keV|MeV|GeV|Hz|kHz|MHz|GHz|AU|pc|kpc|Mpc|yr|yrs|years?|days?|"
+    "hours?|hrs?|minutes?|mins?|seconds?|secs?|meters?|metres?|inches|inch|feet|foot|ft|yards?|"
+    "miles?|mph|degrees?|deg|cents?|dollars?|units?|square units|sq units|cubic units|kelvin|"
+    "liters?|litres?|grams?|kilograms?|ohms?|watts?|joules?|newtons?|volts?|amps?|pounds?|lbs?|"
+    "ounces?|oz|gallons?|acres?|hectares?|percentage points"
+)
+_UNIT_GROUP = re.compile(
+    r"(?:\s*(?:/|\\cdot|\\times))?\s*\\(?:text|textrm|textnormal|mathrm|mbox|rm|operatorname)\s*"
+    r"\{([^{}()\d=]*[A-Za-z][^{}()\d=]*)\}(?:\s*\^\s*(?:\{\s*-?\d+\s*\}|-?\d))?\s*$"
+)
+_UNIT_WORD = re.compile(rf"(?<=[\d}}\s])\s*(?:{_UNIT_WORDS})(?:\s*\^\s*(?:\{{\s*-?\d\s*\}}|-?\d))?\s*$")
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
+
+
+def _strip_units(s: str, bare_units: frozenset[str] = frozenset()) -> tuple[str, frozenset[str]]:
+    """``s`` without trailing units, and the units removed (their letters only).
+
+    Units are ``\\text{...}``/``\\mathrm{...}`` groups (``5\\text{ cm}``, ``3 \\mathrm{~m} /
+    \\mathrm{s}``), unit words of two or more letters from a fixed list (``5 cm``) and
+    degree marks. A bare single letter (``6m``) is a variable, not a unit, unless it is in
+    ``bare_units`` (the reference carries that unit explicitly). Nothing is removed when
+    only the unit would be left (``\\text{east}`` stays).
+    """
+    s = _DEGREES.sub("", s).strip()
+    removed: set[str] = set()
+    bare = "|".join(re.escape(u) for u in sorted(bare_units, key=len, reverse=True))
+    patterns = [_UNIT_GROUP, _UNIT_WORD]
+    if bare:
+        patterns.append(re.compile(rf"(?<=[\d}}\s])\s*(?:{bare})\s*$"))
+    changed = True
+    while changed:
+        changed = False
+        for pattern in patterns:
+            match = pattern.search(s)
+            if not match:
+                continue
+            rest = s[: match.start()].rstrip()
+            if not rest or rest[-1] in "=+-*/^_,({[":
+                continue
+            unit = match.group(1) if match.groups() else match.group(0)
+            removed.add(re.sub(r"[^A-Za-z]", "", unit))
+            s, changed = rest, True
+    return s, frozenset(u for u in removed if u)
+
+
+_NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)$")
+_SCI_E = re.compile(r"^([-+]?)(\d+(?:\.\d*)?|\.\d+)\s*[eE]\s*([-+]?\d+)$")
+_SCI_TEN = re.compile(
+    r"^([-+]?)(\d+(?:\.\d*)?|\.\d+)\s*(?:\\times|\\cdot|\*|×|x)\s*10\s*\^\s*(?:\{\s*([-+]?\s*\d+)\s*\}|([-+]?\d))$"
+)
+
+
+def _scientific(s: str):
+    """``(value, half_ulp)`` of a number in scientific notation (``4.5e33``,
+    ``4.5\\times 10^{33}``, ``4.5 \\cdot 10^{33}``), else ``None``. ``half_ulp`` is half a
+    unit in the last significant digit, the rounding the written digits imply."""
+    from decimal import Decimal
+
+    compact = s.strip()
+    match = _SCI_E.match(compact) or _SCI_TEN.match(compact)
+    if not match:
+        return None
+    sign, mantissa = match.group(1), match.group(2)
+    exponent = int(re.sub(r"\s", "", next(g for g in match.groups()[2:] if g is not None)))
+    decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+    value = Decimal(sign + mantissa).scaleb(exponent)
+    return value, Decimal(5).scaleb(exponent - decimals - 1)
+
+
+def _latex_scientific(s: str) -> str:
+    """``4.5e33`` -> ``4.5\\times10^{33}`` (math-verify reads ``e`` as Euler's number)."""
+    match = _SCI_E.match(s.strip())
+    return f"{match.group(1)}{match.group(2)}\\times10^{{{int(match.group(3))}}}" if match else s
+
+
+def _numeric_value(s: str):
+    """The value of ``s`` as a Decimal when it is a plain or scientific number, else its
+    sympy value when math-verify parses it to a number, else ``None``."""
+    from decimal import Decimal
+
+    if _NUMBER.match(s):
+        return Decimal(s)
+    sci = _scientific(s)
+    if sci is not None:
+        return sci[0]
+    for item in _parse(s):
+        if getattr(item, "is_number", False) and getattr(item, "is_real", False):
+            try:
+                return Decimal(str(float(item.evalf(20))))
+            except (TypeError, ValueError, ArithmeticError):
+                return None
+    return None
+
+
+_PERCENT = re.compile(r"\s*(?:\\%|%|\\text\{\s*\\?%\s*\})\s*$")
+
+
+def _percent_forms(s: str, both: bool) -> list[str]:
+    """``s`` without a trailing percent sign, then (when ``both``) as a fraction of 100:
+    ``25\\%`` may mean 25 (the sign read as a unit) or 1/4. Other answers have one form."""
+    bare = _PERCENT.sub("", s).strip()
+    if bare == s.strip() or not bare:
+        return [s]
+    if not both:
+        return [bare]
+    if _NUMBER.match(bare):
+        from decimal import Decimal
+
+        return [bare, f"{Decimal(bare).scaleb(-2):f}"]
+    return [bare, f"\\frac{{{bare}}}{{100}}"]
+
+
+MATH_TIMEOUT_S = 10
+"""Wall-clock limit (seconds) of one math-verify parse or comparison; past it the answer
+counts as not equal. Typical answers take milliseconds; the margin keeps verdicts stable
+on a loaded machine."""
+
+
+def _parse(s: str) -> list:
+    from latex2sympy2_extended.latex2sympy2 import NormalizationConfig
+    from math_verify import LatexExtractionConfig, parse
+
+    config = LatexExtractionConfig(
+        normalization_config=NormalizationConfig(
+            basic_latex=True, units=False, malformed_operators=True, nits=True, boxed="all", equations=False
+        )
+    )
     try:
-        gold = parse(_as_latex(normalize_latex(reference)))
-        pred = parse(_as_latex(normalize_latex(answer)))
-        return bool(gold) and bool(pred) and bool(verify(gold, pred))
-    except Exception:  # math-verify raises on pathological input or timeouts: count as wrong
+        return parse(f"${s}$", extraction_config=[config], parsing_timeout=MATH_TIMEOUT_S)
+    except Exception:  # math-verify raises on pathological input: no parse
+        return []
+
+
+def _is_interval(s: str) -> bool:
+    """Whether ``s`` is unambiguously an interval: infinite ends, a union, or mixed/closed
+    brackets (``(a, b)`` alone may be a point)."""
+    return bool(re.search(r"\\infty|\\cup", s)) or bool(re.match(r"^\s*(?:\[.*,.*[)\]]|\(.*,.*\])\s*$", s))
+
+
+def _symbolic_equal(reference: str, answer: str) -> bool:
+    from math_verify import verify
+
+    gold, pred = _parse(reference), _parse(answer)
+    if not gold or not pred:
+        return False
+    try:
+        return bool(verify(gold, pred, float_rounding=10, timeout_seconds=MATH_TIMEOUT_S,
+                           allow_set_relation_comp=_is_interval(reference)))
+    except Exception:  # timeouts and sympy failures count as not equal
         return False
 
 
+def _words(s: str) -> str | None:
+    """Lower-cased words of a text answer (``\\text{Evelyn}`` -> ``evelyn``), or ``None``
+    when ``s`` is not only words of two or more letters."""
+    inner = re.sub(r"\\(?:text|textbf|textit|mathrm|mbox)\s*\{([^{}]*)\}", r"\1", s).strip()
+    if re.fullmatch(r"[A-Za-z]{2,}(?:\s+[A-Za-z]+)*", inner):
+        return " ".join(inner.lower().split())
+    return None
+
+
+def _choice(s: str, parenthesized: bool = True) -> str | None:
+    """The option letter of ``(C)``, ``\\text{(C)}`` or ``\\textbf{(C)}`` (also ``C`` and
+    ``\\text{C}`` unless ``parenthesized``), else ``None``."""
+    inner = re.sub(r"\\(?:text|textbf|mathrm)\s*\{([^{}]*)\}", r"\1", s).strip()
+    match = re.fullmatch(r"\(\s*([A-E])\s*\)" if parenthesized else r"\(?\s*([A-E])\s*\)?", inner)
+    return match.group(1) if match else None
+
+
+def math_equal(reference: str, answer: str) -> bool:
+    """Whether ``answer`` is mathematically equivalent to ``reference``.
+
+    Both are cleaned (delimiters, spacing, thousands separators), stripped of units (a
+    bare letter only when the reference carries it as a unit) and compared: a reference in
+    scientific notation accepts any number that rounds to it at its significant digits;
+    a percent is read both as a number and as a fraction of 100; everything else is
+    decided by math-verify (sets unordered, tuples ordered, equations and matrices
+    compared symbolically). See docs/eval.md for the rules and their measured accuracy.
+    """
+    ref, ans = _clean(reference), _clean(answer)
+    if not ans or not ref:
+        return False
+    if re.sub(r"\s", "", ref) == re.sub(r"\s", "", ans):
+        return True
+    ref_letter = _choice(ref)
+    if ref_letter is not None:
+        return ref_letter == _choice(ans, parenthesized=False)
+    ref_words = _words(ref)
+    if ref_words is not None and ref_words == _words(ans):
+        return True
+    ref, ref_units = _strip_units(ref)
+    ans, _ = _strip_units(ans, frozenset(u for u in ref_units if len(u) == 1))
+    if not ans:
+        return False
+    sci = _scientific(ref)
+    if sci is not None:
+        from decimal import Decimal
+
+        value, half_ulp = sci
+        got = _numeric_value(ans)
+        return got is not None and abs(got - value) <= half_ulp * Decimal("1.000000001")
+    ans = _latex_scientific(ans)
+    # a percent on one side only may be a unit or a fraction of 100; on both, compare numbers
+    both = bool(_PERCENT.search(ref)) != bool(_PERCENT.search(ans))
+    return any(_symbolic_equal(r, a) for r in _percent_forms(ref, both) for a in _percent_forms(ans, both))
+
+
 def grade_math(completion: str, reference: str) -> Grade:
-    """Last boxed answer of ``completion`` checked against ``reference`` with math-verify."""
-    answer = boxed_answer(completion)
+    """The final answer of ``completion`` (last boxed answer, else an explicit answer
+    statement) checked against ``reference`` with :func:`math_equal`."""
+    answer, source = extract_math_answer(completion)
     if answer is None:
         return Grade(None, False, 0.0)
     correct = math_equal(reference, answer)
-    return Grade(answer, correct, float(correct))
+    return Grade(answer, correct, float(correct), source)
 
 
 _CHOICE_PATTERNS = (
@@ -197,6 +519,10 @@ GRADERS: dict[str, Callable[[str, str], Grade]] = {
 
 CONTINUOUS_GRADERS = frozenset({"jaro_winkler"})
 """Graders whose score is not just ``float(correct)``; summaries report their mean score."""
+
+EXTRACTING_GRADERS = frozenset({"math", "choice"})
+"""Graders that may find no answer (``extracted`` is ``None``); summaries report the
+fraction of samples with an extracted answer and the accuracy among them."""
 
 
 def get_grader(name: str) -> Callable[[str, str], Grade]:

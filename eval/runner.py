@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 from probsft_megatron.errors import CheckpointError, ConfigError
-from probsft_megatron.eval.graders import CONTINUOUS_GRADERS, get_grader
+from probsft_megatron.eval.graders import CONTINUOUS_GRADERS, EXTRACTING_GRADERS, get_grader
 from probsft_megatron.eval.metrics import summarize
 from probsft_megatron.eval.models import check_hf_model_dir, read_model_config
 from probsft_megatron.eval.prompts import STOP_STRINGS, detect_family, render, resolve_family
@@ -204,13 +204,19 @@ def _grade(plan: _Plan, completions: list[list[str]]) -> TaskResult:
             "extracted": [g.extracted for g in grades],
             "correct": [g.correct for g in grades],
             "scores": [g.score for g in grades],
+            **({"source": [g.source for g in grades]} if plan.grader == "math" else {}),
             **({"meta": example.meta} if example.meta else {}),
         }
         if plan.task.kind == "figfont":  # the paper's case-sensitive score on the raw output
             record["exact"] = [text == example.reference for text in outs]
         samples.append(record)
     scores = [r["scores"] for r in samples] if plan.grader in CONTINUOUS_GRADERS else None
-    metrics = summarize([r["correct"] for r in samples], scores)
+    extracted = boxed = None
+    if plan.grader in EXTRACTING_GRADERS:
+        extracted = [[answer is not None for answer in r["extracted"]] for r in samples]
+    if plan.grader == "math":
+        boxed = [[source == "boxed" for source in r["source"]] for r in samples]
+    metrics = summarize([r["correct"] for r in samples], scores, extracted, boxed)
     if plan.task.kind == "figfont":
         metrics["exact"] = sum(sum(r["exact"]) / len(r["exact"]) for r in samples) / len(samples)
     summary = {"task": plan.task.name, "grader": plan.grader, "sampling": asdict(plan.sampling), "metrics": metrics}

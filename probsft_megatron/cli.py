@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("probsft_megatron.probe_cli", "token-probability probe of a base model on a dataset"),
     "launch": ("probsft_megatron.launchers.cli", "NeMo-Run experiments (local or SLURM)"),
     "data": ("probsft_megatron.data_cli", "generate or inspect SFT datasets"),
+    "report": ("probsft_megatron.report_cli", "compare the runs of an experiment or sweep: tables and figures"),
 }
 
 
@@ -38,13 +39,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             "-v", "--verbose", action="count", default=argparse.SUPPRESS, help=VERBOSE_HELP
         )
         if only is None or name == only:
+            from probsft_megatron import extras
+
             try:
+                # the subcommand's pip extra first (a find_spec check, no import), so that a
+                # lazy import deep inside it cannot fail later with a traceback
+                missing = extras.missing_module(name)
+                if missing is not None:
+                    raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
                 module = importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:  # a subcommand not built yet / missing extra
-                if exc.name and exc.name.startswith("probsft_megatron"):
-                    p.set_defaults(_unavailable=f"`probsft {name}` is not available in this build")
-                    continue
-                raise
+            except ModuleNotFoundError as exc:  # a missing extra, or a module not installed
+                reason = extras.explain_missing(name, module_name, exc.name)
+                # whatever follows (options, --help) is not parsed: the reason is the answer
+                p.parse_known_args = (lambda args=None, namespace=None, _r=reason:
+                                      (argparse.Namespace(_unavailable=_r), []))
+                continue
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
     return parser

