@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from probsft_megatron.errors import CheckpointError, ConfigError
+from probsft_megatron.errors import ConfigError
 from probsft_megatron.eval.graders import CONTINUOUS_GRADERS, EXTRACTING_GRADERS, get_grader
 from probsft_megatron.eval.metrics import summarize
 from probsft_megatron.eval.models import check_hf_model_dir, read_model_config
@@ -118,13 +118,11 @@ def _plan(config: EvalConfig) -> list[_Plan]:
 
 
 def load_tokenizer(model: str):
-    """The model folder's tokenizer; CheckpointError if it cannot be loaded."""
-    from transformers import AutoTokenizer
+    """The model folder's tokenizer (the one loader, :mod:`probsft_megatron.tokenizers`);
+    CheckpointError if it cannot be loaded."""
+    from probsft_megatron.tokenizers import load_tokenizer as load
 
-    try:
-        return AutoTokenizer.from_pretrained(model)
-    except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
-        raise CheckpointError(f"cannot load a tokenizer from {model} ({type(exc).__name__}); save one there") from None
+    return load(str(model))
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

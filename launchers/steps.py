@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from probsft_megatron.errors import CheckpointError, ProbsftError
+from probsft_megatron.errors import CheckpointError
 
 EXPORT_INFO = "probsft_export.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -67,13 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-dir", required=True, help="the run's train.output_dir")
     p.add_argument("--out", required=True, help="Hugging Face folder to write (replaced)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        print(export_latest(args.train_dir, args.out))
-    except ProbsftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    from probsft_megatron.console import run_main
+
+    return run_main(lambda: print(export_latest(args.train_dir, args.out)))
 
 
 if __name__ == "__main__":

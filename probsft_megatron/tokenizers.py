@@ -38,7 +38,7 @@ def load_tokenizer(spec: str):
         if not path.is_dir():
             raise ConfigError(
                 f"tokenizer {spec!r} is neither a folder nor one of {BUILTIN}; "
-                "set init.tokenizer to a folder with tokenizer files"
+                "name a folder with tokenizer files (init.tokenizer, --tokenizer)"
             )
         try:
             tok = AutoTokenizer.from_pretrained(path)

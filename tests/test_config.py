@@ -187,3 +187,41 @@ def test_attention_resolves_to_sdpa_without_te():
         cfg.validate(1)
     with pytest.raises(ConfigError, match="train.attention"):
         load_config("tiny-figfont-cpu", ["train.attention=fast"]).validate(1)
+
+
+def test_logging_is_quiet_by_default_and_verbose_on_request(monkeypatch):
+    """megatron's own warnings are filtered unless -v or PROBSFT_LOG_LEVEL=DEBUG asks for
+    them; the level reaches child processes through the environment."""
+    import logging
+    import warnings
+
+    from probsft_megatron import console
+
+    def shown(module: str) -> bool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            if console.log_level() > logging.DEBUG:
+                console.quiet_warnings()
+            warnings.warn_explicit(
+                "Apex is not installed. Falling back to Torch Norm",
+                UserWarning,
+                "backends.py",
+                21,
+                module=module,
+            )
+        return bool(caught)
+
+    monkeypatch.delenv(console.LOG_LEVEL_ENV, raising=False)
+    assert console.log_level() == logging.INFO
+    assert not shown("megatron.core.models.backends")
+    assert shown("probsft_megatron.model")  # our own warnings are never hidden
+    monkeypatch.setenv(console.LOG_LEVEL_ENV, "debug")
+    assert console.log_level() == logging.DEBUG and shown("megatron.core.models.backends")
+    monkeypatch.setenv(console.LOG_LEVEL_ENV, "nonsense")
+    assert console.log_level() == logging.INFO
+    monkeypatch.delenv(console.LOG_LEVEL_ENV)
+    assert console.log_level(verbose=1) == logging.DEBUG
+    assert console.setup_logging(verbose=1) == logging.DEBUG
+    assert __import__("os").environ[console.LOG_LEVEL_ENV] == "DEBUG"
+    monkeypatch.delenv(console.LOG_LEVEL_ENV)
+    assert console.setup_logging() == logging.INFO  # the default for the tests that follow

@@ -589,6 +589,31 @@ def test_every_response_token_is_trained_once_per_epoch(rng, packing):
 
 
 @pytest.mark.parametrize("packing", [False, True])
+def test_batches_name_their_examples_and_count_real_tokens(rng, packing):
+    """Every row names the examples it holds (what the probe attributes results to) and
+    ``real_tokens`` counts exactly their tokens, not the padding."""
+    ds = _toy(rng, 37)
+    loader = _loader(ds, packing=packing, drop_last=False, epochs=1)
+    seen, real, slots = [], 0, 0
+    for micro_batches in loader:
+        for batch in micro_batches:
+            assert len(batch.examples) == batch.tokens.shape[0]
+            want = 0
+            for row, owned in enumerate(batch.examples):
+                offset = 0
+                for index in owned:  # the row holds these examples, in this order
+                    ids = ds[index]["input_ids"]
+                    assert torch.equal(batch.tokens[row, offset : offset + len(ids)], ids)
+                    offset += len(ids)
+                want += offset
+                seen += owned
+            assert batch.real_tokens == want
+            real, slots = real + want, slots + batch.tokens.numel()
+    assert sorted(seen) == list(range(len(ds)))  # each example once, padding rows name none
+    assert real == sum(len(ds[i]["input_ids"]) for i in range(len(ds))) < slots
+
+
+@pytest.mark.parametrize("packing", [False, True])
 def test_dp_shards_are_contiguous_disjoint_and_cover_the_global_batch(rng, packing):
     ds = _toy(rng, 101)
     reference = [_starts(b) for b in _loader(ds, packing=packing)]

@@ -49,7 +49,10 @@ def _cmd(nproc: int, out: Path, extra: list[str]) -> list[str]:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
+    """The caller's environment as a user would have it (no warning filters, default log
+    level): the runs check that megatron's own warnings stay out of the output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "PROBSFT_LOG_LEVEL")}
+    return dict(env, OMP_NUM_THREADS="1", **extra)
 
 
 def _run(
@@ -107,6 +110,13 @@ def test_loss_falls_over_30_steps(tmp_path, layout):
     assert last < first - 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 30 and Path(summary["checkpoint"]).name == "step_0000030"
+    # throughput counts real tokens; every sequence slot is reported apart
+    for record in summary["history"]:
+        assert 0 < record["tokens"] < 4 * 384  # global batch 4, max length 384: some padding
+        assert record["tokens_per_s"] < record["padded_tokens_per_s"]
+    # quiet by default: megatron's Transformer Engine / Apex notes are not shown
+    log = (out.parent / f"{out.name}.log").read_text()
+    assert "Apex" not in log and "UserWarning" not in log, log[-3000:]
 
 
 def test_fused_head_trains_like_unfused(tmp_path):
