@@ -94,22 +94,10 @@ def is_pipeline_last_stage() -> bool:
     return parallel_state.is_pipeline_last_stage()
 
 
-def is_pipeline_first_stage() -> bool:
-    from megatron.core import parallel_state
-
-    return parallel_state.is_pipeline_first_stage()
-
-
 def data_parallel_group():
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_group()
-
-
-def tensor_parallel_group():
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_group()
 
 
 # -- RNG ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The training configuration: every section, its one validation, and the resolved job.
+"""The training configuration: every section and its one validation (resolution: :mod:`.job`).
 
 A recipe is a YAML mapping whose sections mirror :class:`TrainJobConfig`; ``model`` may be a
 preset name (``configs/models/<name>.yaml``) or a mapping of :class:`ModelConfig` fields, and
@@ -20,6 +20,10 @@ Three steps, each once:
    ``probsft train --dry-run`` and the real run both start with it. It lives in its own
    module because it reads a converted checkpoint's ``model_config.json``
    (:mod:`probsft_megatron.model_dir`, which itself needs :class:`ModelConfig`).
+
+This module is longer than the others on purpose: it is one concern, every key a job
+accepts with its default, its check and the checks that combine keys, and a reader looking up
+a key should find all of that in one file.
 
 Sections are frozen: code that needs a variant builds one with :func:`dataclasses.replace`.
 This module imports neither megatron nor torch at import time (``probsft objectives`` and
