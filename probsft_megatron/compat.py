@@ -159,17 +159,57 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, *, is_load
     """The optimizer's sharded state for a torch_dist checkpoint.
 
     The distributed optimizer uses ``dp_reshardable`` (its buffers as saved, resumable at the
-    same TP/PP with any DP size): in 0.16 without apex/TE it is the format that round-trips,
-    because ``fully_reshardable`` drops torch Adam's per-parameter ``step`` on save and
-    ``fully_sharded_model_space`` builds flattened ShardedTensors that the torch_dist
-    strategy rejects. Model weights always reshard freely. The plain optimizer ignores the
-    metadata.
+    same TP/PP with any DP size): in 0.15/0.16 without apex/TE it is the format that
+    round-trips, because ``fully_reshardable`` drops torch Adam's per-parameter ``step`` on
+    save and ``fully_sharded_model_space`` builds flattened ShardedTensors that the torch_dist
+    strategy rejects. megatron-core 0.14 has no ``dp_reshardable``; there the state is
+    gathered on DP rank 0 (``dp_zero_gather_scatter``, also resumable with any DP size; see
+    :func:`distrib_optim_sharding_type`). Model weights always reshard freely. The plain
+    optimizer ignores the metadata.
     """
+    sharding = distrib_optim_sharding_type()
     if is_loading:
         _materialize_optimizer_state(optimizer)
+        if sharding == "dp_zero_gather_scatter":
+            _keep_unsaved_state_on_dp_zero_load(optimizer)
     return optimizer.sharded_state_dict(
         model_sharded_state_dict, is_loading=is_loading,
-        metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+        metadata={"distrib_optim_sharding_type": sharding})
+
+
+def distrib_optim_sharding_type() -> str:
+    """The distributed optimizer's checkpoint format: ``dp_reshardable`` where megatron-core
+    has it (0.15+), else ``dp_zero_gather_scatter`` (0.14: without apex/TE its
+    ``fully_sharded_model_space`` fails on numpy 2 and ``fully_sharded_bucket_space`` on
+    torch Adam's scalar ``step``)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if hasattr(DistributedOptimizer, "get_parameter_state_dp_reshardable"):
+        return "dp_reshardable"
+    return "dp_zero_gather_scatter"
+
+
+def _keep_unsaved_state_on_dp_zero_load(optimizer) -> None:
+    """0.14, ``dp_zero_gather_scatter`` load without apex/TE: the checkpoint holds ``param``,
+    ``exp_avg`` and ``exp_avg_sq`` per parameter, while megatron copies *every* key of torch
+    Adam's state into place, including ``step`` (restored from the param groups just before),
+    and fails with KeyError. Keys the checkpoint does not have keep their current value."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, DistributedOptimizer) or \
+                "_set_main_param_and_optimizer_states" in vars(sub):
+            continue
+        original = sub._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, _sub=sub, _original=original):
+            group_index, group_order = _sub.model_param_group_index_map[model_param]
+            main_param = _sub.optimizer.param_groups[group_index]["params"][group_order]
+            current = _sub.optimizer.state[main_param]
+            _original(model_param, {**{k: v for k, v in current.items() if k not in tensors},
+                                    **tensors})
+
+        sub._set_main_param_and_optimizer_states = set_states
 
 
 def dist_save(sharded_state_dict, ckpt_dir: str) -> None:
@@ -182,3 +222,24 @@ def dist_load(sharded_state_dict, ckpt_dir: str):
     from megatron.core import dist_checkpointing
 
     return dist_checkpointing.load(sharded_state_dict, ckpt_dir)
+
+
+def core_attention_module(cls: type) -> type:
+    """``cls`` (a core-attention module written for 0.15+, taking ``pg_collection``) in the
+    form megatron's layer spec instantiates on the installed version.
+
+    megatron-core 0.14 passes the process groups to core attention as ``model_comm_pgs``
+    (0.15 renamed it ``pg_collection``); there a subclass takes the old keyword and hands it
+    on under the new name. On 0.15+ ``cls`` itself is returned.
+    """
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    if not _accepts(DotProductAttention.__init__, "model_comm_pgs"):
+        return cls
+
+    def __init__(self, *args, model_comm_pgs=None, **kwargs):
+        cls.__init__(self, *args, pg_collection=model_comm_pgs, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__,
+                                       "__doc__": cls.__doc__})
