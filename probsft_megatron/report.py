@@ -721,7 +721,8 @@ def _probe_entry(path: Path, data: dict) -> dict[str, Any]:
     source = "figfont" if dcfg.get("source") == "figfont" else \
         ",".join(Path(str(f)).name for f in dcfg.get("train_files") or []) or None
     return {"path": str(path), "key": data.get("key"),
-            "model": Path(str(model.get("path", ""))).name or None, "data": source,
+            "model": re.sub(r"-[0-9a-f]{12}$", "", Path(str(model.get("path", ""))).name) or None,
+            "data": source,
             "tokens": data.get("tokens"), "mean_p": data.get("mean_p"),
             "median_p": data.get("median_p"), "percentiles": data.get("percentiles") or {},
             "histogram": data.get("histogram"), "placement": data.get("placement"),
@@ -1028,6 +1029,7 @@ def plot_curves(groups: list[dict], path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    few = max(len(r["curves"]["step"]) for g in trained for r in g["_members"]) < 8
     for color, g in zip(_colors(len(trained)), trained):
         label = g["label"] + (f" ({g['setting']})" if g["setting"] else "")
         for i, r in enumerate(g["_members"]):
@@ -1036,7 +1038,7 @@ def plot_curves(groups: list[dict], path: Path) -> Path | None:
                 pts = [(s, v) for s, v in zip(c["step"], c[key]) if isinstance(v, (int, float))]
                 if pts:
                     ax.plot(*zip(*pts), color=color, alpha=0.85, linewidth=1.2,
-                            marker="o" if len(pts) < 8 else None, markersize=3,
+                            marker="o" if few else None, markersize=3,
                             label=label if i == 0 else None)
     axes[0].set(xlabel="step", ylabel="training loss (each run's own objective)",
                 title="loss")
@@ -1228,7 +1230,9 @@ def plot_probe(probe: dict, objectives: list[tuple[str, str]], path: Path) -> Pa
             continue
         if np.nanmax(w) > 1.5:
             ymax = 3.0
-        right.plot(grid, w, color=color, linewidth=1.4, label=f"w(p), {label}")
+        thresholded = parse_objective(name).thresholded  # dashed: they overlay their family
+        right.plot(grid, w, color=color, linewidth=1.4, linestyle="--" if thresholded else "-",
+                   label=f"w(p), {label}")
         drawn.append(label)
     right.set_ylim(0, ymax)
     right.set_ylabel("weight w(p) on the NLL gradient" + (" (clipped)" if ymax > 1.5 else ""))
