@@ -159,11 +159,11 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, *, is_load
     """The optimizer's sharded state for a torch_dist checkpoint.
 
     The distributed optimizer uses ``dp_reshardable`` (its buffers as saved, resumable at the
-    same TP/PP with any DP size): in 0.15/0.16 without apex/TE it is the format that
-    round-trips, because ``fully_reshardable`` drops torch Adam's per-parameter ``step`` on
-    save and ``fully_sharded_model_space`` builds flattened ShardedTensors that the torch_dist
-    strategy rejects. megatron-core 0.14 has no ``dp_reshardable``; there the state is
-    gathered on DP rank 0 (``dp_zero_gather_scatter``, also resumable with any DP size; see
+    same TP/PP with any DP size): in 0.16 without apex/TE it is the format that round-trips,
+    because ``fully_reshardable`` drops torch Adam's per-parameter ``step`` on save and
+    ``fully_sharded_model_space`` builds flattened ShardedTensors that the torch_dist
+    strategy rejects. Before 0.16 the state is gathered on DP rank 0 instead
+    (``dp_zero_gather_scatter``, also resumable with any DP size; see
     :func:`distrib_optim_sharding_type`). Model weights always reshard freely. The plain
     optimizer ignores the metadata.
     """
@@ -178,13 +178,14 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, *, is_load
 
 
 def distrib_optim_sharding_type() -> str:
-    """The distributed optimizer's checkpoint format: ``dp_reshardable`` where megatron-core
-    has it (0.15+), else ``dp_zero_gather_scatter`` (0.14: without apex/TE its
-    ``fully_sharded_model_space`` fails on numpy 2 and ``fully_sharded_bucket_space`` on
-    torch Adam's scalar ``step``)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    """The distributed optimizer's checkpoint format: ``dp_reshardable`` from megatron-core
+    0.16 on, else ``dp_zero_gather_scatter``. Without apex/TE, torch Adam keeps a scalar
+    ``step`` per parameter, which 0.15's ``dp_reshardable`` and 0.14's
+    ``fully_sharded_bucket_space`` reject (shape assertion; 0.16 skips it), and 0.14 has no
+    ``dp_reshardable`` at all (its ``fully_sharded_model_space`` fails on numpy 2)."""
+    from packaging.version import Version
 
-    if hasattr(DistributedOptimizer, "get_parameter_state_dp_reshardable"):
+    if Version(megatron_version()) >= Version("0.16.0"):
         return "dp_reshardable"
     return "dp_zero_gather_scatter"
 

@@ -24,7 +24,7 @@ def test_optimizer_checkpoint_format_exists_in_this_release():
     from megatron.core.optimizer import distrib_optimizer
 
     fmt = compat.distrib_optim_sharding_type()
-    assert fmt == ("dp_reshardable" if MCORE >= Version("0.15") else "dp_zero_gather_scatter")
+    assert fmt == ("dp_reshardable" if MCORE >= Version("0.16") else "dp_zero_gather_scatter")
     # the format is one this release's distributed optimizer implements
     assert f"'{fmt}'" in Path(distrib_optimizer.__file__).read_text()
 
