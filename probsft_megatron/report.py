@@ -870,7 +870,8 @@ def group_runs(runs: list[dict]) -> list[dict]:
                 keys_here = [k for k in varying if k.startswith(prefix) and k != "data.seed"]
                 if not keys_here:
                     continue
-                names = {r[field_name] for gg in groups.values() for r in gg["members"][:1]}
+                names = {gg["members"][0][field_name] for gg in groups.values()
+                         if gg["identity"]}
                 if len(names) > 1:  # the preset / dataset name tells the settings apart
                     setting_parts.append(first[field_name] or "?")
                 else:
@@ -932,7 +933,7 @@ def _aggregate_group(g: dict, metric: str, tasks: list[str]) -> None:
         if vals:
             cells[task] = summarize_values(vals)
         d: dict[str, Any] = {}
-        names = {"avg@n", "mean_score", "exact", "boxed_rate"}
+        names = ("avg@n", "mean_score", "exact", "boxed_rate")
         ks = sorted({k for r in have for k in (r["eval"][task]["metrics"].get("pass@k") or {})},
                     key=lambda k: int(k) if str(k).isdigit() else 0)
         for name in [*names, *[f"pass@{k}" for k in ks]]:
