@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -207,6 +208,28 @@ def tail(path: Path | None, lines: int) -> list[str]:
     return rows[-lines:]
 
 
+_PREFIX_RE = re.compile(r"^(\d+: )?(\[\w+\]:)?\s*")
+_ERROR_RE = re.compile(r"^(error: \S.*|([A-Za-z_][\w.]*)?(Error|Exception): \S.*)$")
+
+
+def error_lines(path: Path | None, limit: int = 3) -> list[str]:
+    """The distinct error lines of a log, first seen first: the project's one-line
+    ``error: ...`` messages and Python exceptions with a message, without srun's task label
+    and torchrun's rank prefix. They are often far above the end of a multi-node log, where
+    the launchers print their own summaries."""
+    if path is None or not path.is_file():
+        return []
+    found: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for raw in f:
+            line = _PREFIX_RE.sub("", raw.rstrip("\n").rsplit("\r", 1)[-1], count=1).strip()
+            if _ERROR_RE.match(line) and line not in found:
+                found.append(line)
+                if len(found) == limit:
+                    break
+    return found
+
+
 def never_ran(state: JobState) -> bool:
     """A job that ended without ever starting (cancelled while pending)."""
     return state.terminal and not state.elapsed_s and state.start in ("", "None", "Unknown")
@@ -248,8 +271,10 @@ def report(record: ExperimentRecord, states: dict[str, JobState], out: TextIO,
         st = states[s.job_id or ""]
         log = s.log_path()
         print(f"\nstep {s.name} (job {s.job_id}) ended {st.state}"
-              f"{' with exit code ' + st.exit_code if st.exit_code else ''}; "
-              f"last {lines} lines of {log}:", file=out)
+              f"{' with exit code ' + st.exit_code if st.exit_code else ''}", file=out)
+        for row in error_lines(log):
+            print(f"  {row}", file=out)
+        print(f"last {lines} lines of {log}:", file=out)
         for row in tail(log, lines):
             print(f"  {row}", file=out)
     skipped = [s.name for s in record.steps

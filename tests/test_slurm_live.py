@@ -251,7 +251,10 @@ def test_failed_train_step_stops_the_chain(cluster, tmp_path):
     assert str(_log(steps["train"])) in row and " FAILED " in row
     logs = _probsft(["launch", "logs", "figfont-tiny-llama-p", "train", "--work-dir", str(work),
                      "--lines", "5"], tmp_path)
-    assert logs.returncode == 0 and f"==> {steps['train']['name']}" in logs.stdout
+    head, *rows = logs.stdout.splitlines()
+    assert logs.returncode == 0 and head.startswith(f"==> {steps['train']['name']} (job ")
+    assert rows == _log(steps["train"]).read_text().splitlines()[-5:]
+    logs = _probsft(["launch", "logs", str(exp_dir), "train", "--lines", "1000"], tmp_path)
     assert f"training file {missing} does not exist" in logs.stdout
 
 
