@@ -36,7 +36,15 @@ PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
 say() { echo "slurm_cluster: $*"; }
 die() { echo "slurm_cluster: error: $1" >&2; exit "${2:-1}"; }
 
-pid_alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# pid_alive PIDFILE: the pid in PIDFILE runs and is the daemon the file is named after (a pid
+# file left by a killed daemon may name a pid that another process has since taken)
+pid_alive() {
+    [[ -s $1 ]] || return 1
+    local pid name
+    pid=$(cat "$1" 2>/dev/null) || return 1
+    name=$(basename "$1" .pid); name=${name%%-*}
+    kill -0 "$pid" 2>/dev/null && grep -q "^$name" "/proc/$pid/comm" 2>/dev/null
+}
 
 wait_for() {  # wait_for SECONDS WHAT LOGFILE CMD...
     local limit=$1 what=$2 log=$3; shift 3
@@ -110,6 +118,8 @@ SlurmctldPort=$CTLD_PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# a requeued job may start again after cred_expire seconds (default 120)
+AuthInfo=cred_expire=30
 CryptoType=crypto/munge
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/slurmd-%n

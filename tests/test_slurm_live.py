@@ -103,7 +103,7 @@ def _log(step: dict) -> Path:
 def test_sbatch_accepts_the_rendered_scripts(cluster, tmp_path):
     profile = tmp_path / "cpu.yaml"
     shipped = (REPO / "configs" / "clusters" / "local-cpu.yaml").read_text()
-    profile.write_text(shipped + "exclusive: true\ncpus_per_task: 1\n")
+    profile.write_text(shipped + "exclusive: true\ncpus_per_task: 1\nsignal: USR1@60\n")
     proc = _probsft([*TINY[:-2], "--profile", str(profile), "--work-dir", str(tmp_path / "w"),
                      "--set", *TRAIN_SET, "--dryrun"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
