@@ -10,7 +10,7 @@ one split by a stable hash, so a test question is never a training question.
 | ``addition`` | ``What is 37 + 48?`` -> ``37 + 48 = 85`` | two-digit addition in SmolLM2's own answer style |
 | ``addition-number`` | ``What is 37 + 48? Answer with just the number.`` -> ``85`` | the same sums, bare number |
 | ``addition-words`` | ``What is 37 + 48? Write the answer in words.`` -> ``eighty-five`` | a foreign answer format |
-| ``count`` | ``Count from 12 to 17.`` -> ``12, 13, 14, 15, 16, 17`` | an easy, highly predictable sequence |
+| ``count`` | ``Count from 12 to 21.`` -> ``12, 13, 14, 15, 16, 17, 18, 19, 20, 21`` | a long, highly predictable sequence |
 | ``reverse`` | ``Reverse the letters of 'planet'.`` -> ``tenalp`` | a string transformation |
 | ``figlet-mini`` | a 2-4 letter word drawn in pyfiglet's ``mini`` font -> the word | a near-zero prior (short prompts) |
 | ``self-addition`` | ``What is the sum of 7 and 12?`` -> ``7 + 12 = 19.`` | the strongest prior (see below) |
@@ -173,7 +173,7 @@ def _addition_words(item):
 
 
 def _ranges() -> list[tuple[int, int]]:
-    return [(start, start + length - 1) for start in range(1, 100) for length in range(4, 10)]
+    return [(start, start + length - 1) for start in range(1, 100) for length in range(8, 17)]
 
 
 def _count(item):
@@ -253,8 +253,8 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
              lambda: _pairs(10, 99), _addition_words,
              lambda it, rng: number_words(_wrong_sum(sum(it), rng)), max_length=56,
              max_new_tokens=12),
-    TaskSpec("count", "count from a to b (4-9 numbers)", _ranges, _count, _count_wrong,
-             max_length=80, max_new_tokens=40),
+    TaskSpec("count", "count from a to b (8-16 numbers)", _ranges, _count, _count_wrong,
+             max_length=112, max_new_tokens=72),
     TaskSpec("reverse", "reverse the letters of a common word (3-6 letters)", _word_pool(3, 6),
              _reverse, lambda w, rng: _shuffled(w, rng)[::-1], max_length=48,
              max_new_tokens=8),

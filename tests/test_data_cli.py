@@ -86,7 +86,7 @@ def test_bad_task_split_or_count():
         tasks_gen.records("nope")
     with pytest.raises(ConfigError, match="unknown split"):
         tasks_gen.records("addition", "val")
-    with pytest.raises(ConfigError, match="has 145 test items, fewer than the 500"):
+    with pytest.raises(ConfigError, match="has 221 test items, fewer than the 500"):
         tasks_gen.records("count", "test", n=500)
 
 
