@@ -5,11 +5,13 @@
         --profile mycluster --hf /models/Qwen2.5-7B --set data.train_files=[/data/numina.jsonl] --dryrun
     probsft launch sweep convexity-math --executor slurm --profile mycluster --hf /models/Qwen2.5-Math-1.5B ...
     probsft launch sweep                      # list the sweeps
+    probsft launch status|logs|cancel EXPERIMENT   # a submitted SLURM experiment
 
 Builds one NeMo-Run experiment (convert -> train -> export -> eval for every run), prints its
 steps, then runs it here (``--executor local``: torchrun on this node, waiting for the end),
-submits it (``--executor slurm``: one job per step, chained by dependencies), or with
-``--dryrun`` only writes the job scripts and says where.
+submits it (``--executor slurm``: one job per step, chained by dependencies, then waits for
+the jobs with a progress display unless ``--detach``), or with ``--dryrun`` only writes the
+job scripts and says where.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ from probsft_megatron.errors import ConfigError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the launch options on ``parser``."""
-    parser.add_argument("target", nargs="*", metavar="sweep NAME",
-                        help="`sweep NAME` runs a sweep from configs/sweeps; `sweep` lists them")
+    parser.add_argument("target", nargs="*", metavar="sweep NAME | status|logs|cancel EXP",
+                        help="`sweep NAME` runs a sweep from configs/sweeps (`sweep` lists "
+                             "them); `status EXP`, `logs EXP [STEP]` and `cancel EXP` act on a "
+                             "submitted SLURM experiment (its folder, id or title)")
     parser.add_argument("--dataset", help="math, medical, figfont or custom")
     parser.add_argument("--model", help="model preset (configs/models), e.g. qwen2.5-7b")
     parser.add_argument("--objective", help="training objective, e.g. original, p, GeneralFamily-8")
@@ -33,9 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run here with torchrun (default) or submit to SLURM")
     parser.add_argument("--dryrun", action="store_true",
                         help="write the job scripts (sbatch for slurm) and print where; launch nothing")
+    parser.add_argument("--detach", action="store_true",
+                        help="slurm: return once the jobs are queued instead of waiting for them")
+    parser.add_argument("--lines", type=int, default=20,
+                        help="status/logs: how many log lines to show per step (default 20)")
     parser.add_argument("--profile", help="cluster profile: a name under configs/clusters or a YAML file")
     parser.add_argument("--nproc", type=int,
-                        help="training processes per node (local default 1; slurm: gpus_per_node)")
+                        help="training processes per node (local default 1; slurm: the profile's "
+                             "nproc_per_node, else gpus_per_node, else 1)")
     parser.add_argument("--nodes", type=int, help="training nodes (slurm; default: the profile's)")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                         metavar="KEY=VALUE", help="training overrides, e.g. optim.lr=4e-5")
@@ -83,11 +92,15 @@ def _hf_folders(items: list[str]) -> dict[str, str]:
     return out
 
 
+JOB_COMMANDS = ("status", "logs", "cancel")
+
+
 def _sweep_ref(args: argparse.Namespace) -> str | None:
     target = list(args.target)
     if (target and target[0] != "sweep") or len(target) > 2:
-        raise ConfigError(f"unexpected arguments {' '.join(target)!r}; the only positional form "
-                          "is `probsft launch sweep NAME` (training overrides follow --set)")
+        raise ConfigError(f"unexpected arguments {' '.join(target)!r}; the positional forms "
+                          "are `probsft launch sweep NAME` and `probsft launch status|logs|cancel "
+                          "EXPERIMENT` (training overrides follow --set)")
     if len(target) == 2:
         if args.sweep and args.sweep != target[1]:
             raise ConfigError("give the sweep once: `sweep NAME` or --sweep NAME")
@@ -120,7 +133,7 @@ def _placement(args: argparse.Namespace):
                           f"configs/clusters: {', '.join(list_profiles()) or 'none'})")
     profile = load_profile(args.profile)
     nodes = args.nodes or profile.nodes
-    nproc = args.nproc or profile.gpus_per_node
+    nproc = args.nproc or profile.processes_per_node()
     placeholders = profile.placeholders()
     if placeholders and not args.dryrun:
         raise ConfigError(f"cluster profile '{profile.name}' still has placeholders in "
@@ -168,7 +181,13 @@ def _report(mode: str, plan, exp_dir: Path) -> int:
             print(f"  sbatch script: {script}")
         return 0
     if mode == "submit":
+        from probsft_megatron.launchers.jobs import ExperimentRecord
+
+        record = ExperimentRecord.load(exp_dir)
         print(f"submitted {len(plan.steps)} jobs; experiment record and logs: {exp_dir}")
+        for s in record.steps:
+            after = f" (after {', '.join(s.after)})" if s.after else ""
+            print(f"  job {s.job_id}: {s.name}{after}")
         for r in plan.runs:
             print(f"  {r.name}: results will be in {r.eval_summary}")
         return 0
@@ -185,8 +204,72 @@ def _report(mode: str, plan, exp_dir: Path) -> int:
     return 0
 
 
+def _job_command(args: argparse.Namespace) -> int:
+    """`probsft launch status|logs|cancel EXPERIMENT [STEP]` on a submitted experiment."""
+    from probsft_megatron.launchers import jobs
+
+    command, rest = args.target[0], args.target[1:]
+    if not rest or len(rest) > (2 if command == "logs" else 1):
+        usage = "logs EXPERIMENT [STEP]" if command == "logs" else f"{command} EXPERIMENT"
+        raise ConfigError(f"usage: probsft launch {usage} (EXPERIMENT: the folder that "
+                          "`probsft launch` printed, an experiment id or a title)")
+    if args.lines < 1:
+        raise ConfigError(f"--lines must be >= 1 (got {args.lines})")
+    roots = [args.work_dir] if args.work_dir else []
+    if args.profile:
+        from probsft_megatron.launchers.slurm import load_profile
+
+        work_dir = load_profile(args.profile).work_dir
+        if work_dir:
+            roots.append(work_dir)
+    roots.append("outputs")
+    record = jobs.ExperimentRecord.load(jobs.find_experiment(rest[0], roots))
+    if command == "cancel":
+        jobs.cancel(record)
+        return 0
+    if command == "status":
+        states = jobs.job_states(s.job_id for s in record.steps if s.job_id)
+        return jobs.report(record, states, sys.stdout, lines=args.lines)
+    steps = [record.step(rest[1])] if len(rest) == 2 else record.steps
+    for step in steps:
+        log = step.log_path()
+        print(f"==> {step.name} (job {step.job_id or '-'}): {log or 'no log yet'}")
+        for row in jobs.tail(log, args.lines):
+            print(row)
+    return 0
+
+
+def _wait_and_report(exp_dir: Path) -> int:
+    """Follow a submitted experiment until its jobs end; 1 when a step failed."""
+    from probsft_megatron.launchers import jobs
+
+    record = jobs.ExperimentRecord.load(exp_dir)
+    print(f"waiting for {len(record.steps)} jobs (Ctrl-C stops waiting; the jobs keep running; "
+          f"`probsft launch status {exp_dir}` shows them)", flush=True)
+    try:
+        states = jobs.wait(record)
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; the jobs keep running: probsft launch status|logs|cancel "
+              f"{exp_dir}", file=sys.stderr)
+        return 130
+    print()
+    code = jobs.report(record, states, sys.stdout)
+    if code == 0:
+        for name, summary in record.runs.items():
+            print(f"{name}: ok {summary}")
+            summary_md = Path(summary).parent / "summary.md"
+            if summary_md.is_file():
+                print(summary_md.read_text(), end="")
+    else:
+        print(f"error: experiment {record.exp_id} failed; see the step logs above "
+              f"(probsft launch logs {exp_dir} STEP)", file=sys.stderr)
+    return code
+
+
 def run(args: argparse.Namespace) -> int:
     """Plan, print and dry-run / run / submit the experiment; returns the exit code."""
+    if args.target and args.target[0] in JOB_COMMANDS:
+        return _job_command(args)  # reads files and asks SLURM: no heavy imports
     from probsft_megatron.launchers import experiment as ex
 
     sweep = _sweep_ref(args)
@@ -222,4 +305,11 @@ def run(args: argparse.Namespace) -> int:
                                   nproc_per_node=nproc)
 
     mode = "dryrun" if args.dryrun else ("run" if profile is None else "submit")
-    return _report(mode, plan, ex.execute(plan, executor_for, mode))
+    if args.detach and mode != "submit":
+        raise ConfigError("--detach applies to a SLURM submission (--executor slurm without "
+                          "--dryrun)")
+    exp_dir = ex.execute(plan, executor_for, mode)
+    code = _report(mode, plan, exp_dir)
+    if mode == "submit" and not args.detach:
+        code = _wait_and_report(exp_dir)
+    return code

@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shlex
+import subprocess
 import sys
 import time
 import warnings
@@ -356,15 +357,18 @@ def execute(plan: Plan, executor_for: Callable[[Step], Any], mode: str) -> Path:
 
     ``mode``: ``dryrun`` (write the job scripts, launch nothing), ``run`` (local: the steps
     one after another in plan order, waiting for each) or ``submit`` (SLURM: every step is a
-    job that depends on its ``after`` steps; returns once all are queued). Returns the
-    experiment's directory.
+    job that depends on its ``after`` steps; returns once all are queued, with the experiment
+    record of :mod:`probsft_megatron.launchers.jobs` written). Returns the experiment's
+    directory.
     """
     run = import_nemo_run()
     if mode not in ("dryrun", "run", "submit"):
         raise ValueError(f"mode must be dryrun, run or submit, got {mode!r}")
     exp_id = f"{plan.title}_{time.time_ns()}"
+    # a submission reports through the experiment record (jobs.py), not NeMo-Run's console
     exp = run.Experiment(plan.title, id=exp_id, base_dir=plan.work_dir,
-                         enable_goodbye_message=False, log_level="WARN")
+                         enable_goodbye_message=False, log_level="WARN",
+                         clean_mode=mode == "submit")
     with exp:
         job_ids: dict[str, str] = {}
         for step in plan.steps:
@@ -376,7 +380,75 @@ def execute(plan: Plan, executor_for: Callable[[Step], Any], mode: str) -> Path:
         if mode == "dryrun":
             exp.dryrun(log=False, delete_exp_dir=False)
         elif mode == "submit":
-            exp.run(detach=True)
+            _submit(plan, exp, exp_id)
         else:
             exp.run(sequential=True)
     return experiment_dir(plan, exp_id)
+
+
+def _slurm_job_id(handle: str) -> str | None:
+    """The SLURM job id in a NeMo-Run app handle (``slurm_tunnel://nemo_run/<id>[/...]``)."""
+    parts = handle.partition("://")[2].split("/")
+    return parts[1] if len(parts) > 1 and parts[1] else None
+
+
+def _sbatch_error(exc: BaseException) -> str:
+    """sbatch's own error lines on one line, from the exception NeMo-Run let through (invoke's
+    ``UnexpectedExit`` carries the command's result, possibly as the cause of another)."""
+    from probsft_megatron.launchers.jobs import _one_line
+
+    seen = exc
+    while seen is not None:
+        result = getattr(seen, "result", None)
+        stderr = getattr(result, "stderr", None)
+        if stderr:
+            lines = [ln for ln in stderr.splitlines() if ln.strip()]
+            errors = [ln for ln in lines if "error" in ln.lower()] or lines
+            return _one_line("\n".join(errors))
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(exc).__name__}: {_one_line(str(exc))}"
+
+
+def _submit(plan: Plan, exp: Any, exp_id: str) -> None:
+    """Queue every step's job and write the experiment record (:mod:`.jobs`).
+
+    A submission that SLURM refuses (sbatch's error) cancels the jobs already queued for this
+    experiment, marks the record failed and raises :class:`ProbsftError` with sbatch's own
+    message on one line.
+    """
+    from probsft_megatron.errors import ProbsftError
+    from probsft_megatron.launchers import jobs
+
+    error = None
+    try:
+        exp.run(detach=True)
+    except Exception as exc:  # noqa: BLE001 - any failure of sbatch through NeMo-Run
+        error = _sbatch_error(exc)
+    steps = []
+    by_name = {job.id: job for job in exp.jobs}
+    for step in plan.steps:
+        job = by_name.get(step.name)
+        details = job.executor.job_details if job is not None else None
+        job_id = _slurm_job_id(job.handle) if job is not None and job.handle else None
+        steps.append(jobs.StepRecord(
+            name=step.name, kind=step.kind, after=list(step.after), job_id=job_id,
+            job_name=(details.job_name if details is not None and details.job_name
+                      else step.name),
+            log_dir=(details.folder if details is not None and details.folder
+                     else str(experiment_dir(plan, exp_id) / step.name))))
+    record = jobs.ExperimentRecord(
+        title=plan.title, exp_id=exp_id, exp_dir=str(experiment_dir(plan, exp_id)),
+        status="failed" if error else "submitted", steps=steps,
+        runs={r.name: str(r.eval_summary) for r in plan.runs}, error=error,
+        submitted_at=jobs.now_iso())
+    if error is None:
+        record.save()
+        return
+    failed = next((s.name for s in steps if s.job_id is None), "?")
+    queued = [s.job_id for s in steps if s.job_id]
+    if queued:
+        subprocess.run(["scancel", *queued], capture_output=True, stdin=subprocess.DEVNULL)
+    record.save()
+    extra = f"; cancelled the jobs already queued ({', '.join(queued)})" if queued else ""
+    raise ProbsftError(f"sbatch refused the job of step {failed}: {error}{extra}; "
+                       f"experiment marked failed in {record.exp_dir}")

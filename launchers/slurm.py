@@ -15,7 +15,9 @@ executors use NeMo-Run's ``LocalTunnel``, which writes the sbatch scripts under
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,26 @@ from probsft_megatron.errors import ConfigError
 STEP_KINDS = ("convert", "train", "export", "eval")
 _TIME_RE = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")
 _PLACEHOLDER_RE = re.compile(r"<[^<>]+>")
+#: torchrun's rendezvous across the nodes of the train job (on the job's first node).
+RDZV_BACKEND = "c10d"
+RDZV_PORT = 29500
+#: Lines of a multi-node train job's batch script (bare nodes) that start torchrun's
+#: rendezvous store in the batch script itself, on a free port of the first node, and make
+#: every torchrun agent a client of it (see ``launchers/steps.py``, ``rdzv-store``).
+RDZV_STORE_SETUP = """\
+# torchrun's rendezvous store runs here, not inside one of the torchrun agents, so that no
+# agent takes it down while the others still shut down
+probsft_rdzv_file=$(mktemp)
+python -m probsft_megatron.launchers.steps rdzv-store --port-file "$probsft_rdzv_file" &
+for _ in $(seq 1200); do [ -s "$probsft_rdzv_file" ] && break; sleep 0.1; done
+PROBSFT_RDZV_PORT=$(cat "$probsft_rdzv_file")
+rm -f "$probsft_rdzv_file"
+if [ -z "$PROBSFT_RDZV_PORT" ]; then
+    echo "error: the rendezvous store did not start (python -m probsft_megatron.launchers.steps rdzv-store)" >&2
+    exit 1
+fi
+export PET_RDZV_CONF=is_host=0"""
+_SIGNAL_RE = re.compile(r"^((R|B|RB|BR):)?(SIG)?[A-Z0-9]+(@\d+)?$")
 
 
 @dataclass
@@ -39,7 +61,8 @@ class ClusterProfile:
     account: str
     """SLURM account charged for the jobs (``sbatch --account``); required."""
     gpus_per_node: int
-    """GPUs requested on every node; training runs one process per GPU."""
+    """GPUs requested on every node (``--gpus-per-node``); 0 for a CPU partition: no GPU
+    request. Training runs one process per GPU unless ``nproc_per_node`` says otherwise."""
     partition: str | None = None
     """SLURM partition (``--partition``); the cluster's default when omitted."""
     qos: str | None = None
@@ -65,7 +88,14 @@ class ClusterProfile:
     mem: str | None = None
     """Memory per node (``--mem``, e.g. ``0`` for all of it)."""
     exclusive: bool | None = None
-    """Request whole nodes (``--exclusive``)."""
+    """Request whole nodes: ``true`` renders a bare ``--exclusive``; ``false`` or omitted
+    renders nothing (sbatch rejects ``--exclusive=False``)."""
+    nproc_per_node: int | None = None
+    """Training processes per node; default ``gpus_per_node``, or 1 on a CPU partition
+    (``gpus_per_node: 0``). ``probsft launch --nproc`` overrides it."""
+    signal: str | None = None
+    """Warning signal before the time limit for the train job (``--signal``), e.g.
+    ``USR1@120``: SLURM sends SIGUSR1 to the job's processes 120 s before the limit."""
     name: str = ""
     """The profile's name (its file name); set by :func:`load_profile`."""
 
@@ -76,10 +106,35 @@ class ClusterProfile:
         if not isinstance(self.account, str) or not self.account.strip():
             raise ConfigError(f"{where}: 'account' is missing; set the SLURM account to charge "
                               "(see configs/clusters/example.yaml)")
-        for key in ("gpus_per_node", "nodes"):
+        for key, low in (("gpus_per_node", 0), ("nodes", 1), ("nproc_per_node", 1)):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where}: '{key}' must be an integer >= 1 (got {value!r})")
+            if value is None and key == "nproc_per_node":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                hint = " (0 for a CPU partition)" if key == "gpus_per_node" else ""
+                raise ConfigError(f"{where}: '{key}' must be an integer >= {low}{hint} "
+                                  f"(got {value!r})")
+        for key in ("exclusive",):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{where}: '{key}' must be true or false (got {value!r})")
+        if self.signal is not None and (not isinstance(self.signal, str)
+                                        or not _SIGNAL_RE.match(self.signal)):
+            raise ConfigError(f"{where}: signal={self.signal!r} is not an sbatch --signal value; "
+                              "write SIGNAL@SECONDS, e.g. 'USR1@120' (optionally 'B:USR1@120')")
+        for key in ("partition", "qos", "container_image", "work_dir"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{where}: '{key}' must be a string (got {value!r})")
+        if self.mem is not None:
+            if isinstance(self.mem, bool) or not isinstance(self.mem, (str, int)):
+                raise ConfigError(f"{where}: 'mem' must be a size such as '64G' or '0'")
+            self.mem = str(self.mem)
+        if self.cpus_per_task is not None and (isinstance(self.cpus_per_task, bool) or not
+                                               isinstance(self.cpus_per_task, int)
+                                               or self.cpus_per_task < 1):
+            raise ConfigError(f"{where}: 'cpus_per_task' must be an integer >= 1 "
+                              f"(got {self.cpus_per_task!r})")
         if isinstance(self.time, str):
             self.time = {kind: self.time for kind in STEP_KINDS}
         if not isinstance(self.time, dict):
@@ -98,6 +153,10 @@ class ClusterProfile:
         if not isinstance(self.env, dict):
             raise ConfigError(f"{where}: 'env' must be a mapping of variable names to values")
         self.env = {str(k): str(v) for k, v in self.env.items()}
+
+    def processes_per_node(self) -> int:
+        """Training processes per node: ``nproc_per_node``, else one per GPU, else 1."""
+        return self.nproc_per_node or self.gpus_per_node or 1
 
     def time_for(self, kind: str) -> str:
         """The time limit of a step kind."""
@@ -137,7 +196,7 @@ def load_profile(ref: str) -> ClusterProfile:
     for key in ("account", "gpus_per_node"):
         if data.get(key) is None:
             what = ("set the SLURM account to charge" if key == "account"
-                    else "set the number of GPUs on each node")
+                    else "set the number of GPUs on each node (0 for a CPU partition)")
             raise ConfigError(f"cluster profile {path}: '{key}' is missing; {what}")
     return ClusterProfile(**data, name=path.stem)
 
@@ -146,15 +205,36 @@ def check_layout(profile: ClusterProfile, nodes: int, nproc_per_node: int, tp: i
                  ) -> None:
     """Refuse a training job whose processes cannot be split into TP*PP model replicas."""
     where = f"cluster profile '{profile.name}'"
-    if nproc_per_node > profile.gpus_per_node:
+    if profile.gpus_per_node and nproc_per_node > profile.gpus_per_node:
         raise ConfigError(f"{where}: {nproc_per_node} processes per node exceed gpus_per_node="
                           f"{profile.gpus_per_node}; lower --nproc or raise gpus_per_node")
     world = nodes * nproc_per_node
+    what = "GPUs" if profile.gpus_per_node else "processes"
+    per_node = "gpus_per_node" if profile.gpus_per_node else "processes per node"
     if world % (tp * pp):
         raise ConfigError(
-            f"{where}: nodes*gpus_per_node = {nodes}*{nproc_per_node} = {world} GPUs is not "
-            f"divisible by TP*PP = {tp}*{pp} = {tp * pp}; use a multiple of {tp * pp} GPUs "
+            f"{where}: nodes*{per_node} = {nodes}*{nproc_per_node} = {world} {what} is not "
+            f"divisible by TP*PP = {tp}*{pp} = {tp * pp}; use a multiple of {tp * pp} {what} "
             "or change parallel.tensor_model_parallel_size / pipeline_model_parallel_size")
+
+
+def sbatch_fields(profile: ClusterProfile, kind: str) -> dict[str, Any]:
+    """The optional sbatch settings of one step's job, each in a form sbatch accepts.
+
+    ``None`` means "leave the flag out": NeMo-Run renders ``True`` as a bare flag
+    (``--exclusive``) and any other value as ``--flag=value``, so a ``False`` must never reach
+    it (sbatch rejects ``--exclusive=False``). No GPU request on a CPU partition.
+    """
+    return {
+        "partition": profile.partition,
+        "qos": profile.qos,
+        "gpus_per_node": profile.gpus_per_node or None,
+        "cpus_per_task": profile.cpus_per_task,
+        "mem": profile.mem,
+        "exclusive": True if profile.exclusive else None,
+        "signal": profile.signal if kind == "train" else None,
+        "time": profile.time_for(kind),
+    }
 
 
 def slurm_executor(profile: ClusterProfile, kind: str, *, job_dir: str, nodes: int,
@@ -163,28 +243,40 @@ def slurm_executor(profile: ClusterProfile, kind: str, *, job_dir: str, nodes: i
 
     ``train`` runs on ``nodes`` nodes with ``nproc_per_node`` processes each under torchrun
     (NeMo-Run turns that into one srun task per node running ``torchrun --nnodes ...``); the
-    other steps run one process on one node. Every step requests the profile's GPUs per node.
+    other steps run one process on one node. Every step requests the profile's GPUs per node
+    (none when ``gpus_per_node`` is 0). A multi-node train job on bare nodes hosts torchrun's
+    rendezvous store in its batch script (:data:`RDZV_STORE_SETUP`); with a container image
+    the first torchrun agent hosts it on port :data:`RDZV_PORT`, as NeMo-Run does. A job whose dependency failed is cancelled by SLURM
+    (``--kill-on-invalid-dep=yes``) instead of pending forever. Without a container image
+    the jobs run this interpreter's environment: its folder leads ``PATH``.
     """
     from probsft_megatron.launchers.experiment import import_nemo_run
 
     run = import_nemo_run()
     distributed = kind == "train"
+    env = dict(profile.env)
+    if profile.container_image is None and "PATH" not in env:
+        env["PATH"] = f"{os.path.dirname(sys.executable)}:$PATH"
+    own_store = distributed and nodes > 1 and profile.container_image is None
+    launcher = None
+    if distributed:
+        launcher = run.Torchrun(rdzv_backend=RDZV_BACKEND,
+                                rdzv_port="${PROBSFT_RDZV_PORT}" if own_store else RDZV_PORT)
     return run.SlurmExecutor(
         account=profile.account,
-        partition=profile.partition,
-        qos=profile.qos,
         nodes=nodes if distributed else 1,
         ntasks_per_node=nproc_per_node if distributed else 1,
-        gpus_per_node=profile.gpus_per_node,
-        cpus_per_task=profile.cpus_per_task,
-        mem=profile.mem,
-        exclusive=profile.exclusive,
-        time=profile.time_for(kind),
+        **sbatch_fields(profile, kind),
         container_image=profile.container_image,
         container_mounts=list(profile.container_mounts),
-        env_vars=dict(profile.env),
+        env_vars=env,
         job_name_prefix=profile.job_name_prefix,
-        launcher="torchrun" if distributed else None,
+        launcher=launcher,
+        setup_lines=RDZV_STORE_SETUP if own_store else None,
+        # "0: ...", "1: ...": which task (task i runs on the job's node i) printed a line
+        srun_args=["--label"] if distributed and nodes > 1 else None,
+        additional_parameters={"kill_on_invalid_dep": "yes"},
+        poll_estimated_start_time=False,
         tunnel=run.LocalTunnel(job_dir=job_dir),
         packager=run.Packager(),
     )

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("probsft_megatron.probe_cli", "token-probability probe of a base model on a dataset"),
     "launch": ("probsft_megatron.launchers.cli", "NeMo-Run experiments (local or SLURM)"),
     "data": ("probsft_megatron.data_cli", "generate or inspect SFT datasets"),
+    "plan": ("probsft_megatron.plan_cli", "per-GPU memory estimate and the cheapest layout that fits"),
     "report": ("probsft_megatron.report_cli", "compare the runs of an experiment or sweep: tables and figures"),
 }
 

@@ -24,6 +24,13 @@ from probsft_megatron.errors import CheckpointError
 from probsft_megatron.hardware import te_available  # noqa: F401  (re-exported)
 
 
+def megatron_version() -> str:
+    """The installed megatron-core version (what the version-dependent choices test)."""
+    import megatron.core
+
+    return getattr(megatron.core, "__version__", "unknown")
+
+
 def _accepts(fn: Callable, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters
@@ -249,16 +256,59 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, *, is_load
     same TP/PP with any DP size): in 0.16 without apex/TE it is the format that round-trips,
     because ``fully_reshardable`` drops torch Adam's per-parameter ``step`` on save and
     ``fully_sharded_model_space`` builds flattened ShardedTensors that the torch_dist
-    strategy rejects. Model weights always reshard freely. The plain optimizer ignores the
-    metadata.
+    strategy rejects. Before 0.16 the state is gathered on DP rank 0 instead
+    (``dp_zero_gather_scatter``, also resumable with any DP size; see
+    :func:`distrib_optim_sharding_type`). Model weights always reshard freely. The plain
+    optimizer ignores the metadata.
     """
+    sharding = distrib_optim_sharding_type()
     if is_loading:
         _materialize_optimizer_state(optimizer)
+        if sharding == "dp_zero_gather_scatter":
+            _keep_unsaved_state_on_dp_zero_load(optimizer)
     return optimizer.sharded_state_dict(
         model_sharded_state_dict,
         is_loading=is_loading,
-        metadata={"distrib_optim_sharding_type": "dp_reshardable"},
+        metadata={"distrib_optim_sharding_type": sharding},
     )
+
+
+def distrib_optim_sharding_type() -> str:
+    """The distributed optimizer's checkpoint format: ``dp_reshardable`` from megatron-core
+    0.16 on, else ``dp_zero_gather_scatter``. Without apex/TE, torch Adam keeps a scalar
+    ``step`` per parameter, which 0.15's ``dp_reshardable`` and 0.14's
+    ``fully_sharded_bucket_space`` reject (shape assertion; 0.16 skips it), and 0.14 has no
+    ``dp_reshardable`` at all (its ``fully_sharded_model_space`` fails on numpy 2)."""
+    from packaging.version import Version
+
+    if Version(megatron_version()) >= Version("0.16.0"):
+        return "dp_reshardable"
+    return "dp_zero_gather_scatter"
+
+
+def _keep_unsaved_state_on_dp_zero_load(optimizer) -> None:
+    """0.14, ``dp_zero_gather_scatter`` load without apex/TE: the checkpoint holds ``param``,
+    ``exp_avg`` and ``exp_avg_sq`` per parameter, while megatron copies *every* key of torch
+    Adam's state into place, including ``step`` (restored from the param groups just before),
+    and fails with KeyError. Keys the checkpoint does not have keep their current value."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(
+            sub, DistributedOptimizer
+        ) or "_set_main_param_and_optimizer_states" in vars(sub):
+            continue
+        original = sub._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, _sub=sub, _original=original):
+            group_index, group_order = _sub.model_param_group_index_map[model_param]
+            main_param = _sub.optimizer.param_groups[group_index]["params"][group_order]
+            current = _sub.optimizer.state[main_param]
+            _original(
+                model_param, {**{k: v for k, v in current.items() if k not in tensors}, **tensors}
+            )
+
+        sub._set_main_param_and_optimizer_states = set_states
 
 
 # -- distributed checkpointing -----------------------------------------------------------------
@@ -299,3 +349,31 @@ def checkpoint_tensor_dtype(ckpt_dir: str, key: str) -> torch.dtype:
     from megatron.core import dist_checkpointing
 
     return dist_checkpointing.load_tensors_metadata(ckpt_dir)[key].dtype
+
+
+def core_attention_module(cls: type) -> type:
+    """``cls`` (a core-attention module written for 0.15+, taking ``pg_collection``) in the
+    form megatron's layer spec instantiates on the installed version.
+
+    megatron-core 0.14 passes the process groups to core attention as ``model_comm_pgs``
+    (0.15 renamed it ``pg_collection``); there a subclass takes the old keyword and hands it
+    on under the new name. On 0.15+ ``cls`` itself is returned.
+    """
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    if not _accepts(DotProductAttention.__init__, "model_comm_pgs"):
+        return cls
+
+    def __init__(self, *args, model_comm_pgs=None, **kwargs):
+        cls.__init__(self, *args, pg_collection=model_comm_pgs, **kwargs)
+
+    return type(
+        cls.__name__,
+        (cls,),
+        {
+            "__init__": __init__,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+        },
+    )

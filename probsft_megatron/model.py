@@ -120,9 +120,13 @@ def layer_spec(config, attention: str = "sdpa"):
     spec.submodules.input_layernorm = SequenceParallelRMSNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
     if attention == "sdpa":
+        from probsft_megatron import compat
         from probsft_megatron.attention import SDPAttention
 
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        # in the constructor form the installed megatron-core calls (0.14 names the
+        # process groups differently)
+        core_attention = compat.core_attention_module(SDPAttention)
+        spec.submodules.self_attention.submodules.core_attention = core_attention
     return TransformerBlockSubmodules(
         layer_specs=[spec] * (config.num_layers // config.pipeline_model_parallel_size),
         layer_norm=SequenceParallelRMSNorm,

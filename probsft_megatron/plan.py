@@ -40,14 +40,18 @@ What is counted, per GPU (each pipeline stage is estimated; the report shows the
   gradient in the backward; the fused head (``loss.implementation=fused``) holds one chunk
   of logits (``chunk_size x V/TP``) and two ``tokens x h`` buffers.
 * **Transients**: the backward of one layer (its gradients, weight gradient and, with full
-  recompute, the re-materialized layers) and the optimizer step (Adam's ``sqrt(v)``
+  recompute, the re-materialized layers), the word embedding's dense ``V/TP x h`` gradient
+  at the end of the backward (three of them with tied embeddings on one stage: the output
+  layer's gradient of the same weight waits for it, then the two are added) and the
+  optimizer step (Adam's ``sqrt(v)``
   temporary over the whole local state, as torch's multi-tensor Adam allocates; float32
   copies of non-float32 gradients).
 * **Margin**: CUDA context, NCCL buffers, library workspaces and allocator fragmentation:
   ``DEFAULT_MARGIN_GIB`` plus ``FRAGMENTATION`` of everything else.
 
 Peak per stage = static + max(activations + max(loss head, backward transient),
-optimizer-step transient) + margin. Sizes in the report are GiB (2**30 bytes); a GPU sold
+activations of the other in-flight micro-batches + embedding backward, optimizer-step
+transient) + margin. Sizes in the report are GiB (2**30 bytes); a GPU sold
 as "80 GB" is given as ``--gpu-memory 80``.
 
 The recommendation walks layouts from the cheapest: no recompute before recompute; within
@@ -81,6 +85,7 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
 KERNELS = ("cuda", "cpu")
+ADAM_IMPLS = ("foreach", "single", "fused")
 
 
 # -- the layout and the workload ------------------------------------------------------------
@@ -162,7 +167,7 @@ class Workload:
     attention: str = "sdpa"  # sdpa | te | local (auto counts as sdpa)
     packing: bool = False
     kernels: str = "cuda"  # cuda | cpu: which kernels' saved tensors to count
-    adam: str = "torch"  # torch (multi-tensor temporaries) | fused (TE/apex FusedAdam)
+    adam: str = "foreach"  # foreach | single (torch's multi-/single-tensor Adam) | fused (TE/apex)
 
     def __post_init__(self) -> None:
         if self.params_dtype not in DTYPE_BYTES:
@@ -170,6 +175,9 @@ class Workload:
                               f"use {' or '.join(DTYPE_BYTES)}")
         if self.kernels not in KERNELS:
             raise ConfigError(f"unknown kernels {self.kernels!r}; use {' or '.join(KERNELS)}")
+        if self.adam not in ADAM_IMPLS:
+            raise ConfigError(f"unknown Adam implementation {self.adam!r}; use one of "
+                              f"{', '.join(ADAM_IMPLS)}")
 
     @property
     def param_bytes(self) -> int:
@@ -418,9 +426,11 @@ def layer_activations(model, layout: Layout, workload: Workload) -> LayerActivat
         attn_selective = attn_full - b * heads * s * 4 + 4
     full = norms + mlp + attn_full
     selective = norms + mlp + attn_selective
-    # backward of the MLP: d(fc1 out) [2f] plus two f-sized partial gradients, fc1's weight
-    # gradient, the input gradient (and the re-gathered input under SP)
-    transient = t * 4 * f * D + 2 * d["f"] // tp * d["h"] * D + t * d["h"] * D * (2 if sp else 1)
+    # backward of the MLP: while the saved tensors are still alive, the gradients of fc2's
+    # input, the silu output and the linear half exist at once (3f) as fc2's input is freed:
+    # 2f above what is saved; plus fc1's weight gradient and the input gradient (and the
+    # re-gathered input under SP)
+    transient = t * 2 * f * D + 2 * d["f"] // tp * d["h"] * D + t * d["h"] * D * (2 if sp else 1)
     return LayerActivations(full=full, selective=selective,
                             checkpoint_input=t_h * d["h"] * D,
                             backward_transient=transient)
@@ -472,16 +482,26 @@ class StageEstimate:
     static: Static
     static_other_optimizer: Static  # the same with the distributed optimizer toggled
     in_flight: int  # micro-batches whose activations this stage holds at once
-    activations: int  # in_flight x per-micro-batch activations
+    per_micro_batch: int  # activations one micro-batch keeps on this stage
     loss_head: int  # last stage: peak of the loss head (0 elsewhere)
-    backward_transient: int  # one layer's backward (+ re-materialized layers under full recompute)
+    backward_transient: int  # one layer's backward (+ re-materialized layers, + a waiting
+    #                          tied-embedding gradient)
+    embedding_backward: int  # first stage: the word-embedding gradient(s) at the end of backward
     optimizer_step: int  # transient of the optimizer step
     margin: int
 
     @property
+    def activations(self) -> int:
+        return self.in_flight * self.per_micro_batch
+
+    @property
     def dynamic(self) -> int:
-        during_step = self.activations + max(self.loss_head, self.backward_transient)
-        return max(during_step, self.optimizer_step)
+        """The most bytes above the static parts at any moment of a step: the forward/loss/
+        layer-backward phase, the embedding's backward (the other in-flight micro-batches
+        still held), or the optimizer step."""
+        layers = self.activations + max(self.loss_head, self.backward_transient)
+        embedding = self.activations - self.per_micro_batch + self.embedding_backward
+        return max(layers, embedding, self.optimizer_step)
 
     @property
     def total(self) -> int:
@@ -527,21 +547,30 @@ def estimate_stage(model, layout: Layout, workload: Workload, pp_rank: int,
     m = workload.num_microbatches(layout.dp, layout.pp)
     in_flight = min(layout.pp - pp_rank, m) if layout.pp > 1 else 1
     head = loss_head(model, layout, workload).peak if last else 0
-    # Adam: torch's multi-tensor step allocates sqrt(v) for all local state; float32 grads are
-    # copied for non-float32 gradient buffers; grad clipping scales one tensor at a time
+    # Adam: torch's multi-tensor step allocates sqrt(v) for all local state, the single-tensor
+    # step sqrt(v) and its quotient for one tensor at a time; float32 grads are copied for
+    # non-float32 gradient buffers; grad clipping scales one tensor at a time
     held = static.adam_moments // 8
     step = 4 * static.largest_shard
-    if workload.adam == "torch":
+    if workload.adam == "foreach":
         step += 4 * held
+    elif workload.adam == "single":
+        step += 4 * static.largest_shard
     if workload.grad_bytes != 4:
         step += 4 * held
-    core = static.total + in_flight * per_mb + max(head, remat + layer.backward_transient)
-    core = max(core, static.total + step)
-    margin = int(margin_gib * GiB + FRAGMENTATION * core)
-    return StageEstimate(pp_rank=pp_rank, static=static, static_other_optimizer=other_static,
-                         in_flight=in_flight, activations=in_flight * per_mb, loss_head=head,
-                         backward_transient=remat + layer.backward_transient,
-                         optimizer_step=step, margin=margin)
+    # the word-embedding gradient is a dense V/TP x h tensor; with tied embeddings on one
+    # stage the output layer's gradient of the same weight waits for it through the whole
+    # backward, then autograd adds the two (a third tensor)
+    emb_grad = d["v"] // layout.tp * d["h"] * workload.param_bytes
+    tied_one_stage = bool(model.tie_word_embeddings) and layout.pp == 1
+    waiting = emb_grad if tied_one_stage else 0
+    est = StageEstimate(pp_rank=pp_rank, static=static, static_other_optimizer=other_static,
+                        in_flight=in_flight, per_micro_batch=per_mb, loss_head=head,
+                        backward_transient=remat + layer.backward_transient + waiting,
+                        embedding_backward=(3 if tied_one_stage else 1) * emb_grad if first else 0,
+                        optimizer_step=step, margin=0)
+    est.margin = int(margin_gib * GiB + FRAGMENTATION * (static.total + est.dynamic))
+    return est
 
 
 @dataclass
@@ -573,6 +602,7 @@ class Estimate:
             "activations": w.activations / GiB,
             "loss_head": w.loss_head / GiB,
             "backward_transient": w.backward_transient / GiB,
+            "embedding_backward": w.embedding_backward / GiB,
             "optimizer_step_transient": w.optimizer_step / GiB,
             "margin": w.margin / GiB,
             "total": w.total / GiB,
@@ -639,6 +669,7 @@ def workload_of(cfg, device: str = "cuda") -> Workload:
         attention=attention,
         packing=bool(getattr(cfg.data, "packing", False)),
         kernels=device,
+        adam="foreach" if device == "cuda" else "single",
     )
 
 

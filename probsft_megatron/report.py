@@ -279,7 +279,7 @@ def model_name(config: dict) -> str | None:
         return None
     for name, preset in _presets().items():
         if preset and all(model.get(k) == v or (isinstance(v, (int, float)) and isinstance(
-                model.get(k), (int, float)) and math.isclose(model.get(k), v, rel_tol=1e-9))
+                model.get(k), (int, float)) and math.isclose(model.get(k), v, rel_tol=1e-6))
                 for k, v in preset.items()):
             return name
     ckpt = (config.get("init") or {}).get("checkpoint")
@@ -305,6 +305,9 @@ def _identity(config: dict) -> str:
     flat = _flatten(config)
     for key in _BOOKKEEPING:
         flat.pop(key, None)
+    for key, value in flat.items():  # a float that went through float32 (1e-5 as 9.99999e-06)
+        if isinstance(value, float) and math.isfinite(value):
+            flat[key] = float(f"{value:.6g}")
     ckpt = flat.get("init.checkpoint")
     if ckpt:  # the same backbone converted into two work directories
         flat["init.checkpoint"] = Path(str(ckpt)).name
@@ -396,6 +399,7 @@ class StepRecord:
     recipe: str | None = None
     objective: str | None = None
     overrides: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     state: str | None = None
     error: str | None = None
     experiment: str | None = None
@@ -462,9 +466,11 @@ def _step_record(name: str, data: dict) -> StepRecord | None:
         return found[-1] if found else None
 
     if path.endswith(".train"):
+        env = data.get("env") if isinstance(data.get("env"), dict) else {}
         return StepRecord(name, "train", override("train.output_dir"), recipe=value("--config"),
                           objective=override("loss.objective"),
-                          overrides=[a for a in args if "=" in a and not a.startswith("-")])
+                          overrides=[a for a in args if "=" in a and not a.startswith("-")],
+                          env={str(k): str(v) for k, v in env.items()})
     if args[:1] == ["export"]:
         return StepRecord(name, "export", value("--train-dir"))
     if args[:1] == ["eval"]:
@@ -478,16 +484,33 @@ def _planned_config(record: StepRecord, problems: list[str]) -> dict | None:
     through the public loader (``config.load_config``), as the launcher validated them."""
     import warnings
 
+    from probsft_megatron import resources
+
+    # the step's own config search path (`probsft launch --env PROBSFT_CONFIG_PATH=...`)
+    saved = os.environ.get(resources.ENV_VAR)
+    if resources.ENV_VAR in record.env:
+        os.environ[resources.ENV_VAR] = record.env[resources.ENV_VAR]
     try:
         with warnings.catch_warnings():  # megatron's import-time notes about optional packages
             warnings.simplefilter("ignore")
             from probsft_megatron.config import load_config
 
-        return load_config(record.recipe, record.overrides).to_dict()
+        config = load_config(record.recipe, record.overrides).to_dict()
     except Exception as exc:  # a recipe changed or removed since the launch
         problems.append(f"{record.run_dir}: cannot rebuild the config of step {record.name} "
-                        f"({type(exc).__name__}: {exc})")
+                        f"({type(exc).__name__}: {str(exc)[:160]})")
         return None
+    finally:
+        if saved is None:
+            os.environ.pop(resources.ENV_VAR, None)
+        else:
+            os.environ[resources.ENV_VAR] = saved
+    # training takes the model from the checkpoint it starts from, when there is one
+    ckpt = (config.get("init") or {}).get("checkpoint")
+    stored = _read_json(Path(ckpt) / "model_config.json", problems) if ckpt else None
+    if isinstance(stored, dict) and isinstance(stored.get("model"), dict):
+        config["model"] = stored["model"]
+    return config
 
 
 def _state_class(state: str | None) -> str | None:
@@ -698,7 +721,8 @@ def _probe_entry(path: Path, data: dict) -> dict[str, Any]:
     source = "figfont" if dcfg.get("source") == "figfont" else \
         ",".join(Path(str(f)).name for f in dcfg.get("train_files") or []) or None
     return {"path": str(path), "key": data.get("key"),
-            "model": Path(str(model.get("path", ""))).name or None, "data": source,
+            "model": re.sub(r"-[0-9a-f]{12}$", "", Path(str(model.get("path", ""))).name) or None,
+            "data": source,
             "tokens": data.get("tokens"), "mean_p": data.get("mean_p"),
             "median_p": data.get("median_p"), "percentiles": data.get("percentiles") or {},
             "histogram": data.get("histogram"), "placement": data.get("placement"),
@@ -846,7 +870,8 @@ def group_runs(runs: list[dict]) -> list[dict]:
                 keys_here = [k for k in varying if k.startswith(prefix) and k != "data.seed"]
                 if not keys_here:
                     continue
-                names = {r[field_name] for gg in groups.values() for r in gg["members"][:1]}
+                names = {gg["members"][0][field_name] for gg in groups.values()
+                         if gg["identity"]}
                 if len(names) > 1:  # the preset / dataset name tells the settings apart
                     setting_parts.append(first[field_name] or "?")
                 else:
@@ -908,7 +933,7 @@ def _aggregate_group(g: dict, metric: str, tasks: list[str]) -> None:
         if vals:
             cells[task] = summarize_values(vals)
         d: dict[str, Any] = {}
-        names = {"avg@n", "mean_score", "exact", "boxed_rate"}
+        names = ("avg@n", "mean_score", "exact", "boxed_rate")
         ks = sorted({k for r in have for k in (r["eval"][task]["metrics"].get("pass@k") or {})},
                     key=lambda k: int(k) if str(k).isdigit() else 0)
         for name in [*names, *[f"pass@{k}" for k in ks]]:
@@ -1005,6 +1030,7 @@ def plot_curves(groups: list[dict], path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    few = max(len(r["curves"]["step"]) for g in trained for r in g["_members"]) < 8
     for color, g in zip(_colors(len(trained)), trained):
         label = g["label"] + (f" ({g['setting']})" if g["setting"] else "")
         for i, r in enumerate(g["_members"]):
@@ -1013,7 +1039,7 @@ def plot_curves(groups: list[dict], path: Path) -> Path | None:
                 pts = [(s, v) for s, v in zip(c["step"], c[key]) if isinstance(v, (int, float))]
                 if pts:
                     ax.plot(*zip(*pts), color=color, alpha=0.85, linewidth=1.2,
-                            marker="o" if len(pts) < 8 else None, markersize=3,
+                            marker="o" if few else None, markersize=3,
                             label=label if i == 0 else None)
     axes[0].set(xlabel="step", ylabel="training loss (each run's own objective)",
                 title="loss")
@@ -1205,7 +1231,9 @@ def plot_probe(probe: dict, objectives: list[tuple[str, str]], path: Path) -> Pa
             continue
         if np.nanmax(w) > 1.5:
             ymax = 3.0
-        right.plot(grid, w, color=color, linewidth=1.4, label=f"w(p), {label}")
+        thresholded = parse_objective(name).thresholded  # dashed: they overlay their family
+        right.plot(grid, w, color=color, linewidth=1.4, linestyle="--" if thresholded else "-",
+                   label=f"w(p), {label}")
         drawn.append(label)
     right.set_ylim(0, ymax)
     right.set_ylabel("weight w(p) on the NLL gradient" + (" (clipped)" if ymax > 1.5 else ""))
@@ -1368,7 +1396,7 @@ def render_markdown(report: dict) -> str:
     lines.append("")
     problems = [p for r in report["runs"] for p in r["problems"]]
     if problems:
-        lines += ["Files that could not be read:", ""] + [f"- {p}" for p in problems] + [""]
+        lines += ["Problems met while reading (skipped):", ""] + [f"- {p}" for p in problems] + [""]
     if report["probes"]:
         lines += ["## Probe of the base model", "",
                   "| probe | model | data | tokens | mean p | median p | 20th pct | placement | "

@@ -30,8 +30,12 @@ from probsft_megatron.errors import ConfigError
 from probsft_megatron.fileio import atomic_write_json
 from probsft_megatron.job import Job, resolve_job
 from probsft_megatron.loss import ObjectiveLoss
+from probsft_megatron.model_dir import read_model_config
 
 logger = logging.getLogger(__name__)
+
+read_model_dir_config = read_model_config
+"""Earlier name of :func:`probsft_megatron.model_dir.read_model_config` (kept for callers)."""
 
 
 def lr_at(step: int, total: int, cfg) -> float:

@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.." || exit 2
 [ $# -gt 0 ] || { echo "usage: scripts/test_mcore.sh VERSION [VERSION ...]" >&2; exit 2; }
 # the subset: every test whose result depends on megatron-core's parallel internals
 SUBSET=(
+  tests/test_mcore_matrix.py
   tests/test_parallel_parity.py
   tests/test_train.py::test_kill_and_resume_is_bit_exact
   "tests/test_fused_loss.py::test_multirank_op_matches_unfused"

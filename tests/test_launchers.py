@@ -57,7 +57,7 @@ def _error_line(capsys, argv: list[str]) -> str:
 # ---------------------------------------------------------------- plans (plain data)
 def test_plan_chains_convert_train_export_eval(tmp_path):
     plan = plan_experiment(None, [RunRequest("figfont", "qwen2.5-7b", "convexity-8")],
-                           LaunchOptions(str(tmp_path), world_size=2, hf={ANY_MODEL: "/hf/q7"}))
+                           LaunchOptions(str(tmp_path), world_size=8, hf={ANY_MODEL: "/hf/q7"}))
     assert [s.kind for s in plan.steps] == ["convert", "train", "export", "eval"]
     convert, train, export, evaluate = plan.steps
     assert [train.after, export.after, evaluate.after] == [[convert.name], [train.name],
@@ -78,7 +78,7 @@ def test_convert_skipped_when_the_megatron_dir_exists(tmp_path):
     megatron.mkdir(parents=True)
     (megatron / "model_config.json").write_text("{}")
     plan = plan_experiment(None, [RunRequest("figfont", "qwen2.5-7b", "p")],
-                           LaunchOptions(str(tmp_path), hf={ANY_MODEL: "/hf/q7"}))
+                           LaunchOptions(str(tmp_path), world_size=8, hf={ANY_MODEL: "/hf/q7"}))
     assert [s.kind for s in plan.steps] == ["train", "export", "eval"]
     assert f"init.checkpoint={megatron}" in plan.steps[0].args
     assert any("no conversion" in n for n in plan.notes)
@@ -96,7 +96,7 @@ def test_recipe_lookup_fallback_and_unknown_combination():
 
 
 def test_plan_errors_are_one_line(tmp_path, capsys):
-    base = ["--work-dir", str(tmp_path)]
+    base = ["--work-dir", str(tmp_path), "--nproc", "8"]  # one 8-GPU node fits every 7B layout
     err = _error_line(capsys, [*base, "--dataset", "math", "--model", "qwen2.5-7b",
                                "--objective", "p", "--set", TRAIN_FILES])
     assert "starts from no checkpoint; pass --hf DIR" in err
@@ -245,6 +245,9 @@ def test_slurm_dryrun_two_node_sbatch(tmp_path, capsys, monkeypatch):
         assert line in train.splitlines(), line
     (srun,) = [ln for ln in train.splitlines() if ln.startswith("srun ")]
     assert "--container-image nvcr.io/nvidia/pytorch:25.01-py3" in srun
+    # in a container the batch script cannot host the rendezvous store: the first agent does
+    assert "--rdzv-endpoint $head_node_ip:29500 " in srun and "rdzv-store" not in train
+    assert "#SBATCH --signal" not in train and "--exclusive" not in train
     assert "--container-mounts /lustre/data:/data,/lustre/models:/models," in srun
     launcher, _, train_args = srun.partition(" -m probsft_megatron.train ")
     assert re.search(r" torchrun .*--nnodes 2 --nproc-per-node 8 --node-rank \$SLURM_NODEID", launcher)
@@ -266,6 +269,63 @@ def test_slurm_dryrun_two_node_sbatch(tmp_path, capsys, monkeypatch):
     assert (f"python -m probsft_megatron.cli eval --model {run_dir}/hf --task "
             f"math500,minerva_math,olympiadbench,aime24,amc23 --out {run_dir}/eval "
             "--tensor-parallel-size 8") in evaluate
+
+
+def test_cpu_profile_dryrun(tmp_path, capsys, monkeypatch):
+    """The shipped local-cpu profile: no GPU request, processes per node from the profile,
+    the rendezvous store in the batch script, labelled output."""
+    exp_dir, out = _dryrun(capsys, monkeypatch, [
+        "--dataset", "figfont", "--model", "tiny-llama", "--objective", "p",
+        "--profile", "local-cpu", "--work-dir", str(tmp_path / "work"),
+        "--set", "train.max_steps=2"])
+    assert "torchrun --nnodes 2 --nproc-per-node 1 -m probsft_megatron.train" in out
+    train, export, evaluate = (_sbatch(exp_dir, k) for k in ("train-", "export-", "eval-"))
+    for script in (train, export, evaluate):
+        assert "--gpus-per-node" not in script and "--exclusive" not in script
+        assert "#SBATCH --account=probsft" in script and "#SBATCH --partition=cpu" in script
+        assert "#SBATCH --kill-on-invalid-dep=yes" in script
+        assert f"export PATH={os.path.dirname(sys.executable)}:$PATH" in script.splitlines()
+    assert "--signal" not in train + export + evaluate
+    lines = train.splitlines()
+    (srun,) = [ln for ln in lines if ln.startswith("srun ")]
+    store = lines.index(next(ln for ln in lines if "launchers.steps rdzv-store" in ln))
+    assert store < lines.index(srun) and "export PET_RDZV_CONF=is_host=0" in lines[store:]
+    assert re.search(r" --label torchrun --rdzv-backend c10d --rdzv-endpoint "
+                     r"\$head_node_ip:\$\{PROBSFT_RDZV_PORT\} .*--nnodes 2 --nproc-per-node 1 ",
+                     srun), srun
+    assert "rdzv-store" not in export and "--label" not in export
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("gpus_per_node", "-1", "'gpus_per_node' must be an integer >= 0 (0 for a CPU partition)"),
+    ("nproc_per_node", "0", "'nproc_per_node' must be an integer >= 1"),
+    ("exclusive", "'no'", "'exclusive' must be true or false"),
+    ("signal", "'USR1 at 60'", "is not an sbatch --signal value"),
+    ("mem", "[1]", "'mem' must be a size"),
+])
+def test_profile_value_errors(tmp_path, field, value, message):
+    text = f"account: a\ngpus_per_node: {value if field == 'gpus_per_node' else 0}\n"
+    if field != "gpus_per_node":
+        text += f"{field}: {value}\n"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_profile(_profile(tmp_path, text, field))
+
+
+def test_optional_profile_fields_render_or_vanish(tmp_path):
+    from probsft_megatron.launchers.slurm import sbatch_fields
+
+    cpu = load_profile(_profile(tmp_path, "account: a\ngpus_per_node: 0\nexclusive: false\n"))
+    assert cpu.processes_per_node() == 1
+    fields = sbatch_fields(cpu, "train")
+    assert fields["exclusive"] is None and fields["gpus_per_node"] is None  # no flag at all
+    assert {k for k, v in fields.items() if v is not None} == {"time"}
+    gpu = load_profile(_profile(tmp_path, "account: a\ngpus_per_node: 8\nexclusive: true\n"
+                                "signal: USR1@120\nmem: 0\n", "gpu"))
+    assert gpu.processes_per_node() == 8
+    fields = sbatch_fields(gpu, "train")
+    assert (fields["exclusive"], fields["gpus_per_node"], fields["signal"], fields["mem"]) == \
+        (True, 8, "USR1@120", "0")  # True renders as a bare --exclusive
+    assert sbatch_fields(gpu, "eval")["signal"] is None
 
 
 def test_slurm_dryrun_of_a_sweep(tmp_path, capsys, monkeypatch):

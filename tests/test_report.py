@@ -109,7 +109,8 @@ def make_run(root: Path, name: str, base: dict, objective: str, seed: int = 1, *
 
 
 def record_step(work: Path, step: str, args: list[str], state: str | None,
-                stderr: str = "", path: str = "probsft_megatron.train") -> None:
+                stderr: str = "", path: str = "probsft_megatron.train",
+                env: dict | None = None) -> None:
     """A NeMo-Run step record: configs/<step>_config.yaml and, once ended, the SUCCESS file."""
     import yaml
 
@@ -117,7 +118,7 @@ def record_step(work: Path, step: str, args: list[str], state: str | None,
     (exp / step / "configs").mkdir(parents=True)
     (exp / step / "configs" / f"{step}_config.yaml").write_text(yaml.safe_dump(
         {"_target_": "nemo_run.config.Script", "args": args, "entrypoint": "python", "m": True,
-         "path": path}))
+         "path": path, "env": env or {}}))
     if state is not None:
         job = exp / step / "nemo_run" / f"{step}-abc"
         (job / step / "0").mkdir(parents=True)
@@ -386,6 +387,34 @@ def test_without_matplotlib_the_tables_still_come(tmp_path, base_config, monkeyp
     assert report["figures"] == [] and not list((tmp_path / "out").glob("*.png"))
     assert any("matplotlib is not installed" in n for n in report["notes"])
     assert "| `p` | n=1 | 50.0 | 1 complete |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_not_started_run_joins_its_seeds(tmp_path, base_config, monkeypatch):
+    """The config of a run that has not started is rebuilt from its launch record: the recipe
+    found through the step's PROBSFT_CONFIG_PATH, the model from the checkpoint it starts
+    from (float32-rounded values included), so it lands in its seed group."""
+    monkeypatch.delenv("PROBSFT_CONFIG_PATH", raising=False)
+    configs = tmp_path / "my-configs"
+    (configs / "recipes").mkdir(parents=True)
+    (configs / "recipes" / "my-tiny.yaml").write_text("base: tiny-figfont-cpu\n")
+    model = dict(base_config["model"], rms_norm_eps=float(np.float32(1e-5)),
+                 max_position_embeddings=4096)  # the converted backbone's, not the preset's
+    backbone = tmp_path / "work" / "models" / "tiny-llama"
+    backbone.mkdir(parents=True)
+    (backbone / "model_config.json").write_text(json.dumps({"model": model}))
+    work = tmp_path / "work"
+    make_run(work / "runs", "p-s1", dict(base_config, model=model), "p", 1,
+             evals={"figfont": {"avg@n": 0.5}}, init__checkpoint=str(backbone))
+    record_step(work, "train-p-s2", ["--config", "my-tiny", "loss.objective=p",
+                                     f"train.output_dir={work / 'runs' / 'p-s2'}",
+                                     "train.max_steps=30", "train.seed=2",
+                                     f"init.checkpoint={backbone}"],
+                None, env={"PROBSFT_CONFIG_PATH": str(configs)})
+    report = rp.build_report([work], tmp_path / "out", figures=False)
+    (group,) = report["groups"]
+    assert group["runs"] == ["p-s1", "p-s2"] and group["seeds"] == [1, 2]
+    assert group["statuses"] == {"complete": 1, "not started": 1}
+    assert "PROBSFT_CONFIG_PATH" not in os.environ
 
 
 # ------------------------------------------------------------------------ real tiny runs

@@ -34,12 +34,12 @@ SEED = 19
 
 # Response wrappers: a few lines of reasoning, then the boxed answer in the styles models use.
 BOXED_TEMPLATES = (
-    "We set up the equation from the conditions and solve it step by step.\n\n"
-    "After simplifying, the final answer is $\\boxed{ANSWER}$.",
+    ("We set up the equation from the conditions and solve it step by step.\n\n"
+     "After simplifying, the final answer is $\\boxed{ANSWER}$."),
     "Let's compute carefully. Combining the terms gives\n\\[\n\\boxed{ANSWER}\n\\]",
     "Using the given conditions, the answer is \\(\\boxed{ANSWER}\\).",
-    "**Step 1.** Write down what is known.\n**Step 2.** Solve.\n\nTherefore the answer is "
-    "$\\boxed{ANSWER}$.",
+    ("**Step 1.** Write down what is known.\n**Step 2.** Solve.\n\nTherefore the answer is "
+     "$\\boxed{ANSWER}$."),
     "Substituting back confirms the result: $\\boxed{ANSWER}$",
 )
 

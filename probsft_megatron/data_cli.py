@@ -1,0 +1,285 @@
+"""`probsft data`: generate the built-in SFT tasks, or inspect a dataset before training.
+
+    probsft data tasks
+    probsft data generate TASK --out FILE [--split train|test] [--n N] [--seed S]
+                          [--from-eval SAMPLES.jsonl] [--max-records N]
+                          [--corrupt FRACTION] [--render-with TOKENIZER]
+    probsft data inspect FILE|RECIPE|figfont [--tokenizer T] [--limit N] [--json]
+                         [data.key=value ...]
+
+``generate`` writes JSON lines with ``prompt``, ``response`` and ``reference`` (plus
+``task``, ``id``, ``item``, ``corrupted``): a training file for ``data.train_files``, or,
+with ``--render-with``, an evaluation file whose prompts carry the tokenizer's chat template
+(``probsft eval --task custom --prompt-format raw``). ``--from-eval`` turns a ``probsft
+eval`` run of the same questions into training data in the model's own words (the
+completions its grader marked correct). ``inspect`` tokenizes exactly as training does and
+reports the record count, token lengths and what ``data.max_length`` would cut.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from probsft_megatron.errors import ConfigError
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    sub.add_parser("tasks", help="list the generated tasks",
+                   description="list the generated tasks")
+
+    g = sub.add_parser("generate", help="write a generated task as JSON lines",
+                       description="write a generated task as JSON lines")
+    g.add_argument("task", help="task name (probsft data tasks lists them)")
+    g.add_argument("--out", required=True, help="output .jsonl file (written atomically)")
+    g.add_argument("--split", default="train", choices=("train", "test"),
+                   help="train or test items (disjoint by construction)")
+    g.add_argument("--n", type=int, help="number of records (default: the whole split)")
+    g.add_argument("--seed", type=int, default=0, help="which items, in which order")
+    g.add_argument("--max-records", type=int, metavar="N",
+                   help="keep at most the first N records (after --from-eval filtering, "
+                        "before --corrupt)")
+    g.add_argument("--corrupt", type=float, default=0.0, metavar="FRACTION",
+                   help="replace this fraction of responses by wrong answers (noise studies)")
+    g.add_argument("--render-with", metavar="TOKENIZER",
+                   help="render prompts with this tokenizer's chat template (a folder or "
+                        "'smollm2'), for probsft eval --task custom --prompt-format raw")
+    g.add_argument("--from-eval", metavar="SAMPLES",
+                   help="self-addition: keep the correct completions of this probsft eval "
+                        "samples.jsonl (evaluated on the same --split/--n/--seed questions)")
+
+    i = sub.add_parser("inspect", help="token lengths, truncation and a sample of a dataset",
+                       description="token lengths, truncation and a sample of a dataset")
+    _inspect_options(i)
+    # everything from the data argument on is re-read with parse_intermixed_args, so that
+    # data.* overrides may follow the options: `inspect FILE --tokenizer T data.max_length=512`
+    i.add_argument("items", nargs=argparse.REMAINDER, metavar="DATA [data.key=value ...]",
+                   help="a .jsonl/.json/.parquet file, 'figfont', or a recipe; then data "
+                        "overrides, e.g. data.max_length=512")
+    p.set_defaults(_data_parser=p)
+
+
+def _inspect_options(i: argparse.ArgumentParser) -> None:
+    i.add_argument("--tokenizer", help="tokenizer folder or 'smollm2' (default: the recipe's "
+                                       "init.tokenizer / init.checkpoint, else smollm2)")
+    i.add_argument("--limit", type=int, help="inspect only the first N records")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _inspect_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The inspect options wherever they stood, with ``data`` and ``overrides``."""
+    parser = argparse.ArgumentParser(prog="probsft data inspect", add_help=False)
+    _inspect_options(parser)
+    parser.add_argument("data")
+    parser.add_argument("overrides", nargs="*")
+    if not args.items:
+        raise ConfigError("probsft data inspect needs the data: a file, 'figfont' or a recipe")
+    try:
+        later = parser.parse_intermixed_args(args.items)
+    except SystemExit:
+        raise ConfigError(f"cannot read the inspect arguments {' '.join(args.items)!r}; "
+                          "usage: probsft data inspect DATA [--tokenizer T] [--limit N] "
+                          "[--json] [data.key=value ...]") from None
+    for key in ("tokenizer", "limit"):
+        if getattr(later, key) is None:
+            setattr(later, key, getattr(args, key))
+    later.json = later.json or args.json
+    return later
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.data_command == "tasks":
+        return _tasks()
+    if args.data_command == "generate":
+        return _generate(args)
+    if args.data_command == "inspect":
+        return _inspect(args)
+    args._data_parser.print_help()
+    return 2
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _tasks() -> int:
+    from probsft_megatron import tasks_gen
+
+    rows = [(name, spec.description, str(spec.max_length), spec.grader)
+            for name, spec in tasks_gen.TASKS.items()]
+    rows.append((tasks_gen.FIGFONT, "the paper's figlet-font task (40,000 train, 5,000 test)",
+                 "800", "jaro_winkler"))
+    header = ("task", "description", "max_length", "grader")
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(4)]
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def generate(task: str, *, split: str = "train", n: int | None = None, seed: int = 0,
+             corrupt: float = 0.0, render_with: str | None = None,
+             from_eval: str | None = None,
+             max_records: int | None = None) -> tuple[list[dict], dict]:
+    """The records ``probsft data generate`` writes, and counts for its summary line."""
+    from probsft_megatron import tasks_gen
+
+    recs = tasks_gen.records(task, split, n=n, seed=seed)
+    info: dict = {"records": len(recs)}
+    if from_eval is not None:
+        if task != "self-addition":
+            raise ConfigError(f"--from-eval applies to self-addition, not {task}")
+        recs, counts = tasks_gen.self_answer_records(recs, from_eval)
+        info.update(counts, records=len(recs))
+        if not recs:
+            raise ConfigError(f"none of the {counts['questions']} completions in {from_eval} "
+                              "was correct and complete; evaluate with a larger "
+                              "--max-new-tokens or more questions")
+    if max_records is not None:
+        if max_records < 1:
+            raise ConfigError(f"--max-records must be >= 1, got {max_records}")
+        recs = recs[:max_records]
+        info["records"] = len(recs)
+    if corrupt:
+        recs = tasks_gen.corrupt(recs, corrupt, seed=seed)
+        info["corrupted"] = sum(r["corrupted"] for r in recs)
+    if render_with is not None:
+        from probsft_megatron.tokenizers import load_tokenizer
+
+        recs = tasks_gen.render_prompts(recs, load_tokenizer(render_with))
+    return recs, info
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from probsft_megatron.fileio import atomic_write_text
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".jsonl", ".json"):
+        raise ConfigError(f"--out {out} must end in .jsonl (JSON lines)")
+    recs, info = generate(args.task, split=args.split, n=args.n, seed=args.seed,
+                          corrupt=args.corrupt, render_with=args.render_with,
+                          from_eval=args.from_eval, max_records=args.max_records)
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in recs))
+    extra = "".join(f", {k} {v}" for k, v in info.items() if k != "records")
+    print(f"wrote {len(recs)} {args.task} {args.split} records to {out}{extra}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def _resolve(spec: str, overrides: list[str], tokenizer: str | None):
+    """(DataConfig, tokenizer spec) of a data file, figfont or a recipe."""
+    from probsft_megatron.config import load_config
+    from probsft_megatron.probe_cli import data_config
+
+    if spec == "figfont" or Path(spec).suffix.lower() in DATA_SUFFIXES:
+        return data_config(spec, overrides), tokenizer or "smollm2"
+    bad = [o for o in overrides if not o.strip().startswith("data.")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not a data.* key; `probsft data inspect` "
+                          "only takes data overrides (e.g. data.max_length=2048)")
+    cfg = load_config(spec, overrides)
+    cfg.data.validate()
+    if tokenizer is None:
+        tokenizer = cfg.init.tokenizer or (str(Path(cfg.init.checkpoint) / "hf")
+                                           if cfg.init.checkpoint else "smollm2")
+    return cfg.data, tokenizer
+
+
+def _spread(values) -> dict:
+    import numpy as np
+
+    v = np.asarray(values)
+    return {"min": int(v.min()), "median": float(np.median(v)),
+            "p95": float(np.percentile(v, 95)), "max": int(v.max()), "mean": float(v.mean())}
+
+
+def inspect(spec: str, overrides: list[str] | None = None, tokenizer: str | None = None,
+            limit: int | None = None) -> dict:
+    """Records, token lengths (untruncated), and what ``data.max_length`` cuts or drops."""
+    from probsft_megatron.data import SFTDataset, load_records
+    from probsft_megatron.tokenizers import load_tokenizer
+
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {limit}")
+    cfg, tok_spec = _resolve(spec, list(overrides or []), tokenizer)
+    if limit is not None:
+        cfg = dataclasses.replace(cfg, num_samples=min(limit, cfg.num_samples or limit))
+    tok = load_tokenizer(tok_spec)
+    records = load_records(cfg)
+    # untruncated lengths: the same tokenization with room for everything
+    whole = SFTDataset(dataclasses.replace(cfg, max_length=2 ** 31 - 1, truncation="right"),
+                       tok, records)
+    lengths, prompts = whole.lengths, whole.prompt_lengths
+    limit_len = cfg.max_length
+    over = lengths > limit_len
+    dropped = prompts >= limit_len
+    first_ids = whole[0]["input_ids"].tolist()
+    p0 = int(prompts[0])
+    return {
+        "data": spec, "tokenizer": tok_spec, "records": len(records),
+        "chat_template": whole.template is not None,
+        "template_fallback": whole.stats["n_template_fallback"],
+        "tokens": {"total": _spread(lengths), "prompt": _spread(prompts),
+                   "response": _spread(lengths - prompts)},
+        "max_length": limit_len,
+        "truncated": int((over & ~dropped).sum()), "dropped": int(dropped.sum()),
+        "response_tokens_lost": int((lengths[over & ~dropped] - limit_len).sum()
+                                    + (lengths[dropped] - prompts[dropped]).sum()),
+        "sample": {"origin": records[0].get("origin"),
+                   "prompt": tok.decode(first_ids[:p0]),
+                   "response": tok.decode(first_ids[p0:]),
+                   "tokens": len(first_ids), "prompt_tokens": p0},
+    }
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['data']}: {r['records']} records, tokenizer {r['tokenizer']}, chat template "
+             f"{'yes' if r['chat_template'] else 'no'}"
+             + (f" ({r['template_fallback']} tokenized separately)"
+                if r["template_fallback"] else ""), "",
+             "tokens      min   median      p95      max     mean"]
+    for key in ("total", "prompt", "response"):
+        s = r["tokens"][key]
+        lines.append(f"{key:<9}{s['min']:>6} {s['median']:>8.1f} {s['p95']:>8.1f} "
+                     f"{s['max']:>8} {s['mean']:>8.1f}")
+    n = r["records"]
+    lines += ["", f"data.max_length={r['max_length']}: {r['truncated']} of {n} examples "
+              f"would be cut ({100 * r['truncated'] / n:.1f}%), {r['dropped']} dropped (prompt "
+              f"alone too long), {r['response_tokens_lost']} response tokens lost",
+              "", f"sample ({r['sample']['origin']}, {r['sample']['tokens']} tokens, "
+              f"{r['sample']['prompt_tokens']} prompt):",
+              "--- prompt ---", r["sample"]["prompt"], "--- response (trained) ---",
+              r["sample"]["response"]]
+    return "\n".join(lines)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    args = _inspect_args(args)
+    report = inspect(args.data, args.overrides, args.tokenizer, args.limit)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from probsft_megatron.errors import ProbsftError
+
+    parser = argparse.ArgumentParser(prog="probsft data", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ProbsftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""Small generated SFT tasks that span the model-capability continuum (offline, verifiable).
+
+Each task turns a seeded random generator into prompt/response records whose answers can be
+checked exactly. Train and test items are disjoint by construction: every task draws its
+items from a fixed pool (number pairs, ranges or words) and puts each pool item in exactly
+one split by a stable hash, so a test question is never a training question.
+
+| task | prompt -> response | what it probes |
+|---|---|---|
+| ``addition`` | ``What is 37 + 48?`` -> ``37 + 48 = 85`` | two-digit addition in SmolLM2's own answer style |
+| ``addition-number`` | ``What is 37 + 48? Answer with just the number.`` -> ``85`` | the same sums, bare number |
+| ``addition-words`` | ``What is 37 + 48? Write the answer in words.`` -> ``eighty-five`` | a foreign answer format |
+| ``count`` | ``Count from 12 to 21.`` -> ``12, 13, 14, 15, 16, 17, 18, 19, 20, 21`` | a long, highly predictable sequence |
+| ``reverse`` | ``Reverse the letters of 'planet'.`` -> ``tenalp`` | a string transformation |
+| ``figlet-mini`` | a 2-4 letter word drawn in pyfiglet's ``mini`` font -> the word | a near-zero prior (short prompts) |
+| ``self-addition`` | ``What is the sum of 7 and 12?`` -> ``7 + 12 = 19.`` | the strongest prior (see below) |
+| ``figfont`` | the paper's figlet-font task (:mod:`probsft_megatron.figfont`) | the paper's model-weak setting |
+
+``self-addition`` is trained on the base model's *own* answers: :func:`records` gives the
+questions (sums of 1-30 asked six ways) with the reference ``a + b = c.``, the concise form
+SmolLM2-135M-Instruct itself uses for about one answer in ten; the model answers them with
+``probsft eval`` (greedy, ``--grader exact``), and :func:`self_answer_records` keeps the
+completions the grader marked correct: answers the model produced itself, ended itself, and
+got right. Its test split is graded the same way.
+
+Every record has ``prompt``, ``response``, ``reference`` (what an evaluation compares with),
+``task``, ``id`` (unique within the split) and ``corrupted`` (see :func:`corrupt`).
+``probsft data generate`` writes them; ``benchmarks/continuum_sweep.py`` trains on them.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from probsft_megatron.errors import ConfigError, DataError
+
+SPLITS = ("train", "test")
+TEST_SHARE = 4
+"""One pool item in ``TEST_SHARE`` goes to the test split (by a stable hash of the item)."""
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+         "fourteen fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+# Common English words of 2-6 letters (no proper nouns), the pool of the word tasks.
+WORDS = tuple(dict.fromkeys("""
+able acid aged also area army away baby back ball band bank base bath bear beat bed bell
+belt best bird blow blue boat body bone book boot born boss both bowl box boy bread bus
+busy cake call calm camp card care cart case cash cat cell chat chef city clay club coal
+coat code cold cook cool copy corn cost crew crop cup cut dark data date dawn day deal
+dear deep desk dish dog door down draw drop drum duck dust duty each earn east easy edge
+egg else even ever exam face fact fair farm fast fear feet felt file film fine fire firm
+fish flag flat flow fog food foot form fox free frog fuel full fund game gate gift girl
+glad goal gold golf good gown gray grow hair half hall hand hard hat head heat help hero
+high hill hold hole home hope horn host hour huge idea inch iron item jazz job join joke
+jump jury just keen keep key kind king kite lake lamp land lane last late lazy leaf left
+lens life lift line lion list live loan lock long loud love luck lung made mail main make
+map mark mask meal meat milk mind mint mist moon most move much nail name navy neck need
+nest news nice nine note oak oven page pair palm park past path peak pen pet pink pipe
+plan play plum poem pond pool port post pull pure quiz race rail rain rate read real rest
+rice rich ride ring road rock roof room root rope rose ruby rule safe sail salt sand seat
+seed ship shoe shop side sign silk sing size skin sky slow snow soap sock sofa soft soil
+song soup star stem step sun swim tail talk tall tank tape task taxi team tent test text
+tide tile time tiny tool tour town toy tree trip tube tune van vast vote wait walk wall
+warm wave wax week well west wide wild wind wine wing wire wise wish wolf wood wool word
+work yard year zero zone apple beach bread chair clock cloud dance dream field flame
+glass grape green heart horse house juice lemon light money mouse music night ocean paint
+paper party piano plant radio river robot salad sheep smile snake space spoon storm sugar
+table tiger toast tower train water whale wheel world ant arm art bag bat bee bin bow
+cab cap car cow cry dam den dew dig dot dry ear elf elm eye fan fig fin fit fly fog fur gap
+gas gem gum gym hen hip hog hop hot hut ice ink ivy jam jar jaw jet jog jug kid kit lab lap
+law leg lid lip log low mad man mat mix mob mop mud mug net nod nut oar oil owl pad pan paw
+pea pie pig pin pit pot pub rag ram rat ray rib rim rod row rug saw sea set sip sit ski sob
+son spa spy tab tag tan tap tar tea ten tie tin tip toe ton top tub tug web wig win yak yam
+yes zip zoo bark barn bead beam bean bike bolt bulb cage cane cape cave chin clip comb crab
+crow cube dart deer dime dock doll dove duke dune fawn fern foam fork frost glue goat gulf
+harp hawk herb hive hook hoop horn jade kelp knee knot lace lamb lime loaf mane mare maze
+mill mole moss moth mule nose nut opal pear pest pine pole puma rake reef rope rust sack
+seal shed silo slab sled slug snail sofa swan tent toad tusk vase vest vine wasp whip yarn
+""".split()))
+
+
+def number_words(n: int) -> str:
+    """``85`` -> ``eighty-five`` (0 <= n < 1000)."""
+    if not 0 <= n < 1000:
+        raise ValueError(f"number_words covers 0..999, got {n}")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else "-" + _ONES[n % 10])
+    rest = n % 100
+    return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_words(rest))
+
+
+def _in_test(item: Any) -> bool:
+    """Stable split of a pool item: a CRC of its repr, one in ``TEST_SHARE`` to test."""
+    return zlib.crc32(repr(item).encode()) % TEST_SHARE == 0
+
+
+def _pool(items: Iterable[Any], split: str) -> list[Any]:
+    want_test = split == "test"
+    return [item for item in items if _in_test(item) == want_test]
+
+
+WORD_TEST_SHARE = 3
+"""The word tasks (a smaller pool) put one word in three into the test split."""
+
+
+def _word_split(items: list[str], split: str) -> list[str]:
+    want_test = split == "test"
+    return [w for w in items if (zlib.crc32(w.encode()) % WORD_TEST_SHARE == 0) == want_test]
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A generated task: its pool of items, how an item becomes a record, how to corrupt one.
+
+    ``max_length``: tokens that hold every example with SmolLM2's chat template (prompt,
+    response, end of turn), the ``data.max_length`` a run needs. ``grader``: the
+    ``probsft eval`` grader of the test split. ``max_new_tokens``: generation budget.
+    """
+
+    name: str
+    description: str
+    pool: Callable[[], list[Any]]
+    make: Callable[[Any], tuple[str, str, str]]  # item -> (prompt, response, reference)
+    wrong: Callable[[Any, random.Random], str]  # item -> a plausible wrong response
+    max_length: int
+    grader: str = "jaro_winkler"
+    max_new_tokens: int = 24
+
+
+def _pairs(low: int, high: int) -> list[tuple[int, int]]:
+    return [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
+
+
+def _wrong_sum(total: int, rng: random.Random) -> int:
+    """A wrong non-negative sum close to ``total`` (off by 1-10)."""
+    while True:
+        delta = rng.choice([-1, 1]) * rng.randint(1, 10)
+        if total + delta >= 0:
+            return total + delta
+
+
+def _addition(item):
+    a, b = item
+    text = f"{a} + {b} = {a + b}"
+    return f"What is {a} + {b}?", text, text
+
+
+def _addition_wrong(item, rng):
+    a, b = item
+    return f"{a} + {b} = {_wrong_sum(a + b, rng)}"
+
+
+def _addition_number(item):
+    a, b = item
+    return f"What is {a} + {b}? Answer with just the number.", str(a + b), str(a + b)
+
+
+def _addition_words(item):
+    a, b = item
+    words = number_words(a + b)
+    return f"What is {a} + {b}? Write the answer in words.", words, words
+
+
+def _ranges() -> list[tuple[int, int]]:
+    return [(start, start + length - 1) for start in range(1, 100) for length in range(8, 17)]
+
+
+def _count(item):
+    start, end = item
+    text = ", ".join(str(i) for i in range(start, end + 1))
+    return f"Count from {start} to {end}.", text, text
+
+
+def _count_wrong(item, rng):
+    start, end = item
+    values = list(range(start, end + 1))
+    values[rng.randrange(1, len(values))] += rng.choice([-2, 1, 2])
+    return ", ".join(map(str, values))
+
+
+def _reverse(word):
+    return f"Reverse the letters of '{word}'.", word[::-1], word[::-1]
+
+
+def _shuffled(word: str, rng: random.Random) -> str:
+    for _ in range(20):
+        letters = list(word)
+        rng.shuffle(letters)
+        if "".join(letters) not in (word, word[::-1]):
+            return "".join(letters)
+    return word  # a word whose letters cannot be reordered differently (e.g. "zz")
+
+
+FIGLET_FONT = "mini"
+
+
+def _figlet(word):
+    import pyfiglet
+
+    art = pyfiglet.Figlet(font=FIGLET_FONT).renderText(" ".join(word.upper())).rstrip()
+    return f"Which word is drawn here?\n{art}", word.upper(), word.upper()
+
+
+SELF_TEMPLATES = ("What is {a} + {b}?", "What is {a} plus {b}?", "Calculate {a} + {b}.",
+                  "What is the sum of {a} and {b}?", "Add {a} and {b}.", "How much is {a} + {b}?")
+
+
+def _self_pool() -> list[tuple[int, int, int]]:
+    # the template is part of the item, the number pair decides the split (no test pair
+    # appears in training under any phrasing)
+    return [(a, b, t) for a, b in _pairs(1, 30) for t in range(len(SELF_TEMPLATES))]
+
+
+def _self_split(items: list, split: str) -> list:
+    want_test = split == "test"
+    return [it for it in items if _in_test(it[:2]) == want_test]
+
+
+def _self(item):
+    a, b, t = item
+    text = f"{a} + {b} = {a + b}."
+    return SELF_TEMPLATES[t].format(a=a, b=b), text, text
+
+
+def _self_wrong(item, rng):
+    a, b, _ = item
+    return f"{a} + {b} = {_wrong_sum(a + b, rng)}."
+
+
+def _word_pool(low: int, high: int) -> Callable[[], list[str]]:
+    return lambda: sorted({w for w in WORDS if low <= len(w) <= high})
+
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in (
+    TaskSpec("addition", "two-digit addition in SmolLM2's answer style (37 + 48 = 85)",
+             lambda: _pairs(10, 99), _addition, _addition_wrong, max_length=56,
+             grader="jaro_winkler", max_new_tokens=16),
+    TaskSpec("addition-number", "two-digit addition, answered with the bare number",
+             lambda: _pairs(10, 99), _addition_number,
+             lambda it, rng: str(_wrong_sum(sum(it), rng)), max_length=52, max_new_tokens=8),
+    TaskSpec("addition-words", "two-digit addition, answered in words (eighty-five)",
+             lambda: _pairs(10, 99), _addition_words,
+             lambda it, rng: number_words(_wrong_sum(sum(it), rng)), max_length=56,
+             max_new_tokens=12),
+    TaskSpec("count", "count from a to b (8-16 numbers)", _ranges, _count, _count_wrong,
+             max_length=112, max_new_tokens=72),
+    TaskSpec("reverse", "reverse the letters of a common word (3-6 letters)", _word_pool(3, 6),
+             _reverse, lambda w, rng: _shuffled(w, rng)[::-1], max_length=48,
+             max_new_tokens=8),
+    TaskSpec("figlet-mini", "a 2-4 letter word drawn in pyfiglet's mini font",
+             _word_pool(2, 4), _figlet, lambda w, rng: _shuffled(w, rng).upper(),
+             max_length=80, max_new_tokens=6),
+    TaskSpec("self-addition", "sums of 1-30 asked six ways; trained on the model's own "
+             "correct answers (--from-eval)", _self_pool, _self, _self_wrong, max_length=56,
+             grader="exact", max_new_tokens=16),
+)}
+WORD_TASKS = ("reverse", "figlet-mini")
+FIGFONT = "figfont"
+"""The paper's figlet-font task, generated by :mod:`probsft_megatron.figfont`."""
+
+
+def task_names() -> list[str]:
+    return [*TASKS, FIGFONT]
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown task {name!r}; generated tasks: "
+                          f"{', '.join(task_names())}") from None
+
+
+def records(task: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
+    """``n`` records of ``task`` from ``split`` (all of the split's pool when ``None``).
+
+    Items are drawn without replacement from the split's pool in an order fixed by
+    ``seed``; asking for more than the pool holds is an error naming the pool size.
+    ``figfont`` returns the paper's figlet-font items (``seed`` is ignored: the split is
+    a fixed index range of the generator).
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if n is not None and n < 1:
+        raise ConfigError(f"the number of records must be >= 1, got {n}")
+    if task == FIGFONT:
+        from probsft_megatron.figfont import figfont_records
+
+        return [{"prompt": r["prompt"], "response": r["response"], "reference": r["response"],
+                 "task": FIGFONT, "id": r["index"], "corrupted": False}
+                for r in figfont_records(split, n=n)]
+    spec = get_task(task)
+    items = spec.pool()
+    if task == "self-addition":
+        pool = _self_split(items, split)
+    elif task in WORD_TASKS:
+        pool = _word_split(items, split)
+    else:
+        pool = _pool(items, split)
+    if n is not None and n > len(pool):
+        raise ConfigError(f"task {task} has {len(pool)} {split} items, fewer than the "
+                          f"{n} asked for; lower --n")
+    rng = random.Random(f"probsft-tasks:{task}:{split}:{seed}")
+    order = rng.sample(range(len(pool)), len(pool) if n is None else n)
+    out = []
+    for i, k in enumerate(order):
+        prompt, response, reference = spec.make(pool[k])
+        out.append({"prompt": prompt, "response": response, "reference": reference,
+                    "task": task, "id": i, "item": list(pool[k]) if isinstance(pool[k], tuple)
+                    else pool[k], "corrupted": False})
+    return out
+
+
+def corrupt(recs: list[dict], fraction: float, seed: int = 0) -> list[dict]:
+    """A copy of ``recs`` in which ``round(fraction * len)`` responses, chosen by ``seed``,
+    are replaced by a plausible wrong answer (``corrupted: true``); prompts and references
+    are untouched, so an evaluation still grades against the truth.
+
+    The wrong answer is the task's own (a sum off by 1-10, a miscounted sequence, scrambled
+    letters). For ``self-addition`` records that hold the model's own words, every mention
+    of the correct sum is changed to the same wrong number, which keeps the wording.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"the corrupted fraction must be in [0, 1], got {fraction}")
+    rng = random.Random(f"probsft-corrupt:{seed}")
+    chosen = set(rng.sample(range(len(recs)), round(fraction * len(recs))))
+    out = []
+    for i, rec in enumerate(recs):
+        rec = dict(rec)
+        if i in chosen:
+            rec["response"] = _wrong_response(rec, rng)
+            rec["corrupted"] = True
+        out.append(rec)
+    return out
+
+
+def _wrong_response(rec: dict, rng: random.Random) -> str:
+    task = rec.get("task")
+    if task == FIGFONT:
+        return _shuffled(rec["response"], rng)
+    spec = get_task(task)
+    item = tuple(rec["item"]) if isinstance(rec["item"], list) else rec["item"]
+    if task == "self-addition" and rec.get("source") == "model":
+        total = str(item[0] + item[1])
+        wrong = str(_wrong_sum(int(total), rng))
+        return re.sub(rf"(?<!\d){total}(?!\d)", wrong, rec["response"])
+    return spec.wrong(item, rng)
+
+
+# ----------------------------------------------------------------------------- own words
+
+_SENTENCE_END = re.compile(r"[.!]\s*$")
+
+
+def self_answer_records(questions: list[dict], samples_path: str | Path) -> tuple[list[dict], dict]:
+    """Training records in the model's own words: ``questions`` (records of a split, as
+    given to ``probsft eval``) joined by ``id`` with that evaluation's ``samples.jsonl``,
+    keeping each question's first completion when the grader marked it correct and it
+    ends a sentence (a completion cut off at the token budget does not).
+
+    Returns the records (``response`` = the completion, stripped; ``source: model``) and
+    counts ``{"questions", "correct", "kept"}``.
+    """
+    path = Path(samples_path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; pass the samples.jsonl that `probsft eval "
+                        "--out DIR` wrote (DIR/<task>/samples.jsonl)")
+    by_id = {str(q["id"]): q for q in questions}
+    kept, correct, seen = [], 0, 0
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            sample = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+        if not {"id", "completions", "correct"} <= set(sample):
+            raise DataError(f"{path}:{lineno} is not a `probsft eval` sample (needs id, "
+                            "completions and correct)")
+        question = by_id.get(str(sample["id"]))
+        if question is None:
+            raise DataError(f"{path}:{lineno}: id {sample['id']!r} is not among the questions; "
+                            "generate them with the same task, split, --n and --seed as the "
+                            "evaluated file")
+        seen += 1
+        if not sample["correct"][0]:
+            continue
+        correct += 1
+        text = sample["completions"][0].strip()
+        if not _SENTENCE_END.search(text):
+            continue
+        kept.append({**question, "response": text, "source": "model"})
+    if seen == 0:
+        raise DataError(f"{path} holds no samples")
+    return kept, {"questions": seen, "correct": correct, "kept": len(kept)}
+
+
+def render_prompts(recs: list[dict], tokenizer) -> list[dict]:
+    """Evaluation records for ``probsft eval --task custom --prompt-format raw``: each
+    ``prompt`` rendered with ``tokenizer``'s chat template (the one training applies) and
+    ending with the assistant turn's header; the plain question stays in ``question``."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the tokenizer has no chat template; evaluate with "
+                          "--prompt-format qwen/llama instead of rendered prompts")
+    out = []
+    for rec in recs:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": rec["prompt"]}],
+                                                 tokenize=False, add_generation_prompt=True)
+        out.append({**rec, "question": rec["prompt"], "prompt": rendered})
+    return out

@@ -1,0 +1,280 @@
+"""`probsft launch --executor slurm` against a live two-node SLURM cluster.
+
+The cluster is the project's own (``scripts/slurm_cluster.sh start``: slurmctld, two slurmd
+``n1`` and ``n2`` on this machine, slurmdbd with mariadb for ``sacct``); ``.ci/run`` starts
+it before the tests, and the fixture below starts it when it is not running. The tests skip,
+with the reason, where it cannot run (not root, no SLURM and no apt-get, a start that fails).
+
+What they prove, each through the real command line and SLURM's own accounting:
+* rendered sbatch scripts (CPU profile, ``exclusive: true``, the warning signal) pass
+  ``sbatch --test-only``, and the renderings that used to break (``--exclusive=False``, a GPU
+  request on a CPU partition) are refused by the same check;
+* the whole chain convert -> train (2 nodes x 1 process, torchrun across the nodes) ->
+  export -> eval runs through NeMo-Run's SlurmExecutor: every job COMPLETED in ``sacct``,
+  each started after the job it waits for ended, the training log shows both nodes' ranks in
+  a world of size 2 and no traceback, and the eval summary recomputes from its samples;
+* a failing train step: export and eval never run, the command and ``status`` exit non-zero
+  and name the failed step with its log tail, ``logs`` prints it;
+* ``cancel`` ends a queued experiment; a submission that sbatch refuses prints sbatch's own
+  message on one line and marks the experiment failed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
+RECORD = "probsft_experiment.json"
+TINY = ["launch", "--dataset", "figfont", "--model", "tiny-llama", "--objective", "p",
+        "--executor", "slurm", "--profile", "local-cpu"]
+TRAIN_SET = ["train.max_steps=2", "train.tensorboard=false", "train.save_interval=2"]
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="session")
+def cluster() -> None:
+    """The local two-node cluster, running; skips with the reason when it cannot run."""
+    if os.geteuid() != 0:
+        pytest.skip("the live SLURM tests need root: scripts/slurm_cluster.sh installs and "
+                    "starts munge, mariadb, slurmdbd, slurmctld and two slurmd")
+    if shutil.which("sinfo") is None and shutil.which("apt-get") is None:
+        pytest.skip("no SLURM client commands and no apt-get to install them")
+    try:
+        proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True,
+                              timeout=900, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        pytest.skip("scripts/slurm_cluster.sh start did not finish within 15 minutes")
+    if proc.returncode != 0:
+        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        pytest.skip(f"scripts/slurm_cluster.sh start failed (rc={proc.returncode}): {last}")
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+                TOKENIZERS_PARALLELISM="false")
+
+
+def _probsft(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "probsft_megatron.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, env=_env(), timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def _exp_dir(proc: subprocess.CompletedProcess) -> Path:
+    match = re.search(r"experiment record and logs: (\S+)", proc.stdout)
+    assert match, (proc.stdout + proc.stderr)[-4000:]
+    return Path(match.group(1))
+
+
+def _sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """Job id -> sacct's fields of the job allocation (accounting, not the launcher's view)."""
+    fields = ["JobIDRaw", "JobName", "State", "Start", "End", "NodeList", "ExitCode"]
+    proc = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o",
+                           ",".join(fields)], capture_output=True, text=True, check=True)
+    rows = [dict(zip(fields, line.split("|"))) for line in proc.stdout.splitlines()]
+    return {r["JobIDRaw"]: r for r in rows}
+
+
+def _time(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def _record(exp_dir: Path) -> dict:
+    return json.loads((exp_dir / RECORD).read_text())
+
+
+def _log(step: dict) -> Path:
+    (path,) = Path(step["log_dir"]).glob(f"log-{step['job_name']}_{step['job_id']}_*.out")
+    return path
+
+
+# ---------------------------------------------------------------- rendered scripts, sbatch's verdict
+def test_sbatch_accepts_the_rendered_scripts(cluster, tmp_path):
+    profile = tmp_path / "cpu.yaml"
+    shipped = (REPO / "configs" / "clusters" / "local-cpu.yaml").read_text()
+    profile.write_text(shipped + "exclusive: true\ncpus_per_task: 1\nsignal: USR1@60\n")
+    proc = _probsft([*TINY[:-2], "--profile", str(profile), "--work-dir", str(tmp_path / "w"),
+                     "--set", *TRAIN_SET, "--dryrun"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scripts = sorted((tmp_path / "w" / "experiments").rglob("*_sbatch.sh"))
+    assert [s.name.split("-")[0] for s in scripts] == ["eval", "export", "train"]
+    for script in scripts:
+        text = script.read_text()
+        assert "--gpus-per-node" not in text and "#SBATCH --exclusive\n" in text
+        assert ("#SBATCH --signal=USR1@60" in text) == script.name.startswith("train")
+        check = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True,
+                               text=True)
+        assert check.returncode == 0, f"{script.name}: {check.stderr}"
+        assert "to start at" in check.stderr
+    train = scripts[-1].read_text()
+    # the renderings of the old profile code, refused by the same check
+    for bad, message in (("#SBATCH --exclusive=False", "Invalid --exclusive specification"),
+                         ("#SBATCH --gpus-per-node=1", "Invalid generic resource")):
+        broken = tmp_path / "broken.sh"
+        broken.write_text(train.replace("#SBATCH --exclusive\n", bad + "\n"))
+        check = subprocess.run(["sbatch", "--test-only", str(broken)], capture_output=True,
+                               text=True)
+        assert check.returncode != 0 and message in check.stderr, check.stderr
+
+
+def test_rejected_submission_is_one_line_and_marked_failed(cluster, tmp_path):
+    profile = tmp_path / "nopart.yaml"
+    profile.write_text((REPO / "configs" / "clusters" / "local-cpu.yaml").read_text()
+                       .replace("partition: cpu", "partition: no-such-partition"))
+    proc = _probsft([*TINY[:-2], "--profile", str(profile), "--work-dir", str(tmp_path / "w"),
+                     "--set", *TRAIN_SET], tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in proc.stderr + proc.stdout
+    assert "sbatch refused the job of step train-figfont-tiny-llama-p" in err[0]
+    assert "invalid partition specified: no-such-partition" in err[0]
+    (record_path,) = (tmp_path / "w" / "experiments").rglob(RECORD)
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "failed" and "invalid partition" in record["error"]
+    assert all(s["job_id"] is None for s in record["steps"])
+    status = _probsft(["launch", "status", str(record_path.parent)], tmp_path)
+    assert status.returncode == 1 and "submission failed: sbatch: error" in status.stdout
+
+
+# ---------------------------------------------------------------- the whole chain
+@pytest.fixture(scope="module")
+def hf_backbone(tmp_path_factory) -> Path:
+    """A random Hugging Face Llama with the tiny-llama preset's shape and SmolLM2's tokenizer."""
+    from probsft_megatron.converters.testing import tiny_hf_checkpoint
+    from probsft_megatron.eval.models import materialize_smollm2
+
+    tokenizer = materialize_smollm2()
+    out = tiny_hf_checkpoint(tmp_path_factory.mktemp("hf") / "tiny-llama", "deepseek", seed=3,
+                             num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True,
+                             rope_theta=100000.0, max_position_embeddings=2048,
+                             rms_norm_eps=1e-5)
+    for f in tokenizer.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "chat_template.jinja":
+            shutil.copy2(f, out / f.name)
+    return out
+
+
+@pytest.mark.slow
+def test_whole_chain_on_two_nodes(cluster, hf_backbone, tmp_path):
+    from probsft_megatron.eval.graders import grade_jaro_winkler
+
+    work = tmp_path / "work"
+    start = time.perf_counter()
+    proc = _probsft([*TINY, "--hf", str(hf_backbone), "--work-dir", str(work),
+                     "--set", *TRAIN_SET, "--eval-args", "--limit 2 --max-new-tokens 4"],
+                    tmp_path, timeout=1800)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    exp_dir = _exp_dir(proc)
+    steps = _record(exp_dir)["steps"]
+    assert [s["kind"] for s in steps] == ["convert", "train", "export", "eval"]
+    # the progress display saw every job end
+    for s in steps:
+        assert re.search(rf"{re.escape(s['name'])}\s+job\s+{s['job_id']}\s+COMPLETED", output)
+
+    acct = _sacct([s["job_id"] for s in steps])
+    by_name = {s["name"]: s for s in steps}
+    for s in steps:
+        row = acct[s["job_id"]]
+        assert row["State"] == "COMPLETED" and row["ExitCode"] == "0:0", row
+        assert row["JobName"] == f"probsft-{s['name']}"
+        for dep in s["after"]:
+            assert _time(row["Start"]) >= _time(acct[by_name[dep]["job_id"]]["End"]), (s, dep)
+    train = next(s for s in steps if s["kind"] == "train")
+    assert acct[train["job_id"]]["NodeList"] == "n[1-2]"
+
+    # torchrun on both nodes (srun task i runs on the job's node i: n1, n2), one world of 2
+    log = _log(train).read_text()
+    ranks = dict(re.findall(r"^(\d+): .*\] +global_ranks=\[(\d+)\]", log, re.M))
+    sizes = set(re.findall(r"^\d+: .*\] +global_world_sizes=\[(\d+)\]", log, re.M))
+    assert sorted(ranks) == ["0", "1"] and sorted(ranks.values()) == ["0", "1"], log[-3000:]
+    assert sizes == {"2"}
+    assert "Traceback" not in log and "frame #" not in log, log[-3000:]
+
+    run_dir = work / "runs" / "figfont-tiny-llama-p"
+    assert (work / "models" / "tiny-llama" / "model_config.json").is_file()
+    assert (run_dir / "checkpoints" / "step_0000002").is_dir()
+    export = json.loads((run_dir / "hf" / "probsft_export.json").read_text())
+    assert export["step"] == 2 and export["checkpoint"].endswith("step_0000002")
+    assert (run_dir / "hf" / "config.json").is_file()
+    (summary,) = json.loads((run_dir / "eval" / "summary.json").read_text())
+    samples = [json.loads(line) for line in
+               (run_dir / "eval" / "figfont" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == summary["metrics"]["problems"] == 2
+    scores = [grade_jaro_winkler(s["completions"][0], s["reference"]).score for s in samples]
+    assert [s["scores"][0] for s in samples] == pytest.approx(scores)
+    assert summary["metrics"]["mean_score"] == pytest.approx(sum(scores) / 2)
+    assert summary["metrics"]["exact"] == pytest.approx(
+        sum(s["completions"][0] == s["reference"] for s in samples) / 2)
+    assert f"figfont-tiny-llama-p: ok {run_dir / 'eval' / 'summary.json'}" in proc.stdout
+    print(f"live chain: {time.perf_counter() - start:.0f} s")
+
+
+# ---------------------------------------------------------------- failure, status, logs, cancel
+@pytest.mark.slow
+def test_failed_train_step_stops_the_chain(cluster, tmp_path):
+    work = tmp_path / "work"
+    missing = tmp_path / "no-such-train.jsonl"
+    proc = _probsft([*TINY, "--work-dir", str(work), "--set", *TRAIN_SET, "data.source=file",
+                     f"data.train_files=[{missing}]"], tmp_path, timeout=900)
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
+    exp_dir = _exp_dir(proc)
+    steps = {s["kind"]: s for s in _record(exp_dir)["steps"]}
+    acct = _sacct([s["job_id"] for s in steps.values()])
+    assert acct[steps["train"]["job_id"]]["State"] == "FAILED"
+    for kind in ("export", "eval"):  # cancelled by SLURM before they ever started
+        row = acct[steps[kind]["job_id"]]
+        assert row["State"] == "CANCELLED" and row["Start"] in ("None", "Unknown"), row
+        assert not list(Path(steps[kind]["log_dir"]).glob("log-*.out"))
+    assert not (work / "runs" / "figfont-tiny-llama-p" / "hf").exists()
+    assert f"training file {missing} does not exist" in proc.stdout  # the log tail
+    assert "error: experiment figfont-tiny-llama-p" in proc.stderr
+
+    status = _probsft(["launch", "status", str(exp_dir)], tmp_path)
+    assert status.returncode == 1
+    assert re.search(r"step train-figfont-tiny-llama-p \(job \d+\) ended FAILED", status.stdout)
+    assert f"training file {missing} does not exist" in status.stdout
+    assert "never ran (cancelled while waiting for their turn): export-figfont-tiny-llama-p, " \
+           "eval-figfont-tiny-llama-p" in status.stdout
+    row = next(ln for ln in status.stdout.splitlines() if ln.startswith("train-"))
+    assert str(_log(steps["train"])) in row and " FAILED " in row
+    logs = _probsft(["launch", "logs", "figfont-tiny-llama-p", "train", "--work-dir", str(work),
+                     "--lines", "5"], tmp_path)
+    head, *rows = logs.stdout.splitlines()
+    assert logs.returncode == 0 and head.startswith(f"==> {steps['train']['name']} (job ")
+    assert rows == _log(steps["train"]).read_text().splitlines()[-5:]
+    logs = _probsft(["launch", "logs", str(exp_dir), "train", "--lines", "1000"], tmp_path)
+    assert f"training file {missing} does not exist" in logs.stdout
+
+
+def test_cancel_a_queued_experiment(cluster, tmp_path):
+    work = tmp_path / "work"
+    proc = _probsft([*TINY, "--work-dir", str(work), "--set", *TRAIN_SET, "--detach"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp_dir = _exp_dir(proc)
+    ids = [s["job_id"] for s in _record(exp_dir)["steps"]]
+    cancel = _probsft(["launch", "cancel", str(exp_dir)], tmp_path)
+    assert cancel.returncode == 0 and f"cancelled jobs {', '.join(ids)}" in cancel.stdout
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        states = {r["State"].split()[0] for r in _sacct(ids).values()}
+        if states == {"CANCELLED"}:
+            break
+        time.sleep(1)
+    assert states == {"CANCELLED"}
+    status = _probsft(["launch", "status", str(exp_dir)], tmp_path)
+    rows = [ln for ln in status.stdout.splitlines() if ln.startswith(("train-", "export-", "eval-"))]
+    assert status.returncode == 1 and [r.split()[2] for r in rows] == ["CANCELLED"] * 3
+    again = _probsft(["launch", "cancel", str(exp_dir)], tmp_path)
+    assert again.returncode == 0 and "no job left to cancel" in again.stdout
