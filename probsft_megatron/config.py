@@ -25,7 +25,8 @@ This module is longer than the others on purpose: it is one concern, every key a
 accepts with its default, its check and the checks that combine keys, and a reader looking up
 a key should find all of that in one file.
 
-Sections are frozen: code that needs a variant builds one with :func:`dataclasses.replace`.
+Sections are frozen: code that needs a variant builds one with :func:`dataclasses.replace`
+(or assigns a whole new section to the :class:`TrainJobConfig` it is assembling).
 This module imports neither megatron nor torch at import time (``probsft objectives`` and
 ``--dry-run`` stay instant). YAML reading and type coercion live in
 :mod:`probsft_megatron.typed_yaml`.
@@ -388,8 +389,12 @@ class InitConfig:
     tokenizer: str | None = None  # HF tokenizer dir; default: the checkpoint's hf/ folder
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrainJobConfig:
+    """The sections of a training job. The sections are frozen; this container is not, so a
+    caller assembling a job may put a whole section in place (``cfg.model = ...``).
+    Training itself reads the frozen :class:`~probsft_megatron.job.Job`."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     init: InitConfig = field(default_factory=InitConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -118,6 +118,7 @@ def resolve_job(cfg: TrainJobConfig, world_size: int) -> Job:
     Reads only the ``model_config.json`` of ``init.checkpoint`` (its model config replaces the
     recipe's: a note is logged when they differ).
     """
+    cfg = dataclasses.replace(cfg)  # the Job's own container (the sections are frozen)
     init = cfg.init
     if init.checkpoint is not None:
         stored = read_model_config(init.checkpoint)

@@ -230,9 +230,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.init.checkpoint is not None:
         try:
-            from probsft_megatron.model_dir import read_model_config
+            from probsft_megatron.train import read_model_dir_config
 
-            cfg = dataclasses.replace(cfg, model=read_model_config(cfg.init.checkpoint))
+            cfg.model = read_model_dir_config(cfg.init.checkpoint)
         except Exception:  # noqa: BLE001 - a missing checkpoint does not stop planning
             print(f"[probsft] note: planning with the recipe's model (cannot read "
                   f"{cfg.init.checkpoint})", file=sys.stderr)
