@@ -57,8 +57,10 @@ class Job:
     """Core attention implementation: ``te``, ``sdpa`` or ``local``."""
     objective: Objective | None
     """The parsed objective, or None for ``auto``."""
-    tokenizer: str
-    """What :func:`probsft_megatron.tokenizers.load_tokenizer` loads."""
+    tokenizer: str | None
+    """What :func:`probsft_megatron.tokenizers.load_tokenizer` loads: ``init.tokenizer``, else
+    the checkpoint's ``hf/`` folder; None when the config names neither (a run refuses to
+    start, see :meth:`require_tokenizer`; a dry run only reports it)."""
     output_dir: Path
     init_weights: Path | None
     """torch_dist weights to start from (``<init.checkpoint>/weights``), or None."""
@@ -98,6 +100,15 @@ class Job:
         """The distributed optimizer shards over DP ranks; with DP = 1 the plain one is used."""
         return self.optim.use_distributed_optimizer and self.data_parallel_size > 1
 
+    def require_tokenizer(self) -> str:
+        """The tokenizer spec, or the one-line error of a job that names none."""
+        if self.tokenizer is None:
+            raise ConfigError(
+                "no tokenizer: set init.tokenizer (a folder, or 'smollm2') or "
+                "init.checkpoint (a converted model dir with an hf/ folder)"
+            )
+        return self.tokenizer
+
     def with_objective(self, name: str) -> Job:
         """This job with ``loss.objective`` set to ``name`` (how ``auto`` is resolved)."""
         objective = parse_objective(name)
@@ -131,11 +142,6 @@ def resolve_job(cfg: TrainJobConfig, world_size: int) -> Job:
         cfg = dataclasses.replace(cfg, model=stored)
     dp = validate(cfg, world_size)
     tokenizer = init.tokenizer or (str(Path(init.checkpoint) / "hf") if init.checkpoint else None)
-    if tokenizer is None:
-        raise ConfigError(
-            "no tokenizer: set init.tokenizer (a folder, or 'smollm2') or "
-            "init.checkpoint (a converted model dir with an hf/ folder)"
-        )
     objective = None if cfg.loss.is_auto else parse_objective(cfg.loss.objective)
     checkpoint = Path(init.checkpoint) if init.checkpoint else None
     return Job(

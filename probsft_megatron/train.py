@@ -147,6 +147,7 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
 
     # -- the job and process groups -------------------------------------------------------
     job = cfg if isinstance(cfg, Job) else resolve_job(cfg, world_size_from_env())
+    tokenizer_spec = job.require_tokenizer()
     t = job.train
     runtime.init_distributed(job.parallel, seed=t.seed, model=job.model)
     layout = compat.layout()
@@ -154,7 +155,7 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
     torch.manual_seed(t.seed)
 
     # -- tokenizer and data -----------------------------------------------------------------
-    tokenizer = load_tokenizer(job.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_spec)
     dataset = SFTDataset(job.data, tokenizer)
     loader = GlobalBatchLoader(
         dataset,

@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(job.to_dict(), indent=2, default=str))
         p = job.parallel
+        if job.tokenizer is None:
+            logger.warning("no tokenizer yet: a run needs init.tokenizer or init.checkpoint")
         print(
             f"# valid for {args.nproc} process(es): TP={p.tensor_model_parallel_size}"
             f" PP={p.pipeline_model_parallel_size} DP={job.data_parallel_size}, "

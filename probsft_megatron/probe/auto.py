@@ -57,7 +57,7 @@ def resolve_auto_objective(
             "loss.objective=auto probes the base model: set init.checkpoint to a "
             "Megatron model dir (probsft convert hf-to-megatron)"
         )
-    examples = load_examples(job.data, load_tokenizer(job.tokenizer), DEFAULT_SAMPLES)
+    examples = load_examples(job.data, load_tokenizer(job.require_tokenizer()), DEFAULT_SAMPLES)
     key = probe_key(model_dir, job.dtype, examples)
     choice_file = job.output_dir / CHOICE_FILE
     found: tuple[str, dict | None] = ("measured", None)
