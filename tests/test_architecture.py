@@ -221,6 +221,17 @@ def test_the_walk_sees_every_module_and_lazy_imports(graph):
     assert "probsft_megatron.fused_head" in edges["probsft_megatron.model"]
 
 
+def test_every_package_ships():
+    """Each package folder is listed in pyproject.toml (a wheel leaves out the others)."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    packages = {name for name, path in _sources().items() if path.name == "__init__.py"}
+    assert packages <= listed, sorted(packages - listed)
+
+
 def test_no_import_cycles(graph):
     edges, _ = graph
     assert find_cycles(edges) == []
