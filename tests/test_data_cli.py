@@ -38,6 +38,8 @@ def _check_answer(rec: dict) -> None:
         a, b = item[:2]
         assert resp == f"{a} + {b} = {a + b}" + ("." if task == "self-addition" else "")
         assert f"{a}" in rec["prompt"] and f"{b}" in rec["prompt"]
+    elif task == "addition-answer":
+        assert resp == f"The answer is {sum(item)}."
     elif task == "addition-number":
         assert resp == str(sum(item))
     elif task == "addition-words":
