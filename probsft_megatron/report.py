@@ -1147,10 +1147,11 @@ def plot_sweep(groups: list[dict], blocks: list[dict], axis: str, metric: str,
                 ax.plot([1.0], [100 * s["mean"]], marker="*", markersize=12, color=color,
                         linestyle="none", label=f"p (a = 1){', ' + block['setting'] if block['setting'] else ''}")
             else:
-                ax.axhline(100 * s["mean"], color=color, linestyle="--" if g["objective"]["family"]
-                           == "nll" else ":", linewidth=1,
-                           label=f"{label}{' (a = 0)' if axis == 'a' and label == 'original' else ''}"
-                                 f"{', ' + block['setting'] if block['setting'] else ''}")
+                nll = g["objective"]["family"] == "nll"
+                what = ("NLL, a = 0" if axis == "a" else "NLL") if nll else "no threshold"
+                ax.axhline(100 * s["mean"], color=color, linestyle="--" if nll else ":",
+                           linewidth=1, label=f"{label} ({what})"
+                                              f"{', ' + block['setting'] if block['setting'] else ''}")
         if axis == "a":
             xs_all = [x for b, c, line in series if c == col for x, _, _ in line]
             if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:
