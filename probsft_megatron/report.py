@@ -1143,15 +1143,19 @@ def plot_sweep(groups: list[dict], blocks: list[dict], axis: str, metric: str,
                 continue
             s = _stat(g, col)
             color = colors.get(block["setting"], "k")
+            where = f", {block['setting']}" if block["setting"] else ""
+            seeds = f", n={s['n']}" if s["n"] > 1 else ""
             if axis == "a" and g["objective"]["family"] == "p":
-                ax.plot([1.0], [100 * s["mean"]], marker="*", markersize=12, color=color,
-                        linestyle="none", label=f"p (a = 1){', ' + block['setting'] if block['setting'] else ''}")
+                _errorbar(ax, [1.0], [s], marker="*", markersize=12, color=color,
+                          linestyle="none", label=f"p (a = 1{seeds}){where}")
             else:
                 nll = g["objective"]["family"] == "nll"
                 what = ("NLL, a = 0" if axis == "a" else "NLL") if nll else "no threshold"
                 ax.axhline(100 * s["mean"], color=color, linestyle="--" if nll else ":",
-                           linewidth=1, label=f"{label} ({what})"
-                                              f"{', ' + block['setting'] if block['setting'] else ''}")
+                           linewidth=1, label=f"{label} ({what}{seeds}){where}")
+                if s.get("half_width"):  # the seed interval as a band
+                    ax.axhspan(100 * s["low"], 100 * s["high"], color=color, alpha=0.08,
+                               linewidth=0)
         if axis == "a":
             xs_all = [x for b, c, line in series if c == col for x, _, _ in line]
             if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:
@@ -1270,7 +1274,7 @@ def _fmt_stat(s: dict | None, pct: bool = True, digits: int = 1) -> str:
 
 def _num(x: float) -> str:
     if x == 0 or 1e-3 <= abs(x) < 1e5:
-        return f"{x:.5g}"
+        return f"{x:.4g}"
     return f"{x:.3e}"
 
 
@@ -1368,8 +1372,8 @@ def render_markdown(report: dict) -> str:
                   "mean w | tokens/s |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
         for g in trained:
             t = g["training"]
-            steps = ", ".join(f"{s}/{p}" if p else str(s)
-                              for s, p in zip(t["steps"], t["planned_steps"]))
+            steps = ", ".join(dict.fromkeys(f"{s}/{p}" if p else str(s)
+                                            for s, p in zip(t["steps"], t["planned_steps"])))
             lines.append(f"| `{g['label']}` | {_md_escape(g['setting']) or '-'} | "
                          f"n={len(g['runs'])} | {steps} | {_fmt_stat(t.get('loss'), False)} | "
                          f"{_fmt_stat(t.get('mean_p'), False)} | "
@@ -1380,7 +1384,12 @@ def render_markdown(report: dict) -> str:
     # runs
     lines += ["## Runs", "", "| run | objective | seed | model | data | recipe | status | "
               "probe placement |", "|---|---|---:|---|---|---|---|---|"]
+    names = [r["name"] for r in report["runs"]]
     for r in report["runs"]:
+        shown = r["name"]
+        if names.count(shown) > 1:  # the same run name in several work directories
+            parent = Path(r["path"]).parent
+            shown = f"{(parent.parent if parent.name == 'runs' else parent).name}/{shown}"
         obj = r["objective"]
         label = obj["label"] if obj else "-"
         if obj and obj["label"] != obj["name"]:
@@ -1391,7 +1400,7 @@ def render_markdown(report: dict) -> str:
             placement = f"{pl.get('regime')} -> {rec.get('objective', '?')}"
         status = f"**{r['status']}**" + (f": {_md_escape(r['status_detail'])}"
                                          if r["status_detail"] else "")
-        lines.append(f"| `{r['name']}` | {label} | {r['seed'] if r['seed'] is not None else '-'}"
+        lines.append(f"| `{shown}` | {label} | {r['seed'] if r['seed'] is not None else '-'}"
                      f" | {r['model'] or '-'} | {r['dataset'] or '-'} | {r['recipe'] or '-'} | "
                      f"{status} | {placement} |")
     lines.append("")
@@ -1513,6 +1522,8 @@ def build_report(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike 
                 figs.append({"file": name, "kind": "probe", "probe": probe["path"],
                              "title": f"base model's token p ({probe['model']} on "
                                       f"{probe['data']}) with the objectives' w(p)"})
+    order = {r["path"]: (i, j) for i, g in enumerate(groups) for j, r in enumerate(g["_members"])}
+    col.runs.sort(key=lambda r: order.get(r["path"], (len(groups), 0)))
     status_counts = {s: sum(r["status"] == s for r in col.runs) for s in STATUSES
                      if any(r["status"] == s for r in col.runs)}
     report = {
