@@ -45,6 +45,8 @@ from probsft_megatron.objectives import ObjectiveError, parse_objective
 FORMAT = "probsft-runs-report"
 FORMAT_VERSION = 1
 PROBE_FORMAT = "probsft-probe"
+LAUNCH_RECORD = "probsft_experiment.json"
+"""The record ``probsft launch --executor slurm`` writes into each experiment folder."""
 REPORT_DIR = "report"
 """Default output folder inside a work directory (``WORK/report``)."""
 METRICS = ("avg@n", "mean_score", "exact", "boxed_rate")
@@ -441,7 +443,48 @@ def read_experiment_records(work_dir: str | os.PathLike) -> dict[str, dict[str, 
                         record.error = _step_error(logs)
                         record.log = str(logs[0]) if logs else None
             out.setdefault(str(Path(record.run_dir)), {})[record.kind] = record
+        _add_launch_record(exp, out)
     return out
+
+
+def _add_launch_record(exp: Path, out: dict[str, dict[str, StepRecord]]) -> None:
+    """What ``probsft launch --executor slurm`` records in ``probsft_experiment.json``: each
+    step's log (``log_dir/log-<job_name>_<job_id>_<restart>.out``, else the batch script's
+    ``sbatch_<job_name>_<job_id>.out``) and, when the submission itself failed, its error."""
+    launch = _read_json(exp / LAUNCH_RECORD, [])
+    if not isinstance(launch, dict) or not isinstance(launch.get("steps"), list):
+        return
+    run_dirs = {str(name): str(Path(str(summary)).parent.parent)  # RUN/eval/summary.json
+                for name, summary in (launch.get("runs") or {}).items()}
+    for step in launch["steps"]:
+        if not isinstance(step, dict):
+            continue
+        kind, name = str(step.get("kind")), str(step.get("name"))
+        run = next((r for r in run_dirs if name == f"{kind}-{r}"), None)
+        if run is None:
+            continue
+        runs = out.setdefault(str(Path(run_dirs[run])), {})
+        record = runs.get(kind) or StepRecord(name, kind, run_dirs[run])
+        record.experiment = str(exp)
+        log = _launch_log(step)
+        if log is not None:
+            record.log = str(log)
+        if launch.get("status") == "failed":
+            record.state, record.error = "FAILED", f"submission failed: {launch.get('error')}"
+        runs[kind] = record
+
+
+def _launch_log(step: dict) -> Path | None:
+    job, job_name, folder = step.get("job_id"), step.get("job_name"), step.get("log_dir")
+    if not (job and job_name and folder):
+        return None
+    starts = sorted(Path(folder).glob(f"log-{job_name}_{job}_*.out"),
+                    key=lambda p: (int(p.stem.rsplit("_", 1)[-1])
+                                   if p.stem.rsplit("_", 1)[-1].isdigit() else -1, p.name))
+    if starts:
+        return starts[-1]
+    batch = Path(folder) / f"sbatch_{job_name}_{job}.out"
+    return batch if batch.is_file() else None
 
 
 def _exp_time(exp: Path) -> float:
@@ -616,8 +659,8 @@ def read_run(path: str | os.PathLike, records: dict[str, StepRecord] | None = No
     for kind in ("train", "export", "eval"):
         if step_states and f"{kind}-{name}" in step_states:
             states[kind] = step_states[f"{kind}-{name}"]
-            log = (step_logs or {}).get(f"{kind}-{name}")
             rec = records.setdefault(kind, StepRecord(f"{kind}-{name}", kind, str(root)))
+            log = (step_logs or {}).get(f"{kind}-{name}") or rec.log
             rec.state = states[kind]
             if log and _state_class(rec.state) == "failed":
                 rec.log, rec.error = str(log), _step_error([Path(log)])
