@@ -22,7 +22,8 @@ The error is ``estimate / measured - 1``.
     python benchmarks/plan_accuracy.py                       # CPU: SmolLM2-135M shape, fp32
     python benchmarks/plan_accuracy.py --shape qwen2.5-1.5b --seqs 2048,4096   # GPU: bf16
 
-Writes ``benchmarks/results/plan_accuracy_<cpu|gpu>_<shape>.{json,md}``.
+Writes ``benchmarks/results/plan_accuracy_<cpu|gpu>_<shape>[_bf16].{json,md}`` (``_bf16``:
+a bfloat16 run on the CPU).
 """
 from __future__ import annotations
 
@@ -258,7 +259,8 @@ def main() -> int:
                   f"{r['dynamic_measured'] / mib:.1f} | {r['dynamic_estimated'] / mib:.1f} | "
                   f"{r['dynamic_error']:+.1%} | {parts} |")
     print("\n".join(md))
-    write_results(args.out, f"plan_accuracy_{device_tag()}_{args.shape}",
+    suffix = "_bf16" if rows[0]["dtype"] == "bf16" and device_tag() == "cpu" else ""
+    write_results(args.out, f"plan_accuracy_{device_tag()}_{args.shape}{suffix}",
                   {"device": dev, "args": vars(args), "rows": rows}, "\n".join(md))
     return 0
 

@@ -161,7 +161,8 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
         except FileNotFoundError:
             if not have_sacct:
                 raise ProbsftError("neither sacct nor squeue is on PATH; run this where the "
-                                   "SLURM client commands are available (a login node)")
+                                   "SLURM client commands are available (a login node)"
+                                   ) from None
             proc = None
         if proc is not None and proc.returncode == 0:
             for line in proc.stdout.splitlines():

@@ -47,7 +47,8 @@ for _ in $(seq 1200); do [ -s "$probsft_rdzv_file" ] && break; sleep 0.1; done
 PROBSFT_RDZV_PORT=$(cat "$probsft_rdzv_file")
 rm -f "$probsft_rdzv_file"
 if [ -z "$PROBSFT_RDZV_PORT" ]; then
-    echo "error: the rendezvous store did not start (python -m probsft_megatron.launchers.steps rdzv-store)" >&2
+    echo "error: the rendezvous store did not start" \
+         "(python -m probsft_megatron.launchers.steps rdzv-store)" >&2
     exit 1
 fi
 export PET_RDZV_CONF=is_host=0"""
@@ -246,9 +247,10 @@ def slurm_executor(profile: ClusterProfile, kind: str, *, job_dir: str, nodes: i
     other steps run one process on one node. Every step requests the profile's GPUs per node
     (none when ``gpus_per_node`` is 0). A multi-node train job on bare nodes hosts torchrun's
     rendezvous store in its batch script (:data:`RDZV_STORE_SETUP`); with a container image
-    the first torchrun agent hosts it on port :data:`RDZV_PORT`, as NeMo-Run does. A job whose dependency failed is cancelled by SLURM
-    (``--kill-on-invalid-dep=yes``) instead of pending forever. Without a container image
-    the jobs run this interpreter's environment: its folder leads ``PATH``.
+    the first torchrun agent hosts it on port :data:`RDZV_PORT`, as NeMo-Run does. A job
+    whose dependency failed is cancelled by SLURM (``--kill-on-invalid-dep=yes``) instead of
+    pending forever. Without a container image the jobs run this interpreter's environment:
+    its folder leads ``PATH``.
     """
     from probsft_megatron.launchers.experiment import import_nemo_run
 

@@ -65,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _inspect_options(i: argparse.ArgumentParser) -> None:
-    i.add_argument("--tokenizer", help="tokenizer folder or 'smollm2' (default: the recipe's "
-                                       "init.tokenizer / init.checkpoint, else smollm2)")
+    i.add_argument("--tokenizer", help="tokenizer folder or 'smollm2' (default: a recipe's "
+                                       "init.tokenizer / init.checkpoint; smollm2 for files)")
     i.add_argument("--limit", type=int, help="inspect only the first N records")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -189,7 +189,11 @@ def _resolve(spec: str, overrides: list[str], tokenizer: str | None):
     cfg.data.validate()
     if tokenizer is None:
         tokenizer = cfg.init.tokenizer or (str(Path(cfg.init.checkpoint) / "hf")
-                                           if cfg.init.checkpoint else "smollm2")
+                                           if cfg.init.checkpoint else None)
+    if tokenizer is None:
+        raise ConfigError(f"recipe {spec} names no tokenizer (init.tokenizer or "
+                          "init.checkpoint); pass --tokenizer DIR (a folder with tokenizer "
+                          "files) or --tokenizer smollm2")
     return cfg.data, tokenizer
 
 

@@ -33,17 +33,17 @@ What is counted, per GPU (each pipeline stage is estimated; the report shows the
   pipeline parallelism (1F1B) stage ``r`` of ``P`` holds ``min(P - r, micro-batches)``
   micro-batches at once. ``kernels="cuda"`` (default) assumes torch's fused RMSNorm (input
   and ``rstd`` saved) and flash attention's output layout; ``kernels="cpu"`` is what torch's
-  CPU kernels save (the composite RMSNorm also keeps the normalized input), which the tests
-  check exactly against the tensors autograd saves.
+  CPU kernels save (the composite RMSNorm keeps the input and the normalized input, both in
+  float32), which the tests check exactly against the tensors autograd saves.
 * **Loss head**: the unfused output layer keeps float32 logits ``tokens x V/TP`` (plus the
   bfloat16 logits while the float32 copy is made) and allocates the ``V/TP x h`` weight
   gradient in the backward; the fused head (``loss.implementation=fused``) holds one chunk
   of logits (``chunk_size x V/TP``) and two ``tokens x h`` buffers.
 * **Transients**: the backward of one layer (its gradients, weight gradient and, with full
   recompute, the re-materialized layers), the word embedding's dense ``V/TP x h`` gradient
-  at the end of the backward (three of them with tied embeddings on one stage: the output
-  layer's gradient of the same weight waits for it, then the two are added) and the
-  optimizer step (Adam's ``sqrt(v)``
+  at the end of the backward (three of them with tied embeddings on one stage and the
+  unfused head: the output layer's gradient of the same weight waits for it, then the two
+  are added) and the optimizer step (Adam's ``sqrt(v)``
   temporary over the whole local state, as torch's multi-tensor Adam allocates; float32
   copies of non-float32 gradients).
 * **Margin**: CUDA context, NCCL buffers, library workspaces and allocator fragmentation:
@@ -391,8 +391,8 @@ def layer_activations(model, layout: Layout, workload: Workload) -> LayerActivat
     the TP region are split by TP only under sequence parallelism):
 
     * each RMSNorm (the first's input is the layer input, the second's the residual sum): its
-      input and float32 ``rstd`` (CPU kernels: also the normalized input), and its output,
-      kept by the following linear;
+      input and float32 ``rstd`` (CPU kernels: the input and the normalized input, both in
+      float32), and its output, kept by the following linear;
     * attention (SDPA / flash): the fused QKV output (V is a view of it), the rotated Q and
       K, the attention output (and, with CUDA's flash layout, its copy for ``linear_proj``),
       the float32 log-sum-exp ``b x heads x s``; RoPE's cos/sin (4 x ``s x head_dim``);
@@ -410,7 +410,9 @@ def layer_activations(model, layout: Layout, workload: Workload) -> LayerActivat
     q, kv, f = d["q"] // tp, d["kv"] // tp, d["f"] // tp
     heads = d["heads"] // tp
     cpu = workload.kernels == "cpu"
-    norm = t_h * d["h"] * D * (2 if cpu else 1) + t_h * 4  # input (+ normalized) + rstd
+    # input + rstd; torch's CPU RMSNorm is composite: it keeps the input and the normalized
+    # input, both upcast to float32
+    norm = t_h * d["h"] * (8 if cpu else D) + t_h * 4
     # + the output each following linear keeps; the second norm's input is the residual sum
     norms = 2 * (norm + t_h * d["h"] * D)
     rope = 4 * s * d["hd"] * D
@@ -456,7 +458,7 @@ def loss_head(model, layout: Layout, workload: Workload) -> Head:
     t_h = t // tp if sp else t
     v = d["v"] // tp
     cpu = workload.kernels == "cpu"
-    norm = t_h * d["h"] * D * (2 if cpu else 1) + t_h * 4
+    norm = t_h * d["h"] * (8 if cpu else D) + t_h * 4  # as in layer_activations
     gathered = t * d["h"] * D if sp else 0
     # unfused: megatron's output layer keeps its input; the vocab-parallel cross entropy keeps
     # float32 logits (exp, in place), the masked targets, one boolean mask (two at TP > 1)
@@ -508,15 +510,19 @@ class StageEstimate:
         return self.static.total + self.dynamic + self.margin
 
 
-def _recompute_terms(layer: LayerActivations, layout: Layout, layers: int) -> tuple[int, int]:
-    """(kept per micro-batch, re-materialized during one backward) for a stage of ``layers``."""
+def recompute_terms(layer: LayerActivations, layout: Layout, layers: int,
+                    rope_bytes: int = 0) -> tuple[int, int]:
+    """(kept per micro-batch, re-materialized during one backward) for a stage of ``layers``.
+
+    Full recompute keeps each checkpointed unit's input, and once the float32 RoPE
+    frequencies the checkpoints receive (``rope_bytes``: ``s x head_dim x 4``)."""
     if layout.recompute == "selective":
         return layers * layer.selective, 0
     if layout.recompute == "full":
         n = min(layout.recompute_num_layers or 1, layers)
         if layout.recompute_method == "uniform":
-            return math.ceil(layers / n) * layer.checkpoint_input, n * layer.full
-        return n * layer.checkpoint_input + (layers - n) * layer.full, layer.full
+            return math.ceil(layers / n) * layer.checkpoint_input + rope_bytes, n * layer.full
+        return n * layer.checkpoint_input + (layers - n) * layer.full + rope_bytes, layer.full
     return layers * layer.full, 0
 
 
@@ -535,7 +541,7 @@ def estimate_stage(model, layout: Layout, workload: Workload, pp_rank: int,
     layers = d["layers"] // layout.pp
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
     layer = layer_activations(model, layout, workload)
-    kept, remat = _recompute_terms(layer, layout, layers)
+    kept, remat = recompute_terms(layer, layout, layers, workload.seq_length * d["hd"] * 4)
     t = workload.micro_batch_size * workload.seq_length
     per_mb = kept
     if first:
@@ -559,10 +565,12 @@ def estimate_stage(model, layout: Layout, workload: Workload, pp_rank: int,
     if workload.grad_bytes != 4:
         step += 4 * held
     # the word-embedding gradient is a dense V/TP x h tensor; with tied embeddings on one
-    # stage the output layer's gradient of the same weight waits for it through the whole
-    # backward, then autograd adds the two (a third tensor)
+    # stage the unfused output layer's gradient of the same weight waits for it through the
+    # whole backward, then autograd adds the two (a third tensor); the fused head adds its
+    # part to DDP's buffer during the forward instead
     emb_grad = d["v"] // layout.tp * d["h"] * workload.param_bytes
-    tied_one_stage = bool(model.tie_word_embeddings) and layout.pp == 1
+    tied_one_stage = (bool(model.tie_word_embeddings) and layout.pp == 1
+                      and workload.loss_implementation != "fused")
     waiting = emb_grad if tied_one_stage else 0
     est = StageEstimate(pp_rank=pp_rank, static=static, static_other_optimizer=other_static,
                         in_flight=in_flight, per_micro_batch=per_mb, loss_head=head,
@@ -730,7 +738,7 @@ def evaluate(model, layout: Layout, workload: Workload, gpu_memory_gb: float,
         return Candidate(layout, None, str(exc))
     if est.fits(gpu_memory_gb):
         return Candidate(layout, est, "")
-    return Candidate(layout, est, f"needs {est.total / GiB:.1f} GiB > {gpu_memory_gb:g}")
+    return Candidate(layout, est, f"needs {est.total / GiB:.1f} GiB > {gpu_memory_gb:g} GiB")
 
 
 @dataclass
@@ -770,7 +778,7 @@ def plan(cfg, gpus: int | None = None, gpu_memory_gb: float = DEFAULT_GPU_MEMORY
          gpus_per_node: int = DEFAULT_GPUS_PER_NODE, device: str = "cuda",
          margin_gib: float = DEFAULT_MARGIN_GIB) -> Plan:
     """:func:`plan_model` for a :class:`~probsft_megatron.config.TrainJobConfig`."""
-    gpus = gpus or gpus_per_node
+    gpus = gpus_per_node if gpus is None else gpus
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1 (got {gpus})")
     if gpu_memory_gb <= 0:

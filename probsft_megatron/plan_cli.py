@@ -141,7 +141,8 @@ def render(rep: dict) -> str:
              f"{w['seq_length']} tokens, {w['params_dtype']}, {w['loss_implementation']} loss head; "
              f"{rep['gpus']} GPU(s) of {rep['gpu_memory_gib']:g} GiB, {rep['gpus_per_node']} per node",
              ""]
-    verdict = "fits" if req["fits"] else f"does not fit ({req['reason']})"
+    verdict = (f"fits ({req['per_gpu_gib']['total']:.1f} GiB)" if req["fits"]
+               else f"does not fit ({req['reason']})")
     lines.append(f"requested    {req['label']}: {verdict}")
     if rec is None:
         lines.append("recommended  none: no layout fits on these GPUs (add GPUs, lower "
@@ -167,7 +168,7 @@ def render(rep: dict) -> str:
             label = "with SP" if key == "sp" else "without SP"
             lines.append(f"    {label:<14}  " + " / ".join(f"{v:.2f}" for v in row.values()))
         heads = list(alt["loss_head_gib"].items())
-        lines.append("  loss head:        " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}"
+        lines.append("  loss head (last stage): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}"
                                                         for k, v in heads))
         lines.append("")
     if rep["rejected"] and rec is not None:
@@ -194,7 +195,7 @@ def recipes_table() -> str:
     from probsft_megatron.config import load_config
 
     small, large = NODE_MEMORIES_GB
-    rows = ["| recipe | model | micro batch x tokens | layout (8 x 80 GB) | GiB per GPU | "
+    rows = ["| recipe | parameters | micro batch x tokens | layout (8 x 80 GB) | GiB per GPU | "
             "layout on 8 x 141 GB | GiB per GPU |", "|---|---|---|---|---:|---|---:|"]
     for name in node_recipes():
         cfg = load_config(name)

@@ -45,6 +45,8 @@ from probsft_megatron.objectives import ObjectiveError, parse_objective
 FORMAT = "probsft-runs-report"
 FORMAT_VERSION = 1
 PROBE_FORMAT = "probsft-probe"
+LAUNCH_RECORD = "probsft_experiment.json"
+"""The record ``probsft launch --executor slurm`` writes into each experiment folder."""
 REPORT_DIR = "report"
 """Default output folder inside a work directory (``WORK/report``)."""
 METRICS = ("avg@n", "mean_score", "exact", "boxed_rate")
@@ -441,7 +443,48 @@ def read_experiment_records(work_dir: str | os.PathLike) -> dict[str, dict[str, 
                         record.error = _step_error(logs)
                         record.log = str(logs[0]) if logs else None
             out.setdefault(str(Path(record.run_dir)), {})[record.kind] = record
+        _add_launch_record(exp, out)
     return out
+
+
+def _add_launch_record(exp: Path, out: dict[str, dict[str, StepRecord]]) -> None:
+    """What ``probsft launch --executor slurm`` records in ``probsft_experiment.json``: each
+    step's log (``log_dir/log-<job_name>_<job_id>_<restart>.out``, else the batch script's
+    ``sbatch_<job_name>_<job_id>.out``) and, when the submission itself failed, its error."""
+    launch = _read_json(exp / LAUNCH_RECORD, [])
+    if not isinstance(launch, dict) or not isinstance(launch.get("steps"), list):
+        return
+    run_dirs = {str(name): str(Path(str(summary)).parent.parent)  # RUN/eval/summary.json
+                for name, summary in (launch.get("runs") or {}).items()}
+    for step in launch["steps"]:
+        if not isinstance(step, dict):
+            continue
+        kind, name = str(step.get("kind")), str(step.get("name"))
+        run = next((r for r in run_dirs if name == f"{kind}-{r}"), None)
+        if run is None:
+            continue
+        runs = out.setdefault(str(Path(run_dirs[run])), {})
+        record = runs.get(kind) or StepRecord(name, kind, run_dirs[run])
+        record.experiment = str(exp)
+        log = _launch_log(step)
+        if log is not None:
+            record.log = str(log)
+        if launch.get("status") == "failed":
+            record.state, record.error = "FAILED", f"submission failed: {launch.get('error')}"
+        runs[kind] = record
+
+
+def _launch_log(step: dict) -> Path | None:
+    job, job_name, folder = step.get("job_id"), step.get("job_name"), step.get("log_dir")
+    if not (job and job_name and folder):
+        return None
+    starts = sorted(Path(folder).glob(f"log-{job_name}_{job}_*.out"),
+                    key=lambda p: (int(p.stem.rsplit("_", 1)[-1])
+                                   if p.stem.rsplit("_", 1)[-1].isdigit() else -1, p.name))
+    if starts:
+        return starts[-1]
+    batch = Path(folder) / f"sbatch_{job_name}_{job}.out"
+    return batch if batch.is_file() else None
 
 
 def _exp_time(exp: Path) -> float:
@@ -616,8 +659,8 @@ def read_run(path: str | os.PathLike, records: dict[str, StepRecord] | None = No
     for kind in ("train", "export", "eval"):
         if step_states and f"{kind}-{name}" in step_states:
             states[kind] = step_states[f"{kind}-{name}"]
-            log = (step_logs or {}).get(f"{kind}-{name}")
             rec = records.setdefault(kind, StepRecord(f"{kind}-{name}", kind, str(root)))
+            log = (step_logs or {}).get(f"{kind}-{name}") or rec.log
             rec.state = states[kind]
             if log and _state_class(rec.state) == "failed":
                 rec.log, rec.error = str(log), _step_error([Path(log)])
@@ -1143,14 +1186,19 @@ def plot_sweep(groups: list[dict], blocks: list[dict], axis: str, metric: str,
                 continue
             s = _stat(g, col)
             color = colors.get(block["setting"], "k")
+            where = f", {block['setting']}" if block["setting"] else ""
+            seeds = f", n={s['n']}" if s["n"] > 1 else ""
             if axis == "a" and g["objective"]["family"] == "p":
-                ax.plot([1.0], [100 * s["mean"]], marker="*", markersize=12, color=color,
-                        linestyle="none", label=f"p (a = 1){', ' + block['setting'] if block['setting'] else ''}")
+                _errorbar(ax, [1.0], [s], marker="*", markersize=12, color=color,
+                          linestyle="none", label=f"p (a = 1{seeds}){where}")
             else:
-                ax.axhline(100 * s["mean"], color=color, linestyle="--" if g["objective"]["family"]
-                           == "nll" else ":", linewidth=1,
-                           label=f"{label}{' (a = 0)' if axis == 'a' and label == 'original' else ''}"
-                                 f"{', ' + block['setting'] if block['setting'] else ''}")
+                nll = g["objective"]["family"] == "nll"
+                what = ("NLL, a = 0" if axis == "a" else "NLL") if nll else "no threshold"
+                ax.axhline(100 * s["mean"], color=color, linestyle="--" if nll else ":",
+                           linewidth=1, label=f"{label} ({what}{seeds}){where}")
+                if s.get("half_width"):  # the seed interval as a band
+                    ax.axhspan(100 * s["low"], 100 * s["high"], color=color, alpha=0.08,
+                               linewidth=0)
         if axis == "a":
             xs_all = [x for b, c, line in series if c == col for x, _, _ in line]
             if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:
@@ -1269,7 +1317,7 @@ def _fmt_stat(s: dict | None, pct: bool = True, digits: int = 1) -> str:
 
 def _num(x: float) -> str:
     if x == 0 or 1e-3 <= abs(x) < 1e5:
-        return f"{x:.5g}"
+        return f"{x:.4g}"
     return f"{x:.3e}"
 
 
@@ -1367,8 +1415,8 @@ def render_markdown(report: dict) -> str:
                   "mean w | tokens/s |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
         for g in trained:
             t = g["training"]
-            steps = ", ".join(f"{s}/{p}" if p else str(s)
-                              for s, p in zip(t["steps"], t["planned_steps"]))
+            steps = ", ".join(dict.fromkeys(f"{s}/{p}" if p else str(s)
+                                            for s, p in zip(t["steps"], t["planned_steps"])))
             lines.append(f"| `{g['label']}` | {_md_escape(g['setting']) or '-'} | "
                          f"n={len(g['runs'])} | {steps} | {_fmt_stat(t.get('loss'), False)} | "
                          f"{_fmt_stat(t.get('mean_p'), False)} | "
@@ -1379,7 +1427,12 @@ def render_markdown(report: dict) -> str:
     # runs
     lines += ["## Runs", "", "| run | objective | seed | model | data | recipe | status | "
               "probe placement |", "|---|---|---:|---|---|---|---|---|"]
+    names = [r["name"] for r in report["runs"]]
     for r in report["runs"]:
+        shown = r["name"]
+        if names.count(shown) > 1:  # the same run name in several work directories
+            parent = Path(r["path"]).parent
+            shown = f"{(parent.parent if parent.name == 'runs' else parent).name}/{shown}"
         obj = r["objective"]
         label = obj["label"] if obj else "-"
         if obj and obj["label"] != obj["name"]:
@@ -1390,7 +1443,7 @@ def render_markdown(report: dict) -> str:
             placement = f"{pl.get('regime')} -> {rec.get('objective', '?')}"
         status = f"**{r['status']}**" + (f": {_md_escape(r['status_detail'])}"
                                          if r["status_detail"] else "")
-        lines.append(f"| `{r['name']}` | {label} | {r['seed'] if r['seed'] is not None else '-'}"
+        lines.append(f"| `{shown}` | {label} | {r['seed'] if r['seed'] is not None else '-'}"
                      f" | {r['model'] or '-'} | {r['dataset'] or '-'} | {r['recipe'] or '-'} | "
                      f"{status} | {placement} |")
     lines.append("")
@@ -1512,6 +1565,8 @@ def build_report(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike 
                 figs.append({"file": name, "kind": "probe", "probe": probe["path"],
                              "title": f"base model's token p ({probe['model']} on "
                                       f"{probe['data']}) with the objectives' w(p)"})
+    order = {r["path"]: (i, j) for i, g in enumerate(groups) for j, r in enumerate(g["_members"])}
+    col.runs.sort(key=lambda r: order.get(r["path"], (len(groups), 0)))
     status_counts = {s: sum(r["status"] == s for r in col.runs) for s in STATUSES
                      if any(r["status"] == s for r in col.runs)}
     report = {

@@ -8,6 +8,7 @@ one split by a stable hash, so a test question is never a training question.
 | task | prompt -> response | what it probes |
 |---|---|---|
 | ``addition`` | ``What is 37 + 48?`` -> ``37 + 48 = 85`` | two-digit addition in SmolLM2's own answer style |
+| ``addition-answer`` | ``What is 37 + 48?`` -> ``The answer is 85.`` | the same sums in another natural style |
 | ``addition-number`` | ``What is 37 + 48? Answer with just the number.`` -> ``85`` | the same sums, bare number |
 | ``addition-words`` | ``What is 37 + 48? Write the answer in words.`` -> ``eighty-five`` | a foreign answer format |
 | ``count`` | ``Count from 12 to 21.`` -> ``12, 13, 14, 15, 16, 17, 18, 19, 20, 21`` | a long, highly predictable sequence |
@@ -161,6 +162,11 @@ def _addition_wrong(item, rng):
     return f"{a} + {b} = {_wrong_sum(a + b, rng)}"
 
 
+def _addition_answer(item):
+    a, b = item
+    return f"What is {a} + {b}?", f"The answer is {a + b}.", f"The answer is {a + b}."
+
+
 def _addition_number(item):
     a, b = item
     return f"What is {a} + {b}? Answer with just the number.", str(a + b), str(a + b)
@@ -246,6 +252,10 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("addition", "two-digit addition in SmolLM2's answer style (37 + 48 = 85)",
              lambda: _pairs(10, 99), _addition, _addition_wrong, max_length=56,
              grader="jaro_winkler", max_new_tokens=16),
+    TaskSpec("addition-answer", "two-digit addition, answered 'The answer is 85.'",
+             lambda: _pairs(10, 99), _addition_answer,
+             lambda it, rng: f"The answer is {_wrong_sum(sum(it), rng)}.", max_length=52,
+             max_new_tokens=12),
     TaskSpec("addition-number", "two-digit addition, answered with the bare number",
              lambda: _pairs(10, 99), _addition_number,
              lambda it, rng: str(_wrong_sum(sum(it), rng)), max_length=52, max_new_tokens=8),

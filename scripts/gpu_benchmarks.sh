@@ -2,7 +2,8 @@
 # The GPU measurements in one command: the fused loss head in bf16 at 8192 and 16384 tokens
 # (benchmarks/fused_loss.py) and bf16 training throughput of the Qwen2.5-1.5B shape at
 # sequence 4096, local vs sdpa (vs te where installed) vs Hugging Face
-# (benchmarks/throughput.py).
+# (benchmarks/throughput.py); the memory planner's estimate against the measured peak of a
+# Qwen2.5-1.5B-shaped training step (benchmarks/plan_accuracy.py).
 #
 # GPU machines often have PyTorch, transformers and the rest of the scientific stack but no
 # package registry. Only megatron-core is then missing; fetch its wheel where pip works and
@@ -55,10 +56,17 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
         "$PY" benchmarks/fused_loss.py "${fused[@]}" --out "$out"
         "$PY" benchmarks/throughput.py "${thru[@]}" --out "$out"
+        # -- memory planner vs the measured peak of a training step (benchmarks/plan_accuracy.py):
+        #    Qwen2.5-1.5B shape, TP=1, bf16, unfused and fused heads at 2048 and 4096 tokens
+        if [[ "${SMOKE:-0}" == 1 ]]; then
+            "$PY" benchmarks/plan_accuracy.py --shape small --seqs 128 --heads unfused --out "$out"
+        else
+            "$PY" benchmarks/plan_accuracy.py --shape qwen2.5-1.5b --seqs 2048,4096 --out "$out"
+        fi
     } 2>&1 | tee "$out/gpu_benchmarks.log"
     ;;
 *)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -103,7 +103,8 @@ ensure_hosts() {
     done
     (( ${#missing[@]} == 0 )) && return 0
     say "adding ${missing[*]} to /etc/hosts (127.0.0.1)"
-    printf '127.0.0.1 %s  %s\n' "${missing[*]}" "$MARK" >>/etc/hosts
+    printf '127.0.0.1 %s  %s\n' "${missing[*]}" "$MARK" >>/etc/hosts \
+        || die "cannot append to /etc/hosts; add '127.0.0.1 ${missing[*]}' to it by hand" 2
 }
 
 slurm_conf() {

@@ -38,6 +38,8 @@ def _check_answer(rec: dict) -> None:
         a, b = item[:2]
         assert resp == f"{a} + {b} = {a + b}" + ("." if task == "self-addition" else "")
         assert f"{a}" in rec["prompt"] and f"{b}" in rec["prompt"]
+    elif task == "addition-answer":
+        assert resp == f"The answer is {sum(item)}."
     elif task == "addition-number":
         assert resp == str(sum(item))
     elif task == "addition-words":
@@ -210,3 +212,20 @@ def test_inspect_reports_lengths_and_truncation(tmp_path, tok, capsys):
                     "smollm2"]) == 2
     err = capsys.readouterr().err
     assert "not a data.* key" in err and "does not exist" in err
+
+
+def test_inspect_a_recipe(tmp_path, tok, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tasks_gen.records("addition", n=12)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: smollm2-135m\ninit:\n  tokenizer: smollm2\ndata:\n  source: file\n"
+                      f"  train_files: [{data}]\n  max_length: 48\n")
+    assert probsft(["data", "inspect", str(recipe), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert (rep["records"], rep["tokenizer"], rep["max_length"]) == (12, "smollm2", 48)
+    assert rep["truncated"] == 12  # every addition example is longer than 48 tokens
+    assert probsft(["data", "inspect", str(recipe), "--json", "data.max_length=64"]) == 0
+    assert json.loads(capsys.readouterr().out)["truncated"] == 0
+    # a recipe that names no tokenizer must say so rather than guess one
+    assert probsft(["data", "inspect", "math-qwen2.5-1.5b", f"data.train_files=[{data}]"]) == 2
+    assert "names no tokenizer" in capsys.readouterr().err

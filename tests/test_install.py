@@ -178,7 +178,7 @@ def test_wheel_works_outside_the_checkout(wheel_venv, tmp_path):
     probsft = str(venv / "bin" / "probsft")
     # a recipe by name
     resolved = json.loads(_check([probsft, "train", "--config", "figfont-qwen2.5-7b",
-                                  "--dry-run"], cwd=outside))
+                                  "--nproc", "8", "--dry-run"], cwd=outside))
     assert (resolved["model"]["arch"], resolved["model"]["hidden_size"]) == ("qwen2", 3584)
     # the sweep list
     listing = _check([probsft, "launch", "sweep"], cwd=outside)

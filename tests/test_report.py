@@ -417,6 +417,38 @@ def test_not_started_run_joins_its_seeds(tmp_path, base_config, monkeypatch):
     assert "PROBSFT_CONFIG_PATH" not in os.environ
 
 
+def test_slurm_launch_record_gives_logs_and_submission_errors(tmp_path):
+    """`probsft_experiment.json` (SLURM launches): the caller passes job states only; the
+    failed step's error comes from its srun log; a failed submission fails its runs."""
+    work = tmp_path / "work"
+    exps = work / "experiments" / "t"
+    for exp_id, status, run, error in (("t_1796000000000000001", "submitted", "r1", None),
+                                       ("t_1796000000000000002", "failed", "r2",
+                                        "sbatch: error: invalid partition specified: gpu")):
+        exp = exps / exp_id
+        logs = exp / f"train-{run}"
+        logs.mkdir(parents=True)
+        steps = [{"name": f"{kind}-{run}", "kind": kind, "after": [], "job_id": job,
+                  "job_name": f"probsft-{kind}-{run}", "log_dir": str(exp / f"{kind}-{run}")}
+                 for kind, job in (("train", "40"), ("export", "41"), ("eval", "42"))]
+        (exp / "probsft_experiment.json").write_text(json.dumps({
+            "title": "t", "exp_id": exp_id, "exp_dir": str(exp), "status": status,
+            "steps": steps, "runs": {run: str(work / "runs" / run / "eval" / "summary.json")},
+            "error": error}))
+    (exps / "t_1796000000000000001" / "train-r1" / "log-probsft-train-r1_40_0.out").write_text(
+        "[default0]:error: training file /data/train.jsonl does not exist (data.train_files)\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n")
+    report = rp.build_report([work], tmp_path / "out", figures=False,
+                             step_states={"train-r1": "FAILED", "export-r1": "CANCELLED"})
+    runs = {r["name"]: r for r in report["runs"]}
+    assert runs["r1"]["status"] == "failed"
+    assert runs["r1"]["status_detail"] == ("train step failed: error: training file "
+                                           "/data/train.jsonl does not exist (data.train_files)")
+    assert runs["r2"]["status"] == "failed"
+    assert runs["r2"]["status_detail"] == ("train step failed: submission failed: sbatch: "
+                                           "error: invalid partition specified: gpu")
+
+
 # ------------------------------------------------------------------------ real tiny runs
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,7 @@ def _sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
     fields = ["JobIDRaw", "JobName", "State", "Start", "End", "NodeList", "ExitCode"]
     proc = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o",
                            ",".join(fields)], capture_output=True, text=True, check=True)
-    rows = [dict(zip(fields, line.split("|"))) for line in proc.stdout.splitlines()]
+    rows = [dict(zip(fields, line.split("|"), strict=True)) for line in proc.stdout.splitlines()]
     return {r["JobIDRaw"]: r for r in rows}
 
 
@@ -99,7 +99,7 @@ def _log(step: dict) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- rendered scripts, sbatch's verdict
+# ---------------------------------------------------------------- rendered scripts, sbatch
 def test_sbatch_accepts_the_rendered_scripts(cluster, tmp_path):
     profile = tmp_path / "cpu.yaml"
     shipped = (REPO / "configs" / "clusters" / "local-cpu.yaml").read_text()
@@ -274,7 +274,8 @@ def test_cancel_a_queued_experiment(cluster, tmp_path):
         time.sleep(1)
     assert states == {"CANCELLED"}
     status = _probsft(["launch", "status", str(exp_dir)], tmp_path)
-    rows = [ln for ln in status.stdout.splitlines() if ln.startswith(("train-", "export-", "eval-"))]
+    rows = [ln for ln in status.stdout.splitlines()
+            if ln.startswith(("train-", "export-", "eval-"))]
     assert status.returncode == 1 and [r.split()[2] for r in rows] == ["CANCELLED"] * 3
     again = _probsft(["launch", "cancel", str(exp_dir)], tmp_path)
     assert again.returncode == 0 and "no job left to cancel" in again.stdout

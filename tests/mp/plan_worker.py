@@ -19,6 +19,11 @@ Two measurements, each written per rank into one JSON file by global rank 0:
 
 Layouts run one after another in the same process group; megatron's model-parallel groups are
 rebuilt for each.
+
+Recompute on a machine without CUDA: megatron's checkpointing saves and restores the CUDA RNG
+state, which does not exist here. When :mod:`probsft_megatron.platform` provides no CPU
+fallback for that, this worker stands in an empty state for the ``saved`` measurement (the
+models have no dropout, so no random number is drawn inside a recomputed region).
 """
 import argparse
 import dataclasses
@@ -119,6 +124,20 @@ def measure_static(model_name: str, tp: int, pp: int, dist_opt: bool, dtype: str
     return rec
 
 
+def cuda_rng_stand_in() -> bool:
+    """Let megatron's checkpointing run without CUDA (see the module docstring); True when the
+    stand-in was needed."""
+    import megatron.core.tensor_parallel.random as mrandom
+
+    try:
+        mrandom._get_all_rng_states()
+        return False
+    except (AssertionError, RuntimeError):
+        mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+        mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
+        return True
+
+
 def measure_saved(model_name: str, tp: int, sp: bool, seq: int, attention: str,
                   recompute: dict) -> dict:
     """Bytes autograd keeps for backward from one forward (whole model, unfused head)."""
@@ -164,7 +183,7 @@ def main() -> None:
     ap.add_argument("--static", default="", help="comma list of model:layout:distopt:dtype, "
                     "layout tp1|tp2|pp2|dp (dp: TP=PP=1, all ranks data-parallel)")
     ap.add_argument("--saved", default="", help="comma list of model:tp:sp:attention:recompute "
-                    "(recompute none|selective|uniform1|block1)")
+                    "(recompute none|selective|uniform1|uniform2|block1)")
     ap.add_argument("--seqs", default="64,128")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -180,15 +199,19 @@ def main() -> None:
     recomputes = {"none": {}, "selective": {"recompute_granularity": "selective"},
                   "uniform1": {"recompute_granularity": "full", "recompute_method": "uniform",
                                "recompute_num_layers": 1},
+                  "uniform2": {"recompute_granularity": "full", "recompute_method": "uniform",
+                               "recompute_num_layers": 2},
                   "block1": {"recompute_granularity": "full", "recompute_method": "block",
                              "recompute_num_layers": 1}}
+    if args.saved:
+        result["cuda_rng_stand_in"] = cuda_rng_stand_in()
     for spec in filter(None, args.saved.split(",")):
         model_name, tp, sp, attention, recompute = spec.split(":")
         for seq in map(int, args.seqs.split(",")):
             try:
                 rec = measure_saved(model_name, int(tp), sp == "sp", seq, attention,
                                     recomputes[recompute])
-            except AssertionError as exc:  # megatron's recompute asks for CUDA RNG state
+            except AssertionError as exc:  # e.g. a CUDA-only mask built in the recompute
                 if "CUDA" not in str(exc):
                     raise
                 result["unsupported"].append({"spec": spec, "error": str(exc)})
