@@ -51,7 +51,9 @@ def _load_with_files(recipe: str):
 def test_every_recipe_loads_and_validates(recipe):
     cfg = _load_with_files(recipe)
     assert cfg.train.global_batch_size >= cfg.train.micro_batch_size
-    cfg.validate(world_size=1)
+    p = cfg.parallel
+    smallest = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    cfg.validate(world_size=smallest)  # the recipe's own layout with DP = 1
     if cfg.train.global_batch_size == 256:  # the paper's runs: also a full 8-GPU node
         cfg.validate(world_size=8)
 
