@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import signal
@@ -28,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from probsft_megatron.errors import CheckpointError, ProbsftError
+from probsft_megatron.errors import CheckpointError
 
 EXPORT_INFO = "probsft_export.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -102,16 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port-file", required=True, help="file that receives the store's port")
     p.add_argument("--max-seconds", type=float, help="stop after this long (default: never)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.command == "rdzv-store":
         serve_rdzv_store(args.port_file, max_s=args.max_seconds)
         return 0
-    try:
-        print(export_latest(args.train_dir, args.out))
-    except ProbsftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    from probsft_megatron.console import run_main  # logging set-up, one-line user errors
+
+    return run_main(lambda: print(export_latest(args.train_dir, args.out)))
 
 
 if __name__ == "__main__":
