@@ -22,8 +22,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("probsft_megatron.probe_cli", "token-probability probe of a base model on a dataset"),
     "launch": ("probsft_megatron.launchers.cli", "NeMo-Run experiments (local or SLURM)"),
     "data": ("probsft_megatron.data_cli", "generate or inspect SFT datasets"),
-    "plan": ("probsft_megatron.plan_cli", "per-GPU memory estimate and the cheapest layout that fits"),
-    "report": ("probsft_megatron.report_cli", "compare the runs of an experiment or sweep: tables and figures"),
+    "plan": (
+        "probsft_megatron.plan_cli",
+        "per-GPU memory estimate and the cheapest layout that fits",
+    ),
+    "report": (
+        "probsft_megatron.report_cli",
+        "compare the runs of an experiment or sweep: tables and figures",
+    ),
 }
 
 
@@ -52,8 +58,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             except ModuleNotFoundError as exc:  # a missing extra, or a module not installed
                 reason = extras.explain_missing(name, module_name, exc.name)
                 # whatever follows (options, --help) is not parsed: the reason is the answer
-                p.parse_known_args = (lambda args=None, namespace=None, _r=reason:
-                                      (argparse.Namespace(_unavailable=_r), []))
+                p.parse_known_args = lambda args=None, namespace=None, _r=reason: (
+                    argparse.Namespace(_unavailable=_r),
+                    [],
+                )
                 continue
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
