@@ -372,6 +372,9 @@ class TrainConfig:
     histogram_interval: int = 50  # steps between histograms of p (0 = never)
     resume: bool = True  # continue from the newest complete checkpoint in output_dir
     tensorboard: bool = True
+    # seconds a collective waits for the other ranks before the run stops with an error (a
+    # dead or hung rank); also bounds the slowest rank's share of a checkpoint save
+    dist_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         for key in ("global_batch_size", "micro_batch_size", "epochs"):
@@ -381,6 +384,11 @@ class TrainConfig:
         _one_of("train.precision", self.precision, ("auto", *PRECISIONS))
         if self.keep_last < 1:
             raise ConfigError("train.keep_last must be >= 1")
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(
+                f"train.dist_timeout_s must be > 0 seconds (got {self.dist_timeout_s}); "
+                "600 suits GPU clusters, raise it when a checkpoint save takes longer"
+            )
 
 
 @dataclass(frozen=True)
