@@ -36,6 +36,10 @@ SUBCOMMAND_EXTRAS: dict[str, str] = {
     "launch": "launch",
 }
 
+# subcommand -> the extra it uses when installed but does without (never refused for it):
+# `probsft report` draws its figures with matplotlib; its tables and JSON need the base only
+OPTIONAL_EXTRAS: dict[str, str] = {"report": "train"}
+
 DIST_NAME = "probsft-megatron"
 
 

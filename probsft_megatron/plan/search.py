@@ -1,0 +1,270 @@
+"""The layout search: the layout a config asks for, the layouts from the cheapest, the
+first that fits, and the one-line verdict ``probsft train`` / ``probsft launch`` use."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from probsft_megatron.errors import ConfigError
+from probsft_megatron.plan.estimate import DEFAULT_MARGIN_GIB, Estimate, estimate
+from probsft_megatron.plan.layout import GiB, Layout, Workload, layout_problem
+
+DEFAULT_GPU_MEMORY_GB = 80.0
+DEFAULT_GPUS_PER_NODE = 8
+if TYPE_CHECKING:
+    from probsft_megatron.config import TrainJobConfig
+
+OVERRIDE_FLAG = "--no-fit-check"
+"""How a user overrides a refused layout in ``probsft train`` / ``probsft launch``."""
+
+
+# -- from a training config -------------------------------------------------------------------
+def layout_of(cfg: TrainJobConfig, world_size: int) -> Layout:
+    """The layout ``cfg`` asks for on ``world_size`` GPUs (its ``parallel`` section and
+    ``optim.use_distributed_optimizer``; the recompute method and layers count only with
+    ``recompute_granularity: full``)."""
+    par = cfg.parallel
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    if tp < 1 or pp < 1 or world_size % (tp * pp):
+        raise ConfigError(
+            f"TP*PP = {tp}*{pp} does not divide the {world_size} GPUs; change "
+            "parallel.tensor_model_parallel_size / pipeline_model_parallel_size "
+            "or the number of GPUs"
+        )
+    full = par.recompute_granularity == "full"
+    return Layout(
+        tp=tp,
+        pp=pp,
+        dp=world_size // (tp * pp),
+        sequence_parallel=par.sequence_parallel,
+        distributed_optimizer=cfg.optim.use_distributed_optimizer,
+        recompute=par.recompute_granularity,
+        recompute_method=par.recompute_method if full else None,
+        recompute_num_layers=par.recompute_num_layers if full else None,
+    )
+
+
+def workload_of(cfg: TrainJobConfig, device: str = "cuda") -> Workload:
+    """The per-step workload of ``cfg`` on a ``device`` (``cuda``: ``precision=auto`` is
+    bf16; ``cpu``: fp32, CPU kernels, torch's single-tensor Adam)."""
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+    attention = cfg.train.attention if cfg.train.attention in ("local", "te") else "sdpa"
+    return Workload(
+        micro_batch_size=cfg.train.micro_batch_size,
+        seq_length=cfg.data.max_length,
+        global_batch_size=cfg.train.global_batch_size,
+        params_dtype=precision,
+        grad_reduce_in_fp32=cfg.optim.grad_reduce_in_fp32,
+        loss_implementation=cfg.loss.implementation,
+        chunk_size=cfg.loss.chunk_size,
+        attention=attention,
+        packing=cfg.data.packing,
+        kernels=device,
+        adam="foreach" if device == "cuda" else "single",
+    )
+
+
+# -- the recommendation ------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    layout: Layout
+    estimate: Estimate | None  # None: the layout is not possible
+    reason: str  # why it does not fit / is impossible ("" when it fits)
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate is not None and not self.reason
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def candidate_layouts(
+    model, world_size: int, gpus_per_node: int, distributed_optimizer: bool = True
+) -> list[Layout]:
+    """Layouts from the cheapest: recompute last (none, selective, full/block with 1, 2, ...
+    layers, full/uniform/1); for each, PP ascending and TP ascending within a node."""
+    splits = [
+        (tp, pp)
+        for pp in _divisors(world_size)
+        for tp in _divisors(world_size // pp)
+        if tp <= gpus_per_node
+    ]
+    splits.sort(key=lambda x: (x[1], x[0]))
+    out: list[Layout] = []
+
+    def add(**recompute) -> None:
+        for tp, pp in splits:
+            if recompute.get("recompute_num_layers", 0) > model.num_layers // pp:
+                continue
+            out.append(
+                Layout(
+                    tp=tp,
+                    pp=pp,
+                    dp=world_size // (tp * pp),
+                    sequence_parallel=tp > 1,
+                    distributed_optimizer=distributed_optimizer,
+                    **recompute,
+                )
+            )
+
+    add()
+    add(recompute="selective")
+    for n in range(1, model.num_layers + 1):
+        add(recompute="full", recompute_method="block", recompute_num_layers=n)
+    add(recompute="full", recompute_method="uniform", recompute_num_layers=1)
+    return out
+
+
+def evaluate(
+    model,
+    layout: Layout,
+    workload: Workload,
+    gpu_memory_gb: float,
+    margin_gib: float = DEFAULT_MARGIN_GIB,
+) -> Candidate:
+    """One layout: possible? fits? (with the reason when not)."""
+    problem = layout_problem(model, layout.tp, layout.pp)
+    if problem:
+        return Candidate(layout, None, problem)
+    gbs, mbs = workload.global_batch_size, workload.micro_batch_size
+    if gbs is not None and gbs % (mbs * layout.dp):
+        return Candidate(
+            layout,
+            None,
+            f"train.global_batch_size={gbs} is not a multiple of "
+            f"micro batch x DP = {mbs}x{layout.dp}",
+        )
+    try:
+        est = estimate(model, layout, workload, margin_gib)
+    except ConfigError as exc:
+        return Candidate(layout, None, str(exc))
+    if est.fits(gpu_memory_gb):
+        return Candidate(layout, est, "")
+    return Candidate(layout, est, f"needs {est.total / GiB:.1f} GiB > {gpu_memory_gb:g} GiB")
+
+
+@dataclass
+class Plan:
+    """The requested layout's estimate, and the cheapest layout that fits."""
+
+    gpus: int
+    gpus_per_node: int
+    gpu_memory_gb: float
+    requested: Candidate
+    recommended: Candidate | None
+    rejected: list[Candidate] = field(default_factory=list)  # cheaper layouts that do not fit
+
+    @property
+    def fits(self) -> bool:
+        return self.requested.fits
+
+
+def plan_model(
+    model,
+    workload: Workload,
+    requested: Layout,
+    gpus: int,
+    gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB,
+    gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
+    margin_gib: float = DEFAULT_MARGIN_GIB,
+) -> Plan:
+    """Estimate ``requested`` and search the cheapest layout that fits on ``gpus`` GPUs."""
+    req = evaluate(model, requested, workload, gpu_memory_gb, margin_gib)
+    rejected: list[Candidate] = []
+    best = None
+    for layout in candidate_layouts(model, gpus, min(gpus_per_node, gpus)):
+        cand = evaluate(model, layout, workload, gpu_memory_gb, margin_gib)
+        if cand.fits:
+            best = cand
+            break
+        rejected.append(cand)
+    return Plan(gpus, gpus_per_node, gpu_memory_gb, req, best, rejected)
+
+
+def plan(
+    cfg: TrainJobConfig,
+    gpus: int | None = None,
+    gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB,
+    gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
+    device: str = "cuda",
+    margin_gib: float = DEFAULT_MARGIN_GIB,
+) -> Plan:
+    """:func:`plan_model` for a :class:`~probsft_megatron.config.TrainJobConfig`.
+
+    ``gpus`` defaults to one node (``gpus_per_node``). A GPU count, memory or margin that
+    cannot be planned for is a one-line :class:`ConfigError` naming the option."""
+    if gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node must be >= 1 (got {gpus_per_node})")
+    gpus = gpus_per_node if gpus is None else gpus
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1 (got {gpus})")
+    if not (math.isfinite(gpu_memory_gb) and gpu_memory_gb > 0):
+        raise ConfigError(
+            f"--gpu-memory must be a positive number of GB, e.g. 80 (got {gpu_memory_gb:g})"
+        )
+    if not (math.isfinite(margin_gib) and margin_gib >= 0):
+        raise ConfigError(f"--margin-gb must be a number >= 0 (got {margin_gib:g})")
+    return plan_model(
+        cfg.model,
+        workload_of(cfg, device),
+        layout_of(cfg, gpus),
+        gpus,
+        gpu_memory_gb,
+        gpus_per_node,
+        margin_gib,
+    )
+
+
+@dataclass
+class Verdict:
+    """What ``probsft train`` / ``probsft launch`` need: fits or not, and one line saying so."""
+
+    fits: bool
+    message: str
+    needed_gib: float
+    recommended: Layout | None
+    plan: Plan
+
+
+def check_fits(
+    cfg,
+    world_size: int,
+    gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB,
+    gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
+) -> Verdict:
+    """Does ``cfg`` fit on ``world_size`` GPUs of ``gpu_memory_gb``? Arithmetic only (no model,
+    no megatron import). A refusal's message is one line naming the recommended layout's
+    overrides and the explicit override flag (:data:`OVERRIDE_FLAG`)."""
+    p = plan(cfg, world_size, gpu_memory_gb, gpus_per_node)
+    req = p.requested
+    need = req.estimate.total / GiB if req.estimate else float("nan")
+    if req.fits:
+        msg = f"fits: {req.layout.label()} needs {need:.1f} GiB of {gpu_memory_gb:g} per GPU"
+        return Verdict(True, msg, need, req.layout, p)
+    what = (
+        (
+            f"{req.layout.label()} needs {need:.1f} GiB per GPU, more than the "
+            f"{gpu_memory_gb:g} GiB of each of {world_size} GPU(s)"
+        )
+        if req.estimate
+        else f"{req.layout.label()} is not possible ({req.reason})"
+    )
+    if p.recommended is not None:
+        rec = p.recommended
+        fix = (
+            f"use {rec.layout.label()} ({rec.estimate.total / GiB:.1f} GiB): "
+            f"{' '.join(rec.layout.overrides())}"
+        )
+    else:
+        fix = (
+            "no layout fits on these GPUs: add GPUs, lower train.micro_batch_size or "
+            "data.max_length, or use loss.implementation=fused"
+        )
+    msg = f"will not fit: {what}; {fix}; or pass {OVERRIDE_FLAG} to run it anyway"
+    return Verdict(False, msg, need, p.recommended.layout if p.recommended else None, p)

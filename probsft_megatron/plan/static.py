@@ -1,0 +1,185 @@
+"""Static memory, byte-exact: the weights, megatron DDP's gradient buffer and the optimizer
+state of one rank, from the parameters megatron registers for its pipeline stage and
+tensor-parallel shard (see :mod:`probsft_megatron.plan` for the rules)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from probsft_megatron.errors import ConfigError
+from probsft_megatron.plan.layout import Layout, Workload, dims, layout_problem
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter tensor of one rank, in ``named_parameters()`` order."""
+
+    name: str
+    numel: int
+    shared_embedding: bool = False  # tied embedding weight on the first / last of PP > 1 stages
+
+
+def stage_parameters(model, tp: int = 1, pp: int = 1, pp_rank: int = 0) -> list[Param]:
+    """The parameters one tensor-parallel rank of pipeline stage ``pp_rank`` holds, in the
+    order megatron's ``GPTModel`` (local spec) registers them."""
+    problem = layout_problem(model, tp, pp)
+    if problem:
+        raise ConfigError(problem)
+    d = dims(model)
+    h, tied = d["h"], bool(model.tie_word_embeddings)
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    qkv = (d["q"] + 2 * d["kv"]) // tp
+    out: list[Param] = []
+    if first:
+        out.append(Param("embedding.word_embeddings.weight", d["v"] // tp * h, tied and pp > 1))
+    for i in range(d["layers"] // pp):
+        pre = f"decoder.layers.{i}."
+        out += [
+            Param(pre + "input_layernorm.weight", h),
+            Param(pre + "self_attention.linear_proj.weight", h * d["q"] // tp),
+            Param(pre + "self_attention.linear_qkv.weight", qkv * h),
+        ]
+        if model.qkv_bias:
+            out.append(Param(pre + "self_attention.linear_qkv.bias", qkv))
+        out += [
+            Param(pre + "pre_mlp_layernorm.weight", h),
+            Param(pre + "mlp.linear_fc1.weight", 2 * d["f"] // tp * h),
+            Param(pre + "mlp.linear_fc2.weight", h * d["f"] // tp),
+        ]
+    if last:
+        out.append(Param("decoder.final_layernorm.weight", h))
+        if not tied:
+            out.append(Param("output_layer.weight", d["v"] // tp * h))
+        elif pp > 1:  # the last stage keeps its own copy of the tied embedding
+            out.append(Param("output_layer.weight", d["v"] // tp * h, True))
+    return out
+
+
+@dataclass
+class GradBuffer:
+    """megatron DDP's contiguous buffer for one stage: ``buckets`` are ``(start, end)``
+    element offsets, ``ranges[i]`` is ``(start, end, bucket)`` of ``params[i]``."""
+
+    params: list[Param]
+    numel: int
+    numel_unpadded: int
+    buckets: list[tuple[int, int]]
+    ranges: list[tuple[int, int, int]]
+
+    def shard_numels(self, dp: int, dp_rank: int) -> list[int]:
+        """Elements of each parameter inside ``dp_rank``'s slice of every bucket (what the
+        distributed optimizer keeps state for)."""
+        out = []
+        for start, end, b in self.ranges:
+            b_start, b_end = self.buckets[b]
+            size = (b_end - b_start) // dp
+            lo, hi = b_start + dp_rank * size, b_start + (dp_rank + 1) * size
+            out.append(max(0, min(end, hi) - max(start, lo)))
+        return out
+
+
+def _round_up(n: int, divisor: int) -> int:
+    return -(-n // divisor) * divisor
+
+
+def grad_buffer(
+    params: list[Param],
+    dp: int = 1,
+    distributed_optimizer: bool = False,
+    bucket_size: int | None = None,
+) -> GradBuffer:
+    """Lay ``params`` out the way megatron's ``_ParamAndGradBuffer`` does.
+
+    Parameters are placed in reverse registration order (roughly backward order). With the
+    distributed optimizer each parameter starts at a multiple of 64 elements, each bucket
+    ends at a multiple of ``lcm(dp, 128)``, and a ``shared_embedding`` parameter closes the
+    bucket before it and gets its own. ``bucket_size`` (elements) is megatron's bucketing
+    with ``overlap_grad_reduce``; None (this project's setting, and every stage after the
+    first) is one bucket.
+    """
+    order = list(range(len(params)))[::-1]
+    ranges: list[tuple[int, int, int] | None] = [None] * len(params)
+    buckets: list[tuple[int, int]] = []
+    unpadded = 0
+    bucket_start = start = end = 0
+    in_bucket = 0
+
+    def close(bucket_end: int) -> int:
+        nonlocal bucket_start, in_bucket, unpadded
+        unpadded += bucket_end - bucket_start
+        if distributed_optimizer:
+            bucket_end = _round_up(bucket_end, math.lcm(dp, 128))
+        buckets.append((bucket_start, bucket_end))
+        bucket_start, in_bucket = bucket_end, 0
+        return bucket_end
+
+    for i in order:
+        p = params[i]
+        shared = p.shared_embedding and distributed_optimizer
+        if distributed_optimizer:
+            start = _round_up(start, 64)
+        if shared and in_bucket:
+            start = close(start)
+        end = start + p.numel
+        ranges[i] = (start, end, len(buckets))
+        in_bucket += 1
+        if (bucket_size is not None and end - bucket_start >= bucket_size) or shared:
+            start = close(end)
+        else:
+            start = end
+    if in_bucket:
+        close(end)
+    numel = buckets[-1][1] if buckets else 0
+    return GradBuffer(params, numel, unpadded, buckets, ranges)  # type: ignore[arg-type]
+
+
+# -- static memory ----------------------------------------------------------------------------
+@dataclass
+class Static:
+    """Byte counts of one rank's weights, gradient buffer and optimizer state."""
+
+    weights: int
+    grad_buffer: int
+    main_params: int  # float32 copies of non-float32 weights
+    adam_moments: int  # exp_avg + exp_avg_sq
+    adam_steps: int  # torch Adam's per-tensor step scalar
+    largest_shard: int  # elements of the largest parameter (shard) the optimizer steps
+
+    @property
+    def optimizer(self) -> int:
+        return self.main_params + self.adam_moments + self.adam_steps
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grad_buffer + self.optimizer
+
+
+def static_memory(
+    model,
+    layout: Layout,
+    workload: Workload,
+    pp_rank: int = 0,
+    dp_rank: int = 0,
+    bucket_size: int | None = None,
+) -> Static:
+    """Exact bytes of weights, gradient buffer and optimizer state on one rank."""
+    params = stage_parameters(model, layout.tp, layout.pp, pp_rank)
+    dist_opt = layout.uses_distributed_optimizer
+    buf = grad_buffer(params, layout.dp, dist_opt, bucket_size if pp_rank == 0 else None)
+    pb = workload.param_bytes
+    if dist_opt:
+        weights = buf.numel * pb
+        shards = buf.shard_numels(layout.dp, dp_rank)
+    else:
+        weights = sum(p.numel for p in params) * pb
+        shards = [p.numel for p in params]
+    held = [n for n in shards if n > 0]
+    return Static(
+        weights=weights,
+        grad_buffer=buf.numel * workload.grad_bytes,
+        main_params=sum(held) * 4 if pb != 4 else 0,
+        adam_moments=sum(held) * 8,
+        adam_steps=len(held) * 4,
+        largest_shard=max(held, default=0),
+    )

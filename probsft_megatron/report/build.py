@@ -1,0 +1,265 @@
+"""The report itself: collect, group, tabulate, draw, and write ``report.json`` and
+``report.md`` into the output folder.
+
+The output folder is checked before anything is written: it must not be an input run or
+evaluation folder, nor one of a run's own sub-folders (``eval/``, ``probe/``, ...), nor a
+folder under a work directory's ``runs/`` (every folder there is read as a run), nor hold
+files of the names the report writes that an earlier ``probsft report`` did not write (a
+probe's ``report.json`` and ``probe.png``, say). Every file is written under a temporary name
+and renamed; a folder that cannot be created or written is a one-line error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from probsft_megatron import extras
+from probsft_megatron.errors import ConfigError
+from probsft_megatron.fileio import atomic_write_json, atomic_write_text
+from probsft_megatron.report.collect import Collection, collect
+from probsft_megatron.report.figures import plot_curves, plot_probe, plot_sweep
+from probsft_megatron.report.files import read_json
+from probsft_megatron.report.markdown import render_markdown
+from probsft_megatron.report.runs import STATUSES
+from probsft_megatron.report.tables import build_tables, check_metric, group_runs, metric_label
+
+FORMAT = "probsft-runs-report"
+FORMAT_VERSION = 1
+REPORT_DIR = "report"
+"""Default output folder inside a work directory (``WORK/report``)."""
+OUTPUT_NAME = re.compile(r"report\.(json|md)|(curves|sweep-a|sweep-threshold|probe(-\d+)?)\.png")
+"""The names of the files a report may write."""
+
+
+def default_out_dir(paths: list[str | os.PathLike]) -> Path:
+    """``<PATH>/report`` for a single folder, else ``./report``."""
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        return Path(paths[0]) / REPORT_DIR
+    return Path(REPORT_DIR)
+
+
+def _previous_report(folder: Path) -> dict | None:
+    data = read_json(folder / "report.json", [])
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+
+def check_out_dir(out: Path, col: Collection) -> None:
+    """Refuse an output folder where the report would overwrite or mix with files it did
+    not write (see the module docstring); one :class:`ConfigError` line naming the fix."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder (it is created if needed)")
+    target = out.resolve()
+    for run in col.runs:
+        folder = Path(run["path"]).resolve()
+        what = "a run folder" if run["kind"] == "train" else "an eval folder"
+        if target == folder:
+            raise ConfigError(f"--out {out} is {what}; choose another folder")
+        if folder in target.parents:
+            top = folder / target.relative_to(folder).parts[0]
+            if top.exists() and _previous_report(top) is None:
+                raise ConfigError(
+                    f"--out {out} is inside {what} ({folder}), in its {top.name}/; choose a "
+                    f"folder of its own, e.g. {folder / REPORT_DIR}"
+                )
+    for work in col.work_dirs:
+        runs = Path(work).resolve() / "runs"
+        if target == runs or runs in target.parents:
+            raise ConfigError(
+                f"--out {out} is under {runs}, where every folder is read as a run; choose "
+                f"another folder, e.g. {Path(work) / REPORT_DIR}"
+            )
+    if not out.is_dir():
+        return
+    previous = _previous_report(out)
+    ours = {"report.json", "report.md", *(previous.get("files") or [])} if previous else set()
+    foreign = sorted(
+        p.name
+        for p in out.iterdir()
+        if OUTPUT_NAME.fullmatch(p.name) and p.name not in ours and p.is_file()
+    )
+    if foreign:
+        raise ConfigError(
+            f"--out {out} holds {', '.join(foreign)}, which probsft report did not write "
+            "there and would replace; choose another folder"
+        )
+
+
+def _matplotlib_note() -> str:
+    extra = extras.OPTIONAL_EXTRAS["report"]
+    return f"no figures: matplotlib is not installed ({extras.install_hint(extra)})"
+
+
+def build_report(
+    paths: Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike | None = None,
+    *,
+    metric: str = "avg@n",
+    probes: Iterable[str | os.PathLike] = (),
+    step_states: dict[str, str] | None = None,
+    step_logs: dict[str, str] | None = None,
+    figures: bool = True,
+) -> dict[str, Any]:
+    """Compare the runs under ``paths`` and write ``report.json``, ``report.md`` and the
+    figures into ``out_dir`` (default: :func:`default_out_dir`). Returns the report dict.
+
+    ``metric``: the per-task number of the table (``avg@n`` accuracy, ``mean_score``,
+    ``exact``, ``boxed_rate`` or ``pass@K``); ``probes``: extra probe reports (e.g. the one a
+    sweep's thresholds came from); ``step_states``: job states by step name
+    (``train-<run>``, ...) that the caller knows, e.g. from SLURM accounting, and
+    ``step_logs`` their log files (the last ``error:`` line of a failed step's log is shown
+    with its state). Every file is written under a temporary name and renamed; files of an
+    earlier report in ``out_dir`` that this one does not write again are removed, nothing
+    else there is touched. Bad input (a missing path, no runs, an unusable ``out_dir``) is a
+    :class:`ConfigError` raised before anything is written.
+    """
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise ConfigError("no PATH given; pass an experiment work directory or run folders")
+    check_metric(metric)
+    col = collect(paths, probes=probes, step_states=step_states, step_logs=step_logs)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(paths)
+    check_out_dir(out, col)
+    groups = group_runs(col.runs)
+    blocks = build_tables(groups, metric)
+    notes = list(col.notes)
+    for g in groups:
+        for task, d in g.get("details", {}).items():
+            if not d["same_sampling"]:
+                where = f" ({g['setting']})" if g["setting"] else ""
+                notes.append(
+                    f"{g['label']}{where}: the seeds of {task} were evaluated with different "
+                    "problems or sampling; their mean mixes them"
+                )
+        seeds = [s for s in g["seeds"] if s is not None]
+        if len(seeds) != len(set(seeds)):
+            notes.append(
+                f"group {g['label']} holds runs with the same seed "
+                f"({', '.join(g['runs'])}): repeats, not independent seeds"
+            )
+    if col.runs and not any(b["tasks"] for b in blocks):
+        notes.append("no run has an evaluation yet; the table shows statuses only")
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"--out {out}: cannot create the folder ({exc.strerror or exc}); choose a "
+            "writable folder"
+        ) from None
+    figs: list[dict] = []
+    if figures and importlib.util.find_spec("matplotlib") is None:
+        figures = False
+        notes.append(_matplotlib_note())
+    try:
+        if figures:
+            figs = _draw(groups, blocks, col, metric, out)
+        report = _assemble(paths, metric, notes, col, groups, blocks, figs)
+        previous = _previous_report(out)
+        atomic_write_text(out / "report.md", render_markdown(report))
+        atomic_write_json(out / "report.json", report, default=str)
+    except OSError as exc:
+        raise ConfigError(
+            f"--out {out}: cannot write the report ({exc.strerror or exc}); choose a "
+            "writable folder"
+        ) from None
+    if previous is not None:
+        for stale in set(previous.get("files") or []) - set(report["files"]):
+            target = out / Path(str(stale)).name
+            if target.suffix == ".png" and target.is_file():
+                target.unlink()
+    report["out_dir"] = str(out)
+    return report
+
+
+def _draw(
+    groups: list[dict], blocks: list[dict], col: Collection, metric: str, out: Path
+) -> list[dict]:
+    """Every figure that has something to show; their entries for ``report["figures"]``."""
+    figs: list[dict] = []
+    if plot_curves(groups, out / "curves.png"):
+        figs.append(
+            {
+                "file": "curves.png",
+                "kind": "curves",
+                "title": "training loss and mean p against step, every run",
+            }
+        )
+    if plot_sweep(groups, blocks, "a", metric, out / "sweep-a.png"):
+        figs.append(
+            {
+                "file": "sweep-a.png",
+                "kind": "sweep-a",
+                "title": f"{metric_label(metric)} against the convexity a",
+            }
+        )
+    if plot_sweep(groups, blocks, "threshold", metric, out / "sweep-threshold.png"):
+        figs.append(
+            {
+                "file": "sweep-threshold.png",
+                "kind": "sweep-threshold",
+                "title": f"{metric_label(metric)} against the threshold",
+            }
+        )
+    objectives = []
+    for g in groups:
+        o = g["objective"]
+        if o and (o["label"], o["name"]) not in objectives:
+            objectives.append((o["label"], o["name"]))
+    for i, probe in enumerate(col.probes):
+        name = "probe.png" if len(col.probes) == 1 else f"probe-{i + 1}.png"
+        if plot_probe(probe, objectives, out / name):
+            figs.append(
+                {
+                    "file": name,
+                    "kind": "probe",
+                    "probe": probe["path"],
+                    "title": f"base model's token p ({probe['model']} on "
+                    f"{probe['data']}) with the objectives' w(p)",
+                }
+            )
+    return figs
+
+
+def _assemble(
+    paths: list[str],
+    metric: str,
+    notes: list[str],
+    col: Collection,
+    groups: list[dict],
+    blocks: list[dict],
+    figs: list[dict],
+) -> dict[str, Any]:
+    """The report dict (what ``report.json`` holds): runs in group order, then the rest."""
+    order = {r["path"]: (i, j) for i, g in enumerate(groups) for j, r in enumerate(g["_members"])}
+    col.runs.sort(key=lambda r: order.get(r["path"], (len(groups), 0)))
+    status_counts = {
+        s: sum(r["status"] == s for r in col.runs)
+        for s in STATUSES
+        if any(r["status"] == s for r in col.runs)
+    }
+    report = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "inputs": paths,
+        "metric": metric,
+        "status_counts": status_counts,
+        "notes": notes,
+        "runs": [
+            {k: v for k, v in r.items() if k not in ("identity", "config")}
+            | {"config": r["config"]}
+            for r in col.runs
+        ],
+        "groups": [{k: v for k, v in g.items() if not k.startswith("_")} for g in groups],
+        "tables": blocks,
+        "probes": [dict(p) for p in col.probes],
+        "figures": figs,
+    }
+    report["files"] = ["report.json", "report.md", *(f["file"] for f in figs)]
+    return report

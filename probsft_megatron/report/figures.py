@@ -1,0 +1,348 @@
+"""The report's figures (PNG, drawn with matplotlib's Agg backend).
+
+* :func:`plot_curves`: training loss and mean p against step, every run;
+* :func:`plot_sweep`: the score against the convexity ``a`` or against the threshold, one
+  panel per task (and the average), with the seed intervals as error bars;
+* :func:`plot_probe`: the base model's token-p histogram with the compared objectives'
+  weights ``w(p)`` (:func:`weight_curve`).
+
+matplotlib comes with the ``[train]`` extra; the report checks for it before calling these
+(without it, the tables and JSON are written and a note says why there are no figures).
+Every figure is written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from probsft_megatron.fileio import atomic_write
+from probsft_megatron.objectives import parse_objective
+from probsft_megatron.report.tables import metric_label
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _plt()
+    try:
+        return atomic_write(
+            path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        )
+    finally:
+        plt.close(fig)
+
+
+def _colors(n: int) -> list:
+    plt = _plt()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "viridis")
+    return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
+
+
+def plot_curves(groups: list[dict], path: Path) -> Path | None:
+    """Loss and mean p against step for every run; a group's seeds share a colour."""
+    trained = [g for g in groups if any(r["curves"]["step"] for r in g["_members"])]
+    if not trained:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    few = max(len(r["curves"]["step"]) for g in trained for r in g["_members"]) < 8
+    for color, g in zip(_colors(len(trained)), trained):
+        label = g["label"] + (f" ({g['setting']})" if g["setting"] else "")
+        for i, r in enumerate(g["_members"]):
+            c = r["curves"]
+            for ax, key in zip(axes, ("loss", "mean_p")):
+                pts = [(s, v) for s, v in zip(c["step"], c[key]) if isinstance(v, (int, float))]
+                if pts:
+                    ax.plot(
+                        *zip(*pts),
+                        color=color,
+                        alpha=0.85,
+                        linewidth=1.2,
+                        marker="o" if few else None,
+                        markersize=3,
+                        label=label if i == 0 else None,
+                    )
+    axes[0].set(xlabel="step", ylabel="training loss (each run's own objective)", title="loss")
+    axes[1].set(xlabel="step", ylabel="mean p of response tokens", title="mean p", ylim=(0, 1))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize=8,
+        title="group (seeds share a colour)",
+        ncol=1 + len(labels) // 25,
+    )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _panel_columns(block: dict) -> list[str]:
+    cols = list(block["tasks"])
+    if len(cols) > 1:
+        cols.append("average")
+    return cols
+
+
+def _stat(g: dict, col: str) -> dict | None:
+    return g["average"] if col == "average" else g["cells"].get(col)
+
+
+def _errorbar(ax, xs, stats, **kw):
+    ys = [100 * s["mean"] for s in stats]
+    err = [100 * (s["half_width"] or 0.0) for s in stats]
+    ax.errorbar(xs, ys, yerr=err if any(err) else None, capsize=3, **kw)
+
+
+def plot_sweep(
+    groups: list[dict], blocks: list[dict], axis: str, metric: str, path: Path
+) -> Path | None:
+    """Score against ``a`` (``axis="a"``, GeneralFamily runs; ``p`` is a = 1 and NLL the
+    dashed line at a = 0) or against the threshold (``axis="threshold"``: the percentile
+    when the runs are named by one, else the absolute threshold), one panel per task."""
+    by_id = {g["id"]: g for g in groups}
+    series: list[tuple[dict, str, list[tuple[float, dict, dict]]]] = []
+    refs: list[tuple[dict, str, str, dict]] = []  # (block, column, label, group)
+    for block in blocks:
+        members = [by_id[i] for i in block["groups"]]
+        cols = _panel_columns(block)
+        if axis == "a":
+            pts = [
+                (g["objective"]["a"], g)
+                for g in members
+                if g["objective"] and g["objective"]["family"] == "general"
+            ]
+            if len(pts) < 2:
+                continue
+            for col in cols:
+                line = [
+                    (x, g, _stat(g, col))
+                    for x, g in sorted(pts, key=lambda t: t[0])
+                    if _stat(g, col)
+                ]
+                if line:
+                    series.append((block, col, line))
+                for g in members:
+                    if (
+                        g["objective"]
+                        and g["objective"]["family"] in ("nll", "p")
+                        and _stat(g, col)
+                    ):
+                        refs.append((block, col, g["label"], g))
+        else:
+            fams: dict[tuple, list] = {}
+            for g in members:
+                o = g["objective"]
+                if not o or o["threshold"] is None:
+                    continue
+                pct = o["percentile"] is not None
+                x = o["percentile"] if pct else o["threshold"]["value"]
+                fams.setdefault((o["prefix"], pct), []).append((x, g))
+            fams = {k: v for k, v in fams.items() if len(v) >= 2}
+            if not fams:
+                continue
+            for col in cols:
+                for _key, pts in sorted(fams.items()):
+                    line = [
+                        (x, g, _stat(g, col))
+                        for x, g in sorted(pts, key=lambda t: t[0])
+                        if _stat(g, col)
+                    ]
+                    if line:
+                        series.append((block, col, line))
+                for g in members:
+                    if (
+                        g["objective"]
+                        and g["objective"]["family"] in ("nll", "p")
+                        and _stat(g, col)
+                    ):
+                        refs.append((block, col, g["label"], g))
+    if not series:
+        return None
+    cols = list(dict.fromkeys(col for _, col, _ in series))
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.6 * len(cols), 3.8), squeeze=False)
+    axes = axes[0]
+    settings = list(dict.fromkeys(b["setting"] for b, _, _ in series))
+    colors = dict(zip(settings, _colors(max(len(settings), 1))))
+    markers = ["o", "s", "^", "v", "D", "P"]
+    for ax, col in zip(axes, cols):
+        fam_idx: dict[str, int] = {}
+        for block, c, line in series:
+            if c != col:
+                continue
+            xs = [x for x, _, _ in line]
+            stats = [s for _, _, s in line]
+            name = line[0][1]["objective"]["prefix"] if axis != "a" else "GeneralFamily-a"
+            fam = fam_idx.setdefault(name, len(fam_idx))
+            label = (
+                ", ".join(t for t in (name if axis != "a" else "", block["setting"]) if t)
+                or "GeneralFamily-a"
+            )
+            _errorbar(
+                ax, xs, stats, color=colors[block["setting"]], marker=markers[fam % 6], label=label
+            )
+        for block, c, label, g in refs:
+            if c != col:
+                continue
+            s = _stat(g, col)
+            color = colors.get(block["setting"], "k")
+            where = f", {block['setting']}" if block["setting"] else ""
+            seeds = f", n={s['n']}" if s["n"] > 1 else ""
+            if axis == "a" and g["objective"]["family"] == "p":
+                _errorbar(
+                    ax,
+                    [1.0],
+                    [s],
+                    marker="*",
+                    markersize=12,
+                    color=color,
+                    linestyle="none",
+                    label=f"p (a = 1{seeds}){where}",
+                )
+            else:
+                nll = g["objective"]["family"] == "nll"
+                what = ("NLL, a = 0" if axis == "a" else "NLL") if nll else "no threshold"
+                ax.axhline(
+                    100 * s["mean"],
+                    color=color,
+                    linestyle="--" if nll else ":",
+                    linewidth=1,
+                    label=f"{label} ({what}{seeds}){where}",
+                )
+                if s.get("half_width"):  # the seed interval as a band
+                    ax.axhspan(
+                        100 * s["low"], 100 * s["high"], color=color, alpha=0.08, linewidth=0
+                    )
+        if axis == "a":
+            xs_all = [x for b, c, line in series if c == col for x, _, _ in line]
+            if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:
+                ax.set_xscale("log")
+            ax.set_xlabel("convexity a of (1 - p^a) / a")
+        else:
+            pct = any(
+                line[0][1]["objective"]["percentile"] is not None
+                for _, c, line in series
+                if c == col
+            )
+            ax.set_xlabel(
+                "threshold: percentile of the base model's token p"
+                if pct
+                else "threshold q (absolute p)"
+            )
+        ax.set_ylabel(metric_label(metric))
+        ax.set_title(col)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[-1].get_legend_handles_labels()
+    for ax in axes[:-1]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def weight_curve(objective: str, p, probe: dict | None = None):
+    """``w(p)`` of an objective on the probabilities ``p`` (numpy), thresholds applied.
+
+    A per-batch percentile threshold (``OnlyTopP-K20`` trained as such) is drawn at the
+    probe's percentile, the value it takes on average over the base model's tokens."""
+    import numpy as np
+    import torch
+
+    obj = parse_objective(objective)
+    ce = torch.from_numpy(-np.log(np.asarray(p, dtype=np.float64)))
+    w = obj.weight_from_ce(ce)
+    if obj.thresholded:
+        q = None
+        if obj.needs_percentile:
+            pct = (probe or {}).get("percentiles") or {}
+            k = obj.threshold.value
+            lo, hi = math.floor(k), math.ceil(k)
+            if str(lo) in pct and str(hi) in pct:
+                q = pct[str(lo)] + (pct[str(hi)] - pct[str(lo)]) * (k - lo)
+            else:
+                return None
+        w = w * obj.keep_mask(ce, q).to(w.dtype)
+    return w.numpy()
+
+
+def plot_probe(probe: dict, objectives: list[tuple[str, str]], path: Path) -> Path | None:
+    """The base model's token-p histogram (fraction of response tokens per bin) with the
+    weight curves ``w(p)`` of ``objectives`` (pairs of label and trained name) over it."""
+    import numpy as np
+
+    hist = probe.get("histogram") or {}
+    counts = np.asarray(hist.get("counts") or [], dtype=float)
+    if counts.size == 0:
+        return None
+    plt = _plt()
+    lo, hi = (hist.get("range") or [0.0, 1.0])[:2]
+    edges = np.linspace(lo, hi, counts.size + 1)
+    fig, ax = plt.subplots(figsize=(9, 4.4))
+    ax.bar(
+        edges[:-1],
+        counts / max(counts.sum(), 1.0),
+        width=np.diff(edges),
+        align="edge",
+        color="lightgrey",
+        edgecolor="grey",
+        linewidth=0.3,
+        label="base model: token p",
+    )
+    for value, name, style in (
+        (probe.get("mean_p"), "mean p", "--"),
+        (probe.get("median_p"), "median p", ":"),
+    ):
+        if isinstance(value, (int, float)):
+            ax.axvline(value, color="k", linestyle=style, linewidth=1, label=f"{name} {value:.3f}")
+    ax.set(
+        xlabel="p of the target token under the base model",
+        ylabel="fraction of response tokens",
+        xlim=(0, 1),
+    )
+    right = ax.twinx()
+    grid = np.linspace(1e-4, 1 - 1e-6, 2000)
+    ymax = 1.05
+    drawn = []
+    for color, (label, name) in zip(_colors(len(objectives)), objectives):
+        w = weight_curve(name, grid, probe)
+        if w is None:
+            continue
+        if np.nanmax(w) > 1.5:
+            ymax = 3.0
+        thresholded = parse_objective(name).thresholded  # dashed: they overlay their family
+        right.plot(
+            grid,
+            w,
+            color=color,
+            linewidth=1.4,
+            linestyle="--" if thresholded else "-",
+            label=f"w(p), {label}",
+        )
+        drawn.append(label)
+    right.set_ylim(0, ymax)
+    right.set_ylabel("weight w(p) on the NLL gradient" + (" (clipped)" if ymax > 1.5 else ""))
+    regime = (probe.get("placement") or {}).get("regime")
+    title = f"probe: {probe.get('model') or '?'} on {probe.get('data') or '?'}"
+    if regime:
+        title += f" - {regime}"
+    ax.set_title(title)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = right.get_legend_handles_labels()
+    fig.legend(h1 + h2, l1 + l2, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,179 @@
+"""Reading the files of run, eval and probe folders, and telling the folders apart.
+
+Every reader here is forgiving: a missing file is ``None`` (or empty), an unreadable one is
+noted in the caller's ``problems`` list and skipped, never fatal. The evaluation's task
+metrics (:func:`read_eval`) include the boxed-answer rate of math tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PROBE_FORMAT = "probsft-probe"
+"""The ``format`` field of a ``probsft probe`` report."""
+BOXED = "boxed"
+EXTRACTED = "extracted"
+"""What a math task's ``boxed_rate`` counts (``boxed_basis``): samples whose answer came from a
+``\\boxed{}`` (``boxed``: the eval summary's ``metrics["boxed"]`` or the samples' ``source``),
+or, for samples written before ``source`` existed, samples with any extracted answer
+(``extracted``: a boxed answer or an explicit answer statement, an upper bound)."""
+
+
+def read_json(path: Path, problems: list[str]) -> Any:
+    """JSON of ``path`` or None (a missing file is silent; an unreadable one is noted)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        problems.append(f"{path}: unreadable ({type(exc).__name__})")
+        return None
+
+
+def read_jsonl(path: Path, problems: list[str]) -> list[dict]:
+    """Records of a JSON-lines file; a cut last line (a writer still at work) is skipped."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i != len(lines) - 1:
+                problems.append(f"{path}: line {i + 1} is not JSON; skipped")
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def read_yaml(path: Path) -> Any:
+    """YAML of ``path`` or None when it cannot be read."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"section.key": value}``."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def is_probe_report(data: Any) -> bool:
+    return isinstance(data, dict) and data.get("format") == PROBE_FORMAT
+
+
+def is_eval_summary(data: Any) -> bool:
+    """The aggregate ``summary.json`` of ``probsft eval --out``: a list of task summaries."""
+    return (
+        isinstance(data, list)
+        and bool(data)
+        and all(
+            isinstance(s, dict) and "task" in s and isinstance(s.get("metrics"), dict) for s in data
+        )
+    )
+
+
+def is_task_summary(data: Any) -> bool:
+    return isinstance(data, dict) and "task" in data and isinstance(data.get("metrics"), dict)
+
+
+def is_run_dir(path: Path) -> bool:
+    """A training run folder (``config.json``, ``metrics.jsonl``, ``checkpoints/``, ...)."""
+    if any((path / f).is_file() for f in ("config.json", "metrics.jsonl")):
+        return True
+    if (path / "checkpoints").is_dir() or (path / "eval" / "summary.json").is_file():
+        return True
+    summary = path / "summary.json"
+    if summary.is_file():
+        data = read_json(summary, [])
+        return isinstance(data, dict) and "output_dir" in data
+    return False
+
+
+def is_eval_dir(path: Path) -> bool:
+    """A folder written by ``probsft eval --out``."""
+    if is_eval_summary(read_json(path / "summary.json", [])):
+        return True
+    return any(is_task_summary(read_json(p, [])) for p in path.glob("*/summary.json"))
+
+
+def read_eval(eval_dir: Path, problems: list[str], boxed: bool = True) -> dict[str, dict]:
+    """Task -> ``{grader, sampling, metrics, model}`` of an eval folder, plus ``boxed_basis``
+    for math tasks whose ``metrics["boxed_rate"]`` the report filled in.
+
+    The aggregate ``summary.json`` is preferred; per-task ``<task>/summary.json`` files fill
+    in tasks it lacks (an evaluation that stopped between tasks). For the math grader the
+    share of samples with a boxed answer (``boxed_rate``) is the summary's ``boxed`` metric;
+    without it, it is counted from ``samples.jsonl`` (see :data:`EXTRACTED`)."""
+    tasks: dict[str, dict] = {}
+    aggregate = read_json(eval_dir / "summary.json", problems)
+    summaries = list(aggregate) if is_eval_summary(aggregate) else []
+    for path in sorted(eval_dir.glob("*/summary.json")):
+        data = read_json(path, problems)
+        if is_task_summary(data) and data["task"] not in {s["task"] for s in summaries}:
+            summaries.append(data)
+    for s in summaries:
+        metrics = dict(s["metrics"])
+        task = str(s["task"])
+        entry = {
+            "grader": s.get("grader"),
+            "sampling": s.get("sampling"),
+            "metrics": metrics,
+            "model": s.get("model"),
+        }
+        if boxed and "boxed_rate" not in metrics and s.get("grader") == "math":
+            rate, basis = metrics.get("boxed"), BOXED
+            if not isinstance(rate, (int, float)):
+                rate, basis = boxed_rate(eval_dir / task / "samples.jsonl", problems)
+            if rate is not None:
+                metrics["boxed_rate"] = rate
+                entry["boxed_basis"] = basis
+        tasks[task] = entry
+    return tasks
+
+
+def boxed_rate(samples: Path, problems: list[str]) -> tuple[float | None, str | None]:
+    """``(rate, basis)`` from a math task's ``samples.jsonl``: the fraction of samples whose
+    ``source`` is ``"boxed"``; for older samples without ``source``, the fraction with an
+    extracted answer (basis :data:`EXTRACTED`). ``(None, None)`` without samples."""
+    if not samples.is_file():
+        return None, None
+    found = total = 0
+    old = False
+    with open(samples, errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            source, extracted = record.get("source"), record.get("extracted")
+            if isinstance(source, list):
+                total += len(source)
+                found += sum(s == BOXED for s in source)
+            elif isinstance(extracted, list):
+                old = True
+                total += len(extracted)
+                found += sum(e is not None for e in extracted)
+    if not total:
+        return None, None
+    return found / total, EXTRACTED if old else BOXED

@@ -1,0 +1,427 @@
+"""One run: what it trained, on what, how far it got, its evaluation, and its status.
+
+:func:`read_run` reads a training run folder (and the launcher's records of its steps) into
+the flat dict every later stage of the report uses; :func:`read_eval_only` does the same for
+a bare evaluation folder (a row without training). The ``identity`` of a run (its config
+without seed and bookkeeping keys) is what groups seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from probsft_megatron.objectives import ObjectiveError, parse_objective
+from probsft_megatron.report.files import (
+    flatten,
+    is_probe_report,
+    read_eval,
+    read_json,
+    read_jsonl,
+)
+from probsft_megatron.report.records import StepRecord, planned_config, state_class, step_error
+
+TAIL = 10
+"""Final training statistics are the mean over the last ``TAIL`` logged steps."""
+STATUSES = ("complete", "trained", "running", "queued", "failed", "not started")
+"""Run states: ``complete`` (evaluated), ``trained`` (training finished, no evaluation yet),
+``running`` (training started, no ``summary.json`` yet), ``queued`` (a job waits), ``failed``
+(a recorded step failed), ``not started`` (only the experiment records know the run)."""
+
+# config keys that do not change what a run learns: ignored when grouping seeds
+BOOKKEEPING = {
+    "train.seed",
+    "train.output_dir",
+    "train.resume",
+    "train.tensorboard",
+    "train.log_interval",
+    "train.save_interval",
+    "train.keep_last",
+    "train.histogram_interval",
+}
+
+
+# -- what a run is ----------------------------------------------------------------------------
+
+
+def objective_info(trained: Any, label: str | None = None) -> dict[str, Any] | None:
+    """What the report needs of an objective: canonical ``name`` (what was trained),
+    ``label`` (how the run is called: ``OnlyTopP-K20`` for a run trained with the absolute
+    20th-percentile threshold), ``family``, ``a``, ``threshold`` and ``percentile``.
+
+    ``label`` (e.g. the tail of a run folder name) is used only when it names the same
+    objective, or the percentile form of the trained absolute threshold."""
+    try:
+        obj = parse_objective(trained)
+    except ObjectiveError:
+        return None
+    info: dict[str, Any] = {
+        "name": obj.name,
+        "label": obj.name,
+        "family": obj.family,
+        "a": obj.a,
+        "threshold": None,
+        "percentile": None,
+        "prefix": obj.name.rsplit("-", 1)[0] if obj.thresholded else None,
+    }
+    if obj.family == "p":
+        info["a"] = 1.0
+    elif obj.family == "nll":
+        info["a"] = 0.0
+    if obj.threshold is not None:
+        info["threshold"] = {
+            "value": obj.threshold.value,
+            "side": obj.threshold.side,
+            "per_batch_percentile": obj.threshold.percentile,
+        }
+        if obj.threshold.percentile:
+            info["percentile"] = obj.threshold.value
+    if label:
+        try:
+            named = parse_objective(label)
+        except ObjectiveError:
+            named = None
+        if (
+            named is not None
+            and named.name != obj.name
+            and named.needs_percentile
+            and obj.thresholded
+            and not obj.needs_percentile
+            and named.name.rsplit("-", 1)[0] == info["prefix"]
+        ):
+            info["label"] = named.name
+            info["percentile"] = named.threshold.value
+    return info
+
+
+def label_from_name(name: str) -> str | None:
+    """The objective spelled at the end of a run folder name (``math-qwen2.5-7b-OnlyTopP-K20``)."""
+    parts = name.split("-")
+    for i in range(len(parts) - 1, -1, -1):
+        try:
+            return parse_objective("-".join(parts[i:])).name
+        except ObjectiveError:
+            continue
+    return None
+
+
+@cache
+def _presets() -> dict[str, dict]:
+    """The model presets' own keys (``configs/models/<name>.yaml``), by name."""
+    from probsft_megatron.config import list_presets, load_preset
+    from probsft_megatron.errors import ConfigError
+
+    out = {}
+    for name in list_presets():
+        try:
+            out[name] = load_preset(name)
+        except ConfigError:  # an unreadable preset names no run
+            continue
+    return out
+
+
+def model_name(config: dict) -> str | None:
+    """The model preset whose fields the run's model config matches, else the folder name of
+    ``init.checkpoint``, else a size description."""
+    model = config.get("model") or {}
+    if not isinstance(model, dict) or not model:
+        return None
+    for name, preset in _presets().items():
+        if preset and all(_same(model.get(k), v) for k, v in preset.items()):
+            return name
+    ckpt = (config.get("init") or {}).get("checkpoint")
+    if ckpt:
+        return Path(str(ckpt)).name
+    return (
+        f"{model.get('arch', '?')} {model.get('num_layers', '?')}x{model.get('hidden_size', '?')}"
+    )
+
+
+def _same(value: Any, preset: Any) -> bool:
+    """Equal, or numbers equal to 1e-6 (a preset value that went through float32)."""
+    if value == preset:
+        return True
+    return (
+        isinstance(preset, (int, float))
+        and isinstance(value, (int, float))
+        and math.isclose(value, preset, rel_tol=1e-6)
+    )
+
+
+def dataset_name(config: dict) -> str | None:
+    """``figfont``, ``math`` (numina format), ``medical`` (m23k) or the training files' names."""
+    data = config.get("data") or {}
+    if data.get("source") == "figfont":
+        return "figfont"
+    fmt = {"numina": "math", "m23k": "medical"}.get(data.get("format"))
+    if fmt:
+        return fmt
+    files = data.get("train_files") or []
+    return ",".join(Path(str(f)).name for f in files) or None
+
+
+def identity(config: dict) -> str:
+    """The config without seed and bookkeeping keys: runs with equal identities are seeds."""
+    flat = flatten(config)
+    for key in BOOKKEEPING:
+        flat.pop(key, None)
+    for key, value in flat.items():  # a float that went through float32 (1e-5 as 9.99999e-06)
+        if isinstance(value, float) and math.isfinite(value):
+            flat[key] = float(f"{value:.6g}")
+    ckpt = flat.get("init.checkpoint")
+    if ckpt:  # the same backbone converted into two work directories
+        flat["init.checkpoint"] = Path(str(ckpt)).name
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def _tail_stats(history: list[dict]) -> dict[str, float]:
+    tail = history[-TAIL:]
+    out = {}
+    for key in ("loss", "mean_p", "frac_kept", "mean_w", "grad_norm", "tokens_per_s", "threshold"):
+        vals = [
+            r[key] for r in tail if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+        ]
+        if vals:
+            out[key] = sum(vals) / len(vals)
+    return out
+
+
+# -- reading a run ------------------------------------------------------------------------------
+
+
+def read_run(
+    path: str | os.PathLike,
+    records: dict[str, StepRecord] | None = None,
+    step_states: dict[str, str] | None = None,
+    step_logs: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Everything the report knows about one run folder (see :data:`STATUSES`).
+
+    ``records``: the run's launched steps by kind (from
+    :func:`~probsft_megatron.report.records.read_experiment_records`); ``step_states``: job
+    states by step name (``train-<run>``, ``export-<run>``, ``eval-<run>``), e.g. from SLURM
+    accounting; they take precedence over ``records``; ``step_logs``: log files by step
+    name, searched for the error of a failed step."""
+    root = Path(path)
+    problems: list[str] = []
+    records = dict(records or {})
+    name = root.name
+    config = read_json(root / "config.json", problems)
+    summary = read_json(root / "summary.json", problems)
+    if not isinstance(summary, dict) or "output_dir" not in summary:
+        summary = None
+    config_source = "config.json" if isinstance(config, dict) else None
+    if config_source is None:
+        config = None
+        # a run that has checkpoints keeps its config in each checkpoint's train_state.json
+        for state_file in sorted(root.glob("checkpoints/*/train_state.json"), reverse=True):
+            state = read_json(state_file, problems)
+            if isinstance(state, dict) and isinstance(state.get("config"), dict):
+                config, config_source = state["config"], str(state_file.relative_to(root))
+                break
+    if config is None and "train" in records and records["train"].recipe:
+        config = planned_config(records["train"], problems)
+        config_source = "experiment record" if config is not None else None
+    history = read_jsonl(root / "metrics.jsonl", problems)
+    if not history and summary and isinstance(summary.get("history"), list):
+        history = [r for r in summary["history"] if isinstance(r, dict)]
+    history = [r for r in history if isinstance(r.get("step"), int)]
+    history.sort(key=lambda r: r["step"])
+
+    trained_objective = (summary or {}).get("objective") or ((config or {}).get("loss") or {}).get(
+        "objective"
+    )
+    if trained_objective is None and "train" in records:
+        trained_objective = records["train"].objective
+    objective = (
+        objective_info(trained_objective, label_from_name(name))
+        if trained_objective is not None
+        else None
+    )
+    if trained_objective is not None and objective is None:
+        problems.append(f"{root}: objective {trained_objective!r} is not one probsft knows")
+
+    total_steps = (summary or {}).get("total_steps")
+    if total_steps is None:
+        for state_file in sorted(root.glob("checkpoints/*/train_state.json"), reverse=True):
+            state = read_json(state_file, problems)
+            if isinstance(state, dict) and isinstance(state.get("total_steps"), int):
+                total_steps = state["total_steps"]
+                break
+    max_steps = ((config or {}).get("train") or {}).get("max_steps")
+    planned = total_steps
+    if isinstance(max_steps, int) and max_steps > 0:
+        planned = min(max_steps, total_steps) if total_steps else max_steps
+    training = None
+    if history or summary:
+        training = {
+            "steps": history[-1]["step"] if history else (summary or {}).get("steps"),
+            "planned_steps": planned,
+            "total_steps": total_steps,
+            "finished": summary is not None,
+            "final": _tail_stats(history),
+            "final_over_steps": min(TAIL, len(history)),
+            "last": {k: v for k, v in (history[-1] if history else {}).items() if k != "p_hist"},
+        }
+    curves = {
+        "step": [r["step"] for r in history],
+        "loss": [r.get("loss") for r in history],
+        "mean_p": [r.get("mean_p") for r in history],
+    }
+    evals = read_eval(root / "eval", problems) if (root / "eval").is_dir() else {}
+
+    probe = None
+    probe_report = read_json(root / "probe" / "report.json", problems)
+    evidence = (summary or {}).get("objective_evidence")
+    if isinstance(evidence, dict):
+        probe = {
+            "source": evidence.get("source"),
+            "placement": evidence.get("placement"),
+            "recommendation": evidence.get("recommendation"),
+            "statistics": evidence.get("statistics"),
+        }
+    if is_probe_report(probe_report):
+        probe = probe or {}
+        probe.update(
+            report=str(root / "probe" / "report.json"),
+            placement=probe_report.get("placement"),
+            recommendation=probe_report.get("recommendation"),
+        )
+
+    # -- status -------------------------------------------------------------------------
+    states = {kind: rec.state for kind, rec in records.items()}
+    for kind in ("train", "export", "eval"):
+        if step_states and f"{kind}-{name}" in step_states:
+            states[kind] = step_states[f"{kind}-{name}"]
+            rec = records.setdefault(kind, StepRecord(f"{kind}-{name}", kind, str(root)))
+            log = (step_logs or {}).get(f"{kind}-{name}") or rec.log
+            rec.state = states[kind]
+            if log and state_class(rec.state) == "failed":
+                rec.log, rec.error = str(log), step_error([Path(log)])
+    status, detail = _status(
+        root, records, states, summary, training, evals, config_source, planned
+    )
+
+    recipe = records["train"].recipe if "train" in records else None
+    return {
+        "name": name,
+        "path": str(root),
+        "kind": "train",
+        "status": status,
+        "status_detail": detail,
+        "objective": objective,
+        "seed": ((config or {}).get("train") or {}).get("seed"),
+        "model": model_name(config) if config else None,
+        "dataset": dataset_name(config) if config else None,
+        "recipe": recipe,
+        "identity": identity(config) if config else None,
+        "config": config,
+        "config_source": config_source,
+        "training": training,
+        "curves": curves,
+        "eval": evals,
+        "probe": probe,
+        "steps": {
+            kind: {
+                "state": states.get(kind),
+                "error": rec.error,
+                "log": rec.log,
+                "experiment": rec.experiment,
+            }
+            for kind, rec in records.items()
+        },
+        "problems": problems,
+    }
+
+
+def _status(
+    root: Path,
+    records: dict[str, StepRecord],
+    states: dict[str, str | None],
+    summary: dict | None,
+    training: dict | None,
+    evals: dict,
+    config_source: str | None,
+    planned: int | None,
+) -> tuple[str, str]:
+    """``(status, detail)`` of a run: its files first, then its steps' states."""
+    classes = {kind: state_class(s) for kind, s in states.items()}
+    exists = root.is_dir() and any(root.iterdir())
+    detail = ""
+    failed = [k for k in ("train", "export", "eval") if classes.get(k) == "failed"]
+    all_tasks_done = (root / "eval" / "summary.json").is_file()  # written after the last task
+    if evals and all_tasks_done:
+        return "complete", ""
+    if failed:
+        kind = failed[0]
+        rec = records.get(kind)
+        detail = f"{kind} step {states[kind].lower()}"
+        if kind == "train" and training:
+            detail += f" at step {training['steps']}"
+        if rec is not None and rec.error:
+            detail += f": {rec.error}"
+        if evals:
+            detail += f" (tasks done: {', '.join(sorted(evals))})"
+        return "failed", detail
+    if evals:
+        return "running", f"evaluation under way: {', '.join(sorted(evals))} done"
+    if summary is not None:
+        later = [k for k in ("eval", "export") if classes.get(k) in ("running", "queued")]
+        if later:
+            detail = f"{later[0]} step {classes[later[0]]}"
+        elif (root / "hf" / "probsft_export.json").is_file():
+            detail = "exported, not evaluated"
+        else:
+            detail = "not evaluated"
+        return "trained", detail
+    if training or config_source not in (None, "experiment record"):
+        if classes.get("train") == "succeeded":
+            return "failed", "train step ended without writing summary.json"
+        steps = training["steps"] if training else 0
+        of = f" of {planned}" if planned else ""
+        return "running", (
+            f"step {steps}{of}; no summary.json yet (still training, or stopped "
+            "without a record of it)"
+        )
+    if classes.get("train") == "queued":
+        return "queued", "train step queued"
+    if classes.get("train") == "running":
+        return "running", "train step started, nothing written yet"
+    detail = (
+        "named by the experiment records, no output yet"
+        if records or not exists
+        else "folder holds no run files"
+    )
+    return "not started", detail
+
+
+def read_eval_only(path: str | os.PathLike) -> dict[str, Any]:
+    """A bare ``probsft eval --out`` folder (e.g. the base model) as a run without training."""
+    root = Path(path)
+    problems: list[str] = []
+    evals = read_eval(root, problems)
+    models = {t["model"] for t in evals.values() if t.get("model")}
+    return {
+        "name": root.name,
+        "path": str(root),
+        "kind": "eval",
+        "status": "complete" if evals else "running",
+        "status_detail": "evaluation only" + (f" of {', '.join(sorted(models))}" if models else ""),
+        "objective": None,
+        "seed": None,
+        "model": None,
+        "dataset": None,
+        "recipe": None,
+        "identity": None,
+        "config": None,
+        "training": None,
+        "curves": {"step": [], "loss": [], "mean_p": []},
+        "eval": evals,
+        "probe": None,
+        "steps": {},
+        "problems": problems,
+    }

@@ -1,0 +1,244 @@
+"""Groups of seeds and the comparison tables, as data.
+
+Runs whose configs are equal but for the seed and bookkeeping keys form a group
+(:func:`group_runs`); groups that share a setting (every config difference but the
+objective) form a block, the paper's per-model table (:func:`build_tables`). Each group gets
+per-task statistics over its seeds, the average column and its training statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from probsft_megatron.errors import ConfigError
+from probsft_megatron.report.files import flatten
+from probsft_megatron.report.runs import STATUSES
+from probsft_megatron.report.stats import summarize_values
+
+METRICS = ("avg@n", "mean_score", "exact", "boxed_rate")
+"""Per-task metrics that may be the table's score; ``pass@K`` is accepted too."""
+
+
+def check_metric(metric: str) -> None:
+    """A :class:`ConfigError` unless ``metric`` is one of :data:`METRICS` or ``pass@K``."""
+    if metric in METRICS or re.fullmatch(r"pass@\d+", metric):
+        return
+    raise ConfigError(
+        f"--metric {metric!r} is not a task metric; use one of "
+        f"{', '.join(METRICS)} or pass@K (e.g. pass@4)"
+    )
+
+
+def metric_label(metric: str) -> str:
+    """How a metric is named on an axis or in the table's caption."""
+    return {
+        "avg@n": "accuracy (avg@n, %)",
+        "mean_score": "score (mean, %)",
+        "exact": "exact match (%)",
+        "boxed_rate": "boxed answers (%)",
+    }.get(metric, f"{metric} (%)")
+
+
+def _objective_order(info: dict | None) -> tuple:
+    if info is None:
+        return (-1, "", 0.0)
+    fam = info["family"]
+    if fam == "nll":
+        return (0, "", 0.0)
+    if fam == "p":
+        return (1, "", 0.0)
+    if fam == "general":
+        return (2, "", info["a"])
+    x = info["percentile"] if info["percentile"] is not None else info["threshold"]["value"]
+    return (3, info["prefix"] or "", float(x))
+
+
+def group_runs(runs: list[dict]) -> list[dict]:
+    """Groups of runs that differ only by seed (equal config identities), in table order.
+
+    Each group: ``id``, ``label`` (objective label, plus the distinguishing setting),
+    ``objective``, ``setting`` (the config differences to other groups, objective aside),
+    ``runs`` (names), ``seeds``."""
+    groups: dict[str, dict] = {}
+    for run in runs:
+        key = run["identity"] or f"run:{run['path']}"
+        g = groups.setdefault(key, {"identity": run["identity"], "members": []})
+        g["members"].append(run)
+    # which config keys vary between groups (the objective is shown on its own)
+    flats = {
+        k: flatten(json.loads(g["identity"])) if g["identity"] else None for k, g in groups.items()
+    }
+    keys = sorted({k for f in flats.values() if f for k in f})
+    varying = [
+        k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats.values() if f}) > 1
+    ]
+    varying = [k for k in varying if k != "loss.objective"]
+    out = []
+    for key, g in groups.items():
+        first = g["members"][0]
+        flat = flats[key]
+        setting_parts: list[str] = []
+        if flat:
+            for prefix, field_name in (("model.", "model"), ("data.", "dataset")):
+                keys_here = [k for k in varying if k.startswith(prefix) and k != "data.seed"]
+                if not keys_here:
+                    continue
+                names = {gg["members"][0][field_name] for gg in groups.values() if gg["identity"]}
+                if len(names) > 1:  # the preset / dataset name tells the settings apart
+                    setting_parts.append(first[field_name] or "?")
+                else:
+                    setting_parts += [f"{k}={_short(flat.get(k))}" for k in keys_here]
+            for k in varying:
+                if not k.startswith(("model.", "data.")) or k == "data.seed":
+                    setting_parts.append(f"{k}={_short(flat.get(k))}")
+        setting = ", ".join(setting_parts)
+        obj = first["objective"]
+        label = obj["label"] if obj else first["name"]
+        members = sorted(g["members"], key=lambda r: (r["seed"] is None, r["seed"] or 0, r["name"]))
+        out.append(
+            {
+                "id": "",
+                "label": label,
+                "objective": obj,
+                "setting": setting,
+                "model": first["model"],
+                "dataset": first["dataset"],
+                "kind": first["kind"],
+                "runs": [r["name"] for r in members],
+                "seeds": [r["seed"] for r in members],
+                "_members": members,
+            }
+        )
+    out.sort(
+        key=lambda g: (
+            g["setting"],
+            g["kind"] != "eval",
+            _objective_order(g["objective"]),
+            g["label"],
+        )
+    )
+    used: set[str] = set()
+    for g in out:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{g['setting']}-{g['label']}".strip("-"))
+        gid, i = base, 2
+        while gid in used:
+            gid, i = f"{base}-{i}", i + 1
+        used.add(gid)
+        g["id"] = gid
+    return out
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and "/" in value:  # a path: its last component says enough
+        value = Path(value).name
+    elif isinstance(value, list) and value and all(isinstance(v, str) and "/" in v for v in value):
+        value = [Path(v).name for v in value]
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def metric_value(task: dict, metric: str) -> float | None:
+    """One run's value of ``metric`` on one task (``task``: an entry of its ``eval``)."""
+    m = task["metrics"]
+    if metric.startswith("pass@"):
+        v = (m.get("pass@k") or {}).get(metric[5:])
+    else:
+        v = m.get(metric)
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _aggregate_group(g: dict, metric: str, tasks: list[str]) -> None:
+    """Per-task statistics over the group's seeds, the average column, and training stats."""
+    members = g["_members"]
+    cells: dict[str, dict] = {}
+    details: dict[str, dict] = {}
+    for task in tasks:
+        have = [r for r in members if task in r["eval"]]
+        if not have:
+            continue
+        vals = [v for v in (metric_value(r["eval"][task], metric) for r in have) if v is not None]
+        if vals:
+            cells[task] = summarize_values(vals)
+        d: dict[str, Any] = {}
+        ks = sorted(
+            {k for r in have for k in (r["eval"][task]["metrics"].get("pass@k") or {})},
+            key=lambda k: int(k) if str(k).isdigit() else 0,
+        )
+        for name in [*METRICS, *[f"pass@{k}" for k in ks]]:
+            vs = [v for v in (metric_value(r["eval"][task], name) for r in have) if v is not None]
+            if vs:
+                d[name] = summarize_values(vs)
+        if "boxed_rate" in d:  # what the boxed rate counts (see report.files.EXTRACTED)
+            bases = {r["eval"][task].get("boxed_basis") for r in have}
+            d["boxed_basis"] = sorted(b for b in bases if b)
+        samples = {
+            (r["eval"][task]["metrics"].get("problems"), r["eval"][task]["metrics"].get("n"))
+            for r in have
+        }
+        d["problems"] = sorted({s[0] for s in samples if s[0] is not None})
+        d["samples_per_problem"] = sorted({s[1] for s in samples if s[1] is not None})
+        sampling = {json.dumps(r["eval"][task].get("sampling"), sort_keys=True) for r in have}
+        d["same_sampling"] = len(sampling) == 1 and len(samples) == 1
+        details[task] = d
+    # average over the block's tasks, per run, then over seeds
+    per_run = []
+    for r in members:
+        vals = [metric_value(r["eval"][t], metric) if t in r["eval"] else None for t in tasks]
+        if tasks and all(v is not None for v in vals):
+            per_run.append(sum(vals) / len(vals))
+    g["cells"] = cells
+    g["details"] = details
+    g["average"] = summarize_values(per_run) if per_run and len(tasks) > 1 else None
+    g["evaluated"] = sum(1 for r in members if r["eval"])
+    train_stats: dict[str, Any] = {}
+    for key in ("loss", "mean_p", "frac_kept", "mean_w", "tokens_per_s"):
+        vs = [
+            r["training"]["final"][key]
+            for r in members
+            if r["training"] and key in r["training"]["final"]
+        ]
+        if vs:
+            train_stats[key] = summarize_values(vs)
+    steps = [r["training"]["steps"] for r in members if r["training"]]
+    planned = [r["training"]["planned_steps"] for r in members if r["training"]]
+    train_stats["steps"] = steps
+    train_stats["planned_steps"] = planned
+    g["training"] = train_stats
+    g["statuses"] = {
+        s: sum(r["status"] == s for r in members)
+        for s in STATUSES
+        if any(r["status"] == s for r in members)
+    }
+
+
+def build_tables(groups: list[dict], metric: str) -> list[dict]:
+    """One block per setting (the paper's per-model blocks): its tasks, its groups with
+    per-task statistics, the average column, and the best group per column."""
+    blocks: dict[str, list[dict]] = {}
+    for g in groups:
+        blocks.setdefault(g["setting"], []).append(g)
+    out = []
+    for setting, members in blocks.items():
+        tasks = sorted({t for g in members for r in g["_members"] for t in r["eval"]})
+        for g in members:
+            _aggregate_group(g, metric, tasks)
+        best: dict[str, list[str]] = {}
+        for col in [*tasks, "average"]:
+            vals = [
+                (g["cells"].get(col) if col != "average" else g["average"], g["id"])
+                for g in members
+            ]
+            vals = [(s["mean"], gid) for s, gid in vals if s]
+            if len(vals) > 1:
+                top = max(v for v, _ in vals)
+                best[col] = [
+                    gid for v, gid in vals if math.isclose(v, top, rel_tol=1e-12, abs_tol=1e-15)
+                ]
+        out.append(
+            {"setting": setting, "tasks": tasks, "groups": [g["id"] for g in members], "best": best}
+        )
+    return out
