@@ -25,6 +25,7 @@ The error is ``estimate / measured - 1``.
 Writes ``benchmarks/results/plan_accuracy_<cpu|gpu>_<shape>[_bf16].{json,md}`` (``_bf16``:
 a bfloat16 run on the CPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,18 +38,40 @@ import weakref
 from pathlib import Path
 
 import torch
-
 from common import device_name, device_tag, write_results
 
 SHAPES = {
-    "smollm2-135m": dict(arch="llama", num_layers=30, hidden_size=576, ffn_hidden_size=1536,
-                         num_attention_heads=9, num_query_groups=3, vocab_size=49152,
-                         tie_word_embeddings=True, rope_theta=100000.0),
-    "qwen2.5-1.5b": dict(arch="qwen2", num_layers=28, hidden_size=1536, ffn_hidden_size=8960,
-                         num_attention_heads=12, num_query_groups=2, vocab_size=151936,
-                         tie_word_embeddings=True, rope_theta=1e6),
-    "small": dict(arch="qwen2", num_layers=4, hidden_size=512, ffn_hidden_size=1408,
-                  num_attention_heads=8, num_query_groups=2, vocab_size=8192),
+    "smollm2-135m": {
+        "arch": "llama",
+        "num_layers": 30,
+        "hidden_size": 576,
+        "ffn_hidden_size": 1536,
+        "num_attention_heads": 9,
+        "num_query_groups": 3,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "rope_theta": 100000.0,
+    },
+    "qwen2.5-1.5b": {
+        "arch": "qwen2",
+        "num_layers": 28,
+        "hidden_size": 1536,
+        "ffn_hidden_size": 8960,
+        "num_attention_heads": 12,
+        "num_query_groups": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "rope_theta": 1e6,
+    },
+    "small": {
+        "arch": "qwen2",
+        "num_layers": 4,
+        "hidden_size": 512,
+        "ffn_hidden_size": 1408,
+        "num_attention_heads": 8,
+        "num_query_groups": 2,
+        "vocab_size": 8192,
+    },
 }
 
 
@@ -79,8 +102,11 @@ class StorageTracker:
         in-place and ``out=`` results alias their input's existing storage)."""
         from torch.utils._pytree import tree_flatten
 
-        given = {t.untyped_storage().data_ptr() for t in tree_flatten(inputs)[0]
-                 if isinstance(t, torch.Tensor)}
+        given = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten(inputs)[0]
+            if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
@@ -113,6 +139,7 @@ def _rss_kib(field: str) -> int:
 
 def _static_bytes(ddp, optimizer) -> dict:
     """Weights, gradient buffer, optimizer state summed over distinct storages."""
+
     def key(t):
         return t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
 
@@ -126,8 +153,11 @@ def _static_bytes(ddp, optimizer) -> dict:
                 opt.update([key(p)])
                 opt.update(key(v) for v in inner.state[p].values() if isinstance(v, torch.Tensor))
     opt = {k: v for k, v in opt.items() if k not in weights and k not in grads}
-    return {"weights": sum(weights.values()), "grad_buffer": sum(grads.values()),
-            "optimizer": sum(opt.values())}
+    return {
+        "weights": sum(weights.values()),
+        "grad_buffer": sum(grads.values()),
+        "optimizer": sum(opt.values()),
+    }
 
 
 def child(args) -> dict:
@@ -142,23 +172,35 @@ def child(args) -> dict:
     model = ModelConfig(max_position_embeddings=max(seq, 2048), **SHAPES[args.shape])
     parallel = ParallelConfig()
     runtime.init_distributed(parallel, seed=0, model=model)
-    tconfig = transformer_config(model, parallel,
-                                 params_dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    tconfig = transformer_config(
+        model, parallel, params_dtype=torch.bfloat16 if dtype == "bf16" else torch.float32
+    )
     loss_cfg = LossConfig("original", implementation=args.head, chunk_size=args.chunk)
-    chunks, optimizer = runtime.build_training_model(model, tconfig, lr=1e-5, weight_decay=0.01,
-                                                     attention="sdpa", loss_config=loss_cfg,
-                                                     clip_grad=1.0)
+    chunks, optimizer = runtime.build_training_model(
+        model,
+        tconfig,
+        lr=1e-5,
+        weight_decay=0.01,
+        attention="sdpa",
+        loss_config=loss_cfg,
+        clip_grad=1.0,
+    )
     dev = runtime.platform.device()
     fwd = runtime.make_forward_step(ObjectiveLoss(loss_cfg), dev)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.vocab_size, (mbs, seq + 1), generator=g)
-    batch = runtime.Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(),
-                          torch.ones(mbs, seq), torch.arange(seq)[None].expand(mbs, -1).contiguous())
+    batch = runtime.Batch(
+        tokens[:, :-1].contiguous(),
+        tokens[:, 1:].contiguous(),
+        torch.ones(mbs, seq),
+        torch.arange(seq)[None].expand(mbs, -1).contiguous(),
+    )
     batch = batch.to(dev)
 
     def step():
-        return runtime.train_step(chunks, optimizer, fwd, [batch], seq_length=seq,
-                                  micro_batch_size=mbs)
+        return runtime.train_step(
+            chunks, optimizer, fwd, [batch], seq_length=seq, micro_batch_size=mbs
+        )
 
     step()  # Adam's state, BLAS workspaces
     gc.collect()
@@ -184,24 +226,41 @@ def child(args) -> dict:
         rss["vmhwm_above_start"] = (_rss_kib("VmHWM") - base) * 1024
         method = "peak of live storages created during the step (TorchDispatchMode + weakref)"
     layout = P.Layout()
-    workload = P.Workload(micro_batch_size=mbs, seq_length=seq, global_batch_size=mbs,
-                          params_dtype=dtype, loss_implementation=args.head,
-                          chunk_size=args.chunk, attention="sdpa",
-                          kernels="cuda" if cuda else "cpu",
-                          adam="foreach" if cuda else "single")
+    workload = P.Workload(
+        micro_batch_size=mbs,
+        seq_length=seq,
+        global_batch_size=mbs,
+        params_dtype=dtype,
+        loss_implementation=args.head,
+        chunk_size=args.chunk,
+        attention="sdpa",
+        kernels="cuda" if cuda else "cpu",
+        adam="foreach" if cuda else "single",
+    )
     st = P.estimate(model, layout, workload).worst
     return {
-        "head": args.head, "seq": seq, "micro_batch": mbs, "dtype": dtype,
+        "head": args.head,
+        "seq": seq,
+        "micro_batch": mbs,
+        "dtype": dtype,
         "loss": float(stats.get("loss_sum", float("nan"))) if isinstance(stats, dict) else None,
         "static_measured": static,
-        "static_estimated": {"weights": st.static.weights, "grad_buffer": st.static.grad_buffer,
-                             "optimizer": st.static.optimizer},
-        "dynamic_measured": measured, "dynamic_estimated": st.dynamic,
-        "estimated_parts": {"activations": st.activations, "loss_head": st.loss_head,
-                            "backward_transient": st.backward_transient,
-                            "embedding_backward": st.embedding_backward,
-                            "optimizer_step": st.optimizer_step},
-        "method": method, **rss,
+        "static_estimated": {
+            "weights": st.static.weights,
+            "grad_buffer": st.static.grad_buffer,
+            "optimizer": st.static.optimizer,
+        },
+        "dynamic_measured": measured,
+        "dynamic_estimated": st.dynamic,
+        "estimated_parts": {
+            "activations": st.activations,
+            "loss_head": st.loss_head,
+            "backward_transient": st.backward_transient,
+            "embedding_backward": st.embedding_backward,
+            "optimizer_step": st.optimizer_step,
+        },
+        "method": method,
+        **rss,
     }
 
 
@@ -212,8 +271,12 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--heads", default="unfused,fused", help="loss heads to measure")
     ap.add_argument("--chunk", type=int, default=512, help="fused head chunk size")
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                    help="parameter dtype on the CPU (CUDA always runs bf16)")
+    ap.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="parameter dtype on the CPU (CUDA always runs bf16)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -225,43 +288,72 @@ def main() -> int:
     rows = []
     for head in args.heads.split(","):
         for seq in map(int, args.seqs.split(",")):
-            cmd = [sys.executable, __file__, "--child", "--shape", args.shape, "--seq", str(seq),
-                   "--head", head, "--micro-batch", str(args.micro_batch),
-                   "--chunk", str(args.chunk), "--dtype", args.dtype]
-            proc = subprocess.run(cmd, capture_output=True, text=True,
-                                  env=dict(os.environ, PYTHONWARNINGS="ignore"))
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--shape",
+                args.shape,
+                "--seq",
+                str(seq),
+                "--head",
+                head,
+                "--micro-batch",
+                str(args.micro_batch),
+                "--chunk",
+                str(args.chunk),
+                "--dtype",
+                args.dtype,
+            ]
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore")
+            )
             line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
             if proc.returncode != 0 or not line:
-                print(f"[plan_accuracy] {head} seq {seq} failed:\n{proc.stderr[-3000:]}",
-                      file=sys.stderr)
+                print(
+                    f"[plan_accuracy] {head} seq {seq} failed:\n{proc.stderr[-3000:]}",
+                    file=sys.stderr,
+                )
                 return 1
             r = json.loads(line[-1])
             r["static_exact"] = r["static_measured"] == r["static_estimated"]
             r["dynamic_error"] = r["dynamic_estimated"] / r["dynamic_measured"] - 1
             rows.append(r)
-            print(f"[plan_accuracy] {head} seq {seq}: measured {r['dynamic_measured'] / 2**20:.1f}"
-                  f" MiB, estimated {r['dynamic_estimated'] / 2**20:.1f} MiB "
-                  f"({r['dynamic_error']:+.1%}); static exact: {r['static_exact']}",
-                  file=sys.stderr)
+            print(
+                f"[plan_accuracy] {head} seq {seq}: measured {r['dynamic_measured'] / 2**20:.1f}"
+                f" MiB, estimated {r['dynamic_estimated'] / 2**20:.1f} MiB "
+                f"({r['dynamic_error']:+.1%}); static exact: {r['static_exact']}",
+                file=sys.stderr,
+            )
     dev = device_name()
-    mib = 2 ** 20
-    md = [f"Planner vs measured training step, {args.shape} shape, TP=1, micro batch "
-          f"{args.micro_batch} ({dev}, {rows[0]['dtype']}, torch {torch.__version__}). "
-          f"Dynamic: {rows[0]['method']}.", "",
-          "| head | seq | static measured (MiB) | static estimated (MiB) | dynamic measured (MiB) "
-          "| dynamic estimated (MiB) | error | activations / head / backward / embedding / step (MiB) |",
-          "|---|---:|---:|---:|---:|---:|---:|---|"]
+    mib = 2**20
+    md = [
+        f"Planner vs measured training step, {args.shape} shape, TP=1, micro batch "
+        f"{args.micro_batch} ({dev}, {rows[0]['dtype']}, torch {torch.__version__}). "
+        f"Dynamic: {rows[0]['method']}.",
+        "",
+        "| head | seq | static measured (MiB) | static estimated (MiB) | dynamic measured (MiB) "
+        "| dynamic estimated (MiB) | error "
+        "| activations / head / backward / embedding / step (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         sm, se = sum(r["static_measured"].values()), sum(r["static_estimated"].values())
         parts = " / ".join(f"{v / mib:.0f}" for v in r["estimated_parts"].values())
-        md.append(f"| {r['head']} | {r['seq']} | {sm / mib:.1f} | {se / mib:.1f}"
-                  f"{'' if r['static_exact'] else ' (differs)'} | "
-                  f"{r['dynamic_measured'] / mib:.1f} | {r['dynamic_estimated'] / mib:.1f} | "
-                  f"{r['dynamic_error']:+.1%} | {parts} |")
+        md.append(
+            f"| {r['head']} | {r['seq']} | {sm / mib:.1f} | {se / mib:.1f}"
+            f"{'' if r['static_exact'] else ' (differs)'} | "
+            f"{r['dynamic_measured'] / mib:.1f} | {r['dynamic_estimated'] / mib:.1f} | "
+            f"{r['dynamic_error']:+.1%} | {parts} |"
+        )
     print("\n".join(md))
     suffix = "_bf16" if rows[0]["dtype"] == "bf16" and device_tag() == "cpu" else ""
-    write_results(args.out, f"plan_accuracy_{device_tag()}_{args.shape}{suffix}",
-                  {"device": dev, "args": vars(args), "rows": rows}, "\n".join(md))
+    write_results(
+        args.out,
+        f"plan_accuracy_{device_tag()}_{args.shape}{suffix}",
+        {"device": dev, "args": vars(args), "rows": rows},
+        "\n".join(md),
+    )
     return 0
 
 

@@ -14,7 +14,9 @@
   of 8 x 80 GB, its "8 x 141 GB" comment is the planner's recommendation there, and the table
   in docs/training.md is what `probsft plan --recipes-table` prints.
 * The check the launchers call: refusal in one line with the recommended layout and the
-  override flag, arithmetic only (no torch, no megatron import); CLI table, JSON, errors.
+  override flag, arithmetic only (no torch, no megatron import); CLI table, JSON, bad input
+  (one line, exit 2), the recompute and optimizer choices read from the config's fields.
+* ``--help`` of every subcommand exits 0 (argparse %-formats help strings only then).
 """
 
 from __future__ import annotations

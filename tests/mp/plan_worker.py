@@ -25,33 +25,52 @@ state, which does not exist here. When :mod:`probsft_megatron.platform` provides
 fallback for that, this worker stands in an empty state for the ``saved`` measurement (the
 models have no dropout, so no random number is drawn inside a recomputed region).
 """
+
 import argparse
-import dataclasses
 import gc
-import json
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 
 from probsft_megatron import compat, runtime
 from probsft_megatron.fileio import atomic_write_json
-from probsft_megatron.model import ModelConfig, ParallelConfig, TINY_QWEN2, transformer_config
+from probsft_megatron.model import TINY_QWEN2, ModelConfig, ParallelConfig, transformer_config
 
 MODELS = {
     "tiny-qwen2": TINY_QWEN2,
     # sizes that are not multiples of 64, tied embeddings: the padding rules matter
-    "tiny-odd-tied": ModelConfig(arch="llama", num_layers=2, hidden_size=40, ffn_hidden_size=72,
-                                 num_attention_heads=4, num_query_groups=2, vocab_size=250,
-                                 tie_word_embeddings=True),
-    "smollm2-135m": ModelConfig(arch="llama", num_layers=30, hidden_size=576,
-                                ffn_hidden_size=1536, num_attention_heads=9, num_query_groups=3,
-                                vocab_size=49152, max_position_embeddings=8192,
-                                rope_theta=100000.0, tie_word_embeddings=True),
+    "tiny-odd-tied": ModelConfig(
+        arch="llama",
+        num_layers=2,
+        hidden_size=40,
+        ffn_hidden_size=72,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=250,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-135m": ModelConfig(
+        arch="llama",
+        num_layers=30,
+        hidden_size=576,
+        ffn_hidden_size=1536,
+        num_attention_heads=9,
+        num_query_groups=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
     # a small shape for the activation count (head dim 32, GQA, qkv bias)
-    "act-qwen2": ModelConfig(arch="qwen2", num_layers=2, hidden_size=256, ffn_hidden_size=768,
-                             num_attention_heads=8, num_query_groups=2, vocab_size=1024),
+    "act-qwen2": ModelConfig(
+        arch="qwen2",
+        num_layers=2,
+        hidden_size=256,
+        ffn_hidden_size=768,
+        num_attention_heads=8,
+        num_query_groups=2,
+        vocab_size=1024,
+    ),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -65,9 +84,12 @@ def set_layout(tp: int, pp: int) -> None:
 def ranks() -> dict:
     from megatron.core import parallel_state as ps
 
-    return {"rank": dist.get_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
-            "pp_rank": ps.get_pipeline_model_parallel_rank(),
-            "dp_rank": ps.get_data_parallel_rank()}
+    return {
+        "rank": dist.get_rank(),
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "dp_rank": ps.get_data_parallel_rank(),
+    }
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:
@@ -83,7 +105,8 @@ def measure_static(model_name: str, tp: int, pp: int, dist_opt: bool, dtype: str
     dp = world // (tp * pp)
     tconfig = transformer_config(model, ParallelConfig(tp, pp, False), params_dtype=DTYPES[dtype])
     chunks, optimizer = runtime.build_training_model(
-        model, tconfig, lr=1e-4, use_distributed_optimizer=dist_opt and dp > 1)
+        model, tconfig, lr=1e-4, use_distributed_optimizer=dist_opt and dp > 1
+    )
     ddp = chunks[0]
     for chunk in chunks:
         chunk.zero_grad_buffer()
@@ -114,11 +137,20 @@ def measure_static(model_name: str, tp: int, pp: int, dist_opt: bool, dtype: str
                         continue
                     kind = "adam_steps" if key == "step" else "adam_moments"
                     parts[kind][ptr] = n
-    rec = {"model": model_name, "tp": tp, "pp": pp, "dp": dp, "distributed_optimizer": dist_opt,
-           "dtype": dtype, "weights": sum(weights.values()), "grad_buffer": sum(grads.values()),
-           "grad_buffer_unpadded": sum(b.numel_unpadded for b in ddp.buffers)
-           * ddp.buffers[0].grad_data.element_size(),
-           **{k: sum(v.values()) for k, v in parts.items()}, **ranks()}
+    rec = {
+        "model": model_name,
+        "tp": tp,
+        "pp": pp,
+        "dp": dp,
+        "distributed_optimizer": dist_opt,
+        "dtype": dtype,
+        "weights": sum(weights.values()),
+        "grad_buffer": sum(grads.values()),
+        "grad_buffer_unpadded": sum(b.numel_unpadded for b in ddp.buffers)
+        * ddp.buffers[0].grad_data.element_size(),
+        **{k: sum(v.values()) for k, v in parts.items()},
+        **ranks(),
+    }
     del chunks, optimizer, ddp
     gc.collect()
     return rec
@@ -138,8 +170,9 @@ def cuda_rng_stand_in() -> bool:
         return True
 
 
-def measure_saved(model_name: str, tp: int, sp: bool, seq: int, attention: str,
-                  recompute: dict) -> dict:
+def measure_saved(
+    model_name: str, tp: int, sp: bool, seq: int, attention: str, recompute: dict
+) -> dict:
     """Bytes autograd keeps for backward from one forward (whole model, unfused head)."""
     from probsft_megatron.model import build_gpt_model
 
@@ -164,9 +197,17 @@ def measure_saved(model_name: str, tp: int, sp: bool, seq: int, attention: str,
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = gpt(tokens, position, None, labels=tokens)
     out.sum().backward()  # the recomputation in the backward must work too
-    rec = {"model": model_name, "tp": tp, "sp": sp, "seq": seq, "micro_batch": b,
-           "attention": attention, "recompute": recompute, "saved": sum(seen.values()),
-           **ranks()}
+    rec = {
+        "model": model_name,
+        "tp": tp,
+        "sp": sp,
+        "seq": seq,
+        "micro_batch": b,
+        "attention": attention,
+        "recompute": recompute,
+        "saved": sum(seen.values()),
+        **ranks(),
+    }
     del gpt, out
     gc.collect()
     return rec
@@ -180,37 +221,65 @@ def gather(records: list) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--static", default="", help="comma list of model:layout:distopt:dtype, "
-                    "layout tp1|tp2|pp2|dp (dp: TP=PP=1, all ranks data-parallel)")
-    ap.add_argument("--saved", default="", help="comma list of model:tp:sp:attention:recompute "
-                    "(recompute none|selective|uniform1|uniform2|block1)")
+    ap.add_argument(
+        "--static",
+        default="",
+        help="comma list of model:layout:distopt:dtype, "
+        "layout tp1|tp2|pp2|dp (dp: TP=PP=1, all ranks data-parallel)",
+    )
+    ap.add_argument(
+        "--saved",
+        default="",
+        help="comma list of model:tp:sp:attention:recompute "
+        "(recompute none|selective|uniform1|uniform2|block1)",
+    )
     ap.add_argument("--seqs", default="64,128")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     runtime.init_distributed(ParallelConfig(), seed=1234)
-    layouts = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "pp2dp": (1, 2), "tp2dp": (2, 1),
-               "dp": (1, 1)}
+    layouts = {
+        "tp1": (1, 1),
+        "tp2": (2, 1),
+        "pp2": (1, 2),
+        "pp2dp": (1, 2),
+        "tp2dp": (2, 1),
+        "dp": (1, 1),
+    }
     result = {"static": [], "saved": [], "unsupported": []}
     for spec in filter(None, args.static.split(",")):
         model_name, layout, dist_opt, dtype = spec.split(":")
         tp, pp = layouts[layout]
-        result["static"] += gather([measure_static(model_name, tp, pp, dist_opt == "distopt",
-                                                   dtype)])
-    recomputes = {"none": {}, "selective": {"recompute_granularity": "selective"},
-                  "uniform1": {"recompute_granularity": "full", "recompute_method": "uniform",
-                               "recompute_num_layers": 1},
-                  "uniform2": {"recompute_granularity": "full", "recompute_method": "uniform",
-                               "recompute_num_layers": 2},
-                  "block1": {"recompute_granularity": "full", "recompute_method": "block",
-                             "recompute_num_layers": 1}}
+        result["static"] += gather(
+            [measure_static(model_name, tp, pp, dist_opt == "distopt", dtype)]
+        )
+    recomputes = {
+        "none": {},
+        "selective": {"recompute_granularity": "selective"},
+        "uniform1": {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        },
+        "uniform2": {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 2,
+        },
+        "block1": {
+            "recompute_granularity": "full",
+            "recompute_method": "block",
+            "recompute_num_layers": 1,
+        },
+    }
     if args.saved:
         result["cuda_rng_stand_in"] = cuda_rng_stand_in()
     for spec in filter(None, args.saved.split(",")):
         model_name, tp, sp, attention, recompute = spec.split(":")
         for seq in map(int, args.seqs.split(",")):
             try:
-                rec = measure_saved(model_name, int(tp), sp == "sp", seq, attention,
-                                    recomputes[recompute])
+                rec = measure_saved(
+                    model_name, int(tp), sp == "sp", seq, attention, recomputes[recompute]
+                )
             except AssertionError as exc:  # e.g. a CUDA-only mask built in the recompute
                 if "CUDA" not in str(exc):
                     raise
