@@ -3,10 +3,8 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 # megatron-core releases of the version matrix (docs/environment.md); .venv itself has 0.16.1.
-# 0.14.0 joins MCORE_MATRIX once model.py builds SDPAttention through
-# compat.core_attention_module (0.14 passes core attention a keyword of its own).
 MCORE ?= 0.16.1
-MCORE_MATRIX ?= 0.15.3
+MCORE_MATRIX ?= 0.14.0 0.15.3
 
 .PHONY: venv test test-fast test-mcore test-mcore-matrix lint-docker demo clean
 
