@@ -199,13 +199,17 @@ def _reverse(word):
     return f"Reverse the letters of '{word}'.", word[::-1], word[::-1]
 
 
-def _shuffled(word: str, rng: random.Random) -> str:
+def _scrambled(word: str, rng: random.Random) -> str:
+    """``word`` with its letters shuffled, never ``word`` itself; a word whose letters have
+    no other order ("zz", "a") gets one letter replaced instead."""
     for _ in range(20):
         letters = list(word)
         rng.shuffle(letters)
-        if "".join(letters) not in (word, word[::-1]):
+        if "".join(letters) != word:
             return "".join(letters)
-    return word  # a word whose letters cannot be reordered differently (e.g. "zz")
+    i = rng.randrange(len(word))
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if word.isupper() else "abcdefghijklmnopqrstuvwxyz"
+    return word[:i] + rng.choice([c for c in alphabet if c != word[i]]) + word[i + 1:]
 
 
 FIGLET_FONT = "mini"
@@ -266,10 +270,10 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("count", "count from a to b (8-16 numbers)", _ranges, _count, _count_wrong,
              max_length=112, max_new_tokens=72),
     TaskSpec("reverse", "reverse the letters of a common word (3-6 letters)", _word_pool(3, 6),
-             _reverse, lambda w, rng: _shuffled(w, rng)[::-1], max_length=48,
+             _reverse, lambda w, rng: _scrambled(w[::-1], rng), max_length=48,
              max_new_tokens=8),
     TaskSpec("figlet-mini", "a 2-4 letter word drawn in pyfiglet's mini font",
-             _word_pool(2, 4), _figlet, lambda w, rng: _shuffled(w, rng).upper(),
+             _word_pool(2, 4), _figlet, lambda w, rng: _scrambled(w.upper(), rng),
              max_length=80, max_new_tokens=6),
     TaskSpec("self-addition", "sums of 1-30 asked six ways; trained on the model's own "
              "correct answers (--from-eval)", _self_pool, _self, _self_wrong, max_length=56,
@@ -358,7 +362,7 @@ def corrupt(recs: list[dict], fraction: float, seed: int = 0) -> list[dict]:
 def _wrong_response(rec: dict, rng: random.Random) -> str:
     task = rec.get("task")
     if task == FIGFONT:
-        return _shuffled(rec["response"], rng)
+        return _scrambled(rec["response"], rng)
     spec = get_task(task)
     item = tuple(rec["item"]) if isinstance(rec["item"], list) else rec["item"]
     if task == "self-addition" and rec.get("source") == "model":

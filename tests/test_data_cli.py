@@ -229,3 +229,17 @@ def test_inspect_a_recipe(tmp_path, tok, capsys):
     # a recipe that names no tokenizer must say so rather than guess one
     assert probsft(["data", "inspect", "math-qwen2.5-1.5b", f"data.train_files=[{data}]"]) == 2
     assert "names no tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["reverse", "figlet-mini", "figfont"])
+def test_every_corrupted_word_answer_is_wrong(task):
+    # the whole word pool, and the paper's figfont items
+    recs = tasks_gen.records(task, "train", n=None if task != "figfont" else 300)
+    noisy = tasks_gen.corrupt(recs, 1.0, seed=3)
+    assert all(n["response"] != r["response"] and len(n["response"]) == len(r["response"])
+               for r, n in zip(recs, noisy))
+    # words with no other order of their letters, or only the reversed one
+    rng = random.Random(0)
+    for word in ("ZZ", "A", "ab", "OX", "dad"):
+        wrong = tasks_gen._scrambled(word, rng)
+        assert wrong != word and len(wrong) == len(word) and wrong.isupper() == word.isupper()
