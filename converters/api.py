@@ -10,6 +10,13 @@ Both directions stream: the whole model exists once, as the TP=1/PP=1 Megatron m
 HF tensors are read straight into it (or written out of it) one tensor at a time, so peak
 host memory is about one model plus one tensor. Both run in a single process (gloo, world
 size 1) and write their output under a temporary name that is renamed when complete.
+
+Nothing is lost: every input is checked before any work (a damaged checkpoint or export is
+named with the damaged file, :mod:`probsft_megatron.manifest`), the output may not be, contain
+or lie inside an input (with or without ``overwrite``), and ``overwrite`` replaces only a
+previous output of the same kind (a Megatron model dir, or a Hugging Face export written by
+probsft), never an arbitrary folder. Every output carries a ``probsft_manifest.json``
+written before its rename.
 """
 from __future__ import annotations
 
@@ -23,12 +30,13 @@ from pathlib import Path
 
 import torch
 
+from probsft_megatron import manifest
+from probsft_megatron.config import ModelConfig, check_model_dir
 from probsft_megatron.converters import hf_config, layout, megatron_io
 from probsft_megatron.converters.mapping import IGNORED_HF_SUFFIXES, TensorMap, tensor_maps
 from probsft_megatron.converters.safetensors_io import (TensorInfo, read_header, read_into,
                                                         read_tensor, write_file)
 from probsft_megatron.errors import CheckpointError, ConfigError
-from probsft_megatron.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +71,45 @@ def parse_size(text: str | int) -> int:
 
 
 def _hf_folder(path: str | os.PathLike, what: str) -> Path:
+    """``path`` if it is a Hugging Face folder with a readable config.json (and, for an
+    export written by probsft, intact against its manifest); one line otherwise."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        reason = "does not exist" if not folder.exists() else "has no config.json"
+        if not folder.exists():
+            reason = "does not exist"
+        elif not folder.is_dir():
+            reason = "is a file"
+        else:
+            kind = manifest.folder_kind(folder)
+            reason = (f"is {manifest.describe(folder)}, not a Hugging Face folder" if kind
+                      else "has no config.json")
         raise CheckpointError(f"{what} {folder} {reason}; pass a Hugging Face checkpoint folder")
+    if manifest.folder_kind(folder) in (manifest.MODEL_DIR, manifest.TRAINING_CHECKPOINT):
+        raise CheckpointError(f"{what} {folder} is {manifest.describe(folder)}, not a Hugging "
+                              "Face folder; export it with probsft convert megatron-to-hf")
+    manifest.verify(folder)
     return folder
+
+
+def _read_config(folder: Path) -> dict:
+    """The parsed config.json of an HF folder; invalid JSON is one line naming the file."""
+    path = folder / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path} is not valid JSON ({first}); restore the file or save "
+                              "the model again with save_pretrained") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; it is not a model config")
+    return cfg
+
+
+def _drop_copied_markers(folder: Path) -> None:
+    """Remove the manifest and export record a copied HF template brought along: they describe
+    the template's folder, not this one."""
+    for name in (manifest.MANIFEST_FILE, manifest.LEGACY_EXPORT_FILE):
+        (folder / name).unlink(missing_ok=True)
 
 
 def _source_tensors(hf_dir: Path) -> dict[str, TensorInfo]:
@@ -137,7 +179,9 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             tensors, tied embeddings that differ; one line each.
     """
     hf_dir = _hf_folder(hf_dir, "Hugging Face folder")
-    cfg = json.loads((hf_dir / "config.json").read_text())
+    replace = manifest.check_output(out_dir, flag="--out", inputs=[("--hf", hf_dir)],
+                                    kind=manifest.MODEL_DIR, overwrite=overwrite)
+    cfg = _read_config(hf_dir)
     model = hf_config.model_config_from_hf(cfg, where=f"{hf_dir}/config.json")
     maps = {tm.hf_name: tm for tm in tensor_maps(model)}
     infos = _source_tensors(hf_dir)
@@ -149,7 +193,7 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     for info in infos.values():
         by_file[info.path].append(info)
     start = time.perf_counter()
-    with layout.staged(out_dir, overwrite=overwrite) as staging, megatron_io.single_process_group():
+    with layout.staged(out_dir, overwrite=replace) as staging, megatron_io.single_process_group():
         gpt = megatron_io.build_model(model, target)
         params = megatron_io.parameters(gpt)
         for i, path in enumerate(sorted(by_file), 1):
@@ -178,6 +222,8 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   "hf_dtype": str(infos["model.embed_tokens.weight"].dtype).removeprefix("torch.")}
         layout.write_model_config(staging, model, dtype=_dtype_name(target), source=source)
         layout.copy_hf_files(hf_dir, staging / layout.HF_DIR)
+        _drop_copied_markers(staging / layout.HF_DIR)
+        manifest.write_manifest(staging, manifest.MODEL_DIR)
     log.info("wrote %s in %.1f s", out_dir, time.perf_counter() - start)
     return layout.read_model_dir(out_dir)
 
@@ -223,21 +269,28 @@ def megatron_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     Returns:
         The export folder. Tied models get no ``lm_head.weight``.
     """
+    check_model_dir(ckpt_dir, "--ckpt")  # a model dir or training checkpoint, intact
     md = layout.read_model_dir(ckpt_dir)
     template = _hf_folder(hf_template, "--hf-template") if hf_template is not None else md.hf
+    replace = manifest.check_output(
+        out_dir, flag="--out", inputs=[("--ckpt", ckpt_dir), ("--hf-template", hf_template)],
+        kind=manifest.HF_EXPORT, overwrite=overwrite)
+    max_bytes = parse_size(max_shard_size)
+    if max_bytes < 1:
+        raise ConfigError(f"--max-shard-size {max_shard_size} must be a positive size, e.g. 2GB")
     stored = megatron_io.checkpoint_dtype(md.weights)
     out_dtype = _dtype(dtype) or stored
-    template_cfg = json.loads((template / "config.json").read_text()) if template else None
+    template_cfg = _read_config(template) if template else None
     config = hf_config.export_config(md.model, _dtype_name(out_dtype), template_cfg,
                                      where=f"{template}/config.json")
     maps = tensor_maps(md.model)
-    shards = _plan_shards(maps, out_dtype, parse_size(max_shard_size))
+    shards = _plan_shards(maps, out_dtype, max_bytes)
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     start = time.perf_counter()
-    with layout.staged(out_dir, overwrite=overwrite) as staging, megatron_io.single_process_group():
+    with layout.staged(out_dir, overwrite=replace) as staging, megatron_io.single_process_group():
         gpt = megatron_io.build_model(md.model, stored)
-        megatron_io.load_weights(gpt, md.weights)
+        _load_weights(gpt, md)
         params = megatron_io.parameters(gpt)
         log.info("loaded %s in %.1f s", md.weights, time.perf_counter() - start)
         by_name = {tm.hf_name: tm for tm in maps}
@@ -260,6 +313,7 @@ def megatron_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             (staging / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if template is not None:
             layout.copy_hf_files(template, staging)
+            _drop_copied_markers(staging)
         else:
             log.warning("no HF template (no hf/ in %s and no --hf-template): config.json is "
                         "generated and no tokenizer is exported", md.path)
@@ -267,8 +321,23 @@ def megatron_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         if not (staging / "generation_config.json").is_file():
             (staging / "generation_config.json").write_text(
                 json.dumps(_generation_config(config), indent=2) + "\n")
+        manifest.write_manifest(staging, manifest.HF_EXPORT, source=str(md.path.absolute()))
     log.info("exported %s in %.1f s", out_dir, time.perf_counter() - start)
     return Path(out_dir)
+
+
+def _load_weights(gpt, md: layout.ModelDir) -> None:
+    """Load a model dir's weights; a shard that cannot be read (a checkpoint written before
+    manifests, damaged since) is one line naming the step or folder and the fix."""
+    from probsft_megatron.checkpoint import read_failure
+
+    try:
+        megatron_io.load_weights(gpt, md.weights)
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch DCP (a BaseException), pickle and zip errors
+        damage = f"its weights cannot be read ({read_failure(exc)})"
+        raise CheckpointError(manifest.damaged_message(md.path, damage)) from None
 
 
 def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:

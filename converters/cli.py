@@ -4,12 +4,13 @@
     probsft convert megatron-to-hf --ckpt DIR --out DIR [--hf-template DIR] [--dtype bfloat16]
                                    [--max-shard-size 2GB] [--overwrite]
     probsft convert smollm2 [--out DIR]      # the embedded SmolLM2-135M-Instruct, converted
+
+``--out`` may not be, contain or lie inside an input, with or without ``--overwrite``;
+``--overwrite`` replaces only a previous output of the same kind (docs/errors.md).
 """
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -20,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--hf", required=True, help="Hugging Face checkpoint folder")
     p.add_argument("--out", required=True, help="Megatron model dir to write")
     p.add_argument("--dtype", choices=_DTYPES, help="weights dtype (default: the checkpoint's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that holds a previous Megatron model dir")
     p = sub.add_parser("megatron-to-hf", help="Megatron model dir -> HF safetensors folder")
     p.add_argument("--ckpt", required=True,
                    help="Megatron model dir (model_config.json + weights/)")
@@ -29,21 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=_DTYPES, help="exported dtype (default: the checkpoint's)")
     p.add_argument("--max-shard-size", default="2GiB",
                    help="largest safetensors file (default 2GiB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that holds a previous export of probsft")
     p = sub.add_parser("smollm2", help="convert the embedded SmolLM2-135M-Instruct (cached)")
     p.add_argument("--out", help="Megatron model dir to write (default: in the probsft cache)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run one conversion; user errors propagate as ``ProbsftError`` (printed as one line)."""
+    """Run one conversion; user errors propagate as ``ProbsftError`` (printed as one line by
+    the CLI's error wrapper, which also set up logging: progress goes to stderr)."""
     from probsft_megatron.converters import api
 
-    logger = logging.getLogger("probsft_megatron.converters")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
     if args.direction == "hf-to-megatron":
         out = api.hf_to_megatron(args.hf, args.out, dtype=args.dtype, overwrite=args.overwrite).path
     elif args.direction == "megatron-to-hf":

@@ -10,7 +10,11 @@ resuming needs::
         rng/rank_00000.pt   (per-rank torch / CUDA / megatron RNG states)
 
 It is written under ``.step_0000100.partial`` and renamed only after every rank has finished,
-so a crash mid-write leaves the previous checkpoint as the newest complete one. The model
+so a crash mid-write leaves the previous checkpoint as the newest complete one. Before the
+rename rank 0 lists every file with its size and CRC-32 in ``probsft_manifest.json``
+(:mod:`probsft_megatron.manifest`); loading checks the folder against it, and a damaged
+checkpoint is refused in one line naming the step, the file and the fix. A checkpoint
+written before manifests existed loads unverified. The model
 weights reshard on load (export or fine-tune at any TP/PP); the distributed optimizer's state
 resumes at the same TP/PP with any DP size (see :func:`compat.optimizer_sharded_state_dict`).
 """
@@ -18,8 +22,8 @@ resumes at the same TP/PP with any DP size (see :func:`compat.optimizer_sharded_
 from __future__ import annotations
 
 import json
+import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,36 +31,52 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from probsft_megatron import compat
+from probsft_megatron import compat, manifest
 from probsft_megatron import model_dir as layout
 from probsft_megatron.config import ModelConfig
 from probsft_megatron.errors import CheckpointError
 from probsft_megatron.fileio import atomic_write_json
+from probsft_megatron.manifest import STEP_RE, step_name  # noqa: F401  (the names live there)
 
-STEP_RE = re.compile(r"^step_(\d{7})$")
 CRASH_ENV = "PROBSFT_TEST_CRASH_BEFORE_RENAME"  # tests: die after writing, before the rename
 
-
-def step_name(step: int) -> str:
-    return f"step_{step:07d}"
+logger = logging.getLogger(__name__)
 
 
 def complete_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint under ``ckpt_root``, oldest first."""
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = STEP_RE.match(p.name)
-        if m and (p / "train_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    """(step, path) of every complete checkpoint under ``ckpt_root`` (renamed into place),
+    oldest first; :func:`latest_checkpoint` also checks their manifests."""
+    return manifest.step_folders(ckpt_root)
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    found = complete_checkpoints(ckpt_root)
-    return found[-1][1] if found else None
+    """The newest complete checkpoint that is intact (matches its manifest), or None.
+
+    A newer damaged checkpoint is passed over with a warning naming it and the damage. A run
+    never gets here silently: the job's validation
+    (:func:`probsft_megatron.config.check_resume`) refuses to resume past a damaged
+    checkpoint unless ``train.resume_skip_damaged=true`` asks for it.
+    """
+    for step, path in reversed(complete_checkpoints(ckpt_root)):
+        damage = manifest.checkpoint_damage(path)
+        if damage is None:
+            return path
+        logger.warning("DAMAGED checkpoint step %d skipped (%s): %s", step, path, damage)
+    return None
+
+
+def read_failure(exc: BaseException) -> str:
+    """A short phrase for why checkpoint files could not be read: torch DCP wraps each rank's
+    error in a ``CheckpointException`` (a ``BaseException``) with a traceback in its text; the
+    innermost error's type and first line are what a person needs."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) and inner else inner
+        if isinstance(inner, BaseException):
+            exc = inner
+    text = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _rank() -> int:
@@ -129,17 +149,26 @@ def save_checkpoint(
         if hf_template is not None and Path(hf_template).is_dir():
             layout.copy_hf_files(hf_template, staging / layout.HF_DIR)
         atomic_write_json(staging / "train_state.json", dict(train_state, step=step), default=str)
+        manifest.write_manifest(staging, manifest.TRAINING_CHECKPOINT, step=step)
         if os.environ.get(CRASH_ENV) == str(step):
             os._exit(17)
         layout.commit_staging(staging, final)
-        for _, old in complete_checkpoints(root)[:-keep_last]:
+        # keep the newest ``keep_last`` up to this step; newer folders (left by a run that
+        # resumed past a damaged checkpoint) are replaced when the run reaches their step
+        older = [path for s, path in complete_checkpoints(root) if s <= step]
+        for old in older[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
 
 def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
-    """Load weights (+ optimizer when given) and this rank's RNG; returns the train state."""
+    """Load weights (+ optimizer when given) and this rank's RNG; returns the train state.
+
+    The folder is checked against its manifest first (every rank reaches the same verdict);
+    a damaged or unreadable checkpoint is a one-line CheckpointError naming the step, the
+    file and the fix.
+    """
     path = Path(path)
     state_file = path / "train_state.json"
     if not state_file.is_file():
@@ -147,14 +176,30 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
             f"{path} is not a complete training checkpoint "
             "(no train_state.json); point to a step_NNNNNNN folder"
         )
-    loaded = compat.dist_load(
-        _sharded_state(model, optimizer, is_loading=True), str(path / "weights")
-    )
+    if not manifest.verify(path, resuming=True):
+        logger.info("%s has no manifest (written by an earlier version): loading unverified", path)
+    damage = manifest.json_damage(state_file)
+    if damage is not None:
+        raise CheckpointError(manifest.damaged_message(path, damage, resuming=True))
+    try:
+        loaded = compat.dist_load(
+            _sharded_state(model, optimizer, is_loading=True), str(path / "weights")
+        )
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # a truncated or corrupt shard: DCP, miniz and pickle errors
+        damage = f"its weights cannot be read ({read_failure(exc)})"
+        raise CheckpointError(manifest.damaged_message(path, damage, resuming=True)) from None
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
         with torch.no_grad():  # megatron copies into leaf parameters in place
             optimizer.load_state_dict(loaded["optimizer"])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            rng = torch.load(rng_file, weights_only=False)
+        except Exception as exc:  # a truncated zip archive
+            damage = f"{rng_file.relative_to(path)} cannot be read ({read_failure(exc)})"
+            raise CheckpointError(manifest.damaged_message(path, damage, resuming=True)) from None
+        _set_rng_state(rng)
     return json.loads(state_file.read_text())

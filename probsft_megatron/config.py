@@ -12,8 +12,13 @@ Three steps, each once:
    fails with one line naming it.
 2. **validate** (:func:`validate`): the combinations, for a given world size: TP*PP dividing the
    world size, the micro batch dividing the global batch, heads/vocabulary divisible by TP,
-   recomputation layers per stage, the objective's spelling, data sources. Cheap: no process
-   group, tokenizer, model or data file is touched.
+   recomputation layers per stage, the objective's spelling, data sources. With
+   ``files=True`` (what a run and its dry run ask, through ``resolve_job``) also every path
+   the job reads or writes (:func:`check_files`): the data files exist and are files, the
+   tokenizer and ``init.checkpoint`` are what they should be and intact (their manifests),
+   ``train.output_dir`` can be written and does not overlap an input, and a resume would
+   not start from a damaged checkpoint. Cheap: no process group, tokenizer or model is
+   built, and no data file is read.
 3. **resolve** (:func:`probsft_megatron.job.resolve_job`): validate, then decide what a run
    derives from the config (the checkpoint's model, DP size, dtype, attention, objective,
    tokenizer, paths) into a frozen :class:`~probsft_megatron.job.Job`, which training reads.
@@ -35,14 +40,18 @@ This module imports neither megatron nor torch at import time (``probsft objecti
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from probsft_megatron import hardware, resources
-from probsft_megatron.errors import ConfigError
+from probsft_megatron import hardware, manifest, resources
+from probsft_megatron.errors import CheckpointError, ConfigError
 from probsft_megatron.typed_yaml import apply_override, deep_merge, from_mapping, read_yaml_mapping
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DataConfig",
@@ -55,6 +64,10 @@ __all__ = [
     "TrainJobConfig",
     "apply_override",
     "build_config",
+    "check_files",
+    "check_model_dir",
+    "check_tokenizer",
+    "check_resume",
     "list_presets",
     "list_recipes",
     "load_config",
@@ -86,6 +99,22 @@ TRUNCATIONS = ("right", "error")
 def _one_of(key: str, value: Any, allowed, hint: str = "") -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is invalid; use one of {', '.join(allowed)}{hint}")
+
+
+def _at_least(key: str, value: Any, low: float, hint: str = "") -> None:
+    """``value >= low`` (and a finite number), else a one-line ConfigError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+        raise ConfigError(f"{key} must be >= {low:g} (got {value!r}){hint}")
+    if value == float("inf"):
+        raise ConfigError(f"{key} must be a finite number (got {value!r})")
+
+
+def _positive(key: str, value: Any, hint: str = "") -> None:
+    """``value > 0`` (and a finite number), else a one-line ConfigError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{key} must be > 0 (got {value!r}){hint}")
+    if value == float("inf"):
+        raise ConfigError(f"{key} must be a finite number (got {value!r})")
 
 
 # -- sections ----------------------------------------------------------------------------------
@@ -120,6 +149,22 @@ class ModelConfig:
             raise ConfigError(
                 f"model.arch={self.arch!r} is not supported; use one of {', '.join(ARCHITECTURES)}"
             )
+        for key in (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "vocab_size",
+            "max_position_embeddings",
+        ):
+            _at_least(f"model.{key}", getattr(self, key), 1)
+        if self.head_dim is not None:
+            _at_least("model.head_dim", self.head_dim, 1)
+        for key in ("rope_theta", "rms_norm_eps", "init_std"):
+            _positive(f"model.{key}", getattr(self, key))
+        if self.rope_scaling_factor is not None:
+            _positive("model.rope_scaling_factor", self.rope_scaling_factor)
         if self.qkv_bias is None:
             object.__setattr__(self, "qkv_bias", self.arch == "qwen2")
         if self.head_dim is None:
@@ -181,6 +226,8 @@ class ParallelConfig:
     recompute_num_layers: int = 1
 
     def __post_init__(self) -> None:
+        _at_least("parallel.tensor_model_parallel_size", self.tensor_model_parallel_size, 1)
+        _at_least("parallel.pipeline_model_parallel_size", self.pipeline_model_parallel_size, 1)
         _one_of(
             "parallel.recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES
         )
@@ -353,7 +400,21 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _one_of("optim.schedule", self.schedule, SCHEDULES)
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError("optim.warmup_ratio must be in [0, 1)")
+            raise ConfigError(f"optim.warmup_ratio must be in [0, 1) (got {self.warmup_ratio!r})")
+        _positive("optim.lr", self.lr, " (the peak learning rate, e.g. 5e-5)")
+        _at_least("optim.min_lr", self.min_lr, 0)
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"optim.min_lr={self.min_lr!r} is above optim.lr={self.lr!r}; the schedule decays "
+                "from lr to min_lr: lower min_lr"
+            )
+        _at_least("optim.weight_decay", self.weight_decay, 0)
+        for key in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"optim.{key} must be in [0, 1) (got {value!r})")
+        _positive("optim.adam_eps", self.adam_eps)
+        _at_least("optim.clip_grad", self.clip_grad, 0, " (0 turns clipping off)")
 
 
 @dataclass(frozen=True)
@@ -371,19 +432,27 @@ class TrainConfig:
     log_interval: int = 1
     histogram_interval: int = 50  # steps between histograms of p (0 = never)
     resume: bool = True  # continue from the newest complete checkpoint in output_dir
+    # resume from the newest *intact* checkpoint when newer ones are damaged (each is named in
+    # a warning); without it a damaged newest checkpoint stops the run before any work
+    resume_skip_damaged: bool = False
     tensorboard: bool = True
     # seconds a collective waits for the other ranks before the run stops with an error (a
     # dead or hung rank); also bounds the slowest rank's share of a checkpoint save
     dist_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        for key in ("global_batch_size", "micro_batch_size", "epochs"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1 (got {getattr(self, key)})")
+        for key in ("global_batch_size", "micro_batch_size", "epochs", "log_interval"):
+            _at_least(f"train.{key}", getattr(self, key), 1)
+        if self.max_steps is not None:
+            _at_least("train.max_steps", self.max_steps, 1, " (or null: every step of the epochs)")
+        _at_least("train.save_interval", self.save_interval, 0, " (0: save only at the end)")
+        _at_least("train.histogram_interval", self.histogram_interval, 0, " (0: never)")
+        if not str(self.output_dir).strip():
+            raise ConfigError("train.output_dir is empty; name the run's folder, e.g. runs/sft")
         _one_of("train.attention", self.attention, ATTENTION_IMPLS)
         _one_of("train.precision", self.precision, ("auto", *PRECISIONS))
         if self.keep_last < 1:
-            raise ConfigError("train.keep_last must be >= 1")
+            raise ConfigError(f"train.keep_last must be >= 1 (got {self.keep_last})")
         if not self.dist_timeout_s > 0:
             raise ConfigError(
                 f"train.dist_timeout_s must be > 0 seconds (got {self.dist_timeout_s}); "
@@ -414,10 +483,10 @@ class TrainJobConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self, world_size: int) -> int:
+    def validate(self, world_size: int, *, files: bool = False) -> int:
         """Check the whole job against ``world_size`` processes; returns the DP size
-        (:func:`validate`)."""
-        return validate(self, world_size)
+        (:func:`validate`; ``files=True`` also checks every path, :func:`check_files`)."""
+        return validate(self, world_size, files=files)
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -470,14 +539,21 @@ def validate_layout(
     return world_size // (tp * pp)
 
 
-def validate(cfg: TrainJobConfig, world_size: int) -> int:
+def validate(cfg: TrainJobConfig, world_size: int, *, files: bool = False) -> int:
     """The one validation of a job for ``world_size`` processes; returns the DP size.
 
     Checks what single keys cannot: the layout (:func:`validate_layout`), the batch split,
     the objective's spelling, the data sources, Transformer Engine for ``train.attention=te``,
-    the sequence length against the model. Touches no process group, tokenizer, model or
+    the sequence length against the model. With ``files`` (a run and its dry run, through
+    :func:`probsft_megatron.job.resolve_job`) first every path the job reads or writes
+    (:func:`check_files`); without it (planning a job for another machine, as the launcher
+    does) no file is looked at. Touches no process group, tokenizer or model, and reads no
     data file.
     """
+    if world_size < 1:
+        raise ConfigError(f"the number of processes must be >= 1 (got {world_size})")
+    if files:
+        check_files(cfg)
     dp = validate_layout(cfg.parallel, world_size, cfg.model)
     cfg.data.validate()
     t = cfg.train
@@ -502,6 +578,226 @@ def validate(cfg: TrainJobConfig, world_size: int) -> int:
 
         parse_objective(cfg.loss.objective)
     return dp
+
+
+# -- files: what a run reads and writes ----------------------------------------------------
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+BUILTIN_TOKENIZERS = {"smollm2": 49152}
+"""Tokenizers known by name (:mod:`probsft_megatron.tokenizers`) and their number of ids."""
+
+
+def check_model_dir(
+    path: str | os.PathLike, key: str, *, training_checkpoint_ok: bool = True
+) -> Path:
+    """``path`` if it is a complete, intact Megatron model dir (a converted model or a
+    training checkpoint); else a one-line error naming ``key`` and what to pass instead.
+
+    ``training_checkpoint_ok=False``: a training checkpoint (weights saved together with the
+    optimizer state) is refused with the way round it.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise ConfigError(
+            f"{key} {folder} does not exist; name a Megatron model dir "
+            "(probsft convert hf-to-megatron) or a training checkpoint (RUN/checkpoints/step_N)"
+        )
+    if not folder.is_dir():
+        raise ConfigError(f"{key} {folder} is a file; name a Megatron model dir (a folder)")
+    kind = manifest.folder_kind(folder)
+    if kind == manifest.TRAINING_RUN:
+        steps = manifest.step_folders(folder / "checkpoints")
+        example = steps[-1][1] if steps else folder / "checkpoints" / "step_NNNNNNN"
+        raise ConfigError(
+            f"{key} {folder} is a training run folder, not a model dir; name one of its "
+            f"checkpoints, e.g. {example}"
+        )
+    if kind == manifest.HF_EXPORT or (kind is None and (folder / "config.json").is_file()):
+        raise ConfigError(
+            f"{key} {folder} is a Hugging Face folder; convert it first (probsft convert "
+            f"hf-to-megatron --hf {folder} --out DIR) and name DIR"
+        )
+    if kind is None:
+        raise ConfigError(
+            f"{key} {folder} is not a Megatron model dir (no model_config.json); name a "
+            "folder written by probsft convert hf-to-megatron or a training checkpoint"
+        )
+    if kind == manifest.TRAINING_CHECKPOINT and not training_checkpoint_ok:
+        raise ConfigError(
+            f"{key} {folder} is a training checkpoint (weights saved with the optimizer "
+            "state), which cannot be loaded here yet; continue that run (its train.output_dir) "
+            f"or export it and convert the export: probsft convert megatron-to-hf --ckpt "
+            f"{folder} --out HF, then probsft convert hf-to-megatron --hf HF --out DIR"
+        )
+    try:
+        manifest.verify(folder)
+    except CheckpointError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return folder
+
+
+def check_tokenizer(spec: str, key: str) -> None:
+    """``spec`` names a built-in tokenizer or a folder (or a model dir's ``hf/``) with
+    tokenizer files; else one line naming ``key``."""
+    if spec in BUILTIN_TOKENIZERS:
+        return
+    folder = Path(spec)
+    if not folder.exists():
+        raise ConfigError(
+            f"{key} {spec} does not exist; name a folder with tokenizer files "
+            f"({', '.join(TOKENIZER_FILES[:2])}) or one of {', '.join(BUILTIN_TOKENIZERS)}"
+        )
+    if not folder.is_dir():
+        raise ConfigError(f"{key} {spec} is a file; name the folder that holds the tokenizer")
+    if (folder / "hf").is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        folder = folder / "hf"
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{key} {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+            "name a folder that has them, or smollm2"
+        )
+
+
+def tokenizer_vocab_size(folder: str | os.PathLike) -> int | None:
+    """The number of token ids of a Hugging Face ``tokenizer.json`` in ``folder`` (the largest
+    id + 1, added tokens included), read without building the tokenizer; None when there is
+    no such file."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise ConfigError(f"{path} is not valid JSON; save the tokenizer there again") from None
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+    ids += [t.get("id", -1) for t in data.get("added_tokens") or [] if isinstance(t, dict)]
+    ids = [i for i in ids if isinstance(i, int)]
+    return max(ids) + 1 if ids else None
+
+
+def _tokenizer_folder(spec: str) -> Path | None:
+    if spec in BUILTIN_TOKENIZERS:
+        return None
+    folder = Path(spec)
+    if (folder / "hf").is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        folder = folder / "hf"
+    return folder
+
+
+def check_vocab_fits(tokenizer: str, vocab_size: int, key: str) -> None:
+    """A tokenizer whose ids reach past the model's vocabulary would index past the embedding;
+    refuse it in one line (a tokenizer without tokenizer.json is not checked here)."""
+    folder = _tokenizer_folder(tokenizer)
+    size = BUILTIN_TOKENIZERS.get(tokenizer) if folder is None else tokenizer_vocab_size(folder)
+    if size is not None and size > vocab_size:
+        raise ConfigError(
+            f"{key} {tokenizer} has {size} token ids but the model's vocabulary has "
+            f"{vocab_size}; use the tokenizer the model was trained with"
+        )
+
+
+def check_data_files(data: DataConfig, key: str = "data.train_files") -> None:
+    """Every data file exists, is a non-empty file, and has a format the loader reads."""
+    data.validate()
+    if data.source != "file":
+        return
+    for name in data.train_files:
+        path = Path(name)
+        if not path.exists():
+            raise ConfigError(f"{key}: {path} does not exist; name an existing data file")
+        if path.is_dir():
+            found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
+            if found:
+                raise ConfigError(
+                    f"{key}: {path} is a folder, not a data file; list its files instead, "
+                    f"e.g. {path / found[0]}"
+                )
+            raise ConfigError(
+                f"{key}: {path} is a folder with no .jsonl/.json/.parquet file in it; list "
+                "data files"
+            )
+        if path.stat().st_size == 0:
+            raise ConfigError(f"{key}: {path} is empty; it holds no records")
+        if data.format in ("auto", "numina", "m23k") and path.suffix.lower() not in DATA_SUFFIXES:
+            raise ConfigError(
+                f"{key}: cannot tell the format of {path} from its extension; rename it to "
+                ".jsonl/.json/.parquet or set data.format=jsonl or data.format=parquet"
+            )
+
+
+def check_resume(train: TrainConfig) -> Path | None:
+    """The checkpoint a run of ``train.output_dir`` would resume from (None: a fresh start).
+
+    A damaged newest checkpoint stops the run here, in one line naming the step, the file
+    and the fix, unless ``train.resume_skip_damaged`` asks to fall back to the newest intact
+    one (which is then announced in a warning for every damaged checkpoint passed over).
+    """
+    if not train.resume:
+        return None
+    root = Path(train.output_dir) / "checkpoints"
+    steps = manifest.step_folders(root)
+    for step, path in reversed(steps):
+        damage = manifest.checkpoint_damage(path)
+        if damage is None:
+            return path
+        if not train.resume_skip_damaged:
+            raise CheckpointError(manifest.damaged_message(path, damage, resuming=True))
+        logger.warning(
+            "DAMAGED checkpoint step %d passed over (train.resume_skip_damaged=true): %s: %s",
+            step,
+            path,
+            damage,
+        )
+    if steps:
+        raise CheckpointError(
+            f"every checkpoint under {root} is damaged; delete them (the run then starts from "
+            "its initial weights) or set train.resume=false"
+        )
+    return None
+
+
+def check_files(cfg: TrainJobConfig) -> None:
+    """Every path the job reads or writes, checked before any work (one line each):
+    ``init.checkpoint`` (an intact Megatron model dir), ``init.tokenizer`` (or the
+    checkpoint's ``hf/`` tokenizer), the data files, ``train.output_dir`` (writable, not an
+    input, not inside one, containing none), and the checkpoint a resume would load."""
+    init = cfg.init
+    if init.checkpoint is not None:
+        check_model_dir(init.checkpoint, "init.checkpoint", training_checkpoint_ok=False)
+    if init.tokenizer is not None:
+        check_tokenizer(init.tokenizer, "init.tokenizer")
+    elif init.checkpoint is not None:
+        hf = Path(init.checkpoint) / "hf"
+        if not any((hf / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(
+                f"init.checkpoint {init.checkpoint} has no tokenizer (no tokenizer files in "
+                "its hf/ folder); set init.tokenizer to a tokenizer folder or smollm2"
+            )
+    tokenizer = init.tokenizer or (str(Path(init.checkpoint) / "hf") if init.checkpoint else None)
+    if tokenizer is not None:
+        vocab = cfg.model.vocab_size
+        if init.checkpoint is not None:  # the checkpoint's model (checked just above)
+            meta = json.loads((Path(init.checkpoint) / "model_config.json").read_text())
+            vocab = int((meta.get("model") or {}).get("vocab_size") or vocab)
+        check_vocab_fits(tokenizer, vocab, "init.tokenizer" if init.tokenizer else "the tokenizer")
+    check_data_files(cfg.data)
+    inputs = [("init.checkpoint", init.checkpoint)]
+    if init.tokenizer not in (None, *BUILTIN_TOKENIZERS):
+        inputs.append(("init.tokenizer", init.tokenizer))
+    if cfg.data.source == "file":
+        inputs += [("data.train_files", f) for f in cfg.data.train_files]
+    out = cfg.train.output_dir
+    if manifest.check_output(out, flag="train.output_dir", inputs=inputs):
+        kind = manifest.folder_kind(out)
+        if kind != manifest.TRAINING_RUN and any(Path(out).iterdir()):
+            raise ConfigError(
+                f"train.output_dir {out} already exists and holds {manifest.describe(out)}, not "
+                "a training run; a run writes config.json, metrics.jsonl and checkpoints/ there: "
+                "choose another train.output_dir"
+            )
+    check_resume(cfg.train)
 
 
 # -- resolution of single values ------------------------------------------------------------
@@ -546,6 +842,11 @@ def load_preset(name: str) -> dict[str, Any]:
 
 
 def _resolve_recipe_path(ref: str, relative_to: Path | None) -> Path:
+    if Path(ref).is_dir():
+        raise ConfigError(
+            f"config {ref} is a folder; name a recipe YAML file in it or a shipped recipe "
+            f"({', '.join(list_recipes())})"
+        )
     candidates = [Path(ref)]
     if relative_to is not None:
         candidates.append(relative_to / ref)

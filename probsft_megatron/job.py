@@ -5,8 +5,9 @@ size (:func:`probsft_megatron.config.validate`) and resolves it into a frozen :c
 the model (a converted checkpoint's own config wins over the recipe's), the data-parallel
 size, the parameter dtype, the attention implementation, the parsed objective, the tokenizer
 and the paths. Training reads the Job, never the raw config; ``probsft train --dry-run`` and
-every rank of a real run call :func:`resolve_job` first. It is cheap and collective-free: the
-only file it reads is the checkpoint's ``model_config.json``.
+every rank of a real run call :func:`resolve_job` first. It is cheap and collective-free: it
+checks every path the job reads or writes (:func:`probsft_megatron.config.check_files`) and
+reads only the checkpoint's ``model_config.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from probsft_megatron.config import (
     ParallelConfig,
     TrainConfig,
     TrainJobConfig,
+    check_files,
     resolve_attention,
     resolve_precision,
     validate,
@@ -130,6 +132,7 @@ def resolve_job(cfg: TrainJobConfig, world_size: int) -> Job:
     recipe's: a note is logged when they differ).
     """
     cfg = dataclasses.replace(cfg)  # the Job's own container (the sections are frozen)
+    check_files(cfg)  # every path first (config.check_files), so the checkpoint read is sound
     init = cfg.init
     if init.checkpoint is not None:
         stored = read_model_config(init.checkpoint)

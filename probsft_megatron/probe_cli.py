@@ -9,6 +9,11 @@ cache first). ``--data`` is a recipe (its ``data`` section), a ``.jsonl`` / ``.j
 ``.parquet`` file, or ``figfont``; ``data.*`` overrides apply on top. With ``--nproc N`` the
 probe runs under ``torchrun --nproc-per-node N`` (TP*PP must divide N; the rest is DP). The
 report is cached by model, dtype and tokens; ``--refresh`` measures again.
+
+Every input is checked before any work (:func:`check_inputs`): the model (an intact model
+dir or a Hugging Face folder), the data file, the tokenizer (its ids must fit the model's
+vocabulary), the sizes, and ``--out`` (a writable folder that is not, does not contain and
+does not lie inside an input).
 """
 
 from __future__ import annotations
@@ -84,8 +89,79 @@ def data_config(spec: str, overrides: list[str]):
         cfg = build_config(raw).data
     else:
         cfg = load_config(spec, overrides).data
-    cfg.validate()
+    from probsft_megatron.config import check_data_files
+
+    check_data_files(cfg, "--data")
     return cfg
+
+
+def _model_vocab(model: Path) -> int:
+    """The vocabulary size of a Megatron model dir or a Hugging Face folder (config only)."""
+    import json
+
+    if (model / "model_config.json").is_file():
+        return int(json.loads((model / "model_config.json").read_text())["model"]["vocab_size"])
+    try:
+        return int(json.loads((model / "config.json").read_text())["vocab_size"])
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(
+            f"{model}/config.json is not a readable model config (valid JSON with vocab_size)"
+        ) from None
+
+
+def check_inputs(args: argparse.Namespace):
+    """Everything the probe can be given wrong, before any conversion, tokenizer or model:
+    returns the DataConfig. One line (ConfigError / CheckpointError) per problem."""
+    from probsft_megatron import manifest
+    from probsft_megatron.config import (
+        TOKENIZER_FILES,
+        check_model_dir,
+        check_tokenizer,
+        check_vocab_fits,
+    )
+
+    for flag, value in (
+        ("--nproc", args.nproc),
+        ("--tp", args.tp),
+        ("--pp", args.pp),
+        ("--micro-batch-size", args.micro_batch_size),
+        ("--samples", 1 if args.samples is None else args.samples),
+    ):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1 (got {value})")
+    model = Path(args.model)
+    kind = manifest.folder_kind(model)
+    if kind in (manifest.MODEL_DIR, manifest.TRAINING_CHECKPOINT, manifest.TRAINING_RUN):
+        check_model_dir(model, "--model", training_checkpoint_ok=False)
+    elif not model.exists():
+        raise CheckpointError(
+            f"--model {model} does not exist; pass a converted model dir or a Hugging Face folder"
+        )
+    elif not (model / "config.json").is_file():
+        raise CheckpointError(
+            f"--model {model} is neither a Megatron model dir (model_config.json) nor a "
+            "Hugging Face folder (config.json)"
+        )
+    else:
+        manifest.verify(model)  # an export written by probsft must be intact
+    data = data_config(args.data, args.overrides)
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        tokenizer = str(model / "hf") if (model / "model_config.json").is_file() else str(model)
+        if not any((Path(tokenizer) / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(
+                f"{tokenizer} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); pass "
+                "--tokenizer DIR (a folder with them) or --tokenizer smollm2"
+            )
+    else:
+        check_tokenizer(tokenizer, "--tokenizer")
+    check_vocab_fits(tokenizer, _model_vocab(model), "the tokenizer")
+    if args.out is not None:
+        inputs = [("--model", model), ("--tokenizer", args.tokenizer)]
+        if data.source == "file":
+            inputs += [("--data", f) for f in data.train_files]
+        manifest.check_output(args.out, flag="--out", inputs=inputs)
+    return data
 
 
 def megatron_model_dir(path: str) -> Path:
@@ -155,12 +231,10 @@ def run(args: argparse.Namespace) -> int:
 
     from probsft_megatron.config import ParallelConfig
 
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc must be >= 1 (got {args.nproc})")
+    data = check_inputs(args)
     parallel = ParallelConfig(
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp
     )
-    data = data_config(args.data, args.overrides)
     under_torchrun = dist.is_torchelastic_launched()
     model_dir = Path(args.model) if under_torchrun else megatron_model_dir(args.model)
     if not under_torchrun:

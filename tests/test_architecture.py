@@ -39,6 +39,7 @@ LAYERS = {
     # 0: no torch at import time, no probsft module above
     "errors": BASE,
     "fileio": BASE,
+    "manifest": BASE,
     "resources": BASE,
     "hardware": BASE,
     "console": BASE,

@@ -23,10 +23,11 @@ import pytest
 import torch
 
 from conftest import run_torchrun
+from probsft_megatron import manifest
 from probsft_megatron.cli import main
 from probsft_megatron.converters import api, layout, mapping, megatron_io
 from probsft_megatron.converters.testing import qwen_tokenizer, tiny_hf_checkpoint
-from probsft_megatron.errors import CheckpointError, ConfigError
+from probsft_megatron.errors import CheckpointError, ConfigError, ProbsftError
 from probsft_megatron.model import ModelConfig, ParallelConfig
 
 TOL = 1e-4
@@ -395,13 +396,20 @@ def test_failed_write_leaves_nothing_and_overwrite_is_explicit(tmp_path, monkeyp
             api.hf_to_megatron(hf, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
     md = api.hf_to_megatron(hf, out)
-    with pytest.raises(CheckpointError, match="already exists.*--overwrite"):
+    with pytest.raises(ProbsftError, match="already holds a Megatron model dir.*--overwrite"):
         api.hf_to_megatron(hf, out)
     api.hf_to_megatron(hf, out, overwrite=True)
     assert layout.read_model_dir(out).model == md.model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "megatron"]
     assert sorted(p.name for p in out.iterdir()) == [layout.HF_DIR, layout.MODEL_CONFIG_FILE,
-                                                     layout.WEIGHTS_DIR]
+                                                     manifest.MANIFEST_FILE, layout.WEIGHTS_DIR]
+    assert manifest.verify(out)  # every file listed, sizes and checksums match
+    # --overwrite replaces only a previous output of the same kind
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(ProbsftError, match="holds other files, not a Megatron model dir"):
+        api.hf_to_megatron(hf, tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
 
 
 def test_read_model_dir_errors(tmp_path):
