@@ -3,13 +3,27 @@
 Example::
 
     probsft eval --model ckpt/hf --task math500,aime24 --n 16 --temperature 1 --out results/
+
+The arguments are checked before any model, tokenizer or vLLM engine is loaded
+(:func:`check_args`): the model folder (a Hugging Face checkpoint with a tokenizer, intact
+when probsft exported it, of an architecture whose prompt format is known or named with
+``--prompt-format``), the sampling numbers, and ``--out`` (a writable folder that is not,
+does not contain and does not lie inside the model or the data file).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
-from probsft_megatron.errors import ProbsftError
+from probsft_megatron.errors import CheckpointError, ConfigError, ProbsftError
+
+KNOWN_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+"""HF model types (``model_type``) whose prompt format is detected (Qwen2/2.5/3, Llama-3.x,
+deepseek-math, SmolLM2); other architectures need ``--prompt-format``."""
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +52,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grader", help="exact, math, jaro_winkler or choice (overrides the task's grader)")
     parser.add_argument("--dtype", default="auto", help="vLLM dtype (auto, bfloat16, float16, float32)")
     parser.add_argument("--max-model-len", type=int, help="context length for vLLM (default: the model's)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse, in one line each, what a user can get wrong before anything is loaded."""
+    from probsft_megatron import manifest
+    from probsft_megatron.eval.models import check_hf_model_dir
+
+    for flag, value in (("--n", args.n), ("--max-new-tokens", args.max_new_tokens),
+                        ("--limit", args.limit), ("--max-model-len", args.max_model_len),
+                        ("--tensor-parallel-size", args.tensor_parallel_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1 (got {value})")
+    if args.temperature is not None and not args.temperature >= 0:
+        raise ConfigError(f"--temperature must be >= 0 (got {args.temperature})")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if args.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {args.dtype!r} is invalid; use one of {', '.join(DTYPES)}")
+    if not [t for t in args.task.split(",") if t.strip()]:
+        raise ConfigError("--task is empty; name a task, e.g. --task math500")
+    folder = Path(args.model)
+    kind = manifest.folder_kind(folder)
+    if kind in (manifest.MODEL_DIR, manifest.TRAINING_CHECKPOINT, manifest.TRAINING_RUN):
+        raise CheckpointError(f"--model {folder} is {manifest.describe(folder)}, not a Hugging "
+                              "Face folder; export it first: probsft convert megatron-to-hf "
+                              f"--ckpt {folder} --out HF_DIR")
+    check_hf_model_dir(folder)
+    manifest.verify(folder)  # an export written by probsft: every file intact
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{folder}/config.json is not valid JSON ({first}); export or "
+                              "save the model again") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder}/config.json does not hold a JSON object")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])})"
+                              "; export it with --hf-template TOKENIZER_DIR or copy the "
+                              "tokenizer files into it")
+    model_type = str(config.get("model_type", "")).lower()
+    if args.prompt_format is None and model_type not in KNOWN_MODEL_TYPES:
+        arch = ", ".join(config.get("architectures") or []) or "none listed"
+        raise ConfigError(f"--model {folder} has model_type {model_type or 'unset'!r} "
+                          f"(architectures: {arch}), whose prompt format probsft does not know "
+                          f"(it knows {', '.join(KNOWN_MODEL_TYPES)}); pass --prompt-format "
+                          "qwen, llama, deepseek or raw to evaluate it with vLLM anyway")
+    if args.data is not None and not Path(args.data).is_file():
+        raise ConfigError(f"--data {args.data} is not a file; name a .jsonl file")
+    if args.out is not None:
+        manifest.check_output(args.out, flag="--out",
+                              inputs=[("--model", folder), ("--data", args.data)])
 
 
 def config_from_args(args: argparse.Namespace):
@@ -70,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from probsft_megatron.eval.runner import evaluate
 
     try:
+        check_args(args)
         results = evaluate(config_from_args(args))
     except ProbsftError as exc:
         print(f"error: {exc}", file=sys.stderr)

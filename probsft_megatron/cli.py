@@ -5,6 +5,11 @@ the heavy imports (megatron, vllm, nemo_run) happen only inside the chosen modul
 so ``probsft objectives`` stays instant. ``-v`` / ``--verbose`` (before or after the
 subcommand) turns on debug logging, megatron's own warnings included
 (:mod:`probsft_megatron.console`).
+
+Exit codes: 0 success, 2 a usage error (argparse's, or one ``error: ...`` line for a
+:class:`~probsft_megatron.errors.ProbsftError`), 1 a run that failed on its own terms
+(e.g. a local experiment whose steps failed). ``key=value`` overrides may stand anywhere
+after the subcommand, also after its options (``train --config R --nproc 2 optim.lr=1e-5``).
 """
 
 from __future__ import annotations
@@ -68,11 +73,30 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _overrides_after_options(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """Move ``key=value`` words that argparse left over (they followed an option, e.g.
+    ``--nproc 2 optim.lr=1e-5``) to the subcommand's overrides; returns what is still left."""
+    if not isinstance(getattr(args, "overrides", None), list):
+        return extra
+    left = []
+    for word in extra:
+        if "=" in word and not word.startswith("-"):
+            args.overrides.append(word)
+        else:
+            left.append(word)
+    return left
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=first if first in SUBCOMMANDS else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    extra = _overrides_after_options(args, extra)
+    if extra:
+        parser.error(
+            f"unrecognized arguments: {' '.join(extra)} (see probsft {args.command or ''} --help)"
+        )
     if getattr(args, "_unavailable", None):
         print(f"error: {args._unavailable}", file=sys.stderr)
         return 2

@@ -99,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
         return _generate(args)
     if args.data_command == "inspect":
         return _inspect(args)
-    args._data_parser.print_help()
-    return 2
+    raise ConfigError("probsft data needs an action: tasks, generate TASK --out FILE, or "
+                      "inspect DATA (probsft data --help)")
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -162,6 +162,22 @@ def _generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".jsonl", ".json"):
         raise ConfigError(f"--out {out} must end in .jsonl (JSON lines)")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name the .jsonl file to write")
+    for flag, value in (("--n", args.n), ("--max-records", args.max_records)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1 (got {value})")
+    if not 0.0 <= args.corrupt <= 1.0:
+        raise ConfigError(f"--corrupt must be a fraction in [0, 1] (got {args.corrupt})")
+    if args.from_eval is not None:
+        if not Path(args.from_eval).is_file():
+            raise ConfigError(f"--from-eval {args.from_eval} is not a file; name the "
+                              "samples.jsonl of a probsft eval run")
+        from probsft_megatron.manifest import overlap
+
+        if overlap(out, args.from_eval) == "is":
+            raise ConfigError(f"--out {out} is the input --from-eval {args.from_eval}: writing "
+                              "it would destroy the input; choose another --out")
     recs, info = generate(args.task, split=args.split, n=args.n, seed=args.seed,
                           corrupt=args.corrupt, render_with=args.render_with,
                           from_eval=args.from_eval, max_records=args.max_records)

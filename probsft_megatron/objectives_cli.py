@@ -1,7 +1,8 @@
 """`probsft objectives`: list the training objectives or validate one spec.
 
 probsft objectives                      table of every form with f(p), w(p) and mask
-probsft objectives --describe NAME      canonical name, f, w, mask; exit 1 if invalid
+probsft objectives --describe NAME      canonical name, f, w, mask; exit 2 if invalid
+                                        (one ``error:`` line, like every usage error)
 probsft objectives [--describe NAME] --json
 """
 
@@ -9,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from probsft_megatron.objectives import ObjectiveError, list_objectives, parse_objective
+from probsft_megatron.objectives import list_objectives, parse_objective
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,8 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """List the objectives, or describe ``args.describe``; 1 on an invalid spec."""
+    """List the objectives, or describe ``args.describe``; an invalid spec raises
+    :class:`~probsft_megatron.objectives.ObjectiveError` (the CLI prints one line, exit 2)."""
     if args.describe is None:
         rows = list_objectives()
         if args.json:
@@ -51,11 +52,7 @@ def run(args: argparse.Namespace) -> int:
             "batch's response-token p. Details: probsft objectives --describe NAME."
         )
         return 0
-    try:
-        objective = parse_objective(args.describe)
-    except ObjectiveError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    objective = parse_objective(args.describe)
     info = objective.describe()
     if args.json:
         threshold = objective.threshold

@@ -22,11 +22,12 @@ from probsft_megatron.eval.tasks import DataOptions, get_task
 # ---------------------------------------------------------------- bad input, one line each
 @pytest.fixture
 def fake_checkpoint(tmp_path: Path) -> Path:
-    """A folder that passes the checkpoint check (config.json + a weights file)."""
+    """A folder that passes the checkpoint check (config.json, a weights and a tokenizer file)."""
     folder = tmp_path / "ckpt"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (folder / "model.safetensors").write_bytes(b"")
+    (folder / "tokenizer_config.json").write_text("{}")
     return folder
 
 

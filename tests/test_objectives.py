@@ -507,7 +507,7 @@ def test_cli_describe(capsys):
 
 @pytest.mark.parametrize("bad", ["OnlyTopP-1.5", "GeneralFamily--1", "nonsense"])
 def test_cli_describe_invalid(capsys, bad):
-    assert cli_main(["objectives", "--describe", bad]) == 1
+    assert cli_main(["objectives", "--describe", bad]) == 2  # a usage error, like all others
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.splitlines()
@@ -528,4 +528,4 @@ def test_console_script():
         text=True,
         timeout=60,
     )
-    assert done.returncode == 1 and done.stderr.startswith("error: ")
+    assert done.returncode == 2 and done.stderr.startswith("error: ")
