@@ -282,13 +282,29 @@ def run(args: argparse.Namespace) -> int:
     profile, nodes, nproc, layout_check, work_dir = _placement(args)
     if "<" in work_dir and ">" in work_dir:
         raise ConfigError(f"work directory {work_dir!r} is a placeholder; pass --work-dir DIR")
+    from probsft_megatron.manifest import writable_folder
+
+    problem = writable_folder(work_dir)
+    if problem is not None:
+        raise ConfigError(f"work directory {work_dir} {problem}; pass --work-dir DIR (a folder)")
+    hf = _hf_folders(args.hf)
+    try:
+        eval_args = shlex.split(args.eval_args)
+    except ValueError as exc:
+        raise ConfigError(f"--eval-args {args.eval_args!r} cannot be split into arguments "
+                          f"({exc}); quote it as one string, e.g. --eval-args '--limit 8'") from None
     options = ex.LaunchOptions(
         work_dir=os.path.abspath(work_dir), world_size=nodes * nproc,
-        hf=_hf_folders(args.hf), env=_pairs(args.env, "--env"), eval_tasks=args.eval_task,
-        eval_args=shlex.split(args.eval_args), layout_check=layout_check)
+        hf=hf, env=_pairs(args.env, "--env"), eval_tasks=args.eval_task,
+        eval_args=eval_args, layout_check=layout_check)
     requests, notes, title = _requests(args, sweep)
     plan = ex.plan_experiment(title, requests, options)
     plan.notes[:0] = notes
+    if not args.dryrun:  # a dry run may name paths of another machine (the cluster's)
+        for folder in hf.values():
+            if not os.path.isfile(os.path.join(folder, "config.json")):
+                raise ConfigError(f"--hf {folder} is not a Hugging Face folder (no config.json); "
+                                  "name the backbone's checkpoint folder")
     print(plan.describe(nodes, nproc))
     sys.stdout.flush()
 
