@@ -1,8 +1,10 @@
 """`probsft train --config RECIPE [--nproc N] [--dry-run] [key=value ...]`.
 
 Resolves the whole configuration for ``N`` processes first
-(:func:`probsft_megatron.config.resolve_job`: a bad key, an impossible layout or a missing
-tokenizer fails here, before anything is spawned), then runs the job in this process (N=1)
+(:func:`probsft_megatron.config.resolve_job`: a bad key or value, an impossible layout, a
+missing or damaged file, a missing tokenizer fail here, before anything is spawned), checks
+that the layout fits the GPUs' memory (:func:`fit_check`; ``--no-fit-check`` skips it), then
+runs the job in this process (N=1)
 or under ``torchrun --nproc-per-node N -m probsft_megatron.train``. ``--dry-run`` prints the
 resolved configuration and stops.
 """
@@ -29,13 +31,64 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dry-run", action="store_true", help="validate and print the resolved config, then exit"
     )
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GB",
+        help="memory of each GPU for the fit check (default: the CUDA device's; without CUDA "
+        "the check is skipped unless this is given)",
+    )
+    p.add_argument(
+        "--no-fit-check",
+        action="store_true",
+        help="run a layout even when the memory planner says it will not fit",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=4e-5")
+
+
+def fit_check(job, args: argparse.Namespace) -> str:
+    """The memory planner's verdict on the job's layout (:func:`probsft_megatron.plan.check_fits`,
+    arithmetic only), as a line for the dry run; a layout that will not fit is refused with the
+    planner's one line (the recommended layout's overrides, and ``--no-fit-check``).
+
+    The GPU size is ``--gpu-memory``, else the CUDA device's; on a machine without CUDA the
+    check is skipped (the host's RAM is not what the planner estimates)."""
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        raise ConfigError(f"--gpu-memory must be a positive number of GB (got {args.gpu_memory})")
+    if args.no_fit_check:
+        return "memory fit check skipped (--no-fit-check)"
+    gpu_memory = args.gpu_memory
+    if gpu_memory is None:
+        from probsft_megatron import hardware
+
+        if not hardware.cuda_available():
+            return (
+                "memory fit check skipped: no GPU here (the planner estimates GPU memory, not "
+                "the host's RAM); --gpu-memory GB checks a GPU of that size"
+            )
+        import torch
+
+        gpu_memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+    from probsft_megatron.plan import check_fits
+
+    verdict = check_fits(job.config, args.nproc, gpu_memory, gpus_per_node=args.nproc)
+    if not verdict.fits:
+        raise ConfigError(verdict.message)
+    return verdict.message
 
 
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (got {args.nproc})")
+    if not args.config:
+        from probsft_megatron.config import list_recipes
+
+        raise ConfigError(
+            "probsft train needs --config RECIPE: a YAML file or a shipped recipe "
+            f"({', '.join(list_recipes())})"
+        )
     job = resolve_job(load_config(args.config, args.overrides), args.nproc)
+    fit = fit_check(job, args)
     if args.dry_run:
         print(json.dumps(job.to_dict(), indent=2, default=str))
         p = job.parallel
@@ -47,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             f"{job.dtype}, attention {job.attention}",
             file=sys.stderr,
         )
+        print(f"# {fit}", file=sys.stderr)
         return 0
     if args.nproc == 1 and "RANK" not in os.environ:
         from probsft_megatron.train import train
