@@ -156,7 +156,9 @@ def test_generate_cli_writes_records(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     assert probsft(["data", "generate", "nope", "--out", str(bad)]) == 2
     assert probsft(["data", "generate", "addition", "--out", str(tmp_path / "x.csv")]) == 2
-    assert probsft(["data", "generate", "addition", "--from-eval", "s.jsonl", "--out",
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("{}\n")
+    assert probsft(["data", "generate", "addition", "--from-eval", str(samples), "--out",
                     str(bad)]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'nope'" in err and "must end in .jsonl" in err
