@@ -269,8 +269,23 @@ def probe_summary(path: Path) -> dict[str, Any]:
             "recommended": (rep.get("recommendation") or {}).get("objective")}
 
 
+def overrun(samples_path: Path) -> float | None:
+    """Fraction of completions that begin with the reference answer and go on past it: the
+    right answer without the stop (end of turn) after it."""
+    if not samples_path.exists():
+        return None
+    rows = [json.loads(x) for x in samples_path.read_text().splitlines() if x.strip()]
+    hits = [r["completions"][0].strip().startswith(r["reference"].strip())
+            and r["completions"][0].strip() != r["reference"].strip() for r in rows]
+    return sum(hits) / len(hits) if hits else None
+
+
 def collect(work: Path, size: dict) -> dict[str, Any]:
-    rows = [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*/result.json"))]
+    rows = []
+    for p in sorted((work / "runs").glob("*/result.json")):
+        row = json.loads(p.read_text())
+        row.setdefault("overrun", overrun(p.parent / "eval" / "custom" / "samples.jsonl"))
+        rows.append(row)
     probes = {}
     for task in size["tasks"]:
         for suffix in ("", "-corrupt"):
@@ -392,13 +407,15 @@ def markdown(data: dict, summary: dict, size: dict, meta: dict) -> str:
                   "exactly in its concise form and correctly; those answers are the "
                   "training responses."]
     lines += ["", "## Every run", "",
-              "| task | data | objective | seed | exact | similarity | final train mean p | "
-              "steps | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+              "| task | data | objective | seed | exact | similarity | right answer, not stopped "
+              "| final train mean p | steps | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(data["rows"], key=lambda r: (r["task"], r["variant"], r["objective"],
                                                  r["seed"])):
         last = r["history"][-1] if r["history"] else {}
         lines.append(f"| {r['task']} | {r['variant']} | {r['objective']} | {r['seed']} | "
-                     f"{r['exact']:.3f} | {r['score']:.3f} | {last.get('mean_p', 0):.3f} | "
+                     f"{r['exact']:.3f} | {r['score']:.3f} | "
+                     f"{'-' if r.get('overrun') is None else format(r['overrun'], '.3f')} | "
+                     f"{last.get('mean_p', 0):.3f} | "
                      f"{r['train_steps']} | {r['wall_s']:.0f} |")
     lines += ["", f"Runs: {len(data['rows'])}; sweep wall time {meta['wall_min']:.0f} min "
               f"(sum of the recorded step times), {meta['note']}"]
