@@ -238,13 +238,13 @@ def test_failed_train_step_stops_the_chain(cluster, tmp_path):
         assert row["State"] == "CANCELLED" and row["Start"] in ("None", "Unknown"), row
         assert not list(Path(steps[kind]["log_dir"]).glob("log-*.out"))
     assert not (work / "runs" / "figfont-tiny-llama-p" / "hf").exists()
-    assert f"training file {missing} does not exist" in proc.stdout  # the log tail
+    assert f"data.train_files: {missing} does not exist" in proc.stdout  # the log tail
     assert "error: experiment figfont-tiny-llama-p" in proc.stderr
 
     status = _probsft(["launch", "status", str(exp_dir)], tmp_path)
     assert status.returncode == 1
     assert re.search(r"step train-figfont-tiny-llama-p \(job \d+\) ended FAILED", status.stdout)
-    assert f"training file {missing} does not exist" in status.stdout
+    assert f"data.train_files: {missing} does not exist" in status.stdout
     assert "never ran (cancelled while waiting for their turn): export-figfont-tiny-llama-p, " \
            "eval-figfont-tiny-llama-p" in status.stdout
     row = next(ln for ln in status.stdout.splitlines() if ln.startswith("train-"))
@@ -255,7 +255,7 @@ def test_failed_train_step_stops_the_chain(cluster, tmp_path):
     assert logs.returncode == 0 and head.startswith(f"==> {steps['train']['name']} (job ")
     assert rows == _log(steps["train"]).read_text().splitlines()[-5:]
     logs = _probsft(["launch", "logs", str(exp_dir), "train", "--lines", "1000"], tmp_path)
-    assert f"training file {missing} does not exist" in logs.stdout
+    assert f"data.train_files: {missing} does not exist" in logs.stdout
 
 
 def test_cancel_a_queued_experiment(cluster, tmp_path):
