@@ -95,29 +95,39 @@ def data_config(spec: str, overrides: list[str]):
     return cfg
 
 
-def _model_vocab(model: Path) -> int:
-    """The vocabulary size of a Megatron model dir or a Hugging Face folder (config only)."""
+def _model_config(model: Path):
+    """The ModelConfig of a Megatron model dir or a Hugging Face folder (configs only, before
+    any conversion)."""
     import json
 
+    from probsft_megatron.model_dir import read_model_config
+
     if (model / "model_config.json").is_file():
-        return int(json.loads((model / "model_config.json").read_text())["model"]["vocab_size"])
+        return read_model_config(model)
+    from probsft_megatron.converters.hf_config import model_config_from_hf
+
+    path = model / "config.json"
     try:
-        return int(json.loads((model / "config.json").read_text())["vocab_size"])
-    except (ValueError, KeyError, TypeError):
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
         raise CheckpointError(
-            f"{model}/config.json is not a readable model config (valid JSON with vocab_size)"
+            f"{path} is not valid JSON; restore it or save the model again"
         ) from None
+    return model_config_from_hf(cfg, where=str(path))
 
 
 def check_inputs(args: argparse.Namespace):
     """Everything the probe can be given wrong, before any conversion, tokenizer or model:
-    returns the DataConfig. One line (ConfigError / CheckpointError) per problem."""
+    returns the DataConfig. One line (ConfigError / CheckpointError) per problem, in this
+    order: the numbers, the model and its layout, the data, ``--out``, the tokenizer."""
     from probsft_megatron import manifest
     from probsft_megatron.config import (
         TOKENIZER_FILES,
+        ParallelConfig,
         check_model_dir,
         check_tokenizer,
         check_vocab_fits,
+        validate_layout,
     )
 
     for flag, value in (
@@ -144,7 +154,18 @@ def check_inputs(args: argparse.Namespace):
         )
     else:
         manifest.verify(model)  # an export written by probsft must be intact
+    config = _model_config(model)
+    layout = ParallelConfig(
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp
+    )
+    launched = os.environ.get("TORCHELASTIC_RUN_ID") is not None  # a rank under torchrun
+    validate_layout(layout, int(os.environ["WORLD_SIZE"]) if launched else args.nproc, config)
     data = data_config(args.data, args.overrides)
+    if args.out is not None:
+        inputs = [("--model", model), ("--tokenizer", args.tokenizer)]
+        if data.source == "file":
+            inputs += [("--data", f) for f in data.train_files]
+        manifest.check_output(args.out, flag="--out", inputs=inputs)
     tokenizer = args.tokenizer
     if tokenizer is None:
         tokenizer = str(model / "hf") if (model / "model_config.json").is_file() else str(model)
@@ -155,12 +176,7 @@ def check_inputs(args: argparse.Namespace):
             )
     else:
         check_tokenizer(tokenizer, "--tokenizer")
-    check_vocab_fits(tokenizer, _model_vocab(model), "the tokenizer")
-    if args.out is not None:
-        inputs = [("--model", model), ("--tokenizer", args.tokenizer)]
-        if data.source == "file":
-            inputs += [("--data", f) for f in data.train_files]
-        manifest.check_output(args.out, flag="--out", inputs=inputs)
+    check_vocab_fits(tokenizer, config.vocab_size, "the tokenizer")
     return data
 
 
@@ -237,13 +253,8 @@ def run(args: argparse.Namespace) -> int:
     )
     under_torchrun = dist.is_torchelastic_launched()
     model_dir = Path(args.model) if under_torchrun else megatron_model_dir(args.model)
-    if not under_torchrun:
-        from probsft_megatron.config import validate_layout
-        from probsft_megatron.model_dir import read_model_config
-
-        validate_layout(parallel, args.nproc, read_model_config(model_dir))
-        if args.nproc > 1:
-            return subprocess.call(_child_command(args, model_dir))
+    if not under_torchrun and args.nproc > 1:  # the layout was checked by check_inputs
+        return subprocess.call(_child_command(args, model_dir))
     from probsft_megatron import probe
 
     report = probe.probe(

@@ -1,0 +1,678 @@
+"""The bad-input suite: every subcommand, fed what a user gets wrong, answers in one line.
+
+Each row of :data:`CASES` is one bad input (a command line over a shared set of real
+objects: a tiny Hugging Face checkpoint, its Megatron conversion and export, a tiny training
+run with two checkpoints, and damaged copies of them). For every row the test asserts
+
+* the exit code (2: a usage error),
+* a short stderr with exactly one ``error:`` line that contains the row's words (the
+  problem, and where there is one the fix), and no ``Traceback``,
+* that every input file is byte-identical afterwards (a hash of every file under each
+  input, before and after) and that no output was left where there was none.
+
+Almost every row fails in the validation phase, so the rows run in this process
+(``probsft_megatron.cli.main`` with stdout and stderr captured); the few whose process
+boundary matters (the installed console script, a resume that gets as far as loading the
+weights) run as subprocesses. docs/errors.md lists every row with its message; with
+``PROBSFT_WRITE_ERRORS_DOC=1`` this module rewrites that list from what the rows printed.
+
+The live SLURM refusal (sbatch rejects a job: its own message, the experiment marked failed)
+needs the cluster and is tested in tests/test_slurm_live.py
+(test_rejected_submission_is_one_line_and_marked_failed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from probsft_megatron.cli import main
+
+DOC = REPO / "docs" / "errors.md"
+WRITE_DOC = os.environ.get("PROBSFT_WRITE_ERRORS_DOC") == "1"
+MAX_STDERR_LINES = 8
+"""Warnings a third-party library prints before the error (torch's FutureWarnings while a
+checkpoint is read) may precede the one error line; nothing else may."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: ``argv`` (a template over the world's paths), the words the error line
+    must contain, the inputs that must stay byte-identical and the outputs that must not
+    appear."""
+
+    id: str
+    group: str
+    argv: str
+    needle: str
+    inputs: tuple[str, ...] = ()
+    absent: tuple[str, ...] = ()
+    code: int = 2
+    subprocess: bool = False
+
+
+DESTROY = "an output that would destroy an input"
+DAMAGED = "damaged checkpoints and exports"
+RANGE = "values out of range"
+FILES = "missing, empty or wrong files"
+KIND = "the wrong kind of folder"
+LAYOUT = "layouts that cannot run or fit"
+NAMES = "unknown names and keys"
+USAGE = "usage: options and arguments"
+
+TRAIN = "train --config {recipe} --dry-run"
+CASES = [
+    # -- no command destroys its input -----------------------------------------------------
+    Case("convert-run-over-its-own-run", DESTROY,
+         "convert megatron-to-hf --ckpt {run}/checkpoints/step_0000002 --out {run} --overwrite",
+         "contains the input --ckpt", ("run",)),
+    Case("convert-hf-onto-itself", DESTROY,
+         "convert hf-to-megatron --hf {hf} --out {hf} --overwrite", "is the input --hf", ("hf",)),
+    Case("convert-hf-onto-itself-no-overwrite", DESTROY,
+         "convert hf-to-megatron --hf {hf} --out {hf}", "is the input --hf", ("hf",)),
+    Case("convert-megatron-onto-itself", DESTROY,
+         "convert megatron-to-hf --ckpt {mg} --out {mg} --overwrite", "is the input --ckpt",
+         ("mg",)),
+    Case("convert-out-inside-input", DESTROY,
+         "convert hf-to-megatron --hf {hf} --out {hf}/megatron", "lies inside the input --hf",
+         ("hf",), ("{hf}/megatron",)),
+    Case("convert-out-contains-input", DESTROY,
+         "convert hf-to-megatron --hf {hf} --out {W} --overwrite", "contains the input --hf",
+         ("hf",)),
+    Case("convert-out-is-template", DESTROY,
+         "convert megatron-to-hf --ckpt {mg} --hf-template {hf_tok} --out {hf_tok} --overwrite",
+         "is the input --hf-template", ("mg", "hf_tok")),
+    Case("convert-overwrite-foreign-folder", DESTROY,
+         "convert megatron-to-hf --ckpt {mg} --out {notes} --overwrite",
+         "not a Hugging Face export written by probsft", ("mg", "notes")),
+    Case("convert-overwrite-foreign-hf-folder", DESTROY,
+         "convert megatron-to-hf --ckpt {mg} --out {hf} --overwrite",
+         "holds a Hugging Face folder, not a Hugging Face export", ("mg", "hf")),
+    Case("convert-overwrite-training-checkpoint", DESTROY,
+         "convert hf-to-megatron --hf {hf} --out {run}/checkpoints/step_0000001 --overwrite",
+         "holds a training checkpoint, not a Megatron model dir", ("hf", "run")),
+    Case("convert-existing-without-overwrite", DESTROY,
+         "convert hf-to-megatron --hf {hf} --out {mg}",
+         "already holds a Megatron model dir; pass --overwrite", ("hf", "mg")),
+    Case("train-output-dir-is-a-model", DESTROY, TRAIN + " train.output_dir={mg}",
+         "holds a Megatron model dir, not a training run", ("mg",)),
+    Case("train-output-dir-contains-data", DESTROY,
+         TRAIN + " data.source=file data.train_files=[{datadir}/train.jsonl] "
+         "train.output_dir={datadir}", "contains the input data.train_files", ("datadir",)),
+    Case("train-output-dir-inside-checkpoint", DESTROY,
+         TRAIN + " init.checkpoint={mg_tok} train.output_dir={mg_tok}/run",
+         "lies inside the input init.checkpoint", ("mg_tok",), ("{mg_tok}/run",)),
+    Case("probe-out-inside-model", DESTROY,
+         "probe --model {mg} --data figfont --out {mg}/probe", "lies inside the input --model",
+         ("mg",), ("{mg}/probe",)),
+    Case("eval-out-is-model", DESTROY,
+         "eval --model {hf_tok} --task gsm8k --out {hf_tok}", "is the input --model",
+         ("hf_tok",)),
+    Case("data-generate-over-its-input", DESTROY,
+         "data generate self-addition --from-eval {samples} --out {samples}",
+         "is the input --from-eval", ("samples",)),
+    # -- damaged checkpoints and exports ----------------------------------------------------
+    Case("resume-truncated-shard", DAMAGED, TRAIN + " train.output_dir={run_truncated}",
+         "checkpoint step 2 ({run_truncated}/checkpoints/step_0000002) is damaged: "
+         "weights/__0_0.distcp is 1000 bytes", ("run_truncated",)),
+    Case("resume-corrupt-train-state", DAMAGED, TRAIN + " train.output_dir={run_badstate}",
+         "train_state.json is 9 bytes, its manifest lists", ("run_badstate",)),
+    Case("resume-corrupt-train-state-no-manifest", DAMAGED,
+         TRAIN + " train.output_dir={legacy_badstate}",
+         "train_state.json is not valid JSON", ("legacy_badstate",)),
+    Case("resume-flipped-byte", DAMAGED, TRAIN + " train.output_dir={run_flipped}",
+         "does not match its checksum", ("run_flipped",)),
+    Case("resume-every-checkpoint-damaged", DAMAGED,
+         TRAIN + " train.output_dir={run_all_damaged} train.resume_skip_damaged=true",
+         "every checkpoint under", ("run_all_damaged",)),
+    Case("resume-truncated-shard-no-manifest", DAMAGED,
+         "train --config {recipe} train.output_dir={legacy_truncated}",
+         "is damaged: its weights cannot be read", ("legacy_truncated",), subprocess=True),
+    Case("export-truncated-shard", DAMAGED,
+         "convert megatron-to-hf --ckpt {run_truncated}/checkpoints/step_0000002 --out {W}/x1",
+         "use the previous step", ("run_truncated",), ("{W}/x1",)),
+    Case("export-truncated-shard-no-manifest", DAMAGED,
+         "convert megatron-to-hf --ckpt {legacy_truncated}/checkpoints/step_0000002 "
+         "--out {W}/x2", "is damaged: its weights cannot be read", ("legacy_truncated",),
+         ("{W}/x2",)),
+    Case("export-damaged-model-dir", DAMAGED,
+         "convert megatron-to-hf --ckpt {mg_damaged} --out {W}/x3",
+         "is damaged: weights/__0_0.distcp", ("mg_damaged",), ("{W}/x3",)),
+    Case("convert-damaged-export", DAMAGED,
+         "convert hf-to-megatron --hf {export_damaged} --out {W}/x4",
+         "is damaged: model.safetensors", ("export_damaged",), ("{W}/x4",)),
+    Case("init-checkpoint-damaged", DAMAGED, TRAIN + " init.checkpoint={mg_damaged}",
+         "is damaged: weights/__0_0.distcp", ("mg_damaged",)),
+    Case("probe-damaged-model", DAMAGED, "probe --model {mg_damaged} --data figfont",
+         "is damaged", ("mg_damaged",)),
+    Case("eval-damaged-export", DAMAGED, "eval --model {export_damaged} --task gsm8k",
+         "is damaged: model.safetensors", ("export_damaged",)),
+    # -- values out of range ------------------------------------------------------------------
+    Case("train-lr-negative", RANGE, TRAIN + " optim.lr=-1", "optim.lr must be > 0"),
+    Case("train-lr-zero", RANGE, TRAIN + " optim.lr=0", "optim.lr must be > 0"),
+    Case("train-lr-nan", RANGE, TRAIN + " optim.lr=nan", "optim.lr must be > 0"),
+    Case("train-min-lr-above-lr", RANGE, TRAIN + " optim.min_lr=1", "is above optim.lr"),
+    Case("train-max-steps-negative", RANGE, TRAIN + " train.max_steps=-5",
+         "train.max_steps must be >= 1"),
+    Case("train-max-steps-zero", RANGE, TRAIN + " train.max_steps=0",
+         "train.max_steps must be >= 1"),
+    Case("train-global-batch-zero", RANGE, TRAIN + " train.global_batch_size=0",
+         "train.global_batch_size must be >= 1"),
+    Case("train-epochs-zero", RANGE, TRAIN + " train.epochs=0", "train.epochs must be >= 1"),
+    Case("train-save-interval-negative", RANGE, TRAIN + " train.save_interval=-1",
+         "train.save_interval must be >= 0"),
+    Case("train-keep-last-zero", RANGE, TRAIN + " train.keep_last=0",
+         "train.keep_last must be >= 1"),
+    Case("train-warmup-ratio-one", RANGE, TRAIN + " optim.warmup_ratio=1",
+         "optim.warmup_ratio must be in [0, 1)"),
+    Case("train-beta-above-one", RANGE, TRAIN + " optim.adam_beta2=1.5",
+         "optim.adam_beta2 must be in [0, 1)"),
+    Case("train-heads-zero", RANGE, TRAIN + " model.num_attention_heads=0",
+         "model.num_attention_heads must be >= 1"),
+    Case("train-num-samples-zero", RANGE, TRAIN + " data.num_samples=0",
+         "data.num_samples must be >= 1"),
+    Case("train-max-length-beyond-positions", RANGE, TRAIN + " data.max_length=100000",
+         "exceeds the model's max_position_embeddings"),
+    Case("train-objective-threshold-out-of-range", RANGE, TRAIN + " loss.objective=OnlyTopP-2",
+         "OnlyTopP needs 0 <= q < 1 (got 2)"),
+    Case("train-objective-negative-a", RANGE, TRAIN + " loss.objective=GeneralFamily--1",
+         "GeneralFamily-<a>"),
+    Case("train-gpu-memory-zero", RANGE, TRAIN + " --gpu-memory 0",
+         "--gpu-memory must be a positive number"),
+    Case("train-nproc-zero", RANGE, TRAIN + " --nproc 0", "--nproc must be >= 1"),
+    Case("probe-samples-zero", RANGE, "probe --model {mg} --data figfont --samples 0",
+         "--samples must be >= 1"),
+    Case("probe-micro-batch-zero", RANGE,
+         "probe --model {mg} --data figfont --micro-batch-size 0", "--micro-batch-size must be"),
+    Case("eval-n-zero", RANGE, "eval --model {hf_tok} --task gsm8k --n 0", "--n must be >= 1"),
+    Case("eval-temperature-negative", RANGE,
+         "eval --model {hf_tok} --task gsm8k --temperature -1", "--temperature must be >= 0"),
+    Case("eval-top-p-zero", RANGE, "eval --model {hf_tok} --task gsm8k --top-p 0",
+         "--top-p must be in (0, 1]"),
+    Case("eval-greedy-with-samples", RANGE,
+         "eval --model {hf_tok} --task figfont --n 4 --limit 1", "--temperature"),
+    Case("convert-shard-size-zero", RANGE,
+         "convert megatron-to-hf --ckpt {mg} --out {W}/x5 --max-shard-size 0",
+         "--max-shard-size 0 must be a positive size", ("mg",), ("{W}/x5",)),
+    Case("launch-nproc-zero", RANGE,
+         "launch --dataset figfont --model tiny-llama --objective p --dryrun --nproc 0 "
+         "--work-dir {W}/launch", "--nproc must be >= 1", (), ("{W}/launch",)),
+    Case("launch-learning-rate-negative", RANGE,
+         "launch --dataset figfont --model tiny-llama --objective p --dryrun "
+         "--work-dir {W}/launch --set optim.lr=-1", "optim.lr must be > 0", (), ("{W}/launch",)),
+    Case("data-generate-n-zero", RANGE, "data generate addition --n 0 --out {W}/gen.jsonl",
+         "--n must be >= 1", (), ("{W}/gen.jsonl",)),
+    Case("data-generate-corrupt-above-one", RANGE,
+         "data generate addition --corrupt 2 --out {W}/gen.jsonl", "--corrupt must be a fraction",
+         (), ("{W}/gen.jsonl",)),
+    Case("plan-gpu-memory-negative", RANGE, "plan --config tiny-figfont-cpu --gpu-memory -1",
+         "--gpu-memory must be a positive number"),
+    Case("objectives-threshold-out-of-range", RANGE, "objectives --describe OnlyTopP-1.5",
+         "OnlyTopP needs 0 <= q < 1"),
+    # -- missing, empty or wrong files ------------------------------------------------------
+    Case("train-no-config", FILES, "train --dry-run", "probsft train needs --config RECIPE"),
+    Case("train-config-is-a-folder", FILES, "train --config {W} --dry-run", "is a folder"),
+    Case("train-config-missing", FILES, "train --config {W}/nope.yaml --dry-run", "not found"),
+    Case("train-config-invalid-yaml", FILES, "train --config {bad_yaml} --dry-run",
+         "is not valid YAML", ("bad_yaml",)),
+    Case("train-data-file-missing", FILES,
+         TRAIN + " data.source=file data.train_files=[{W}/nope.jsonl]", "does not exist"),
+    Case("train-data-empty-folder", FILES,
+         TRAIN + " data.source=file data.train_files=[{emptydir}]",
+         "is a folder with no .jsonl/.json/.parquet file"),
+    Case("train-data-folder", FILES, TRAIN + " data.source=file data.train_files=[{datadir}]",
+         "is a folder, not a data file; list its files", ("datadir",)),
+    Case("train-data-empty-file", FILES, TRAIN + " data.source=file data.train_files=[{empty}]",
+         "is empty", ("empty",)),
+    Case("train-data-unknown-extension", FILES,
+         TRAIN + " data.source=file data.train_files=[{csv}]", "cannot tell the format",
+         ("csv",)),
+    Case("train-data-none", FILES, TRAIN + " data.source=file", "data.train_files is empty"),
+    Case("train-output-dir-is-a-file", FILES, TRAIN + " train.output_dir={afile}",
+         "is a file, not a folder", ("afile",)),
+    Case("train-tokenizer-missing", FILES, TRAIN + " init.tokenizer={W}/nope",
+         "init.tokenizer {W}/nope does not exist"),
+    Case("train-tokenizer-without-files", FILES, TRAIN + " init.tokenizer={hf}",
+         "has no tokenizer files", ("hf",)),
+    Case("train-checkpoint-without-tokenizer", FILES,
+         TRAIN + " init.checkpoint={mg} init.tokenizer=null", "has no tokenizer", ("mg",)),
+    Case("train-tokenizer-larger-than-vocabulary", FILES,
+         TRAIN + " init.checkpoint={mg} init.tokenizer=smollm2",
+         "has 49152 token ids but the model's vocabulary has 512", ("mg",)),
+    Case("convert-hf-missing", FILES, "convert hf-to-megatron --hf {W}/nope --out {W}/x6",
+         "does not exist", (), ("{W}/x6",)),
+    Case("convert-config-invalid-json", FILES,
+         "convert hf-to-megatron --hf {hf_badjson} --out {W}/x7", "config.json is not valid JSON",
+         ("hf_badjson",), ("{W}/x7",)),
+    Case("convert-hf-without-weights", FILES,
+         "convert hf-to-megatron --hf {hf_noweights} --out {W}/x8", "has no model.safetensors",
+         ("hf_noweights",), ("{W}/x8",)),
+    Case("convert-template-missing", FILES,
+         "convert megatron-to-hf --ckpt {mg} --hf-template {W}/nope --out {W}/x9",
+         "--hf-template {W}/nope does not exist", ("mg",), ("{W}/x9",)),
+    Case("convert-out-is-a-file", FILES, "convert megatron-to-hf --ckpt {mg} --out {afile}",
+         "is a file, not a folder", ("mg", "afile")),
+    Case("eval-model-missing", FILES, "eval --model {W}/nope --task gsm8k", "does not exist"),
+    Case("eval-model-without-tokenizer", FILES, "eval --model {hf} --task gsm8k",
+         "has no tokenizer files", ("hf",)),
+    Case("eval-out-is-a-file", FILES, "eval --model {hf_tok} --task gsm8k --out {afile}",
+         "is a file, not a folder", ("hf_tok", "afile")),
+    Case("eval-data-missing", FILES,
+         "eval --model {hf_tok} --task custom --data {W}/nope.jsonl", "is not a file"),
+    Case("probe-model-missing", FILES, "probe --model {W}/nope --data figfont",
+         "does not exist"),
+    Case("probe-model-without-tokenizer", FILES, "probe --model {mg} --data figfont",
+         "pass --tokenizer DIR", ("mg",)),
+    Case("probe-tokenizer-larger-than-vocabulary", FILES,
+         "probe --model {mg} --data figfont --tokenizer smollm2",
+         "has 49152 token ids but the model's vocabulary has 512", ("mg",)),
+    Case("probe-out-is-a-file", FILES, "probe --model {mg} --data figfont --out {afile}",
+         "is a file, not a folder", ("mg", "afile")),
+    Case("probe-data-missing", FILES, "probe --model {mg} --data {W}/nope.jsonl",
+         "does not exist", ("mg",)),
+    Case("launch-work-dir-is-a-file", FILES,
+         "launch --dataset figfont --model tiny-llama --objective p --dryrun "
+         "--work-dir {afile}", "is a file, not a folder", ("afile",)),
+    Case("data-generate-out-is-a-folder", FILES,
+         "data generate addition --n 2 --out {dir_jsonl}", "is a folder", ("dir_jsonl",)),
+    Case("data-generate-from-eval-missing", FILES,
+         "data generate self-addition --from-eval {W}/nope.jsonl --out {W}/gen.jsonl",
+         "is not a file", (), ("{W}/gen.jsonl",)),
+    Case("data-inspect-missing-file", FILES, "data inspect {W}/nope.jsonl", "does not exist"),
+    Case("report-missing-path", FILES, "report {W}/nope", "does not exist"),
+    # -- the wrong kind of folder ----------------------------------------------------------
+    Case("convert-ckpt-is-a-run-folder", KIND, "convert megatron-to-hf --ckpt {run} --out {W}/y1",
+         "is a training run folder, not a model dir; name one of its checkpoints", ("run",),
+         ("{W}/y1",)),
+    Case("convert-ckpt-is-hf", KIND, "convert megatron-to-hf --ckpt {hf} --out {W}/y2",
+         "is a Hugging Face folder; convert it first", ("hf",), ("{W}/y2",)),
+    Case("convert-hf-is-megatron", KIND, "convert hf-to-megatron --hf {mg} --out {W}/y3",
+         "is a Megatron model dir, not a Hugging Face folder", ("mg",), ("{W}/y3",)),
+    Case("train-init-checkpoint-is-hf", KIND, TRAIN + " init.checkpoint={hf}",
+         "is a Hugging Face folder; convert it first", ("hf",)),
+    Case("train-init-checkpoint-is-a-run", KIND, TRAIN + " init.checkpoint={run}",
+         "is a training run folder", ("run",)),
+    Case("train-init-checkpoint-missing", KIND, TRAIN + " init.checkpoint={W}/nope",
+         "does not exist"),
+    Case("train-init-checkpoint-is-a-training-checkpoint", KIND,
+         TRAIN + " init.checkpoint={run}/checkpoints/step_0000002",
+         "is a training checkpoint", ("run",)),
+    Case("probe-training-checkpoint", KIND,
+         "probe --model {run}/checkpoints/step_0000002 --data figfont --tokenizer smollm2",
+         "is a training checkpoint", ("run",)),
+    Case("probe-run-folder", KIND, "probe --model {run} --data figfont",
+         "is a training run folder", ("run",)),
+    Case("eval-model-is-megatron", KIND, "eval --model {mg} --task gsm8k",
+         "is a Megatron model dir, not a Hugging Face folder; export it first", ("mg",)),
+    Case("eval-unknown-architecture", KIND, "eval --model {hf_gpt2} --task gsm8k",
+         "model_type 'gpt2'", ("hf_gpt2",)),
+    Case("convert-unsupported-architecture", KIND,
+         "convert hf-to-megatron --hf {hf_mistral} --out {W}/y4", "MistralForCausalLM",
+         ("hf_mistral",), ("{W}/y4",)),
+    # -- layouts that cannot run or fit -------------------------------------------------------
+    Case("train-tp-does-not-divide", LAYOUT, TRAIN + " parallel.tensor_model_parallel_size=3",
+         "does not divide the world size 1"),
+    Case("train-sp-without-tp", LAYOUT, TRAIN + " parallel.sequence_parallel=true",
+         "needs parallel.tensor_model_parallel_size > 1"),
+    Case("train-micro-batch-does-not-divide", LAYOUT, TRAIN + " train.micro_batch_size=3",
+         "is not divisible by train.micro_batch_size*DP"),
+    Case("train-query-groups-not-divisible-by-tp", LAYOUT,
+         TRAIN + " --nproc 2 parallel.tensor_model_parallel_size=2 model.num_query_groups=1",
+         "model.num_query_groups=1 is not divisible"),
+    Case("train-will-not-fit", LAYOUT,
+         "train --config math-qwen2.5-7b --nproc 8 --dry-run --gpu-memory 40 "
+         "data.train_files=[{data}] train.output_dir={W}/fit",
+         "will not fit: TP=4 PP=1 DP=2 SP dist-opt needs", ("data",), ("{W}/fit",)),
+    Case("probe-tp-does-not-divide", LAYOUT, "probe --model {mg} --data figfont --tp 2",
+         "does not divide the world size 1", ("mg",)),
+    # -- unknown names and keys ----------------------------------------------------------------
+    Case("train-unknown-key", NAMES, TRAIN + " optim.lrr=1", "unknown config key 'optim.lrr'"),
+    Case("train-wrong-type", NAMES, TRAIN + " train.global_batch_size=abc", "expects int"),
+    Case("train-unknown-objective", NAMES, TRAIN + " loss.objective=Bogus",
+         "unknown objective 'Bogus'"),
+    Case("train-unknown-precision", NAMES, TRAIN + " train.precision=fp8",
+         "train.precision='fp8' is invalid"),
+    Case("train-override-without-value", NAMES, TRAIN + " optim.lr",
+         "must look like section.key=value"),
+    Case("objectives-unknown", NAMES, "objectives --describe Bogus", "unknown objective"),
+    Case("eval-unknown-task", NAMES, "eval --model {hf_tok} --task math5000",
+         "unknown task 'math5000'"),
+    Case("eval-unknown-dtype", NAMES, "eval --model {hf_tok} --task gsm8k --dtype fp8",
+         "--dtype 'fp8' is invalid"),
+    Case("probe-non-data-override", NAMES, "probe --model {mg} --data figfont optim.lr=1",
+         "is not a data.* key"),
+    Case("launch-unknown-dataset", NAMES,
+         "launch --dataset nope --model tiny-llama --objective p --dryrun --work-dir {W}/launch",
+         "unknown dataset 'nope'", (), ("{W}/launch",)),
+    Case("launch-unknown-preset", NAMES,
+         "launch --dataset figfont --model nope --objective p --dryrun --work-dir {W}/launch",
+         "unknown model preset 'nope'", (), ("{W}/launch",)),
+    Case("launch-slurm-without-profile", NAMES,
+         "launch --dataset figfont --model tiny-llama --objective p --executor slurm --dryrun",
+         "--executor slurm needs --profile"),
+    Case("launch-unknown-profile", NAMES,
+         "launch --dataset figfont --model tiny-llama --objective p --executor slurm "
+         "--profile nope --dryrun", "cluster profile 'nope' not found"),
+    Case("data-generate-unknown-task", NAMES, "data generate nope --out {W}/gen.jsonl",
+         "nope", (), ("{W}/gen.jsonl",)),
+    Case("plan-unknown-recipe", NAMES, "plan --config nope", "not found"),
+    # -- usage: options and arguments --------------------------------------------------------
+    Case("train-unknown-option", USAGE, TRAIN + " --bogus", "unrecognized arguments: --bogus"),
+    Case("train-nproc-not-a-number", USAGE, TRAIN + " --nproc two", "invalid int value: 'two'"),
+    Case("convert-no-direction", USAGE, "convert", "the following arguments are required"),
+    Case("data-no-action", USAGE, "data", "probsft data needs an action"),
+    Case("data-inspect-nothing", USAGE, "data inspect", "needs the data"),
+    Case("data-generate-out-not-jsonl", USAGE, "data generate addition --out {W}/gen.csv",
+         "must end in .jsonl", (), ("{W}/gen.csv",)),
+    Case("launch-missing-objective", USAGE, "launch --dataset figfont --model tiny-llama "
+         "--dryrun --work-dir {W}/launch", "missing --objective", (), ("{W}/launch",)),
+    Case("launch-env-without-value", USAGE,
+         "launch --dataset figfont --model tiny-llama --objective p --dryrun --env FOO "
+         "--work-dir {W}/launch", "--env 'FOO' must look like KEY=VALUE", (), ("{W}/launch",)),
+    Case("launch-eval-args-unbalanced", USAGE,
+         "launch --dataset figfont --model tiny-llama --objective p --dryrun "
+         "--work-dir {W}/launch --eval-args=\"'--limit\"", "cannot be split into arguments", (),
+         ("{W}/launch",)),
+    Case("console-script-exit-code", USAGE, "objectives --describe OnlyBottomP-0",
+         "OnlyBottomP", subprocess=True),
+]
+
+# -- the world the cases run against -----------------------------------------------------------
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    """A cheap copy of ``src``: files hard-linked (damage them with :func:`_own`)."""
+    shutil.copytree(src, dst, copy_function=os.link)
+    return dst
+
+
+def _own(path: Path) -> Path:
+    """Give a hard-linked file its own bytes before it is damaged."""
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data)
+    return path
+
+
+def _truncate(path: Path, size: int = 1000) -> None:
+    with open(_own(path), "r+b") as f:
+        f.truncate(size)
+
+
+def _drop_manifests(folder: Path) -> None:
+    for manifest in folder.rglob("probsft_manifest.json"):
+        manifest.unlink()
+
+
+def _run_probsft(argv: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR")
+    return subprocess.run([sys.executable, "-m", "probsft_megatron.cli", *argv],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, str]:
+    """Real inputs: a tiny HF checkpoint (and broken variants), its conversion (with and
+    without a tokenizer), an export, a two-checkpoint training run (and damaged copies), data
+    files and a recipe. Built once (about a minute on 2 cores, most of it the training run)."""
+    from probsft_megatron.converters import api
+    from probsft_megatron.converters.testing import tiny_hf_checkpoint
+    from probsft_megatron.tokenizers import load_tokenizer
+
+    w = tmp_path_factory.mktemp("bad_inputs")
+    paths: dict[str, Path] = {"W": w}
+    # the training run first (a subprocess); the cases' recipe is the same job with an
+    # output folder that does not exist
+    recipe = w / "recipe.yaml"
+    recipe.write_text(
+        "base: tiny-figfont-cpu\n"
+        "model: {preset: tiny-llama, hidden_size: 64, ffn_hidden_size: 128}\n"
+        "data: {num_samples: 16}\n"
+        f"train: {{max_steps: 2, save_interval: 1, output_dir: {w / 'dry'}}}\n"
+    )
+    proc = _run_probsft(["train", "--config", str(recipe), f"train.output_dir={w / 'run'}"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run = paths["run"] = w / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_0000001", "step_0000002"]
+    paths["recipe"] = recipe
+
+    step2 = "checkpoints/step_0000002"
+    paths["run_truncated"] = _copy(run, w / "run_truncated")
+    _truncate(paths["run_truncated"] / step2 / "weights" / "__0_0.distcp")
+    paths["run_badstate"] = _copy(run, w / "run_badstate")
+    _own(paths["run_badstate"] / step2 / "train_state.json").write_text('{"step": ')
+    paths["legacy_badstate"] = _copy(run, w / "legacy_badstate")
+    _drop_manifests(paths["legacy_badstate"])
+    _own(paths["legacy_badstate"] / step2 / "train_state.json").write_text('{"step": ')
+    paths["run_flipped"] = _copy(run, w / "run_flipped")
+    shard = _own(paths["run_flipped"] / step2 / "weights" / "__0_0.distcp")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the same size, one byte changed
+    shard.write_bytes(bytes(data))
+    paths["run_all_damaged"] = _copy(run, w / "run_all_damaged")
+    for step in ("step_0000001", "step_0000002"):
+        _truncate(paths["run_all_damaged"] / "checkpoints" / step / "weights" / "__0_0.distcp")
+    paths["legacy_truncated"] = _copy(run, w / "legacy_truncated")
+    _drop_manifests(paths["legacy_truncated"])
+    _truncate(paths["legacy_truncated"] / step2 / "weights" / "__0_0.distcp")
+
+    hf = paths["hf"] = tiny_hf_checkpoint(w / "hf", "qwen2")  # vocab 512, no tokenizer
+    paths["hf_tok"] = _copy(hf, w / "hf_tok")
+    (paths["hf_tok"] / "tokenizer_config.json").write_text("{}")
+    paths["hf_badjson"] = _copy(hf, w / "hf_badjson")
+    _own(paths["hf_badjson"] / "config.json").write_text("{bad")
+    paths["hf_noweights"] = w / "hf_noweights"
+    paths["hf_noweights"].mkdir()
+    shutil.copy2(hf / "config.json", paths["hf_noweights"])
+    paths["hf_mistral"] = _copy(hf, w / "hf_mistral")
+    cfg = json.loads((hf / "config.json").read_text())
+    _own(paths["hf_mistral"] / "config.json").write_text(
+        json.dumps(dict(cfg, architectures=["MistralForCausalLM"], model_type="mistral")))
+    paths["hf_gpt2"] = _copy(paths["hf_tok"], w / "hf_gpt2")
+    _own(paths["hf_gpt2"] / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+
+    mg = paths["mg"] = api.hf_to_megatron(hf, w / "mg").path
+    paths["mg_damaged"] = _copy(mg, w / "mg_damaged")
+    _truncate(paths["mg_damaged"] / "weights" / "__0_0.distcp")
+    tokenizer = w / "smollm2_tokenizer"
+    load_tokenizer("smollm2").save_pretrained(tokenizer)
+    tok_hf = tiny_hf_checkpoint(w / "hf_smollm2", "qwen2", vocab_size=49152,
+                                tokenizer_dir=tokenizer)
+    paths["mg_tok"] = api.hf_to_megatron(tok_hf, w / "mg_tok").path
+    export = paths["export"] = api.megatron_to_hf(mg, w / "export", hf_template=paths["hf_tok"])
+    paths["export_damaged"] = _copy(export, w / "export_damaged")
+    _truncate(paths["export_damaged"] / "model.safetensors")
+
+    data_dir = paths["datadir"] = w / "datadir"
+    data_dir.mkdir()
+    rows = [{"prompt": f"{i} + 1 =", "response": str(i + 1)} for i in range(8)]
+    (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths["data"] = data_dir / "train.jsonl"
+    paths["samples"] = w / "samples.jsonl"
+    paths["samples"].write_text(json.dumps({"id": 0, "completions": ["2"]}) + "\n")
+    paths["empty"] = w / "empty.jsonl"
+    paths["empty"].write_text("")
+    paths["csv"] = w / "train.csv"
+    paths["csv"].write_text("prompt,response\n1,2\n")
+    paths["emptydir"] = w / "emptydir"
+    paths["emptydir"].mkdir()
+    paths["dir_jsonl"] = w / "dir.jsonl"
+    paths["dir_jsonl"].mkdir()
+    paths["afile"] = w / "afile"
+    paths["afile"].write_text("not a folder\n")
+    paths["notes"] = w / "notes"
+    paths["notes"].mkdir()
+    (paths["notes"] / "todo.txt").write_text("keep me\n")
+    paths["bad_yaml"] = w / "bad.yaml"
+    paths["bad_yaml"].write_text("train: {max_steps: [1,\n")
+    return {k: str(v) for k, v in paths.items()}
+
+
+# -- running one case ----------------------------------------------------------------------------
+
+
+def _fingerprint(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path`` (or of ``path`` itself) by relative name, and
+    every folder (``path`` included, so an empty folder has a fingerprint too)."""
+    if path.is_file():
+        return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if not path.is_dir():
+        return {}
+    found = {".": "folder"}
+    for p in sorted(path.rglob("*")):
+        name = p.relative_to(path).as_posix()
+        found[name] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+    return found
+
+
+def _in_process(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for handler in logging.getLogger("probsft_megatron").handlers:
+            if getattr(handler, "_probsft_handler", False):
+                handler.setStream(err)  # the CLI's log handler writes where this case reads
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 2
+    return code, out.getvalue(), err.getvalue()
+
+
+def _as_subprocess(argv: list[str]) -> tuple[int, str, str]:
+    exe = Path(sys.executable).parent / "probsft"
+    command = [str(exe), *argv] if exe.exists() else [sys.executable, "-m",
+                                                       "probsft_megatron.cli", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR")
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+MESSAGES: dict[str, str] = {}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_refused_in_one_line_and_loses_nothing(case: Case, world):
+    argv = shlex.split(case.argv.format(**world))
+    inputs = {name: Path(world[name]) for name in case.inputs}
+    absent = [Path(p.format(**world)) for p in case.absent]
+    assert not any(p.exists() for p in absent), "a previous case left an output behind"
+    before = {name: _fingerprint(p) for name, p in inputs.items()}
+    assert all(before.values()), "an input of the case does not exist"
+
+    code, out, err = (_as_subprocess if case.subprocess else _in_process)(argv)
+
+    shown = f"\n--- stdout\n{out[-2000:]}\n--- stderr\n{err[-4000:]}"
+    assert code == case.code, f"exit code {code}, expected {case.code}{shown}"
+    assert "Traceback" not in err + out, shown
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1, f"expected one error line{shown}"
+    assert len(lines) <= MAX_STDERR_LINES, f"stderr has {len(lines)} lines{shown}"
+    assert case.needle.format(**world) in errors[0], shown
+    for name, path in inputs.items():
+        assert _fingerprint(path) == before[name], f"input {name} ({path}) changed"
+    for path in absent:
+        assert not path.exists(), f"{path} was written"
+    MESSAGES[case.id] = errors[0].replace(world["W"], "W")
+
+
+def test_cases_are_distinct_and_cover_every_subcommand():
+    from probsft_megatron.cli import SUBCOMMANDS
+
+    assert len({c.id for c in CASES}) == len(CASES)
+    assert len({c.argv for c in CASES}) == len(CASES)
+    assert len(CASES) >= 60
+    covered = {shlex.split(c.argv)[0] for c in CASES}
+    assert covered == set(SUBCOMMANDS), set(SUBCOMMANDS) - covered
+
+
+def test_docs_list_every_case():
+    """docs/errors.md names every case and the count (PROBSFT_WRITE_ERRORS_DOC=1 rewrites
+    it first from what the cases printed; the cases run before this test)."""
+    if WRITE_DOC:
+        missing = [c.id for c in CASES if c.id not in MESSAGES]
+        assert not missing, f"run every case to write docs/errors.md; not run: {missing}"
+        _write_doc()
+    text = DOC.read_text()
+    missing = [c.id for c in CASES if f"`{c.id}`" not in text]
+    assert not missing, f"docs/errors.md lacks {missing}"
+    assert f"**{len(CASES)} bad inputs**" in text
+    for group in {c.group for c in CASES}:
+        count = sum(c.group == group for c in CASES)
+        assert re.search(rf"\| {re.escape(group)} \| {count} \|", text), group
+
+
+# -- docs/errors.md ------------------------------------------------------------------------------
+
+DOC_HEAD = """# Errors: every bad input refused in one line
+
+Every `probsft` subcommand checks what it is given before it does any work, and refuses a
+bad input with one line on stderr, `error: ...`, that names the problem and the fix, with
+exit code 2 (argparse's own usage errors also exit 2; a run that fails on its own terms, such
+as a local experiment whose steps failed, exits 1). No command destroys its input: an output
+that is, contains or lies inside an input is refused with or without `--overwrite`, and
+`--overwrite` replaces only a previous output of the same kind, recognised by what probsft
+writes into it (`probsft_manifest.json`, `model_config.json`, `train_state.json`).
+
+## Checkpoints that can be verified
+
+Every training checkpoint, converted model dir and Hugging Face export carries
+`probsft_manifest.json`, written inside the folder before its atomic rename: every file with
+its size and a CRC-32 (of the whole file up to 64 MiB, of its first and last MiB above).
+Resume, export, probe, `init.checkpoint`, `eval` and `convert hf-to-megatron` (of an export)
+check a folder against it first; a damaged one is named with its step, the file and the fix
+(`train.resume_skip_damaged=true` resumes from the newest intact step and says so in a warning
+for each damaged one it passes over). Folders written before manifests existed load
+unverified; an unreadable shard in one of them is still one line (the loader's error).
+
+## The bad-input suite
+
+`tests/test_bad_inputs.py` feeds **{count} bad inputs** to every subcommand and asserts for
+each the exit code, a short stderr with exactly one `error:` line and no traceback, and that
+every input file is byte-identical afterwards (no output is left either). Its rows, by class:
+
+| class | inputs |
+|---|---|
+{classes}
+
+The live SLURM case (sbatch rejects a job: its own message in one line, the experiment
+folder marked failed) needs the cluster: tests/test_slurm_live.py,
+`test_rejected_submission_is_one_line_and_marked_failed`.
+
+Messages below are as the suite printed them; `W` is the suite's scratch folder. Ctrl-C
+during training (save, then "interrupted at step N; resume with the same command") is
+covered by the training tests of the signal handling, not here.
+"""
+
+
+def _write_doc() -> None:
+    groups: dict[str, list[Case]] = {}
+    for case in CASES:
+        groups.setdefault(case.group, []).append(case)
+    classes = "\n".join(f"| {g} | {len(cs)} |" for g, cs in groups.items())
+    parts = [DOC_HEAD.format(count=len(CASES), classes=classes)]
+    for group, cases in groups.items():
+        parts.append(f"\n## {group[0].upper()}{group[1:]} ({len(cases)})\n\n"
+                     "| case | command | message |\n|---|---|---|\n")
+        for c in cases:
+            command = "probsft " + " ".join(c.argv.split()).replace("{", "").replace("}", "")
+            message = MESSAGES.get(c.id, "(not run)").replace("|", "\\|")
+            parts.append(f"| `{c.id}` | `{command}` | {message} |\n")
+    DOC.write_text("".join(parts))
