@@ -24,6 +24,7 @@ needs the cluster and is tested in tests/test_slurm_live.py
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -75,6 +76,8 @@ NAMES = "unknown names and keys"
 USAGE = "usage: options and arguments"
 
 TRAIN = "train --config {recipe} --dry-run"
+# fmt: off
+# (one row a case, kept compact: the table is read more than it is edited)
 CASES = [
     # -- no command destroys its input -----------------------------------------------------
     Case("convert-run-over-its-own-run", DESTROY,
@@ -390,6 +393,7 @@ CASES = [
     Case("console-script-exit-code", USAGE, "objectives --describe OnlyBottomP-0",
          "OnlyBottomP", subprocess=True),
 ]
+# fmt: on
 
 # -- the world the cases run against -----------------------------------------------------------
 
@@ -420,8 +424,14 @@ def _drop_manifests(folder: Path) -> None:
 
 def _run_probsft(argv: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR")
-    return subprocess.run([sys.executable, "-m", "probsft_megatron.cli", *argv],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "probsft_megatron.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -448,7 +458,9 @@ def world(tmp_path_factory) -> dict[str, str]:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     run = paths["run"] = w / "run"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "step_0000001", "step_0000002"]
+        "step_0000001",
+        "step_0000002",
+    ]
     paths["recipe"] = recipe
 
     step2 = "checkpoints/step_0000002"
@@ -482,18 +494,21 @@ def world(tmp_path_factory) -> dict[str, str]:
     paths["hf_mistral"] = _copy(hf, w / "hf_mistral")
     cfg = json.loads((hf / "config.json").read_text())
     _own(paths["hf_mistral"] / "config.json").write_text(
-        json.dumps(dict(cfg, architectures=["MistralForCausalLM"], model_type="mistral")))
+        json.dumps(dict(cfg, architectures=["MistralForCausalLM"], model_type="mistral"))
+    )
     paths["hf_gpt2"] = _copy(paths["hf_tok"], w / "hf_gpt2")
     _own(paths["hf_gpt2"] / "config.json").write_text(
-        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
 
     mg = paths["mg"] = api.hf_to_megatron(hf, w / "mg").path
     paths["mg_damaged"] = _copy(mg, w / "mg_damaged")
     _truncate(paths["mg_damaged"] / "weights" / "__0_0.distcp")
     tokenizer = w / "smollm2_tokenizer"
     load_tokenizer("smollm2").save_pretrained(tokenizer)
-    tok_hf = tiny_hf_checkpoint(w / "hf_smollm2", "qwen2", vocab_size=49152,
-                                tokenizer_dir=tokenizer)
+    tok_hf = tiny_hf_checkpoint(
+        w / "hf_smollm2", "qwen2", vocab_size=49152, tokenizer_dir=tokenizer
+    )
     paths["mg_tok"] = api.hf_to_megatron(tok_hf, w / "mg_tok").path
     export = paths["export"] = api.megatron_to_hf(mg, w / "export", hf_template=paths["hf_tok"])
     paths["export_damaged"] = _copy(export, w / "export_damaged")
@@ -556,11 +571,11 @@ def _in_process(argv: list[str]) -> tuple[int, str, str]:
 
 def _as_subprocess(argv: list[str]) -> tuple[int, str, str]:
     exe = Path(sys.executable).parent / "probsft"
-    command = [str(exe), *argv] if exe.exists() else [sys.executable, "-m",
-                                                       "probsft_megatron.cli", *argv]
+    command = (
+        [str(exe), *argv] if exe.exists() else [sys.executable, "-m", "probsft_megatron.cli", *argv]
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR")
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env=env)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -590,7 +605,73 @@ def test_bad_input_is_refused_in_one_line_and_loses_nothing(case: Case, world):
         assert _fingerprint(path) == before[name], f"input {name} ({path}) changed"
     for path in absent:
         assert not path.exists(), f"{path} was written"
-    MESSAGES[case.id] = errors[0].replace(world["W"], "W")
+    message = MESSAGES[case.id] = _placeholders(errors[0], world)
+    if not WRITE_DOC:
+        rows = {_loose(line) for line in _doc_lines()}
+        assert _loose(_row(case, message)) in rows, (
+            f"docs/errors.md does not show this case as it runs now:\n{_row(case, message)}"
+            "\nrewrite it: PROBSFT_WRITE_ERRORS_DOC=1 pytest tests/test_bad_inputs.py"
+        )
+
+
+def _placeholders(text: str, world: dict[str, str]) -> str:
+    """``text`` with the world's paths (and the repository's) written as their placeholder
+    names in capitals (``RUN``, ``W``), the longest path first."""
+    names = {**{path: name.upper() for name, path in world.items()}, str(REPO): "REPO"}
+    for path in sorted(names, key=len, reverse=True):
+        text = re.sub(re.escape(path) + r"(?![\w.-])", names[path], text)
+    return text
+
+
+def _command(case: Case) -> str:
+    return "probsft " + re.sub(
+        r"\{(\w+)\}", lambda m: m.group(1).upper(), " ".join(case.argv.split())
+    )
+
+
+def _row(case: Case, message: str) -> str:
+    return f"| `{case.id}` | `{_command(case)}` | {message.replace('|', chr(92) + '|')} |"
+
+
+def _loose(row: str) -> str:
+    """A row with its numbers blurred: sizes, GiB and line numbers in a message may move
+    with a library's version without the message being wrong."""
+    return re.sub(r"\d+(\.\d+)?", "#", row.strip())
+
+
+@functools.cache
+def _doc_lines() -> tuple[str, ...]:
+    return tuple(DOC.read_text(encoding="utf-8").splitlines()) if DOC.is_file() else ()
+
+
+def test_resume_skip_damaged_falls_back_loudly_and_replaces_the_damaged_step(world, tmp_path):
+    """The one way past a damaged checkpoint: ``train.resume_skip_damaged=true`` resumes from
+    the newest intact step, says so in a warning naming the damaged one, and the run writes a
+    new, intact checkpoint of that step in its place."""
+    from probsft_megatron import manifest
+
+    run = Path(shutil.copytree(world["run_truncated"], tmp_path / "run"))  # real copies: the
+    step2 = run / "checkpoints" / "step_0000002"  # run appends to its metrics
+    assert manifest.checkpoint_damage(step2) is not None
+    proc = _run_probsft(
+        [
+            "train",
+            "--config",
+            world["recipe"],
+            f"train.output_dir={run}",
+            "train.resume_skip_damaged=true",
+        ]
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "Traceback" not in proc.stderr
+    assert re.search(
+        r"DAMAGED checkpoint step 2 passed over \(train.resume_skip_damaged=true\)"
+        r".*weights/__0_0.distcp is 1000 bytes",
+        proc.stderr,
+    ), proc.stderr[-4000:]
+    assert f"resumed from {run / 'checkpoints' / 'step_0000001'}" in proc.stderr, proc.stderr
+    assert manifest.checkpoint_damage(step2) is None
+    assert json.loads((step2 / "train_state.json").read_text())["step"] == 2
 
 
 def test_cases_are_distinct_and_cover_every_subcommand():
@@ -639,8 +720,11 @@ its size and a CRC-32 (of the whole file up to 64 MiB, of its first and last MiB
 Resume, export, probe, `init.checkpoint`, `eval` and `convert hf-to-megatron` (of an export)
 check a folder against it first; a damaged one is named with its step, the file and the fix
 (`train.resume_skip_damaged=true` resumes from the newest intact step and says so in a warning
-for each damaged one it passes over). Folders written before manifests existed load
-unverified; an unreadable shard in one of them is still one line (the loader's error).
+for each damaged one it passes over; the run then writes a new, intact checkpoint of the
+damaged step in its place, as
+`test_resume_skip_damaged_falls_back_loudly_and_replaces_the_damaged_step` shows).
+Folders written before manifests existed load unverified; an unreadable shard in one of them
+is still one line (the loader's error).
 
 ## The bad-input suite
 
@@ -656,23 +740,73 @@ The live SLURM case (sbatch rejects a job: its own message in one line, the expe
 folder marked failed) needs the cluster: tests/test_slurm_live.py,
 `test_rejected_submission_is_one_line_and_marked_failed`.
 
-Messages below are as the suite printed them; `W` is the suite's scratch folder. Ctrl-C
-during training (save, then "interrupted at step N; resume with the same command") is
-covered by the training tests of the signal handling, not here.
+Ctrl-C during training (save, then "interrupted at step N; resume with the same command")
+is covered by the training tests of the signal handling, not here.
+
+This page is generated and checked: every case of the suite compares its row below with the
+message it printed (numbers aside, since file sizes move with library versions) and fails
+when they differ; `PROBSFT_WRITE_ERRORS_DOC=1 pytest tests/test_bad_inputs.py` rewrites the
+page from what the cases print. Commands and messages name the suite's objects in capitals:
+
+| name | what it is |
+|---|---|
+{placeholders}
 """
+
+PLACEHOLDERS = {
+    "W": "the suite's scratch folder (a fresh temporary folder)",
+    "AFILE": "a plain file",
+    "BAD_YAML": "a recipe that is not valid YAML",
+    "CSV": "a `.csv` file",
+    "DATA": "a valid 8-row prompt/response `.jsonl` in `DATADIR`",
+    "DATADIR": "a folder holding `DATA`",
+    "DIR_JSONL": "a folder named `dir.jsonl`",
+    "EMPTY": "an empty `.jsonl` file",
+    "EMPTYDIR": "an empty folder",
+    "EXPORT_DAMAGED": "a Hugging Face export of `MG` with its `model.safetensors` truncated",
+    "HF": "a tiny random Qwen2 Hugging Face folder (vocabulary 512, no tokenizer)",
+    "HF_BADJSON": "`HF` whose `config.json` is not JSON",
+    "HF_GPT2": "`HF_TOK` whose `config.json` declares GPT2LMHeadModel",
+    "HF_MISTRAL": "`HF` whose `config.json` declares MistralForCausalLM",
+    "HF_NOWEIGHTS": "`HF`'s `config.json` alone",
+    "HF_TOK": "`HF` with a `tokenizer_config.json`",
+    "LEGACY_BADSTATE": "`RUN_BADSTATE` without manifests (as written before they existed)",
+    "LEGACY_TRUNCATED": "`RUN_TRUNCATED` without manifests",
+    "MG": "`HF` converted to a Megatron model dir",
+    "MG_DAMAGED": "`MG` with its weight shard truncated",
+    "MG_TOK": "a Megatron model dir with the SmolLM2 tokenizer (vocabulary 49152)",
+    "NOTES": "a folder of a user's own files",
+    "RECIPE": "tiny-figfont-cpu with a 64-wide tiny-llama, 2 steps, a checkpoint each",
+    "REPO": "the repository",
+    "RUN": "a finished run of `RECIPE` with checkpoints `step_0000001` and `step_0000002`",
+    "RUN_ALL_DAMAGED": "`RUN` with both steps' weight shards truncated",
+    "RUN_BADSTATE": "`RUN` with step 2's `train_state.json` cut to 9 bytes",
+    "RUN_FLIPPED": "`RUN` with one byte of step 2's weight shard changed (same size)",
+    "RUN_TRUNCATED": "`RUN` with step 2's weight shard truncated to 1000 bytes",
+    "SAMPLES": "the `samples.jsonl` of an eval run",
+}
 
 
 def _write_doc() -> None:
     groups: dict[str, list[Case]] = {}
     for case in CASES:
         groups.setdefault(case.group, []).append(case)
-    classes = "\n".join(f"| {g} | {len(cs)} |" for g, cs in groups.items())
-    parts = [DOC_HEAD.format(count=len(CASES), classes=classes)]
+    used = sorted({m.upper() for c in CASES for m in re.findall(r"\{(\w+)\}", c.argv)} | {"W"})
+    unknown = [name for name in used if name not in PLACEHOLDERS]
+    assert not unknown, f"describe {unknown} in PLACEHOLDERS"
+    parts = [
+        DOC_HEAD.format(
+            count=len(CASES),
+            classes="\n".join(f"| {g} | {len(cs)} |" for g, cs in groups.items()),
+            placeholders="\n".join(
+                f"| `{name}` | {PLACEHOLDERS[name]} |" for name in [*used, "REPO"]
+            ),
+        )
+    ]
     for group, cases in groups.items():
-        parts.append(f"\n## {group[0].upper()}{group[1:]} ({len(cases)})\n\n"
-                     "| case | command | message |\n|---|---|---|\n")
-        for c in cases:
-            command = "probsft " + " ".join(c.argv.split()).replace("{", "").replace("}", "")
-            message = MESSAGES.get(c.id, "(not run)").replace("|", "\\|")
-            parts.append(f"| `{c.id}` | `{command}` | {message} |\n")
-    DOC.write_text("".join(parts))
+        parts.append(
+            f"\n## {group[0].upper()}{group[1:]} ({len(cases)})\n\n"
+            "| case | command | message |\n|---|---|---|\n"
+        )
+        parts.extend(_row(c, MESSAGES[c.id]) + "\n" for c in cases)
+    DOC.write_text("".join(parts), encoding="utf-8")
