@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the job scripts (sbatch for slurm) and print where; launch nothing")
     parser.add_argument("--detach", action="store_true",
                         help="slurm: return once the jobs are queued instead of waiting for them")
+    parser.add_argument("--no-fit-check", action="store_true",
+                        help="submit a training layout even when the memory planner says it "
+                             "will not fit the GPUs (the profile's gpu_memory_gb)")
     parser.add_argument("--lines", type=int, default=20,
                         help="status/logs: how many log lines to show per step (default 20)")
     parser.add_argument("--profile", help="cluster profile: a name under configs/clusters or a YAML file")
@@ -149,6 +152,49 @@ def _placement(args: argparse.Namespace):
     return profile, nodes, nproc, layout_check, work_dir
 
 
+def _fit_check(args: argparse.Namespace, profile, nodes: int, nproc: int):
+    """The memory planner's check of each run's training layout before anything is written
+    or submitted (:func:`probsft_megatron.plan.check_fits`, arithmetic only): a callable
+    (run name, config) -> the plan's note line, raising :class:`ConfigError` (the planner's
+    line: the recommended layout and ``--no-fit-check``) for a layout that will not fit.
+
+    The GPU size is the profile's ``gpu_memory_gb`` (SLURM) or this machine's CUDA device
+    (local). Skipped, saying so, with ``--no-fit-check``, on a CPU partition
+    (``gpus_per_node: 0``), for a profile without ``gpu_memory_gb`` and locally without CUDA:
+    the planner estimates GPU memory, not a host's RAM."""
+    def skipped(why: str):
+        return lambda name, cfg: f"memory fit check skipped: {why}"
+
+    if args.no_fit_check:
+        return skipped("--no-fit-check")
+    if profile is not None:
+        if not profile.gpus_per_node:
+            return skipped(f"cluster profile '{profile.name}' is a CPU partition "
+                           "(gpus_per_node: 0)")
+        if profile.gpu_memory_gb is None:
+            return skipped(f"cluster profile '{profile.name}' has no gpu_memory_gb (set it to "
+                           "check layouts before submission)")
+        gpu_memory = float(profile.gpu_memory_gb)
+    else:
+        from probsft_megatron import hardware
+
+        if not hardware.cuda_available():
+            return skipped("no GPU here (the planner estimates GPU memory, not the host's RAM)")
+        import torch
+
+        gpu_memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+
+    def check(name: str, cfg) -> str:
+        from probsft_megatron.plan import check_fits
+
+        verdict = check_fits(cfg, nodes * nproc, gpu_memory, gpus_per_node=nproc)
+        if not verdict.fits:
+            raise ConfigError(f"run {name}: {verdict.message}")
+        return f"run {name}: memory {verdict.message}"
+
+    return check
+
+
 def _requests(args: argparse.Namespace, sweep: str | None):
     """(run requests, notes, experiment title or None) of a single launch or a sweep."""
     from probsft_megatron.launchers.experiment import RunRequest
@@ -190,6 +236,7 @@ def _report(mode: str, plan, exp_dir: Path) -> int:
             print(f"  job {s.job_id}: {s.name}{after}")
         for r in plan.runs:
             print(f"  {r.name}: results will be in {r.eval_summary}")
+        _report_hint(plan.work_dir)
         return 0
     failed = [r for r in plan.runs if not r.eval_summary.is_file()]
     for r in plan.runs:
@@ -197,11 +244,41 @@ def _report(mode: str, plan, exp_dir: Path) -> int:
         summary_md = Path(r.eval_dir) / "summary.md"
         if summary_md.is_file():
             print(summary_md.read_text(), end="")
+    _report_hint(plan.work_dir)
     if failed:
         print(f"error: {len(failed)} run(s) produced no eval summary; step logs are under "
               f"{exp_dir}", file=sys.stderr)
         return 1
     return 0
+
+
+def _report_hint(work_dir: str) -> None:
+    """Where the experiment's runs report (``probsft report``) goes."""
+    from probsft_megatron import report
+
+    out = report.default_out_dir([work_dir])
+    print(f"report: probsft report {work_dir} (writes {out / 'report.md'}; "
+          "`probsft launch status` builds it too)")
+
+
+def _status_report(record, states: dict) -> None:
+    """Build the work directory's runs report (``probsft report``) with the jobs' states and
+    print its tables; a report that cannot be built yet (no run started) is one line."""
+    from probsft_megatron import report
+    from probsft_megatron.errors import ProbsftError
+
+    work_dir = Path(record.exp_dir).parents[2]  # WORK/experiments/<title>/<id>
+    step_states = {s.name: states[s.job_id].state for s in record.steps if s.job_id in states}
+    logs = {s.name: str(log) for s in record.steps if (log := s.log_path()) is not None}
+    try:
+        rep = report.build_report([work_dir], step_states=step_states, step_logs=logs)
+    except ProbsftError as exc:
+        print(f"report: not built ({exc})")
+        return
+    print()
+    for line in report.format_tables(rep, heading=""):
+        print(line)
+    print(f"report: {report.default_out_dir([work_dir]) / 'report.md'}")
 
 
 def _job_command(args: argparse.Namespace) -> int:
@@ -229,7 +306,9 @@ def _job_command(args: argparse.Namespace) -> int:
         return 0
     if command == "status":
         states = jobs.job_states(s.job_id for s in record.steps if s.job_id)
-        return jobs.report(record, states, sys.stdout, lines=args.lines)
+        code = jobs.report(record, states, sys.stdout, lines=args.lines)
+        _status_report(record, states)
+        return code
     steps = [record.step(rest[1])] if len(rest) == 2 else record.steps
     for step in steps:
         log = step.log_path()
@@ -296,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
     options = ex.LaunchOptions(
         work_dir=os.path.abspath(work_dir), world_size=nodes * nproc,
         hf=hf, env=_pairs(args.env, "--env"), eval_tasks=args.eval_task,
-        eval_args=eval_args, layout_check=layout_check)
+        eval_args=eval_args, layout_check=layout_check,
+        fit_check=_fit_check(args, profile, nodes, nproc))
     requests, notes, title = _requests(args, sweep)
     plan = ex.plan_experiment(title, requests, options)
     plan.notes[:0] = notes
@@ -311,7 +391,9 @@ def run(args: argparse.Namespace) -> int:
     if profile is None:
         def executor_for(step: ex.Step):
             return ex.local_executor(step, nproc)
+        agent_args = ex.single_node_agent_args(nproc)
     else:
+        from probsft_megatron.launchers.slurm import agent_args as slurm_agent_args
         from probsft_megatron.launchers.slurm import slurm_executor
 
         job_dir = str(Path(plan.work_dir) / "experiments")
@@ -319,12 +401,13 @@ def run(args: argparse.Namespace) -> int:
         def executor_for(step: ex.Step):
             return slurm_executor(profile, step.kind, job_dir=job_dir, nodes=nodes,
                                   nproc_per_node=nproc)
+        agent_args = slurm_agent_args(profile, nodes, nproc)
 
     mode = "dryrun" if args.dryrun else ("run" if profile is None else "submit")
     if args.detach and mode != "submit":
         raise ConfigError("--detach applies to a SLURM submission (--executor slurm without "
                           "--dryrun)")
-    exp_dir = ex.execute(plan, executor_for, mode)
+    exp_dir = ex.execute(plan, executor_for, mode, agent_args)
     code = _report(mode, plan, exp_dir)
     if mode == "submit" and not args.detach:
         code = _wait_and_report(exp_dir)

@@ -9,7 +9,8 @@ One run's steps::
 
     convert   probsft convert hf-to-megatron --hf HF --out WORK/models/MODEL
               (only with --hf and while no Megatron model dir exists there)
-    train     torchrun ... -m probsft_megatron.train --config RECIPE loss.objective=... \
+    train     python -m probsft_megatron.launchers.agent [torchrun options] \
+                  -m probsft_megatron.train --config RECIPE loss.objective=... \
                   train.output_dir=WORK/runs/NAME [init.checkpoint=...] [--set overrides]
     export    python -m probsft_megatron.launchers.steps export --train-dir WORK/runs/NAME \
                   --out WORK/runs/NAME/hf            (the newest complete checkpoint)
@@ -52,6 +53,8 @@ EVAL_TASKS = {
 CLI_MODULE = "probsft_megatron.cli"
 TRAIN_MODULE = "probsft_megatron.train"
 STEPS_MODULE = "probsft_megatron.launchers.steps"
+AGENT_MODULE = "probsft_megatron.launchers.agent"
+"""torchrun's agent for training, keeping the stop signals and exit codes (launchers/agent.py)."""
 ANY_MODEL = "*"
 """Key of :attr:`LaunchOptions.hf` for a Hugging Face folder given without a preset name."""
 
@@ -108,6 +111,11 @@ class LaunchOptions:
     """Extra ``probsft eval`` arguments (``--limit 8``, ``--data FILE``, ...)."""
     layout_check: Callable[[int, int], None] | None = None
     """Called with (TP, PP) of each run before the config is validated (cluster profiles)."""
+    fit_check: Callable[[str, TrainJobConfig], str] | None = None
+    """Called with each run's name and validated config before any step is planned: the
+    memory planner's check (``probsft launch`` builds it from the profile's
+    ``gpu_memory_gb``); raises :class:`ConfigError` for a layout that will not fit, else
+    returns a line for the plan's notes."""
 
 
 @dataclass
@@ -146,8 +154,8 @@ class Plan:
         for step in self.steps:
             argv = step.argv()
             if step.kind == "train":
-                argv = ["torchrun", "--nnodes", str(nodes), "--nproc-per-node",
-                        str(nproc_per_node), *argv[1:]]
+                argv = ["python", "-m", AGENT_MODULE, "--nnodes", str(nodes),
+                        "--nproc-per-node", str(nproc_per_node), *argv[1:]]
             after = f" (after {', '.join(step.after)})" if step.after else ""
             lines.append(f"  [{step.name}]{after}\n    {shlex.join(argv)}")
         return "\n".join(lines)
@@ -301,6 +309,8 @@ def plan_experiment(title: str | None, requests: list[RunRequest], options: Laun
             options.layout_check(cfg.parallel.tensor_model_parallel_size,
                                  cfg.parallel.pipeline_model_parallel_size)
         cfg.validate(options.world_size)
+        if options.fit_check is not None:
+            plan.notes.append(options.fit_check(name, cfg))
 
         after = _plan_backbone(plan, converts, req, name, cfg, choice.ref, overrides, options)
         tasks = options.eval_tasks or EVAL_TASKS[req.dataset]
@@ -336,15 +346,47 @@ def import_nemo_run() -> Any:
 
 
 def local_executor(step: Step, nproc_per_node: int) -> Any:
-    """A NeMo-Run ``LocalExecutor`` for one step: torchrun with ``nproc_per_node`` processes
-    for ``train``, one process otherwise. This interpreter's folder leads ``PATH`` so that
-    ``python`` and ``torchrun`` are the ones of this environment."""
+    """A NeMo-Run ``LocalExecutor`` for one step: for ``train`` the training agent with
+    ``nproc_per_node`` processes (:func:`execute` writes its command), one process otherwise.
+    This interpreter's folder leads ``PATH`` so that ``python`` is the one of this
+    environment."""
     run = import_nemo_run()
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     if step.kind == "train":
-        return run.LocalExecutor(ntasks_per_node=nproc_per_node, launcher="torchrun",
-                                 env_vars={"PATH": path})
+        return run.LocalExecutor(ntasks_per_node=nproc_per_node,
+                                 env_vars={"PATH": path, "LOGLEVEL": "INFO"})
     return run.LocalExecutor(env_vars={"PATH": path})
+
+
+def single_node_agent_args(nproc_per_node: int) -> list[str]:
+    """The training agent's torchrun options for ``nproc_per_node`` processes on one node: a
+    local rendezvous on a free port (``--standalone``). ``--tee 3`` keeps every rank's output
+    in the step's log and in torchrun's per-rank files. (Several SLURM nodes:
+    :func:`probsft_megatron.launchers.slurm.agent_args`.)"""
+    return ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc_per_node),
+            "--tee", "3"]
+
+
+def step_command(step: Step, executor: Any, agent_args: list[str] | None = None,
+                 ) -> tuple[str, list[str]]:
+    """(module, arguments) that ``executor`` runs for ``step``.
+
+    ``train`` runs through the training agent (:data:`AGENT_MODULE`) with ``agent_args``
+    (default: one node with the executor's processes per node). NeMo-Run writes a SLURM
+    step's arguments into a bash script as they are, so they are shell-quoted here (the
+    agent's ``$head_node_ip``-style words stay as they are, for the script to expand); a local
+    step gets them unquoted, as its own argv (no shell), so a ``--set`` value such as
+    ``data.train_files=[a.jsonl]`` reaches training intact.
+    """
+    run = import_nemo_run()
+    args = list(step.args)
+    if isinstance(executor, run.SlurmExecutor):
+        args = [shlex.quote(a) for a in args]
+    if step.kind != "train":
+        return step.module, args
+    if agent_args is None:
+        agent_args = single_node_agent_args(executor.nproc_per_node())
+    return AGENT_MODULE, [*agent_args, "-m", step.module, *args]
 
 
 def experiment_dir(plan: Plan, exp_id: str) -> Path:
@@ -352,8 +394,12 @@ def experiment_dir(plan: Plan, exp_id: str) -> Path:
     return Path(plan.work_dir) / "experiments" / plan.title / exp_id
 
 
-def execute(plan: Plan, executor_for: Callable[[Step], Any], mode: str) -> Path:
+def execute(plan: Plan, executor_for: Callable[[Step], Any], mode: str,
+            agent_args: list[str] | None = None) -> Path:
     """Turn ``plan`` into a NeMo-Run experiment and dry-run, run or submit it.
+
+    ``agent_args``: the training agent's torchrun options for the train steps (default: one
+    node, :func:`single_node_agent_args`; see :func:`step_command`).
 
     ``mode``: ``dryrun`` (write the job scripts, launch nothing), ``run`` (local: the steps
     one after another in plan order, waiting for each) or ``submit`` (SLURM: every step is a
@@ -372,10 +418,12 @@ def execute(plan: Plan, executor_for: Callable[[Step], Any], mode: str) -> Path:
     with exp:
         job_ids: dict[str, str] = {}
         for step in plan.steps:
-            script = run.Script(path=step.module, args=list(step.args), env=dict(step.env),
+            executor = executor_for(step)
+            module, args = step_command(step, executor, agent_args)
+            script = run.Script(path=module, args=args, env=dict(step.env),
                                 entrypoint="python", m=True)
             deps = [job_ids[a] for a in step.after] if mode == "submit" else None
-            job_ids[step.name] = exp.add(script, executor=executor_for(step), name=step.name,
+            job_ids[step.name] = exp.add(script, executor=executor, name=step.name,
                                          dependencies=deps)
         if mode == "dryrun":
             exp.dryrun(log=False, delete_exp_dir=False)

@@ -52,6 +52,21 @@ if [ -z "$PROBSFT_RDZV_PORT" ]; then
     exit 1
 fi
 export PET_RDZV_CONF=is_host=0"""
+#: Lines of every train job's batch script: training that stopped on a signal after saving a
+#: checkpoint exits 75 (``stopping.INTERRUPTED_EXIT_CODE``); the batch script then requeues
+#: its job, which resumes from that checkpoint, and the steps that wait for it (``afterok``)
+#: keep waiting. A signal that also reaches the batch shell (``scancel`` without
+#: ``--signal``, the time limit itself) ends the shell before it gets there: no requeue.
+REQUEUE_SETUP = """\
+# training exits 75 after saving a checkpoint on a stop signal sent to this job's steps
+# (the profile's warning signal, scancel --signal=USR1): requeue the job to resume from it
+probsft_requeue() {
+    if [ "$?" -eq 75 ]; then
+        echo "training stopped on a signal after saving a checkpoint: requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+}
+trap probsft_requeue EXIT"""
 _SIGNAL_RE = re.compile(r"^((R|B|RB|BR):)?(SIG)?[A-Z0-9]+(@\d+)?$")
 
 
@@ -94,6 +109,10 @@ class ClusterProfile:
     nproc_per_node: int | None = None
     """Training processes per node; default ``gpus_per_node``, or 1 on a CPU partition
     (``gpus_per_node: 0``). ``probsft launch --nproc`` overrides it."""
+    gpu_memory_gb: float | None = None
+    """Memory of one GPU in GB (80 for an 80 GB H100). ``probsft launch`` checks with it that
+    the train step's layout fits (:func:`probsft_megatron.plan.check_fits`) before anything
+    is submitted; omitted, or on a CPU partition, the check is skipped and the plan says so."""
     signal: str | None = None
     """Warning signal before the time limit for the train job (``--signal``), e.g.
     ``USR1@120``: SLURM sends SIGUSR1 to the job's processes 120 s before the limit."""
@@ -119,6 +138,12 @@ class ClusterProfile:
             value = getattr(self, key)
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"{where}: '{key}' must be true or false (got {value!r})")
+        if self.gpu_memory_gb is not None and (
+                isinstance(self.gpu_memory_gb, bool)
+                or not isinstance(self.gpu_memory_gb, (int, float))
+                or not 0 < self.gpu_memory_gb < float("inf")):
+            raise ConfigError(f"{where}: 'gpu_memory_gb' must be a positive number of GB per "
+                              f"GPU, e.g. 80 (got {self.gpu_memory_gb!r})")
         if self.signal is not None and (not isinstance(self.signal, str)
                                         or not _SIGNAL_RE.match(self.signal)):
             raise ConfigError(f"{where}: signal={self.signal!r} is not an sbatch --signal value; "
@@ -238,19 +263,40 @@ def sbatch_fields(profile: ClusterProfile, kind: str) -> dict[str, Any]:
     }
 
 
+def agent_args(profile: ClusterProfile, nodes: int, nproc_per_node: int) -> list[str]:
+    """The training agent's (torchrun's) options in the train job, one agent per node.
+
+    One node: a local rendezvous (``--standalone``). Several: the c10d rendezvous on the job's
+    first node (the batch script's store on ``$PROBSFT_RDZV_PORT`` on bare nodes, the first
+    agent's on :data:`RDZV_PORT` in a container), the job id as rendezvous id, SLURM's node
+    id as node rank; the ``$`` words are expanded by the batch script's shell.
+    """
+    if nodes == 1:
+        return ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc_per_node),
+                "--tee", "3"]
+    own_store = profile.container_image is None
+    port = "${PROBSFT_RDZV_PORT}" if own_store else str(RDZV_PORT)
+    return ["--rdzv-backend", RDZV_BACKEND, "--rdzv-endpoint", f"$head_node_ip:{port}",
+            "--rdzv-id", "$SLURM_JOB_ID", "--nnodes", str(nodes),
+            "--nproc-per-node", str(nproc_per_node), "--node-rank", "$SLURM_NODEID",
+            "--tee", "3"]
+
+
 def slurm_executor(profile: ClusterProfile, kind: str, *, job_dir: str, nodes: int,
                    nproc_per_node: int) -> Any:
     """The NeMo-Run ``SlurmExecutor`` of one step.
 
-    ``train`` runs on ``nodes`` nodes with ``nproc_per_node`` processes each under torchrun
-    (NeMo-Run turns that into one srun task per node running ``torchrun --nnodes ...``); the
-    other steps run one process on one node. Every step requests the profile's GPUs per node
-    (none when ``gpus_per_node`` is 0). A multi-node train job on bare nodes hosts torchrun's
-    rendezvous store in its batch script (:data:`RDZV_STORE_SETUP`); with a container image
-    the first torchrun agent hosts it on port :data:`RDZV_PORT`, as NeMo-Run does. A job
-    whose dependency failed is cancelled by SLURM (``--kill-on-invalid-dep=yes``) instead of
-    pending forever. Without a container image the jobs run this interpreter's environment:
-    its folder leads ``PATH``.
+    ``train`` runs on ``nodes`` nodes, one srun task per node running the training agent
+    (``python -m probsft_megatron.launchers.agent``, torchrun with the stop signals left to
+    training, with the options of :func:`agent_args`) with ``nproc_per_node`` processes
+    each; the other steps run one process on one node. Every step
+    requests the profile's GPUs per node (none when ``gpus_per_node`` is 0). A multi-node
+    train job on bare nodes hosts torchrun's rendezvous store in its batch script
+    (:data:`RDZV_STORE_SETUP`); with a container image the first agent hosts it on port
+    :data:`RDZV_PORT`, as NeMo-Run does. A train job requeues itself when training stopped on
+    a signal after saving (:data:`REQUEUE_SETUP`). A job whose dependency failed is cancelled
+    by SLURM (``--kill-on-invalid-dep=yes``) instead of pending forever. Without a container
+    image the jobs run this interpreter's environment: its folder leads ``PATH``.
     """
     from probsft_megatron.launchers.experiment import import_nemo_run
 
@@ -260,21 +306,21 @@ def slurm_executor(profile: ClusterProfile, kind: str, *, job_dir: str, nodes: i
     if profile.container_image is None and "PATH" not in env:
         env["PATH"] = f"{os.path.dirname(sys.executable)}:$PATH"
     own_store = distributed and nodes > 1 and profile.container_image is None
-    launcher = None
+    setup = None
     if distributed:
-        launcher = run.Torchrun(rdzv_backend=RDZV_BACKEND,
-                                rdzv_port="${PROBSFT_RDZV_PORT}" if own_store else RDZV_PORT)
+        env.setdefault("LOGLEVEL", "INFO")  # torchrun's agent says which ranks run where
+        setup = "\n".join([RDZV_STORE_SETUP] * own_store + [REQUEUE_SETUP])
     return run.SlurmExecutor(
         account=profile.account,
         nodes=nodes if distributed else 1,
-        ntasks_per_node=nproc_per_node if distributed else 1,
+        ntasks_per_node=1,  # train: one training agent per node, which starts the processes
+        torchrun_nproc_per_node=nproc_per_node if distributed else None,
         **sbatch_fields(profile, kind),
         container_image=profile.container_image,
         container_mounts=list(profile.container_mounts),
         env_vars=env,
         job_name_prefix=profile.job_name_prefix,
-        launcher=launcher,
-        setup_lines=RDZV_STORE_SETUP if own_store else None,
+        setup_lines=setup,
         # "0: ...", "1: ...": which task (task i runs on the job's node i) printed a line
         srun_args=["--label"] if distributed and nodes > 1 else None,
         additional_parameters={"kill_on_invalid_dep": "yes"},

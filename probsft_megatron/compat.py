@@ -41,11 +41,14 @@ def _accepts(fn: Callable, name: str) -> bool:
 # -- process groups ----------------------------------------------------------------------------
 
 
-def initialize_model_parallel(tp: int, pp: int) -> None:
+def initialize_model_parallel(tp: int, pp: int, timeout_s: float | None = None) -> None:
+    """megatron's groups; ``timeout_s``: their collectives' timeout (megatron's default, 30
+    minutes, when None)."""
     from megatron.core import parallel_state
 
+    timeout = {} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **timeout
     )
 
 

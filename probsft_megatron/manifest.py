@@ -239,6 +239,10 @@ def damaged_message(path: str | os.PathLike, damage: str, *, resuming: bool = Fa
         return f"{path} is damaged: {damage}; {redo}"
     previous = newest_intact_before(path.parent, step)
     head = f"checkpoint step {step} ({path}) is damaged: {damage}"
+    if resuming and not (path / MANIFEST_FILE).is_file():
+        # written before manifests: only deleting it lets a resume pass over it
+        then = f"resumes from step {previous[0]}" if previous else "starts from its initial weights"
+        return f"{head}; delete {path} (the run then {then}) or set train.resume=false"
     if resuming:
         if previous is None:
             return (

@@ -22,6 +22,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -44,9 +45,11 @@ __all__ = [
     "Batch",
     "ForwardStep",
     "MeasureStep",
+    "GradCheck",
     "StepStats",
     "build_training_model",
     "dp_group",
+    "grads_finite",
     "init_distributed",
     "is_last_stage",
     "load_model_weights",
@@ -64,10 +67,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(parallel: ParallelConfig, seed: int = 1234, model=None) -> int:
+def init_distributed(
+    parallel: ParallelConfig, seed: int = 1234, model=None, timeout_s: float | None = None
+) -> int:
     """Start torch.distributed (nccl on GPU, gloo on CPU) and megatron's model-parallel groups.
 
     Checks the layout against the world size (and ``model``) before any group is created.
+    ``timeout_s``: how long every collective (of the default group and of megatron's groups)
+    waits for the other ranks before it fails (torch's and megatron's defaults when None).
     Returns the data-parallel size.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -81,9 +88,12 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, model=None) -> 
         os.environ.setdefault("WORLD_SIZE", "1")
         if platform.cuda_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=platform.distributed_backend())
+        timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        dist.init_process_group(backend=platform.distributed_backend(), **timeout)
     compat.initialize_model_parallel(
-        parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        timeout_s=timeout_s,
     )
     compat.seed_model_parallel(seed)
     return dp
@@ -266,16 +276,21 @@ def measure_token_ce(
 class StepStats:
     """What one optimizer step reports.
 
-    Every rank: ``grad_norm``, ``update_successful``. The last pipeline stage (where the loss
-    is computed; None elsewhere): ``loss`` (global loss sum / global normalizer count),
-    ``loss_sum``, ``response_tokens``, ``kept_tokens``, ``mean_p``, ``frac_kept``, ``mean_w``,
-    ``tokens`` (non-padding tokens of the global batch), ``threshold`` (a global-batch
-    percentile threshold, when one was resolved) and ``p`` (the response tokens' p of the
-    global batch, when asked for with ``record_p``).
+    Every rank: ``grad_norm``, ``update_successful``, ``local_loss_finite`` and
+    ``local_grads_finite`` (whether this rank's own loss sums and gradients were all finite
+    before the data-parallel reduction mixed them with the other ranks'; the gradients are
+    checked when the model comes from :func:`build_training_model`, else reported finite).
+    The last pipeline stage (where the loss is computed; None elsewhere): ``loss`` (global
+    loss sum / global normalizer count), ``loss_sum``, ``response_tokens``, ``kept_tokens``,
+    ``mean_p``, ``frac_kept``, ``mean_w``, ``tokens`` (non-padding tokens of the global
+    batch), ``threshold`` (a global-batch percentile threshold, when one was resolved) and
+    ``p`` (the response tokens' p of the global batch, when asked for with ``record_p``).
     """
 
     grad_norm: float
     update_successful: bool
+    local_loss_finite: bool = True
+    local_grads_finite: bool = True
     loss: float | None = None
     loss_sum: float | None = None
     response_tokens: int | None = None
@@ -366,9 +381,19 @@ def train_step(
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    grad_check = getattr(
+        getattr(model_chunks[0], "config", None), "finalize_model_grads_func", None
+    )
+    if isinstance(grad_check, GradCheck):
+        grad_check.local_finite = None
     losses = run(
         forward_step_func=forward_step, data_iterator=iter(micro_batches), forward_only=False
     )
+    local_grads_finite = True
+    if isinstance(grad_check, GradCheck) and grad_check.local_finite is not None:
+        local_grads_finite = bool(grad_check.local_finite)
+    local_losses = [d["stats"][0] for d in losses if isinstance(d, dict) and "stats" in d]
+    local_loss_finite = not local_losses or bool(torch.isfinite(torch.stack(local_losses)).all())
     update_successful, grad_norm, _ = optimizer.step()
     stats: dict[str, Any] = {}
     if is_last_stage():
@@ -384,8 +409,44 @@ def train_step(
     return StepStats(
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         update_successful=bool(update_successful),
+        local_loss_finite=local_loss_finite,
+        local_grads_finite=local_grads_finite,
         **stats,
     )
+
+
+class GradCheck:
+    """megatron's ``finalize_model_grads_func``, noting first whether this rank's own
+    gradients are all finite.
+
+    ``finalize`` reduces the gradients over the data-parallel ranks, after which a NaN of one
+    rank is on every rank: only before it can a non-finite gradient be traced to the rank
+    that produced it. :func:`build_training_model` installs it; :func:`train_step` reads
+    ``local_finite`` (a bool tensor, set without a host synchronization) into
+    :attr:`StepStats.local_grads_finite`.
+    """
+
+    def __init__(self, finalize: Callable) -> None:
+        self.finalize = finalize
+        self.local_finite: torch.Tensor | None = None
+
+    def __call__(self, model, *args, **kwargs):
+        self.local_finite = grads_finite(model if isinstance(model, list) else [model])
+        return self.finalize(model, *args, **kwargs)
+
+
+def grads_finite(model_chunks: list) -> torch.Tensor:
+    """Whether every gradient of ``model_chunks`` (megatron DDP's ``main_grad``, else
+    ``.grad``) is finite, as a 0-dim bool tensor on the gradients' device."""
+    flags = []
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad
+            if grad is not None:
+                flags.append(torch.isfinite(grad).all())
+    return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
 # -- model and optimizer -----------------------------------------------------------------------
@@ -440,7 +501,7 @@ def build_training_model(
         use_distributed_optimizer=use_distributed_optimizer,
         grad_reduce_in_fp32=optim.grad_reduce_in_fp32,
     )
-    tconfig.finalize_model_grads_func = compat.finalize_model_grads_func()
+    tconfig.finalize_model_grads_func = GradCheck(compat.finalize_model_grads_func())
     optimizer = compat.build_optimizer(
         [ddp], optim, use_distributed_optimizer=use_distributed_optimizer, bf16=bool(tconfig.bf16)
     )

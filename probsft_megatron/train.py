@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from probsft_megatron import checkpoint as ckpt
-from probsft_megatron import compat, console, platform, runtime
+from probsft_megatron import compat, console, platform, runtime, stopping
 from probsft_megatron.config import TrainJobConfig, load_config, world_size_from_env
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.fileio import atomic_write_json
@@ -32,7 +33,9 @@ from probsft_megatron.job import Job, resolve_job
 from probsft_megatron.loss import ObjectiveLoss
 from probsft_megatron.model_dir import read_model_config
 
-logger = logging.getLogger(__name__)
+# by name: under ``python -m probsft_megatron.train`` __name__ is "__main__", outside the
+# package's logging set-up (console.setup_logging), which would drop the INFO lines
+logger = logging.getLogger("probsft_megatron.train")
 
 read_model_dir_config = read_model_config
 """Earlier name of :func:`probsft_megatron.model_dir.read_model_config` (kept for callers)."""
@@ -140,7 +143,14 @@ def step_record(
 
 
 def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
-    """Run (or resume) the job described by ``cfg``; returns a summary on every rank."""
+    """Run (or resume) the job described by ``cfg``; returns a summary on every rank.
+
+    SIGTERM, SIGUSR1 or SIGINT on any rank stops every rank after the same step, with a
+    checkpoint: the summary then has ``interrupted`` and the process should exit with
+    :data:`stopping.INTERRUPTED_EXIT_CODE` (:func:`stopping.exit_code`). A non-finite loss or
+    gradient norm raises :class:`stopping.NonFiniteError` before that step is saved; a failed
+    collective (a dead or hung rank) raises :class:`stopping.RankLostError`.
+    """
     from probsft_megatron.data import GlobalBatchLoader, SFTDataset
     from probsft_megatron.model import transformer_config
     from probsft_megatron.tokenizers import load_tokenizer
@@ -149,121 +159,186 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
     job = cfg if isinstance(cfg, Job) else resolve_job(cfg, world_size_from_env())
     tokenizer_spec = job.require_tokenizer()
     t = job.train
-    runtime.init_distributed(job.parallel, seed=t.seed, model=job.model)
-    layout = compat.layout()
-    is_logger = layout.is_last_stage and layout.dp_rank == 0 and layout.tp_rank == 0
-    torch.manual_seed(t.seed)
-
-    # -- tokenizer and data -----------------------------------------------------------------
-    tokenizer = load_tokenizer(tokenizer_spec)
-    dataset = SFTDataset(job.data, tokenizer)
-    loader = GlobalBatchLoader(
-        dataset,
-        global_batch_size=t.global_batch_size,
-        micro_batch_size=t.micro_batch_size,
-        dp_rank=layout.dp_rank,
-        dp_size=layout.dp,
-        seq_length=job.data.max_length,
-        seed=t.seed,
-        epochs=t.epochs,
-        packing=job.data.packing,
-        pad_id=tokenizer.pad_token_id,
-    )
-    total_steps = len(loader)
-    if total_steps == 0:
-        raise ConfigError(
-            f"the dataset has {len(dataset)} examples, fewer than one global batch "
-            f"(train.global_batch_size={t.global_batch_size})"
+    # from here on a stop signal finishes the step, saves and stops (see module stopping)
+    with stopping.Stopper(t.dist_timeout_s, announce=_env_rank() == 0) as stopper:
+        runtime.init_distributed(
+            job.parallel, seed=t.seed, model=job.model, timeout_s=t.dist_timeout_s
         )
-    last_step = min(total_steps, t.max_steps or total_steps)
+        layout = compat.layout()
+        is_logger = layout.is_last_stage and layout.dp_rank == 0 and layout.tp_rank == 0
+        stopper.announce = is_logger
+        torch.manual_seed(t.seed)
 
-    # -- model, optimizer, resume -----------------------------------------------------------
-    tconfig = transformer_config(job.model, job.parallel, params_dtype=getattr(torch, job.dtype))
-    resume_from = ckpt.latest_checkpoint(job.checkpoint_dir) if t.resume else None
-    chunks, optimizer = runtime.build_training_model(
-        job.model,
-        tconfig,
-        job.optim,
-        use_distributed_optimizer=job.use_distributed_optimizer,
-        load_dir=str(job.init_weights) if job.init_weights and resume_from is None else None,
-        loss_config=job.loss,
-        attention=job.attention,
-    )
-    start_step = 0
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, chunks[0].module, optimizer)
-        start_step = state["step"]
-        loader.load_state_dict(state["data"])
-        if is_logger:
-            logger.info("resumed from %s (step %d/%d)", resume_from, start_step, total_steps)
-
-    # -- the objective ------------------------------------------------------------------------
-    objective_evidence = None
-    if job.objective is None:  # loss.objective: auto -> probe the base model (or reuse)
-        from probsft_megatron.probe.auto import resolve_auto_objective
-
-        name, objective_evidence = resolve_auto_objective(
-            job, model_chunks=chunks if resume_from is None else None
-        )
-        job = job.with_objective(name)
-    forward_step = runtime.ForwardStep(
-        ObjectiveLoss(job.loss, dp_group=runtime.dp_group()), platform.device()
-    )
-
-    # -- the loop ------------------------------------------------------------------------------
-    log = RunLog(job, start_step, last_step) if is_logger else None
-    batches = iter(loader)
-    padded_tokens = t.global_batch_size * job.data.max_length
-    step = start_step
-    for step in range(start_step + 1, last_step + 1):
-        t0 = time.perf_counter()
-        lr = lr_at(step, total_steps, job.optim)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        want_hist = bool(t.histogram_interval) and step % t.histogram_interval == 0
-        stats = runtime.train_step(
-            chunks,
-            optimizer,
-            forward_step,
-            next(batches),
-            seq_length=job.data.max_length,
+        # -- tokenizer and data -------------------------------------------------------------
+        tokenizer = load_tokenizer(tokenizer_spec)
+        dataset = SFTDataset(job.data, tokenizer)
+        loader = GlobalBatchLoader(
+            dataset,
+            global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size,
-            record_p=want_hist,
+            dp_rank=layout.dp_rank,
+            dp_size=layout.dp,
+            seq_length=job.data.max_length,
+            seed=t.seed,
+            epochs=t.epochs,
+            packing=job.data.packing,
+            pad_id=tokenizer.pad_token_id,
         )
-        if log is not None:
-            record = step_record(step, lr, stats, time.perf_counter() - t0, padded_tokens)
-            log.step(record, stats.p, write=step % t.log_interval == 0 or step == last_step)
-        if (t.save_interval and step % t.save_interval == 0) or step == last_step:
-            ckpt.save_checkpoint(
-                job.checkpoint_dir,
-                step,
-                chunks[0].module,
-                optimizer,
-                model_config=job.model,
-                dtype=job.dtype,
-                train_state={
-                    "data": loader.state_dict(),
-                    "total_steps": total_steps,
-                    "config": job.to_dict(),
-                },
-                hf_template=job.hf_template,
-                keep_last=t.keep_last,
+        total_steps = len(loader)
+        if total_steps == 0:
+            raise ConfigError(
+                f"the dataset has {len(dataset)} examples, fewer than one global batch "
+                f"(train.global_batch_size={t.global_batch_size})"
             )
-    if log is not None:
-        log.close()
-    summary = {
-        "steps": step,
-        "total_steps": total_steps,
-        "output_dir": str(job.output_dir),
-        "objective": str(job.loss.objective),
-        "objective_evidence": objective_evidence,
-        "checkpoint": str(ckpt.latest_checkpoint(job.checkpoint_dir)),
-        "history": log.history if log is not None else [],
-    }
-    if is_logger:
-        atomic_write_json(job.output_dir / "summary.json", summary)
-    runtime.shutdown()
+        last_step = min(total_steps, t.max_steps or total_steps)
+
+        # -- model, optimizer, resume -------------------------------------------------------
+        tconfig = transformer_config(
+            job.model, job.parallel, params_dtype=getattr(torch, job.dtype)
+        )
+        resume_from = ckpt.latest_checkpoint(job.checkpoint_dir) if t.resume else None
+        chunks, optimizer = runtime.build_training_model(
+            job.model,
+            tconfig,
+            job.optim,
+            use_distributed_optimizer=job.use_distributed_optimizer,
+            load_dir=str(job.init_weights) if job.init_weights and resume_from is None else None,
+            loss_config=job.loss,
+            attention=job.attention,
+        )
+        start_step = 0
+        if resume_from is not None:
+            state = ckpt.load_checkpoint(resume_from, chunks[0].module, optimizer)
+            start_step = state["step"]
+            loader.load_state_dict(state["data"])
+            stopper.checkpoint = resume_from
+            if is_logger:
+                logger.info("resumed from %s (step %d/%d)", resume_from, start_step, total_steps)
+                stopping.record_event(
+                    job.output_dir, "resumed", step=start_step, checkpoint=resume_from
+                )
+
+        # -- the objective --------------------------------------------------------------------
+        objective_evidence = None
+        if job.objective is None:  # loss.objective: auto -> probe the base model (or reuse)
+            from probsft_megatron.probe.auto import resolve_auto_objective
+
+            name, objective_evidence = resolve_auto_objective(
+                job, model_chunks=chunks if resume_from is None else None
+            )
+            job = job.with_objective(name)
+        forward_step = runtime.ForwardStep(
+            ObjectiveLoss(job.loss, dp_group=runtime.dp_group()), platform.device()
+        )
+
+        # -- the loop ---------------------------------------------------------------------------
+        log = RunLog(job, start_step, last_step) if is_logger else None
+        batches = iter(loader)
+        padded_tokens = t.global_batch_size * job.data.max_length
+        step = start_step
+        interrupted = None
+        try:
+            for step in range(start_step + 1, last_step + 1):
+                stopper.step = step
+                t0 = time.perf_counter()
+                lr = lr_at(step, total_steps, job.optim)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                want_hist = bool(t.histogram_interval) and step % t.histogram_interval == 0
+                with stopping.inject_nonfinite(chunks, step):  # tests only: NaN on request
+                    stats = runtime.train_step(
+                        chunks,
+                        optimizer,
+                        forward_step,
+                        next(batches),
+                        seq_length=job.data.max_length,
+                        micro_batch_size=t.micro_batch_size,
+                        record_p=want_hist,
+                    )
+                # every rank learns whether any rank got a stop signal or a non-finite value
+                verdict = stopper.boundary(stats, platform.device())
+                if verdict.nonfinite:  # before anything of this step is logged or saved
+                    if is_logger:
+                        stopping.record_event(
+                            job.output_dir,
+                            "non_finite",
+                            step=step,
+                            problem=verdict.problem(),
+                            checkpoint=stopper.checkpoint,
+                        )
+                    runtime.shutdown()
+                    raise verdict.error(stopper.checkpoint, announce=is_logger)
+                if log is not None:
+                    record = step_record(step, lr, stats, time.perf_counter() - t0, padded_tokens)
+                    write = step % t.log_interval == 0 or step == last_step or verdict.stop
+                    log.step(record, stats.p, write=write)
+                due = t.save_interval and step % t.save_interval == 0
+                if due or step == last_step or verdict.stop:
+                    stopper.checkpoint = save(job, step, chunks, optimizer, loader, total_steps)
+                if verdict.stop:
+                    interrupted = {
+                        "step": step,
+                        "by": verdict.signal_text(),
+                        "checkpoint": str(stopper.checkpoint),
+                    }
+                    break
+        finally:
+            if log is not None:
+                log.close()  # also when a step failed: the progress bar ends its line
+        stopper.announce = False  # a signal from here on changes nothing
+        summary = {
+            "steps": step,
+            "total_steps": total_steps,
+            "output_dir": str(job.output_dir),
+            "objective": str(job.loss.objective),
+            "objective_evidence": objective_evidence,
+            "checkpoint": str(ckpt.latest_checkpoint(job.checkpoint_dir)),
+            "history": log.history if log is not None else [],
+        }
+        if interrupted is not None:  # no summary.json: the run is not finished
+            summary["interrupted"] = interrupted
+            if is_logger:
+                stopping.record_event(job.output_dir, "interrupted", **interrupted)
+                logger.info(
+                    "interrupted at step %d (%s); checkpoint %s; resume with the same command",
+                    step,
+                    interrupted["by"],
+                    interrupted["checkpoint"],
+                )
+        elif is_logger:
+            atomic_write_json(job.output_dir / "summary.json", summary)
+        runtime.shutdown()
     return summary
+
+
+def save(job: Job, step: int, chunks: list, optimizer, loader, total_steps: int):
+    """The training checkpoint of ``step`` (collective; atomic): weights, optimizer, data
+    position, RNG. Stop signals are held back from the writer's helper processes (see
+    :func:`stopping.signals_deferred`). Returns its folder."""
+    with stopping.signals_deferred():
+        return ckpt.save_checkpoint(
+            job.checkpoint_dir,
+            step,
+            chunks[0].module,
+            optimizer,
+            model_config=job.model,
+            dtype=job.dtype,
+            train_state={
+                "data": loader.state_dict(),
+                "total_steps": total_steps,
+                "config": job.to_dict(),
+            },
+            hf_template=job.hf_template,
+            keep_last=job.train.keep_last,
+        )
+
+
+def _env_rank() -> int:
+    """This process's global rank as torchrun sets it (0 for a single process)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -284,8 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
 
     def run() -> int:
-        train(load_config(args.config, args.overrides))
-        return 0
+        try:
+            summary = train(load_config(args.config, args.overrides))
+        except stopping.NonFiniteError as exc:
+            if not exc.announce:  # every rank stops; one of them says why
+                return 2
+            raise
+        # the run is over: a late signal (torchrun's agent ends the other workers with SIGTERM
+        # once one has exited) must not cut short this process's own clean exit
+        stopping.ignore_stop_signals()
+        return stopping.exit_code(summary)  # 75 when a signal stopped it after a save
 
     return console.run_main(run, args.verbose)
 

@@ -5,8 +5,9 @@ Resolves the whole configuration for ``N`` processes first
 missing or damaged file, a missing tokenizer fail here, before anything is spawned), checks
 that the layout fits the GPUs' memory (:func:`fit_check`; ``--no-fit-check`` skips it), then
 runs the job in this process (N=1)
-or under ``torchrun --nproc-per-node N -m probsft_megatron.train``. ``--dry-run`` prints the
-resolved configuration and stops.
+or under torchrun's agent with N processes (:mod:`probsft_megatron.launchers.agent`, which
+leaves SIGTERM/SIGUSR1/SIGINT to the training processes: they save and exit 75).
+``--dry-run`` prints the resolved configuration and stops.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 
 from probsft_megatron.config import load_config
@@ -106,18 +106,16 @@ def run(args: argparse.Namespace) -> int:
         from probsft_megatron.train import train
 
         summary = train(job)
+        if summary.get("interrupted"):  # stopped by a signal after saving: exit 75
+            from probsft_megatron.stopping import exit_code
+
+            return exit_code(summary)
         logger.info("done: %s steps, checkpoint %s", summary["steps"], summary["checkpoint"])
         return 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(args.nproc),
-        "-m",
-        "probsft_megatron.train",
-    ]
+    # torchrun's agent, run here, with the stop signals left to the training processes
+    from probsft_megatron.launchers.agent import main as agent
+
+    argv = ["--standalone", "--nproc-per-node", str(args.nproc), "-m", "probsft_megatron.train"]
     if args.config:
-        cmd += ["--config", args.config]
-    return subprocess.call(cmd + list(args.overrides))
+        argv += ["--config", args.config]
+    return agent(argv + list(args.overrides))

@@ -250,7 +250,8 @@ def test_slurm_dryrun_two_node_sbatch(tmp_path, capsys, monkeypatch):
     assert "#SBATCH --signal" not in train and "--exclusive" not in train
     assert "--container-mounts /lustre/data:/data,/lustre/models:/models," in srun
     launcher, _, train_args = srun.partition(" -m probsft_megatron.train ")
-    assert re.search(r" torchrun .*--nnodes 2 --nproc-per-node 8 --node-rank \$SLURM_NODEID", launcher)
+    assert re.search(r" python -m probsft_megatron\.launchers\.agent .*--nnodes 2 "
+                     r"--nproc-per-node 8 --node-rank \$SLURM_NODEID", launcher)
     assert train_args.split() == [
         "--config", "math-qwen2.5-7b", "loss.objective=GeneralFamily-0.5",
         f"train.output_dir={run_dir}", f"'{TRAIN_FILES}'",
@@ -278,19 +279,21 @@ def test_cpu_profile_dryrun(tmp_path, capsys, monkeypatch):
         "--dataset", "figfont", "--model", "tiny-llama", "--objective", "p",
         "--profile", "local-cpu", "--work-dir", str(tmp_path / "work"),
         "--set", "train.max_steps=2"])
-    assert "torchrun --nnodes 2 --nproc-per-node 1 -m probsft_megatron.train" in out
+    assert ("python -m probsft_megatron.launchers.agent --nnodes 2 --nproc-per-node 1 "
+            "-m probsft_megatron.train") in out
     train, export, evaluate = (_sbatch(exp_dir, k) for k in ("train-", "export-", "eval-"))
     for script in (train, export, evaluate):
         assert "--gpus-per-node" not in script and "--exclusive" not in script
         assert "#SBATCH --account=probsft" in script and "#SBATCH --partition=cpu" in script
         assert "#SBATCH --kill-on-invalid-dep=yes" in script
         assert f"export PATH={os.path.dirname(sys.executable)}:$PATH" in script.splitlines()
-    assert "--signal" not in train + export + evaluate
+    assert "#SBATCH --signal=USR1@120" in train and "--signal" not in export + evaluate
     lines = train.splitlines()
     (srun,) = [ln for ln in lines if ln.startswith("srun ")]
     store = lines.index(next(ln for ln in lines if "launchers.steps rdzv-store" in ln))
     assert store < lines.index(srun) and "export PET_RDZV_CONF=is_host=0" in lines[store:]
-    assert re.search(r" --label torchrun --rdzv-backend c10d --rdzv-endpoint "
+    assert re.search(r" --label python -m probsft_megatron\.launchers\.agent --rdzv-backend c10d "
+                     r"--rdzv-endpoint "
                      r"\$head_node_ip:\$\{PROBSFT_RDZV_PORT\} .*--nnodes 2 --nproc-per-node 1 ",
                      srun), srun
     assert "rdzv-store" not in export and "--label" not in export
@@ -351,8 +354,8 @@ def test_local_dryrun_writes_the_experiment_only(tmp_path, capsys, monkeypatch):
                  "--nproc", "2", "--work-dir", str(work), "--dryrun"]) == 0
     out = capsys.readouterr().out
     assert "trains tiny-llama from random initialization" in out
-    assert "torchrun --nnodes 1 --nproc-per-node 2 -m probsft_megatron.train --config " \
-           "tiny-figfont-cpu loss.objective=p" in out
+    assert "python -m probsft_megatron.launchers.agent --nnodes 1 --nproc-per-node 2 " \
+           "-m probsft_megatron.train --config tiny-figfont-cpu loss.objective=p" in out
     (exp_dir,) = (work / "experiments" / "figfont-tiny-llama-p").iterdir()
     assert f"dry run: experiment written to {exp_dir}" in out
     assert not list(exp_dir.glob("*_sbatch.sh")) and not (work / "runs").exists()

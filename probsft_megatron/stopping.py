@@ -1,0 +1,372 @@
+"""Stopping a training run on request or on a fault, losing nothing but the step in flight.
+
+**Signals.** SIGTERM (``scancel``, preemption, a time limit), SIGUSR1 (SLURM's warning before
+the time limit, ``--signal=USR1@SECONDS``) and SIGINT (Ctrl-C) only set a flag
+(:class:`Stopper`). The loop finishes the step it is in; at the step boundary every rank
+learns whether any rank got a signal (:meth:`Stopper.boundary`, one small all-reduce), so all
+ranks stop after the same step even when only some of them were signalled. They save a
+checkpoint (atomically, like every checkpoint), record the stop in ``events.jsonl`` and the
+log, and the process exits with :data:`INTERRUPTED_EXIT_CODE`: the same command resumes from
+that checkpoint. A second SIGINT stops at once without saving (:data:`HARD_STOP_EXIT_CODE`).
+
+**Non-finite values.** The same all-reduce carries, for every rank, whether its own loss sums
+and its own gradients (before the data-parallel reduction mixes them) were finite, and
+whether the step's global loss and gradient norm are. A non-finite one stops the run before
+anything of that step is logged or saved, with :class:`NonFiniteError` naming the step and
+the rank(s) where it appeared: the newest checkpoint is the previous one, with finite
+weights. :data:`NONFINITE_TEST_ENV` injects one; it exists for the tests.
+
+**Lost ranks.** A collective that fails because another rank died (its connections close) or
+stopped answering (for ``train.dist_timeout_s`` seconds) becomes :class:`RankLostError`, one
+line with the step, the reason and the newest checkpoint, instead of a traceback.
+
+Exit codes of a training process: 0 done; 2 a one-line error (bad input, a non-finite loss or
+gradient norm, a lost rank); 75 interrupted with a checkpoint saved (``EX_TEMPFAIL`` of
+sysexits.h, "try again later"; SLURM jobs of ``probsft launch`` requeue themselves on it);
+130 stopped at once by a second Ctrl-C; anything else is a crash with its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from probsft_megatron.errors import ProbsftError
+
+logger = logging.getLogger(__name__)
+
+INTERRUPTED_EXIT_CODE = 75
+"""Exit code of a run stopped by a signal after saving its checkpoint (sysexits' EX_TEMPFAIL):
+not 0, so nothing that waits for a finished run (SLURM's ``afterok``) starts on it."""
+HARD_STOP_EXIT_CODE = 130
+"""Exit code after a second Ctrl-C (128 + SIGINT, what a shell reports for Ctrl-C)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+NONFINITE_TEST_ENV = "PROBSFT_TEST_NONFINITE"
+"""Tests only: ``loss@STEP:RANK`` makes rank RANK's forward pass of step STEP return NaN (its
+loss and gradients follow); ``grad@STEP:RANK`` makes one of its gradients NaN with a finite
+loss."""
+EVENTS_FILE = "events.jsonl"
+
+
+class NonFiniteError(ProbsftError):
+    """The loss or the gradient norm of a step was NaN or infinite; nothing of it was saved.
+
+    Every rank raises it at the same step; ``announce`` is True on the one rank that should
+    print it (the others exit with the same code, quietly)."""
+
+    def __init__(self, message: str, announce: bool = True) -> None:
+        super().__init__(message)
+        self.announce = announce
+
+
+class RankLostError(ProbsftError):
+    """A collective failed: another rank of the job died or stopped answering."""
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _ranks(ranks: tuple[int, ...]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """What every rank agreed on after one step (:meth:`Stopper.boundary`)."""
+
+    step: int
+    signals: dict[int, int]
+    """rank -> the first stop signal it received (only ranks that got one)."""
+    loss_ranks: tuple[int, ...] = ()
+    """Ranks whose own loss sums of the step were not finite."""
+    grad_ranks: tuple[int, ...] = ()
+    """Ranks whose own gradients (before the data-parallel reduction) were not finite."""
+    loss_nonfinite: bool = False
+    """The step's global loss was not finite (seen on the last pipeline stage)."""
+    grad_norm_nonfinite: bool = False
+    """The step's global gradient norm was not finite."""
+    grad_norm: float = 0.0
+
+    @property
+    def stop(self) -> bool:
+        """Some rank got a stop signal: every rank saves and stops after this step."""
+        return bool(self.signals)
+
+    @property
+    def nonfinite(self) -> bool:
+        return bool(
+            self.loss_ranks or self.grad_ranks or self.loss_nonfinite or self.grad_norm_nonfinite
+        )
+
+    def signal_text(self) -> str:
+        """``SIGUSR1 on rank 1`` / ``SIGTERM on ranks 0, 1``."""
+        names = sorted({signal_name(s) for s in self.signals.values()})
+        return f"{'/'.join(names)} on {_ranks(tuple(sorted(self.signals)))}"
+
+    def problem(self) -> str:
+        """What was non-finite, and on which ranks it appeared first."""
+        norm = f"gradient norm {self.grad_norm}"
+        if self.loss_ranks:
+            return f"non-finite loss at step {self.step} on {_ranks(self.loss_ranks)}"
+        if self.grad_ranks:
+            return (
+                f"non-finite gradients at step {self.step} on {_ranks(self.grad_ranks)} "
+                f"(finite loss; {norm})"
+            )
+        if self.loss_nonfinite:
+            return f"non-finite loss at step {self.step} (every rank's own part was finite)"
+        return (
+            f"non-finite {norm} at step {self.step} (every rank's own gradients were finite; "
+            "their norm overflowed)"
+        )
+
+    def error(self, checkpoint: Path | None, announce: bool = True) -> NonFiniteError:
+        kept = (
+            f"the newest checkpoint, {checkpoint}, is from before it"
+            if checkpoint is not None
+            else "no checkpoint was written"
+        )
+        return NonFiniteError(
+            f"{self.problem()}; the run stopped without logging or saving that step, and "
+            f"{kept}; lower optim.lr (or optim.clip_grad) or check that step's data, then run "
+            "the same command to continue from the checkpoint",
+            announce=announce,
+        )
+
+
+class Stopper:
+    """The training run's guard: stop signals, the step-boundary agreement, lost ranks.
+
+    As a context manager (in the main thread) it installs handlers for :data:`STOP_SIGNALS`
+    that only record the signal, and restores the previous handlers on exit; a collective
+    failure raised inside becomes :class:`RankLostError`. The loop keeps ``step`` (the step in
+    flight) and ``checkpoint`` (the newest complete checkpoint) up to date for the messages.
+    ``announce``: this process prints what it does on a signal (one rank per job).
+    """
+
+    def __init__(self, dist_timeout_s: float | None = None, announce: bool = True) -> None:
+        self.dist_timeout_s = dist_timeout_s
+        self.announce = announce
+        self.step = 0
+        self.checkpoint: Path | None = None
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    # -- signals --------------------------------------------------------------------------
+    def __enter__(self) -> Stopper:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        else:  # signal handlers can only be set in the main thread
+            logger.debug("not in the main thread: stop signals keep their handlers")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+        if exc is not None and is_collective_failure(exc):
+            raise self.rank_lost(exc) from None
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.received)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in self.received:
+            self._hard_stop()
+        first = not self.received
+        self.received.append(signum)
+        if first and self.announce:
+            again = (
+                " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
+            )
+            now = f"finishing step {self.step}" if self.step else "training one step"
+            _say(
+                f"{signal_name(signum)} received: {now}, then saving a checkpoint and "
+                f"stopping{again}"
+            )
+
+    def _hard_stop(self) -> None:
+        """Second Ctrl-C: end this process now (and its helper processes, such as the
+        checkpoint writer's), without a traceback."""
+        if self.announce:
+            kept = f" (newest checkpoint: {self.checkpoint})" if self.checkpoint else ""
+            _say(f"second interrupt: stopped at once during step {self.step}, nothing saved{kept}")
+        try:
+            import psutil
+
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
+        except Exception:  # best effort while going down
+            pass
+        os._exit(HARD_STOP_EXIT_CODE)
+
+    # -- the step boundary ---------------------------------------------------------------
+    def boundary(self, stats, device: torch.device | str = "cpu", group=None) -> Boundary:
+        """What all ranks agree on after step ``self.step`` (a collective over ``group``, the
+        whole job by default): which ranks got a stop signal, and whether the step's loss or
+        gradients were non-finite anywhere. ``stats``: this rank's
+        :class:`~probsft_megatron.runtime.StepStats`. One all-reduce of ``5 x world`` ints."""
+        world = dist.get_world_size(group) if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        me = dist.get_group_rank(group, rank) if group is not None else rank
+        flags = torch.zeros(5, world, dtype=torch.int64)
+        flags[0, me] = self.received[0] if self.received else 0
+        flags[1, me] = not stats.local_loss_finite
+        flags[2, me] = not stats.local_grads_finite
+        flags[3, me] = stats.loss is not None and not math.isfinite(stats.loss)
+        flags[4, me] = not math.isfinite(stats.grad_norm)
+        if world > 1:
+            flags = flags.to(device)
+            dist.all_reduce(flags, group=group)
+        rows = flags.cpu().tolist()
+        ranks = range(world)
+        return Boundary(
+            step=self.step,
+            signals={r: rows[0][r] for r in ranks if rows[0][r]},
+            loss_ranks=tuple(r for r in ranks if rows[1][r]),
+            grad_ranks=tuple(r for r in ranks if rows[2][r]),
+            loss_nonfinite=any(rows[3]),
+            grad_norm_nonfinite=any(rows[4]),
+            grad_norm=stats.grad_norm,
+        )
+
+    # -- lost ranks ----------------------------------------------------------------------
+    def rank_lost(self, exc: BaseException) -> RankLostError:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        wait = (
+            f" (a collective waits train.dist_timeout_s={self.dist_timeout_s:g} s)"
+            if self.dist_timeout_s
+            else ""
+        )
+        kept = (
+            f"the newest checkpoint is {self.checkpoint}"
+            if self.checkpoint
+            else "no checkpoint of this run yet"
+        )
+        return RankLostError(
+            f"rank {rank} lost contact with the other ranks during step {self.step}: "
+            f"{collective_reason(exc)}; another process of the job died or stopped "
+            f"answering{wait}; {kept}; run the same command to resume once every rank can run"
+        )
+
+
+_COLLECTIVE_RE = re.compile(
+    r"gloo|nccl|timed out|connection (reset|closed|refused)|broken pipe|socket", re.IGNORECASE
+)
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed collective (gloo/NCCL: a peer gone, a timeout)."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_COLLECTIVE_RE.search(str(exc)))
+
+
+def collective_reason(exc: BaseException) -> str:
+    """The backend's message, short: without its source location, first sentence only."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    text = re.split(r"(?<=[a-z0-9)])\. ", text, maxsplit=1)[0].rstrip(".")
+    return text[:200] or type(exc).__name__
+
+
+# -- saving with the stop signals held back from helper processes ---------------------------
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Block :data:`STOP_SIGNALS` in this (main) thread for the duration of a save.
+
+    The checkpoint writer starts helper processes (megatron's results queue lives in a
+    multiprocessing manager that outlives the save); they inherit this thread's signal mask,
+    so the stop signals that SLURM sends to every process of a job step cannot kill them
+    before the final save. This process still sees the signals through its other threads (or
+    right after the block), so a second Ctrl-C still stops at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# -- test-only injection of a non-finite value -----------------------------------------------
+
+
+@contextmanager
+def inject_nonfinite(model_chunks: list, step: int) -> Iterator[None]:
+    """Tests only (:data:`NONFINITE_TEST_ENV`): make this rank's step ``step`` non-finite."""
+    spec = os.environ.get(NONFINITE_TEST_ENV, "")
+    match = re.fullmatch(r"(loss|grad)@(\d+):(\d+)", spec.strip())
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if not match or int(match.group(2)) != step or int(match.group(3)) != rank:
+        yield
+        return
+    nan = float("nan")
+    module = getattr(model_chunks[0], "module", model_chunks[0])
+    if match.group(1) == "loss":  # the forward output, so the loss and gradients follow
+        handle = module.register_forward_hook(lambda mod, args, out: out * nan)
+    else:  # one gradient, before DDP accumulates it; the loss stays finite
+        param = next(p for p in module.parameters() if p.requires_grad)
+        handle = param.register_hook(lambda grad: grad * nan)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# -- what happened -------------------------------------------------------------------------
+
+
+def record_event(output_dir: str | Path, event: str, **fields: Any) -> None:
+    """Append one line to ``<output_dir>/events.jsonl``: the run's starts, stops and faults."""
+    line = {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+    path = Path(output_dir) / EVENTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(line, default=str) + "\n")
+
+
+def ignore_stop_signals() -> None:
+    """Ignore :data:`STOP_SIGNALS` from now on (a process whose run is over, exiting)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """The exit code of a training process that returned ``summary``: 0, or
+    :data:`INTERRUPTED_EXIT_CODE` when a signal stopped it."""
+    return INTERRUPTED_EXIT_CODE if summary.get("interrupted") else 0
+
+
+def _say(text: str) -> None:
+    """One ``[probsft]`` line on stderr, safe inside a signal handler."""
+    try:
+        os.write(sys.stderr.fileno(), f"\n[probsft] {text}\n".encode())
+    except (OSError, ValueError):
+        pass
