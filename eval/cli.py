@@ -78,6 +78,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise CheckpointError(f"--model {folder} is {manifest.describe(folder)}, not a Hugging "
                               "Face folder; export it first: probsft convert megatron-to-hf "
                               f"--ckpt {folder} --out HF_DIR")
+    if folder.is_file():
+        raise CheckpointError(f"--model {folder} is a file, not a folder; pass a Hugging Face "
+                              "checkpoint folder (config.json, weights, tokenizer files)")
     check_hf_model_dir(folder)
     manifest.verify(folder)  # an export written by probsft: every file intact
     try:

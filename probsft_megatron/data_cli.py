@@ -197,6 +197,10 @@ def _resolve(spec: str, overrides: list[str], tokenizer: str | None):
 
     if spec == "figfont" or Path(spec).suffix.lower() in DATA_SUFFIXES:
         return data_config(spec, overrides), tokenizer or "smollm2"
+    if Path(spec).is_file() and Path(spec).suffix.lower() not in (".yaml", ".yml"):
+        raise ConfigError(f"cannot tell what {spec} is from its name: probsft data inspect takes "
+                          "a .jsonl/.json/.parquet data file, 'figfont' or a recipe (.yaml); "
+                          "rename the file")
     bad = [o for o in overrides if not o.strip().startswith("data.")]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not a data.* key; `probsft data inspect` "

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO
 from probsft_megatron.cli import main
@@ -64,6 +65,8 @@ class Case:
     absent: tuple[str, ...] = ()
     code: int = 2
     subprocess: bool = False
+    xfail: str = ""
+    """Why the input is not refused yet (the case is expected to fail until it is)."""
 
 
 DESTROY = "an output that would destroy an input"
@@ -128,6 +131,8 @@ CASES = [
     Case("data-generate-over-its-input", DESTROY,
          "data generate self-addition --from-eval {samples} --out {samples}",
          "is the input --from-eval", ("samples",)),
+    Case("train-output-dir-foreign-folder", DESTROY, TRAIN + " train.output_dir={notes}",
+         "holds other files, not a training run", ("notes",)),
     # -- damaged checkpoints and exports ----------------------------------------------------
     Case("resume-truncated-shard", DAMAGED, TRAIN + " train.output_dir={run_truncated}",
          "checkpoint step 2 ({run_truncated}/checkpoints/step_0000002) is damaged: "
@@ -226,6 +231,31 @@ CASES = [
          "--gpu-memory must be a positive number"),
     Case("objectives-threshold-out-of-range", RANGE, "objectives --describe OnlyTopP-1.5",
          "OnlyTopP needs 0 <= q < 1"),
+    Case("train-max-length-zero", RANGE, TRAIN + " data.max_length=0",
+         "data.max_length must be >= 2"),
+    Case("train-clip-grad-negative", RANGE, TRAIN + " optim.clip_grad=-1",
+         "optim.clip_grad must be >= 0"),
+    Case("train-weight-decay-negative", RANGE, TRAIN + " optim.weight_decay=-1",
+         "optim.weight_decay must be >= 0"),
+    Case("train-pp-zero", RANGE, TRAIN + " parallel.pipeline_model_parallel_size=0",
+         "parallel.pipeline_model_parallel_size must be >= 1"),
+    Case("train-dist-timeout-zero", RANGE, TRAIN + " train.dist_timeout_s=0",
+         "train.dist_timeout_s must be > 0"),
+    Case("plan-gpus-zero", RANGE, "plan --config tiny-figfont-cpu --gpus 0",
+         "--gpus must be >= 1"),
+    Case("plan-margin-negative", RANGE, "plan --config tiny-figfont-cpu --margin-gb -3",
+         "--margin-gb must be a number >= 0"),
+    Case("launch-profile-zero-nodes", RANGE,
+         "launch --dataset figfont --model tiny-llama --objective p --executor slurm "
+         "--profile {profile_nodes0} --dryrun --work-dir {W}/launch",
+         "'nodes' must be an integer >= 1 (got 0)", ("profile_nodes0",), ("{W}/launch",)),
+    Case("launch-profile-time-out-of-range", RANGE,
+         "launch --dataset figfont --model tiny-llama --objective p --executor slurm "
+         "--profile {profile_badtime} --dryrun --work-dir {W}/launch_badtime",
+         "is not a SLURM time limit", ("profile_badtime",), ("{W}/launch_badtime",),
+         xfail="launchers/slurm.py's _TIME_RE checks the shape of a time limit, not its "
+               "fields: '25:99' (99 seconds) passes; Profile.validate must also check "
+               "minutes and seconds < 60 (and hours < 24 after 'D-')"),
     # -- missing, empty or wrong files ------------------------------------------------------
     Case("train-no-config", FILES, "train --dry-run", "probsft train needs --config RECIPE"),
     Case("train-config-is-a-folder", FILES, "train --config {W} --dry-run", "is a folder"),
@@ -297,6 +327,11 @@ CASES = [
          "is not a file", (), ("{W}/gen.jsonl",)),
     Case("data-inspect-missing-file", FILES, "data inspect {W}/nope.jsonl", "does not exist"),
     Case("report-missing-path", FILES, "report {W}/nope", "does not exist"),
+    Case("convert-hf-without-config", FILES,
+         "convert hf-to-megatron --hf {notes} --out {W}/x10", "has no config.json",
+         ("notes",), ("{W}/x10",)),
+    Case("data-inspect-unknown-extension", FILES, "data inspect {afile}",
+         "cannot tell what", ("afile",)),
     # -- the wrong kind of folder ----------------------------------------------------------
     Case("convert-ckpt-is-a-run-folder", KIND, "convert megatron-to-hf --ckpt {run} --out {W}/y1",
          "is a training run folder, not a model dir; name one of its checkpoints", ("run",),
@@ -326,6 +361,18 @@ CASES = [
     Case("convert-unsupported-architecture", KIND,
          "convert hf-to-megatron --hf {hf_mistral} --out {W}/y4", "MistralForCausalLM",
          ("hf_mistral",), ("{W}/y4",)),
+    Case("convert-ckpt-is-a-plain-folder", KIND,
+         "convert megatron-to-hf --ckpt {notes} --out {W}/y5", "is not a Megatron model dir",
+         ("notes",), ("{W}/y5",)),
+    Case("probe-model-is-a-plain-folder", KIND, "probe --model {notes} --data figfont",
+         "is neither a Megatron model dir", ("notes",)),
+    Case("eval-model-is-a-plain-folder", KIND, "eval --model {notes} --task gsm8k",
+         "has no config.json, so it is not a Hugging Face checkpoint", ("notes",)),
+    Case("eval-model-is-a-file", KIND, "eval --model {afile} --task gsm8k",
+         "is a file, not a folder", ("afile",)),
+    Case("report-folder-without-runs", KIND, "report {notes}", "holds no run", ("notes",)),
+    Case("report-file-not-a-probe-report", KIND, "report {afile}",
+         "is a file that is not a probe report", ("afile",)),
     # -- layouts that cannot run or fit -------------------------------------------------------
     Case("train-tp-does-not-divide", LAYOUT, TRAIN + " parallel.tensor_model_parallel_size=3",
          "does not divide the world size 1"),
@@ -373,6 +420,22 @@ CASES = [
     Case("data-generate-unknown-task", NAMES, "data generate nope --out {W}/gen.jsonl",
          "nope", (), ("{W}/gen.jsonl",)),
     Case("plan-unknown-recipe", NAMES, "plan --config nope", "not found"),
+    Case("train-wrong-type-seed", NAMES, TRAIN + " train.seed=abc", "train.seed expects int"),
+    Case("train-unknown-data-source", NAMES, TRAIN + " data.source=bogus",
+         "data.source='bogus' is unknown"),
+    Case("train-unknown-model-preset", NAMES, TRAIN + " model.preset=bogus",
+         "unknown model preset 'bogus'"),
+    Case("launch-unknown-objective", NAMES,
+         "launch --dataset figfont --model tiny-llama --objective Bogus --dryrun "
+         "--work-dir {W}/launch", "unknown objective 'Bogus'", (), ("{W}/launch",)),
+    Case("launch-profile-unknown-field", NAMES,
+         "launch --dataset figfont --model tiny-llama --objective p --executor slurm "
+         "--profile {profile_unknown} --dryrun --work-dir {W}/launch",
+         "unknown field 'bogus_key'", ("profile_unknown",), ("{W}/launch",)),
+    Case("plan-unknown-key", NAMES, "plan --config tiny-figfont-cpu optim.lrr=1",
+         "unknown config key 'optim.lrr'"),
+    Case("report-unknown-metric", NAMES, "report {notes} --metric bogus",
+         "--metric 'bogus' is not a task metric", ("notes",)),
     # -- usage: options and arguments --------------------------------------------------------
     Case("train-unknown-option", USAGE, TRAIN + " --bogus", "unrecognized arguments: --bogus"),
     Case("train-nproc-not-a-number", USAGE, TRAIN + " --nproc two", "invalid int value: 'two'"),
@@ -392,6 +455,14 @@ CASES = [
          ("{W}/launch",)),
     Case("console-script-exit-code", USAGE, "objectives --describe OnlyBottomP-0",
          "OnlyBottomP", subprocess=True),
+    Case("plan-no-config", USAGE, "plan", "probsft plan needs --config RECIPE"),
+    Case("objectives-unknown-option", USAGE, "objectives --bogus",
+         "unrecognized arguments: --bogus"),
+    Case("convert-unknown-direction", USAGE, "convert sideways --hf {hf} --out {W}/y6",
+         "invalid choice: 'sideways'", ("hf",), ("{W}/y6",)),
+    Case("data-generate-seed-not-a-number", USAGE,
+         "data generate addition --n 2 --out {W}/gen.jsonl --seed abc",
+         "invalid int value: 'abc'", (), ("{W}/gen.jsonl",)),
 ]
 # fmt: on
 
@@ -536,6 +607,14 @@ def world(tmp_path_factory) -> dict[str, str]:
     (paths["notes"] / "todo.txt").write_text("keep me\n")
     paths["bad_yaml"] = w / "bad.yaml"
     paths["bad_yaml"].write_text("train: {max_steps: [1,\n")
+    profile = yaml.safe_load((REPO / "configs" / "clusters" / "local-cpu.yaml").read_text())
+    for name, change in (
+        ("badtime", {"time": dict(profile["time"], train="25:99")}),
+        ("nodes0", {"nodes": 0}),
+        ("unknown", {"bogus_key": 1}),
+    ):
+        paths[f"profile_{name}"] = w / f"profile_{name}.yaml"
+        paths[f"profile_{name}"].write_text(yaml.safe_dump(dict(profile, **change)))
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -582,7 +661,14 @@ def _as_subprocess(argv: list[str]) -> tuple[int, str, str]:
 MESSAGES: dict[str, str] = {}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=pytest.mark.xfail(reason=c.xfail, strict=True)) if c.xfail else c
+        for c in CASES
+    ],
+    ids=[c.id for c in CASES],
+)
 def test_bad_input_is_refused_in_one_line_and_loses_nothing(case: Case, world):
     argv = shlex.split(case.argv.format(**world))
     inputs = {name: Path(world[name]) for name in case.inputs}
@@ -688,7 +774,7 @@ def test_docs_list_every_case():
     """docs/errors.md names every case and the count (PROBSFT_WRITE_ERRORS_DOC=1 rewrites
     it first from what the cases printed; the cases run before this test)."""
     if WRITE_DOC:
-        missing = [c.id for c in CASES if c.id not in MESSAGES]
+        missing = [c.id for c in CASES if c.id not in MESSAGES and not c.xfail]
         assert not missing, f"run every case to write docs/errors.md; not run: {missing}"
         _write_doc()
     text = DOC.read_text()
@@ -743,6 +829,10 @@ folder marked failed) needs the cluster: tests/test_slurm_live.py,
 Ctrl-C during training (save, then "interrupted at step N; resume with the same command")
 is covered by the training tests of the signal handling, not here.
 
+A case whose message reads "not refused yet" is an expected failure (a strict `xfail`): it names
+the change it waits for, and the suite fails once that change lands, so that the case becomes an
+ordinary one.
+
 This page is generated and checked: every case of the suite compares its row below with the
 message it printed (numbers aside, since file sizes move with library versions) and fails
 when they differ; `PROBSFT_WRITE_ERRORS_DOC=1 pytest tests/test_bad_inputs.py` rewrites the
@@ -776,6 +866,9 @@ PLACEHOLDERS = {
     "MG_DAMAGED": "`MG` with its weight shard truncated",
     "MG_TOK": "a Megatron model dir with the SmolLM2 tokenizer (vocabulary 49152)",
     "NOTES": "a folder of a user's own files",
+    "PROFILE_BADTIME": "the local-cpu cluster profile with `time.train: '25:99'`",
+    "PROFILE_NODES0": "the local-cpu cluster profile with `nodes: 0`",
+    "PROFILE_UNKNOWN": "the local-cpu cluster profile with a field `bogus_key`",
     "RECIPE": "tiny-figfont-cpu with a 64-wide tiny-llama, 2 steps, a checkpoint each",
     "REPO": "the repository",
     "RUN": "a finished run of `RECIPE` with checkpoints `step_0000001` and `step_0000002`",
@@ -808,5 +901,8 @@ def _write_doc() -> None:
             f"\n## {group[0].upper()}{group[1:]} ({len(cases)})\n\n"
             "| case | command | message |\n|---|---|---|\n"
         )
-        parts.extend(_row(c, MESSAGES[c.id]) + "\n" for c in cases)
+        parts.extend(
+            _row(c, MESSAGES[c.id] if c.id in MESSAGES else f"(not refused yet: {c.xfail})") + "\n"
+            for c in cases
+        )
     DOC.write_text("".join(parts), encoding="utf-8")
