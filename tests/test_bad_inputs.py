@@ -827,7 +827,7 @@ folder marked failed) needs the cluster: tests/test_slurm_live.py,
 `test_rejected_submission_is_one_line_and_marked_failed`.
 
 Ctrl-C during training (save, then "interrupted at step N; resume with the same command")
-is covered by the training tests of the signal handling, not here.
+is covered with the rest of the signal handling in tests/test_resilience.py, not here.
 
 A case whose message reads "not refused yet" is an expected failure (a strict `xfail`): it names
 the change it waits for, and the suite fails once that change lands, so that the case becomes an
