@@ -13,7 +13,9 @@ run with two checkpoints, and damaged copies of them). For every row the test as
 Almost every row fails in the validation phase, so the rows run in this process
 (``probsft_megatron.cli.main`` with stdout and stderr captured); the few whose process
 boundary matters (the installed console script, a resume that gets as far as loading the
-weights) run as subprocesses. docs/errors.md lists every row with its message; with
+weights) run as subprocesses. The ``train-real-run-*`` rows leave out ``--dry-run``: the real
+run calls the same validation first, before any process group, tokenizer or model.
+docs/errors.md lists every row with its message; with
 ``PROBSFT_WRITE_ERRORS_DOC=1`` this module rewrites that list from what the rows printed.
 
 The live SLURM refusal (sbatch rejects a job: its own message, the experiment marked failed)
@@ -256,6 +258,13 @@ CASES = [
          xfail="launchers/slurm.py's _TIME_RE checks the shape of a time limit, not its "
                "fields: '25:99' (99 seconds) passes; Profile.validate must also check "
                "minutes and seconds < 60 (and hours < 24 after 'D-')"),
+    Case("train-real-run-lr-negative", RANGE, "train --config {recipe} optim.lr=-1",
+         "optim.lr must be > 0"),
+    Case("train-real-run-max-steps-negative", RANGE,
+         "train --config {recipe} --nproc 2 train.max_steps=-5",
+         "train.max_steps must be >= 1"),
+    Case("train-real-run-objective-out-of-range", RANGE,
+         "train --config {recipe} loss.objective=OnlyTopP-2", "OnlyTopP needs 0 <= q < 1"),
     # -- missing, empty or wrong files ------------------------------------------------------
     Case("train-no-config", FILES, "train --dry-run", "probsft train needs --config RECIPE"),
     Case("train-config-is-a-folder", FILES, "train --config {W} --dry-run", "is a folder"),
@@ -332,6 +341,12 @@ CASES = [
          ("notes",), ("{W}/x10",)),
     Case("data-inspect-unknown-extension", FILES, "data inspect {afile}",
          "cannot tell what", ("afile",)),
+    Case("train-real-run-data-file-missing", FILES,
+         "train --config {recipe} data.source=file data.train_files=[{W}/nope.jsonl]",
+         "does not exist"),
+    Case("train-real-run-output-dir-is-a-file", FILES,
+         "train --config {recipe} train.output_dir={afile}", "is a file, not a folder",
+         ("afile",)),
     # -- the wrong kind of folder ----------------------------------------------------------
     Case("convert-ckpt-is-a-run-folder", KIND, "convert megatron-to-hf --ckpt {run} --out {W}/y1",
          "is a training run folder, not a model dir; name one of its checkpoints", ("run",),
