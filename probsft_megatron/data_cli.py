@@ -164,6 +164,12 @@ def _generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} must end in .jsonl (JSON lines)")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; name the .jsonl file to write")
+    from probsft_megatron.manifest import writable_folder
+
+    problem = writable_folder(out.absolute().parent)
+    if problem is not None:
+        raise ConfigError(f"--out {out} cannot be written: its folder {out.absolute().parent} "
+                          f"{problem}; name a file in a folder that can be written")
     for flag, value in (("--n", args.n), ("--max-records", args.max_records)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")

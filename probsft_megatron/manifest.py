@@ -35,6 +35,7 @@ import datetime
 import json
 import os
 import re
+import tempfile
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -347,8 +348,13 @@ def writable_folder(path: str | os.PathLike) -> str | None:
         probe = probe.parent
     if not probe.is_dir():
         return f"cannot be created: {probe} is a file"
+    unwritable = f"is not writable (nothing can be created in {probe})"
     if not os.access(probe, os.W_OK | os.X_OK):
-        return f"is not writable ({probe} does not allow writing)"
+        return unwritable
+    try:  # root passes os.access everywhere: only creating something shows a read-only mount
+        os.rmdir(tempfile.mkdtemp(prefix=".probsft-write-check-", dir=probe))
+    except OSError:
+        return unwritable
     return None
 
 

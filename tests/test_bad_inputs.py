@@ -347,6 +347,28 @@ CASES = [
     Case("train-real-run-output-dir-is-a-file", FILES,
          "train --config {recipe} train.output_dir={afile}", "is a file, not a folder",
          ("afile",)),
+    # /proc: a folder nothing can be created in, for root too (os.access alone says yes)
+    Case("train-output-dir-not-writable", FILES, TRAIN + " train.output_dir=/proc/probsft_run",
+         "is not writable (nothing can be created in /proc)"),
+    Case("convert-out-not-writable", FILES,
+         "convert megatron-to-hf --ckpt {mg} --out /proc/probsft_export", "is not writable",
+         ("mg",)),
+    Case("probe-out-not-writable", FILES,
+         "probe --model {mg} --data figfont --out /proc/probsft_probe", "is not writable",
+         ("mg",)),
+    Case("eval-out-not-writable", FILES,
+         "eval --model {hf_tok} --task gsm8k --out /proc/probsft_eval", "is not writable",
+         ("hf_tok",)),
+    Case("data-generate-out-not-writable", FILES,
+         "data generate addition --n 2 --out /proc/probsft.jsonl", "is not writable"),
+    Case("data-generate-out-under-a-file", FILES,
+         "data generate addition --n 2 --out {afile}/x.jsonl", "is a file, not a folder",
+         ("afile",)),
+    Case("report-out-not-writable", FILES, "report {run} --out /proc/probsft_report",
+         "cannot create the folder", ("run",)),
+    Case("launch-work-dir-not-writable", FILES,
+         "launch --dataset figfont --model tiny-llama --objective p --dryrun "
+         "--work-dir /proc/probsft_launch", "is not writable"),
     # -- the wrong kind of folder ----------------------------------------------------------
     Case("convert-ckpt-is-a-run-folder", KIND, "convert megatron-to-hf --ckpt {run} --out {W}/y1",
          "is a training run folder, not a model dir; name one of its checkpoints", ("run",),
@@ -709,7 +731,8 @@ def test_bad_input_is_refused_in_one_line_and_loses_nothing(case: Case, world):
     message = MESSAGES[case.id] = _placeholders(errors[0], world)
     if not WRITE_DOC:
         rows = {_loose(line) for line in _doc_lines()}
-        assert _loose(_row(case, message)) in rows, (
+        documented = _loose(_row(case, message)) in rows
+        assert documented, (
             f"docs/errors.md does not show this case as it runs now:\n{_row(case, message)}"
             "\nrewrite it: PROBSFT_WRITE_ERRORS_DOC=1 pytest tests/test_bad_inputs.py"
         )
