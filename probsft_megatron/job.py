@@ -7,7 +7,7 @@ size, the parameter dtype, the attention implementation, the parsed objective, t
 and the paths. Training reads the Job, never the raw config; ``probsft train --dry-run`` and
 every rank of a real run call :func:`resolve_job` first. It is cheap and collective-free: it
 checks every path the job reads or writes (:func:`probsft_megatron.config.check_files`) and
-reads only the checkpoint's ``model_config.json``.
+reads only the checkpoint's ``model_config.json`` and the first record of each data file.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from probsft_megatron.config import (
     resolve_precision,
     validate,
 )
+from probsft_megatron.data.records import check_first_records
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.model_dir import read_model_config
 from probsft_megatron.objectives import Objective, parse_objective
@@ -133,6 +134,7 @@ def resolve_job(cfg: TrainJobConfig, world_size: int) -> Job:
     """
     cfg = dataclasses.replace(cfg)  # the Job's own container (the sections are frozen)
     check_files(cfg)  # every path first (config.check_files), so the checkpoint read is sound
+    check_first_records(cfg.data)  # the data's fields, before any tokenizer reads it
     init = cfg.init
     if init.checkpoint is not None:
         stored = read_model_config(init.checkpoint)

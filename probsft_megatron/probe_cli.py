@@ -161,6 +161,9 @@ def check_inputs(args: argparse.Namespace):
     launched = os.environ.get("TORCHELASTIC_RUN_ID") is not None  # a rank under torchrun
     validate_layout(layout, int(os.environ["WORLD_SIZE"]) if launched else args.nproc, config)
     data = data_config(args.data, args.overrides)
+    from probsft_megatron.data.records import check_first_records
+
+    check_first_records(data)
     if args.out is not None:
         inputs = [("--model", model), ("--tokenizer", args.tokenizer)]
         if data.source == "file":

@@ -135,6 +135,8 @@ CASES = [
          "is the input --from-eval", ("samples",)),
     Case("train-output-dir-foreign-folder", DESTROY, TRAIN + " train.output_dir={notes}",
          "holds other files, not a training run", ("notes",)),
+    Case("convert-smollm2-into-foreign-folder", DESTROY, "convert smollm2 --out {notes}",
+         "holds other files, not a Megatron model dir", ("notes",)),
     # -- damaged checkpoints and exports ----------------------------------------------------
     Case("resume-truncated-shard", DAMAGED, TRAIN + " train.output_dir={run_truncated}",
          "checkpoint step 2 ({run_truncated}/checkpoints/step_0000002) is damaged: "
@@ -347,6 +349,18 @@ CASES = [
     Case("train-real-run-output-dir-is-a-file", FILES,
          "train --config {recipe} train.output_dir={afile}", "is a file, not a folder",
          ("afile",)),
+    Case("train-data-missing-field", FILES,
+         TRAIN + " data.source=file data.train_files=[{nofield}]",
+         "missing field 'prompt' (data.prompt_key); available keys: ['answer', 'question']",
+         ("nofield",)),
+    Case("train-data-invalid-json", FILES,
+         TRAIN + " data.source=file data.train_files=[{badjsonl}]", ":1: invalid JSON line",
+         ("badjsonl",)),
+    Case("train-data-not-parquet", FILES,
+         TRAIN + " data.source=file data.train_files=[{fakeparquet}]",
+         "as parquet: Parquet magic bytes not found", ("fakeparquet",)),
+    Case("probe-data-missing-field", FILES, "probe --model {mg} --data {nofield}",
+         "missing field 'prompt'", ("mg", "nofield")),
     # /proc: a folder nothing can be created in, for root too (os.access alone says yes)
     Case("train-output-dir-not-writable", FILES, TRAIN + " train.output_dir=/proc/probsft_run",
          "is not writable (nothing can be created in /proc)"),
@@ -410,6 +424,8 @@ CASES = [
     Case("report-folder-without-runs", KIND, "report {notes}", "holds no run", ("notes",)),
     Case("report-file-not-a-probe-report", KIND, "report {afile}",
          "is a file that is not a probe report", ("afile",)),
+    Case("convert-smollm2-over-another-model", KIND, "convert smollm2 --out {mg}",
+         "already holds a Megatron model dir of another model", ("mg",)),
     # -- layouts that cannot run or fit -------------------------------------------------------
     Case("train-tp-does-not-divide", LAYOUT, TRAIN + " parallel.tensor_model_parallel_size=3",
          "does not divide the world size 1"),
@@ -422,7 +438,7 @@ CASES = [
          "model.num_query_groups=1 is not divisible"),
     Case("train-will-not-fit", LAYOUT,
          "train --config math-qwen2.5-7b --nproc 8 --dry-run --gpu-memory 40 "
-         "data.train_files=[{data}] train.output_dir={W}/fit",
+         "data.train_files=[{data}] data.format=auto train.output_dir={W}/fit",
          "will not fit: TP=4 PP=1 DP=2 SP dist-opt needs", ("data",), ("{W}/fit",)),
     Case("probe-tp-does-not-divide", LAYOUT, "probe --model {mg} --data figfont --tp 2",
          "does not divide the world size 1", ("mg",)),
@@ -631,6 +647,12 @@ def world(tmp_path_factory) -> dict[str, str]:
     paths["samples"].write_text(json.dumps({"id": 0, "completions": ["2"]}) + "\n")
     paths["empty"] = w / "empty.jsonl"
     paths["empty"].write_text("")
+    paths["nofield"] = w / "nofield.jsonl"
+    paths["nofield"].write_text(json.dumps({"question": "1 + 1 =", "answer": "2"}) + "\n")
+    paths["badjsonl"] = w / "badjson.jsonl"
+    paths["badjsonl"].write_text("{'prompt': '1 + 1 =', 'response': '2'}\n")
+    paths["fakeparquet"] = w / "fake.parquet"
+    paths["fakeparquet"].write_text("prompt,response\n1,2\n")
     paths["csv"] = w / "train.csv"
     paths["csv"].write_text("prompt,response\n1,2\n")
     paths["emptydir"] = w / "emptydir"
@@ -903,6 +925,9 @@ PLACEHOLDERS = {
     "MG": "`HF` converted to a Megatron model dir",
     "MG_DAMAGED": "`MG` with its weight shard truncated",
     "MG_TOK": "a Megatron model dir with the SmolLM2 tokenizer (vocabulary 49152)",
+    "NOFIELD": "a `.jsonl` whose records have `question`/`answer`, not `prompt`/`response`",
+    "BADJSONL": "a `.jsonl` written with Python's quotes (not JSON)",
+    "FAKEPARQUET": "a CSV file named `.parquet`",
     "NOTES": "a folder of a user's own files",
     "PROFILE_BADTIME": "the local-cpu cluster profile with `time.train: '25:99'`",
     "PROFILE_NODES0": "the local-cpu cluster profile with `nodes: 0`",

@@ -225,6 +225,56 @@ def _read_file(path: Path, cfg: DataConfig) -> list[dict]:
     return [_extract(row, fields, where) for where, row in rows]
 
 
+def _first_json_row(path: Path) -> tuple[str, Any] | None:
+    """The first record of a JSON-lines file (read line by line), or of a JSON list."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if line.lstrip().startswith("["):  # a JSON list: parsed whole
+                    rows = _read_json_rows(path)
+                    return rows[0] if rows else None
+                try:
+                    return f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: invalid JSON line ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    return None
+
+
+def check_first_records(cfg: DataConfig) -> None:
+    """The first record of every data file has the fields ``data.*`` names (a parquet file:
+    its schema), before any tokenizer or model; the rest are checked as the data loads.
+    Raises the :class:`DataError` that :func:`load_records` would raise for that record."""
+    if cfg.source != "file":
+        return
+    for name in cfg.train_files:
+        path = Path(name).expanduser()
+        if _file_kind(path, cfg.format) == "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                schema = pq.read_schema(path)
+                rows_in_file = pq.ParquetFile(path).metadata.num_rows
+            except Exception as exc:  # pyarrow raises several types for unreadable files
+                raise DataError(f"cannot read {path} as parquet: {exc}") from None
+            if rows_in_file == 0:
+                raise DataError(f"{path} contains no records")
+            _choose_fields(cfg, schema.names, str(path))
+            continue
+        first = _first_json_row(path)
+        if first is None:
+            raise DataError(f"{path} contains no records")
+        where, record = first
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{where}: expected an object with fields, got type {type(record).__name__}"
+            )
+        _extract(record, _choose_fields(cfg, list(record), where), where)
+
+
 def load_records(cfg: DataConfig) -> list[dict]:
     """Prompt/response string records: ``{"prompt", "response", "origin"}``.
 
