@@ -252,6 +252,33 @@ def _materialize_optimizer_state(optimizer) -> None:
             group["lr"] = lr
 
 
+def restore_adam_steps(optimizer, step: int) -> int:
+    """After loading a training checkpoint of ``step``: set every parameter's Adam ``step``
+    (torch Adam's per-parameter state, used by its bias correction) to ``step``, each in a
+    tensor of its own. Returns how many parameters' states were set.
+
+    Without apex/TE, megatron-core 0.16's distributed optimizer does not bring the saved
+    ``step`` back: after the load every parameter's state holds one and the same tensor with
+    the value of the state it was loaded into (1, see :func:`_materialize_optimizer_state`),
+    and since torch's Adam increments each parameter's ``step`` in place, that shared tensor
+    then advanced once per parameter on every update. A resumed run drifted from an
+    uninterrupted one from its first update on. In this project's loop every training step is
+    exactly one optimizer update (no fp16 loss scaling skips one; a non-finite step stops the
+    run), so the training step of the checkpoint is the optimizer's step count.
+    """
+    count = 0
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if inner is None:
+            continue
+        for state in inner.state.values():
+            old = state.get("step")
+            if torch.is_tensor(old):
+                state["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device)
+                count += 1
+    return count
+
+
 def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, *, is_loading: bool):
     """The optimizer's sharded state for a torch_dist checkpoint.
 

@@ -210,6 +210,7 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
         if resume_from is not None:
             state = ckpt.load_checkpoint(resume_from, chunks[0].module, optimizer)
             start_step = state["step"]
+            compat.restore_adam_steps(optimizer, start_step)  # megatron leaves it at 1
             loader.load_state_dict(state["data"])
             stopper.checkpoint = resume_from
             if is_logger:

@@ -297,6 +297,37 @@ def test_cpu_profile_dryrun(tmp_path, capsys, monkeypatch):
                      r"\$head_node_ip:\$\{PROBSFT_RDZV_PORT\} .*--nnodes 2 --nproc-per-node 1 ",
                      srun), srun
     assert "rdzv-store" not in export and "--label" not in export
+    assert "trap probsft_requeue EXIT" in train and "probsft_requeue" not in export
+    assert ("note: memory fit check skipped: cluster profile 'local-cpu' is a CPU partition "
+            "(gpus_per_node: 0)") in out
+
+
+def test_fit_check_refuses_a_layout_that_cannot_fit(tmp_path, capsys, monkeypatch):
+    """The memory planner runs for the train step before anything is written: TP=1 for a
+    14B model on 2 x 8 GPUs of 80 GB (the example profile's gpu_memory_gb) is refused in one
+    line with the layout that fits; --no-fit-check submits it anyway; that layout passes."""
+    work = tmp_path / "work"
+    job = ["--dataset", "math", "--model", "qwen2.5-14b", "--objective", "p",
+           "--profile", "example", "--hf", "/models/q14", "--work-dir", str(work),
+           "--set", TRAIN_FILES]
+    tp1 = ["parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false"]
+    err = _error_line(capsys, [*job, *tp1, "--executor", "slurm", "--dryrun"])
+    assert err.startswith("error: run math-qwen2.5-14b-p: will not fit: TP=1 PP=1 DP=16 "), err
+    assert "GiB per GPU, more than the 80 GiB of each of 16 GPU(s); use TP=" in err
+    assert err.endswith("; or pass --no-fit-check to run it anyway")
+    assert not work.exists()  # refused before anything was written
+    recommended = re.search(r"GiB\): (parallel\.\S+(?: \S+=\S+)*); or pass", err).group(1)
+
+    _, out = _dryrun(capsys, monkeypatch, [*job, *tp1, "--no-fit-check"])
+    assert "note: memory fit check skipped: --no-fit-check" in out
+    _, out = _dryrun(capsys, monkeypatch, [*job, *recommended.split()])
+    assert re.search(r"note: run math-qwen2\.5-14b-p: memory fits: TP=\d+ PP=\d+ .* needs "
+                     r"[\d.]+ GiB of 80 per GPU", out), out
+    gpu = load_profile("example")
+    assert gpu.gpu_memory_gb == 80
+    bad = _profile(tmp_path, PROFILE + "gpu_memory_gb: -1\n", "badmem")
+    assert "'gpu_memory_gb' must be a positive number of GB per GPU, e.g. 80 (got -1)" in \
+        _error_line(capsys, [*job, "--profile", bad, "--executor", "slurm", "--dryrun"])
 
 
 @pytest.mark.parametrize("field, value, message", [
