@@ -67,6 +67,14 @@ probsft_requeue() {
     fi
 }
 trap probsft_requeue EXIT"""
+#: srun options of a multi-node train job, after NeMo-Run's own (the last one counts):
+#: ``--label`` prefixes every line with the task that printed it ("0: ...", "1: ..."; task i
+#: runs on the job's node i). ``--kill-on-bad-exit=0`` replaces NeMo-Run's ``=1``: with it,
+#: the first agent to exit 75 after the collective save got the other agent terminated
+#: (measured: srun exit 143 instead of 75, so the job was not requeued). Tasks that do not
+#: end together are still ended by srun 60 s after the first one (NeMo-Run's ``--wait=60``),
+#: and a rank whose peer died stops on its own within ``train.dist_timeout_s``.
+TRAIN_SRUN_ARGS = ["--label", "--kill-on-bad-exit=0"]
 _SIGNAL_RE = re.compile(r"^((R|B|RB|BR):)?(SIG)?[A-Z0-9]+(@\d+)?$")
 
 
@@ -321,8 +329,7 @@ def slurm_executor(profile: ClusterProfile, kind: str, *, job_dir: str, nodes: i
         env_vars=env,
         job_name_prefix=profile.job_name_prefix,
         setup_lines=setup,
-        # "0: ...", "1: ...": which task (task i runs on the job's node i) printed a line
-        srun_args=["--label"] if distributed and nodes > 1 else None,
+        srun_args=TRAIN_SRUN_ARGS if distributed and nodes > 1 else None,
         additional_parameters={"kill_on_invalid_dep": "yes"},
         poll_estimated_start_time=False,
         tunnel=run.LocalTunnel(job_dir=job_dir),

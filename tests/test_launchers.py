@@ -292,7 +292,8 @@ def test_cpu_profile_dryrun(tmp_path, capsys, monkeypatch):
     (srun,) = [ln for ln in lines if ln.startswith("srun ")]
     store = lines.index(next(ln for ln in lines if "launchers.steps rdzv-store" in ln))
     assert store < lines.index(srun) and "export PET_RDZV_CONF=is_host=0" in lines[store:]
-    assert re.search(r" --label python -m probsft_megatron\.launchers\.agent --rdzv-backend c10d "
+    assert re.search(r" --kill-on-bad-exit=1 --label --kill-on-bad-exit=0 "
+                     r"python -m probsft_megatron\.launchers\.agent --rdzv-backend c10d "
                      r"--rdzv-endpoint "
                      r"\$head_node_ip:\$\{PROBSFT_RDZV_PORT\} .*--nnodes 2 --nproc-per-node 1 ",
                      srun), srun
