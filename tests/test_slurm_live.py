@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -279,3 +280,90 @@ def test_cancel_a_queued_experiment(cluster, tmp_path):
     assert status.returncode == 1 and [r.split()[2] for r in rows] == ["CANCELLED"] * 3
     again = _probsft(["launch", "cancel", str(exp_dir)], tmp_path)
     assert again.returncode == 0 and "no job left to cancel" in again.stdout
+
+
+# ---------------------------------------------------------------- preemption: signal, requeue
+def _train_args(exp_dir: Path) -> list[str]:
+    """The training arguments of the experiment's train job (from its sbatch script)."""
+    (script,) = exp_dir.glob("train-*_sbatch.sh")
+    (srun,) = [ln for ln in script.read_text().splitlines() if ln.startswith("srun ")]
+    return shlex.split(srun.partition(" -m probsft_megatron.train ")[2])
+
+
+@pytest.mark.slow
+def test_signalled_train_job_requeues_and_resumes_bit_exact(cluster, tmp_path):
+    """`scancel --signal=USR1` (what the profile's warning signal sends before the time
+    limit) to a running 2-node train job: training finishes its step, saves, exits 75; the
+    batch script requeues the job, which resumes from that checkpoint and ends with weights
+    and optimizer state bit-identical to an uninterrupted run of the same command."""
+    from test_resilience import _assert_identical, _flat_state
+
+    steps_n = 12
+    work = tmp_path / "work"
+    sets = [f"train.max_steps={steps_n}", "train.tensorboard=false", "train.save_interval=100",
+            "train.histogram_interval=0"]
+    start = time.perf_counter()
+    proc = _probsft([*TINY, "--work-dir", str(work), "--set", *sets, "--detach"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp_dir = _exp_dir(proc)
+    steps = {s["kind"]: s for s in _record(exp_dir)["steps"]}
+    job = steps["train"]["job_id"]
+    run_dir = work / "runs" / "figfont-tiny-llama-p"
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 600
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            state = _sacct([job]).get(job, {}).get("State", "")
+            assert state in ("", "PENDING", "RUNNING"), f"train job {state} before step 2"
+            assert time.monotonic() < deadline, "train job logged no 2 steps in 600 s"
+            time.sleep(0.5)
+        subprocess.run(["scancel", "--signal=USR1", job], check=True)
+
+        # the reference while the job waits to be requeued: the same training command on
+        # this machine, 2 processes, uninterrupted
+        ref = tmp_path / "ref"
+        args = [a if not a.startswith("train.output_dir=") else f"train.output_dir={ref}"
+                for a in _train_args(exp_dir)]
+        done = _probsft(["train", "--nproc", "2", *args], tmp_path, timeout=900)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+        deadline = time.monotonic() + 600
+        while (state := _sacct([job])[job]["State"].split()[0]) != "COMPLETED":
+            assert state in ("PENDING", "RUNNING", "REQUEUED"), state
+            assert time.monotonic() < deadline, f"train job still {state} after 600 s"
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", *(s["job_id"] for s in steps.values())],
+                       capture_output=True)
+    elapsed = time.perf_counter() - start
+
+    # the first run stopped on the signal with a checkpoint and requeued its job
+    log_dir = Path(steps["train"]["log_dir"])
+    first, second = (log_dir / f"log-{steps['train']['job_name']}_{job}_{r}.out" for r in (0, 1))
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["interrupted", "resumed"], events
+    k = events[0]["step"]
+    assert 2 <= k < steps_n and events[0]["by"] == "SIGUSR1 on ranks 0, 1"
+    assert events[1]["step"] == k
+    text = first.read_text()
+    assert f"interrupted at step {k} (SIGUSR1 on ranks 0, 1)" in text, text[-3000:]
+    assert "resume with the same command" in text and "Traceback" not in text
+    batch = (log_dir / f"sbatch_{steps['train']['job_name']}_{job}.out").read_text()
+    assert f"requeueing job {job}" in batch and "job exited with code 75" in batch
+    text = second.read_text()
+    assert "resumed from" in text and "Traceback" not in text, text[-3000:]
+    history = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job, "-o", "State"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert history == ["REQUEUED", "COMPLETED"], history
+
+    # nothing lost but the interrupted step's time: the end is the uninterrupted run's
+    last = f"step_{steps_n:07d}"
+    tensors = _assert_identical(_flat_state(run_dir / "checkpoints" / last, tmp_path),
+                                _flat_state(ref / "checkpoints" / last, tmp_path))
+    assert tensors >= 10
+    got, want = ({json.loads(ln)["step"]: json.loads(ln) for ln in
+                  (d / "metrics.jsonl").read_text().splitlines()} for d in (run_dir, ref))
+    assert sorted(got) == sorted(want) == list(range(1, steps_n + 1))
+    assert [got[s]["loss"] for s in got] == [want[s]["loss"] for s in got]
+    print(f"live requeue: interrupted at step {k}, resumed, {tensors} tensors bit-identical; "
+          f"{elapsed:.0f} s")
