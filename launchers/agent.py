@@ -15,8 +15,8 @@ training through this agent instead of ``torchrun``. It runs torch's elastic age
   dies of them: inside a SLURM step (``SLURM_STEP_ID`` is set) slurmd already signals every
   process, so the agent only notes them; elsewhere (a terminal, ``kill``) the workers run in
   sessions of their own and see no terminal signal, so the agent passes each one on to them.
-  A second Ctrl-C is passed on too (the workers stop at once); whatever is left of them 5 s
-  later is killed.
+  A second Ctrl-C kills the workers and their helper processes at once (nothing of the step
+  in flight is saved; the newest checkpoint stays) and the agent exits 130.
 * **Exit codes.** When every worker that failed exited with one of :data:`QUIET_EXIT_CODES`
   (2: it printed a one-line error; 75: interrupted with a checkpoint saved; 130: stopped at
   once), the agent exits with that code and prints nothing more; torchrun would print its
@@ -43,7 +43,8 @@ QUIET_EXIT_CODES = (2, INTERRUPTED_EXIT_CODE, HARD_STOP_EXIT_CODE)
 TORCH_SIGNALS = "SIGHUP,SIGQUIT"
 """Signals left to torch's agent (``--signals-to-handle``): the stop signals are ours."""
 KILL_AFTER_S = 5.0
-"""After a second Ctrl-C, workers still alive this much later are killed."""
+"""After a second Ctrl-C, processes of the workers that started meanwhile are killed this
+much later."""
 
 
 def in_slurm_step() -> bool:
@@ -83,11 +84,8 @@ class SignalRelay:
         if signum == signal.SIGINT:
             self.interrupts += 1
             if self.interrupts == 2:
-                self.hard_stop = True
-                self._seen = self._workers(recursive=True)
-                timer = threading.Timer(KILL_AFTER_S, self.kill_leftovers)
-                timer.daemon = True
-                timer.start()
+                self._stop_now()
+                return
         if not self.forward:
             return
         for worker in self._workers():
@@ -95,6 +93,21 @@ class SignalRelay:
                 worker.send_signal(signum)
             except Exception:  # a worker that just ended
                 pass
+
+    def _stop_now(self) -> None:
+        """Second Ctrl-C: kill every worker and its helper processes at once, say so.
+
+        The agent does it rather than each worker: a worker blocked in a collective runs its
+        own handler only once the collective returns, which it does with an error when a
+        faster worker has already gone, and it would then report a lost rank instead."""
+        self.hard_stop = True
+        self._seen = self._workers(recursive=True)
+        _say("second interrupt: stopped at once; the step in flight is not saved, the newest "
+             "checkpoint stays (resume with the same command)")
+        self.kill_leftovers()
+        timer = threading.Timer(KILL_AFTER_S, self.kill_leftovers)  # any started meanwhile
+        timer.daemon = True
+        timer.start()
 
     def kill_leftovers(self) -> None:
         """Kill what remains of the workers after a hard stop (their helper processes too)."""
@@ -107,13 +120,28 @@ class SignalRelay:
 
 
 class _QuietFailures(logging.Filter):
-    """Drops torch's ``failed (exitcode: N)`` error line for the quiet exit codes."""
+    """Drops torch's ``failed (exitcode: N)`` error line for the quiet exit codes, and after
+    a second Ctrl-C for the workers the agent killed itself."""
+
+    def __init__(self, relay: SignalRelay) -> None:
+        super().__init__()
+        self.relay = relay
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = str(record.msg)
         if msg.startswith("failed (exitcode: ") and record.args:
-            return record.args[0] not in QUIET_EXIT_CODES
+            code = record.args[0]
+            if self.relay.hard_stop and isinstance(code, int) and code < 0:
+                return False
+            return code not in QUIET_EXIT_CODES
         return True
+
+
+def _say(text: str) -> None:
+    try:
+        os.write(sys.stderr.fileno(), f"\n[probsft] {text}\n".encode())
+    except (OSError, ValueError):
+        pass
 
 
 def quiet_code(failures: dict, hard_stop: bool) -> int | None:
@@ -149,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = torchrun.parse_args(sys.argv[1:] if argv is None else argv)
     args.signals_to_handle = TORCH_SIGNALS
-    quiet = _QuietFailures()
+    relay = SignalRelay(forward=not in_slurm_step()).install()
+    quiet = _QuietFailures(relay)
     api_logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     api_logger.addFilter(quiet)
-    relay = SignalRelay(forward=not in_slurm_step()).install()
     try:
         torchrun.run(args)
     except ChildFailedError as exc:

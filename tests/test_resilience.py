@@ -289,11 +289,12 @@ def test_signals_stop_all_ranks_at_one_step_and_resume_bit_exact(tmp_path):
     time.sleep(0.3)
     os.kill(job.proc.pid, signal.SIGINT)
     assert job.proc.wait(timeout=120) == 130, job.text()[-4000:]
-    time.sleep(6)  # the agent kills what is left of the workers 5 s after the second Ctrl-C
+    time.sleep(6)  # the agent kills the workers at once, and again 5 s later
     assert job.session_processes() == [], "processes left behind after a second Ctrl-C"
     job.kill_session()
     text = job.text()
     assert "second interrupt: stopped at once" in text and "Traceback" not in text
+    assert "error:" not in text and "failed (exitcode" not in text  # no lost-rank noise
     k3 = _steps(out)[-1]
     assert k3 >= k2
 
