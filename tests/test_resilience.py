@@ -221,8 +221,12 @@ def test_dist_timeout_is_validated():
 def test_step_arguments_are_quoted_for_slurm_only(tmp_path):
     """A local step gets its argv as is (no shell; ``[...]`` used to arrive as ``'...'``);
     a SLURM step's words are shell-quoted for the batch script, the agent's are not."""
-    from probsft_megatron.launchers.experiment import (AGENT_MODULE, Step, local_executor,
-                                                       step_command)
+    from probsft_megatron.launchers.experiment import (
+        AGENT_MODULE,
+        Step,
+        local_executor,
+        step_command,
+    )
     from probsft_megatron.launchers.slurm import agent_args, load_profile, slurm_executor
 
     step = Step("train-x", "train", "probsft_megatron.train",
