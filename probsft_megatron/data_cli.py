@@ -202,7 +202,7 @@ def _resolve(spec: str, overrides: list[str], tokenizer: str | None):
     from probsft_megatron.probe_cli import data_config
 
     if spec == "figfont" or Path(spec).suffix.lower() in DATA_SUFFIXES:
-        return data_config(spec, overrides), tokenizer or "smollm2"
+        return data_config(spec, overrides, "probsft data inspect"), tokenizer or "smollm2"
     if Path(spec).is_file() and Path(spec).suffix.lower() not in (".yaml", ".yml"):
         raise ConfigError(f"cannot tell what {spec} is from its name: probsft data inspect takes "
                           "a .jsonl/.json/.parquet data file, 'figfont' or a recipe (.yaml); "

@@ -68,14 +68,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="data overrides, e.g. data.max_length=2048")
 
 
-def data_config(spec: str, overrides: list[str]):
-    """The DataConfig of ``--data``: a data file, ``figfont``, or a recipe's data section."""
+def data_config(spec: str, overrides: list[str], command: str = "probsft probe"):
+    """The DataConfig of ``--data``: a data file, ``figfont``, or a recipe's data section
+    (``command`` names the command in an error message)."""
     from probsft_megatron.config import apply_override, build_config, load_config
 
     bad = [o for o in overrides if not o.strip().startswith("data.")]
     if bad:
         raise ConfigError(
-            f"override {bad[0]!r} is not a data.* key; `probsft probe` only takes "
+            f"override {bad[0]!r} is not a data.* key; `{command}` only takes "
             "data overrides (e.g. data.max_length=2048)"
         )
     if spec == "figfont" or Path(spec).suffix.lower() in DATA_SUFFIXES:

@@ -426,6 +426,12 @@ CASES = [
          "is a file that is not a probe report", ("afile",)),
     Case("convert-smollm2-over-another-model", KIND, "convert smollm2 --out {mg}",
          "already holds a Megatron model dir of another model", ("mg",)),
+    Case("launch-status-of-a-plain-folder", KIND, "launch status {notes}",
+         "not a folder with probsft_experiment.json", ("notes",),
+         xfail="launchers/jobs.py find_experiment globs f'{ref}/*/...' under a base folder, "
+               "and pathlib refuses an absolute ref (NotImplementedError, a traceback); it "
+               "must glob only a relative ref (an absolute folder without "
+               "probsft_experiment.json gets the 'no submitted experiment' line)"),
     # -- layouts that cannot run or fit -------------------------------------------------------
     Case("train-tp-does-not-divide", LAYOUT, TRAIN + " parallel.tensor_model_parallel_size=3",
          "does not divide the world size 1"),
@@ -489,6 +495,15 @@ CASES = [
          "unknown config key 'optim.lrr'"),
     Case("report-unknown-metric", NAMES, "report {notes} --metric bogus",
          "--metric 'bogus' is not a task metric", ("notes",)),
+    Case("data-inspect-non-data-override", NAMES, "data inspect figfont optim.lr=1",
+         "`probsft data inspect` only takes data overrides"),
+    Case("launch-unknown-eval-task", NAMES,
+         "launch --dataset figfont --model tiny-llama --objective p --dryrun "
+         "--work-dir {W}/launch_evaltask --eval-task math5000", "unknown task 'math5000'", (),
+         ("{W}/launch_evaltask",),
+         xfail="launchers/cli.py passes --eval-task on unchecked (the dry run writes the "
+               "experiment and exits 0; the eval step would fail after training); it must "
+               "check each name against probsft_megatron.eval.tasks.TASKS first"),
     # -- usage: options and arguments --------------------------------------------------------
     Case("train-unknown-option", USAGE, TRAIN + " --bogus", "unrecognized arguments: --bogus"),
     Case("train-nproc-not-a-number", USAGE, TRAIN + " --nproc two", "invalid int value: 'two'"),
