@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 
 from probsft_megatron import manifest
-from probsft_megatron.config import ModelConfig, check_model_dir
+from probsft_megatron.config import ModelConfig
 from probsft_megatron.converters import hf_config, layout, megatron_io
 from probsft_megatron.converters.mapping import IGNORED_HF_SUFFIXES, TensorMap, tensor_maps
 from probsft_megatron.converters.safetensors_io import (TensorInfo, read_header, read_into,
                                                         read_tensor, write_file)
 from probsft_megatron.errors import CheckpointError, ConfigError
+from probsft_megatron.input_checks import check_model_dir
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 
 from probsft_megatron.errors import CheckpointError, ConfigError, ProbsftError
+from probsft_megatron.input_checks import TOKENIZER_FILES
 
 KNOWN_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 """HF model types (``model_type``) whose prompt format is detected (Qwen2/2.5/3, Llama-3.x,
 deepseek-math, SmolLM2); other architectures need ``--prompt-format``."""
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -54,7 +54,7 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
 
     A newer damaged checkpoint is passed over with a warning naming it and the damage. A run
     never gets here silently: the job's validation
-    (:func:`probsft_megatron.config.check_resume`) refuses to resume past a damaged
+    (:func:`probsft_megatron.input_checks.check_resume`) refuses to resume past a damaged
     checkpoint unless ``train.resume_skip_damaged=true`` asks for it.
     """
     for step, path in reversed(complete_checkpoints(ckpt_root)):

@@ -14,8 +14,9 @@ Three steps, each once:
    world size, the micro batch dividing the global batch, heads/vocabulary divisible by TP,
    recomputation layers per stage, the objective's spelling, data sources. With
    ``files=True`` (what a run and its dry run ask, through ``resolve_job``) also every path
-   the job reads or writes (:func:`check_files`): the data files exist and are files, the
-   tokenizer and ``init.checkpoint`` are what they should be and intact (their manifests),
+   the job reads or writes (:func:`probsft_megatron.input_checks.check_files`, its own
+   module): the data files exist and are files, the tokenizer and ``init.checkpoint`` are
+   what they should be and intact (their manifests),
    ``train.output_dir`` can be written and does not overlap an input, and a resume would
    not start from a damaged checkpoint. Cheap: no process group, tokenizer or model is
    built, and no data file is read.
@@ -40,15 +41,14 @@ This module imports neither megatron nor torch at import time (``probsft objecti
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from probsft_megatron import hardware, manifest, resources
-from probsft_megatron.errors import CheckpointError, ConfigError
+from probsft_megatron import hardware, resources
+from probsft_megatron.errors import ConfigError
 from probsft_megatron.typed_yaml import apply_override, deep_merge, from_mapping, read_yaml_mapping
 
 logger = logging.getLogger(__name__)
@@ -64,10 +64,6 @@ __all__ = [
     "TrainJobConfig",
     "apply_override",
     "build_config",
-    "check_files",
-    "check_model_dir",
-    "check_tokenizer",
-    "check_resume",
     "list_presets",
     "list_recipes",
     "load_config",
@@ -485,7 +481,8 @@ class TrainJobConfig:
 
     def validate(self, world_size: int, *, files: bool = False) -> int:
         """Check the whole job against ``world_size`` processes; returns the DP size
-        (:func:`validate`; ``files=True`` also checks every path, :func:`check_files`)."""
+        (:func:`validate`; ``files=True`` also checks every path,
+        :func:`probsft_megatron.input_checks.check_files`)."""
         return validate(self, world_size, files=files)
 
 
@@ -546,13 +543,15 @@ def validate(cfg: TrainJobConfig, world_size: int, *, files: bool = False) -> in
     the objective's spelling, the data sources, Transformer Engine for ``train.attention=te``,
     the sequence length against the model. With ``files`` (a run and its dry run, through
     :func:`probsft_megatron.job.resolve_job`) first every path the job reads or writes
-    (:func:`check_files`); without it (planning a job for another machine, as the launcher
-    does) no file is looked at. Touches no process group, tokenizer or model, and reads no
-    data file.
+    (:func:`probsft_megatron.input_checks.check_files`); without it (planning a job for
+    another machine, as the launcher does) no file is looked at. Touches no process group,
+    tokenizer or model, and reads no data file.
     """
     if world_size < 1:
         raise ConfigError(f"the number of processes must be >= 1 (got {world_size})")
     if files:
+        from probsft_megatron.input_checks import check_files
+
         check_files(cfg)
     dp = validate_layout(cfg.parallel, world_size, cfg.model)
     cfg.data.validate()
@@ -578,226 +577,6 @@ def validate(cfg: TrainJobConfig, world_size: int, *, files: bool = False) -> in
 
         parse_objective(cfg.loss.objective)
     return dp
-
-
-# -- files: what a run reads and writes ----------------------------------------------------
-
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-BUILTIN_TOKENIZERS = {"smollm2": 49152}
-"""Tokenizers known by name (:mod:`probsft_megatron.tokenizers`) and their number of ids."""
-
-
-def check_model_dir(
-    path: str | os.PathLike, key: str, *, training_checkpoint_ok: bool = True
-) -> Path:
-    """``path`` if it is a complete, intact Megatron model dir (a converted model or a
-    training checkpoint); else a one-line error naming ``key`` and what to pass instead.
-
-    ``training_checkpoint_ok=False``: a training checkpoint (weights saved together with the
-    optimizer state) is refused with the way round it.
-    """
-    folder = Path(path)
-    if not folder.exists():
-        raise ConfigError(
-            f"{key} {folder} does not exist; name a Megatron model dir "
-            "(probsft convert hf-to-megatron) or a training checkpoint (RUN/checkpoints/step_N)"
-        )
-    if not folder.is_dir():
-        raise ConfigError(f"{key} {folder} is a file; name a Megatron model dir (a folder)")
-    kind = manifest.folder_kind(folder)
-    if kind == manifest.TRAINING_RUN:
-        steps = manifest.step_folders(folder / "checkpoints")
-        example = steps[-1][1] if steps else folder / "checkpoints" / "step_NNNNNNN"
-        raise ConfigError(
-            f"{key} {folder} is a training run folder, not a model dir; name one of its "
-            f"checkpoints, e.g. {example}"
-        )
-    if kind == manifest.HF_EXPORT or (kind is None and (folder / "config.json").is_file()):
-        raise ConfigError(
-            f"{key} {folder} is a Hugging Face folder; convert it first (probsft convert "
-            f"hf-to-megatron --hf {folder} --out DIR) and name DIR"
-        )
-    if kind is None:
-        raise ConfigError(
-            f"{key} {folder} is not a Megatron model dir (no model_config.json); name a "
-            "folder written by probsft convert hf-to-megatron or a training checkpoint"
-        )
-    if kind == manifest.TRAINING_CHECKPOINT and not training_checkpoint_ok:
-        raise ConfigError(
-            f"{key} {folder} is a training checkpoint (weights saved with the optimizer "
-            "state), which cannot be loaded here yet; continue that run (its train.output_dir) "
-            f"or export it and convert the export: probsft convert megatron-to-hf --ckpt "
-            f"{folder} --out HF, then probsft convert hf-to-megatron --hf HF --out DIR"
-        )
-    try:
-        manifest.verify(folder)
-    except CheckpointError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
-    return folder
-
-
-def check_tokenizer(spec: str, key: str) -> None:
-    """``spec`` names a built-in tokenizer or a folder (or a model dir's ``hf/``) with
-    tokenizer files; else one line naming ``key``."""
-    if spec in BUILTIN_TOKENIZERS:
-        return
-    folder = Path(spec)
-    if not folder.exists():
-        raise ConfigError(
-            f"{key} {spec} does not exist; name a folder with tokenizer files "
-            f"({', '.join(TOKENIZER_FILES[:2])}) or one of {', '.join(BUILTIN_TOKENIZERS)}"
-        )
-    if not folder.is_dir():
-        raise ConfigError(f"{key} {spec} is a file; name the folder that holds the tokenizer")
-    if (folder / "hf").is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        folder = folder / "hf"
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise ConfigError(
-            f"{key} {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
-            "name a folder that has them, or smollm2"
-        )
-
-
-def tokenizer_vocab_size(folder: str | os.PathLike) -> int | None:
-    """The number of token ids of a Hugging Face ``tokenizer.json`` in ``folder`` (the largest
-    id + 1, added tokens included), read without building the tokenizer; None when there is
-    no such file."""
-    path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise ConfigError(f"{path} is not valid JSON; save the tokenizer there again") from None
-    vocab = (data.get("model") or {}).get("vocab") or {}
-    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
-    ids += [t.get("id", -1) for t in data.get("added_tokens") or [] if isinstance(t, dict)]
-    ids = [i for i in ids if isinstance(i, int)]
-    return max(ids) + 1 if ids else None
-
-
-def _tokenizer_folder(spec: str) -> Path | None:
-    if spec in BUILTIN_TOKENIZERS:
-        return None
-    folder = Path(spec)
-    if (folder / "hf").is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        folder = folder / "hf"
-    return folder
-
-
-def check_vocab_fits(tokenizer: str, vocab_size: int, key: str) -> None:
-    """A tokenizer whose ids reach past the model's vocabulary would index past the embedding;
-    refuse it in one line (a tokenizer without tokenizer.json is not checked here)."""
-    folder = _tokenizer_folder(tokenizer)
-    size = BUILTIN_TOKENIZERS.get(tokenizer) if folder is None else tokenizer_vocab_size(folder)
-    if size is not None and size > vocab_size:
-        raise ConfigError(
-            f"{key} {tokenizer} has {size} token ids but the model's vocabulary has "
-            f"{vocab_size}; use the tokenizer the model was trained with"
-        )
-
-
-def check_data_files(data: DataConfig, key: str = "data.train_files") -> None:
-    """Every data file exists, is a non-empty file, and has a format the loader reads."""
-    data.validate()
-    if data.source != "file":
-        return
-    for name in data.train_files:
-        path = Path(name)
-        if not path.exists():
-            raise ConfigError(f"{key}: {path} does not exist; name an existing data file")
-        if path.is_dir():
-            found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
-            if found:
-                raise ConfigError(
-                    f"{key}: {path} is a folder, not a data file; list its files instead, "
-                    f"e.g. {path / found[0]}"
-                )
-            raise ConfigError(
-                f"{key}: {path} is a folder with no .jsonl/.json/.parquet file in it; list "
-                "data files"
-            )
-        if path.stat().st_size == 0:
-            raise ConfigError(f"{key}: {path} is empty; it holds no records")
-        if data.format in ("auto", "numina", "m23k") and path.suffix.lower() not in DATA_SUFFIXES:
-            raise ConfigError(
-                f"{key}: cannot tell the format of {path} from its extension; rename it to "
-                ".jsonl/.json/.parquet or set data.format=jsonl or data.format=parquet"
-            )
-
-
-def check_resume(train: TrainConfig) -> Path | None:
-    """The checkpoint a run of ``train.output_dir`` would resume from (None: a fresh start).
-
-    A damaged newest checkpoint stops the run here, in one line naming the step, the file
-    and the fix, unless ``train.resume_skip_damaged`` asks to fall back to the newest intact
-    one (which is then announced in a warning for every damaged checkpoint passed over).
-    """
-    if not train.resume:
-        return None
-    root = Path(train.output_dir) / "checkpoints"
-    steps = manifest.step_folders(root)
-    for step, path in reversed(steps):
-        damage = manifest.checkpoint_damage(path)
-        if damage is None:
-            return path
-        if not train.resume_skip_damaged:
-            raise CheckpointError(manifest.damaged_message(path, damage, resuming=True))
-        logger.warning(
-            "DAMAGED checkpoint step %d passed over (train.resume_skip_damaged=true): %s: %s",
-            step,
-            path,
-            damage,
-        )
-    if steps:
-        raise CheckpointError(
-            f"every checkpoint under {root} is damaged; delete them (the run then starts from "
-            "its initial weights) or set train.resume=false"
-        )
-    return None
-
-
-def check_files(cfg: TrainJobConfig) -> None:
-    """Every path the job reads or writes, checked before any work (one line each):
-    ``init.checkpoint`` (an intact Megatron model dir), ``init.tokenizer`` (or the
-    checkpoint's ``hf/`` tokenizer), the data files, ``train.output_dir`` (writable, not an
-    input, not inside one, containing none), and the checkpoint a resume would load."""
-    init = cfg.init
-    if init.checkpoint is not None:
-        check_model_dir(init.checkpoint, "init.checkpoint", training_checkpoint_ok=False)
-    if init.tokenizer is not None:
-        check_tokenizer(init.tokenizer, "init.tokenizer")
-    elif init.checkpoint is not None:
-        hf = Path(init.checkpoint) / "hf"
-        if not any((hf / f).is_file() for f in TOKENIZER_FILES):
-            raise ConfigError(
-                f"init.checkpoint {init.checkpoint} has no tokenizer (no tokenizer files in "
-                "its hf/ folder); set init.tokenizer to a tokenizer folder or smollm2"
-            )
-    tokenizer = init.tokenizer or (str(Path(init.checkpoint) / "hf") if init.checkpoint else None)
-    if tokenizer is not None:
-        vocab = cfg.model.vocab_size
-        if init.checkpoint is not None:  # the checkpoint's model (checked just above)
-            meta = json.loads((Path(init.checkpoint) / "model_config.json").read_text())
-            vocab = int((meta.get("model") or {}).get("vocab_size") or vocab)
-        check_vocab_fits(tokenizer, vocab, "init.tokenizer" if init.tokenizer else "the tokenizer")
-    check_data_files(cfg.data)
-    inputs = [("init.checkpoint", init.checkpoint)]
-    if init.tokenizer not in (None, *BUILTIN_TOKENIZERS):
-        inputs.append(("init.tokenizer", init.tokenizer))
-    if cfg.data.source == "file":
-        inputs += [("data.train_files", f) for f in cfg.data.train_files]
-    out = cfg.train.output_dir
-    if manifest.check_output(out, flag="train.output_dir", inputs=inputs):
-        kind = manifest.folder_kind(out)
-        if kind != manifest.TRAINING_RUN and any(Path(out).iterdir()):
-            raise ConfigError(
-                f"train.output_dir {out} already exists and holds {manifest.describe(out)}, not "
-                "a training run; a run writes config.json, metrics.jsonl and checkpoints/ there: "
-                "choose another train.output_dir"
-            )
-    check_resume(cfg.train)
 
 
 # -- resolution of single values ------------------------------------------------------------

@@ -24,8 +24,7 @@ import sys
 from pathlib import Path
 
 from probsft_megatron.errors import ConfigError
-
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+from probsft_megatron.input_checks import DATA_SUFFIXES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ the model (a converted checkpoint's own config wins over the recipe's), the data
 size, the parameter dtype, the attention implementation, the parsed objective, the tokenizer
 and the paths. Training reads the Job, never the raw config; ``probsft train --dry-run`` and
 every rank of a real run call :func:`resolve_job` first. It is cheap and collective-free: it
-checks every path the job reads or writes (:func:`probsft_megatron.config.check_files`) and
+checks every path the job reads or writes (:func:`probsft_megatron.input_checks.check_files`) and
 reads only the checkpoint's ``model_config.json`` and the first record of each data file.
 """
 
@@ -26,13 +26,13 @@ from probsft_megatron.config import (
     ParallelConfig,
     TrainConfig,
     TrainJobConfig,
-    check_files,
     resolve_attention,
     resolve_precision,
     validate,
 )
 from probsft_megatron.data.records import check_first_records
 from probsft_megatron.errors import ConfigError
+from probsft_megatron.input_checks import check_files
 from probsft_megatron.model_dir import read_model_config
 from probsft_megatron.objectives import Objective, parse_objective
 
@@ -133,7 +133,7 @@ def resolve_job(cfg: TrainJobConfig, world_size: int) -> Job:
     recipe's: a note is logged when they differ).
     """
     cfg = dataclasses.replace(cfg)  # the Job's own container (the sections are frozen)
-    check_files(cfg)  # every path first (config.check_files), so the checkpoint read is sound
+    check_files(cfg)  # every path first (input_checks.check_files), so the checkpoint read is sound
     check_first_records(cfg.data)  # the data's fields, before any tokenizer reads it
     init = cfg.init
     if init.checkpoint is not None:

@@ -28,10 +28,9 @@ from pathlib import Path
 
 from probsft_megatron import console
 from probsft_megatron.errors import CheckpointError, ConfigError
+from probsft_megatron.input_checks import DATA_SUFFIXES
 
 logger = logging.getLogger(__name__)
-
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,7 +89,7 @@ def data_config(spec: str, overrides: list[str], command: str = "probsft probe")
         cfg = build_config(raw).data
     else:
         cfg = load_config(spec, overrides).data
-    from probsft_megatron.config import check_data_files
+    from probsft_megatron.input_checks import check_data_files
 
     check_data_files(cfg, "--data")
     return cfg
@@ -122,13 +121,12 @@ def check_inputs(args: argparse.Namespace):
     returns the DataConfig. One line (ConfigError / CheckpointError) per problem, in this
     order: the numbers, the model and its layout, the data, ``--out``, the tokenizer."""
     from probsft_megatron import manifest
-    from probsft_megatron.config import (
+    from probsft_megatron.config import ParallelConfig, validate_layout
+    from probsft_megatron.input_checks import (
         TOKENIZER_FILES,
-        ParallelConfig,
         check_model_dir,
         check_tokenizer,
         check_vocab_fits,
-        validate_layout,
     )
 
     for flag, value in (

@@ -46,6 +46,7 @@ LAYERS = {
     "typed_yaml": BASE,
     # 1: torch-level maths, configuration and data; never megatron
     "config": CORE,
+    "input_checks": CORE,
     "job": CORE,
     "objectives": CORE,
     "loss": CORE,
