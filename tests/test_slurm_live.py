@@ -219,6 +219,7 @@ def test_whole_chain_on_two_nodes(cluster, hf_backbone, tmp_path):
     assert summary["metrics"]["exact"] == pytest.approx(
         sum(s["completions"][0] == s["reference"] for s in samples) / 2)
     assert f"figfont-tiny-llama-p: ok {run_dir / 'eval' / 'summary.json'}" in proc.stdout
+    assert f"report: probsft report {work} (writes {work / 'report' / 'report.md'}" in proc.stdout
     print(f"live chain: {time.perf_counter() - start:.0f} s")
 
 
@@ -248,6 +249,12 @@ def test_failed_train_step_stops_the_chain(cluster, tmp_path):
     assert f"data.train_files: {missing} does not exist" in status.stdout
     assert "never ran (cancelled while waiting for their turn): export-figfont-tiny-llama-p, " \
            "eval-figfont-tiny-llama-p" in status.stdout
+    # the runs report of the work directory, built with the jobs' states
+    # (a run that never started is labelled by its name)
+    assert re.search(r"^\| `figfont-tiny-llama-p` \| n=1 \| 1 failed \|$", status.stdout,
+                     re.M), status.stdout[-2000:]
+    assert f"report: {work / 'report' / 'report.md'}" in status.stdout
+    assert (work / "report" / "report.json").is_file()
     row = next(ln for ln in status.stdout.splitlines() if ln.startswith("train-"))
     assert str(_log(steps["train"])) in row and " FAILED " in row
     logs = _probsft(["launch", "logs", "figfont-tiny-llama-p", "train", "--work-dir", str(work),
