@@ -372,6 +372,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--eval-args {args.eval_args!r} cannot be split into arguments "
                           f"({exc}); quote it as one string, e.g. --eval-args '--limit 8'") from None
+    if args.eval_task is not None:  # each name is a task of probsft eval, before any write
+        from probsft_megatron.eval.tasks import get_task
+
+        for name in args.eval_task.split(","):
+            get_task(name.strip())
     options = ex.LaunchOptions(
         work_dir=os.path.abspath(work_dir), world_size=nodes * nproc,
         hf=hf, env=_pairs(args.env, "--env"), eval_tasks=args.eval_task,

@@ -346,7 +346,9 @@ def find_experiment(ref: str, roots: list[str]) -> Path:
     if (path / RECORD).is_file():
         return path
     candidates: list[Path] = []
-    for root in roots:
+    # an id or a title is one plain name; a path that is not an experiment folder matches none
+    is_name = len(path.parts) == 1 and not path.is_absolute() and not set(ref) & set("*?[]")
+    for root in roots if is_name else ():
         base = Path(root) / "experiments"
         candidates += [p.parent for p in base.glob(f"*/{ref}/{RECORD}")]
         candidates += [p.parent for p in base.glob(f"{ref}/*/{RECORD}")]

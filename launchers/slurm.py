@@ -30,7 +30,37 @@ from probsft_megatron.errors import ConfigError
 
 #: Step kinds that get their own SLURM job; ``train`` spans all nodes under torchrun.
 STEP_KINDS = ("convert", "train", "export", "eval")
-_TIME_RE = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")
+_TIME_FORMS = re.compile(
+    r"^(?:(?P<days>\d+)-(?P<dh>\d{1,2})(?::(?P<dm>\d{1,2})(?::(?P<ds>\d{1,2}))?)?"
+    r"|(?P<h>\d{1,3}):(?P<hm>\d{1,2}):(?P<hs>\d{1,2})"
+    r"|(?P<m>\d+)(?::(?P<ms>\d{1,2}))?)$"
+)
+
+
+def time_limit_seconds(value: str) -> int | None:
+    """Seconds of a SLURM time limit in one of sbatch's forms (``MM``, ``MM:SS``,
+    ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``), or None if ``value`` is none of
+    them or has a field out of range (seconds and minutes after hours < 60, hours after days
+    < 24). Note sbatch's reading of two fields: ``30:00`` is thirty minutes, not hours."""
+    m = _TIME_FORMS.match(value.strip())
+    if m is None:
+        return None
+    g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
+    if "days" in g:
+        hours, minutes, seconds = g["dh"], g.get("dm", 0), g.get("ds", 0)
+        if hours >= 24:
+            return None
+        hours += 24 * g["days"]
+    elif "h" in g:
+        hours, minutes, seconds = g["h"], g["hm"], g["hs"]
+    else:
+        hours, minutes, seconds = 0, g["m"], g.get("ms", 0)
+        if seconds >= 60:
+            return None
+        return 60 * minutes + seconds
+    if minutes >= 60 or seconds >= 60:
+        return None
+    return 3600 * hours + 60 * minutes + seconds
 _PLACEHOLDER_RE = re.compile(r"<[^<>]+>")
 #: torchrun's rendezvous across the nodes of the train job (on the job's first node).
 RDZV_BACKEND = "c10d"
@@ -95,7 +125,7 @@ class ClusterProfile:
     """Nodes of the training job (convert, export and eval use one node)."""
     time: dict[str, str] | str = field(default_factory=dict)
     """Time limit per step kind (``convert``, ``train``, ``export``, ``eval``), or one string
-    for all; ``[D-]HH:MM[:SS]``. Unset kinds get ``DEFAULT_TIME``."""
+    for all, in a form of :func:`time_limit_seconds`. Unset kinds get ``DEFAULT_TIME``."""
     container_image: str | None = None
     """Container image (pyxis/enroot, ``--container-image``) with probsft-megatron installed;
     jobs run on the bare nodes when omitted."""
@@ -173,14 +203,15 @@ class ClusterProfile:
             self.time = {kind: self.time for kind in STEP_KINDS}
         if not isinstance(self.time, dict):
             raise ConfigError(f"{where}: 'time' must be a string or a mapping of "
-                              f"{', '.join(STEP_KINDS)} to [D-]HH:MM[:SS]")
+                              f"{', '.join(STEP_KINDS)} to HH:MM:SS or D-HH:MM:SS")
         for kind, value in self.time.items():
             if kind not in STEP_KINDS:
                 raise ConfigError(f"{where}: unknown step '{kind}' under 'time'; use "
                                   f"{', '.join(STEP_KINDS)}")
-            if not isinstance(value, str) or not _TIME_RE.match(value):
+            if not isinstance(value, str) or time_limit_seconds(value) is None:
                 raise ConfigError(f"{where}: time.{kind}={value!r} is not a SLURM time limit; "
-                                  "write [D-]HH:MM[:SS] in quotes, e.g. '04:00:00'")
+                                  "write HH:MM:SS or D-HH:MM:SS in quotes (minutes and "
+                                  "seconds below 60), e.g. '04:00:00'")
         if not isinstance(self.container_mounts, list) or any(
                 not isinstance(m, str) or ":" not in m for m in self.container_mounts):
             raise ConfigError(f"{where}: 'container_mounts' must be a list of 'SRC:DST' strings")

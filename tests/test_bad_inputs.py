@@ -256,10 +256,7 @@ CASES = [
     Case("launch-profile-time-out-of-range", RANGE,
          "launch --dataset figfont --model tiny-llama --objective p --executor slurm "
          "--profile {profile_badtime} --dryrun --work-dir {W}/launch_badtime",
-         "is not a SLURM time limit", ("profile_badtime",), ("{W}/launch_badtime",),
-         xfail="launchers/slurm.py's _TIME_RE checks the shape of a time limit, not its "
-               "fields: '25:99' (99 seconds) passes; Profile.validate must also check "
-               "minutes and seconds < 60 (and hours < 24 after 'D-')"),
+         "is not a SLURM time limit", ("profile_badtime",), ("{W}/launch_badtime",)),
     Case("train-real-run-lr-negative", RANGE, "train --config {recipe} optim.lr=-1",
          "optim.lr must be > 0"),
     Case("train-real-run-max-steps-negative", RANGE,
@@ -427,11 +424,7 @@ CASES = [
     Case("convert-smollm2-over-another-model", KIND, "convert smollm2 --out {mg}",
          "already holds a Megatron model dir of another model", ("mg",)),
     Case("launch-status-of-a-plain-folder", KIND, "launch status {notes}",
-         "not a folder with probsft_experiment.json", ("notes",),
-         xfail="launchers/jobs.py find_experiment globs f'{ref}/*/...' under a base folder, "
-               "and pathlib refuses an absolute ref (NotImplementedError, a traceback); it "
-               "must glob only a relative ref (an absolute folder without "
-               "probsft_experiment.json gets the 'no submitted experiment' line)"),
+         "not a folder with probsft_experiment.json", ("notes",)),
     # -- layouts that cannot run or fit -------------------------------------------------------
     Case("train-tp-does-not-divide", LAYOUT, TRAIN + " parallel.tensor_model_parallel_size=3",
          "does not divide the world size 1"),
@@ -500,10 +493,7 @@ CASES = [
     Case("launch-unknown-eval-task", NAMES,
          "launch --dataset figfont --model tiny-llama --objective p --dryrun "
          "--work-dir {W}/launch_evaltask --eval-task math5000", "unknown task 'math5000'", (),
-         ("{W}/launch_evaltask",),
-         xfail="launchers/cli.py passes --eval-task on unchecked (the dry run writes the "
-               "experiment and exits 0; the eval step would fail after training); it must "
-               "check each name against probsft_megatron.eval.tasks.TASKS first"),
+         ("{W}/launch_evaltask",)),
     # -- usage: options and arguments --------------------------------------------------------
     Case("train-unknown-option", USAGE, TRAIN + " --bogus", "unrecognized arguments: --bogus"),
     Case("train-nproc-not-a-number", USAGE, TRAIN + " --nproc two", "invalid int value: 'two'"),

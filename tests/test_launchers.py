@@ -430,3 +430,15 @@ def test_local_chain_end_to_end(tmp_path):
     assert f"ok {run_dir / 'eval' / 'summary.json'}" in proc.stdout
     assert list((work / "experiments").rglob("torchelastic/**/stderr.log"))  # ran under torchrun
     print(f"local chain: {time.perf_counter() - start:.0f} s")
+
+
+def test_time_limits_are_read_as_sbatch_reads_them():
+    from probsft_megatron.launchers.slurm import time_limit_seconds
+
+    assert time_limit_seconds("30") == time_limit_seconds("30:00") == 1800  # minutes[:seconds]
+    assert time_limit_seconds("04:00:00") == 4 * 3600
+    assert time_limit_seconds("1-12") == 36 * 3600
+    assert time_limit_seconds("1-12:30") == 36 * 3600 + 1800
+    assert time_limit_seconds("2-00:00:05") == 48 * 3600 + 5
+    for bad in ("25:99", "00:61:00", "01:00:60", "1-24:00", "4h", "", "1-", ":30"):
+        assert time_limit_seconds(bad) is None, bad
