@@ -6,12 +6,17 @@ PYTEST_ARGS ?=
 MCORE ?= 0.16.1
 MCORE_MATRIX ?= 0.14.0 0.15.3
 
-.PHONY: venv test test-fast test-mcore test-mcore-matrix lint-docker demo clean
+.PHONY: venv lint test test-fast test-mcore test-mcore-matrix lint-docker demo clean
 
 venv:
 	@bash scripts/setup_env.sh
 
-test: venv
+# ruff's lint and format check (pyproject.toml's [tool.ruff]); `make test` runs it first
+lint: venv
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+test: venv lint
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: venv

@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark scripts: naming the device and writing results atomically."""
+
 from __future__ import annotations
 
 import os

@@ -17,6 +17,7 @@ model`` is what the conversion itself holds.
 Usage: python benchmarks/convert_memory.py [--work /tmp/convert_memory] [--out benchmarks/results]
 Target: peak_rss / model_bytes close to 1 (the model once), far from 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,27 +32,45 @@ from pathlib import Path
 
 import psutil
 import torch
-
 from common import cpu_name, write_results
 
 QWEN25_15B = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "attention_dropout": 0.0,
-    "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 1536,
-    "initializer_range": 0.02, "intermediate_size": 8960, "max_position_embeddings": 131072,
-    "max_window_layers": 21, "num_attention_heads": 12, "num_hidden_layers": 28,
-    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
-    "sliding_window": 131072, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "hidden_act": "silu",
+    "hidden_size": 1536,
+    "initializer_range": 0.02,
+    "intermediate_size": 8960,
+    "max_position_embeddings": 131072,
+    "max_window_layers": 21,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 131072,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
 }
 """config.json of Qwen/Qwen2.5-1.5B (weights are random here)."""
 _MB = 1024**2
-_BASELINE = ("import psutil, probsft_megatron.converters.api, megatron.core.dist_checkpointing; "
-             "from megatron.core.models.gpt import GPTModel; "
-             "print(psutil.Process().memory_info().rss)")
+_BASELINE = (
+    "import psutil, probsft_megatron.converters.api, megatron.core.dist_checkpointing; "
+    "from megatron.core.models.gpt import GPTModel; "
+    "print(psutil.Process().memory_info().rss)"
+)
 # Runs `probsft ARGS` and reports the process's own peak RSS (KiB) on its last stderr line.
-_RUNNER = ("import resource, sys; from probsft_megatron.cli import main; rc = main(sys.argv[1:]); "
-           "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-           "file=sys.stderr); sys.exit(rc)")
+_RUNNER = (
+    "import resource, sys; from probsft_megatron.cli import main; rc = main(sys.argv[1:]); "
+    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+    "file=sys.stderr); sys.exit(rc)"
+)
 
 
 def write_random_checkpoint(folder: Path) -> int:
@@ -62,8 +81,9 @@ def write_random_checkpoint(folder: Path) -> int:
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(QWEN25_15B, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 151643, "eos_token_id": 151643}, indent=2))
+    (folder / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 151643, "eos_token_id": 151643}, indent=2)
+    )
     maps = tensor_maps(model_config_from_hf(QWEN25_15B))
     shapes = {tm.hf_name: tm.hf_shape for tm in maps}
     gen = torch.Generator().manual_seed(0)
@@ -73,8 +93,11 @@ def write_random_checkpoint(folder: Path) -> int:
             return torch.ones(shapes[name], dtype=torch.bfloat16)
         return (torch.randn(shapes[name], generator=gen) * 0.02).to(torch.bfloat16)
 
-    return write_file(folder / "model.safetensors",
-                      [(tm.hf_name, tm.hf_shape, torch.bfloat16) for tm in maps], produce)
+    return write_file(
+        folder / "model.safetensors",
+        [(tm.hf_name, tm.hf_shape, torch.bfloat16) for tm in maps],
+        produce,
+    )
 
 
 def measure(cmd: list[str]) -> dict:
@@ -106,8 +129,12 @@ def measure(cmd: list[str]) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
     peak_rss = int(err.split("PEAK_RSS_KB")[-1].split()[0]) * 1024
-    return {"peak_rss": peak_rss, "peak_tree_pss": peak["tree_pss"], "seconds": round(wall, 1),
-            "log": err.strip().splitlines()[-6:]}
+    return {
+        "peak_rss": peak_rss,
+        "peak_tree_pss": peak["tree_pss"],
+        "seconds": round(wall, 1),
+        "log": err.strip().splitlines()[-6:],
+    }
 
 
 def main() -> int:
@@ -126,25 +153,50 @@ def main() -> int:
     t0 = time.perf_counter()
     # A child process writes it: Linux carries a process's peak RSS over fork+exec, so this
     # process stays small for the measured children to report their own peaks.
-    model_bytes = int(subprocess.run([sys.executable, __file__, "--work", str(work),
-                                      "--write-checkpoint"], capture_output=True, text=True,
-                                     check=True).stdout.split()[-1])
-    print(f"wrote random Qwen2.5-1.5B-shaped checkpoint: {model_bytes / 1e9:.3f} GB "
-          f"in {time.perf_counter() - t0:.0f} s", flush=True)
+    model_bytes = int(
+        subprocess.run(
+            [sys.executable, __file__, "--work", str(work), "--write-checkpoint"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()[-1]
+    )
+    print(
+        f"wrote random Qwen2.5-1.5B-shaped checkpoint: {model_bytes / 1e9:.3f} GB "
+        f"in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
     probsft = [sys.executable, "-c", _RUNNER, "convert"]
-    baseline = int(subprocess.run([sys.executable, "-c", _BASELINE], capture_output=True,
-                                  text=True, check=True).stdout.split()[-1])
+    baseline = int(
+        subprocess.run(
+            [sys.executable, "-c", _BASELINE], capture_output=True, text=True, check=True
+        ).stdout.split()[-1]
+    )
     runs = {}
     for name, cmd in (
-        ("hf_to_megatron", [*probsft, "hf-to-megatron", "--hf", str(work / "hf"),
-                            "--out", str(work / "megatron")]),
-        ("megatron_to_hf", [*probsft, "megatron-to-hf", "--ckpt", str(work / "megatron"),
-                            "--out", str(work / "export")]),
+        (
+            "hf_to_megatron",
+            [*probsft, "hf-to-megatron", "--hf", str(work / "hf"), "--out", str(work / "megatron")],
+        ),
+        (
+            "megatron_to_hf",
+            [
+                *probsft,
+                "megatron-to-hf",
+                "--ckpt",
+                str(work / "megatron"),
+                "--out",
+                str(work / "export"),
+            ],
+        ),
     ):
         r = measure(cmd)
         runs[name] = r
-        print(f"{name}: peak RSS {r['peak_rss'] / _MB:.0f} MiB, peak tree PSS "
-              f"{r['peak_tree_pss'] / _MB:.0f} MiB, {r['seconds']} s", flush=True)
+        print(
+            f"{name}: peak RSS {r['peak_rss'] / _MB:.0f} MiB, peak tree PSS "
+            f"{r['peak_tree_pss'] / _MB:.0f} MiB, {r['seconds']} s",
+            flush=True,
+        )
     export_bytes = sum(f.stat().st_size for f in (work / "export").glob("*.safetensors"))
     result = {
         "model": "Qwen2.5-1.5B config, random bf16 weights (tied embeddings)",
@@ -155,11 +207,14 @@ def main() -> int:
         "machine": f"CPU: {cpu_name()}, {psutil.virtual_memory().total / 1024**3:.0f} GiB RAM",
         "torch": torch.__version__,
         "directions": {
-            name: {**{k: v for k, v in r.items() if k != "log"},
-                   "peak_rss_ratio": round(r["peak_rss"] / model_bytes, 3),
-                   "peak_tree_pss_ratio": round(r["peak_tree_pss"] / model_bytes, 3),
-                   "conversion_rss_ratio": round((r["peak_rss"] - baseline) / model_bytes, 3)}
-            for name, r in runs.items()},
+            name: {
+                **{k: v for k, v in r.items() if k != "log"},
+                "peak_rss_ratio": round(r["peak_rss"] / model_bytes, 3),
+                "peak_tree_pss_ratio": round(r["peak_tree_pss"] / model_bytes, 3),
+                "conversion_rss_ratio": round((r["peak_rss"] - baseline) / model_bytes, 3),
+            }
+            for name, r in runs.items()
+        },
     }
     lines = [
         f"Peak host memory of `probsft convert` ({result['model']}; {result['machine']}, "
@@ -174,10 +229,12 @@ def main() -> int:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in result["directions"].items():
-        lines.append(f"| {name.replace('_', '-')} | {r['peak_rss'] / _MB:.0f} "
-                     f"| {r['peak_rss_ratio']:.2f} "
-                     f"| {r['conversion_rss_ratio']:.2f} | {r['peak_tree_pss'] / _MB:.0f} "
-                     f"| {r['peak_tree_pss_ratio']:.2f} | {r['seconds']} |")
+        lines.append(
+            f"| {name.replace('_', '-')} | {r['peak_rss'] / _MB:.0f} "
+            f"| {r['peak_rss_ratio']:.2f} "
+            f"| {r['conversion_rss_ratio']:.2f} | {r['peak_tree_pss'] / _MB:.0f} "
+            f"| {r['peak_tree_pss_ratio']:.2f} | {r['seconds']} |"
+        )
     write_results(args.out, "convert_memory", result, "\n".join(lines))
     print("\n".join(lines))
     if not args.keep:

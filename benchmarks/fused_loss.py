@@ -36,6 +36,7 @@ CPU runs use float32; CUDA runs bfloat16 (the training dtype), so a GPU machine 
 Writes ``benchmarks/results/fused_loss_<cpu|gpu>.{json,md}`` and prints the ratio table.
 Targets: peak loss-head memory <= 1/8 of unfused, time <= 1.1x unfused (on GPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import device_name, device_tag, write_results
 
 VOCAB, HIDDEN = 151_936, 1536
@@ -117,13 +117,24 @@ class _Head:
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         runtime.init_distributed(ParallelConfig())
         self.group = parallel_state.get_tensor_model_parallel_group()
-        head = ModelConfig(hidden_size=HIDDEN, ffn_hidden_size=4 * HIDDEN, num_attention_heads=12,
-                           num_query_groups=2, vocab_size=VOCAB, num_layers=1)
+        head = ModelConfig(
+            hidden_size=HIDDEN,
+            ffn_hidden_size=4 * HIDDEN,
+            num_attention_heads=12,
+            num_query_groups=2,
+            vocab_size=VOCAB,
+            num_layers=1,
+        )
         # megatron's GPT output layer; the weight is passed in, as with tied embeddings
         self.layer = ColumnParallelLinear(
-            HIDDEN, VOCAB, config=transformer_config(head, ParallelConfig(), params_dtype=self.dtype),
-            init_method=torch.nn.init.zeros_, bias=False, gather_output=False,
-            skip_weight_param_allocation=True)
+            HIDDEN,
+            VOCAB,
+            config=transformer_config(head, ParallelConfig(), params_dtype=self.dtype),
+            init_method=torch.nn.init.zeros_,
+            bias=False,
+            gather_output=False,
+            skip_weight_param_allocation=True,
+        )
 
     def inputs(self, tokens: int, unfused: bool):
         """hidden (``[s, b, h]`` for the output layer, ``[b, s, h]`` for the fused head), weight
@@ -183,10 +194,13 @@ def _memory(spec: dict, tokens: int) -> dict:
     peak_bytes = peak.peak_bytes()
     hidden, weight = args[:2]
     assert weight.grad is None and float(weight.main_grad.abs().sum()) > 0
-    return {"peak_bytes": peak_bytes,
-            "d_hidden_bytes": hidden.grad.numel() * hidden.grad.element_size(),
-            "d_weight_bytes": weight.numel() * weight.element_size(),
-            "memory_method": peak.method, "dtype": str(head.dtype).removeprefix("torch.")}
+    return {
+        "peak_bytes": peak_bytes,
+        "d_hidden_bytes": hidden.grad.numel() * hidden.grad.element_size(),
+        "d_weight_bytes": weight.numel() * weight.element_size(),
+        "memory_method": peak.method,
+        "dtype": str(head.dtype).removeprefix("torch."),
+    }
 
 
 def _timing(specs: list[dict], tokens: int, rounds: int) -> list[list[float]]:
@@ -207,8 +221,12 @@ def _timing(specs: list[dict], tokens: int, rounds: int) -> list[list[float]]:
 # -- the driver ----------------------------------------------------------------------------
 def _subprocess(mode: str, payload) -> object:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, __file__, f"--{mode}", json.dumps(payload)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, __file__, f"--{mode}", json.dumps(payload)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} {payload} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -220,9 +238,10 @@ def _gib(n: int) -> str:
 
 def _table(rows: list[dict]) -> str:
     base = {r["tokens"]: r for r in rows if r["variant"] == "unfused"}
-    lines = ["| tokens | variant | time (s) | time ratio | peak (GiB) | peak ratio | "
-             "strict ratio |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| tokens | variant | time (s) | time ratio | peak (GiB) | peak ratio | strict ratio |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in sorted(rows, key=lambda r: (r["tokens"], r["variant"] != "unfused", r["variant"])):
         b = base[r["tokens"]]
         strict = b["peak_bytes"] - b["d_weight_bytes"]
@@ -230,7 +249,9 @@ def _table(rows: list[dict]) -> str:
             f"| {r['tokens']} | {r['label']} | {r['time_s']:.2f} | "
             f"{r['time_s'] / b['time_s']:.2f} | {_gib(r['peak_bytes'])} | "
             f"{r['peak_bytes'] / b['peak_bytes']:.3f} | "
-            + ("-" if r is b else f"{r['peak_bytes'] / strict:.3f}") + " |")
+            + ("-" if r is b else f"{r['peak_bytes'] / strict:.3f}")
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -239,11 +260,18 @@ def main() -> int:
     ap.add_argument("--tokens", default="1024,2048,4096,8192")
     ap.add_argument("--chunks", default="512,256", help="fused chunk sizes (tokens)")
     ap.add_argument("--objective", default="p")
-    ap.add_argument("--two-pass-tokens", default="2048",
-                    help="token counts at which to also run the two-pass percentile case "
-                         "(OnlyTopP-K50 without pre-pass, first chunk size); '' for none")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="interleaved timing rounds per token count (the fastest is reported)")
+    ap.add_argument(
+        "--two-pass-tokens",
+        default="2048",
+        help="token counts at which to also run the two-pass percentile case "
+        "(OnlyTopP-K50 without pre-pass, first chunk size); '' for none",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved timing rounds per token count (the fastest is reported)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--memory", help=argparse.SUPPRESS)
     ap.add_argument("--timing", help=argparse.SUPPRESS)
@@ -259,40 +287,71 @@ def main() -> int:
     two_pass = [int(t) for t in args.two_pass_tokens.split(",") if t]
     rows = []
     for n in [int(t) for t in args.tokens.split(",")]:
-        specs = [{"variant": "unfused", "chunk": chunks[0], "objective": args.objective,
-                  "label": "unfused"}]
-        specs += [{"variant": "fused", "chunk": c, "objective": args.objective,
-                   "label": f"fused@{c}"} for c in chunks]
+        specs = [
+            {
+                "variant": "unfused",
+                "chunk": chunks[0],
+                "objective": args.objective,
+                "label": "unfused",
+            }
+        ]
+        specs += [
+            {"variant": "fused", "chunk": c, "objective": args.objective, "label": f"fused@{c}"}
+            for c in chunks
+        ]
         if n in two_pass:
-            specs.append({"variant": "fused", "chunk": chunks[0], "objective": "OnlyTopP-K50",
-                          "label": f"fused-2pass@{chunks[0]}"})
+            specs.append(
+                {
+                    "variant": "fused",
+                    "chunk": chunks[0],
+                    "objective": "OnlyTopP-K50",
+                    "label": f"fused-2pass@{chunks[0]}",
+                }
+            )
         t0 = time.perf_counter()
         times = _subprocess("timing", [specs, n, args.rounds])
         for spec, spec_times in zip(specs, times):
             row = dict(spec, tokens=n, time_s=min(spec_times), times_s=spec_times)
             row.update(_subprocess("memory", [spec, n]))
             rows.append(row)
-            print(f"{row['label']:>18} {n:>6} tokens: {row['time_s']:7.2f} s, peak "
-                  f"{_gib(row['peak_bytes'])} GiB", flush=True)
+            print(
+                f"{row['label']:>18} {n:>6} tokens: {row['time_s']:7.2f} s, peak "
+                f"{_gib(row['peak_bytes'])} GiB",
+                flush=True,
+            )
         print(f"{n} tokens took {time.perf_counter() - t0:.0f} s", flush=True)
 
-    meta = {"device": device_name(), "torch": torch.__version__, "vocab": VOCAB,
-            "hidden": HIDDEN, "tensor_parallel": 1, "dtype": rows[0]["dtype"],
-            "memory_method": rows[0]["memory_method"], "objective": args.objective,
-            "threads": torch.get_num_threads(), "timing_rounds": args.rounds,
-            "load_average_1min_at_end": os.getloadavg()[0]}
+    meta = {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "vocab": VOCAB,
+        "hidden": HIDDEN,
+        "tensor_parallel": 1,
+        "dtype": rows[0]["dtype"],
+        "memory_method": rows[0]["memory_method"],
+        "objective": args.objective,
+        "threads": torch.get_num_threads(),
+        "timing_rounds": args.rounds,
+        "load_average_1min_at_end": os.getloadavg()[0],
+    }
     table = _table(rows)
     print(table)
-    md = [f"# Fused vs unfused loss head ({device_tag()})", "",
-          f"Device: {meta['device']}; torch {meta['torch']}; {meta['threads']} threads; "
-          f"{meta['dtype']}; vocabulary {VOCAB}, hidden {HIDDEN}, TP=1; objective "
-          f"{args.objective}. Time: fastest of {args.rounds} interleaved rounds. Memory: "
-          f"{meta['memory_method']}, fresh process per row, above the inputs and the float32 "
-          "main_grad buffer (weight gradients go there, as under megatron DDP). Ratios are "
-          "fused / unfused at the same token count; strict: against the unfused peak minus "
-          "its transient V x h weight gradient.", "", table]
-    write_results(args.out, f"fused_loss_{device_tag()}", {"meta": meta, "rows": rows},
-                  "\n".join(md))
+    md = [
+        f"# Fused vs unfused loss head ({device_tag()})",
+        "",
+        f"Device: {meta['device']}; torch {meta['torch']}; {meta['threads']} threads; "
+        f"{meta['dtype']}; vocabulary {VOCAB}, hidden {HIDDEN}, TP=1; objective "
+        f"{args.objective}. Time: fastest of {args.rounds} interleaved rounds. Memory: "
+        f"{meta['memory_method']}, fresh process per row, above the inputs and the float32 "
+        "main_grad buffer (weight gradients go there, as under megatron DDP). Ratios are "
+        "fused / unfused at the same token count; strict: against the unfused peak minus "
+        "its transient V x h weight gradient.",
+        "",
+        table,
+    ]
+    write_results(
+        args.out, f"fused_loss_{device_tag()}", {"meta": meta, "rows": rows}, "\n".join(md)
+    )
     return 0
 
 

@@ -10,6 +10,7 @@ Usage: python benchmarks/objective_overhead.py [--steps 8 --rounds 5 --out bench
 Target: ratio <= 1.02 for every objective that needs no extra pass (percentile thresholds
 with percentile_scope=global add one forward by design and are reported separately).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,17 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import device_name, device_tag, write_results
 
-OBJECTIVES = ["original", "p", "GeneralFamily-8", "OnlyTopP-0.5", "OnlyTopLogP-0.5",
-              "UnlikehoodTop-0.5", "OnlyTopP-K20"]
+OBJECTIVES = [
+    "original",
+    "p",
+    "GeneralFamily-8",
+    "OnlyTopP-0.5",
+    "OnlyTopLogP-0.5",
+    "UnlikehoodTop-0.5",
+    "OnlyTopP-K20",
+]
 
 
 def main() -> int:
@@ -40,8 +47,15 @@ def main() -> int:
     from probsft_megatron.loss import LossConfig, ObjectiveLoss
     from probsft_megatron.model import ModelConfig, ParallelConfig, transformer_config
 
-    model_cfg = ModelConfig(arch="qwen2", num_layers=4, hidden_size=256, ffn_hidden_size=704,
-                            num_attention_heads=8, num_query_groups=2, vocab_size=8192)
+    model_cfg = ModelConfig(
+        arch="qwen2",
+        num_layers=4,
+        hidden_size=256,
+        ffn_hidden_size=704,
+        num_attention_heads=8,
+        num_query_groups=2,
+        vocab_size=8192,
+    )
     parallel = ParallelConfig()
     runtime.init_distributed(parallel, seed=0, model=model_cfg)
     dev = runtime.platform.device()
@@ -55,8 +69,9 @@ def main() -> int:
         tokens = torch.randint(0, model_cfg.vocab_size, (b, s + 1), generator=g)
         mask = (torch.rand(b, s, generator=g) < 0.8).float()
         pos = torch.arange(s)[None].expand(b, -1).contiguous()
-        micro.append(runtime.Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(),
-                                   mask, pos))
+        micro.append(
+            runtime.Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask, pos)
+        )
 
     def plain_ce(ce, loss_mask):
         """What a plain Megatron SFT step does with the per-token CE."""
@@ -66,6 +81,7 @@ def main() -> int:
 
     def plain_forward_step(data_iterator, model):
         from functools import partial
+
         batch = next(data_iterator).to(dev)
         out = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
         return out, partial(plain_ce, loss_mask=batch.loss_mask)
@@ -93,19 +109,32 @@ def main() -> int:
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows.append({"variant": name, "median_step_s": med, "ratio": med / base,
-                     "extra_forward": name.endswith("K20")})
+        rows.append(
+            {
+                "variant": name,
+                "median_step_s": med,
+                "ratio": med / base,
+                "extra_forward": name.endswith("K20"),
+            }
+        )
     result = {
         "device": device_name(),
         "torch": torch.__version__,
         "model": model_cfg.to_dict(),
-        "micro_batches": args.micro_batches, "micro_batch_size": b, "seq": s,
-        "steps_per_round": args.steps, "rounds": args.rounds,
+        "micro_batches": args.micro_batches,
+        "micro_batch_size": b,
+        "seq": s,
+        "steps_per_round": args.steps,
+        "rounds": args.rounds,
         "rows": rows,
     }
-    lines = [f"Objective step-time overhead vs plain Megatron CE ({result['device']}, "
-             f"torch {torch.__version__}, fp32, {args.micro_batches}x{b}x{s} tokens/step)", "",
-             "| variant | median step (s) | ratio to baseline |", "|---|---|---|"]
+    lines = [
+        f"Objective step-time overhead vs plain Megatron CE ({result['device']}, "
+        f"torch {torch.__version__}, fp32, {args.micro_batches}x{b}x{s} tokens/step)",
+        "",
+        "| variant | median step (s) | ratio to baseline |",
+        "|---|---|---|",
+    ]
     for r in rows:
         note = " (global percentile: +1 forward by design)" if r["extra_forward"] else ""
         lines.append(f"| {r['variant']}{note} | {r['median_step_s']:.4f} | {r['ratio']:.3f} |")

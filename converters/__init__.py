@@ -5,6 +5,7 @@ Library entry points: :func:`hf_to_megatron`, :func:`megatron_to_hf`,
 :func:`default_model_dir` (in :mod:`.api`), and the layout helpers in :mod:`.layout`.
 megatron-core is imported only when a conversion runs.
 """
+
 from probsft_megatron.converters.api import default_model_dir, hf_to_megatron, megatron_to_hf
 from probsft_megatron.converters.layout import ModelDir, read_model_dir
 

@@ -18,6 +18,7 @@ previous output of the same kind (a Megatron model dir, or a Hugging Face export
 probsft), never an arbitrary folder. Every output carries a ``probsft_manifest.json``
 written before its rename.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,13 @@ from probsft_megatron import manifest
 from probsft_megatron.config import ModelConfig
 from probsft_megatron.converters import hf_config, layout, megatron_io
 from probsft_megatron.converters.mapping import IGNORED_HF_SUFFIXES, TensorMap, tensor_maps
-from probsft_megatron.converters.safetensors_io import (TensorInfo, read_header, read_into,
-                                                        read_tensor, write_file)
+from probsft_megatron.converters.safetensors_io import (
+    TensorInfo,
+    read_header,
+    read_into,
+    read_tensor,
+    write_file,
+)
 from probsft_megatron.errors import CheckpointError, ConfigError
 from probsft_megatron.input_checks import check_model_dir
 
@@ -82,12 +88,17 @@ def _hf_folder(path: str | os.PathLike, what: str) -> Path:
             reason = "is a file"
         else:
             kind = manifest.folder_kind(folder)
-            reason = (f"is {manifest.describe(folder)}, not a Hugging Face folder" if kind
-                      else "has no config.json")
+            reason = (
+                f"is {manifest.describe(folder)}, not a Hugging Face folder"
+                if kind
+                else "has no config.json"
+            )
         raise CheckpointError(f"{what} {folder} {reason}; pass a Hugging Face checkpoint folder")
     if manifest.folder_kind(folder) in (manifest.MODEL_DIR, manifest.TRAINING_CHECKPOINT):
-        raise CheckpointError(f"{what} {folder} is {manifest.describe(folder)}, not a Hugging "
-                              "Face folder; export it with probsft convert megatron-to-hf")
+        raise CheckpointError(
+            f"{what} {folder} is {manifest.describe(folder)}, not a Hugging "
+            "Face folder; export it with probsft convert megatron-to-hf"
+        )
     manifest.verify(folder)
     return folder
 
@@ -99,8 +110,10 @@ def _read_config(folder: Path) -> dict:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path} is not valid JSON ({first}); restore the file or save "
-                              "the model again with save_pretrained") from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({first}); restore the file or save "
+            "the model again with save_pretrained"
+        ) from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path} does not hold a JSON object; it is not a model config")
     return cfg
@@ -130,40 +143,59 @@ def _source_tensors(hf_dir: Path) -> dict[str, TensorInfo]:
     if (hf_dir / SINGLE_FILE).is_file():
         return read_header(hf_dir / SINGLE_FILE)
     if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
-        raise CheckpointError(f"{hf_dir} holds PyTorch pickle weights; only safetensors are "
-                              "converted: re-save with "
-                              "save_pretrained(..., safe_serialization=True)")
+        raise CheckpointError(
+            f"{hf_dir} holds PyTorch pickle weights; only safetensors are "
+            "converted: re-save with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
     raise CheckpointError(f"{hf_dir} has no {SINGLE_FILE} or {SAFETENSORS_INDEX}")
 
 
-def _check_tensors(model: ModelConfig, maps: dict[str, TensorMap],
-                   infos: dict[str, TensorInfo], hf_dir: Path) -> None:
+def _check_tensors(
+    model: ModelConfig, maps: dict[str, TensorMap], infos: dict[str, TensorInfo], hf_dir: Path
+) -> None:
     """Every expected tensor present with its shape; nothing the mapping cannot place."""
     if not model.tie_word_embeddings and "lm_head.weight" not in infos:
-        raise CheckpointError(f"{hf_dir}/config.json says tie_word_embeddings=false but the "
-                              "checkpoint has no lm_head.weight; set tie_word_embeddings=true")
+        raise CheckpointError(
+            f"{hf_dir}/config.json says tie_word_embeddings=false but the "
+            "checkpoint has no lm_head.weight; set tie_word_embeddings=true"
+        )
     missing = [name for name in maps if name not in infos]
     if missing:
-        raise CheckpointError(f"{hf_dir} lacks {len(missing)} tensor(s) the {model.arch} "
-                              f"mapping needs, e.g. {missing[0]}")
+        raise CheckpointError(
+            f"{hf_dir} lacks {len(missing)} tensor(s) the {model.arch} "
+            f"mapping needs, e.g. {missing[0]}"
+        )
     allowed = {"lm_head.weight"} if model.tie_word_embeddings else set()
-    extra = [n for n in infos if n not in maps and n not in allowed
-             and not n.endswith(IGNORED_HF_SUFFIXES)]
+    extra = [
+        n
+        for n in infos
+        if n not in maps and n not in allowed and not n.endswith(IGNORED_HF_SUFFIXES)
+    ]
     if extra:
-        raise CheckpointError(f"{hf_dir} has {len(extra)} tensor(s) the {model.arch} mapping has "
-                              f"no place for, e.g. {extra[0]}; the config does not describe "
-                              "these weights")
+        raise CheckpointError(
+            f"{hf_dir} has {len(extra)} tensor(s) the {model.arch} mapping has "
+            f"no place for, e.g. {extra[0]}; the config does not describe "
+            "these weights"
+        )
     for name, tm in maps.items():
         info = infos[name]
         if info.shape != tm.hf_shape:
-            raise CheckpointError(f"{info.path}: {name} has shape {list(info.shape)}, config.json "
-                                  f"implies {list(tm.hf_shape)}")
+            raise CheckpointError(
+                f"{info.path}: {name} has shape {list(info.shape)}, config.json "
+                f"implies {list(tm.hf_shape)}"
+            )
         if not info.dtype.is_floating_point:
             raise CheckpointError(f"{info.path}: {name} has dtype {info.dtype}, expected floats")
 
 
-def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                   dtype: str | None = None, overwrite: bool = False) -> layout.ModelDir:
+def hf_to_megatron(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> layout.ModelDir:
     """Convert an HF safetensors checkpoint into a Megatron model dir.
 
     Args:
@@ -180,8 +212,13 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             tensors, tied embeddings that differ; one line each.
     """
     hf_dir = _hf_folder(hf_dir, "Hugging Face folder")
-    replace = manifest.check_output(out_dir, flag="--out", inputs=[("--hf", hf_dir)],
-                                    kind=manifest.MODEL_DIR, overwrite=overwrite)
+    replace = manifest.check_output(
+        out_dir,
+        flag="--out",
+        inputs=[("--hf", hf_dir)],
+        kind=manifest.MODEL_DIR,
+        overwrite=overwrite,
+    )
     cfg = _read_config(hf_dir)
     model = hf_config.model_config_from_hf(cfg, where=f"{hf_dir}/config.json")
     maps = {tm.hf_name: tm for tm in tensor_maps(model)}
@@ -205,22 +242,32 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                     if tm is not None:
                         read_into(f, info, tm.view(params[tm.megatron_name].data))
                         nbytes += info.nbytes
-            log.info("read [%d/%d] %s: %.2f GB in %.1f s", i, len(by_file), path.name,
-                     nbytes / _GB, time.perf_counter() - t0)
+            log.info(
+                "read [%d/%d] %s: %.2f GB in %.1f s",
+                i,
+                len(by_file),
+                path.name,
+                nbytes / _GB,
+                time.perf_counter() - t0,
+            )
         if model.tie_word_embeddings and "lm_head.weight" in infos:
             lm_head = read_tensor(infos["lm_head.weight"]).to(target)
             if not torch.equal(lm_head, params["embedding.word_embeddings.weight"].data):
                 raise CheckpointError(
                     f"{hf_dir}/config.json says tie_word_embeddings=true but lm_head.weight "
-                    "differs from model.embed_tokens.weight; set tie_word_embeddings=false")
+                    "differs from model.embed_tokens.weight; set tie_word_embeddings=false"
+                )
             del lm_head
         del params
         t0 = time.perf_counter()
         megatron_io.save_weights(gpt, staging / layout.WEIGHTS_DIR)
         del gpt
         log.info("saved torch_dist weights in %.1f s", time.perf_counter() - t0)
-        source = {"hf_path": str(hf_dir.absolute()), "architecture": cfg["architectures"][0],
-                  "hf_dtype": str(infos["model.embed_tokens.weight"].dtype).removeprefix("torch.")}
+        source = {
+            "hf_path": str(hf_dir.absolute()),
+            "architecture": cfg["architectures"][0],
+            "hf_dtype": str(infos["model.embed_tokens.weight"].dtype).removeprefix("torch."),
+        }
         layout.write_model_config(staging, model, dtype=_dtype_name(target), source=source)
         layout.copy_hf_files(hf_dir, staging / layout.HF_DIR)
         _drop_copied_markers(staging / layout.HF_DIR)
@@ -229,8 +276,9 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     return layout.read_model_dir(out_dir)
 
 
-def _plan_shards(maps: list[TensorMap], dtype: torch.dtype,
-                 max_bytes: int) -> list[list[TensorMap]]:
+def _plan_shards(
+    maps: list[TensorMap], dtype: torch.dtype, max_bytes: int
+) -> list[list[TensorMap]]:
     """Consecutive groups of tensors, each at most ``max_bytes`` (or a single larger tensor)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards: list[list[TensorMap]] = [[]]
@@ -246,14 +294,22 @@ def _plan_shards(maps: list[TensorMap], dtype: torch.dtype,
 
 
 def _generation_config(config: dict) -> dict:
-    return {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-            if config.get(k) is not None}
+    return {
+        k: config[k]
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if config.get(k) is not None
+    }
 
 
-def megatron_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                   hf_template: str | os.PathLike | None = None, dtype: str | None = None,
-                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                   overwrite: bool = False) -> Path:
+def megatron_to_hf(
+    ckpt_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    hf_template: str | os.PathLike | None = None,
+    dtype: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> Path:
     """Export a Megatron model dir as an HF folder that transformers and vLLM load directly.
 
     Args:
@@ -274,20 +330,28 @@ def megatron_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     md = layout.read_model_dir(ckpt_dir)
     template = _hf_folder(hf_template, "--hf-template") if hf_template is not None else md.hf
     replace = manifest.check_output(
-        out_dir, flag="--out", inputs=[("--ckpt", ckpt_dir), ("--hf-template", hf_template)],
-        kind=manifest.HF_EXPORT, overwrite=overwrite)
+        out_dir,
+        flag="--out",
+        inputs=[("--ckpt", ckpt_dir), ("--hf-template", hf_template)],
+        kind=manifest.HF_EXPORT,
+        overwrite=overwrite,
+    )
     max_bytes = parse_size(max_shard_size)
     if max_bytes < 1:
         raise ConfigError(f"--max-shard-size {max_shard_size} must be a positive size, e.g. 2GB")
     stored = megatron_io.checkpoint_dtype(md.weights)
     out_dtype = _dtype(dtype) or stored
     template_cfg = _read_config(template) if template else None
-    config = hf_config.export_config(md.model, _dtype_name(out_dtype), template_cfg,
-                                     where=f"{template}/config.json")
+    config = hf_config.export_config(
+        md.model, _dtype_name(out_dtype), template_cfg, where=f"{template}/config.json"
+    )
     maps = tensor_maps(md.model)
     shards = _plan_shards(maps, out_dtype, max_bytes)
-    names = ([SINGLE_FILE] if len(shards) == 1 else
-             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
     start = time.perf_counter()
     with layout.staged(out_dir, overwrite=replace) as staging, megatron_io.single_process_group():
         gpt = megatron_io.build_model(md.model, stored)
@@ -307,8 +371,14 @@ def megatron_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             nbytes = write_file(staging / file, specs, produce)
             total += nbytes
             weight_map.update({tm.hf_name: file for tm in shard})
-            log.info("wrote [%d/%d] %s: %.2f GB in %.1f s", i, len(shards), file, nbytes / _GB,
-                     time.perf_counter() - t0)
+            log.info(
+                "wrote [%d/%d] %s: %.2f GB in %.1f s",
+                i,
+                len(shards),
+                file,
+                nbytes / _GB,
+                time.perf_counter() - t0,
+            )
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -316,12 +386,16 @@ def megatron_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             layout.copy_hf_files(template, staging)
             _drop_copied_markers(staging)
         else:
-            log.warning("no HF template (no hf/ in %s and no --hf-template): config.json is "
-                        "generated and no tokenizer is exported", md.path)
+            log.warning(
+                "no HF template (no hf/ in %s and no --hf-template): config.json is "
+                "generated and no tokenizer is exported",
+                md.path,
+            )
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if not (staging / "generation_config.json").is_file():
             (staging / "generation_config.json").write_text(
-                json.dumps(_generation_config(config), indent=2) + "\n")
+                json.dumps(_generation_config(config), indent=2) + "\n"
+            )
         manifest.write_manifest(staging, manifest.HF_EXPORT, source=str(md.path.absolute()))
     log.info("exported %s in %.1f s", out_dir, time.perf_counter() - start)
     return Path(out_dir)
@@ -356,8 +430,11 @@ def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:
     """
     from probsft_megatron.embedded import default_cache_dir, materialize_smollm2
 
-    target = (Path(out_dir) if out_dir is not None
-              else default_cache_dir() / "smollm2-135m-instruct-megatron")
+    target = (
+        Path(out_dir)
+        if out_dir is not None
+        else default_cache_dir() / "smollm2-135m-instruct-megatron"
+    )
     if (target / layout.MODEL_CONFIG_FILE).is_file():
         md = layout.read_model_dir(target)
         source = Path(str(md.source.get("hf_path", ""))).name

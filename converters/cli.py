@@ -8,6 +8,7 @@
 ``--out`` may not be, contain or lie inside an input, with or without ``--overwrite``;
 ``--overwrite`` replaces only a previous output of the same kind (docs/errors.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,18 +22,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--hf", required=True, help="Hugging Face checkpoint folder")
     p.add_argument("--out", required=True, help="Megatron model dir to write")
     p.add_argument("--dtype", choices=_DTYPES, help="weights dtype (default: the checkpoint's)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out that holds a previous Megatron model dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that holds a previous Megatron model dir",
+    )
     p = sub.add_parser("megatron-to-hf", help="Megatron model dir -> HF safetensors folder")
-    p.add_argument("--ckpt", required=True,
-                   help="Megatron model dir (model_config.json + weights/)")
+    p.add_argument(
+        "--ckpt", required=True, help="Megatron model dir (model_config.json + weights/)"
+    )
     p.add_argument("--out", required=True, help="HF folder to write")
     p.add_argument("--hf-template", help="folder with config/tokenizer files (default: CKPT/hf)")
     p.add_argument("--dtype", choices=_DTYPES, help="exported dtype (default: the checkpoint's)")
-    p.add_argument("--max-shard-size", default="2GiB",
-                   help="largest safetensors file (default 2GiB)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out that holds a previous export of probsft")
+    p.add_argument(
+        "--max-shard-size", default="2GiB", help="largest safetensors file (default 2GiB)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that holds a previous export of probsft",
+    )
     p = sub.add_parser("smollm2", help="convert the embedded SmolLM2-135M-Instruct (cached)")
     p.add_argument("--out", help="Megatron model dir to write (default: in the probsft cache)")
 
@@ -45,9 +54,14 @@ def run(args: argparse.Namespace) -> int:
     if args.direction == "hf-to-megatron":
         out = api.hf_to_megatron(args.hf, args.out, dtype=args.dtype, overwrite=args.overwrite).path
     elif args.direction == "megatron-to-hf":
-        out = api.megatron_to_hf(args.ckpt, args.out, hf_template=args.hf_template,
-                                 dtype=args.dtype, max_shard_size=args.max_shard_size,
-                                 overwrite=args.overwrite)
+        out = api.megatron_to_hf(
+            args.ckpt,
+            args.out,
+            hf_template=args.hf_template,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )
     else:
         out = api.default_model_dir(args.out)
     print(out)

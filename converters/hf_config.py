@@ -7,20 +7,25 @@ represent exactly is refused with a :class:`CheckpointError` naming the field an
 Both the ``rope_theta``/``rope_scaling`` keys (transformers 4) and ``rope_parameters``
 (transformers 5) are read.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-from probsft_megatron.errors import CheckpointError
 from probsft_megatron.config import ModelConfig
+from probsft_megatron.errors import CheckpointError
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 """HF architecture class -> ``ModelConfig.arch`` (also the HF ``model_type``)."""
-_SUPPORTED_TEXT = ("Qwen2ForCausalLM (Qwen2, Qwen2.5) and LlamaForCausalLM "
-                   "(Llama-3.x, deepseek-math, SmolLM2)")
+_SUPPORTED_TEXT = (
+    "Qwen2ForCausalLM (Qwen2, Qwen2.5) and LlamaForCausalLM (Llama-3.x, deepseek-math, SmolLM2)"
+)
 # megatron-core's llama3 rope scaling hard-codes everything but the factor.
-LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+LLAMA3_FIXED = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 _DEFAULT_MAX_POSITIONS = {"qwen2": 32768, "llama": 2048}
 _DTYPE_KEYS = ("dtype", "torch_dtype")
 
@@ -32,12 +37,20 @@ def _refuse(where: str, field: str, value: Any, why: str) -> CheckpointError:
 def _arch(cfg: dict, where: str) -> str:
     archs = cfg.get("architectures") or []
     if len(archs) != 1 or archs[0] not in ARCHITECTURES:
-        raise _refuse(where, "architectures", archs,
-                      f"is not supported; this converter handles {_SUPPORTED_TEXT}")
+        raise _refuse(
+            where,
+            "architectures",
+            archs,
+            f"is not supported; this converter handles {_SUPPORTED_TEXT}",
+        )
     arch = ARCHITECTURES[archs[0]]
     if cfg.get("model_type", arch) != arch:
-        raise _refuse(where, "model_type", cfg.get("model_type"),
-                      f"does not match architectures={archs}; expected {arch!r}")
+        raise _refuse(
+            where,
+            "model_type",
+            cfg.get("model_type"),
+            f"does not match architectures={archs}; expected {arch!r}",
+        )
     return arch
 
 
@@ -55,14 +68,22 @@ def rope_settings(cfg: dict, where: str = "config.json") -> tuple[float, dict | 
     if rope_type in (None, "default"):
         return float(theta), None
     if rope_type != "llama3":
-        raise _refuse(where, "rope_scaling.rope_type", rope_type,
-                      "is not supported; Megatron's rotary embedding implements only "
-                      "'llama3' scaling (or none)")
+        raise _refuse(
+            where,
+            "rope_scaling.rope_type",
+            rope_type,
+            "is not supported; Megatron's rotary embedding implements only "
+            "'llama3' scaling (or none)",
+        )
     for key, fixed in LLAMA3_FIXED.items():
         if float(scaling.get(key, float("nan"))) != fixed:
-            raise _refuse(where, f"rope_scaling.{key}", scaling.get(key),
-                          f"is not supported; megatron-core hard-codes {key}={fixed:g} "
-                          "for llama3 rope scaling")
+            raise _refuse(
+                where,
+                f"rope_scaling.{key}",
+                scaling.get(key),
+                f"is not supported; megatron-core hard-codes {key}={fixed:g} "
+                "for llama3 rope scaling",
+            )
     return float(theta), scaling
 
 
@@ -70,30 +91,60 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     """The :class:`ModelConfig` of an HF config dict, or a one-line :class:`CheckpointError`."""
     arch = _arch(cfg, where)
     if cfg.get("quantization_config"):
-        raise _refuse(where, "quantization_config", cfg["quantization_config"].get("quant_method"),
-                      "is set; dequantize the checkpoint (save it in bf16/fp32) before converting")
+        raise _refuse(
+            where,
+            "quantization_config",
+            cfg["quantization_config"].get("quant_method"),
+            "is set; dequantize the checkpoint (save it in bf16/fp32) before converting",
+        )
     if cfg.get("hidden_act", "silu") != "silu":
-        raise _refuse(where, "hidden_act", cfg["hidden_act"],
-                      "is not supported; the Megatron model uses SwiGLU (silu)")
+        raise _refuse(
+            where,
+            "hidden_act",
+            cfg["hidden_act"],
+            "is not supported; the Megatron model uses SwiGLU (silu)",
+        )
     if arch == "llama":
         for field in ("attention_bias", "mlp_bias"):
             if cfg.get(field):
-                raise _refuse(where, field, cfg[field],
-                              "is not supported; the Llama mapping has no linear biases")
+                raise _refuse(
+                    where,
+                    field,
+                    cfg[field],
+                    "is not supported; the Llama mapping has no linear biases",
+                )
     if arch == "qwen2":
         if cfg.get("use_sliding_window"):
-            raise _refuse(where, "use_sliding_window", True,
-                          "is not supported; Megatron's attention here is full causal attention")
+            raise _refuse(
+                where,
+                "use_sliding_window",
+                True,
+                "is not supported; Megatron's attention here is full causal attention",
+            )
         kinds = set(cfg.get("layer_types") or ["full_attention"])
         if kinds != {"full_attention"}:
-            raise _refuse(where, "layer_types", sorted(kinds),
-                          "is not supported; every layer must use full attention")
+            raise _refuse(
+                where,
+                "layer_types",
+                sorted(kinds),
+                "is not supported; every layer must use full attention",
+            )
     theta, scaling = rope_settings(cfg, where)
     if theta != int(theta):
-        raise _refuse(where, "rope_theta", theta,
-                      "is not supported; Megatron takes an integer rotary base")
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads", "vocab_size") if k not in cfg]
+        raise _refuse(
+            where, "rope_theta", theta, "is not supported; Megatron takes an integer rotary base"
+        )
+    missing = [
+        k
+        for k in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "vocab_size",
+        )
+        if k not in cfg
+    ]
     if missing:
         raise CheckpointError(f"{where}: required field(s) {missing} missing")
     heads = cfg["num_attention_heads"]
@@ -107,8 +158,9 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
             num_query_groups=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             vocab_size=cfg["vocab_size"],
-            max_position_embeddings=cfg.get("max_position_embeddings",
-                                            _DEFAULT_MAX_POSITIONS[arch]),
+            max_position_embeddings=cfg.get(
+                "max_position_embeddings", _DEFAULT_MAX_POSITIONS[arch]
+            ),
             rope_theta=theta,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -128,8 +180,12 @@ def dtype_name(cfg: dict) -> str | None:
     return None
 
 
-def export_config(model: ModelConfig, dtype: str, template: dict | None = None,
-                  where: str = "template config.json") -> dict:
+def export_config(
+    model: ModelConfig,
+    dtype: str,
+    template: dict | None = None,
+    where: str = "template config.json",
+) -> dict:
     """The ``config.json`` of an export.
 
     With a ``template`` (the source checkpoint's config), every template field is kept and
@@ -142,13 +198,16 @@ def export_config(model: ModelConfig, dtype: str, template: dict | None = None,
             if key != "init_std" and described[key] != value:
                 raise CheckpointError(
                     f"{where} describes {key}={described[key]!r} but the checkpoint has "
-                    f"{key}={value!r}; pass the matching --hf-template")
+                    f"{key}={value!r}; pass the matching --hf-template"
+                )
         out = dict(template)
         out["dtype" if "dtype" in template else "torch_dtype"] = dtype
         return out
     if model.qkv_bias != (model.arch == "qwen2"):
-        raise CheckpointError(f"model qkv_bias={model.qkv_bias} cannot be expressed by the HF "
-                              f"{model.arch} architecture")
+        raise CheckpointError(
+            f"model qkv_bias={model.qkv_bias} cannot be expressed by the HF "
+            f"{model.arch} architecture"
+        )
     arch_class = next(k for k, v in ARCHITECTURES.items() if v == model.arch)
     out = {
         "architectures": [arch_class],
@@ -163,8 +222,11 @@ def export_config(model: ModelConfig, dtype: str, template: dict | None = None,
         "max_position_embeddings": model.max_position_embeddings,
         "rms_norm_eps": model.rms_norm_eps,
         "rope_theta": model.rope_theta,
-        "rope_scaling": ({"rope_type": "llama3", "factor": model.rope_scaling_factor,
-                          **LLAMA3_FIXED} if model.rope_scaling_factor is not None else None),
+        "rope_scaling": (
+            {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_FIXED}
+            if model.rope_scaling_factor is not None
+            else None
+        ),
         "tie_word_embeddings": model.tie_word_embeddings,
         "hidden_act": "silu",
         "initializer_range": model.init_std,

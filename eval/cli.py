@@ -10,6 +10,7 @@ when probsft exported it, of an architecture whose prompt format is known or nam
 ``--prompt-format``), the sampling numbers, and ``--out`` (a writable folder that is not,
 does not contain and does not lie inside the model or the data file).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,28 +31,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the eval options on ``parser``."""
     from probsft_megatron.eval.tasks import TASKS
 
-    parser.add_argument("--model", required=True, help="Hugging Face checkpoint folder (config.json + weights)")
-    parser.add_argument("--task", required=True,
-                        help=f"task name, or several separated by commas: {', '.join(TASKS)}")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model (vLLM TP)")
+    parser.add_argument(
+        "--model", required=True, help="Hugging Face checkpoint folder (config.json + weights)"
+    )
+    parser.add_argument(
+        "--task",
+        required=True,
+        help=f"task name, or several separated by commas: {', '.join(TASKS)}",
+    )
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="GPUs per model (vLLM TP)"
+    )
     parser.add_argument("--n", type=int, help="samples per problem (math default 16, others 1)")
-    parser.add_argument("--temperature", type=float, help="sampling temperature (math default 1.0, others 0)")
+    parser.add_argument(
+        "--temperature", type=float, help="sampling temperature (math default 1.0, others 0)"
+    )
     parser.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0)")
-    parser.add_argument("--max-new-tokens", type=int,
-                        help="tokens generated per sample (math 4096, figfont 5, medical 4096, custom 1024)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (problem i uses seed + i)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="tokens generated per sample (math 4096, figfont 5, medical 4096, custom 1024)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="sampling seed (problem i uses seed + i)"
+    )
     parser.add_argument("--limit", type=int, help="evaluate only the first N problems of each task")
-    parser.add_argument("--prompt-format",
-                        help="qwen, llama, deepseek or raw (also qwen-boxed, llama-base-boxed-with-bos, "
-                             "deepseek-math); detected from the model when omitted")
+    parser.add_argument(
+        "--prompt-format",
+        help="qwen, llama, deepseek or raw (also qwen-boxed, llama-base-boxed-with-bos, "
+        "deepseek-math); detected from the model when omitted",
+    )
     parser.add_argument("--out", help="folder for samples.jsonl, summary.json and summary.md")
-    parser.add_argument("--data", help="jsonl file for medical/custom (or another copy of a math set)")
+    parser.add_argument(
+        "--data", help="jsonl file for medical/custom (or another copy of a math set)"
+    )
     parser.add_argument("--prompt-field", help="field holding the question/prompt")
     parser.add_argument("--reference-field", help="field holding the reference answer")
-    parser.add_argument("--options-field", help="field holding the options (medical; default 'options')")
-    parser.add_argument("--grader", help="exact, math, jaro_winkler or choice (overrides the task's grader)")
-    parser.add_argument("--dtype", default="auto", help="vLLM dtype (auto, bfloat16, float16, float32)")
-    parser.add_argument("--max-model-len", type=int, help="context length for vLLM (default: the model's)")
+    parser.add_argument(
+        "--options-field", help="field holding the options (medical; default 'options')"
+    )
+    parser.add_argument(
+        "--grader", help="exact, math, jaro_winkler or choice (overrides the task's grader)"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", help="vLLM dtype (auto, bfloat16, float16, float32)"
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, help="context length for vLLM (default: the model's)"
+    )
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -59,9 +86,13 @@ def check_args(args: argparse.Namespace) -> None:
     from probsft_megatron import manifest
     from probsft_megatron.eval.models import check_hf_model_dir
 
-    for flag, value in (("--n", args.n), ("--max-new-tokens", args.max_new_tokens),
-                        ("--limit", args.limit), ("--max-model-len", args.max_model_len),
-                        ("--tensor-parallel-size", args.tensor_parallel_size)):
+    for flag, value in (
+        ("--n", args.n),
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--limit", args.limit),
+        ("--max-model-len", args.max_model_len),
+        ("--tensor-parallel-size", args.tensor_parallel_size),
+    ):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
     if args.temperature is not None and not args.temperature >= 0:
@@ -75,38 +106,48 @@ def check_args(args: argparse.Namespace) -> None:
     folder = Path(args.model)
     kind = manifest.folder_kind(folder)
     if kind in (manifest.MODEL_DIR, manifest.TRAINING_CHECKPOINT, manifest.TRAINING_RUN):
-        raise CheckpointError(f"--model {folder} is {manifest.describe(folder)}, not a Hugging "
-                              "Face folder; export it first: probsft convert megatron-to-hf "
-                              f"--ckpt {folder} --out HF_DIR")
+        raise CheckpointError(
+            f"--model {folder} is {manifest.describe(folder)}, not a Hugging "
+            "Face folder; export it first: probsft convert megatron-to-hf "
+            f"--ckpt {folder} --out HF_DIR"
+        )
     if folder.is_file():
-        raise CheckpointError(f"--model {folder} is a file, not a folder; pass a Hugging Face "
-                              "checkpoint folder (config.json, weights, tokenizer files)")
+        raise CheckpointError(
+            f"--model {folder} is a file, not a folder; pass a Hugging Face "
+            "checkpoint folder (config.json, weights, tokenizer files)"
+        )
     check_hf_model_dir(folder)
     manifest.verify(folder)  # an export written by probsft: every file intact
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{folder}/config.json is not valid JSON ({first}); export or "
-                              "save the model again") from None
+        raise CheckpointError(
+            f"{folder}/config.json is not valid JSON ({first}); export or save the model again"
+        ) from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{folder}/config.json does not hold a JSON object")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise CheckpointError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])})"
-                              "; export it with --hf-template TOKENIZER_DIR or copy the "
-                              "tokenizer files into it")
+        raise CheckpointError(
+            f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])})"
+            "; export it with --hf-template TOKENIZER_DIR or copy the "
+            "tokenizer files into it"
+        )
     model_type = str(config.get("model_type", "")).lower()
     if args.prompt_format is None and model_type not in KNOWN_MODEL_TYPES:
         arch = ", ".join(config.get("architectures") or []) or "none listed"
-        raise ConfigError(f"--model {folder} has model_type {model_type or 'unset'!r} "
-                          f"(architectures: {arch}), whose prompt format probsft does not know "
-                          f"(it knows {', '.join(KNOWN_MODEL_TYPES)}); pass --prompt-format "
-                          "qwen, llama, deepseek or raw to evaluate it with vLLM anyway")
+        raise ConfigError(
+            f"--model {folder} has model_type {model_type or 'unset'!r} "
+            f"(architectures: {arch}), whose prompt format probsft does not know "
+            f"(it knows {', '.join(KNOWN_MODEL_TYPES)}); pass --prompt-format "
+            "qwen, llama, deepseek or raw to evaluate it with vLLM anyway"
+        )
     if args.data is not None and not Path(args.data).is_file():
         raise ConfigError(f"--data {args.data} is not a file; name a .jsonl file")
     if args.out is not None:
-        manifest.check_output(args.out, flag="--out",
-                              inputs=[("--model", folder), ("--data", args.data)])
+        manifest.check_output(
+            args.out, flag="--out", inputs=[("--model", folder), ("--data", args.data)]
+        )
 
 
 def config_from_args(args: argparse.Namespace):

@@ -24,11 +24,12 @@ Conventions (see docs/eval.md):
 * jaro_winkler: Jaro-Winkler similarity (prefix scale 0.1, prefix up to 4) of the
   stripped, upper-cased strings; correct when they are equal.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from probsft_megatron.errors import ConfigError
 
@@ -183,8 +184,8 @@ def _repeating_fraction(match: re.Match) -> str:
 _NUMBER_WORDS = {
     word: str(i)
     for i, word in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-        "sixteen seventeen eighteen nineteen twenty".split()
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen twenty".split()
     )
 }
 
@@ -221,7 +222,9 @@ _UNIT_GROUP = re.compile(
     r"(?:\s*(?:/|\\cdot|\\times))?\s*\\(?:text|textrm|textnormal|mathrm|mbox|rm|operatorname)\s*"
     r"\{([^{}()\d=]*[A-Za-z][^{}()\d=]*)\}(?:\s*\^\s*(?:\{\s*-?\d+\s*\}|-?\d))?\s*$"
 )
-_UNIT_WORD = re.compile(rf"(?<=[\d}}\s])\s*(?:{_UNIT_WORDS})(?:\s*\^\s*(?:\{{\s*-?\d\s*\}}|-?\d))?\s*$")
+_UNIT_WORD = re.compile(
+    rf"(?<=[\d}}\s])\s*(?:{_UNIT_WORDS})(?:\s*\^\s*(?:\{{\s*-?\d\s*\}}|-?\d))?\s*$"
+)
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
 
 
@@ -335,7 +338,12 @@ def _parse(s: str) -> list:
 
     config = LatexExtractionConfig(
         normalization_config=NormalizationConfig(
-            basic_latex=True, units=False, malformed_operators=True, nits=True, boxed="all", equations=False
+            basic_latex=True,
+            units=False,
+            malformed_operators=True,
+            nits=True,
+            boxed="all",
+            equations=False,
         )
     )
     try:
@@ -347,7 +355,9 @@ def _parse(s: str) -> list:
 def _is_interval(s: str) -> bool:
     """Whether ``s`` is unambiguously an interval: infinite ends, a union, or mixed/closed
     brackets (``(a, b)`` alone may be a point)."""
-    return bool(re.search(r"\\infty|\\cup", s)) or bool(re.match(r"^\s*(?:\[.*,.*[)\]]|\(.*,.*\])\s*$", s))
+    return bool(re.search(r"\\infty|\\cup", s)) or bool(
+        re.match(r"^\s*(?:\[.*,.*[)\]]|\(.*,.*\])\s*$", s)
+    )
 
 
 def _symbolic_equal(reference: str, answer: str) -> bool:
@@ -357,8 +367,15 @@ def _symbolic_equal(reference: str, answer: str) -> bool:
     if not gold or not pred:
         return False
     try:
-        return bool(verify(gold, pred, float_rounding=10, timeout_seconds=MATH_TIMEOUT_S,
-                           allow_set_relation_comp=_is_interval(reference)))
+        return bool(
+            verify(
+                gold,
+                pred,
+                float_rounding=10,
+                timeout_seconds=MATH_TIMEOUT_S,
+                allow_set_relation_comp=_is_interval(reference),
+            )
+        )
     except Exception:  # timeouts and sympy failures count as not equal
         return False
 
@@ -415,7 +432,9 @@ def math_equal(reference: str, answer: str) -> bool:
     ans = _latex_scientific(ans)
     # a percent on one side only may be a unit or a fraction of 100; on both, compare numbers
     both = bool(_PERCENT.search(ref)) != bool(_PERCENT.search(ans))
-    return any(_symbolic_equal(r, a) for r in _percent_forms(ref, both) for a in _percent_forms(ans, both))
+    return any(
+        _symbolic_equal(r, a) for r in _percent_forms(ref, both) for a in _percent_forms(ans, both)
+    )
 
 
 def grade_math(completion: str, reference: str) -> Grade:
@@ -447,7 +466,9 @@ def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
         if len(stripped) == 1 and stripped.upper() in letters:
             return stripped.upper()
     for pattern in _CHOICE_PATTERNS:
-        found = [m.group(1).upper() for m in pattern.finditer(text) if m.group(1).upper() in letters]
+        found = [
+            m.group(1).upper() for m in pattern.finditer(text) if m.group(1).upper() in letters
+        ]
         if found:
             return found[-1]
     return None

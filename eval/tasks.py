@@ -11,6 +11,7 @@ Tasks:
 * ``medical``: multiple choice from a local jsonl (``question``, ``options``, ``answer``).
 * ``custom``: any jsonl with a prompt and a reference field and a named grader.
 """
+
 from __future__ import annotations
 
 import json
@@ -108,7 +109,13 @@ def _olympiad_text(row: dict, question: str) -> str:
 # name -> (file, question fields, reference fields, reference transform, text transform)
 _MATH_SOURCES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], Callable, Callable]] = {
     "math500": ("math_oai.jsonl", ("problem",), ("answer",), str, lambda row, q: q),
-    "minerva_math": ("minerva_math.jsonl", ("problem",), ("solution",), _last_boxed, lambda row, q: q),
+    "minerva_math": (
+        "minerva_math.jsonl",
+        ("problem",),
+        ("solution",),
+        _last_boxed,
+        lambda row, q: q,
+    ),
     "olympiadbench": (
         "olympiadbench.jsonl",
         ("question",),
@@ -178,13 +185,23 @@ def _load_medical(options: DataOptions, limit: int | None) -> list[Example]:
         if limit is not None and len(examples) >= limit:
             break
         question = str(_field(row, (q_field,), path, lineno, "--prompt-field"))
-        choices = _format_options(_field(row, (o_field,), path, lineno, "--options-field"), path, lineno)
-        answer = str(_field(row, (a_field,), path, lineno, "--reference-field")).strip().strip("()").upper()
+        choices = _format_options(
+            _field(row, (o_field,), path, lineno, "--options-field"), path, lineno
+        )
+        answer = (
+            str(_field(row, (a_field,), path, lineno, "--reference-field"))
+            .strip()
+            .strip("()")
+            .upper()
+        )
         if answer not in choices:
             raise DataError(
-                f"{path} line {lineno}: answer {answer!r} is not one of the option letters {''.join(choices)}"
+                f"{path} line {lineno}: answer {answer!r} is not one of the option letters "
+                f"{''.join(choices)}"
             )
-        text = question + "\n" + "\n".join(f"{letter}. {choice}" for letter, choice in choices.items())
+        text = (
+            question + "\n" + "\n".join(f"{letter}. {choice}" for letter, choice in choices.items())
+        )
         examples.append(Example(str(row.get("id", lineno - 1)), text, answer))
     return examples
 
@@ -207,8 +224,15 @@ def _load_custom(options: DataOptions, limit: int | None) -> list[Example]:
 
 def _math_task(name: str, description: str) -> Task:
     return Task(
-        name, "math", "math", description, _math_loader(name),
-        n=16, temperature=1.0, top_p=1.0, max_new_tokens=4096,
+        name,
+        "math",
+        "math",
+        description,
+        _math_loader(name),
+        n=16,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=4096,
     )
 
 
@@ -222,12 +246,29 @@ TASKS: dict[str, Task] = {
         _math_task("aime25", "AIME 2025 (30)"),
         _math_task("amc23", "AMC 2023 (40)"),
         _math_task("gsm8k", "GSM8K test (1319)"),
-        Task("figfont", "figfont", "jaro_winkler", "figlet-font test split (5000)", _load_figfont,
-             max_new_tokens=5),
-        Task("medical", "choice", "choice", "multiple choice from a local jsonl (--data)", _load_medical,
-             max_new_tokens=4096),
-        Task("custom", "custom", "exact", "prompt/reference jsonl with a chosen grader (--data, --grader)",
-             _load_custom),
+        Task(
+            "figfont",
+            "figfont",
+            "jaro_winkler",
+            "figlet-font test split (5000)",
+            _load_figfont,
+            max_new_tokens=5,
+        ),
+        Task(
+            "medical",
+            "choice",
+            "choice",
+            "multiple choice from a local jsonl (--data)",
+            _load_medical,
+            max_new_tokens=4096,
+        ),
+        Task(
+            "custom",
+            "custom",
+            "exact",
+            "prompt/reference jsonl with a chosen grader (--data, --grader)",
+            _load_custom,
+        ),
     )
 }
 

@@ -102,8 +102,10 @@ class SignalRelay:
         faster worker has already gone, and it would then report a lost rank instead."""
         self.hard_stop = True
         self._seen = self._workers(recursive=True)
-        _say("second interrupt: stopped at once; the step in flight is not saved, the newest "
-             "checkpoint stays (resume with the same command)")
+        _say(
+            "second interrupt: stopped at once; the step in flight is not saved, the newest "
+            "checkpoint stays (resume with the same command)"
+        )
         self.kill_leftovers()
         timer = threading.Timer(KILL_AFTER_S, self.kill_leftovers)  # any started meanwhile
         timer.daemon = True

@@ -23,6 +23,7 @@ any recipe is an error that lists the recipes. The whole training config is load
 validated for the job's world size while the plan is built, so mistakes fail before anything
 is submitted.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,12 +34,12 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from probsft_megatron.config import (TrainJobConfig, load_raw, list_recipes, load_config,
-                                     load_preset)
+from probsft_megatron.config import TrainJobConfig, list_recipes, load_config, load_preset, load_raw
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.objectives import parse_objective
 
@@ -154,8 +155,16 @@ class Plan:
         for step in self.steps:
             argv = step.argv()
             if step.kind == "train":
-                argv = ["python", "-m", AGENT_MODULE, "--nnodes", str(nodes),
-                        "--nproc-per-node", str(nproc_per_node), *argv[1:]]
+                argv = [
+                    "python",
+                    "-m",
+                    AGENT_MODULE,
+                    "--nnodes",
+                    str(nodes),
+                    "--nproc-per-node",
+                    str(nproc_per_node),
+                    *argv[1:],
+                ]
             after = f" (after {', '.join(step.after)})" if step.after else ""
             lines.append(f"  [{step.name}]{after}\n    {shlex.join(argv)}")
         return "\n".join(lines)
@@ -171,6 +180,7 @@ class RecipeChoice:
 
 
 # -- recipes ------------------------------------------------------------------------------
+
 
 def _recipe_dataset(raw: dict[str, Any]) -> str:
     data = raw.get("data") or {}
@@ -198,8 +208,10 @@ def resolve_recipe(dataset: str, model: str, explicit: str | None = None) -> Rec
     if explicit is not None:
         raw = load_raw(explicit)
         if _recipe_dataset(raw) != dataset:
-            raise ConfigError(f"recipe {explicit!r} trains on {_recipe_dataset(raw)} data, not "
-                              f"{dataset}; pass the matching --dataset")
+            raise ConfigError(
+                f"recipe {explicit!r} trains on {_recipe_dataset(raw)} data, not "
+                f"{dataset}; pass the matching --dataset"
+            )
         same = _recipe_model(raw) == model
         return RecipeChoice(explicit, () if same else (f"model={model}",))
     known = {name: load_raw(name) for name in list_recipes()}
@@ -210,21 +222,29 @@ def resolve_recipe(dataset: str, model: str, explicit: str | None = None) -> Rec
     matches = [name for name, ident in identity.items() if ident == (dataset, model)]
     if matches:
         return RecipeChoice(matches[0])
-    generic = [name for name, (d, m) in identity.items()
-               if d == dataset and m is not None and name == f"{d}-{m}"]
+    generic = [
+        name
+        for name, (d, m) in identity.items()
+        if d == dataset and m is not None and name == f"{d}-{m}"
+    ]
     if not generic:
         listing = ", ".join(f"{n} ({d}, {m})" for n, (d, m) in identity.items())
-        raise ConfigError(f"no recipe for dataset {dataset!r} with model {model!r}, and none for "
-                          f"that dataset to fall back on; recipes: {listing}; "
-                          "pass --recipe FILE (a YAML recipe, see configs/recipes)")
+        raise ConfigError(
+            f"no recipe for dataset {dataset!r} with model {model!r}, and none for "
+            f"that dataset to fall back on; recipes: {listing}; "
+            "pass --recipe FILE (a YAML recipe, see configs/recipes)"
+        )
     size = _model_size(model)
     nearest = min(generic, key=lambda n: (abs(math.log(_model_size(identity[n][1]) / size)), n))
-    note = (f"no recipe {exact}; using the hyperparameters of {nearest} (nearest model size) "
-            f"with model={model}; add configs/recipes/{exact}.yaml to pin them")
+    note = (
+        f"no recipe {exact}; using the hyperparameters of {nearest} (nearest model size) "
+        f"with model={model}; add configs/recipes/{exact}.yaml to pin them"
+    )
     return RecipeChoice(nearest, (f"model={model}",), note)
 
 
 # -- planning -----------------------------------------------------------------------------
+
 
 def safe_name(text: str) -> str:
     """``text`` reduced to characters safe in file and SLURM job names."""
@@ -235,9 +255,16 @@ def _is_model_dir(path: str) -> bool:
     return (Path(path) / "model_config.json").is_file()
 
 
-def _plan_backbone(plan: Plan, converts: dict[str, str], req: RunRequest, name: str,
-                   cfg: TrainJobConfig, recipe: str, overrides: list[str],
-                   options: LaunchOptions) -> list[str]:
+def _plan_backbone(
+    plan: Plan,
+    converts: dict[str, str],
+    req: RunRequest,
+    name: str,
+    cfg: TrainJobConfig,
+    recipe: str,
+    overrides: list[str],
+    options: LaunchOptions,
+) -> list[str]:
     """Decide where run ``name`` starts from; adds a convert step (once per Megatron model
     dir, recorded in ``converts``) and ``init.checkpoint`` to ``overrides`` when needed.
     Returns the steps its training waits for."""
@@ -250,30 +277,44 @@ def _plan_backbone(plan: Plan, converts: dict[str, str], req: RunRequest, name: 
         if not cfg.init.tokenizer:
             raise ConfigError(
                 f"run {name}: recipe {recipe} starts from no checkpoint; pass --hf DIR "
-                f"(the {req.model} Hugging Face folder) or --set init.checkpoint=MEGATRON_DIR")
-        plan.notes.append(f"run {name} trains {req.model} from random initialization "
-                          f"(no init.checkpoint, no --hf; tokenizer {cfg.init.tokenizer})")
+                f"(the {req.model} Hugging Face folder) or --set init.checkpoint=MEGATRON_DIR"
+            )
+        plan.notes.append(
+            f"run {name} trains {req.model} from random initialization "
+            f"(no init.checkpoint, no --hf; tokenizer {cfg.init.tokenizer})"
+        )
         return []
     if _is_model_dir(megatron):
         plan.notes.append(f"using the existing Megatron model dir {megatron} (no conversion)")
         return []
     if not hf:
-        plan.notes.append(f"run {name}: init.checkpoint {megatron} is not a Megatron model dir "
-                          "on this machine; it must exist where the job runs (or pass --hf)")
+        plan.notes.append(
+            f"run {name}: init.checkpoint {megatron} is not a Megatron model dir "
+            "on this machine; it must exist where the job runs (or pass --hf)"
+        )
         return []
     if megatron not in converts:
         step_name = safe_name(f"convert-{req.model}")
         while any(s.name == step_name for s in plan.steps):
             step_name += "_"
         converts[megatron] = step_name
-        plan.steps.append(Step(step_name, "convert", CLI_MODULE,
-                               ["convert", "hf-to-megatron", "--hf", hf, "--out", megatron],
-                               dict(options.env)))
+        plan.steps.append(
+            Step(
+                step_name,
+                "convert",
+                CLI_MODULE,
+                ["convert", "hf-to-megatron", "--hf", hf, "--out", megatron],
+                dict(options.env),
+            )
+        )
     return [converts[megatron]]
 
 
-def plan_experiment(title: str | None, requests: list[RunRequest], options: LaunchOptions,
-                    ) -> Plan:
+def plan_experiment(
+    title: str | None,
+    requests: list[RunRequest],
+    options: LaunchOptions,
+) -> Plan:
     """Plan the steps of ``requests`` (one chain each, conversions shared by model); the
     experiment is called ``title``, or after its first run when ``title`` is None.
 
@@ -285,8 +326,10 @@ def plan_experiment(title: str | None, requests: list[RunRequest], options: Laun
     converts: dict[str, str] = {}  # Megatron model dir -> convert step name
     models = sorted({req.model for req in requests})
     if len(models) > 1 and ANY_MODEL in options.hf:
-        raise ConfigError(f"the runs use several models ({', '.join(models)}); name the "
-                          "backbone of each with --hf PRESET=DIR")
+        raise ConfigError(
+            f"the runs use several models ({', '.join(models)}); name the "
+            "backbone of each with --hf PRESET=DIR"
+        )
     for req in requests:
         if req.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {req.dataset!r}; use one of {', '.join(DATASETS)}")
@@ -299,15 +342,22 @@ def plan_experiment(title: str | None, requests: list[RunRequest], options: Laun
         if any(r.name == name for r in plan.runs):
             raise ConfigError(f"two runs are named {name}; give them different labels")
         run_dir = work / "runs" / name
-        overrides = [*choice.overrides, f"loss.objective={objective}",
-                     f"train.output_dir={run_dir}", *req.overrides]
+        overrides = [
+            *choice.overrides,
+            f"loss.objective={objective}",
+            f"train.output_dir={run_dir}",
+            *req.overrides,
+        ]
         cfg = load_config(choice.ref, overrides)
         if cfg.train.output_dir != str(run_dir):
-            raise ConfigError("train.output_dir is chosen by the launcher (WORK_DIR/runs/NAME); "
-                              "remove it from --set and choose --work-dir instead")
+            raise ConfigError(
+                "train.output_dir is chosen by the launcher (WORK_DIR/runs/NAME); "
+                "remove it from --set and choose --work-dir instead"
+            )
         if options.layout_check is not None:
-            options.layout_check(cfg.parallel.tensor_model_parallel_size,
-                                 cfg.parallel.pipeline_model_parallel_size)
+            options.layout_check(
+                cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+            )
         cfg.validate(options.world_size)
         if options.fit_check is not None:
             plan.notes.append(options.fit_check(name, cfg))
@@ -316,26 +366,64 @@ def plan_experiment(title: str | None, requests: list[RunRequest], options: Laun
         tasks = options.eval_tasks or EVAL_TASKS[req.dataset]
         has_data = any(a == "--data" or a.startswith("--data=") for a in options.eval_args)
         if {"medical", "custom"} & set(tasks.split(",")) and not has_data:
-            raise ConfigError(f"eval task(s) {tasks} read a local jsonl; pass "
-                              "--eval-args '--data FILE' (and fields, see probsft eval --help)")
+            raise ConfigError(
+                f"eval task(s) {tasks} read a local jsonl; pass "
+                "--eval-args '--data FILE' (and fields, see probsft eval --help)"
+            )
         hf_dir, eval_dir = run_dir / "hf", run_dir / "eval"
         plan.steps += [
-            Step(f"train-{name}", "train", TRAIN_MODULE, ["--config", choice.ref, *overrides],
-                 dict(options.env), after),
-            Step(f"export-{name}", "export", STEPS_MODULE,
-                 ["export", "--train-dir", str(run_dir), "--out", str(hf_dir)],
-                 dict(options.env), [f"train-{name}"]),
-            Step(f"eval-{name}", "eval", CLI_MODULE,
-                 ["eval", "--model", str(hf_dir), "--task", tasks, "--out", str(eval_dir),
-                  *options.eval_args], dict(options.env), [f"export-{name}"]),
+            Step(
+                f"train-{name}",
+                "train",
+                TRAIN_MODULE,
+                ["--config", choice.ref, *overrides],
+                dict(options.env),
+                after,
+            ),
+            Step(
+                f"export-{name}",
+                "export",
+                STEPS_MODULE,
+                ["export", "--train-dir", str(run_dir), "--out", str(hf_dir)],
+                dict(options.env),
+                [f"train-{name}"],
+            ),
+            Step(
+                f"eval-{name}",
+                "eval",
+                CLI_MODULE,
+                [
+                    "eval",
+                    "--model",
+                    str(hf_dir),
+                    "--task",
+                    tasks,
+                    "--out",
+                    str(eval_dir),
+                    *options.eval_args,
+                ],
+                dict(options.env),
+                [f"export-{name}"],
+            ),
         ]
-        plan.runs.append(RunPlan(name, req.dataset, req.model, objective, choice.ref,
-                                 str(run_dir), str(hf_dir), str(eval_dir)))
+        plan.runs.append(
+            RunPlan(
+                name,
+                req.dataset,
+                req.model,
+                objective,
+                choice.ref,
+                str(run_dir),
+                str(hf_dir),
+                str(eval_dir),
+            )
+        )
     plan.title = plan.title or plan.runs[0].name
     return plan
 
 
 # -- NeMo-Run -----------------------------------------------------------------------------
+
 
 def import_nemo_run() -> Any:
     """``nemo_run``, imported without the deprecation warnings of its optional server stack."""
@@ -353,8 +441,9 @@ def local_executor(step: Step, nproc_per_node: int) -> Any:
     run = import_nemo_run()
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     if step.kind == "train":
-        return run.LocalExecutor(ntasks_per_node=nproc_per_node,
-                                 env_vars={"PATH": path, "LOGLEVEL": "INFO"})
+        return run.LocalExecutor(
+            ntasks_per_node=nproc_per_node, env_vars={"PATH": path, "LOGLEVEL": "INFO"}
+        )
     return run.LocalExecutor(env_vars={"PATH": path})
 
 
@@ -363,12 +452,14 @@ def single_node_agent_args(nproc_per_node: int) -> list[str]:
     local rendezvous on a free port (``--standalone``). ``--tee 3`` keeps every rank's output
     in the step's log and in torchrun's per-rank files. (Several SLURM nodes:
     :func:`probsft_megatron.launchers.slurm.agent_args`.)"""
-    return ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc_per_node),
-            "--tee", "3"]
+    return ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc_per_node), "--tee", "3"]
 
 
-def step_command(step: Step, executor: Any, agent_args: list[str] | None = None,
-                 ) -> tuple[str, list[str]]:
+def step_command(
+    step: Step,
+    executor: Any,
+    agent_args: list[str] | None = None,
+) -> tuple[str, list[str]]:
     """(module, arguments) that ``executor`` runs for ``step``.
 
     ``train`` runs through the training agent (:data:`AGENT_MODULE`) with ``agent_args``
@@ -394,8 +485,9 @@ def experiment_dir(plan: Plan, exp_id: str) -> Path:
     return Path(plan.work_dir) / "experiments" / plan.title / exp_id
 
 
-def execute(plan: Plan, executor_for: Callable[[Step], Any], mode: str,
-            agent_args: list[str] | None = None) -> Path:
+def execute(
+    plan: Plan, executor_for: Callable[[Step], Any], mode: str, agent_args: list[str] | None = None
+) -> Path:
     """Turn ``plan`` into a NeMo-Run experiment and dry-run, run or submit it.
 
     ``agent_args``: the training agent's torchrun options for the train steps (default: one
@@ -412,19 +504,26 @@ def execute(plan: Plan, executor_for: Callable[[Step], Any], mode: str,
         raise ValueError(f"mode must be dryrun, run or submit, got {mode!r}")
     exp_id = f"{plan.title}_{time.time_ns()}"
     # a submission reports through the experiment record (jobs.py), not NeMo-Run's console
-    exp = run.Experiment(plan.title, id=exp_id, base_dir=plan.work_dir,
-                         enable_goodbye_message=False, log_level="WARN",
-                         clean_mode=mode == "submit")
+    exp = run.Experiment(
+        plan.title,
+        id=exp_id,
+        base_dir=plan.work_dir,
+        enable_goodbye_message=False,
+        log_level="WARN",
+        clean_mode=mode == "submit",
+    )
     with exp:
         job_ids: dict[str, str] = {}
         for step in plan.steps:
             executor = executor_for(step)
             module, args = step_command(step, executor, agent_args)
-            script = run.Script(path=module, args=args, env=dict(step.env),
-                                entrypoint="python", m=True)
+            script = run.Script(
+                path=module, args=args, env=dict(step.env), entrypoint="python", m=True
+            )
             deps = [job_ids[a] for a in step.after] if mode == "submit" else None
-            job_ids[step.name] = exp.add(script, executor=executor, name=step.name,
-                                         dependencies=deps)
+            job_ids[step.name] = exp.add(
+                script, executor=executor, name=step.name, dependencies=deps
+            )
         if mode == "dryrun":
             exp.dryrun(log=False, delete_exp_dir=False)
         elif mode == "submit":
@@ -470,7 +569,7 @@ def _submit(plan: Plan, exp: Any, exp_id: str) -> None:
     error = None
     try:
         exp.run(detach=True)
-    except Exception as exc:  # noqa: BLE001 - any failure of sbatch through NeMo-Run
+    except Exception as exc:
         error = _sbatch_error(exc)
     steps = []
     by_name = {job.id: job for job in exp.jobs}
@@ -478,17 +577,32 @@ def _submit(plan: Plan, exp: Any, exp_id: str) -> None:
         job = by_name.get(step.name)
         details = job.executor.job_details if job is not None else None
         job_id = _slurm_job_id(job.handle) if job is not None and job.handle else None
-        steps.append(jobs.StepRecord(
-            name=step.name, kind=step.kind, after=list(step.after), job_id=job_id,
-            job_name=(details.job_name if details is not None and details.job_name
-                      else step.name),
-            log_dir=(details.folder if details is not None and details.folder
-                     else str(experiment_dir(plan, exp_id) / step.name))))
+        steps.append(
+            jobs.StepRecord(
+                name=step.name,
+                kind=step.kind,
+                after=list(step.after),
+                job_id=job_id,
+                job_name=(
+                    details.job_name if details is not None and details.job_name else step.name
+                ),
+                log_dir=(
+                    details.folder
+                    if details is not None and details.folder
+                    else str(experiment_dir(plan, exp_id) / step.name)
+                ),
+            )
+        )
     record = jobs.ExperimentRecord(
-        title=plan.title, exp_id=exp_id, exp_dir=str(experiment_dir(plan, exp_id)),
-        status="failed" if error else "submitted", steps=steps,
-        runs={r.name: str(r.eval_summary) for r in plan.runs}, error=error,
-        submitted_at=jobs.now_iso())
+        title=plan.title,
+        exp_id=exp_id,
+        exp_dir=str(experiment_dir(plan, exp_id)),
+        status="failed" if error else "submitted",
+        steps=steps,
+        runs={r.name: str(r.eval_summary) for r in plan.runs},
+        error=error,
+        submitted_at=jobs.now_iso(),
+    )
     if error is None:
         record.save()
         return
@@ -498,5 +612,7 @@ def _submit(plan: Plan, exp: Any, exp_id: str) -> None:
         subprocess.run(["scancel", *queued], capture_output=True, stdin=subprocess.DEVNULL)
     record.save()
     extra = f"; cancelled the jobs already queued ({', '.join(queued)})" if queued else ""
-    raise ProbsftError(f"sbatch refused the job of step {failed}: {error}{extra}; "
-                       f"experiment marked failed in {record.exp_dir}")
+    raise ProbsftError(
+        f"sbatch refused the job of step {failed}: {error}{extra}; "
+        f"experiment marked failed in {record.exp_dir}"
+    )

@@ -12,6 +12,7 @@ A step's log is the output of its ``srun`` (``log-<job name>_<job id>_<restart>.
 step's folder: the program's stdout and stderr, one file per (re)start); before the srun
 starts, or when it never did, the batch script's own log (``sbatch_<job name>_<job id>.out``).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,18 +21,31 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterable, TextIO
+from typing import TextIO
 
 from probsft_megatron.errors import ProbsftError
 from probsft_megatron.fileio import atomic_write_json
 
 RECORD = "probsft_experiment.json"
 #: SLURM job states after which a job will not run again by itself.
-TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
-                      "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "REVOKED"})
+TERMINAL = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "REVOKED",
+    }
+)
 #: Shown for a job that SLURM does not (yet) report.
 UNKNOWN = "UNKNOWN"
 POLL_S = 3.0
@@ -55,8 +69,10 @@ class StepRecord:
         if self.job_id is None:
             return None
         folder = Path(self.log_dir)
-        runs = sorted(folder.glob(f"log-{self.job_name}_{self.job_id}_*.out"),
-                      key=lambda p: (_restart(p), p.name))
+        runs = sorted(
+            folder.glob(f"log-{self.job_name}_{self.job_id}_*.out"),
+            key=lambda p: (_restart(p), p.name),
+        )
         if runs:
             return runs[-1]
         batch = folder / f"sbatch_{self.job_name}_{self.job_id}.out"
@@ -87,7 +103,7 @@ class ExperimentRecord:
         return atomic_write_json(Path(self.exp_dir) / RECORD, asdict(self))
 
     @classmethod
-    def load(cls, exp_dir: str | os.PathLike) -> "ExperimentRecord":
+    def load(cls, exp_dir: str | os.PathLike) -> ExperimentRecord:
         path = Path(exp_dir) / RECORD
         data = json.loads(path.read_text())
         data["steps"] = [StepRecord(**s) for s in data["steps"]]
@@ -140,8 +156,18 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
         return {}
     out: dict[str, JobState] = {}
     try:
-        proc = _run(["sacct", "-X", "-n", "-P", "-j", ",".join(ids),
-                     "-o", "JobIDRaw,State,ElapsedRaw,NodeList,ExitCode,Start,End"])
+        proc = _run(
+            [
+                "sacct",
+                "-X",
+                "-n",
+                "-P",
+                "-j",
+                ",".join(ids),
+                "-o",
+                "JobIDRaw,State,ElapsedRaw,NodeList,ExitCode,Start,End",
+            ]
+        )
         have_sacct = True
     except FileNotFoundError:
         have_sacct = False
@@ -152,17 +178,24 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
             if len(parts) < 7 or parts[0] not in ids:
                 continue
             elapsed = int(parts[2]) if parts[2].isdigit() else None
-            out[parts[0]] = JobState(parts[1].split()[0] if parts[1] else UNKNOWN, elapsed,
-                                     parts[3], parts[4], parts[5], parts[6])
+            out[parts[0]] = JobState(
+                parts[1].split()[0] if parts[1] else UNKNOWN,
+                elapsed,
+                parts[3],
+                parts[4],
+                parts[5],
+                parts[6],
+            )
     missing = [j for j in ids if j not in out]
     if missing:
         try:
             proc = _run(["squeue", "-h", "-j", ",".join(missing), "-o", "%i|%T|%M|%N"])
         except FileNotFoundError:
             if not have_sacct:
-                raise ProbsftError("neither sacct nor squeue is on PATH; run this where the "
-                                   "SLURM client commands are available (a login node)"
-                                   ) from None
+                raise ProbsftError(
+                    "neither sacct nor squeue is on PATH; run this where the "
+                    "SLURM client commands are available (a login node)"
+                ) from None
             proc = None
         if proc is not None and proc.returncode == 0:
             for line in proc.stdout.splitlines():
@@ -244,8 +277,10 @@ def status_table(record: ExperimentRecord, states: dict[str, JobState]) -> str:
         st = states.get(s.job_id or "", JobState("NOT_SUBMITTED"))
         log = s.log_path()
         where = str(log) if log else ("(never ran)" if never_ran(st) else "-")
-        lines.append(f"{s.name:{width}s}  {s.job_id or '-':>7s}  {st.state:11s}  "
-                     f"{_fmt_elapsed(st.elapsed_s):>8s}  {where}")
+        lines.append(
+            f"{s.name:{width}s}  {s.job_id or '-':>7s}  {st.state:11s}  "
+            f"{_fmt_elapsed(st.elapsed_s):>8s}  {where}"
+        )
     return "\n".join(lines)
 
 
@@ -259,8 +294,9 @@ def failed_steps(record: ExperimentRecord, states: dict[str, JobState]) -> list[
     return out
 
 
-def report(record: ExperimentRecord, states: dict[str, JobState], out: TextIO,
-           lines: int = 20) -> int:
+def report(
+    record: ExperimentRecord, states: dict[str, JobState], out: TextIO, lines: int = 20
+) -> int:
     """Print the status table and the log tail of every failed step; 0 when no step failed
     and every job is known, 1 when one failed (or the submission did)."""
     print(f"experiment {record.exp_id}  ({record.exp_dir})", file=out)
@@ -271,25 +307,38 @@ def report(record: ExperimentRecord, states: dict[str, JobState], out: TextIO,
     for s in failed:
         st = states[s.job_id or ""]
         log = s.log_path()
-        print(f"\nstep {s.name} (job {s.job_id}) ended {st.state}"
-              f"{' with exit code ' + st.exit_code if st.exit_code else ''}", file=out)
+        print(
+            f"\nstep {s.name} (job {s.job_id}) ended {st.state}"
+            f"{' with exit code ' + st.exit_code if st.exit_code else ''}",
+            file=out,
+        )
         for row in error_lines(log):
             print(f"  {row}", file=out)
         print(f"last {lines} lines of {log}:", file=out)
         for row in tail(log, lines):
             print(f"  {row}", file=out)
-    skipped = [s.name for s in record.steps
-               if s.job_id and never_ran(states.get(s.job_id, JobState(UNKNOWN)))]
+    skipped = [
+        s.name
+        for s in record.steps
+        if s.job_id and never_ran(states.get(s.job_id, JobState(UNKNOWN)))
+    ]
     if skipped:
-        print(f"\nnever ran (cancelled while waiting for their turn): {', '.join(skipped)}",
-              file=out)
+        print(
+            f"\nnever ran (cancelled while waiting for their turn): {', '.join(skipped)}", file=out
+        )
     return 1 if failed or skipped or record.status == "failed" else 0
 
 
-def wait(record: ExperimentRecord, out: TextIO = sys.stdout, *, poll_s: float = POLL_S,
-         heartbeat_s: float = HEARTBEAT_S, states_fn: Callable = job_states,
-         clock: Callable[[], float] = time.monotonic,
-         sleep: Callable[[float], None] = time.sleep) -> dict[str, JobState]:
+def wait(
+    record: ExperimentRecord,
+    out: TextIO = sys.stdout,
+    *,
+    poll_s: float = POLL_S,
+    heartbeat_s: float = HEARTBEAT_S,
+    states_fn: Callable = job_states,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, JobState]:
     """Poll SLURM until every job of ``record`` has ended, printing one line per state change
     (and a reminder of what still runs every ``heartbeat_s``). Returns the final states."""
     ids = [s.job_id for s in record.steps if s.job_id]
@@ -305,10 +354,16 @@ def wait(record: ExperimentRecord, out: TextIO = sys.stdout, *, poll_s: float = 
             st = states[j]
             if seen.get(j) != st.state:
                 seen[j] = st.state
-                detail = st.nodes if st.state == "RUNNING" else (
-                    _fmt_elapsed(st.elapsed_s) if st.terminal and st.elapsed_s else "")
-                print(f"{stamp} {names[j]:{width}s}  job {j:>6s}  {st.state:11s} {detail}".rstrip(),
-                      file=out, flush=True)
+                detail = (
+                    st.nodes
+                    if st.state == "RUNNING"
+                    else (_fmt_elapsed(st.elapsed_s) if st.terminal and st.elapsed_s else "")
+                )
+                print(
+                    f"{stamp} {names[j]:{width}s}  job {j:>6s}  {st.state:11s} {detail}".rstrip(),
+                    file=out,
+                    flush=True,
+                )
                 last_print = now
         if all(states[j].terminal for j in ids):
             return states
@@ -355,9 +410,11 @@ def find_experiment(ref: str, roots: list[str]) -> Path:
     if candidates:
         return max(candidates, key=lambda p: (p / RECORD).stat().st_mtime)
     where = ", ".join(str(Path(r) / "experiments") for r in roots) or "nowhere"
-    raise ProbsftError(f"no submitted experiment {ref!r}: not a folder with {RECORD}, nor an "
-                       f"experiment id or title under {where}; pass the folder that "
-                       "`probsft launch` printed (or --work-dir)")
+    raise ProbsftError(
+        f"no submitted experiment {ref!r}: not a folder with {RECORD}, nor an "
+        f"experiment id or title under {where}; pass the folder that "
+        "`probsft launch` printed (or --work-dir)"
+    )
 
 
 def now_iso() -> str:

@@ -12,6 +12,7 @@ Jobs are submitted from a node that sees the cluster's file system (a login node
 executors use NeMo-Run's ``LocalTunnel``, which writes the sbatch scripts under
 ``<work_dir>/experiments`` and calls ``sbatch`` there.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,11 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from probsft_megatron import resources
 from probsft_megatron.config import read_yaml_mapping
 from probsft_megatron.errors import ConfigError
-
 
 #: Step kinds that get their own SLURM job; ``train`` spans all nodes under torchrun.
 STEP_KINDS = ("convert", "train", "export", "eval")
@@ -61,6 +60,8 @@ def time_limit_seconds(value: str) -> int | None:
     if minutes >= 60 or seconds >= 60:
         return None
     return 3600 * hours + 60 * minutes + seconds
+
+
 _PLACEHOLDER_RE = re.compile(r"<[^<>]+>")
 #: torchrun's rendezvous across the nodes of the train job (on the job's first node).
 RDZV_BACKEND = "c10d"
@@ -162,30 +163,39 @@ class ClusterProfile:
     def __post_init__(self) -> None:
         where = f"cluster profile '{self.name}'" if self.name else "cluster profile"
         if not isinstance(self.account, str) or not self.account.strip():
-            raise ConfigError(f"{where}: 'account' is missing; set the SLURM account to charge "
-                              "(see configs/clusters/example.yaml)")
+            raise ConfigError(
+                f"{where}: 'account' is missing; set the SLURM account to charge "
+                "(see configs/clusters/example.yaml)"
+            )
         for key, low in (("gpus_per_node", 0), ("nodes", 1), ("nproc_per_node", 1)):
             value = getattr(self, key)
             if value is None and key == "nproc_per_node":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 hint = " (0 for a CPU partition)" if key == "gpus_per_node" else ""
-                raise ConfigError(f"{where}: '{key}' must be an integer >= {low}{hint} "
-                                  f"(got {value!r})")
+                raise ConfigError(
+                    f"{where}: '{key}' must be an integer >= {low}{hint} (got {value!r})"
+                )
         for key in ("exclusive",):
             value = getattr(self, key)
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"{where}: '{key}' must be true or false (got {value!r})")
         if self.gpu_memory_gb is not None and (
-                isinstance(self.gpu_memory_gb, bool)
-                or not isinstance(self.gpu_memory_gb, (int, float))
-                or not 0 < self.gpu_memory_gb < float("inf")):
-            raise ConfigError(f"{where}: 'gpu_memory_gb' must be a positive number of GB per "
-                              f"GPU, e.g. 80 (got {self.gpu_memory_gb!r})")
-        if self.signal is not None and (not isinstance(self.signal, str)
-                                        or not _SIGNAL_RE.match(self.signal)):
-            raise ConfigError(f"{where}: signal={self.signal!r} is not an sbatch --signal value; "
-                              "write SIGNAL@SECONDS, e.g. 'USR1@120' (optionally 'B:USR1@120')")
+            isinstance(self.gpu_memory_gb, bool)
+            or not isinstance(self.gpu_memory_gb, (int, float))
+            or not 0 < self.gpu_memory_gb < float("inf")
+        ):
+            raise ConfigError(
+                f"{where}: 'gpu_memory_gb' must be a positive number of GB per "
+                f"GPU, e.g. 80 (got {self.gpu_memory_gb!r})"
+            )
+        if self.signal is not None and (
+            not isinstance(self.signal, str) or not _SIGNAL_RE.match(self.signal)
+        ):
+            raise ConfigError(
+                f"{where}: signal={self.signal!r} is not an sbatch --signal value; "
+                "write SIGNAL@SECONDS, e.g. 'USR1@120' (optionally 'B:USR1@120')"
+            )
         for key in ("partition", "qos", "container_image", "work_dir"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
@@ -194,26 +204,35 @@ class ClusterProfile:
             if isinstance(self.mem, bool) or not isinstance(self.mem, (str, int)):
                 raise ConfigError(f"{where}: 'mem' must be a size such as '64G' or '0'")
             self.mem = str(self.mem)
-        if self.cpus_per_task is not None and (isinstance(self.cpus_per_task, bool) or not
-                                               isinstance(self.cpus_per_task, int)
-                                               or self.cpus_per_task < 1):
-            raise ConfigError(f"{where}: 'cpus_per_task' must be an integer >= 1 "
-                              f"(got {self.cpus_per_task!r})")
+        if self.cpus_per_task is not None and (
+            isinstance(self.cpus_per_task, bool)
+            or not isinstance(self.cpus_per_task, int)
+            or self.cpus_per_task < 1
+        ):
+            raise ConfigError(
+                f"{where}: 'cpus_per_task' must be an integer >= 1 (got {self.cpus_per_task!r})"
+            )
         if isinstance(self.time, str):
-            self.time = {kind: self.time for kind in STEP_KINDS}
+            self.time = dict.fromkeys(STEP_KINDS, self.time)
         if not isinstance(self.time, dict):
-            raise ConfigError(f"{where}: 'time' must be a string or a mapping of "
-                              f"{', '.join(STEP_KINDS)} to HH:MM:SS or D-HH:MM:SS")
+            raise ConfigError(
+                f"{where}: 'time' must be a string or a mapping of "
+                f"{', '.join(STEP_KINDS)} to HH:MM:SS or D-HH:MM:SS"
+            )
         for kind, value in self.time.items():
             if kind not in STEP_KINDS:
-                raise ConfigError(f"{where}: unknown step '{kind}' under 'time'; use "
-                                  f"{', '.join(STEP_KINDS)}")
+                raise ConfigError(
+                    f"{where}: unknown step '{kind}' under 'time'; use {', '.join(STEP_KINDS)}"
+                )
             if not isinstance(value, str) or time_limit_seconds(value) is None:
-                raise ConfigError(f"{where}: time.{kind}={value!r} is not a SLURM time limit; "
-                                  "write HH:MM:SS or D-HH:MM:SS in quotes (minutes and "
-                                  "seconds below 60), e.g. '04:00:00'")
+                raise ConfigError(
+                    f"{where}: time.{kind}={value!r} is not a SLURM time limit; "
+                    "write HH:MM:SS or D-HH:MM:SS in quotes (minutes and "
+                    "seconds below 60), e.g. '04:00:00'"
+                )
         if not isinstance(self.container_mounts, list) or any(
-                not isinstance(m, str) or ":" not in m for m in self.container_mounts):
+            not isinstance(m, str) or ":" not in m for m in self.container_mounts
+        ):
             raise ConfigError(f"{where}: 'container_mounts' must be a list of 'SRC:DST' strings")
         if not isinstance(self.env, dict):
             raise ConfigError(f"{where}: 'env' must be a mapping of variable names to values")
@@ -232,8 +251,13 @@ class ClusterProfile:
         found = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            texts = (value if isinstance(value, list) else
-                     list(value.values()) if isinstance(value, dict) else [value])
+            texts = (
+                value
+                if isinstance(value, list)
+                else list(value.values())
+                if isinstance(value, dict)
+                else [value]
+            )
             if any(isinstance(t, str) and _PLACEHOLDER_RE.search(t) for t in texts):
                 found.append(f.name)
         return found
@@ -250,29 +274,43 @@ def load_profile(ref: str) -> ClusterProfile:
     if not path.is_file():
         path = resources.find("clusters", ref) or path
     if not path.is_file():
-        raise ConfigError(f"cluster profile {ref!r} not found (a file, or a name under "
-                          f"configs/clusters: {', '.join(list_profiles()) or 'none'})")
+        raise ConfigError(
+            f"cluster profile {ref!r} not found (a file, or a name under "
+            f"configs/clusters: {', '.join(list_profiles()) or 'none'})"
+        )
     data = read_yaml_mapping(path, "cluster profile fields")
     fields = {f.name for f in dataclasses.fields(ClusterProfile)} - {"name"}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ConfigError(f"cluster profile {path}: unknown field '{unknown[0]}'; valid fields: "
-                          f"{', '.join(sorted(fields))}")
+        raise ConfigError(
+            f"cluster profile {path}: unknown field '{unknown[0]}'; valid fields: "
+            f"{', '.join(sorted(fields))}"
+        )
     for key in ("account", "gpus_per_node"):
         if data.get(key) is None:
-            what = ("set the SLURM account to charge" if key == "account"
-                    else "set the number of GPUs on each node (0 for a CPU partition)")
+            what = (
+                "set the SLURM account to charge"
+                if key == "account"
+                else "set the number of GPUs on each node (0 for a CPU partition)"
+            )
             raise ConfigError(f"cluster profile {path}: '{key}' is missing; {what}")
     return ClusterProfile(**data, name=path.stem)
 
 
-def check_layout(profile: ClusterProfile, nodes: int, nproc_per_node: int, tp: int, pp: int,
-                 ) -> None:
+def check_layout(
+    profile: ClusterProfile,
+    nodes: int,
+    nproc_per_node: int,
+    tp: int,
+    pp: int,
+) -> None:
     """Refuse a training job whose processes cannot be split into TP*PP model replicas."""
     where = f"cluster profile '{profile.name}'"
     if profile.gpus_per_node and nproc_per_node > profile.gpus_per_node:
-        raise ConfigError(f"{where}: {nproc_per_node} processes per node exceed gpus_per_node="
-                          f"{profile.gpus_per_node}; lower --nproc or raise gpus_per_node")
+        raise ConfigError(
+            f"{where}: {nproc_per_node} processes per node exceed gpus_per_node="
+            f"{profile.gpus_per_node}; lower --nproc or raise gpus_per_node"
+        )
     world = nodes * nproc_per_node
     what = "GPUs" if profile.gpus_per_node else "processes"
     per_node = "gpus_per_node" if profile.gpus_per_node else "processes per node"
@@ -280,7 +318,8 @@ def check_layout(profile: ClusterProfile, nodes: int, nproc_per_node: int, tp: i
         raise ConfigError(
             f"{where}: nodes*{per_node} = {nodes}*{nproc_per_node} = {world} {what} is not "
             f"divisible by TP*PP = {tp}*{pp} = {tp * pp}; use a multiple of {tp * pp} {what} "
-            "or change parallel.tensor_model_parallel_size / pipeline_model_parallel_size")
+            "or change parallel.tensor_model_parallel_size / pipeline_model_parallel_size"
+        )
 
 
 def sbatch_fields(profile: ClusterProfile, kind: str) -> dict[str, Any]:
@@ -311,18 +350,38 @@ def agent_args(profile: ClusterProfile, nodes: int, nproc_per_node: int) -> list
     id as node rank; the ``$`` words are expanded by the batch script's shell.
     """
     if nodes == 1:
-        return ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc_per_node),
-                "--tee", "3"]
+        return [
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(nproc_per_node),
+            "--tee",
+            "3",
+        ]
     own_store = profile.container_image is None
     port = "${PROBSFT_RDZV_PORT}" if own_store else str(RDZV_PORT)
-    return ["--rdzv-backend", RDZV_BACKEND, "--rdzv-endpoint", f"$head_node_ip:{port}",
-            "--rdzv-id", "$SLURM_JOB_ID", "--nnodes", str(nodes),
-            "--nproc-per-node", str(nproc_per_node), "--node-rank", "$SLURM_NODEID",
-            "--tee", "3"]
+    return [
+        "--rdzv-backend",
+        RDZV_BACKEND,
+        "--rdzv-endpoint",
+        f"$head_node_ip:{port}",
+        "--rdzv-id",
+        "$SLURM_JOB_ID",
+        "--nnodes",
+        str(nodes),
+        "--nproc-per-node",
+        str(nproc_per_node),
+        "--node-rank",
+        "$SLURM_NODEID",
+        "--tee",
+        "3",
+    ]
 
 
-def slurm_executor(profile: ClusterProfile, kind: str, *, job_dir: str, nodes: int,
-                   nproc_per_node: int) -> Any:
+def slurm_executor(
+    profile: ClusterProfile, kind: str, *, job_dir: str, nodes: int, nproc_per_node: int
+) -> Any:
     """The NeMo-Run ``SlurmExecutor`` of one step.
 
     ``train`` runs on ``nodes`` nodes, one srun task per node running the training agent

@@ -16,6 +16,7 @@ it takes the store down as soon as it exits, and the agents still shutting down 
 connection-error stack trace although the run succeeded. The store binds a free port, writes
 it to ``--port-file`` (atomically) and lives until its parent, the batch script, exits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,29 +47,35 @@ def export_latest(train_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     train_dir, out = Path(train_dir), Path(out)
     ckpt = latest_checkpoint(train_dir / "checkpoints")
     if ckpt is None:
-        raise CheckpointError(f"no complete checkpoint under {train_dir / 'checkpoints'}; "
-                              "the train step did not finish (see its log)")
+        raise CheckpointError(
+            f"no complete checkpoint under {train_dir / 'checkpoints'}; "
+            "the train step did not finish (see its log)"
+        )
     staging = out.parent / f".{out.name}.export"
     megatron_to_hf(ckpt, staging, overwrite=True)
     state = json.loads((ckpt / "train_state.json").read_text())
     if not any((staging / name).is_file() for name in _TOKENIZER_FILES):
         spec = state.get("config", {}).get("init", {}).get("tokenizer")
         if not spec:
-            raise CheckpointError(f"{ckpt} has no hf/ template and its run named no "
-                                  "init.tokenizer, so the export would have no tokenizer")
+            raise CheckpointError(
+                f"{ckpt} has no hf/ template and its run named no "
+                "init.tokenizer, so the export would have no tokenizer"
+            )
         from probsft_megatron.tokenizers import load_tokenizer
 
         load_tokenizer(spec).save_pretrained(staging)
-    (staging / EXPORT_INFO).write_text(json.dumps(
-        {"checkpoint": str(ckpt), "step": state.get("step")}, indent=2) + "\n")
+    (staging / EXPORT_INFO).write_text(
+        json.dumps({"checkpoint": str(ckpt), "step": state.get("step")}, indent=2) + "\n"
+    )
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
     return out
 
 
-def serve_rdzv_store(port_file: str | os.PathLike, *, poll_s: float = 1.0,
-                     max_s: float | None = None) -> None:
+def serve_rdzv_store(
+    port_file: str | os.PathLike, *, poll_s: float = 1.0, max_s: float | None = None
+) -> None:
     """Host a multi-tenant ``TCPStore`` on a free port, write the port to ``port_file`` and
     serve until the parent process exits (or ``max_s`` seconds pass, or SIGTERM)."""
     from datetime import timedelta
@@ -78,21 +85,29 @@ def serve_rdzv_store(port_file: str | os.PathLike, *, poll_s: float = 1.0,
     from probsft_megatron.fileio import atomic_write_text
 
     parent = os.getppid()
-    store = TCPStore("0.0.0.0", 0, is_master=True, multi_tenant=True, wait_for_workers=False,
-                     timeout=timedelta(seconds=60))
+    store = TCPStore(
+        "0.0.0.0",
+        0,
+        is_master=True,
+        multi_tenant=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=60),
+    )
     atomic_write_text(port_file, f"{store.port}\n")
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     start = time.monotonic()
-    while not stop and os.getppid() == parent and (max_s is None or
-                                                   time.monotonic() - start < max_s):
+    while (
+        not stop and os.getppid() == parent and (max_s is None or time.monotonic() - start < max_s)
+    ):
         time.sleep(poll_s)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line of the run-time helpers; user errors print one line and exit 2."""
-    ap = argparse.ArgumentParser(prog="python -m probsft_megatron.launchers.steps",
-                                 description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m probsft_megatron.launchers.steps", description=__doc__.splitlines()[0]
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("export", help="export the newest complete checkpoint of a run to HF")
     p.add_argument("--train-dir", required=True, help="the run's train.output_dir")

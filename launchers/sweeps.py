@@ -13,6 +13,7 @@ from a threshold table (``--thresholds``, default the sweep's ``thresholds`` ent
 NuminaMath-CoT). The run keeps the percentile in its name (``...-OnlyTopP-K20``) and trains
 with the absolute threshold (``OnlyTopP-0.5858418226242066``).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,6 @@ from probsft_megatron.config import read_yaml_mapping
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.launchers.experiment import RunRequest
 from probsft_megatron.objectives import parse_objective
-
 
 
 @dataclass
@@ -62,8 +62,10 @@ class ThresholdTable:
         k = objective.threshold.value
         if k not in self.percentiles:
             known = ", ".join(f"{p:g}" for p in sorted(self.percentiles))
-            raise ConfigError(f"threshold table {self.source} has no {k:g}th percentile (for "
-                              f"{name}); it lists {known}")
+            raise ConfigError(
+                f"threshold table {self.source} has no {k:g}th percentile (for "
+                f"{name}); it lists {known}"
+            )
         prefix = objective.name.rsplit("-", 1)[0]
         return parse_objective(f"{prefix}-{self.percentiles[k]!r}").name
 
@@ -96,23 +98,39 @@ def load_sweep(ref: str, _seen: tuple[str, ...] = ()) -> list[Sweep]:
     allowed = {"description", "settings", "objectives", "thresholds", "sweeps"}
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise ConfigError(f"sweep {path}: unknown key '{unknown[0]}'; valid keys: "
-                          f"{', '.join(sorted(allowed))}")
+        raise ConfigError(
+            f"sweep {path}: unknown key '{unknown[0]}'; valid keys: {', '.join(sorted(allowed))}"
+        )
     if "sweeps" in data:
         return [s for part in data["sweeps"] for s in load_sweep(str(part), _seen + (path.stem,))]
     settings = []
     for item in data.get("settings") or []:
-        if not isinstance(item, dict) or not {"dataset", "model"} <= set(item) or \
-                set(item) - {"dataset", "model", "set"}:
-            raise ConfigError(f"sweep {path}: each setting needs dataset and model (and "
-                              f"optionally set: [key=value, ...]); got {item!r}")
-        settings.append(Setting(str(item["dataset"]), str(item["model"]),
-                                [str(o) for o in item.get("set") or []]))
+        if (
+            not isinstance(item, dict)
+            or not {"dataset", "model"} <= set(item)
+            or set(item) - {"dataset", "model", "set"}
+        ):
+            raise ConfigError(
+                f"sweep {path}: each setting needs dataset and model (and "
+                f"optionally set: [key=value, ...]); got {item!r}"
+            )
+        settings.append(
+            Setting(
+                str(item["dataset"]), str(item["model"]), [str(o) for o in item.get("set") or []]
+            )
+        )
     objectives = [str(o) for o in data.get("objectives") or []]
     if not settings or not objectives:
         raise ConfigError(f"sweep {path} needs at least one setting and one objective")
-    return [Sweep(path.stem, str(data.get("description", "")), settings, objectives,
-                  data.get("thresholds"))]
+    return [
+        Sweep(
+            path.stem,
+            str(data.get("description", "")),
+            settings,
+            objectives,
+            data.get("thresholds"),
+        )
+    ]
 
 
 def load_threshold_table(ref: str) -> ThresholdTable:
@@ -121,14 +139,23 @@ def load_threshold_table(ref: str) -> ThresholdTable:
     data = read_yaml_mapping(path, "a threshold table")
     table = data.get("percentiles")
     if not isinstance(table, dict) or not table:
-        raise ConfigError(f"threshold table {path}: 'percentiles' must map percentiles "
-                          "(0-100) to absolute probabilities")
+        raise ConfigError(
+            f"threshold table {path}: 'percentiles' must map percentiles "
+            "(0-100) to absolute probabilities"
+        )
     percentiles = {}
     for k, q in table.items():
-        if not (isinstance(k, (int, float)) and isinstance(q, (int, float))
-                and 0 <= k <= 100 and 0 <= q <= 1 and math.isfinite(q)):
-            raise ConfigError(f"threshold table {path}: entry {k!r}: {q!r} must be a "
-                              "percentile in [0, 100] mapped to a probability in [0, 1]")
+        if not (
+            isinstance(k, (int, float))
+            and isinstance(q, (int, float))
+            and 0 <= k <= 100
+            and 0 <= q <= 1
+            and math.isfinite(q)
+        ):
+            raise ConfigError(
+                f"threshold table {path}: entry {k!r}: {q!r} must be a "
+                "percentile in [0, 100] mapped to a probability in [0, 1]"
+            )
         percentiles[float(k)] = float(q)
     return ThresholdTable(str(path), data.get("model"), data.get("dataset"), percentiles)
 
@@ -142,22 +169,31 @@ def resolve_with_probe(report: str, names: list[str]) -> dict[str, str]:
     try:
         from probsft_megatron.probe import resolve_threshold_names
     except ImportError:
-        raise ConfigError("--probe-report needs `probsft probe`, which this build does not "
-                          "have; pass --thresholds TABLE instead") from None
+        raise ConfigError(
+            "--probe-report needs `probsft probe`, which this build does not "
+            "have; pass --thresholds TABLE instead"
+        ) from None
     resolved = resolve_threshold_names(report, names)
     out = {}
     for name in names:
         value = resolved[name]
         prefix = parse_objective(name).name.rsplit("-", 1)[0]
-        out[name] = parse_objective(value if isinstance(value, str)
-                                    else f"{prefix}-{float(value)!r}").name
+        out[name] = parse_objective(
+            value if isinstance(value, str) else f"{prefix}-{float(value)!r}"
+        ).name
     return out
 
 
-def expand_sweep(ref: str, *, dataset: str | None = None, model: str | None = None,
-                 only: list[str] | None = None, thresholds: str | None = None,
-                 probe_report: str | None = None, overrides: list[str] | None = None,
-                 ) -> tuple[list[RunRequest], list[str]]:
+def expand_sweep(
+    ref: str,
+    *,
+    dataset: str | None = None,
+    model: str | None = None,
+    only: list[str] | None = None,
+    thresholds: str | None = None,
+    probe_report: str | None = None,
+    overrides: list[str] | None = None,
+) -> tuple[list[RunRequest], list[str]]:
     """The runs of a sweep and notes about how its thresholds were resolved.
 
     ``dataset`` / ``model`` replace those of every setting (e.g. to try a sweep on a small
@@ -181,12 +217,16 @@ def expand_sweep(ref: str, *, dataset: str | None = None, model: str | None = No
             else:
                 table_ref = thresholds or sweep.thresholds
                 if table_ref is None:
-                    raise ConfigError(f"sweep {sweep.name} names percentile thresholds; pass "
-                                      "--probe-report REPORT or --thresholds TABLE")
+                    raise ConfigError(
+                        f"sweep {sweep.name} names percentile thresholds; pass "
+                        "--probe-report REPORT or --thresholds TABLE"
+                    )
                 table = load_threshold_table(table_ref)
                 resolved = {name: table.resolve(name) for name in percentile_names}
-                notes.append(f"percentile thresholds from {table.source} "
-                             f"(measured for {table.model} on {table.dataset})")
+                notes.append(
+                    f"percentile thresholds from {table.source} "
+                    f"(measured for {table.model} on {table.dataset})"
+                )
         settings: list[Setting] = []
         for s in sweep.settings:
             setting = Setting(dataset or s.dataset, model or s.model, s.overrides)
@@ -195,14 +235,22 @@ def expand_sweep(ref: str, *, dataset: str | None = None, model: str | None = No
         if percentile_names and not probe_report:
             for s in settings:
                 if (s.model, s.dataset) != (table.model, table.dataset):
-                    notes.append(f"the thresholds were measured for {table.model} "
-                                 f"on {table.dataset}, not {s.model} on {s.dataset}; measure "
-                                 "them with `probsft probe` and pass --probe-report")
+                    notes.append(
+                        f"the thresholds were measured for {table.model} "
+                        f"on {table.dataset}, not {s.model} on {s.dataset}; measure "
+                        "them with `probsft probe` and pass --probe-report"
+                    )
         for s in settings:
             for label in labels:
-                requests.append(RunRequest(s.dataset, s.model, resolved.get(label, label),
-                                           label=label,
-                                           overrides=[*s.overrides, *(overrides or [])]))
+                requests.append(
+                    RunRequest(
+                        s.dataset,
+                        s.model,
+                        resolved.get(label, label),
+                        label=label,
+                        overrides=[*s.overrides, *(overrides or [])],
+                    )
+                )
     unknown = sorted(wanted - seen_labels)
     if unknown:
         raise ConfigError(f"--only {unknown[0]} is not an objective of sweep {ref}")

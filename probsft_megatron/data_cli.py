@@ -15,6 +15,7 @@ eval`` run of the same questions into training data in the model's own words (th
 completions its grader marked correct). ``inspect`` tokenizes exactly as training does and
 reports the record count, token lengths and what ``data.max_length`` would cut.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,43 +30,73 @@ from probsft_megatron.input_checks import DATA_SUFFIXES
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
-    sub.add_parser("tasks", help="list the generated tasks",
-                   description="list the generated tasks")
+    sub.add_parser("tasks", help="list the generated tasks", description="list the generated tasks")
 
-    g = sub.add_parser("generate", help="write a generated task as JSON lines",
-                       description="write a generated task as JSON lines")
+    g = sub.add_parser(
+        "generate",
+        help="write a generated task as JSON lines",
+        description="write a generated task as JSON lines",
+    )
     g.add_argument("task", help="task name (probsft data tasks lists them)")
     g.add_argument("--out", required=True, help="output .jsonl file (written atomically)")
-    g.add_argument("--split", default="train", choices=("train", "test"),
-                   help="train or test items (disjoint by construction)")
+    g.add_argument(
+        "--split",
+        default="train",
+        choices=("train", "test"),
+        help="train or test items (disjoint by construction)",
+    )
     g.add_argument("--n", type=int, help="number of records (default: the whole split)")
     g.add_argument("--seed", type=int, default=0, help="which items, in which order")
-    g.add_argument("--max-records", type=int, metavar="N",
-                   help="keep at most the first N records (after --from-eval filtering, "
-                        "before --corrupt)")
-    g.add_argument("--corrupt", type=float, default=0.0, metavar="FRACTION",
-                   help="replace this fraction of responses by wrong answers (noise studies)")
-    g.add_argument("--render-with", metavar="TOKENIZER",
-                   help="render prompts with this tokenizer's chat template (a folder or "
-                        "'smollm2'), for probsft eval --task custom --prompt-format raw")
-    g.add_argument("--from-eval", metavar="SAMPLES",
-                   help="self-addition: keep the correct completions of this probsft eval "
-                        "samples.jsonl (evaluated on the same --split/--n/--seed questions)")
+    g.add_argument(
+        "--max-records",
+        type=int,
+        metavar="N",
+        help="keep at most the first N records (after --from-eval filtering, before --corrupt)",
+    )
+    g.add_argument(
+        "--corrupt",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="replace this fraction of responses by wrong answers (noise studies)",
+    )
+    g.add_argument(
+        "--render-with",
+        metavar="TOKENIZER",
+        help="render prompts with this tokenizer's chat template (a folder or "
+        "'smollm2'), for probsft eval --task custom --prompt-format raw",
+    )
+    g.add_argument(
+        "--from-eval",
+        metavar="SAMPLES",
+        help="self-addition: keep the correct completions of this probsft eval "
+        "samples.jsonl (evaluated on the same --split/--n/--seed questions)",
+    )
 
-    i = sub.add_parser("inspect", help="token lengths, truncation and a sample of a dataset",
-                       description="token lengths, truncation and a sample of a dataset")
+    i = sub.add_parser(
+        "inspect",
+        help="token lengths, truncation and a sample of a dataset",
+        description="token lengths, truncation and a sample of a dataset",
+    )
     _inspect_options(i)
     # everything from the data argument on is re-read with parse_intermixed_args, so that
     # data.* overrides may follow the options: `inspect FILE --tokenizer T data.max_length=512`
-    i.add_argument("items", nargs=argparse.REMAINDER, metavar="DATA [data.key=value ...]",
-                   help="a .jsonl/.json/.parquet file, 'figfont', or a recipe; then data "
-                        "overrides, e.g. data.max_length=512")
+    i.add_argument(
+        "items",
+        nargs=argparse.REMAINDER,
+        metavar="DATA [data.key=value ...]",
+        help="a .jsonl/.json/.parquet file, 'figfont', or a recipe; then data "
+        "overrides, e.g. data.max_length=512",
+    )
     p.set_defaults(_data_parser=p)
 
 
 def _inspect_options(i: argparse.ArgumentParser) -> None:
-    i.add_argument("--tokenizer", help="tokenizer folder or 'smollm2' (default: a recipe's "
-                                       "init.tokenizer / init.checkpoint; smollm2 for files)")
+    i.add_argument(
+        "--tokenizer",
+        help="tokenizer folder or 'smollm2' (default: a recipe's "
+        "init.tokenizer / init.checkpoint; smollm2 for files)",
+    )
     i.add_argument("--limit", type=int, help="inspect only the first N records")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -81,9 +112,11 @@ def _inspect_args(args: argparse.Namespace) -> argparse.Namespace:
     try:
         later = parser.parse_intermixed_args(args.items)
     except SystemExit:
-        raise ConfigError(f"cannot read the inspect arguments {' '.join(args.items)!r}; "
-                          "usage: probsft data inspect DATA [--tokenizer T] [--limit N] "
-                          "[--json] [data.key=value ...]") from None
+        raise ConfigError(
+            f"cannot read the inspect arguments {' '.join(args.items)!r}; "
+            "usage: probsft data inspect DATA [--tokenizer T] [--limit N] "
+            "[--json] [data.key=value ...]"
+        ) from None
     for key in ("tokenizer", "limit"):
         if getattr(later, key) is None:
             setattr(later, key, getattr(args, key))
@@ -98,8 +131,10 @@ def run(args: argparse.Namespace) -> int:
         return _generate(args)
     if args.data_command == "inspect":
         return _inspect(args)
-    raise ConfigError("probsft data needs an action: tasks, generate TASK --out FILE, or "
-                      "inspect DATA (probsft data --help)")
+    raise ConfigError(
+        "probsft data needs an action: tasks, generate TASK --out FILE, or "
+        "inspect DATA (probsft data --help)"
+    )
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -108,10 +143,18 @@ def run(args: argparse.Namespace) -> int:
 def _tasks() -> int:
     from probsft_megatron import tasks_gen
 
-    rows = [(name, spec.description, str(spec.max_length), spec.grader)
-            for name, spec in tasks_gen.TASKS.items()]
-    rows.append((tasks_gen.FIGFONT, "the paper's figlet-font task (40,000 train, 5,000 test)",
-                 "800", "jaro_winkler"))
+    rows = [
+        (name, spec.description, str(spec.max_length), spec.grader)
+        for name, spec in tasks_gen.TASKS.items()
+    ]
+    rows.append(
+        (
+            tasks_gen.FIGFONT,
+            "the paper's figlet-font task (40,000 train, 5,000 test)",
+            "800",
+            "jaro_winkler",
+        )
+    )
     header = ("task", "description", "max_length", "grader")
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(4)]
     for r in [header, tuple("-" * w for w in widths), *rows]:
@@ -122,10 +165,17 @@ def _tasks() -> int:
 # ----------------------------------------------------------------------------- generate
 
 
-def generate(task: str, *, split: str = "train", n: int | None = None, seed: int = 0,
-             corrupt: float = 0.0, render_with: str | None = None,
-             from_eval: str | None = None,
-             max_records: int | None = None) -> tuple[list[dict], dict]:
+def generate(
+    task: str,
+    *,
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    corrupt: float = 0.0,
+    render_with: str | None = None,
+    from_eval: str | None = None,
+    max_records: int | None = None,
+) -> tuple[list[dict], dict]:
     """The records ``probsft data generate`` writes, and counts for its summary line."""
     from probsft_megatron import tasks_gen
 
@@ -137,9 +187,11 @@ def generate(task: str, *, split: str = "train", n: int | None = None, seed: int
         recs, counts = tasks_gen.self_answer_records(recs, from_eval)
         info.update(counts, records=len(recs))
         if not recs:
-            raise ConfigError(f"none of the {counts['questions']} completions in {from_eval} "
-                              "was correct and complete; evaluate with a larger "
-                              "--max-new-tokens or more questions")
+            raise ConfigError(
+                f"none of the {counts['questions']} completions in {from_eval} "
+                "was correct and complete; evaluate with a larger "
+                "--max-new-tokens or more questions"
+            )
     if max_records is not None:
         if max_records < 1:
             raise ConfigError(f"--max-records must be >= 1, got {max_records}")
@@ -167,8 +219,10 @@ def _generate(args: argparse.Namespace) -> int:
 
     problem = writable_folder(out.absolute().parent)
     if problem is not None:
-        raise ConfigError(f"--out {out} cannot be written: its folder {out.absolute().parent} "
-                          f"{problem}; name a file in a folder that can be written")
+        raise ConfigError(
+            f"--out {out} cannot be written: its folder {out.absolute().parent} "
+            f"{problem}; name a file in a folder that can be written"
+        )
     for flag, value in (("--n", args.n), ("--max-records", args.max_records)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
@@ -176,16 +230,27 @@ def _generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--corrupt must be a fraction in [0, 1] (got {args.corrupt})")
     if args.from_eval is not None:
         if not Path(args.from_eval).is_file():
-            raise ConfigError(f"--from-eval {args.from_eval} is not a file; name the "
-                              "samples.jsonl of a probsft eval run")
+            raise ConfigError(
+                f"--from-eval {args.from_eval} is not a file; name the "
+                "samples.jsonl of a probsft eval run"
+            )
         from probsft_megatron.manifest import overlap
 
         if overlap(out, args.from_eval) == "is":
-            raise ConfigError(f"--out {out} is the input --from-eval {args.from_eval}: writing "
-                              "it would destroy the input; choose another --out")
-    recs, info = generate(args.task, split=args.split, n=args.n, seed=args.seed,
-                          corrupt=args.corrupt, render_with=args.render_with,
-                          from_eval=args.from_eval, max_records=args.max_records)
+            raise ConfigError(
+                f"--out {out} is the input --from-eval {args.from_eval}: writing "
+                "it would destroy the input; choose another --out"
+            )
+    recs, info = generate(
+        args.task,
+        split=args.split,
+        n=args.n,
+        seed=args.seed,
+        corrupt=args.corrupt,
+        render_with=args.render_with,
+        from_eval=args.from_eval,
+        max_records=args.max_records,
+    )
     atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in recs))
     extra = "".join(f", {k} {v}" for k, v in info.items() if k != "records")
     print(f"wrote {len(recs)} {args.task} {args.split} records to {out}{extra}")
@@ -203,22 +268,29 @@ def _resolve(spec: str, overrides: list[str], tokenizer: str | None):
     if spec == "figfont" or Path(spec).suffix.lower() in DATA_SUFFIXES:
         return data_config(spec, overrides, "probsft data inspect"), tokenizer or "smollm2"
     if Path(spec).is_file() and Path(spec).suffix.lower() not in (".yaml", ".yml"):
-        raise ConfigError(f"cannot tell what {spec} is from its name: probsft data inspect takes "
-                          "a .jsonl/.json/.parquet data file, 'figfont' or a recipe (.yaml); "
-                          "rename the file")
+        raise ConfigError(
+            f"cannot tell what {spec} is from its name: probsft data inspect takes "
+            "a .jsonl/.json/.parquet data file, 'figfont' or a recipe (.yaml); "
+            "rename the file"
+        )
     bad = [o for o in overrides if not o.strip().startswith("data.")]
     if bad:
-        raise ConfigError(f"override {bad[0]!r} is not a data.* key; `probsft data inspect` "
-                          "only takes data overrides (e.g. data.max_length=2048)")
+        raise ConfigError(
+            f"override {bad[0]!r} is not a data.* key; `probsft data inspect` "
+            "only takes data overrides (e.g. data.max_length=2048)"
+        )
     cfg = load_config(spec, overrides)
     cfg.data.validate()
     if tokenizer is None:
-        tokenizer = cfg.init.tokenizer or (str(Path(cfg.init.checkpoint) / "hf")
-                                           if cfg.init.checkpoint else None)
+        tokenizer = cfg.init.tokenizer or (
+            str(Path(cfg.init.checkpoint) / "hf") if cfg.init.checkpoint else None
+        )
     if tokenizer is None:
-        raise ConfigError(f"recipe {spec} names no tokenizer (init.tokenizer or "
-                          "init.checkpoint); pass --tokenizer DIR (a folder with tokenizer "
-                          "files) or --tokenizer smollm2")
+        raise ConfigError(
+            f"recipe {spec} names no tokenizer (init.tokenizer or "
+            "init.checkpoint); pass --tokenizer DIR (a folder with tokenizer "
+            "files) or --tokenizer smollm2"
+        )
     return cfg.data, tokenizer
 
 
@@ -226,12 +298,21 @@ def _spread(values) -> dict:
     import numpy as np
 
     v = np.asarray(values)
-    return {"min": int(v.min()), "median": float(np.median(v)),
-            "p95": float(np.percentile(v, 95)), "max": int(v.max()), "mean": float(v.mean())}
+    return {
+        "min": int(v.min()),
+        "median": float(np.median(v)),
+        "p95": float(np.percentile(v, 95)),
+        "max": int(v.max()),
+        "mean": float(v.mean()),
+    }
 
 
-def inspect(spec: str, overrides: list[str] | None = None, tokenizer: str | None = None,
-            limit: int | None = None) -> dict:
+def inspect(
+    spec: str,
+    overrides: list[str] | None = None,
+    tokenizer: str | None = None,
+    limit: int | None = None,
+) -> dict:
     """Records, token lengths (untruncated), and what ``data.max_length`` cuts or drops."""
     from probsft_megatron.data import SFTDataset, load_records
     from probsft_megatron.tokenizers import load_tokenizer
@@ -244,8 +325,9 @@ def inspect(spec: str, overrides: list[str] | None = None, tokenizer: str | None
     tok = load_tokenizer(tok_spec)
     records = load_records(cfg)
     # untruncated lengths: the same tokenization with room for everything
-    whole = SFTDataset(dataclasses.replace(cfg, max_length=2 ** 31 - 1, truncation="right"),
-                       tok, records)
+    whole = SFTDataset(
+        dataclasses.replace(cfg, max_length=2**31 - 1, truncation="right"), tok, records
+    )
     lengths, prompts = whole.lengths, whole.prompt_lengths
     limit_len = cfg.max_length
     over = lengths > limit_len
@@ -253,40 +335,61 @@ def inspect(spec: str, overrides: list[str] | None = None, tokenizer: str | None
     first_ids = whole[0]["input_ids"].tolist()
     p0 = int(prompts[0])
     return {
-        "data": spec, "tokenizer": tok_spec, "records": len(records),
+        "data": spec,
+        "tokenizer": tok_spec,
+        "records": len(records),
         "chat_template": whole.template is not None,
         "template_fallback": whole.stats["n_template_fallback"],
-        "tokens": {"total": _spread(lengths), "prompt": _spread(prompts),
-                   "response": _spread(lengths - prompts)},
+        "tokens": {
+            "total": _spread(lengths),
+            "prompt": _spread(prompts),
+            "response": _spread(lengths - prompts),
+        },
         "max_length": limit_len,
-        "truncated": int((over & ~dropped).sum()), "dropped": int(dropped.sum()),
-        "response_tokens_lost": int((lengths[over & ~dropped] - limit_len).sum()
-                                    + (lengths[dropped] - prompts[dropped]).sum()),
-        "sample": {"origin": records[0].get("origin"),
-                   "prompt": tok.decode(first_ids[:p0]),
-                   "response": tok.decode(first_ids[p0:]),
-                   "tokens": len(first_ids), "prompt_tokens": p0},
+        "truncated": int((over & ~dropped).sum()),
+        "dropped": int(dropped.sum()),
+        "response_tokens_lost": int(
+            (lengths[over & ~dropped] - limit_len).sum()
+            + (lengths[dropped] - prompts[dropped]).sum()
+        ),
+        "sample": {
+            "origin": records[0].get("origin"),
+            "prompt": tok.decode(first_ids[:p0]),
+            "response": tok.decode(first_ids[p0:]),
+            "tokens": len(first_ids),
+            "prompt_tokens": p0,
+        },
     }
 
 
 def format_report(r: dict) -> str:
-    lines = [f"{r['data']}: {r['records']} records, tokenizer {r['tokenizer']}, chat template "
-             f"{'yes' if r['chat_template'] else 'no'}"
-             + (f" ({r['template_fallback']} tokenized separately)"
-                if r["template_fallback"] else ""), "",
-             "tokens      min   median      p95      max     mean"]
+    lines = [
+        f"{r['data']}: {r['records']} records, tokenizer {r['tokenizer']}, chat template "
+        f"{'yes' if r['chat_template'] else 'no'}"
+        + (f" ({r['template_fallback']} tokenized separately)" if r["template_fallback"] else ""),
+        "",
+        "tokens      min   median      p95      max     mean",
+    ]
     for key in ("total", "prompt", "response"):
         s = r["tokens"][key]
-        lines.append(f"{key:<9}{s['min']:>6} {s['median']:>8.1f} {s['p95']:>8.1f} "
-                     f"{s['max']:>8} {s['mean']:>8.1f}")
+        lines.append(
+            f"{key:<9}{s['min']:>6} {s['median']:>8.1f} {s['p95']:>8.1f} "
+            f"{s['max']:>8} {s['mean']:>8.1f}"
+        )
     n = r["records"]
-    lines += ["", f"data.max_length={r['max_length']}: {r['truncated']} of {n} examples "
-              f"would be cut ({100 * r['truncated'] / n:.1f}%), {r['dropped']} dropped (prompt "
-              f"alone too long), {r['response_tokens_lost']} response tokens lost",
-              "", f"sample ({r['sample']['origin']}, {r['sample']['tokens']} tokens, "
-              f"{r['sample']['prompt_tokens']} prompt):",
-              "--- prompt ---", r["sample"]["prompt"], "--- response (trained) ---",
-              r["sample"]["response"]]
+    lines += [
+        "",
+        f"data.max_length={r['max_length']}: {r['truncated']} of {n} examples "
+        f"would be cut ({100 * r['truncated'] / n:.1f}%), {r['dropped']} dropped (prompt "
+        f"alone too long), {r['response_tokens_lost']} response tokens lost",
+        "",
+        f"sample ({r['sample']['origin']}, {r['sample']['tokens']} tokens, "
+        f"{r['sample']['prompt_tokens']} prompt):",
+        "--- prompt ---",
+        r["sample"]["prompt"],
+        "--- response (trained) ---",
+        r["sample"]["response"],
+    ]
     return "\n".join(lines)
 
 

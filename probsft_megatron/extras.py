@@ -13,14 +13,24 @@ The module lists below must name what ``pyproject.toml`` installs for each extra
 (tests/test_install.py checks it). Only the presence of a module is checked here, with
 ``importlib.util.find_spec``: nothing is imported, so the check costs nothing.
 """
+
 from __future__ import annotations
 
 import importlib.util
 
 # extra -> top-level modules it provides (the import names, not the pip names)
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    "train": ("transformers", "tokenizers", "safetensors", "tqdm", "pyarrow",
-              "reasoning_gym", "pyfiglet", "tensorboard", "matplotlib"),
+    "train": (
+        "transformers",
+        "tokenizers",
+        "safetensors",
+        "tqdm",
+        "pyarrow",
+        "reasoning_gym",
+        "pyfiglet",
+        "tensorboard",
+        "matplotlib",
+    ),
     "eval": ("vllm", "math_verify", "transformers", "tqdm"),
     "launch": ("nemo_run", "leptonai"),
 }
@@ -81,13 +91,21 @@ def explain_missing(subcommand: str, module_name: str, missing: str | None) -> s
     missing = missing or "?"
     extra = extra_of(missing, subcommand)
     if extra is not None:
-        return (f"`probsft {subcommand}` needs the [{extra}] extra, and its module "
-                f"'{missing}' is not installed: {install_hint(extra)}")
+        return (
+            f"`probsft {subcommand}` needs the [{extra}] extra, and its module "
+            f"'{missing}' is not installed: {install_hint(extra)}"
+        )
     if missing == module_name or module_name.startswith(missing + "."):
-        return (f"`probsft {subcommand}` is registered but its module {module_name} is not part "
-                f"of this installation of {DIST_NAME}; reinstall it, or use another subcommand")
+        return (
+            f"`probsft {subcommand}` is registered but its module {module_name} is not part "
+            f"of this installation of {DIST_NAME}; reinstall it, or use another subcommand"
+        )
     if missing.split(".")[0] == "probsft_megatron":
-        return (f"`probsft {subcommand}` cannot start: module {missing} is missing from this "
-                f"installation of {DIST_NAME}; reinstall it")
-    return (f"`probsft {subcommand}` cannot start: module '{missing}' (needed by {module_name}) "
-            f"is not installed; install it with pip")
+        return (
+            f"`probsft {subcommand}` cannot start: module {missing} is missing from this "
+            f"installation of {DIST_NAME}; reinstall it"
+        )
+    return (
+        f"`probsft {subcommand}` cannot start: module '{missing}' (needed by {module_name}) "
+        f"is not installed; install it with pip"
+    )

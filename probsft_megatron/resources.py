@@ -15,6 +15,7 @@ A named item of one kind (``recipes``, ``models``, ``clusters``, ``sweeps``,
 
 A path to an existing file is always used as it is; callers check that before asking here.
 """
+
 from __future__ import annotations
 
 import os

@@ -28,15 +28,17 @@ Every record has ``prompt``, ``response``, ``reference`` (what an evaluation com
 ``task``, ``id`` (unique within the split) and ``corrupted`` (see :func:`corrupt`).
 ``probsft data generate`` writes them; ``benchmarks/continuum_sweep.py`` trains on them.
 """
+
 from __future__ import annotations
 
 import json
 import random
 import re
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from probsft_megatron.errors import ConfigError, DataError
 
@@ -44,12 +46,16 @@ SPLITS = ("train", "test")
 TEST_SHARE = 4
 """One pool item in ``TEST_SHARE`` goes to the test split (by a stable hash of the item)."""
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-         "fourteen fifteen sixteen seventeen eighteen nineteen").split()
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen "
+    "fourteen fifteen sixteen seventeen eighteen nineteen"
+).split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 # Common English words of 2-6 letters (no proper nouns), the pool of the word tasks.
-WORDS = tuple(dict.fromkeys("""
+WORDS = tuple(
+    dict.fromkeys(
+        """
 able acid aged also area army away baby back ball band bank base bath bear beat bed bell
 belt best bird blow blue boat body bone book boot born boss both bowl box boy bread bus
 busy cake call calm camp card care cart case cash cat cell chat chef city clay club coal
@@ -83,7 +89,9 @@ crow cube dart deer dime dock doll dove duke dune fawn fern foam fork frost glue
 harp hawk herb hive hook hoop horn jade kelp knee knot lace lamb lime loaf mane mare maze
 mill mole moss moth mule nose nut opal pear pest pine pole puma rake reef rope rust sack
 seal shed silo slab sled slug snail sofa swan tent toad tusk vase vest vine wasp whip yarn
-""".split()))
+""".split()
+    )
+)
 
 
 def number_words(n: int) -> str:
@@ -209,7 +217,7 @@ def _scrambled(word: str, rng: random.Random) -> str:
             return "".join(letters)
     i = rng.randrange(len(word))
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if word.isupper() else "abcdefghijklmnopqrstuvwxyz"
-    return word[:i] + rng.choice([c for c in alphabet if c != word[i]]) + word[i + 1:]
+    return word[:i] + rng.choice([c for c in alphabet if c != word[i]]) + word[i + 1 :]
 
 
 FIGLET_FONT = "mini"
@@ -222,8 +230,14 @@ def _figlet(word):
     return f"Which word is drawn here?\n{art}", word.upper(), word.upper()
 
 
-SELF_TEMPLATES = ("What is {a} + {b}?", "What is {a} plus {b}?", "Calculate {a} + {b}.",
-                  "What is the sum of {a} and {b}?", "Add {a} and {b}.", "How much is {a} + {b}?")
+SELF_TEMPLATES = (
+    "What is {a} + {b}?",
+    "What is {a} plus {b}?",
+    "Calculate {a} + {b}.",
+    "What is the sum of {a} and {b}?",
+    "Add {a} and {b}.",
+    "How much is {a} + {b}?",
+)
 
 
 def _self_pool() -> list[tuple[int, int, int]]:
@@ -252,33 +266,85 @@ def _word_pool(low: int, high: int) -> Callable[[], list[str]]:
     return lambda: sorted({w for w in WORDS if low <= len(w) <= high})
 
 
-TASKS: dict[str, TaskSpec] = {t.name: t for t in (
-    TaskSpec("addition", "two-digit addition in SmolLM2's answer style (37 + 48 = 85)",
-             lambda: _pairs(10, 99), _addition, _addition_wrong, max_length=56,
-             grader="jaro_winkler", max_new_tokens=16),
-    TaskSpec("addition-answer", "two-digit addition, answered 'The answer is 85.'",
-             lambda: _pairs(10, 99), _addition_answer,
-             lambda it, rng: f"The answer is {_wrong_sum(sum(it), rng)}.", max_length=52,
-             max_new_tokens=12),
-    TaskSpec("addition-number", "two-digit addition, answered with the bare number",
-             lambda: _pairs(10, 99), _addition_number,
-             lambda it, rng: str(_wrong_sum(sum(it), rng)), max_length=52, max_new_tokens=8),
-    TaskSpec("addition-words", "two-digit addition, answered in words (eighty-five)",
-             lambda: _pairs(10, 99), _addition_words,
-             lambda it, rng: number_words(_wrong_sum(sum(it), rng)), max_length=56,
-             max_new_tokens=12),
-    TaskSpec("count", "count from a to b (8-16 numbers)", _ranges, _count, _count_wrong,
-             max_length=112, max_new_tokens=72),
-    TaskSpec("reverse", "reverse the letters of a common word (3-6 letters)", _word_pool(3, 6),
-             _reverse, lambda w, rng: _scrambled(w[::-1], rng), max_length=48,
-             max_new_tokens=8),
-    TaskSpec("figlet-mini", "a 2-4 letter word drawn in pyfiglet's mini font",
-             _word_pool(2, 4), _figlet, lambda w, rng: _scrambled(w.upper(), rng),
-             max_length=80, max_new_tokens=6),
-    TaskSpec("self-addition", "sums of 1-30 asked six ways; trained on the model's own "
-             "correct answers (--from-eval)", _self_pool, _self, _self_wrong, max_length=56,
-             grader="exact", max_new_tokens=16),
-)}
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec(
+            "addition",
+            "two-digit addition in SmolLM2's answer style (37 + 48 = 85)",
+            lambda: _pairs(10, 99),
+            _addition,
+            _addition_wrong,
+            max_length=56,
+            grader="jaro_winkler",
+            max_new_tokens=16,
+        ),
+        TaskSpec(
+            "addition-answer",
+            "two-digit addition, answered 'The answer is 85.'",
+            lambda: _pairs(10, 99),
+            _addition_answer,
+            lambda it, rng: f"The answer is {_wrong_sum(sum(it), rng)}.",
+            max_length=52,
+            max_new_tokens=12,
+        ),
+        TaskSpec(
+            "addition-number",
+            "two-digit addition, answered with the bare number",
+            lambda: _pairs(10, 99),
+            _addition_number,
+            lambda it, rng: str(_wrong_sum(sum(it), rng)),
+            max_length=52,
+            max_new_tokens=8,
+        ),
+        TaskSpec(
+            "addition-words",
+            "two-digit addition, answered in words (eighty-five)",
+            lambda: _pairs(10, 99),
+            _addition_words,
+            lambda it, rng: number_words(_wrong_sum(sum(it), rng)),
+            max_length=56,
+            max_new_tokens=12,
+        ),
+        TaskSpec(
+            "count",
+            "count from a to b (8-16 numbers)",
+            _ranges,
+            _count,
+            _count_wrong,
+            max_length=112,
+            max_new_tokens=72,
+        ),
+        TaskSpec(
+            "reverse",
+            "reverse the letters of a common word (3-6 letters)",
+            _word_pool(3, 6),
+            _reverse,
+            lambda w, rng: _scrambled(w[::-1], rng),
+            max_length=48,
+            max_new_tokens=8,
+        ),
+        TaskSpec(
+            "figlet-mini",
+            "a 2-4 letter word drawn in pyfiglet's mini font",
+            _word_pool(2, 4),
+            _figlet,
+            lambda w, rng: _scrambled(w.upper(), rng),
+            max_length=80,
+            max_new_tokens=6,
+        ),
+        TaskSpec(
+            "self-addition",
+            "sums of 1-30 asked six ways; trained on the model's own correct answers (--from-eval)",
+            _self_pool,
+            _self,
+            _self_wrong,
+            max_length=56,
+            grader="exact",
+            max_new_tokens=16,
+        ),
+    )
+}
 WORD_TASKS = ("reverse", "figlet-mini")
 FIGFONT = "figfont"
 """The paper's figlet-font task, generated by :mod:`probsft_megatron.figfont`."""
@@ -292,8 +358,9 @@ def get_task(name: str) -> TaskSpec:
     try:
         return TASKS[name]
     except KeyError:
-        raise ConfigError(f"unknown task {name!r}; generated tasks: "
-                          f"{', '.join(task_names())}") from None
+        raise ConfigError(
+            f"unknown task {name!r}; generated tasks: {', '.join(task_names())}"
+        ) from None
 
 
 def records(task: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
@@ -311,9 +378,17 @@ def records(task: str, split: str = "train", n: int | None = None, seed: int = 0
     if task == FIGFONT:
         from probsft_megatron.figfont import figfont_records
 
-        return [{"prompt": r["prompt"], "response": r["response"], "reference": r["response"],
-                 "task": FIGFONT, "id": r["index"], "corrupted": False}
-                for r in figfont_records(split, n=n)]
+        return [
+            {
+                "prompt": r["prompt"],
+                "response": r["response"],
+                "reference": r["response"],
+                "task": FIGFONT,
+                "id": r["index"],
+                "corrupted": False,
+            }
+            for r in figfont_records(split, n=n)
+        ]
     spec = get_task(task)
     items = spec.pool()
     if task == "self-addition":
@@ -323,16 +398,25 @@ def records(task: str, split: str = "train", n: int | None = None, seed: int = 0
     else:
         pool = _pool(items, split)
     if n is not None and n > len(pool):
-        raise ConfigError(f"task {task} has {len(pool)} {split} items, fewer than the "
-                          f"{n} asked for; lower --n")
+        raise ConfigError(
+            f"task {task} has {len(pool)} {split} items, fewer than the {n} asked for; lower --n"
+        )
     rng = random.Random(f"probsft-tasks:{task}:{split}:{seed}")
     order = rng.sample(range(len(pool)), len(pool) if n is None else n)
     out = []
     for i, k in enumerate(order):
         prompt, response, reference = spec.make(pool[k])
-        out.append({"prompt": prompt, "response": response, "reference": reference,
-                    "task": task, "id": i, "item": list(pool[k]) if isinstance(pool[k], tuple)
-                    else pool[k], "corrupted": False})
+        out.append(
+            {
+                "prompt": prompt,
+                "response": response,
+                "reference": reference,
+                "task": task,
+                "id": i,
+                "item": list(pool[k]) if isinstance(pool[k], tuple) else pool[k],
+                "corrupted": False,
+            }
+        )
     return out
 
 
@@ -388,8 +472,10 @@ def self_answer_records(questions: list[dict], samples_path: str | Path) -> tupl
     """
     path = Path(samples_path)
     if not path.is_file():
-        raise DataError(f"{path} does not exist; pass the samples.jsonl that `probsft eval "
-                        "--out DIR` wrote (DIR/<task>/samples.jsonl)")
+        raise DataError(
+            f"{path} does not exist; pass the samples.jsonl that `probsft eval "
+            "--out DIR` wrote (DIR/<task>/samples.jsonl)"
+        )
     by_id = {str(q["id"]): q for q in questions}
     kept, correct, seen = [], 0, 0
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -400,13 +486,17 @@ def self_answer_records(questions: list[dict], samples_path: str | Path) -> tupl
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
         if not {"id", "completions", "correct"} <= set(sample):
-            raise DataError(f"{path}:{lineno} is not a `probsft eval` sample (needs id, "
-                            "completions and correct)")
+            raise DataError(
+                f"{path}:{lineno} is not a `probsft eval` sample (needs id, "
+                "completions and correct)"
+            )
         question = by_id.get(str(sample["id"]))
         if question is None:
-            raise DataError(f"{path}:{lineno}: id {sample['id']!r} is not among the questions; "
-                            "generate them with the same task, split, --n and --seed as the "
-                            "evaluated file")
+            raise DataError(
+                f"{path}:{lineno}: id {sample['id']!r} is not among the questions; "
+                "generate them with the same task, split, --n and --seed as the "
+                "evaluated file"
+            )
         seen += 1
         if not sample["correct"][0]:
             continue
@@ -425,11 +515,14 @@ def render_prompts(recs: list[dict], tokenizer) -> list[dict]:
     ``prompt`` rendered with ``tokenizer``'s chat template (the one training applies) and
     ending with the assistant turn's header; the plain question stays in ``question``."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("the tokenizer has no chat template; evaluate with "
-                          "--prompt-format qwen/llama instead of rendered prompts")
+        raise ConfigError(
+            "the tokenizer has no chat template; evaluate with "
+            "--prompt-format qwen/llama instead of rendered prompts"
+        )
     out = []
     for rec in recs:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": rec["prompt"]}],
-                                                 tokenize=False, add_generation_prompt=True)
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": rec["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
         out.append({**rec, "question": rec["prompt"], "prompt": rendered})
     return out

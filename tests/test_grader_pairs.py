@@ -5,6 +5,7 @@ benchmark references; the math grader must agree with the labels on >= 99% of th
 the per-category table in docs/eval.md must be the one measured here (with the paper's
 grader verdicts committed in tests/data/paper_grader_verdicts.jsonl).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -48,8 +49,24 @@ def test_pairs_cover_the_categories(pairs):
     for p in pairs:
         assert set(p) == {"id", "category", "source", "reference", "response", "label", "note"}
         by_category.setdefault(p["category"], []).append(p["label"])
-    expected = {"exact", "equivalent", "units", "percents", "sets_intervals", "tuples", "equations", "matrices",
-                "scientific", "multiple_boxes", "unboxed", "wrong_small", "wrong", "text", "thousands", "formatting"}
+    expected = {
+        "exact",
+        "equivalent",
+        "units",
+        "percents",
+        "sets_intervals",
+        "tuples",
+        "equations",
+        "matrices",
+        "scientific",
+        "multiple_boxes",
+        "unboxed",
+        "wrong_small",
+        "wrong",
+        "text",
+        "thousands",
+        "formatting",
+    }
     assert set(by_category) == expected
     assert all(len(labels) >= 15 for labels in by_category.values())
     assert {p["source"] for p in pairs} == {"math500", "minerva_math", "olympiadbench", "hand"}
@@ -61,8 +78,11 @@ def _docs_table() -> dict[str, list[int]]:
     """The per-category rows of docs/eval.md's grader-test-set table."""
     rows = {}
     for line in DOCS.read_text(encoding="utf-8").splitlines():
-        m = re.fullmatch(r"\| (\w+) \| (\d+) \| (\d+) \| (\d+) \([\d.]+%\) \| (\d+) \([\d.]+%\) \| (\d+) \([\d.]+%\) \|",
-                         line.strip())
+        m = re.fullmatch(
+            r"\| (\w+) \| (\d+) \| (\d+) \| (\d+) \([\d.]+%\) \| (\d+) \([\d.]+%\) "
+            r"\| (\d+) \([\d.]+%\) \|",
+            line.strip(),
+        )
         if m:
             rows[m.group(1)] = [int(g) for g in m.groups()[1:]]
     return rows
@@ -76,11 +96,19 @@ def test_grader_accuracy_on_labeled_pairs(pairs):
     compare = _module("compare_paper_grader")
     ours = [grade_math(p["response"], p["reference"]).correct for p in pairs]
     verdicts = {v["id"]: v["paper_correct"] for v in _read(DATA / "paper_grader_verdicts.jsonl")}
-    assert set(verdicts) == {p["id"] for p in pairs}, "paper verdicts are for another pair set: rerun step 1"
+    assert set(verdicts) == {p["id"] for p in pairs}, (
+        "paper verdicts are for another pair set: rerun step 1"
+    )
     rows = compare.tally(pairs, ours, [verdicts[p["id"]] for p in pairs])
-    wrong = [(p["id"], p["reference"], p["note"]) for p, mine in zip(pairs, ours) if mine != p["label"]]
+    wrong = [
+        (p["id"], p["reference"], p["note"]) for p, mine in zip(pairs, ours) if mine != p["label"]
+    ]
     n, _, agree, _, _ = rows["all"]
     assert agree / n >= 0.99, f"grader agrees with {agree}/{n} labels; disagreements: {wrong}"
     for name, row in rows.items():
-        assert row[2] / row[0] >= 0.95, f"category {name}: {row[2]}/{row[0]}; disagreements: {wrong}"
-    assert _docs_table() == rows, "docs/eval.md's table is stale: paste `compare_paper_grader.py report`"
+        assert row[2] / row[0] >= 0.95, (
+            f"category {name}: {row[2]}/{row[0]}; disagreements: {wrong}"
+        )
+    assert _docs_table() == rows, (
+        "docs/eval.md's table is stale: paste `compare_paper_grader.py report`"
+    )

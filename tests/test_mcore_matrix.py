@@ -4,6 +4,7 @@ scripts/test_mcore.sh runs against each release.
 This file is part of that subset, so under ``make test-mcore MCORE=0.14.0`` it checks the
 0.14 branches and under ``make test`` the 0.16 ones.
 """
+
 from __future__ import annotations
 
 import re
@@ -37,9 +38,11 @@ def test_core_attention_takes_the_keyword_of_this_release():
     from probsft_megatron.attention import SDPAttention
 
     cls = compat.core_attention_module(SDPAttention)
-    megatron_keyword = ("pg_collection" if "pg_collection" in
-                        inspect.signature(DotProductAttention.__init__).parameters
-                        else "model_comm_pgs")
+    megatron_keyword = (
+        "pg_collection"
+        if "pg_collection" in inspect.signature(DotProductAttention.__init__).parameters
+        else "model_comm_pgs"
+    )
     assert megatron_keyword == ("pg_collection" if MCORE >= Version("0.15") else "model_comm_pgs")
     if megatron_keyword == "pg_collection":
         assert cls is SDPAttention
@@ -61,9 +64,13 @@ def test_matrix_subset_names_tests_that_exist():
     drop out of the matrix otherwise)."""
     subset = _subset()
     assert "tests/test_mcore_matrix.py" in subset
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
-                           "-p", "no:cacheprovider", *subset],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *subset],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     collected = [line for line in proc.stdout.splitlines() if "::" in line]
     for entry in subset:

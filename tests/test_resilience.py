@@ -58,8 +58,14 @@ class Job:
     def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         with open(log, "ab") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                         env=env or _env(), start_new_session=True, cwd=REPO)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env or _env(),
+                start_new_session=True,
+                cwd=REPO,
+            )
 
     def wait(self, timeout: float = 600) -> int:
         try:
@@ -195,16 +201,21 @@ def test_agent_exit_codes():
 def test_collective_failures_are_recognized_and_shortened():
     from probsft_megatron.stopping import collective_reason, is_collective_failure
 
-    timeout = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc"
-                           ":78] Timed out waiting 20000ms for recv operation to complete")
-    reset = RuntimeError("[/__w/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:25513: "
-                         "Connection reset by peer. This is typically caused by a remote worker "
-                         "hanging or bugs in the application. GLHF!")
+    timeout = RuntimeError(
+        "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc"
+        ":78] Timed out waiting 20000ms for recv operation to complete"
+    )
+    reset = RuntimeError(
+        "[/__w/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:25513: "
+        "Connection reset by peer. This is typically caused by a remote worker "
+        "hanging or bugs in the application. GLHF!"
+    )
     assert is_collective_failure(timeout) and is_collective_failure(reset)
     assert not is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_collective_failure(ValueError("gloo"))
-    assert collective_reason(timeout) == ("Timed out waiting 20000ms for recv operation to "
-                                          "complete")
+    assert collective_reason(timeout) == (
+        "Timed out waiting 20000ms for recv operation to complete"
+    )
     assert collective_reason(reset) == "Read error [127.0.0.1]:25513: Connection reset by peer"
 
 
@@ -229,18 +240,35 @@ def test_step_arguments_are_quoted_for_slurm_only(tmp_path):
     )
     from probsft_megatron.launchers.slurm import agent_args, load_profile, slurm_executor
 
-    step = Step("train-x", "train", "probsft_megatron.train",
-                ["--config", "r", "data.train_files=[/d/a b.jsonl]"])
+    step = Step(
+        "train-x",
+        "train",
+        "probsft_megatron.train",
+        ["--config", "r", "data.train_files=[/d/a b.jsonl]"],
+    )
     module, args = step_command(step, local_executor(step, 2))
     assert module == AGENT_MODULE
-    assert args == ["--standalone", "--nnodes", "1", "--nproc-per-node", "2", "--tee", "3",
-                    "-m", "probsft_megatron.train", "--config", "r",
-                    "data.train_files=[/d/a b.jsonl]"]
+    assert args == [
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--tee",
+        "3",
+        "-m",
+        "probsft_megatron.train",
+        "--config",
+        "r",
+        "data.train_files=[/d/a b.jsonl]",
+    ]
     profile = load_profile("local-cpu")
     executor = slurm_executor(profile, "train", job_dir=str(tmp_path), nodes=2, nproc_per_node=1)
     module, args = step_command(step, executor, agent_args(profile, 2, 1))
-    assert " ".join(args).endswith("--node-rank $SLURM_NODEID --tee 3 -m probsft_megatron.train "
-                                   "--config r 'data.train_files=[/d/a b.jsonl]'")
+    assert " ".join(args).endswith(
+        "--node-rank $SLURM_NODEID --tee 3 -m probsft_megatron.train "
+        "--config r 'data.train_files=[/d/a b.jsonl]'"
+    )
     assert "$head_node_ip:${PROBSFT_RDZV_PORT}" in args and "$SLURM_JOB_ID" in args
 
 
@@ -252,8 +280,19 @@ def test_signals_stop_all_ranks_at_one_step_and_resume_bit_exact(tmp_path):
     the end: final checkpoint bit-identical to an uninterrupted run."""
     extra = ["train.max_steps=8"]
     ref = tmp_path / "ref"
-    job = Job([*TORCHRUN, "--nproc-per-node", "2", "-m", "probsft_megatron.train", *BASE,
-               f"train.output_dir={ref}", *extra], tmp_path / "ref.log")
+    job = Job(
+        [
+            *TORCHRUN,
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "probsft_megatron.train",
+            *BASE,
+            f"train.output_dir={ref}",
+            *extra,
+        ],
+        tmp_path / "ref.log",
+    )
     assert job.wait() == 0, job.text()[-4000:]
     assert _steps(ref) == [8]
 
@@ -265,20 +304,37 @@ def test_signals_stop_all_ranks_at_one_step_and_resume_bit_exact(tmp_path):
     assert job.wait() == 75, job.text()[-4000:]
     (k1,) = _steps(out)
     assert 3 <= k1 < 8
-    assert sorted(p.name for p in (out / "checkpoints" / f"step_{k1:07d}" / "rng").iterdir()) \
-        == ["rank_00000.pt", "rank_00001.pt"]  # one checkpoint, both ranks, the same step
+    assert sorted(p.name for p in (out / "checkpoints" / f"step_{k1:07d}" / "rng").iterdir()) == [
+        "rank_00000.pt",
+        "rank_00001.pt",
+    ]  # one checkpoint, both ranks, the same step
     assert sorted(_metrics(out)) == list(range(1, k1 + 1))
     assert _events(out)[-1] | {"time": None} == {
-        "event": "interrupted", "time": None, "step": k1, "by": "SIGUSR1 on rank 1",
-        "checkpoint": str(out / "checkpoints" / f"step_{k1:07d}")}
+        "event": "interrupted",
+        "time": None,
+        "step": k1,
+        "by": "SIGUSR1 on rank 1",
+        "checkpoint": str(out / "checkpoints" / f"step_{k1:07d}"),
+    }
     text = job.text()
     assert f"interrupted at step {k1} (SIGUSR1 on rank 1); checkpoint " in text
     assert "resume with the same command" in text and "Traceback" not in text
     assert not (out / "summary.json").exists()  # not finished
 
     # 2. SIGTERM to rank 0 only, under plain torchrun: the workers behave the same
-    job = Job([*TORCHRUN, "--nproc-per-node", "2", "-m", "probsft_megatron.train", *BASE,
-               f"train.output_dir={out}", *extra], tmp_path / "run2.log")
+    job = Job(
+        [
+            *TORCHRUN,
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "probsft_megatron.train",
+            *BASE,
+            f"train.output_dir={out}",
+            *extra,
+        ],
+        tmp_path / "run2.log",
+    )
     _wait_for(lambda: _steps_logged(out) >= k1 + 1, job, f"step {k1 + 1}")
     job.worker(0).send_signal(signal.SIGTERM)
     assert job.wait() != 0
@@ -308,15 +364,19 @@ def test_signals_stop_all_ranks_at_one_step_and_resume_bit_exact(tmp_path):
     assert _steps(out)[-1] == 8 and (out / "summary.json").is_file()
     events = [e["event"] for e in _events(out)]
     assert events[:3] == ["interrupted", "resumed", "interrupted"] and events[-1] == "resumed"
-    tensors = _assert_identical(_flat_state(out / "checkpoints" / "step_0000008", tmp_path),
-                                _flat_state(ref / "checkpoints" / "step_0000008", tmp_path))
+    tensors = _assert_identical(
+        _flat_state(out / "checkpoints" / "step_0000008", tmp_path),
+        _flat_state(ref / "checkpoints" / "step_0000008", tmp_path),
+    )
     assert tensors >= 10
     want, got = _metrics(ref), _metrics(out)
     assert sorted(got) == list(range(1, 9))
     assert [got[s]["loss"] for s in got] == [want[s]["loss"] for s in got]
     assert [got[s]["grad_norm"] for s in got] == [want[s]["grad_norm"] for s in got]
-    print(f"interrupted at steps {k1}, {k2}, {k3}; final checkpoint: {tensors} tensors "
-          "bit-identical to the uninterrupted run")
+    print(
+        f"interrupted at steps {k1}, {k2}, {k3}; final checkpoint: {tensors} tensors "
+        "bit-identical to the uninterrupted run"
+    )
 
 
 # ---------------------------------------------------------------- non-finite values
@@ -327,16 +387,19 @@ def test_nonfinite_loss_stops_every_rank_before_saving(tmp_path):
 
     out = tmp_path / "run"
     extra = ["train.max_steps=6", "train.save_interval=2"]
-    job = Job(_train_cmd(out, *extra), tmp_path / "nan.log",
-              env=_env(PROBSFT_TEST_NONFINITE="loss@3:1"))
+    job = Job(
+        _train_cmd(out, *extra), tmp_path / "nan.log", env=_env(PROBSFT_TEST_NONFINITE="loss@3:1")
+    )
     assert job.wait() == 2
     text = job.text()
     errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in text, text[-4000:]
     ckpt = out / "checkpoints" / "step_0000002"
-    assert errors[0].startswith("error: non-finite loss at step 3 on rank 1; the run stopped "
-                                f"without logging or saving that step, and the newest "
-                                f"checkpoint, {ckpt}, is from before it")
+    assert errors[0].startswith(
+        "error: non-finite loss at step 3 on rank 1; the run stopped "
+        f"without logging or saving that step, and the newest "
+        f"checkpoint, {ckpt}, is from before it"
+    )
     assert _steps(out) == [2] and sorted(_metrics(out)) == [1, 2]
     assert not list((out / "checkpoints").glob(".*partial"))
     assert _events(out)[-1]["event"] == "non_finite"
@@ -345,8 +408,9 @@ def test_nonfinite_loss_stops_every_rank_before_saving(tmp_path):
     assert floats and all(bool(torch.isfinite(v).all()) for v in floats)
 
     # the previous checkpoint resumes (the injection is gone: step 3 is finite)
-    job = Job(_train_cmd(out, "train.max_steps=3", "train.save_interval=2"),
-              tmp_path / "resume.log")
+    job = Job(
+        _train_cmd(out, "train.max_steps=3", "train.save_interval=2"), tmp_path / "resume.log"
+    )
     assert job.wait() == 0, job.text()[-4000:]
     assert _steps(out) == [2, 3] and math.isfinite(_metrics(out)[3]["loss"])
 
@@ -354,13 +418,18 @@ def test_nonfinite_loss_stops_every_rank_before_saving(tmp_path):
 @pytest.mark.slow
 def test_nonfinite_gradient_names_the_rank(tmp_path):
     out = tmp_path / "run"
-    job = Job(_train_cmd(out, "train.max_steps=4", "train.save_interval=2", nproc=1),
-              tmp_path / "grad.log", env=_env(PROBSFT_TEST_NONFINITE="grad@2:0"))
+    job = Job(
+        _train_cmd(out, "train.max_steps=4", "train.save_interval=2", nproc=1),
+        tmp_path / "grad.log",
+        env=_env(PROBSFT_TEST_NONFINITE="grad@2:0"),
+    )
     assert job.wait() == 2
     (error,) = [ln for ln in job.text().splitlines() if ln.startswith("error:")]
-    assert error.startswith("error: non-finite gradients at step 2 on rank 0 (finite loss; "
-                            "gradient norm nan); the run stopped without logging or saving "
-                            "that step, and no checkpoint was written"), error
+    assert error.startswith(
+        "error: non-finite gradients at step 2 on rank 0 (finite loss; "
+        "gradient norm nan); the run stopped without logging or saving "
+        "that step, and no checkpoint was written"
+    ), error
     assert _steps(out) == [] and sorted(_metrics(out)) == [1]
 
 
@@ -375,12 +444,23 @@ def test_a_dead_rank_ends_the_other_within_the_timeout(tmp_path, how):
 
     timeout_s = 15
     out = tmp_path / "run"
-    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               LOCAL_WORLD_SIZE="2")
-    cmd = [sys.executable, "-m", "probsft_megatron.train", *BASE, f"train.output_dir={out}",
-           "train.max_steps=40", "train.save_interval=2", f"train.dist_timeout_s={timeout_s}"]
-    ranks = [Job(cmd, tmp_path / f"rank{r}.log", env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in (0, 1)]
+    env = _env(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "probsft_megatron.train",
+        *BASE,
+        f"train.output_dir={out}",
+        "train.max_steps=40",
+        "train.save_interval=2",
+        f"train.dist_timeout_s={timeout_s}",
+    ]
+    ranks = [
+        Job(cmd, tmp_path / f"rank{r}.log", env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+        for r in (0, 1)
+    ]
     try:
         _wait_for(lambda: 2 in _steps(out), ranks[0], "the step-2 checkpoint")
         os.kill(ranks[1].proc.pid, getattr(signal, how))
@@ -393,12 +473,14 @@ def test_a_dead_rank_ends_the_other_within_the_timeout(tmp_path, how):
     text = ranks[0].text()
     errors = [ln for ln in text.splitlines() if "error:" in ln]
     assert rc == 2 and len(errors) == 1 and "Traceback" not in text, text[-4000:]
-    error = errors[0][errors[0].index("error:"):]
+    error = errors[0][errors[0].index("error:") :]
     assert re.match(r"error: rank 0 lost contact with the other ranks during step \d+: ", error)
     newest = out / "checkpoints" / f"step_{_steps(out)[-1]:07d}"
-    assert error.endswith(f"stopped answering (a collective waits train.dist_timeout_s="
-                          f"{timeout_s} s); the newest checkpoint is {newest}; run the same "
-                          "command to resume once every rank can run"), error
+    assert error.endswith(
+        f"stopped answering (a collective waits train.dist_timeout_s="
+        f"{timeout_s} s); the newest checkpoint is {newest}; run the same "
+        "command to resume once every rank can run"
+    ), error
     if how == "SIGSTOP":
         assert f"Timed out waiting {timeout_s * 1000}ms" in error
         assert elapsed < timeout_s + 30, elapsed

@@ -18,6 +18,7 @@ What they prove, each through the real command line and SLURM's own accounting:
 * ``cancel`` ends a queued experiment; a submission that sbatch refuses prints sbatch's own
   message on one line and marks the experiment failed.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 RECORD = "probsft_experiment.json"
-TINY = ["launch", "--dataset", "figfont", "--model", "tiny-llama", "--objective", "p",
-        "--executor", "slurm", "--profile", "local-cpu"]
+TINY = [
+    "launch",
+    "--dataset",
+    "figfont",
+    "--model",
+    "tiny-llama",
+    "--objective",
+    "p",
+    "--executor",
+    "slurm",
+    "--profile",
+    "local-cpu",
+]
 TRAIN_SET = ["train.max_steps=2", "train.tensorboard=false", "train.save_interval=2"]
 
 pytestmark = pytest.mark.slurm
@@ -47,13 +59,20 @@ pytestmark = pytest.mark.slurm
 def cluster() -> None:
     """The local two-node cluster, running; skips with the reason when it cannot run."""
     if os.geteuid() != 0:
-        pytest.skip("the live SLURM tests need root: scripts/slurm_cluster.sh installs and "
-                    "starts munge, mariadb, slurmdbd, slurmctld and two slurmd")
+        pytest.skip(
+            "the live SLURM tests need root: scripts/slurm_cluster.sh installs and "
+            "starts munge, mariadb, slurmdbd, slurmctld and two slurmd"
+        )
     if shutil.which("sinfo") is None and shutil.which("apt-get") is None:
         pytest.skip("no SLURM client commands and no apt-get to install them")
     try:
-        proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True,
-                              timeout=900, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            ["bash", str(SCRIPT), "start"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         pytest.skip("scripts/slurm_cluster.sh start did not finish within 15 minutes")
     if proc.returncode != 0:
@@ -62,14 +81,21 @@ def cluster() -> None:
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-                TOKENIZERS_PARALLELISM="false")
+    return dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false"
+    )
 
 
 def _probsft(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "probsft_megatron.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, env=_env(), timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "probsft_megatron.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _exp_dir(proc: subprocess.CompletedProcess) -> Path:
@@ -81,8 +107,12 @@ def _exp_dir(proc: subprocess.CompletedProcess) -> Path:
 def _sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
     """Job id -> sacct's fields of the job allocation (accounting, not the launcher's view)."""
     fields = ["JobIDRaw", "JobName", "State", "Start", "End", "NodeList", "ExitCode"]
-    proc = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o",
-                           ",".join(fields)], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", ",".join(fields)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = [dict(zip(fields, line.split("|"), strict=True)) for line in proc.stdout.splitlines()]
     return {r["JobIDRaw"]: r for r in rows}
 
@@ -105,8 +135,19 @@ def test_sbatch_accepts_the_rendered_scripts(cluster, tmp_path):
     profile = tmp_path / "cpu.yaml"
     shipped = (REPO / "configs" / "clusters" / "local-cpu.yaml").read_text()
     profile.write_text(shipped + "exclusive: true\ncpus_per_task: 1\nsignal: USR1@60\n")
-    proc = _probsft([*TINY[:-2], "--profile", str(profile), "--work-dir", str(tmp_path / "w"),
-                     "--set", *TRAIN_SET, "--dryrun"], tmp_path)
+    proc = _probsft(
+        [
+            *TINY[:-2],
+            "--profile",
+            str(profile),
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--set",
+            *TRAIN_SET,
+            "--dryrun",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     scripts = sorted((tmp_path / "w" / "experiments").rglob("*_sbatch.sh"))
     assert [s.name.split("-")[0] for s in scripts] == ["eval", "export", "train"]
@@ -114,27 +155,44 @@ def test_sbatch_accepts_the_rendered_scripts(cluster, tmp_path):
         text = script.read_text()
         assert "--gpus-per-node" not in text and "#SBATCH --exclusive\n" in text
         assert ("#SBATCH --signal=USR1@60" in text) == script.name.startswith("train")
-        check = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True,
-                               text=True)
+        check = subprocess.run(
+            ["sbatch", "--test-only", str(script)], capture_output=True, text=True
+        )
         assert check.returncode == 0, f"{script.name}: {check.stderr}"
         assert "to start at" in check.stderr
     train = scripts[-1].read_text()
     # the renderings of the old profile code, refused by the same check
-    for bad, message in (("#SBATCH --exclusive=False", "Invalid --exclusive specification"),
-                         ("#SBATCH --gpus-per-node=1", "Invalid generic resource")):
+    for bad, message in (
+        ("#SBATCH --exclusive=False", "Invalid --exclusive specification"),
+        ("#SBATCH --gpus-per-node=1", "Invalid generic resource"),
+    ):
         broken = tmp_path / "broken.sh"
         broken.write_text(train.replace("#SBATCH --exclusive\n", bad + "\n"))
-        check = subprocess.run(["sbatch", "--test-only", str(broken)], capture_output=True,
-                               text=True)
+        check = subprocess.run(
+            ["sbatch", "--test-only", str(broken)], capture_output=True, text=True
+        )
         assert check.returncode != 0 and message in check.stderr, check.stderr
 
 
 def test_rejected_submission_is_one_line_and_marked_failed(cluster, tmp_path):
     profile = tmp_path / "nopart.yaml"
-    profile.write_text((REPO / "configs" / "clusters" / "local-cpu.yaml").read_text()
-                       .replace("partition: cpu", "partition: no-such-partition"))
-    proc = _probsft([*TINY[:-2], "--profile", str(profile), "--work-dir", str(tmp_path / "w"),
-                     "--set", *TRAIN_SET], tmp_path)
+    profile.write_text(
+        (REPO / "configs" / "clusters" / "local-cpu.yaml")
+        .read_text()
+        .replace("partition: cpu", "partition: no-such-partition")
+    )
+    proc = _probsft(
+        [
+            *TINY[:-2],
+            "--profile",
+            str(profile),
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--set",
+            *TRAIN_SET,
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "Traceback" not in proc.stderr + proc.stdout
@@ -156,10 +214,17 @@ def hf_backbone(tmp_path_factory) -> Path:
     from probsft_megatron.eval.models import materialize_smollm2
 
     tokenizer = materialize_smollm2()
-    out = tiny_hf_checkpoint(tmp_path_factory.mktemp("hf") / "tiny-llama", "deepseek", seed=3,
-                             num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True,
-                             rope_theta=100000.0, max_position_embeddings=2048,
-                             rms_norm_eps=1e-5)
+    out = tiny_hf_checkpoint(
+        tmp_path_factory.mktemp("hf") / "tiny-llama",
+        "deepseek",
+        seed=3,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+    )
     for f in tokenizer.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "chat_template.jinja":
             shutil.copy2(f, out / f.name)
@@ -172,9 +237,21 @@ def test_whole_chain_on_two_nodes(cluster, hf_backbone, tmp_path):
 
     work = tmp_path / "work"
     start = time.perf_counter()
-    proc = _probsft([*TINY, "--hf", str(hf_backbone), "--work-dir", str(work),
-                     "--set", *TRAIN_SET, "--eval-args", "--limit 2 --max-new-tokens 4"],
-                    tmp_path, timeout=1800)
+    proc = _probsft(
+        [
+            *TINY,
+            "--hf",
+            str(hf_backbone),
+            "--work-dir",
+            str(work),
+            "--set",
+            *TRAIN_SET,
+            "--eval-args",
+            "--limit 2 --max-new-tokens 4",
+        ],
+        tmp_path,
+        timeout=1800,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     exp_dir = _exp_dir(proc)
@@ -210,14 +287,17 @@ def test_whole_chain_on_two_nodes(cluster, hf_backbone, tmp_path):
     assert export["step"] == 2 and export["checkpoint"].endswith("step_0000002")
     assert (run_dir / "hf" / "config.json").is_file()
     (summary,) = json.loads((run_dir / "eval" / "summary.json").read_text())
-    samples = [json.loads(line) for line in
-               (run_dir / "eval" / "figfont" / "samples.jsonl").read_text().splitlines()]
+    samples = [
+        json.loads(line)
+        for line in (run_dir / "eval" / "figfont" / "samples.jsonl").read_text().splitlines()
+    ]
     assert len(samples) == summary["metrics"]["problems"] == 2
     scores = [grade_jaro_winkler(s["completions"][0], s["reference"]).score for s in samples]
     assert [s["scores"][0] for s in samples] == pytest.approx(scores)
     assert summary["metrics"]["mean_score"] == pytest.approx(sum(scores) / 2)
     assert summary["metrics"]["exact"] == pytest.approx(
-        sum(s["completions"][0] == s["reference"] for s in samples) / 2)
+        sum(s["completions"][0] == s["reference"] for s in samples) / 2
+    )
     assert f"figfont-tiny-llama-p: ok {run_dir / 'eval' / 'summary.json'}" in proc.stdout
     assert f"report: probsft report {work} (writes {work / 'report' / 'report.md'}" in proc.stdout
     print(f"live chain: {time.perf_counter() - start:.0f} s")
@@ -228,8 +308,19 @@ def test_whole_chain_on_two_nodes(cluster, hf_backbone, tmp_path):
 def test_failed_train_step_stops_the_chain(cluster, tmp_path):
     work = tmp_path / "work"
     missing = tmp_path / "no-such-train.jsonl"
-    proc = _probsft([*TINY, "--work-dir", str(work), "--set", *TRAIN_SET, "data.source=file",
-                     f"data.train_files=[{missing}]"], tmp_path, timeout=900)
+    proc = _probsft(
+        [
+            *TINY,
+            "--work-dir",
+            str(work),
+            "--set",
+            *TRAIN_SET,
+            "data.source=file",
+            f"data.train_files=[{missing}]",
+        ],
+        tmp_path,
+        timeout=900,
+    )
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
     exp_dir = _exp_dir(proc)
     steps = {s["kind"]: s for s in _record(exp_dir)["steps"]}
@@ -247,18 +338,32 @@ def test_failed_train_step_stops_the_chain(cluster, tmp_path):
     assert status.returncode == 1
     assert re.search(r"step train-figfont-tiny-llama-p \(job \d+\) ended FAILED", status.stdout)
     assert f"data.train_files: {missing} does not exist" in status.stdout
-    assert "never ran (cancelled while waiting for their turn): export-figfont-tiny-llama-p, " \
-           "eval-figfont-tiny-llama-p" in status.stdout
+    assert (
+        "never ran (cancelled while waiting for their turn): export-figfont-tiny-llama-p, "
+        "eval-figfont-tiny-llama-p" in status.stdout
+    )
     # the runs report of the work directory, built with the jobs' states
     # (a run that never started is labelled by its name)
-    assert re.search(r"^\| `figfont-tiny-llama-p` \| n=1 \| 1 failed \|$", status.stdout,
-                     re.M), status.stdout[-2000:]
+    assert re.search(r"^\| `figfont-tiny-llama-p` \| n=1 \| 1 failed \|$", status.stdout, re.M), (
+        status.stdout[-2000:]
+    )
     assert f"report: {work / 'report' / 'report.md'}" in status.stdout
     assert (work / "report" / "report.json").is_file()
     row = next(ln for ln in status.stdout.splitlines() if ln.startswith("train-"))
     assert str(_log(steps["train"])) in row and " FAILED " in row
-    logs = _probsft(["launch", "logs", "figfont-tiny-llama-p", "train", "--work-dir", str(work),
-                     "--lines", "5"], tmp_path)
+    logs = _probsft(
+        [
+            "launch",
+            "logs",
+            "figfont-tiny-llama-p",
+            "train",
+            "--work-dir",
+            str(work),
+            "--lines",
+            "5",
+        ],
+        tmp_path,
+    )
     head, *rows = logs.stdout.splitlines()
     assert logs.returncode == 0 and head.startswith(f"==> {steps['train']['name']} (job ")
     assert rows == _log(steps["train"]).read_text().splitlines()[-5:]
@@ -282,8 +387,9 @@ def test_cancel_a_queued_experiment(cluster, tmp_path):
         time.sleep(1)
     assert states == {"CANCELLED"}
     status = _probsft(["launch", "status", str(exp_dir)], tmp_path)
-    rows = [ln for ln in status.stdout.splitlines()
-            if ln.startswith(("train-", "export-", "eval-"))]
+    rows = [
+        ln for ln in status.stdout.splitlines() if ln.startswith(("train-", "export-", "eval-"))
+    ]
     assert status.returncode == 1 and [r.split()[2] for r in rows] == ["CANCELLED"] * 3
     again = _probsft(["launch", "cancel", str(exp_dir)], tmp_path)
     assert again.returncode == 0 and "no job left to cancel" in again.stdout
@@ -307,8 +413,12 @@ def test_signalled_train_job_requeues_and_resumes_bit_exact(cluster, tmp_path):
 
     steps_n = 12
     work = tmp_path / "work"
-    sets = [f"train.max_steps={steps_n}", "train.tensorboard=false", "train.save_interval=100",
-            "train.histogram_interval=0"]
+    sets = [
+        f"train.max_steps={steps_n}",
+        "train.tensorboard=false",
+        "train.save_interval=100",
+        "train.histogram_interval=0",
+    ]
     start = time.perf_counter()
     proc = _probsft([*TINY, "--work-dir", str(work), "--set", *sets, "--detach"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -329,8 +439,10 @@ def test_signalled_train_job_requeues_and_resumes_bit_exact(cluster, tmp_path):
         # the reference while the job waits to be requeued: the same training command on
         # this machine, 2 processes, uninterrupted
         ref = tmp_path / "ref"
-        args = [a if not a.startswith("train.output_dir=") else f"train.output_dir={ref}"
-                for a in _train_args(exp_dir)]
+        args = [
+            a if not a.startswith("train.output_dir=") else f"train.output_dir={ref}"
+            for a in _train_args(exp_dir)
+        ]
         done = _probsft(["train", "--nproc", "2", *args], tmp_path, timeout=900)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
 
@@ -340,8 +452,7 @@ def test_signalled_train_job_requeues_and_resumes_bit_exact(cluster, tmp_path):
             assert time.monotonic() < deadline, f"train job still {state} after 600 s"
             time.sleep(1)
     finally:
-        subprocess.run(["scancel", *(s["job_id"] for s in steps.values())],
-                       capture_output=True)
+        subprocess.run(["scancel", *(s["job_id"] for s in steps.values())], capture_output=True)
     elapsed = time.perf_counter() - start
 
     # the first run stopped on the signal with a checkpoint and requeued its job
@@ -359,18 +470,31 @@ def test_signalled_train_job_requeues_and_resumes_bit_exact(cluster, tmp_path):
     assert f"requeueing job {job}" in batch and "job exited with code 75" in batch
     text = second.read_text()
     assert "resumed from" in text and "Traceback" not in text, text[-3000:]
-    history = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job, "-o", "State"],
-                             capture_output=True, text=True, check=True).stdout.split()
+    history = subprocess.run(
+        ["sacct", "-D", "-X", "-n", "-P", "-j", job, "-o", "State"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert history == ["REQUEUED", "COMPLETED"], history
 
     # nothing lost but the interrupted step's time: the end is the uninterrupted run's
     last = f"step_{steps_n:07d}"
-    tensors = _assert_identical(_flat_state(run_dir / "checkpoints" / last, tmp_path),
-                                _flat_state(ref / "checkpoints" / last, tmp_path))
+    tensors = _assert_identical(
+        _flat_state(run_dir / "checkpoints" / last, tmp_path),
+        _flat_state(ref / "checkpoints" / last, tmp_path),
+    )
     assert tensors >= 10
-    got, want = ({json.loads(ln)["step"]: json.loads(ln) for ln in
-                  (d / "metrics.jsonl").read_text().splitlines()} for d in (run_dir, ref))
+    got, want = (
+        {
+            json.loads(ln)["step"]: json.loads(ln)
+            for ln in (d / "metrics.jsonl").read_text().splitlines()
+        }
+        for d in (run_dir, ref)
+    )
     assert sorted(got) == sorted(want) == list(range(1, steps_n + 1))
     assert [got[s]["loss"] for s in got] == [want[s]["loss"] for s in got]
-    print(f"live requeue: interrupted at step {k}, resumed, {tensors} tensors bit-identical; "
-          f"{elapsed:.0f} s")
+    print(
+        f"live requeue: interrupted at step {k}, resumed, {tensors} tensors bit-identical; "
+        f"{elapsed:.0f} s"
+    )
