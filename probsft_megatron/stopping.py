@@ -163,9 +163,15 @@ class Stopper:
     ``announce``: this process prints what it does on a signal (one rank per job).
     """
 
-    def __init__(self, dist_timeout_s: float | None = None, announce: bool = True) -> None:
+    def __init__(
+        self,
+        dist_timeout_s: float | None = None,
+        announce: bool = True,
+        checkpoint_root: Path | None = None,
+    ) -> None:
         self.dist_timeout_s = dist_timeout_s
         self.announce = announce
+        self.checkpoint_root = checkpoint_root
         self.step = 0
         self.checkpoint: Path | None = None
         self.received: list[int] = []
@@ -252,6 +258,18 @@ class Stopper:
         )
 
     # -- lost ranks ----------------------------------------------------------------------
+    def newest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint: the one the loop recorded, or a newer one already
+        renamed into place (a rank can be lost in the save's own collectives, after the
+        rename and before the loop records it)."""
+        if self.checkpoint_root is not None:
+            from probsft_megatron.manifest import step_folders
+
+            found = step_folders(self.checkpoint_root)
+            if found:
+                return found[-1][1]
+        return self.checkpoint
+
     def rank_lost(self, exc: BaseException) -> RankLostError:
         rank = dist.get_rank() if dist.is_initialized() else 0
         wait = (
@@ -259,11 +277,8 @@ class Stopper:
             if self.dist_timeout_s
             else ""
         )
-        kept = (
-            f"the newest checkpoint is {self.checkpoint}"
-            if self.checkpoint
-            else "no checkpoint of this run yet"
-        )
+        newest = self.newest_checkpoint()
+        kept = f"the newest checkpoint is {newest}" if newest else "no checkpoint of this run yet"
         return RankLostError(
             f"rank {rank} lost contact with the other ranks during step {self.step}: "
             f"{collective_reason(exc)}; another process of the job died or stopped "

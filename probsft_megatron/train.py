@@ -160,7 +160,9 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
     tokenizer_spec = job.require_tokenizer()
     t = job.train
     # from here on a stop signal finishes the step, saves and stops (see module stopping)
-    with stopping.Stopper(t.dist_timeout_s, announce=_env_rank() == 0) as stopper:
+    with stopping.Stopper(
+        t.dist_timeout_s, announce=_env_rank() == 0, checkpoint_root=job.checkpoint_dir
+    ) as stopper:
         runtime.init_distributed(
             job.parallel, seed=t.seed, model=job.model, timeout_s=t.dist_timeout_s
         )

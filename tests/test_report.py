@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -924,3 +925,32 @@ def test_report_of_real_runs(real_work, tmp_path):
     assert "| `p` | n=2 |" in md and "**trained**: not evaluated" in md
     assert (out / "curves.png").read_bytes()[:8] == PNG
     assert "report: " in proc.stdout
+
+
+def test_train_step_records_are_read_through_the_training_agent():
+    """The train step runs ``python -m probsft_megatron.launchers.agent <torchrun options> -m
+    probsft_megatron.train <args>`` (SLURM: the arguments shell-quoted); its record still
+    names the recipe, the run folder and the objective."""
+    from probsft_megatron.report.records import _step_record
+
+    train_args = [
+        "--config",
+        "tiny-figfont-cpu",
+        "loss.objective=p",
+        "train.output_dir=/w/runs/r",
+        "data.train_files=[/d/a b.jsonl]",
+    ]
+    agent = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", "$head_node_ip:29500"]
+    local = {
+        "path": "probsft_megatron.launchers.agent",
+        "args": [*agent, "-m", "probsft_megatron.train", *train_args],
+    }
+    slurm = dict(
+        local, args=[*agent, "-m", "probsft_megatron.train", *[shlex.quote(a) for a in train_args]]
+    )
+    for data in (local, slurm):
+        rec = _step_record("train-r", data)
+        assert rec is not None and rec.kind == "train", data
+        assert (rec.recipe, rec.objective) == ("tiny-figfont-cpu", "p")
+        assert rec.run_dir == "/w/runs/r"
+        assert "data.train_files=[/d/a b.jsonl]" in rec.overrides

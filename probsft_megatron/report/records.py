@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,9 +192,26 @@ def _exp_time(exp: Path) -> float:
         return 0.0
 
 
+def _unquoted(arg: str) -> str:
+    """A SLURM step's argument as the job received it (they are shell-quoted there)."""
+    if arg[:1] in ("'", '"'):
+        try:
+            words = shlex.split(arg)
+        except ValueError:
+            return arg
+        if len(words) == 1:
+            return words[0]
+    return arg
+
+
 def _step_record(name: str, data: dict) -> StepRecord | None:
-    args = [str(a) for a in data.get("args") or []]
+    args = [_unquoted(str(a)) for a in data.get("args") or []]
     path = str(data.get("path") or "")
+    if "-m" in args[:-1] and args[args.index("-m") + 1].endswith(".train"):
+        # the train step runs under the training agent: its own torchrun options, then
+        # ``-m probsft_megatron.train`` and the training arguments
+        at = args.index("-m")
+        path, args = args[at + 1], args[at + 2 :]
 
     def value(flag: str) -> str | None:
         return args[args.index(flag) + 1] if flag in args[:-1] else None
