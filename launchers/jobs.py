@@ -201,23 +201,44 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
             for line in proc.stdout.splitlines():
                 parts = line.split("|")
                 if len(parts) == 4 and parts[0] in missing:
-                    out[parts[0]] = JobState(parts[1], _clock_s(parts[2]), parts[3])
+                    out[parts[0]] = JobState(parts[1], time_limit_seconds(parts[2]), parts[3])
     for j in ids:
         out.setdefault(j, JobState(UNKNOWN))
     return out
 
 
-def _clock_s(text: str) -> int | None:
-    """``[D-]HH:MM:SS`` / ``MM:SS`` as seconds."""
-    days, _, clock = text.rpartition("-")
-    try:
-        parts = [int(p) for p in clock.split(":")]
-    except ValueError:
+_TIME_FORMS = re.compile(
+    r"^(?:(?P<days>\d+)-(?P<dh>\d{1,2})(?::(?P<dm>\d{1,2})(?::(?P<ds>\d{1,2}))?)?"
+    r"|(?P<h>\d{1,3}):(?P<hm>\d{1,2}):(?P<hs>\d{1,2})"
+    r"|(?P<m>\d+)(?::(?P<ms>\d{1,2}))?)$"
+)
+
+
+def time_limit_seconds(value: str) -> int | None:
+    """Seconds of a SLURM time limit in one of sbatch's forms (``MM``, ``MM:SS``,
+    ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``), or None if ``value`` is none of
+    them or has a field out of range (seconds and minutes after hours < 60, hours after days
+    < 24). Note sbatch's reading of two fields: ``30:00`` is thirty minutes, not hours.
+    squeue's elapsed times (``%M``) are written the same way."""
+    m = _TIME_FORMS.match(value.strip())
+    if m is None:
         return None
-    seconds = 0
-    for p in parts:
-        seconds = seconds * 60 + p
-    return seconds + (int(days) * 86400 if days.isdigit() else 0)
+    g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
+    if "days" in g:
+        hours, minutes, seconds = g["dh"], g.get("dm", 0), g.get("ds", 0)
+        if hours >= 24:
+            return None
+        hours += 24 * g["days"]
+    elif "h" in g:
+        hours, minutes, seconds = g["h"], g["hm"], g["hs"]
+    else:
+        hours, minutes, seconds = 0, g["m"], g.get("ms", 0)
+        if seconds >= 60:
+            return None
+        return 60 * minutes + seconds
+    if minutes >= 60 or seconds >= 60:
+        return None
+    return 3600 * hours + 60 * minutes + seconds
 
 
 def _fmt_elapsed(seconds: int | None) -> str:

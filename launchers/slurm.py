@@ -26,42 +26,10 @@ from typing import Any
 from probsft_megatron import resources
 from probsft_megatron.config import read_yaml_mapping
 from probsft_megatron.errors import ConfigError
+from probsft_megatron.launchers.jobs import time_limit_seconds
 
 #: Step kinds that get their own SLURM job; ``train`` spans all nodes under torchrun.
 STEP_KINDS = ("convert", "train", "export", "eval")
-_TIME_FORMS = re.compile(
-    r"^(?:(?P<days>\d+)-(?P<dh>\d{1,2})(?::(?P<dm>\d{1,2})(?::(?P<ds>\d{1,2}))?)?"
-    r"|(?P<h>\d{1,3}):(?P<hm>\d{1,2}):(?P<hs>\d{1,2})"
-    r"|(?P<m>\d+)(?::(?P<ms>\d{1,2}))?)$"
-)
-
-
-def time_limit_seconds(value: str) -> int | None:
-    """Seconds of a SLURM time limit in one of sbatch's forms (``MM``, ``MM:SS``,
-    ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``), or None if ``value`` is none of
-    them or has a field out of range (seconds and minutes after hours < 60, hours after days
-    < 24). Note sbatch's reading of two fields: ``30:00`` is thirty minutes, not hours."""
-    m = _TIME_FORMS.match(value.strip())
-    if m is None:
-        return None
-    g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
-    if "days" in g:
-        hours, minutes, seconds = g["dh"], g.get("dm", 0), g.get("ds", 0)
-        if hours >= 24:
-            return None
-        hours += 24 * g["days"]
-    elif "h" in g:
-        hours, minutes, seconds = g["h"], g["hm"], g["hs"]
-    else:
-        hours, minutes, seconds = 0, g["m"], g.get("ms", 0)
-        if seconds >= 60:
-            return None
-        return 60 * minutes + seconds
-    if minutes >= 60 or seconds >= 60:
-        return None
-    return 3600 * hours + 60 * minutes + seconds
-
-
 _PLACEHOLDER_RE = re.compile(r"<[^<>]+>")
 #: torchrun's rendezvous across the nodes of the train job (on the job's first node).
 RDZV_BACKEND = "c10d"
