@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -168,6 +169,68 @@ def check_data_files(data: DataConfig, key: str = "data.train_files") -> None:
             )
 
 
+def count_records(data: DataConfig) -> int | None:
+    """How many records the data gives, counted without parsing them (the lines of a JSON
+    lines file, the length of a JSON list, a parquet file's row count), capped at
+    ``data.num_samples``; None when that cannot be told cheaply (a generated source without
+    ``data.num_samples``, a file that cannot be read here: its own check reports it)."""
+    if data.source != "file":
+        return data.num_samples
+    total = 0
+    for name in data.train_files:
+        path = Path(name).expanduser()
+        try:
+            if path.suffix.lower() == ".parquet":
+                import pyarrow.parquet as pq
+
+                total += pq.ParquetFile(path).metadata.num_rows
+            elif path.suffix.lower() == ".json":
+                rows = json.loads(path.read_text(encoding="utf-8"))
+                total += len(rows) if isinstance(rows, list) else 1
+            else:
+                with open(path, "rb") as f:
+                    total += sum(1 for line in f if line.strip())
+        except Exception:  # unreadable here: the data checks and the loader say why
+            return None
+        if data.num_samples is not None and total >= data.num_samples:
+            return data.num_samples
+    return total
+
+
+def planned_length(cfg: TrainJobConfig) -> str:
+    """What the run will train, as the dry run states it: steps, epochs, examples (an upper
+    bound before tokenizing: records too long for ``data.max_length`` are dropped then, and
+    the run's first line states the exact count).
+
+    Raises:
+        ConfigError: ``train.max_steps`` is more than the data can give.
+    """
+    t = cfg.train
+    records = count_records(cfg.data)
+    if records is None:
+        steps = f"train.max_steps={t.max_steps}" if t.max_steps else "every step"
+        return (
+            f"length: {steps} of train.epochs={t.epochs}; the data's size is known once it is "
+            "generated and tokenized (the run's first line states steps, epochs and examples)"
+        )
+    per_epoch = records // t.global_batch_size
+    bound = per_epoch * t.epochs
+    shape = (
+        f"train.epochs={t.epochs} over at most {records} examples, train.global_batch_size="
+        f"{t.global_batch_size}: at most {per_epoch} steps per epoch"
+    )
+    if t.max_steps is not None and t.max_steps > bound:
+        epochs = math.ceil(t.max_steps / max(per_epoch, 1))
+        raise ConfigError(
+            f"train.max_steps={t.max_steps} is more than the at most {bound} steps the data "
+            f"gives ({shape}); set train.epochs={epochs} or more to train {t.max_steps} steps, "
+            f"or train.max_steps={bound} or lower (null: every step of the epochs)"
+        )
+    if t.max_steps is not None and t.max_steps < bound:
+        return f"length: {t.max_steps} steps (train.max_steps; the schedule spans all): {shape}"
+    return f"length: at most {bound} steps: {shape}"
+
+
 def check_resume(train: TrainConfig) -> Path | None:
     """The checkpoint a run of ``train.output_dir`` would resume from (None: a fresh start).
 
@@ -239,3 +302,5 @@ def check_files(cfg: TrainJobConfig) -> None:
                 "choose another train.output_dir"
             )
     check_resume(cfg.train)
+    if cfg.train.max_steps is not None:
+        planned_length(cfg)  # a train.max_steps beyond the data is refused before any work

@@ -297,9 +297,11 @@ def folder_kind(path: str | os.PathLike) -> str | None:
 
 
 def _is_run(path: Path) -> bool:
-    """A training run's folder: its checkpoints/, metrics.jsonl or summary.json, or the
-    config.json of a run (the job's sections, written when the run starts)."""
-    if any((path / name).exists() for name in ("checkpoints", "metrics.jsonl", "summary.json")):
+    """A training run's folder: its checkpoints/, metrics.jsonl, summary.json or run.lock
+    (a run that has just started), or the config.json of a run (the job's sections, written
+    when the run starts)."""
+    names = ("checkpoints", "metrics.jsonl", "summary.json", "run.lock")
+    if any((path / name).exists() for name in names):
         return True
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))

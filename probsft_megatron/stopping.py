@@ -176,6 +176,19 @@ class Stopper:
         self.checkpoint: Path | None = None
         self.received: list[int] = []
         self._previous: dict[int, Any] = {}
+        self._at_exit: list[Any] = []
+
+    def at_exit(self, release) -> None:
+        """Call ``release()`` when the run ends, however it ends: on leaving the context
+        (finished, stopped after a save, failed) and on a second Ctrl-C (the run lock)."""
+        self._at_exit.append(release)
+
+    def _release(self) -> None:
+        while self._at_exit:
+            try:
+                self._at_exit.pop()()
+            except Exception as exc:  # a clean-up must not hide the run's own outcome
+                logger.warning("while ending the run: %s", exc)
 
     # -- signals --------------------------------------------------------------------------
     def __enter__(self) -> Stopper:
@@ -187,6 +200,7 @@ class Stopper:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._release()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
@@ -218,6 +232,7 @@ class Stopper:
         if self.announce:
             kept = f" (newest checkpoint: {self.checkpoint})" if self.checkpoint else ""
             _say(f"second interrupt: stopped at once during step {self.step}, nothing saved{kept}")
+        self._release()
         try:
             import psutil
 

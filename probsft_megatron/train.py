@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from probsft_megatron import checkpoint as ckpt
-from probsft_megatron import compat, console, platform, runtime, stopping
+from probsft_megatron import compat, console, platform, run_lock, runtime, stopping
 from probsft_megatron.config import TrainJobConfig, load_config, world_size_from_env
-from probsft_megatron.errors import ConfigError
+from probsft_megatron.errors import ConfigError, ProbsftError
 from probsft_megatron.fileio import atomic_write_json
 from probsft_megatron.job import Job, resolve_job
 from probsft_megatron.loss import ObjectiveLoss
@@ -166,6 +166,9 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
         runtime.init_distributed(
             job.parallel, seed=t.seed, model=job.model, timeout_s=t.dist_timeout_s
         )
+        # one run per output folder: rank 0 takes the lock, every rank learns the verdict;
+        # released when the run ends however it ends (also exit 75, a second Ctrl-C)
+        stopper.at_exit(run_lock.hold(job.output_dir, platform.device()).release)
         layout = compat.layout()
         is_logger = layout.is_last_stage and layout.dp_rank == 0 and layout.tp_rank == 0
         stopper.announce = is_logger
@@ -187,12 +190,7 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
             pad_id=tokenizer.pad_token_id,
         )
         total_steps = len(loader)
-        if total_steps == 0:
-            raise ConfigError(
-                f"the dataset has {len(dataset)} examples, fewer than one global batch "
-                f"(train.global_batch_size={t.global_batch_size})"
-            )
-        last_step = min(total_steps, t.max_steps or total_steps)
+        last_step = run_length(len(dataset), total_steps, t, announce=is_logger)
 
         # -- model, optimizer, resume -------------------------------------------------------
         tconfig = transformer_config(
@@ -216,7 +214,7 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
             loader.load_state_dict(state["data"])
             stopper.checkpoint = resume_from
             if is_logger:
-                logger.info("resumed from %s (step %d/%d)", resume_from, start_step, total_steps)
+                logger.info("resumed from %s (step %d/%d)", resume_from, start_step, last_step)
                 stopping.record_event(
                     job.output_dir, "resumed", step=start_step, checkpoint=resume_from
                 )
@@ -314,6 +312,44 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
     return summary
 
 
+def run_length(examples: int, total_steps: int, t, *, announce: bool) -> int:
+    """The run's last step, announced in one line (steps, epochs, examples); a
+    ``train.max_steps`` beyond what the data gives is refused (every rank raises, only the
+    ``announce`` one prints), never cut silently."""
+    per_epoch = total_steps / t.epochs
+    shape = (
+        f"train.epochs={t.epochs} over {examples} examples, train.global_batch_size="
+        f"{t.global_batch_size}: {per_epoch:g} steps per epoch"
+    )
+    problem = None
+    if total_steps == 0:
+        problem = (
+            f"the dataset has {examples} examples, fewer than one global batch "
+            f"(train.global_batch_size={t.global_batch_size}); add data or lower "
+            "train.global_batch_size"
+        )
+    elif t.max_steps is not None and t.max_steps > total_steps:
+        epochs = math.ceil(t.max_steps / per_epoch)
+        problem = (
+            f"train.max_steps={t.max_steps} is more than the {total_steps} steps the data "
+            f"gives ({shape}); set train.epochs={epochs} to train {t.max_steps} steps, or "
+            f"train.max_steps={total_steps} or lower (null: every step of the epochs)"
+        )
+    if problem is not None:
+        error = ConfigError(problem)
+        error.announce = announce
+        raise error
+    last_step = t.max_steps or total_steps
+    if announce:
+        cut = (
+            f" (train.max_steps={t.max_steps}; the schedule spans all {total_steps})"
+            if last_step < total_steps
+            else ""
+        )
+        logger.info("training %d steps%s: %s", last_step, cut, shape)
+    return last_step
+
+
 def save(job: Job, step: int, chunks: list, optimizer, loader, total_steps: int):
     """The training checkpoint of ``step`` (collective; atomic): weights, optimizer, data
     position, RNG. Stop signals are held back from the writer's helper processes (see
@@ -364,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         try:
             summary = train(load_config(args.config, args.overrides))
-        except stopping.NonFiniteError as exc:
-            if not exc.announce:  # every rank stops; one of them says why
+        except ProbsftError as exc:
+            if getattr(exc, "announce", True) is False:  # every rank stops; one says why
                 return 2
             raise
         # the run is over: a late signal (torchrun's agent ends the other workers with SIGTERM

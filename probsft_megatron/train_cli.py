@@ -48,8 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def fit_check(job, args: argparse.Namespace) -> str:
     """The memory planner's verdict on the job's layout (:func:`probsft_megatron.plan.check_fits`,
-    arithmetic only), as a line for the dry run; a layout that will not fit is refused with the
-    planner's one line (the recommended layout's overrides, and ``--no-fit-check``).
+    the model counted on the meta device), as a line for the dry run; a layout that will not
+    fit is refused with the planner's one line (the recommended layout's overrides, and
+    ``--no-fit-check``).
 
     The GPU size is ``--gpu-memory``, else the CUDA device's; on a machine without CUDA the
     check is skipped (the host's RAM is not what the planner estimates)."""
@@ -89,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         )
     job = resolve_job(load_config(args.config, args.overrides), args.nproc)
     fit = fit_check(job, args)
+    from probsft_megatron.run_lock import check_free
+
+    check_free(job.output_dir)  # another live run in train.output_dir: one line, now
     if args.dry_run:
         print(json.dumps(job.to_dict(), indent=2, default=str))
         p = job.parallel
@@ -101,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         print(f"# {fit}", file=sys.stderr)
+        from probsft_megatron.input_checks import planned_length
+
+        print(f"# {planned_length(job.config)}", file=sys.stderr)
         return 0
     if args.nproc == 1 and "RANK" not in os.environ:
         from probsft_megatron.train import train

@@ -454,6 +454,7 @@ def test_a_dead_rank_ends_the_other_within_the_timeout(tmp_path, how):
         *BASE,
         f"train.output_dir={out}",
         "train.max_steps=40",
+        "train.epochs=3",  # 42 steps: the run outlives the kill
         "train.save_interval=2",
         f"train.dist_timeout_s={timeout_s}",
     ]

@@ -1,0 +1,366 @@
+"""One training run per output folder: the run lock (``<train.output_dir>/run.lock``).
+
+A training run holds the lock for its whole life. Rank 0 creates the file before any other
+work of the run (after the process groups, before the tokenizer, the data and the model) with
+``open(O_CREAT | O_EXCL)``, which is atomic on a local disk, on NFS v3 and later and on
+Lustre, so of two runs started at once exactly one gets it. The file names the holder::
+
+    {"format": "probsft-run-lock", "host": "node12", "pid": 4711, "pid_started": 1765100000.2,
+     "slurm_job_id": "8812", "started": "2026-12-07T11:40:02+0000", "command": "..."}
+
+Every rank learns rank 0's verdict (:func:`hold`, one all-reduce) so that all of them go on,
+or all of them exit 2 with one line from rank 0 naming the holder. The lock is released when
+the run ends: finished, stopped by a signal after its checkpoint (exit 75), or failed.
+
+A lock whose holder is gone is taken over with a warning: its host is this host and its
+process is no longer running (the pid and the process's start time, so a reused pid does not
+count), or its SLURM job has ended (``squeue``, else ``sacct``). A requeued SLURM job keeps
+its job id, so it continues its own run. A holder on another host without a SLURM job
+cannot be checked from here: the message then says which file to delete once that run is
+known to be gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from probsft_megatron.errors import ProbsftError
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = "run.lock"
+FORMAT = "probsft-run-lock"
+SLURM_ENDED = {
+    "BOOT_FAIL",
+    "CANCELLED",
+    "COMPLETED",
+    "DEADLINE",
+    "FAILED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "TIMEOUT",
+}
+"""SLURM job states after which the job runs no more (a requeued job is PENDING again)."""
+
+
+class RunLockedError(ProbsftError):
+    """``train.output_dir`` is held by another run. ``announce``: this rank prints it."""
+
+    def __init__(self, message: str, announce: bool = True) -> None:
+        super().__init__(message)
+        self.announce = announce
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a run lock."""
+
+    host: str
+    pid: int
+    pid_started: float | None = None
+    slurm_job_id: str | None = None
+    started: str = ""
+    command: str = ""
+
+    @classmethod
+    def current(cls) -> Holder:
+        """This process, as it writes itself into a lock."""
+        return cls(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            pid_started=_process_started(os.getpid()),
+            slurm_job_id=os.environ.get("SLURM_JOB_ID") or None,
+            started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            command=" ".join(sys.argv)[:500],
+        )
+
+    def describe(self) -> str:
+        """``pid 4711 on host node12, SLURM job 8812, started 2026-12-07T11:40:02+0000``."""
+        job = f", SLURM job {self.slurm_job_id}" if self.slurm_job_id else ""
+        return f"pid {self.pid} on host {self.host}{job}, started {self.started}"
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, **asdict(self)}, indent=2) + "\n"
+
+
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), None when it does not exist."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def parse(text: str) -> Holder | None:
+    """The holder a lock file names, None when its text is not a lock (empty, cut, foreign)."""
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            return None
+        return Holder(
+            host=str(data["host"]),
+            pid=int(data["pid"]),
+            pid_started=(
+                float(data["pid_started"]) if data.get("pid_started") is not None else None
+            ),
+            slurm_job_id=str(data["slurm_job_id"]) if data.get("slurm_job_id") else None,
+            started=str(data.get("started", "")),
+            command=str(data.get("command", "")),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def slurm_job_state(job_id: str) -> str | None:
+    """SLURM's state of job ``job_id`` (``RUNNING``, ``COMPLETED``, ...; ``ENDED`` for a job
+    squeue no longer knows), or None when neither squeue nor sacct can tell."""
+    try:
+        proc = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
+        )
+        states = proc.stdout.split()
+        if proc.returncode == 0 and states:
+            return states[0]
+        if "invalid job id" in proc.stderr.lower():
+            state = _sacct_state(job_id)
+            return state or "ENDED"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return _sacct_state(job_id)
+
+
+def _sacct_state(job_id: str) -> str | None:
+    try:
+        proc = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states = proc.stdout.split()
+    # "CANCELLED by 0" is one state in two words
+    return states[0] if proc.returncode == 0 and states else None
+
+
+def gone_reason(holder: Holder, me: Holder | None = None) -> tuple[str, str] | None:
+    """Why ``holder`` no longer runs, as ``(kind, phrase)``: kind ``"own"`` (this SLURM job
+    requeued: the same job id) or ``"stale"``; None while it may still run."""
+    me = me or Holder.current()
+    same_host = holder.host == me.host
+    if same_host:
+        started = _process_started(holder.pid)
+        alive = started is not None and (
+            holder.pid_started is None or abs(started - holder.pid_started) < 1.0
+        )
+        if alive:
+            return None
+    if holder.slurm_job_id and holder.slurm_job_id == me.slurm_job_id:
+        return "own", f"it is this SLURM job ({holder.slurm_job_id}), requeued"
+    if same_host:
+        return "stale", f"pid {holder.pid} is no longer running on this host"
+    if holder.slurm_job_id:
+        state = slurm_job_state(holder.slurm_job_id)
+        if state is not None and state.upper() in SLURM_ENDED | {"ENDED"}:
+            return "stale", f"SLURM job {holder.slurm_job_id} has ended ({state})"
+    return None
+
+
+def _held_message(out: Path, lock: Path, holder: Holder | None, text: str) -> str:
+    if holder is None:
+        return (
+            f"train.output_dir {out} has a lock file that names no run ({lock}: "
+            f"{text[:60]!r}): a run is starting there, or one died while starting; if no run "
+            f"uses the folder, delete {lock}, or choose another train.output_dir"
+        )
+    cmd = f" ({holder.command})" if holder.command else ""
+    if holder.host == socket.gethostname():
+        how = "wait for it to end"
+    elif holder.slurm_job_id:
+        how = f"wait for it to end (or scancel {holder.slurm_job_id})"
+    else:
+        how = f"wait for it to end (if that run is gone, delete {lock})"
+    return (
+        f"train.output_dir {out} is in use by another training run: {holder.describe()}{cmd}; "
+        f"two runs in one folder overwrite each other's checkpoints and metrics: {how}, or "
+        "choose another train.output_dir"
+    )
+
+
+def _read(lock: Path) -> str:
+    try:
+        return lock.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def check_free(output_dir: str | os.PathLike) -> None:
+    """Read-only: refuse (:class:`RunLockedError`) when a live run holds ``output_dir``.
+
+    For the command line before it starts anything (``probsft train``, its ``--dry-run``);
+    :func:`acquire` decides for real."""
+    out = Path(output_dir)
+    lock = out / LOCK_FILE
+    if not lock.is_file():
+        return
+    text = _read(lock)
+    holder = parse(text)
+    if holder is None and not text:
+        return  # released while we looked, or being written: acquire() decides
+    if holder is None or gone_reason(holder) is None:
+        raise RunLockedError(_held_message(out, lock, holder, text))
+
+
+def _create(lock: Path, me: Holder) -> None:
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, me.to_json().encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_gone(lock: Path, text: str) -> bool:
+    """Delete ``lock`` if it still holds ``text`` (a gone holder's), under the takeover
+    mutex ``run.lock.takeover`` (itself created with O_EXCL), so that of several runs taking
+    over at once only one deletes, and none deletes a lock created meanwhile; the runs then
+    race for the lock with O_EXCL again. Returns whether this process deleted it."""
+    mutex = lock.with_name(LOCK_FILE + ".takeover")
+    try:
+        _create(mutex, Holder.current())
+    except FileExistsError:
+        try:  # a mutex left by a process that died while taking over
+            if time.time() - mutex.stat().st_mtime > 60:
+                mutex.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.2)
+        return False
+    try:
+        if _read(lock) != text:
+            return False
+        lock.unlink(missing_ok=True)
+        return True
+    finally:
+        mutex.unlink(missing_ok=True)
+
+
+def _announce_takeover(out: Path, reason: tuple[str, str], holder: Holder) -> None:
+    kind, why = reason
+    if kind == "own":
+        logger.info("continuing this run in %s: %s", out, why)
+        return
+    logger.warning(
+        "took over the lock of %s from a run that is gone (%s; %s); this run continues from "
+        "the newest checkpoint there",
+        out,
+        holder.describe(),
+        why,
+    )
+
+
+def acquire(output_dir: str | os.PathLike) -> Holder:
+    """Take the lock of ``output_dir`` for this process (created if needed); returns the
+    holder written. A gone holder's lock is taken over with a warning (an own requeued SLURM
+    job's with an info line).
+
+    Raises:
+        RunLockedError: another run holds it (one line naming the holder).
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_FILE
+    me = Holder.current()
+    removed = None  # (reason, holder) of the gone lock this process deleted
+    for _ in range(20):
+        try:
+            _create(lock, me)
+        except FileExistsError:
+            pass
+        else:
+            if removed is not None:
+                _announce_takeover(out, *removed)
+            return me
+        text = _read(lock)
+        holder = parse(text)
+        if holder is None and text == "":
+            time.sleep(0.5)  # created a moment ago and not written yet, or just released
+            text = _read(lock)
+            holder = parse(text)
+            if text == "" and not lock.exists():
+                continue
+        reason = gone_reason(holder, me) if holder is not None else None
+        if reason is None:
+            raise RunLockedError(_held_message(out, lock, holder, text))
+        if _remove_gone(lock, text):
+            removed = (reason, holder)
+    raise RunLockedError(
+        f"train.output_dir {out}: could not take {lock}, other runs keep taking it; run one "
+        "training run per train.output_dir"
+    )
+
+
+def release(output_dir: str | os.PathLike, me: Holder) -> None:
+    """Remove the lock of ``output_dir`` when it is still ``me``'s (idempotent)."""
+    lock = Path(output_dir) / LOCK_FILE
+    holder = parse(_read(lock))
+    if holder is not None and (holder.host, holder.pid, holder.started) == (
+        me.host,
+        me.pid,
+        me.started,
+    ):
+        lock.unlink(missing_ok=True)
+
+
+class RunLock:
+    """The lock of one training run, held by its rank 0 (:func:`hold`)."""
+
+    def __init__(self, output_dir: Path, holder: Holder | None) -> None:
+        self.output_dir = output_dir
+        self.holder = holder
+
+    def release(self) -> None:
+        if self.holder is not None:
+            release(self.output_dir, self.holder)
+            self.holder = None
+
+
+def hold(output_dir: str | os.PathLike, device=None) -> RunLock:
+    """Every rank of a run: rank 0 takes the lock (:func:`acquire`), then all ranks agree
+    (one all-reduce): all go on, or all raise :class:`RunLockedError` (announced by rank 0
+    only, so the job prints one line). Returns the lock to release at the end (a no-op on
+    ranks other than 0)."""
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    holder, error = None, None
+    if rank == 0:
+        try:
+            holder = acquire(output_dir)
+        except RunLockedError as exc:
+            error = exc
+    if world > 1:
+        refused = torch.tensor([1 if error is not None else 0], dtype=torch.int64, device=device)
+        dist.all_reduce(refused)
+        if error is None and int(refused.item()):
+            error = RunLockedError(
+                f"train.output_dir {output_dir} is in use by another training run",
+                announce=False,
+            )
+    if error is not None:
+        raise error
+    return RunLock(Path(output_dir), holder)
