@@ -220,7 +220,7 @@ def _placement(args: argparse.Namespace):
 
 def _fit_check(args: argparse.Namespace, profile, nodes: int, nproc: int):
     """The memory planner's check of each run's training layout before anything is written
-    or submitted (:func:`probsft_megatron.plan.check_fits`, arithmetic only): a callable
+    or submitted (:func:`probsft_megatron.plan.check_fits`, on the meta device): a callable
     (run name, config) -> the plan's note line, raising :class:`ConfigError` (the planner's
     line: the recommended layout and ``--no-fit-check``) for a layout that will not fit.
 

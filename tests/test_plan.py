@@ -382,24 +382,60 @@ def test_impossible_layouts_are_named():
         )
 
 
-def test_the_check_needs_neither_torch_nor_megatron():
-    """check_fits is what train/launch call before submitting: arithmetic on the loaded
-    config (load_config itself imports neither)."""
+def test_the_check_counts_on_the_meta_device_and_leaves_no_process_group():
+    """check_fits is what train/launch call before submitting: it builds the 7B model's stages
+    on the meta device (no weight memory: 15 GB of bf16 weights would show in the peak RSS)
+    and tears down the one-process world it built them in."""
     code = (
-        "import sys\n"
+        "import resource, sys\n"
+        "import torch.distributed as dist\n"
         "from probsft_megatron import plan\n"
         "from probsft_megatron.config import load_config\n"
         "cfg = load_config('math-qwen2.5-7b', ['parallel.tensor_model_parallel_size=1',\n"
         "                                      'parallel.sequence_parallel=false'])\n"
         "v = plan.check_fits(cfg, 8, 80)\n"
         "assert not v.fits and 'tensor_model_parallel_size=4' in v.message, v.message\n"
-        "assert 'torch' not in sys.modules and 'megatron' not in sys.modules\n"
+        "assert not dist.is_initialized()\n"
+        "rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20\n"
+        "assert rss_gb < 2, rss_gb\n"
         "print('ok')\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
     )
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_stage_parameters_are_the_built_models(monkeypatch):
+    """The count is the model the project builds: megatron's names and order, and a change to
+    the model builder (here: norms with a bias) changes the plan with no second definition to
+    edit (the negative control: the planner cannot be reading a list of its own)."""
+    import torch
+
+    from probsft_megatron import model as M
+    from probsft_megatron.plan import static as S
+
+    model = MODELS["tiny-qwen2"]
+    names = [p.name for p in P.stage_parameters(model, tp=2, pp=2, pp_rank=1)]
+    assert names[0] == "decoder.layers.0.input_layernorm.weight"
+    assert names[-2:] == ["decoder.final_layernorm.weight", "output_layer.weight"]
+    before = P.stage_parameters(model)
+
+    class BiasedNorm(torch.nn.LayerNorm):
+        def __init__(self, config, hidden_size, eps=1e-5, **_):
+            super().__init__(hidden_size, eps=eps)
+
+    S._meta_stage.cache_clear()
+    monkeypatch.setattr(M, "SequenceParallelRMSNorm", BiasedNorm)
+    try:
+        after = P.stage_parameters(model)
+    finally:
+        S._meta_stage.cache_clear()
+    added = {p.name for p in after} - {p.name for p in before}
+    assert "decoder.layers.0.input_layernorm.bias" in added
+    assert len(added) == 2 * model.num_layers + 1
+    extra = sum(p.numel for p in after) - sum(p.numel for p in before)
+    assert extra == (2 * model.num_layers + 1) * model.hidden_size
 
 
 def test_cli_table_json_and_errors(capsys):

@@ -1,9 +1,10 @@
 """Will it fit? Per-GPU memory of a training job, and the cheapest layout that fits.
 
-Pure arithmetic on the model description and the layout: no torch model is built and
-neither torch nor megatron is imported, so the check is instant and safe to run before
-anything is submitted (``probsft plan``; :func:`check_fits` for ``probsft train`` and
-``probsft launch``).
+The parameters are counted on the real model, built stage by stage on the meta device
+(:func:`~probsft_megatron.plan.static.stage_parameters`: shapes only, no memory, no process
+group left behind); everything else is arithmetic on the model description and the layout, so
+the check takes seconds (most of it importing megatron) and is safe to run before anything is
+submitted (``probsft plan``; :func:`check_fits` for ``probsft train`` and ``probsft launch``).
 
 What is counted, per GPU (each pipeline stage is estimated; the report shows the fullest):
 

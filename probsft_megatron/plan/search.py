@@ -238,9 +238,10 @@ def check_fits(
     gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB,
     gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
 ) -> Verdict:
-    """Does ``cfg`` fit on ``world_size`` GPUs of ``gpu_memory_gb``? Arithmetic only (no model,
-    no megatron import). A refusal's message is one line naming the recommended layout's
-    overrides and the explicit override flag (:data:`OVERRIDE_FLAG`)."""
+    """Does ``cfg`` fit on ``world_size`` GPUs of ``gpu_memory_gb``? The model is built on the
+    meta device only (no memory, no process group left). A refusal's message is one line
+    naming the recommended layout's overrides and the explicit override flag
+    (:data:`OVERRIDE_FLAG`)."""
     p = plan(cfg, world_size, gpu_memory_gb, gpus_per_node)
     req = p.requested
     need = req.estimate.total / GiB if req.estimate else float("nan")

@@ -1,14 +1,23 @@
 """Static memory, byte-exact: the weights, megatron DDP's gradient buffer and the optimizer
 state of one rank, from the parameters megatron registers for its pipeline stage and
-tensor-parallel shard (see :mod:`probsft_megatron.plan` for the rules)."""
+tensor-parallel shard (see :mod:`probsft_megatron.plan` for the rules).
+
+The parameters are counted on the real model: :func:`stage_parameters` builds the stage's
+``GPTModel`` with :func:`probsft_megatron.model.build_gpt_model` on the meta device (shapes,
+no memory) in a process of its own with TP=1, and divides every parameter megatron marks
+``tensor_model_parallel`` by TP (megatron splits them evenly along ``partition_dim``; the
+planner refuses a TP that does not divide the split sizes first).
+"""
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 
 from probsft_megatron.errors import ConfigError
-from probsft_megatron.plan.layout import Layout, Workload, dims, layout_problem
+from probsft_megatron.plan.layout import Layout, Workload, layout_problem
 
 
 @dataclass(frozen=True)
@@ -22,38 +31,81 @@ class Param:
 
 def stage_parameters(model, tp: int = 1, pp: int = 1, pp_rank: int = 0) -> list[Param]:
     """The parameters one tensor-parallel rank of pipeline stage ``pp_rank`` holds, in the
-    order megatron's ``GPTModel`` (local spec) registers them."""
+    order megatron's ``GPTModel`` (local spec) registers them, counted on the model built on
+    the meta device.
+
+    With tied embeddings and PP > 1 the first stage's word embedding and the last stage's
+    copy of it are ``shared_embedding`` (megatron marks them so only where the pipeline has
+    several stages, which a model built in one process cannot show)."""
     problem = layout_problem(model, tp, pp)
     if problem:
         raise ConfigError(problem)
-    d = dims(model)
-    h, tied = d["h"], bool(model.tie_word_embeddings)
     first, last = pp_rank == 0, pp_rank == pp - 1
-    qkv = (d["q"] + 2 * d["kv"]) // tp
-    out: list[Param] = []
-    if first:
-        out.append(Param("embedding.word_embeddings.weight", d["v"] // tp * h, tied and pp > 1))
-    for i in range(d["layers"] // pp):
-        pre = f"decoder.layers.{i}."
-        out += [
-            Param(pre + "input_layernorm.weight", h),
-            Param(pre + "self_attention.linear_proj.weight", h * d["q"] // tp),
-            Param(pre + "self_attention.linear_qkv.weight", qkv * h),
-        ]
-        if model.qkv_bias:
-            out.append(Param(pre + "self_attention.linear_qkv.bias", qkv))
-        out += [
-            Param(pre + "pre_mlp_layernorm.weight", h),
-            Param(pre + "mlp.linear_fc1.weight", 2 * d["f"] // tp * h),
-            Param(pre + "mlp.linear_fc2.weight", h * d["f"] // tp),
-        ]
-    if last:
-        out.append(Param("decoder.final_layernorm.weight", h))
-        if not tied:
-            out.append(Param("output_layer.weight", d["v"] // tp * h))
-        elif pp > 1:  # the last stage keeps its own copy of the tied embedding
-            out.append(Param("output_layer.weight", d["v"] // tp * h, True))
-    return out
+    shared = bool(model.tie_word_embeddings) and pp > 1
+    return [
+        Param(
+            name,
+            numel // tp if split else numel,
+            shared and name in ("embedding.word_embeddings.weight", "output_layer.weight"),
+        )
+        for name, numel, split in _meta_stage(model, pp, first, last)
+    ]
+
+
+@lru_cache(maxsize=64)
+def _meta_stage(model, pp: int, first: bool, last: bool) -> tuple[tuple[str, int, bool], ...]:
+    """``(name, elements of the whole tensor, split over TP)`` of each parameter of one
+    pipeline stage, from the GPTModel built on the meta device."""
+    import dataclasses
+
+    import torch
+
+    from probsft_megatron.config import ParallelConfig
+    from probsft_megatron.model import build_gpt_model, transformer_config
+
+    # one stage's layers as a model of its own (a config with PP > 1 would have megatron
+    # all-reduce the tied embedding copy between the stages while it builds)
+    stage = dataclasses.replace(model, num_layers=model.num_layers // pp)
+    with _one_process_megatron() as tp_now:
+        config = transformer_config(
+            stage,
+            ParallelConfig(),
+            use_cpu_initialization=True,  # no device= of its own: the meta device applies
+        )
+        with torch.device("meta"):
+            gpt = build_gpt_model(stage, config, pre_process=first, post_process=last)
+        out = []
+        for name, p in gpt.named_parameters():
+            split = bool(getattr(p, "tensor_model_parallel", False))
+            out.append((name, p.numel() * (tp_now if split else 1), split))
+    return tuple(out)
+
+
+@contextmanager
+def _one_process_megatron():
+    """megatron's layers read their tensor-parallel group from its parallel state: a world of
+    this one process (gloo, in-memory store) while a model is built, torn down afterwards.
+    Inside a process that already has megatron's groups they are used as they are; yields
+    their TP size."""
+    import torch.distributed as dist
+
+    from probsft_megatron import compat
+
+    if dist.is_initialized() and compat.model_parallel_is_initialized():
+        yield compat.layout().tp
+        return
+    own_world = not dist.is_initialized()
+    if own_world:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        compat.initialize_model_parallel(1, 1)
+        try:
+            yield 1
+        finally:
+            compat.destroy_model_parallel()
+    finally:
+        if own_world:
+            dist.destroy_process_group()
 
 
 @dataclass
