@@ -88,8 +88,11 @@ RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
 SCHEDULES = ("cosine", "constant")
 SOURCES = ("file", "figfont")
+CHAT_TEMPLATES = ("chatml", "qwen2.5", "llama-3")
+"""Chat templates shipped in ``configs/chat_templates/<name>.jinja``."""
 FORMATS = ("auto", "jsonl", "parquet", "numina", "m23k")
-TRUNCATIONS = ("right", "error")
+TRUNCATIONS = ("turn", "right", "error")
+TRAIN_ON = ("all_assistant", "last_assistant")
 
 
 def _one_of(key: str, value: Any, allowed, hint: str = "") -> None:
@@ -315,14 +318,25 @@ class DataConfig:
     prompt_dict_keys: list[str] | None = None
     """When ``prompt_key`` holds a dict, the nested keys to follow (outermost first)."""
     response_dict_keys: list[str] | None = None
+    messages_key: str | None = None
+    """The field holding a conversation (OpenAI ``messages`` or ShareGPT ``conversations``);
+    None: ``messages`` or ``conversations`` when a record has no prompt/response fields."""
+    tools_key: str = "tools"
+    """The field with a conversation's tool definitions (passed to the chat template)."""
+    train_on: str = "all_assistant"
+    """Which assistant turns of a conversation are trained: ``all_assistant`` or
+    ``last_assistant``; a message's own ``train`` (bool or weight) or ``weight`` wins."""
     chat_template: str = "auto"
-    """``auto`` (the tokenizer's template if it has one), ``none``, or a Jinja template."""
+    """``auto`` (the tokenizer's template if it has one), ``none``, a shipped template's name
+    (``qwen2.5``, ``llama-3``, ``chatml``), a ``.jinja`` file, or a Jinja template."""
     system_prompt: str | None = None
     """System message of the chat template (needs a template)."""
     max_length: int = 1024
     """Longest example in tokens (prompt + response)."""
-    truncation: str = "right"
-    """``right``: cut longer examples and count them; ``error``: refuse them."""
+    truncation: str = "turn"
+    """``turn``: cut a longer conversation after its last whole assistant turn that fits (at
+    ``max_length`` when not even the first fits); ``right``: cut at ``max_length``;
+    ``error``: refuse longer examples. Cut examples are counted."""
     packing: bool = False
     """Pack several examples per ``seq_length`` row (read by the trainer's loader)."""
     num_samples: int | None = None
@@ -342,11 +356,15 @@ class DataConfig:
             raise ConfigError(
                 f"data.truncation={self.truncation!r} is unknown; use one of {list(TRUNCATIONS)}"
             )
-        if self.chat_template not in ("auto", "none") and not (
-            "{{" in self.chat_template or "{%" in self.chat_template
+        _one_of("data.train_on", self.train_on, TRAIN_ON)
+        if (
+            self.chat_template not in ("auto", "none", *CHAT_TEMPLATES)
+            and not self.chat_template.endswith(".jinja")
+            and not ("{{" in self.chat_template or "{%" in self.chat_template)
         ):
             raise ConfigError(
-                f"data.chat_template={self.chat_template!r} is neither auto, none "
+                f"data.chat_template={self.chat_template!r} is neither auto, none, "
+                f"a shipped template ({', '.join(CHAT_TEMPLATES)}), a .jinja file "
                 "nor a Jinja template string"
             )
         if isinstance(self.train_files, str):

@@ -1,5 +1,10 @@
 """Tokenized SFT examples: chat template or plain concatenation, truncation, loss masks.
 
+Prompt/response records and conversations (:mod:`.chat`: every trained assistant turn plus
+its end-of-turn token) both become one example each: ``(input_ids, loss_mask)`` by
+:meth:`SFTDataset.encode_record`, the per-record function. ``loss_mask`` values are loss
+weights: 1 on trained labels (a message's own ``weight`` where a conversation sets one).
+
 Loss-mask convention: ``loss_mask[t] == 1`` iff the *next* token ``input_ids[t + 1]`` is a
 response token (the end-of-sequence token that ends the response included), so with
 ``labels[t] = input_ids[t + 1]`` the loss is exactly the response tokens' negative
@@ -14,6 +19,7 @@ import numpy as np
 import torch
 
 from probsft_megatron.config import DataConfig
+from probsft_megatron.data.chat import cut_conversation, load_template, render_conversation
 from probsft_megatron.data.records import load_records
 from probsft_megatron.errors import ConfigError, DataError
 
@@ -31,7 +37,7 @@ def _resolve_template(cfg: DataConfig, tokenizer) -> str | None:
         if cfg.format == "m23k":
             return None
         return getattr(tokenizer, "chat_template", None) or None
-    return cfg.chat_template
+    return load_template(cfg.chat_template)
 
 
 class SFTDataset:
@@ -43,8 +49,10 @@ class SFTDataset:
     ``n_examples`` (kept), ``n_truncated`` (cut at the right),
     ``n_dropped`` (prompt alone fills ``max_length``), ``n_template_fallback`` (prompt
     tokens were not a prefix of the conversation tokens), ``n_tokens``,
-    ``n_response_tokens`` (trained labels). ``pad_id`` is the tokenizer's pad token
-    (its end-of-sequence token when it has none).
+    ``n_response_tokens`` (trained labels); for conversations also ``n_conversations``,
+    ``n_turns_trained`` (trained assistant turns in the renders), ``n_turns_kept`` (kept
+    whole), ``n_cut_at_turn`` / ``n_cut_inside_turn`` (how truncation cut). ``pad_id`` is
+    the tokenizer's pad token (its end-of-sequence token when it has none).
     """
 
     def __init__(self, cfg: DataConfig, tokenizer, records: list[dict] | None = None):
@@ -73,35 +81,104 @@ class SFTDataset:
             "n_template_fallback": 0,
             "n_tokens": 0,
             "n_response_tokens": 0,
+            "n_conversations": 0,
+            "n_turns_trained": 0,
+            "n_turns_kept": 0,
+            "n_cut_at_turn": 0,
+            "n_cut_inside_turn": 0,
         }
         tokens: list[np.ndarray] = []
-        prompt_lengths: list[int] = []
+        masks: list[np.ndarray] = []
         for start in range(0, len(records), _TOKENIZE_CHUNK):
             chunk = records[start : start + _TOKENIZE_CHUNK]
-            for record, (prompt_ids, response_ids) in zip(chunk, self._tokenize(chunk)):
-                ids = self._truncate(prompt_ids, response_ids, record)
-                if ids is None:
+            for encoded in self._encode_chunk(chunk):
+                if encoded is None:
                     continue
-                tokens.append(ids)
-                prompt_lengths.append(len(prompt_ids))
+                tokens.append(encoded[0])
+                masks.append(encoded[1])
         if not tokens:
             raise DataError(
                 f"no usable examples among {len(records)} records "
                 f"(dropped: {self.stats['n_dropped']}); raise data.max_length"
             )
         self.lengths = np.array([len(t) for t in tokens], dtype=np.int64)
-        self.prompt_lengths = np.minimum(np.array(prompt_lengths, dtype=np.int64), self.lengths)
+        # tokens before the first trained label (the prompt of a single-turn example)
+        self.prompt_lengths = np.array([int(np.argmax(m > 0)) + 1 for m in masks], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
         self._tokens = np.concatenate(tokens).astype(np.int32)
-        trained = self.lengths - np.maximum(self.prompt_lengths, 1)
+        flat = np.concatenate(masks).astype(np.float32)
+        binary = bool(np.all((flat == 0) | (flat == 1)))
+        self._masks = flat.astype(np.uint8) if binary else flat  # 1 byte/token when 0/1
         self.stats.update(
             n_examples=len(tokens),
             n_tokens=int(self.lengths.sum()),
-            n_response_tokens=int(trained.sum()),
+            n_response_tokens=int((flat > 0).sum()),
         )
         self._warn(len(records))
 
     # -- building
+
+    def _encode_chunk(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """``(input_ids, loss_mask)`` per record (None: dropped), in record order."""
+        out: list = [None] * len(records)
+        plain = [i for i, r in enumerate(records) if "messages" not in r]
+        for i in range(len(records)):
+            if "messages" in records[i]:
+                out[i] = self.encode_record(records[i])
+        if plain:
+            pairs = self._tokenize([records[i] for i in plain])
+            for i, (prompt_ids, response_ids) in zip(plain, pairs):
+                ids = self._truncate(prompt_ids, response_ids, records[i])
+                if ids is not None:
+                    mask = np.zeros(len(ids), dtype=np.float32)
+                    mask[max(len(prompt_ids), 1) - 1 : len(ids) - 1] = 1.0
+                    out[i] = (ids, mask)
+        return out
+
+    def encode_record(self, record: dict) -> tuple[np.ndarray, np.ndarray] | None:
+        """One record as ``(input_ids int64 [n], loss_mask float32 [n])`` within
+        ``max_length`` (the module's loss-mask convention), or None when it is dropped.
+        Updates ``stats``. Conversations: :func:`~.chat.render_conversation` and
+        :func:`~.chat.cut_conversation`."""
+        if "messages" not in record:
+            (pair,) = self._tokenize([record])
+            ids = self._truncate(*pair, record)
+            if ids is None:
+                return None
+            mask = np.zeros(len(ids), dtype=np.float32)
+            mask[max(len(pair[0]), 1) - 1 : len(ids) - 1] = 1.0
+            return ids, mask
+        where = record.get("origin", "a record")
+        if self.template is None:
+            raise ConfigError(
+                f"{where} is a conversation but there is no chat template (data.chat_template "
+                "is none or the tokenizer has none); set data.chat_template (e.g. chatml, "
+                "qwen2.5, llama-3)"
+            )
+        messages = record["messages"]
+        if self.cfg.system_prompt is not None and messages[0]["role"] != "system":
+            system = {"role": "system", "content": self.cfg.system_prompt, "weight": 0.0}
+            messages = [system, *messages]
+        rendered = render_conversation(
+            self.tokenizer, messages, self.template, record.get("tools"), where
+        )
+        limit = self.cfg.max_length
+        if len(rendered.ids) > limit and self.cfg.truncation == "error":
+            raise DataError(
+                f"{where} has {len(rendered.ids)} tokens, more than data.max_length={limit}; "
+                "raise data.max_length or set data.truncation=turn"
+            )
+        cut = cut_conversation(rendered, limit, self.cfg.truncation)
+        self.stats["n_conversations"] += 1
+        if cut is None:
+            self.stats["n_dropped"] += 1
+            return None
+        self.stats["n_turns_trained"] += cut.turns_trained
+        self.stats["n_turns_kept"] += cut.turns_kept
+        if cut.cut is not None:
+            self.stats["n_truncated"] += 1
+            self.stats["n_cut_at_turn" if cut.cut == "turn" else "n_cut_inside_turn"] += 1
+        return cut.ids, cut.loss_mask
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         if not texts:
@@ -192,6 +269,15 @@ class SFTDataset:
                 n_records,
                 limit,
             )
+        if s["n_conversations"] and s["n_turns_kept"] < s["n_turns_trained"]:
+            logger.warning(
+                "conversations: %d of %d trained assistant turns kept whole (%d cut after a "
+                "whole turn, %d cut inside a turn, whose end-of-turn token is then not trained)",
+                s["n_turns_kept"],
+                s["n_turns_trained"],
+                s["n_cut_at_turn"],
+                s["n_cut_inside_turn"],
+            )
         if s["n_dropped"]:
             logger.warning(
                 "%d of %d examples were dropped: their prompt alone fills "
@@ -217,10 +303,7 @@ class SFTDataset:
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"example {i} out of range for {len(self)} examples")
-        n, p = int(self.lengths[i]), int(self.prompt_lengths[i])
-        ids = torch.from_numpy(
-            self._tokens[self._offsets[i] : self._offsets[i] + n].astype(np.int64)
-        )
-        loss_mask = torch.zeros(n, dtype=torch.float32)
-        loss_mask[max(p, 1) - 1 : n - 1] = 1.0
+        a, b = int(self._offsets[i]), int(self._offsets[i + 1])
+        ids = torch.from_numpy(self._tokens[a:b].astype(np.int64))
+        loss_mask = torch.from_numpy(self._masks[a:b].astype(np.float32))
         return {"input_ids": ids, "loss_mask": loss_mask}

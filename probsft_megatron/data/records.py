@@ -1,9 +1,17 @@
-"""SFT records: prompt/response strings from local files or the generated figlet-font task.
+"""SFT records: prompt/response strings or conversations, from local files or the generated
+figlet-font task.
 
 :func:`load_records` reads ``.jsonl`` / ``.json`` / ``.parquet`` files with the field layout
-of ``data.*`` (plain keys, nested dict keys, chat message lists, the NuminaMath and m23k
+of ``data.*`` (plain keys, nested dict keys, conversations, the NuminaMath and m23k
 presets), or generates the figlet-font task offline. Every malformed input is one
 :class:`~probsft_megatron.errors.DataError` naming the file, line and field.
+
+A conversation (OpenAI ``messages``: ``role``/``content``; ShareGPT ``conversations``:
+``from``/``value``) becomes ``{"messages": [...], "tools": [...] | None, "origin"}`` with every
+message normalized to ``role`` in system / user / assistant / tool, ``content`` a string
+(a list of text parts is joined), ``tool_calls`` kept (string arguments parsed as JSON) and
+``weight``: the loss weight of an assistant message (``data.train_on`` and the message's own
+``train`` / ``weight``), 0 for every other role.
 """
 
 from __future__ import annotations
@@ -26,11 +34,11 @@ class _Fields:
     response_key: str
     prompt_path: tuple[str, ...] = ()
     response_path: tuple[str, ...] = ()
-    messages: bool = False  # prompt/response are the user/assistant turns of a message list
+    messages: bool = False  # prompt_key names a conversation (a list of messages)
 
     def describe(self) -> str:
         if self.messages:
-            return f"{self.prompt_key} (user/assistant turns)"
+            return f"{self.prompt_key} (a conversation)"
         return (
             ".".join((self.prompt_key, *self.prompt_path))
             + " / "
@@ -71,12 +79,19 @@ def _key_fields(cfg: DataConfig) -> _Fields:
     )
 
 
+def _conversation_fields(cfg: DataConfig) -> list[_Fields]:
+    keys = [cfg.messages_key] if cfg.messages_key else ["messages", "conversations"]
+    return [_Fields(k, k, messages=True) for k in keys]
+
+
 def _candidate_fields(cfg: DataConfig) -> list[_Fields]:
     if cfg.format == "numina":
         return _numina_fields()
     if cfg.format == "m23k":
         return _m23k_fields(cfg)
-    return [_key_fields(cfg)]
+    if cfg.messages_key:
+        return _conversation_fields(cfg)
+    return [_key_fields(cfg), *_conversation_fields(cfg)]
 
 
 def _choose_fields(cfg: DataConfig, keys: Sequence[str], where: str) -> _Fields:
@@ -85,7 +100,12 @@ def _choose_fields(cfg: DataConfig, keys: Sequence[str], where: str) -> _Fields:
     for fields in candidates:
         if fields.prompt_key in keys and fields.response_key in keys:
             return fields
-    if len(candidates) == 1:
+    if cfg.messages_key and cfg.format not in ("numina", "m23k"):
+        raise DataError(
+            f"{where}: missing field {cfg.messages_key!r} (data.messages_key); "
+            f"available keys: {sorted(keys)}"
+        )
+    if len(candidates) == 1 or cfg.format not in ("numina", "m23k"):
         role, key = next(
             (role, key)
             for role, key in (
@@ -128,29 +148,155 @@ def _walk(record: dict, key: str, path: tuple[str, ...], role: str, where: str) 
     return value
 
 
-def _from_messages(messages: Any, where: str) -> tuple[str, str]:
-    """The first user turn and the assistant turn that follows it."""
+ROLE_NAMES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "function_response": "tool",
+    "observation": "tool",
+    "ipython": "tool",
+    "function_call": "assistant",
+}
+"""Role names of OpenAI ``messages`` and ShareGPT ``conversations`` -> the template's role."""
+
+
+def _content(value: Any, where: str) -> str:
+    """A message's content as one string (None -> "", a list of text parts joined)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and part.get("type", "text") == "text" and "text" in part:
+                parts.append(str(part["text"]))
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise DataError(
+                    f"{where}: a content part of type {kind!r} is not text; only text parts "
+                    "are trained (remove the part or the record)"
+                )
+        return "".join(parts)
+    raise DataError(
+        f"{where}: content of type {type(value).__name__}, expected a string or text parts"
+    )
+
+
+def _weight(message: dict, where: str) -> float | None:
+    """The message's own loss weight (``train``: bool or number; ``weight``), None if unset."""
+    for key in ("train", "weight", "loss_weight"):
+        if key in message and message[key] is not None:
+            value = message[key]
+            if isinstance(value, bool):
+                return 1.0 if value else 0.0
+            if isinstance(value, (int, float)) and value >= 0 and value == value:
+                return float(value)
+            raise DataError(f"{where}: {key}={value!r} is invalid; use true/false or a weight >= 0")
+    return None
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    if not isinstance(calls, list):
+        raise DataError(f"{where}: tool_calls must be a list, got {type(calls).__name__}")
+    out = []
+    for call in calls:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or "name" not in fn:
+            raise DataError(f"{where}: a tool call needs a function name, got {call!r:.80}")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                pass  # kept as the string the record has
+        item = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call, dict) and "id" in call:
+            item["id"] = call["id"]
+        out.append(item)
+    return out
+
+
+def conversation_messages(messages: Any, train_on: str, where: str) -> list[dict]:
+    """Normalized messages of an OpenAI or ShareGPT conversation (module docstring)."""
     if not isinstance(messages, list):
         raise DataError(
-            f"{where}: field messages is of type {type(messages).__name__}, expected a list"
+            f"{where}: the conversation is of type {type(messages).__name__}, expected a list "
+            "of messages"
         )
-    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
-    if "user" not in roles or "assistant" not in roles[roles.index("user") :]:
+    out = []
+    for k, message in enumerate(messages):
+        at = f"{where} message {k}"
+        if not isinstance(message, dict):
+            raise DataError(f"{at}: expected an object, got {type(message).__name__}")
+        sharegpt = "role" not in message and "from" in message
+        raw_role = message.get("from" if sharegpt else "role")
+        role = ROLE_NAMES.get(str(raw_role).strip().lower()) if raw_role is not None else None
+        if role is None:
+            raise DataError(
+                f"{at}: role {raw_role!r} is unknown; use one of system, user, assistant, tool "
+                "(ShareGPT: human, gpt, system, function_call, observation)"
+            )
+        content = _content(message.get("value" if sharegpt else "content"), at)
+        item: dict[str, Any] = {"role": role, "content": content}
+        if message.get("tool_calls"):
+            if role != "assistant":
+                raise DataError(f"{at}: tool_calls on a {role} message; only assistants call")
+            item["tool_calls"] = _tool_calls(message["tool_calls"], at)
+        for key in ("name", "tool_call_id"):
+            if message.get(key) is not None:
+                item[key] = message[key]
+        weight = _weight(message, at)
+        if role != "assistant":
+            if weight:
+                raise DataError(
+                    f"{at}: a {role} message is marked as trained; only assistant messages "
+                    "are trained (remove its train/weight)"
+                )
+            weight = 0.0
+        item["weight"] = weight
+        out.append(item)
+    assistants = [i for i, m in enumerate(out) if m["role"] == "assistant"]
+    if not assistants:
         raise DataError(
-            f"{where}: messages need a user turn followed by an assistant turn, got roles {roles}"
+            f"{where}: the conversation has no assistant message, so nothing to train; "
+            f"roles: {[m['role'] for m in out]}"
         )
-    user = roles.index("user")
-    assistant = roles.index("assistant", user)
-    return str(messages[user]["content"]), str(messages[assistant]["content"])
+    for i in assistants:
+        if out[i]["weight"] is None:
+            out[i]["weight"] = 1.0 if train_on == "all_assistant" or i == assistants[-1] else 0.0
+    if not any(out[i]["weight"] > 0 for i in assistants):
+        raise DataError(f"{where}: every assistant message is marked train=false; nothing to train")
+    return out
 
 
-def _extract(record: Any, fields: _Fields, where: str) -> dict:
+def _extract(record: Any, fields: _Fields, where: str, cfg: DataConfig | None = None) -> dict:
     if not isinstance(record, dict):
         raise DataError(
             f"{where}: expected an object with fields, got type {type(record).__name__}"
         )
     if fields.messages:
-        prompt, response = _from_messages(record.get(fields.prompt_key), where)
+        train_on = cfg.train_on if cfg is not None else "all_assistant"
+        if fields.prompt_key not in record:
+            raise DataError(
+                f"{where}: missing field {fields.prompt_key!r} (data.messages_key); "
+                f"available keys: {sorted(record)}"
+            )
+        messages = conversation_messages(record[fields.prompt_key], train_on, where)
+        tools = record.get(cfg.tools_key if cfg is not None else "tools") or None
+        if tools is not None and not isinstance(tools, list):
+            raise DataError(f"{where}: tools must be a list of tool definitions")
+        return {"messages": messages, "tools": tools, "origin": where}
     else:
         prompt = _walk(record, fields.prompt_key, fields.prompt_path, "prompt", where)
         response = _walk(record, fields.response_key, fields.response_path, "response", where)
@@ -210,6 +356,8 @@ def _read_file(path: Path, cfg: DataConfig) -> list[dict]:
             raise DataError(f"{path} contains no records")
         fields = _choose_fields(cfg, schema.names, str(path))
         columns = sorted({fields.prompt_key, fields.response_key})
+        if fields.messages and cfg.tools_key in schema.names:
+            columns.append(cfg.tools_key)
         table = pq.read_table(path, columns=columns)
         rows = [(f"{path}[{i}]", row) for i, row in enumerate(table.to_pylist())]
     else:
@@ -222,7 +370,7 @@ def _read_file(path: Path, cfg: DataConfig) -> list[dict]:
                 f"{where}: expected an object with fields, got type {type(first).__name__}"
             )
         fields = _choose_fields(cfg, list(first), where)
-    return [_extract(row, fields, where) for where, row in rows]
+    return [_extract(row, fields, where, cfg) for where, row in rows]
 
 
 def _first_json_row(path: Path) -> tuple[str, Any] | None:
@@ -272,11 +420,12 @@ def check_first_records(cfg: DataConfig) -> None:
             raise DataError(
                 f"{where}: expected an object with fields, got type {type(record).__name__}"
             )
-        _extract(record, _choose_fields(cfg, list(record), where), where)
+        _extract(record, _choose_fields(cfg, list(record), where), where, cfg)
 
 
 def load_records(cfg: DataConfig) -> list[dict]:
-    """Prompt/response string records: ``{"prompt", "response", "origin"}``.
+    """Records: ``{"prompt", "response", "origin"}`` or, for conversations, ``{"messages",
+    "tools", "origin"}`` (module docstring).
 
     ``origin`` is ``file:line`` (JSON lines), ``file[index]`` (JSON list, parquet) or
     ``figfont:<split>[index]``. Files are read in ``cfg.train_files`` order and the first

@@ -1,0 +1,256 @@
+"""Conversations: render with the tokenizer's chat template, mark the trained tokens, cut.
+
+A conversation is a list of messages (``role`` in system / user / assistant / tool, ``content``
+a string; an assistant message may carry ``tool_calls``) as :mod:`.records` reads it, each
+with a loss ``weight`` (0 = not trained; user, system and tool messages always 0).
+
+The mask rule: the tokens trained are exactly each trained assistant message's tokens plus
+its end-of-turn token (``<|im_end|>``, ``<|eot_id|>``), nothing else: not the role header
+before it, not what the template writes after the end-of-turn token (ChatML's newline), not
+the next turn's start. The conversation is rendered once and tokenized once; the assistant
+spans are located on that text by one of two methods, which agree wherever both apply (the
+tests check it):
+
+* ``generation``: the template marks the trained text with ``{% generation %}`` blocks
+  (the shipped ``chatml``, ``qwen2.5`` and ``llama-3`` templates do); transformers'
+  ``apply_chat_template(..., return_assistant_tokens_mask=True)`` gives the tokens.
+* ``prefix`` (any template): for assistant message ``i``, the render of ``messages[:i]``
+  with the generation prompt ends where the message's text starts, and the render of
+  ``messages[:i + 1]`` contains its end; the span ends with the last special token (the
+  end-of-turn token) in between. Both renders must be prefixes of the whole render
+  (otherwise the record is refused with the fix: a template with generation blocks).
+
+Characters map to tokens through the tokenizer's offsets; a token is trained when any of its
+characters is (a token that merges the header's last character with the content's first is
+trained, as transformers' assistant mask does).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from probsft_megatron.errors import ConfigError, DataError
+
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def has_generation_blocks(template: str | None) -> bool:
+    """Whether ``template`` marks assistant text with ``{% generation %}`` blocks."""
+    return bool(template) and bool(_GENERATION.search(template))
+
+
+def shipped_template_dir() -> Path:
+    """``configs/chat_templates`` of this installation (checkout or wheel)."""
+    from probsft_megatron.resources import packaged_configs
+
+    return packaged_configs() / "chat_templates"
+
+
+def load_template(spec: str) -> str:
+    """The Jinja text of a shipped template's name (``qwen2.5``) or a ``.jinja`` file;
+    ``spec`` itself when it is a Jinja string."""
+    from probsft_megatron.config import CHAT_TEMPLATES
+
+    if spec in CHAT_TEMPLATES:
+        path = shipped_template_dir() / f"{spec}.jinja"
+    elif spec.endswith(".jinja") and "{" not in spec:
+        path = Path(spec).expanduser()
+    else:
+        return spec
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"data.chat_template={spec!r}: cannot read {path} ({exc.strerror or exc}); "
+            "name a readable .jinja file or a shipped template"
+        ) from None
+
+
+@dataclass
+class Rendered:
+    """One conversation rendered and tokenized.
+
+    ``ids``: the tokens of the whole render; ``spans``: per assistant message, the token range
+    ``[start, end)`` it trains (content + end-of-turn token), in message order;
+    ``weights``: each span's loss weight; ``messages``: the index of each span's message;
+    ``method``: ``generation`` or ``prefix``; ``text`` and ``offsets``: the render and each
+    token's character range in it.
+    """
+
+    text: str
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    spans: list[tuple[int, int]]
+    weights: list[float]
+    messages: list[int]
+    method: str
+    n_messages: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def token_weights(self) -> np.ndarray:
+        """Per token, the weight of training it as a label (0 outside the spans)."""
+        out = np.zeros(len(self.ids), dtype=np.float32)
+        for (a, b), w in zip(self.spans, self.weights):
+            out[a:b] = w
+        return out
+
+
+def _special_strings(tokenizer) -> list[str]:
+    """The text of every special token (end-of-turn markers among them)."""
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    specials.update(t.content for t in decoder.values() if getattr(t, "special", False))
+    return sorted((s for s in specials if s), key=len, reverse=True)
+
+
+def _render(tokenizer, messages, template, tools, generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages,
+            chat_template=template,
+            tools=tools or None,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
+    except Exception as exc:  # Jinja raises several exception types
+        raise DataError(f"{where}: the chat template failed on this conversation: {exc}") from None
+
+
+def _char_span_to_tokens(
+    offsets: list[tuple[int, int]], start: int, end: int
+) -> tuple[int, int] | None:
+    """The tokens ``[a, b)`` with a character in ``[start, end)``; None when none has."""
+    hit = [k for k, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
+    if not hit:
+        return None
+    return hit[0], hit[-1] + 1
+
+
+def _prefix_spans(tokenizer, messages, template, tools, text, offsets, where) -> list:
+    specials = _special_strings(tokenizer)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head = _render(tokenizer, messages[:i], template, tools, True, where)
+        upto = _render(tokenizer, messages[: i + 1], template, tools, False, where)
+        if not (text.startswith(head) and text.startswith(upto) and len(upto) > len(head)):
+            raise DataError(
+                f"{where}: the chat template renders the conversation up to message {i} "
+                "differently from the whole conversation, so its assistant turns cannot be "
+                "located; use a template with {% generation %} blocks (data.chat_template="
+                "qwen2.5, llama-3, chatml or your own)"
+            )
+        start, stop = len(head), len(upto)
+        end = max(
+            (upto.rfind(s, start) + len(s) for s in specials if upto.rfind(s, start) >= 0),
+            default=stop,
+        )
+        span = _char_span_to_tokens(offsets, start, end)
+        spans.append(span if span is not None else (0, 0))
+    return spans
+
+
+def _generation_spans(tokenizer, messages, template, tools, ids, where) -> list | None:
+    """Spans from the template's generation blocks; None when they do not line up one run
+    per assistant message (the caller then uses the prefix method)."""
+    try:
+        out = tokenizer.apply_chat_template(
+            messages,
+            chat_template=template,
+            tools=tools or None,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            add_generation_prompt=False,
+        )
+    except Exception as exc:  # Jinja raises several exception types
+        raise DataError(f"{where}: the chat template failed on this conversation: {exc}") from None
+    if list(out["input_ids"]) != list(ids):
+        return None
+    mask = list(out["assistant_masks"]) + [0]
+    runs, start = [], None
+    for k, m in enumerate(mask):
+        if m and start is None:
+            start = k
+        elif not m and start is not None:
+            runs.append((start, k))
+            start = None
+    if len(runs) != sum(m["role"] == "assistant" for m in messages):
+        return None
+    return runs
+
+
+def render_conversation(
+    tokenizer, messages: list[dict], template: str, tools=None, where: str = "a record"
+) -> Rendered:
+    """Render, tokenize and locate the assistant spans of one conversation (module doc)."""
+    clean = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+    text = _render(tokenizer, clean, template, tools, False, where)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    spans = None
+    method = "prefix"
+    if has_generation_blocks(template):
+        spans = _generation_spans(tokenizer, clean, template, tools, ids, where)
+        method = "generation"
+    if spans is None:
+        method = "prefix"
+        spans = _prefix_spans(tokenizer, clean, template, tools, text, offsets, where)
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    weights = [float(messages[i].get("weight", 1.0)) for i in assistant]
+    return Rendered(text, ids, offsets, spans, weights, assistant, method, len(messages))
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A conversation's tokens and label weights within ``max_length``.
+
+    ``ids`` and ``loss_mask`` (the label convention: ``loss_mask[t]`` weights the label
+    ``ids[t + 1]``); ``turns_kept`` / ``turns_trained``: trained assistant turns kept whole /
+    in the render; ``cut``: ``None`` (whole), ``"turn"`` (cut after a whole turn) or
+    ``"inside"`` (cut inside a trained turn: its end-of-turn token is gone and not trained).
+    """
+
+    ids: np.ndarray
+    loss_mask: np.ndarray
+    turns_kept: int
+    turns_trained: int
+    cut: str | None
+
+
+def cut_conversation(rendered: Rendered, max_length: int, mode: str) -> Cut | None:
+    """``rendered`` within ``max_length`` tokens by ``data.truncation`` ``mode``; None when
+    no trained token would remain (the example is dropped).
+
+    ``turn``: end after the last trained assistant turn (its end-of-turn token included) that
+    fits whole; when not even the first trained turn fits, cut at ``max_length`` (as
+    ``right``). ``right``: cut at ``max_length``. Turns after the last trained one are never
+    kept when they would not fit (nothing of them is trained). ``error`` is the caller's.
+    """
+    weights = rendered.token_weights()
+    ids = np.asarray(rendered.ids, dtype=np.int64)
+    trained = [(a, b) for (a, b), w in zip(rendered.spans, rendered.weights) if w > 0 and b > a]
+    n = len(ids)
+    cut: str | None = None
+    kept = len(trained)
+    if n > max_length:
+        whole = [b for a, b in trained if b <= max_length]
+        if mode == "turn" and whole:
+            end, cut = whole[-1], "turn"
+            kept = len(whole)
+        else:
+            end = max_length
+            kept = sum(b <= end for _, b in trained)
+            cut = "inside" if any(a < end < b for a, b in trained) else "turn"
+        ids, weights = ids[:end], weights[:end]
+    label_mask = np.zeros(len(ids), dtype=np.float32)
+    label_mask[:-1] = weights[1:]
+    if not (label_mask > 0).any():
+        return None
+    return Cut(ids, label_mask, kept, len(trained), cut)
