@@ -60,6 +60,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
+    "PeftConfig",
     "TrainConfig",
     "TrainJobConfig",
     "apply_override",
@@ -480,6 +481,51 @@ class InitConfig:
     tokenizer: str | None = None  # HF tokenizer dir; default: the checkpoint's hf/ folder
 
 
+PEFT_METHODS = ("none", "lora")
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+"""megatron's linears LoRA can adapt (attention qkv and output, MLP fc1 and fc2)."""
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """Parameter-efficient fine-tuning (the ``peft.*`` keys; :mod:`probsft_megatron.lora`).
+
+    ``method``: ``none`` (full fine-tuning) or ``lora``; ``rank``, ``alpha`` (the adapter's
+    output is scaled by ``alpha / rank``), ``dropout`` (on the adapter's input), and
+    ``target_modules``: megatron's linears to adapt (``all-linear`` names all four). The
+    output layer and the embeddings stay frozen."""
+
+    method: str = "none"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self) -> None:
+        _one_of("peft.method", self.method, PEFT_METHODS)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"peft.rank must be an integer >= 1 (got {self.rank!r}); e.g. 16")
+        _positive("peft.alpha", self.alpha, " (the adapter is scaled by alpha/rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"peft.dropout must be in [0, 1) (got {self.dropout!r})")
+        targets = list(self.target_modules)
+        if targets == ["all-linear"]:
+            object.__setattr__(self, "target_modules", list(LORA_TARGETS))
+            targets = list(LORA_TARGETS)
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets:
+            frozen = " (the output layer and embeddings stay frozen)" if unknown else ""
+            raise ConfigError(
+                f"peft.target_modules has {unknown[0] if unknown else 'nothing'!r}, which is not "
+                f"a linear LoRA can adapt{frozen}; use some of {', '.join(LORA_TARGETS)} "
+                "or all-linear"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 @dataclass
 class TrainJobConfig:
     """The sections of a training job. The sections are frozen; this container is not, so a
@@ -493,6 +539,7 @@ class TrainJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -584,6 +631,11 @@ def validate(cfg: TrainJobConfig, world_size: int, *, files: bool = False) -> in
         raise ConfigError(
             "train.attention=te but Transformer Engine is not installed here; "
             "use auto, sdpa or local"
+        )
+    if cfg.peft.enabled and t.attention == "te":
+        raise ConfigError(
+            "peft.method=lora adapts megatron's local linears and train.attention=te builds "
+            "Transformer Engine's; use train.attention=sdpa with LoRA"
         )
     if cfg.data.max_length > cfg.model.max_position_embeddings:
         raise ConfigError(

@@ -97,7 +97,7 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(config, attention: str = "sdpa"):
+def layer_spec(config, attention: str = "sdpa", peft=None):
     """The GPT block spec for an attention implementation:
 
     * ``te``: megatron's Transformer Engine spec (fused attention, TE norms fused into the
@@ -107,6 +107,8 @@ def layer_spec(config, attention: str = "sdpa"):
 
     The local variants use SP-capable RMSNorm everywhere. All store weights under the same
     checkpoint keys (the local spec maps its norms onto TE's ``layer_norm_weight`` names).
+    ``peft`` (a :class:`~probsft_megatron.config.PeftConfig` with ``method: lora``): the target
+    linears carry LoRA adapters (:func:`probsft_megatron.lora.lora_layer_spec`).
     """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -115,7 +117,12 @@ def layer_spec(config, attention: str = "sdpa"):
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     if attention == "te":
-        return get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec()
+        if peft is not None and peft.enabled:
+            from probsft_megatron.lora import lora_layer_spec
+
+            lora_layer_spec(spec, peft)  # refuses Transformer Engine linears in one line
+        return spec
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.input_layernorm = SequenceParallelRMSNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
@@ -127,6 +134,10 @@ def layer_spec(config, attention: str = "sdpa"):
         # process groups differently)
         core_attention = compat.core_attention_module(SDPAttention)
         spec.submodules.self_attention.submodules.core_attention = core_attention
+    if peft is not None and peft.enabled:
+        from probsft_megatron.lora import lora_layer_spec
+
+        spec = lora_layer_spec(spec, peft)
     return TransformerBlockSubmodules(
         layer_specs=[spec] * (config.num_layers // config.pipeline_model_parallel_size),
         layer_norm=SequenceParallelRMSNorm,
@@ -141,6 +152,7 @@ def build_gpt_model(
     post_process: bool | None = None,
     attention: str = "sdpa",
     fused_head: bool = False,
+    peft=None,
 ):
     """One pipeline stage of a megatron ``GPTModel`` (call after parallel state is set up).
 
@@ -148,7 +160,8 @@ def build_gpt_model(
     with ``labels`` the model returns the per-token cross entropy ``[b, s]``, identical on
     every TP rank. ``fused_head``: a :class:`~probsft_megatron.fused_head.FusedHeadGPTModel`,
     whose last stage returns the hidden states for the fused loss instead (same parameters
-    and checkpoint keys).
+    and checkpoint keys). ``peft``: LoRA adapters on the target linears (see
+    :func:`layer_spec`); the caller freezes the base (:func:`probsft_megatron.lora.prepare_model`).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -164,7 +177,7 @@ def build_gpt_model(
         model_class = FusedHeadGPTModel
     gpt = model_class(
         config=config,
-        transformer_layer_spec=layer_spec(config, resolve_attention(attention)),
+        transformer_layer_spec=layer_spec(config, resolve_attention(attention), peft),
         vocab_size=model.vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

@@ -467,6 +467,8 @@ def build_training_model(
     load_dir: str | None = None,
     loss_config=None,
     attention: str = "sdpa",
+    peft=None,
+    peft_seed: int = 0,
     **optim_overrides,
 ):
     """This rank's pipeline stage wrapped in megatron DDP, and megatron's optimizer.
@@ -478,6 +480,10 @@ def build_training_model(
     to this rank's TP/PP layout), loaded before DDP and the optimizer see the parameters.
     ``loss_config``: with ``implementation="fused"`` the model is built with the fused head
     (the output layer hands its hidden states to the fused linear + objective loss).
+    ``peft`` (a :class:`~probsft_megatron.config.PeftConfig` with ``method: lora``): LoRA
+    adapters on the target linears, initialized from ``peft_seed`` independently of the
+    layout, and every other parameter frozen before DDP (no gradient buffer, no optimizer
+    state for them); ``load_dir`` then holds the base model (adapters are not read from it).
     ``attention``: ``sdpa``, ``local``, ``te`` or ``auto`` (see
     :func:`probsft_megatron.config.resolve_attention`). megatron's optimizer picks TE/apex
     fused Adam by itself where they are installed.
@@ -490,10 +496,17 @@ def build_training_model(
         names = _LEGACY_OPTIM_KEYS.get(key)
         optim = dataclasses.replace(optim, **(dict(zip(names, value)) if names else {key: value}))
     fused = loss_config is not None and loss_config.implementation == "fused"
-    gpt = build_gpt_model(model_cfg, tconfig, attention=attention, fused_head=fused).to(
-        platform.device()
-    )
-    if load_dir is not None:
+    lora = peft is not None and peft.enabled
+    gpt = build_gpt_model(
+        model_cfg, tconfig, attention=attention, fused_head=fused, peft=peft if lora else None
+    ).to(platform.device())
+    if lora:
+        from probsft_megatron import lora as lora_mod
+
+        lora_mod.prepare_model(gpt, peft, seed=peft_seed)
+        if load_dir is not None:
+            lora_mod.load_base_weights(gpt, load_dir)
+    elif load_dir is not None:
         load_model_weights(gpt, load_dir)
     ddp = compat.wrap_ddp(
         gpt,

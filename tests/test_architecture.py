@@ -64,13 +64,15 @@ LAYERS = {
     "fused_head": MEGATRON,
     "runtime": MEGATRON,
     "checkpoint": MEGATRON,
+    "lora": MEGATRON,
 }
 """Layer of each core module (``probsft_megatron.<name>`` and its submodules); every other
 module (training, probe, converters, eval, launchers, the CLI) is a job, layer 3."""
 
-MEGATRON_SEAM = {"compat", "model", "attention", "fused_head", "platform"}
+MEGATRON_SEAM = {"compat", "model", "attention", "fused_head", "platform", "lora"}
 """The only modules that import megatron: version-dependent calls (compat), megatron
-subclasses (model building, SDPA attention, the fused head) and the CPU fallback."""
+subclasses (model building, SDPA attention, the fused head, the LoRA linears) and the CPU
+fallback."""
 
 
 def _module_name(path: Path) -> str:

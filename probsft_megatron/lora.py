@@ -1,0 +1,391 @@
+"""LoRA adapters on megatron-core's tensor-parallel linears.
+
+A LoRA linear computes ``y = W x + (alpha / r) * B A dropout(x)`` with the base weight ``W``
+frozen and only ``A`` ``[r, in]`` and ``B`` ``[out, r]`` trained (``B`` starts at zero, as in
+Hugging Face PEFT and Megatron-Bridge, so training starts from the base model exactly).
+
+The adapters are added through megatron's own seam, the layer spec
+(:func:`lora_layer_spec`): the attention's ``linear_qkv`` / ``linear_proj`` and the MLP's
+``linear_fc1`` / ``linear_fc2`` are built as :class:`LoRAColumnParallelLinear` /
+:class:`LoRARowParallelLinear`, subclasses of megatron's ``ColumnParallelLinear`` /
+``RowParallelLinear`` whose base weight and checkpoint keys are unchanged (the adapters add
+``<linear>.lora_A`` and ``<linear>.lora_B``).
+
+Tensor-parallel contract (TP ranks of ``tp_group``; ``s`` sequence, ``b`` batch):
+
+* column-parallel base (``W`` split along ``out``): ``A`` is replicated ``[r, in]``, ``B`` is
+  split along ``out`` like ``W`` (``[out/TP, r]``; for the gated ``linear_fc1`` each rank holds
+  ``cat(gate_shard, up_shard)`` like its weight). Each rank computes ``A x`` on the input it
+  was given; without sequence parallelism that input is the full, replicated one and the
+  ``r``-wide ``A x`` passes megatron's copy-to-TP region (identity forward, the gradient
+  all-reduced over TP backward, as the base layer does for ``x``); with sequence parallelism
+  the input is this rank's slice of the sequence and the ``r``-wide ``A x`` is all-gathered
+  along the sequence (reduce-scatter backward), ``r/in`` of the base layer's own gather.
+  ``A``'s gradient is then a partial sum over the sequence slices: ``A`` is marked
+  ``sequence_parallel`` so ``finalize_model_grads`` sums it over TP, as for the norms.
+  Each rank returns its ``[s, b, out/TP]`` output shard, base + adapter.
+* row-parallel base (``W`` split along ``in``): ``A`` is split along ``in`` (``[r, in/TP]``),
+  ``B`` is replicated ``[out, r]``. Each rank's ``B A_t x_t`` is a partial sum, added to the
+  base layer's partial output before megatron's reduction (all-reduce, or reduce-scatter
+  along the sequence with SP), so the adapter adds no collective to the forward. ``B``'s
+  gradient is partial over TP as well and is all-reduced over TP in the backward (``B``
+  enters through megatron's copy-to-TP region).
+
+Pipeline and data parallelism need nothing: the adapters live in their layer's stage, and
+megatron DDP (plain or with the distributed optimizer) reduces and shards them like any
+parameter. :func:`prepare_model` freezes every base parameter before DDP is built, so DDP
+allocates no gradient buffer and the optimizer holds no state for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from probsft_megatron import compat
+from probsft_megatron.config import LORA_TARGETS, PeftConfig
+from probsft_megatron.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "ADAPTER_SUFFIXES",
+    "adapter_modules",
+    "adapter_sharded_state_dict",
+    "base_fingerprint",
+    "check_fingerprint",
+    "init_adapters",
+    "is_adapter",
+    "load_base_weights",
+    "lora_layer_spec",
+    "prepare_model",
+    "trainable_counts",
+]
+
+ADAPTER_SUFFIXES = ("lora_A", "lora_B")
+COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
+ROW_TARGETS = ("linear_proj", "linear_fc2")
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a parameter or state-dict key names a LoRA adapter tensor."""
+    return name.rsplit(".", 1)[-1] in ADAPTER_SUFFIXES
+
+
+def _tp_rank_size(group) -> tuple[int, int]:
+    if group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _LoRAMixin:
+    """What both LoRA linears share: the adapter tensors and their scaling."""
+
+    lora_target: str
+
+    def _add_adapters(self, peft: PeftConfig, target: str, a_shape, b_shape, column: bool) -> None:
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        config = self.config
+        dtype = config.params_dtype
+        device = self.weight.device
+        self.lora_target = target
+        self.lora_rank = int(peft.rank)
+        self.lora_scaling = float(peft.alpha) / float(peft.rank)
+        self.lora_dropout = float(peft.dropout)
+        self.lora_A = torch.nn.Parameter(torch.zeros(*a_shape, dtype=dtype, device=device))
+        self.lora_B = torch.nn.Parameter(torch.zeros(*b_shape, dtype=dtype, device=device))
+        # column: B is split along out (dim 0); row: A is split along in (dim 1)
+        sharded = self.lora_B if column else self.lora_A
+        dim = 0 if column else 1
+        set_tensor_model_parallel_attributes(sharded, is_parallel=True, dim=dim, stride=1)
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_dropout > 0.0:
+            return torch.nn.functional.dropout(x, p=self.lora_dropout, training=self.training)
+        return x
+
+
+def _column_class():
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    class LoRAColumnParallelLinear(_LoRAMixin, ColumnParallelLinear):
+        """megatron's ``ColumnParallelLinear`` plus a LoRA adapter (see the module's
+        contract): ``A`` ``[r, in]`` replicated over TP, ``B`` ``[out/TP, r]``; the forward
+        returns this rank's output shard of ``W x + s B A x``."""
+
+        def __init__(self, *args, peft: PeftConfig, lora_target: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._add_adapters(
+                peft,
+                lora_target,
+                (peft.rank, self.input_size),
+                (self.output_size_per_partition, peft.rank),
+                column=True,
+            )
+            # the gated fc1 holds cat(gate_shard, up_shard) per rank (its checkpoint splits
+            # the two halves; the adapter's B follows, see sharded_state_dict)
+            self.lora_glu = lora_target == "linear_fc1" and bool(self.config.gated_linear_unit)
+            if self.sequence_parallel:
+                self.lora_A.sequence_parallel = True
+
+        def _forward_impl(self, input, weight, *args, **kwargs):
+            out = super()._forward_impl(input, weight, *args, **kwargs)
+            if weight is not self.weight:  # not this layer's own weight (never in the spec)
+                return out
+            ax = torch.matmul(self._dropped(input), self.lora_A.t())
+            group = kwargs.get("tp_group")
+            group = self.tp_group if group is None else group
+            if kwargs.get("sequence_parallel"):
+                ax = compat.gather_from_sequence_parallel_region(ax, group)
+            elif kwargs.get("allreduce_dgrad"):
+                ax = compat.copy_to_tensor_parallel_region(ax, group)
+            return out + self.lora_scaling * torch.matmul(ax, self.lora_B.t())
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+            sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+            b = make_sharded_tensors_for_checkpoint(
+                {"lora_B": self.lora_B}, prefix, {"lora_B": 0}, sharded_offsets
+            )
+            if self.lora_glu:
+                from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+                b = {k: apply_swiglu_sharded_factory(v, sharded_offsets) for k, v in b.items()}
+            sd.update(b)
+            return sd
+
+    return LoRAColumnParallelLinear
+
+
+def _row_class():
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    class LoRARowParallelLinear(_LoRAMixin, RowParallelLinear):
+        """megatron's ``RowParallelLinear`` plus a LoRA adapter (see the module's contract):
+        ``A`` ``[r, in/TP]``, ``B`` ``[out, r]`` replicated over TP; the adapter's partial
+        output joins the base layer's partial output before megatron's TP reduction."""
+
+        def __init__(self, *args, peft: PeftConfig, lora_target: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._add_adapters(
+                peft,
+                lora_target,
+                (peft.rank, self.input_size_per_partition),
+                (self.output_size, peft.rank),
+                column=False,
+            )
+            self.lora_glu = False
+
+        def _forward_impl(self, input, weight, *args, **kwargs):
+            out = super()._forward_impl(input, weight, *args, **kwargs)
+            b = self.lora_B
+            if _tp_rank_size(self.tp_group)[1] > 1:
+                b = compat.copy_to_tensor_parallel_region(b, self.tp_group)
+            ax = torch.matmul(self._dropped(input), self.lora_A.t())
+            return out + self.lora_scaling * torch.matmul(ax, b.t())
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+            sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+            sd.update(
+                make_sharded_tensors_for_checkpoint(
+                    {"lora_A": self.lora_A}, prefix, {"lora_A": 1}, sharded_offsets
+                )
+            )
+            return sd
+
+    return LoRARowParallelLinear
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def _lora_class(kind: str) -> type:
+    if kind not in _CLASSES:
+        _CLASSES[kind] = _column_class() if kind == "column" else _row_class()
+    return _CLASSES[kind]
+
+
+def __getattr__(name: str):  # the classes are built on first use (megatron imports lazily)
+    if name == "LoRAColumnParallelLinear":
+        return _lora_class("column")
+    if name == "LoRARowParallelLinear":
+        return _lora_class("row")
+    raise AttributeError(name)
+
+
+def lora_layer_spec(spec, peft: PeftConfig):
+    """``spec`` (a transformer layer's ``ModuleSpec`` of the local spec) with the target
+    linears built as LoRA linears; changed in place and returned."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    attn = spec.submodules.self_attention.submodules
+    mlp = spec.submodules.mlp.submodules
+    holders = {"linear_qkv": attn, "linear_proj": attn, "linear_fc1": mlp, "linear_fc2": mlp}
+    for target in peft.target_modules:
+        holder = holders[target]
+        current = getattr(holder, target)
+        expected = ColumnParallelLinear if target in COLUMN_TARGETS else RowParallelLinear
+        if current is not expected:
+            raise ConfigError(
+                f"peft.method=lora adapts megatron's local linears, but {target} is "
+                f"{getattr(current, '__name__', current)} here (Transformer Engine layers); "
+                "use train.attention=sdpa or local"
+            )
+        kind = "column" if target in COLUMN_TARGETS else "row"
+        setattr(
+            holder,
+            target,
+            ModuleSpec(module=_lora_class(kind), params={"peft": peft, "lora_target": target}),
+        )
+    return spec
+
+
+def adapter_modules(model) -> list[tuple[int, str, Any]]:
+    """``(global layer number, target, module)`` of every LoRA linear of a model chunk (DDP
+    wrapped or not), in layer order."""
+    found = []
+    for module in model.modules():
+        number = getattr(module, "layer_number", None)
+        if number is None or not hasattr(module, "self_attention"):
+            continue
+        for holder in (module.self_attention, module.mlp):
+            for target in LORA_TARGETS:
+                sub = getattr(holder, target, None)
+                if sub is not None and hasattr(sub, "lora_A"):
+                    found.append((int(number), target, sub))
+    return found
+
+
+def _shard(full: torch.Tensor, dim: int, rank: int, size: int, glu: bool) -> torch.Tensor:
+    if size == 1:
+        return full
+    if glu:
+        return torch.cat([_shard(h, dim, rank, size, False) for h in full.chunk(2, dim=dim)], dim)
+    return full.chunk(size, dim=dim)[rank]
+
+
+@torch.no_grad()
+def init_adapters(model, seed: int = 0, b_std: float = 0.0) -> None:
+    """(Re)initialize every adapter of ``model`` independently of the parallel layout: each
+    layer's full ``A`` (PEFT's default, Kaiming-uniform, bound ``1/sqrt(in)``) and ``B``
+    (zeros; normal with ``b_std`` when > 0, for tests that need a non-zero start) are drawn
+    from a generator seeded by ``seed``, the global layer number and the target, and each TP
+    rank keeps its shard. So TP=1 and any TP/PP layout start from the same adapters."""
+    for number, target, module in adapter_modules(model):
+        rank, size = _tp_rank_size(module.tp_group)
+        g = torch.Generator().manual_seed(
+            (int(seed) * 1_000_003 + number * 16 + LORA_TARGETS.index(target)) % (2**63)
+        )
+        column = target in COLUMN_TARGETS
+        in_full = module.input_size
+        out_full = module.output_size
+        r = module.lora_rank
+        a = (torch.rand(r, in_full, generator=g, dtype=torch.float64) * 2 - 1) / math.sqrt(in_full)
+        b = torch.zeros(out_full, r, dtype=torch.float64)
+        if b_std > 0:
+            b = torch.randn(out_full, r, generator=g, dtype=torch.float64) * b_std
+        if column:
+            b = _shard(b, 0, rank, size, module.lora_glu)
+        else:
+            a = _shard(a, 1, rank, size, False)
+        module.lora_A.copy_(a.to(module.lora_A.dtype))
+        module.lora_B.copy_(b.to(module.lora_B.dtype))
+
+
+def prepare_model(model, peft: PeftConfig, seed: int = 0) -> None:
+    """Initialize the adapters of a freshly built model chunk (:func:`init_adapters`) and
+    freeze everything else (call before megatron DDP and the optimizer see the model).
+    Fails in one line when the model has no adapter (built without the LoRA spec)."""
+    if not adapter_modules(model):
+        raise ConfigError(
+            "peft.method=lora but the model has no LoRA linears; build it with "
+            "model.build_gpt_model(..., peft=...)"
+        )
+    init_adapters(model, seed)
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_adapter(name))
+
+
+def trainable_counts(model) -> dict[str, int]:
+    """Parameters of a model chunk (this rank's shards): ``trainable`` and ``total``."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": int(trainable), "total": int(total)}
+
+
+def adapter_sharded_state_dict(sharded_state_dict: dict) -> dict:
+    """The adapter entries of a model's sharded state dict (what a LoRA checkpoint holds)."""
+    return {k: v for k, v in sharded_state_dict.items() if is_adapter(k)}
+
+
+def load_base_weights(model, ckpt_dir: str) -> None:
+    """Load a base model's torch_dist weights into a LoRA model (collective); the adapters
+    keep their values. Any base key missing from the checkpoint is an error."""
+    sd = {k: v for k, v in model.sharded_state_dict().items() if not is_adapter(k)}
+    result = model.load_state_dict(compat.dist_load(sd, ckpt_dir), strict=False)
+    missing = [k for k in result.missing_keys if not is_adapter(k)]
+    if missing:
+        raise CheckpointError(
+            f"{ckpt_dir} lacks base weights {missing[0]} (and {len(missing) - 1} more); "
+            "point init.checkpoint to a converted model of this architecture"
+        )
+
+
+# -- the base model's fingerprint ----------------------------------------------------------------
+
+FINGERPRINT_FILE = "peft.json"
+
+
+def base_fingerprint(init_checkpoint: str | Path | None, model_config: dict) -> str:
+    """What identifies the base model a LoRA run adapts: the SHA-256 of its model config and
+    its checkpoint manifest's file list (every file's size and CRC-32); of the model config
+    and ``random init`` when the run starts from random weights."""
+    h = hashlib.sha256(json.dumps(model_config, sort_keys=True, default=str).encode())
+    if init_checkpoint is None:
+        h.update(b"random init")
+    else:
+        from probsft_megatron import manifest
+
+        listed = manifest.read_manifest(init_checkpoint)
+        files = (listed or {}).get("files") or str(Path(init_checkpoint).resolve())
+        h.update(json.dumps(files, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def peft_record(peft: PeftConfig, fingerprint: str) -> dict:
+    """What a LoRA checkpoint records beside its adapters (``peft.json``)."""
+    return {
+        "method": peft.method,
+        "rank": peft.rank,
+        "alpha": peft.alpha,
+        "dropout": peft.dropout,
+        "target_modules": list(peft.target_modules),
+        "base_fingerprint": fingerprint,
+    }
+
+
+def check_fingerprint(checkpoint: str | Path, fingerprint: str) -> None:
+    """Refuse in one line to put a LoRA checkpoint's adapters onto another base model."""
+    path = Path(checkpoint) / FINGERPRINT_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{checkpoint} holds no LoRA adapters (no {FINGERPRINT_FILE}: a full-weights run); "
+            "resume it with peft.method=none or use another train.output_dir"
+        )
+    saved = json.loads(path.read_text()).get("base_fingerprint")
+    if saved != fingerprint:
+        raise CheckpointError(
+            f"{checkpoint} holds LoRA adapters of another base model (fingerprint "
+            f"{str(saved)[:12]} != {fingerprint[:12]} of init.checkpoint); resume with the "
+            "init.checkpoint it was trained on, or use another train.output_dir"
+        )
