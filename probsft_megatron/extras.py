@@ -30,6 +30,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
         "pyfiglet",
         "tensorboard",
         "matplotlib",
+        "scipy",
     ),
     "eval": ("vllm", "math_verify", "transformers", "tqdm"),
     "launch": ("nemo_run", "leptonai"),
