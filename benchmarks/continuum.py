@@ -13,6 +13,7 @@ device; the conclusion is printed whichever way it comes out.
 
     python benchmarks/continuum.py                   # CPU, reduced size
     python benchmarks/continuum.py --size full       # a GPU machine
+    python benchmarks/continuum.py --dry-run         # print every stage's command, run nothing
 """
 
 from __future__ import annotations
@@ -37,8 +38,34 @@ SIZES = {
 }
 
 
+class DryStages:
+    """Prints each stage's command instead of running it (``--dry-run``)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.names: list[str] = []
+
+    def run(self, name: str, argv: list[str], done: Path | None = None) -> None:
+        self.names.append(name)
+        print(f"[dry-run] {name}: {' '.join(argv)}")
+
+
 def make_tasks(work: Path, size: dict, tok) -> dict[str, dict]:
+    """The two tasks' settings; their data files are written unless ``tok`` is None."""
     from probsft_megatron.figfont import figfont_records
+
+    if tok is None:
+        return {
+            "strong (addition)": dict(
+                dir=work / "data" / "strong", max_len=size["strong_len"], grader="exact", max_new=24
+            ),
+            "weak (figfont)": dict(
+                dir=work / "data" / "weak",
+                max_len=size["weak_len"],
+                grader="jaro_winkler",
+                max_new=12,
+            ),
+        }
 
     def chat(prompt: str) -> str:
         return tok.apply_chat_template(
@@ -89,11 +116,14 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--work", default="outputs/continuum")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args()
     size = SIZES[args.size]
     work = Path(args.work).absolute()
-    work.mkdir(parents=True, exist_ok=True)
-    stages = Stages(work)
+    dry = args.dry_run
+    if not dry:
+        work.mkdir(parents=True, exist_ok=True)
+    stages = DryStages() if dry else Stages(work)
     t0 = time.perf_counter()
 
     model_dir = work / "smollm2-megatron"
@@ -104,7 +134,7 @@ def main() -> int:
     )
     from probsft_megatron.tokenizers import load_tokenizer
 
-    tasks = make_tasks(work, size, load_tokenizer(str(model_dir / "hf")))
+    tasks = make_tasks(work, size, None if dry else load_tokenizer(str(model_dir / "hf")))
     rows = []
     for task, spec in tasks.items():
         tag = task.split()[0]
@@ -125,7 +155,7 @@ def main() -> int:
             ),
             done=probe_dir / "report.json",
         )
-        probe = json.loads((probe_dir / "report.json").read_text())
+        probe = {} if dry else json.loads((probe_dir / "report.json").read_text())
         for obj in args.objectives.split(","):
             for seed in [int(s) for s in args.seeds.split(",")]:
                 name = f"{tag}-{obj}-s{seed}"
@@ -150,7 +180,11 @@ def main() -> int:
                     ],
                     done=run / "summary.json",
                 )
-                ckpt = json.loads((run / "summary.json").read_text())["checkpoint"]
+                ckpt = (
+                    str(run / "checkpoints" / "<last>")
+                    if dry
+                    else json.loads((run / "summary.json").read_text())["checkpoint"]
+                )
                 stages.run(
                     f"export-{name}",
                     _probsft("convert", "megatron-to-hf", "--ckpt", ckpt, "--out", str(run / "hf")),
@@ -181,6 +215,8 @@ def main() -> int:
                     ),
                     done=run / "eval" / "summary.json",
                 )
+                if dry:
+                    continue
                 samples = [
                     json.loads(x)
                     for x in next((run / "eval").glob("*/samples.jsonl")).read_text().splitlines()
@@ -200,6 +236,9 @@ def main() -> int:
                     }
                 )
 
+    if dry:
+        print(f"[dry-run] {len(stages.names)} stages; nothing was run or written")
+        return 0
     table = [
         "| task | objective | seeds | exact match mean | spread (min-max) | score mean |",
         "|---|---|---|---|---|---|",

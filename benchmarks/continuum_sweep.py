@@ -40,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, device_tag, write_results
 
-from probsft_megatron.fileio import atomic_write_json
+from probsft_megatron.fileio import atomic_write, atomic_write_json
 
 BOUNDS = (0.35, 0.65)
 """The probe's placement bounds (model-weak below the first, model-strong from the second)."""
@@ -157,7 +157,8 @@ class Runner:
     def __init__(self, work: Path, dry_run: bool = False) -> None:
         self.work, self.dry_run = work, dry_run
         self.times: dict[str, float] = {}
-        (work / "logs").mkdir(parents=True, exist_ok=True)
+        if not dry_run:
+            (work / "logs").mkdir(parents=True, exist_ok=True)
 
     def run(self, name: str, argv: list[str], done: Path | None = None) -> None:
         if done is not None and done.exists():
@@ -801,7 +802,7 @@ def plot(data: dict, summary: dict, size: dict, stem: Path) -> list[Path]:
         ax.axis("off")
     fig.tight_layout()
     margins_png = stem.with_name(stem.name + "_margins.png")
-    fig.savefig(margins_png, dpi=110)
+    atomic_write(margins_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
     keys = list(summary)
@@ -849,7 +850,7 @@ def plot(data: dict, summary: dict, size: dict, stem: Path) -> list[Path]:
         ax.axis("off")
     fig.tight_layout()
     curves_png = stem.with_name(stem.name + "_curves.png")
-    fig.savefig(curves_png, dpi=100)
+    atomic_write(curves_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return [margins_png, curves_png]
 
@@ -1058,7 +1059,8 @@ def main() -> int:
     if size.get("mechanism_task") not in size["tasks"]:
         size["mechanism_task"], size["mechanism_objectives"] = None, []
     work = Path(args.work or f"outputs/continuum_sweep_{args.size}").absolute()
-    work.mkdir(parents=True, exist_ok=True)
+    if not args.dry_run:
+        work.mkdir(parents=True, exist_ok=True)
     runner = Runner(work, dry_run=args.dry_run)
     if args.size == "full":
         if not args.report_only:

@@ -59,6 +59,19 @@ QWEN25_15B = {
     "vocab_size": 151936,
 }
 """config.json of Qwen/Qwen2.5-1.5B (weights are random here)."""
+TINY = dict(
+    QWEN25_15B,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    max_window_layers=2,
+    vocab_size=1024,
+    bos_token_id=1,
+    eos_token_id=1,
+)
+"""A Qwen2 config of the same form at a size that converts in seconds (the smoke test's)."""
+SHAPES = {"qwen2.5-1.5b": QWEN25_15B, "tiny": TINY}
 _MB = 1024**2
 _BASELINE = (
     "import psutil, probsft_megatron.converters.api, megatron.core.dist_checkpointing; "
@@ -73,18 +86,21 @@ _RUNNER = (
 )
 
 
-def write_random_checkpoint(folder: Path) -> int:
+def write_random_checkpoint(folder: Path, config: dict) -> int:
     """Write the random bf16 checkpoint one tensor at a time; returns its size in bytes."""
     from probsft_megatron.converters.hf_config import model_config_from_hf
     from probsft_megatron.converters.mapping import tensor_maps
     from probsft_megatron.converters.safetensors_io import write_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(QWEN25_15B, indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": 151643, "eos_token_id": 151643}, indent=2)
+        json.dumps(
+            {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]},
+            indent=2,
+        )
     )
-    maps = tensor_maps(model_config_from_hf(QWEN25_15B))
+    maps = tensor_maps(model_config_from_hf(config))
     shapes = {tm.hf_name: tm.hf_shape for tm in maps}
     gen = torch.Generator().manual_seed(0)
 
@@ -142,12 +158,18 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/convert_memory", help="scratch folder (~10 GB)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="qwen2.5-1.5b",
+        help="tiny: a small Qwen2 checkpoint (checks the script; its ratios mean little)",
+    )
     ap.add_argument("--write-checkpoint", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     work = Path(args.work)
     if args.write_checkpoint:
-        print(write_random_checkpoint(work / "hf"))
+        print(write_random_checkpoint(work / "hf", SHAPES[args.shape]))
         return 0
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
@@ -155,14 +177,22 @@ def main() -> int:
     # process stays small for the measured children to report their own peaks.
     model_bytes = int(
         subprocess.run(
-            [sys.executable, __file__, "--work", str(work), "--write-checkpoint"],
+            [
+                sys.executable,
+                __file__,
+                "--work",
+                str(work),
+                "--shape",
+                args.shape,
+                "--write-checkpoint",
+            ],
             capture_output=True,
             text=True,
             check=True,
         ).stdout.split()[-1]
     )
     print(
-        f"wrote random Qwen2.5-1.5B-shaped checkpoint: {model_bytes / 1e9:.3f} GB "
+        f"wrote random {args.shape}-shaped checkpoint: {model_bytes / 1e9:.3f} GB "
         f"in {time.perf_counter() - t0:.0f} s",
         flush=True,
     )
@@ -199,7 +229,13 @@ def main() -> int:
         )
     export_bytes = sum(f.stat().st_size for f in (work / "export").glob("*.safetensors"))
     result = {
-        "model": "Qwen2.5-1.5B config, random bf16 weights (tied embeddings)",
+        "model": (
+            "Qwen2.5-1.5B config"
+            if args.shape == "qwen2.5-1.5b"
+            else f"Qwen2 config, {args.shape} shape"
+        )
+        + ", random bf16 weights (tied embeddings)",
+        "shape": args.shape,
         "parameters": model_bytes // 2,
         "model_bytes": model_bytes,
         "export_safetensors_bytes": export_bytes,
@@ -235,7 +271,8 @@ def main() -> int:
             f"| {r['conversion_rss_ratio']:.2f} | {r['peak_tree_pss'] / _MB:.0f} "
             f"| {r['peak_tree_pss_ratio']:.2f} | {r['seconds']} |"
         )
-    write_results(args.out, "convert_memory", result, "\n".join(lines))
+    stem = "convert_memory" if args.shape == "qwen2.5-1.5b" else f"convert_memory_{args.shape}"
+    write_results(args.out, stem, result, "\n".join(lines))
     print("\n".join(lines))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

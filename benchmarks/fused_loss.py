@@ -103,9 +103,10 @@ def _ddp_hook(param) -> None:
 
 
 class _Head:
-    """The loss head at Qwen2.5-1.5B's size on this machine's device and training dtype."""
+    """The loss head (by default Qwen2.5-1.5B's size) on this machine's device and training
+    dtype."""
 
-    def __init__(self) -> None:
+    def __init__(self, vocab: int = VOCAB, hidden: int = HIDDEN) -> None:
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel import ColumnParallelLinear
 
@@ -115,20 +116,22 @@ class _Head:
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda") if self.cuda else torch.device("cpu")
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.vocab, self.hidden = vocab, hidden
         runtime.init_distributed(ParallelConfig())
         self.group = parallel_state.get_tensor_model_parallel_group()
+        heads = 12 if hidden % 12 == 0 else 2  # only the output layer is built
         head = ModelConfig(
-            hidden_size=HIDDEN,
-            ffn_hidden_size=4 * HIDDEN,
-            num_attention_heads=12,
+            hidden_size=hidden,
+            ffn_hidden_size=4 * hidden,
+            num_attention_heads=heads,
             num_query_groups=2,
-            vocab_size=VOCAB,
+            vocab_size=vocab,
             num_layers=1,
         )
         # megatron's GPT output layer; the weight is passed in, as with tied embeddings
         self.layer = ColumnParallelLinear(
-            HIDDEN,
-            VOCAB,
+            hidden,
+            vocab,
             config=transformer_config(head, ParallelConfig(), params_dtype=self.dtype),
             init_method=torch.nn.init.zeros_,
             bias=False,
@@ -141,16 +144,17 @@ class _Head:
         ``[V, h]``, labels and an all-ones loss mask ``[b, s]``; ``b = tokens / 1024``."""
         seq, batch = min(tokens, 1024), max(tokens // 1024, 1)
         g = torch.Generator(device=self.device).manual_seed(0)
-        weight = torch.empty(VOCAB, HIDDEN, device=self.device, dtype=self.dtype)
+        vocab, hidden_size = self.vocab, self.hidden
+        weight = torch.empty(vocab, hidden_size, device=self.device, dtype=self.dtype)
         weight.normal_(0, 0.02, generator=g)
-        hidden = torch.empty(batch, seq, HIDDEN, device=self.device, dtype=self.dtype)
+        hidden = torch.empty(batch, seq, hidden_size, device=self.device, dtype=self.dtype)
         hidden.normal_(generator=g)
-        labels = torch.randint(0, VOCAB, (batch, seq), device=self.device, generator=g)
+        labels = torch.randint(0, vocab, (batch, seq), device=self.device, generator=g)
         mask = torch.ones(batch, seq, device=self.device)
         if unfused:
             hidden = hidden.transpose(0, 1).contiguous()
         weight.requires_grad_(True)
-        weight.main_grad = torch.zeros(VOCAB, HIDDEN, device=self.device, dtype=torch.float32)
+        weight.main_grad = torch.zeros(vocab, hidden_size, device=self.device, dtype=torch.float32)
         if unfused:
             weight.register_post_accumulate_grad_hook(_ddp_hook)
         return hidden.requires_grad_(True), weight, labels, mask
@@ -185,7 +189,7 @@ class _Head:
 
 def _memory(spec: dict, tokens: int) -> dict:
     """Peak memory of one forward + backward (run in a fresh process)."""
-    head = _Head()
+    head = _Head(spec["vocab"], spec["hidden"])
     head.warm_up(spec, tokens)
     args = head.inputs(tokens, spec["variant"] == "unfused")
     peak = _CudaPeak() if head.cuda else _CpuPeak()
@@ -205,7 +209,7 @@ def _memory(spec: dict, tokens: int) -> dict:
 
 def _timing(specs: list[dict], tokens: int, rounds: int) -> list[list[float]]:
     """Seconds per forward + backward of each spec, in interleaved rounds (one process)."""
-    head = _Head()
+    head = _Head(specs[0]["vocab"], specs[0]["hidden"])
     args = {unfused: head.inputs(tokens, unfused) for unfused in (True, False)}
     for spec in specs:
         head.warm_up(spec, tokens)
@@ -272,6 +276,8 @@ def main() -> int:
         default=3,
         help="interleaved timing rounds per token count (the fastest is reported)",
     )
+    ap.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary (Qwen2.5's by default)")
+    ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden size (Qwen2.5-1.5B's)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--memory", help=argparse.SUPPRESS)
     ap.add_argument("--timing", help=argparse.SUPPRESS)
@@ -285,18 +291,27 @@ def main() -> int:
 
     chunks = [int(c) for c in args.chunks.split(",")]
     two_pass = [int(t) for t in args.two_pass_tokens.split(",") if t]
+    shape = {"vocab": args.vocab, "hidden": args.hidden}
     rows = []
-    for n in [int(t) for t in args.tokens.split(",")]:
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    for n in token_counts:
         specs = [
             {
                 "variant": "unfused",
                 "chunk": chunks[0],
                 "objective": args.objective,
                 "label": "unfused",
+                **shape,
             }
         ]
         specs += [
-            {"variant": "fused", "chunk": c, "objective": args.objective, "label": f"fused@{c}"}
+            {
+                "variant": "fused",
+                "chunk": c,
+                "objective": args.objective,
+                "label": f"fused@{c}",
+                **shape,
+            }
             for c in chunks
         ]
         if n in two_pass:
@@ -306,6 +321,7 @@ def main() -> int:
                     "chunk": chunks[0],
                     "objective": "OnlyTopP-K50",
                     "label": f"fused-2pass@{chunks[0]}",
+                    **shape,
                 }
             )
         t0 = time.perf_counter()
@@ -320,12 +336,17 @@ def main() -> int:
                 flush=True,
             )
         print(f"{n} tokens took {time.perf_counter() - t0:.0f} s", flush=True)
+        # written after every token count: a run cut short keeps what it finished
+        _write(args, rows, final=n == token_counts[-1])
+    return 0
 
+
+def _write(args, rows: list[dict], final: bool) -> None:
     meta = {
         "device": device_name(),
         "torch": torch.__version__,
-        "vocab": VOCAB,
-        "hidden": HIDDEN,
+        "vocab": args.vocab,
+        "hidden": args.hidden,
         "tensor_parallel": 1,
         "dtype": rows[0]["dtype"],
         "memory_method": rows[0]["memory_method"],
@@ -333,14 +354,16 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "timing_rounds": args.rounds,
         "load_average_1min_at_end": os.getloadavg()[0],
+        "complete": final,
     }
     table = _table(rows)
-    print(table)
+    if final:
+        print(table)
     md = [
         f"# Fused vs unfused loss head ({device_tag()})",
         "",
         f"Device: {meta['device']}; torch {meta['torch']}; {meta['threads']} threads; "
-        f"{meta['dtype']}; vocabulary {VOCAB}, hidden {HIDDEN}, TP=1; objective "
+        f"{meta['dtype']}; vocabulary {args.vocab}, hidden {args.hidden}, TP=1; objective "
         f"{args.objective}. Time: fastest of {args.rounds} interleaved rounds. Memory: "
         f"{meta['memory_method']}, fresh process per row, above the inputs and the float32 "
         "main_grad buffer (weight gradients go there, as under megatron DDP). Ratios are "
@@ -352,7 +375,6 @@ def main() -> int:
     write_results(
         args.out, f"fused_loss_{device_tag()}", {"meta": meta, "rows": rows}, "\n".join(md)
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,13 @@ through megatron's schedule and optimizer; only the loss function differs. Varia
 timed in interleaved rounds (A B C ... A B C ...) so machine drift hits all of them alike,
 and the median step time of each is divided by the baseline's median.
 
+The weights never change: the optimizer is built with a valid learning rate and the step's
+rate is then set to 0 through its parameter groups, the way the training loop's schedule sets
+it every step. Adam still runs in full (its work is part of every variant's step), so every
+variant times the same model; the script checks the weights are bit-identical at the end.
+The 1-minute load average is recorded before and after (on a shared machine other work
+slows every variant alike, which the interleaved rounds and the ratios absorb).
+
 Usage: python benchmarks/objective_overhead.py [--steps 8 --rounds 5 --out benchmarks/results]
 Target: ratio <= 1.02 for every objective that needs no extra pass (percentile thresholds
 with percentile_scope=global add one forward by design and are reported separately).
@@ -14,6 +21,7 @@ with percentile_scope=global add one forward by design and are reported separate
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -60,7 +68,11 @@ def main() -> int:
     runtime.init_distributed(parallel, seed=0, model=model_cfg)
     dev = runtime.platform.device()
     tconfig = transformer_config(model_cfg, parallel)
-    chunks, optimizer = runtime.build_training_model(model_cfg, tconfig, lr=0.0)
+    chunks, optimizer = runtime.build_training_model(model_cfg, tconfig)
+    # measure without learning: the rate is zeroed the way the schedule sets it each step
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    weights_before = [p.detach().clone() for p in chunks[0].parameters()]
 
     g = torch.Generator().manual_seed(0)
     b, s = args.micro_batch_size, args.seq
@@ -94,6 +106,7 @@ def main() -> int:
         # the loss functions return sums (calculate_per_token_loss): no per-call bookkeeping
         runtime.train_step(chunks, optimizer, fwd, micro, seq_length=s, micro_batch_size=b)
 
+    load_before = os.getloadavg()[0]
     for fwd in variants.values():  # warm-up
         step(fwd)
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -105,6 +118,12 @@ def main() -> int:
                 times[name].append(time.perf_counter() - t0)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
+    load_after = os.getloadavg()[0]
+    unchanged = all(
+        torch.equal(a, b.detach()) for a, b in zip(weights_before, chunks[0].parameters())
+    )
+    if not unchanged:
+        raise SystemExit("objective_overhead: the weights changed although the rate was 0")
     base = statistics.median(times["megatron CE (baseline)"])
     rows = []
     for name, ts in times.items():
@@ -126,11 +145,16 @@ def main() -> int:
         "seq": s,
         "steps_per_round": args.steps,
         "rounds": args.rounds,
+        "weights_unchanged": unchanged,
+        "load_average_1min": {"before": load_before, "after": load_after},
+        "cpu_count": os.cpu_count(),
         "rows": rows,
     }
     lines = [
         f"Objective step-time overhead vs plain Megatron CE ({result['device']}, "
-        f"torch {torch.__version__}, fp32, {args.micro_batches}x{b}x{s} tokens/step)",
+        f"torch {torch.__version__}, fp32, {args.micro_batches}x{b}x{s} tokens/step; "
+        f"median of {args.rounds} interleaved rounds x {args.steps} steps; 1-min load average "
+        f"{load_before:.2f} before, {load_after:.2f} after, on {os.cpu_count()} cores)",
         "",
         "| variant | median step (s) | ratio to baseline |",
         "|---|---|---|",

@@ -325,6 +325,13 @@ def main() -> int:
                 f"({r['dynamic_error']:+.1%}); static exact: {r['static_exact']}",
                 file=sys.stderr,
             )
+            _write(args, rows)  # after every row: a run cut short keeps what it finished
+    print(_write(args, rows))
+    return 0
+
+
+def _write(args, rows: list[dict]) -> str:
+    """The result files of the rows so far; returns the markdown table."""
     dev = device_name()
     mib = 2**20
     md = [
@@ -346,7 +353,6 @@ def main() -> int:
             f"{r['dynamic_measured'] / mib:.1f} | {r['dynamic_estimated'] / mib:.1f} | "
             f"{r['dynamic_error']:+.1%} | {parts} |"
         )
-    print("\n".join(md))
     suffix = "_bf16" if rows[0]["dtype"] == "bf16" and device_tag() == "cpu" else ""
     write_results(
         args.out,
@@ -354,7 +360,7 @@ def main() -> int:
         {"device": dev, "args": vars(args), "rows": rows},
         "\n".join(md),
     )
-    return 0
+    return "\n".join(md)
 
 
 if __name__ == "__main__":

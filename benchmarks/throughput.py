@@ -202,7 +202,7 @@ def main() -> int:
         return 0
     from probsft_megatron import compat
 
-    rows = []
+    rows, failed = [], []
     for variant in args.variants.split(","):
         if variant.startswith("te") and not (torch.cuda.is_available() and compat.te_available()):
             print(
@@ -232,17 +232,28 @@ def main() -> int:
         line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
         if proc.returncode != 0 or not line:
             print(f"[throughput] {variant} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            failed.append(variant)
             continue
         rows.append(json.loads(line[-1]))
         print(f"[throughput] {variant}: {rows[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+        _write(args, rows, failed)  # after every variant: a run cut short keeps what it has
+    if rows:
+        print(_write(args, rows, failed))
+    if failed:
+        print(f"[throughput] failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write(args, rows: list[dict], failed: list[str]) -> str:
+    """The result files of the rows so far; returns the markdown table."""
     base = next((r["tokens_per_s"] for r in rows if r["variant"] == "huggingface"), None)
     for r in rows:
         r["vs_huggingface"] = r["tokens_per_s"] / base if base else None
     dev = device_name()
     md = [
         f"Training throughput, {args.shape} shape, seq {args.seq}, micro batch "
-        f"{args.micro_batch} ({dev}, {rows[0]['dtype'] if rows else '?'}, torch "
-        f"{torch.__version__})",
+        f"{args.micro_batch} ({dev}, {rows[0]['dtype']}, torch {torch.__version__})",
         "",
         "| variant | step (s) | tokens/s | x Hugging Face | peak mem (GiB) | TFLOP/s | MFU |",
         "|---|---|---|---|---|---|---|",
@@ -254,14 +265,13 @@ def main() -> int:
             f"| {r['variant']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
             f"{ratio} | {r['peak_memory_gib']:.2f} | {r['achieved_tflops']:.3f} | {mfu} |"
         )
-    print("\n".join(md))
     write_results(
         args.out,
         f"throughput_{device_tag()}_{args.shape}_seq{args.seq}",
-        {"device": dev, "args": vars(args), "rows": rows},
+        {"device": dev, "args": vars(args), "rows": rows, "failed": failed},
         "\n".join(md),
     )
-    return 0
+    return "\n".join(md)
 
 
 if __name__ == "__main__":
