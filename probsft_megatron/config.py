@@ -82,7 +82,8 @@ ARCHITECTURES = ("llama", "qwen2")
 ATTENTION_IMPLS = ("auto", "sdpa", "local", "te")
 PRECISIONS = {"bf16": "bfloat16", "fp32": "float32"}
 """``train.precision`` -> parameter dtype name (``auto``: bf16 with CUDA, fp32 on the CPU)."""
-NORMALIZATIONS = ("kept", "response")
+NORMALIZATIONS = ("kept", "response", "sample")
+SAMPLE_UNITS = ("example", "turn")
 IMPLEMENTATIONS = ("unfused", "fused")
 PERCENTILE_SCOPES = ("global", "micro")
 RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
@@ -258,7 +259,9 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class LossConfig:
     """``objective``: a name or dict (see :mod:`probsft_megatron.objectives`) or ``auto``;
-    ``normalization``: ``kept`` | ``response``; ``implementation``: ``unfused`` (megatron's
+    ``normalization``: ``kept`` | ``response`` | ``sample`` (each example's mean token loss,
+    averaged over the global batch's examples; ``sample_unit: turn`` averages each trained
+    assistant turn's mean instead); ``implementation``: ``unfused`` (megatron's
     output layer + vocab-parallel CE) or ``fused`` (chunked linear + CE that never holds the
     full logits); ``chunk_size``: tokens per chunk of the fused path (its logits workspace is
     ``chunk_size x V/TP`` floats, see :mod:`probsft_megatron.fused_loss`); ``percentile_scope``:
@@ -271,8 +274,15 @@ class LossConfig:
     implementation: str = "unfused"
     chunk_size: int = 512
     percentile_scope: str = "global"
+    sample_unit: str = "example"
 
     def __post_init__(self) -> None:
+        _one_of(
+            "loss.sample_unit",
+            self.sample_unit,
+            SAMPLE_UNITS,
+            " (what normalization=sample averages: whole examples or assistant turns)",
+        )
         if (
             isinstance(self.chunk_size, bool)
             or not isinstance(self.chunk_size, int)
@@ -289,12 +299,17 @@ class LossConfig:
             " ('global': exact over the global batch, 'micro': per micro-batch, no extra forward)",
         )
         _one_of("loss.implementation", self.implementation, IMPLEMENTATIONS)
+        if self.normalization == "sample" and self.implementation == "fused":
+            raise ConfigError(
+                "loss.normalization=sample needs loss.implementation=unfused (the fused head "
+                "weights every response token alike); set one of them"
+            )
         _one_of(
             "loss.normalization",
             self.normalization,
             NORMALIZATIONS,
             " ('kept': divide by the tokens the objective keeps, the paper's default; "
-            "'response': all response tokens)",
+            "'response': all response tokens; 'sample': each example's mean, averaged)",
         )
 
     @property

@@ -18,7 +18,21 @@ number of tokens it normalizes by; megatron's schedule (``calculate_per_token_lo
 adds the counts over micro-batches, ``finalize_model_grads`` all-reduces them over the
 data-parallel (DP) group and divides the gradients once. ``normalization="kept"`` (the
 default, as the paper's code) divides by the tokens a threshold keeps; ``"response"`` divides
-by all response tokens.
+by all response tokens. The loss mask's values weight each token (1, or a conversation
+message's own weight).
+
+``normalization="sample"``: every example's mean token loss, averaged over the examples of
+the global batch (``sample_unit="turn"``: every trained assistant turn's mean, averaged over
+the turns). :func:`sample_weights` turns the loss mask into per-token weights ``m_t / W_u``
+(``W_u``: the mask's sum over the token's unit) and counts the units with a trained token;
+the count is the normalizer that megatron sums over micro-batches and DP ranks, so the
+result is exact under every layout, gradient accumulation and packing (an example never
+spans two micro-batches, and the loss sees whole rows after the sequence-parallel gather).
+Units are found from the micro-batch alone: an example starts where ``position_ids`` is 0
+(packed rows restart their positions), a turn is a run of trained labels (turns are
+separated by their untrained role headers). A threshold drops tokens from a unit's sum but
+not from ``W_u``: the unit's mean is over all its trained tokens, the per-example form of
+``"response"``.
 
 Thresholds. An absolute threshold (``OnlyTopP-0.5``) is part of the objective. A percentile
 (``OnlyTopP-K20``) must be resolved to an absolute ``q`` before tokens can be kept, and the
@@ -59,7 +73,7 @@ __all__ = [
     "token_ce_triple",
 ]
 
-STAT_FIELDS = ("loss_sum", "response_tokens", "kept_tokens", "p_sum", "w_sum")
+STAT_FIELDS = ("loss_sum", "response_tokens", "kept_tokens", "p_sum", "w_sum", "units")
 """Per-micro-batch statistics, summed over micro-batches and DP ranks by :func:`reduce_stats`."""
 
 
@@ -113,6 +127,37 @@ def _work_dtype(ce: torch.Tensor) -> torch.dtype:
     return torch.promote_types(ce.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
 
 
+def sample_weights(
+    loss_mask: torch.Tensor, position_ids: torch.Tensor | None, unit: str = "example"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token weights of ``normalization="sample"`` and the number of units.
+
+    ``loss_mask`` ``[b, s]`` (token weights, 0 = not trained), ``position_ids`` ``[b, s]``
+    (0 where an example starts; None: one example per row). Returns ``(weights, units)``:
+    ``weights[t] = loss_mask[t] / W`` with ``W`` the sum of ``loss_mask`` over the token's
+    unit (an example, or with ``unit="turn"`` a run of trained labels), so each unit's
+    weights sum to 1; ``units`` (int32 scalar) counts the units with a trained token.
+    """
+    mask = loss_mask.to(torch.float64)
+    b, s = mask.shape
+    trained = mask > 0
+    if position_ids is None:
+        starts = torch.zeros_like(trained)
+    else:
+        starts = position_ids.to(mask.device) == 0
+    starts[:, 0] = True  # a row never continues the previous row's unit
+    if unit == "turn":
+        before = torch.zeros_like(trained)
+        before[:, 1:] = trained[:, :-1]
+        starts = starts | (trained & ~before)
+    ids = torch.cumsum(starts.reshape(-1).to(torch.long), 0) - 1
+    totals = torch.zeros(int(ids[-1]) + 1 if ids.numel() else 0, dtype=mask.dtype)
+    totals = totals.to(mask.device).index_add_(0, ids, mask.reshape(-1))
+    per_token = totals[ids].view(b, s)
+    weights = torch.where(trained, mask / per_token.clamp_min(1e-300), torch.zeros_like(mask))
+    return weights, (totals > 0).sum().to(torch.int)
+
+
 def objective_loss(
     ce: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -121,17 +166,29 @@ def objective_loss(
     *,
     normalization: str = "kept",
     record_p: bool = False,
+    position_ids: torch.Tensor | None = None,
+    sample_unit: str = "example",
 ):
     """The loss triple of one micro-batch: ``(loss_sum, num_tokens, {"stats": ...})``.
 
-    ``ce``: per-token cross entropy ``[b, s]`` (differentiable); ``loss_mask``: 1 on response
-    tokens. ``loss_sum`` is the differentiable sum of ``f(p)`` over kept response tokens,
-    ``num_tokens`` the int32 normalizer count, ``stats`` the detached sums of
-    :data:`STAT_FIELDS` (float64). ``record_p`` adds ``"p"``: the response tokens' p, for a
-    histogram. A percentile objective needs ``threshold`` (see the module docstring).
+    ``ce``: per-token cross entropy ``[b, s]`` (differentiable); ``loss_mask``: the weight of
+    each response token (1 usually), 0 elsewhere. ``loss_sum`` is the differentiable sum of
+    ``f(p)`` times that weight over kept response tokens, ``num_tokens`` the int32
+    normalizer count, ``stats`` the detached sums of :data:`STAT_FIELDS` (float64).
+    ``record_p`` adds ``"p"``: the response tokens' p, for a histogram. A percentile
+    objective needs ``threshold`` (see the module docstring). ``normalization="sample"``
+    weights tokens by :func:`sample_weights` of ``loss_mask``, ``position_ids`` and
+    ``sample_unit`` and counts units instead of tokens.
     """
     ce = ce.to(_work_dtype(ce))
-    response = loss_mask.to(ce.device) > 0
+    loss_mask = loss_mask.to(ce.device)
+    response = loss_mask > 0
+    units = None
+    if normalization == "sample":
+        weights, units = sample_weights(loss_mask, position_ids, sample_unit)
+        weights = weights.to(ce.dtype)
+    else:
+        weights = loss_mask.to(ce.dtype)
     q = resolve_threshold(threshold, ce, response)
     if objective.needs_percentile and q is None:
         raise ValueError(
@@ -139,9 +196,16 @@ def objective_loss(
             "resolved threshold (a float or a MicroBatchPercentile)"
         )
     keep = objective.keep_mask(ce.detach(), q) & response
-    loss_sum = (objective.loss_from_ce(ce) * keep.to(ce.dtype)).sum()
+    loss_sum = (objective.loss_from_ce(ce) * (keep.to(ce.dtype) * weights)).sum()
     return loss_triple(
-        loss_sum, ce, keep, response, objective, normalization=normalization, record_p=record_p
+        loss_sum,
+        ce,
+        keep,
+        response,
+        objective,
+        normalization=normalization,
+        record_p=record_p,
+        units=units,
     )
 
 
@@ -154,16 +218,23 @@ def loss_triple(
     *,
     normalization: str,
     record_p: bool = False,
+    units: torch.Tensor | None = None,
 ):
     """The loss triple from an already computed differentiable ``loss_sum``.
 
     ``ce`` (float), ``keep`` and ``response`` (bool) have the micro-batch's shape; ``keep``
     must already be restricted to response tokens. Shared by :func:`objective_loss` and the
     fused output layer (:mod:`probsft_megatron.fused_loss`) so both report identical counts
-    and statistics.
+    and statistics. ``units``: the number of examples (or turns) for ``normalization=
+    "sample"``, which is then the normalizer count.
     """
-    counted = keep if normalization == "kept" else response
-    num_tokens = counted.sum().to(torch.int)
+    if normalization == "sample":
+        if units is None:
+            raise ValueError("normalization='sample' needs the units count (sample_weights)")
+        num_tokens = units.to(torch.int)
+    else:
+        counted = keep if normalization == "kept" else response
+        num_tokens = counted.sum().to(torch.int)
     with torch.no_grad():
         ce = ce.detach().to(_work_dtype(ce))
         keep_f, resp_f = keep.to(ce.dtype), response.to(ce.dtype)
@@ -174,6 +245,9 @@ def loss_triple(
                 keep_f.sum(),
                 (torch.exp(-ce) * resp_f).sum(),
                 (objective.weight_from_ce(ce) * keep_f).sum(),
+                torch.zeros((), dtype=ce.dtype, device=ce.device)
+                if units is None
+                else units.to(ce.dtype),
             ]
         ).to(torch.float64)
         report: dict[str, Any] = {"stats": stats}
@@ -247,6 +321,7 @@ class ObjectiveLoss:
         loss_mask: torch.Tensor,
         threshold: Threshold = None,
         record_p: bool = False,
+        position_ids: torch.Tensor | None = None,
     ):
         return objective_loss(
             ce,
@@ -255,6 +330,8 @@ class ObjectiveLoss:
             self.threshold(threshold),
             normalization=self.config.normalization,
             record_p=record_p,
+            position_ids=position_ids,
+            sample_unit=self.config.sample_unit,
         )
 
 
@@ -292,6 +369,7 @@ def reduce_stats(
         "mean_p": s["p_sum"] / resp,
         "frac_kept": s["kept_tokens"] / resp,
         "mean_w": s["w_sum"] / resp,
+        "units": int(s["units"]),
     }
     out.update(zip(extra, values[len(STAT_FIELDS) :]))
     recorded = [d["p"] for d in losses_reduced if "p" in d]
@@ -302,5 +380,7 @@ def reduce_stats(
 
 def step_loss(stats: dict[str, float], normalization: str) -> float:
     """The step's reported loss: global loss sum over the global normalizer count."""
+    if normalization == "sample":
+        return stats["loss_sum"] / max(stats.get("units", 0), 1)
     count = stats["kept_tokens"] if normalization == "kept" else stats["response_tokens"]
     return stats["loss_sum"] / max(count, 1)

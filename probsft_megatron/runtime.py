@@ -32,6 +32,7 @@ import torch.distributed as dist
 from probsft_megatron import compat, platform
 from probsft_megatron.config import OptimConfig, ParallelConfig, validate_layout
 from probsft_megatron.data.batches import Batch
+from probsft_megatron.errors import ConfigError
 from probsft_megatron.loss import (
     ObjectiveLoss,
     gather_varlen,
@@ -139,6 +140,12 @@ def head_loss(
             "model.build_gpt_model(..., fused_head=True))"
         )
     layer = gpt.output_layer
+    if bool(((loss_mask != 0) & (loss_mask != 1)).any()):
+        raise ConfigError(
+            "the data weights some tokens (a conversation message's weight) but "
+            "loss.implementation=fused trains every response token with weight 1; "
+            "set loss.implementation=unfused"
+        )
     return fused_objective_loss(
         hidden,
         fused_head.output_weight(gpt),
@@ -188,7 +195,11 @@ class ForwardStep:
             )
         out = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
         return out, partial(
-            self.loss, loss_mask=batch.loss_mask, threshold=self.threshold, record_p=self.record_p
+            self.loss,
+            loss_mask=batch.loss_mask,
+            threshold=self.threshold,
+            record_p=self.record_p,
+            position_ids=batch.position_ids,  # where examples start (normalization=sample)
         )
 
 
@@ -283,7 +294,9 @@ class StepStats:
     The last pipeline stage (where the loss is computed; None elsewhere): ``loss`` (global
     loss sum / global normalizer count), ``loss_sum``, ``response_tokens``, ``kept_tokens``,
     ``mean_p``, ``frac_kept``, ``mean_w``, ``tokens`` (non-padding tokens of the global
-    batch), ``threshold`` (a global-batch percentile threshold, when one was resolved) and
+    batch), ``units`` (examples or turns with a trained token, the normalizer of
+    ``loss.normalization=sample``), ``threshold`` (a global-batch percentile threshold, when
+    one was resolved) and
     ``p`` (the response tokens' p of the global batch, when asked for with ``record_p``).
     """
 
@@ -299,6 +312,7 @@ class StepStats:
     frac_kept: float | None = None
     mean_w: float | None = None
     tokens: int | None = None
+    units: int | None = None
     threshold: float | None = None
     p: torch.Tensor | None = None
 
