@@ -5,7 +5,8 @@ releases in their containers. This test reads (``ast``, no import) every ``megat
 project uses and checks it against the *source* of each release:
 
 * what is used: every ``import megatron...`` / ``from megatron... import X`` of the modules
-  that talk to megatron (``compat``, ``model``, ``attention``, ``fused_head``, ``platform``),
+  that talk to megatron (``MEGATRON_SEAM`` of tests/test_architecture.py: ``compat``,
+  ``model``, ``attention``, ``fused_head``, ``platform``, ``lora``),
   every attribute chain on an imported megatron object (``parallel_state.get_..._rank``),
   every keyword passed to a megatron callable (also through ``**kwargs`` built by ``dict(...)``
   in the same function), every method a subclass overrides (megatron calls it with its own
@@ -32,11 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_architecture import MEGATRON_SEAM
 
 from conftest import REPO
 
 PKG = REPO / "probsft_megatron"
-FACADE = ["compat", "model", "attention", "fused_head", "platform"]
+FACADE = sorted(MEGATRON_SEAM)  # the modules allowed to import megatron
 RELEASES = ["0.17.1", "0.18.2", "0.19.2"]
 
 # compat functions that return megatron callables, and what they can be in megatron's source
@@ -364,12 +366,23 @@ def collect(source_text: str, module: str, handed_out: dict | None = None) -> li
                 for kw in _keywords(node, dicts):
                     uses.append(Use("keyword", target, kw, at(node)))
 
-    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+    classes = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+
+    def own_names(cls: ast.ClassDef, depth: int = 0) -> set[str]:
+        """What the class and its bases of this module (mixins) define themselves."""
+        stores = [n for n in ast.walk(cls) if isinstance(n, ast.Attribute) and _is_self_store(n)]
+        names = {n.attr for n in stores}
+        names |= {m.name for m in cls.body if isinstance(m, ast.FunctionDef)}
+        for b in cls.bases:
+            if isinstance(b, ast.Name) and b.id in classes and depth < 10:
+                names |= own_names(classes[b.id], depth + 1)
+        return names
+
+    for cls in classes.values():
         bases = [p for p in (_megatron_path(b, env) for b in cls.bases) if p]
         bases += [p for name, p in STANDS_IN_FOR.items() if name == cls.name]
-        own = {n.attr for n in ast.walk(cls) if isinstance(n, ast.Attribute) and _is_self_store(n)}
+        own = own_names(cls)
         methods = [m for m in cls.body if isinstance(m, ast.FunctionDef)]
-        own |= {m.name for m in methods}
         for base in bases:
             for m in methods:
                 a = m.args
