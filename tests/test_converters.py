@@ -84,7 +84,7 @@ def swapped_fc1_views(param, model):
 
 
 @pytest.fixture(scope="module")
-def subjects(tmp_path_factory) -> dict[str, dict]:
+def subjects(tmp_path_factory, smollm2_megatron) -> dict[str, dict]:
     """name -> {hf, megatron, tokens, reference logits}; plus the negative-control dirs."""
     root = tmp_path_factory.mktemp("convert")
     gen = torch.Generator().manual_seed(0)
@@ -104,7 +104,7 @@ def subjects(tmp_path_factory) -> dict[str, dict]:
         tokenizer_dir=tok,
     )
     out["qwen_tokenizer"] = {"hf": hf, "tokens": text_tokens(hf)}
-    smollm2 = api.default_model_dir()
+    smollm2 = smollm2_megatron
     smollm2_hf = Path(layout.read_model_dir(smollm2).source["hf_path"])
     out["smollm2"] = {"hf": smollm2_hf, "megatron": smollm2, "tokens": text_tokens(smollm2_hf)}
     for name, s in out.items():

@@ -142,10 +142,8 @@ def test_medical_and_custom_loaders(tmp_path):
 
 # ---------------------------------------------------------------- vLLM on CPU with SmolLM2
 @pytest.fixture(scope="module")
-def smollm2() -> Path:
-    from probsft_megatron.eval.models import materialize_smollm2
-
-    return materialize_smollm2(dtype="bfloat16")
+def smollm2(smollm2_hf_bf16) -> Path:
+    return smollm2_hf_bf16
 
 
 @pytest.fixture(scope="module")

@@ -144,7 +144,8 @@ def _clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV") and not k.startswith("PROBSFT_")
+        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+        and (k == "PROBSFT_CACHE" or not k.startswith("PROBSFT_"))  # the session's cache
     }
     return dict(env, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
 

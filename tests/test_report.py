@@ -803,13 +803,11 @@ def test_slurm_launch_record_gives_logs_and_submission_errors(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def real_work(tmp_path_factory) -> Path:
+def real_work(tmp_path_factory, smollm2_hf) -> Path:
     """The local launch chain (train 3 steps -> export -> vLLM eval of 4 items) for
     `original`, and two seeds of `p` trained with `probsft train` into the same work
     directory, all three at once (single processes, ~2-3 minutes on 2 cores)."""
-    from probsft_megatron.eval.models import materialize_smollm2
-
-    tokenizer = materialize_smollm2()
+    tokenizer = smollm2_hf
     root = tmp_path_factory.mktemp("report-real")
     work = root / "work"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
