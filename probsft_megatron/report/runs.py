@@ -181,13 +181,31 @@ def identity(config: dict) -> str:
 def _tail_stats(history: list[dict]) -> dict[str, float]:
     tail = history[-TAIL:]
     out = {}
-    for key in ("loss", "mean_p", "frac_kept", "mean_w", "grad_norm", "tokens_per_s", "threshold"):
+    for key in (
+        "loss",
+        "mean_p",
+        "frac_kept",
+        "mean_w",
+        "grad_norm",
+        "tokens_per_s",
+        "positions_per_token",
+        "threshold",
+    ):
         vals = [
             r[key] for r in tail if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
         ]
         if vals:
             out[key] = sum(vals) / len(vals)
     return out
+
+
+def _last_validation(history: list[dict]) -> dict[str, Any] | None:
+    """The newest validation of the run (``val_*`` keys of ``metrics.jsonl``, written every
+    ``train.eval_interval`` steps and at the last step), with its step; None without one."""
+    for r in reversed(history):
+        if isinstance(r.get("val_loss"), (int, float)):
+            return {"step": r["step"], **{k: v for k, v in r.items() if k.startswith("val_")}}
+    return None
 
 
 # -- reading a run ------------------------------------------------------------------------------
@@ -266,6 +284,7 @@ def read_run(
             "final": _tail_stats(history),
             "final_over_steps": min(TAIL, len(history)),
             "last": {k: v for k, v in (history[-1] if history else {}).items() if k != "p_hist"},
+            "validation": _last_validation(history),
         }
     curves = {
         "step": [r["step"] for r in history],

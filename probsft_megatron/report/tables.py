@@ -195,11 +195,19 @@ def _aggregate_group(g: dict, metric: str, tasks: list[str]) -> None:
     g["average"] = summarize_values(per_run) if per_run and len(tasks) > 1 else None
     g["evaluated"] = sum(1 for r in members if r["eval"])
     train_stats: dict[str, Any] = {}
-    for key in ("loss", "mean_p", "frac_kept", "mean_w", "tokens_per_s"):
+    for key in ("loss", "mean_p", "frac_kept", "mean_w", "tokens_per_s", "positions_per_token"):
         vs = [
             r["training"]["final"][key]
             for r in members
             if r["training"] and key in r["training"]["final"]
+        ]
+        if vs:
+            train_stats[key] = summarize_values(vs)
+    for key in ("val_loss", "val_nll"):  # the newest validation of each run
+        vs = [
+            r["training"]["validation"][key]
+            for r in members
+            if r["training"] and (r["training"].get("validation") or {}).get(key) is not None
         ]
         if vs:
             train_stats[key] = summarize_values(vs)

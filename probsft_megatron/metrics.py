@@ -1,0 +1,168 @@
+"""What the logging rank records while training: one record per step, to every sink.
+
+A record is a flat dict (:func:`step_record`: loss, learning rate, tokens/s, ...; the steps
+with a validation pass also carry ``val_loss``, ``val_nll`` and the other ``val_*`` keys of
+:func:`probsft_megatron.runtime.eval_step`). :class:`RunLog` writes it to the sinks:
+
+* ``metrics.jsonl`` in ``train.output_dir`` (always; what ``probsft report`` reads). A resume
+  drops the lines of the steps it repeats first;
+* TensorBoard (``train.tensorboard``): ``train/<key>`` and ``val/<key>`` scalars and the
+  histogram of p;
+* Weights & Biases (``train.wandb_project``; ``train.wandb_mode`` ``online`` or ``offline``):
+  the same scalars as ``train/<key>`` and ``val/<key>``, the job's config as the run's config;
+  the run's files go to ``<output_dir>/wandb`` unless ``WANDB_DIR`` says otherwise;
+
+and shows a progress bar with the loss, mean p, tokens/s and ETA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+
+from probsft_megatron.fileio import atomic_write_json
+
+VAL_PREFIX = "val_"
+
+
+def p_histogram(p: torch.Tensor, bins: int = 20) -> list[int]:
+    return torch.histc(p.float(), bins=bins, min=0.0, max=1.0).to(torch.int64).tolist()
+
+
+def step_record(step: int, lr: float, stats, elapsed: float) -> dict[str, Any]:
+    """One line of ``metrics.jsonl`` from a step's :class:`~probsft_megatron.runtime.StepStats`:
+    ``tokens`` are the global batch's real (non-padding) tokens, ``positions`` the positions
+    computed for it (padding included) and ``positions_per_token`` their ratio (1.0: no
+    padding computed); ``tokens_per_s`` counts real tokens, ``padded_tokens_per_s`` computed
+    positions."""
+    record = {
+        "step": step,
+        "loss": stats.loss,
+        "lr": lr,
+        "grad_norm": stats.grad_norm,
+        "mean_p": stats.mean_p,
+        "frac_kept": stats.frac_kept,
+        "mean_w": stats.mean_w,
+        "response_tokens": stats.response_tokens,
+        "tokens": stats.tokens,
+        "positions": stats.positions,
+        "positions_per_token": stats.positions / max(stats.tokens, 1),
+        "tokens_per_s": stats.tokens / elapsed,
+        "padded_tokens_per_s": stats.positions / elapsed,
+        "step_time_s": elapsed,
+    }
+    if stats.threshold is not None:
+        record["threshold"] = stats.threshold
+    if stats.p is not None:
+        record["p_hist"] = p_histogram(stats.p)
+    return record
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The record's numbers as ``train/<key>`` and ``val/<key>`` (``val_loss`` ->
+    ``val/loss``), the names TensorBoard and W&B show."""
+    out = {}
+    for key, value in record.items():
+        if key == "step" or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if key.startswith(VAL_PREFIX):
+            out[f"val/{key[len(VAL_PREFIX) :]}"] = value
+        else:
+            out[f"train/{key}"] = value
+    return out
+
+
+class WandbSink:
+    """A Weights & Biases run for one training process (the logging rank's)."""
+
+    def __init__(self, project: str, mode: str, output_dir, config: dict[str, Any]) -> None:
+        import wandb
+
+        self.run = wandb.init(
+            project=project,
+            mode=mode,
+            name=output_dir.name,
+            dir=None if os.environ.get("WANDB_DIR") else str(output_dir),
+            config=json.loads(json.dumps(config, default=str)),
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log(scalars(record), step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class RunLog:
+    """What the logging rank writes while training: ``config.json``, ``metrics.jsonl``
+    (steps a resume repeats are dropped first), TensorBoard scalars and p histograms, W&B,
+    and a progress bar with the loss, mean p, tokens/s and ETA."""
+
+    def __init__(self, job, start_step: int, last_step: int) -> None:
+        from tqdm import tqdm
+
+        out_dir = job.output_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / "config.json", job.to_dict(), default=str)
+        self.path = out_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a")
+        self.tb = None
+        if job.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        self.wandb = None
+        if job.train.wandb_project:
+            self.wandb = WandbSink(
+                job.train.wandb_project, job.train.wandb_mode, out_dir, job.to_dict()
+            )
+        self.progress = tqdm(
+            total=last_step,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        self.history: list[dict[str, Any]] = []
+
+    def step(self, record: dict[str, Any], p_values: torch.Tensor | None, write: bool) -> None:
+        self.history.append(record)
+        if write:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if self.tb is not None:
+                for name, value in scalars(record).items():
+                    self.tb.add_scalar(name, value, record["step"])
+                if p_values is not None and p_values.numel():
+                    self.tb.add_histogram("train/p", p_values.float(), record["step"])
+            if self.wandb is not None:
+                self.wandb.log(record)
+        postfix = {
+            "loss": f"{record['loss']:.4f}",
+            "mean_p": f"{record['mean_p']:.3f}",
+            "tok_s": f"{record['tokens_per_s']:.0f}",
+        }
+        if VAL_PREFIX + "loss" in record:
+            postfix["val_loss"] = f"{record[VAL_PREFIX + 'loss']:.4f}"
+        self.progress.set_postfix(**postfix)
+        self.progress.update(1)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
