@@ -104,7 +104,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _sharded_state(model, optimizer, *, is_loading: bool) -> dict[str, Any]:
-    state = {"model": model.sharded_state_dict()}
+    from probsft_megatron import lora
+
+    model_state = model.sharded_state_dict()
+    if lora.has_adapters(model):  # a LoRA run's checkpoint holds its adapters, not the base
+        model_state = lora.adapter_sharded_state_dict(model_state)
+    state = {"model": model_state}
     if optimizer is not None:
         state["optimizer"] = compat.optimizer_sharded_state_dict(
             optimizer, state["model"], is_loading=is_loading
@@ -123,10 +128,14 @@ def save_checkpoint(
     train_state: dict[str, Any],
     hf_template: str | Path | None = None,
     keep_last: int = 2,
+    peft_record: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically (collective: every rank must call it).
 
     ``model`` is this rank's (unwrapped) GPT model chunk. Returns the final directory.
+    A LoRA model (:mod:`probsft_megatron.lora`) saves only its adapters (and their optimizer
+    state); ``peft_record`` (:func:`probsft_megatron.lora.peft_record`: the LoRA settings and
+    the base model's fingerprint) is written next to them as ``peft.json``.
     """
     root = Path(ckpt_root)
     final = root / step_name(step)
@@ -149,6 +158,8 @@ def save_checkpoint(
         if hf_template is not None and Path(hf_template).is_dir():
             layout.copy_hf_files(hf_template, staging / layout.HF_DIR)
         atomic_write_json(staging / "train_state.json", dict(train_state, step=step), default=str)
+        if peft_record is not None:
+            atomic_write_json(staging / "peft.json", peft_record)
         manifest.write_manifest(staging, manifest.TRAINING_CHECKPOINT, step=step)
         if os.environ.get(CRASH_ENV) == str(step):
             os._exit(17)
@@ -162,8 +173,15 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, model, optimizer, *, base_fingerprint: str | None = None
+) -> dict[str, Any]:
     """Load weights (+ optimizer when given) and this rank's RNG; returns the train state.
+
+    A LoRA model loads only its adapters (its base was loaded before, from
+    ``init.checkpoint``); ``base_fingerprint`` must then match the checkpoint's
+    ``peft.json`` (:func:`probsft_megatron.lora.check_fingerprint`), and a model without
+    adapters refuses a LoRA checkpoint, each in one line.
 
     The folder is checked against its manifest first (every rank reaches the same verdict);
     a damaged or unreadable checkpoint is a one-line CheckpointError naming the step, the
@@ -181,6 +199,16 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
     damage = manifest.json_damage(state_file)
     if damage is not None:
         raise CheckpointError(manifest.damaged_message(path, damage, resuming=True))
+    from probsft_megatron import lora
+
+    adapters_only = lora.has_adapters(model)
+    if adapters_only:
+        lora.check_fingerprint(path, base_fingerprint)
+    elif (path / lora.FINGERPRINT_FILE).is_file():
+        raise CheckpointError(
+            f"{path} holds LoRA adapters, not full weights; resume it with peft.method=lora "
+            "(and its base as init.checkpoint), or use another train.output_dir"
+        )
     try:
         loaded = compat.dist_load(
             _sharded_state(model, optimizer, is_loading=True), str(path / "weights")
@@ -190,7 +218,10 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
     except BaseException as exc:  # a truncated or corrupt shard: DCP, miniz and pickle errors
         damage = f"its weights cannot be read ({read_failure(exc)})"
         raise CheckpointError(manifest.damaged_message(path, damage, resuming=True)) from None
-    model.load_state_dict(loaded["model"])
+    if adapters_only:
+        lora.load_adapter_state(model, loaded["model"])
+    else:
+        model.load_state_dict(loaded["model"])
     if optimizer is not None:
         with torch.no_grad():  # megatron copies into leaf parameters in place
             optimizer.load_state_dict(loaded["optimizer"])

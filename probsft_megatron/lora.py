@@ -58,11 +58,15 @@ __all__ = [
     "adapter_sharded_state_dict",
     "base_fingerprint",
     "check_fingerprint",
+    "has_adapters",
     "init_adapters",
+    "load_adapter_state",
     "is_adapter",
     "load_base_weights",
     "lora_layer_spec",
+    "peft_record",
     "prepare_model",
+    "run_fingerprint",
     "trainable_counts",
 ]
 
@@ -328,6 +332,23 @@ def adapter_sharded_state_dict(sharded_state_dict: dict) -> dict:
     return {k: v for k, v in sharded_state_dict.items() if is_adapter(k)}
 
 
+def has_adapters(model) -> bool:
+    """Whether a model chunk carries LoRA adapters."""
+    return any(is_adapter(name) for name, _ in model.named_parameters())
+
+
+def load_adapter_state(model, state: dict) -> None:
+    """Load a LoRA checkpoint's adapter tensors (all of this chunk's, nothing else)."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if is_adapter(k)]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"the checkpoint's adapters do not fit this model (missing {missing[:1]}, "
+            f"unexpected {unexpected[:1]}); resume with the run's own peft settings"
+        )
+
+
 def load_base_weights(model, ckpt_dir: str) -> None:
     """Load a base model's torch_dist weights into a LoRA model (collective); the adapters
     keep their values. Any base key missing from the checkpoint is an error."""
@@ -346,13 +367,16 @@ def load_base_weights(model, ckpt_dir: str) -> None:
 FINGERPRINT_FILE = "peft.json"
 
 
-def base_fingerprint(init_checkpoint: str | Path | None, model_config: dict) -> str:
+def base_fingerprint(
+    init_checkpoint: str | Path | None, model_config: dict, random_init: Any = None
+) -> str:
     """What identifies the base model a LoRA run adapts: the SHA-256 of its model config and
-    its checkpoint manifest's file list (every file's size and CRC-32); of the model config
-    and ``random init`` when the run starts from random weights."""
+    its checkpoint manifest's file list (every file's size and CRC-32); without a checkpoint,
+    of the model config and ``random_init`` (what decides random weights: the seed and the
+    TP/PP layout)."""
     h = hashlib.sha256(json.dumps(model_config, sort_keys=True, default=str).encode())
     if init_checkpoint is None:
-        h.update(b"random init")
+        h.update(f"random init {random_init!r}".encode())
     else:
         from probsft_megatron import manifest
 
@@ -360,6 +384,19 @@ def base_fingerprint(init_checkpoint: str | Path | None, model_config: dict) -> 
         files = (listed or {}).get("files") or str(Path(init_checkpoint).resolve())
         h.update(json.dumps(files, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def run_fingerprint(config) -> str | None:
+    """The base fingerprint of a training job's config (a
+    :class:`~probsft_megatron.config.TrainJobConfig`); None without LoRA."""
+    if not config.peft.enabled:
+        return None
+    layout = (
+        config.train.seed,
+        config.parallel.tensor_model_parallel_size,
+        config.parallel.pipeline_model_parallel_size,
+    )
+    return base_fingerprint(config.init.checkpoint, config.model.to_dict(), random_init=layout)
 
 
 def peft_record(peft: PeftConfig, fingerprint: str) -> dict:
@@ -374,7 +411,7 @@ def peft_record(peft: PeftConfig, fingerprint: str) -> dict:
     }
 
 
-def check_fingerprint(checkpoint: str | Path, fingerprint: str) -> None:
+def check_fingerprint(checkpoint: str | Path, fingerprint: str | None) -> None:
     """Refuse in one line to put a LoRA checkpoint's adapters onto another base model."""
     path = Path(checkpoint) / FINGERPRINT_FILE
     if not path.is_file():

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from probsft_megatron import checkpoint as ckpt
-from probsft_megatron import compat, console, platform, run_lock, runtime, stopping
+from probsft_megatron import compat, console, lora, platform, run_lock, runtime, stopping
 from probsft_megatron.config import TrainJobConfig, load_config, world_size_from_env
 from probsft_megatron.errors import ConfigError, ProbsftError
 from probsft_megatron.fileio import atomic_write_json
@@ -202,13 +202,23 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
             tconfig,
             job.optim,
             use_distributed_optimizer=job.use_distributed_optimizer,
-            load_dir=str(job.init_weights) if job.init_weights and resume_from is None else None,
+            # a LoRA checkpoint holds only the adapters: its base comes from init.checkpoint
+            load_dir=str(job.init_weights)
+            if job.init_weights and (resume_from is None or job.config.peft.enabled)
+            else None,
             loss_config=job.loss,
             attention=job.attention,
+            peft=job.config.peft,
+            peft_seed=t.seed,
         )
         start_step = 0
         if resume_from is not None:
-            state = ckpt.load_checkpoint(resume_from, chunks[0].module, optimizer)
+            state = ckpt.load_checkpoint(
+                resume_from,
+                chunks[0].module,
+                optimizer,
+                base_fingerprint=lora.run_fingerprint(job.config),
+            )
             start_step = state["step"]
             compat.restore_adam_steps(optimizer, start_step)  # megatron leaves it at 1
             loader.load_state_dict(state["data"])
@@ -369,6 +379,9 @@ def save(job: Job, step: int, chunks: list, optimizer, loader, total_steps: int)
             },
             hf_template=job.hf_template,
             keep_last=job.train.keep_last,
+            peft_record=lora.peft_record(job.config.peft, lora.run_fingerprint(job.config))
+            if job.config.peft.enabled
+            else None,
         )
 
 

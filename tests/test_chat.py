@@ -512,3 +512,46 @@ def test_five_turn_conversation_every_turn_trained(smollm2, tmp_path):
         len(smollm2(a + "<|im_end|>", add_special_tokens=False)["input_ids"]) for _, a in qa
     )
     np.testing.assert_array_equal(item["loss_mask"].numpy()[-1:], [0.0])
+
+
+# ----------------------------------------------------------------------------- data inspect
+
+
+def test_inspect_marks_the_trained_spans_and_counts(smollm2, tmp_path, capsys):
+    from probsft_megatron.cli import main as probsft
+    from probsft_megatron.data_cli import inspect
+
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for t in range(3):
+        msgs += [
+            {"role": "user", "content": f"q{t} " + "x " * 8},
+            {"role": "assistant", "content": f"a{t} " + "y " * 8},
+        ]
+    sg = [{"from": "human", "value": "Name a prime."}, {"from": "gpt", "value": "7"}]
+    path = _write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}, {"conversations": sg}])
+    rep = inspect(str(path), tokenizer="smollm2")
+    first, second = rep["shown"]
+    assert first["text"].count("[[") == 3 and second["text"].count("[[") == 1
+    marked = re.findall(r"\[\[(.*?)\]\]", first["text"], flags=re.S)
+    assert marked == [m["content"] + "<|im_end|>" for m in msgs[2::2]]
+    assert first["turns_kept"] == first["turns_trained"] == 3 and first["cut"] is None
+    assert first["trained"] + first["masked"] == first["tokens"]
+    assert rep["conversations"]["assistant_turns_trained"] == 4
+    assert rep["trained_tokens"] == first["trained"] + second["trained"]
+    # a limit that cuts the first conversation after its second turn
+    ds = SFTDataset(DataConfig(train_files=[str(path)], max_length=100_000), smollm2)
+    r = render_conversation(smollm2, [{**m, "weight": 1.0} for m in msgs], smollm2.chat_template)
+    limit = r.spans[2][0] + 2
+    rep = inspect(str(path), [f"data.max_length={limit}"], "smollm2")
+    first = rep["shown"][0]
+    assert first["cut"] == "after a whole assistant turn" and first["turns_kept"] == 2
+    assert first["text"].count("[[") == 2 and len(ds) == 2
+    assert rep["conversations"]["cut_after_a_turn"] == 1
+    rep = inspect(str(path), [f"data.max_length={limit}", "data.truncation=right"], "smollm2")
+    assert rep["shown"][0]["cut"].startswith("inside an assistant turn")
+    assert rep["shown"][0]["text"].count("<|im_end|>]]") == 2
+    # the command: brackets when stdout is not a terminal
+    assert probsft(["data", "inspect", str(path), "--tokenizer", "smollm2", "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[[a0 " in out and "=== " in out and "\033[" not in out
+    assert "assistant turns kept whole 4 of 4" in out

@@ -417,7 +417,7 @@ def test_truncation_counts_warns_once_and_error_mode(tok, tmp_path, rng, caplog)
     messages = [r.getMessage() for r in caplog.records]
     assert messages == [
         f"{len(cut)} of {len(records)} examples were longer than data.max_length={limit} "
-        "tokens and were cut at the right; raise data.max_length to keep them whole",
+        "tokens and were cut (data.truncation=turn); raise data.max_length to keep them whole",
         f"1 of {len(records)} examples were dropped: their prompt alone fills data.max_length="
         f"{limit} tokens; raise data.max_length to keep them",
     ]

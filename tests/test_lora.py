@@ -208,3 +208,72 @@ def test_peft_config_all_linear_and_defaults():
     cfg = load_config(None, ["peft.method=lora", "peft.target_modules=all-linear"]).peft
     assert cfg.target_modules == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
     assert dataclasses.replace(cfg, rank=8).rank == 8
+
+
+# -- checkpoints: adapters only, bit-exact resume, another base refused ----------------------
+TRAIN = [
+    "--config",
+    "tiny-figfont-cpu",
+    "data.num_samples=64",
+    "data.max_length=256",
+    "train.tensorboard=false",
+    "train.histogram_interval=0",
+    "train.save_interval=2",
+    "peft.method=lora",
+    "peft.rank=4",
+    "optim.lr=1e-2",
+]
+
+
+def _train_run(out, *extra, expect_ok=True):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "probsft_megatron.train", *TRAIN, f"train.output_dir={out}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [*cmd, *extra], capture_output=True, text=True, timeout=600, env=env, start_new_session=True
+    )
+    if expect_ok:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+def _step_losses(out):
+    import json
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.mark.slow
+def test_lora_checkpoint_holds_adapters_and_resumes_bit_exact(tmp_path):
+    import json
+
+    from megatron.core import dist_checkpointing
+
+    ref = tmp_path / "ref"
+    _train_run(ref, "train.max_steps=4")
+    out = tmp_path / "resumed"
+    _train_run(out, "train.max_steps=2")
+    ckpt = out / "checkpoints" / "step_0000002"
+    peft = json.loads((ckpt / "peft.json").read_text())
+    assert peft["rank"] == 4 and len(peft["base_fingerprint"]) == 64
+    keys = list(dist_checkpointing.load_tensors_metadata(str(ckpt / "weights")))
+    model_keys = [k for k in keys if not k.startswith("optimizer")]
+    assert model_keys and all(k.endswith(("lora_A", "lora_B")) for k in model_keys), model_keys
+    _train_run(out, "train.max_steps=4")  # resumes from step 2
+    want, got = _step_losses(ref), _step_losses(out)
+    assert sorted(got) == [1, 2, 3, 4]
+    assert [got[s] for s in (3, 4)] == [want[s] for s in (3, 4)]  # bit-exact on CPU
+    assert got[4] != got[2]
+
+    # another base (a different seed draws other random weights), and a full-weights resume
+    other = _train_run(out, "train.max_steps=6", "train.seed=7", expect_ok=False)
+    lines = [x for x in other.stderr.splitlines() if "adapters of another base model" in x]
+    assert other.returncode == 2 and len(lines) == 1, other.stderr[-3000:]
+    full = _train_run(out, "train.max_steps=6", "peft.method=none", expect_ok=False)
+    assert full.returncode == 2 and "holds LoRA adapters, not full weights" in full.stderr, (
+        full.stderr[-3000:]
+    )

@@ -264,10 +264,11 @@ class SFTDataset:
         if s["n_truncated"]:
             logger.warning(
                 "%d of %d examples were longer than data.max_length=%d tokens and were "
-                "cut at the right; raise data.max_length to keep them whole",
+                "cut (data.truncation=%s); raise data.max_length to keep them whole",
                 s["n_truncated"],
                 n_records,
                 limit,
+                self.cfg.truncation,
             )
         if s["n_conversations"] and s["n_turns_kept"] < s["n_turns_trained"]:
             logger.warning(

@@ -287,12 +287,15 @@ def _extract(record: Any, fields: _Fields, where: str, cfg: DataConfig | None = 
         )
     if fields.messages:
         train_on = cfg.train_on if cfg is not None else "all_assistant"
-        if fields.prompt_key not in record:
+        key = fields.prompt_key
+        if key not in record and not (cfg and cfg.messages_key):  # a file may mix the two
+            key = next((k for k in ("messages", "conversations") if k in record), key)
+        if key not in record:
             raise DataError(
                 f"{where}: missing field {fields.prompt_key!r} (data.messages_key); "
                 f"available keys: {sorted(record)}"
             )
-        messages = conversation_messages(record[fields.prompt_key], train_on, where)
+        messages = conversation_messages(record[key], train_on, where)
         tools = record.get(cfg.tools_key if cfg is not None else "tools") or None
         if tools is not None and not isinstance(tools, list):
             raise DataError(f"{where}: tools must be a list of tool definitions")
