@@ -440,3 +440,30 @@ def test_auto_objective_records_evidence_and_reuses_the_cache(tiny, isolated):
         assert (isolated / name / "probe" / probe.REPORT_FILE).is_file()
         assert (isolated / name / "probe" / probe.PLOT_FILE).is_file()
     assert (isolated / "cache" / "probe" / first["key"] / probe.REPORT_FILE).is_file()
+
+
+def test_probe_reads_conversations_over_trained_assistant_tokens(tiny, isolated):
+    """A conversation file is probed over exactly its trained assistant tokens (every turn,
+    end-of-turn tokens included; system and user turns not), per example and in total."""
+    from probsft_megatron.tokenizers import load_tokenizer
+
+    rows = []
+    for k in range(6):
+        msgs = [{"role": "system", "content": "Count."}]
+        for t in range(1 + k % 3):
+            msgs += [
+                {"role": "user", "content": f"{k + t} {k + t + 1}"},
+                {"role": "assistant", "content": f"{k + t + 2} {k + t + 3}", "train": t != 1},
+            ]
+        rows.append({"messages": msgs})
+    data = DataConfig(train_files=[_write_jsonl(isolated / "chat.jsonl", rows)])
+    tok = load_tokenizer(str(tiny["model_dir"] / "hf"))
+    examples = probe.load_examples(data, tok, None)
+    trained = [int((examples.dataset[i]["loss_mask"] > 0).sum()) for i in range(6)]
+    report = probe.probe(tiny["model_dir"], data, samples=None, micro_batch_size=2)
+    assert [e["tokens"] for e in report["per_example"]] == trained
+    assert report["tokens"] == sum(trained) == examples.dataset.stats["n_response_tokens"]
+    turns = sum(1 + k % 3 - (1 + k % 3 > 1) for k in range(6))  # turn 1 has train=false
+    assert examples.dataset.stats["n_turns_trained"] == turns
+    assert report["data"]["conversations"] == 6
+    assert report["data"]["assistant_turns_kept"] == turns

@@ -38,12 +38,13 @@ class ProbeExamples:
     data_config: Any
 
     def fingerprint(self) -> str:
-        """sha256 of exactly what is measured: every example's tokens and loss mask."""
+        """sha256 of exactly what is measured: every example's tokens and which of them are
+        measured (a token's loss weight does not change its measurement)."""
         h = hashlib.sha256()
         for i in range(len(self.dataset)):
             item = self.dataset[i]
             h.update(item["input_ids"].numpy().astype(np.int64).tobytes())
-            h.update(item["loss_mask"].numpy().astype(np.uint8).tobytes())
+            h.update((item["loss_mask"].numpy() > 0).astype(np.uint8).tobytes())
         return h.hexdigest()
 
 

@@ -154,6 +154,9 @@ def build_report(
             "examples": n,
             "truncated": stats["n_truncated"],
             "dropped": stats["n_dropped"],
+            # conversations: measured over their trained assistant turns only
+            "conversations": stats.get("n_conversations", 0),
+            "assistant_turns_kept": stats.get("n_turns_kept", 0),
         },
         "dtype": dtype,
         "layout": layout,
