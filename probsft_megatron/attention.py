@@ -9,8 +9,12 @@ Contract (per tensor-parallel rank): ``query`` is ``[sq, b, np, hn]`` with ``np`
 heads, ``key``/``value`` are ``[sk, b, ng, hn]`` with ``ng`` this rank's query groups (GQA:
 ``np`` a multiple of ``ng``; TP splits whole groups, so no communication happens here).
 ``attention_mask`` is ``None`` (causal) or megatron's boolean ``[b or 1, 1, sq, sk]`` with
-True = masked, e.g. the block-diagonal causal mask of packed sequences. Returns the context
-``[sq, b, np * hn]``. Attention dropout uses megatron's model-parallel RNG tracker, like the
+True = masked. Packed sequences come as megatron's ``PackedSeqParams`` with ``qkv_format``
+``"thd"``: ``query`` is ``[t, np, hn]`` (megatron drops the batch dimension of 1) and
+``cu_seqlens_q`` (int32 ``[n + 1]``, the same on every rank) bounds the ``n`` sequences;
+each sequence attends causally to itself only, one SDPA call per sequence, so no
+``t x t`` mask is ever built. Returns the context ``[sq, b, np * hn]`` (``[t, np * hn]``
+for ``thd``). Attention dropout uses megatron's model-parallel RNG tracker, like the
 local implementation.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -67,11 +72,10 @@ class SDPAttention(_base()):
         attention_bias: Tensor | None = None,
         packed_seq_params=None,
     ) -> Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError(
-                "SDPAttention takes packing as an attention mask, not "
-                "packed_seq_params/attention_bias"
-            )
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not take an attention_bias")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         sq, b = query.shape[0], query.shape[1]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         mask = None if attention_mask is None else ~attention_mask  # SDPA: True = attend
@@ -82,17 +86,46 @@ class SDPAttention(_base()):
 
             rng = compat.model_parallel_rng()
         with rng:
-            context = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                dropout_p=dropout,
-                is_causal=mask is None and sq > 1,
-                scale=self.scale,
-                enable_gqa=self.heads != self.groups,
-            )
+            context = self._sdpa(q, k, v, mask, dropout, causal=mask is None and sq > 1)
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask, dropout: float, causal: bool):
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=causal,
+            scale=self.scale,
+            enable_gqa=self.heads != self.groups,
+        )
+
+    def _packed(self, query: Tensor, key: Tensor, value: Tensor, params) -> Tensor:
+        """``thd`` packed sequences: causal attention within each sequence of
+        ``params.cu_seqlens_q``, one SDPA call per sequence."""
+        if params.qkv_format != "thd":
+            raise ValueError(f"SDPAttention takes packed sequences as thd, not {params.qkv_format}")
+        if query.dim() == 4:  # [t, 1, heads, hn]: a caller that kept the batch dimension
+            query, key, value = (x.squeeze(1) for x in (query, key, value))
+        bounds = params.cu_seqlens_q.tolist()
+        if bounds[-1] != query.shape[0]:
+            raise ValueError(
+                f"cu_seqlens ends at {bounds[-1]} but the packed row has {query.shape[0]} tokens"
+            )
+        dropout = self.dropout if self.training else 0.0
+        rng = nullcontext()
+        if dropout > 0.0:
+            from probsft_megatron import compat
+
+            rng = compat.model_parallel_rng()
+        parts = []
+        with rng:
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                q, k, v = (x[start:end].transpose(0, 1)[None] for x in (query, key, value))
+                parts.append(self._sdpa(q, k, v, None, dropout, causal=end - start > 1)[0])
+        context = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [heads, t, hn]
+        return context.transpose(0, 1).reshape(query.shape[0], self.heads * self.head_dim)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         return {}  # no parameters

@@ -176,6 +176,21 @@ def get_forward_backward_func() -> Callable:
     return _get()
 
 
+def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int):
+    """megatron's ``PackedSeqParams`` of one packed row (``thd``; the same boundaries for
+    queries and keys): what attention and rotary embeddings read to restart per sequence."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens.to(torch.int32)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=int(max_seqlen),
+        max_seqlen_kv=int(max_seqlen),
+    )
+
+
 def wrap_ddp(
     model: torch.nn.Module,
     config,

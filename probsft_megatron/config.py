@@ -94,6 +94,7 @@ CHAT_TEMPLATES = ("chatml", "qwen2.5", "llama-3")
 """Chat templates shipped in ``configs/chat_templates/<name>.jinja``."""
 FORMATS = ("auto", "jsonl", "parquet", "numina", "m23k")
 TRUNCATIONS = ("turn", "right", "error")
+PADDINGS = ("longest", "max_length")
 TRAIN_ON = ("all_assistant", "last_assistant")
 
 
@@ -353,8 +354,20 @@ class DataConfig:
     """``turn``: cut a longer conversation after its last whole assistant turn that fits (at
     ``max_length`` when not even the first fits); ``right``: cut at ``max_length``;
     ``error``: refuse longer examples. Cut examples are counted."""
+    cache: bool = True
+    """Tokenize once into a store (memory-mapped by every rank, reused by later runs with
+    the same data, tokenizer and settings); false: tokenize in memory on every rank."""
+    cache_dir: str | None = None
+    """Where stores live (default: ``$PROBSFT_CACHE/data``); on a cluster, a filesystem
+    every node sees, so one process per job builds it."""
+    padding: str = "longest"
+    """Without packing: ``longest`` pads each micro-batch to its longest example (rounded
+    up to a multiple of 8 and of the TP size); ``max_length`` pads every row to
+    ``max_length`` (computes padding; kept for comparison)."""
     packing: bool = False
-    """Pack several examples per ``seq_length`` row (read by the trainer's loader)."""
+    """Concatenate each micro-batch's examples into one row with their boundaries
+    (``cu_seqlens``, megatron's ``PackedSeqParams``): attention and rotary positions restart
+    per example, no padding between examples, no ``s x s`` mask. Same global batches."""
     num_samples: int | None = None
     """Use only the first N records (file order, before any shuffling)."""
     figfont_split: str = "train"
@@ -368,6 +381,10 @@ class DataConfig:
             raise ConfigError(f"data.source={self.source!r} is unknown; use one of {list(SOURCES)}")
         if self.format not in FORMATS:
             raise ConfigError(f"data.format={self.format!r} is unknown; use one of {list(FORMATS)}")
+        if self.padding not in PADDINGS:
+            raise ConfigError(
+                f"data.padding={self.padding!r} is unknown; use one of {list(PADDINGS)}"
+            )
         if self.truncation not in TRUNCATIONS:
             raise ConfigError(
                 f"data.truncation={self.truncation!r} is unknown; use one of {list(TRUNCATIONS)}"
@@ -651,6 +668,11 @@ def validate(cfg: TrainJobConfig, world_size: int, *, files: bool = False) -> in
         raise ConfigError(
             "peft.method=lora adapts megatron's local linears and train.attention=te builds "
             "Transformer Engine's; use train.attention=sdpa with LoRA"
+        )
+    if cfg.data.packing and t.attention == "local":
+        raise ConfigError(
+            "data.packing needs attention that takes packed sequences (sdpa or te); "
+            "train.attention=local does not; use train.attention=auto"
         )
     if cfg.data.max_length > cfg.model.max_position_embeddings:
         raise ConfigError(

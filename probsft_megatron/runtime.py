@@ -117,6 +117,31 @@ def dp_group():
 # -- the forward step --------------------------------------------------------------------------
 
 
+def model_inputs(batch: Batch) -> tuple:
+    """The positional inputs of a GPT model for ``batch``."""
+    return batch.tokens, batch.position_ids, batch.attention_mask
+
+
+def packed_kwargs(batch: Batch) -> dict:
+    """``packed_seq_params`` for a packed (``thd``) batch; nothing otherwise."""
+    if batch.cu_seqlens is None:
+        return {}
+    return {"packed_seq_params": compat.packed_seq_params(batch.cu_seqlens, batch.max_seqlen)}
+
+
+def batch_shape(micro_batches: list[Batch]) -> tuple[int, int]:
+    """``(seq_length, micro_batch_size)`` the pipeline schedule exchanges: the micro-batches'
+    shape, which must be the same for all when stages communicate."""
+    shapes = {tuple(b.tokens.shape) for b in micro_batches}
+    rows, seq = max(shapes, key=lambda shape: shape[0] * shape[1])
+    if len(shapes) > 1 and compat.layout().pp > 1:
+        raise ValueError(
+            f"pipeline parallelism needs micro-batches of one shape per step, got {sorted(shapes)} "
+            "(GlobalBatchLoader(same_length_per_step=True) pads them to the step's longest)"
+        )
+    return seq, rows
+
+
 def head_loss(
     hidden: torch.Tensor,
     *,
@@ -183,7 +208,7 @@ class ForwardStep:
     def __call__(self, data_iterator: Iterator[Batch], model):
         batch = next(data_iterator).to(self.device)
         if self.loss.config.implementation == "fused":
-            out = model(batch.tokens, batch.position_ids, batch.attention_mask)
+            out = model(*model_inputs(batch), **packed_kwargs(batch))
             return out, partial(
                 head_loss,
                 loss=self.loss,
@@ -193,7 +218,7 @@ class ForwardStep:
                 threshold=self.threshold,
                 record_p=self.record_p,
             )
-        out = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+        out = model(*model_inputs(batch), labels=batch.labels, **packed_kwargs(batch))
         return out, partial(
             self.loss,
             loss_mask=batch.loss_mask,
@@ -242,7 +267,7 @@ class MeasureStep:
     def __call__(self, data_iterator: Iterator[Batch], model):
         batch = next(data_iterator).to(self.device)
         if self.implementation == "fused":
-            out = model(batch.tokens, batch.position_ids, batch.attention_mask)
+            out = model(*model_inputs(batch), **packed_kwargs(batch))
             return out, partial(
                 _fused_token_ce,
                 model=model,
@@ -250,7 +275,7 @@ class MeasureStep:
                 loss_mask=batch.loss_mask,
                 chunk_size=self.chunk_size,
             )
-        out = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+        out = model(*model_inputs(batch), labels=batch.labels, **packed_kwargs(batch))
         return out, partial(token_ce_triple, loss_mask=batch.loss_mask)
 
 
@@ -259,12 +284,15 @@ def measure_token_ce(
     micro_batches: list[Batch],
     step: MeasureStep,
     *,
-    seq_length: int,
-    micro_batch_size: int,
+    seq_length: int | None = None,
+    micro_batch_size: int | None = None,
 ) -> list[torch.Tensor]:
     """Forward-only pass over ``micro_batches`` (megatron's schedule, a collective over the
     pipeline); returns every row's response-token CE in micro-batch and row order on the last
-    pipeline stage, ``[]`` on other stages."""
+    pipeline stage, ``[]`` on other stages. ``seq_length``/``micro_batch_size``: default
+    :func:`batch_shape` of ``micro_batches``."""
+    if seq_length is None or micro_batch_size is None:
+        seq_length, micro_batch_size = batch_shape(micro_batches)
     with torch.no_grad():
         reports = compat.get_forward_backward_func()(
             forward_step_func=step,
@@ -294,7 +322,8 @@ class StepStats:
     The last pipeline stage (where the loss is computed; None elsewhere): ``loss`` (global
     loss sum / global normalizer count), ``loss_sum``, ``response_tokens``, ``kept_tokens``,
     ``mean_p``, ``frac_kept``, ``mean_w``, ``tokens`` (non-padding tokens of the global
-    batch), ``units`` (examples or turns with a trained token, the normalizer of
+    batch), ``positions`` (positions computed for the global batch, padding included),
+    ``units`` (examples or turns with a trained token, the normalizer of
     ``loss.normalization=sample``), ``threshold`` (a global-batch percentile threshold, when
     one was resolved) and
     ``p`` (the response tokens' p of the global batch, when asked for with ``record_p``).
@@ -312,6 +341,7 @@ class StepStats:
     frac_kept: float | None = None
     mean_w: float | None = None
     tokens: int | None = None
+    positions: int | None = None
     units: int | None = None
     threshold: float | None = None
     p: torch.Tensor | None = None
@@ -327,8 +357,8 @@ def global_threshold(
     step: ForwardStep,
     micro_batches: list[Batch],
     *,
-    seq_length: int,
-    micro_batch_size: int,
+    seq_length: int | None = None,
+    micro_batch_size: int | None = None,
 ) -> float | None:
     """The objective's percentile over the response tokens of the whole global batch (all
     micro-batches, all DP ranks): a forward-only measurement pass, then the percentile of
@@ -359,8 +389,8 @@ def train_step(
     forward_step: Callable,
     micro_batches: list[Batch],
     *,
-    seq_length: int,
-    micro_batch_size: int,
+    seq_length: int | None = None,
+    micro_batch_size: int | None = None,
     record_p: bool = False,
 ) -> StepStats:
     """One optimizer step over ``micro_batches`` (gradient accumulation inside megatron's
@@ -369,7 +399,11 @@ def train_step(
     ``forward_step``: a :class:`ForwardStep` (or any megatron ``forward_step_func``, which is
     run as it is). A ForwardStep whose objective needs a global-batch percentile gets it
     resolved first (:func:`global_threshold`); ``record_p`` asks for the response tokens' p.
+    ``seq_length``/``micro_batch_size`` (what pipeline stages exchange): default
+    :func:`batch_shape` of ``micro_batches`` (dynamic padding and packing change it per step).
     """
+    if seq_length is None or micro_batch_size is None:
+        seq_length, micro_batch_size = batch_shape(micro_batches)
     run = partial(
         compat.get_forward_backward_func(),
         model=model_chunks,
@@ -414,9 +448,11 @@ def train_step(
         real = sum(
             b.tokens.numel() if b.real_tokens is None else b.real_tokens for b in micro_batches
         )
-        stats = reduce_stats(losses, dp_group(), extra={"tokens": real})
+        positions = sum(b.positions for b in micro_batches)
+        stats = reduce_stats(losses, dp_group(), extra={"tokens": real, "positions": positions})
         if stats:
             stats["tokens"] = int(stats["tokens"])
+            stats["positions"] = int(stats["positions"])
             if normalization is not None:
                 stats["loss"] = step_loss(stats, normalization)
         stats["threshold"] = threshold

@@ -116,11 +116,11 @@ class RunLog:
             self.tb.close()
 
 
-def step_record(
-    step: int, lr: float, stats: runtime.StepStats, elapsed: float, padded_tokens: int
-) -> dict[str, Any]:
-    """One line of ``metrics.jsonl``: ``tokens_per_s`` counts real (non-padding) tokens,
-    ``padded_tokens_per_s`` every sequence slot of the global batch."""
+def step_record(step: int, lr: float, stats: runtime.StepStats, elapsed: float) -> dict[str, Any]:
+    """One line of ``metrics.jsonl``: ``tokens`` are the global batch's real (non-padding)
+    tokens, ``positions`` the positions computed for it (padding included) and
+    ``positions_per_token`` their ratio (1.0: no padding computed); ``tokens_per_s`` counts
+    real tokens, ``padded_tokens_per_s`` computed positions."""
     record = {
         "step": step,
         "loss": stats.loss,
@@ -131,8 +131,10 @@ def step_record(
         "mean_w": stats.mean_w,
         "response_tokens": stats.response_tokens,
         "tokens": stats.tokens,
+        "positions": stats.positions,
+        "positions_per_token": stats.positions / max(stats.tokens, 1),
         "tokens_per_s": stats.tokens / elapsed,
-        "padded_tokens_per_s": padded_tokens / elapsed,
+        "padded_tokens_per_s": stats.positions / elapsed,
         "step_time_s": elapsed,
     }
     if stats.threshold is not None:
@@ -140,6 +142,16 @@ def step_record(
     if stats.p is not None:
         record["p_hist"] = p_histogram(stats.p)
     return record
+
+
+def efficiency(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's padding efficiency over the steps of ``history``: ``tokens`` (real),
+    ``positions`` (computed) and ``positions_per_token`` (1.0 when no padding is computed)."""
+    tokens = sum(r.get("tokens") or 0 for r in history)
+    positions = sum(r.get("positions") or 0 for r in history)
+    if not tokens:
+        return {}
+    return {"tokens": tokens, "positions": positions, "positions_per_token": positions / tokens}
 
 
 def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
@@ -151,7 +163,9 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
     gradient norm raises :class:`stopping.NonFiniteError` before that step is saved; a failed
     collective (a dead or hung rank) raises :class:`stopping.RankLostError`.
     """
-    from probsft_megatron.data import GlobalBatchLoader, SFTDataset
+    from probsft_megatron.data import GlobalBatchLoader
+    from probsft_megatron.data.batches import pad_multiple
+    from probsft_megatron.data.store import open_dataset
     from probsft_megatron.model import transformer_config
     from probsft_megatron.tokenizers import load_tokenizer
 
@@ -176,7 +190,11 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
 
         # -- tokenizer and data -------------------------------------------------------------
         tokenizer = load_tokenizer(tokenizer_spec)
-        dataset = SFTDataset(job.data, tokenizer)
+        # tokenized once into a store: local rank 0 of each node builds it if needed (one
+        # build per job on a shared filesystem), every rank maps it read-only
+        dataset = open_dataset(
+            job.data, tokenizer, builder=int(os.environ.get("LOCAL_RANK", "0")) == 0
+        )
         loader = GlobalBatchLoader(
             dataset,
             global_batch_size=t.global_batch_size,
@@ -188,6 +206,9 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
             epochs=t.epochs,
             packing=job.data.packing,
             pad_id=tokenizer.pad_token_id,
+            padding=job.data.padding,
+            pad_multiple=pad_multiple(layout.tp),
+            same_length_per_step=layout.pp > 1,  # stages exchange fixed-shape tensors
         )
         total_steps = len(loader)
         last_step = run_length(len(dataset), total_steps, t, announce=is_logger)
@@ -245,7 +266,6 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
         # -- the loop ---------------------------------------------------------------------------
         log = RunLog(job, start_step, last_step) if is_logger else None
         batches = iter(loader)
-        padded_tokens = t.global_batch_size * job.data.max_length
         step = start_step
         interrupted = None
         try:
@@ -262,8 +282,6 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
                         optimizer,
                         forward_step,
                         next(batches),
-                        seq_length=job.data.max_length,
-                        micro_batch_size=t.micro_batch_size,
                         record_p=want_hist,
                     )
                 # every rank learns whether any rank got a stop signal or a non-finite value
@@ -280,7 +298,7 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
                     runtime.shutdown()
                     raise verdict.error(stopper.checkpoint, announce=is_logger)
                 if log is not None:
-                    record = step_record(step, lr, stats, time.perf_counter() - t0, padded_tokens)
+                    record = step_record(step, lr, stats, time.perf_counter() - t0)
                     write = step % t.log_interval == 0 or step == last_step or verdict.stop
                     log.step(record, stats.p, write=write)
                 due = t.save_interval and step % t.save_interval == 0
@@ -305,6 +323,7 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
             "objective_evidence": objective_evidence,
             "checkpoint": str(ckpt.latest_checkpoint(job.checkpoint_dir)),
             "history": log.history if log is not None else [],
+            **efficiency(log.history if log is not None else []),
         }
         if interrupted is not None:  # no summary.json: the run is not finished
             summary["interrupted"] = interrupted

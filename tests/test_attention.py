@@ -1,5 +1,6 @@
 """SDPA core attention equals megatron's local attention (fp32, CPU) at TP=1 and TP=2,
-plain causal and with packed sequences; dropping the packing mask must be caught."""
+plain causal and with packed sequences (SDPA: a ``thd`` row with ``cu_seqlens`` and no mask;
+local: the block-diagonal mask); one sequence across the documents must be caught."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def test_sdpa_matches_local(tmp_path, tp, packed):
     assert res["logits"] <= TOL and res["grads"] <= TOL
 
 
-def test_missing_packing_mask_is_detected(tmp_path):
+def test_attention_across_packed_documents_is_detected(tmp_path):
     out = tmp_path / "diff.json"
     run_torchrun("attention_worker.py", 1, ["--packed", "--break-mask", "--out", str(out)])
     assert read_json(out)["logits"] > 1e-2

@@ -3,12 +3,14 @@ masks, truncation, and deterministic DP-sharded / packed / resumable global batc
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
 import logging
 import random
 import re
+import time
 from collections import Counter
 
 import numpy as np
@@ -22,8 +24,8 @@ from probsft_megatron.data import (
     GlobalBatchLoader,
     SFTDataset,
     epoch_permutation,
-    first_fit_rows,
     load_records,
+    pad_multiple,
 )
 from probsft_megatron.errors import ConfigError, DataError
 from probsft_megatron.figfont import figfont_records
@@ -512,53 +514,54 @@ def _same(a, b) -> bool:
     )
 
 
-def test_first_fit_matches_a_naive_reference(rng):
-    lengths = [rng.randint(1, 50) for _ in range(300)]
-    rows, free = [], []
-    for j, n in enumerate(lengths):  # quadratic first-fit
-        r = next((r for r, f in enumerate(free) if f >= n), len(rows))
-        if r == len(rows):
-            rows.append([])
-            free.append(64)
-        rows[r].append(j)
-        free[r] -= n
-    assert first_fit_rows(lengths, 64) == rows
-    assert sorted(sum(rows, [])) == list(range(300))
-
-
-def test_packed_row_mask_positions_and_labels_element_wise():
+def test_packed_row_boundaries_positions_and_labels_element_wise():
     ds = ToyDataset([2, 3], [1, 1])
     seed = next(s for s in range(100) if epoch_permutation(2, s, 0) == [0, 1])
     ((batch,),) = list(
         GlobalBatchLoader(
             ds,
-            global_batch_size=1,
-            micro_batch_size=1,
+            global_batch_size=2,
+            micro_batch_size=2,
             dp_rank=0,
             dp_size=1,
             seq_length=6,
             seed=seed,
             packing=True,
             pad_id=9,
+            pad_multiple=3,
         )
     )
     assert batch.tokens.tolist() == [[1000, 1001, 2000, 2001, 2002, 9]]
     assert batch.labels.tolist() == [[1001, 9, 2001, 2002, 9, 9]]  # no label crosses an example
     assert batch.loss_mask.tolist() == [[1, 0, 1, 1, 0, 0]]
-    assert batch.position_ids[0, :5].tolist() == [0, 1, 0, 1, 2]
-    allowed = torch.tensor(
-        [
-            [1, 0, 0, 0, 0, 0],
-            [1, 1, 0, 0, 0, 0],
-            [0, 0, 1, 0, 0, 0],
-            [0, 0, 1, 1, 0, 0],
-            [0, 0, 1, 1, 1, 0],
-            [0, 0, 0, 0, 0, 1],
-        ],
-        dtype=torch.bool,
-    )
-    assert batch.attention_mask.dtype == torch.bool and batch.attention_mask.shape == (1, 1, 6, 6)
-    assert torch.equal(batch.attention_mask[0, 0], ~allowed)  # True = masked
+    assert batch.position_ids.tolist() == [[0, 1, 0, 1, 2, 0]]  # rotary positions restart
+    assert batch.cu_seqlens.dtype == torch.int32
+    assert batch.cu_seqlens.tolist() == [0, 2, 5, 6]  # the padding tail is its own sequence
+    assert batch.max_seqlen == 3 and batch.attention_mask is None  # no s x s mask
+    assert batch.examples == ((0, 1),) and batch.real_tokens == 5 and batch.positions == 6
+
+
+def test_dynamic_padding_rounds_the_longest_row_up():
+    ds = ToyDataset([5, 11, 3, 2], [1, 1, 1, 1])
+    seed = next(s for s in range(100) if epoch_permutation(4, s, 0) == [0, 1, 2, 3])
+    kw = dict(global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1, seq_length=40)
+    (dynamic,) = list(GlobalBatchLoader(ds, seed=seed, pad_id=9, **kw))
+    assert [b.tokens.shape for b in dynamic] == [(2, 16), (2, 8)]  # 11 -> 16, 3 -> 8
+    assert [b.real_tokens for b in dynamic] == [16, 5]
+    (padded,) = list(GlobalBatchLoader(ds, seed=seed, pad_id=9, padding="max_length", **kw))
+    assert [b.tokens.shape for b in padded] == [(2, 40), (2, 40)]
+    for d, p in zip(dynamic, padded):  # the same rows, only the padding differs
+        s = d.tokens.shape[1]
+        for name in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert torch.equal(getattr(d, name), getattr(p, name)[:, :s]), name
+        assert (p.loss_mask[:, s:] == 0).all() and (p.tokens[:, s:] == 9).all()
+    # pipeline parallelism: one shape per step, the step's longest
+    (same,) = list(GlobalBatchLoader(ds, seed=seed, same_length_per_step=True, **kw))
+    assert [b.tokens.shape for b in same] == [(2, 16), (2, 16)]
+    (tp,) = list(GlobalBatchLoader(ds, seed=seed, pad_multiple=pad_multiple(3), **kw))
+    assert [b.tokens.shape for b in tp] == [(2, 24), (2, 24)]  # lcm(8, 3) = 24
+    (packed,) = list(GlobalBatchLoader(ds, seed=seed, packing=True, **kw))
+    assert [b.tokens.shape for b in packed] == [(1, 16), (1, 8)]  # 5+11, 3+2 -> 8
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -572,23 +575,25 @@ def test_every_response_token_is_trained_once_per_epoch(rng, packing):
     for per_rank in zip(*loaders):
         for batches in per_rank:
             for b in batches:
-                assert b.tokens.shape == b.labels.shape == b.loss_mask.shape == (2, 64)
-                assert (b.attention_mask is not None) == packing
+                rows = 1 if packing else 2
+                assert b.tokens.shape == b.labels.shape == b.loss_mask.shape
+                assert b.tokens.shape[0] == rows and b.tokens.shape[1] % 8 == 0
+                assert b.attention_mask is None and (b.cu_seqlens is not None) == packing
                 on = b.loss_mask > 0
                 seen.update(b.labels[on].tolist())
                 # a trained label is the next token of the same example
-                nxt = torch.cat([b.tokens[:, 1:], torch.zeros(2, 1, dtype=torch.long)], 1)
+                nxt = torch.cat([b.tokens[:, 1:], torch.zeros(rows, 1, dtype=torch.long)], 1)
                 assert torch.equal(b.labels[on], nxt[on])
                 assert torch.equal(b.labels[on] // 1000, b.tokens[on] // 1000)
                 # positions restart at every example
                 t = b.tokens
                 assert torch.equal(b.position_ids[t > 0], t[t > 0] % 1000)
-                if packing:  # element-wise: attend iff same example and not in the future
-                    ex = torch.where(t > 0, t // 1000, -1)
-                    allowed = (ex[:, :, None] == ex[:, None, :]) & torch.ones(
-                        64, 64, dtype=torch.bool
-                    ).tril()
-                    assert torch.equal(b.attention_mask[:, 0], ~allowed)
+                if packing:  # the boundaries are exactly where the example changes
+                    ex = torch.where(t[0] > 0, t[0] // 1000, -1)
+                    change = torch.nonzero(ex[1:] != ex[:-1]).flatten() + 1
+                    bounds = [0, *change.tolist(), t.shape[1]]
+                    assert b.cu_seqlens.tolist() == bounds
+                    assert b.max_seqlen == max(np.diff(bounds))
     assert seen == ds.trained()
 
 
@@ -721,15 +726,7 @@ def test_partial_last_batch_and_step_counts(rng):
     )
     assert len(dropped) == 3 * 2 == len(list(dropped))
     packed = _loader(_toy(rng, 80), packing=True, global_batch_size=2, dp_size=1, epochs=3)
-    rows = [
-        len(
-            first_fit_rows(
-                [len(packed.dataset[i]["input_ids"]) for i in epoch_permutation(80, 7, e)], 64
-            )
-        )
-        for e in range(3)
-    ]
-    assert len(packed) == sum(r // 2 for r in rows)
+    assert len(packed) == 3 * 40  # packing keeps the global batch: 2 examples per step
 
 
 def test_loader_validation_errors(rng):
@@ -780,16 +777,17 @@ def test_real_dataset_packed_epoch(tok, tmp_path, rng):
     for batches in loader:
         for b in batches:
             on = b.loss_mask > 0
-            if not on.any():  # the empty row that completes the last global batch
+            if not on.any():  # the empty micro-batch that completes the last global batch
                 assert torch.equal(b.tokens, torch.full_like(b.tokens, ds.pad_id))
                 continue
             trained += int(on.sum())
             assert torch.equal(b.labels[on], b.tokens[:, 1:][on[:, :-1]])
-            # an example's first token (position 0) attends to itself only
-            starts = torch.nonzero(b.position_ids[0] == 0).flatten()
-            examples += len(starts)
-            allowed = ~b.attention_mask[0, 0]
-            assert torch.equal(allowed[starts], torch.eye(512, dtype=torch.bool)[starts])
+            # every example starts a sequence (position 0) at a boundary, the tail is padding
+            starts = torch.nonzero(b.position_ids[0] == 0).flatten().tolist()
+            assert starts == b.cu_seqlens[:-1].tolist()
+            examples += len(b.examples[0])
+            assert b.real_tokens == sum(int(ds.lengths[i]) for i in b.examples[0])
+            assert b.positions - b.real_tokens < 8  # rounded up to a multiple of 8 only
     assert examples == len(ds) and trained == ds.stats["n_response_tokens"]
 
 
@@ -818,31 +816,32 @@ runtime.init_distributed(ParallelConfig(), seed=0, model=model)
 gpt = build_gpt_model(model, transformer_config(model, ParallelConfig()))
 gpt = gpt.to(platform.device()).eval()
 ds = Examples([5, 9, 12])
-kw = dict(dp_rank=0, dp_size=1, seq_length=32, seed=1)
-(plain,), = list(GlobalBatchLoader(ds, global_batch_size=3, micro_batch_size=3, **kw))
-(packed,), = list(GlobalBatchLoader(ds, global_batch_size=1, micro_batch_size=1, packing=True,
-                                   **kw))
+kw = dict(dp_rank=0, dp_size=1, seq_length=32, seed=1, global_batch_size=3, micro_batch_size=3)
+(plain,), = list(GlobalBatchLoader(ds, **kw))
+(padded,), = list(GlobalBatchLoader(ds, padding="max_length", **kw))
+(packed,), = list(GlobalBatchLoader(ds, packing=True, **kw))
 
-def ce(b, mask):
+def ce(b, boundaries=True):
     with torch.no_grad():
-        return gpt(b.tokens, b.position_ids, mask, labels=b.labels).float()
+        extra = runtime.packed_kwargs(b) if boundaries else {}
+        return gpt(b.tokens, b.position_ids, None, labels=b.labels, **extra).float()
 
-alone, together, unmasked = ce(plain, None), ce(packed, packed.attention_mask), ce(packed, None)
-diff, control, offset = 0.0, 0.0, 0
-for row in range(3):  # the packed row holds the plain rows' examples in the same order
-    n = int((plain.position_ids[row] < 32).sum() - (plain.tokens[row] == 0).sum())
-    assert torch.equal(packed.tokens[0, offset:offset + n], plain.tokens[row, :n])
-    diff = max(diff, float((together[0, offset:offset + n] - alone[row, :n]).abs().max()))
-    if offset:
-        control = max(control, float((unmasked[0, offset:offset + n] - alone[row, :n]).abs().max()))
-    offset += n
-print(json.dumps({"diff": diff, "control": control}))
+on, on_packed = plain.loss_mask > 0, packed.loss_mask > 0
+alone, full = ce(plain), ce(padded)
+together, crossing = ce(packed), ce(packed, boundaries=False)
+print(json.dumps({
+    "shapes": [list(b.tokens.shape) for b in (plain, padded, packed)],
+    "dynamic": float((alone[on] - full[:, : alone.shape[1]][on]).abs().max()),
+    "packed": float((together[on_packed] - alone[on]).abs().max()),
+    "control": float((crossing[on_packed] - alone[on]).abs().max()),
+}))
 runtime.shutdown()
 """
 
 
-def test_packed_rows_match_separate_rows_through_megatron():
-    """Per-token CE of a packed row (block-diagonal mask) equals each example run alone."""
+def test_packed_and_dynamic_rows_match_padded_rows_through_megatron():
+    """Per-token CE of the micro-batch padded to its longest example and of its examples
+    packed into one row (``cu_seqlens``, no mask) equals the rows padded to max_length."""
     import subprocess
     import sys
 
@@ -852,5 +851,154 @@ def test_packed_rows_match_separate_rows_through_megatron():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["diff"] < 1e-5  # fp32; the rotary offset of a packed example cancels
-    assert result["control"] > 1e-3  # negative control: without the mask, examples mix
+    assert result["shapes"] == [[3, 16], [3, 32], [1, 32]]  # 12 -> 16; 5 + 9 + 12 -> 32
+    assert result["dynamic"] < 1e-6
+    assert result["packed"] < 1e-5  # fp32
+    assert result["control"] > 1e-3  # negative control: attention across the boundaries
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+def _same_examples(a, b) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(a[i]["input_ids"], b[i]["input_ids"])
+        and torch.equal(a[i]["loss_mask"], b[i]["loss_mask"])
+        for i in range(len(a))
+    )
+
+
+def test_store_is_built_once_in_parallel_and_mapped(tok, tmp_path, rng, monkeypatch, caplog):
+    from probsft_megatron.data import store
+
+    monkeypatch.setattr(store, "_SHARD", 25)  # several shards for two processes
+    records = _records(rng, 120, hi=60)
+    cfg = DataConfig(
+        train_files=[_write_jsonl(tmp_path / "d.jsonl", records)],
+        max_length=48,
+        cache_dir=str(tmp_path / "stores"),
+    )
+    memory = SFTDataset(dataclasses.replace(cfg, cache=False), tok)
+    assert memory.stats["n_truncated"] > 0  # the store keeps truncation counts too
+    with caplog.at_level(logging.INFO, logger="probsft_megatron.data.store"):
+        built = store.open_dataset(cfg, tok, num_proc=2)
+    assert "tokenizing 120 records" in caplog.text
+    assert _same_examples(built, memory) and built.stats == memory.stats
+    assert np.array_equal(built.prompt_lengths, memory.prompt_lengths)
+    assert isinstance(built._tokens, np.memmap)  # mapped, not read into memory
+    (folder,) = [p for p in (tmp_path / "stores").iterdir() if not p.name.startswith(".")]
+    assert folder == built.store_path
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "masks.npy",
+        "meta.json",
+        "offsets.npy",
+        "prompt_lengths.npy",
+        "tokens.npy",
+    ]
+    # a hit reads no record and tokenizes nothing
+    monkeypatch.setattr(store, "load_records", lambda cfg: pytest.fail("records were read"))
+    caplog.clear()
+    for other in (cfg, dataclasses.replace(cfg, seed=3, packing=True, padding="max_length")):
+        again = store.open_dataset(other, tok, builder=False)
+        assert again.store_path == folder and _same_examples(again, memory)
+    assert "tokenizing" not in caplog.text
+
+
+def test_store_fingerprint_covers_what_changes_tokens(tok, tmp_path, rng):
+    from probsft_megatron.data import store
+
+    path = tmp_path / "d.jsonl"
+    cfg = DataConfig(train_files=[_write_jsonl(path, _records(rng, 5))], max_length=64)
+    key = store.fingerprint(cfg, tok)[0]
+    same = [
+        dataclasses.replace(cfg, seed=1),
+        dataclasses.replace(cfg, packing=True),
+        dataclasses.replace(cfg, padding="max_length"),
+        dataclasses.replace(cfg, cache_dir=str(tmp_path)),
+    ]
+    assert all(store.fingerprint(c, tok)[0] == key for c in same)
+    changed = [
+        dataclasses.replace(cfg, max_length=65),
+        dataclasses.replace(cfg, truncation="error"),
+        dataclasses.replace(cfg, system_prompt="Be brief."),
+        dataclasses.replace(cfg, chat_template="none"),
+        dataclasses.replace(cfg, num_samples=3),
+    ]
+    keys = {store.fingerprint(c, tok)[0] for c in changed}
+    assert key not in keys and len(keys) == len(changed)
+    other_tok = copy.deepcopy(tok)
+    other_tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    assert store.fingerprint(cfg, other_tok)[0] != key
+    path.write_text(path.read_text() + json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    assert store.fingerprint(cfg, tok)[0] != key  # the file changed
+
+
+def test_damaged_or_partial_store_is_rebuilt(tok, tmp_path, rng, caplog):
+    from probsft_megatron.data import store
+
+    cfg = DataConfig(
+        train_files=[_write_jsonl(tmp_path / "d.jsonl", _records(rng, 30))],
+        max_length=64,
+        cache_dir=str(tmp_path / "stores"),
+    )
+    first = store.open_dataset(cfg, tok, num_proc=1)
+    folder = first.store_path
+    reference = [first[i] for i in range(len(first))]
+    del first
+
+    def truncate(p):
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) - 16])
+
+    def flip_offset(p):
+        offsets = np.load(p)
+        offsets[1] += 1
+        np.save(p, offsets)
+
+    damages = {
+        "no meta.json (a partial copy)": lambda: (folder / "meta.json").unlink(),
+        "truncated tokens": lambda: truncate(folder / "tokens.npy"),
+        "changed offsets": lambda: flip_offset(folder / "offsets.npy"),
+        "missing masks": lambda: (folder / "masks.npy").unlink(),
+        "meta.json not JSON": lambda: (folder / "meta.json").write_text("{"),
+    }
+    for what, damage in damages.items():
+        damage()
+        assert store.open_store(folder) is None, what
+        with pytest.raises(DataError, match="did not appear within 0 s"):
+            store.open_dataset(cfg, tok, builder=False, timeout_s=0)  # a reader never uses it
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="probsft_megatron.data.store"):
+            rebuilt = store.open_dataset(cfg, tok, num_proc=1)
+        assert "incomplete or damaged; rebuilding" in caplog.text, what
+        assert rebuilt.store_path == folder and store.open_store(folder) is not None
+        assert all(
+            torch.equal(rebuilt[i]["input_ids"], reference[i]["input_ids"])
+            for i in range(len(reference))
+        ), what
+        del rebuilt
+    leftovers = [p.name for p in (tmp_path / "stores").iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_readers_wait_for_the_builder(tok, tmp_path, rng):
+    """Processes that may not build wait for the store another process publishes."""
+    import threading
+
+    from probsft_megatron.data import store
+
+    cfg = DataConfig(
+        train_files=[_write_jsonl(tmp_path / "d.jsonl", _records(rng, 40))],
+        max_length=64,
+        cache_dir=str(tmp_path / "stores"),
+    )
+    got = {}
+    reader = threading.Thread(
+        target=lambda: got.update(ds=store.open_dataset(cfg, tok, builder=False, timeout_s=120))
+    )
+    reader.start()
+    time.sleep(1.5)
+    assert reader.is_alive()  # nothing to map yet
+    built = store.open_dataset(cfg, tok, num_proc=1)
+    reader.join(60)
+    assert got["ds"].store_path == built.store_path and _same_examples(got["ds"], built)

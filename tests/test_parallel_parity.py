@@ -127,6 +127,81 @@ def test_broken_tp_reduction_is_detected(reference):
     assert worst > 1e-2
 
 
+# -- varied lengths: dynamic padding and packing, every layout ------------------------------------
+VARLEN_LAYOUTS = {
+    "tp2_sp": ["--tp", "2", "--sp"],
+    "pp2": ["--pp", "2"],
+    "dp2": [],
+}
+VARLEN_MODES = ("max_length", "longest", "packed")
+
+
+def varlen_diff(ref: dict, got: dict, mode: str) -> tuple[float, str]:
+    """Largest |diff| of ``mode``'s losses and grad norms to the reference's padded rows."""
+    padded = {k.split("/")[0]: v for k, v in ref.items() if k.endswith("/max_length")}
+    return max_diff(padded, {k.split("/")[0]: v for k, v in got.items() if k.endswith(f"/{mode}")})
+
+
+@pytest.fixture(scope="module")
+def varlen_reference(reference):
+    d, _ = reference
+    out = d / "varlen_ref.json"
+    run_torchrun(
+        "parity_worker.py",
+        1,
+        ["--varlen", "--init-ckpt", str(d / "init"), "--objectives", OBJECTIVES, "--out", str(out)],
+    )
+    return d, read_json(out)["results"]
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_dynamic_padding_and_packing_match_padded_rows(varlen_reference):
+    """One rank: examples of varied lengths padded to the micro-batch's longest, or packed
+    into one row with their boundaries, give the losses and grad norms of rows padded to
+    max_length for every objective; attention across the packed boundaries does not."""
+    _, ref = varlen_reference
+    first = OBJECTIVES.split(",")[0]
+    for mode in VARLEN_MODES[1:]:
+        worst, where = varlen_diff(ref, ref, mode)
+        print(f"TP=1 {mode}: max |diff| to max_length padding = {worst:.2e} ({where})")
+        assert worst <= TOL, (mode, worst, where)
+    control = ref[f"{first}/packed_crossing"]["loss"]
+    worst = max(abs(a - b) for a, b in zip(control, ref[f"{first}/max_length"]["loss"]))
+    print(f"negative control (attention across boundaries): loss |diff| = {worst:.2e}")
+    assert worst > 1e-3
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(VARLEN_LAYOUTS))
+def test_dynamic_padding_and_packing_match_single_rank(varlen_reference, layout):
+    d, ref = varlen_reference
+    out = d / f"varlen_{layout}.json"
+    run_torchrun(
+        "parity_worker.py",
+        2,
+        [
+            *VARLEN_LAYOUTS[layout],
+            "--varlen",
+            "--init-ckpt",
+            str(d / "init"),
+            "--objectives",
+            OBJECTIVES,
+            "--out",
+            str(out),
+        ],
+    )
+    got = read_json(out)["results"]
+    for mode in VARLEN_MODES:
+        worst, where = varlen_diff(ref, got, mode)
+        print(f"{layout} {mode}: max |diff| to TP=1 max_length = {worst:.2e} ({where})")
+        assert worst <= TOL, f"{layout} {mode} deviates by {worst:.3e} at {where}"
+    first = OBJECTIVES.split(",")[0]
+    control = got[f"{first}/packed_crossing"]["loss"]
+    assert max(abs(a - b) for a, b in zip(control, ref[f"{first}/max_length"]["loss"])) > 1e-3
+
+
 # -- activation recomputation, one process ------------------------------------------------------
 RECOMPUTE = {
     "none": {},

@@ -7,9 +7,9 @@ Three stages, each usable on its own (and each its own module):
 * :class:`SFTDataset` (:mod:`.examples`) tokenizes them (chat template or plain
   concatenation), truncates to ``max_length`` and marks the tokens the loss is taken on.
 * :class:`GlobalBatchLoader` (:mod:`.batches`) turns the examples into deterministic,
-  data-parallel-sharded, resumable global batches of :class:`Batch` micro-batches, plain
-  (one example per row, right-padded) or packed (several examples per row with a
-  block-diagonal causal attention mask).
+  data-parallel-sharded, resumable global batches of :class:`Batch` micro-batches: one
+  example per row padded to the micro-batch's longest (or to ``max_length``), or packed (a
+  micro-batch's examples in one row with their boundaries, ``cu_seqlens``).
 
 Loss-mask convention (everywhere in this package): ``loss_mask[t] == 1`` iff the *next*
 token ``input_ids[t + 1]`` is a response token (the end-of-sequence token that ends the
@@ -25,8 +25,9 @@ from probsft_megatron.config import FORMATS, SOURCES, TRUNCATIONS, DataConfig
 from probsft_megatron.data.batches import (
     Batch,
     GlobalBatchLoader,
+    collate,
     epoch_permutation,
-    first_fit_rows,
+    pad_multiple,
 )
 from probsft_megatron.data.examples import SFTDataset
 from probsft_megatron.data.records import load_records
@@ -39,7 +40,8 @@ __all__ = [
     "DataConfig",
     "GlobalBatchLoader",
     "SFTDataset",
+    "collate",
     "epoch_permutation",
-    "first_fit_rows",
+    "pad_multiple",
     "load_records",
 ]

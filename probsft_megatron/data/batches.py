@@ -1,8 +1,17 @@
-"""Global batches: deterministic, data-parallel-sharded, resumable, plain or packed.
+"""Global batches: deterministic, data-parallel-sharded, resumable; padded only as needed.
 
 :class:`GlobalBatchLoader` turns tokenized examples into this rank's :class:`Batch`
 micro-batches of each optimizer step. Every micro-batch names the examples its rows hold, so
 a consumer (the probe) attributes results to examples without re-deriving the order.
+
+Three layouts of a micro-batch (:func:`collate`), all holding the same examples:
+
+* ``max_length``: one example per row, every row padded to ``seq_length`` (the old default);
+* ``longest`` (the default without packing): one example per row, rows padded to the
+  micro-batch's longest example rounded up to ``pad_multiple``;
+* packed (``packing=True``): the micro-batch's examples concatenated into one row (``THD``:
+  tokens ``[1, t]``) with their boundaries in ``cu_seqlens``; attention and rotary positions
+  restart at every boundary (megatron's ``PackedSeqParams``), and no ``s x s`` mask exists.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from probsft_megatron.config import PADDINGS
 from probsft_megatron.errors import ConfigError, DataError
 
 
@@ -26,7 +36,10 @@ class Batch:
 
     ``labels[i, t]`` is the token that follows ``tokens[i, t]``; ``loss_mask`` is 1 on
     response tokens. ``attention_mask`` is an optional boolean ``[b, 1, s, s]`` (True =
-    masked) used for packed sequences; ``None`` means plain causal attention.
+    masked); ``None`` means plain causal attention. Packed sequences (``THD``): ``b == 1``,
+    ``cu_seqlens`` (int32 ``[n + 1]``) are the boundaries of the ``n`` sequences of the row
+    (a padding tail is its own last sequence) and ``max_seqlen`` the longest of them;
+    attention never crosses a boundary and ``position_ids`` restart at each.
     ``examples[i]``: the dataset indices of the examples row ``i`` holds, in order (one
     without packing, several with it, none for a padding row; empty when the batch was built
     by hand). ``real_tokens``: positions holding example tokens (not padding); None when
@@ -40,6 +53,17 @@ class Batch:
     attention_mask: torch.Tensor | None = None
     examples: tuple[tuple[int, ...], ...] = ()
     real_tokens: int | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
+
+    @property
+    def positions(self) -> int:
+        """Positions the model computes (real tokens and padding)."""
+        return self.tokens.numel()
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
 
     def to(self, device) -> Batch:
         def move(t):
@@ -53,35 +77,81 @@ class Batch:
             move(self.attention_mask),
             self.examples,
             self.real_tokens,
+            move(self.cu_seqlens),
+            self.max_seqlen,
         )
 
 
-def first_fit_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Pack items (in order) into rows of ``capacity`` tokens, first-fit.
+def round_up(n: int, multiple: int) -> int:
+    return -(-max(n, 1) // multiple) * multiple
 
-    Item ``j`` goes into the first row (in creation order) with room for it, or opens a
-    new row. Returns the item positions of each row, rows in creation order. A max
-    segment tree over the rows' free space makes it ``O(n log n)``.
+
+def pad_multiple(tp: int = 1) -> int:
+    """What a micro-batch's sequence length is rounded up to: a multiple of 8 (GPU matrix
+    kernels) and of the tensor-parallel size (sequence parallelism splits the sequence)."""
+    return math.lcm(8, tp)
+
+
+def collate(
+    items: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
+    *,
+    rows: int,
+    pad_id: int,
+    packed: bool = False,
+    length: int | None = None,
+    multiple: int = 8,
+) -> Batch:
+    """One micro-batch of ``items`` (``(index, input_ids, loss_mask)`` per example).
+
+    Without packing: ``rows`` rows (missing ones are padding rows), each ``length`` long
+    (default: the longest example rounded up to ``multiple``). Packed: one row of ``length``
+    positions (default: all examples' tokens rounded up to ``multiple``) with ``cu_seqlens``.
+    Padding: token and label ``pad_id``, ``loss_mask`` 0. No label crosses an example's end:
+    an example's last position has label ``pad_id`` and ``loss_mask`` 0.
     """
-    size = 1
-    while size < max(len(lengths), 1):
-        size *= 2
-    free = [capacity] * (2 * size)  # unopened rows are empty rows: first-fit opens in order
-    rows: list[list[int]] = []
-    for item, need in enumerate(lengths):
-        node = 1
-        while node < size:
-            node = 2 * node if free[2 * node] >= need else 2 * node + 1
-        row = node - size
-        if row == len(rows):
-            rows.append([])
-        rows[row].append(item)
-        free[node] -= need
-        node //= 2
-        while node:
-            free[node] = max(free[2 * node], free[2 * node + 1])
-            node //= 2
-    return rows
+    lengths = [len(ids) for _, ids, _ in items]
+    need = sum(lengths) if packed else max(lengths, default=1)
+    s = round_up(need, multiple) if length is None else length
+    if s < need:
+        raise ValueError(f"length={s} is shorter than the micro-batch's {need} tokens")
+    b = 1 if packed else rows
+    tokens = torch.full((b, s), pad_id, dtype=torch.long)
+    labels = torch.full((b, s), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((b, s), dtype=torch.float32)
+    position_ids = torch.arange(s, dtype=torch.long).repeat(b, 1)
+    offset = 0
+    for slot, (_, ids, mask) in enumerate(items):
+        row, start = (0, offset) if packed else (slot, 0)
+        n = len(ids)
+        end = start + n
+        tokens[row, start:end] = ids
+        labels[row, start : end - 1] = ids[1:]  # the last label stays pad_id
+        loss_mask[row, start : end - 1] = mask[: n - 1]
+        if packed:
+            position_ids[row, start:end] = torch.arange(n)  # rotary positions restart
+        offset = end
+    real = sum(lengths)
+    cu_seqlens = max_seqlen = None
+    if packed:
+        bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        if s > real:  # the padding tail: its own sequence, positions from 0
+            position_ids[0, real:] = torch.arange(s - real)
+            bounds = np.append(bounds, s)
+        cu_seqlens = torch.from_numpy(bounds.astype(np.int32))
+        max_seqlen = int(np.diff(bounds).max())
+        examples = (tuple(int(i) for i, _, _ in items),)
+    else:
+        examples = tuple((int(i),) for i, _, _ in items) + ((),) * (rows - len(items))
+    return Batch(
+        tokens=tokens,
+        labels=labels,
+        loss_mask=loss_mask,
+        position_ids=position_ids,
+        examples=examples,
+        real_tokens=real,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
+    )
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
@@ -97,22 +167,25 @@ class GlobalBatchLoader:
     Contract (no communication; every rank computes the same schedule independently):
 
     * Epoch ``e`` visits the examples in :func:`epoch_permutation` ``(seed, e)`` order.
-      Without packing a *unit* is one example; with packing a unit is one packed row of
-      ``seq_length`` tokens, built by :func:`first_fit_rows` over that order.
-    * Global batch ``k`` of an epoch is units ``[k*G, (k+1)*G)`` (``G = global_batch_size``,
-      examples without packing, packed rows with packing). DP rank ``r`` of ``d`` takes the
-      contiguous share ``[r*G/d, (r+1)*G/d)`` and splits it in order into
-      ``G / (micro_batch_size * d)`` micro-batches of ``micro_batch_size`` rows.
-    * Each yielded item is this rank's ``list[Batch]`` for one optimizer step; every tensor
-      is ``[micro_batch_size, seq_length]`` (``attention_mask`` ``[mbs, 1, s, s]`` bool,
-      True = masked, only with packing; ``None`` = plain causal). Padding: token and label
-      ``pad_id``, ``loss_mask`` 0. ``Batch.examples`` names each row's examples and
-      ``Batch.real_tokens`` counts the non-padding positions.
+      Global batch ``k`` of an epoch is examples ``[k*G, (k+1)*G)`` of that order
+      (``G = global_batch_size`` examples, with or without packing). DP rank ``r`` of ``d``
+      takes the contiguous share ``[r*G/d, (r+1)*G/d)`` and splits it in order into
+      ``G / (micro_batch_size * d)`` micro-batches of ``micro_batch_size`` examples.
+    * Each yielded item is this rank's ``list[Batch]`` for one optimizer step, laid out by
+      :func:`collate`: ``padding="max_length"``: ``[micro_batch_size, S]`` with ``S``
+      ``seq_length`` rounded up to ``pad_multiple``;
+      ``padding="longest"``: ``[micro_batch_size, L]`` with ``L`` the micro-batch's longest
+      example rounded up to ``pad_multiple``; ``packing=True``: ``[1, T]`` with ``T`` the
+      micro-batch's tokens rounded up to ``pad_multiple``, and ``cu_seqlens``.
+      ``same_length_per_step=True`` (pipeline parallelism, whose stages exchange
+      fixed-shape tensors) pads every micro-batch of the step to the step's longest.
+      Padding: token and label ``pad_id``, ``loss_mask`` 0. ``Batch.examples`` names each
+      row's examples and ``Batch.real_tokens`` counts the non-padding positions.
     * ``drop_last=True`` drops an epoch's incomplete last global batch; ``drop_last=False``
       keeps it and fills the missing rows with empty rows (all padding, ``loss_mask`` 0).
     * ``state_dict()`` records the number of global batches handed out; a fresh loader
       given it by ``load_state_dict`` yields exactly what this one yields next, for any
-      ``dp_size`` / ``micro_batch_size`` (the global batches do not depend on them).
+      ``dp_size`` / ``micro_batch_size`` / layout (the global batches do not depend on them).
 
     ``dataset``: ``len(dataset)`` and ``dataset[i] -> {"input_ids", "loss_mask"}`` with the
     module's loss-mask convention; a ``lengths`` attribute (tokens per example) is used
@@ -133,6 +206,9 @@ class GlobalBatchLoader:
         packing: bool = False,
         pad_id: int = 0,
         drop_last: bool = True,
+        padding: str = "longest",
+        pad_multiple: int = 8,
+        same_length_per_step: bool = False,
     ):
         for name, value, low in (
             ("global_batch_size", global_batch_size, 1),
@@ -140,9 +216,12 @@ class GlobalBatchLoader:
             ("data-parallel size", dp_size, 1),
             ("seq_length", seq_length, 2),
             ("epochs", epochs, 1),
+            ("pad_multiple", pad_multiple, 1),
         ):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if padding not in PADDINGS:
+            raise ConfigError(f"data.padding={padding!r} is unknown; use one of {list(PADDINGS)}")
         if not 0 <= dp_rank < dp_size:
             raise ConfigError(f"dp_rank={dp_rank} is outside [0, {dp_size})")
         if global_batch_size % (micro_batch_size * dp_size):
@@ -157,6 +236,8 @@ class GlobalBatchLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seq_length, self.seed, self.epochs = seq_length, seed, epochs
         self.packing, self.pad_id, self.drop_last = packing, pad_id, drop_last
+        self.padding, self.pad_multiple = padding, pad_multiple
+        self.same_length_per_step = same_length_per_step
 
         lengths = getattr(dataset, "lengths", None)
         if lengths is None:
@@ -170,15 +251,11 @@ class GlobalBatchLoader:
                 f"the longest example has {longest} tokens but seq_length="
                 f"{seq_length}; set seq_length >= data.max_length"
             )
-        self._cached: tuple[int, list] | None = None  # (epoch, units) of the last epoch used
-        units_per_epoch = [
-            len(self._units(e)) if packing else len(self._lengths) for e in range(epochs)
-        ]
-        self._steps_per_epoch = [self._count_steps(n) for n in units_per_epoch]
+        self._cached: tuple[int, list] | None = None  # (epoch, order) of the last epoch used
+        self._steps_per_epoch = [self._count_steps(len(self._lengths))] * epochs
         if self._steps_per_epoch[0] == 0:
-            what = "packed rows" if packing else "examples"
             raise ConfigError(
-                f"one epoch has {units_per_epoch[0]} {what}, fewer than "
+                f"one epoch has {len(self._lengths)} examples, fewer than "
                 f"global_batch_size={global_batch_size}; lower global_batch_size "
                 "or keep the incomplete batch (drop_last=False)"
             )
@@ -186,16 +263,10 @@ class GlobalBatchLoader:
 
     # -- schedule
 
-    def _units(self, epoch: int) -> list:
-        """Epoch ``epoch``'s units: example indices, or packed rows (lists of indices)."""
+    def _order(self, epoch: int) -> list[int]:
+        """Epoch ``epoch``'s example order."""
         if self._cached is None or self._cached[0] != epoch:
-            order = epoch_permutation(len(self._lengths), self.seed, epoch)
-            if self.packing:
-                rows = first_fit_rows(self._lengths[order].tolist(), self.seq_length)
-                units: list = [[order[j] for j in row] for row in rows]
-            else:
-                units = order
-            self._cached = (epoch, units)
+            self._cached = (epoch, epoch_permutation(len(self._lengths), self.seed, epoch))
         return self._cached[1]
 
     def _count_steps(self, n_units: int) -> int:
@@ -218,17 +289,13 @@ class GlobalBatchLoader:
     # -- resumption
 
     def _fingerprint(self) -> dict[str, Any]:
-        fp = {
+        return {
             "seed": self.seed,
             "global_batch_size": self.global_batch_size,
             "num_examples": len(self._lengths),
             "lengths_crc32": zlib.crc32(self._lengths.tobytes()),  # same data, same tokenizer
-            "packing": self.packing,
             "drop_last": self.drop_last,
         }
-        if self.packing:
-            fp["seq_length"] = self.seq_length
-        return fp
 
     def state_dict(self) -> dict[str, Any]:
         """Data position: ``step`` (global batches handed out), ``epoch``,
@@ -267,49 +334,41 @@ class GlobalBatchLoader:
         """This rank's micro-batches of each remaining global batch, in order."""
         g = self.global_batch_size
         share = g // self.dp_size
+        m = self.micro_batch_size
         while self._step < len(self):
             epoch, k = self._locate(self._step)
-            units = self._units(epoch)[k * g : (k + 1) * g]
+            units = self._order(epoch)[k * g : (k + 1) * g]
             mine = units[self.dp_rank * share : (self.dp_rank + 1) * share]
             self._step += 1
-            m = self.micro_batch_size
-            yield [self._micro_batch(mine[i * m : (i + 1) * m]) for i in range(share // m)]
+            groups = [mine[i * m : (i + 1) * m] for i in range(share // m)]
+            yield self._step_batches(groups)
 
-    def _micro_batch(self, units: list) -> Batch:
-        """Rows for ``units`` (example indices, or packed rows of them); missing rows are
-        padding (``drop_last=False``)."""
-        m, s = self.micro_batch_size, self.seq_length
-        tokens = torch.full((m, s), self.pad_id, dtype=torch.long)
-        labels = torch.full((m, s), self.pad_id, dtype=torch.long)
-        loss_mask = torch.zeros((m, s), dtype=torch.float32)
-        position_ids = torch.arange(s, dtype=torch.long).repeat(m, 1)
-        segments = torch.full((m, s), -1, dtype=torch.long)  # -1: padding, its own block
-        for row, unit in enumerate(units):
-            offset = 0
-            for seg, index in enumerate(unit if self.packing else [unit]):
+    def _length_of(self, group: list[int]) -> int:
+        """The sequence length :func:`collate` gives ``group`` on its own."""
+        if self.padding == "max_length" and not self.packing:
+            return round_up(self.seq_length, self.pad_multiple)
+        lengths = self._lengths[group] if group else np.zeros(1, dtype=np.int64)
+        need = int(lengths.sum()) if self.packing else int(lengths.max())
+        return round_up(need, self.pad_multiple)
+
+    def _step_batches(self, groups: list[list[int]]) -> list[Batch]:
+        lengths = [self._length_of(group) for group in groups]
+        if self.same_length_per_step:
+            lengths = [max(lengths)] * len(groups)
+        out = []
+        for group, length in zip(groups, lengths):
+            items = []
+            for index in group:
                 item = self.dataset[index]
-                ids, mask = item["input_ids"], item["loss_mask"]
-                n = len(ids)
-                end = offset + n
-                tokens[row, offset:end] = ids
-                labels[row, offset : end - 1] = ids[1:]  # the last label stays pad_id
-                loss_mask[row, offset : end - 1] = mask[: n - 1]
-                position_ids[row, offset:end] = torch.arange(n)
-                segments[row, offset:end] = seg
-                offset = end
-        attention_mask = None
-        if self.packing:
-            causal = torch.ones(s, s, dtype=torch.bool).tril()
-            same = segments[:, :, None] == segments[:, None, :]
-            attention_mask = ~(same & causal)[:, None]
-        examples = [tuple(int(i) for i in (unit if self.packing else [unit])) for unit in units]
-        examples += [()] * (m - len(units))
-        return Batch(
-            tokens=tokens,
-            labels=labels,
-            loss_mask=loss_mask,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            examples=tuple(examples),
-            real_tokens=int((segments >= 0).sum()),
-        )
+                items.append((index, item["input_ids"], item["loss_mask"]))
+            out.append(
+                collate(
+                    items,
+                    rows=self.micro_batch_size,
+                    pad_id=self.pad_id,
+                    packed=self.packing,
+                    length=length,
+                    multiple=self.pad_multiple,
+                )
+            )
+        return out

@@ -40,6 +40,17 @@ def _resolve_template(cfg: DataConfig, tokenizer) -> str | None:
     return load_template(cfg.chat_template)
 
 
+def _prompt_lengths(masks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per example, the tokens before its first trained label plus one (1 when none is
+    trained): the prompt of a single-turn example."""
+    trained = np.flatnonzero(masks > 0)
+    starts, ends = offsets[:-1], offsets[1:]
+    k = np.searchsorted(trained, starts)
+    first = trained[np.minimum(k, max(len(trained) - 1, 0))] if len(trained) else starts
+    inside = (k < len(trained)) & (first < ends)
+    return np.where(inside, first - starts, 0).astype(np.int64) + 1
+
+
 class SFTDataset:
     """Tokenized SFT examples (all in memory, int32 token storage).
 
@@ -56,10 +67,18 @@ class SFTDataset:
     """
 
     def __init__(self, cfg: DataConfig, tokenizer, records: list[dict] | None = None):
-        """Tokenize ``records`` (default: :func:`load_records` of ``cfg``)."""
+        """Tokenize ``records`` (default: :func:`load_records` of ``cfg``) in this process.
+        :func:`probsft_megatron.data.store.open_dataset` maps a tokenized store instead
+        (built once, in parallel) and is what training uses."""
+        self._setup(cfg, tokenizer)
+        records = load_records(cfg) if records is None else records
+        tokens, masks, lengths = self.encode_records(records)
+        self._attach(tokens, masks, lengths, len(records))
+
+    def _setup(self, cfg: DataConfig, tokenizer) -> None:
+        """The settings every example needs (template, eos, pad) and zeroed ``stats``."""
         self.cfg = cfg
         self.tokenizer = tokenizer
-        records = load_records(cfg) if records is None else records
         self.template = _resolve_template(cfg, tokenizer)
         if self.template is None and cfg.system_prompt is not None:
             raise ConfigError(
@@ -87,6 +106,10 @@ class SFTDataset:
             "n_cut_at_turn": 0,
             "n_cut_inside_turn": 0,
         }
+
+    def encode_records(self, records: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every kept record's tokens and loss mask, concatenated (int64, float32), and the
+        tokens per kept record; counts into ``stats``."""
         tokens: list[np.ndarray] = []
         masks: list[np.ndarray] = []
         for start in range(0, len(records), _TOKENIZE_CHUNK):
@@ -96,25 +119,58 @@ class SFTDataset:
                     continue
                 tokens.append(encoded[0])
                 masks.append(encoded[1])
+        lengths = np.array([len(t) for t in tokens], dtype=np.int64)
         if not tokens:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32), lengths
+        return np.concatenate(tokens), np.concatenate(masks).astype(np.float32), lengths
+
+    def _attach(
+        self, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray, n_records: int
+    ) -> None:
+        """Hold the examples :meth:`encode_records` made of ``n_records`` records."""
+        if not len(lengths):
             raise DataError(
-                f"no usable examples among {len(records)} records "
+                f"no usable examples among {n_records} records "
                 f"(dropped: {self.stats['n_dropped']}); raise data.max_length"
             )
-        self.lengths = np.array([len(t) for t in tokens], dtype=np.int64)
-        # tokens before the first trained label (the prompt of a single-turn example)
-        self.prompt_lengths = np.array([int(np.argmax(m > 0)) + 1 for m in masks], dtype=np.int64)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        self._tokens = np.concatenate(tokens).astype(np.int32)
-        flat = np.concatenate(masks).astype(np.float32)
+        self._tokens = np.asarray(tokens).astype(np.int32)
+        flat = np.asarray(masks, dtype=np.float32)
         binary = bool(np.all((flat == 0) | (flat == 1)))
         self._masks = flat.astype(np.uint8) if binary else flat  # 1 byte/token when 0/1
+        self.prompt_lengths = _prompt_lengths(flat, self._offsets)
         self.stats.update(
-            n_examples=len(tokens),
+            n_examples=len(self.lengths),
             n_tokens=int(self.lengths.sum()),
             n_response_tokens=int((flat > 0).sum()),
         )
-        self._warn(len(records))
+        self._warn(n_records)
+
+    @classmethod
+    def from_arrays(
+        cls, cfg: DataConfig, tokenizer, arrays: dict[str, np.ndarray], stats: dict
+    ) -> SFTDataset:
+        """The dataset whose :meth:`arrays` are ``arrays`` (e.g. memory-mapped from a
+        tokenized store) and whose ``stats`` are ``stats``; nothing is tokenized."""
+        ds = cls.__new__(cls)
+        ds._setup(cfg, tokenizer)
+        ds._tokens, ds._masks = arrays["tokens"], arrays["masks"]
+        ds._offsets = np.asarray(arrays["offsets"], dtype=np.int64)
+        ds.lengths = np.diff(ds._offsets)
+        ds.prompt_lengths = np.asarray(arrays["prompt_lengths"], dtype=np.int64)
+        ds.stats.update(stats)
+        return ds
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What :meth:`from_arrays` needs: ``tokens`` (int32), ``masks`` (uint8 0/1 or
+        float32 weights), ``offsets`` (int64, ``[n + 1]``), ``prompt_lengths`` (int64)."""
+        return {
+            "tokens": self._tokens,
+            "masks": self._masks,
+            "offsets": self._offsets,
+            "prompt_lengths": self.prompt_lengths,
+        }
 
     # -- building
 

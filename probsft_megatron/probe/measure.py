@@ -70,12 +70,13 @@ def measure(
     chunks (bare ``GPTModel`` stages or training's DDP-wrapped ones; ``implementation``
     ``fused`` for a fused-head model) and the same ``examples`` everywhere. The examples are
     split over the DP ranks and micro-batches of ``micro_batch_size`` rows by
-    :class:`~probsft_megatron.data.GlobalBatchLoader`, padded to one sequence length (a
-    multiple of 8*TP). Global rank 0 shows progress on stderr. Returns ``{example index:
+    :class:`~probsft_megatron.data.GlobalBatchLoader`, each micro-batch padded to its longest
+    example (rounded up to a multiple of 8 and of TP; with PP, to the call's longest).
+    Global rank 0 shows progress on stderr. Returns ``{example index:
     float64 CE of its response tokens}`` for the examples of this DP rank on last-stage ranks
     (identical on every TP rank), ``{}`` on other stages.
     """
-    from probsft_megatron.data import GlobalBatchLoader
+    from probsft_megatron.data import GlobalBatchLoader, pad_multiple
 
     dataset = examples.dataset
     n = len(dataset)
@@ -93,6 +94,8 @@ def measure(
         seed=examples.data_config.seed,
         pad_id=dataset.pad_id,
         drop_last=False,
+        pad_multiple=pad_multiple(lay.tp),
+        same_length_per_step=lay.pp > 1,
     )
     step = runtime.MeasureStep(platform.device(), implementation, chunk_size)
     progress = None
@@ -105,9 +108,7 @@ def measure(
     out: dict[int, np.ndarray] = {}
     start, tokens = time.perf_counter(), 0
     for micro_batches in loader:
-        rows = runtime.measure_token_ce(
-            model_chunks, micro_batches, step, seq_length=seq_length, micro_batch_size=mbs
-        )
+        rows = runtime.measure_token_ce(model_chunks, micro_batches, step)
         if runtime.is_last_stage():
             owners = [row for batch in micro_batches for row in batch.examples]
             if len(rows) != len(owners):

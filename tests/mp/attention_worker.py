@@ -1,9 +1,11 @@
 """SDPA vs megatron's local attention: same weights, same inputs, compare logits and grads.
 
-Run under torchrun (gloo, CPU) at any TP; with --packed the batch carries a block-diagonal
-causal mask (packed sequences). Writes max |diff| of logits and of every gradient
-(relative to that gradient's largest entry: the test loss sums many terms, so gradients are
-large) as JSON from rank 0. --break-mask drops the mask from the SDPA model only (negative control).
+Run under torchrun (gloo, CPU) at any TP; with --packed each row holds three documents: the
+local attention gets them as a block-diagonal causal mask (the reference), SDPA as one
+packed ``thd`` row of both rows with ``cu_seqlens`` and no mask. Writes max |diff| of logits
+and of every gradient (relative to that gradient's largest entry: the test loss sums many
+terms, so gradients are large) as JSON from rank 0. --break-mask gives the SDPA model one
+sequence spanning the whole packed row (negative control: attention crosses documents).
 """
 
 import argparse
@@ -67,8 +69,20 @@ def main() -> int:
     weights = torch.randn(b, s, model_cfg.vocab_size // args.tp, generator=g)
     outs = {}
     for impl, model in models.items():
-        m = None if (args.break_mask and impl == "sdpa") else mask
-        logits = model(tokens, position_ids, m)
+        if impl == "sdpa" and args.packed:  # both rows as one thd row, boundaries only
+            cu = [0, 13, 30, s, s + 13, s + 30, 2 * s]
+            if args.break_mask:
+                cu = [0, 2 * s]
+            params = compat.packed_seq_params(
+                torch.tensor(cu, dtype=torch.int32),
+                max_seqlen=max(hi - lo for lo, hi in zip(cu, cu[1:])),
+            )
+            flat = model(
+                tokens.reshape(1, -1), position_ids.reshape(1, -1), None, packed_seq_params=params
+            )
+            logits = flat.reshape(b, s, -1)
+        else:
+            logits = model(tokens, position_ids, mask)
         (logits * weights).sum().backward()
         outs[impl] = logits.detach()
     res = {

@@ -7,6 +7,13 @@ Writes ``{objective: {"loss": [...], "grad_norm": [...], "mean_p": [...], ...}}`
 from the rank that holds the last pipeline stage and DP rank 0. ``--recompute`` trains the
 parity steps with megatron's activation recomputation (the reference's pre-training never
 recomputes), which must not change a single figure beyond rounding.
+
+``--varlen`` trains instead on examples of varied lengths batched by the real
+``GlobalBatchLoader`` in each layout of a micro-batch: ``max_length`` (every row padded to
+``--seq``), ``longest`` (dynamic padding) and ``packed`` (one ``thd`` row with
+``cu_seqlens``), plus ``packed_crossing`` for the first objective (negative control: one
+sequence spanning the packed row, so attention crosses the examples' boundaries). Results
+are keyed ``objective/layout``.
 """
 
 import argparse
@@ -56,6 +63,39 @@ def global_batches(steps, global_batch, seq, vocab, seed=0, noise=0.3):
     return out
 
 
+class VarlenExamples:
+    """The rows of :func:`global_batches` cut to random lengths (4 to ``seq + 1`` tokens):
+    ``dataset[i] -> {"input_ids", "loss_mask"}`` in the data package's convention."""
+
+    def __init__(self, n_batches, global_batch, seq, vocab, seed=0):
+        g = torch.Generator().manual_seed(seed + 1)
+        self.items = []
+        for tokens, labels, mask in global_batches(n_batches, global_batch, seq, vocab, seed):
+            full = torch.cat([tokens, labels[:, -1:]], 1)
+            for i in range(global_batch):
+                n = int(torch.randint(4, seq + 2, (1,), generator=g))
+                loss_mask = torch.cat([mask[i], torch.zeros(1)])[:n].clone()
+                loss_mask[-1] = 0  # the last position of an example is never trained
+                self.items.append({"input_ids": full[i, :n], "loss_mask": loss_mask})
+        self.lengths = [len(item["input_ids"]) for item in self.items]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def crossing(batch):
+    """Negative control: the packed row as one sequence (attention crosses examples)."""
+    import dataclasses
+
+    t = batch.tokens.shape[1]
+    return dataclasses.replace(
+        batch, cu_seqlens=torch.tensor([0, t], dtype=torch.int32), max_seqlen=t
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
@@ -79,6 +119,7 @@ def main() -> int:
         default="none",
         help="activation recomputation: none, selective or full:<uniform|block>:<layers>",
     )
+    ap.add_argument("--varlen", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -141,7 +182,34 @@ def main() -> int:
 
     tconfig = transformer_config(TINY_QWEN2, parallel)
     results = {}
-    for name in args.objectives.split(","):
+    runs = [(name, None) for name in args.objectives.split(",")]
+    if args.varlen:
+        first = args.objectives.split(",")[0]
+        modes = ("max_length", "longest", "packed")
+        runs = [(name, mode) for name in args.objectives.split(",") for mode in modes]
+        runs.append((first, "packed_crossing"))
+        from probsft_megatron.data import GlobalBatchLoader, pad_multiple
+
+        examples = VarlenExamples(args.steps, args.global_batch, args.seq, TINY_QWEN2.vocab_size)
+
+        def varlen_steps(mode):
+            loader = GlobalBatchLoader(
+                examples,
+                global_batch_size=args.global_batch,
+                micro_batch_size=args.micro_batch,
+                dp_rank=dp_rank,
+                dp_size=dp,
+                seq_length=args.seq + 1,
+                seed=5,
+                packing=mode.startswith("packed"),
+                padding="max_length" if mode == "max_length" else "longest",
+                pad_multiple=pad_multiple(args.tp),
+                same_length_per_step=args.pp > 1,
+            )
+            for step in loader:
+                yield [crossing(b) for b in step] if mode == "packed_crossing" else step
+
+    for name, mode in runs:
         chunks, optimizer = runtime.build_training_model(
             TINY_QWEN2,
             tconfig,
@@ -155,21 +223,23 @@ def main() -> int:
         )
         fwd = runtime.make_forward_step(loss, "cpu")
         rec = {k: [] for k in ("loss", "grad_norm", "mean_p", "frac_kept", "mean_w")}
-        for batch in global_batches(args.steps, args.global_batch, args.seq, TINY_QWEN2.vocab_size):
-            stats = runtime.train_step(
-                chunks,
-                optimizer,
-                fwd,
-                micro_batches(*batch),
-                seq_length=args.seq,
-                micro_batch_size=args.micro_batch,
+        if mode is None:
+            steps = (
+                micro_batches(*batch)
+                for batch in global_batches(
+                    args.steps, args.global_batch, args.seq, TINY_QWEN2.vocab_size
+                )
             )
+        else:
+            steps = varlen_steps(mode)
+        for step_batches in steps:
+            stats = runtime.train_step(chunks, optimizer, fwd, step_batches)
             rec["grad_norm"].append(stats.grad_norm)
             if stats.has_loss:
                 rec["loss"].append(stats.loss)
                 for k in ("mean_p", "frac_kept", "mean_w"):
                     rec[k].append(getattr(stats, k))
-        results[name] = rec
+        results[name if mode is None else f"{name}/{mode}"] = rec
 
     if (
         runtime.is_last_stage()
