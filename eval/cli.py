@@ -63,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", help="folder for samples.jsonl, summary.json and summary.md")
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the reports of an earlier evaluation in --out",
+    )
+    parser.add_argument(
         "--data", help="jsonl file for medical/custom (or another copy of a math set)"
     )
     parser.add_argument("--prompt-field", help="field holding the question/prompt")
@@ -147,6 +152,33 @@ def check_args(args: argparse.Namespace) -> None:
     if args.out is not None:
         manifest.check_output(
             args.out, flag="--out", inputs=[("--model", folder), ("--data", args.data)]
+        )
+        check_earlier_reports(Path(args.out), getattr(args, "overwrite", False))
+
+
+def check_earlier_reports(out: Path, overwrite: bool) -> None:
+    """An evaluation's reports already in ``out`` (its ``summary.json``: a list of task
+    summaries) are replaced only with ``--overwrite``; a ``summary.json`` of anything else (a
+    training run's) never (one line each)."""
+    summary = out / "summary.json"
+    if not summary.exists():
+        return
+    try:
+        data = json.loads(summary.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, list):
+        from probsft_megatron import manifest
+
+        raise ConfigError(
+            f"--out {out} holds a summary.json that probsft eval did not write (it holds "
+            f"{manifest.describe(out)}); --overwrite replaces only an evaluation's reports: "
+            "choose another --out"
+        )
+    if not overwrite:
+        raise ConfigError(
+            f"--out {out} already holds the reports of an evaluation (summary.json); pass "
+            "--overwrite to replace them, or choose another --out"
         )
 
 

@@ -11,10 +11,17 @@ must do so under ``if __name__ == "__main__":``.
 from __future__ import annotations
 
 import os
+import re
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
-from probsft_megatron.errors import ConfigError
+from probsft_megatron.errors import ConfigError, ProbsftError
 from probsft_megatron.eval.graders import CONTINUOUS_GRADERS, EXTRACTING_GRADERS, get_grader
 from probsft_megatron.eval.metrics import summarize
 from probsft_megatron.eval.models import check_hf_model_dir, read_model_config
@@ -247,6 +254,114 @@ def _grade(plan: _Plan, completions: list[list[str]]) -> TaskResult:
     return TaskResult(plan.task.name, summary, samples)
 
 
+# -- vLLM's output: kept in a log, its failures reduced to one line ------------------------------
+
+_VLLM_PREFIX = re.compile(r"^\((?:[\w.-]+ )?pid=\d+\) (?:[A-Z]+ \d\d-\d\d [\d:]+ \[[^\]]*\] ?)?")
+_EXCEPTION_LINE = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+_WRAPPERS = re.compile(
+    r"EngineDeadError|see (the )?(stack trace|root cause)|check the stack trace above", re.I
+)
+_NOISY = re.compile(rb"Traceback \(most recent call last\)|\) ERROR \d\d-\d\d ")
+
+
+def vllm_root_cause(log_text: str) -> str | None:
+    """The first exception of a vLLM log that is not a wrapper pointing elsewhere
+    (``EngineDeadError: ... See stack trace (above) for the root cause``), as
+    ``Type: message``, with vLLM's ``(Worker pid=N) ERROR date [file:line]`` prefix removed;
+    None when the log holds no exception."""
+    wrappers = []
+    for raw in log_text.splitlines():
+        line = _VLLM_PREFIX.sub("", raw.strip("\r")).strip()
+        match = _EXCEPTION_LINE.match(line)
+        if match is None:
+            continue
+        found = f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2).strip()}"
+        if _WRAPPERS.search(line):
+            wrappers.append(found)
+            continue
+        return found
+    return wrappers[0] if wrappers else None
+
+
+class _Tee:
+    """Everything written to file descriptor ``fd`` (by this process and by the processes it
+    starts meanwhile, such as vLLM's engine) goes to ``log`` and, until an error or a
+    traceback starts, to where ``fd`` pointed before; the rest only to the log."""
+
+    def __init__(self, fd: int, log) -> None:
+        self.fd, self.log = fd, log
+        self.saved = os.dup(fd)
+        read, write = os.pipe()
+        os.dup2(write, fd)
+        os.close(write)
+        self.thread = threading.Thread(target=self._pump, args=(read,), daemon=True)
+        self.thread.start()
+
+    def _pump(self, read: int) -> None:
+        quiet, pending = False, b""
+        while data := os.read(read, 65536):
+            self.log.write(data)
+            self.log.flush()
+            if quiet:
+                continue
+            pending += data
+            match = _NOISY.search(pending)
+            if match is not None:  # from the start of that line on, the log only
+                data = pending[: pending.rfind(b"\n", 0, match.start()) + 1]
+                quiet = True
+            else:
+                cut = max(pending.rfind(b"\n"), pending.rfind(b"\r")) + 1
+                data, pending = pending[:cut], pending[cut:]
+            if data:
+                os.write(self.saved, data)
+        os.close(read)
+
+    def restore(self) -> None:
+        """Point ``fd`` back where it pointed; the pump runs on for processes that still
+        hold the pipe (a vLLM engine that lives on)."""
+        os.dup2(self.saved, self.fd)
+
+
+@contextmanager
+def vllm_output(log_path: str | os.PathLike) -> Iterator[Path]:
+    """vLLM's output (stdout and stderr of this process and its engine processes) in
+    ``log_path``, shown as usual until an error starts; a failure inside is one
+    :class:`ProbsftError` line with the root cause (:func:`vllm_root_cause`) and the log's
+    path. ProbsftErrors pass unchanged."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")  # the pumps write it as long as any writer remains
+    sys.stdout.flush()
+    sys.stderr.flush()
+    tees = [_Tee(1, log), _Tee(2, log)]
+    try:
+        yield log_path
+    except ProbsftError:
+        raise
+    except Exception as exc:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(1.0)  # the engine's last words reach the log
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+        first = (str(exc).strip().splitlines() or [""])[0]
+        own = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        cause = vllm_root_cause(text) or own
+        raise ProbsftError(f"vLLM failed: {cause}; the whole log is {log_path}") from None
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for tee in tees:
+            tee.restore()
+
+
+def _log_path(config: EvalConfig) -> Path:
+    if config.out:
+        return Path(config.out) / "vllm.log"
+    fd, name = tempfile.mkstemp(prefix="probsft-eval-vllm-", suffix=".log")
+    os.close(fd)
+    return Path(name)
+
+
 def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
     """Evaluate ``config.model`` on ``config.tasks``; write reports when ``config.out`` is set.
 
@@ -269,24 +384,26 @@ def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
         )
     for plan in plans:
         plan.prompts = [render(plan.task.kind, family, ex.text) for ex in plan.examples]
-    if llm is None:
-        llm = build_llm(
-            config.model,
-            tensor_parallel_size=config.tensor_parallel_size,
-            dtype=config.dtype,
-            seed=config.seed,
-            max_model_len=config.max_model_len,
-        )
     results = []
-    for plan in plans:
-        start = time.perf_counter()
-        completions = _generate(llm, plan, [encode_prompt(tokenizer, p) for p in plan.prompts])
-        seconds = time.perf_counter() - start
-        result = _grade(plan, completions)
-        result.summary.update(
-            model=str(config.model), prompt_format=family, generation_s=round(seconds, 2)
-        )
-        results.append(result)
+    with vllm_output(_log_path(config)):  # a vLLM failure: one line, its cause, the log
+        if llm is None:
+            llm = build_llm(
+                config.model,
+                tensor_parallel_size=config.tensor_parallel_size,
+                dtype=config.dtype,
+                seed=config.seed,
+                max_model_len=config.max_model_len,
+            )
+        for plan in plans:
+            start = time.perf_counter()
+            prompts = [encode_prompt(tokenizer, p) for p in plan.prompts]
+            completions = _generate(llm, plan, prompts)
+            seconds = time.perf_counter() - start
+            result = _grade(plan, completions)
+            result.summary.update(
+                model=str(config.model), prompt_format=family, generation_s=round(seconds, 2)
+            )
+            results.append(result)
     if config.out:
         from probsft_megatron.eval.report import write_reports
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -461,6 +462,12 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"--{flag} must be >= 1 (got {value})")
     profile, nodes, nproc, layout_check, work_dir = _placement(args)
+    if profile is not None and not args.dryrun and shutil.which("sbatch") is None:
+        raise ConfigError(
+            "--executor slurm submits its jobs with sbatch, which is not on PATH here; run "
+            "probsft launch on a SLURM login node (where sbatch, squeue and sacct are), or "
+            "pass --dryrun to write the job scripts only"
+        )
     if "<" in work_dir and ">" in work_dir:
         raise ConfigError(f"work directory {work_dir!r} is a placeholder; pass --work-dir DIR")
     from probsft_megatron.manifest import writable_folder

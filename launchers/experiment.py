@@ -400,6 +400,7 @@ def plan_experiment(
                     tasks,
                     "--out",
                     str(eval_dir),
+                    "--overwrite",  # a requeued or re-launched step redoes its own eval
                     *options.eval_args,
                 ],
                 dict(options.env),

@@ -9,6 +9,8 @@ kind: the config module owns the keys and their ranges, this module what they po
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import logging
 import math
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from probsft_megatron import manifest
 from probsft_megatron.errors import CheckpointError, ConfigError
+from probsft_megatron.typed_yaml import oddity, shown
 
 if TYPE_CHECKING:
     from probsft_megatron.config import DataConfig, TrainConfig, TrainJobConfig
@@ -147,8 +150,25 @@ def check_data_files(data: DataConfig, key: str = "data.train_files") -> None:
         return
     for name in data.train_files:
         path = Path(name)
+        if path.is_symlink() and not path.exists():
+            try:
+                os.stat(path)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise ConfigError(
+                        f"{key}: {shown(str(path))} is a symbolic link loop (following it leads "
+                        "back to a link in the loop, never to a file); point the link at the "
+                        "data file, or name the file itself"
+                    ) from None
+            raise ConfigError(
+                f"{key}: {shown(str(path))} is a symbolic link to {shown(os.readlink(path))}, "
+                "which does not exist; point the link at the data file, or name the file itself"
+            )
         if not path.exists():
-            raise ConfigError(f"{key}: {path} does not exist; name an existing data file")
+            raise ConfigError(
+                f"{key}: {shown(str(path))} does not exist{oddity(str(path))}; name an existing "
+                "data file"
+            )
         if path.is_dir():
             found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
             if found:
@@ -219,6 +239,8 @@ def planned_length(cfg: TrainJobConfig) -> str:
         f"train.epochs={t.epochs} over at most {records} examples, train.global_batch_size="
         f"{t.global_batch_size}: at most {per_epoch} steps per epoch"
     )
+    if per_epoch == 0:  # the data's own check says that (fewer than one global batch)
+        return f"length: no full step: {shape}"
     if t.max_steps is not None and t.max_steps > bound:
         epochs = math.ceil(t.max_steps / max(per_epoch, 1))
         raise ConfigError(
@@ -287,11 +309,15 @@ def check_files(cfg: TrainJobConfig) -> None:
             vocab = int((meta.get("model") or {}).get("vocab_size") or vocab)
         check_vocab_fits(tokenizer, vocab, "init.tokenizer" if init.tokenizer else "the tokenizer")
     check_data_files(cfg.data)
+    if cfg.data.val_files:
+        val = dataclasses.replace(cfg.data, source="file", train_files=cfg.data.val_files)
+        check_data_files(val, key="data.val_files")
     inputs = [("init.checkpoint", init.checkpoint)]
     if init.tokenizer not in (None, *BUILTIN_TOKENIZERS):
         inputs.append(("init.tokenizer", init.tokenizer))
     if cfg.data.source == "file":
         inputs += [("data.train_files", f) for f in cfg.data.train_files]
+    inputs += [("data.val_files", f) for f in cfg.data.val_files]
     out = cfg.train.output_dir
     if manifest.check_output(out, flag="train.output_dir", inputs=inputs):
         kind = manifest.folder_kind(out)
@@ -302,5 +328,3 @@ def check_files(cfg: TrainJobConfig) -> None:
                 "choose another train.output_dir"
             )
     check_resume(cfg.train)
-    if cfg.train.max_steps is not None:
-        planned_length(cfg)  # a train.max_steps beyond the data is refused before any work

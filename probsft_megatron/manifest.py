@@ -80,15 +80,18 @@ def step_of(path: str | os.PathLike) -> int | None:
 
 
 def step_folders(ckpt_root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint folder under ``ckpt_root`` (renamed into
-    place, with its ``train_state.json``), oldest first; intact or not."""
+    """(step, path) of every checkpoint folder under ``ckpt_root`` that was renamed into
+    place (a write in progress is ``.step_NNNNNNN.partial``), oldest first; intact or not: a
+    folder that has lost a file (its ``train_state.json`` too) is still a checkpoint, and
+    :func:`checkpoint_damage` names what it lacks, so that a resume never passes over it in
+    silence."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         step = step_of(p)
-        if step is not None and (p / "train_state.json").is_file():
+        if step is not None and p.is_dir():
             found.append((step, p))
     return sorted(found)
 
@@ -206,6 +209,8 @@ def checkpoint_damage(path: str | os.PathLike) -> Damage | None:
     manifest = read_manifest(path)
     if manifest is not None:
         return find_damage(path, manifest)
+    if step_of(path) is not None and not (path / "train_state.json").exists():
+        return Damage("train_state.json is missing")
     for name in ("model_config.json", "train_state.json", "weights/metadata.json"):
         if (path / name).exists():
             damage = json_damage(path / name, name)

@@ -158,7 +158,10 @@ def check_inputs(args: argparse.Namespace):
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp
     )
     launched = os.environ.get("TORCHELASTIC_RUN_ID") is not None  # a rank under torchrun
-    validate_layout(layout, int(os.environ["WORLD_SIZE"]) if launched else args.nproc, config)
+    try:
+        validate_layout(layout, int(os.environ["WORLD_SIZE"]) if launched else args.nproc, config)
+    except ConfigError as exc:  # the probe's flags, not the training keys it does not take
+        raise ConfigError(_probe_flags(str(exc))) from None
     data = data_config(args.data, args.overrides)
     from probsft_megatron.data.records import check_first_records
 
@@ -180,6 +183,18 @@ def check_inputs(args: argparse.Namespace):
         check_tokenizer(tokenizer, "--tokenizer")
     check_vocab_fits(tokenizer, config.vocab_size, "the tokenizer")
     return data
+
+
+def _probe_flags(message: str) -> str:
+    """A layout message in the probe's own flags (``--tp``, ``--pp``, ``--nproc``)."""
+    for key, flag in (
+        ("parallel.tensor_model_parallel_size", "--tp"),
+        ("parallel.pipeline_model_parallel_size", "--pp"),
+        ("the number of processes", "--nproc"),
+        ("pick a TP", "pick a --tp"),
+    ):
+        message = message.replace(key, flag)
+    return message
 
 
 def megatron_model_dir(path: str) -> Path:

@@ -19,15 +19,44 @@ import yaml
 from probsft_megatron.errors import ConfigError
 
 
+def shown(text: str) -> str:
+    """``text`` (a key, a path) as a message shows it: unchanged when it is printable ASCII,
+    else with every invisible or non-ASCII character escaped (``optim.lr\\u200b``), so that
+    a key or a file name that only looks right reads differently from the right one."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(
+        c if c.isascii() and c.isprintable() else c.encode("unicode_escape").decode() for c in text
+    )
+
+
+def oddity(text: str) -> str:
+    """`` (it contains U+200B ZERO WIDTH SPACE)``: the first invisible or non-ASCII character
+    of ``text``, for a message; empty when there is none."""
+    import unicodedata
+
+    for c in text:
+        if not (c.isascii() and c.isprintable()):
+            name = unicodedata.name(c, "a control character")
+            return f" (it contains U+{ord(c):04X} {name})"
+    return ""
+
+
 def read_yaml_mapping(path: Path, what: str = "config sections at the top level") -> dict:
     """A YAML file whose top level is a mapping (``what`` it should hold names it in the error);
-    unreadable files, invalid YAML and other top levels raise a one-line ConfigError."""
+    unreadable files, invalid YAML, a file with no YAML in it (empty, or only comments) and
+    other top levels raise a one-line ConfigError."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        raise ConfigError(
+            f"{path} is empty (no YAML in it, only blank lines or comments); it must contain "
+            f"a YAML mapping ({what})"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must contain a YAML mapping ({what})")
     return data
@@ -146,8 +175,9 @@ def from_mapping(cls, data: dict[str, Any], where: str):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
+        key = f"{prefix}{unknown[0]}"
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys under "
+            f"unknown config key '{shown(key)}'{oddity(key)}; valid keys under "
             f"'{where or 'top level'}' are: {', '.join(sorted(fields))}"
         )
     kwargs = {}

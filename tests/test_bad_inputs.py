@@ -48,9 +48,11 @@ from probsft_megatron.cli import main
 
 DOC = REPO / "docs" / "errors.md"
 WRITE_DOC = os.environ.get("PROBSFT_WRITE_ERRORS_DOC") == "1"
-MAX_STDERR_LINES = 8
+MAX_STDERR_LINES = 12
 """Warnings a third-party library prints before the error (torch's FutureWarnings while a
-checkpoint is read) may precede the one error line; nothing else may."""
+checkpoint is read) may precede the one error line, and so may a real run's first lines
+(the data store, the steps it will train) in a case that gets as far as loading the
+weights; nothing else may."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class Case:
     subprocess: bool = False
     xfail: str = ""
     """Why the input is not refused yet (the case is expected to fail until it is)."""
+    env: tuple[tuple[str, str], ...] = ()
+    """Environment variables of a subprocess case (templates over the world's paths)."""
 
 
 DESTROY = "an output that would destroy an input"
@@ -137,6 +141,24 @@ CASES = [
          "holds other files, not a training run", ("notes",)),
     Case("convert-smollm2-into-foreign-folder", DESTROY, "convert smollm2 --out {notes}",
          "holds other files, not a Megatron model dir", ("notes",)),
+    Case("train-output-dir-in-use", DESTROY, TRAIN + " train.output_dir={run_locked}",
+         "train.output_dir {run_locked} is in use by another training run: pid", ("run_locked",)),
+    Case("train-real-run-output-dir-in-use", DESTROY,
+         "train --config {recipe} train.output_dir={run_locked}",
+         "is in use by another training run", ("run_locked",)),
+    Case("eval-out-holds-an-evaluation", DESTROY,
+         "eval --model {hf_tok} --task gsm8k --out {evaldone}",
+         "already holds the reports of an evaluation (summary.json); pass --overwrite",
+         ("hf_tok", "evaldone")),
+    Case("eval-out-is-a-run", DESTROY,
+         "eval --model {hf_tok} --task gsm8k --out {run} --overwrite",
+         "holds a summary.json that probsft eval did not write", ("hf_tok", "run")),
+    Case("data-generate-over-existing-file", DESTROY,
+         "data generate addition --n 2 --out {gen_existing}",
+         "already holds generated addition records; pass --overwrite", ("gen_existing",)),
+    Case("data-generate-overwrite-foreign-file", DESTROY,
+         "data generate addition --n 2 --out {data} --overwrite",
+         "is not a file written by probsft data generate", ("data",)),
     # -- damaged checkpoints and exports ----------------------------------------------------
     Case("resume-truncated-shard", DAMAGED, TRAIN + " train.output_dir={run_truncated}",
          "checkpoint step 2 ({run_truncated}/checkpoints/step_0000002) is damaged: "
@@ -148,6 +170,9 @@ CASES = [
          "train_state.json is not valid JSON", ("legacy_badstate",)),
     Case("resume-flipped-byte", DAMAGED, TRAIN + " train.output_dir={run_flipped}",
          "does not match its checksum", ("run_flipped",)),
+    Case("resume-missing-listed-file", DAMAGED, TRAIN + " train.output_dir={run_nostate}",
+         "checkpoint step 2 ({run_nostate}/checkpoints/step_0000002) is damaged: "
+         "train_state.json is missing; resume from step 1", ("run_nostate",)),
     Case("resume-every-checkpoint-damaged", DAMAGED,
          TRAIN + " train.output_dir={run_all_damaged} train.resume_skip_damaged=true",
          "every checkpoint under", ("run_all_damaged",)),
@@ -257,6 +282,8 @@ CASES = [
          "launch --dataset figfont --model tiny-llama --objective p --executor slurm "
          "--profile {profile_badtime} --dryrun --work-dir {W}/launch_badtime",
          "is not a SLURM time limit", ("profile_badtime",), ("{W}/launch_badtime",)),
+    Case("train-max-steps-beyond-data", RANGE, TRAIN + " train.max_steps=400",
+         "train.max_steps=400 is more than the at most 4 steps the data gives"),
     Case("train-real-run-lr-negative", RANGE, "train --config {recipe} optim.lr=-1",
          "optim.lr must be > 0"),
     Case("train-real-run-max-steps-negative", RANGE,
@@ -270,6 +297,13 @@ CASES = [
     Case("train-config-missing", FILES, "train --config {W}/nope.yaml --dry-run", "not found"),
     Case("train-config-invalid-yaml", FILES, "train --config {bad_yaml} --dry-run",
          "is not valid YAML", ("bad_yaml",)),
+    Case("train-config-only-comments", FILES, "train --config {empty_recipe} --dry-run",
+         "is empty (no YAML in it, only blank lines or comments)", ("empty_recipe",)),
+    Case("train-data-symlink-loop", FILES,
+         TRAIN + " data.source=file data.train_files=[{loop}]", "is a symbolic link loop"),
+    Case("train-data-path-invisible-character", FILES,
+         TRAIN + " data.source=file data.train_files=[{W}/nope\u200b.jsonl]",
+         "nope\\u200b.jsonl does not exist (it contains U+200B ZERO WIDTH SPACE)"),
     Case("train-data-file-missing", FILES,
          TRAIN + " data.source=file data.train_files=[{W}/nope.jsonl]", "does not exist"),
     Case("train-data-empty-folder", FILES,
@@ -441,8 +475,15 @@ CASES = [
          "will not fit: TP=4 PP=1 DP=2 SP dist-opt needs", ("data",), ("{W}/fit",)),
     Case("probe-tp-does-not-divide", LAYOUT, "probe --model {mg} --data figfont --tp 2",
          "does not divide the world size 1", ("mg",)),
+    Case("probe-tp-names-probe-flags", LAYOUT, "probe --model {mg} --data figfont --tp 3",
+         "change --tp / --pp or --nproc", ("mg",)),
+    Case("plan-max-length-beyond-positions", LAYOUT,
+         "plan --config tiny-figfont-cpu data.max_length=100000",
+         "no layout or number of GPUs changes that; set data.max_length=2048 or lower"),
     # -- unknown names and keys ----------------------------------------------------------------
     Case("train-unknown-key", NAMES, TRAIN + " optim.lrr=1", "unknown config key 'optim.lrr'"),
+    Case("train-key-invisible-character", NAMES, TRAIN + " optim.lr\u200b=1",
+         "unknown config key 'optim.lr\\u200b' (it contains U+200B ZERO WIDTH SPACE)"),
     Case("train-wrong-type", NAMES, TRAIN + " train.global_batch_size=abc", "expects int"),
     Case("train-unknown-objective", NAMES, TRAIN + " loss.objective=Bogus",
          "unknown objective 'Bogus'"),
@@ -514,6 +555,10 @@ CASES = [
     Case("console-script-exit-code", USAGE, "objectives --describe OnlyBottomP-0",
          "OnlyBottomP", subprocess=True),
     Case("plan-no-config", USAGE, "plan", "probsft plan needs --config RECIPE"),
+    Case("launch-slurm-without-sbatch", USAGE,
+         "launch --dataset figfont --model tiny-llama --objective p --executor slurm "
+         "--profile local-cpu --work-dir {W}/launch_nosbatch", "sbatch, which is not on PATH",
+         (), ("{W}/launch_nosbatch",), subprocess=True, env=(("PATH", "{nobin}"),)),
     Case("objectives-unknown-option", USAGE, "objectives --bogus",
          "unrecognized arguments: --bogus"),
     Case("convert-unknown-direction", USAGE, "convert sideways --hf {hf} --out {W}/y6",
@@ -549,6 +594,24 @@ def _truncate(path: Path, size: int = 1000) -> None:
 def _drop_manifests(folder: Path) -> None:
     for manifest in folder.rglob("probsft_manifest.json"):
         manifest.unlink()
+
+
+def _lock_by_this_process(run: Path) -> None:
+    """A run lock held by a live run: this (pytest) process, on this host."""
+    import socket
+
+    import psutil
+
+    from probsft_megatron.run_lock import LOCK_FILE, Holder
+
+    holder = Holder(
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        pid_started=psutil.Process().create_time(),
+        started="2026-12-07T10:00:00+0000",
+        command="probsft train --config recipe.yaml",
+    )
+    (run / LOCK_FILE).write_text(holder.to_json())
 
 
 def _run_probsft(argv: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -608,6 +671,10 @@ def world(tmp_path_factory) -> dict[str, str]:
     paths["run_all_damaged"] = _copy(run, w / "run_all_damaged")
     for step in ("step_0000001", "step_0000002"):
         _truncate(paths["run_all_damaged"] / "checkpoints" / step / "weights" / "__0_0.distcp")
+    paths["run_nostate"] = _copy(run, w / "run_nostate")
+    (paths["run_nostate"] / step2 / "train_state.json").unlink()  # listed in the manifest
+    paths["run_locked"] = _copy(run, w / "run_locked")
+    _lock_by_this_process(paths["run_locked"])
     paths["legacy_truncated"] = _copy(run, w / "legacy_truncated")
     _drop_manifests(paths["legacy_truncated"])
     _truncate(paths["legacy_truncated"] / step2 / "weights" / "__0_0.distcp")
@@ -669,6 +736,18 @@ def world(tmp_path_factory) -> dict[str, str]:
     paths["notes"] = w / "notes"
     paths["notes"].mkdir()
     (paths["notes"] / "todo.txt").write_text("keep me\n")
+    paths["empty_recipe"] = w / "empty_recipe.yaml"
+    paths["empty_recipe"].write_text("# a recipe with nothing but comments\n\n# base: x\n")
+    paths["loop"] = w / "loop.jsonl"
+    paths["loop"].symlink_to(paths["loop"].name)  # a link to itself
+    paths["gen_existing"] = w / "gen_existing.jsonl"
+    record = {"prompt": "1 + 1", "response": "2", "reference": "2", "task": "addition"}
+    paths["gen_existing"].write_text(json.dumps(record) + "\n")
+    paths["evaldone"] = w / "evaldone"
+    paths["evaldone"].mkdir()
+    (paths["evaldone"] / "summary.json").write_text(json.dumps([{"task": "gsm8k"}]) + "\n")
+    paths["nobin"] = w / "nobin"
+    paths["nobin"].mkdir()
     paths["bad_yaml"] = w / "bad.yaml"
     paths["bad_yaml"].write_text("train: {max_steps: [1,\n")
     profile = yaml.safe_load((REPO / "configs" / "clusters" / "local-cpu.yaml").read_text())
@@ -712,12 +791,14 @@ def _in_process(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def _as_subprocess(argv: list[str]) -> tuple[int, str, str]:
+def _as_subprocess(
+    argv: list[str], extra_env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     exe = Path(sys.executable).parent / "probsft"
     command = (
         [str(exe), *argv] if exe.exists() else [sys.executable, "-m", "probsft_megatron.cli", *argv]
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR", **(extra_env or {}))
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -741,7 +822,10 @@ def test_bad_input_is_refused_in_one_line_and_loses_nothing(case: Case, world):
     before = {name: _fingerprint(p) for name, p in inputs.items()}
     assert all(before.values()), "an input of the case does not exist"
 
-    code, out, err = (_as_subprocess if case.subprocess else _in_process)(argv)
+    if case.subprocess:
+        code, out, err = _as_subprocess(argv, {k: v.format(**world) for k, v in case.env})
+    else:
+        code, out, err = _in_process(argv)
 
     shown = f"\n--- stdout\n{out[-2000:]}\n--- stderr\n{err[-4000:]}"
     assert code == case.code, f"exit code {code}, expected {case.code}{shown}"
@@ -768,10 +852,12 @@ def test_bad_input_is_refused_in_one_line_and_loses_nothing(case: Case, world):
 def _placeholders(text: str, world: dict[str, str]) -> str:
     """``text`` with the world's paths (and the repository's) written as their placeholder
     names in capitals (``RUN``, ``W``), the longest path first."""
+    import socket
+
     names = {**{path: name.upper() for name, path in world.items()}, str(REPO): "REPO"}
     for path in sorted(names, key=len, reverse=True):
         text = re.sub(re.escape(path) + r"(?![\w.-])", names[path], text)
-    return text
+    return text.replace(f" on host {socket.gethostname()},", " on host HOST,")
 
 
 def _command(case: Case) -> str:
@@ -823,6 +909,52 @@ def test_resume_skip_damaged_falls_back_loudly_and_replaces_the_damaged_step(wor
     assert f"resumed from {run / 'checkpoints' / 'step_0000001'}" in proc.stderr, proc.stderr
     assert manifest.checkpoint_damage(step2) is None
     assert json.loads((step2 / "train_state.json").read_text())["step"] == 2
+
+
+def test_vllm_failure_is_reduced_to_its_root_cause():
+    """A vLLM engine failure as it was captured (tests/data/vllm_engine_failure.log: a tiny
+    Qwen2 with head_dim 16, which vLLM's CPU attention refuses at the first generate; the
+    main process only sees ``EngineDeadError ... See stack trace (above)``): the root cause
+    is the worker's exception, not the wrapper."""
+    from probsft_megatron.eval.runner import vllm_root_cause
+
+    text = (REPO / "tests" / "data" / "vllm_engine_failure.log").read_text()
+    assert "EngineDeadError" in text
+    assert vllm_root_cause(text) == (
+        "RuntimeError: Unsupported CPU attention configuration: head_dim=16 isa=2 kv_cache_idx=0"
+    )
+    # negative controls: only the wrapper, and no exception at all
+    wrapper = [ln for ln in text.splitlines() if "EngineDeadError" in ln]
+    assert vllm_root_cause("\n".join(wrapper)).startswith("EngineDeadError: EngineCore")
+    assert vllm_root_cause("(EngineCore pid=1) INFO 12-07 11:54:05 [x.py:1] ready") is None
+
+
+def test_vllm_output_keeps_the_traceback_in_the_log(tmp_path, capfd):
+    """A child process (as vLLM's engine is) prints its log and a traceback to the inherited
+    stdout/stderr, and the parent then fails with a wrapper: the terminal shows the log up to
+    the error and no traceback; the log file has everything; the error is one line naming
+    the child's exception and the log."""
+    from probsft_megatron.errors import ProbsftError
+    from probsft_megatron.eval.runner import vllm_output
+
+    child = (
+        "import sys\n"
+        "print('(Worker pid=7) INFO 12-07 11:54:03 [loader.py:1] loading weights', flush=True)\n"
+        "raise RuntimeError('Unsupported CPU attention configuration: head_dim=16')\n"
+    )
+    log = tmp_path / "vllm.log"
+    with pytest.raises(ProbsftError) as err, vllm_output(log):
+        subprocess.run([sys.executable, "-c", child], check=False)
+        raise RuntimeError("EngineCore encountered an issue. See stack trace (above) for it.")
+    assert str(err.value) == (
+        "vLLM failed: RuntimeError: Unsupported CPU attention configuration: head_dim=16; "
+        f"the whole log is {log}"
+    )
+    shown = capfd.readouterr()
+    assert "loading weights" in shown.out
+    assert "Traceback" not in shown.out + shown.err, shown
+    text = log.read_text()
+    assert "loading weights" in text and "Traceback (most recent call last)" in text
 
 
 def test_cases_are_distinct_and_cover_every_subcommand():
@@ -894,6 +1026,18 @@ folder marked failed) needs the cluster: tests/test_slurm_live.py,
 Ctrl-C during training (save, then "interrupted at step N; resume with the same command")
 is covered with the rest of the signal handling in tests/test_resilience.py, not here.
 
+A vLLM engine that fails (a model its CPU attention cannot run, such as head size 16) ends
+`probsft eval` in one line with the root cause found in vLLM's output, which is kept whole
+in a log (`OUT/vllm.log`, or a temporary file without `--out`) instead of a traceback:
+`error: vLLM failed: RuntimeError: Unsupported CPU attention configuration: head_dim=16
+isa=2 kv_cache_idx=0; the whole log is OUT/vllm.log`
+(`test_vllm_failure_is_reduced_to_its_root_cause` on the captured log of that failure,
+`test_vllm_output_keeps_the_traceback_in_the_log` on a real child process).
+
+Two training runs into one `train.output_dir` are refused by the run lock (a row below for a
+live holder; the two real runs started at once are tests/test_run_lock.py, a SLURM job
+launched twice tests/test_slurm_live.py).
+
 A case whose message reads "not refused yet" is an expected failure (a strict `xfail`): it names
 the change it waits for, and the suite fails once that change lands, so that the case becomes an
 ordinary one.
@@ -918,6 +1062,13 @@ PLACEHOLDERS = {
     "DIR_JSONL": "a folder named `dir.jsonl`",
     "EMPTY": "an empty `.jsonl` file",
     "EMPTYDIR": "an empty folder",
+    "EMPTY_RECIPE": "a recipe holding only comments and blank lines",
+    "EVALDONE": "a folder holding an earlier evaluation's `summary.json`",
+    "GEN_EXISTING": "a `.jsonl` written by `probsft data generate addition`",
+    "LOOP": "a symbolic link to itself, named `loop.jsonl`",
+    "NOBIN": "an empty folder, used as `PATH` (no `sbatch` on it)",
+    "RUN_LOCKED": "`RUN` with a `run.lock` naming a live process on this host (`HOST`)",
+    "RUN_NOSTATE": "`RUN` with step 2's `train_state.json` deleted (its manifest lists it)",
     "EXPORT_DAMAGED": "a Hugging Face export of `MG` with its `model.safetensors` truncated",
     "HF": "a tiny random Qwen2 Hugging Face folder (vocabulary 512, no tokenizer)",
     "HF_BADJSON": "`HF` whose `config.json` is not JSON",

@@ -423,7 +423,7 @@ def test_slurm_dryrun_two_node_sbatch(tmp_path, capsys, monkeypatch):
     assert (
         f"python -m probsft_megatron.cli eval --model {run_dir}/hf --task "
         f"math500,minerva_math,olympiadbench,aime24,amc23 --out {run_dir}/eval "
-        "--tensor-parallel-size 8"
+        "--overwrite --tensor-parallel-size 8"
     ) in evaluate
 
 

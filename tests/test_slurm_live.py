@@ -208,11 +208,12 @@ def test_rejected_submission_is_one_line_and_marked_failed(cluster, tmp_path):
 
 # ---------------------------------------------------------------- the whole chain
 @pytest.fixture(scope="module")
-def hf_backbone(tmp_path_factory, smollm2_hf) -> Path:
+def hf_backbone(tmp_path_factory) -> Path:
     """A random Hugging Face Llama with the tiny-llama preset's shape and SmolLM2's tokenizer."""
     from probsft_megatron.converters.testing import tiny_hf_checkpoint
+    from probsft_megatron.eval.models import materialize_smollm2
 
-    tokenizer = smollm2_hf
+    tokenizer = materialize_smollm2()
     out = tiny_hf_checkpoint(
         tmp_path_factory.mktemp("hf") / "tiny-llama",
         "deepseek",
@@ -496,3 +497,84 @@ def test_signalled_train_job_requeues_and_resumes_bit_exact(cluster, tmp_path):
         f"live requeue: interrupted at step {k}, resumed, {tensors} tensors bit-identical; "
         f"{elapsed:.0f} s"
     )
+
+
+@pytest.mark.slow
+def test_train_job_launched_twice_one_refuses(cluster, tmp_path):
+    """The same train job submitted twice (sbatch, one output folder, both running at once
+    on the oversubscribed partition): one trains to the end, the other exits 2 at once with
+    one line naming the first's SLURM job; SLURM's own view of the holder's job (squeue)
+    is what the lock reads for a holder on another host."""
+    from probsft_megatron import run_lock
+
+    out = tmp_path / "run"
+    train = [
+        sys.executable,
+        "-m",
+        "probsft_megatron.cli",
+        "train",
+        "--config",
+        "tiny-figfont-cpu",
+        f"train.output_dir={out}",
+        "train.max_steps=8",
+        "train.tensorboard=false",
+        "train.histogram_interval=0",
+    ]
+    command = " ".join(shlex.quote(a) for a in train)
+    jobs = []
+    for name in ("first", "second"):
+        proc = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                f"--job-name=lock-{name}",
+                "--nodes=1",
+                "--ntasks=1",
+                "--oversubscribe",
+                f"--output={tmp_path / name}.out",
+                f"--chdir={REPO}",
+                f"--wrap={command}",
+            ],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            check=True,
+        )
+        jobs.append(proc.stdout.strip().split(";")[0])
+    try:
+        deadline = time.monotonic() + 600
+        seen_running = False
+        while True:
+            states = {j: _sacct([j]).get(j, {}).get("State", "").split(" ")[0] for j in jobs}
+            running = [j for j, s in states.items() if s == "RUNNING"]
+            if running and not seen_running and (out / "run.lock").is_file():
+                holder = run_lock.parse((out / "run.lock").read_text())
+                if holder is not None and holder.slurm_job_id in running:
+                    assert run_lock.slurm_job_state(holder.slurm_job_id) == "RUNNING"
+                    seen_running = True
+            if all(s in run_lock.SLURM_ENDED for s in states.values() if s) and all(
+                states.values()
+            ):
+                break
+            assert time.monotonic() < deadline, f"jobs not done after 600 s: {states}"
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["scancel", *jobs], capture_output=True)
+    rows = _sacct(jobs)
+    done = {rows[j]["JobName"].removeprefix("lock-"): rows[j] for j in jobs}
+    by_state = sorted((r["State"].split(" ")[0], r["ExitCode"]) for r in done.values())
+    assert by_state == [("COMPLETED", "0:0"), ("FAILED", "2:0")], done
+    winner = next(j for j in jobs if rows[j]["State"].startswith("COMPLETED"))
+    loser = next(j for j in jobs if j != winner)
+    loser_log = (tmp_path / f"{rows[loser]['JobName'].removeprefix('lock-')}.out").read_text()
+    errors = [ln for ln in loser_log.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "Traceback" not in loser_log, loser_log[-3000:]
+    assert "is in use by another training run: pid " in errors[0], errors[0]
+    assert f", SLURM job {winner}, started " in errors[0], errors[0]
+    assert "train:" not in loser_log  # it trained no step
+    metrics = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == list(range(1, 9))  # one writer
+    assert (out / "summary.json").is_file() and not (out / "run.lock").exists()
+    assert run_lock.slurm_job_state(winner) in run_lock.SLURM_ENDED
+    assert seen_running, "the lock's holder was never seen running"
+    print(f"job {loser} refused while job {winner} trained; {errors[0]}")

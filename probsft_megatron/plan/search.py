@@ -210,6 +210,13 @@ def plan(
         )
     if not (math.isfinite(margin_gib) and margin_gib >= 0):
         raise ConfigError(f"--margin-gb must be a number >= 0 (got {margin_gib:g})")
+    positions = cfg.model.max_position_embeddings
+    if cfg.data.max_length > positions:  # memory is not the problem: no layout helps
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} exceeds the model's "
+            f"max_position_embeddings={positions}: no layout or number of GPUs changes that; "
+            f"set data.max_length={positions} or lower"
+        )
     return plan_model(
         cfg.model,
         workload_of(cfg, device),
