@@ -4,8 +4,8 @@
     probsft data generate TASK --out FILE [--split train|test] [--n N] [--seed S]
                           [--from-eval SAMPLES.jsonl] [--max-records N]
                           [--corrupt FRACTION] [--render-with TOKENIZER]
-    probsft data inspect FILE|RECIPE|figfont [--tokenizer T] [--limit N] [--json]
-                         [data.key=value ...]
+    probsft data inspect FILE|RECIPE|figfont [--tokenizer T] [--limit N] [--show N]
+                         [--json] [data.key=value ...]
 
 ``generate`` writes JSON lines with ``prompt``, ``response`` and ``reference`` (plus
 ``task``, ``id``, ``item``, ``corrupted``): a training file for ``data.train_files``, or,
@@ -13,7 +13,10 @@ with ``--render-with``, an evaluation file whose prompts carry the tokenizer's c
 (``probsft eval --task custom --prompt-format raw``). ``--from-eval`` turns a ``probsft
 eval`` run of the same questions into training data in the model's own words (the
 completions its grader marked correct). ``inspect`` tokenizes exactly as training does and
-reports the record count, token lengths and what ``data.max_length`` would cut.
+reports the record count, token lengths and what ``data.max_length`` would cut; for the
+first ``--show`` records it prints the rendered text with the trained tokens marked (green
+on a terminal, ``[[...]]`` otherwise), the tokens trained and masked, and what truncation
+did (conversations: assistant turns kept whole, cut after a turn or inside one).
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
-from probsft_megatron.errors import ConfigError
+from probsft_megatron.errors import ConfigError, ProbsftError
 from probsft_megatron.input_checks import DATA_SUFFIXES
 
 
@@ -103,6 +108,9 @@ def _inspect_options(i: argparse.ArgumentParser) -> None:
         "init.tokenizer / init.checkpoint; smollm2 for files)",
     )
     i.add_argument("--limit", type=int, help="inspect only the first N records")
+    i.add_argument(
+        "--show", type=int, default=3, help="records shown with their trained tokens marked"
+    )
     i.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -344,18 +352,89 @@ def _spread(values) -> dict:
     }
 
 
+MARK_OPEN, MARK_CLOSE = "[[", "]]"
+GREEN, RESET = "\033[32m", "\033[0m"
+
+
+def segments(tokenizer, ids, loss_mask) -> list[tuple[str, bool]]:
+    """The example's text as ``(text, trained)`` pieces: runs of tokens that are trained
+    (the labels ``loss_mask`` selects) or not, each decoded."""
+    trained = [False] + [float(m) > 0 for m in loss_mask[:-1]]  # token k is label k - 1
+    out, start = [], 0
+    for k in range(1, len(ids) + 1):
+        if k == len(ids) or trained[k] != trained[start]:
+            out.append((tokenizer.decode(list(ids[start:k])), trained[start]))
+            start = k
+    return out
+
+
+def marked_text(pieces: list[tuple[str, bool]], color: bool = False) -> str:
+    """``pieces`` joined, trained ones green (``color``) or between ``[[`` and ``]]``."""
+    return "".join(
+        (f"{GREEN}{t}{RESET}" if color else f"{MARK_OPEN}{t}{MARK_CLOSE}") if on else t
+        for t, on in pieces
+    )
+
+
+def _shown(cfg, tok, records: list[dict], n: int) -> list[dict]:
+    """The first ``n`` records as training tokenizes them, with their trained tokens."""
+    from probsft_megatron.data import SFTDataset
+
+    out = []
+    quiet = logging.getLogger("probsft_megatron.data")
+    for record in records[:n]:
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # the whole data set's warnings were given already
+        try:
+            ds = SFTDataset(cfg, tok, [record])
+        except ProbsftError as exc:  # e.g. dropped: the prompt alone fills max_length
+            out.append({"origin": record.get("origin"), "dropped": str(exc)})
+            continue
+        finally:
+            quiet.setLevel(level)
+        one = ds[0]
+        ids, mask = one["input_ids"].tolist(), one["loss_mask"].tolist()
+        pieces = segments(tok, ids, mask)
+        s = ds.stats
+        cut = None
+        if s["n_cut_inside_turn"]:
+            cut = "inside an assistant turn (its end-of-turn token is not trained)"
+        elif s["n_cut_at_turn"]:
+            cut = "after a whole assistant turn"
+        elif s["n_truncated"]:
+            cut = "at data.max_length"
+        out.append(
+            {
+                "origin": record.get("origin"),
+                "tokens": len(ids),
+                "trained": int(sum(m > 0 for m in mask)),
+                "masked": len(ids) - int(sum(m > 0 for m in mask)),
+                "turns_trained": s["n_turns_trained"],
+                "turns_kept": s["n_turns_kept"],
+                "cut": cut,
+                "text": marked_text(pieces),
+                "segments": pieces,
+            }
+        )
+    return out
+
+
 def inspect(
     spec: str,
     overrides: list[str] | None = None,
     tokenizer: str | None = None,
     limit: int | None = None,
+    show: int = 3,
 ) -> dict:
-    """Records, token lengths (untruncated), and what ``data.max_length`` cuts or drops."""
+    """Records, token lengths (untruncated), what ``data.max_length`` cuts or drops, and the
+    first ``show`` records with their trained tokens marked."""
     from probsft_megatron.data import SFTDataset, load_records
     from probsft_megatron.tokenizers import load_tokenizer
 
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
+    if show < 0:
+        raise ConfigError(f"--show must be >= 0, got {show}")
     cfg, tok_spec = _resolve(spec, list(overrides or []), tokenizer)
     if limit is not None:
         cfg = dataclasses.replace(cfg, num_samples=min(limit, cfg.num_samples or limit))
@@ -371,6 +450,24 @@ def inspect(
     dropped = prompts >= limit_len
     first_ids = whole[0]["input_ids"].tolist()
     p0 = int(prompts[0])
+    try:
+        cut = SFTDataset(cfg, tok, records)
+        lost = whole.stats["n_response_tokens"] - cut.stats["n_response_tokens"]
+        trained = cut.stats["n_response_tokens"]
+        cut_stats = cut.stats
+    except ProbsftError:  # nothing would be left to train
+        lost, trained, cut_stats = whole.stats["n_response_tokens"], 0, None
+    conversations = None
+    if whole.stats["n_conversations"]:
+        s = cut_stats or dict.fromkeys(whole.stats, 0)
+        conversations = {
+            "conversations": whole.stats["n_conversations"],
+            "assistant_turns_trained": whole.stats["n_turns_trained"],
+            "assistant_turns_kept": s["n_turns_kept"],
+            "cut_after_a_turn": s["n_cut_at_turn"],
+            "cut_inside_a_turn": s["n_cut_inside_turn"],
+            "truncation": cfg.truncation,
+        }
     return {
         "data": spec,
         "tokenizer": tok_spec,
@@ -385,10 +482,11 @@ def inspect(
         "max_length": limit_len,
         "truncated": int((over & ~dropped).sum()),
         "dropped": int(dropped.sum()),
-        "response_tokens_lost": int(
-            (lengths[over & ~dropped] - limit_len).sum()
-            + (lengths[dropped] - prompts[dropped]).sum()
-        ),
+        "response_tokens_lost": int(lost),
+        "trained_tokens": int(trained),
+        "masked_tokens": int((cut_stats or {}).get("n_tokens", 0) - trained),
+        "conversations": conversations,
+        "shown": _shown(cfg, tok, records, show),
         "sample": {
             "origin": records[0].get("origin"),
             "prompt": tok.decode(first_ids[:p0]),
@@ -399,7 +497,7 @@ def inspect(
     }
 
 
-def format_report(r: dict) -> str:
+def format_report(r: dict, color: bool = False) -> str:
     lines = [
         f"{r['data']}: {r['records']} records, tokenizer {r['tokenizer']}, chat template "
         f"{'yes' if r['chat_template'] else 'no'}"
@@ -419,21 +517,49 @@ def format_report(r: dict) -> str:
         f"data.max_length={r['max_length']}: {r['truncated']} of {n} examples "
         f"would be cut ({100 * r['truncated'] / n:.1f}%), {r['dropped']} dropped (prompt "
         f"alone too long), {r['response_tokens_lost']} response tokens lost",
-        "",
-        f"sample ({r['sample']['origin']}, {r['sample']['tokens']} tokens, "
-        f"{r['sample']['prompt_tokens']} prompt):",
-        "--- prompt ---",
-        r["sample"]["prompt"],
-        "--- response (trained) ---",
-        r["sample"]["response"],
+        f"trained tokens {r['trained_tokens']}, masked {r['masked_tokens']}",
     ]
+    if not r.get("conversations"):
+        lines += [
+            "",
+            f"sample ({r['sample']['origin']}, {r['sample']['tokens']} tokens, "
+            f"{r['sample']['prompt_tokens']} prompt):",
+            "--- prompt ---",
+            r["sample"]["prompt"],
+            "--- response (trained) ---",
+            r["sample"]["response"],
+        ]
+    c = r.get("conversations")
+    if c:
+        lines[1:1] = [
+            f"conversations: {c['conversations']}, assistant turns kept whole "
+            f"{c['assistant_turns_kept']} of {c['assistant_turns_trained']} "
+            f"(data.truncation={c['truncation']}: {c['cut_after_a_turn']} cut after a whole "
+            f"turn, {c['cut_inside_a_turn']} inside a turn)",
+        ]
+    for shown in r.get("shown", []):
+        lines += ["", f"=== {shown['origin']} ==="]
+        if "dropped" in shown:
+            lines.append(f"dropped: {shown['dropped']}")
+            continue
+        lines.append(
+            f"{shown['tokens']} tokens: {shown['trained']} trained, {shown['masked']} masked"
+            + (
+                f"; assistant turns kept {shown['turns_kept']} of {shown['turns_trained']}"
+                if shown["turns_trained"]
+                else ""
+            )
+            + (f"; cut {shown['cut']}" if shown["cut"] else "")
+        )
+        lines.append(marked_text(shown["segments"], color) if color else shown["text"])
     return "\n".join(lines)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     args = _inspect_args(args)
-    report = inspect(args.data, args.overrides, args.tokenizer, args.limit)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    report = inspect(args.data, args.overrides, args.tokenizer, args.limit, args.show)
+    color = not args.json and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print(json.dumps(report, indent=2) if args.json else format_report(report, color))
     return 0
 
 

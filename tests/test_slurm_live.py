@@ -208,12 +208,11 @@ def test_rejected_submission_is_one_line_and_marked_failed(cluster, tmp_path):
 
 # ---------------------------------------------------------------- the whole chain
 @pytest.fixture(scope="module")
-def hf_backbone(tmp_path_factory) -> Path:
+def hf_backbone(tmp_path_factory, smollm2_hf) -> Path:
     """A random Hugging Face Llama with the tiny-llama preset's shape and SmolLM2's tokenizer."""
     from probsft_megatron.converters.testing import tiny_hf_checkpoint
-    from probsft_megatron.eval.models import materialize_smollm2
 
-    tokenizer = materialize_smollm2()
+    tokenizer = smollm2_hf
     out = tiny_hf_checkpoint(
         tmp_path_factory.mktemp("hf") / "tiny-llama",
         "deepseek",
