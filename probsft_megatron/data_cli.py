@@ -478,6 +478,15 @@ def inspect(
             "total": _spread(lengths),
             "prompt": _spread(prompts),
             "response": _spread(lengths - prompts),
+            **(
+                {
+                    "trained": _spread(
+                        [int((whole[i]["loss_mask"] > 0).sum()) for i in range(len(whole))]
+                    )
+                }
+                if conversations
+                else {}
+            ),
         },
         "max_length": limit_len,
         "truncated": int((over & ~dropped).sum()),
@@ -505,7 +514,9 @@ def format_report(r: dict, color: bool = False) -> str:
         "",
         "tokens      min   median      p95      max     mean",
     ]
-    for key in ("total", "prompt", "response"):
+    # a conversation's "prompt" ends at its first answer: its trained tokens say more
+    keys = ("total", "trained") if r.get("conversations") else ("total", "prompt", "response")
+    for key in keys:
         s = r["tokens"][key]
         lines.append(
             f"{key:<9}{s['min']:>6} {s['median']:>8.1f} {s['p95']:>8.1f} "

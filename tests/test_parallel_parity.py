@@ -202,6 +202,89 @@ def test_dynamic_padding_and_packing_match_single_rank(varlen_reference, layout)
     assert max(abs(a - b) for a, b in zip(control, ref[f"{first}/max_length"]["loss"])) > 1e-3
 
 
+# -- loss.normalization=sample: each example's mean, averaged over the global batch ---------------
+SAMPLE_OBJECTIVES = "original,OnlyTopP-0.3"
+SAMPLE_LAYOUTS = {
+    "tp2_sp": ["--tp", "2", "--sp"],
+    "pp2": ["--pp", "2"],
+    "dp2_distributed_optimizer": ["--distributed-optimizer"],
+}
+
+
+@pytest.fixture(scope="module")
+def sample_reference(reference):
+    d, _ = reference
+    out = d / "sample_ref.json"
+    run_torchrun(
+        "parity_worker.py",
+        1,
+        [
+            "--varlen",
+            "--normalization",
+            "sample",
+            "--init-ckpt",
+            str(d / "init"),
+            "--objectives",
+            SAMPLE_OBJECTIVES,
+            "--out",
+            str(out),
+        ],
+    )
+    return d, read_json(out)["results"]
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_sample_normalization_is_layout_free_on_one_rank(sample_reference, varlen_reference):
+    """One rank, two micro-batches per step (gradient accumulation): padded rows, dynamic
+    padding and packed rows give the same per-example means; the token-level loss of the same
+    batches (negative control) does not."""
+    _, ref = sample_reference
+    for mode in VARLEN_MODES[1:]:
+        worst, where = varlen_diff(ref, ref, mode)
+        print(f"sample, TP=1 {mode}: max |diff| to max_length padding = {worst:.2e} ({where})")
+        assert worst <= TOL, (mode, worst, where)
+    _, token = varlen_reference
+    worst = max(
+        abs(a - b)
+        for a, b in zip(ref["original/max_length"]["loss"], token["original/max_length"]["loss"])
+    )
+    print(f"negative control (token-level normalization): loss |diff| = {worst:.2e}")
+    assert worst > 1e-3
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(SAMPLE_LAYOUTS))
+def test_sample_normalization_matches_single_rank(sample_reference, layout):
+    """TP+SP, PP and DP with the distributed optimizer, each with padded, dynamically padded
+    and packed micro-batches, reproduce the single-rank per-example means (the negative
+    control, token-level normalization of the same batches, is the one-rank test's)."""
+    d, ref = sample_reference
+    out = d / f"sample_{layout}.json"
+    run_torchrun(
+        "parity_worker.py",
+        2,
+        [
+            *SAMPLE_LAYOUTS[layout],
+            "--varlen",
+            "--normalization",
+            "sample",
+            "--init-ckpt",
+            str(d / "init"),
+            "--objectives",
+            SAMPLE_OBJECTIVES,
+            "--out",
+            str(out),
+        ],
+    )
+    got = read_json(out)["results"]
+    for mode in VARLEN_MODES:
+        worst, where = varlen_diff(ref, got, mode)
+        print(f"sample {layout} {mode}: max |diff| to TP=1 max_length = {worst:.2e} ({where})")
+        assert worst <= TOL, f"{layout} {mode} deviates by {worst:.3e} at {where}"
+
+
 # -- activation recomputation, one process ------------------------------------------------------
 RECOMPUTE = {
     "none": {},
