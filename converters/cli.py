@@ -2,8 +2,12 @@
 
     probsft convert hf-to-megatron --hf DIR --out DIR [--dtype bfloat16] [--overwrite]
     probsft convert megatron-to-hf --ckpt DIR --out DIR [--hf-template DIR] [--dtype bfloat16]
-                                   [--max-shard-size 2GB] [--overwrite]
+                                   [--max-shard-size 2GB] [--overwrite] [--merge] [--base DIR]
     probsft convert smollm2 [--out DIR]      # the embedded SmolLM2-135M-Instruct, converted
+
+A LoRA checkpoint (``peft.method: lora``) is exported as a Hugging Face PEFT adapter folder,
+or with ``--merge`` as merged full weights; its base is the run's ``init.checkpoint`` or
+``--base`` (:mod:`probsft_megatron.converters.peft_export`).
 
 ``--out`` may not be, contain or lie inside an input, with or without ``--overwrite``;
 ``--overwrite`` replaces only a previous output of the same kind (docs/errors.md).
@@ -42,6 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace an existing --out that holds a previous export of probsft",
     )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA checkpoint: write full weights W + (alpha/r) B A instead of a PEFT adapter",
+    )
+    p.add_argument(
+        "--base", help="LoRA checkpoint: its base model dir (default: the run's init.checkpoint)"
+    )
     p = sub.add_parser("smollm2", help="convert the embedded SmolLM2-135M-Instruct (cached)")
     p.add_argument("--out", help="Megatron model dir to write (default: in the probsft cache)")
 
@@ -53,6 +65,21 @@ def run(args: argparse.Namespace) -> int:
 
     if args.direction == "hf-to-megatron":
         out = api.hf_to_megatron(args.hf, args.out, dtype=args.dtype, overwrite=args.overwrite).path
+    elif args.direction == "megatron-to-hf" and (
+        args.merge or args.base is not None or _is_lora(args.ckpt)
+    ):
+        from probsft_megatron.converters import peft_export
+
+        out = peft_export.export(
+            args.ckpt,
+            args.out,
+            merge=args.merge,
+            base=args.base,
+            hf_template=args.hf_template,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )
     elif args.direction == "megatron-to-hf":
         out = api.megatron_to_hf(
             args.ckpt,
@@ -66,3 +93,12 @@ def run(args: argparse.Namespace) -> int:
         out = api.default_model_dir(args.out)
     print(out)
     return 0
+
+
+def _is_lora(ckpt: str) -> bool:
+    from probsft_megatron.converters.peft_export import peft_record
+
+    try:
+        return peft_record(ckpt) is not None
+    except (OSError, ValueError):
+        return False

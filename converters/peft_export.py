@@ -1,0 +1,243 @@
+"""A LoRA training checkpoint out to Hugging Face: a PEFT adapter folder, or merged weights.
+
+A LoRA checkpoint (``peft.json`` next to its ``weights/``, see :mod:`probsft_megatron.lora`)
+holds only the adapters; its base is the run's ``init.checkpoint`` (or ``--base``), checked
+against the fingerprint the checkpoint records. Both are loaded into one TP=1 Megatron model
+with the LoRA linears, then:
+
+* adapter (default): ``adapter_config.json`` + ``adapter_model.safetensors`` under the names
+  Hugging Face PEFT loads onto the HF base (``base_model.model.model.layers.N.self_attn.
+  q_proj.lora_A.weight`` ...). Megatron's fused linears are written in HF's terms: the
+  ``linear_qkv`` adapter's ``B`` rows are split into q/k/v following the grouped layout of
+  :func:`~probsft_megatron.converters.mapping.qkv_views` and its ``A`` is shared, so q, k and
+  v get the same ``A``; ``linear_fc1``'s ``B`` is split into gate and up
+  (:func:`~probsft_megatron.converters.mapping.fc1_views`), ``A`` again shared. This is
+  exact: ``B_q A x`` is the q rows of ``B A x``.
+* merged (``--merge``): ``W + (alpha/r) B A`` in every adapted linear, written as a full HF
+  model by :func:`~probsft_megatron.converters.api.megatron_to_hf` (from a merged Megatron
+  model dir kept in a temporary folder next to ``--out``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from probsft_megatron import lora, manifest
+from probsft_megatron.config import PeftConfig
+from probsft_megatron.converters import layout, mapping, megatron_io
+from probsft_megatron.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+HF_MODULES = {
+    "linear_qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    "linear_proj": ("self_attn", ("o_proj",)),
+    "linear_fc1": ("mlp", ("gate_proj", "up_proj")),
+    "linear_fc2": ("mlp", ("down_proj",)),
+}
+"""Megatron linear -> (HF parent module, the HF linears it holds)."""
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def peft_record(ckpt_dir: str | os.PathLike) -> dict | None:
+    """A LoRA checkpoint's ``peft.json`` (settings and base fingerprint); None for a
+    checkpoint or model dir of full weights."""
+    path = Path(ckpt_dir) / lora.FINGERPRINT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _train_config(ckpt_dir: Path) -> dict:
+    state = ckpt_dir / "train_state.json"
+    if not state.is_file():
+        raise CheckpointError(f"{ckpt_dir} has no train_state.json; point --ckpt to a step_NNNNNNN")
+    return json.loads(state.read_text())["config"]
+
+
+def base_model_dir(ckpt_dir: str | os.PathLike, base: str | os.PathLike | None) -> Path:
+    """The Megatron model dir a LoRA checkpoint's adapters belong to: ``base``, else the run's
+    ``init.checkpoint``; refused in one line when its fingerprint is not the one recorded."""
+    ckpt_dir = Path(ckpt_dir)
+    record = peft_record(ckpt_dir) or {}
+    cfg = _train_config(ckpt_dir)
+    chosen = base if base is not None else cfg["init"]["checkpoint"]
+    if chosen is None:
+        raise CheckpointError(
+            f"{ckpt_dir} adapts a randomly initialized base, which no file holds; "
+            "train the adapters on a converted base model (init.checkpoint) to export them"
+        )
+    from probsft_megatron.input_checks import check_model_dir
+
+    check_model_dir(chosen, "--base", training_checkpoint_ok=False)
+    random_init = (
+        cfg["train"]["seed"],
+        cfg["parallel"]["tensor_model_parallel_size"],
+        cfg["parallel"]["pipeline_model_parallel_size"],
+    )
+    got = lora.base_fingerprint(chosen, cfg["model"], random_init=random_init)
+    if got != record.get("base_fingerprint"):
+        raise CheckpointError(
+            f"{chosen} is not the base model the adapters of {ckpt_dir} were trained on "
+            "(fingerprints differ); pass that run's init.checkpoint as --base"
+        )
+    return Path(chosen)
+
+
+def peft_config(record: dict) -> PeftConfig:
+    return PeftConfig(
+        method="lora",
+        rank=int(record["rank"]),
+        alpha=float(record["alpha"]),
+        dropout=float(record["dropout"]),
+        target_modules=list(record["target_modules"]),
+    )
+
+
+def load_lora_model(ckpt_dir: str | os.PathLike, base_dir: str | os.PathLike, peft: PeftConfig):
+    """The whole model (TP=1/PP=1, float32) with the base's weights and the checkpoint's
+    adapters (call inside :func:`megatron_io.single_process_group`)."""
+    from probsft_megatron import compat
+    from probsft_megatron.config import ParallelConfig
+    from probsft_megatron.model import build_gpt_model, transformer_config
+
+    md = layout.read_model_dir(base_dir)
+    config = transformer_config(
+        md.model, ParallelConfig(), perform_initialization=False, use_cpu_initialization=True
+    )
+    gpt = build_gpt_model(md.model, config, pre_process=True, post_process=True, peft=peft)
+    lora.load_base_weights(gpt, str(md.weights))
+    adapters = lora.adapter_sharded_state_dict(gpt.sharded_state_dict())
+    weights = str(Path(ckpt_dir) / layout.WEIGHTS_DIR)
+    lora.load_adapter_state(gpt, compat.dist_load(adapters, weights))
+    return gpt, md
+
+
+def adapter_tensors(gpt, model) -> dict[str, torch.Tensor]:
+    """The model's adapters under Hugging Face PEFT's names (q/k/v and gate/up split)."""
+    out = {}
+    for number, target, module in lora.adapter_modules(gpt):
+        parent, names = HF_MODULES[target]
+        a = module.lora_A.detach()
+        b = module.lora_B.detach()
+        r = a.shape[0]
+        if target == "linear_qkv":
+            parts = mapping.qkv_views(b, model)
+        elif target == "linear_fc1":
+            parts = mapping.fc1_views(b, model)
+        else:
+            parts = (b,)
+        prefix = f"base_model.model.model.layers.{number - 1}.{parent}."
+        for name, part in zip(names, parts):
+            out[f"{prefix}{name}.lora_A.weight"] = a.clone().contiguous()
+            out[f"{prefix}{name}.lora_B.weight"] = part.reshape(-1, r).clone().contiguous()
+    return out
+
+
+def adapter_config(record: dict, base: Path) -> dict:
+    """``adapter_config.json`` for PEFT (plain LoRA: ``alpha / r`` scaling, no bias)."""
+    targets = [n for t in record["target_modules"] for n in HF_MODULES[t][1]]
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base / layout.HF_DIR),
+        "r": int(record["rank"]),
+        "lora_alpha": float(record["alpha"]),
+        "lora_dropout": float(record["dropout"]),
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def export(
+    ckpt_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    merge: bool = False,
+    base: str | os.PathLike | None = None,
+    hf_template: str | os.PathLike | None = None,
+    dtype: str | None = None,
+    max_shard_size: int | str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Export a LoRA checkpoint as a PEFT adapter folder, or (``merge``) as merged full HF
+    weights; returns ``out_dir``. A checkpoint of full weights with ``merge`` is refused in
+    one line (it has nothing to merge)."""
+    from probsft_megatron.converters import api
+    from probsft_megatron.input_checks import check_model_dir
+
+    check_model_dir(ckpt_dir, "--ckpt")
+    record = peft_record(ckpt_dir)
+    if record is None:
+        raise ConfigError(
+            f"{'--merge' if merge else '--base'} needs a LoRA checkpoint, but {ckpt_dir} holds "
+            f"full weights (no {lora.FINGERPRINT_FILE}); export it without --merge and --base"
+        )
+    base_dir = base_model_dir(ckpt_dir, base)
+    replace = manifest.check_output(
+        out_dir,
+        flag="--out",
+        inputs=[("--ckpt", ckpt_dir), ("--base", base_dir), ("--hf-template", hf_template)],
+        kind=manifest.HF_EXPORT,
+        overwrite=overwrite,
+    )
+    peft = peft_config(record)
+    start = time.perf_counter()
+    if not merge:
+        out_dtype = api._dtype(dtype) or torch.float32
+        with layout.staged(out_dir, overwrite=replace) as staging:
+            with megatron_io.single_process_group():
+                gpt, md = load_lora_model(ckpt_dir, base_dir, peft)
+                tensors = {k: v.to(out_dtype) for k, v in adapter_tensors(gpt, md.model).items()}
+                del gpt
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            (staging / ADAPTER_CONFIG).write_text(
+                json.dumps(adapter_config(record, base_dir), indent=2) + "\n"
+            )
+            manifest.write_manifest(staging, manifest.HF_EXPORT, source=str(Path(ckpt_dir)))
+        log.info("exported the LoRA adapter of %s in %.1f s", ckpt_dir, time.perf_counter() - start)
+        return Path(out_dir)
+
+    parent = Path(out_dir).absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".probsft-merge-", dir=parent) as tmp:
+        merged = Path(tmp) / "merged"
+        merged.mkdir()
+        with megatron_io.single_process_group():
+            gpt, md = load_lora_model(ckpt_dir, base_dir, peft)
+            with torch.no_grad():
+                for _, _, module in lora.adapter_modules(gpt):
+                    module.weight += module.lora_scaling * module.lora_B @ module.lora_A
+                    module.lora_B.zero_()
+            megatron_io.save_weights(gpt, merged / layout.WEIGHTS_DIR)
+            del gpt
+        layout.write_model_config(
+            merged, md.model, dtype="float32", source={"kind": "LoRA merged", "ckpt": str(ckpt_dir)}
+        )
+        if md.hf is not None:
+            layout.copy_hf_files(md.hf, merged / layout.HF_DIR)
+        manifest.write_manifest(merged, manifest.MODEL_DIR)
+        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        api.megatron_to_hf(
+            merged,
+            out_dir,
+            hf_template=hf_template,
+            dtype=dtype,
+            overwrite=overwrite,
+            **kwargs,
+        )
+    log.info("exported %s merged in %.1f s", ckpt_dir, time.perf_counter() - start)
+    return Path(out_dir)
