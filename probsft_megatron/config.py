@@ -327,6 +327,9 @@ class DataConfig:
     """``file`` (``train_files``) or ``figfont`` (generated offline, no files needed)."""
     train_files: list[str] = field(default_factory=list)
     """Local ``.jsonl`` / ``.json`` / ``.parquet`` files, read in this order."""
+    val_files: list[str] = field(default_factory=list)
+    """Held-out files (same format and fields as ``train_files``): the validation loss every
+    ``train.eval_interval`` steps and at the last step; empty: no validation."""
     format: str = "auto"
     """``auto`` (by extension, fields from the keys below), ``jsonl``, ``parquet``, or a
     field preset: ``numina`` (NuminaMath-CoT) or ``m23k`` (the paper's medical set)."""
@@ -402,6 +405,8 @@ class DataConfig:
             )
         if isinstance(self.train_files, str):
             raise ConfigError("data.train_files must be a list of paths, e.g. [train.jsonl]")
+        if isinstance(self.val_files, str):
+            raise ConfigError("data.val_files must be a list of paths, e.g. [val.jsonl]")
         if self.max_length < 2:
             raise ConfigError(f"data.max_length must be >= 2, got {self.max_length}")
         if self.num_samples is not None and self.num_samples < 1:
@@ -483,6 +488,14 @@ class TrainConfig:
     # a warning); without it a damaged newest checkpoint stops the run before any work
     resume_skip_damaged: bool = False
     tensorboard: bool = True
+    # validation on data.val_files: every eval_interval steps and at the last step (0: only at
+    # the last step); eval_batches global batches of it (null: all of it)
+    eval_interval: int = 0
+    eval_batches: int | None = None
+    # Weights & Biases as a metrics sink beside metrics.jsonl and TensorBoard (null: off);
+    # wandb_mode: online (needs a login) or offline (files only, `wandb sync` later)
+    wandb_project: str | None = None
+    wandb_mode: str = "online"
     # seconds a collective waits for the other ranks before the run stops with an error (a
     # dead or hung rank); also bounds the slowest rank's share of a checkpoint save
     dist_timeout_s: float = 600.0
@@ -494,6 +507,12 @@ class TrainConfig:
             _at_least("train.max_steps", self.max_steps, 1, " (or null: every step of the epochs)")
         _at_least("train.save_interval", self.save_interval, 0, " (0: save only at the end)")
         _at_least("train.histogram_interval", self.histogram_interval, 0, " (0: never)")
+        _at_least("train.eval_interval", self.eval_interval, 0, " (0: only at the last step)")
+        if self.eval_batches is not None:
+            _at_least("train.eval_batches", self.eval_batches, 1, " (or null: all of it)")
+        _one_of("train.wandb_mode", self.wandb_mode, ("online", "offline"))
+        if self.wandb_project is not None and not str(self.wandb_project).strip():
+            raise ConfigError("train.wandb_project is empty; name a W&B project or set it null")
         if not str(self.output_dir).strip():
             raise ConfigError("train.output_dir is empty; name the run's folder, e.g. runs/sft")
         _one_of("train.attention", self.attention, ATTENTION_IMPLS)
@@ -673,6 +692,20 @@ def validate(cfg: TrainJobConfig, world_size: int, *, files: bool = False) -> in
         raise ConfigError(
             "data.packing needs attention that takes packed sequences (sdpa or te); "
             "train.attention=local does not; use train.attention=auto"
+        )
+    if t.wandb_project is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "train.wandb_project is set but wandb is not installed here; "
+                "pip install 'probsft-megatron[wandb]', or set train.wandb_project=null"
+            )
+    if (t.eval_interval or t.eval_batches is not None) and not cfg.data.val_files:
+        key = "train.eval_interval" if t.eval_interval else "train.eval_batches"
+        raise ConfigError(
+            f"{key} is set but data.val_files is empty; list held-out files in data.val_files "
+            "or remove it"
         )
     if cfg.data.max_length > cfg.model.max_position_embeddings:
         raise ConfigError(

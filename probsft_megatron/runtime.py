@@ -50,6 +50,7 @@ __all__ = [
     "StepStats",
     "build_training_model",
     "dp_group",
+    "eval_step",
     "grads_finite",
     "init_distributed",
     "is_last_stage",
@@ -324,8 +325,8 @@ class StepStats:
     ``mean_p``, ``frac_kept``, ``mean_w``, ``tokens`` (non-padding tokens of the global
     batch), ``positions`` (positions computed for the global batch, padding included),
     ``units`` (examples or turns with a trained token, the normalizer of
-    ``loss.normalization=sample``), ``threshold`` (a global-batch percentile threshold, when
-    one was resolved) and
+    ``loss.normalization=sample``),
+    ``threshold`` (a global-batch percentile threshold, when one was resolved) and
     ``p`` (the response tokens' p of the global batch, when asked for with ``record_p``).
     """
 
@@ -463,6 +464,63 @@ def train_step(
         local_grads_finite=local_grads_finite,
         **stats,
     )
+
+
+def eval_step(model_chunks: list, forward_step: ForwardStep, micro_batches: list[Batch]) -> dict:
+    """The validation loss of one global batch: forward only, no gradient, nothing updated; a
+    collective over the whole job like :func:`train_step`.
+
+    One measuring pass gives every response token's CE (the plain NLL, and the global-batch
+    percentile when the objective needs one); a second runs ``forward_step`` (the training
+    objective, its normalization) over the same micro-batches. Both are summed over
+    micro-batches and DP ranks. Returns on the last pipeline stage ``loss_sum`` (objective),
+    ``count`` (its normalizer), ``nll_sum``, ``response_tokens``, ``p_sum`` (summable over
+    several batches); ``{}`` on other stages.
+    """
+    seq_length, micro_batch_size = batch_shape(micro_batches)
+    shape = {"seq_length": seq_length, "micro_batch_size": micro_batch_size}
+    measure = MeasureStep(
+        forward_step.device,
+        forward_step.loss.config.implementation,
+        forward_step.loss.config.chunk_size,
+    )
+    rows = measure_token_ce(model_chunks, micro_batches, measure, **shape)
+    threshold = forward_step.threshold
+    if is_last_stage():
+        ce = torch.cat(rows).to(torch.float64) if rows else torch.zeros(0, dtype=torch.float64)
+        if threshold is None and forward_step.loss.needs_global_threshold:
+            threshold = resolve_percentile(
+                gather_varlen(torch.exp(-ce), forward_step.loss.dp_group),
+                forward_step.loss.objective.threshold.value,
+            )
+    step = dataclasses.replace(forward_step, threshold=threshold, record_p=False)
+    with torch.no_grad():
+        losses = compat.get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iter(micro_batches),
+            model=model_chunks,
+            num_microbatches=len(micro_batches),
+            forward_only=True,
+            **shape,
+        )
+    if not is_last_stage():
+        return {}
+    nll = torch.stack([ce.sum(), torch.tensor(float(ce.numel()), dtype=torch.float64)])
+    group = dp_group()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(nll, group=group)
+    stats = reduce_stats(losses, group)
+    normalization = forward_step.loss.normalization
+    count = {"kept": stats["kept_tokens"], "sample": stats["units"]}.get(
+        normalization, stats["response_tokens"]
+    )
+    return {
+        "loss_sum": stats["loss_sum"],
+        "count": float(count),
+        "nll_sum": float(nll[0]),
+        "response_tokens": int(nll[1]),
+        "p_sum": stats["mean_p"] * stats["response_tokens"],
+    }
 
 
 class GradCheck:

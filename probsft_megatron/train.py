@@ -14,7 +14,6 @@ checkpoints).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from probsft_megatron.errors import ConfigError, ProbsftError
 from probsft_megatron.fileio import atomic_write_json
 from probsft_megatron.job import Job, resolve_job
 from probsft_megatron.loss import ObjectiveLoss
+from probsft_megatron.metrics import RunLog, step_record
 from probsft_megatron.model_dir import read_model_config
 
 # by name: under ``python -m probsft_megatron.train`` __name__ is "__main__", outside the
@@ -50,98 +50,6 @@ def lr_at(step: int, total: int, cfg) -> float:
         return cfg.lr
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def p_histogram(p: torch.Tensor, bins: int = 20) -> list[int]:
-    return torch.histc(p.float(), bins=bins, min=0.0, max=1.0).to(torch.int64).tolist()
-
-
-class RunLog:
-    """What the logging rank writes while training: ``config.json``, ``metrics.jsonl``
-    (steps a resume repeats are dropped first), TensorBoard scalars and p histograms, and a
-    progress bar with the loss, mean p, tokens/s and ETA."""
-
-    def __init__(self, job: Job, start_step: int, last_step: int) -> None:
-        from tqdm import tqdm
-
-        out_dir = job.output_dir
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / "config.json", job.to_dict(), default=str)
-        self.path = out_dir / "metrics.jsonl"
-        if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a")
-        self.tb = None
-        if job.train.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-        self.progress = tqdm(
-            total=last_step,
-            initial=start_step,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
-        self.history: list[dict[str, Any]] = []
-
-    def step(self, record: dict[str, Any], p_values: torch.Tensor | None, write: bool) -> None:
-        self.history.append(record)
-        if write:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            if self.tb is not None:
-                for k, v in record.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        self.tb.add_scalar(f"train/{k}", v, record["step"])
-                if p_values is not None and p_values.numel():
-                    self.tb.add_histogram("train/p", p_values.float(), record["step"])
-        self.progress.set_postfix(
-            loss=f"{record['loss']:.4f}",
-            mean_p=f"{record['mean_p']:.3f}",
-            tok_s=f"{record['tokens_per_s']:.0f}",
-        )
-        self.progress.update(1)
-
-    def close(self) -> None:
-        self.progress.close()
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def step_record(step: int, lr: float, stats: runtime.StepStats, elapsed: float) -> dict[str, Any]:
-    """One line of ``metrics.jsonl``: ``tokens`` are the global batch's real (non-padding)
-    tokens, ``positions`` the positions computed for it (padding included) and
-    ``positions_per_token`` their ratio (1.0: no padding computed); ``tokens_per_s`` counts
-    real tokens, ``padded_tokens_per_s`` computed positions."""
-    record = {
-        "step": step,
-        "loss": stats.loss,
-        "lr": lr,
-        "grad_norm": stats.grad_norm,
-        "mean_p": stats.mean_p,
-        "frac_kept": stats.frac_kept,
-        "mean_w": stats.mean_w,
-        "response_tokens": stats.response_tokens,
-        "tokens": stats.tokens,
-        "positions": stats.positions,
-        "positions_per_token": stats.positions / max(stats.tokens, 1),
-        "tokens_per_s": stats.tokens / elapsed,
-        "padded_tokens_per_s": stats.positions / elapsed,
-        "step_time_s": elapsed,
-    }
-    if stats.threshold is not None:
-        record["threshold"] = stats.threshold
-    if stats.p is not None:
-        record["p_hist"] = p_histogram(stats.p)
-    return record
 
 
 def efficiency(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -263,6 +171,12 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
             ObjectiveLoss(job.loss, dp_group=runtime.dp_group()), platform.device()
         )
 
+        validation = None
+        if job.data.val_files:  # held-out loss every train.eval_interval steps and at the end
+            from probsft_megatron.validation import Validation
+
+            validation = Validation(job, tokenizer, layout)
+
         # -- the loop ---------------------------------------------------------------------------
         log = RunLog(job, start_step, last_step) if is_logger else None
         batches = iter(loader)
@@ -297,10 +211,14 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
                         )
                     runtime.shutdown()
                     raise verdict.error(stopper.checkpoint, announce=is_logger)
+                elapsed = time.perf_counter() - t0
+                val = {}
+                if validation is not None and not verdict.stop and validation.due(step, last_step):
+                    val = validation(chunks, forward_step)  # every rank; val_* on the logger
                 if log is not None:
-                    record = step_record(step, lr, stats, time.perf_counter() - t0)
+                    record = {**step_record(step, lr, stats, elapsed), **val}
                     write = step % t.log_interval == 0 or step == last_step or verdict.stop
-                    log.step(record, stats.p, write=write)
+                    log.step(record, stats.p, write=write or bool(val))
                 due = t.save_interval and step % t.save_interval == 0
                 if due or step == last_step or verdict.stop:
                     stopper.checkpoint = save(job, step, chunks, optimizer, loader, total_steps)

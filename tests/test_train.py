@@ -201,3 +201,116 @@ def test_checkpoint_interrupted_mid_write_keeps_previous(tmp_path):
     ref = tmp_path / "ref"
     _run(1, ref, extra)
     assert _losses(out) == _losses(ref)
+
+
+# -- validation loss and the W&B sink ----------------------------------------------------------
+
+
+def _wandb_history(root: Path) -> list[dict[str, float]]:
+    """The history rows of the offline W&B run under ``root``, read from its ``.wandb`` file
+    (W&B's record log: 32 KiB blocks of length-prefixed chunks holding its protobuf records)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = root.glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, buf, rows = 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        buf += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            if record.HasField("history"):
+                rows.append(
+                    {
+                        item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                        for item in record.history.item
+                    }
+                )
+    return rows
+
+
+def test_validation_loss_every_interval_matches_the_training_loss_and_reaches_wandb(tmp_path):
+    """DP=2, objective -p (so the objective and the NLL differ), the held-out file being the
+    training file and a learning rate too small to move a float32 weight: the validation of
+    the first global batch is the training loss of step 1 (same batch, same weights, same
+    objective and normalization, reduced over both DP ranks), at steps 2 and 3 only
+    (eval_interval=2 and the last step), identical each time; the NLL is above the -p loss
+    (-log p >= 1 - p). The same records reach W&B in offline mode, and the runs report."""
+    data = tmp_path / "records.jsonl"
+    with open(data, "w") as f:
+        for i in range(16):
+            a, b = 3 + i, 11 + 2 * i
+            f.write(json.dumps({"prompt": f"Add {a} and {b}.", "response": f"{a + b}"}) + "\n")
+    out = tmp_path / "run"
+    extra = [
+        "data.source=file",
+        "data.num_samples=null",
+        f"data.train_files=[{data}]",
+        f"data.val_files=[{data}]",
+        "loss.objective=p",
+        "optim.lr=1e-12",
+        "optim.min_lr=0",
+        "train.max_steps=3",
+        "train.save_interval=0",
+        "train.eval_interval=2",
+        "train.eval_batches=1",
+        "train.wandb_project=probsft-tests",
+        "train.wandb_mode=offline",
+    ]
+    _run(2, out, extra, WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    by_step = {r["step"]: r for r in rows}
+    assert sorted(by_step) == [1, 2, 3]
+    assert [s for s, r in by_step.items() if "val_loss" in r] == [2, 3]
+    v2, v3, first = by_step[2], by_step[3], by_step[1]
+    print("train loss step 1:", first["loss"], "val:", {k: v for k, v in v2.items() if "val" in k})
+    assert v2["val_loss"] == pytest.approx(first["loss"], rel=1e-6)
+    assert v2["val_tokens"] == first["response_tokens"]  # both DP ranks' tokens
+    assert (v2["val_loss"], v2["val_nll"]) == (v3["val_loss"], v3["val_nll"])
+    assert v2["val_nll"] > v2["val_loss"] > 0 and 0 < v2["val_mean_p"] < 1
+    assert v2["val_batches"] == 1
+
+    history = _wandb_history(tmp_path)
+    logged = {int(r["_step"]): r for r in history}
+    assert sorted(logged) == [1, 2, 3]
+    assert logged[1]["train/loss"] == pytest.approx(first["loss"])
+    assert logged[3]["val/loss"] == pytest.approx(v3["val_loss"])
+    assert logged[3]["val/nll"] == pytest.approx(v3["val_nll"])
+    assert "val/loss" not in logged[1]
+
+    from probsft_megatron.report.runs import read_run
+
+    run = read_run(out)
+    assert run["training"]["validation"]["step"] == 3
+    assert run["training"]["validation"]["val_loss"] == pytest.approx(v3["val_loss"])
+
+
+def test_validation_keys_are_checked_before_any_work(tmp_path):
+    from probsft_megatron.config import load_config, validate
+    from probsft_megatron.errors import ConfigError
+
+    cfg = load_config("tiny-figfont-cpu", ["train.eval_interval=5"])
+    with pytest.raises(ConfigError, match="train.eval_interval is set but data.val_files is empty"):
+        validate(cfg, 1)
+    for bad, fragment in (
+        ("train.eval_interval=-1", "train.eval_interval must be >= 0"),
+        ("train.eval_batches=0", "train.eval_batches must be >= 1"),
+        ("train.wandb_mode=cloud", "train.wandb_mode='cloud' is invalid"),
+    ):
+        with pytest.raises(ConfigError, match=fragment):
+            load_config("tiny-figfont-cpu", [bad])
+    missing = tmp_path / "nope.jsonl"
+    cfg = load_config("tiny-figfont-cpu", [f"data.val_files=[{missing}]"])
+    from probsft_megatron.input_checks import check_files
+
+    with pytest.raises(ConfigError, match="data.val_files: .*nope.jsonl does not exist"):
+        check_files(cfg)
