@@ -555,3 +555,18 @@ def test_inspect_marks_the_trained_spans_and_counts(smollm2, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[[a0 " in out and "=== " in out and "\033[" not in out
     assert "assistant turns kept whole 4 of 4" in out
+
+
+def test_the_store_fingerprint_follows_the_template_file(qwen, tmp_path):
+    """Editing a .jinja template (or a shipped one) changes the tokenized store's key."""
+    from probsft_megatron.data.store import fingerprint
+
+    path = tmp_path / "t.jinja"
+    path.write_text(load_template("chatml"))
+    cfg = DataConfig(train_files=[_write_jsonl(tmp_path / "d.jsonl", [{"p": 1}])])
+    cfg = dataclass_replace(cfg, chat_template=str(path))
+    before = fingerprint(cfg, qwen)[0]
+    assert fingerprint(cfg, qwen)[0] == before
+    path.write_text(load_template("chatml").replace("<|im_end|>\\n", "<|im_end|>\\n\\n"))
+    assert fingerprint(cfg, qwen)[0] != before
+    assert fingerprint(dataclass_replace(cfg, chat_template="qwen2.5"), qwen)[0] != before

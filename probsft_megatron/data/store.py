@@ -105,6 +105,14 @@ def _code_identity() -> str:
     return digest.hexdigest()
 
 
+def _template_text(cfg: DataConfig) -> str | None:
+    """The Jinja text ``data.chat_template`` names (None for ``auto``/``none``, whose
+    template is the tokenizer's and part of its identity)."""
+    from probsft_megatron.data.chat import load_template
+
+    return None if cfg.chat_template in ("auto", "none") else load_template(cfg.chat_template)
+
+
 def fingerprint(cfg: DataConfig, tokenizer) -> tuple[str, dict[str, Any]]:
     """``(key, inputs)``: the store's name and everything it was derived from."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in TOKEN_INDEPENDENT}
@@ -122,6 +130,8 @@ def fingerprint(cfg: DataConfig, tokenizer) -> tuple[str, dict[str, Any]]:
         "files": files,
         "tokenizer": _tokenizer_identity(tokenizer),
         "code_sha256": _code_identity(),
+        # a shipped template's or a .jinja file's text: editing it changes the tokens
+        "chat_template_text": _template_text(cfg),
     }
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20], inputs
