@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from probsft_megatron.data import DataConfig, SFTDataset, load_records
 from probsft_megatron.data.chat import (
@@ -570,3 +571,36 @@ def test_the_store_fingerprint_follows_the_template_file(qwen, tmp_path):
     path.write_text(load_template("chatml").replace("<|im_end|>\\n", "<|im_end|>\\n\\n"))
     assert fingerprint(cfg, qwen)[0] != before
     assert fingerprint(dataclass_replace(cfg, chat_template="qwen2.5"), qwen)[0] != before
+
+
+def test_packing_keeps_every_conversation_whole(qwen, tmp_path, rng):
+    """Packed micro-batches hold whole conversations between their boundaries: each
+    sequence of cu_seqlens is one conversation's tokens and loss mask, unchanged."""
+    from probsft_megatron.data import GlobalBatchLoader
+
+    convs = [_conversation(rng, system=True, tools=False, turns=1 + k % 4) for k in range(12)]
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"messages": c} for c in convs])
+    ds = SFTDataset(DataConfig(train_files=[path], chat_template="qwen2.5"), qwen)
+    loader = GlobalBatchLoader(
+        ds,
+        global_batch_size=4,
+        micro_batch_size=2,
+        dp_rank=0,
+        dp_size=1,
+        seq_length=int(ds.lengths.max()),
+        seed=3,
+        packing=True,
+        pad_id=ds.pad_id,
+    )
+    seen = []
+    for step in loader:
+        for batch in step:
+            bounds = batch.cu_seqlens.tolist()
+            for k, index in enumerate(i for row in batch.examples for i in row):
+                a, b = bounds[k], bounds[k + 1]
+                item = ds[index]
+                assert torch.equal(batch.tokens[0, a:b], item["input_ids"])
+                assert torch.equal(batch.loss_mask[0, a : b - 1], item["loss_mask"][:-1])
+                assert batch.loss_mask[0, b - 1] == 0 and batch.position_ids[0, a] == 0
+                seen.append(index)
+    assert sorted(seen) == list(range(len(ds)))
