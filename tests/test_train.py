@@ -292,6 +292,11 @@ def test_validation_loss_every_interval_matches_the_training_loss_and_reaches_wa
     run = read_run(out)
     assert run["training"]["validation"]["step"] == 3
     assert run["training"]["validation"]["val_loss"] == pytest.approx(v3["val_loss"])
+    from probsft_megatron.cli import main as cli_main
+
+    assert cli_main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "report.md").read_text().split("| val loss | val NLL |")[1]
+    assert f"| {v3['val_nll']:.4g} |" in table.splitlines()[2], table[:400]
 
 
 def test_validation_keys_are_checked_before_any_work(tmp_path):
