@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -64,6 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tokenizer", help="tokenizer folder or 'smollm2' (default: the model's hf/)")
     p.add_argument("--refresh", action="store_true", help="ignore and replace a cached report")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the report.json and probe.png of an earlier probe in --out",
+    )
     p.add_argument("overrides", nargs="*", help="data overrides, e.g. data.max_length=2048")
 
 
@@ -171,6 +177,7 @@ def check_inputs(args: argparse.Namespace):
         if data.source == "file":
             inputs += [("--data", f) for f in data.train_files]
         manifest.check_output(args.out, flag="--out", inputs=inputs)
+        _check_earlier_report(Path(args.out), getattr(args, "overwrite", False))
     tokenizer = args.tokenizer
     if tokenizer is None:
         tokenizer = str(model / "hf") if (model / "model_config.json").is_file() else str(model)
@@ -183,6 +190,30 @@ def check_inputs(args: argparse.Namespace):
         check_tokenizer(tokenizer, "--tokenizer")
     check_vocab_fits(tokenizer, config.vocab_size, "the tokenizer")
     return data
+
+
+def _check_earlier_report(out: Path, overwrite: bool) -> None:
+    """A probe's ``report.json`` already in ``out`` is replaced only with ``--overwrite``; a
+    ``report.json`` that is not a probe's never (one line each)."""
+    from probsft_megatron.probe.report import FORMAT, REPORT_FILE
+
+    path = out / REPORT_FILE
+    if not path.exists():
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ConfigError(
+            f"--out {out} holds a {REPORT_FILE} that probsft probe did not write; --overwrite "
+            "replaces only a probe's report: choose another --out"
+        )
+    if not overwrite:
+        raise ConfigError(
+            f"--out {out} already holds a probe report ({REPORT_FILE}); pass --overwrite to "
+            "replace it, or choose another --out"
+        )
 
 
 def _probe_flags(message: str) -> str:
@@ -255,6 +286,8 @@ def _child_command(args: argparse.Namespace, model_dir: Path) -> list[str]:
             cmd += [flag, str(value)]
     if args.refresh:
         cmd.append("--refresh")
+    if getattr(args, "overwrite", False):
+        cmd.append("--overwrite")
     return cmd + list(args.overrides)
 
 

@@ -153,6 +153,12 @@ CASES = [
     Case("eval-out-is-a-run", DESTROY,
          "eval --model {hf_tok} --task gsm8k --out {run} --overwrite",
          "holds a summary.json that probsft eval did not write", ("hf_tok", "run")),
+    Case("probe-out-holds-a-probe-report", DESTROY,
+         "probe --model {mg} --data figfont --out {probedone}",
+         "already holds a probe report (report.json); pass --overwrite", ("mg", "probedone")),
+    Case("probe-out-holds-another-report", DESTROY,
+         "probe --model {mg} --data figfont --out {otherreport} --overwrite",
+         "holds a report.json that probsft probe did not write", ("mg", "otherreport")),
     Case("data-generate-over-existing-file", DESTROY,
          "data generate addition --n 2 --out {gen_existing}",
          "already holds generated addition records; pass --overwrite", ("gen_existing",)),
@@ -746,6 +752,12 @@ def world(tmp_path_factory) -> dict[str, str]:
     paths["evaldone"] = w / "evaldone"
     paths["evaldone"].mkdir()
     (paths["evaldone"] / "summary.json").write_text(json.dumps([{"task": "gsm8k"}]) + "\n")
+    from probsft_megatron.probe.report import FORMAT as PROBE_FORMAT
+
+    for name, report in (("probedone", {"format": PROBE_FORMAT, "key": "k"}), ("otherreport", {})):
+        paths[name] = w / name
+        paths[name].mkdir()
+        (paths[name] / "report.json").write_text(json.dumps(report) + "\n")
     paths["nobin"] = w / "nobin"
     paths["nobin"].mkdir()
     paths["bad_yaml"] = w / "bad.yaml"
@@ -993,7 +1005,10 @@ exit code 2 (argparse's own usage errors also exit 2; a run that fails on its ow
 as a local experiment whose steps failed, exits 1). No command destroys its input: an output
 that is, contains or lies inside an input is refused with or without `--overwrite`, and
 `--overwrite` replaces only a previous output of the same kind, recognised by what probsft
-writes into it (`probsft_manifest.json`, `model_config.json`, `train_state.json`).
+writes into it (`probsft_manifest.json`, `model_config.json`, `train_state.json`). The
+same holds for files: `data generate --out FILE`, `eval --out` (its `summary.json`) and
+`probe --out` (its `report.json`) refuse to replace an earlier output without `--overwrite`,
+and with it replace only an output of their own kind.
 
 ## Checkpoints that can be verified
 
@@ -1064,6 +1079,8 @@ PLACEHOLDERS = {
     "EMPTYDIR": "an empty folder",
     "EMPTY_RECIPE": "a recipe holding only comments and blank lines",
     "EVALDONE": "a folder holding an earlier evaluation's `summary.json`",
+    "OTHERREPORT": "a folder holding a `report.json` that is not a probe's",
+    "PROBEDONE": "a folder holding an earlier probe's `report.json`",
     "GEN_EXISTING": "a `.jsonl` written by `probsft data generate addition`",
     "LOOP": "a symbolic link to itself, named `loop.jsonl`",
     "NOBIN": "an empty folder, used as `PATH` (no `sbatch` on it)",
