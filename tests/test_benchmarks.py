@@ -47,9 +47,10 @@ BENCHMARKS: dict[str, Bench] = {
         "--steps 1 --rounds 1 --micro-batches 1 --micro-batch-size 2 --seq 32",
         {
             "objective_overhead_cpu.json": "device micro_batches micro_batch_size seq "
-            "steps_per_round rounds weights_unchanged load_average_1min.before "
-            "load_average_1min.after rows[].variant rows[].median_step_s rows[].ratio "
-            "rows[].extra_forward"
+            "steps_per_round rounds threads clock weights_unchanged load_average_1min.before "
+            "load_average_1min.after load_average_1min.per_round rows[].variant "
+            "rows[].median_step_s rows[].median_cpu_s rows[].ratio rows[].ratio_wall "
+            "rows[].ratio_cpu rows[].extra_forward"
         },
     ),
     "fused_loss.py": Bench(
@@ -85,6 +86,25 @@ BENCHMARKS: dict[str, Bench] = {
             "directions.hf_to_megatron.conversion_rss_ratio "
             "directions.hf_to_megatron.peak_tree_pss_ratio "
             "directions.megatron_to_hf.peak_rss_ratio directions.megatron_to_hf.seconds"
+        },
+    ),
+    "lora.py": Bench(
+        "--shape tiny --steps 1 --warmup 1 --seq 32",
+        {
+            "lora_cpu_tiny.json": "device shape rank seq rows[].variant "
+            "rows[].trainable_parameters rows[].grad_buffer_bytes rows[].optimizer_state_bytes "
+            "rows[].peak_rss_bytes rows[].median_step_s lora_over_full.trainable_parameters "
+            "lora_over_full.peak_rss_bytes lora_over_full.median_step_s"
+        },
+    ),
+    "data_efficiency.py": Bench(
+        "--max-lengths 64 --examples 32 --global-batch 8 --micro-batch 4 --steps 1 "
+        "--records 200 --ranks 1 --scratch {tmp}",
+        {
+            "data_efficiency_layout_cpu.json": "device length_mix rows[].max_length "
+            "rows[].layout rows[].positions_per_token rows[].median_step_s",
+            "data_efficiency_store_cpu.json": "device rows[].records rows[].ranks rows[].cache "
+            "rows[].per_rank",
         },
     ),
     # the continuum runs train SmolLM2 and start vLLM per run (minutes): their dry runs
@@ -223,7 +243,7 @@ def test_benchmark_smoke(script, tmp_path, request):
     data = check_results(out, bench)
     if script == "objective_overhead.py":
         result = data["objective_overhead_cpu.json"]
-        assert result["weights_unchanged"] is True
+        assert result["weights_unchanged"] is True and result["clock"] == "cpu"
         variants = [r["variant"] for r in result["rows"]]
         assert variants[0] == "megatron CE (baseline)" and result["rows"][0]["ratio"] == 1.0
         assert {"original", "p", "OnlyTopP-K20"} <= set(variants)
