@@ -98,6 +98,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a .jsonl/.json/.parquet file, 'figfont', or a recipe; then data "
         "overrides, e.g. data.max_length=512",
     )
+    pr = sub.add_parser(
+        "prepare",
+        help="tokenize a recipe's data once into its store (what training maps)",
+        description="tokenize a recipe's data once into its fingerprinted store under "
+        "data.cache_dir ($PROBSFT_CACHE/data), in parallel; training then maps it",
+    )
+    pr.add_argument("--config", required=True, metavar="RECIPE", help="recipe (.yaml or name)")
+    pr.add_argument(
+        "--tokenizer", help="tokenizer folder or 'smollm2' (default: the recipe's tokenizer)"
+    )
+    pr.add_argument(
+        "--num-proc", type=int, help="tokenizing processes (default: every CPU this may use)"
+    )
+    pr.add_argument("--json", action="store_true", help="print the result as JSON")
+    pr.add_argument(
+        "overrides", nargs="*", metavar="data.key=value", help="data overrides of the recipe"
+    )
     p.set_defaults(_data_parser=p)
 
 
@@ -144,9 +161,11 @@ def run(args: argparse.Namespace) -> int:
         return _generate(args)
     if args.data_command == "inspect":
         return _inspect(args)
+    if args.data_command == "prepare":
+        return _prepare(args)
     raise ConfigError(
-        "probsft data needs an action: tasks, generate TASK --out FILE, or "
-        "inspect DATA (probsft data --help)"
+        "probsft data needs an action: tasks, generate TASK --out FILE, "
+        "inspect DATA or prepare --config RECIPE (probsft data --help)"
     )
 
 
@@ -571,6 +590,61 @@ def _inspect(args: argparse.Namespace) -> int:
     report = inspect(args.data, args.overrides, args.tokenizer, args.limit, args.show)
     color = not args.json and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     print(json.dumps(report, indent=2) if args.json else format_report(report, color))
+    return 0
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def prepare(
+    recipe: str,
+    overrides: list[str] | None = None,
+    tokenizer: str | None = None,
+    num_proc: int | None = None,
+) -> dict:
+    """Build (or find) the tokenized store of ``recipe``'s data; what training will map."""
+    import time
+
+    from probsft_megatron.data import store
+    from probsft_megatron.tokenizers import load_tokenizer
+
+    if num_proc is not None and num_proc < 1:
+        raise ConfigError(f"--num-proc must be >= 1, got {num_proc}")
+    cfg, tokenizer_spec = _resolve(recipe, list(overrides or []), tokenizer)
+    if not cfg.cache:
+        raise ConfigError(
+            "data.cache is false: training tokenizes in memory and reads no store; "
+            "remove data.cache=false to prepare one"
+        )
+    t0 = time.perf_counter()
+    tok = load_tokenizer(tokenizer_spec)
+    key, _ = store.fingerprint(cfg, tok)
+    found = store.open_store(store.store_root(cfg) / key) is not None
+    ds = store.open_dataset(cfg, tok, num_proc=num_proc)
+    s = ds.stats
+    return {
+        "store": str(ds.store_path),
+        "built": not found,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "examples": int(s["n_examples"]),
+        "tokens": int(s["n_tokens"]),
+        "response_tokens": int(s["n_response_tokens"]),
+        "truncated": int(s["n_truncated"]),
+        "dropped": int(s["n_dropped"]),
+    }
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    r = prepare(args.config, args.overrides, args.tokenizer, args.num_proc)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        verb = "built" if r["built"] else "already built"
+        print(
+            f"{verb}: {r['store']}\n{r['examples']:,} examples, {r['tokens']:,} tokens "
+            f"({r['response_tokens']:,} trained), {r['truncated']:,} truncated, "
+            f"{r['dropped']:,} dropped; {r['seconds']:.1f} s"
+        )
     return 0
 
 

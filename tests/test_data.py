@@ -1002,3 +1002,34 @@ def test_readers_wait_for_the_builder(tok, tmp_path, rng):
     built = store.open_dataset(cfg, tok, num_proc=1)
     reader.join(60)
     assert got["ds"].store_path == built.store_path and _same_examples(got["ds"], built)
+
+
+def test_data_prepare_builds_the_store_training_maps(tok, tmp_path, rng, capsys):
+    from probsft_megatron import data_cli
+    from probsft_megatron.data import store
+
+    tok.save_pretrained(tmp_path / "tok")
+    data = _write_jsonl(tmp_path / "d.jsonl", _records(rng, 50))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"data:\n  train_files: [{data}]\n  max_length: 512\n  cache_dir: {tmp_path / 's'}\n"
+        f"init:\n  tokenizer: {tmp_path / 'tok'}\n"
+    )
+    args = ["prepare", "--config", str(recipe), "--num-proc", "2"]
+    assert data_cli.main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("built: ") and "50 examples" in first
+    assert data_cli.main([*args, "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["built"] is False and again["examples"] == 50
+    cfg = DataConfig(train_files=[data], max_length=512, cache_dir=str(tmp_path / "s"))
+    assert (
+        str(store.open_dataset(cfg, tok, builder=False, timeout_s=0).store_path) == again["store"]
+    )
+    # an override gives another store; bad values are one line with exit 2
+    assert data_cli.main([*args, "--json", "data.max_length=1024"]) == 0
+    assert json.loads(capsys.readouterr().out)["store"] != again["store"]
+    assert data_cli.main(["prepare", "--config", str(recipe), "--num-proc", "0"]) == 2
+    assert "--num-proc must be >= 1" in capsys.readouterr().err
+    assert data_cli.main(["prepare", "--config", str(recipe), "data.cache=false"]) == 2
+    assert "data.cache is false" in capsys.readouterr().err

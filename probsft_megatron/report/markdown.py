@@ -149,8 +149,8 @@ def render_markdown(report: dict) -> str:
             "across objectives.",
             "",
             "| objective | setting | seeds | steps | loss | mean p | kept tokens | "
-            "mean w | tokens/s |",
-            "|---|---|---|---|---:|---:|---:|---:|---:|",
+            "mean w | tokens/s | positions/token |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for g in trained:
             t = g["training"]
@@ -165,7 +165,8 @@ def render_markdown(report: dict) -> str:
                 f"{_fmt_stat(t.get('mean_p'), False)} | "
                 f"{_fmt_stat(t.get('frac_kept'), True)}% | "
                 f"{_fmt_stat(t.get('mean_w'), False)} | "
-                f"{_fmt_stat(t.get('tokens_per_s'), False)} |"
+                f"{_fmt_stat(t.get('tokens_per_s'), False)} | "
+                f"{_fmt_stat(t.get('positions_per_token'), False)} |"
             )
         lines.append("")
         validated = [g for g in trained if "val_loss" in g["training"]]

@@ -181,7 +181,16 @@ def identity(config: dict) -> str:
 def _tail_stats(history: list[dict]) -> dict[str, float]:
     tail = history[-TAIL:]
     out = {}
-    for key in ("loss", "mean_p", "frac_kept", "mean_w", "grad_norm", "tokens_per_s", "threshold"):
+    for key in (
+        "loss",
+        "mean_p",
+        "frac_kept",
+        "mean_w",
+        "grad_norm",
+        "tokens_per_s",
+        "positions_per_token",
+        "threshold",
+    ):
         vals = [
             r[key] for r in tail if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
         ]

@@ -195,7 +195,7 @@ def _aggregate_group(g: dict, metric: str, tasks: list[str]) -> None:
     g["average"] = summarize_values(per_run) if per_run and len(tasks) > 1 else None
     g["evaluated"] = sum(1 for r in members if r["eval"])
     train_stats: dict[str, Any] = {}
-    for key in ("loss", "mean_p", "frac_kept", "mean_w", "tokens_per_s"):
+    for key in ("loss", "mean_p", "frac_kept", "mean_w", "tokens_per_s", "positions_per_token"):
         vs = [
             r["training"]["final"][key]
             for r in members
