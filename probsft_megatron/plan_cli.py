@@ -3,6 +3,7 @@
     probsft plan --config RECIPE [--gpus N] [--gpu-memory GB] [--gpus-per-node 8] [key=value ...]
     probsft plan --config RECIPE --json            # the same as JSON
     probsft plan --recipes-table                   # the shipped recipes on 8 x 80 and 8 x 141 GB
+    probsft plan --lora-table [--gpu-memory 80]    # the same recipes: full vs LoRA, 1 GPU or 8
 
 Prints, per GPU, the requested layout's weights, gradient buffer, optimizer state (with and
 without the distributed optimizer), activations (with and without sequence parallelism, per
@@ -61,6 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a Markdown table of every shipped recipe of >= 1B parameters on one node "
         "of 8 x 80 GB and 8 x 141 GB (docs/training.md)",
     )
+    p.add_argument(
+        "--lora-table",
+        action="store_true",
+        help="a Markdown table of full fine-tuning vs LoRA (rank 16) for the same recipes: "
+        "GiB per GPU on one node, and whether one GPU of --gpu-memory holds the run",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=2")
 
 
@@ -72,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.recipes_table:
         print(P.recipes_table())
+        return 0
+    if getattr(args, "lora_table", False):
+        print(P.lora_table(gpu_memory_gb=args.gpu_memory))
         return 0
     if not args.config:
         raise ConfigError(

@@ -140,6 +140,20 @@ def test_base_is_frozen_without_grad_buffer_or_optimizer_state(tp1):
     assert not any(hasattr(p, "main_grad") for p in frozen.values())
     held = [p for g in optimizer.optimizer.param_groups for p in g["params"]]
     assert sum(p.numel() for p in held) == n_adapter
+    # the planner counts the same: frozen base weights, and buffer and state for the adapters
+    from probsft_megatron.config import LORA_TARGETS
+    from probsft_megatron.plan.layout import Layout, Workload
+    from probsft_megatron.plan.static import static_memory
+
+    workload = Workload(params_dtype="fp32", lora_rank=LORA.rank, lora_targets=LORA_TARGETS)
+    planned = static_memory(TINY_QWEN2, Layout(distributed_optimizer=False), workload)
+    assert planned.weights == sum(p.numel() * 4 for p in gpt.parameters())
+    assert planned.grad_buffer == grad_numel * 4
+    assert planned.adam_moments == n_adapter * 8
+    full = static_memory(
+        TINY_QWEN2, Layout(distributed_optimizer=False), Workload(params_dtype="fp32")
+    )
+    assert full.grad_buffer > 4 * planned.grad_buffer  # negative control: full trains all
 
     before = {n: p.detach().clone() for n, p in gpt.named_parameters()}
     fwd = runtime.make_forward_step(ObjectiveLoss(LossConfig("original")), "cpu")

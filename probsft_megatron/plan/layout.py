@@ -104,6 +104,8 @@ class Workload:
     packing: bool = False
     kernels: str = "cuda"  # cuda | cpu: which kernels' saved tensors to count
     adam: str = "foreach"  # foreach | single (torch's multi-/single-tensor Adam) | fused (TE/apex)
+    lora_rank: int = 0  # > 0: LoRA (peft.method=lora), the base frozen, adapters of this rank
+    lora_targets: tuple[str, ...] = ()  # megatron linears with adapters (peft.target_modules)
 
     def __post_init__(self) -> None:
         if self.params_dtype not in DTYPE_BYTES:

@@ -255,3 +255,49 @@ def recipes_table() -> str:
             f"{req.layout.label()} | {own} | {large_cells} |"
         )
     return "\n".join(rows)
+
+
+def _one_gpu_cell(result: Plan) -> str:
+    """Whether the cheapest layout on one GPU fits: its GiB, or the least any layout needs."""
+    if result.recommended is not None:
+        return f"yes, {result.recommended.estimate.total / GiB:.1f}"
+    needs = [c.estimate.total for c in result.rejected if c.estimate is not None]
+    return f"no ({min(needs) / GiB:.1f} needed)" if needs else "no"
+
+
+def lora_table(rank: int = 16, gpu_memory_gb: float = NODE_MEMORIES_GB[0]) -> str:
+    """Markdown: full fine-tuning vs LoRA (``rank``, all four linears) for each node recipe:
+    GiB per GPU at the recipe's own layout on one node, and whether one GPU of
+    ``gpu_memory_gb`` holds the run (the cheapest layout on one GPU: recomputation, the
+    distributed optimizer off)."""
+    rows = [
+        f"| recipe | parameters | full, own layout (8 x {gpu_memory_gb:g} GB) | LoRA r={rank} | "
+        f"full on 1 x {gpu_memory_gb:g} GB | LoRA r={rank} on 1 x {gpu_memory_gb:g} GB | "
+        "trainable (LoRA) |",
+        "|---|---|---:|---:|---|---|---:|",
+    ]
+    for name in node_recipes():
+        cfg = load_config(name)
+        lora = load_config(name, ["peft.method=lora", f"peft.rank={rank}"])
+        cells = []
+        for c in (cfg, lora):
+            req = plan(c, NODE_GPUS, gpu_memory_gb).requested
+            cells.append(f"{req.estimate.total / GiB:.1f}" if req.estimate else "-")
+        single = [
+            "parallel.tensor_model_parallel_size=1",
+            "parallel.pipeline_model_parallel_size=1",
+            "parallel.sequence_parallel=false",
+        ]
+        lora_keys = ["peft.method=lora", f"peft.rank={rank}"]
+        one = [
+            _one_gpu_cell(plan(load_config(name, [*single, *extra]), 1, gpu_memory_gb))
+            for extra in ([], lora_keys)
+        ]
+        from probsft_megatron.plan.static import lora_parameters
+
+        adapters = sum(p.numel for p in lora_parameters(cfg.model, Layout(), workload_of(lora)))
+        rows.append(
+            f"| {name} | {cfg.model.num_parameters() / 1e9:.2f}B | {cells[0]} | {cells[1]} | "
+            f"{one[0]} | {one[1]} | {adapters / 1e6:.1f}M |"
+        )
+    return "\n".join(rows)

@@ -65,6 +65,8 @@ def workload_of(cfg: TrainJobConfig, device: str = "cuda") -> Workload:
         packing=cfg.data.packing,
         kernels=device,
         adam="foreach" if device == "cuda" else "single",
+        lora_rank=cfg.peft.rank if cfg.peft.enabled else 0,
+        lora_targets=tuple(cfg.peft.target_modules) if cfg.peft.enabled else (),
     )
 
 

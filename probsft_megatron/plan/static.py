@@ -207,6 +207,29 @@ class Static:
         return self.weights + self.grad_buffer + self.optimizer
 
 
+def lora_parameters(model, layout: Layout, workload: Workload) -> list[Param]:
+    """The LoRA adapters one tensor-parallel rank of a pipeline stage holds (workload's rank
+    and targets; :mod:`probsft_megatron.lora`): column-parallel ``linear_qkv`` / ``linear_fc1``
+    ``A [r, in]`` replicated and ``B [out/TP, r]``; row-parallel ``linear_proj`` /
+    ``linear_fc2`` ``A [r, in/TP]`` and ``B [out, r]`` replicated; in registration order."""
+    from probsft_megatron.plan.layout import dims
+
+    d, r, tp = dims(model), workload.lora_rank, layout.tp
+    shapes = {
+        "linear_qkv": (r * d["h"], (d["q"] + 2 * d["kv"]) // tp * r),
+        "linear_proj": (r * d["q"] // tp, d["h"] * r),
+        "linear_fc1": (r * d["h"], 2 * d["f"] // tp * r),
+        "linear_fc2": (r * d["f"] // tp, d["h"] * r),
+    }
+    out = []
+    for layer in range(model.num_layers // layout.pp):
+        for target in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"):
+            if target in workload.lora_targets:
+                a, b = shapes[target]
+                out += [Param(f"{layer}.{target}.lora_A", a), Param(f"{layer}.{target}.lora_B", b)]
+    return out
+
+
 def static_memory(
     model,
     layout: Layout,
@@ -215,8 +238,17 @@ def static_memory(
     dp_rank: int = 0,
     bucket_size: int | None = None,
 ) -> Static:
-    """Exact bytes of weights, gradient buffer and optimizer state on one rank."""
+    """Exact bytes of weights, gradient buffer and optimizer state on one rank.
+
+    LoRA (``workload.lora_rank > 0``): the base weights are frozen, held as they are (outside
+    the distributed optimizer's buffer), with no gradient and no optimizer state; the
+    adapters (:func:`lora_parameters`) have the gradient buffer and the optimizer state.
+    """
     params = stage_parameters(model, layout.tp, layout.pp, pp_rank)
+    frozen = 0
+    if workload.lora_rank > 0:
+        frozen = sum(p.numel for p in params) * workload.param_bytes
+        params = lora_parameters(model, layout, workload)
     dist_opt = layout.uses_distributed_optimizer
     buf = grad_buffer(params, layout.dp, dist_opt, bucket_size if pp_rank == 0 else None)
     pb = workload.param_bytes
@@ -228,7 +260,7 @@ def static_memory(
         shards = [p.numel for p in params]
     held = [n for n in shards if n > 0]
     return Static(
-        weights=weights,
+        weights=weights + frozen,
         grad_buffer=buf.numel * workload.grad_bytes,
         main_params=sum(held) * 4 if pb != 4 else 0,
         adam_moments=sum(held) * 8,
