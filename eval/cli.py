@@ -84,12 +84,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-model-len", type=int, help="context length for vLLM (default: the model's)"
     )
+    parser.add_argument(
+        "--adapter",
+        help="a LoRA adapter folder (probsft convert megatron-to-hf of a LoRA checkpoint) to "
+        "evaluate on top of --model, served by vLLM's LoRA support",
+    )
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse, in one line each, what a user can get wrong before anything is loaded."""
     from probsft_megatron import manifest
     from probsft_megatron.eval.models import check_hf_model_dir
+
+    if getattr(args, "adapter", None) is not None:
+        from probsft_megatron.eval.runner import adapter_rank
+
+        adapter_rank(args.adapter)  # a PEFT LoRA folder, or one line saying what it is not
 
     for flag, value in (
         ("--n", args.n),
@@ -198,6 +208,7 @@ def config_from_args(args: argparse.Namespace):
         limit=args.limit,
         prompt_format=args.prompt_format,
         tensor_parallel_size=args.tensor_parallel_size,
+        adapter=getattr(args, "adapter", None),
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         grader=args.grader,

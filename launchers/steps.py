@@ -5,7 +5,8 @@
 
 ``export`` picks the newest complete checkpoint under ``RUN_DIR/checkpoints`` (it does not
 exist when the experiment is built), exports it with the converters' ``megatron_to_hf``
-(the function behind ``probsft convert megatron-to-hf``) and, for a run that started from
+(the function behind ``probsft convert megatron-to-hf``; a LoRA run's adapters are merged
+into its base, :mod:`probsft_megatron.converters.peft_export`) and, for a run that started from
 random weights and so has no Hugging Face template, adds the training tokenizer so that vLLM
 can load the folder. The folder is assembled under a hidden name and renamed when complete.
 
@@ -52,7 +53,12 @@ def export_latest(train_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
             "the train step did not finish (see its log)"
         )
     staging = out.parent / f".{out.name}.export"
-    megatron_to_hf(ckpt, staging, overwrite=True)
+    from probsft_megatron.converters import peft_export
+
+    if peft_export.peft_record(ckpt) is not None:  # LoRA: the adapters merged into the base
+        peft_export.export(ckpt, staging, merge=True, overwrite=True)
+    else:
+        megatron_to_hf(ckpt, staging, overwrite=True)
     state = json.loads((ckpt / "train_state.json").read_text())
     if not any((staging / name).is_file() for name in _TOKENIZER_FILES):
         spec = state.get("config", {}).get("init", {}).get("tokenizer")

