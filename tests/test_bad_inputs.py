@@ -290,6 +290,10 @@ CASES = [
          "is not a SLURM time limit", ("profile_badtime",), ("{W}/launch_badtime",)),
     Case("train-max-steps-beyond-data", RANGE, TRAIN + " train.max_steps=400",
          "train.max_steps=400 is more than the at most 4 steps the data gives"),
+    Case("train-real-run-max-steps-beyond-tokenized-data", RANGE,
+         "train --config {recipe} train.output_dir={W}/run_long train.max_steps=4",
+         "train.max_steps=4 is more than the 3 steps the data gives (train.epochs=1 over 12 "
+         "examples", (), ("{W}/run_long/checkpoints",), subprocess=True),
     Case("train-real-run-lr-negative", RANGE, "train --config {recipe} optim.lr=-1",
          "optim.lr must be > 0"),
     Case("train-real-run-max-steps-negative", RANGE,
