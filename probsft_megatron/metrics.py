@@ -57,6 +57,8 @@ def step_record(step: int, lr: float, stats, elapsed: float) -> dict[str, Any]:
     }
     if stats.threshold is not None:
         record["threshold"] = stats.threshold
+    if getattr(stats, "units", None):  # loss.normalization=sample: examples (or turns) averaged
+        record["units"] = stats.units
     if stats.p is not None:
         record["p_hist"] = p_histogram(stats.p)
     return record

@@ -175,3 +175,22 @@ def test_sample_normalization_config():
     with pytest.raises(ConfigError, match="loss.sample_unit='row' is invalid"):
         LossConfig(sample_unit="row")
     assert LossConfig().normalization == "kept"  # the default stays token-level
+
+
+def test_metrics_record_the_units_of_a_sample_normalized_step():
+    from probsft_megatron.metrics import step_record
+    from probsft_megatron.runtime import StepStats
+
+    base = dict(
+        grad_norm=1.0,
+        update_successful=True,
+        loss=0.5,
+        mean_p=0.5,
+        frac_kept=1.0,
+        mean_w=1.0,
+        response_tokens=10,
+        tokens=20,
+        positions=24,
+    )
+    assert step_record(1, 1e-3, StepStats(**base, units=3), 1.0)["units"] == 3
+    assert "units" not in step_record(1, 1e-3, StepStats(**base, units=0), 1.0)
