@@ -231,6 +231,8 @@ def test_wheel_works_outside_the_checkout(wheel_venv, tmp_path):
     for kind in ("recipes", "models", "clusters", "sweeps"):
         for path in (REPO / "configs" / kind).glob("*.yaml"):
             assert f"probsft_megatron/configs/{kind}/{path.name}" in shipped
+    for path in (REPO / "configs" / "chat_templates").glob("*.jinja"):
+        assert f"probsft_megatron/configs/chat_templates/{path.name}" in shipped
     for path in (REPO / "eval" / "data").glob("*.jsonl"):
         assert f"probsft_megatron/eval/data/{path.name}" in shipped
 
