@@ -604,3 +604,23 @@ def test_packing_keeps_every_conversation_whole(qwen, tmp_path, rng):
                 assert batch.loss_mask[0, b - 1] == 0 and batch.position_ids[0, a] == 0
                 seen.append(index)
     assert sorted(seen) == list(range(len(ds)))
+
+
+def test_system_prompt_fills_only_conversations_without_one(qwen, tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Own."},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+    ]
+    path = _write_jsonl(tmp_path / "s.jsonl", rows)
+    cfg = DataConfig(train_files=[path], chat_template="qwen2.5", system_prompt="Given.")
+    ds = SFTDataset(cfg, qwen)
+    first, second = (qwen.decode(ds[i]["input_ids"]) for i in range(2))
+    assert first.startswith("<|im_start|>system\nGiven.<|im_end|>")
+    assert second.startswith("<|im_start|>system\nOwn.<|im_end|>") and "Given." not in second
+    assert _trained_texts(qwen, ds[0]) == _trained_texts(qwen, ds[1]) == ["a<|im_end|>"]
