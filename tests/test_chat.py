@@ -624,3 +624,11 @@ def test_system_prompt_fills_only_conversations_without_one(qwen, tmp_path):
     assert first.startswith("<|im_start|>system\nGiven.<|im_end|>")
     assert second.startswith("<|im_start|>system\nOwn.<|im_end|>") and "Given." not in second
     assert _trained_texts(qwen, ds[0]) == _trained_texts(qwen, ds[1]) == ["a<|im_end|>"]
+
+
+def test_marked_text_colours_on_a_terminal_and_brackets_otherwise():
+    from probsft_megatron.data_cli import marked_text
+
+    pieces = [("<|im_start|>assistant\n", False), ("hi<|im_end|>", True), ("\n", False)]
+    assert marked_text(pieces) == "<|im_start|>assistant\n[[hi<|im_end|>]]\n"
+    assert marked_text(pieces, color=True) == "<|im_start|>assistant\n\033[32mhi<|im_end|>\033[0m\n"
