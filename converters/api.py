@@ -327,6 +327,13 @@ def megatron_to_hf(
         The export folder. Tied models get no ``lm_head.weight``.
     """
     check_model_dir(ckpt_dir, "--ckpt")  # a model dir or training checkpoint, intact
+    from probsft_megatron.lora import FINGERPRINT_FILE
+
+    if (Path(ckpt_dir) / FINGERPRINT_FILE).is_file():
+        raise CheckpointError(
+            f"{ckpt_dir} is a LoRA checkpoint (adapters only): export it with probsft convert "
+            "megatron-to-hf --ckpt (a PEFT adapter folder, or --merge for full weights)"
+        )
     md = layout.read_model_dir(ckpt_dir)
     template = _hf_folder(hf_template, "--hf-template") if hf_template is not None else md.hf
     replace = manifest.check_output(

@@ -161,6 +161,9 @@ def test_merge_of_full_weights_and_another_base_are_refused(tmp_path):
     with pytest.raises(CheckpointError) as err:
         peft_export.export(path, tmp_path / "out", base=other)
     assert "is not the base model the adapters" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(CheckpointError) as err:  # the plain exporter of full weights
+        api.megatron_to_hf(path, tmp_path / "out")
+    assert "is a LoRA checkpoint" in str(err.value) and "\n" not in str(err.value)
     proc = _convert("--ckpt", str(base), "--out", str(tmp_path / "out"), "--merge")
     lines = [x for x in proc.stderr.splitlines() if "--merge needs a LoRA checkpoint" in x]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
