@@ -243,3 +243,20 @@ def test_eval_refuses_a_folder_that_is_no_adapter(tmp_path):
     )
     lines = [x for x in proc.stderr.splitlines() if "is not a LoRA adapter folder" in x]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+
+
+def test_launch_export_step_merges_a_lora_run(tmp_path):
+    """The export step of `probsft launch` (launchers.steps.export_latest) turns a LoRA run's
+    newest checkpoint into a full HF folder (merged, with the base's tokenizer) for eval."""
+    from probsft_megatron.converters.testing import qwen_tokenizer
+    from probsft_megatron.launchers.steps import export_latest
+
+    hf = tiny_hf_checkpoint(
+        tmp_path / "hf", "qwen2", tokenizer_dir=qwen_tokenizer(), vocab_size=151646
+    )
+    base = api.hf_to_megatron(hf, tmp_path / "base").path
+    _, megatron = _lora_checkpoint(base, tmp_path / "run" / "checkpoints", 0.05)
+    out = export_latest(tmp_path / "run", tmp_path / "run" / "hf")
+    assert (out / "tokenizer.json").is_file() and not (out / "adapter_config.json").exists()
+    logits = _hf_logits(out, _tokens(megatron.shape[-1]))
+    assert (logits - megatron).abs().max().item() < TOL
