@@ -274,6 +274,12 @@ def _plan_backbone(
         megatron = str(Path(options.work_dir) / "models" / req.model)
         overrides.append(f"init.checkpoint={megatron}")
     if megatron is None:
+        if cfg.peft.enabled:  # adapters of a random base: nothing on disk to merge them into
+            raise ConfigError(
+                f"run {name}: peft.method=lora adapts a base model, but recipe {recipe} starts "
+                f"from random weights; pass --hf DIR (the {req.model} Hugging Face folder) or "
+                "--set init.checkpoint=MEGATRON_DIR"
+            )
         if not cfg.init.tokenizer:
             raise ConfigError(
                 f"run {name}: recipe {recipe} starts from no checkpoint; pass --hf DIR "

@@ -309,11 +309,25 @@ def test_launch_peft_lora_trains_every_run_on_adapters(tmp_path):
 
     cmd = [sys.executable, "-m", "probsft_megatron.cli", "launch", "--dataset", "figfont"]
     cmd += ["--model", "tiny-llama", "--objective", "p", "--dryrun"]
+    base = ["--set", f"init.checkpoint={tmp_path / 'base'}"]  # a base (made where jobs run)
     runs = {}
-    for peft in ("lora", None):
-        extra = ["--work-dir", str(tmp_path / str(peft)), *(["--peft", peft] if peft else [])]
-        proc = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=300)
+    for name, extra in (("lora", ["--peft", "lora", *base]), ("full", base)):
+        proc = subprocess.run(
+            [*cmd, "--work-dir", str(tmp_path / name), *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[peft] = [x for x in proc.stdout.splitlines() if "-m probsft_megatron.train" in x]
-    assert len(runs["lora"]) == 1 and runs["lora"][0].endswith("peft.method=lora")
-    assert "peft.method" not in runs[None][0]  # negative control
+        runs[name] = [x for x in proc.stdout.splitlines() if "-m probsft_megatron.train" in x]
+    assert len(runs["lora"]) == 1 and "peft.method=lora" in runs["lora"][0]
+    assert "peft.method" not in runs["full"][0]  # negative control
+    # LoRA on the recipe's random weights: nothing to adapt or merge into, refused at once
+    proc = subprocess.run(
+        [*cmd, "--work-dir", str(tmp_path / "random"), "--peft", "lora"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [x for x in proc.stderr.splitlines() if "starts from random weights" in x]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
