@@ -32,6 +32,8 @@
 # SMOKE=1 runs tiny sizes instead (checks the plumbing on any machine, CPU included; the test
 # suite runs it: tests/test_benchmarks.py).
 set -euo pipefail
+start=$SECONDS # the budget counts from here: installing and checking imports included
+caller=$PWD
 cd "$(dirname "$0")/.."
 MCORE_VERSION=0.16.1
 
@@ -47,6 +49,7 @@ fetch)
     ;;
 run)
     out="${2:-benchmarks/results}"
+    [[ -z "${2:-}" || "$out" == /* ]] || out="$caller/$out" # relative to where it was called
     mkdir -p "$out"
     log="$out/gpu_benchmarks.log"
     : >"$log"
@@ -83,7 +86,6 @@ print('[gpu_benchmarks] torch', torch.__version__, 'megatron-core', megatron.cor
         plan=(--shape qwen2.5-1.5b --seqs 2048,4096)
     fi
     budget="${BUDGET_S:-540}"
-    start=$SECONDS
     failed=()
     # stage NAME CAP_S SCRIPT ARGS...: run one benchmark under min(CAP_S, budget left)
     stage() {
