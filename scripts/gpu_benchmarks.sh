@@ -13,7 +13,7 @@
 # at V=151,936, h=1536), ~1.7 PFLOP of throughput steps (12.8 GFLOP per token, 32 steps of
 # 4096 tokens) and ~0.3 PFLOP of planner steps: under 10 s at 400-600 TFLOP/s; the bytes
 # (logits up to 5 GB bf16 per pass, Adam over 1.8B parameters) add a few seconds at 3 TB/s.
-# The run is dominated by ~23 fresh processes (import torch + megatron, CUDA context, model
+# The run is dominated by ~21 fresh processes (import torch + megatron, CUDA context, model
 # build), ~10-15 s each: about 4-6 minutes in all. Hard limit: BUDGET_S (default 540 s, so
 # the whole command ends inside 10 minutes); each stage also has its own cap (below), and a
 # stage cut short keeps what it already wrote.
