@@ -97,6 +97,16 @@ BENCHMARKS: dict[str, Bench] = {
             "lora_over_full.peak_rss_bytes lora_over_full.median_step_s"
         },
     ),
+    "data_efficiency.py": Bench(
+        "--max-lengths 64 --examples 32 --global-batch 8 --micro-batch 4 --steps 1 "
+        "--records 200 --ranks 1 --scratch {tmp}",
+        {
+            "data_efficiency_layout_cpu.json": "device length_mix rows[].max_length "
+            "rows[].layout rows[].positions_per_token rows[].median_step_s",
+            "data_efficiency_store_cpu.json": "device rows[].records rows[].ranks rows[].cache "
+            "rows[].per_rank",
+        },
+    ),
     # the continuum runs train SmolLM2 and start vLLM per run (minutes): their dry runs
     "continuum.py": Bench(
         "--dry-run --work {tmp}/work",

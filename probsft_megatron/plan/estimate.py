@@ -90,8 +90,7 @@ def estimate_stage(
         per_mb += t * 8  # token ids kept by the embedding
     if not last:
         per_mb += layer.checkpoint_input  # the stage output the 1F1B schedule keeps until backward
-    if workload.packing:
-        per_mb += workload.micro_batch_size * workload.seq_length**2  # boolean [b,1,s,s] mask
+    # packing (cu_seqlens, one row of the micro-batch's tokens) keeps no s x s mask
     m = workload.num_microbatches(layout.dp, layout.pp)
     in_flight = min(layout.pp - pp_rank, m) if layout.pp > 1 else 1
     head = loss_head(model, layout, workload).peak if last else 0
