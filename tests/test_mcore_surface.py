@@ -13,10 +13,10 @@ project uses and checks it against the *source* of each release:
   parameters), every ``self.X`` a subclass reads without setting it, and the keywords
   ``runtime`` passes to the callables that ``compat`` hands out (the pipeline schedule);
 * where it is checked: the newest patch of 0.17, 0.18 and 0.19 (wheels from the registry,
-  ``pip download --no-deps --python-version 3.12 --only-binary=:all:``, cached in pytest's cache
-  folder; skipped with the reason when the registry cannot be reached), and the installed
-  release (0.16.1) as the positive control. A made-up name, keyword and override are the
-  negative control: the checker must report them.
+  ``pip download --no-deps --python-version 3.12 --only-binary=:all:``, into the test
+  session's temporary folder; skipped with the reason when the registry cannot be
+  reached), and the installed release (0.16.1) as the positive control. A made-up name,
+  keyword and override are the negative control: the checker must report them.
 
 Names that the code looks up conditionally (``getattr(x, name, default)``, ``compat._accepts``)
 are optional by design and not required. What is missing only in some releases on purpose is
@@ -514,8 +514,10 @@ def uses() -> list[Use]:
 
 
 @pytest.fixture(scope="session")
-def wheel_dir(request) -> Path:
-    return Path(request.config.cache.mkdir("megatron-core-wheels"))
+def wheel_dir(tmp_path_factory) -> Path:
+    """The wheels of this test session (``make test`` runs pytest without its cache
+    provider, and CI starts from empty caches: each session downloads them again)."""
+    return tmp_path_factory.mktemp("megatron-core-wheels")
 
 
 def release_source(version: str, wheel_dir: Path) -> Source:
