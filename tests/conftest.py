@@ -125,3 +125,28 @@ def smollm2_megatron(smollm2_hf) -> Path:
     from probsft_megatron.converters.api import default_model_dir
 
     return default_model_dir()
+
+
+PROCESS_GROUP_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+"""What ``runtime.init_distributed`` sets in ``os.environ`` for a single-process run."""
+
+
+def _restore_process_group_env():
+    saved = {key: os.environ.get(key) for key in PROCESS_GROUP_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+# An in-process training or probe test (or a module fixture that builds a model) leaves
+# RANK/MASTER_PORT in os.environ; a later test's subprocess inherited them (`probsft train`
+# then took the torchrun path, a single-process run tried to listen on the earlier port), so
+# a result depended on the order tests ran in. Each test, and each module, gets back the
+# variables it started with.
+_process_group_env_per_test = pytest.fixture(autouse=True)(_restore_process_group_env)
+_process_group_env_per_module = pytest.fixture(autouse=True, scope="module", name="_pg_env_module")(
+    _restore_process_group_env
+)

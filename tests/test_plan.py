@@ -385,7 +385,8 @@ def test_impossible_layouts_are_named():
 def test_the_check_counts_on_the_meta_device_and_leaves_no_process_group():
     """check_fits is what train/launch call before submitting: it builds the 7B model's stages
     on the meta device (no weight memory: 15 GB of bf16 weights would show in the peak RSS)
-    and tears down the one-process world it built them in."""
+    and tears down the one-process world it built them in. Peak RSS: 0.42 GB in a developer
+    tree, 2.78 GB once in a fresh-clone CI run (not reproduced); the bound is 4 GB."""
     code = (
         "import resource, sys\n"
         "import torch.distributed as dist\n"
@@ -397,7 +398,7 @@ def test_the_check_counts_on_the_meta_device_and_leaves_no_process_group():
         "assert not v.fits and 'tensor_model_parallel_size=4' in v.message, v.message\n"
         "assert not dist.is_initialized()\n"
         "rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20\n"
-        "assert rss_gb < 2, rss_gb\n"
+        "assert rss_gb < 4, rss_gb\n"
         "print('ok')\n"
     )
     proc = subprocess.run(
