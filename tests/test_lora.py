@@ -245,7 +245,10 @@ def _train_run(out, *extra, expect_ok=True):
     import sys
 
     cmd = [sys.executable, "-m", "probsft_megatron.train", *TRAIN, f"train.output_dir={out}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # a single-process run of its own: not the port or rank of this module's in-process group
+    group = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in group}
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [*cmd, *extra], capture_output=True, text=True, timeout=600, env=env, start_new_session=True
     )
