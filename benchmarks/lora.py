@@ -26,20 +26,11 @@ from pathlib import Path
 import torch
 from common import device_name, device_tag, write_results
 
+from probsft_megatron.config import load_preset
+
 SHAPES = {
-    # SmolLM2-135M-Instruct (Llama: tied embeddings, GQA 9/3, no qkv bias, rope_theta 1e5)
-    "smollm2-135m": dict(
-        arch="llama",
-        num_layers=30,
-        hidden_size=576,
-        ffn_hidden_size=1536,
-        num_attention_heads=9,
-        num_query_groups=3,
-        vocab_size=49152,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-        qkv_bias=False,
-    ),
+    # the shipped preset (configs/models/smollm2-135m.yaml), not a second copy of it
+    "smollm2-135m": load_preset("smollm2-135m"),
     "tiny": dict(
         arch="llama",
         num_layers=2,
