@@ -72,7 +72,7 @@ def main() -> int:
     )
     parallel = ParallelConfig()
     runtime.init_distributed(parallel, seed=0, model=model_cfg)
-    dev = runtime.platform.device()
+    dev = runtime.cpu_backend.device()
     tconfig = transformer_config(model_cfg, parallel)
     chunks, optimizer = runtime.build_training_model(model_cfg, tconfig)
     # measure without learning: the rate is zeroed the way the schedule sets it each step

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from probsft_megatron import compat, platform
+from probsft_megatron import compat, cpu_backend
 from probsft_megatron.config import ModelConfig, ParallelConfig
 from probsft_megatron.errors import CheckpointError
 from probsft_megatron.model import build_gpt_model, transformer_config
@@ -34,8 +34,8 @@ def single_process_group() -> Iterator[None]:
     Raises:
         CheckpointError: the process belongs to a multi-process job or another layout.
     """
-    was_active = platform.is_active()
-    platform.activate()
+    was_active = cpu_backend.is_active()
+    cpu_backend.activate()
     own_dist = not dist.is_initialized()
     if own_dist:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -63,7 +63,7 @@ def single_process_group() -> Iterator[None]:
         if own_dist:
             dist.destroy_process_group()
         if not was_active:
-            platform.deactivate()
+            cpu_backend.deactivate()
 
 
 def build_model(model: ModelConfig, dtype: torch.dtype):

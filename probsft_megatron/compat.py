@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from probsft_megatron import platform
+from probsft_megatron import cpu_backend
 from probsft_megatron.errors import CheckpointError
 from probsft_megatron.hardware import te_available  # noqa: F401  (re-exported)
 
@@ -123,7 +123,7 @@ def seed_model_parallel(seed: int) -> None:
     torch.manual_seed(seed)
     fn = tensor_parallel.model_parallel_cuda_manual_seed
     kwargs: dict[str, Any] = {}
-    if not platform.cuda_available():
+    if not cpu_backend.cuda_available():
         for name in ("inference_rng_tracker", "force_reset_rng"):
             if _accepts(fn, name):
                 kwargs[name] = True

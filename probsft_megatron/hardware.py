@@ -2,7 +2,7 @@
 
 The two questions the configuration asks before anything starts (``train.precision: auto``,
 ``train.attention: auto|te``), answered without importing megatron, so resolving a config
-stays cheap. :mod:`probsft_megatron.platform` (the CPU fallback) and
+stays cheap. :mod:`probsft_megatron.cpu_backend` (the CPU fallback) and
 :mod:`probsft_megatron.compat` re-export them.
 """
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from probsft_megatron import compat, platform
+from probsft_megatron import compat, cpu_backend
 from probsft_megatron.config import OptimConfig, ParallelConfig, validate_layout
 from probsft_megatron.data.batches import Batch
 from probsft_megatron.errors import ConfigError
@@ -81,17 +81,17 @@ def init_distributed(
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = validate_layout(parallel, world, model)
-    platform.activate()
+    cpu_backend.activate()
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        if platform.cuda_available():
+        if cpu_backend.cuda_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-        dist.init_process_group(backend=platform.distributed_backend(), **timeout)
+        dist.init_process_group(backend=cpu_backend.distributed_backend(), **timeout)
     compat.initialize_model_parallel(
         parallel.tensor_model_parallel_size,
         parallel.pipeline_model_parallel_size,
@@ -607,7 +607,7 @@ def build_training_model(
     lora = peft is not None and peft.enabled
     gpt = build_gpt_model(
         model_cfg, tconfig, attention=attention, fused_head=fused, peft=peft if lora else None
-    ).to(platform.device())
+    ).to(cpu_backend.device())
     if lora:
         from probsft_megatron import lora as lora_mod
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from probsft_megatron import checkpoint as ckpt
-from probsft_megatron import compat, console, lora, platform, run_lock, runtime, stopping
+from probsft_megatron import compat, console, cpu_backend, lora, run_lock, runtime, stopping
 from probsft_megatron.config import TrainJobConfig, load_config, world_size_from_env
 from probsft_megatron.errors import ConfigError, ProbsftError
 from probsft_megatron.fileio import atomic_write_json
@@ -90,7 +90,7 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
         )
         # one run per output folder: rank 0 takes the lock, every rank learns the verdict;
         # released when the run ends however it ends (also exit 75, a second Ctrl-C)
-        stopper.at_exit(run_lock.hold(job.output_dir, platform.device()).release)
+        stopper.at_exit(run_lock.hold(job.output_dir, cpu_backend.device()).release)
         layout = compat.layout()
         is_logger = layout.is_last_stage and layout.dp_rank == 0 and layout.tp_rank == 0
         stopper.announce = is_logger
@@ -168,7 +168,7 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
             )
             job = job.with_objective(name)
         forward_step = runtime.ForwardStep(
-            ObjectiveLoss(job.loss, dp_group=runtime.dp_group()), platform.device()
+            ObjectiveLoss(job.loss, dp_group=runtime.dp_group()), cpu_backend.device()
         )
 
         validation = None
@@ -199,7 +199,7 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
                         record_p=want_hist,
                     )
                 # every rank learns whether any rank got a stop signal or a non-finite value
-                verdict = stopper.boundary(stats, platform.device())
+                verdict = stopper.boundary(stats, cpu_backend.device())
                 if verdict.nonfinite:  # before anything of this step is logged or saved
                     if is_logger:
                         stopping.record_event(

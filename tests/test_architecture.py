@@ -56,7 +56,7 @@ LAYERS = {
     "tokenizers": CORE,
     "embedded": CORE,
     # 2: everything that touches megatron-core
-    "platform": MEGATRON,
+    "cpu_backend": MEGATRON,
     "compat": MEGATRON,
     "model": MEGATRON,
     "attention": MEGATRON,
@@ -69,7 +69,7 @@ LAYERS = {
 """Layer of each core module (``probsft_megatron.<name>`` and its submodules); every other
 module (training, probe, converters, eval, launchers, the CLI) is a job, layer 3."""
 
-MEGATRON_SEAM = {"compat", "model", "attention", "fused_head", "platform", "lora"}
+MEGATRON_SEAM = {"compat", "model", "attention", "fused_head", "cpu_backend", "lora"}
 """The only modules that import megatron: version-dependent calls (compat), megatron
 subclasses (model building, SDPA attention, the fused head, the LoRA linears) and the CPU
 fallback."""

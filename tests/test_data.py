@@ -795,7 +795,7 @@ def test_real_dataset_packed_epoch(tok, tmp_path, rng):
 MEGATRON_PACKING_PARITY = r"""
 import json, sys
 import torch
-from probsft_megatron import platform, runtime
+from probsft_megatron import cpu_backend, runtime
 from probsft_megatron.data import GlobalBatchLoader
 from probsft_megatron.model import ModelConfig, ParallelConfig, build_gpt_model, transformer_config
 
@@ -814,7 +814,7 @@ model = ModelConfig(arch="qwen2", num_layers=2, hidden_size=64, num_attention_he
                     num_query_groups=2, vocab_size=256)
 runtime.init_distributed(ParallelConfig(), seed=0, model=model)
 gpt = build_gpt_model(model, transformer_config(model, ParallelConfig()))
-gpt = gpt.to(platform.device()).eval()
+gpt = gpt.to(cpu_backend.device()).eval()
 ds = Examples([5, 9, 12])
 kw = dict(dp_rank=0, dp_size=1, seq_length=32, seed=1, global_batch_size=3, micro_batch_size=3)
 (plain,), = list(GlobalBatchLoader(ds, **kw))

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import read_json, run_torchrun
-from probsft_megatron import fused_head, fused_loss, platform, runtime
+from probsft_megatron import cpu_backend, fused_head, fused_loss, runtime
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.loss import LossConfig, ObjectiveLoss, reduce_stats, token_ce_triple
 from probsft_megatron.model import TINY_QWEN2, ParallelConfig, build_gpt_model, transformer_config
@@ -34,7 +34,7 @@ def tp1():
     """Megatron's model-parallel state for one process (TP=1), torn down afterwards."""
     from megatron.core import parallel_state
 
-    was_active = platform.is_active()
+    was_active = cpu_backend.is_active()
     owned = not parallel_state.model_parallel_is_initialized()
     if owned:
         runtime.init_distributed(ParallelConfig())
@@ -42,7 +42,7 @@ def tp1():
     if owned:
         runtime.shutdown()
         if not was_active:
-            platform.deactivate()
+            cpu_backend.deactivate()
 
 
 def _inputs(seed, b=3, s=11, h=16, vocab=48, dtype=torch.float32):

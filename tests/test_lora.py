@@ -20,7 +20,7 @@ import dataclasses
 import pytest
 import torch
 
-from probsft_megatron import platform, runtime
+from probsft_megatron import cpu_backend, runtime
 from probsft_megatron.config import ConfigError, PeftConfig, load_config
 from probsft_megatron.loss import LossConfig, ObjectiveLoss
 from probsft_megatron.model import TINY_QWEN2, ParallelConfig, build_gpt_model, transformer_config
@@ -42,7 +42,7 @@ absolute ones such as p >= 0.3 keep no token of a random model)."""
 def tp1():
     from megatron.core import parallel_state
 
-    was_active = platform.is_active()
+    was_active = cpu_backend.is_active()
     owned = not parallel_state.model_parallel_is_initialized()
     if owned:
         runtime.init_distributed(ParallelConfig())
@@ -50,7 +50,7 @@ def tp1():
     if owned:
         runtime.shutdown()
         if not was_active:
-            platform.deactivate()
+            cpu_backend.deactivate()
 
 
 SHAPE = {"seq_length": 16, "micro_batch_size": 2}

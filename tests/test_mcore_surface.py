@@ -6,7 +6,7 @@ project uses and checks it against the *source* of each release:
 
 * what is used: every ``import megatron...`` / ``from megatron... import X`` of the modules
   that talk to megatron (``MEGATRON_SEAM`` of tests/test_architecture.py: ``compat``,
-  ``model``, ``attention``, ``fused_head``, ``platform``, ``lora``),
+  ``model``, ``attention``, ``fused_head``, ``cpu_backend``, ``lora``),
   every attribute chain on an imported megatron object (``parallel_state.get_..._rank``),
   every keyword passed to a megatron callable (also through ``**kwargs`` built by ``dict(...)``
   in the same function), every method a subclass overrides (megatron calls it with its own

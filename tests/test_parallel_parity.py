@@ -360,15 +360,15 @@ def _train_with(recompute: dict, objective: str, steps: int = 3) -> dict:
 
 @pytest.fixture(scope="module")
 def tp1_groups():
-    from probsft_megatron import platform, runtime
+    from probsft_megatron import cpu_backend, runtime
     from probsft_megatron.config import ParallelConfig
 
-    was_active = platform.is_active()
+    was_active = cpu_backend.is_active()
     runtime.init_distributed(ParallelConfig())
     yield
     runtime.shutdown()
     if not was_active:
-        platform.deactivate()
+        cpu_backend.deactivate()
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from probsft_megatron import compat, platform, runtime
+from probsft_megatron import compat, cpu_backend, runtime
 from probsft_megatron.config import ModelConfig, ParallelConfig, resolve_precision
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.model_dir import read_model_config
@@ -97,7 +97,7 @@ def measure(
         pad_multiple=pad_multiple(lay.tp),
         same_length_per_step=lay.pp > 1,
     )
-    step = runtime.MeasureStep(platform.device(), implementation, chunk_size)
+    step = runtime.MeasureStep(cpu_backend.device(), implementation, chunk_size)
     progress = None
     if dist.get_rank() == 0:
         from tqdm import tqdm
@@ -194,7 +194,7 @@ def build_probe_model(
     from probsft_megatron.model import build_gpt_model, transformer_config
 
     tconfig = transformer_config(model, parallel, params_dtype=DTYPES[dtype])
-    gpt = build_gpt_model(model, tconfig).to(platform.device())
+    gpt = build_gpt_model(model, tconfig).to(cpu_backend.device())
     runtime.load_model_weights(gpt, str(Path(model_dir) / "weights"))
     gpt.eval()
     return [gpt]
@@ -243,7 +243,7 @@ def probe(
         raise ConfigError(f"micro batch size must be >= 1 (got {micro_batch_size})")
     if samples is not None and samples < 1:
         raise ConfigError(f"--samples must be >= 1 (got {samples})")
-    was_active = platform.is_active()
+    was_active = cpu_backend.is_active()
     own = not compat.model_parallel_is_initialized()
     if own:
         runtime.init_distributed(parallel, model=model)
@@ -284,5 +284,5 @@ def probe(
         if own:
             runtime.shutdown()
             if not was_active:
-                platform.deactivate()
+                cpu_backend.deactivate()
     return report

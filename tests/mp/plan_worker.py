@@ -21,7 +21,7 @@ Layouts run one after another in the same process group; megatron's model-parall
 rebuilt for each.
 
 Recompute on a machine without CUDA: megatron's checkpointing saves and restores the CUDA RNG
-state, which does not exist here. When :mod:`probsft_megatron.platform` provides no CPU
+state, which does not exist here. When :mod:`probsft_megatron.cpu_backend` provides no CPU
 fallback for that, this worker stands in an empty state for the ``saved`` measurement (the
 models have no dropout, so no random number is drawn inside a recomputed region).
 """

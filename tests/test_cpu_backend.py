@@ -8,7 +8,7 @@ import textwrap
 
 import torch
 
-from probsft_megatron import platform
+from probsft_megatron import cpu_backend
 
 
 def test_nothing_changes_when_cuda_is_present():
@@ -16,8 +16,8 @@ def test_nothing_changes_when_cuda_is_present():
         n: getattr(torch.cuda, n)
         for n in ("current_device", "synchronize", "empty_cache", "set_device")
     }
-    assert platform.activate(cuda=True) is False
-    assert not platform.is_active()
+    assert cpu_backend.activate(cuda=True) is False
+    assert not cpu_backend.is_active()
     assert {n: getattr(torch.cuda, n) for n in before} == before
     # no torch-function mode was pushed: a cuda placement still refers to cuda
     t = torch.empty(2, device="meta")
@@ -36,9 +36,9 @@ def _run(code: str) -> str:
 def test_cuda_placements_land_on_cpu_when_active():
     out = _run("""
         import torch
-        from probsft_megatron import platform
+        from probsft_megatron import cpu_backend
         original = torch.cuda.current_device
-        assert platform.activate(cuda=False)
+        assert cpu_backend.activate(cuda=False)
         a = torch.empty(3, device="cuda")
         b = torch.zeros(2, device=torch.cuda.current_device())
         c = torch.ones(2).cuda()
@@ -46,7 +46,7 @@ def test_cuda_placements_land_on_cpu_when_active():
         e = torch.ones(2, dtype=torch.float32).type()
         torch.cuda.synchronize()
         print(a.device, b.device, c.device, d.device, e)
-        platform.deactivate()
+        cpu_backend.deactivate()
         print(torch.overrides._get_current_function_mode_stack() == [],
               torch.cuda.current_device is original)
     """)
