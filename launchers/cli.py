@@ -440,9 +440,9 @@ def _wait_and_report(exp_dir: Path) -> int:
     print()
     code = jobs.report(record, states, sys.stdout)
     if code == 0:
-        for name, summary in record.runs.items():
-            print(f"{name}: ok {summary}")
-            summary_md = Path(summary).parent / "summary.md"
+        for name, run in record.runs.items():
+            print(f"{name}: ok {run['eval_summary']}")
+            summary_md = Path(run["eval_summary"]).parent / "summary.md"
             if summary_md.is_file():
                 print(summary_md.read_text(), end="")
     else:

@@ -1,9 +1,11 @@
 """From (dataset, model, objective) to one NeMo-Run experiment: convert -> train -> export -> eval.
 
-The experiment is first built as plain data, a :class:`Plan`: a list of :class:`Step` objects,
-each a ``python -m MODULE ARGS`` command with its environment and the steps it waits for.
-Only :func:`execute` turns a plan into NeMo-Run tasks (``run.Script``) on an executor, so a
-plan can be inspected, printed and tested without NeMo-Run.
+The experiment is first built as plain data, an :class:`ExperimentPlan`: a list of
+:class:`Step` objects, each a ``python -m MODULE ARGS`` command with its environment and
+the steps it waits for. Only :func:`execute` turns a plan into NeMo-Run tasks (``run.Script``)
+on an executor, so a plan can be inspected, printed and tested without NeMo-Run; it also
+writes the run record (:mod:`probsft_megatron.launchers.jobs`) that later commands and the
+runs report read.
 
 One run's steps::
 
@@ -35,7 +37,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -121,16 +123,26 @@ class LaunchOptions:
 
 @dataclass
 class RunPlan:
-    """Where one run's outputs land."""
+    """One run: what it trains and where its outputs land (the run record's entry)."""
 
     name: str
     dataset: str
     model: str
     objective: str
+    """The objective's canonical name."""
     recipe: str
     run_dir: str
     hf_dir: str
     eval_dir: str
+    overrides: list[str] = field(default_factory=list)
+    layout: dict[str, int] = field(default_factory=dict)
+    """World size and parallel sizes the config was validated for."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The training config as validated at launch."""
+
+    def record(self) -> dict[str, Any]:
+        """This run as the experiment record stores it."""
+        return {**asdict(self), "eval_summary": str(self.eval_summary)}
 
     @property
     def eval_summary(self) -> Path:
@@ -139,7 +151,7 @@ class RunPlan:
 
 
 @dataclass
-class Plan:
+class ExperimentPlan:
     """An experiment as plain data: steps in a valid execution order, runs, and notes."""
 
     title: str
@@ -256,7 +268,7 @@ def _is_model_dir(path: str) -> bool:
 
 
 def _plan_backbone(
-    plan: Plan,
+    plan: ExperimentPlan,
     converts: dict[str, str],
     req: RunRequest,
     name: str,
@@ -320,7 +332,7 @@ def plan_experiment(
     title: str | None,
     requests: list[RunRequest],
     options: LaunchOptions,
-) -> Plan:
+) -> ExperimentPlan:
     """Plan the steps of ``requests`` (one chain each, conversions shared by model); the
     experiment is called ``title``, or after its first run when ``title`` is None.
 
@@ -328,7 +340,7 @@ def plan_experiment(
     recipe key, an impossible layout, a missing backbone, or two runs with the same name.
     """
     work = Path(options.work_dir)
-    plan = Plan(title=safe_name(title or ""), work_dir=str(work), steps=[], runs=[])
+    plan = ExperimentPlan(title=safe_name(title or ""), work_dir=str(work), steps=[], runs=[])
     converts: dict[str, str] = {}  # Megatron model dir -> convert step name
     models = sorted({req.model for req in requests})
     if len(models) > 1 and ANY_MODEL in options.hf:
@@ -413,6 +425,7 @@ def plan_experiment(
                 [f"export-{name}"],
             ),
         ]
+        config = cfg.to_dict()
         plan.runs.append(
             RunPlan(
                 name,
@@ -423,6 +436,9 @@ def plan_experiment(
                 str(run_dir),
                 str(hf_dir),
                 str(eval_dir),
+                overrides=overrides,
+                layout={"world_size": options.world_size, **config.get("parallel", {})},
+                config=config,
             )
         )
     plan.title = plan.title or plan.runs[0].name
@@ -487,13 +503,16 @@ def step_command(
     return AGENT_MODULE, [*agent_args, "-m", step.module, *args]
 
 
-def experiment_dir(plan: Plan, exp_id: str) -> Path:
+def experiment_dir(plan: ExperimentPlan, exp_id: str) -> Path:
     """Where NeMo-Run records an experiment of ``plan`` (and writes its sbatch scripts)."""
     return Path(plan.work_dir) / "experiments" / plan.title / exp_id
 
 
 def execute(
-    plan: Plan, executor_for: Callable[[Step], Any], mode: str, agent_args: list[str] | None = None
+    plan: ExperimentPlan,
+    executor_for: Callable[[Step], Any],
+    mode: str,
+    agent_args: list[str] | None = None,
 ) -> Path:
     """Turn ``plan`` into a NeMo-Run experiment and dry-run, run or submit it.
 
@@ -502,15 +521,29 @@ def execute(
 
     ``mode``: ``dryrun`` (write the job scripts, launch nothing), ``run`` (local: the steps
     one after another in plan order, waiting for each) or ``submit`` (SLURM: every step is a
-    job that depends on its ``after`` steps; returns once all are queued, with the experiment
-    record of :mod:`probsft_megatron.launchers.jobs` written). Returns the experiment's
-    directory.
+    job that depends on its ``after`` steps; returns once all are queued). Every mode writes
+    the run record (:class:`~probsft_megatron.launchers.jobs.ExperimentRecord`) into the
+    experiment's directory (a local run: when it ends, also by an error or Ctrl-C); returns
+    that directory.
     """
+    from probsft_megatron.launchers import jobs
+
     run = import_nemo_run()
     if mode not in ("dryrun", "run", "submit"):
         raise ValueError(f"mode must be dryrun, run or submit, got {mode!r}")
     exp_id = f"{plan.title}_{time.time_ns()}"
-    # a submission reports through the experiment record (jobs.py), not NeMo-Run's console
+    exp_dir = experiment_dir(plan, exp_id)
+    record = jobs.ExperimentRecord(
+        title=plan.title,
+        exp_id=exp_id,
+        exp_dir=str(exp_dir),
+        status={"dryrun": "dry run", "run": "launched", "submit": "submitted"}[mode],
+        steps=[],
+        runs={r.name: r.record() for r in plan.runs},
+        command=["probsft", *sys.argv[1:]],
+        submitted_at=jobs.now_iso(),
+    )
+    # a submission reports through the run record (jobs.py), not NeMo-Run's console
     exp = run.Experiment(
         plan.title,
         id=exp_id,
@@ -523,7 +556,19 @@ def execute(
         job_ids: dict[str, str] = {}
         for step in plan.steps:
             executor = executor_for(step)
+            record.executor = "slurm" if isinstance(executor, run.SlurmExecutor) else "local"
             module, args = step_command(step, executor, agent_args)
+            record.steps.append(
+                jobs.LaunchedStep(
+                    step.name,
+                    step.kind,
+                    list(step.after),
+                    None,
+                    step.name,
+                    str(exp_dir / step.name),
+                    ["python", "-m", module, *args],
+                )
+            )
             script = run.Script(
                 path=module, args=args, env=dict(step.env), entrypoint="python", m=True
             )
@@ -533,11 +578,15 @@ def execute(
             )
         if mode == "dryrun":
             exp.dryrun(log=False, delete_exp_dir=False)
+            record.save()
         elif mode == "submit":
-            _submit(plan, exp, exp_id)
-        else:
-            exp.run(sequential=True)
-    return experiment_dir(plan, exp_id)
+            _submit(record, exp)
+        else:  # NeMo-Run creates the folder when the run starts: the record follows the run
+            try:
+                exp.run(sequential=True)
+            finally:
+                record.save()
+    return exp_dir
 
 
 def _slurm_job_id(handle: str) -> str | None:
@@ -563,58 +612,34 @@ def _sbatch_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_one_line(str(exc))}"
 
 
-def _submit(plan: Plan, exp: Any, exp_id: str) -> None:
-    """Queue every step's job and write the experiment record (:mod:`.jobs`).
+def _submit(record: Any, exp: Any) -> None:
+    """Queue every step's job and complete ``record`` with their job ids and log folders.
 
     A submission that SLURM refuses (sbatch's error) cancels the jobs already queued for this
     experiment, marks the record failed and raises :class:`ProbsftError` with sbatch's own
     message on one line.
     """
     from probsft_megatron.errors import ProbsftError
-    from probsft_megatron.launchers import jobs
 
     error = None
     try:
         exp.run(detach=True)
     except Exception as exc:
         error = _sbatch_error(exc)
-    steps = []
     by_name = {job.id: job for job in exp.jobs}
-    for step in plan.steps:
+    for step in record.steps:
         job = by_name.get(step.name)
         details = job.executor.job_details if job is not None else None
-        job_id = _slurm_job_id(job.handle) if job is not None and job.handle else None
-        steps.append(
-            jobs.StepRecord(
-                name=step.name,
-                kind=step.kind,
-                after=list(step.after),
-                job_id=job_id,
-                job_name=(
-                    details.job_name if details is not None and details.job_name else step.name
-                ),
-                log_dir=(
-                    details.folder
-                    if details is not None and details.folder
-                    else str(experiment_dir(plan, exp_id) / step.name)
-                ),
-            )
-        )
-    record = jobs.ExperimentRecord(
-        title=plan.title,
-        exp_id=exp_id,
-        exp_dir=str(experiment_dir(plan, exp_id)),
-        status="failed" if error else "submitted",
-        steps=steps,
-        runs={r.name: str(r.eval_summary) for r in plan.runs},
-        error=error,
-        submitted_at=jobs.now_iso(),
-    )
+        step.job_id = _slurm_job_id(job.handle) if job is not None and job.handle else None
+        if details is not None:
+            step.job_name = details.job_name or step.job_name
+            step.log_dir = details.folder or step.log_dir
     if error is None:
         record.save()
         return
-    failed = next((s.name for s in steps if s.job_id is None), "?")
-    queued = [s.job_id for s in steps if s.job_id]
+    record.status, record.error = "failed", error
+    failed = next((s.name for s in record.steps if s.job_id is None), "?")
+    queued = [s.job_id for s in record.steps if s.job_id]
     if queued:
         subprocess.run(["scancel", *queued], capture_output=True, stdin=subprocess.DEVNULL)
     record.save()

@@ -1,12 +1,13 @@
-"""SLURM experiments after submission: the record, job states, progress, logs, cancel.
+"""Launched experiments: the run record, job states, progress, logs, cancel.
 
-``probsft launch --executor slurm`` writes ``probsft_experiment.json`` (:data:`RECORD`) into
-the experiment folder as soon as the jobs are queued (or the submission failed): one entry
-per step with its SLURM job id, the steps it waits for, and where its log is written. Every
-later command (``probsft launch status|logs|cancel EXPERIMENT``, the wait after submission)
-reads that record and asks SLURM for the jobs' states: ``sacct`` (the accounting database:
-states survive the jobs), falling back to ``squeue`` for jobs that accounting does not list
-yet.
+``probsft launch`` writes ``probsft_experiment.json`` (:data:`RECORD`, an
+:class:`ExperimentRecord`) into the experiment folder for every executor: what each run
+trains (recipe, overrides, objective, model, layout and the validated config), and each
+step's command, SLURM job id, the steps it waits for and where its log is written. It is the
+one source the later commands (``probsft launch status|logs|cancel EXPERIMENT``, the wait
+after submission) and the runs report (``probsft report``) read. SLURM jobs' states come
+from ``sacct`` (the accounting database: states survive the jobs), falling back to
+``squeue`` for jobs that accounting does not list yet.
 
 A step's log is the output of its ``srun`` (``log-<job name>_<job id>_<restart>.out`` in the
 step's folder: the program's stdout and stderr, one file per (re)start); before the srun
@@ -25,36 +26,43 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from probsft_megatron.errors import ProbsftError
 from probsft_megatron.fileio import atomic_write_json
 
 RECORD = "probsft_experiment.json"
-#: SLURM job states after which a job will not run again by itself.
-TERMINAL = frozenset(
-    {
-        "COMPLETED",
-        "FAILED",
-        "CANCELLED",
-        "TIMEOUT",
-        "NODE_FAIL",
-        "PREEMPTED",
-        "OUT_OF_MEMORY",
-        "BOOT_FAIL",
-        "DEADLINE",
-        "REVOKED",
-    }
-)
+STATE_CLASSES = {
+    "failed": (
+        "FAILED CANCELLED TIMEOUT NODE_FAIL PREEMPTED OUT_OF_MEMORY BOOT_FAIL DEADLINE "
+        "REVOKED UNKNOWN_FAILED"
+    ),
+    "succeeded": "COMPLETED SUCCEEDED SUCCESS",
+    "running": "RUNNING COMPLETING STARTING",
+    "queued": "PENDING SUBMITTED QUEUED CONFIGURING REQUEUED UNSUBMITTED",
+}
+"""Job states of SLURM and of NeMo-Run's local runs by class."""
+_CLASS_OF = {state: c for c, states in STATE_CLASSES.items() for state in states.split()}
+#: Job states after which a job will not run again by itself.
+TERMINAL = frozenset(s for s, c in _CLASS_OF.items() if c in ("failed", "succeeded"))
 #: Shown for a job that SLURM does not (yet) report.
 UNKNOWN = "UNKNOWN"
+
+
+def state_class(state: str | None) -> str | None:
+    """A job state (NeMo-Run's or SLURM's) as ``failed``, ``running``, ``queued``,
+    ``succeeded`` or None (unknown)."""
+    return _CLASS_OF.get(state.upper()) if state else None
+
+
 POLL_S = 3.0
 HEARTBEAT_S = 60.0
 
 
 @dataclass
-class StepRecord:
-    """One submitted step: its SLURM job and where its logs go."""
+class LaunchedStep:
+    """One launched step: its command, its SLURM job (None for a local one) and where its
+    logs go."""
 
     name: str
     kind: str
@@ -62,6 +70,7 @@ class StepRecord:
     job_id: str | None
     job_name: str
     log_dir: str
+    command: list[str] = field(default_factory=list)
 
     def log_path(self) -> Path | None:
         """The step's newest log: the srun output of the latest (re)start, else the batch
@@ -86,16 +95,23 @@ def _restart(path: Path) -> int:
 
 @dataclass
 class ExperimentRecord:
-    """What was submitted: the experiment's folder, its steps and runs."""
+    """What was launched: the experiment's folder, its executor, steps and runs."""
 
     title: str
     exp_id: str
     exp_dir: str
     status: str
-    """``submitted``, or ``failed`` when the submission itself failed (``error`` says why)."""
-    steps: list[StepRecord]
-    runs: dict[str, str] = field(default_factory=dict)
-    """run name -> the eval summary it produces."""
+    """``dry run``, ``launched`` (local), ``submitted`` (SLURM), or ``failed`` when the
+    submission itself failed (``error`` says why)."""
+    steps: list[LaunchedStep]
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """run name -> what it trains: ``dataset``, ``model``, ``objective`` (canonical name),
+    ``recipe``, ``overrides``, ``layout``, ``run_dir``, ``eval_summary`` and ``config`` (the
+    training config as the launcher validated it)."""
+    executor: str = "slurm"
+    """``local`` or ``slurm``."""
+    command: list[str] = field(default_factory=list)
+    """The ``probsft launch`` command line."""
     error: str | None = None
     submitted_at: str = ""
 
@@ -106,10 +122,10 @@ class ExperimentRecord:
     def load(cls, exp_dir: str | os.PathLike) -> ExperimentRecord:
         path = Path(exp_dir) / RECORD
         data = json.loads(path.read_text())
-        data["steps"] = [StepRecord(**s) for s in data["steps"]]
+        data["steps"] = [LaunchedStep(**s) for s in data["steps"]]
         return cls(**data)
 
-    def step(self, ref: str) -> StepRecord:
+    def step(self, ref: str) -> LaunchedStep:
         """A step by name, or by a unique prefix or kind (``train``)."""
         for s in self.steps:
             if s.name == ref:
@@ -305,7 +321,7 @@ def status_table(record: ExperimentRecord, states: dict[str, JobState]) -> str:
     return "\n".join(lines)
 
 
-def failed_steps(record: ExperimentRecord, states: dict[str, JobState]) -> list[StepRecord]:
+def failed_steps(record: ExperimentRecord, states: dict[str, JobState]) -> list[LaunchedStep]:
     """Steps that ran and ended in another state than COMPLETED (not those that never ran)."""
     out = []
     for s in record.steps:

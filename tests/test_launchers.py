@@ -23,12 +23,14 @@ import pytest
 from probsft_megatron.cli import main
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.launchers.experiment import (
+    AGENT_MODULE,
     ANY_MODEL,
     LaunchOptions,
     RunRequest,
     plan_experiment,
     resolve_recipe,
 )
+from probsft_megatron.launchers.jobs import ExperimentRecord
 from probsft_megatron.launchers.slurm import load_profile
 from probsft_megatron.launchers.sweeps import expand_sweep, load_threshold_table
 
@@ -635,6 +637,22 @@ def test_local_dryrun_writes_the_experiment_only(tmp_path, capsys, monkeypatch):
     (exp_dir,) = (work / "experiments" / "figfont-tiny-llama-p").iterdir()
     assert f"dry run: experiment written to {exp_dir}" in out
     assert not list(exp_dir.glob("*_sbatch.sh")) and not (work / "runs").exists()
+    # the run record: what each run trains and each step's command, for the report
+    record = ExperimentRecord.load(exp_dir)
+    assert (record.status, record.executor) == ("dry run", "local")
+    run = record.runs["figfont-tiny-llama-p"]
+    assert (run["recipe"], run["objective"], run["model"]) == (
+        "tiny-figfont-cpu",
+        "p",
+        "tiny-llama",
+    )
+    assert run["layout"]["world_size"] == 2 and run["layout"]["tensor_model_parallel_size"] == 1
+    assert run["config"]["loss"]["objective"] == "p"
+    assert run["config"]["train"]["output_dir"] == run["run_dir"]
+    train = record.step("train")
+    assert train.job_id is None and train.command[:3] == ["python", "-m", AGENT_MODULE]
+    assert train.command[-4:-2] == ["--config", "tiny-figfont-cpu"]
+    assert [s.kind for s in record.steps] == ["train", "export", "eval"]
 
 
 # ---------------------------------------------------------------- local chain, end to end

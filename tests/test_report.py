@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -162,32 +161,60 @@ def make_run(
     return d
 
 
-def record_step(
+def record_run(
     work: Path,
-    step: str,
-    args: list[str],
+    run: str,
+    recipe: str,
+    overrides: list[str],
     state: str | None,
     stderr: str = "",
-    path: str = "probsft_megatron.train",
-    env: dict | None = None,
 ) -> None:
-    """A NeMo-Run step record: configs/<step>_config.yaml and, once ended, the SUCCESS file."""
-    import yaml
+    """What `probsft launch` writes for one run of a local experiment: its entry and steps in
+    the run record (``probsft_experiment.json``, the config validated as the launcher does)
+    and, once the train step ended, NeMo-Run's SUCCESS file."""
+    from probsft_megatron.config import load_config
+    from probsft_megatron.launchers.jobs import RECORD
 
     exp = work / "experiments" / "sweep-test" / "sweep-test_1796000000000000000"
-    (exp / step / "configs").mkdir(parents=True)
-    (exp / step / "configs" / f"{step}_config.yaml").write_text(
-        yaml.safe_dump(
+    path = exp / RECORD
+    record = (
+        json.loads(path.read_text())
+        if path.is_file()
+        else {
+            "title": "sweep-test",
+            "exp_id": exp.name,
+            "exp_dir": str(exp),
+            "status": "launched",
+            "executor": "local",
+            "steps": [],
+            "runs": {},
+        }
+    )
+    run_dir = work / "runs" / run
+    config = load_config(recipe, [*overrides, f"train.output_dir={run_dir}"]).to_dict()
+    record["runs"][run] = {
+        "name": run,
+        "recipe": recipe,
+        "objective": config["loss"]["objective"],
+        "overrides": overrides,
+        "run_dir": str(run_dir),
+        "eval_summary": str(run_dir / "eval" / "summary.json"),
+        "config": config,
+    }
+    for kind in ("train", "export", "eval"):
+        record["steps"].append(
             {
-                "_target_": "nemo_run.config.Script",
-                "args": args,
-                "entrypoint": "python",
-                "m": True,
-                "path": path,
-                "env": env or {},
+                "name": f"{kind}-{run}",
+                "kind": kind,
+                "after": [],
+                "job_id": None,
+                "job_name": f"{kind}-{run}",
+                "log_dir": str(exp / f"{kind}-{run}"),
             }
         )
-    )
+    exp.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    step = f"train-{run}"
     if state is not None:
         job = exp / step / "nemo_run" / f"{step}-abc"
         (job / step / "0").mkdir(parents=True)
@@ -290,18 +317,11 @@ def sweep_work(tmp_path, base_config) -> Path:
         ),
         ("GeneralFamily-10", None, ""),
     ):
-        run_dir = runs / f"figfont-tiny-llama-{name}"
-        record_step(
+        record_run(
             work,
-            f"train-figfont-tiny-llama-{name}",
-            [
-                "--config",
-                "tiny-figfont-cpu",
-                f"loss.objective={name}",
-                f"train.output_dir={run_dir}",
-                "train.max_steps=30",
-                "train.seed=1",
-            ],
+            f"figfont-tiny-llama-{name}",
+            "tiny-figfont-cpu",
+            [f"loss.objective={name}", "train.max_steps=30", "train.seed=1"],
             state,
             err,
         )
@@ -690,14 +710,10 @@ def test_boxed_rate_from_the_summary_then_the_sources_then_extracted(tmp_path, b
     assert "boxed_rate" not in rp.read_run(fig)["eval"]["figfont"]["metrics"]
 
 
-def test_not_started_run_joins_its_seeds(tmp_path, base_config, monkeypatch):
-    """The config of a run that has not started is rebuilt from its launch record: the recipe
-    found through the step's PROBSFT_CONFIG_PATH, the model from the checkpoint it starts
-    from (float32-rounded values included), so it lands in its seed group."""
-    monkeypatch.delenv("PROBSFT_CONFIG_PATH", raising=False)
-    configs = tmp_path / "my-configs"
-    (configs / "recipes").mkdir(parents=True)
-    (configs / "recipes" / "my-tiny.yaml").write_text("base: tiny-figfont-cpu\n")
+def test_not_started_run_joins_its_seeds(tmp_path, base_config):
+    """The config of a run that has not started is the one its run record holds, with the
+    model of the checkpoint it starts from (float32-rounded values included), so it lands
+    in its seed group; an experiment folder without a run record is one note."""
     model = dict(
         base_config["model"], rms_norm_eps=float(np.float32(1e-5)), max_position_embeddings=4096
     )  # the converted backbone's, not the preset's
@@ -714,26 +730,20 @@ def test_not_started_run_joins_its_seeds(tmp_path, base_config, monkeypatch):
         evals={"figfont": {"avg@n": 0.5}},
         init__checkpoint=str(backbone),
     )
-    record_step(
-        work,
-        "train-p-s2",
-        [
-            "--config",
-            "my-tiny",
-            "loss.objective=p",
-            f"train.output_dir={work / 'runs' / 'p-s2'}",
-            "train.max_steps=30",
-            "train.seed=2",
-            f"init.checkpoint={backbone}",
-        ],
-        None,
-        env={"PROBSFT_CONFIG_PATH": str(configs)},
-    )
+    overrides = ["loss.objective=p", "train.max_steps=30", "train.seed=2"]
+    record_run(work, "p-s2", "tiny-figfont-cpu", [*overrides, f"init.checkpoint={backbone}"], None)
+    old = work / "experiments" / "t" / "t_1795000000000000000"
+    (old / "train-x" / "configs").mkdir(parents=True)  # NeMo-Run's files, no run record
     report = rp.build_report([work], tmp_path / "out", figures=False)
     (group,) = report["groups"]
     assert group["runs"] == ["p-s1", "p-s2"] and group["seeds"] == [1, 2]
     assert group["statuses"] == {"complete": 1, "not started": 1}
-    assert "PROBSFT_CONFIG_PATH" not in os.environ
+    (note,) = [n for n in report["notes"] if "predates run records" in n]
+    assert note.startswith(f"{old} predates run records")
+    # negative control: without the checkpoint's model the planned run is a group of its own
+    (backbone / "model_config.json").unlink()
+    report = rp.build_report([work], tmp_path / "out2", figures=False)
+    assert len(report["groups"]) == 2
 
 
 def test_slurm_launch_record_gives_logs_and_submission_errors(tmp_path):
@@ -772,7 +782,14 @@ def test_slurm_launch_record_gives_logs_and_submission_errors(tmp_path):
                     "exp_dir": str(exp),
                     "status": status,
                     "steps": steps,
-                    "runs": {run: str(work / "runs" / run / "eval" / "summary.json")},
+                    "runs": {
+                        run: {
+                            "run_dir": str(work / "runs" / run),
+                            "recipe": "tiny-figfont-cpu",
+                            "objective": "original",
+                            "config": {"train": {"max_steps": 3}},
+                        }
+                    },
                     "error": error,
                 }
             )
@@ -923,32 +940,3 @@ def test_report_of_real_runs(real_work, tmp_path):
     assert "| `p` | n=2 |" in md and "**trained**: not evaluated" in md
     assert (out / "curves.png").read_bytes()[:8] == PNG
     assert "report: " in proc.stdout
-
-
-def test_train_step_records_are_read_through_the_training_agent():
-    """The train step runs ``python -m probsft_megatron.launchers.agent <torchrun options> -m
-    probsft_megatron.train <args>`` (SLURM: the arguments shell-quoted); its record still
-    names the recipe, the run folder and the objective."""
-    from probsft_megatron.report.records import _step_record
-
-    train_args = [
-        "--config",
-        "tiny-figfont-cpu",
-        "loss.objective=p",
-        "train.output_dir=/w/runs/r",
-        "data.train_files=[/d/a b.jsonl]",
-    ]
-    agent = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", "$head_node_ip:29500"]
-    local = {
-        "path": "probsft_megatron.launchers.agent",
-        "args": [*agent, "-m", "probsft_megatron.train", *train_args],
-    }
-    slurm = dict(
-        local, args=[*agent, "-m", "probsft_megatron.train", *[shlex.quote(a) for a in train_args]]
-    )
-    for data in (local, slurm):
-        rec = _step_record("train-r", data)
-        assert rec is not None and rec.kind == "train", data
-        assert (rec.recipe, rec.objective) == ("tiny-figfont-cpu", "p")
-        assert rec.run_dir == "/w/runs/r"
-        assert "data.train_files=[/d/a b.jsonl]" in rec.overrides

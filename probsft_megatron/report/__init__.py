@@ -16,10 +16,10 @@ Inputs are folders, recognised by what they hold:
 * a probe report (``report.json`` of ``probsft probe``, or its folder);
 * a folder whose sub-folders are any of the above.
 
-Only files are read (JSON, JSON lines and the YAML step records of NeMo-Run), never private
-functions of the training, probe, eval or launcher code, so a report can be built on any
-machine that sees the folders. Runs that differ only by ``train.seed`` (and by where they were
-written) form one group, shown as the mean with a 95% Student-t interval over seeds.
+Only files are read (JSON, JSON lines, the launcher's run record and NeMo-Run's end states),
+never private functions of the training, probe, eval or launcher code, so a report can be
+built on any machine that sees the folders. Runs that differ only by ``train.seed`` (and by
+where they were written) form one group, shown as the mean with a 95% Student-t interval over seeds.
 
 Outputs (:func:`build_report`): ``report.json`` (everything as data), ``report.md`` (tables with
 the figures embedded) and PNG figures: training curves of every run, score against the
@@ -30,8 +30,8 @@ The modules, in the order data flows through them:
 
 * :mod:`~probsft_megatron.report.files`: reading JSON/JSON lines/YAML, telling run, eval and
   probe folders apart, an eval folder's task metrics;
-* :mod:`~probsft_megatron.report.records`: the launcher's records of each step (NeMo-Run,
-  the SLURM record), job states, a failed step's error;
+* :mod:`~probsft_megatron.report.records`: the launcher's run record of each experiment,
+  its steps' states, a failed step's error;
 * :mod:`~probsft_megatron.report.runs`: one run (objective, model, data, training, status);
 * :mod:`~probsft_megatron.report.collect`: the runs and probes under the given paths;
 * :mod:`~probsft_megatron.report.stats`: the Student-t interval over seeds;
@@ -56,7 +56,7 @@ from probsft_megatron.report.collect import Collection, collect
 from probsft_megatron.report.figures import plot_curves, plot_probe, plot_sweep, weight_curve
 from probsft_megatron.report.files import PROBE_FORMAT, read_eval
 from probsft_megatron.report.markdown import format_tables, render_markdown
-from probsft_megatron.report.records import LAUNCH_RECORD, StepRecord, read_experiment_records
+from probsft_megatron.report.records import StepOutcome, read_experiment_records
 from probsft_megatron.report.runs import (
     STATUSES,
     TAIL,
@@ -72,14 +72,13 @@ from probsft_megatron.report.tables import METRICS, build_tables, group_runs
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
-    "LAUNCH_RECORD",
     "METRICS",
     "PROBE_FORMAT",
     "REPORT_DIR",
     "STATUSES",
     "TAIL",
     "Collection",
-    "StepRecord",
+    "StepOutcome",
     "build_report",
     "build_tables",
     "check_out_dir",

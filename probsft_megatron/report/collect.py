@@ -87,7 +87,7 @@ def collect(
 
     def add_work(work: Path) -> None:
         col.work_dirs.append(str(work))
-        records = read_experiment_records(work)
+        records = read_experiment_records(work, col.notes)
         by_dir = {str(Path(k).resolve()): v for k, v in records.items()}
         runs_dir = work / "runs"
         run_dirs = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []

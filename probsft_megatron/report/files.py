@@ -52,16 +52,6 @@ def read_jsonl(path: Path, problems: list[str]) -> list[dict]:
     return out
 
 
-def read_yaml(path: Path) -> Any:
-    """YAML of ``path`` or None when it cannot be read."""
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-
-
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     """A nested mapping as ``{"section.key": value}``."""
     if not isinstance(d, dict):

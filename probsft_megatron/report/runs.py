@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from probsft_megatron.launchers.jobs import state_class
 from probsft_megatron.objectives import ObjectiveError, parse_objective
 from probsft_megatron.report.files import (
     flatten,
@@ -23,7 +24,7 @@ from probsft_megatron.report.files import (
     read_json,
     read_jsonl,
 )
-from probsft_megatron.report.records import StepRecord, planned_config, state_class, step_error
+from probsft_megatron.report.records import StepOutcome, planned_config, step_error
 
 TAIL = 10
 """Final training statistics are the mean over the last ``TAIL`` logged steps."""
@@ -213,7 +214,7 @@ def _last_validation(history: list[dict]) -> dict[str, Any] | None:
 
 def read_run(
     path: str | os.PathLike,
-    records: dict[str, StepRecord] | None = None,
+    records: dict[str, StepOutcome] | None = None,
     step_states: dict[str, str] | None = None,
     step_logs: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -241,7 +242,7 @@ def read_run(
             if isinstance(state, dict) and isinstance(state.get("config"), dict):
                 config, config_source = state["config"], str(state_file.relative_to(root))
                 break
-    if config is None and "train" in records and records["train"].recipe:
+    if config is None and "train" in records and records["train"].config:
         config = planned_config(records["train"], problems)
         config_source = "experiment record" if config is not None else None
     history = read_jsonl(root / "metrics.jsonl", problems)
@@ -316,7 +317,7 @@ def read_run(
     for kind in ("train", "export", "eval"):
         if step_states and f"{kind}-{name}" in step_states:
             states[kind] = step_states[f"{kind}-{name}"]
-            rec = records.setdefault(kind, StepRecord(f"{kind}-{name}", kind, str(root)))
+            rec = records.setdefault(kind, StepOutcome(f"{kind}-{name}", kind, str(root)))
             log = (step_logs or {}).get(f"{kind}-{name}") or rec.log
             rec.state = states[kind]
             if log and state_class(rec.state) == "failed":
@@ -359,7 +360,7 @@ def read_run(
 
 def _status(
     root: Path,
-    records: dict[str, StepRecord],
+    records: dict[str, StepOutcome],
     states: dict[str, str | None],
     summary: dict | None,
     training: dict | None,
