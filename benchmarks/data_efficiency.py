@@ -127,7 +127,7 @@ def run_layouts(args) -> dict:
             chunks, optimizer = runtime.build_training_model(
                 model, transformer_config(model, ParallelConfig()), lr=1e-4
             )
-            fwd = runtime.make_forward_step(ObjectiveLoss(LossConfig("original")), "cpu")
+            fwd = runtime.loss_head(ObjectiveLoss(LossConfig("original")), "cpu")
             times, cpu = [], []
             for step in steps[: args.steps + 1]:
                 t0, c0 = time.perf_counter(), time.process_time()

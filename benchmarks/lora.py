@@ -67,7 +67,7 @@ def run_variant(args) -> dict:
     total = sum(p.numel() for p in gpt.parameters())
     trainable = sum(p.numel() for p in gpt.parameters() if p.requires_grad)
     grad_buffer = sum(b.grad_data.numel() * b.grad_data.element_size() for b in chunks[0].buffers)
-    fwd = runtime.make_forward_step(ObjectiveLoss(LossConfig("original")), "cpu")
+    fwd = runtime.loss_head(ObjectiveLoss(LossConfig("original")), "cpu")
     g = torch.Generator().manual_seed(0)
     times = []
     for _ in range(args.warmup + args.steps):

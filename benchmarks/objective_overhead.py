@@ -97,16 +97,15 @@ def main() -> int:
         loss = (ce.float() * mask).sum()
         return loss, mask.sum().to(torch.int), {"lm loss": loss.detach()}
 
-    def plain_forward_step(data_iterator, model):
-        from functools import partial
+    class PlainHead(runtime.LossHead):
+        def objective(self, model, batch, threshold, record_p):
+            from functools import partial
 
-        batch = next(data_iterator).to(dev)
-        out = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
-        return out, partial(plain_ce, loss_mask=batch.loss_mask)
+            return partial(plain_ce, loss_mask=batch.loss_mask)
 
-    variants = {"megatron CE (baseline)": plain_forward_step}
+    variants = {"megatron CE (baseline)": PlainHead(ObjectiveLoss(LossConfig()), dev)}
     for name in OBJECTIVES:
-        variants[name] = runtime.make_forward_step(ObjectiveLoss(LossConfig(objective=name)), dev)
+        variants[name] = runtime.loss_head(ObjectiveLoss(LossConfig(objective=name)), dev)
 
     cuda = torch.cuda.is_available()
     if not cuda:

@@ -186,7 +186,7 @@ def child(args) -> dict:
         clip_grad=1.0,
     )
     dev = runtime.cpu_backend.device()
-    fwd = runtime.make_forward_step(ObjectiveLoss(loss_cfg), dev)
+    fwd = runtime.loss_head(ObjectiveLoss(loss_cfg), dev)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.vocab_size, (mbs, seq + 1), generator=g)
     batch = runtime.Batch(

@@ -90,7 +90,7 @@ def run_megatron(shape: dict, variant: str, seq: int, mbs: int, steps: int, bf16
         cfg, tconfig, lr=1e-5, weight_decay=0.01, attention=attention, loss_config=loss_cfg
     )
     dev = runtime.cpu_backend.device()
-    fwd = runtime.make_forward_step(ObjectiveLoss(loss_cfg), dev)
+    fwd = runtime.loss_head(ObjectiveLoss(loss_cfg), dev)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (mbs, seq + 1), generator=g)
     batch = runtime.Batch(

@@ -12,9 +12,12 @@ resuming needs::
 It is written under ``.step_0000100.partial`` and renamed only after every rank has finished,
 so a crash mid-write leaves the previous checkpoint as the newest complete one. Before the
 rename rank 0 lists every file with its size and CRC-32 in ``probsft_manifest.json``
-(:mod:`probsft_megatron.manifest`); loading checks the folder against it, and a damaged
-checkpoint is refused in one line naming the step, the file and the fix. A checkpoint
-written before manifests existed loads unverified. The model
+(:mod:`probsft_megatron.manifest`).
+
+A run's checkpoints belong to its :class:`CheckpointManager`: it holds the run lock, finds
+the newest intact checkpoint (rank 0 checks it against its manifest once and every rank
+learns the verdict), loads it, saves and prunes. A damaged checkpoint is refused in one
+line naming the step, the file and the fix. The model
 weights reshard on load (export or fine-tune at any TP/PP); the distributed optimizer's state
 resumes at the same TP/PP with any DP size (see :func:`compat.optimizer_sharded_state_dict`).
 """
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,38 +33,149 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from probsft_megatron import compat, manifest
+from probsft_megatron import compat, cpu_backend, manifest, run_lock
 from probsft_megatron import model_dir as layout
 from probsft_megatron.config import ModelConfig
 from probsft_megatron.errors import CheckpointError
 from probsft_megatron.fileio import atomic_write_json
-from probsft_megatron.manifest import STEP_RE, step_name  # noqa: F401  (the names live there)
-
-CRASH_ENV = "PROBSFT_TEST_CRASH_BEFORE_RENAME"  # tests: die after writing, before the rename
+from probsft_megatron.manifest import step_name
 
 logger = logging.getLogger(__name__)
 
 
 def complete_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint under ``ckpt_root`` (renamed into place),
-    oldest first; :func:`latest_checkpoint` also checks their manifests."""
+    oldest first, intact or not."""
     return manifest.step_folders(ckpt_root)
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The newest complete checkpoint that is intact (matches its manifest), or None.
+    """The newest intact checkpoint under ``ckpt_root`` (damaged newer ones passed over with
+    a warning), or None; what an export of a finished run reads."""
+    try:
+        return manifest.newest_intact(ckpt_root, skip_damaged=True)
+    except CheckpointError:  # every one damaged
+        return None
 
-    A newer damaged checkpoint is passed over with a warning naming it and the damage. A run
-    never gets here silently: the job's validation
-    (:func:`probsft_megatron.input_checks.check_resume`) refuses to resume past a damaged
-    checkpoint unless ``train.resume_skip_damaged=true`` asks for it.
+
+class CheckpointManager:
+    """The checkpoints of one run (``<output_dir>/checkpoints``) and its run lock.
+
+    Built once per run on every rank; :meth:`lock`, :meth:`find`, :meth:`load` and
+    :meth:`save` are collectives over the whole job. ``latest`` is the newest complete
+    checkpoint this run found or wrote (None before any).
     """
-    for step, path in reversed(complete_checkpoints(ckpt_root)):
-        damage = manifest.checkpoint_damage(path)
-        if damage is None:
-            return path
-        logger.warning("DAMAGED checkpoint step %d skipped (%s): %s", step, path, damage)
-    return None
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        keep_last: int = 2,
+        resume: bool = True,
+        skip_damaged: bool = False,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.root = self.output_dir / "checkpoints"
+        self.keep_last = keep_last
+        self.resume = resume
+        self.skip_damaged = skip_damaged
+        self.latest: Path | None = None
+
+    def lock(self):
+        """Take the run lock (rank 0 takes it, every rank learns the verdict); returns the
+        function that releases it (:mod:`probsft_megatron.run_lock`)."""
+        return run_lock.hold(self.output_dir, cpu_backend.device()).release
+
+    def newest(self) -> Path | None:
+        """The newest complete checkpoint folder, unchecked: the one this run recorded, or a
+        newer one already renamed into place (a rank can be lost in the save's own
+        collectives, after the rename and before the run records it)."""
+        found = complete_checkpoints(self.root)
+        return found[-1][1] if found else self.latest
+
+    def find(self) -> Path | None:
+        """The checkpoint to resume from (None: a fresh start, or ``resume`` is off).
+
+        Rank 0 checks the candidates against their manifests once
+        (:func:`probsft_megatron.manifest.newest_intact`) and broadcasts the verdict: every
+        rank returns the same folder, or raises the same one-line CheckpointError (printed
+        by rank 0 only: ``announce``)."""
+        verdict: list[Any] = [None]
+        if _rank() == 0 and self.resume:
+            try:
+                found = manifest.newest_intact(self.root, skip_damaged=self.skip_damaged)
+                verdict = [None if found is None else str(found)]
+            except CheckpointError as exc:
+                verdict = [exc]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(verdict, src=0)
+        if isinstance(verdict[0], CheckpointError):
+            error = CheckpointError(str(verdict[0]))
+            error.announce = _rank() == 0
+            raise error
+        self.latest = None if verdict[0] is None else Path(verdict[0])
+        return self.latest
+
+    def load(
+        self, path: str | Path, model, optimizer, *, base_fingerprint: str | None = None
+    ) -> dict[str, Any]:
+        """Load weights (+ optimizer when given) and this rank's RNG; returns the train state.
+
+        A LoRA model loads only its adapters (its base was loaded before, from
+        ``init.checkpoint``); ``base_fingerprint`` must then match the checkpoint's
+        ``peft.json`` (:func:`probsft_megatron.lora.check_fingerprint`), and a model without
+        adapters refuses a LoRA checkpoint, each in one line.
+
+        The folder is not checked against its manifest again (:meth:`find` did that once);
+        files that cannot be read are a one-line CheckpointError naming the step, the file
+        and the fix.
+        """
+        from probsft_megatron import lora
+
+        path = Path(path)
+
+        adapters_only = lora.has_adapters(model)
+        if adapters_only:
+            lora.check_fingerprint(path, base_fingerprint)
+        elif (path / lora.FINGERPRINT_FILE).is_file():
+            raise CheckpointError(
+                f"{path} holds LoRA adapters, not full weights; resume it with peft.method=lora "
+                "(and its base as init.checkpoint), or use another train.output_dir"
+            )
+        try:
+            loaded = compat.dist_load(
+                _sharded_state(model, optimizer, is_loading=True), str(path / "weights")
+            )
+        except (CheckpointError, KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a truncated or corrupt shard: DCP, miniz and pickle errors
+            damage = f"its weights cannot be read ({read_failure(exc)})"
+            raise CheckpointError(manifest.damaged_message(path, damage, resuming=True)) from None
+        if adapters_only:
+            lora.load_adapter_state(model, loaded["model"])
+        else:
+            model.load_state_dict(loaded["model"])
+        if optimizer is not None:
+            with torch.no_grad():  # megatron copies into leaf parameters in place
+                optimizer.load_state_dict(loaded["optimizer"])
+        rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+        if rng_file.is_file():
+            try:
+                rng = torch.load(rng_file, weights_only=False)
+            except Exception as exc:  # a truncated zip archive
+                damage = f"{rng_file.relative_to(path)} cannot be read ({read_failure(exc)})"
+                raise CheckpointError(
+                    manifest.damaged_message(path, damage, resuming=True)
+                ) from None
+            _set_rng_state(rng)
+        return json.loads((path / "train_state.json").read_text())
+
+    def save(self, step: int, model, optimizer, **kwargs) -> Path:
+        """:func:`save_checkpoint` of ``step`` (atomic; prunes to ``keep_last``)."""
+        self.latest = save_checkpoint(
+            self.root, step, model, optimizer, keep_last=self.keep_last, **kwargs
+        )
+        return self.latest
 
 
 def read_failure(exc: BaseException) -> str:
@@ -161,8 +274,6 @@ def save_checkpoint(
         if peft_record is not None:
             atomic_write_json(staging / "peft.json", peft_record)
         manifest.write_manifest(staging, manifest.TRAINING_CHECKPOINT, step=step)
-        if os.environ.get(CRASH_ENV) == str(step):
-            os._exit(17)
         layout.commit_staging(staging, final)
         # keep the newest ``keep_last`` up to this step; newer folders (left by a run that
         # resumed past a damaged checkpoint) are replaced when the run reaches their step
@@ -171,66 +282,3 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
-
-
-def load_checkpoint(
-    path: str | Path, model, optimizer, *, base_fingerprint: str | None = None
-) -> dict[str, Any]:
-    """Load weights (+ optimizer when given) and this rank's RNG; returns the train state.
-
-    A LoRA model loads only its adapters (its base was loaded before, from
-    ``init.checkpoint``); ``base_fingerprint`` must then match the checkpoint's
-    ``peft.json`` (:func:`probsft_megatron.lora.check_fingerprint`), and a model without
-    adapters refuses a LoRA checkpoint, each in one line.
-
-    The folder is checked against its manifest first (every rank reaches the same verdict);
-    a damaged or unreadable checkpoint is a one-line CheckpointError naming the step, the
-    file and the fix.
-    """
-    path = Path(path)
-    state_file = path / "train_state.json"
-    if not state_file.is_file():
-        raise CheckpointError(
-            f"{path} is not a complete training checkpoint "
-            "(no train_state.json); point to a step_NNNNNNN folder"
-        )
-    if not manifest.verify(path, resuming=True):
-        logger.info("%s has no manifest (written by an earlier version): loading unverified", path)
-    damage = manifest.json_damage(state_file)
-    if damage is not None:
-        raise CheckpointError(manifest.damaged_message(path, damage, resuming=True))
-    from probsft_megatron import lora
-
-    adapters_only = lora.has_adapters(model)
-    if adapters_only:
-        lora.check_fingerprint(path, base_fingerprint)
-    elif (path / lora.FINGERPRINT_FILE).is_file():
-        raise CheckpointError(
-            f"{path} holds LoRA adapters, not full weights; resume it with peft.method=lora "
-            "(and its base as init.checkpoint), or use another train.output_dir"
-        )
-    try:
-        loaded = compat.dist_load(
-            _sharded_state(model, optimizer, is_loading=True), str(path / "weights")
-        )
-    except (CheckpointError, KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # a truncated or corrupt shard: DCP, miniz and pickle errors
-        damage = f"its weights cannot be read ({read_failure(exc)})"
-        raise CheckpointError(manifest.damaged_message(path, damage, resuming=True)) from None
-    if adapters_only:
-        lora.load_adapter_state(model, loaded["model"])
-    else:
-        model.load_state_dict(loaded["model"])
-    if optimizer is not None:
-        with torch.no_grad():  # megatron copies into leaf parameters in place
-            optimizer.load_state_dict(loaded["optimizer"])
-    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
-    if rng_file.is_file():
-        try:
-            rng = torch.load(rng_file, weights_only=False)
-        except Exception as exc:  # a truncated zip archive
-            damage = f"{rng_file.relative_to(path)} cannot be read ({read_failure(exc)})"
-            raise CheckpointError(manifest.damaged_message(path, damage, resuming=True)) from None
-        _set_rng_state(rng)
-    return json.loads(state_file.read_text())

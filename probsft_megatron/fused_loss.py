@@ -47,7 +47,7 @@ probe's and the pre-pass's measurement).
 
 The model side (an output layer that hands back its input) is
 :mod:`probsft_megatron.fused_head`; the step that connects the two is
-:class:`probsft_megatron.runtime.ForwardStep`.
+:class:`probsft_megatron.runtime.FusedLossHead`.
 """
 
 from __future__ import annotations

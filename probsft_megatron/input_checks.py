@@ -254,41 +254,20 @@ def planned_length(cfg: TrainJobConfig) -> str:
 
 
 def check_resume(train: TrainConfig) -> Path | None:
-    """The checkpoint a run of ``train.output_dir`` would resume from (None: a fresh start).
-
-    A damaged newest checkpoint stops the run here, in one line naming the step, the file
-    and the fix, unless ``train.resume_skip_damaged`` asks to fall back to the newest intact
-    one (which is then announced in a warning for every damaged checkpoint passed over).
-    """
+    """The checkpoint a run of ``train.output_dir`` would resume from (None: a fresh start),
+    checked against its manifest (:func:`probsft_megatron.manifest.newest_intact`)."""
     if not train.resume:
         return None
     root = Path(train.output_dir) / "checkpoints"
-    steps = manifest.step_folders(root)
-    for step, path in reversed(steps):
-        damage = manifest.checkpoint_damage(path)
-        if damage is None:
-            return path
-        if not train.resume_skip_damaged:
-            raise CheckpointError(manifest.damaged_message(path, damage, resuming=True))
-        logger.warning(
-            "DAMAGED checkpoint step %d passed over (train.resume_skip_damaged=true): %s: %s",
-            step,
-            path,
-            damage,
-        )
-    if steps:
-        raise CheckpointError(
-            f"every checkpoint under {root} is damaged; delete them (the run then starts from "
-            "its initial weights) or set train.resume=false"
-        )
-    return None
+    return manifest.newest_intact(root, skip_damaged=train.resume_skip_damaged)
 
 
-def check_files(cfg: TrainJobConfig) -> None:
+def check_files(cfg: TrainJobConfig, *, resume: bool = True) -> None:
     """Every path the job reads or writes, checked before any work (one line each):
     ``init.checkpoint`` (an intact Megatron model dir), ``init.tokenizer`` (or the
     checkpoint's ``hf/`` tokenizer), the data files, ``train.output_dir`` (writable, not an
-    input, not inside one, containing none), and the checkpoint a resume would load."""
+    input, not inside one, containing none), and (``resume``) the checkpoint a resume would
+    load; a training run's ranks leave that to its CheckpointManager (rank 0, once)."""
     init = cfg.init
     if init.checkpoint is not None:
         check_model_dir(init.checkpoint, "init.checkpoint", training_checkpoint_ok=False)
@@ -327,4 +306,5 @@ def check_files(cfg: TrainJobConfig) -> None:
                 "a training run; a run writes config.json, metrics.jsonl and checkpoints/ there: "
                 "choose another train.output_dir"
             )
-    check_resume(cfg.train)
+    if resume:
+        check_resume(cfg.train)

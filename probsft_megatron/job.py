@@ -125,7 +125,7 @@ class Job:
         return self.config.to_dict()
 
 
-def resolve_job(cfg: TrainJobConfig, world_size: int) -> Job:
+def resolve_job(cfg: TrainJobConfig, world_size: int, *, resume: bool = True) -> Job:
     """Validate ``cfg`` for ``world_size`` processes and resolve it into a :class:`Job`.
 
     Cheap and collective-free, so ``--dry-run`` and every rank of a real run call it first.
@@ -133,7 +133,9 @@ def resolve_job(cfg: TrainJobConfig, world_size: int) -> Job:
     recipe's: a note is logged when they differ).
     """
     cfg = dataclasses.replace(cfg)  # the Job's own container (the sections are frozen)
-    check_files(cfg)  # every path first (input_checks.check_files), so the checkpoint read is sound
+    # every path first (input_checks.check_files), so the checkpoint read is sound; ``resume``:
+    # also the checkpoint a resume would load (a run's ranks leave it to the Trainer)
+    check_files(cfg, resume=resume)
     check_first_records(cfg.data)  # the data's fields, before any tokenizer reads it
     init = cfg.init
     if init.checkpoint is not None:

@@ -279,13 +279,17 @@ class ObjectiveLoss:
             percentile scope.
         dp_group: the data-parallel process group over which percentile thresholds are
             resolved (``None``: no gathering, e.g. single process).
+        objective: the run's parsed objective (:attr:`probsft_megatron.job.Job.objective`);
+            parsed from ``config.objective`` only when not given (a bare ``LossConfig``).
     """
 
     __slots__ = ("config", "objective", "dp_group")
 
-    def __init__(self, config: LossConfig, dp_group=None) -> None:
+    def __init__(
+        self, config: LossConfig, dp_group=None, objective: Objective | None = None
+    ) -> None:
         object.__setattr__(self, "config", config)
-        object.__setattr__(self, "objective", parse_objective(config.objective))
+        object.__setattr__(self, "objective", objective or parse_objective(config.objective))
         object.__setattr__(self, "dp_group", dp_group)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -378,9 +382,13 @@ def reduce_stats(
     return out
 
 
+def normalizer(stats: dict[str, float], normalization: str) -> float:
+    """The count a step's (or a validation batch's) global loss sum is divided by: units
+    (``sample``), kept tokens (``kept``) or response tokens."""
+    key = {"sample": "units", "kept": "kept_tokens"}.get(normalization, "response_tokens")
+    return stats.get(key) or 0
+
+
 def step_loss(stats: dict[str, float], normalization: str) -> float:
     """The step's reported loss: global loss sum over the global normalizer count."""
-    if normalization == "sample":
-        return stats["loss_sum"] / max(stats.get("units", 0), 1)
-    count = stats["kept_tokens"] if normalization == "kept" else stats["response_tokens"]
-    return stats["loss_sum"] / max(count, 1)
+    return stats["loss_sum"] / max(normalizer(stats, normalization), 1)

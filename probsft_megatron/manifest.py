@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import re
 import tempfile
@@ -66,6 +67,8 @@ KIND_NAMES = {
 STEP_RE = re.compile(r"^step_(\d{7})$")
 LEGACY_EXPORT_FILE = "probsft_export.json"  # written by the launcher's export step
 _CHUNK = 8 * 2**20
+
+logger = logging.getLogger(__name__)
 
 
 def step_name(step: int) -> str:
@@ -224,6 +227,33 @@ def newest_intact_before(ckpt_root: Path, step: int) -> tuple[int, Path] | None:
     for s, p in reversed(step_folders(ckpt_root)):
         if s < step and checkpoint_damage(p) is None:
             return s, p
+    return None
+
+
+def newest_intact(ckpt_root: str | os.PathLike, *, skip_damaged: bool) -> Path | None:
+    """The newest intact checkpoint under ``ckpt_root`` (checked against its manifest), or
+    None when there is none. A newer damaged one is a one-line CheckpointError
+    (:func:`damaged_message`), or with ``skip_damaged`` passed over with a warning; so is
+    every checkpoint damaged."""
+    root = Path(ckpt_root)
+    steps = step_folders(root)
+    for step, path in reversed(steps):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            return path
+        if not skip_damaged:
+            raise CheckpointError(damaged_message(path, damage, resuming=True))
+        logger.warning(
+            "DAMAGED checkpoint step %d passed over (train.resume_skip_damaged=true): %s: %s",
+            step,
+            path,
+            damage,
+        )
+    if steps:
+        raise CheckpointError(
+            f"every checkpoint under {root} is damaged; delete them (the run then starts from "
+            "its initial weights) or set train.resume=false"
+        )
     return None
 
 

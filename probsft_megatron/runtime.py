@@ -1,18 +1,16 @@
-"""Process groups, the model and optimizer, and one training step; shared by training,
-probing and tests.
+"""Process groups, the model and optimizer, the loss head and one training step; shared by
+training, probing and tests.
 
 Launch contract: one process per device under ``torchrun`` (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` in the environment), or a plain single
 process (world size 1, a free local port is chosen). Megatron's groups are laid out
 TP-fastest, then DP, then PP (megatron's default order).
 
-The step (:func:`train_step`) is megatron's ``forward_backward_func`` driven by a
-:class:`ForwardStep`: an immutable value that runs the model on the next micro-batch and
-returns megatron's ``loss_func`` for the objective. When the objective's percentile must be
-taken over the whole global batch, the step first runs a forward-only pass with a
-:class:`MeasureStep` (each micro-batch reports its response tokens' CE), resolves the
-threshold on the last pipeline stage, and trains with ``ForwardStep(..., threshold=q)``.
-It returns :class:`StepStats`.
+The step (:func:`train_step`) is megatron's ``forward_backward_func`` driven by the run's
+:class:`LossHead` (fused or unfused, chosen once by :func:`loss_head`). When the objective's
+percentile must be taken over the whole global batch, the step first runs a forward-only
+measuring pass with the same head, resolves the threshold on the last pipeline stage, and
+trains with it. It returns :class:`StepStats`, its finiteness included.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ import dataclasses
 import os
 import socket
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -36,6 +35,7 @@ from probsft_megatron.errors import ConfigError
 from probsft_megatron.loss import (
     ObjectiveLoss,
     gather_varlen,
+    normalizer,
     reduce_stats,
     step_loss,
     token_ce_triple,
@@ -44,9 +44,8 @@ from probsft_megatron.objectives import resolve_percentile
 
 __all__ = [
     "Batch",
-    "ForwardStep",
-    "MeasureStep",
-    "GradCheck",
+    "FusedLossHead",
+    "LossHead",
     "StepStats",
     "build_training_model",
     "dp_group",
@@ -55,7 +54,7 @@ __all__ = [
     "init_distributed",
     "is_last_stage",
     "load_model_weights",
-    "make_forward_step",
+    "loss_head",
     "measure_token_ce",
     "save_model_weights",
     "shutdown",
@@ -115,7 +114,7 @@ def dp_group():
     return compat.data_parallel_group()
 
 
-# -- the forward step --------------------------------------------------------------------------
+# -- the loss head -----------------------------------------------------------------------------
 
 
 def model_inputs(batch: Batch) -> tuple:
@@ -185,55 +184,6 @@ def head_loss(
     )
 
 
-@dataclass(frozen=True)
-class ForwardStep:
-    """megatron's ``forward_step_func`` for one objective.
-
-    Runs the model on the next micro-batch and returns its output with the ``loss_func`` the
-    schedule applies on the last pipeline stage. Unfused (``loss.config.implementation``):
-    the model gets the labels and returns the per-token vocab-parallel CE, and the loss is
-    ``loss(ce, mask, threshold, record_p)``. Fused: the model (built with the fused head)
-    returns hidden states and :func:`head_loss` computes the fused linear + objective loss.
-
-    ``threshold``: an absolute percentile threshold resolved by :func:`train_step` over the
-    global batch; None applies the objective's own rule (see
-    :meth:`~probsft_megatron.loss.ObjectiveLoss.default_threshold`). ``record_p``: every
-    micro-batch also reports its response tokens' p (for a histogram).
-    """
-
-    loss: ObjectiveLoss
-    device: Any = "cpu"
-    threshold: float | None = None
-    record_p: bool = False
-
-    def __call__(self, data_iterator: Iterator[Batch], model):
-        batch = next(data_iterator).to(self.device)
-        if self.loss.config.implementation == "fused":
-            out = model(*model_inputs(batch), **packed_kwargs(batch))
-            return out, partial(
-                head_loss,
-                loss=self.loss,
-                model=model,
-                labels=batch.labels,
-                loss_mask=batch.loss_mask,
-                threshold=self.threshold,
-                record_p=self.record_p,
-            )
-        out = model(*model_inputs(batch), labels=batch.labels, **packed_kwargs(batch))
-        return out, partial(
-            self.loss,
-            loss_mask=batch.loss_mask,
-            threshold=self.threshold,
-            record_p=self.record_p,
-            position_ids=batch.position_ids,  # where examples start (normalization=sample)
-        )
-
-
-def make_forward_step(loss: ObjectiveLoss, device) -> ForwardStep:
-    """The :class:`ForwardStep` of ``loss`` on ``device``."""
-    return ForwardStep(loss, device)
-
-
 def _fused_token_ce(
     hidden: torch.Tensor, *, model, labels: torch.Tensor, loss_mask: torch.Tensor, chunk_size: int
 ):
@@ -255,58 +205,139 @@ def _fused_token_ce(
 
 
 @dataclass(frozen=True)
-class MeasureStep:
-    """``forward_step_func`` of a forward-only measurement: each micro-batch reports its
-    rows' response-token CE (:func:`~probsft_megatron.loss.token_ce_triple`) and trains
-    nothing. ``implementation``: the model's head (``unfused``: megatron's vocab-parallel
-    CE; ``fused``: the fused head's chunked CE, ``chunk_size`` tokens at a time)."""
+class LossHead:
+    """The run's loss at the end of the model, chosen once (:func:`loss_head`).
 
+    It makes megatron's ``forward_step_func`` (:meth:`forward_step`): run the model on the
+    next micro-batch and return its output with the ``loss_func`` the schedule applies on
+    the last pipeline stage, either the objective (training, validation) or each response
+    token's CE (measuring: a global percentile, the probe). This class is the unfused head:
+    the model gets the labels and returns megatron's per-token vocab-parallel CE, which
+    ``loss`` maps to the objective. :class:`FusedLossHead` is the other one.
+    """
+
+    loss: ObjectiveLoss
     device: Any = "cpu"
-    implementation: str = "unfused"
-    chunk_size: int = 4096
 
-    def __call__(self, data_iterator: Iterator[Batch], model):
-        batch = next(data_iterator).to(self.device)
-        if self.implementation == "fused":
-            out = model(*model_inputs(batch), **packed_kwargs(batch))
-            return out, partial(
-                _fused_token_ce,
-                model=model,
-                labels=batch.labels,
-                loss_mask=batch.loss_mask,
-                chunk_size=self.chunk_size,
-            )
-        out = model(*model_inputs(batch), labels=batch.labels, **packed_kwargs(batch))
-        return out, partial(token_ce_triple, loss_mask=batch.loss_mask)
+    def model_kwargs(self, batch: Batch) -> dict:
+        return {"labels": batch.labels}
+
+    def objective(self, model, batch: Batch, threshold, record_p: bool) -> Callable:
+        return partial(
+            self.loss,
+            loss_mask=batch.loss_mask,
+            threshold=threshold,
+            record_p=record_p,
+            position_ids=batch.position_ids,  # where examples start (normalization=sample)
+        )
+
+    def token_ce(self, model, batch: Batch) -> Callable:
+        return partial(token_ce_triple, loss_mask=batch.loss_mask)
+
+    def forward_step(
+        self, threshold: float | None = None, record_p: bool = False, measure: bool = False
+    ) -> Callable:
+        """megatron's ``forward_step_func``. ``threshold``: an absolute percentile threshold
+        resolved over the global batch (None: the objective's own rule); ``record_p``: each
+        micro-batch also reports its response tokens' p; ``measure``: report each row's
+        response-token CE (:func:`~probsft_megatron.loss.token_ce_triple`), train nothing."""
+
+        def step(data_iterator: Iterator[Batch], model):
+            batch = next(data_iterator).to(self.device)
+            out = model(*model_inputs(batch), **self.model_kwargs(batch), **packed_kwargs(batch))
+            if measure:
+                return out, self.token_ce(model, batch)
+            return out, self.objective(model, batch, threshold, record_p)
+
+        return step
+
+
+class FusedLossHead(LossHead):
+    """The fused head: the model (built with the fused head) returns hidden states, and
+    :func:`head_loss` computes the fused linear + objective loss without full logits."""
+
+    def model_kwargs(self, batch: Batch) -> dict:
+        return {}
+
+    def objective(self, model, batch: Batch, threshold, record_p: bool) -> Callable:
+        return partial(
+            head_loss,
+            loss=self.loss,
+            model=model,
+            labels=batch.labels,
+            loss_mask=batch.loss_mask,
+            threshold=threshold,
+            record_p=record_p,
+        )
+
+    def token_ce(self, model, batch: Batch) -> Callable:
+        return partial(
+            _fused_token_ce,
+            model=model,
+            labels=batch.labels,
+            loss_mask=batch.loss_mask,
+            chunk_size=self.loss.config.chunk_size,
+        )
+
+
+def loss_head(loss: ObjectiveLoss, device: Any = "cpu") -> LossHead:
+    """The loss head of ``loss.config.implementation`` (``fused`` or ``unfused``)."""
+    return (FusedLossHead if loss.config.implementation == "fused" else LossHead)(loss, device)
+
+
+def _schedule(model_chunks, micro_batches, forward_step_func, *, forward_only, shape):
+    """megatron's pipeline schedule over ``micro_batches``; returns the losses it collected."""
+    return compat.get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iter(micro_batches),
+        model=model_chunks,
+        num_microbatches=len(micro_batches),
+        seq_length=shape[0],
+        micro_batch_size=shape[1],
+        forward_only=forward_only,
+    )
 
 
 def measure_token_ce(
-    model_chunks: list,
-    micro_batches: list[Batch],
-    step: MeasureStep,
-    *,
-    seq_length: int | None = None,
-    micro_batch_size: int | None = None,
+    model_chunks: list, micro_batches: list[Batch], head: LossHead, shape: tuple | None = None
 ) -> list[torch.Tensor]:
     """Forward-only pass over ``micro_batches`` (megatron's schedule, a collective over the
     pipeline); returns every row's response-token CE in micro-batch and row order on the last
-    pipeline stage, ``[]`` on other stages. ``seq_length``/``micro_batch_size``: default
-    :func:`batch_shape` of ``micro_batches``."""
-    if seq_length is None or micro_batch_size is None:
-        seq_length, micro_batch_size = batch_shape(micro_batches)
+    pipeline stage, ``[]`` on other stages. ``shape``: ``(seq_length, micro_batch_size)``,
+    default :func:`batch_shape` of ``micro_batches``."""
+    shape = shape or batch_shape(micro_batches)
     with torch.no_grad():
-        reports = compat.get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iter(micro_batches),
-            model=model_chunks,
-            num_microbatches=len(micro_batches),
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
+        reports = _schedule(
+            model_chunks,
+            micro_batches,
+            head.forward_step(measure=True),
             forward_only=True,
+            shape=shape,
         )
     if not is_last_stage():
         return []
     return [row for report in reports for row in report["token_ce"]]
+
+
+def global_threshold(
+    model_chunks: list, head: LossHead, micro_batches: list[Batch], shape: tuple[int, int]
+) -> tuple[float | None, list[torch.Tensor]]:
+    """The objective's percentile over the response tokens of the whole global batch (all
+    micro-batches, all DP ranks): a forward-only measuring pass, then the percentile of the
+    gathered p on the last stage. Returns it (None on other stages, which do not need it, and
+    for an objective without a global percentile) and the measured rows."""
+    rows = measure_token_ce(model_chunks, micro_batches, head, shape)
+    if not is_last_stage() or not head.loss.needs_global_threshold:
+        return None, rows
+    local = (
+        torch.exp(-torch.cat(rows)).to(torch.float64)
+        if rows
+        else torch.zeros(0, dtype=torch.float64)
+    )
+    threshold = resolve_percentile(
+        gather_varlen(local, head.loss.dp_group), head.loss.objective.threshold.value
+    )
+    return threshold, rows
 
 
 # -- the training step -------------------------------------------------------------------------
@@ -318,14 +349,13 @@ class StepStats:
 
     Every rank: ``grad_norm``, ``update_successful``, ``local_loss_finite`` and
     ``local_grads_finite`` (whether this rank's own loss sums and gradients were all finite
-    before the data-parallel reduction mixed them with the other ranks'; the gradients are
-    checked when the model comes from :func:`build_training_model`, else reported finite).
+    before the data-parallel reduction mixed them with the other ranks').
     The last pipeline stage (where the loss is computed; None elsewhere): ``loss`` (global
-    loss sum / global normalizer count), ``loss_sum``, ``response_tokens``, ``kept_tokens``,
-    ``mean_p``, ``frac_kept``, ``mean_w``, ``tokens`` (non-padding tokens of the global
-    batch), ``positions`` (positions computed for the global batch, padding included),
-    ``units`` (examples or turns with a trained token, the normalizer of
-    ``loss.normalization=sample``),
+    loss sum / global normalizer, :func:`~probsft_megatron.loss.step_loss`),
+    ``loss_sum``, ``response_tokens``, ``kept_tokens``, ``mean_p``, ``frac_kept``,
+    ``mean_w``, ``tokens`` (non-padding tokens of the global batch), ``positions`` (positions
+    computed for the global batch, padding included), ``units`` (examples or turns with a
+    trained token, the normalizer of ``loss.normalization=sample``),
     ``threshold`` (a global-batch percentile threshold, when one was resolved) and
     ``p`` (the response tokens' p of the global batch, when asked for with ``record_p``).
     """
@@ -353,41 +383,38 @@ class StepStats:
         return self.loss_sum is not None
 
 
-def global_threshold(
-    model_chunks: list,
-    step: ForwardStep,
-    micro_batches: list[Batch],
-    *,
-    seq_length: int | None = None,
-    micro_batch_size: int | None = None,
-) -> float | None:
-    """The objective's percentile over the response tokens of the whole global batch (all
-    micro-batches, all DP ranks): a forward-only measurement pass, then the percentile of
-    the gathered p on the last stage (None on other stages, which do not need it)."""
-    measure = MeasureStep(step.device, step.loss.config.implementation, step.loss.config.chunk_size)
-    rows = measure_token_ce(
-        model_chunks,
-        micro_batches,
-        measure,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-    )
-    if not is_last_stage():
-        return None
-    local = (
-        torch.exp(-torch.cat(rows)).to(torch.float64)
-        if rows
-        else torch.zeros(0, dtype=torch.float64)
-    )
-    return resolve_percentile(
-        gather_varlen(local, step.loss.dp_group), step.loss.objective.threshold.value
-    )
+@contextmanager
+def local_grad_check(model_chunks: list) -> Iterator[list[torch.Tensor]]:
+    """Yields a list that holds, once the schedule has run, whether this rank's own
+    gradients were all finite (a 0-dim bool tensor, no host synchronization).
+
+    megatron's ``finalize_model_grads_func`` reduces the gradients over the data-parallel
+    ranks, after which one rank's NaN is on every rank: only before it can a non-finite
+    gradient be traced to the rank that produced it. For the duration of the block the
+    function is wrapped to look first; a model without one is checked after the schedule.
+    """
+    config = model_chunks[0].config
+    finalize = config.finalize_model_grads_func
+    found: list[torch.Tensor] = []
+
+    def check_then_finalize(model, *args, **kwargs):
+        found.append(grads_finite(model if isinstance(model, list) else [model]))
+        return finalize(model, *args, **kwargs)
+
+    if finalize is not None:
+        config.finalize_model_grads_func = check_then_finalize
+    try:
+        yield found
+    finally:
+        config.finalize_model_grads_func = finalize
+    if not found:
+        found.append(grads_finite(model_chunks))
 
 
 def train_step(
     model_chunks: list,
     optimizer,
-    forward_step: Callable,
+    head: LossHead,
     micro_batches: list[Batch],
     *,
     seq_length: int | None = None,
@@ -397,52 +424,29 @@ def train_step(
     """One optimizer step over ``micro_batches`` (gradient accumulation inside megatron's
     schedule); a collective over the whole job.
 
-    ``forward_step``: a :class:`ForwardStep` (or any megatron ``forward_step_func``, which is
-    run as it is). A ForwardStep whose objective needs a global-batch percentile gets it
-    resolved first (:func:`global_threshold`); ``record_p`` asks for the response tokens' p.
-    ``seq_length``/``micro_batch_size`` (what pipeline stages exchange): default
-    :func:`batch_shape` of ``micro_batches`` (dynamic padding and packing change it per step).
+    An objective that needs a global-batch percentile gets it first (:func:`global_threshold`);
+    ``record_p`` asks for the response tokens' p. ``seq_length``/``micro_batch_size`` (what
+    pipeline stages exchange): default :func:`batch_shape` of ``micro_batches`` (dynamic
+    padding and packing change it per step).
     """
-    if seq_length is None or micro_batch_size is None:
-        seq_length, micro_batch_size = batch_shape(micro_batches)
-    run = partial(
-        compat.get_forward_backward_func(),
-        model=model_chunks,
-        num_microbatches=len(micro_batches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-    )
+    shape = (seq_length, micro_batch_size)
+    if None in shape:
+        shape = batch_shape(micro_batches)
     threshold = None
-    normalization = None
-    if isinstance(forward_step, ForwardStep):
-        normalization = forward_step.loss.normalization
-        if forward_step.threshold is None and forward_step.loss.needs_global_threshold:
-            threshold = global_threshold(
-                model_chunks,
-                forward_step,
-                micro_batches,
-                seq_length=seq_length,
-                micro_batch_size=micro_batch_size,
-            )
-            forward_step = dataclasses.replace(forward_step, threshold=threshold)
-        if record_p:
-            forward_step = dataclasses.replace(forward_step, record_p=True)
+    if head.loss.needs_global_threshold:
+        threshold, _ = global_threshold(model_chunks, head, micro_batches, shape)
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    grad_check = getattr(
-        getattr(model_chunks[0], "config", None), "finalize_model_grads_func", None
-    )
-    if isinstance(grad_check, GradCheck):
-        grad_check.local_finite = None
-    losses = run(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), forward_only=False
-    )
-    local_grads_finite = True
-    if isinstance(grad_check, GradCheck) and grad_check.local_finite is not None:
-        local_grads_finite = bool(grad_check.local_finite)
+    with local_grad_check(model_chunks) as grads_ok:
+        losses = _schedule(
+            model_chunks,
+            micro_batches,
+            head.forward_step(threshold, record_p),
+            forward_only=False,
+            shape=shape,
+        )
     local_losses = [d["stats"][0] for d in losses if isinstance(d, dict) and "stats" in d]
-    local_loss_finite = not local_losses or bool(torch.isfinite(torch.stack(local_losses)).all())
     update_successful, grad_norm, _ = optimizer.step()
     stats: dict[str, Any] = {}
     if is_last_stage():
@@ -454,93 +458,53 @@ def train_step(
         if stats:
             stats["tokens"] = int(stats["tokens"])
             stats["positions"] = int(stats["positions"])
-            if normalization is not None:
-                stats["loss"] = step_loss(stats, normalization)
+            stats["loss"] = step_loss(stats, head.loss.normalization)
         stats["threshold"] = threshold
     return StepStats(
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         update_successful=bool(update_successful),
-        local_loss_finite=local_loss_finite,
-        local_grads_finite=local_grads_finite,
+        local_loss_finite=not local_losses or bool(torch.isfinite(torch.stack(local_losses)).all()),
+        local_grads_finite=bool(grads_ok[0]),
         **stats,
     )
 
 
-def eval_step(model_chunks: list, forward_step: ForwardStep, micro_batches: list[Batch]) -> dict:
+def eval_step(model_chunks: list, head: LossHead, micro_batches: list[Batch]) -> dict:
     """The validation loss of one global batch: forward only, no gradient, nothing updated; a
     collective over the whole job like :func:`train_step`.
 
     One measuring pass gives every response token's CE (the plain NLL, and the global-batch
-    percentile when the objective needs one); a second runs ``forward_step`` (the training
-    objective, its normalization) over the same micro-batches. Both are summed over
-    micro-batches and DP ranks. Returns on the last pipeline stage ``loss_sum`` (objective),
-    ``count`` (its normalizer), ``nll_sum``, ``response_tokens``, ``p_sum`` (summable over
-    several batches); ``{}`` on other stages.
+    percentile when the objective needs one); a second runs the objective (its
+    normalization) over the same micro-batches. Both are summed over micro-batches and DP
+    ranks. Returns on the last pipeline stage ``loss_sum`` (objective), ``count`` (its
+    normalizer), ``nll_sum``, ``response_tokens``, ``p_sum`` (summable over several batches);
+    ``{}`` on other stages.
     """
-    seq_length, micro_batch_size = batch_shape(micro_batches)
-    shape = {"seq_length": seq_length, "micro_batch_size": micro_batch_size}
-    measure = MeasureStep(
-        forward_step.device,
-        forward_step.loss.config.implementation,
-        forward_step.loss.config.chunk_size,
-    )
-    rows = measure_token_ce(model_chunks, micro_batches, measure, **shape)
-    threshold = forward_step.threshold
-    if is_last_stage():
-        ce = torch.cat(rows).to(torch.float64) if rows else torch.zeros(0, dtype=torch.float64)
-        if threshold is None and forward_step.loss.needs_global_threshold:
-            threshold = resolve_percentile(
-                gather_varlen(torch.exp(-ce), forward_step.loss.dp_group),
-                forward_step.loss.objective.threshold.value,
-            )
-    step = dataclasses.replace(forward_step, threshold=threshold, record_p=False)
+    shape = batch_shape(micro_batches)
+    threshold, rows = global_threshold(model_chunks, head, micro_batches, shape)
     with torch.no_grad():
-        losses = compat.get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iter(micro_batches),
-            model=model_chunks,
-            num_microbatches=len(micro_batches),
+        losses = _schedule(
+            model_chunks,
+            micro_batches,
+            head.forward_step(threshold),
             forward_only=True,
-            **shape,
+            shape=shape,
         )
     if not is_last_stage():
         return {}
+    ce = torch.cat(rows).to(torch.float64) if rows else torch.zeros(0, dtype=torch.float64)
     nll = torch.stack([ce.sum(), torch.tensor(float(ce.numel()), dtype=torch.float64)])
     group = dp_group()
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(nll, group=group)
     stats = reduce_stats(losses, group)
-    normalization = forward_step.loss.normalization
-    count = {"kept": stats["kept_tokens"], "sample": stats["units"]}.get(
-        normalization, stats["response_tokens"]
-    )
     return {
         "loss_sum": stats["loss_sum"],
-        "count": float(count),
+        "count": float(normalizer(stats, head.loss.normalization)),
         "nll_sum": float(nll[0]),
         "response_tokens": int(nll[1]),
         "p_sum": stats["mean_p"] * stats["response_tokens"],
     }
-
-
-class GradCheck:
-    """megatron's ``finalize_model_grads_func``, noting first whether this rank's own
-    gradients are all finite.
-
-    ``finalize`` reduces the gradients over the data-parallel ranks, after which a NaN of one
-    rank is on every rank: only before it can a non-finite gradient be traced to the rank
-    that produced it. :func:`build_training_model` installs it; :func:`train_step` reads
-    ``local_finite`` (a bool tensor, set without a host synchronization) into
-    :attr:`StepStats.local_grads_finite`.
-    """
-
-    def __init__(self, finalize: Callable) -> None:
-        self.finalize = finalize
-        self.local_finite: torch.Tensor | None = None
-
-    def __call__(self, model, *args, **kwargs):
-        self.local_finite = grads_finite(model if isinstance(model, list) else [model])
-        return self.finalize(model, *args, **kwargs)
 
 
 def grads_finite(model_chunks: list) -> torch.Tensor:
@@ -563,8 +527,6 @@ LIBRARY_OPTIM = OptimConfig(lr=1e-3, weight_decay=0.0)
 """The optimizer settings :func:`build_training_model` starts from when given none (tests and
 benchmarks); training passes its job's ``optim`` section."""
 
-_LEGACY_OPTIM_KEYS = {"adam_betas": ("adam_beta1", "adam_beta2")}
-
 
 def build_training_model(
     model_cfg,
@@ -582,7 +544,7 @@ def build_training_model(
     """This rank's pipeline stage wrapped in megatron DDP, and megatron's optimizer.
 
     ``optim``: the optimizer settings (default :data:`LIBRARY_OPTIM`); keyword overrides of
-    its fields (``lr=...``, ``weight_decay=...``, ``adam_betas=(b1, b2)``) apply on top.
+    its fields (``lr=...``, ``weight_decay=...``) apply on top.
     ``grad_reduce_in_fp32`` of those settings configures DDP's gradient buffers.
     ``load_dir``: a torch_dist checkpoint of model weights to start from (resharded on load
     to this rank's TP/PP layout), loaded before DDP and the optimizer see the parameters.
@@ -600,9 +562,7 @@ def build_training_model(
     from probsft_megatron.model import build_gpt_model
 
     optim = optim or LIBRARY_OPTIM
-    for key, value in optim_overrides.items():
-        names = _LEGACY_OPTIM_KEYS.get(key)
-        optim = dataclasses.replace(optim, **(dict(zip(names, value)) if names else {key: value}))
+    optim = dataclasses.replace(optim, **optim_overrides)
     fused = loss_config is not None and loss_config.implementation == "fused"
     lora = peft is not None and peft.enabled
     gpt = build_gpt_model(
@@ -622,7 +582,7 @@ def build_training_model(
         use_distributed_optimizer=use_distributed_optimizer,
         grad_reduce_in_fp32=optim.grad_reduce_in_fp32,
     )
-    tconfig.finalize_model_grads_func = GradCheck(compat.finalize_model_grads_func())
+    tconfig.finalize_model_grads_func = compat.finalize_model_grads_func()
     optimizer = compat.build_optimizer(
         [ddp], optim, use_distributed_optimizer=use_distributed_optimizer, bf16=bool(tconfig.bf16)
     )

@@ -14,7 +14,7 @@ and its own gradients (before the data-parallel reduction mixes them) were finit
 whether the step's global loss and gradient norm are. A non-finite one stops the run before
 anything of that step is logged or saved, with :class:`NonFiniteError` naming the step and
 the rank(s) where it appeared: the newest checkpoint is the previous one, with finite
-weights. :data:`NONFINITE_TEST_ENV` injects one; it exists for the tests.
+weights.
 
 **Lost ranks.** A collective that fails because another rank died (its connections close) or
 stopped answering (for ``train.dist_timeout_s`` seconds) becomes :class:`RankLostError`, one
@@ -56,10 +56,6 @@ not 0, so nothing that waits for a finished run (SLURM's ``afterok``) starts on 
 HARD_STOP_EXIT_CODE = 130
 """Exit code after a second Ctrl-C (128 + SIGINT, what a shell reports for Ctrl-C)."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-NONFINITE_TEST_ENV = "PROBSFT_TEST_NONFINITE"
-"""Tests only: ``loss@STEP:RANK`` makes rank RANK's forward pass of step STEP return NaN (its
-loss and gradients follow); ``grad@STEP:RANK`` makes one of its gradients NaN with a finite
-loss."""
 EVENTS_FILE = "events.jsonl"
 
 
@@ -159,21 +155,18 @@ class Stopper:
     As a context manager (in the main thread) it installs handlers for :data:`STOP_SIGNALS`
     that only record the signal, and restores the previous handlers on exit; a collective
     failure raised inside becomes :class:`RankLostError`. The loop keeps ``step`` (the step in
-    flight) and ``checkpoint`` (the newest complete checkpoint) up to date for the messages.
+    flight) up to date for the messages, which name the newest checkpoint of ``checkpoints``
+    (a :class:`~probsft_megatron.checkpoint.CheckpointManager`: ``latest``, ``newest()``).
     ``announce``: this process prints what it does on a signal (one rank per job).
     """
 
     def __init__(
-        self,
-        dist_timeout_s: float | None = None,
-        announce: bool = True,
-        checkpoint_root: Path | None = None,
+        self, dist_timeout_s: float | None = None, announce: bool = True, checkpoints=None
     ) -> None:
         self.dist_timeout_s = dist_timeout_s
         self.announce = announce
-        self.checkpoint_root = checkpoint_root
+        self.checkpoints = checkpoints
         self.step = 0
-        self.checkpoint: Path | None = None
         self.received: list[int] = []
         self._previous: dict[int, Any] = {}
         self._at_exit: list[Any] = []
@@ -230,7 +223,8 @@ class Stopper:
         """Second Ctrl-C: end this process now (and its helper processes, such as the
         checkpoint writer's), without a traceback."""
         if self.announce:
-            kept = f" (newest checkpoint: {self.checkpoint})" if self.checkpoint else ""
+            latest = self.checkpoints.latest if self.checkpoints is not None else None
+            kept = f" (newest checkpoint: {latest})" if latest else ""
             _say(f"second interrupt: stopped at once during step {self.step}, nothing saved{kept}")
         self._release()
         try:
@@ -273,18 +267,6 @@ class Stopper:
         )
 
     # -- lost ranks ----------------------------------------------------------------------
-    def newest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint: the one the loop recorded, or a newer one already
-        renamed into place (a rank can be lost in the save's own collectives, after the
-        rename and before the loop records it)."""
-        if self.checkpoint_root is not None:
-            from probsft_megatron.manifest import step_folders
-
-            found = step_folders(self.checkpoint_root)
-            if found:
-                return found[-1][1]
-        return self.checkpoint
-
     def rank_lost(self, exc: BaseException) -> RankLostError:
         rank = dist.get_rank() if dist.is_initialized() else 0
         wait = (
@@ -292,7 +274,7 @@ class Stopper:
             if self.dist_timeout_s
             else ""
         )
-        newest = self.newest_checkpoint()
+        newest = self.checkpoints.newest() if self.checkpoints is not None else None
         kept = f"the newest checkpoint is {newest}" if newest else "no checkpoint of this run yet"
         return RankLostError(
             f"rank {rank} lost contact with the other ranks during step {self.step}: "
@@ -342,31 +324,6 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-# -- test-only injection of a non-finite value -----------------------------------------------
-
-
-@contextmanager
-def inject_nonfinite(model_chunks: list, step: int) -> Iterator[None]:
-    """Tests only (:data:`NONFINITE_TEST_ENV`): make this rank's step ``step`` non-finite."""
-    spec = os.environ.get(NONFINITE_TEST_ENV, "")
-    match = re.fullmatch(r"(loss|grad)@(\d+):(\d+)", spec.strip())
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if not match or int(match.group(2)) != step or int(match.group(3)) != rank:
-        yield
-        return
-    nan = float("nan")
-    module = getattr(model_chunks[0], "module", model_chunks[0])
-    if match.group(1) == "loss":  # the forward output, so the loss and gradients follow
-        handle = module.register_forward_hook(lambda mod, args, out: out * nan)
-    else:  # one gradient, before DDP accumulates it; the loss stays finite
-        param = next(p for p in module.parameters() if p.requires_grad)
-        handle = param.register_hook(lambda grad: grad * nan)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 # -- what happened -------------------------------------------------------------------------

@@ -4,11 +4,11 @@ Run one process per device::
 
     torchrun --nproc-per-node N -m probsft_megatron.train --config RECIPE [key=value ...]
 
-The whole job reads top to bottom in :func:`train`: the resolved job
-(:func:`probsft_megatron.config.resolve_job`) -> process groups -> tokenizer and data ->
-model and optimizer (from a converted checkpoint, or resumed) -> the objective (``auto``:
-the probe decides) -> the step loop (learning rate, one :func:`runtime.train_step`, metrics,
-checkpoints).
+:func:`train` resolves the job and runs a :class:`Trainer`: its constructor builds the run's
+components once, top to bottom (process groups and the run lock, tokenizer and data loader,
+the checkpoint to resume from, model and optimizer, the objective and its loss head,
+validation, the metrics log), and :meth:`Trainer.fit` is the step loop (learning rate, one
+:func:`runtime.train_step`, the step-boundary verdict, validation, metrics, checkpoints).
 """
 
 from __future__ import annotations
@@ -19,26 +19,23 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from probsft_megatron import checkpoint as ckpt
-from probsft_megatron import compat, console, cpu_backend, lora, run_lock, runtime, stopping
+from probsft_megatron import compat, console, cpu_backend, lora, runtime, stopping
+from probsft_megatron.checkpoint import CheckpointManager
 from probsft_megatron.config import TrainJobConfig, load_config, world_size_from_env
 from probsft_megatron.errors import ConfigError, ProbsftError
 from probsft_megatron.fileio import atomic_write_json
 from probsft_megatron.job import Job, resolve_job
 from probsft_megatron.loss import ObjectiveLoss
 from probsft_megatron.metrics import RunLog, step_record
-from probsft_megatron.model_dir import read_model_config
 
 # by name: under ``python -m probsft_megatron.train`` __name__ is "__main__", outside the
 # package's logging set-up (console.setup_logging), which would drop the INFO lines
 logger = logging.getLogger("probsft_megatron.train")
-
-read_model_dir_config = read_model_config
-"""Earlier name of :func:`probsft_megatron.model_dir.read_model_config` (kept for callers)."""
 
 
 def lr_at(step: int, total: int, cfg) -> float:
@@ -71,39 +68,59 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
     gradient norm raises :class:`stopping.NonFiniteError` before that step is saved; a failed
     collective (a dead or hung rank) raises :class:`stopping.RankLostError`.
     """
-    from probsft_megatron.data import GlobalBatchLoader
-    from probsft_megatron.data.batches import pad_multiple
-    from probsft_megatron.data.store import open_dataset
-    from probsft_megatron.model import transformer_config
-    from probsft_megatron.tokenizers import load_tokenizer
-
-    # -- the job and process groups -------------------------------------------------------
-    job = cfg if isinstance(cfg, Job) else resolve_job(cfg, world_size_from_env())
-    tokenizer_spec = job.require_tokenizer()
+    # the checkpoint to resume from is found (and verified) once, by the Trainer's rank 0
+    job = cfg if isinstance(cfg, Job) else resolve_job(cfg, world_size_from_env(), resume=False)
+    job.require_tokenizer()
     t = job.train
+    checkpoints = CheckpointManager(
+        job.output_dir,
+        keep_last=t.keep_last,
+        resume=t.resume,
+        skip_damaged=t.resume_skip_damaged,
+    )
     # from here on a stop signal finishes the step, saves and stops (see module stopping)
     with stopping.Stopper(
-        t.dist_timeout_s, announce=_env_rank() == 0, checkpoint_root=job.checkpoint_dir
+        t.dist_timeout_s, announce=_env_rank() == 0, checkpoints=checkpoints
     ) as stopper:
+        summary = Trainer(job, stopper).fit()
+        runtime.shutdown()
+    return summary
+
+
+class Trainer:
+    """One training run: its components, built once by the constructor and passed
+    explicitly, and the loop (:meth:`fit`). Every rank builds one.
+
+    Tests inject faults by replacing the module functions it calls (``runtime.train_step``,
+    ``model_dir.commit_staging``) in their own worker (``tests/mp/fault_worker.py``).
+    """
+
+    def __init__(self, job: Job, stopper: stopping.Stopper) -> None:
+        from probsft_megatron.data import GlobalBatchLoader
+        from probsft_megatron.data.batches import pad_multiple
+        from probsft_megatron.data.store import open_dataset
+        from probsft_megatron.model import transformer_config
+        from probsft_megatron.tokenizers import load_tokenizer
+
+        t = job.train
+        self.stopper, self.checkpoints = stopper, stopper.checkpoints
         runtime.init_distributed(
             job.parallel, seed=t.seed, model=job.model, timeout_s=t.dist_timeout_s
         )
-        # one run per output folder: rank 0 takes the lock, every rank learns the verdict;
-        # released when the run ends however it ends (also exit 75, a second Ctrl-C)
-        stopper.at_exit(run_lock.hold(job.output_dir, cpu_backend.device()).release)
+        # one run per output folder, released when the run ends however it ends (exit 75 too)
+        stopper.at_exit(self.checkpoints.lock())
         layout = compat.layout()
-        is_logger = layout.is_last_stage and layout.dp_rank == 0 and layout.tp_rank == 0
-        stopper.announce = is_logger
+        self.is_logger = layout.is_last_stage and layout.dp_rank == 0 and layout.tp_rank == 0
+        stopper.announce = self.is_logger
         torch.manual_seed(t.seed)
 
-        # -- tokenizer and data -------------------------------------------------------------
-        tokenizer = load_tokenizer(tokenizer_spec)
         # tokenized once into a store: local rank 0 of each node builds it if needed (one
         # build per job on a shared filesystem), every rank maps it read-only
+        tokenizer = load_tokenizer(job.require_tokenizer())
         dataset = open_dataset(
             job.data, tokenizer, builder=int(os.environ.get("LOCAL_RANK", "0")) == 0
         )
-        loader = GlobalBatchLoader(
+        self.loader = GlobalBatchLoader(
             dataset,
             global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size,
@@ -118,15 +135,14 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
             pad_multiple=pad_multiple(layout.tp),
             same_length_per_step=layout.pp > 1,  # stages exchange fixed-shape tensors
         )
-        total_steps = len(loader)
-        last_step = run_length(len(dataset), total_steps, t, announce=is_logger)
+        self.total_steps = len(self.loader)
+        self.last_step = run_length(len(dataset), self.total_steps, t, announce=self.is_logger)
 
-        # -- model, optimizer, resume -------------------------------------------------------
+        resume_from = self.checkpoints.find()  # rank 0 verifies, every rank learns the verdict
         tconfig = transformer_config(
             job.model, job.parallel, params_dtype=getattr(torch, job.dtype)
         )
-        resume_from = ckpt.latest_checkpoint(job.checkpoint_dir) if t.resume else None
-        chunks, optimizer = runtime.build_training_model(
+        self.chunks, self.optimizer = runtime.build_training_model(
             job.model,
             tconfig,
             job.optim,
@@ -140,112 +156,150 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
             peft=job.config.peft,
             peft_seed=t.seed,
         )
-        start_step = 0
-        if resume_from is not None:
-            state = ckpt.load_checkpoint(
-                resume_from,
-                chunks[0].module,
-                optimizer,
-                base_fingerprint=lora.run_fingerprint(job.config),
-            )
-            start_step = state["step"]
-            compat.restore_adam_steps(optimizer, start_step)  # megatron leaves it at 1
-            loader.load_state_dict(state["data"])
-            stopper.checkpoint = resume_from
-            if is_logger:
-                logger.info("resumed from %s (step %d/%d)", resume_from, start_step, last_step)
-                stopping.record_event(
-                    job.output_dir, "resumed", step=start_step, checkpoint=resume_from
-                )
+        self.start_step = 0 if resume_from is None else self._resume(job, resume_from)
 
-        # -- the objective --------------------------------------------------------------------
-        objective_evidence = None
+        self.objective_evidence = None
         if job.objective is None:  # loss.objective: auto -> probe the base model (or reuse)
             from probsft_megatron.probe.auto import resolve_auto_objective
 
-            name, objective_evidence = resolve_auto_objective(
-                job, model_chunks=chunks if resume_from is None else None
+            name, self.objective_evidence = resolve_auto_objective(
+                job, model_chunks=self.chunks if resume_from is None else None
             )
             job = job.with_objective(name)
-        forward_step = runtime.ForwardStep(
-            ObjectiveLoss(job.loss, dp_group=runtime.dp_group()), cpu_backend.device()
+        self.job = job
+        self.head = runtime.loss_head(
+            ObjectiveLoss(job.loss, runtime.dp_group(), job.objective), cpu_backend.device()
         )
-
-        validation = None
+        self.validation = None
         if job.data.val_files:  # held-out loss every train.eval_interval steps and at the end
             from probsft_megatron.validation import Validation
 
-            validation = Validation(job, tokenizer, layout)
+            self.validation = Validation(job, tokenizer, layout)
+        self.log = RunLog(job, self.start_step, self.last_step) if self.is_logger else None
 
-        # -- the loop ---------------------------------------------------------------------------
-        log = RunLog(job, start_step, last_step) if is_logger else None
-        batches = iter(loader)
-        step = start_step
-        interrupted = None
+    def _resume(self, job: Job, path: Path) -> int:
+        """Load ``path`` (weights, optimizer, data position, RNG); returns its step."""
+        state = self.checkpoints.load(
+            path,
+            self.chunks[0].module,
+            self.optimizer,
+            base_fingerprint=lora.run_fingerprint(job.config),
+        )
+        step = state["step"]
+        compat.restore_adam_steps(self.optimizer, step)  # megatron leaves it at 1
+        self.loader.load_state_dict(state["data"])
+        if self.is_logger:
+            logger.info("resumed from %s (step %d/%d)", path, step, self.last_step)
+            stopping.record_event(job.output_dir, "resumed", step=step, checkpoint=path)
+        return step
+
+    def fit(self) -> dict[str, Any]:
+        """The loop: step after step up to the last one or a stop signal; every rank returns
+        the run's summary (``interrupted`` when a signal stopped it after a save)."""
+        t = self.job.train
+        self.batches = iter(self.loader)
+        step, interrupted = self.start_step, None
         try:
-            for step in range(start_step + 1, last_step + 1):
-                stopper.step = step
-                t0 = time.perf_counter()
-                lr = lr_at(step, total_steps, job.optim)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                want_hist = bool(t.histogram_interval) and step % t.histogram_interval == 0
-                with stopping.inject_nonfinite(chunks, step):  # tests only: NaN on request
-                    stats = runtime.train_step(
-                        chunks,
-                        optimizer,
-                        forward_step,
-                        next(batches),
-                        record_p=want_hist,
-                    )
+            for step in range(self.start_step + 1, self.last_step + 1):
+                self.stopper.step = step
+                stats, lr, elapsed = self.step(step)
                 # every rank learns whether any rank got a stop signal or a non-finite value
-                verdict = stopper.boundary(stats, cpu_backend.device())
+                verdict = self.stopper.boundary(stats, cpu_backend.device())
                 if verdict.nonfinite:  # before anything of this step is logged or saved
-                    if is_logger:
-                        stopping.record_event(
-                            job.output_dir,
-                            "non_finite",
-                            step=step,
-                            problem=verdict.problem(),
-                            checkpoint=stopper.checkpoint,
-                        )
-                    runtime.shutdown()
-                    raise verdict.error(stopper.checkpoint, announce=is_logger)
-                elapsed = time.perf_counter() - t0
+                    raise self._nonfinite(verdict)
+                last = step == self.last_step
                 val = {}
-                if validation is not None and not verdict.stop and validation.due(step, last_step):
-                    val = validation(chunks, forward_step)  # every rank; val_* on the logger
-                if log is not None:
-                    record = {**step_record(step, lr, stats, elapsed), **val}
-                    write = step % t.log_interval == 0 or step == last_step or verdict.stop
-                    log.step(record, stats.p, write=write or bool(val))
-                due = t.save_interval and step % t.save_interval == 0
-                if due or step == last_step or verdict.stop:
-                    stopper.checkpoint = save(job, step, chunks, optimizer, loader, total_steps)
+                if (
+                    self.validation is not None
+                    and not verdict.stop
+                    and self.validation.due(step, self.last_step)
+                ):
+                    val = self.validation(self.chunks, self.head)  # val_* on the logger
+                if self.log is not None:
+                    write = step % t.log_interval == 0 or last or verdict.stop or bool(val)
+                    self.log.step({**step_record(step, lr, stats, elapsed), **val}, stats.p, write)
+                if (t.save_interval and step % t.save_interval == 0) or last or verdict.stop:
+                    self.save(step)
                 if verdict.stop:
-                    interrupted = {
-                        "step": step,
-                        "by": verdict.signal_text(),
-                        "checkpoint": str(stopper.checkpoint),
-                    }
+                    latest = str(self.checkpoints.latest)
+                    interrupted = {"step": step, "by": verdict.signal_text(), "checkpoint": latest}
                     break
         finally:
-            if log is not None:
-                log.close()  # also when a step failed: the progress bar ends its line
-        stopper.announce = False  # a signal from here on changes nothing
+            if self.log is not None:
+                self.log.close()  # also when a step failed: the progress bar ends its line
+        self.stopper.announce = False  # a signal from here on changes nothing
+        return self.summary(step, interrupted)
+
+    def step(self, step: int) -> tuple[runtime.StepStats, float, float]:
+        """One optimizer step at the scheduled learning rate; returns its stats (the loss
+        triple's sums and the step's finiteness), the learning rate and the seconds taken."""
+        t0 = time.perf_counter()
+        lr = lr_at(step, self.total_steps, self.job.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        every = self.job.train.histogram_interval
+        stats = runtime.train_step(
+            self.chunks,
+            self.optimizer,
+            self.head,
+            next(self.batches),
+            record_p=bool(every) and step % every == 0,
+        )
+        return stats, lr, time.perf_counter() - t0
+
+    def _nonfinite(self, verdict: stopping.Boundary) -> stopping.NonFiniteError:
+        latest = self.checkpoints.latest
+        if self.is_logger:
+            stopping.record_event(
+                self.job.output_dir,
+                "non_finite",
+                step=verdict.step,
+                problem=verdict.problem(),
+                checkpoint=latest,
+            )
+        runtime.shutdown()
+        return verdict.error(latest, announce=self.is_logger)
+
+    def save(self, step: int) -> Path:
+        """The training checkpoint of ``step`` (collective; atomic): weights, optimizer, data
+        position, RNG. Stop signals are held back from the writer's helper processes (see
+        :func:`stopping.signals_deferred`)."""
+        job = self.job
+        with stopping.signals_deferred():
+            return self.checkpoints.save(
+                step,
+                self.chunks[0].module,
+                self.optimizer,
+                model_config=job.model,
+                dtype=job.dtype,
+                train_state={
+                    "data": self.loader.state_dict(),
+                    "total_steps": self.total_steps,
+                    "config": job.to_dict(),
+                },
+                hf_template=job.hf_template,
+                peft_record=lora.peft_record(job.config.peft, lora.run_fingerprint(job.config))
+                if job.config.peft.enabled
+                else None,
+            )
+
+    def summary(self, step: int, interrupted: dict | None) -> dict[str, Any]:
+        """The run's summary (every rank); the logger writes ``summary.json`` when the run
+        finished, or records the interruption."""
+        job, history = self.job, self.log.history if self.log is not None else []
         summary = {
             "steps": step,
-            "total_steps": total_steps,
+            "total_steps": self.total_steps,
             "output_dir": str(job.output_dir),
             "objective": str(job.loss.objective),
-            "objective_evidence": objective_evidence,
-            "checkpoint": str(ckpt.latest_checkpoint(job.checkpoint_dir)),
-            "history": log.history if log is not None else [],
-            **efficiency(log.history if log is not None else []),
+            "objective_evidence": self.objective_evidence,
+            "checkpoint": str(self.checkpoints.latest),
+            "history": history,
+            **efficiency(history),
         }
         if interrupted is not None:  # no summary.json: the run is not finished
             summary["interrupted"] = interrupted
-            if is_logger:
+            if self.is_logger:
                 stopping.record_event(job.output_dir, "interrupted", **interrupted)
                 logger.info(
                     "interrupted at step %d (%s); checkpoint %s; resume with the same command",
@@ -253,10 +307,9 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
                     interrupted["by"],
                     interrupted["checkpoint"],
                 )
-        elif is_logger:
+        elif self.is_logger:
             atomic_write_json(job.output_dir / "summary.json", summary)
-        runtime.shutdown()
-    return summary
+        return summary
 
 
 def run_length(examples: int, total_steps: int, t, *, announce: bool) -> int:
@@ -295,31 +348,6 @@ def run_length(examples: int, total_steps: int, t, *, announce: bool) -> int:
         )
         logger.info("training %d steps%s: %s", last_step, cut, shape)
     return last_step
-
-
-def save(job: Job, step: int, chunks: list, optimizer, loader, total_steps: int):
-    """The training checkpoint of ``step`` (collective; atomic): weights, optimizer, data
-    position, RNG. Stop signals are held back from the writer's helper processes (see
-    :func:`stopping.signals_deferred`). Returns its folder."""
-    with stopping.signals_deferred():
-        return ckpt.save_checkpoint(
-            job.checkpoint_dir,
-            step,
-            chunks[0].module,
-            optimizer,
-            model_config=job.model,
-            dtype=job.dtype,
-            train_state={
-                "data": loader.state_dict(),
-                "total_steps": total_steps,
-                "config": job.to_dict(),
-            },
-            hf_template=job.hf_template,
-            keep_last=job.train.keep_last,
-            peft_record=lora.peft_record(job.config.peft, lora.run_fingerprint(job.config))
-            if job.config.peft.enabled
-            else None,
-        )
 
 
 def _env_rank() -> int:

@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
             "probsft train needs --config RECIPE: a YAML file or a shipped recipe "
             f"({', '.join(list_recipes())})"
         )
-    job = resolve_job(load_config(args.config, args.overrides), args.nproc)
+    # the checkpoint a resume would load: checked here for --dry-run; a run leaves it to its
+    # rank 0, which checks it once (checkpoint.CheckpointManager.find)
+    job = resolve_job(load_config(args.config, args.overrides), args.nproc, resume=args.dry_run)
     fit = fit_check(job, args)
     from probsft_megatron.run_lock import check_free
 

@@ -53,7 +53,7 @@ class Validation:
     def due(self, step: int, last_step: int) -> bool:
         return step == last_step or bool(self.interval) and step % self.interval == 0
 
-    def __call__(self, model_chunks: list, forward_step) -> dict[str, Any]:
+    def __call__(self, model_chunks: list, head) -> dict[str, Any]:
         """The validation metrics (``val_*``) on the last pipeline stage, ``{}`` elsewhere; a
         collective over the whole job."""
         t0 = time.perf_counter()
@@ -64,7 +64,7 @@ class Validation:
         batches = iter(self.loader)
         try:
             for _ in range(self.batches):
-                found = runtime.eval_step(model_chunks, forward_step, next(batches))
+                found = runtime.eval_step(model_chunks, head, next(batches))
                 for key, value in found.items():
                     total[key] = total.get(key, 0.0) + value
         finally:

@@ -44,6 +44,7 @@ LAYERS = {
     "hardware": BASE,
     "console": BASE,
     "typed_yaml": BASE,
+    "run_lock": BASE,
     # 1: torch-level maths, configuration and data; never megatron
     "config": CORE,
     "input_checks": CORE,

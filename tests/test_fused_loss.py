@@ -432,9 +432,9 @@ def test_fused_head_model_and_its_guards(tp1):
             fused_head.FusedHeadGPTModel(
                 types.SimpleNamespace(**{option: value}), None, cfg.vocab_size, 16
             )
-    step = runtime.make_forward_step(ObjectiveLoss(LossConfig(implementation="fused")), "cpu")
+    step = runtime.loss_head(ObjectiveLoss(LossConfig(implementation="fused")), "cpu")
     batch = runtime.Batch(tokens, tokens, torch.ones(1, 4), pos)
-    out, loss_func = step(iter([batch]), fused)
+    out, loss_func = step.forward_step()(iter([batch]), fused)
     assert tuple(out.shape) == (1, 4, cfg.hidden_size) and loss_func.func is runtime.head_loss
 
 

@@ -156,7 +156,7 @@ def test_base_is_frozen_without_grad_buffer_or_optimizer_state(tp1):
     assert full.grad_buffer > 4 * planned.grad_buffer  # negative control: full trains all
 
     before = {n: p.detach().clone() for n, p in gpt.named_parameters()}
-    fwd = runtime.make_forward_step(ObjectiveLoss(LossConfig("original")), "cpu")
+    fwd = runtime.loss_head(ObjectiveLoss(LossConfig("original")), "cpu")
     losses = []
     for step in range(3):
         stats = runtime.train_step(chunks, optimizer, fwd, [_batch(step)], **SHAPE)
@@ -179,7 +179,7 @@ def _train(objective: str, implementation: str, steps: int = 3):
     from probsft_megatron import lora
 
     lora.init_adapters(chunks[0].module, seed=1, b_std=0.02)  # a non-zero B: A gets gradients
-    fwd = runtime.make_forward_step(ObjectiveLoss(loss_config), "cpu")
+    fwd = runtime.loss_head(ObjectiveLoss(loss_config), "cpu")
     out = []
     for step in range(steps):
         stats = runtime.train_step(chunks, optimizer, fwd, [_batch(step % 2)], **SHAPE)

@@ -340,7 +340,7 @@ def _train_with(recompute: dict, objective: str, steps: int = 3) -> dict:
             module.register_forward_hook(
                 lambda *_, kind=kind: calls.__setitem__(kind, calls[kind] + 1)
             )
-    step = runtime.make_forward_step(ObjectiveLoss(LossConfig(objective)), "cpu")
+    step = runtime.loss_head(ObjectiveLoss(LossConfig(objective)), "cpu")
     out = {"loss": [], "grad_norm": []}
     seq, mbs = 24, 2
     pos = torch.arange(seq)[None].expand(mbs, -1).contiguous()

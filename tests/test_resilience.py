@@ -175,8 +175,14 @@ def _assert_identical(a: dict, b: dict) -> int:
     return tensors
 
 
-def _train_cmd(out: Path, *extra: str, nproc: int = 2) -> list[str]:
-    return [*PROBSFT, "train", "--nproc", str(nproc), *BASE, f"train.output_dir={out}", *extra]
+def _train_cmd(out: Path, *extra: str, nproc: int = 2, fault: str | None = None) -> list[str]:
+    """``probsft train --nproc N``, or with ``fault`` injected by tests/mp/fault_worker.py
+    (which runs the same agent and entry point)."""
+    if fault is None:
+        head = [*PROBSFT, "train"]
+    else:
+        head = [sys.executable, str(REPO / "tests" / "mp" / "fault_worker.py"), fault]
+    return [*head, "--nproc", str(nproc), *BASE, f"train.output_dir={out}", *extra]
 
 
 # ---------------------------------------------------------------- pure parts
@@ -387,9 +393,7 @@ def test_nonfinite_loss_stops_every_rank_before_saving(tmp_path):
 
     out = tmp_path / "run"
     extra = ["train.max_steps=6", "train.save_interval=2"]
-    job = Job(
-        _train_cmd(out, *extra), tmp_path / "nan.log", env=_env(PROBSFT_TEST_NONFINITE="loss@3:1")
-    )
+    job = Job(_train_cmd(out, *extra, fault="loss@3:1"), tmp_path / "nan.log")
     assert job.wait() == 2
     text = job.text()
     errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
@@ -419,9 +423,8 @@ def test_nonfinite_loss_stops_every_rank_before_saving(tmp_path):
 def test_nonfinite_gradient_names_the_rank(tmp_path):
     out = tmp_path / "run"
     job = Job(
-        _train_cmd(out, "train.max_steps=4", "train.save_interval=2", nproc=1),
+        _train_cmd(out, "train.max_steps=4", "train.save_interval=2", nproc=1, fault="grad@2:0"),
         tmp_path / "grad.log",
-        env=_env(PROBSFT_TEST_NONFINITE="grad@2:0"),
     )
     assert job.wait() == 2
     (error,) = [ln for ln in job.text().splitlines() if ln.startswith("error:")]

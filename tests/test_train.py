@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from probsft_megatron.checkpoint import CRASH_ENV, complete_checkpoints, latest_checkpoint
+from probsft_megatron.checkpoint import complete_checkpoints, latest_checkpoint
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
@@ -32,7 +32,13 @@ BASE = [
 ]
 
 
-def _cmd(nproc: int, out: Path, extra: list[str]) -> list[str]:
+FAULT_WORKER = str(Path(__file__).parent / "mp" / "fault_worker.py")
+
+
+def _cmd(nproc: int, out: Path, extra: list[str], fault: str | None = None) -> list[str]:
+    """torchrun over the training entry point, or over tests/mp/fault_worker.py with
+    ``fault`` injected."""
+    entry = ["-m", "probsft_megatron.train"] if fault is None else [FAULT_WORKER, fault]
     return [
         sys.executable,
         "-m",
@@ -40,8 +46,7 @@ def _cmd(nproc: int, out: Path, extra: list[str]) -> list[str]:
         "--standalone",
         "--nproc-per-node",
         str(nproc),
-        "-m",
-        "probsft_megatron.train",
+        *entry,
         *BASE,
         f"train.output_dir={out}",
         *extra,
@@ -56,7 +61,13 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(
-    nproc: int, out: Path, extra: list[str], timeout: int = 600, expect_ok: bool = True, **env
+    nproc: int,
+    out: Path,
+    extra: list[str],
+    timeout: int = 600,
+    expect_ok: bool = True,
+    fault: str | None = None,
+    **env,
 ) -> int:
     """Run a training job in its own session; output goes to a log file, not a pipe.
 
@@ -66,7 +77,7 @@ def _run(
     log = out.parent / f"{out.name}.log"
     with open(log, "ab") as f:
         proc = subprocess.Popen(
-            _cmd(nproc, out, extra),
+            _cmd(nproc, out, extra, fault),
             stdout=f,
             stderr=subprocess.STDOUT,
             env=_env(**env),
@@ -189,7 +200,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
 def test_checkpoint_interrupted_mid_write_keeps_previous(tmp_path):
     extra = ["train.max_steps=4", "train.save_interval=2"]
     out = tmp_path / "run"
-    rc = _run(1, out, extra, expect_ok=False, **{CRASH_ENV: "4"})
+    rc = _run(1, out, extra, expect_ok=False, fault="crash@4")
     assert rc != 0  # died while writing the step-4 checkpoint
     root = out / "checkpoints"
     assert (root / ".step_0000004.partial" / "weights").is_dir()

@@ -4,12 +4,12 @@ Distributed contract of :func:`probe` (every rank of the job calls it with the s
 arguments): each rank tokenizes the same sample; :class:`~probsft_megatron.data.
 GlobalBatchLoader` splits it over the DP ranks and micro-batches and names the example of
 every row (padding rows name none); megatron's schedule runs the micro-batches forward-only
-(:class:`~probsft_megatron.runtime.MeasureStep`: the same vocab-parallel cross entropy or
-fused output layer as training), so under PP the activations flow stage to stage and only
-the last stage computes the CE; the last pipeline stage of every DP rank keeps each example's
-response-token CE (identical on all TP ranks), the DP ranks all-gather it, the last-stage
-rank with DP rank 0 and TP rank 0 builds the report and broadcasts it, and every rank
-returns the same report. Global rank 0 writes the files.
+(a :class:`~probsft_megatron.runtime.LossHead` measuring: the same vocab-parallel cross
+entropy or fused output layer as training), so under PP the activations flow stage to
+stage and only the last stage computes the CE; the last pipeline stage of every DP rank
+keeps each example's response-token CE (identical on all TP ranks), the DP ranks
+all-gather it, the last-stage rank with DP rank 0 and TP rank 0 builds the report and
+broadcasts it, and every rank returns the same report. Global rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 
 from probsft_megatron import compat, cpu_backend, runtime
-from probsft_megatron.config import ModelConfig, ParallelConfig, resolve_precision
+from probsft_megatron.config import LossConfig, ModelConfig, ParallelConfig, resolve_precision
 from probsft_megatron.errors import ConfigError
+from probsft_megatron.loss import ObjectiveLoss
 from probsft_megatron.model_dir import read_model_config
 from probsft_megatron.probe.examples import (
     DEFAULT_SAMPLES,
@@ -97,7 +98,8 @@ def measure(
         pad_multiple=pad_multiple(lay.tp),
         same_length_per_step=lay.pp > 1,
     )
-    step = runtime.MeasureStep(cpu_backend.device(), implementation, chunk_size)
+    loss = ObjectiveLoss(LossConfig(implementation=implementation, chunk_size=chunk_size))
+    step = runtime.loss_head(loss, cpu_backend.device())
     progress = None
     if dist.get_rank() == 0:
         from tqdm import tqdm

@@ -121,7 +121,7 @@ def run_train(args) -> None:
     chunks, optimizer = runtime.build_training_model(
         src.model, tconfig, lr=args.lr, load_dir=str(src.weights)
     )
-    forward_step = runtime.make_forward_step(ObjectiveLoss(LossConfig("original")), "cpu")
+    forward_step = runtime.loss_head(ObjectiveLoss(LossConfig("original")), "cpu")
     for step, (tokens, labels) in enumerate(
         counting_batches(args.steps, 4, args.seq, src.model.vocab_size)
     ):

@@ -213,7 +213,7 @@ def train(parallel, model_cfg, objectives, implementation, init_ckpt, steps) -> 
             model_cfg, tconfig, lr=1e-3, load_dir=init_ckpt, loss_config=cfg
         )
         loss = ObjectiveLoss(cfg, dp_group=runtime.dp_group())
-        fwd = runtime.make_forward_step(loss, "cpu")
+        fwd = runtime.loss_head(loss, "cpu")
         rec = {"loss": [], "grad_norm": [], "frac_kept": []}
         for tokens, labels, mask in batches(steps, global_batch, seq, model_cfg.vocab_size, seed=0):
             mbs = [

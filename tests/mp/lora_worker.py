@@ -140,9 +140,7 @@ def run_layout(args, layout, init_dir):
             torch.distributed.barrier()
             saved.add(model_name)
         lora.init_adapters(gpt, seed=5, b_std=0.05)
-        fwd = runtime.make_forward_step(
-            ObjectiveLoss(loss_config, dp_group=runtime.dp_group()), "cpu"
-        )
+        fwd = runtime.loss_head(ObjectiveLoss(loss_config, dp_group=runtime.dp_group()), "cpu")
         rec = {"loss": [], "grad_norm": []}
         for tokens, labels, mask in batches(args.steps, args.global_batch, args.seq, 256):
             sl = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)

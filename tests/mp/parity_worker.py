@@ -165,7 +165,7 @@ def main() -> int:
     if args.save_init:
         # Pre-train briefly with NLL so the parity steps see p spread over (0, 1).
         chunks, optimizer = runtime.build_training_model(TINY_QWEN2, tconfig, lr=1e-2)
-        fwd = runtime.make_forward_step(ObjectiveLoss(LossConfig("original")), "cpu")
+        fwd = runtime.loss_head(ObjectiveLoss(LossConfig("original")), "cpu")
         for batch in global_batches(
             args.pretrain_steps, args.global_batch, args.seq, TINY_QWEN2.vocab_size, seed=99
         ):
@@ -221,7 +221,7 @@ def main() -> int:
             LossConfig(objective=name, normalization=args.normalization),
             dp_group=runtime.dp_group(),
         )
-        fwd = runtime.make_forward_step(loss, "cpu")
+        fwd = runtime.loss_head(loss, "cpu")
         rec = {k: [] for k in ("loss", "grad_norm", "mean_p", "frac_kept", "mean_w")}
         if mode is None:
             steps = (
