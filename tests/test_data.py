@@ -387,9 +387,9 @@ def test_file_and_config_errors(tok, tmp_path):
     with pytest.raises(DataError, match="set data.format=jsonl or data.format=parquet"):
         load_records(DataConfig(train_files=[str(tmp_path / "d.txt")]))
     for bad, match in (
-        ({"truncation": "left"}, "data.truncation='left' is unknown"),
+        ({"truncation": "left"}, "data.truncation='left' is invalid"),
         ({"chat_template": "chatml9"}, "data.chat_template='chatml9' is neither"),
-        ({"format": "csv"}, "data.format='csv' is unknown"),
+        ({"format": "csv"}, "data.format='csv' is invalid"),
         ({"train_files": []}, "data.train_files is empty"),
         ({"source": "figfont"}, "data.train_files is set but data.source=figfont"),
         ({"max_length": 1}, "data.max_length must be >= 2"),
@@ -882,7 +882,7 @@ def test_store_is_built_once_in_parallel_and_mapped(tok, tmp_path, rng, monkeypa
     assert memory.stats["n_truncated"] > 0  # the store keeps truncation counts too
     with caplog.at_level(logging.INFO, logger="probsft_megatron.data.store"):
         built = store.open_dataset(cfg, tok, num_proc=2)
-    assert "tokenizing 120 records" in caplog.text
+    assert "tokenized 120 records" in caplog.text
     assert _same_examples(built, memory) and built.stats == memory.stats
     assert np.array_equal(built.prompt_lengths, memory.prompt_lengths)
     assert isinstance(built._tokens, np.memmap)  # mapped, not read into memory
@@ -896,12 +896,40 @@ def test_store_is_built_once_in_parallel_and_mapped(tok, tmp_path, rng, monkeypa
         "tokens.npy",
     ]
     # a hit reads no record and tokenizes nothing
-    monkeypatch.setattr(store, "load_records", lambda cfg: pytest.fail("records were read"))
+    monkeypatch.setattr(store, "iter_records", lambda cfg: pytest.fail("records were read"))
     caplog.clear()
     for other in (cfg, dataclasses.replace(cfg, seed=3, packing=True, padding="max_length")):
         again = store.open_dataset(other, tok, builder=False)
         assert again.store_path == folder and _same_examples(again, memory)
     assert "tokenizing" not in caplog.text
+
+
+def test_store_streams_shards_and_widens_masks_for_weights(tok, tmp_path, rng, monkeypatch):
+    """The builder appends shard after shard to the files; loss weights that appear after
+    some 0/1 shards turn the masks into float32 with the earlier shards' values kept."""
+    from probsft_megatron.data import store
+
+    monkeypatch.setattr(store, "_SHARD", 25)
+    rows = []
+    for i in range(130):
+        answer = {"role": "assistant", "content": _text(rng, 1, 20)}
+        if i >= 70 and i % 3 == 0:
+            answer["weight"] = 0.5
+        rows.append(
+            {"messages": [{"role": "user", "content": f"Q{i} " + _text(rng, 1, 20)}, answer]}
+        )
+    path = _write_jsonl(tmp_path / "c.jsonl", rows)
+    for num_proc, sub in ((1, "a"), (2, "b")):
+        cfg = DataConfig(train_files=[path], max_length=150, cache_dir=str(tmp_path / sub))
+        memory = SFTDataset(dataclasses.replace(cfg, cache=False), tok)
+        built = store.open_dataset(cfg, tok, num_proc=num_proc)
+        assert built._masks.dtype == np.float32 and set(np.unique(built._masks)) == {0, 0.5, 1}
+        assert _same_examples(built, memory) and built.stats == memory.stats
+        assert np.array_equal(built.prompt_lengths, memory.prompt_lengths)
+        assert not list(built.store_path.glob("*.u8"))
+    # 0/1 masks stay one byte per token (negative control for the widening)
+    plain = DataConfig(train_files=[path], max_length=150, num_samples=60, cache_dir=str(tmp_path))
+    assert store.open_dataset(plain, tok, num_proc=1)._masks.dtype == np.uint8
 
 
 def test_store_fingerprint_covers_what_changes_tokens(tok, tmp_path, rng):

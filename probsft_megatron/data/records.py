@@ -17,7 +17,7 @@ message normalized to ``role`` in system / user / assistant / tool, ``content`` 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,8 +343,30 @@ def _file_kind(path: Path, fmt: str) -> str:
     )
 
 
-def _read_file(path: Path, cfg: DataConfig) -> list[dict]:
-    """Prompt/response records of one file."""
+def _iter_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` pairs of a JSON-lines file, read line by line (a JSON list file is
+    parsed whole: its text is one value)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = True
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if first and line.lstrip().startswith("["):  # a JSON list
+                    yield from _read_json_rows(path)
+                    return
+                first = False
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: invalid JSON line ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+
+
+def _iter_file(path: Path, cfg: DataConfig) -> Iterator[dict]:
+    """Prompt/response records of one file, one at a time (a JSON-lines file is read line
+    by line, a parquet file a batch of rows at a time), so reading it holds one batch."""
     if not path.is_file():
         raise DataError(f"training file {path} does not exist (data.train_files)")
     if _file_kind(path, cfg.format) == "parquet":
@@ -352,7 +374,8 @@ def _read_file(path: Path, cfg: DataConfig) -> list[dict]:
 
         try:
             schema = pq.read_schema(path)
-            rows_in_file = pq.ParquetFile(path).metadata.num_rows
+            parquet = pq.ParquetFile(path)
+            rows_in_file = parquet.metadata.num_rows
         except Exception as exc:  # pyarrow raises several types for unreadable files
             raise DataError(f"cannot read {path} as parquet: {exc}") from None
         if rows_in_file == 0:
@@ -361,19 +384,23 @@ def _read_file(path: Path, cfg: DataConfig) -> list[dict]:
         columns = sorted({fields.prompt_key, fields.response_key})
         if fields.messages and cfg.tools_key in schema.names:
             columns.append(cfg.tools_key)
-        table = pq.read_table(path, columns=columns)
-        rows = [(f"{path}[{i}]", row) for i, row in enumerate(table.to_pylist())]
-    else:
-        rows = _read_json_rows(path)
-        if not rows:
-            raise DataError(f"{path} contains no records")
-        where, first = rows[0]
-        if not isinstance(first, dict):
-            raise DataError(
-                f"{where}: expected an object with fields, got type {type(first).__name__}"
-            )
-        fields = _choose_fields(cfg, list(first), where)
-    return [_extract(row, fields, where, cfg) for where, row in rows]
+        i = 0
+        for batch in parquet.iter_batches(batch_size=4096, columns=columns):
+            for row in batch.to_pylist():
+                yield _extract(row, fields, f"{path}[{i}]", cfg)
+                i += 1
+        return
+    fields = None
+    for where, row in _iter_json_rows(path):
+        if fields is None:
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{where}: expected an object with fields, got type {type(row).__name__}"
+                )
+            fields = _choose_fields(cfg, list(row), where)
+        yield _extract(row, fields, where, cfg)
+    if fields is None:
+        raise DataError(f"{path} contains no records")
 
 
 def _first_json_row(path: Path) -> tuple[str, Any] | None:
@@ -444,9 +471,23 @@ def load_records(cfg: DataConfig) -> list[dict]:
             _extract(item, fields, f"figfont:{cfg.figfont_split}[{item['index']}]")
             for item in figfont_records(cfg.figfont_split, n=cfg.num_samples)
         ]
-    records: list[dict] = []
+    return list(iter_records(cfg))
+
+
+def iter_records(cfg: DataConfig) -> Iterator[dict]:
+    """The records of :func:`load_records`, in the same order, one at a time: a JSON-lines
+    or parquet file is streamed (a JSON list file is parsed whole), so a consumer that does
+    not keep them (the tokenized store's builder) holds only what it is working on."""
+    cfg.validate()
+    if cfg.source == "figfont":
+        yield from load_records(cfg)
+        return
+    if cfg.num_samples is not None and cfg.num_samples <= 0:
+        return
+    n = 0
     for name in cfg.train_files:
-        records.extend(_read_file(Path(name).expanduser(), cfg))
-        if cfg.num_samples is not None and len(records) >= cfg.num_samples:
-            break
-    return records[: cfg.num_samples] if cfg.num_samples is not None else records
+        for record in _iter_file(Path(name).expanduser(), cfg):
+            yield record
+            n += 1
+            if cfg.num_samples is not None and n >= cfg.num_samples:
+                return

@@ -16,9 +16,14 @@ changes tokens or masks (the whole :class:`~probsft_megatron.config.DataConfig` 
 modification time, the tokenizer (its full serialization, special tokens and chat template),
 and the source of the modules that render and mask records.
 
-Building (:func:`build_store`) tokenizes in ``num_proc`` forked processes, writes into
-``<root>/.<key>.<random>.tmp/`` and renames that folder to ``<root>/<key>/``: a reader sees a
-whole store or none. Opening (:func:`open_store`) checks ``meta.json``, the files' sizes,
+Building (:func:`build_store`, :func:`tokenize_into`) streams the records (a JSON-lines or
+parquet file is read a line or a batch at a time) in shards to ``num_proc`` forked processes,
+a bounded number of shards in flight, and appends each tokenized shard, in record order, to
+the ``.npy`` files in ``<root>/.<key>.<random>.tmp/`` (numpy reserves room in a ``.npy``
+header for the length to grow; the header is rewritten once at the end). Memory holds a few
+shards and the index (offsets, prompt lengths: 16 bytes per example), whatever the size of
+the dataset. The folder is then renamed to ``<root>/<key>/``: a reader sees a whole store or
+none. Opening (:func:`open_store`) checks ``meta.json``, the files' sizes,
 dtypes and shapes and the offsets' CRC; a partial or damaged store is rebuilt.
 
 Several processes (:func:`open_dataset`): a *builder* (training passes local rank 0 of each
@@ -30,6 +35,7 @@ without one, each node builds its own copy in its own cache folder.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import inspect
@@ -47,8 +53,8 @@ from typing import Any
 import numpy as np
 
 from probsft_megatron.config import DataConfig
-from probsft_megatron.data.examples import SFTDataset
-from probsft_megatron.data.records import load_records
+from probsft_megatron.data.examples import SFTDataset, _prompt_lengths
+from probsft_megatron.data.records import iter_records
 from probsft_megatron.errors import DataError
 from probsft_megatron.fileio import atomic_write_json
 
@@ -183,15 +189,26 @@ def open_store(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | Non
 
 # -- building -----------------------------------------------------------------------------------
 
-_WORK: dict[str, Any] = {}  # what forked workers read: config, tokenizer, records
+_WORK: dict[str, Any] = {}  # what forked workers read: the config and the tokenizer
 
 
-def _encode_shard(bounds: tuple[int, int]):
-    cfg, tokenizer, records = _WORK["cfg"], _WORK["tokenizer"], _WORK["records"]
+def _encode_shard(records: list[dict]):
+    """A shard's examples: tokens (int32), loss masks (uint8 when 0/1, else float32), tokens
+    per kept example, prompt lengths, and the shard's stats."""
     ds = SFTDataset.__new__(SFTDataset)
-    ds._setup(cfg, tokenizer)
-    tokens, masks, lengths = ds.encode_records(records[bounds[0] : bounds[1]])
-    return tokens.astype(np.int32), masks, lengths, ds.stats
+    ds._setup(_WORK["cfg"], _WORK["tokenizer"])
+    tokens, masks, lengths = ds.encode_records(records)
+    ds.stats["n_response_tokens"] = int((masks > 0).sum())
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    prompt_lengths = _prompt_lengths(masks, offsets)
+    binary = bool(np.all((masks == 0) | (masks == 1)))
+    return (
+        tokens.astype(np.int32),
+        masks.astype(np.uint8) if binary else masks,
+        lengths,
+        prompt_lengths,
+        ds.stats,
+    )
 
 
 def available_cpus() -> int:
@@ -201,57 +218,169 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def tokenize_parallel(
-    cfg: DataConfig, tokenizer, records: list[dict], num_proc: int | None = None
-) -> SFTDataset:
-    """:class:`SFTDataset` of ``records``, tokenized in ``num_proc`` forked processes (default:
-    the CPUs this process may use); the same examples and stats as ``SFTDataset(cfg,
-    tokenizer, records)``."""
-    num_proc = max(1, min(num_proc or available_cpus(), -(-len(records) // _SHARD)))
-    shards = [(lo, min(lo + _SHARD, len(records))) for lo in range(0, len(records), _SHARD)]
-    _WORK.update(cfg=cfg, tokenizer=tokenizer, records=records)
-    t0 = time.perf_counter()
-    parts = []
+class _NpyAppender:
+    """A 1-D ``.npy`` file written a piece at a time: the header first (numpy reserves room in
+    it for the length to grow), the data appended, the header rewritten with the final
+    length on :meth:`close` (then flushed to disk)."""
+
+    def __init__(self, path: Path, dtype) -> None:
+        self.path, self.dtype, self.n = path, np.dtype(dtype), 0
+        self.file = open(path, "wb")
+        self._header()
+        self.data_start = self.file.tell()
+
+    def _header(self) -> None:
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (self.n,),
+        }
+        np.lib.format.write_array_header_1_0(self.file, header)
+
+    def append(self, array: np.ndarray) -> None:
+        self.file.write(memoryview(np.ascontiguousarray(array, dtype=self.dtype)).cast("B"))
+        self.n += len(array)
+
+    def close(self) -> None:
+        self.file.seek(0)
+        self._header()
+        if self.file.tell() != self.data_start:  # cannot happen with numpy's reserved room
+            raise RuntimeError(f"the header of {self.path} changed size")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+class _MaskAppender(_NpyAppender):
+    """Loss masks: uint8 while every value is 0/1, float32 (rewritten once) from the first
+    loss weight on."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, np.uint8)
+
+    def append(self, array: np.ndarray) -> None:
+        if self.dtype == np.uint8 and array.dtype != np.uint8:
+            self._widen()
+        super().append(array)
+
+    def _widen(self) -> None:
+        super().close()  # the 0/1 masks so far, a whole .npy file
+        narrow = self.path.with_name(self.path.name + ".u8")
+        os.replace(self.path, narrow)
+        old = np.load(narrow, mmap_mode="r") if self.n else np.zeros(0, np.uint8)
+        n, self.dtype, self.n = self.n, np.dtype(np.float32), 0
+        self.file = open(self.path, "wb")
+        self._header()
+        for lo in range(0, n, 1 << 24):
+            super().append(old[lo : lo + (1 << 24)])
+        del old
+        narrow.unlink()
+
+
+def _shards(records, size: int):
+    shard: list[dict] = []
+    for record in records:
+        shard.append(record)
+        if len(shard) == size:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
+def tokenize_into(
+    folder: Path, cfg: DataConfig, tokenizer, num_proc: int | None = None
+) -> dict[str, Any]:
+    """Tokenize ``cfg``'s records into the store files of ``folder`` and return the dataset's
+    ``stats``. Records are streamed (:func:`iter_records`) in shards of ``_SHARD`` to
+    ``num_proc`` forked processes (default: the CPUs this process may use), at most two
+    shards per process in flight, and each finished shard is appended to the files in record
+    order: memory holds a few shards and the index (offsets, prompt lengths), whatever the
+    size of the dataset."""
+    num_proc = max(1, num_proc or available_cpus())
+    fork = num_proc > 1 and "fork" in multiprocessing.get_all_start_methods()
+    tokens = _NpyAppender(folder / "tokens.npy", np.int32)
+    masks = _MaskAppender(folder / "masks.npy")
+    lengths: list[np.ndarray] = []
+    prompt_lengths: list[np.ndarray] = []
+    stats: dict[str, int] = {}
+    n_records = 0
+    t0 = last_note = time.perf_counter()
+
+    def take(part) -> None:
+        nonlocal last_note
+        tokens.append(part[0])
+        masks.append(part[1])
+        lengths.append(part[2])
+        prompt_lengths.append(part[3])
+        for key, value in part[4].items():
+            stats[key] = stats.get(key, 0) + value
+        now = time.perf_counter()
+        if now - last_note > 30:
+            logger.info(
+                "tokenized %d records (%.0f records/s, %d processes)",
+                n_records,
+                n_records / max(now - t0, 1e-9),
+                num_proc if fork else 1,
+            )
+            last_note = now
+
+    _WORK.update(cfg=cfg, tokenizer=tokenizer)
+    pool = None
     try:
-        if num_proc == 1 or "fork" not in multiprocessing.get_all_start_methods():
-            results = map(_encode_shard, shards)
-            pool = None
+        shards = _shards(iter_records(cfg), _SHARD)
+        if not fork:
+            for shard in shards:
+                n_records += len(shard)
+                take(_encode_shard(shard))
         else:
             # forked workers must not start the tokenizer's own thread pool
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             pool = multiprocessing.get_context("fork").Pool(num_proc)
-            results = pool.imap(_encode_shard, shards)
-        done = 0
-        last_note = t0
-        for (lo, hi), part in zip(shards, results):
-            parts.append(part)
-            done += hi - lo
-            now = time.perf_counter()
-            if now - last_note > 30 or done == len(records):
-                logger.info(
-                    "tokenized %d/%d records (%.0f records/s, %d processes)",
-                    done,
-                    len(records),
-                    done / max(now - t0, 1e-9),
-                    num_proc,
-                )
-                last_note = now
-        if pool is not None:
+            pending: collections.deque = collections.deque()
+            for shard in shards:
+                n_records += len(shard)
+                pending.append(pool.apply_async(_encode_shard, (shard,)))
+                del shard
+                while len(pending) >= 2 * num_proc:
+                    take(pending.popleft().get())
+            while pending:
+                take(pending.popleft().get())
             pool.close()
             pool.join()
+            pool = None
     finally:
         _WORK.clear()
+        if pool is not None:
+            pool.terminate()
+        for appender in (tokens, masks):
+            if not appender.file.closed:
+                appender.close()
+    lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths_all)]).astype(np.int64)
+    np.save(folder / "offsets.npy", offsets, allow_pickle=False)
+    np.save(
+        folder / "prompt_lengths.npy",
+        np.concatenate(prompt_lengths).astype(np.int64) if prompt_lengths else lengths_all,
+        allow_pickle=False,
+    )
     ds = SFTDataset.__new__(SFTDataset)
     ds._setup(cfg, tokenizer)
-    for part in parts:
-        for key, value in part[3].items():
-            if key not in ("n_examples", "n_tokens", "n_response_tokens"):
-                ds.stats[key] = ds.stats.get(key, 0) + value
-    empty = (np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.int64))
-    tokens, masks, lengths = (np.concatenate([p[i] for p in parts] or [empty[i]]) for i in range(3))
-    del parts
-    ds._attach(tokens, masks, lengths, len(records))
-    return ds
+    ds.stats.update({k: v for k, v in stats.items() if k in ds.stats})
+    if not len(lengths_all):
+        raise DataError(
+            f"no usable examples among {n_records} records "
+            f"(dropped: {ds.stats['n_dropped']}); raise data.max_length"
+        )
+    ds.stats.update(n_examples=len(lengths_all), n_tokens=int(offsets[-1]))
+    ds._warn(n_records)
+    logger.info(
+        "tokenized %d records (%.0f records/s, %d processes)",
+        n_records,
+        n_records / max(time.perf_counter() - t0, 1e-9),
+        num_proc if fork else 1,
+    )
+    return ds.stats
 
 
 def build_store(
@@ -268,26 +397,23 @@ def build_store(
     key, inputs = key_inputs or fingerprint(cfg, tokenizer)
     final = root / key
     t0 = time.perf_counter()
-    records = load_records(cfg)
-    logger.info("tokenizing %d records into the store %s", len(records), final)
-    ds = tokenize_parallel(cfg, tokenizer, records, num_proc)
-    del records
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
+    logger.info("tokenizing the records into the store %s", final)
     try:
-        arrays = ds.arrays()
-        for name in FILES:
-            np.save(tmp / f"{name}.npy", np.ascontiguousarray(arrays[name]), allow_pickle=False)
+        stats = tokenize_into(tmp, cfg, tokenizer, num_proc)
+        arrays = {name: np.load(tmp / f"{name}.npy", mmap_mode="r") for name in FILES}
         meta = {
             "version": STORE_VERSION,
             "key": key,
             "inputs": inputs,
-            "stats": ds.stats,
+            "stats": stats,
             "arrays": _arrays_meta(arrays),
             "offsets_crc32": zlib.crc32(np.asarray(arrays["offsets"]).tobytes()),
             "build_seconds": round(time.perf_counter() - t0, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        del arrays
         atomic_write_json(tmp / "meta.json", meta)
         for file in tmp.iterdir():  # on disk before the store is published
             with open(file, "rb") as fh:
@@ -304,8 +430,8 @@ def build_store(
     logger.info(
         "store %s: %d examples, %d tokens, built in %.1f s",
         final,
-        ds.stats["n_examples"],
-        ds.stats["n_tokens"],
+        stats["n_examples"],
+        stats["n_tokens"],
         time.perf_counter() - t0,
     )
     return final
