@@ -7,7 +7,9 @@ checkpoint, and trains 3 steps per objective. Each multi-rank layout loads that 
 (resharded on load) and trains on the same global batches; per-step losses and grad norms
 must agree to 1e-5 (one layout also recomputes every layer in the backward). A negative
 control breaks the TP reduction of the vocab-parallel cross entropy and must be caught by
-the same comparison.
+the same comparison. The single-rank cases run in one torchrun launch and every two-process
+case in another (``parity_worker.py --cases``: one process group, megatron's groups rebuilt
+per case).
 
 In one process (TP=1): ``parallel.recompute_granularity`` selective and full (uniform and
 block) give the losses and grad norms of no recomputation, and really recompute (the core
@@ -17,6 +19,7 @@ attention, or whole layers, run a second time in the backward).
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -35,23 +38,63 @@ LAYOUTS = {
 }
 
 
+def run_cases(d, nproc: int, cases: list[list[str]]) -> None:
+    """Every case (parity_worker's arguments, the shared init checkpoint added) in one launch."""
+    init = ["--init-ckpt", str(d / "init")]
+    cases_file = d / f"cases_{nproc}.json"
+    cases_file.write_text(json.dumps([[*case, *init] for case in cases]))
+    run_torchrun("parity_worker.py", nproc, ["--cases", str(cases_file)], timeout=1800)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    """The single-rank runs: the pre-trained init checkpoint and the padded reference, the
+    varied-length reference and the sample-normalized one."""
     d = tmp_path_factory.mktemp("parity")
-    run_torchrun(
-        "parity_worker.py",
+    run_cases(
+        d,
         1,
         [
-            "--init-ckpt",
-            str(d / "init"),
-            "--save-init",
-            "--objectives",
-            OBJECTIVES,
-            "--out",
-            str(d / "ref.json"),
+            ["--save-init", "--objectives", OBJECTIVES, "--out", str(d / "ref.json")],
+            ["--varlen", "--objectives", OBJECTIVES, "--out", str(d / "varlen_ref.json")],
+            [
+                "--varlen",
+                "--normalization",
+                "sample",
+                "--objectives",
+                SAMPLE_OBJECTIVES,
+                "--out",
+                str(d / "sample_ref.json"),
+            ],
         ],
     )
     return d, read_json(d / "ref.json")["results"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(reference):
+    """Every two-process case of this module in one launch, each writing its <case>.json."""
+    d, _ = reference
+    cases = [
+        [*LAYOUTS[name], "--objectives", OBJECTIVES, "--out", str(d / f"{name}.json")]
+        for name in sorted(LAYOUTS)
+    ]
+    cases += [
+        [*VARLEN_LAYOUTS[name], "--varlen", "--objectives", OBJECTIVES]
+        + ["--out", str(d / f"varlen_{name}.json")]
+        for name in sorted(VARLEN_LAYOUTS)
+    ]
+    cases += [
+        [*SAMPLE_LAYOUTS[name], "--varlen", "--normalization", "sample"]
+        + ["--objectives", SAMPLE_OBJECTIVES, "--out", str(d / f"sample_{name}.json")]
+        for name in sorted(SAMPLE_LAYOUTS)
+    ]
+    cases.append(
+        ["--tp", "2", "--break-tp-reduction", "--objectives", OBJECTIVES]
+        + ["--out", str(d / "broken.json")]
+    )
+    run_cases(d, 2, cases)
+    return d
 
 
 def max_diff(ref: dict, got: dict) -> tuple[float, str]:
@@ -80,22 +123,9 @@ def test_reference_is_informative(reference):
 @pytest.mark.multirank
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_layout_matches_single_rank(reference, layout):
+def test_layout_matches_single_rank(reference, two_ranks, layout):
     d, ref = reference
     out = d / f"{layout}.json"
-    run_torchrun(
-        "parity_worker.py",
-        2,
-        [
-            *LAYOUTS[layout],
-            "--init-ckpt",
-            str(d / "init"),
-            "--objectives",
-            OBJECTIVES,
-            "--out",
-            str(out),
-        ],
-    )
     worst, where = max_diff(ref, read_json(out)["results"])
     print(f"{layout}: max |diff| = {worst:.2e} ({where})")
     assert worst <= TOL, f"{layout} deviates from TP=1 by {worst:.3e} at {where}"
@@ -103,25 +133,10 @@ def test_layout_matches_single_rank(reference, layout):
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_broken_tp_reduction_is_detected(reference):
+def test_broken_tp_reduction_is_detected(reference, two_ranks):
     """Negative control: without the SUM all-reduces the TP=2 run must not match."""
     d, ref = reference
     out = d / "broken.json"
-    run_torchrun(
-        "parity_worker.py",
-        2,
-        [
-            "--tp",
-            "2",
-            "--break-tp-reduction",
-            "--init-ckpt",
-            str(d / "init"),
-            "--objectives",
-            OBJECTIVES,
-            "--out",
-            str(out),
-        ],
-    )
     worst, where = max_diff(ref, read_json(out)["results"])
     print(f"broken TP reduction: max |diff| = {worst:.2e} ({where})")
     assert worst > 1e-2
@@ -146,11 +161,6 @@ def varlen_diff(ref: dict, got: dict, mode: str) -> tuple[float, str]:
 def varlen_reference(reference):
     d, _ = reference
     out = d / "varlen_ref.json"
-    run_torchrun(
-        "parity_worker.py",
-        1,
-        ["--varlen", "--init-ckpt", str(d / "init"), "--objectives", OBJECTIVES, "--out", str(out)],
-    )
     return d, read_json(out)["results"]
 
 
@@ -175,23 +185,9 @@ def test_dynamic_padding_and_packing_match_padded_rows(varlen_reference):
 @pytest.mark.multirank
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(VARLEN_LAYOUTS))
-def test_dynamic_padding_and_packing_match_single_rank(varlen_reference, layout):
+def test_dynamic_padding_and_packing_match_single_rank(varlen_reference, two_ranks, layout):
     d, ref = varlen_reference
     out = d / f"varlen_{layout}.json"
-    run_torchrun(
-        "parity_worker.py",
-        2,
-        [
-            *VARLEN_LAYOUTS[layout],
-            "--varlen",
-            "--init-ckpt",
-            str(d / "init"),
-            "--objectives",
-            OBJECTIVES,
-            "--out",
-            str(out),
-        ],
-    )
     got = read_json(out)["results"]
     for mode in VARLEN_MODES:
         worst, where = varlen_diff(ref, got, mode)
@@ -215,21 +211,6 @@ SAMPLE_LAYOUTS = {
 def sample_reference(reference):
     d, _ = reference
     out = d / "sample_ref.json"
-    run_torchrun(
-        "parity_worker.py",
-        1,
-        [
-            "--varlen",
-            "--normalization",
-            "sample",
-            "--init-ckpt",
-            str(d / "init"),
-            "--objectives",
-            SAMPLE_OBJECTIVES,
-            "--out",
-            str(out),
-        ],
-    )
     return d, read_json(out)["results"]
 
 
@@ -256,28 +237,12 @@ def test_sample_normalization_is_layout_free_on_one_rank(sample_reference, varle
 @pytest.mark.multirank
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(SAMPLE_LAYOUTS))
-def test_sample_normalization_matches_single_rank(sample_reference, layout):
+def test_sample_normalization_matches_single_rank(sample_reference, two_ranks, layout):
     """TP+SP, PP and DP with the distributed optimizer, each with padded, dynamically padded
     and packed micro-batches, reproduce the single-rank per-example means (the negative
     control, token-level normalization of the same batches, is the one-rank test's)."""
     d, ref = sample_reference
     out = d / f"sample_{layout}.json"
-    run_torchrun(
-        "parity_worker.py",
-        2,
-        [
-            *SAMPLE_LAYOUTS[layout],
-            "--varlen",
-            "--normalization",
-            "sample",
-            "--init-ckpt",
-            str(d / "init"),
-            "--objectives",
-            SAMPLE_OBJECTIVES,
-            "--out",
-            str(out),
-        ],
-    )
     got = read_json(out)["results"]
     for mode in VARLEN_MODES:
         worst, where = varlen_diff(ref, got, mode)

@@ -14,9 +14,13 @@ recomputes), which must not change a single figure beyond rounding.
 ``cu_seqlens``), plus ``packed_crossing`` for the first objective (negative control: one
 sequence spanning the packed row, so attention crosses the examples' boundaries). Results
 are keyed ``objective/layout``.
+
+``--cases FILE`` (a JSON list of argument lists, each with its own ``--out``) runs several
+cases in one launch: one process group, megatron's groups rebuilt for each case.
 """
 
 import argparse
+import json
 import sys
 import types
 
@@ -25,11 +29,12 @@ import torch
 from probsft_megatron.fileio import atomic_write_json
 
 
-def break_tp_reduction() -> None:
-    """Negative control: skip the SUM all-reduces inside megatron's vocab-parallel CE."""
+def break_tp_reduction():
+    """Negative control: skip the SUM all-reduces inside megatron's vocab-parallel CE.
+    Returns the function that puts them back."""
     import megatron.core.tensor_parallel.cross_entropy as ce_mod
 
-    real_dist = torch.distributed
+    real_torch, real_dist = ce_mod.torch, torch.distributed
 
     def all_reduce(tensor, op=real_dist.ReduceOp.SUM, group=None, async_op=False):
         if op == real_dist.ReduceOp.SUM:
@@ -45,6 +50,7 @@ def break_tp_reduction() -> None:
     )
     fake_torch.distributed = fake_dist
     ce_mod.torch = fake_torch
+    return lambda: setattr(ce_mod, "torch", real_torch)
 
 
 def global_batches(steps, global_batch, seq, vocab, seed=0, noise=0.3):
@@ -96,7 +102,7 @@ def crossing(batch):
     )
 
 
-def main() -> int:
+def run(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
@@ -121,17 +127,16 @@ def main() -> int:
     )
     ap.add_argument("--varlen", action="store_true")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from megatron.core import parallel_state
 
-    from probsft_megatron import runtime
+    from probsft_megatron import compat, runtime
     from probsft_megatron.loss import LossConfig, ObjectiveLoss
     from probsft_megatron.model import TINY_QWEN2, ParallelConfig, transformer_config
 
     torch.use_deterministic_algorithms(True)
-    if args.break_tp_reduction:
-        break_tp_reduction()
+    undo = break_tp_reduction() if args.break_tp_reduction else None
     parallel = ParallelConfig(args.tp, args.pp, args.sp)
     dp = runtime.init_distributed(parallel, seed=1234, model=TINY_QWEN2)
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -247,6 +252,18 @@ def main() -> int:
         and parallel_state.get_tensor_model_parallel_rank() == 0
     ):
         atomic_write_json(args.out, {"dp": dp, "results": results}, indent=None)
+    compat.destroy_model_parallel()
+    if undo is not None:
+        undo()
+
+
+def main() -> int:
+    from probsft_megatron import runtime
+
+    argv = sys.argv[1:]
+    cases = json.loads(open(argv[1]).read()) if argv[:1] == ["--cases"] else [argv]
+    for case in cases:
+        run(case)
     runtime.shutdown()
     return 0
 
