@@ -47,7 +47,8 @@ def check_hf_model_dir(path: str | os.PathLike) -> Path:
     return folder
 
 
-def read_model_config(folder: str | os.PathLike) -> dict:
-    """The parsed config.json of a checkpoint folder."""
+def read_hf_config(folder: str | os.PathLike) -> dict:
+    """The parsed config.json of a Hugging Face checkpoint folder (not a Megatron model dir's
+    ``model_config.json``: :func:`probsft_megatron.model_dir.read_model_config`)."""
     with open(Path(folder) / "config.json", encoding="utf-8") as f:
         return json.load(f)

@@ -26,7 +26,7 @@ from pathlib import Path
 from probsft_megatron.errors import ConfigError, ProbsftError
 from probsft_megatron.eval.graders import CONTINUOUS_GRADERS, EXTRACTING_GRADERS, get_grader
 from probsft_megatron.eval.metrics import summarize
-from probsft_megatron.eval.models import check_hf_model_dir, read_model_config
+from probsft_megatron.eval.models import check_hf_model_dir, read_hf_config
 from probsft_megatron.eval.prompts import STOP_STRINGS, detect_family, render, resolve_family
 from probsft_megatron.eval.tasks import DataOptions, Example, Task, get_task
 
@@ -203,7 +203,7 @@ def build_llm(
     if on_cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
         if dtype == "auto":
-            saved_config = read_model_config(model)
+            saved_config = read_hf_config(model)
             saved = saved_config.get("torch_dtype") or saved_config.get("dtype")
             dtype = "bfloat16" if saved == "float16" else "auto"
     from vllm import LLM
@@ -437,7 +437,7 @@ def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
     tokenizer = load_tokenizer(config.model)
     if family is None:
         family = detect_family(
-            read_model_config(config.model), tokenizer.get_vocab(), str(config.model)
+            read_hf_config(config.model), tokenizer.get_vocab(), str(config.model)
         )
     for plan in plans:
         plan.prompts = [render(plan.task.kind, family, ex.text) for ex in plan.examples]

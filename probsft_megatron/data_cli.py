@@ -328,6 +328,7 @@ def _resolve(spec: str, overrides: list[str], tokenizer: str | None):
     """(DataConfig, tokenizer spec) of a data file, figfont or a recipe."""
     from probsft_megatron.config import load_config
     from probsft_megatron.probe_cli import data_config
+    from probsft_megatron.tokenizers import tokenizer_spec
 
     if spec == "figfont" or Path(spec).suffix.lower() in DATA_SUFFIXES:
         return data_config(spec, overrides, "probsft data inspect"), tokenizer or "smollm2"
@@ -346,9 +347,7 @@ def _resolve(spec: str, overrides: list[str], tokenizer: str | None):
     cfg = load_config(spec, overrides)
     cfg.data.validate()
     if tokenizer is None:
-        tokenizer = cfg.init.tokenizer or (
-            str(Path(cfg.init.checkpoint) / "hf") if cfg.init.checkpoint else None
-        )
+        tokenizer = tokenizer_spec(cfg.init)
     if tokenizer is None:
         raise ConfigError(
             f"recipe {spec} names no tokenizer (init.tokenizer or "

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from probsft_megatron import manifest
 from probsft_megatron.errors import CheckpointError, ConfigError
+from probsft_megatron.tokenizers import tokenizer_spec
 from probsft_megatron.typed_yaml import oddity, shown
 
 if TYPE_CHECKING:
@@ -280,7 +281,7 @@ def check_files(cfg: TrainJobConfig, *, resume: bool = True) -> None:
                 f"init.checkpoint {init.checkpoint} has no tokenizer (no tokenizer files in "
                 "its hf/ folder); set init.tokenizer to a tokenizer folder or smollm2"
             )
-    tokenizer = init.tokenizer or (str(Path(init.checkpoint) / "hf") if init.checkpoint else None)
+    tokenizer = tokenizer_spec(init)
     if tokenizer is not None:
         vocab = cfg.model.vocab_size
         if init.checkpoint is not None:  # the checkpoint's model (checked just above)

@@ -35,6 +35,7 @@ from probsft_megatron.errors import ConfigError
 from probsft_megatron.input_checks import check_files, planned_length
 from probsft_megatron.model_dir import read_model_config
 from probsft_megatron.objectives import Objective, parse_objective
+from probsft_megatron.tokenizers import tokenizer_spec
 
 __all__ = ["Job", "resolve_job"]
 
@@ -150,7 +151,7 @@ def resolve_job(cfg: TrainJobConfig, world_size: int, *, resume: bool = True) ->
     dp = validate(cfg, world_size)
     if cfg.train.max_steps is not None:  # beyond what the data gives: refused, not cut
         planned_length(cfg)
-    tokenizer = init.tokenizer or (str(Path(init.checkpoint) / "hf") if init.checkpoint else None)
+    tokenizer = tokenizer_spec(init)
     objective = None if cfg.loss.is_auto else parse_objective(cfg.loss.objective)
     checkpoint = Path(init.checkpoint) if init.checkpoint else None
     return Job(

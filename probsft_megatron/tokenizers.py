@@ -16,6 +16,15 @@ from probsft_megatron.errors import CheckpointError, ConfigError
 BUILTIN = ("smollm2",)
 
 
+def tokenizer_spec(init) -> str | None:
+    """The tokenizer a job's ``init`` section names: ``init.tokenizer``, else the ``hf/``
+    folder of ``init.checkpoint`` (a converted model dir keeps its tokenizer there), else
+    None."""
+    if init.tokenizer:
+        return init.tokenizer
+    return str(Path(init.checkpoint) / "hf") if init.checkpoint else None
+
+
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(spec: str):
     """The tokenizer of ``spec`` (cached per spec).

@@ -37,7 +37,7 @@ from probsft_megatron.probe.examples import (
     probe_key,
     read_cached,
 )
-from probsft_megatron.probe.report import build_report, write_outputs
+from probsft_megatron.probe.report import build_probe_report, write_outputs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 """Model precisions. The cross entropy itself is float32 in every case (megatron's
@@ -175,7 +175,7 @@ def run_probe(
     src = _reporter_rank(reporter)
     report = None
     if reporter:
-        report = build_report(
+        report = build_probe_report(
             merged,
             examples,
             model_dir=model_dir,

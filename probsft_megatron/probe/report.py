@@ -96,7 +96,7 @@ def place(mean_p: float) -> dict[str, Any]:
     }
 
 
-def build_report(
+def build_probe_report(
     ce_by_example: dict[int, np.ndarray],
     examples,
     *,
