@@ -123,23 +123,7 @@ def plot_sweep(
                 for g in members
                 if g["objective"] and g["objective"]["family"] == "general"
             ]
-            if len(pts) < 2:
-                continue
-            for col in cols:
-                line = [
-                    (x, g, _stat(g, col))
-                    for x, g in sorted(pts, key=lambda t: t[0])
-                    if _stat(g, col)
-                ]
-                if line:
-                    series.append((block, col, line))
-                for g in members:
-                    if (
-                        g["objective"]
-                        and g["objective"]["family"] in ("nll", "p")
-                        and _stat(g, col)
-                    ):
-                        refs.append((block, col, g["label"], g))
+            lines = [pts] if len(pts) >= 2 else []
         else:
             fams: dict[tuple, list] = {}
             for g in members:
@@ -149,25 +133,23 @@ def plot_sweep(
                 pct = o["percentile"] is not None
                 x = o["percentile"] if pct else o["threshold"]["value"]
                 fams.setdefault((o["prefix"], pct), []).append((x, g))
-            fams = {k: v for k, v in fams.items() if len(v) >= 2}
-            if not fams:
-                continue
-            for col in cols:
-                for _key, pts in sorted(fams.items()):
-                    line = [
-                        (x, g, _stat(g, col))
-                        for x, g in sorted(pts, key=lambda t: t[0])
-                        if _stat(g, col)
-                    ]
-                    if line:
-                        series.append((block, col, line))
-                for g in members:
-                    if (
-                        g["objective"]
-                        and g["objective"]["family"] in ("nll", "p")
-                        and _stat(g, col)
-                    ):
-                        refs.append((block, col, g["label"], g))
+            lines = [pts for _key, pts in sorted(fams.items()) if len(pts) >= 2]
+        if not lines:
+            continue
+        for col in cols:
+            for pts in lines:
+                line = [
+                    (x, g, _stat(g, col))
+                    for x, g in sorted(pts, key=lambda t: t[0])
+                    if _stat(g, col)
+                ]
+                if line:
+                    series.append((block, col, line))
+            refs += [
+                (block, col, g["label"], g)
+                for g in members
+                if g["objective"] and g["objective"]["family"] in ("nll", "p") and _stat(g, col)
+            ]
     if not series:
         return None
     cols = list(dict.fromkeys(col for _, col, _ in series))
