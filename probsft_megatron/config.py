@@ -7,35 +7,28 @@ a recipe may start from another with ``base: <recipe name or path>``. Overrides 
 
 Three steps, each once:
 
-1. **load** (:func:`load_config`): YAML + overrides -> frozen section dataclasses; each value is
-   type-checked and range-checked where it is read (``__post_init__``), so a bad key or value
-   fails with one line naming it.
+1. **load** (:func:`load_config`): YAML + overrides (applied to the raw mapping first) ->
+   frozen section dataclasses. The sections are pydantic dataclasses
+   (:func:`probsft_megatron.typed_yaml.section`): each key's type, its ``Literal`` choices and
+   its ``Field(ge=, gt=, lt=)`` range are declared beside it and checked by pydantic; the few
+   rules that span keys of one section sit in its ``__post_init__``. A bad key or value fails
+   with one line naming the dotted key, the value and what is allowed.
 2. **validate** (:func:`validate`): the combinations, for a given world size: TP*PP dividing the
    world size, the micro batch dividing the global batch, heads/vocabulary divisible by TP,
-   recomputation layers per stage, the objective's spelling, data sources. With
-   ``files=True`` (what a run and its dry run ask, through ``resolve_job``) also every path
-   the job reads or writes (:func:`probsft_megatron.input_checks.check_files`, its own
-   module): the data files exist and are files, the tokenizer and ``init.checkpoint`` are
-   what they should be and intact (their manifests),
-   ``train.output_dir`` can be written and does not overlap an input, and a resume would
-   not start from a damaged checkpoint. Cheap: no process group, tokenizer or model is
-   built, and no data file is read.
-3. **resolve** (:func:`probsft_megatron.job.resolve_job`): validate, then decide what a run
+   recomputation layers per stage, the objective's spelling, data sources. Cheap: no process
+   group, tokenizer or model is built, and no file is read.
+3. **resolve** (:func:`probsft_megatron.job.resolve_job`): every path the job reads or writes
+   (:func:`probsft_megatron.input_checks.check_files`), validate, then decide what a run
    derives from the config (the checkpoint's model, DP size, dtype, attention, objective,
    tokenizer, paths) into a frozen :class:`~probsft_megatron.job.Job`, which training reads.
-   ``probsft train --dry-run`` and the real run both start with it. It lives in its own
-   module because it reads a converted checkpoint's ``model_config.json``
-   (:mod:`probsft_megatron.model_dir`, which itself needs :class:`ModelConfig`).
-
-This module is longer than the others on purpose: it is one concern, every key a job
-accepts with its default, its check and the checks that combine keys, and a reader looking up
-a key should find all of that in one file.
+   ``probsft train --dry-run`` and the real run both start with it.
 
 Sections are frozen: code that needs a variant builds one with :func:`dataclasses.replace`
-(or assigns a whole new section to the :class:`TrainJobConfig` it is assembling).
-This module imports neither megatron nor torch at import time (``probsft objectives`` and
-``--dry-run`` stay instant). YAML reading and type coercion live in
-:mod:`probsft_megatron.typed_yaml`.
+(validated again) or assigns a whole new section to the :class:`TrainJobConfig` it is
+assembling. This module imports neither megatron nor torch at import time (``probsft
+objectives`` and ``--dry-run`` stay instant). YAML reading, overrides and the translation of
+pydantic's errors live in :mod:`probsft_megatron.typed_yaml`; docs/training.md says why
+pydantic.
 """
 
 from __future__ import annotations
@@ -43,13 +36,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass, field
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from probsft_megatron import hardware, resources
 from probsft_megatron.errors import ConfigError
-from probsft_megatron.typed_yaml import apply_override, deep_merge, from_mapping, read_yaml_mapping
+from probsft_megatron.typed_yaml import (
+    Names,
+    apply_override,
+    deep_merge,
+    from_mapping,
+    read_yaml_mapping,
+    section,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ __all__ = [
     "TrainJobConfig",
     "apply_override",
     "build_config",
+    "is_auto",
     "list_presets",
     "list_recipes",
     "load_config",
@@ -78,51 +81,58 @@ __all__ = [
     "world_size_from_env",
 ]
 
-ARCHITECTURES = ("llama", "qwen2")
-ATTENTION_IMPLS = ("auto", "sdpa", "local", "te")
+Arch = Literal["llama", "qwen2"]
+Attention = Literal["auto", "sdpa", "local", "te"]
+Precision = Literal["auto", "bf16", "fp32"]
+Normalization = Literal["kept", "response", "sample"]
+SampleUnit = Literal["example", "turn"]
+Implementation = Literal["unfused", "fused"]
+PercentileScope = Literal["global", "micro"]
+RecomputeGranularity = Literal["none", "selective", "full"]
+RecomputeMethod = Literal["uniform", "block"]
+Schedule = Literal["cosine", "constant"]
+Source = Literal["file", "figfont"]
+Format = Literal["auto", "jsonl", "parquet", "numina", "m23k"]
+Truncation = Literal["turn", "right", "error"]
+Padding = Literal["longest", "max_length"]
+TrainOn = Literal["all_assistant", "last_assistant"]
+PeftMethod = Literal["none", "lora"]
+WandbMode = Literal["online", "offline"]
+
+ARCHITECTURES, ATTENTION_IMPLS, SOURCES, FORMATS, TRUNCATIONS, PADDINGS = map(
+    typing.get_args, (Arch, Attention, Source, Format, Truncation, Padding)
+)
+RECOMPUTE_GRANULARITIES = typing.get_args(RecomputeGranularity)
+RECOMPUTE_METHODS = typing.get_args(RecomputeMethod)
 PRECISIONS = {"bf16": "bfloat16", "fp32": "float32"}
 """``train.precision`` -> parameter dtype name (``auto``: bf16 with CUDA, fp32 on the CPU)."""
-NORMALIZATIONS = ("kept", "response", "sample")
-SAMPLE_UNITS = ("example", "turn")
-IMPLEMENTATIONS = ("unfused", "fused")
-PERCENTILE_SCOPES = ("global", "micro")
-RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
-RECOMPUTE_METHODS = ("uniform", "block")
-SCHEDULES = ("cosine", "constant")
-SOURCES = ("file", "figfont")
 CHAT_TEMPLATES = ("chatml", "qwen2.5", "llama-3")
 """Chat templates shipped in ``configs/chat_templates/<name>.jinja``."""
-FORMATS = ("auto", "jsonl", "parquet", "numina", "m23k")
-TRUNCATIONS = ("turn", "right", "error")
-PADDINGS = ("longest", "max_length")
-TRAIN_ON = ("all_assistant", "last_assistant")
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+"""megatron's linears LoRA can adapt (attention qkv and output, MLP fc1 and fc2)."""
+
+POSITIVE = Field(gt=0)
+"""Annotated[float, POSITIVE]: a finite number > 0."""
+FRACTION = Field(ge=0, lt=1)
+"""Annotated[float, FRACTION]: a number in [0, 1)."""
+Count = Annotated[int, Field(ge=1)]
+"""An integer >= 1."""
 
 
-def _one_of(key: str, value: Any, allowed, hint: str = "") -> None:
+def is_auto(objective: Any) -> bool:
+    """Whether a ``loss.objective`` value asks for the probe's choice (``auto``)."""
+    return isinstance(objective, str) and objective.strip().lower() == "auto"
+
+
+def _one_of(key: str, value: Any, allowed) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is invalid; use one of {', '.join(allowed)}{hint}")
-
-
-def _at_least(key: str, value: Any, low: float, hint: str = "") -> None:
-    """``value >= low`` (and a finite number), else a one-line ConfigError naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
-        raise ConfigError(f"{key} must be >= {low:g} (got {value!r}){hint}")
-    if value == float("inf"):
-        raise ConfigError(f"{key} must be a finite number (got {value!r})")
-
-
-def _positive(key: str, value: Any, hint: str = "") -> None:
-    """``value > 0`` (and a finite number), else a one-line ConfigError naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{key} must be > 0 (got {value!r}){hint}")
-    if value == float("inf"):
-        raise ConfigError(f"{key} must be a finite number (got {value!r})")
+        raise ConfigError(f"{key}={value!r} is invalid; use one of {', '.join(allowed)}")
 
 
 # -- sections ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@section("model")
 class ModelConfig:
     """A decoder-only transformer in Hugging Face terms.
 
@@ -130,43 +140,23 @@ class ModelConfig:
     scaling when ``rope_scaling_factor`` is set). ``head_dim`` defaults to hidden/heads.
     """
 
-    arch: str = "llama"
-    num_layers: int = 2
-    hidden_size: int = 64
-    ffn_hidden_size: int = 128
-    num_attention_heads: int = 4
-    num_query_groups: int = 2
-    head_dim: int | None = None
-    vocab_size: int = 256
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
+    arch: Arch = "llama"
+    num_layers: Count = 2
+    hidden_size: Count = 64
+    ffn_hidden_size: Count = 128
+    num_attention_heads: Count = 4
+    num_query_groups: Count = 2
+    head_dim: Count | None = None
+    vocab_size: Count = 256
+    max_position_embeddings: Count = 2048
+    rope_theta: Annotated[float, POSITIVE] = 10000.0
+    rms_norm_eps: Annotated[float, POSITIVE] = 1e-6
     tie_word_embeddings: bool = False
     qkv_bias: bool | None = None  # None: the family's default (qwen2: True, llama: False)
-    rope_scaling_factor: float | None = None  # Llama-3 "llama3" rope scaling factor
-    init_std: float = 0.02
+    rope_scaling_factor: Annotated[float, POSITIVE] | None = None  # Llama-3 "llama3" scaling
+    init_std: Annotated[float, POSITIVE] = 0.02
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ConfigError(
-                f"model.arch={self.arch!r} is not supported; use one of {', '.join(ARCHITECTURES)}"
-            )
-        for key in (
-            "num_layers",
-            "hidden_size",
-            "ffn_hidden_size",
-            "num_attention_heads",
-            "num_query_groups",
-            "vocab_size",
-            "max_position_embeddings",
-        ):
-            _at_least(f"model.{key}", getattr(self, key), 1)
-        if self.head_dim is not None:
-            _at_least("model.head_dim", self.head_dim, 1)
-        for key in ("rope_theta", "rms_norm_eps", "init_std"):
-            _positive(f"model.{key}", getattr(self, key))
-        if self.rope_scaling_factor is not None:
-            _positive("model.rope_scaling_factor", self.rope_scaling_factor)
         if self.qkv_bias is None:
             object.__setattr__(self, "qkv_bias", self.arch == "qwen2")
         if self.head_dim is None:
@@ -187,12 +177,6 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown model config key(s) {unknown}; valid keys are {sorted(known)}"
-            )
         return cls(**d)
 
     def num_parameters(self) -> int:
@@ -207,7 +191,7 @@ class ModelConfig:
         return self.num_layers * per_layer + emb + h
 
 
-@dataclass(frozen=True)
+@section("parallel")
 class ParallelConfig:
     """How the model is split and what it recomputes.
 
@@ -220,24 +204,12 @@ class ParallelConfig:
     the first ``recompute_num_layers`` layers of each pipeline stage).
     """
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    tensor_model_parallel_size: Count = 1
+    pipeline_model_parallel_size: Count = 1
     sequence_parallel: bool = False
-    recompute_granularity: str = "none"
-    recompute_method: str = "uniform"
-    recompute_num_layers: int = 1
-
-    def __post_init__(self) -> None:
-        _at_least("parallel.tensor_model_parallel_size", self.tensor_model_parallel_size, 1)
-        _at_least("parallel.pipeline_model_parallel_size", self.pipeline_model_parallel_size, 1)
-        _one_of(
-            "parallel.recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES
-        )
-        _one_of("parallel.recompute_method", self.recompute_method, RECOMPUTE_METHODS)
-        if self.recompute_num_layers < 1:
-            raise ConfigError(
-                f"parallel.recompute_num_layers must be >= 1 (got {self.recompute_num_layers})"
-            )
+    recompute_granularity: RecomputeGranularity = "none"
+    recompute_method: RecomputeMethod = "uniform"
+    recompute_num_layers: Count = 1
 
     def validate(self, world_size: int, model: ModelConfig | None = None) -> int:
         """Check the layout against the world size and model; returns the DP size
@@ -257,7 +229,7 @@ class ParallelConfig:
         }
 
 
-@dataclass(frozen=True)
+@section("loss")
 class LossConfig:
     """``objective``: a name or dict (see :mod:`probsft_megatron.objectives`) or ``auto``;
     ``normalization``: ``kept`` | ``response`` | ``sample`` (each example's mean token loss,
@@ -271,79 +243,61 @@ class LossConfig:
     on all DP ranks, no extra forward; depends on the micro-batch split)."""
 
     objective: Any = "original"
-    normalization: str = "kept"
-    implementation: str = "unfused"
-    chunk_size: int = 512
-    percentile_scope: str = "global"
-    sample_unit: str = "example"
+    normalization: Normalization = Field(
+        "kept",
+        description="'kept': divide by the tokens the objective keeps, the paper's default; "
+        "'response': all response tokens; 'sample': each example's mean, averaged",
+    )
+    implementation: Implementation = "unfused"
+    chunk_size: Count = Field(512, description="tokens per chunk of the fused loss, e.g. 512")
+    percentile_scope: PercentileScope = Field(
+        "global",
+        description="'global': exact over the global batch, 'micro': per micro-batch, "
+        "no extra forward",
+    )
+    sample_unit: SampleUnit = Field(
+        "example",
+        description="what normalization=sample averages: whole examples or assistant turns",
+    )
 
     def __post_init__(self) -> None:
-        _one_of(
-            "loss.sample_unit",
-            self.sample_unit,
-            SAMPLE_UNITS,
-            " (what normalization=sample averages: whole examples or assistant turns)",
-        )
-        if (
-            isinstance(self.chunk_size, bool)
-            or not isinstance(self.chunk_size, int)
-            or self.chunk_size < 1
-        ):
-            raise ConfigError(
-                f"loss.chunk_size={self.chunk_size!r} is invalid; use a positive number of tokens "
-                "per chunk of the fused loss (e.g. 512)"
-            )
-        _one_of(
-            "loss.percentile_scope",
-            self.percentile_scope,
-            PERCENTILE_SCOPES,
-            " ('global': exact over the global batch, 'micro': per micro-batch, no extra forward)",
-        )
-        _one_of("loss.implementation", self.implementation, IMPLEMENTATIONS)
         if self.normalization == "sample" and self.implementation == "fused":
             raise ConfigError(
                 "loss.normalization=sample needs loss.implementation=unfused (the fused head "
                 "weights every response token alike); set one of them"
             )
-        _one_of(
-            "loss.normalization",
-            self.normalization,
-            NORMALIZATIONS,
-            " ('kept': divide by the tokens the objective keeps, the paper's default; "
-            "'response': all response tokens; 'sample': each example's mean, averaged)",
-        )
 
     @property
     def is_auto(self) -> bool:
         """Whether the objective is ``auto`` (chosen by the probe when training starts)."""
-        return isinstance(self.objective, str) and self.objective.strip().lower() == "auto"
+        return is_auto(self.objective)
 
 
-@dataclass(frozen=True)
+@section("data")
 class DataConfig:
     """Where the SFT examples come from and how they are tokenized (the ``data.*`` keys)."""
 
-    source: str = "file"
+    source: Source = "file"
     """``file`` (``train_files``) or ``figfont`` (generated offline, no files needed)."""
-    train_files: list[str] = field(default_factory=list)
+    train_files: Names = Field(default_factory=list)
     """Local ``.jsonl`` / ``.json`` / ``.parquet`` files, read in this order."""
-    val_files: list[str] = field(default_factory=list)
+    val_files: Names = Field(default_factory=list)
     """Held-out files (same format and fields as ``train_files``): the validation loss every
     ``train.eval_interval`` steps and at the last step; empty: no validation."""
-    format: str = "auto"
+    format: Format = "auto"
     """``auto`` (by extension, fields from the keys below), ``jsonl``, ``parquet``, or a
     field preset: ``numina`` (NuminaMath-CoT) or ``m23k`` (the paper's medical set)."""
     prompt_key: str = "prompt"
     response_key: str = "response"
-    prompt_dict_keys: list[str] | None = None
+    prompt_dict_keys: Names | None = None
     """When ``prompt_key`` holds a dict, the nested keys to follow (outermost first)."""
-    response_dict_keys: list[str] | None = None
+    response_dict_keys: Names | None = None
     messages_key: str | None = None
     """The field holding a conversation (OpenAI ``messages`` or ShareGPT ``conversations``);
     None: ``messages`` or ``conversations`` when a record has no prompt/response fields."""
     tools_key: str = "tools"
     """The field with a conversation's tool definitions (passed to the chat template)."""
-    train_on: str = "all_assistant"
+    train_on: TrainOn = "all_assistant"
     """Which assistant turns of a conversation are trained: ``all_assistant`` or
     ``last_assistant``; a message's own ``train`` (bool or weight) or ``weight`` wins."""
     chat_template: str = "auto"
@@ -351,9 +305,9 @@ class DataConfig:
     (``qwen2.5``, ``llama-3``, ``chatml``), a ``.jinja`` file, or a Jinja template."""
     system_prompt: str | None = None
     """System message of the chat template (needs a template)."""
-    max_length: int = 1024
+    max_length: int = Field(1024, ge=2)
     """Longest example in tokens (prompt + response)."""
-    truncation: str = "turn"
+    truncation: Truncation = "turn"
     """``turn``: cut a longer conversation after its last whole assistant turn that fits (at
     ``max_length`` when not even the first fits); ``right``: cut at ``max_length``;
     ``error``: refuse longer examples. Cut examples are counted."""
@@ -363,7 +317,7 @@ class DataConfig:
     cache_dir: str | None = None
     """Where stores live (default: ``$PROBSFT_CACHE/data``); on a cluster, a filesystem
     every node sees, so one process per job builds it."""
-    padding: str = "longest"
+    padding: Padding = "longest"
     """Without packing: ``longest`` pads each micro-batch to its longest example (rounded
     up to a multiple of 8 and of the TP size); ``max_length`` pads every row to
     ``max_length`` (computes padding; kept for comparison)."""
@@ -371,7 +325,7 @@ class DataConfig:
     """Concatenate each micro-batch's examples into one row with their boundaries
     (``cu_seqlens``, megatron's ``PackedSeqParams``): attention and rotary positions restart
     per example, no padding between examples, no ``s x s`` mask. Same global batches."""
-    num_samples: int | None = None
+    num_samples: Count | None = Field(None, description="or null for all")
     """Use only the first N records (file order, before any shuffling)."""
     figfont_split: str = "train"
     seed: int = 42
@@ -379,20 +333,8 @@ class DataConfig:
     always uses the paper's seed, so its train and test splits never overlap."""
 
     def __post_init__(self) -> None:
-        """Per-key checks (every default passes, so a default config can be filled in later)."""
-        if self.source not in SOURCES:
-            raise ConfigError(f"data.source={self.source!r} is unknown; use one of {list(SOURCES)}")
-        if self.format not in FORMATS:
-            raise ConfigError(f"data.format={self.format!r} is unknown; use one of {list(FORMATS)}")
-        if self.padding not in PADDINGS:
-            raise ConfigError(
-                f"data.padding={self.padding!r} is unknown; use one of {list(PADDINGS)}"
-            )
-        if self.truncation not in TRUNCATIONS:
-            raise ConfigError(
-                f"data.truncation={self.truncation!r} is unknown; use one of {list(TRUNCATIONS)}"
-            )
-        _one_of("data.train_on", self.train_on, TRAIN_ON)
+        """The chat template's forms (every default passes, so a default config can be
+        filled in later)."""
         if (
             self.chat_template not in ("auto", "none", *CHAT_TEMPLATES)
             and not self.chat_template.endswith(".jinja")
@@ -402,16 +344,6 @@ class DataConfig:
                 f"data.chat_template={self.chat_template!r} is neither auto, none, "
                 f"a shipped template ({', '.join(CHAT_TEMPLATES)}), a .jinja file "
                 "nor a Jinja template string"
-            )
-        if isinstance(self.train_files, str):
-            raise ConfigError("data.train_files must be a list of paths, e.g. [train.jsonl]")
-        if isinstance(self.val_files, str):
-            raise ConfigError("data.val_files must be a list of paths, e.g. [val.jsonl]")
-        if self.max_length < 2:
-            raise ConfigError(f"data.max_length must be >= 2, got {self.max_length}")
-        if self.num_samples is not None and self.num_samples < 1:
-            raise ConfigError(
-                f"data.num_samples must be >= 1 (or null for all), got {self.num_samples}"
             )
 
     def validate(self) -> None:
@@ -429,7 +361,7 @@ class DataConfig:
             )
 
 
-@dataclass(frozen=True)
+@section("optim")
 class OptimConfig:
     """AdamW with warmup + cosine decay (the paper's verl defaults), megatron's optimizer.
 
@@ -437,52 +369,41 @@ class OptimConfig:
     data-parallel ranks in float32 even when parameters are bf16 (more memory, exact sums).
     """
 
-    lr: float = 5e-5
-    min_lr: float = 0.0
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_ratio: float = 0.1
-    schedule: str = "cosine"  # cosine | constant
+    lr: float = Field(5e-5, gt=0, description="the peak learning rate, e.g. 5e-5")
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_beta1: Annotated[float, FRACTION] = 0.9
+    adam_beta2: Annotated[float, FRACTION] = 0.95
+    adam_eps: Annotated[float, POSITIVE] = 1e-8
+    clip_grad: float = Field(1.0, ge=0, description="0 turns clipping off")
+    warmup_ratio: Annotated[float, FRACTION] = 0.1
+    schedule: Schedule = "cosine"
     use_distributed_optimizer: bool = True
     grad_reduce_in_fp32: bool = True
 
     def __post_init__(self) -> None:
-        _one_of("optim.schedule", self.schedule, SCHEDULES)
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"optim.warmup_ratio must be in [0, 1) (got {self.warmup_ratio!r})")
-        _positive("optim.lr", self.lr, " (the peak learning rate, e.g. 5e-5)")
-        _at_least("optim.min_lr", self.min_lr, 0)
         if self.min_lr > self.lr:
             raise ConfigError(
                 f"optim.min_lr={self.min_lr!r} is above optim.lr={self.lr!r}; the schedule decays "
                 "from lr to min_lr: lower min_lr"
             )
-        _at_least("optim.weight_decay", self.weight_decay, 0)
-        for key in ("adam_beta1", "adam_beta2"):
-            value = getattr(self, key)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"optim.{key} must be in [0, 1) (got {value!r})")
-        _positive("optim.adam_eps", self.adam_eps)
-        _at_least("optim.clip_grad", self.clip_grad, 0, " (0 turns clipping off)")
 
 
-@dataclass(frozen=True)
+@section("train")
 class TrainConfig:
-    global_batch_size: int = 256
-    micro_batch_size: int = 4
-    epochs: int = 1
-    max_steps: int | None = None  # stop early (e.g. smoke tests); schedule still spans all steps
+    global_batch_size: Count = 256
+    micro_batch_size: Count = 4
+    epochs: Count = 1
+    # stop early (e.g. smoke tests); the schedule still spans all steps
+    max_steps: Count | None = Field(None, description="or null: every step of the epochs")
     seed: int = 42
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    attention: str = "auto"  # auto (te where TE+CUDA, else sdpa) | sdpa | local | te
+    precision: Precision = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    attention: Attention = "auto"  # auto (te where TE+CUDA, else sdpa) | sdpa | local | te
     output_dir: str = "runs/sft"
-    save_interval: int = 100  # steps; 0 = only at the end
-    keep_last: int = 2
-    log_interval: int = 1
-    histogram_interval: int = 50  # steps between histograms of p (0 = never)
+    save_interval: int = Field(100, ge=0, description="0: save only at the end")
+    keep_last: Count = 2
+    log_interval: Count = 1
+    histogram_interval: int = Field(50, ge=0, description="0: never")  # steps between them
     resume: bool = True  # continue from the newest complete checkpoint in output_dir
     # resume from the newest *intact* checkpoint when newer ones are damaged (each is named in
     # a warning); without it a damaged newest checkpoint stops the run before any work
@@ -490,54 +411,34 @@ class TrainConfig:
     tensorboard: bool = True
     # validation on data.val_files: every eval_interval steps and at the last step (0: only at
     # the last step); eval_batches global batches of it (null: all of it)
-    eval_interval: int = 0
-    eval_batches: int | None = None
+    eval_interval: int = Field(0, ge=0, description="0: only at the last step")
+    eval_batches: Count | None = Field(None, description="or null: all of it")
     # Weights & Biases as a metrics sink beside metrics.jsonl and TensorBoard (null: off);
     # wandb_mode: online (needs a login) or offline (files only, `wandb sync` later)
     wandb_project: str | None = None
-    wandb_mode: str = "online"
+    wandb_mode: WandbMode = "online"
     # seconds a collective waits for the other ranks before the run stops with an error (a
     # dead or hung rank); also bounds the slowest rank's share of a checkpoint save
-    dist_timeout_s: float = 600.0
+    dist_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="seconds; 600 suits GPU clusters, raise it when a checkpoint save takes longer",
+    )
 
     def __post_init__(self) -> None:
-        for key in ("global_batch_size", "micro_batch_size", "epochs", "log_interval"):
-            _at_least(f"train.{key}", getattr(self, key), 1)
-        if self.max_steps is not None:
-            _at_least("train.max_steps", self.max_steps, 1, " (or null: every step of the epochs)")
-        _at_least("train.save_interval", self.save_interval, 0, " (0: save only at the end)")
-        _at_least("train.histogram_interval", self.histogram_interval, 0, " (0: never)")
-        _at_least("train.eval_interval", self.eval_interval, 0, " (0: only at the last step)")
-        if self.eval_batches is not None:
-            _at_least("train.eval_batches", self.eval_batches, 1, " (or null: all of it)")
-        _one_of("train.wandb_mode", self.wandb_mode, ("online", "offline"))
-        if self.wandb_project is not None and not str(self.wandb_project).strip():
+        if self.wandb_project is not None and not self.wandb_project.strip():
             raise ConfigError("train.wandb_project is empty; name a W&B project or set it null")
-        if not str(self.output_dir).strip():
+        if not self.output_dir.strip():
             raise ConfigError("train.output_dir is empty; name the run's folder, e.g. runs/sft")
-        _one_of("train.attention", self.attention, ATTENTION_IMPLS)
-        _one_of("train.precision", self.precision, ("auto", *PRECISIONS))
-        if self.keep_last < 1:
-            raise ConfigError(f"train.keep_last must be >= 1 (got {self.keep_last})")
-        if not self.dist_timeout_s > 0:
-            raise ConfigError(
-                f"train.dist_timeout_s must be > 0 seconds (got {self.dist_timeout_s}); "
-                "600 suits GPU clusters, raise it when a checkpoint save takes longer"
-            )
 
 
-@dataclass(frozen=True)
+@section("init")
 class InitConfig:
     checkpoint: str | None = None  # a Megatron model dir (probsft convert) or None = random init
     tokenizer: str | None = None  # HF tokenizer dir; default: the checkpoint's hf/ folder
 
 
-PEFT_METHODS = ("none", "lora")
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-"""megatron's linears LoRA can adapt (attention qkv and output, MLP fc1 and fc2)."""
-
-
-@dataclass(frozen=True)
+@section("peft")
 class PeftConfig:
     """Parameter-efficient fine-tuning (the ``peft.*`` keys; :mod:`probsft_megatron.lora`).
 
@@ -546,19 +447,13 @@ class PeftConfig:
     ``target_modules``: megatron's linears to adapt (``all-linear`` names all four). The
     output layer and the embeddings stay frozen."""
 
-    method: str = "none"
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    method: PeftMethod = "none"
+    rank: Count = Field(16, description="e.g. 16")
+    alpha: float = Field(32.0, gt=0, description="the adapter is scaled by alpha/rank")
+    dropout: Annotated[float, FRACTION] = 0.0
+    target_modules: Names = Field(default_factory=lambda: list(LORA_TARGETS))
 
     def __post_init__(self) -> None:
-        _one_of("peft.method", self.method, PEFT_METHODS)
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"peft.rank must be an integer >= 1 (got {self.rank!r}); e.g. 16")
-        _positive("peft.alpha", self.alpha, " (the adapter is scaled by alpha/rank)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"peft.dropout must be in [0, 1) (got {self.dropout!r})")
         targets = list(self.target_modules)
         if targets == ["all-linear"]:
             object.__setattr__(self, "target_modules", list(LORA_TARGETS))
@@ -577,29 +472,28 @@ class PeftConfig:
         return self.method != "none"
 
 
-@dataclass
+@section(frozen=False)
 class TrainJobConfig:
     """The sections of a training job. The sections are frozen; this container is not, so a
     caller assembling a job may put a whole section in place (``cfg.model = ...``).
     Training itself reads the frozen :class:`~probsft_megatron.job.Job`."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    init: InitConfig = field(default_factory=InitConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self, world_size: int, *, files: bool = False) -> int:
+    def validate(self, world_size: int) -> int:
         """Check the whole job against ``world_size`` processes; returns the DP size
-        (:func:`validate`; ``files=True`` also checks every path,
-        :func:`probsft_megatron.input_checks.check_files`)."""
-        return validate(self, world_size, files=files)
+        (:func:`validate`)."""
+        return validate(self, world_size)
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -611,11 +505,6 @@ def validate_layout(
     """Check a parallel layout against the world size and (optionally) the model; returns
     the data-parallel size."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
-        raise ConfigError(
-            "parallel.tensor_model_parallel_size and "
-            "parallel.pipeline_model_parallel_size must be >= 1"
-        )
     if world_size % (tp * pp):
         raise ConfigError(
             f"TP*PP = {tp}*{pp} = {tp * pp} does not divide the world size {world_size}; "
@@ -652,23 +541,17 @@ def validate_layout(
     return world_size // (tp * pp)
 
 
-def validate(cfg: TrainJobConfig, world_size: int, *, files: bool = False) -> int:
+def validate(cfg: TrainJobConfig, world_size: int) -> int:
     """The one validation of a job for ``world_size`` processes; returns the DP size.
 
     Checks what single keys cannot: the layout (:func:`validate_layout`), the batch split,
     the objective's spelling, the data sources, Transformer Engine for ``train.attention=te``,
-    the sequence length against the model. With ``files`` (a run and its dry run, through
-    :func:`probsft_megatron.job.resolve_job`) first every path the job reads or writes
-    (:func:`probsft_megatron.input_checks.check_files`); without it (planning a job for
-    another machine, as the launcher does) no file is looked at. Touches no process group,
-    tokenizer or model, and reads no data file.
+    the sequence length against the model. Looks at no file (a run and its dry run check
+    those first, :func:`probsft_megatron.input_checks.check_files`, through
+    :func:`probsft_megatron.job.resolve_job`), so a job can be planned for another machine.
     """
     if world_size < 1:
         raise ConfigError(f"the number of processes must be >= 1 (got {world_size})")
-    if files:
-        from probsft_megatron.input_checks import check_files
-
-        check_files(cfg)
     dp = validate_layout(cfg.parallel, world_size, cfg.model)
     cfg.data.validate()
     t = cfg.train
@@ -727,7 +610,7 @@ def resolve_precision(precision: str) -> str:
     ``auto`` is bf16 where CUDA exists and fp32 on the CPU."""
     if precision == "auto":
         return "bfloat16" if hardware.cuda_available() else "float32"
-    _one_of("train.precision", precision, ("auto", *PRECISIONS))
+    _one_of("train.precision", precision, typing.get_args(Precision))
     return PRECISIONS[precision]
 
 
@@ -806,7 +689,7 @@ def build_config(raw: dict[str, Any]) -> TrainJobConfig:
                 model = dict(model)
                 raw["model"] = deep_merge(load_preset(str(model.pop(key))), model)
                 break
-    return from_mapping(TrainJobConfig, raw, "")
+    return from_mapping(TrainJobConfig, raw)
 
 
 def load_config(ref: str | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainJobConfig:

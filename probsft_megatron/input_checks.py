@@ -1,8 +1,8 @@
 """The files a training job reads and writes, checked before any work (one line each).
 
-:func:`probsft_megatron.config.validate` calls :func:`check_files` when asked to look at the
-files (``probsft train``, its ``--dry-run``, through :func:`probsft_megatron.job.resolve_job`);
-the probe and the converters call the single checks for their own flags. Nothing here builds a
+:func:`probsft_megatron.job.resolve_job` calls :func:`check_files` before the config's own
+validation (``probsft train`` and its ``--dry-run``); the probe and the converters call the
+single checks for their own flags. Nothing here builds a
 process group, a tokenizer or a model, or reads more of a data file than its name and
 kind: the config module owns the keys and their ranges, this module what they point at.
 """

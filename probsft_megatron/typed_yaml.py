@@ -1,20 +1,25 @@
-"""Typed dataclasses from YAML mappings and dotted ``section.key=value`` overrides.
+"""Typed config sections from YAML mappings and dotted ``section.key=value`` overrides.
 
 Generic machinery under :mod:`probsft_megatron.config` (which owns the sections): reading a
-YAML file whose top level is a mapping, merging mappings, applying an override, and building
-a (nested) dataclass from a mapping with every key checked and every value coerced to its
-annotated type. Every failure is a one-line :class:`ConfigError` naming the key.
+YAML file whose top level is a mapping, merging mappings, applying an override, and the
+:func:`section` decorator that makes a class a frozen pydantic dataclass whose every
+construction is checked by pydantic (types, ``Literal`` choices, ``Field(ge=, gt=, lt=)``
+ranges, unknown keys) and fails with one :class:`ConfigError` line naming the dotted key, the
+bad value and what is allowed (:func:`config_error`). Why pydantic: docs/training.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
+import contextlib
+import functools
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
 
 from probsft_megatron.errors import ConfigError
 
@@ -98,98 +103,153 @@ def apply_override(data: dict, override: str) -> dict:
     return data
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
+# -- typed sections on pydantic -----------------------------------------------------------------
+
+SETTINGS = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
+"""Every section: unknown keys refused, no inf/nan, a number accepted where a string is
+expected (``init.tokenizer: 123``); otherwise pydantic's lax coercion (``"3"`` -> 3,
+``"true"`` -> True, ``2.0`` -> 2, ``2.5`` refused for an int)."""
 
 
-def _coerce_union(value: Any, tp: Any, where: str) -> Any:
-    args = typing.get_args(tp)
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-        if type(None) in args:
-            return None
-    errors = []
-    for arg in args:
-        if arg is type(None):
-            continue
-        try:
-            return coerce(value, arg, where)
-        except ConfigError as exc:
-            errors.append(str(exc))
-    raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-
-
-def _coerce_number(value: Any, tp: type, where: str) -> Any:
-    if isinstance(value, bool):
-        raise ConfigError(f"{where} expects a number, got {value!r}")
-    try:
-        if tp is float:
-            return float(value)
-        as_float = float(value)
-        if not as_float.is_integer():
-            raise ValueError
-        return int(as_float)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where} expects {_type_name(tp)}, got {value!r}") from None
-
-
-def coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert ``value`` to the annotated type ``tp`` (YAML and CLI strings alike)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return _coerce_union(value, tp, where)
-    if tp is Any:
+def _split(value: Any) -> Any:
+    """A CLI list: ``a,b`` or ``[a, b]`` (YAML) -> a list of strings; others unchanged."""
+    if not isinstance(value, str):
         return value
-    if origin is list:
-        (item,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):
-            value = (
-                yaml.safe_load(value)
-                if value.strip().startswith("[")
-                else [v for v in value.split(",") if v]
-            )
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} expects a list, got {value!r}")
-        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where} expects true/false, got {value!r}")
-    if tp in (int, float):
-        return _coerce_number(value, tp, where)
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where} expects a string, got {value!r}")
-        return str(value)
-    return value
+    if value.strip().startswith("["):
+        return yaml.safe_load(value)
+    return [v for v in value.split(",") if v]
 
 
-def from_mapping(cls, data: dict[str, Any], where: str):
-    """An instance of the dataclass ``cls`` from ``data`` (nested dataclasses recursively);
-    unknown keys name the valid ones, values are coerced with :func:`coerce`."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        key = f"{prefix}{unknown[0]}"
-        raise ConfigError(
+Names = Annotated[list[str], BeforeValidator(_split)]
+"""A list of strings that an override may also give as ``a,b``."""
+
+_TYPE_WORDS = {"int": "int", "float": "float", "bool": "true/false", "string": "a string"}
+_TYPE_WORDS |= {"list": "a list", "dataclass": "a mapping", "dict": "a mapping"}
+
+
+def _fields(cls) -> dict[str, FieldInfo]:
+    return getattr(cls, "__pydantic_fields__", {})
+
+
+def _choices(annotation: Any) -> tuple:
+    """The allowed values of a ``Literal`` annotation (``Literal[...] | None`` included)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    return tuple(c for arg in typing.get_args(annotation) for c in _choices(arg))
+
+
+def _constraints(info: FieldInfo) -> list:
+    """The metadata of a field, that of an ``Annotated[...] | None`` annotation included."""
+    found, todo = list(info.metadata), [info.annotation]
+    while todo:
+        tp = todo.pop()
+        if typing.get_origin(tp) is Annotated:
+            found += [m for arg in tp.__metadata__ for m in getattr(arg, "metadata", [arg])]
+        todo += typing.get_args(tp) if typing.get_origin(tp) is not typing.Literal else ()
+    return found
+
+
+def _range(metadata: list) -> str:
+    """``>= 1``, ``> 0``, ``in [0, 1)``: the bounds of a ``Field(ge=, gt=, le=, lt=)``."""
+    b = {k: getattr(m, k) for m in metadata for k in ("ge", "gt", "le", "lt") if hasattr(m, k)}
+    low = ("[", b["ge"]) if "ge" in b else ("(", b["gt"]) if "gt" in b else None
+    high = ("]", b["le"]) if "le" in b else (")", b["lt"]) if "lt" in b else None
+    if low and high:
+        return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
+    return f"{'<=' if high[0] == ']' else '<'} {high[1]:g}" if high else ""
+
+
+def _got(value: Any) -> str:
+    """The bad value as a message shows it (a number given as text shown as the number)."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return repr(float(value))
+    return repr(value)
+
+
+def config_error(exc: ValidationError, cls, prefix: str = "") -> ConfigError:
+    """pydantic's first error as the project's one line: the dotted key, the bad value, what
+    is allowed (a field's ``description`` is the hint after it) and the fix."""
+    err = exc.errors()[0]
+    if isinstance((err.get("ctx") or {}).get("error"), ConfigError):
+        return err["ctx"]["error"]  # a rule that spans keys, raised with its own words
+    path, parent, owner, info = [prefix] if prefix else [], cls, cls, None
+    for part in err["loc"]:
+        if isinstance(part, int):  # an item of a list
+            path[-1] += f"[{part}]"
+            continue
+        parent, info = owner, _fields(owner).get(part)
+        owner = info.annotation if info is not None else None
+        path.append(part)
+    key, kind, value = ".".join(path), err["type"], err["input"]
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        where = ".".join(path[:-1]) or "top level"
+        return ConfigError(
             f"unknown config key '{shown(key)}'{oddity(key)}; valid keys under "
-            f"'{where or 'top level'}' are: {', '.join(sorted(fields))}"
+            f"'{where}' are: {', '.join(sorted(_fields(parent)))}"
         )
-    kwargs = {}
+    hint = f" ({info.description})" if info is not None and info.description else ""
+    if kind == "literal_error":
+        allowed = ", ".join(str(c) for c in _choices(info.annotation))
+        return ConfigError(f"{key}={value!r} is invalid; use one of {allowed}{hint}")
+    bounds = _range(_constraints(info)) if info is not None else ""
+    if kind == "finite_number" and not (bounds and _got(value) == "nan"):
+        return ConfigError(f"{key} must be a finite number (got {_got(value)}){hint}")
+    if bounds and (kind == "finite_number" or kind.startswith(("greater", "less"))):
+        return ConfigError(f"{key} must be {bounds} (got {_got(value)}){hint}")
+    word = _TYPE_WORDS.get(kind.split("_")[0])
+    if word is not None:
+        return ConfigError(f"{key} expects {word}, got {value!r}")
+    return ConfigError(f"{key or 'config'}: {err['msg']} (got {value!r})")
+
+
+def section(prefix: str = "", *, frozen: bool = True):
+    """A frozen pydantic dataclass whose construction fails with :func:`config_error` (keys
+    named ``prefix.key``): ``dataclasses.replace``, ``asdict`` and ``fields`` keep working,
+    and every construction (YAML, override, code) is validated the same way."""
+
+    def make(cls):
+        cls = dataclass(frozen=frozen, config=SETTINGS)(cls)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs) -> None:
+            try:
+                init(self, *args, **kwargs)
+            except ValidationError as exc:
+                raise config_error(exc, type(self), prefix) from None
+
+        cls.__init__ = __init__
+        return cls
+
+    return make
+
+
+def _nulls(cls, data: Any) -> Any:
+    """``null``/``none`` given as text (an override) -> None for the keys that may be null."""
+    if not isinstance(data, dict):
+        return data
+    out = {}
     for name, value in data.items():
-        tp, key = hints[name], f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_mapping(tp, value or {}, key)
-        else:
-            kwargs[name] = coerce(value, tp, key)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where or 'config'}: {exc}") from None
+        info = _fields(cls).get(name)
+        if info is not None and _fields(info.annotation):
+            value = _nulls(info.annotation, value)
+        elif (
+            info is not None
+            and type(None) in typing.get_args(info.annotation)
+            and isinstance(value, str)
+            and value.strip().lower() in ("null", "none")
+        ):
+            value = None
+        out[name] = value
+    return out
+
+
+def from_mapping(cls, data: Any):
+    """An instance of the :func:`section` class ``cls`` from a raw mapping (sections nested
+    as mappings); every key and value checked by pydantic."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {data!r}")
+    return cls(**_nulls(cls, data))

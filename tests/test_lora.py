@@ -202,8 +202,8 @@ def test_every_objective_trains_through_lora_with_both_heads(tp1, objective):
 @pytest.mark.parametrize(
     "override, words",
     [
-        ("peft.rank=0", "peft.rank must be an integer >= 1"),
-        ("peft.rank=-4", "peft.rank must be an integer >= 1"),
+        ("peft.rank=0", "peft.rank must be >= 1 (got 0)"),
+        ("peft.rank=-4", "peft.rank must be >= 1 (got -4)"),
         ("peft.target_modules=linear_qkv,q_proj", "'q_proj', which is not a linear LoRA"),
         ("peft.target_modules=output_layer", "output layer and embeddings stay frozen"),
         ("peft.method=dora", "peft.method='dora' is invalid"),

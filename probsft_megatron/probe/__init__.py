@@ -18,7 +18,7 @@ One module per concern:
 Thresholds and their justification: ``docs/probe.md``.
 """
 
-from probsft_megatron.probe.auto import CHOICE_FILE, is_auto, resolve_auto_objective
+from probsft_megatron.probe.auto import CHOICE_FILE, resolve_auto_objective
 from probsft_megatron.probe.examples import (
     DEFAULT_SAMPLES,
     ProbeExamples,
@@ -73,7 +73,6 @@ __all__ = [
     "build_probe_report",
     "cache_dir",
     "format_table",
-    "is_auto",
     "load_examples",
     "load_report",
     "measure",

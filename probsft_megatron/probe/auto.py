@@ -28,11 +28,6 @@ logger = logging.getLogger(__name__)
 CHOICE_FILE = "objective_choice.json"
 
 
-def is_auto(objective: Any) -> bool:
-    """Whether a ``loss.objective`` value asks for the probe's choice."""
-    return isinstance(objective, str) and objective.strip().lower() == "auto"
-
-
 def resolve_auto_objective(
     job: Job, model_chunks: list | None = None
 ) -> tuple[str, dict[str, Any]]:
