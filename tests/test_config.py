@@ -227,3 +227,45 @@ def test_logging_is_quiet_by_default_and_verbose_on_request(monkeypatch):
     assert __import__("os").environ[console.LOG_LEVEL_ENV] == "DEBUG"
     monkeypatch.delenv(console.LOG_LEVEL_ENV)
     assert console.setup_logging() == logging.INFO  # the default for the tests that follow
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.lr=-1", "optim.lr must be > 0 (got -1) (the peak learning rate, e.g. 5e-5)"),
+        ("optim.lr=inf", "optim.lr must be a finite number (got inf)"),
+        ("optim.adam_beta1=1", "optim.adam_beta1 must be in [0, 1) (got 1)"),
+        ("train.max_steps=0", "train.max_steps must be >= 1 (got 0) (or null: every step"),
+        ("model.rope_scaling_factor=-2", "model.rope_scaling_factor must be > 0 (got -2)"),
+        ("data.padding=left", "data.padding='left' is invalid; use one of longest, max_length"),
+        ("train.epochs=2.5", "train.epochs expects int, got 2.5"),
+        ("optim=5", "optim expects a mapping, got 5"),
+        ("train.epochz=2", "unknown config key 'train.epochz'; valid keys under 'train' are: "),
+    ],
+)
+def test_pydantic_errors_read_as_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny-figfont-cpu", [override])
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_sections_are_checked_however_they_are_built():
+    """Code that builds or replaces a section gets the same one-line errors as a recipe;
+    command-line forms (comma lists, null) become the declared types."""
+    import dataclasses
+
+    from probsft_megatron.config import OptimConfig, TrainConfig
+
+    cfg = load_config(
+        "tiny-figfont-cpu",
+        ["data.val_files=a.jsonl,b.jsonl", "train.max_steps=null", "train.resume=no"],
+    )
+    assert cfg.data.val_files == ["a.jsonl", "b.jsonl"]
+    assert cfg.train.max_steps is None and cfg.train.resume is False
+    assert dataclasses.replace(cfg.optim, lr=1e-4).lr == 1e-4  # a valid change passes
+    with pytest.raises(ConfigError, match=r"^optim\.lr must be > 0 \(got 0\)"):
+        dataclasses.replace(cfg.optim, lr=0)
+    with pytest.raises(ConfigError, match="is above optim.lr"):
+        OptimConfig(lr=1e-5, min_lr=1e-4)
+    with pytest.raises(ConfigError, match="unknown config key 'train.bogus'"):
+        TrainConfig(bogus=1)
