@@ -176,8 +176,10 @@ def config_error(exc: ValidationError, cls, prefix: str = "") -> ConfigError:
     if isinstance((err.get("ctx") or {}).get("error"), ConfigError):
         return err["ctx"]["error"]  # a rule that spans keys, raised with its own words
     path, parent, owner, info = [prefix] if prefix else [], cls, cls, None
-    for part in err["loc"]:
-        if isinstance(part, int):  # an item of a list
+    for depth, part in enumerate(err["loc"]):
+        if isinstance(part, int) and depth == 0:  # a positional argument
+            part = list(_fields(cls))[part]
+        elif isinstance(part, int):  # an item of a list
             path[-1] += f"[{part}]"
             continue
         parent, info = owner, _fields(owner).get(part)
@@ -191,7 +193,7 @@ def config_error(exc: ValidationError, cls, prefix: str = "") -> ConfigError:
             f"'{where}' are: {', '.join(sorted(_fields(parent)))}"
         )
     hint = f" ({info.description})" if info is not None and info.description else ""
-    if kind == "literal_error":
+    if kind == "literal_error" and info is not None:
         allowed = ", ".join(str(c) for c in _choices(info.annotation))
         return ConfigError(f"{key}={value!r} is invalid; use one of {allowed}{hint}")
     bounds = _range(_constraints(info)) if info is not None else ""

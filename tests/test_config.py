@@ -269,3 +269,7 @@ def test_sections_are_checked_however_they_are_built():
         OptimConfig(lr=1e-5, min_lr=1e-4)
     with pytest.raises(ConfigError, match="unknown config key 'train.bogus'"):
         TrainConfig(bogus=1)
+    with pytest.raises(ConfigError, match=r"^train\.micro_batch_size must be >= 1 \(got 0\)"):
+        TrainConfig(8, 0)  # positional arguments are named by their field
+    with pytest.raises(ConfigError, match=r"^data\.train_files\[1\] expects a string"):
+        load_config("tiny-figfont-cpu", ["data.train_files=[a.jsonl, [b]]"])
