@@ -52,10 +52,23 @@ def test_core_attention_takes_the_keyword_of_this_release():
         assert "model_comm_pgs" in init.parameters
 
 
-def _subset() -> list[str]:
+def _subset(name: str = "SUBSET") -> list[str]:
     text = (REPO / "scripts" / "test_mcore.sh").read_text()
-    block = re.search(r"^SUBSET=\((.*?)^\)", text, re.S | re.M).group(1)
+    block = re.search(rf"^{name}=\((.*?)^\)", text, re.S | re.M).group(1)
     return [item.strip('"') for item in block.split()]
+
+
+def test_core_subset_is_part_of_the_subset_and_the_matrix_is_well_formed():
+    """VERSION:core runs a part of the full subset (its negative controls included), and the
+    Makefile's matrix names the oldest release in full."""
+    core = _subset("CORE_SUBSET")
+    assert set(core) < set(_subset())
+    assert {"tests/test_mcore_matrix.py", "tests/test_parallel_parity.py"} <= set(core)
+    makefile = (REPO / "Makefile").read_text()
+    matrix = re.search(r"^MCORE_MATRIX \?= (.*)$", makefile, re.M).group(1).split()
+    assert all(re.fullmatch(r"[0-9][0-9A-Za-z.]*(:core)?", entry) for entry in matrix), matrix
+    oldest = min(matrix, key=lambda entry: Version(entry.split(":")[0]))
+    assert ":" not in oldest, f"the oldest release {oldest} must run the whole subset"
 
 
 @pytest.mark.slow
@@ -64,6 +77,7 @@ def test_matrix_subset_names_tests_that_exist():
     drop out of the matrix otherwise)."""
     subset = _subset()
     assert "tests/test_mcore_matrix.py" in subset
+    assert set(_subset("CORE_SUBSET")) <= set(subset)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *subset],
         capture_output=True,
