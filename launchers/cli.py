@@ -120,6 +120,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="lora: every run trains LoRA adapters (peft.method=lora; its export step merges "
         "them into the base for evaluation)",
     )
+    parser.add_argument(
+        "--prepare",
+        action="store_true",
+        help="build each run's tokenized store in a step of its own (probsft data prepare, "
+        "one CPU process) before its training",
+    )
     parser.add_argument("--sweep", help="same as the positional `sweep NAME`")
     parser.add_argument("--only", help="sweeps: keep these objectives (comma-separated labels)")
     parser.add_argument(
@@ -505,6 +511,7 @@ def run(args: argparse.Namespace) -> int:
         eval_args=eval_args,
         layout_check=layout_check,
         fit_check=_fit_check(args, profile, nodes, nproc),
+        prepare=bool(getattr(args, "prepare", False)),
     )
     requests, notes, title = _requests(args, sweep)
     plan = ex.plan_experiment(title, requests, options)

@@ -11,6 +11,9 @@ One run's steps::
 
     convert   probsft convert hf-to-megatron --hf HF --out WORK/models/MODEL
               (only with --hf and while no Megatron model dir exists there)
+    prepare   probsft data prepare --config RECIPE --tokenizer TOKENIZER [data.* overrides]
+              (only with --prepare: one CPU process builds the tokenized store, once per
+              distinct data setting, before training maps it)
     train     python -m probsft_megatron.launchers.agent [torchrun options] \
                   -m probsft_megatron.train --config RECIPE loss.objective=... \
                   train.output_dir=WORK/runs/NAME [init.checkpoint=...] [--set overrides]
@@ -66,8 +69,9 @@ ANY_MODEL = "*"
 class Step:
     """One command of an experiment: ``python -m module *args`` with ``env`` added.
 
-    ``kind`` is ``convert``, ``train`` (run under torchrun on every node of the job), ``export``
-    or ``eval``; ``after`` names the steps that must succeed first.
+    ``kind`` is ``convert``, ``prepare`` (``probsft data prepare``), ``train`` (run under
+    torchrun on every node of the job), ``export`` or ``eval``; ``after`` names the steps that
+    must succeed first.
     """
 
     name: str
@@ -119,6 +123,10 @@ class LaunchOptions:
     memory planner's check (``probsft launch`` builds it from the profile's
     ``gpu_memory_gb``); raises :class:`ConfigError` for a layout that will not fit, else
     returns a line for the plan's notes."""
+    prepare: bool = False
+    """Add a ``prepare`` step before each training: ``probsft data prepare`` builds the
+    run's tokenized store (one process, no GPU needed), once per distinct data setting, so
+    the training job only maps it."""
 
 
 @dataclass
@@ -328,6 +336,48 @@ def _plan_backbone(
     return [converts[megatron]]
 
 
+def _plan_prepare(
+    plan: Any,
+    prepares: dict[str, str],
+    name: str,
+    cfg: TrainJobConfig,
+    recipe: str,
+    overrides: list[str],
+    after: list[str],
+    env: dict[str, str],
+) -> list[str]:
+    """Add the step that builds run ``name``'s tokenized store (``probsft data prepare`` with
+    the run's recipe, its ``data.*`` overrides and its tokenizer: what training fingerprints),
+    after the backbone's conversion (the converted folder holds the tokenizer); one step per
+    distinct (data settings, tokenizer), shared by the runs that use it. Returns the steps
+    the run's training waits for."""
+    if not cfg.data.cache:
+        plan.notes.append(f"run {name}: data.cache is false, so there is no store to prepare")
+        return after
+    init = cfg.init
+    tokenizer = init.tokenizer or (str(Path(init.checkpoint) / "hf") if init.checkpoint else None)
+    if tokenizer is None:  # _plan_backbone has refused such a run already
+        return after
+    import dataclasses
+
+    key = repr((sorted(dataclasses.asdict(cfg.data).items()), tokenizer))
+    if key not in prepares:
+        step_name = safe_name(f"prepare-{name}")
+        prepares[key] = step_name
+        data_overrides = [o for o in overrides if o.strip().startswith("data.")]
+        plan.steps.append(
+            Step(
+                step_name,
+                "prepare",
+                CLI_MODULE,
+                ["data", "prepare", "--config", recipe, "--tokenizer", tokenizer, *data_overrides],
+                dict(env),
+                list(after),
+            )
+        )
+    return [*after, prepares[key]]
+
+
 def plan_experiment(
     title: str | None,
     requests: list[RunRequest],
@@ -342,6 +392,7 @@ def plan_experiment(
     work = Path(options.work_dir)
     plan = ExperimentPlan(title=safe_name(title or ""), work_dir=str(work), steps=[], runs=[])
     converts: dict[str, str] = {}  # Megatron model dir -> convert step name
+    prepares: dict[str, str] = {}  # data settings and tokenizer -> prepare step name
     models = sorted({req.model for req in requests})
     if len(models) > 1 and ANY_MODEL in options.hf:
         raise ConfigError(
@@ -381,6 +432,10 @@ def plan_experiment(
             plan.notes.append(options.fit_check(name, cfg))
 
         after = _plan_backbone(plan, converts, req, name, cfg, choice.ref, overrides, options)
+        if options.prepare:
+            after = _plan_prepare(
+                plan, prepares, name, cfg, choice.ref, overrides, after, options.env
+            )
         tasks = options.eval_tasks or EVAL_TASKS[req.dataset]
         has_data = any(a == "--data" or a.startswith("--data=") for a in options.eval_args)
         if {"medical", "custom"} & set(tasks.split(",")) and not has_data:

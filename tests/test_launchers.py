@@ -721,3 +721,47 @@ def test_time_limits_are_read_as_sbatch_reads_them():
     assert time_limit_seconds("2-00:00:05") == 48 * 3600 + 5
     for bad in ("25:99", "00:61:00", "01:00:60", "1-24:00", "4h", "", "1-", ":30"):
         assert time_limit_seconds(bad) is None, bad
+
+
+def test_launch_prepare_step_builds_the_store_before_training(tmp_path, smollm2_hf):
+    """``--prepare``: one ``probsft data prepare`` step per distinct data setting, before the
+    trainings that map its store; run for real through NeMo-Run's LocalExecutor."""
+    import dataclasses
+
+    from probsft_megatron.config import load_config
+    from probsft_megatron.data.store import open_dataset
+    from probsft_megatron.launchers import experiment as ex
+    from probsft_megatron.tokenizers import load_tokenizer
+
+    stores = tmp_path / "stores"
+    # the session's tokenizer folder: faster to load than the GGUF
+    common = [f"init.tokenizer={smollm2_hf}", f"data.cache_dir={stores}", "data.num_samples=16"]
+    requests = [
+        RunRequest("figfont", "tiny-llama", objective, overrides=list(common))
+        for objective in ("original", "p")
+    ]
+    requests.append(
+        RunRequest(
+            "figfont", "tiny-llama", "GeneralFamily-0.5", overrides=[*common, "data.cache=false"]
+        )
+    )
+    plan = plan_experiment("prep", requests, LaunchOptions(str(tmp_path / "work"), prepare=True))
+    (prepare,) = [s for s in plan.steps if s.kind == "prepare"]  # shared by the first two runs
+    assert prepare.args[:2] == ["data", "prepare"] and "--tokenizer" in prepare.args
+    assert "data.num_samples=16" in prepare.args and not any("loss." in a for a in prepare.args)
+    trains = [s for s in plan.steps if s.kind == "train"]
+    assert [prepare.name in s.after for s in trains] == [True, True, False]
+    assert plan.steps.index(prepare) < plan.steps.index(trains[0])
+    assert any("data.cache is false" in n for n in plan.notes)
+    # negative control: without --prepare, no such step and training waits for nothing
+    plain = plan_experiment("prep", requests, LaunchOptions(str(tmp_path / "work")))
+    assert not [s for s in plain.steps if s.kind == "prepare"]
+    assert all(not s.after for s in plain.steps if s.kind == "train")
+    # the step itself, run by NeMo-Run's local executor: a reader then maps the store
+    assert not stores.exists()
+    only = dataclasses.replace(plan, steps=[prepare])
+    ex.execute(only, lambda step: ex.local_executor(step, 1), "run")
+    run = plan.runs[0]
+    cfg = load_config(run.recipe, run.overrides)
+    ds = open_dataset(cfg.data, load_tokenizer(str(smollm2_hf)), builder=False, timeout_s=0)
+    assert ds.store_path.parent == stores and len(ds) == ds.stats["n_examples"] > 0
