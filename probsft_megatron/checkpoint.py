@@ -52,10 +52,7 @@ def complete_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     """The newest intact checkpoint under ``ckpt_root`` (damaged newer ones passed over with
     a warning), or None; what an export of a finished run reads."""
-    try:
-        return manifest.newest_intact(ckpt_root, skip_damaged=True)
-    except CheckpointError:  # every one damaged
-        return None
+    return manifest.newest_intact(ckpt_root, skip_damaged=True, resuming=False)
 
 
 class CheckpointManager:

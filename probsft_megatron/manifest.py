@@ -230,11 +230,13 @@ def newest_intact_before(ckpt_root: Path, step: int) -> tuple[int, Path] | None:
     return None
 
 
-def newest_intact(ckpt_root: str | os.PathLike, *, skip_damaged: bool) -> Path | None:
+def newest_intact(
+    ckpt_root: str | os.PathLike, *, skip_damaged: bool, resuming: bool = True
+) -> Path | None:
     """The newest intact checkpoint under ``ckpt_root`` (checked against its manifest), or
     None when there is none. A newer damaged one is a one-line CheckpointError
     (:func:`damaged_message`), or with ``skip_damaged`` passed over with a warning; so is
-    every checkpoint damaged."""
+    every checkpoint damaged when ``resuming`` (else None)."""
     root = Path(ckpt_root)
     steps = step_folders(root)
     for step, path in reversed(steps):
@@ -242,14 +244,10 @@ def newest_intact(ckpt_root: str | os.PathLike, *, skip_damaged: bool) -> Path |
         if damage is None:
             return path
         if not skip_damaged:
-            raise CheckpointError(damaged_message(path, damage, resuming=True))
-        logger.warning(
-            "DAMAGED checkpoint step %d passed over (train.resume_skip_damaged=true): %s: %s",
-            step,
-            path,
-            damage,
-        )
-    if steps:
+            raise CheckpointError(damaged_message(path, damage, resuming=resuming))
+        why = " (train.resume_skip_damaged=true)" if resuming else ""
+        logger.warning("DAMAGED checkpoint step %d passed over%s: %s: %s", step, why, path, damage)
+    if steps and resuming:
         raise CheckpointError(
             f"every checkpoint under {root} is damaged; delete them (the run then starts from "
             "its initial weights) or set train.resume=false"
