@@ -17,13 +17,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from probsft_megatron.fileio import atomic_write_text
 
-if TYPE_CHECKING:
-    from probsft_megatron.eval.runner import TaskResult
+
+@dataclass
+class TaskResult:
+    """Per-sample records and the summary of one task (what the reports are written from)."""
+
+    task: str
+    summary: dict
+    samples: list[dict]
 
 
 def samples_jsonl(samples: Iterable[dict]) -> str:

@@ -28,6 +28,7 @@ from probsft_megatron.eval.graders import CONTINUOUS_GRADERS, EXTRACTING_GRADERS
 from probsft_megatron.eval.metrics import summarize
 from probsft_megatron.eval.models import check_hf_model_dir, read_hf_config
 from probsft_megatron.eval.prompts import STOP_STRINGS, detect_family, render, resolve_family
+from probsft_megatron.eval.report import TaskResult, write_reports
 from probsft_megatron.eval.tasks import DataOptions, Example, Task, get_task
 
 CPU_KVCACHE_GIB = "1"
@@ -70,15 +71,6 @@ class Sampling:
     top_p: float
     max_new_tokens: int
     seed: int
-
-
-@dataclass
-class TaskResult:
-    """Per-sample records and the summary of one task."""
-
-    task: str
-    summary: dict
-    samples: list[dict]
 
 
 @dataclass
@@ -465,7 +457,5 @@ def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
                 result.summary.update(adapter=str(config.adapter))
             results.append(result)
     if config.out:
-        from probsft_megatron.eval.report import write_reports
-
         write_reports(config.out, results)
     return results
