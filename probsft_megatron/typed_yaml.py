@@ -207,6 +207,25 @@ def config_error(exc: ValidationError, cls, prefix: str = "") -> ConfigError:
     return ConfigError(f"{key or 'config'}: {err['msg']} (got {value!r})")
 
 
+def _is_number(annotation: Any) -> bool:
+    """An ``int``/``float`` annotation (``Annotated``/``| None`` around it included)."""
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) is typing.Literal:
+        return False
+    return any(_is_number(arg) for arg in typing.get_args(annotation))
+
+
+def _refuse_bool_numbers(cls, prefix: str, values: dict) -> None:
+    """``true``/``false`` where a number is expected is a mistake pydantic's lax mode would
+    read as 1/0 (``optim.lr=true``): refused in one line."""
+    for name, value in values.items():
+        info = _fields(cls).get(name)
+        if isinstance(value, bool) and info is not None and _is_number(info.annotation):
+            key = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"{key} expects a number, got {value!r}")
+
+
 def section(prefix: str = "", *, frozen: bool = True):
     """A frozen pydantic dataclass whose construction fails with :func:`config_error` (keys
     named ``prefix.key``): ``dataclasses.replace``, ``asdict`` and ``fields`` keep working,
@@ -218,6 +237,7 @@ def section(prefix: str = "", *, frozen: bool = True):
 
         @functools.wraps(init)
         def __init__(self, *args, **kwargs) -> None:
+            _refuse_bool_numbers(type(self), prefix, dict(zip(_fields(cls), args)) | kwargs)
             try:
                 init(self, *args, **kwargs)
             except ValidationError as exc:
@@ -229,15 +249,17 @@ def section(prefix: str = "", *, frozen: bool = True):
     return make
 
 
-def _nulls(cls, data: Any) -> Any:
-    """``null``/``none`` given as text (an override) -> None for the keys that may be null."""
+def _nulls(cls, data: Any, prefix: str = "") -> Any:
+    """``null``/``none`` given as text (an override) -> None for the keys that may be null;
+    a true/false where a number is expected refused (:func:`_refuse_bool_numbers`)."""
     if not isinstance(data, dict):
         return data
+    _refuse_bool_numbers(cls, prefix, data)
     out = {}
     for name, value in data.items():
         info = _fields(cls).get(name)
         if info is not None and _fields(info.annotation):
-            value = _nulls(info.annotation, value)
+            value = _nulls(info.annotation, value, f"{prefix}.{name}" if prefix else name)
         elif (
             info is not None
             and type(None) in typing.get_args(info.annotation)

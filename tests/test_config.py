@@ -239,6 +239,8 @@ def test_logging_is_quiet_by_default_and_verbose_on_request(monkeypatch):
         ("model.rope_scaling_factor=-2", "model.rope_scaling_factor must be > 0 (got -2)"),
         ("data.padding=left", "data.padding='left' is invalid; use one of longest, max_length"),
         ("train.epochs=2.5", "train.epochs expects int, got 2.5"),
+        ("optim.lr=true", "optim.lr expects a number, got True"),
+        ("train.max_steps=false", "train.max_steps expects a number, got False"),
         ("optim=5", "optim expects a mapping, got 5"),
         ("train.epochz=2", "unknown config key 'train.epochz'; valid keys under 'train' are: "),
     ],
