@@ -47,6 +47,7 @@ from typing import Any
 from probsft_megatron.config import TrainJobConfig, list_recipes, load_config, load_preset, load_raw
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.objectives import parse_objective
+from probsft_megatron.tokenizers import tokenizer_spec
 
 DATASETS = ("math", "medical", "figfont", "custom")
 #: Evaluation tasks of each dataset (the paper's math protocol for math).
@@ -354,8 +355,7 @@ def _plan_prepare(
     if not cfg.data.cache:
         plan.notes.append(f"run {name}: data.cache is false, so there is no store to prepare")
         return after
-    init = cfg.init
-    tokenizer = init.tokenizer or (str(Path(init.checkpoint) / "hf") if init.checkpoint else None)
+    tokenizer = tokenizer_spec(cfg.init)
     if tokenizer is None:  # _plan_backbone has refused such a run already
         return after
     import dataclasses
