@@ -1,6 +1,6 @@
 """What the data path costs: computed positions per real token, and the start of a run.
 
-Two parts (``--part layout``, ``--part store`` or ``--part all``):
+Two parts (``--part layout``, ``--part store`` or ``--part all``), and a GPU check:
 
 * **layout**: a long-tailed length mix (generated; lognormal, see :func:`length_mix`) batched
   by the real ``GlobalBatchLoader`` three ways at each ``--max-lengths`` value: rows padded to
@@ -15,8 +15,15 @@ Two parts (``--part layout``, ``--part store`` or ``--part all``):
   global batch (imports, tokenizer, dataset, ``GlobalBatchLoader``, first batch) and its peak
   RSS (the builder's tokenizing workers' CPU time is reported apart). ``--cases off`` measures
   ``data.cache=false``: every process tokenizes the whole dataset in memory itself.
+  ``--one-build``: build each size's store once and map it from every rank count.
+* **packed-te** (``--part packed-te``; ``scripts/gpu_benchmarks.sh`` runs it): on a GPU with
+  Transformer Engine, a few training steps of packed and of dynamically padded micro-batches
+  from the same weights through TE's attention (``thd`` with ``cu_seqlens``), and a control
+  whose packed rows are one sequence each (attention crosses the examples): packed must match
+  padded and the control must not (exit 1 otherwise). Skipped, exit 0, elsewhere.
 
-Writes ``data_efficiency_<part>_cpu.json`` and ``.md`` under ``--out``.
+Writes ``data_efficiency_<part>_cpu.json`` and ``.md`` under ``--out``
+(``data_efficiency_packed_te_gpu`` for the GPU check).
 """
 
 from __future__ import annotations
@@ -59,11 +66,15 @@ def load_average() -> float:
 
 
 class Lengths:
-    """Examples of given lengths (random tokens; a response after the first quarter)."""
+    """Examples of given lengths (random tokens; a response after the first quarter).
+    ``alphabet``: each example draws its tokens from its own ``alphabet`` random tokens, so
+    attention to the example's earlier tokens predicts the next one (and attention to
+    another example's tokens misleads it)."""
 
-    def __init__(self, lengths: np.ndarray, vocab: int):
+    def __init__(self, lengths: np.ndarray, vocab: int, alphabet: int | None = None):
         self.lengths = lengths
         self.vocab = vocab
+        self.alphabet = alphabet
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -75,7 +86,12 @@ class Lengths:
         g = torch.Generator().manual_seed(i)
         mask = torch.zeros(n)
         mask[n // 4 : n - 1] = 1
-        return {"input_ids": torch.randint(1, self.vocab, (n,), generator=g), "loss_mask": mask}
+        if self.alphabet:
+            letters = torch.randperm(self.vocab - 1, generator=g)[: self.alphabet] + 1
+            ids = letters[torch.randint(0, self.alphabet, (n,), generator=g)]
+        else:
+            ids = torch.randint(1, self.vocab, (n,), generator=g)
+        return {"input_ids": ids, "loss_mask": mask}
 
 
 def run_layouts(args) -> dict:
@@ -190,6 +206,130 @@ def layout_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+# -- packed sequences through Transformer Engine (a GPU) ----------------------------------
+
+
+def run_packed_te(args) -> dict | None:
+    """Packed vs dynamically padded micro-batches through Transformer Engine's attention, on
+    a GPU: the same global batches from the same weights must give the same losses (bf16
+    tolerance), and the negative control (each packed row as one sequence: attention
+    crosses the examples) must not. None where CUDA or Transformer Engine is missing."""
+    import dataclasses
+
+    import torch
+
+    from probsft_megatron import hardware, runtime
+    from probsft_megatron.config import ModelConfig, ParallelConfig
+    from probsft_megatron.data import GlobalBatchLoader
+    from probsft_megatron.loss import LossConfig, ObjectiveLoss
+    from probsft_megatron.model import transformer_config
+
+    if not (hardware.cuda_available() and hardware.te_available()):
+        print(
+            "[packed-te] skipped: needs a GPU with Transformer Engine (CUDA available: "
+            f"{hardware.cuda_available()}, Transformer Engine: {hardware.te_available()})",
+            file=sys.stderr,
+        )
+        return None
+    max_length = max(args.max_lengths)
+    model = ModelConfig(
+        arch="qwen2",
+        num_layers=2,
+        hidden_size=256,
+        ffn_hidden_size=512,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=1024,
+        max_position_embeddings=max_length,
+    )
+    runtime.init_distributed(ParallelConfig(), seed=0, model=model)
+    tconfig = transformer_config(model, ParallelConfig(), params_dtype=torch.bfloat16)
+    # per-example alphabets: what a token may be is in the example's own context, so letting
+    # attention cross into the neighbouring examples changes the loss (the control)
+    data = Lengths(length_mix(args.examples, max_length), model.vocab_size, alphabet=8)
+    init = Path(tempfile.mkdtemp(prefix="probsft-packed-te-"))
+    chunks, _ = runtime.build_training_model(model, tconfig, lr=1e-4, attention="te")
+    runtime.save_model_weights(chunks[0].module, str(init))
+    del chunks
+
+    def crossing(batch):
+        t = batch.tokens.shape[1]
+        return dataclasses.replace(
+            batch, cu_seqlens=torch.tensor([0, t], dtype=torch.int32), max_seqlen=t
+        )
+
+    losses = {}
+    try:
+        for mode in ("padded", "packed", "packed, attention crossing (control)"):
+            loader = GlobalBatchLoader(
+                data,
+                global_batch_size=args.global_batch,
+                micro_batch_size=args.micro_batch,
+                dp_rank=0,
+                dp_size=1,
+                seq_length=max_length,
+                seed=1,
+                packing=mode != "padded",
+            )
+            chunks, optimizer = runtime.build_training_model(
+                model, tconfig, lr=3e-3, attention="te", load_dir=str(init)
+            )
+            head = runtime.loss_head(ObjectiveLoss(LossConfig("original")), "cuda")
+            losses[mode] = []
+            for k, step in enumerate(loader):
+                if k == args.steps:
+                    break
+                if "crossing" in mode:
+                    step = [crossing(b) for b in step]
+                stats = runtime.train_step(chunks, optimizer, head, step)
+                losses[mode].append(float(stats.loss))
+            del chunks, optimizer
+    finally:
+        shutil.rmtree(init, ignore_errors=True)
+        runtime.shutdown()
+    ref = np.array(losses["padded"])
+    rows = []
+    for mode, values in losses.items():
+        diff = float(np.max(np.abs(np.array(values) - ref) / np.abs(ref)))
+        rows.append({"mode": mode, "losses": values, "max_rel_diff_vs_padded": diff})
+    # bf16 weights and activations, kernels that sum in other orders; on the CPU stand-in
+    # (SDPA, same weights) packed was 3e-5 from padded and the control 1.2e-2
+    tol = 5e-3
+    packed, control = rows[1]["max_rel_diff_vs_padded"], rows[2]["max_rel_diff_vs_padded"]
+    return {
+        "device": torch.cuda.get_device_name(),
+        "model": "2 layers, hidden 256, 4 heads (2 KV groups), vocab 1024, bf16, "
+        "Transformer Engine attention (THD with cu_seqlens when packed)",
+        "steps": args.steps,
+        "global_batch": args.global_batch,
+        "micro_batch": args.micro_batch,
+        "max_length": max_length,
+        "tolerance_rel": tol,
+        "packed_matches": packed <= tol,
+        "control_differs": control > max(tol, 4 * packed),
+        "rows": rows,
+    }
+
+
+def packed_te_markdown(r: dict) -> str:
+    lines = [
+        "# Packed sequences through Transformer Engine's attention: losses vs dynamic padding",
+        "",
+        f"{r['device']}; {r['model']}; {r['steps']} steps of global batch {r['global_batch']} "
+        f"(micro-batch {r['micro_batch']}), max_length {r['max_length']}, the same weights "
+        f"at the start of each mode. Packed matches padded within {r['tolerance_rel']:g} "
+        f"(relative): {r['packed_matches']}; the control (attention crossing the packed "
+        f"examples) differs: {r['control_differs']}.",
+        "",
+        "| mode | losses per step | max relative difference vs padded |",
+        "|---|---|---|",
+    ]
+    for row in r["rows"]:
+        values = ", ".join(f"{v:.4f}" for v in row["losses"])
+        lines.append(f"| {row['mode']} | {values} | {row['max_rel_diff_vs_padded']:.2e} |")
+    return "\n".join(lines)
+
+
 # -- part (b): the store -----------------------------------------------------------------------
 
 
@@ -238,6 +378,7 @@ print(json.dumps({
     "cpu_s": me.ru_utime + me.ru_stime,
     "workers_cpu_s": kids.ru_utime + kids.ru_stime,
     "peak_rss_mib": hwm / 1024,
+    "workers_peak_rss_mib": kids.ru_maxrss / 1024,
     "examples": len(ds),
     "index_mib": (ds._offsets.nbytes + ds.prompt_lengths.nbytes) / 2**20,
 }))
@@ -276,7 +417,8 @@ def run_start(path: Path, cache: Path, world: int, tokenizer: Path, case: str) -
     return sorted(out, key=lambda r: r["rank"])
 
 
-def run_store(args) -> dict:
+def run_store(args, on_row=None) -> dict:
+    """Part (b); ``on_row(result)`` is called after every row (the results so far)."""
     rows = []
     from probsft_megatron.tokenizers import load_tokenizer
 
@@ -295,8 +437,10 @@ def run_store(args) -> dict:
                 file=sys.stderr,
             )
             for world in args.ranks:
-                cache = scratch / f"cache_{n}_{world}"
+                cache = scratch / (f"cache_{n}" if args.one_build else f"cache_{n}_{world}")
                 for case in args.cases:
+                    if args.one_build and case == "miss" and world != args.ranks[0]:
+                        continue  # the store of the first rank count is there: a hit
                     load = load_average()
                     per_rank = run_start(data, cache, world, tokenizer, case)
                     rows.append(
@@ -310,10 +454,18 @@ def run_store(args) -> dict:
                         }
                     )
                     print(f"[store] {rows[-1]}", file=sys.stderr)
-                shutil.rmtree(cache, ignore_errors=True)
+                    if on_row is not None:
+                        on_row(store_result(rows))
+                if not args.one_build:
+                    shutil.rmtree(cache, ignore_errors=True)
+            shutil.rmtree(scratch / f"cache_{n}", ignore_errors=True)
             data.unlink()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return store_result(rows)
+
+
+def store_result(rows: list[dict]) -> dict:
     return {
         "device": f"CPU: {cpu_name()}",
         "tokenizer": "SmolLM2-135M-Instruct's (a tokenizer.json folder, chat template), "
@@ -331,7 +483,8 @@ def store_markdown(r: dict) -> str:
         f"{r['device']}; {r['tokenizer']}; records: {r['records']}. Each process: its start "
         "(imports included) to its first global batch, wall clock, and the CPU seconds it "
         "used (its tokenizing workers' in brackets); peak RSS is the process's own high-water "
-        "mark (VmHWM; the workers are forks sharing its pages). Cache off: data.cache=false, "
+        "mark (VmHWM), its largest tokenizing worker's in brackets (forks: they share the "
+        "parent's pages, so the two do not add up). Cache off: data.cache=false, "
         "every process tokenizes the whole dataset in memory (how every rank started before "
         "the store); miss: rank 0 builds the store, rank 1 waits and maps it; hit: every "
         "process maps it. Wall times depend on the load average (last column); CPU seconds "
@@ -348,7 +501,11 @@ def store_markdown(r: dict) -> str:
             for p in row["per_rank"]
         )
         imports = " / ".join(f"{p['imports_s']:.1f}" for p in row["per_rank"])
-        rss = " / ".join(f"{p['peak_rss_mib']:.0f}" for p in row["per_rank"])
+        rss = " / ".join(
+            f"{p['peak_rss_mib']:.0f}"
+            + (f" [{p['workers_peak_rss_mib']:.0f}]" if p.get("workers_peak_rss_mib") else "")
+            for p in row["per_rank"]
+        )
         lines.append(
             f"| {row['records']:,} | {row['jsonl_mib']:.0f} | {row['ranks']} | {row['cache']} | "
             f"{times} | {cpu} | {imports} | {rss} | {row['load_average_1min']:.1f} |"
@@ -358,7 +515,13 @@ def store_markdown(r: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("layout", "store", "all"), default="all")
+    ap.add_argument(
+        "--part",
+        choices=("layout", "store", "all", "packed-te"),
+        default="all",
+        help="all: layout and store; packed-te (a GPU with Transformer Engine; skips "
+        "elsewhere): packed vs padded losses through TE's attention",
+    )
     ap.add_argument("--max-lengths", type=int, nargs="+", default=[1024, 3072])
     ap.add_argument("--examples", type=int, default=2048, help="examples of the length mix")
     ap.add_argument("--global-batch", type=int, default=64)
@@ -374,15 +537,31 @@ def main() -> int:
         help="miss: build the store; hit: map it (run after miss); off: data.cache=false, "
         "every process tokenizes in memory (how every rank started before the store)",
     )
+    ap.add_argument(
+        "--one-build",
+        action="store_true",
+        help="build each size's store once (a miss with the first --ranks value only); the "
+        "other rank counts map it (hits): for sizes whose build takes long",
+    )
     ap.add_argument("--scratch", default=None, help="folder for the generated data and stores")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
+    if args.part == "packed-te":
+        r = run_packed_te(args)
+        if r is None:
+            return 0
+        write_results(args.out, "data_efficiency_packed_te_gpu", r, packed_te_markdown(r))
+        print(packed_te_markdown(r))
+        return 0 if r["packed_matches"] and r["control_differs"] else 1
     if args.part in ("layout", "all"):
         r = run_layouts(args)
         write_results(args.out, "data_efficiency_layout_cpu", r, layout_markdown(r))
     if args.part in ("store", "all"):
-        r = run_store(args)
-        write_results(args.out, "data_efficiency_store_cpu", r, store_markdown(r))
+
+        def save(r: dict) -> None:  # after every row: a long run keeps what it measured
+            write_results(args.out, "data_efficiency_store_cpu", r, store_markdown(r))
+
+        save(run_store(args, on_row=save))
     return 0
 
 

@@ -6,15 +6,19 @@
 #   2. bf16 training throughput and MFU of the Qwen2.5-1.5B shape at sequence 4096: sdpa,
 #      Hugging Face, sdpa + fused head, te (where installed), local (benchmarks/throughput.py);
 #   3. the memory planner's error against the measured peak of a Qwen2.5-1.5B-shaped training
-#      step, unfused and fused heads at 2048 and 4096 tokens (benchmarks/plan_accuracy.py).
+#      step, unfused and fused heads at 2048 and 4096 tokens (benchmarks/plan_accuracy.py);
+#   4. packed sequences through Transformer Engine's attention (THD with cu_seqlens): losses
+#      of a few steps packed vs dynamically padded from the same weights, and a control whose
+#      attention crosses the packed examples (benchmarks/data_efficiency.py --part packed-te;
+#      skipped where CUDA or Transformer Engine is missing).
 #
 # Time on one H100 (estimated from FLOPs and bytes, not yet measured; docs/performance.md):
 # the arithmetic is small: ~0.5 PFLOP of loss heads (1.40 GFLOP per token forward + backward
 # at V=151,936, h=1536), ~1.7 PFLOP of throughput steps (12.8 GFLOP per token, 32 steps of
 # 4096 tokens) and ~0.3 PFLOP of planner steps: under 10 s at 400-600 TFLOP/s; the bytes
 # (logits up to 5 GB bf16 per pass, Adam over 1.8B parameters) add a few seconds at 3 TB/s.
-# The run is dominated by ~21 fresh processes (import torch + megatron, CUDA context, model
-# build), ~10-15 s each: about 4-6 minutes in all. Hard limit: BUDGET_S (default 540 s, so
+# The run is dominated by ~22 fresh processes (import torch + megatron, CUDA context, model
+# build), ~10-15 s each: about 4-6 minutes in all. Hard limit: BUDGET_S (default 570 s, so
 # the whole command ends inside 10 minutes); each stage also has its own cap (below), and a
 # stage cut short keeps what it already wrote.
 #
@@ -79,13 +83,15 @@ print('[gpu_benchmarks] torch', torch.__version__, 'megatron-core', megatron.cor
         fused=(--tokens 512 --chunks 256 --rounds 1 --two-pass-tokens "" --vocab 4096 --hidden 256)
         thru=(--shape small --seq 128 --steps 1 --warmup 1 --variants sdpa,huggingface)
         plan=(--shape small --seqs 128 --heads unfused)
+        packed=(--part packed-te --max-lengths 256 --examples 64 --global-batch 8 --micro-batch 4 --steps 2)
     else
         fused=(--tokens 8192,16384 --chunks 512,256 --two-pass-tokens 8192)
         thru=(--shape qwen2.5-1.5b --seq 4096 --steps 6 --warmup 2
             --variants sdpa,huggingface,sdpa+fused,te,local)
         plan=(--shape qwen2.5-1.5b --seqs 2048,4096)
+        packed=(--part packed-te --max-lengths 4096 --examples 1024 --global-batch 64 --micro-batch 8 --steps 5)
     fi
-    budget="${BUDGET_S:-540}"
+    budget="${BUDGET_S:-570}"
     failed=()
     # stage NAME CAP_S SCRIPT ARGS...: run one benchmark under min(CAP_S, budget left)
     stage() {
@@ -112,7 +118,8 @@ print('[gpu_benchmarks] torch', torch.__version__, 'megatron-core', megatron.cor
     }
     stage "fused loss head" 210 benchmarks/fused_loss.py "${fused[@]}"
     stage "throughput and MFU" 180 benchmarks/throughput.py "${thru[@]}"
-    stage "planner error" 150 benchmarks/plan_accuracy.py "${plan[@]}"
+    stage "planner error" 120 benchmarks/plan_accuracy.py "${plan[@]}"
+    stage "packed sequences through TE" 60 benchmarks/data_efficiency.py "${packed[@]}"
     say "total $((SECONDS - start)) s; results in $out"
     if ((${#failed[@]})); then
         say "failed: ${failed[*]}"
@@ -120,7 +127,7 @@ print('[gpu_benchmarks] torch', torch.__version__, 'megatron-core', megatron.cor
     fi
     ;;
 *)
-    sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

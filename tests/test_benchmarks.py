@@ -264,13 +264,18 @@ def test_gpu_script_order_log_and_budget(gpu_smoke):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     log = (out / "gpu_benchmarks.log").read_text()
     done = re.findall(r"\[gpu_benchmarks\] (.+): done in \d+ s", log)
-    assert done == ["fused loss head", "throughput and MFU", "planner error"], log[-3000:]
+    assert done == [
+        "fused loss head",
+        "throughput and MFU",
+        "planner error",
+        "packed sequences through TE",
+    ], log[-3000:]
     assert "FAILED" not in log
     head = GPU_SCRIPT.read_text().split("set -euo pipefail")[0]
     assert re.search(r"Time on one H100 \(estimated from FLOPs and bytes", head)
     budget = int(re.search(r"BUDGET_S:-(\d+)", GPU_SCRIPT.read_text()).group(1))
     caps = [int(c) for c in re.findall(r'^\s*stage "[^"]+" (\d+) ', GPU_SCRIPT.read_text(), re.M)]
-    assert budget <= 570 and len(caps) == 3 and sum(caps) <= budget
+    assert budget <= 570 and len(caps) == 4 and sum(caps) <= budget
 
 
 def test_gpu_script_stops_at_its_budget(tmp_path):
@@ -286,7 +291,7 @@ def test_gpu_script_stops_at_its_budget(tmp_path):
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     log = (tmp_path / "gpu_benchmarks.log").read_text()
-    assert log.count("skipped, the time budget (5 s) is spent") == 3, log
+    assert log.count("skipped, the time budget (5 s) is spent") == 4, log
     assert not list(tmp_path.glob("*.json"))
 
 
