@@ -47,7 +47,7 @@ def single_process_group() -> Iterator[None]:
                 f"{dist.get_world_size()}-process job; convert before launching the job"
             )
         if compat.model_parallel_is_initialized():
-            layout = compat.layout()
+            layout = compat.rank_position()
             if (layout.tp, layout.pp) != (1, 1):
                 raise CheckpointError(
                     f"checkpoint conversion needs TP=1/PP=1 groups, this "

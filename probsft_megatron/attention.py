@@ -55,7 +55,7 @@ class SDPAttention(_base()):
             raise ValueError("SDPAttention does not support context parallelism")
         from probsft_megatron import compat
 
-        tp = compat.layout().tp
+        tp = compat.rank_position().tp
         self.heads = config.num_attention_heads // tp
         self.groups = config.num_query_groups // tp
         self.head_dim = config.kv_channels

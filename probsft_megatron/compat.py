@@ -65,7 +65,7 @@ def model_parallel_is_initialized() -> bool:
 
 
 @dataclass(frozen=True)
-class Layout:
+class RankPosition:
     """This rank's place in megatron's groups: sizes and ranks of TP, PP and DP."""
 
     tp: int
@@ -84,11 +84,11 @@ class Layout:
         return self.pp_rank == self.pp - 1
 
 
-def layout() -> Layout:
+def rank_position() -> RankPosition:
     """Sizes and ranks of this process in the current model-parallel groups."""
     from megatron.core import parallel_state as ps
 
-    return Layout(
+    return RankPosition(
         tp=ps.get_tensor_model_parallel_world_size(),
         pp=ps.get_pipeline_model_parallel_world_size(),
         dp=ps.get_data_parallel_world_size(),

@@ -134,7 +134,7 @@ def batch_shape(micro_batches: list[Batch]) -> tuple[int, int]:
     shape, which must be the same for all when stages communicate."""
     shapes = {tuple(b.tokens.shape) for b in micro_batches}
     rows, seq = max(shapes, key=lambda shape: shape[0] * shape[1])
-    if len(shapes) > 1 and compat.layout().pp > 1:
+    if len(shapes) > 1 and compat.rank_position().pp > 1:
         raise ValueError(
             f"pipeline parallelism needs micro-batches of one shape per step, got {sorted(shapes)} "
             "(GlobalBatchLoader(same_length_per_step=True) pads them to the step's longest)"

@@ -109,7 +109,7 @@ class Trainer:
         )
         # one run per output folder, released when the run ends however it ends (exit 75 too)
         stopper.at_exit(self.checkpoints.lock())
-        layout = compat.layout()
+        layout = compat.rank_position()
         self.is_logger = layout.is_last_stage and layout.dp_rank == 0 and layout.tp_rank == 0
         stopper.announce = self.is_logger
         torch.manual_seed(t.seed)

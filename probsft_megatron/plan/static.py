@@ -92,7 +92,7 @@ def _one_process_megatron():
     from probsft_megatron import compat
 
     if dist.is_initialized() and compat.model_parallel_is_initialized():
-        yield compat.layout().tp
+        yield compat.rank_position().tp
         return
     own_world = not dist.is_initialized()
     if own_world:

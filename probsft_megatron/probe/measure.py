@@ -81,7 +81,7 @@ def measure(
 
     dataset = examples.dataset
     n = len(dataset)
-    lay = compat.layout()
+    lay = compat.rank_position()
     mbs = max(1, min(micro_batch_size, -(-n // lay.dp)))
     per_call = max(1, min(4 * lay.pp, -(-n // (mbs * lay.dp))))
     seq_length = _round_up(int(dataset.lengths.max()), 8 * lay.tp)
@@ -163,7 +163,7 @@ def run_probe(
         implementation=implementation,
         chunk_size=chunk_size,
     )
-    lay = compat.layout()
+    lay = compat.rank_position()
     last = runtime.is_last_stage()
     merged: dict[int, np.ndarray] = {}
     if last:
@@ -250,7 +250,7 @@ def probe(
     if own:
         runtime.init_distributed(parallel, model=model)
     else:
-        lay = compat.layout()
+        lay = compat.rank_position()
         if (lay.tp, lay.pp) != (
             parallel.tensor_model_parallel_size,
             parallel.pipeline_model_parallel_size,
