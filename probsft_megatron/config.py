@@ -34,6 +34,7 @@ pydantic.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import typing
@@ -266,11 +267,20 @@ class LossConfig:
                 "loss.normalization=sample needs loss.implementation=unfused (the fused head "
                 "weights every response token alike); set one of them"
             )
+        self.parsed_objective  # noqa: B018  (parsed here, once: a bad name fails at load)
 
     @property
     def is_auto(self) -> bool:
         """Whether the objective is ``auto`` (chosen by the probe when training starts)."""
         return is_auto(self.objective)
+
+    @functools.cached_property
+    def parsed_objective(self):
+        """The objective parsed (:class:`~probsft_megatron.objectives.Objective`), once per
+        section; None for ``auto``."""
+        from probsft_megatron.objectives import parse_objective
+
+        return None if self.is_auto else parse_objective(self.objective)
 
 
 @section("data")
@@ -595,10 +605,6 @@ def validate(cfg: TrainJobConfig, world_size: int) -> int:
             f"data.max_length={cfg.data.max_length} exceeds the model's "
             f"max_position_embeddings={cfg.model.max_position_embeddings}"
         )
-    if not cfg.loss.is_auto:
-        from probsft_megatron.objectives import parse_objective
-
-        parse_objective(cfg.loss.objective)
     return dp
 
 

@@ -152,7 +152,7 @@ def resolve_job(cfg: TrainJobConfig, world_size: int, *, resume: bool = True) ->
     if cfg.train.max_steps is not None:  # beyond what the data gives: refused, not cut
         planned_length(cfg)
     tokenizer = tokenizer_spec(init)
-    objective = None if cfg.loss.is_auto else parse_objective(cfg.loss.objective)
+    objective = cfg.loss.parsed_objective  # parsed once, when the section was built
     checkpoint = Path(init.checkpoint) if init.checkpoint else None
     return Job(
         config=cfg,
