@@ -64,6 +64,10 @@ class SignalRelay:
         self._previous: dict[int, object] = {}
 
     def install(self) -> SignalRelay:
+        # imported here, not in the handler: a second Ctrl-C that lands while the first
+        # handler is still importing it would find psutil half initialized
+        import psutil  # noqa: F401
+
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
         return self

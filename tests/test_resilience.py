@@ -186,6 +186,22 @@ def _train_cmd(out: Path, *extra: str, nproc: int = 2, fault: str | None = None)
 
 
 # ---------------------------------------------------------------- pure parts
+def test_second_ctrl_c_handler_imports_nothing():
+    """The agent's handlers find psutil already imported: a second Ctrl-C that arrived while
+    the first handler was importing it once met a half-initialized module (AttributeError,
+    exit 1 instead of 130, seen in a fresh-clone CI run). Checked in a fresh interpreter."""
+    code = (
+        "import sys\n"
+        "from probsft_megatron.launchers.agent import SignalRelay\n"
+        "assert 'psutil' not in sys.modules, 'imported before install'\n"
+        "relay = SignalRelay(forward=False).install()\n"
+        "print('psutil' in sys.modules)\n"
+        "relay.restore()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stdout + proc.stderr
+
+
 def test_agent_exit_codes():
     from types import SimpleNamespace as F
 
