@@ -59,8 +59,6 @@ class Job:
     """Parameter dtype name: ``bfloat16`` or ``float32``."""
     attention: str
     """Core attention implementation: ``te``, ``sdpa`` or ``local``."""
-    objective: Objective | None
-    """The parsed objective, or None for ``auto``."""
     tokenizer: str | None
     """What :func:`probsft_megatron.tokenizers.load_tokenizer` loads: ``init.tokenizer``, else
     the checkpoint's ``hf/`` folder; None when the config names neither (a run refuses to
@@ -82,6 +80,11 @@ class Job:
     @property
     def loss(self) -> LossConfig:
         return self.config.loss
+
+    @property
+    def objective(self) -> Objective | None:
+        """The parsed objective (the loss section's own parse), or None for ``auto``."""
+        return self.config.loss.parsed_objective
 
     @property
     def data(self) -> DataConfig:
@@ -115,11 +118,8 @@ class Job:
 
     def with_objective(self, name: str) -> Job:
         """This job with ``loss.objective`` set to ``name`` (how ``auto`` is resolved)."""
-        objective = parse_objective(name)
-        loss = dataclasses.replace(self.config.loss, objective=objective.name)
-        return dataclasses.replace(
-            self, config=dataclasses.replace(self.config, loss=loss), objective=objective
-        )
+        loss = dataclasses.replace(self.config.loss, objective=parse_objective(name).name)
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, loss=loss))
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration (what a run records as ``config.json``)."""
@@ -152,7 +152,6 @@ def resolve_job(cfg: TrainJobConfig, world_size: int, *, resume: bool = True) ->
     if cfg.train.max_steps is not None:  # beyond what the data gives: refused, not cut
         planned_length(cfg)
     tokenizer = tokenizer_spec(init)
-    objective = cfg.loss.parsed_objective  # parsed once, when the section was built
     checkpoint = Path(init.checkpoint) if init.checkpoint else None
     return Job(
         config=cfg,
@@ -160,7 +159,6 @@ def resolve_job(cfg: TrainJobConfig, world_size: int, *, resume: bool = True) ->
         data_parallel_size=dp,
         dtype=resolve_precision(cfg.train.precision),
         attention=resolve_attention(cfg.train.attention),
-        objective=objective,
         tokenizer=tokenizer,
         output_dir=Path(cfg.train.output_dir),
         init_weights=checkpoint / "weights" if checkpoint else None,

@@ -279,16 +279,14 @@ class ObjectiveLoss:
             percentile scope.
         dp_group: the data-parallel process group over which percentile thresholds are
             resolved (``None``: no gathering, e.g. single process).
-        objective: the run's parsed objective (:attr:`probsft_megatron.job.Job.objective`);
-            parsed from ``config.objective`` only when not given (a bare ``LossConfig``).
     """
 
     __slots__ = ("config", "objective", "dp_group")
 
-    def __init__(
-        self, config: LossConfig, dp_group=None, objective: Objective | None = None
-    ) -> None:
+    def __init__(self, config: LossConfig, dp_group=None) -> None:
         object.__setattr__(self, "config", config)
+        # the section's own parse (``auto`` has none: parse_objective refuses it in one line)
+        objective = config.parsed_objective
         object.__setattr__(self, "objective", objective or parse_objective(config.objective))
         object.__setattr__(self, "dp_group", dp_group)
 

@@ -168,7 +168,7 @@ class Trainer:
             job = job.with_objective(name)
         self.job = job
         self.head = runtime.loss_head(
-            ObjectiveLoss(job.loss, runtime.dp_group(), job.objective), cpu_backend.device()
+            ObjectiveLoss(job.loss, runtime.dp_group()), cpu_backend.device()
         )
         self.validation = None
         if job.data.val_files:  # held-out loss every train.eval_interval steps and at the end

@@ -532,8 +532,9 @@ def test_console_script():
 
 
 def test_the_loss_uses_the_jobs_parsed_objective(tmp_path):
-    """The objective is parsed once, by the Job; the loss takes that object (the same one,
-    not a re-parse of the config string). Negative control: a bare LossConfig is parsed."""
+    """The objective is parsed once, by the loss section; the Job and the loss take that
+    object (the same one, not a re-parse of the config string). Negative control: another
+    LossConfig has a parse of its own."""
     from probsft_megatron.config import LossConfig, load_config
     from probsft_megatron.job import resolve_job
     from probsft_megatron.loss import ObjectiveLoss
@@ -543,7 +544,7 @@ def test_the_loss_uses_the_jobs_parsed_objective(tmp_path):
         ["loss.objective=OnlyTopP-0.5", "init.tokenizer=smollm2", f"train.output_dir={tmp_path}"],
     )
     job = resolve_job(cfg, 1)
-    loss = ObjectiveLoss(job.loss, None, job.objective)
+    loss = ObjectiveLoss(job.loss, None)
     assert loss.objective is job.objective and loss.objective.name == "OnlyTopP-0.5"
     bare = ObjectiveLoss(LossConfig("OnlyTopP-0.5"))
     assert bare.objective is not job.objective and bare.objective == job.objective
