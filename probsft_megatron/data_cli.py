@@ -566,16 +566,12 @@ def prepare(
     key, _ = store.fingerprint(cfg, tok)
     found = store.open_store(store.store_root(cfg) / key) is not None
     ds = store.open_dataset(cfg, tok, num_proc=num_proc)
-    s = ds.stats
+    counts = ("examples", "tokens", "response_tokens", "truncated", "dropped")
     return {
         "store": str(ds.store_path),
         "built": not found,
         "seconds": round(time.perf_counter() - t0, 2),
-        "examples": int(s["n_examples"]),
-        "tokens": int(s["n_tokens"]),
-        "response_tokens": int(s["n_response_tokens"]),
-        "truncated": int(s["n_truncated"]),
-        "dropped": int(s["n_dropped"]),
+        **{key: int(ds.stats[f"n_{key}"]) for key in counts},
     }
 
 
@@ -594,8 +590,6 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from probsft_megatron.errors import ProbsftError
-
     parser = argparse.ArgumentParser(prog="probsft data", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)

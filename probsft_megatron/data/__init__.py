@@ -1,11 +1,8 @@
-"""SFT data for ``probsft train``: :func:`load_records` (:mod:`.records`) reads or generates
-records, :class:`SFTDataset` (:mod:`.examples`) tokenizes them, :class:`GlobalBatchLoader`
-(:mod:`.batches`) makes deterministic, DP-sharded, resumable global batches. docs/data.md.
+"""SFT data: :func:`load_records` reads records, :class:`SFTDataset` tokenizes them,
+:class:`GlobalBatchLoader` makes deterministic, DP-sharded, resumable global batches.
 
-Loss-mask convention (everywhere): ``loss_mask[t] == 1`` iff the *next* token
-``input_ids[t + 1]`` is a response token (the response's closing eos included), so with
-``labels[t] = input_ids[t + 1]`` the loss is the response tokens' NLL; the last position of
-an example is never trained.
+Loss-mask convention: ``loss_mask[t]`` weights the label ``input_ids[t + 1]`` (1 iff it is a
+response token, closing eos included); an example's last position is never trained.
 """
 
 from probsft_megatron.config import DataConfig

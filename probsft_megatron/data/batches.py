@@ -24,15 +24,10 @@ from probsft_megatron.errors import ConfigError, DataError
 
 @dataclass
 class Batch:
-    """One micro-batch on one rank: all tensors ``[b, s]``.
-
-    ``labels[i, t]`` follows ``tokens[i, t]``; ``loss_mask`` is 1 on response tokens;
-    ``attention_mask``: optional boolean ``[b, 1, s, s]`` (True = masked; None = causal).
-    Packed (``b == 1``): ``cu_seqlens`` (int32 ``[n + 1]``) bounds the row's ``n`` sequences
-    (a padding tail is its own last one), ``max_seqlen`` is the longest, and attention and
-    ``position_ids`` restart at each. ``examples[i]``: the dataset indices row ``i`` holds
-    (empty for a padding row or a hand-built batch); ``real_tokens``: non-padding positions.
-    """
+    """One micro-batch on one rank, tensors ``[b, s]``: ``labels[i, t]`` follows
+    ``tokens[i, t]``; ``attention_mask`` None = causal. Packed (``b == 1``): ``cu_seqlens``
+    (int32) bounds the row's sequences (a padding tail is the last), where attention and
+    ``position_ids`` restart. ``examples[i]``: the dataset indices row ``i`` holds."""
 
     tokens: torch.Tensor
     labels: torch.Tensor

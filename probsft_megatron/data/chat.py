@@ -163,13 +163,9 @@ def render_conversation(
 
 @dataclass(frozen=True)
 class Cut:
-    """A conversation's tokens and label weights within ``max_length``.
-
-    ``ids`` and ``loss_mask`` (the label convention: ``loss_mask[t]`` weights the label
-    ``ids[t + 1]``); ``turns_kept`` / ``turns_trained``: trained assistant turns kept whole /
-    in the render; ``cut``: ``None`` (whole), ``"turn"`` (cut after a whole turn) or
-    ``"inside"`` (cut inside a trained turn: its end-of-turn token is gone and not trained).
-    """
+    """A conversation's ``ids`` and ``loss_mask`` within ``max_length``; trained assistant
+    turns kept whole (``turns_kept``) of those rendered (``turns_trained``); ``cut``: None,
+    ``"turn"`` (after a whole turn) or ``"inside"`` (a turn lost its end-of-turn token)."""
 
     ids: np.ndarray
     loss_mask: np.ndarray
@@ -179,14 +175,9 @@ class Cut:
 
 
 def cut_conversation(rendered: Rendered, max_length: int, mode: str) -> Cut | None:
-    """``rendered`` within ``max_length`` tokens by ``data.truncation`` ``mode``; None when
-    no trained token would remain (the example is dropped).
-
-    ``turn``: end after the last trained assistant turn (its end-of-turn token included) that
-    fits whole; when not even the first trained turn fits, cut at ``max_length`` (as
-    ``right``). ``right``: cut at ``max_length``. Turns after the last trained one are never
-    kept when they would not fit (nothing of them is trained). ``error`` is the caller's.
-    """
+    """``rendered`` within ``max_length`` tokens (None: no trained token would remain).
+    ``mode`` ``turn``: end after the last trained turn that fits whole (else as ``right``);
+    ``right``: cut at ``max_length``; ``error`` is the caller's."""
     weights = np.zeros(len(rendered.ids), dtype=np.float32)
     for (a, b), w in zip(rendered.spans, rendered.weights):
         weights[a:b] = w

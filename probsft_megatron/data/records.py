@@ -30,11 +30,8 @@ class _Fields:
     def describe(self) -> str:
         if self.messages:
             return f"{self.prompt_key} (a conversation)"
-        return (
-            ".".join((self.prompt_key, *self.prompt_path))
-            + " / "
-            + ".".join((self.response_key, *self.response_path))
-        )
+        prompt = ".".join((self.prompt_key, *self.prompt_path))
+        return f"{prompt} / {'.'.join((self.response_key, *self.response_path))}"
 
 
 def _candidate_fields(cfg: DataConfig) -> list[_Fields]:
@@ -82,14 +79,8 @@ def _choose_fields(cfg: DataConfig, keys: Sequence[str], where: str) -> _Fields:
             f"available keys: {sorted(keys)}"
         )
     if len(candidates) == 1 or cfg.format not in ("numina", "m23k"):
-        role, key = next(
-            (role, key)
-            for role, key in (
-                ("prompt", candidates[0].prompt_key),
-                ("response", candidates[0].response_key),
-            )
-            if key not in keys
-        )
+        role = "prompt" if candidates[0].prompt_key not in keys else "response"
+        key = getattr(candidates[0], f"{role}_key")
         raise DataError(
             f"{where}: missing field {key!r} (data.{role}_key); available keys: {sorted(keys)}"
         )
@@ -280,15 +271,13 @@ def _extract(record: Any, fields: _Fields, where: str, cfg: DataConfig) -> dict:
 def _file_kind(path: Path, fmt: str) -> str:
     if fmt in ("jsonl", "parquet"):
         return "json" if fmt == "jsonl" else "parquet"
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return "json"
-    if suffix == ".parquet":
-        return "parquet"
-    raise DataError(
-        f"cannot tell the format of {path} from its extension; "
-        "set data.format=jsonl or data.format=parquet"
-    )
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"cannot tell the format of {path} from its extension; "
+            "set data.format=jsonl or data.format=parquet"
+        )
+    return kind
 
 
 def _iter_json_rows(path: Path) -> Iterator[tuple[str, Any]]:

@@ -265,6 +265,7 @@ def tokenize_into(
             last_note = time.perf_counter()
 
     _WORK.update(cfg=cfg, tokenizer=tokenizer)
+    pool = None
     try:
         shards = _shards(iter_records(cfg), _SHARD)
         if not fork:
@@ -274,18 +275,25 @@ def tokenize_into(
         else:
             # forked workers must not start the tokenizer's own thread pool
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            with multiprocessing.get_context("fork").Pool(num_proc) as pool:
-                pending: collections.deque = collections.deque()
-                for shard in shards:
-                    n_records += len(shard)
-                    pending.append(pool.apply_async(_encode_shard, (shard,)))
-                    del shard  # held by its task only
-                    while len(pending) >= 2 * num_proc:
-                        take(pending.popleft().get())
-                while pending:
+            pool = multiprocessing.get_context("fork").Pool(num_proc)
+            pending: collections.deque = collections.deque()
+            for shard in shards:
+                n_records += len(shard)
+                pending.append(pool.apply_async(_encode_shard, (shard,)))
+                del shard  # held by its task only
+                while len(pending) >= 2 * num_proc:
                     take(pending.popleft().get())
+            while pending:
+                take(pending.popleft().get())
+            # close + join, not terminate: forked workers inherit the trainer's SIGTERM
+            # handler, and terminate() hung joining an idle worker that caught the signal
+            pool.close()
+            pool.join()
+            pool = None
     finally:
         _WORK.clear()
+        if pool is not None:
+            pool.terminate()
         for appender in (tokens, masks):
             if not appender.file.closed:
                 appender.close()
