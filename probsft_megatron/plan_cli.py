@@ -1,15 +1,6 @@
-"""`probsft plan`: will a recipe fit on the GPUs, and with which layout?
+"""`probsft plan`: will a recipe fit on the GPUs, and with which layout? (docs/training.md)
 
-    probsft plan --config RECIPE [--gpus N] [--gpu-memory GB] [--gpus-per-node 8] [key=value ...]
-    probsft plan --config RECIPE --json            # the same as JSON
-    probsft plan --recipes-table                   # the shipped recipes on 8 x 80 and 8 x 141 GB
-    probsft plan --lora-table [--gpu-memory 80]    # the same recipes: full vs LoRA, 1 GPU or 8
-
-Prints, per GPU, the requested layout's weights, gradient buffer, optimizer state (with and
-without the distributed optimizer), activations (with and without sequence parallelism, per
-recompute setting), loss head (unfused vs fused), transients and margin; the cheapest layout
-that fits, and why each cheaper one does not. Exit status 0 when the requested layout fits,
-1 when it does not, 2 for bad input (see :mod:`probsft_megatron.plan` for what is counted).
+Exit status 0 when the requested layout fits, 1 when it does not, 2 for bad input.
 """
 
 from __future__ import annotations
@@ -22,52 +13,53 @@ from probsft_megatron import plan as P
 
 log = logging.getLogger(__name__)
 
+VALUE_FLAGS = (  # flag, type, default, metavar, help (argparse %-formats it: % is written %%)
+    ("--config", str, None, None, "recipe YAML: a path or a name under configs/recipes"),
+    ("--gpus", int, None, None, "GPUs of the job (default: one node, --gpus-per-node)"),
+    (
+        "--gpu-memory",
+        float,
+        P.DEFAULT_GPU_MEMORY_GB,
+        "GB",
+        "memory of each GPU in GiB, e.g. 80 (H100/A100 80GB) or 141 (H200) "
+        f"(default {P.DEFAULT_GPU_MEMORY_GB:g})",
+    ),
+    (
+        "--gpus-per-node",
+        int,
+        P.DEFAULT_GPUS_PER_NODE,
+        None,
+        "tensor parallelism stays within a node (default 8)",
+    ),
+    (
+        "--margin-gb",
+        float,
+        P.DEFAULT_MARGIN_GIB,
+        "GB",
+        "fixed margin for CUDA context, NCCL and workspaces (default "
+        f"{P.DEFAULT_MARGIN_GIB:g}; {P.FRAGMENTATION * 100:g}%% of the rest is added)",
+    ),
+)
+SWITCHES = (
+    ("--json", "print JSON instead of tables"),
+    (
+        "--recipes-table",
+        "a Markdown table of every shipped recipe of >= 1B parameters on one node "
+        "of 8 x 80 GB and 8 x 141 GB (docs/training.md)",
+    ),
+    (
+        "--lora-table",
+        "a Markdown table of full fine-tuning vs LoRA (rank 16) for the same recipes: "
+        "GiB per GPU on one node, and whether one GPU of --gpu-memory holds the run",
+    ),
+)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Register the options of ``probsft plan`` (help strings are %-formatted by argparse:
-    a literal percent sign is written ``%%``)."""
-    p.add_argument("--config", help="recipe YAML: a path or a name under configs/recipes")
-    p.add_argument(
-        "--gpus",
-        type=int,
-        default=None,
-        help="GPUs of the job (default: one node, --gpus-per-node)",
-    )
-    p.add_argument(
-        "--gpu-memory",
-        type=float,
-        default=P.DEFAULT_GPU_MEMORY_GB,
-        metavar="GB",
-        help="memory of each GPU in GiB, e.g. 80 (H100/A100 80GB) or 141 (H200) "
-        f"(default {P.DEFAULT_GPU_MEMORY_GB:g})",
-    )
-    p.add_argument(
-        "--gpus-per-node",
-        type=int,
-        default=P.DEFAULT_GPUS_PER_NODE,
-        help="tensor parallelism stays within a node (default 8)",
-    )
-    p.add_argument(
-        "--margin-gb",
-        type=float,
-        default=P.DEFAULT_MARGIN_GIB,
-        metavar="GB",
-        help="fixed margin for CUDA context, NCCL and workspaces (default "
-        f"{P.DEFAULT_MARGIN_GIB:g}; {P.FRAGMENTATION * 100:g}%% of the rest is added)",
-    )
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument(
-        "--recipes-table",
-        action="store_true",
-        help="a Markdown table of every shipped recipe of >= 1B parameters on one node "
-        "of 8 x 80 GB and 8 x 141 GB (docs/training.md)",
-    )
-    p.add_argument(
-        "--lora-table",
-        action="store_true",
-        help="a Markdown table of full fine-tuning vs LoRA (rank 16) for the same recipes: "
-        "GiB per GPU on one node, and whether one GPU of --gpu-memory holds the run",
-    )
+    for flag, kind, default, metavar, help_text in VALUE_FLAGS:
+        p.add_argument(flag, type=kind, default=default, metavar=metavar, help=help_text)
+    for flag, help_text in SWITCHES:
+        p.add_argument(flag, action="store_true", help=help_text)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=2")
 
 

@@ -1,6 +1,5 @@
-"""Activations, analytic: what one transformer layer and the loss head keep for their
-backward per micro-batch, and what recomputation keeps instead (see
-:mod:`probsft_megatron.plan` for what is counted and how it is checked)."""
+"""Activations, analytic: what a transformer layer and the loss head keep for their backward
+per micro-batch, and what recomputation keeps instead."""
 
 from __future__ import annotations
 
@@ -21,23 +20,10 @@ class LayerActivations:
 
 
 def layer_activations(model, layout: Layout, workload: Workload) -> LayerActivations:
-    """The tensors autograd keeps per layer, enumerated for this project's layer spec.
-
-    Per micro-batch of ``t = b * s`` tokens on one TP rank (``D`` bytes per element of the
-    parameter dtype; ``/TP`` sizes split by tensor parallelism; ``h``-sized tensors outside
-    the TP region are split by TP only under sequence parallelism):
-
-    * each RMSNorm (the first's input is the layer input, the second's the residual sum): its
-      input and float32 ``rstd`` (CPU kernels: the input and the normalized input, both in
-      float32), and its output, kept by the following linear;
-    * attention (SDPA / flash): the fused QKV output (V is a view of it), the rotated Q and
-      K, the attention output (and, with CUDA's flash layout, its copy for ``linear_proj``),
-      the float32 log-sum-exp ``b x heads x s``; RoPE's cos/sin (4 x ``s x head_dim``);
-    * attention (megatron's local): Q, K and V expanded to all heads, the softmax
-      ``b x heads x s x s``, the context copy, the ``s x s`` mask;
-    * SwiGLU MLP: ``fc1``'s output (``2f``), ``silu`` of the gate, the linear half (+0 offset,
-      a new tensor), their product (``fc2``'s input): ``5f``.
-    """
+    """The tensors autograd keeps per layer of this project's spec, per micro-batch of
+    ``t = b * s`` tokens on one TP rank (``h``-sized tensors split by TP only under SP).
+    SDPA/flash keeps fused QKV, rotated Q and K, the output (+ CUDA's copy for linear_proj)
+    and float32 log-sum-exp; local attention keeps the ``s x s`` softmax; SwiGLU keeps ``5f``."""
     d = dims(model)
     tp, D = layout.tp, workload.param_bytes
     b, s = workload.micro_batch_size, workload.seq_length
@@ -124,10 +110,8 @@ def loss_head(model, layout: Layout, workload: Workload) -> Head:
 def recompute_terms(
     layer: LayerActivations, layout: Layout, layers: int, rope_bytes: int = 0
 ) -> tuple[int, int]:
-    """(kept per micro-batch, re-materialized during one backward) for a stage of ``layers``.
-
-    Full recompute keeps each checkpointed unit's input, and once the float32 RoPE
-    frequencies the checkpoints receive (``rope_bytes``: ``s x head_dim x 4``)."""
+    """(kept per micro-batch, re-materialized in one backward) for a stage of ``layers``; full
+    recompute keeps each unit's input and once the float32 RoPE frequencies (``rope_bytes``)."""
     if layout.recompute == "selective":
         return layers * layer.selective, 0
     if layout.recompute == "full":

@@ -1,6 +1,5 @@
-"""The peak of a training step on one GPU: static parts, activations in flight, the loss
-head, the transients of the backward and the optimizer step, and the margin, per pipeline
-stage (see :mod:`probsft_megatron.plan` for the formula)."""
+"""The peak of a training step on one GPU, per pipeline stage: static parts, activations in
+flight, the loss head, the backward and optimizer-step transients, and the margin."""
 
 from __future__ import annotations
 
@@ -41,9 +40,8 @@ class StageEstimate:
 
     @property
     def dynamic(self) -> int:
-        """The most bytes above the static parts at any moment of a step: the forward/loss/
-        layer-backward phase, the embedding's backward (the other in-flight micro-batches
-        still held), or the optimizer step."""
+        """The most bytes above the static parts: the layer phase, the embedding's backward
+        (the other in-flight micro-batches held) or the optimizer step."""
         layers = self.activations + max(self.loss_head, self.backward_transient)
         embedding = self.activations - self.per_micro_batch + self.embedding_backward
         return max(layers, embedding, self.optimizer_step)
@@ -51,6 +49,14 @@ class StageEstimate:
     @property
     def total(self) -> int:
         return self.static.total + self.dynamic + self.margin
+
+
+def _fullest_static(model, layout: Layout, workload: Workload, pp_rank: int, dp_rank) -> Static:
+    """``dp_rank``'s static parts; None: the DP rank with the most optimizer state."""
+    sharded = dp_rank is None and layout.uses_distributed_optimizer
+    ranks = range(layout.dp) if sharded else [dp_rank or 0]
+    parts = (static_memory(model, layout, workload, pp_rank, r) for r in ranks)
+    return max(parts, key=lambda st: st.total)
 
 
 def estimate_stage(
@@ -63,22 +69,9 @@ def estimate_stage(
 ) -> StageEstimate:
     """Peak memory of one rank of pipeline stage ``pp_rank`` (``dp_rank`` None: the DP rank
     with the most optimizer state)."""
-    ranks = (
-        range(layout.dp)
-        if dp_rank is None and layout.uses_distributed_optimizer
-        else [dp_rank or 0]
-    )
-    static = max(
-        (static_memory(model, layout, workload, pp_rank, r) for r in ranks), key=lambda st: st.total
-    )
+    static = _fullest_static(model, layout, workload, pp_rank, dp_rank)
     other = dataclasses.replace(layout, distributed_optimizer=not layout.distributed_optimizer)
-    other_static = max(
-        (
-            static_memory(model, other, workload, pp_rank, r)
-            for r in (range(other.dp) if other.uses_distributed_optimizer else [0])
-        ),
-        key=lambda st: st.total,
-    )
+    other_static = _fullest_static(model, other, workload, pp_rank, None)
     d = dims(model)
     layers = d["layers"] // layout.pp
     first, last = pp_rank == 0, pp_rank == layout.pp - 1

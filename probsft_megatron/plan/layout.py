@@ -1,6 +1,5 @@
-"""What the planner plans for: the layout (how a job is split over GPUs, what it recomputes)
-and the workload (tokens per micro-batch, precision, loss head, kernels), and whether a
-model can be split a given way."""
+"""The layout (split over GPUs, recompute) and workload (tokens, precision, loss head,
+kernels) the planner plans for, and whether a model can be split a given way."""
 
 from __future__ import annotations
 
@@ -55,8 +54,7 @@ class Layout:
 
     @property
     def uses_distributed_optimizer(self) -> bool:
-        """megatron's distributed optimizer only shards when there is more than one DP rank
-        (``probsft train`` turns it off at DP=1)."""
+        """It only shards with more than one DP rank (``probsft train`` turns it off at DP=1)."""
         return self.distributed_optimizer and self.dp > 1
 
     def label(self) -> str:

@@ -1,11 +1,5 @@
-"""What ``probsft plan`` shows: the plan as JSON-ready data, as text tables, and the
-recipes table of docs/training.md.
-
-Per GPU: the requested layout's weights, gradient buffer, optimizer state (with and without
-the distributed optimizer), activations (with and without sequence parallelism, per
-recompute setting), loss head (unfused vs fused), transients and margin; the cheapest layout
-that fits, and why each cheaper one does not.
-"""
+"""What ``probsft plan`` shows: the plan as JSON-ready data, as text tables, and the recipes
+and LoRA tables of docs/training.md and docs/lora.md."""
 
 from __future__ import annotations
 
@@ -17,6 +11,7 @@ from probsft_megatron.plan.activations import loss_head
 from probsft_megatron.plan.estimate import estimate, estimate_stage
 from probsft_megatron.plan.layout import GiB, Layout, Workload
 from probsft_megatron.plan.search import Candidate, Plan, plan, workload_of
+from probsft_megatron.plan.static import lora_parameters
 
 if TYPE_CHECKING:
     from probsft_megatron.config import TrainJobConfig
@@ -27,7 +22,6 @@ NODE_GPUS = 8
 NODE_MEMORIES_GB = (80.0, 141.0)
 
 
-# -- what the report holds ---------------------------------------------------------------------
 def _gib(n: int | float) -> float:
     return round(n / GiB, 2)
 
@@ -64,26 +58,21 @@ def alternatives(model, layout: Layout, workload: Workload) -> dict:
     with_dist = worst.static if layout.distributed_optimizer else worst.static_other_optimizer
     without = worst.static_other_optimizer if layout.distributed_optimizer else worst.static
     recomputes = {
-        "none": {},
-        "selective": {"recompute": "selective"},
-        "full_uniform_1": {
-            "recompute": "full",
-            "recompute_method": "uniform",
-            "recompute_num_layers": 1,
-        },
+        "none": ("none", None, None),
+        "selective": ("selective", None, None),
+        "full_uniform_1": ("full", "uniform", 1),
     }
     acts = {}
     for sp in [False, True] if layout.tp > 1 else [False]:
         row = {}
-        for name, kw in recomputes.items():
+        for name, (recompute, method, layers) in recomputes.items():
             other = dataclasses.replace(
                 layout,
                 sequence_parallel=sp,
-                recompute="none",
-                recompute_method=None,
-                recompute_num_layers=None,
+                recompute=recompute,
+                recompute_method=method,
+                recompute_num_layers=layers,
             )
-            other = dataclasses.replace(other, **kw)
             row[name] = _gib(estimate_stage(model, other, workload, worst.pp_rank).activations)
         acts["sp" if sp else "no_sp"] = row
     head = loss_head(model, layout, workload)
@@ -106,9 +95,7 @@ def alternatives(model, layout: Layout, workload: Workload) -> dict:
 
 
 def plan_report(cfg: TrainJobConfig, result: Plan, name: str | None) -> dict:
-    """The plan of ``cfg`` as data (what ``probsft plan --json`` prints): the model, the
-    workload, the requested and recommended layouts with their parts per GPU, the rejected
-    cheaper layouts and the requested layout's alternatives."""
+    """The plan of ``cfg`` as data (what ``probsft plan --json`` prints)."""
     model, work = cfg.model, workload_of(cfg)
     out = {
         "config": name,
@@ -131,7 +118,6 @@ def plan_report(cfg: TrainJobConfig, result: Plan, name: str | None) -> dict:
     return out
 
 
-# -- text -----------------------------------------------------------------------------------------
 PART_NAMES = {
     "weights": "weights",
     "gradient_buffer": "gradient buffer",
@@ -218,7 +204,6 @@ def render_plan(rep: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
-# -- the recipes table ---------------------------------------------------------------------------
 def node_recipes() -> list[str]:
     """Shipped recipes whose model has >= 1B parameters (the ones that need a node)."""
     return [
@@ -266,10 +251,8 @@ def _one_gpu_cell(result: Plan) -> str:
 
 
 def lora_table(rank: int = 16, gpu_memory_gb: float = NODE_MEMORIES_GB[0]) -> str:
-    """Markdown: full fine-tuning vs LoRA (``rank``, all four linears) for each node recipe:
-    GiB per GPU at the recipe's own layout on one node, and whether one GPU of
-    ``gpu_memory_gb`` holds the run (the cheapest layout on one GPU: recomputation, the
-    distributed optimizer off)."""
+    """Markdown: full fine-tuning vs LoRA (``rank``, all four linears) per node recipe: GiB per
+    GPU at its own layout on one node, and whether one GPU of ``gpu_memory_gb`` holds it."""
     rows = [
         f"| recipe | parameters | full, own layout (8 x {gpu_memory_gb:g} GB) | LoRA r={rank} | "
         f"full on 1 x {gpu_memory_gb:g} GB | LoRA r={rank} on 1 x {gpu_memory_gb:g} GB | "
@@ -293,8 +276,6 @@ def lora_table(rank: int = 16, gpu_memory_gb: float = NODE_MEMORIES_GB[0]) -> st
             _one_gpu_cell(plan(load_config(name, [*single, *extra]), 1, gpu_memory_gb))
             for extra in ([], lora_keys)
         ]
-        from probsft_megatron.plan.static import lora_parameters
-
         adapters = sum(p.numel for p in lora_parameters(cfg.model, Layout(), workload_of(lora)))
         rows.append(
             f"| {name} | {cfg.model.num_parameters() / 1e9:.2f}B | {cells[0]} | {cells[1]} | "

@@ -20,11 +20,9 @@ OVERRIDE_FLAG = "--no-fit-check"
 """How a user overrides a refused layout in ``probsft train`` / ``probsft launch``."""
 
 
-# -- from a training config -------------------------------------------------------------------
 def layout_of(cfg: TrainJobConfig, world_size: int) -> Layout:
-    """The layout ``cfg`` asks for on ``world_size`` GPUs (its ``parallel`` section and
-    ``optim.use_distributed_optimizer``; the recompute method and layers count only with
-    ``recompute_granularity: full``)."""
+    """The layout ``cfg`` asks for on ``world_size`` GPUs (recompute method and layers count
+    only with ``recompute_granularity: full``)."""
     par = cfg.parallel
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world_size % (tp * pp):
@@ -70,7 +68,6 @@ def workload_of(cfg: TrainJobConfig, device: str = "cuda") -> Workload:
     )
 
 
-# -- the recommendation ------------------------------------------------------------------------
 @dataclass
 class Candidate:
     layout: Layout
@@ -197,10 +194,8 @@ def plan(
     device: str = "cuda",
     margin_gib: float = DEFAULT_MARGIN_GIB,
 ) -> Plan:
-    """:func:`plan_model` for a :class:`~probsft_megatron.config.TrainJobConfig`.
-
-    ``gpus`` defaults to one node (``gpus_per_node``). A GPU count, memory or margin that
-    cannot be planned for is a one-line :class:`ConfigError` naming the option."""
+    """:func:`plan_model` for a config; ``gpus`` defaults to one node. A GPU count, memory or
+    margin that cannot be planned for is a one-line :class:`ConfigError` naming the option."""
     if gpus_per_node < 1:
         raise ConfigError(f"--gpus-per-node must be >= 1 (got {gpus_per_node})")
     gpus = gpus_per_node if gpus is None else gpus
@@ -247,10 +242,8 @@ def check_fits(
     gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB,
     gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
 ) -> Verdict:
-    """Does ``cfg`` fit on ``world_size`` GPUs of ``gpu_memory_gb``? The model is built on the
-    meta device only (no memory, no process group left). A refusal's message is one line
-    naming the recommended layout's overrides and the explicit override flag
-    (:data:`OVERRIDE_FLAG`)."""
+    """Does ``cfg`` fit on ``world_size`` GPUs of ``gpu_memory_gb``? A refusal is one line naming
+    the recommended layout's overrides and :data:`OVERRIDE_FLAG`."""
     p = plan(cfg, world_size, gpu_memory_gb, gpus_per_node)
     req = p.requested
     need = req.estimate.total / GiB if req.estimate else float("nan")

@@ -1,13 +1,5 @@
-"""Static memory, byte-exact: the weights, megatron DDP's gradient buffer and the optimizer
-state of one rank, from the parameters megatron registers for its pipeline stage and
-tensor-parallel shard (see :mod:`probsft_megatron.plan` for the rules).
-
-The parameters are counted on the real model: :func:`stage_parameters` builds the stage's
-``GPTModel`` with :func:`probsft_megatron.model.build_gpt_model` on the meta device (shapes,
-no memory) in a process of its own with TP=1, and divides every parameter megatron marks
-``tensor_model_parallel`` by TP (megatron splits them evenly along ``partition_dim``; the
-planner refuses a TP that does not divide the split sizes first).
-"""
+"""Static memory, byte-exact: one rank's weights, megatron DDP's gradient buffer and the
+optimizer state, from the parameters of the real model built on the meta device."""
 
 from __future__ import annotations
 
@@ -17,7 +9,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from probsft_megatron.errors import ConfigError
-from probsft_megatron.plan.layout import Layout, Workload, layout_problem
+from probsft_megatron.plan.layout import Layout, Workload, dims, layout_problem
 
 
 @dataclass(frozen=True)
@@ -30,13 +22,9 @@ class Param:
 
 
 def stage_parameters(model, tp: int = 1, pp: int = 1, pp_rank: int = 0) -> list[Param]:
-    """The parameters one tensor-parallel rank of pipeline stage ``pp_rank`` holds, in the
-    order megatron's ``GPTModel`` (local spec) registers them, counted on the model built on
-    the meta device.
-
-    With tied embeddings and PP > 1 the first stage's word embedding and the last stage's
-    copy of it are ``shared_embedding`` (megatron marks them so only where the pipeline has
-    several stages, which a model built in one process cannot show)."""
+    """The parameters one TP rank of pipeline stage ``pp_rank`` holds, in megatron's
+    registration order. With tied embeddings and PP > 1 the first stage's word embedding and
+    the last stage's copy are ``shared_embedding`` (a one-process build cannot show it)."""
     problem = layout_problem(model, tp, pp)
     if problem:
         raise ConfigError(problem)
@@ -54,8 +42,7 @@ def stage_parameters(model, tp: int = 1, pp: int = 1, pp_rank: int = 0) -> list[
 
 @lru_cache(maxsize=64)
 def _meta_stage(model, pp: int, first: bool, last: bool) -> tuple[tuple[str, int, bool], ...]:
-    """``(name, elements of the whole tensor, split over TP)`` of each parameter of one
-    pipeline stage, from the GPTModel built on the meta device."""
+    """``(name, elements of the whole tensor, split over TP)`` per parameter of one stage."""
     import dataclasses
 
     import torch
@@ -83,10 +70,9 @@ def _meta_stage(model, pp: int, first: bool, last: bool) -> tuple[tuple[str, int
 
 @contextmanager
 def _one_process_megatron():
-    """megatron's layers read their tensor-parallel group from its parallel state: a world of
-    this one process (gloo, in-memory store) while a model is built, torn down afterwards.
-    Inside a process that already has megatron's groups they are used as they are; yields
-    their TP size."""
+    """megatron's layers read their TP group from its parallel state: a one-process gloo world
+    while a model is built, torn down afterwards (existing groups are used as they are);
+    yields the TP size."""
     import torch.distributed as dist
 
     from probsft_megatron import compat
@@ -141,15 +127,10 @@ def grad_buffer(
     distributed_optimizer: bool = False,
     bucket_size: int | None = None,
 ) -> GradBuffer:
-    """Lay ``params`` out the way megatron's ``_ParamAndGradBuffer`` does.
-
-    Parameters are placed in reverse registration order (roughly backward order). With the
-    distributed optimizer each parameter starts at a multiple of 64 elements, each bucket
-    ends at a multiple of ``lcm(dp, 128)``, and a ``shared_embedding`` parameter closes the
-    bucket before it and gets its own. ``bucket_size`` (elements) is megatron's bucketing
-    with ``overlap_grad_reduce``; None (this project's setting, and every stage after the
-    first) is one bucket.
-    """
+    """Lay ``params`` out as megatron's ``_ParamAndGradBuffer`` does: in reverse registration
+    order; with the distributed optimizer each parameter starts at a multiple of 64, each
+    bucket ends at a multiple of ``lcm(dp, 128)`` and a ``shared_embedding`` parameter gets a
+    bucket of its own. ``bucket_size`` None (this project's setting) is one bucket."""
     order = list(range(len(params)))[::-1]
     ranges: list[tuple[int, int, int] | None] = [None] * len(params)
     buckets: list[tuple[int, int]] = []
@@ -186,7 +167,6 @@ def grad_buffer(
     return GradBuffer(params, numel, unpadded, buckets, ranges)  # type: ignore[arg-type]
 
 
-# -- static memory ----------------------------------------------------------------------------
 @dataclass
 class Static:
     """Byte counts of one rank's weights, gradient buffer and optimizer state."""
@@ -208,12 +188,8 @@ class Static:
 
 
 def lora_parameters(model, layout: Layout, workload: Workload) -> list[Param]:
-    """The LoRA adapters one tensor-parallel rank of a pipeline stage holds (workload's rank
-    and targets; :mod:`probsft_megatron.lora`): column-parallel ``linear_qkv`` / ``linear_fc1``
-    ``A [r, in]`` replicated and ``B [out/TP, r]``; row-parallel ``linear_proj`` /
-    ``linear_fc2`` ``A [r, in/TP]`` and ``B [out, r]`` replicated; in registration order."""
-    from probsft_megatron.plan.layout import dims
-
+    """The LoRA adapters one TP rank of a stage holds, in registration order: column-parallel
+    ``A [r, in]``, ``B [out/TP, r]``; row-parallel ``A [r, in/TP]``, ``B [out, r]``."""
     d, r, tp = dims(model), workload.lora_rank, layout.tp
     shapes = {
         "linear_qkv": (r * d["h"], (d["q"] + 2 * d["kv"]) // tp * r),
@@ -238,12 +214,8 @@ def static_memory(
     dp_rank: int = 0,
     bucket_size: int | None = None,
 ) -> Static:
-    """Exact bytes of weights, gradient buffer and optimizer state on one rank.
-
-    LoRA (``workload.lora_rank > 0``): the base weights are frozen, held as they are (outside
-    the distributed optimizer's buffer), with no gradient and no optimizer state; the
-    adapters (:func:`lora_parameters`) have the gradient buffer and the optimizer state.
-    """
+    """Exact bytes of weights, gradient buffer and optimizer state on one rank. With LoRA the
+    frozen base weights are held outside the buffer; only the adapters have gradients and state."""
     params = stage_parameters(model, layout.tp, layout.pp, pp_rank)
     frozen = 0
     if workload.lora_rank > 0:
