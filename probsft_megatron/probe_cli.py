@@ -1,19 +1,7 @@
-"""`probsft probe`: token-probability probe of a base model on SFT data.
+"""`probsft probe`: token-probability probe of a base model on SFT data (docs/probe.md).
 
-    probsft probe --model DIR --data RECIPE_OR_FILE [--samples N] [--out DIR]
-                  [--nproc N] [--tp N] [--pp N] [--micro-batch-size N] [--dtype auto]
-                  [--tokenizer DIR] [--refresh] [data.key=value ...]
-
-``--model`` is a Megatron model dir or a Hugging Face folder (converted once into the probsft
-cache first). ``--data`` is a recipe (its ``data`` section), a ``.jsonl`` / ``.json`` /
-``.parquet`` file, or ``figfont``; ``data.*`` overrides apply on top. With ``--nproc N`` the
-probe runs under ``torchrun --nproc-per-node N`` (TP*PP must divide N; the rest is DP). The
-report is cached by model, dtype and tokens; ``--refresh`` measures again.
-
-Every input is checked before any work (:func:`check_inputs`): the model (an intact model
-dir or a Hugging Face folder), the data file, the tokenizer (its ids must fit the model's
-vocabulary), the sizes, and ``--out`` (a writable folder that is not, does not contain and
-does not lie inside an input).
+Every input is checked before any work (:func:`check_inputs`); ``--nproc N`` runs the probe
+under ``torchrun --nproc-per-node N``.
 """
 
 from __future__ import annotations
@@ -34,6 +22,20 @@ from probsft_megatron.input_checks import DATA_SUFFIXES
 logger = logging.getLogger(__name__)
 
 
+VALUE_FLAGS = (
+    ("--samples", int, None, "examples to probe (a seeded random sample; default 512)"),
+    ("--out", str, None, "also write report.json and probe.png into this folder"),
+    ("--nproc", int, 1, "processes (devices) on this node"),
+    ("--tp", int, 1, "tensor-parallel size"),
+    ("--pp", int, 1, "pipeline-parallel size"),
+    ("--micro-batch-size", int, 4, "rows per forward micro-batch"),
+)
+SWITCHES = (
+    ("--refresh", "ignore and replace a cached report"),
+    ("--overwrite", "replace the report.json and probe.png of an earlier probe in --out"),
+)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -45,17 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         required=True,
         help="recipe (path or name), a .jsonl/.json/.parquet file, or 'figfont'",
     )
-    p.add_argument(
-        "--samples",
-        type=int,
-        default=None,
-        help="examples to probe (a seeded random sample; default 512)",
-    )
-    p.add_argument("--out", help="also write report.json and probe.png into this folder")
-    p.add_argument("--nproc", type=int, default=1, help="processes (devices) on this node")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    p.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward micro-batch")
+    for flag, kind, default, help_text in VALUE_FLAGS:
+        p.add_argument(flag, type=kind, default=default, help=help_text)
     p.add_argument(
         "--dtype",
         default="auto",
@@ -64,12 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "float64 for reference checks)",
     )
     p.add_argument("--tokenizer", help="tokenizer folder or 'smollm2' (default: the model's hf/)")
-    p.add_argument("--refresh", action="store_true", help="ignore and replace a cached report")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the report.json and probe.png of an earlier probe in --out",
-    )
+    for flag, help_text in SWITCHES:
+        p.add_argument(flag, action="store_true", help=help_text)
     p.add_argument("overrides", nargs="*", help="data overrides, e.g. data.max_length=2048")
 
 
@@ -102,10 +91,7 @@ def data_config(spec: str, overrides: list[str], command: str = "probsft probe")
 
 
 def _model_config(model: Path):
-    """The ModelConfig of a Megatron model dir or a Hugging Face folder (configs only, before
-    any conversion)."""
-    import json
-
+    """The ModelConfig of a Megatron model dir or a Hugging Face folder (before conversion)."""
     from probsft_megatron.model_dir import read_model_config
 
     if (model / "model_config.json").is_file():
@@ -123,9 +109,8 @@ def _model_config(model: Path):
 
 
 def check_inputs(args: argparse.Namespace):
-    """Everything the probe can be given wrong, before any conversion, tokenizer or model:
-    returns the DataConfig. One line (ConfigError / CheckpointError) per problem, in this
-    order: the numbers, the model and its layout, the data, ``--out``, the tokenizer."""
+    """Check every input before any conversion or model (one error line each); returns the
+    DataConfig. Order: the numbers, the model and its layout, the data, ``--out``, the tokenizer."""
     from probsft_megatron import manifest
     from probsft_megatron.config import ParallelConfig, validate_layout
     from probsft_megatron.input_checks import (
@@ -135,14 +120,9 @@ def check_inputs(args: argparse.Namespace):
         check_vocab_fits,
     )
 
-    for flag, value in (
-        ("--nproc", args.nproc),
-        ("--tp", args.tp),
-        ("--pp", args.pp),
-        ("--micro-batch-size", args.micro_batch_size),
-        ("--samples", 1 if args.samples is None else args.samples),
-    ):
-        if value < 1:
+    for flag, kind, _, _ in VALUE_FLAGS:
+        value = _value(args, flag)
+        if kind is int and value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
     model = Path(args.model)
     kind = manifest.folder_kind(model)
@@ -193,8 +173,7 @@ def check_inputs(args: argparse.Namespace):
 
 
 def _check_earlier_report(out: Path, overwrite: bool) -> None:
-    """A probe's ``report.json`` already in ``out`` is replaced only with ``--overwrite``; a
-    ``report.json`` that is not a probe's never (one line each)."""
+    """A probe's report.json in ``out`` is replaced only with ``--overwrite``, another never."""
     from probsft_megatron.probe.report import FORMAT, REPORT_FILE
 
     path = out / REPORT_FILE
@@ -230,7 +209,7 @@ def _probe_flags(message: str) -> str:
 
 def megatron_model_dir(path: str) -> Path:
     """``path`` if it is a Megatron model dir; a Hugging Face folder is converted once into
-    ``<probsft cache>/megatron/<name>-<hash>`` (keyed by its path, config and weight files)."""
+    ``<probsft cache>/megatron/<name>-<hash of its path, config and weight files>``."""
     from probsft_megatron.converters.api import hf_to_megatron
     from probsft_megatron.embedded import default_cache_dir
 
@@ -254,40 +233,20 @@ def megatron_model_dir(path: str) -> Path:
     return target
 
 
+def _value(args: argparse.Namespace, flag: str):
+    return getattr(args, flag[2:].replace("-", "_"))
+
+
 def _child_command(args: argparse.Namespace, model_dir: Path) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(args.nproc),
-        "-m",
-        "probsft_megatron.probe_cli",
-        "--model",
-        str(model_dir),
-        "--data",
-        args.data,
-        "--tp",
-        str(args.tp),
-        "--pp",
-        str(args.pp),
-        "--micro-batch-size",
-        str(args.micro_batch_size),
-        "--dtype",
-        args.dtype,
-    ]
-    for flag, value in (
-        ("--samples", args.samples),
-        ("--out", args.out),
-        ("--tokenizer", args.tokenizer),
-    ):
+    """The torchrun command that runs this probe on ``--nproc`` processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc-per-node", str(args.nproc), "-m", "probsft_megatron.probe_cli"]
+    cmd += ["--model", str(model_dir), "--data", args.data, "--dtype", args.dtype]
+    for flag in [f for f, *_ in VALUE_FLAGS if f != "--nproc"] + ["--tokenizer"]:
+        value = _value(args, flag)
         if value is not None:
             cmd += [flag, str(value)]
-    if args.refresh:
-        cmd.append("--refresh")
-    if getattr(args, "overwrite", False):
-        cmd.append("--overwrite")
+    cmd += [flag for flag, _ in SWITCHES if getattr(args, flag[2:], False)]
     return cmd + list(args.overrides)
 
 

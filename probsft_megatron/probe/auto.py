@@ -31,18 +31,11 @@ CHOICE_FILE = "objective_choice.json"
 def resolve_auto_objective(
     job: Job, model_chunks: list | None = None
 ) -> tuple[str, dict[str, Any]]:
-    """The objective for ``loss.objective: auto`` and the evidence for it (collective).
-
-    Call on every rank of a training job after megatron's groups exist, before the loss is
-    built. The probe measures the base model ``init.checkpoint`` on ``DEFAULT_SAMPLES``
-    examples of the job's data in the job's dtype. The choice comes from, in order:
-    ``<output_dir>/objective_choice.json`` of an earlier start of this run with the same
-    probe key (a resumed run keeps its objective), the probe cache, or a new measurement
-    (cached afterwards). ``model_chunks``: training's freshly loaded (untrained) model, used
-    instead of building a second copy; pass None after a resume. Global rank 0 writes
-    ``<output_dir>/objective_choice.json`` and the report and plot under
-    ``<output_dir>/probe/``. Every rank returns ``(objective name, evidence)``; the evidence
-    records ``source``: ``run`` | ``cache`` | ``measured``.
+    """``(objective, evidence)`` for ``loss.objective: auto`` (collective, before the loss is
+    built). The choice comes from this run's ``objective_choice.json`` with the same probe key
+    (a resume keeps it), the probe cache, or a new measurement of ``init.checkpoint``
+    (``model_chunks``: training's untrained model, None after a resume); evidence ``source``:
+    ``run`` | ``cache`` | ``measured``. Rank 0 writes the choice and ``<output_dir>/probe/``.
     """
     from probsft_megatron.tokenizers import load_tokenizer
 

@@ -1,10 +1,5 @@
-"""What the probe measures and how a measurement is recognised again.
-
-:func:`load_examples` draws the probe's sample (a seeded random choice of records, tokenized
-and truncated exactly as for training); :func:`probe_key` identifies a measurement by the
-model dir's fingerprint, the dtype and the exact tokens, and :func:`read_cached` finds an
-earlier report of the same key in the probsft cache (:func:`cache_dir`).
-"""
+"""What the probe measures (:func:`load_examples`) and how a measurement is recognised
+again (:func:`probe_key`: model fingerprint, dtype, exact tokens; :func:`read_cached`)."""
 
 from __future__ import annotations
 
@@ -28,9 +23,8 @@ DEFAULT_SAMPLES = 512
 
 @dataclasses.dataclass
 class ProbeExamples:
-    """The tokenized probe sample: ``dataset`` (an SFTDataset) and, per example, its record
-    ``origin`` (None for all when the data config dropped records, which breaks the
-    record -> example correspondence; the report's ``data.dropped`` says how many)."""
+    """The tokenized sample (an SFTDataset) and each example's record ``origin`` (None for all
+    when the data config dropped records: the correspondence is lost)."""
 
     dataset: Any
     origins: list[str | None]
@@ -38,8 +32,7 @@ class ProbeExamples:
     data_config: Any
 
     def fingerprint(self) -> str:
-        """sha256 of exactly what is measured: every example's tokens and which of them are
-        measured (a token's loss weight does not change its measurement)."""
+        """sha256 of every example's tokens and which of them are measured."""
         h = hashlib.sha256()
         for i in range(len(self.dataset)):
             item = self.dataset[i]
@@ -49,12 +42,8 @@ class ProbeExamples:
 
 
 def load_examples(data_cfg, tokenizer, samples: int | None = DEFAULT_SAMPLES) -> ProbeExamples:
-    """Tokenize ``samples`` examples of ``data_cfg`` (all of them when ``None``).
-
-    A sample is a seeded random choice (``data_cfg.seed``) of records kept in file order;
-    figlet-font items are independent draws, so the first ``samples`` are generated. The
-    examples are tokenized and truncated exactly as for training.
-    """
+    """Tokenize ``samples`` examples of ``data_cfg`` (None: all) as training does: a seeded
+    random choice of records in file order (figfont: the first ``samples`` generated)."""
     from probsft_megatron.data import SFTDataset, load_records
 
     if samples is not None and samples < 1:
@@ -75,10 +64,8 @@ def load_examples(data_cfg, tokenizer, samples: int | None = DEFAULT_SAMPLES) ->
 
 
 def model_fingerprint(model_dir: str | os.PathLike) -> str:
-    """sha256 of a Megatron model dir's config and weight metadata (names, sizes, mtimes).
-
-    Cheap for any model size (no weight is read); a re-converted or retrained model changes it.
-    """
+    """sha256 of a Megatron model dir's config and weight metadata (names, sizes, mtimes): no
+    weight is read; a re-converted or retrained model changes it."""
     root = Path(model_dir)
     cfg_file = root / "model_config.json"
     weights = root / "weights"

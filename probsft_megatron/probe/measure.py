@@ -1,15 +1,8 @@
 """Measuring: the base model forward-only over the probe sample, distributed like training.
 
-Distributed contract of :func:`probe` (every rank of the job calls it with the same
-arguments): each rank tokenizes the same sample; :class:`~probsft_megatron.data.
-GlobalBatchLoader` splits it over the DP ranks and micro-batches and names the example of
-every row (padding rows name none); megatron's schedule runs the micro-batches forward-only
-(a :class:`~probsft_megatron.runtime.LossHead` measuring: the same vocab-parallel cross
-entropy or fused output layer as training), so under PP the activations flow stage to
-stage and only the last stage computes the CE; the last pipeline stage of every DP rank
-keeps each example's response-token CE (identical on all TP ranks), the DP ranks
-all-gather it, the last-stage rank with DP rank 0 and TP rank 0 builds the report and
-broadcasts it, and every rank returns the same report. Global rank 0 writes the files.
+Every rank calls :func:`probe` with the same arguments; the last pipeline stage keeps each
+example's response-token CE, the DP ranks all-gather it, one last-stage rank builds the report
+and broadcasts it, every rank returns it, and global rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -65,18 +58,9 @@ def measure(
     implementation: str = "unfused",
     chunk_size: int = 4096,
 ) -> dict[int, np.ndarray]:
-    """Forward-only pass over every probe example; a collective over the whole job.
-
-    Contract: call on every rank after megatron's groups exist, with this rank's model
-    chunks (bare ``GPTModel`` stages or training's DDP-wrapped ones; ``implementation``
-    ``fused`` for a fused-head model) and the same ``examples`` everywhere. The examples are
-    split over the DP ranks and micro-batches of ``micro_batch_size`` rows by
-    :class:`~probsft_megatron.data.GlobalBatchLoader`, each micro-batch padded to its longest
-    example (rounded up to a multiple of 8 and of TP; with PP, to the call's longest).
-    Global rank 0 shows progress on stderr. Returns ``{example index:
-    float64 CE of its response tokens}`` for the examples of this DP rank on last-stage ranks
-    (identical on every TP rank), ``{}`` on other stages.
-    """
+    """Forward-only pass over every example (collective: every rank, after megatron's groups
+    exist, same ``examples``). Returns ``{example index: float64 response-token CE}`` for this
+    DP rank's examples on last-stage ranks, ``{}`` on other stages."""
     from probsft_megatron.data import GlobalBatchLoader, pad_multiple
 
     dataset = examples.dataset
@@ -191,8 +175,8 @@ def run_probe(
 def build_probe_model(
     model_dir: str | os.PathLike, model: ModelConfig, parallel: ParallelConfig, dtype: str
 ) -> list:
-    """This rank's pipeline stage of the model in ``model_dir``, weights loaded (resharded to
-    the current TP/PP layout; collective), in eval mode. Returns ``[gpt]``."""
+    """``[gpt]``: this rank's stage of the model in ``model_dir``, weights loaded (resharded;
+    collective), in eval mode."""
     from probsft_megatron.model import build_gpt_model, transformer_config
 
     tconfig = transformer_config(model, parallel, params_dtype=DTYPES[dtype])
@@ -227,14 +211,9 @@ def probe(
 ) -> dict[str, Any]:
     """Probe the Megatron model dir ``model_dir`` on ``data_cfg``; returns the report.
 
-    Collective when run under torchrun (every rank calls it with the same arguments; see the
-    module docstring); a plain process runs alone. Starts and shuts down megatron's groups
-    itself unless they already exist (then ``parallel`` must match them). The report is
-    cached under :func:`~probsft_megatron.probe.examples.cache_dir` by
-    :func:`~probsft_megatron.probe.examples.probe_key` (model fingerprint, dtype, exact
-    tokens), so the layout does not change it; ``use_cache=False`` measures again and
-    replaces the cached entry. With ``out_dir`` global rank 0 also writes report.json and
-    probe.png there.
+    Collective under torchrun. Starts and shuts down megatron's groups unless they exist (then
+    ``parallel`` must match). The report is cached by :func:`probe_key`; ``use_cache=False``
+    measures again. With ``out_dir`` global rank 0 also writes report.json and probe.png there.
     """
     from probsft_megatron.tokenizers import load_tokenizer
 

@@ -1,12 +1,5 @@
-"""The probe's report: statistics, the continuum placement, the table, the plot, the files.
-
-Everything here works on numbers already measured (:mod:`.measure`): the token-probability
-distribution (mean, median, mean NLL, integer percentiles 0..100, fractions above 0.5 / 0.9,
-a histogram), a per-example list, the task's place on the model-capability continuum and the
-recommended objective. :func:`resolve_threshold_names` turns percentile objective names
-(``OnlyTopP-K20``) into the absolute thresholds of a report. Thresholds and their
-justification: ``docs/probe.md``.
-"""
+"""The probe's report from measured CEs: statistics, the continuum placement (thresholds:
+docs/probe.md), the table, the plot, the files, and percentile names -> absolute thresholds."""
 
 from __future__ import annotations
 
@@ -214,8 +207,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
-    """A PNG with the histogram of token p and the CDFs of token p and per-example mean p,
-    written to a temporary name and renamed."""
+    """A PNG (written atomically): the token-p histogram and the CDFs of token p and
+    per-example mean p."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,16 +290,10 @@ def load_report(report: dict | str | os.PathLike) -> dict[str, Any]:
 def resolve_threshold_names(
     report: dict | str | os.PathLike, names: Iterable[str | dict]
 ) -> dict[str, str]:
-    """Map percentile objective names to the absolute thresholds of a probe report.
-
-    ``OnlyTopP-K20`` becomes ``OnlyTopP-<20th percentile of the report's token p>`` (the
-    paper's figure-5 runs train with that fixed threshold); names without a percentile come
-    back canonical. ``report``: a report dict, a report.json path or its folder. Returns
-    ``{name as given: canonical absolute name}`` in input order (dict specs are keyed by
-    their canonical name). Percentiles must be integers (the report stores 0..100). A
-    percentile equal to 1 (top) or 0 (bottom) is moved just inside the objective's range
-    (the float below 1, or the smallest normal float above 0), which keeps the same tokens.
-    """
+    """``{name as given: canonical absolute name}``: ``OnlyTopP-K20`` becomes ``OnlyTopP-<20th
+    percentile of the report's token p>`` (the paper's figure 5); other names come back
+    canonical. Percentiles must be integers; a value of 1 (top) or 0 (bottom) is moved just
+    inside the objective's range, which keeps the same tokens."""
     data = load_report(report)
     out: dict[str, str] = {}
     for spec in names:
