@@ -1,19 +1,7 @@
 """The model side of the fused loss: a GPT model whose output layer hands back its input.
 
-With ``loss.implementation: fused`` the last pipeline stage must return the final hidden
-states, not logits, so that :func:`probsft_megatron.fused_loss.fused_objective_loss` can
-form the logits one chunk at a time. megatron's ``GPTModel`` builds its output layer itself
-(no layer spec names it), so the seam is the model class: :func:`probsft_megatron.model.
-build_gpt_model` (``fused_head=True``) builds a :class:`FusedHeadGPTModel`, whose output layer
-is a :class:`FusedOutputLayer`: megatron's ``ColumnParallelLinear`` with the same parameter
-(the same tensor, its tensor-parallel attributes and checkpoint keys, tied or not) and a
-forward that returns its input. The weight is still initialized, sharded, checkpointed,
-tied and reduced by megatron exactly as for the unfused model; only the multiplication moves
-into the loss.
-
-Called without labels, the last stage of a fused-head model returns ``[b, s, h]``
-(``[b, s/TP, h]`` under sequence parallelism); calling it with labels raises, because its
-language-model loss would read hidden states as logits.
+megatron's ``GPTModel`` builds its output layer itself, so the seam is the model class; the
+weight stays megatron's (initialized, sharded, tied, checkpointed as before).
 """
 
 from __future__ import annotations
@@ -25,21 +13,13 @@ from torch import Tensor
 
 from probsft_megatron.errors import ConfigError
 
-__all__ = ["FusedHeadGPTModel", "FusedOutputLayer", "head_is_fused", "output_weight", "unwrap"]
-
 
 class FusedOutputLayer(ColumnParallelLinear):
-    """megatron's vocab-parallel output layer that returns its input (the hidden states).
-
-    Built from the layer ``GPTModel`` created (:meth:`adopt`), so the weight parameter, its
-    initialization and every attribute megatron reads (``sequence_parallel``, ``tp_group``,
-    ``weight``) are that layer's.
-    """
+    """megatron's vocab-parallel output layer that returns its input (the hidden states)."""
 
     @classmethod
     def adopt(cls, layer: ColumnParallelLinear) -> FusedOutputLayer:
-        """A fused output layer holding ``layer``'s parameters and attributes (``layer`` is
-        not used afterwards)."""
+        """A fused output layer holding ``layer``'s parameters and attributes."""
         fused = cls.__new__(cls)
         fused.__dict__.update(layer.__dict__)
         return fused
@@ -54,11 +34,8 @@ class FusedOutputLayer(ColumnParallelLinear):
 
 
 class FusedHeadGPTModel(GPTModel):
-    """A ``GPTModel`` whose last stage returns hidden states for the fused loss.
-
-    Same constructor as ``GPTModel``; stages without an output layer (PP > 1, not last) are
-    plain ``GPTModel`` stages.
-    """
+    """A ``GPTModel`` whose last stage returns hidden states ``[b, s(/TP), h]``; called with
+    labels it raises (its loss would read hidden states as logits)."""
 
     def __init__(self, config, *args, **kwargs) -> None:
         if getattr(config, "mtp_num_layers", None):
@@ -95,12 +72,8 @@ def head_is_fused(model) -> bool:
 
 
 def output_weight(model) -> Tensor:
-    """The ``[V/TP, h]`` weight the unfused output layer multiplies with on this stage.
-
-    Tied embeddings: ``shared_embedding_or_output_weight()`` (the word embeddings when this
-    stage also embeds, else the last stage's copy that megatron keeps in sync), exactly as
-    ``GPTModel._postprocess`` chooses; untied: ``output_layer.weight``.
-    """
+    """The ``[V/TP, h]`` weight the unfused output layer multiplies with (tied or not), as
+    ``GPTModel._postprocess`` chooses it."""
     gpt = unwrap(model)
     if gpt.share_embeddings_and_output_weights:
         return gpt.shared_embedding_or_output_weight()

@@ -1,53 +1,8 @@
 """Fused vocab-parallel output layer + objective loss that never holds the full logits.
 
-The unfused path computes ``logits = hidden @ W^T`` for the whole micro-batch (``[s, b, V/TP]``
-per rank, plus float32 copies inside the cross entropy) and keeps them until the backward.
-Every objective only needs, per token, the target logit and the log-sum-exp, and its logit
-gradient ``w(p) * keep * (softmax - onehot)`` is known as soon as the CE is. So this module
-walks over the tokens in chunks of ``LossConfig.chunk_size``: per chunk it forms the chunk's
-logits, reduces max / sum-exp / target logit over the tensor-parallel (TP) group, derives the
-CE, the objective's coefficient and the chunk's logit gradient, and immediately folds that
-gradient into ``d_hidden`` (this chunk's rows) and the weight gradient (added to megatron
-DDP's float32 ``main_grad`` buffer when the weight has one, else to a float32 accumulator
-returned by the backward; nothing for a frozen weight). At most one chunk of logits exists at
-a time; the backward only hands back the saved gradients, scaled by the incoming gradient of
-the loss sum.
-
-Distributed contract of :func:`fused_objective_loss` (what every rank passes and gets):
-
-* ``hidden``: ``[b, s, h]`` the final hidden states, replicated over the TP group; with
-  sequence parallelism (SP) ``[b, s/TP, h]``, this TP rank's slice of the sequence (megatron
-  splits ``[s, b, h]`` along ``s``). SP gathers the sequence with megatron's
-  ``gather_from_sequence_parallel_region`` (backward: reduce-scatter); without SP the input
-  goes through ``copy_to_tensor_model_parallel_region`` (backward: all-reduce). These are the
-  collectives megatron's ``ColumnParallelLinear`` output layer uses.
-* ``weight``: ``[V/TP, h]`` this TP rank's rows of the output weight (vocabulary ids
-  ``[rank * V/TP, (rank + 1) * V/TP)``), the tensor the unfused output layer multiplies with.
-* ``labels``, ``loss_mask``: ``[b, s]`` for the full sequence, identical on every TP rank.
-* Returns ``(loss_sum, num_tokens, {"stats": ...})`` exactly like
-  :func:`~probsft_megatron.loss.objective_loss` (same values on every TP rank). Backward:
-  ``d_hidden`` has ``hidden``'s shape (TP-reduced by the collective above), ``d_weight`` is
-  this rank's shard.
-
-Two collectives per chunk run on the TP group: an all-reduce MAX of the row maxima and one
-all-reduce SUM of the stacked ``[target logit, sum of exp]`` (only the rank owning a target id
-contributes its logit). All TP ranks hold the same tokens and labels, so they walk the same
-chunks in lockstep.
-
-Tokens outside ``loss_mask`` are skipped: the objective gives them coefficient 0 in both
-paths (zero loss and zero gradient), so only response tokens are multiplied with the weight.
-
-Thresholds are passed the way :func:`probsft_megatron.loss.objective_loss` takes them. An
-absolute ``q`` (an absolute threshold, or ``train_step``'s global-batch pre-pass) makes the
-chunk loop a single pass. A :class:`~probsft_megatron.loss.MicroBatchPercentile` depends on
-this micro-batch's CE: a first pass computes only the CE (no gradient work, O(tokens)
-memory), the threshold is resolved, and the gradient pass recomputes the logits: one extra
-``hidden @ W^T`` per chunk. :func:`fused_token_ce` is the CE-only pass on its own (the
-probe's and the pre-pass's measurement).
-
-The model side (an output layer that hands back its input) is
-:mod:`probsft_megatron.fused_head`; the step that connects the two is
-:class:`probsft_megatron.runtime.FusedLossHead`.
+The tokens are walked in chunks of ``loss.chunk_size``: per chunk the logits' max, sum-exp and
+target logit are reduced over TP (two all-reduces), and the objective's logit gradient is folded
+into ``d_hidden`` and the weight gradient at once. Contract, thresholds: docs/fused_loss.md.
 """
 
 from __future__ import annotations
@@ -70,35 +25,25 @@ from probsft_megatron.loss import (
 )
 from probsft_megatron.objectives import Objective
 
-__all__ = ["fused_objective_loss", "fused_token_ce"]
 
-
-# -- the chunked linear + cross entropy ------------------------------------------------------
 def _tp_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
 def _reduce_max(values: Tensor, group) -> None:
-    """All-reduce MAX of the per-row logit maxima over the TP group (in place)."""
     if _tp_size(group) > 1:
         dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
 
 
 def _reduce_partials(partials: Tensor, group) -> None:
-    """All-reduce SUM of ``[2, C]``: row 0 the target logit (0 on ranks not owning the target
-    id), row 1 the sum of ``exp(logit - max)`` over the local vocabulary (in place)."""
+    """In-place all-reduce SUM of ``[target logit (0 where not owned), local sum of exp]``."""
     if _tp_size(group) > 1:
         dist.all_reduce(partials, op=dist.ReduceOp.SUM, group=group)
 
 
 def _chunk_ce(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_start: int, group):
-    """Cross entropy of one chunk of tokens against the local vocabulary shard.
-
-    Returns ``(ce [C] float32, exp_logits [C, V/TP] float32, sum_exp [C], local_target [C],
-    owned [C] bool)`` where ``exp_logits = exp(logits - global max)`` and ``sum_exp`` is its
-    sum over the full vocabulary; the operations follow megatron's vocab-parallel cross
-    entropy (max subtracted before the target logit is read, ``ce = log(sum_exp) - target``).
-    """
+    """One chunk's CE against the local vocabulary shard, as megatron's vocab-parallel CE:
+    ``(ce, exp(logits - max), sum_exp, local_target, owned)``, all float32 but the last two."""
     logits = torch.mm(hidden, weight.t()).float()
     logits_max = logits.max(dim=1).values
     _reduce_max(logits_max, group)
@@ -124,7 +69,6 @@ def _chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
 def _ce_only(
     hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int, vocab_start: int, group
 ) -> Tensor:
-    """Per-token CE ``[N]`` (float32) without gradients: one matmul per chunk."""
     ce = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
         for start, end in _chunks(hidden.shape[0], chunk_size):
@@ -135,7 +79,6 @@ def _ce_only(
 
 
 def _main_grad(weight: Tensor) -> Tensor | None:
-    """megatron DDP's gradient-buffer view for ``weight`` (``param.main_grad``), if any."""
     target = getattr(weight, "main_grad", None)
     if isinstance(target, Tensor) and target.shape == weight.shape:
         return target
@@ -143,12 +86,8 @@ def _main_grad(weight: Tensor) -> Tensor | None:
 
 
 def _accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
-    """``acc += grad_logits^T @ hidden`` into a (float32) accumulator.
-
-    Same dtypes: one in-place ``addmm_``. Otherwise (bf16 gradients into a float32 buffer) the
-    product is formed in blocks of vocabulary rows, so the temporary in the input dtype never
-    exceeds the chunk's ``grad_logits`` (``h / C`` blocks) instead of a whole ``V/TP x h``.
-    """
+    """``acc += grad_logits^T @ hidden``; across dtypes in blocks of vocabulary rows, so the
+    temporary never exceeds the chunk's ``grad_logits`` (not a whole ``V/TP x h``)."""
     if grad_logits.dtype == acc.dtype and hidden.dtype == acc.dtype:
         acc.addmm_(grad_logits.t(), hidden)
         return
@@ -161,19 +100,9 @@ def _accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, hidden: Tensor) ->
 
 
 class _LinearObjective(torch.autograd.Function):
-    """``sum_t keep_t * f(p_t)`` over token rows, with its gradients formed in the forward.
-
-    Inputs: ``hidden [N, h]`` (the same rows on every TP rank), ``weight [V/TP, h]`` (local
-    shard), ``labels [N]`` (global vocabulary ids). Outputs: the loss sum (differentiable),
-    ``ce [N]`` and ``keep [N]`` (not differentiable). The backward returns this rank's
-    partial ``d_hidden`` (the caller's collective reduces it over TP) and its ``d_weight``
-    shard, both scaled by the incoming gradient.
-
-    ``main_grad``: megatron DDP's float32 gradient buffer for ``weight``. When given, the
-    weight gradient is added to it chunk by chunk during the forward (no ``V/TP x h``
-    accumulator is held until the backward), and the backward returns no weight gradient;
-    this needs the loss sum's upstream gradient to be 1, which megatron's schedule gives
-    (no loss scaler in bf16/fp32), and is checked.
+    """``sum_t keep_t * f(p_t)`` over rows ``hidden [N, h]``, gradients formed in the forward;
+    returns (loss sum, ce, keep). With ``main_grad`` the weight gradient goes into DDP's buffer
+    during the forward, which needs an upstream gradient of 1 (checked in the backward).
     """
 
     @staticmethod
@@ -255,9 +184,8 @@ def _response_rows(
     tp_group,
     sequence_parallel: bool,
 ):
-    """The response tokens' rows of the full-sequence hidden states, after megatron's
-    output-layer collective; returns ``(h [N, h], y [N], response [b, s], full, vocab_start)``
-    where ``full`` scatters per-row values back to ``[b, s]``."""
+    """The response rows after megatron's output-layer collective: ``(h [N, h], y [N],
+    response [b, s], full, vocab_start)``; ``full`` scatters row values back to ``[b, s]``."""
     if hidden.dtype != weight.dtype:
         # e.g. megatron's Float16Module hands the last stage's output back in float32; the
         # unfused output layer multiplies in the weight's dtype, and so does this
@@ -307,9 +235,7 @@ def fused_token_ce(
     sequence_parallel: bool = False,
     chunk_size: int = 4096,
 ) -> Tensor:
-    """The per-token CE ``[b, s]`` (float32, no gradient; 0 outside ``loss_mask``) of
-    ``hidden @ weight^T``, one chunk of logits at a time; same contract as
-    :func:`fused_objective_loss`."""
+    """The per-token CE ``[b, s]`` (float32, no gradient, 0 outside ``loss_mask``)."""
     with torch.no_grad():
         h, y, _, full, vocab_start = _response_rows(
             hidden, weight, labels, loss_mask, tp_group, sequence_parallel
@@ -331,24 +257,10 @@ def fused_objective_loss(
     threshold: Threshold = None,
     record_p: bool = False,
 ):
-    """The objective loss of ``hidden @ weight^T`` without materializing the logits.
+    """The loss triple of ``hidden @ weight^T`` without the logits; equal to the unfused loss.
 
-    See the module docstring for the distributed contract (shapes per TP rank, collectives,
-    what each rank returns). ``tp_group``: megatron's tensor-parallel group (``None``: a
-    single rank, no collectives). ``chunk_size``: tokens per chunk (default
-    ``objective_loss.config.chunk_size``). ``threshold`` and ``record_p``: as for
-    :meth:`ObjectiveLoss.__call__` (None: the objective's own rule).
-    ``weight_grad``: where the output weight's gradient goes. ``"main_grad"``: added to
-    megatron DDP's float32 gradient buffer (``weight.main_grad``) chunk by chunk during the
-    forward, so no ``V/TP x h`` gradient is ever allocated (DDP's backward hook, with
-    ``overlap_grad_reduce`` off, then finds no ``.grad`` to add); the loss sum must be
-    back-propagated with gradient 1, as megatron's schedule does without a loss scaler.
-    ``"autograd"``: accumulated in a private float32 buffer and returned by the backward into
-    ``weight.grad`` (scaled by any upstream gradient). ``"auto"`` (default): ``main_grad``
-    when the weight has one, else ``autograd``.
-
-    Equivalent to the unfused ``objective_loss(vocab_parallel_cross_entropy(hidden @ W^T,
-    labels), loss_mask)``: same loss sum, counts and statistics, same gradients.
+    ``weight_grad``: ``main_grad`` (DDP's buffer, during the forward), ``autograd`` (into
+    ``weight.grad``) or ``auto`` (``main_grad`` when the weight has one).
     """
     chunk = _check_chunk(
         objective_loss.config.chunk_size if chunk_size is None else int(chunk_size)

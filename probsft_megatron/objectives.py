@@ -1,28 +1,8 @@
 """Probability-based SFT objectives of "Beyond Log Likelihood" (Li et al., 2025).
 
-For the target token with model probability ``p = exp(-ce)`` (``ce`` the per-token cross
-entropy), an objective is a per-token loss ``f(p)``. Its gradient with respect to ``ce`` is
-the weight ``w(p) = -f'(p) * p``, so the logit gradient of ``f`` is ``w(p)`` times the NLL
-logit gradient. Everything here is an elementwise map on ``ce``: it composes with any
-cross-entropy backend (vocab-parallel, fused linear+CE) and never needs the full softmax.
-
-Spellings (the paper's seed names; matching is case-insensitive)::
-
-    original | nll | logp                  f = -log p            w = 1
-    p | dft                               f = 1 - p             w = p
-    GeneralFamily-<a> | convexity-<a>     f = (1 - p^a) / a     w = p^a      (a >= 0; a = 0 is NLL)
-    OnlyTopP-<q> / OnlyBottomP-<q>        f = 1 - p             w = p        keep p >= q / p <= q
-    OnlyTopLogP-<q> / OnlyBottomLogP-<q>  f = -log p            w = 1        keep p >= q / p <= q
-    UnlikehoodTop-<q> / UnlikehoodBottom-<q>
-                                          f = log(1 - p)        w = p/(1-p)  keep p >= q / p <= q
-
-A threshold ``<q>`` is an absolute probability (top: ``0 <= q < 1``, bottom: ``0 < q <= 1``) or
-``K<k>``: the k-th percentile (``0 <= k <= 100``) of the target-token probabilities of the
-batch's response tokens, resolved at run time with :func:`resolve_percentile`.
-
-``log(1 - p)`` diverges as ``p -> 1``: below ``1 - p = UNLIKELIHOOD_EPS`` the loss continues
-linearly in ``ce`` with the slope it has there, so loss and gradient stay finite and the
-weight is capped at ``(1 - eps) / eps`` instead of being zeroed.
+An objective is a per-token loss ``f(p)``, ``p = exp(-ce)``, with gradient weight ``w(p) =
+-f'(p) * p`` on the NLL gradient: an elementwise map of the CE, exact under any CE backend.
+Spellings, thresholds (absolute or ``K<k>`` percentiles) and formulas: docs/objectives.md.
 """
 
 from __future__ import annotations
@@ -36,17 +16,7 @@ from torch import Tensor
 
 from probsft_megatron.errors import ConfigError
 
-__all__ = [
-    "UNLIKELIHOOD_EPS",
-    "Objective",
-    "ObjectiveError",
-    "Threshold",
-    "list_objectives",
-    "parse_objective",
-    "resolve_percentile",
-]
-
-#: Floor on ``1 - p`` for the ``log(1 - p)`` family (see the module docstring).
+# floor on 1 - p for log(1 - p): below it the loss continues linearly in ce (finite gradient)
 UNLIKELIHOOD_EPS = 1e-6
 # ce at which 1 - p == eps, and the capped weight p / (1 - p) there.
 _UNLIKELIHOOD_CE0 = -math.log1p(-UNLIKELIHOOD_EPS)
@@ -90,14 +60,13 @@ _NUMBER = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 
 
 class ObjectiveError(ConfigError):
-    """An objective spec that cannot be parsed or is out of range; the message lists valid forms."""
+    """An objective spec that cannot be parsed or is out of range; lists the valid forms."""
 
     def __init__(self, what: str):
         super().__init__(f"{what}; valid objectives: {_VALID_FORMS}")
 
 
 def _fmt(x: float) -> str:
-    """Shortest string that parses back to exactly ``x`` (``8.0`` -> ``"8"``)."""
     s = repr(float(x))
     return s[:-2] if s.endswith(".0") else s
 
@@ -127,12 +96,8 @@ class _WeightedLoss(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class Threshold:
-    """Which tokens a thresholded objective keeps.
-
-    ``value`` is an absolute probability ``q`` in [0, 1] when ``percentile`` is False, else a
-    percentile ``K`` in [0, 100] resolved per batch. ``side`` "top" keeps ``p >= q``,
-    "bottom" keeps ``p <= q``.
-    """
+    """Which tokens a thresholded objective keeps: an absolute ``q`` or a percentile ``K``
+    (resolved per batch); ``side`` "top" keeps ``p >= q``, "bottom" ``p <= q``."""
 
     value: float
     percentile: bool
@@ -141,10 +106,7 @@ class Threshold:
 
 @dataclass(frozen=True)
 class Objective:
-    """A per-token SFT objective ``f(p)``; build one with :func:`parse_objective`.
-
-    ``name`` is canonical: ``parse_objective(o.name) == o``.
-    """
+    """A per-token SFT objective ``f(p)`` (:func:`parse_objective`); ``name`` is canonical."""
 
     name: str
     family: str
@@ -153,22 +115,15 @@ class Objective:
 
     @property
     def thresholded(self) -> bool:
-        """Whether only tokens passing a probability threshold are trained on."""
         return self.threshold is not None
 
     @property
     def needs_percentile(self) -> bool:
-        """Whether the threshold is a percentile that must be resolved per batch."""
         return self.threshold is not None and self.threshold.percentile
 
     def loss_from_ce(self, ce: Tensor) -> Tensor:
-        """Elementwise ``f(p)`` for ``p = exp(-ce)``, differentiable with ``d f / d ce = w(p)``.
-
-        The threshold is not applied here: multiply by :meth:`keep_mask`. The backward pass
-        multiplies the upstream gradient by :meth:`weight_from_ce`, which keeps the weight
-        exact where autograd through ``expm1`` would round it (``p`` below machine epsilon).
-        Half-precision ``ce`` is computed in float32.
-        """
+        """Elementwise ``f(p)`` (no threshold), whose backward is exactly ``w(p)`` (autograd
+        through ``expm1`` would round it for tiny p); half precision is computed in float32."""
         if self.family in ("nll", "logp_thr") or (self.family == "general" and self.a == 0):
             return _work(ce).clone()
         return _WeightedLoss.apply(ce, self)
@@ -197,14 +152,8 @@ class Objective:
             return 1.0 / torch.expm1(ce.clamp(min=_UNLIKELIHOOD_CE0))
 
     def keep_mask(self, ce: Tensor, q: float | None = None) -> Tensor:
-        """Bool mask of tokens the objective trains on (all True when not thresholded).
-
-        Compares ``p = exp(-ce)`` with ``q`` exactly like the seed: top keeps ``p >= q``,
-        bottom keeps ``p <= q``, in the dtype of ``p`` (float32 for float32 or half ``ce``).
-        ``q`` defaults to the absolute threshold; a percentile threshold needs the resolved
-        ``q`` from :func:`resolve_percentile` (a NaN ``q``, the percentile of no tokens, keeps
-        nothing).
-        """
+        """Bool mask of the tokens trained on, comparing ``p`` with ``q`` like the seed;
+        ``q`` defaults to the absolute threshold (a percentile needs it; NaN keeps nothing)."""
         if self.threshold is None:
             return torch.ones_like(ce, dtype=torch.bool)
         if q is None:
@@ -218,7 +167,6 @@ class Objective:
         return p >= q if self.threshold.side == "top" else p <= q
 
     def describe(self) -> dict:
-        """Human-readable ``name``, ``f``, ``w``, ``mask`` and ``normalization`` strings."""
         f, w = _formulas(self.family, self.a)
         if self.threshold is None:
             mask = "all response tokens"
@@ -245,7 +193,6 @@ class Objective:
 
 
 def _formulas(family: str, a: float | None) -> tuple[str, str]:
-    """(f, w) strings of a family."""
     if family in ("nll", "logp_thr") or (family == "general" and a == 0):
         return "-log p", "1"
     if family in ("p", "p_thr"):
@@ -343,10 +290,7 @@ def _parse_dict(spec: dict) -> Objective:
 
 
 def parse_objective(spec: str | dict | Objective) -> Objective:
-    """Parse a seed name (``"GeneralFamily-8"``, ``"OnlyTopP-K20"``), alias or dict spec.
-
-    Raises :class:`ObjectiveError` (one sentence listing the valid forms) for anything else.
-    """
+    """Parse a seed name (``"OnlyTopP-K20"``), alias or dict spec; else :class:`ObjectiveError`."""
     if isinstance(spec, Objective):
         if _parse_string(spec.name) != spec:
             raise ObjectiveError(f"objective {spec!r} is inconsistent with its name {spec.name!r}")
@@ -359,12 +303,9 @@ def parse_objective(spec: str | dict | Objective) -> Objective:
 
 
 def resolve_percentile(p: Tensor, percentile: float) -> float:
-    """The ``percentile``-th percentile of the 1-D tensor ``p``, as an absolute threshold.
+    """The ``percentile``-th percentile of 1-D ``p`` (linear interpolation, float64; NaN if empty).
 
-    Linear interpolation between order statistics, like ``numpy.percentile`` and
-    ``torch.quantile`` defaults, computed in float64 on a full sort (no size limit, unlike
-    ``torch.quantile``; ``kthvalue`` is avoided because it degrades badly on sorted input on
-    CPU). Empty ``p`` gives NaN, which keeps no token in :meth:`Objective.keep_mask`.
+    A full sort: ``torch.quantile`` has a size limit, ``kthvalue`` is slow on sorted CPU input.
     """
     if not 0.0 <= percentile <= 100.0:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")

@@ -9,13 +9,13 @@ probsft objectives [--describe NAME] --json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from probsft_megatron.objectives import list_objectives, parse_objective
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the subcommand's options."""
     parser.add_argument(
         "--describe",
         metavar="NAME",
@@ -36,8 +36,7 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """List the objectives, or describe ``args.describe``; an invalid spec raises
-    :class:`~probsft_megatron.objectives.ObjectiveError` (the CLI prints one line, exit 2)."""
+    """List the objectives, or describe ``args.describe`` (ObjectiveError if invalid)."""
     if args.describe is None:
         rows = list_objectives()
         if args.json:
@@ -59,13 +58,7 @@ def run(args: argparse.Namespace) -> int:
         info.update(
             family=objective.family,
             a=objective.a,
-            threshold=None
-            if threshold is None
-            else {
-                "value": threshold.value,
-                "percentile": threshold.percentile,
-                "side": threshold.side,
-            },
+            threshold=None if threshold is None else dataclasses.asdict(threshold),
         )
         print(json.dumps(info, indent=2))
         return 0

@@ -1,16 +1,7 @@
-"""Process groups, the model and optimizer, the loss head and one training step; shared by
-training, probing and tests.
+"""Process groups, the model and optimizer, the loss head and one training step.
 
-Launch contract: one process per device under ``torchrun`` (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` in the environment), or a plain single
-process (world size 1, a free local port is chosen). Megatron's groups are laid out
-TP-fastest, then DP, then PP (megatron's default order).
-
-The step (:func:`train_step`) is megatron's ``forward_backward_func`` driven by the run's
-:class:`LossHead` (fused or unfused, chosen once by :func:`loss_head`). When the objective's
-percentile must be taken over the whole global batch, the step first runs a forward-only
-measuring pass with the same head, resolves the threshold on the last pipeline stage, and
-trains with it. It returns :class:`StepStats`, its finiteness included.
+Launch: one process per device under torchrun, or a plain single process (world size 1).
+:func:`train_step` is megatron's ``forward_backward_func`` driven by the run's :class:`LossHead`.
 """
 
 from __future__ import annotations
@@ -42,25 +33,6 @@ from probsft_megatron.loss import (
 )
 from probsft_megatron.objectives import resolve_percentile
 
-__all__ = [
-    "Batch",
-    "FusedLossHead",
-    "LossHead",
-    "StepStats",
-    "build_training_model",
-    "dp_group",
-    "eval_step",
-    "grads_finite",
-    "init_distributed",
-    "is_last_stage",
-    "load_model_weights",
-    "loss_head",
-    "measure_token_ce",
-    "save_model_weights",
-    "shutdown",
-    "train_step",
-]
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -71,13 +43,8 @@ def _free_port() -> int:
 def init_distributed(
     parallel: ParallelConfig, seed: int = 1234, model=None, timeout_s: float | None = None
 ) -> int:
-    """Start torch.distributed (nccl on GPU, gloo on CPU) and megatron's model-parallel groups.
-
-    Checks the layout against the world size (and ``model``) before any group is created.
-    ``timeout_s``: how long every collective (of the default group and of megatron's groups)
-    waits for the other ranks before it fails (torch's and megatron's defaults when None).
-    Returns the data-parallel size.
-    """
+    """Start torch.distributed (nccl, or gloo on CPU) and megatron's groups after checking the
+    layout; ``timeout_s``: every collective's timeout (None: the defaults). Returns the DP size."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = validate_layout(parallel, world, model)
     cpu_backend.activate()
@@ -117,11 +84,6 @@ def dp_group():
 # -- the loss head -----------------------------------------------------------------------------
 
 
-def model_inputs(batch: Batch) -> tuple:
-    """The positional inputs of a GPT model for ``batch``."""
-    return batch.tokens, batch.position_ids, batch.attention_mask
-
-
 def packed_kwargs(batch: Batch) -> dict:
     """``packed_seq_params`` for a packed (``thd``) batch; nothing otherwise."""
     if batch.cu_seqlens is None:
@@ -130,8 +92,8 @@ def packed_kwargs(batch: Batch) -> dict:
 
 
 def batch_shape(micro_batches: list[Batch]) -> tuple[int, int]:
-    """``(seq_length, micro_batch_size)`` the pipeline schedule exchanges: the micro-batches'
-    shape, which must be the same for all when stages communicate."""
+    """``(seq_length, micro_batch_size)`` the pipeline schedule exchanges (one shape for all
+    micro-batches when PP > 1)."""
     shapes = {tuple(b.tokens.shape) for b in micro_batches}
     rows, seq = max(shapes, key=lambda shape: shape[0] * shape[1])
     if len(shapes) > 1 and compat.rank_position().pp > 1:
@@ -140,6 +102,16 @@ def batch_shape(micro_batches: list[Batch]) -> tuple[int, int]:
             "(GlobalBatchLoader(same_length_per_step=True) pads them to the step's longest)"
         )
     return seq, rows
+
+
+def _output_layer(model) -> tuple[torch.Tensor, dict]:
+    """The output weight of a fused-head model's last stage and its TP keyword arguments."""
+    from probsft_megatron import fused_head
+
+    gpt = fused_head.unwrap(model)
+    layer = gpt.output_layer
+    tp = {"tp_group": layer.tp_group, "sequence_parallel": bool(layer.sequence_parallel)}
+    return fused_head.output_weight(gpt), tp
 
 
 def head_loss(
@@ -152,69 +124,42 @@ def head_loss(
     threshold=None,
     record_p: bool = False,
 ):
-    """megatron ``loss_func`` of a fused-head model's last stage: hidden states -> the loss
-    triple (:func:`probsft_megatron.fused_loss.fused_objective_loss`)."""
+    """megatron ``loss_func`` of a fused-head model's last stage: hidden states -> loss triple."""
     from probsft_megatron import fused_head
     from probsft_megatron.fused_loss import fused_objective_loss
 
-    gpt = fused_head.unwrap(model)
-    if not fused_head.head_is_fused(gpt):
+    if not fused_head.head_is_fused(model):
         raise RuntimeError(
             "loss.implementation='fused' needs a model built with the fused head "
             "(runtime.build_training_model(..., loss_config=...) or "
             "model.build_gpt_model(..., fused_head=True))"
         )
-    layer = gpt.output_layer
     if bool(((loss_mask != 0) & (loss_mask != 1)).any()):
         raise ConfigError(
             "the data weights some tokens (a conversation message's weight) but "
             "loss.implementation=fused trains every response token with weight 1; "
             "set loss.implementation=unfused"
         )
+    weight, tp = _output_layer(model)
     return fused_objective_loss(
-        hidden,
-        fused_head.output_weight(gpt),
-        labels,
-        loss_mask,
-        loss,
-        tp_group=layer.tp_group,
-        sequence_parallel=bool(layer.sequence_parallel),
-        threshold=threshold,
-        record_p=record_p,
+        hidden, weight, labels, loss_mask, loss, threshold=threshold, record_p=record_p, **tp
     )
 
 
 def _fused_token_ce(
     hidden: torch.Tensor, *, model, labels: torch.Tensor, loss_mask: torch.Tensor, chunk_size: int
 ):
-    from probsft_megatron import fused_head
     from probsft_megatron.fused_loss import fused_token_ce
 
-    gpt = fused_head.unwrap(model)
-    layer = gpt.output_layer
-    ce = fused_token_ce(
-        hidden,
-        fused_head.output_weight(gpt),
-        labels,
-        loss_mask,
-        tp_group=layer.tp_group,
-        sequence_parallel=bool(layer.sequence_parallel),
-        chunk_size=chunk_size,
-    )
+    weight, tp = _output_layer(model)
+    ce = fused_token_ce(hidden, weight, labels, loss_mask, chunk_size=chunk_size, **tp)
     return token_ce_triple(ce, loss_mask)
 
 
 @dataclass(frozen=True)
 class LossHead:
-    """The run's loss at the end of the model, chosen once (:func:`loss_head`).
-
-    It makes megatron's ``forward_step_func`` (:meth:`forward_step`): run the model on the
-    next micro-batch and return its output with the ``loss_func`` the schedule applies on
-    the last pipeline stage, either the objective (training, validation) or each response
-    token's CE (measuring: a global percentile, the probe). This class is the unfused head:
-    the model gets the labels and returns megatron's per-token vocab-parallel CE, which
-    ``loss`` maps to the objective. :class:`FusedLossHead` is the other one.
-    """
+    """The run's loss head, chosen once (:func:`loss_head`): makes megatron's ``forward_step_func``.
+    Unfused: the model gets the labels and returns the vocab-parallel per-token CE."""
 
     loss: ObjectiveLoss
     device: Any = "cpu"
@@ -237,14 +182,13 @@ class LossHead:
     def forward_step(
         self, threshold: float | None = None, record_p: bool = False, measure: bool = False
     ) -> Callable:
-        """megatron's ``forward_step_func``. ``threshold``: an absolute percentile threshold
-        resolved over the global batch (None: the objective's own rule); ``record_p``: each
-        micro-batch also reports its response tokens' p; ``measure``: report each row's
-        response-token CE (:func:`~probsft_megatron.loss.token_ce_triple`), train nothing."""
+        """``threshold``: a resolved global percentile (None: the objective's own rule);
+        ``record_p``: report the response tokens' p; ``measure``: report each row's CE only."""
 
         def step(data_iterator: Iterator[Batch], model):
             batch = next(data_iterator).to(self.device)
-            out = model(*model_inputs(batch), **self.model_kwargs(batch), **packed_kwargs(batch))
+            inputs = (batch.tokens, batch.position_ids, batch.attention_mask)
+            out = model(*inputs, **self.model_kwargs(batch), **packed_kwargs(batch))
             if measure:
                 return out, self.token_ce(model, batch)
             return out, self.objective(model, batch, threshold, record_p)
@@ -253,8 +197,7 @@ class LossHead:
 
 
 class FusedLossHead(LossHead):
-    """The fused head: the model (built with the fused head) returns hidden states, and
-    :func:`head_loss` computes the fused linear + objective loss without full logits."""
+    """The fused head: the model returns hidden states and :func:`head_loss` forms the loss."""
 
     def model_kwargs(self, batch: Batch) -> dict:
         return {}
@@ -286,7 +229,6 @@ def loss_head(loss: ObjectiveLoss, device: Any = "cpu") -> LossHead:
 
 
 def _schedule(model_chunks, micro_batches, forward_step_func, *, forward_only, shape):
-    """megatron's pipeline schedule over ``micro_batches``; returns the losses it collected."""
     return compat.get_forward_backward_func()(
         forward_step_func=forward_step_func,
         data_iterator=iter(micro_batches),
@@ -301,10 +243,8 @@ def _schedule(model_chunks, micro_batches, forward_step_func, *, forward_only, s
 def measure_token_ce(
     model_chunks: list, micro_batches: list[Batch], head: LossHead, shape: tuple | None = None
 ) -> list[torch.Tensor]:
-    """Forward-only pass over ``micro_batches`` (megatron's schedule, a collective over the
-    pipeline); returns every row's response-token CE in micro-batch and row order on the last
-    pipeline stage, ``[]`` on other stages. ``shape``: ``(seq_length, micro_batch_size)``,
-    default :func:`batch_shape` of ``micro_batches``."""
+    """Forward-only pass; every row's response-token CE in order on the last stage, ``[]``
+    elsewhere. ``shape``: default :func:`batch_shape`."""
     shape = shape or batch_shape(micro_batches)
     with torch.no_grad():
         reports = _schedule(
@@ -322,10 +262,8 @@ def measure_token_ce(
 def global_threshold(
     model_chunks: list, head: LossHead, micro_batches: list[Batch], shape: tuple[int, int]
 ) -> tuple[float | None, list[torch.Tensor]]:
-    """The objective's percentile over the response tokens of the whole global batch (all
-    micro-batches, all DP ranks): a forward-only measuring pass, then the percentile of the
-    gathered p on the last stage. Returns it (None on other stages, which do not need it, and
-    for an objective without a global percentile) and the measured rows."""
+    """The objective's percentile over the whole global batch (a measuring pass, p gathered
+    over DP) on the last stage (else None) and the measured rows."""
     rows = measure_token_ce(model_chunks, micro_batches, head, shape)
     if not is_last_stage() or not head.loss.needs_global_threshold:
         return None, rows
@@ -345,20 +283,9 @@ def global_threshold(
 
 @dataclass(frozen=True)
 class StepStats:
-    """What one optimizer step reports.
-
-    Every rank: ``grad_norm``, ``update_successful``, ``local_loss_finite`` and
-    ``local_grads_finite`` (whether this rank's own loss sums and gradients were all finite
-    before the data-parallel reduction mixed them with the other ranks').
-    The last pipeline stage (where the loss is computed; None elsewhere): ``loss`` (global
-    loss sum / global normalizer, :func:`~probsft_megatron.loss.step_loss`),
-    ``loss_sum``, ``response_tokens``, ``kept_tokens``, ``mean_p``, ``frac_kept``,
-    ``mean_w``, ``tokens`` (non-padding tokens of the global batch), ``positions`` (positions
-    computed for the global batch, padding included), ``units`` (examples or turns with a
-    trained token, the normalizer of ``loss.normalization=sample``),
-    ``threshold`` (a global-batch percentile threshold, when one was resolved) and
-    ``p`` (the response tokens' p of the global batch, when asked for with ``record_p``).
-    """
+    """What one optimizer step reports. Every rank: the first four (``local_*``: this rank's
+    own loss and gradients before the DP reduction). The last stage also has the loss
+    statistics of :func:`~probsft_megatron.loss.reduce_stats`; None elsewhere."""
 
     grad_norm: float
     update_successful: bool
@@ -379,19 +306,14 @@ class StepStats:
 
     @property
     def has_loss(self) -> bool:
-        """Whether this rank holds the step's loss statistics (last pipeline stage)."""
         return self.loss_sum is not None
 
 
 @contextmanager
 def local_grad_check(model_chunks: list) -> Iterator[list[torch.Tensor]]:
-    """Yields a list that holds, once the schedule has run, whether this rank's own
-    gradients were all finite (a 0-dim bool tensor, no host synchronization).
+    """Yields a list holding, after the schedule, whether this rank's own gradients were finite.
 
-    megatron's ``finalize_model_grads_func`` reduces the gradients over the data-parallel
-    ranks, after which one rank's NaN is on every rank: only before it can a non-finite
-    gradient be traced to the rank that produced it. For the duration of the block the
-    function is wrapped to look first; a model without one is checked after the schedule.
+    Checked inside ``finalize_model_grads_func`` before its DP reduction spreads one rank's NaN.
     """
     config = model_chunks[0].config
     finalize = config.finalize_model_grads_func
@@ -421,14 +343,8 @@ def train_step(
     micro_batch_size: int | None = None,
     record_p: bool = False,
 ) -> StepStats:
-    """One optimizer step over ``micro_batches`` (gradient accumulation inside megatron's
-    schedule); a collective over the whole job.
-
-    An objective that needs a global-batch percentile gets it first (:func:`global_threshold`);
-    ``record_p`` asks for the response tokens' p. ``seq_length``/``micro_batch_size`` (what
-    pipeline stages exchange): default :func:`batch_shape` of ``micro_batches`` (dynamic
-    padding and packing change it per step).
-    """
+    """One optimizer step over ``micro_batches`` (a collective over the job). The shape
+    defaults to :func:`batch_shape`; ``record_p`` asks for the response tokens' p."""
     shape = (seq_length, micro_batch_size)
     if None in shape:
         shape = batch_shape(micro_batches)
@@ -470,16 +386,8 @@ def train_step(
 
 
 def eval_step(model_chunks: list, head: LossHead, micro_batches: list[Batch]) -> dict:
-    """The validation loss of one global batch: forward only, no gradient, nothing updated; a
-    collective over the whole job like :func:`train_step`.
-
-    One measuring pass gives every response token's CE (the plain NLL, and the global-batch
-    percentile when the objective needs one); a second runs the objective (its
-    normalization) over the same micro-batches. Both are summed over micro-batches and DP
-    ranks. Returns on the last pipeline stage ``loss_sum`` (objective), ``count`` (its
-    normalizer), ``nll_sum``, ``response_tokens``, ``p_sum`` (summable over several batches);
-    ``{}`` on other stages.
-    """
+    """The validation sums of one global batch (forward only; a collective): ``loss_sum``,
+    ``count``, ``nll_sum``, ``response_tokens``, ``p_sum`` on the last stage, ``{}`` elsewhere."""
     shape = batch_shape(micro_batches)
     threshold, rows = global_threshold(model_chunks, head, micro_batches, shape)
     with torch.no_grad():
@@ -508,8 +416,7 @@ def eval_step(model_chunks: list, head: LossHead, micro_batches: list[Batch]) ->
 
 
 def grads_finite(model_chunks: list) -> torch.Tensor:
-    """Whether every gradient of ``model_chunks`` (megatron DDP's ``main_grad``, else
-    ``.grad``) is finite, as a 0-dim bool tensor on the gradients' device."""
+    """Whether every ``main_grad`` (else ``.grad``) is finite, as a 0-dim bool tensor."""
     flags = []
     for chunk in model_chunks:
         for param in chunk.parameters():
@@ -523,9 +430,7 @@ def grads_finite(model_chunks: list) -> torch.Tensor:
 
 # -- model and optimizer -----------------------------------------------------------------------
 
-LIBRARY_OPTIM = OptimConfig(lr=1e-3, weight_decay=0.0)
-"""The optimizer settings :func:`build_training_model` starts from when given none (tests and
-benchmarks); training passes its job's ``optim`` section."""
+LIBRARY_OPTIM = OptimConfig(lr=1e-3, weight_decay=0.0)  # when given none (tests, benchmarks)
 
 
 def build_training_model(
@@ -541,23 +446,12 @@ def build_training_model(
     peft_seed: int = 0,
     **optim_overrides,
 ):
-    """This rank's pipeline stage wrapped in megatron DDP, and megatron's optimizer.
+    """This rank's stage in megatron DDP and megatron's optimizer: ``([ddp_model], optimizer)``.
 
-    ``optim``: the optimizer settings (default :data:`LIBRARY_OPTIM`); keyword overrides of
-    its fields (``lr=...``, ``weight_decay=...``) apply on top.
-    ``grad_reduce_in_fp32`` of those settings configures DDP's gradient buffers.
-    ``load_dir``: a torch_dist checkpoint of model weights to start from (resharded on load
-    to this rank's TP/PP layout), loaded before DDP and the optimizer see the parameters.
-    ``loss_config``: with ``implementation="fused"`` the model is built with the fused head
-    (the output layer hands its hidden states to the fused linear + objective loss).
-    ``peft`` (a :class:`~probsft_megatron.config.PeftConfig` with ``method: lora``): LoRA
-    adapters on the target linears, initialized from ``peft_seed`` independently of the
-    layout, and every other parameter frozen before DDP (no gradient buffer, no optimizer
-    state for them); ``load_dir`` then holds the base model (adapters are not read from it).
-    ``attention``: ``sdpa``, ``local``, ``te`` or ``auto`` (see
-    :func:`probsft_megatron.config.resolve_attention`). megatron's optimizer picks TE/apex
-    fused Adam by itself where they are installed.
-    Returns ``([ddp_model], optimizer)``.
+    ``optim`` (default :data:`LIBRARY_OPTIM`) with keyword overrides of its fields on top;
+    ``load_dir``: torch_dist weights loaded before DDP (with ``peft``: the base model only);
+    ``loss_config`` with ``implementation="fused"``: the fused head; ``peft``: LoRA adapters
+    seeded by ``peft_seed``, everything else frozen before DDP.
     """
     from probsft_megatron.model import build_gpt_model
 
@@ -590,7 +484,7 @@ def build_training_model(
 
 
 def save_model_weights(model, ckpt_dir: str) -> None:
-    """Save a model's weights as a torch_dist checkpoint (collective over all ranks)."""
+    """Save a model's weights as a torch_dist checkpoint (collective)."""
     os.makedirs(ckpt_dir, exist_ok=True)
     compat.dist_save(model.sharded_state_dict(), ckpt_dir)
 

@@ -1,14 +1,8 @@
 """`probsft train`: supervised fine-tuning of a Megatron-Core GPT model with any objective.
 
-Run one process per device::
-
-    torchrun --nproc-per-node N -m probsft_megatron.train --config RECIPE [key=value ...]
-
-:func:`train` resolves the job and runs a :class:`Trainer`: its constructor builds the run's
-components once, top to bottom (process groups and the run lock, tokenizer and data loader,
-the checkpoint to resume from, model and optimizer, the objective and its loss head,
-validation, the metrics log), and :meth:`Trainer.fit` is the step loop (learning rate, one
-:func:`runtime.train_step`, the step-boundary verdict, validation, metrics, checkpoints).
+Run one process per device: ``torchrun --nproc-per-node N -m probsft_megatron.train
+--config RECIPE [key=value ...]``. :class:`Trainer` builds the run's components once; ``fit``
+is the step loop.
 """
 
 from __future__ import annotations
@@ -33,8 +27,7 @@ from probsft_megatron.job import Job, resolve_job
 from probsft_megatron.loss import ObjectiveLoss
 from probsft_megatron.metrics import RunLog, step_record
 
-# by name: under ``python -m probsft_megatron.train`` __name__ is "__main__", outside the
-# package's logging set-up (console.setup_logging), which would drop the INFO lines
+# by name: under ``python -m`` __name__ is "__main__", outside the package's logging set-up
 logger = logging.getLogger("probsft_megatron.train")
 
 
@@ -50,8 +43,7 @@ def lr_at(step: int, total: int, cfg) -> float:
 
 
 def efficiency(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run's padding efficiency over the steps of ``history``: ``tokens`` (real),
-    ``positions`` (computed) and ``positions_per_token`` (1.0 when no padding is computed)."""
+    """Real ``tokens``, computed ``positions`` and their ratio over the steps of ``history``."""
     tokens = sum(r.get("tokens") or 0 for r in history)
     positions = sum(r.get("positions") or 0 for r in history)
     if not tokens:
@@ -60,14 +52,8 @@ def efficiency(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
-    """Run (or resume) the job described by ``cfg``; returns a summary on every rank.
-
-    SIGTERM, SIGUSR1 or SIGINT on any rank stops every rank after the same step, with a
-    checkpoint: the summary then has ``interrupted`` and the process should exit with
-    :data:`stopping.INTERRUPTED_EXIT_CODE` (:func:`stopping.exit_code`). A non-finite loss or
-    gradient norm raises :class:`stopping.NonFiniteError` before that step is saved; a failed
-    collective (a dead or hung rank) raises :class:`stopping.RankLostError`.
-    """
+    """Run (or resume) the job; returns a summary on every rank (``interrupted`` after a stop
+    signal and a save). Raises ``stopping.NonFiniteError`` or ``stopping.RankLostError``."""
     # the checkpoint to resume from is found (and verified) once, by the Trainer's rank 0
     job = cfg if isinstance(cfg, Job) else resolve_job(cfg, world_size_from_env(), resume=False)
     job.require_tokenizer()
@@ -88,12 +74,8 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
 
 
 class Trainer:
-    """One training run: its components, built once by the constructor and passed
-    explicitly, and the loop (:meth:`fit`). Every rank builds one.
-
-    Tests inject faults by replacing the module functions it calls (``runtime.train_step``,
-    ``model_dir.commit_staging``) in their own worker (``tests/mp/fault_worker.py``).
-    """
+    """One training run on every rank: components built once and passed explicitly, the loop
+    (:meth:`fit`). Tests inject faults by wrapping the module functions it calls."""
 
     def __init__(self, job: Job, stopper: stopping.Stopper) -> None:
         from probsft_megatron.data import GlobalBatchLoader
@@ -114,8 +96,7 @@ class Trainer:
         stopper.announce = self.is_logger
         torch.manual_seed(t.seed)
 
-        # tokenized once into a store: local rank 0 of each node builds it if needed (one
-        # build per job on a shared filesystem), every rank maps it read-only
+        # local rank 0 of each node builds the token store if needed; every rank maps it
         tokenizer = load_tokenizer(job.require_tokenizer())
         dataset = open_dataset(
             job.data, tokenizer, builder=int(os.environ.get("LOCAL_RANK", "0")) == 0
@@ -194,8 +175,7 @@ class Trainer:
         return step
 
     def fit(self) -> dict[str, Any]:
-        """The loop: step after step up to the last one or a stop signal; every rank returns
-        the run's summary (``interrupted`` when a signal stopped it after a save)."""
+        """The step loop up to the last step or a stop signal; returns the run's summary."""
         t = self.job.train
         self.batches = iter(self.loader)
         step, interrupted = self.start_step, None
@@ -231,8 +211,7 @@ class Trainer:
         return self.summary(step, interrupted)
 
     def step(self, step: int) -> tuple[runtime.StepStats, float, float]:
-        """One optimizer step at the scheduled learning rate; returns its stats (the loss
-        triple's sums and the step's finiteness), the learning rate and the seconds taken."""
+        """One optimizer step at the scheduled learning rate: (stats, lr, seconds)."""
         t0 = time.perf_counter()
         lr = lr_at(step, self.total_steps, self.job.optim)
         for group in self.optimizer.param_groups:
@@ -261,9 +240,7 @@ class Trainer:
         return verdict.error(latest, announce=self.is_logger)
 
     def save(self, step: int) -> Path:
-        """The training checkpoint of ``step`` (collective; atomic): weights, optimizer, data
-        position, RNG. Stop signals are held back from the writer's helper processes (see
-        :func:`stopping.signals_deferred`)."""
+        """The atomic training checkpoint of ``step`` (collective), stop signals deferred."""
         job = self.job
         with stopping.signals_deferred():
             return self.checkpoints.save(
@@ -284,8 +261,7 @@ class Trainer:
             )
 
     def summary(self, step: int, interrupted: dict | None) -> dict[str, Any]:
-        """The run's summary (every rank); the logger writes ``summary.json`` when the run
-        finished, or records the interruption."""
+        """The run's summary; the logger writes ``summary.json`` or records the interruption."""
         job, history = self.job, self.log.history if self.log is not None else []
         summary = {
             "steps": step,
@@ -313,9 +289,8 @@ class Trainer:
 
 
 def run_length(examples: int, total_steps: int, t, *, announce: bool) -> int:
-    """The run's last step, announced in one line (steps, epochs, examples); a
-    ``train.max_steps`` beyond what the data gives is refused (every rank raises, only the
-    ``announce`` one prints), never cut silently."""
+    """The run's last step, announced in one line; a ``train.max_steps`` beyond the data is
+    refused (every rank raises, the ``announce`` one prints)."""
     per_epoch = total_steps / t.epochs
     shape = (
         f"train.epochs={t.epochs} over {examples} examples, train.global_batch_size="
@@ -351,7 +326,6 @@ def run_length(examples: int, total_steps: int, t, *, announce: bool) -> int:
 
 
 def _env_rank() -> int:
-    """This process's global rank as torchrun sets it (0 for a single process)."""
     try:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
