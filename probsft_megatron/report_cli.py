@@ -5,8 +5,7 @@
     probsft report runs/nll-s1 runs/nll-s2 runs/p-s1 runs/p-s2 eval/base --out cmp/
     probsft report sweep-work --probe probes/math-1.5b
 
-Writes ``report.json``, ``report.md`` and PNG figures (see ``probsft_megatron.report``) and
-prints the comparison table.
+Writes ``report.json``, ``report.md`` and PNG figures and prints the comparison table.
 """
 
 from __future__ import annotations

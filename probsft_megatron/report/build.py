@@ -1,13 +1,5 @@
-"""The report itself: collect, group, tabulate, draw, and write ``report.json`` and
-``report.md`` into the output folder.
-
-The output folder is checked before anything is written: it must not be an input run or
-evaluation folder, nor one of a run's own sub-folders (``eval/``, ``probe/``, ...), nor a
-folder under a work directory's ``runs/`` (every folder there is read as a run), nor hold
-files of the names the report writes that an earlier ``probsft report`` did not write (a
-probe's ``report.json`` and ``probe.png``, say). Every file is written under a temporary name
-and renamed; a folder that cannot be created or written is a one-line error.
-"""
+"""The report: collect, group, tabulate, draw, and write ``report.json`` and ``report.md``
+(atomically) into an output folder checked first (:func:`check_out_dir`)."""
 
 from __future__ import annotations
 
@@ -50,8 +42,8 @@ def _previous_report(folder: Path) -> dict | None:
 
 
 def check_out_dir(out: Path, col: Collection) -> None:
-    """Refuse an output folder where the report would overwrite or mix with files it did
-    not write (see the module docstring); one :class:`ConfigError` line naming the fix."""
+    """Refuse (one :class:`ConfigError` line) an input folder, a run's sub-folder, a folder under
+    a work directory's ``runs/``, or one holding report-named files another tool wrote."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder (it is created if needed)")
     target = out.resolve()
@@ -105,18 +97,12 @@ def build_report(
     step_logs: dict[str, str] | None = None,
     figures: bool = True,
 ) -> dict[str, Any]:
-    """Compare the runs under ``paths`` and write ``report.json``, ``report.md`` and the
-    figures into ``out_dir`` (default: :func:`default_out_dir`). Returns the report dict.
+    """Compare the runs under ``paths``; write ``report.json``, ``report.md`` and the figures
+    into ``out_dir`` (default: :func:`default_out_dir`) and return the report dict.
 
-    ``metric``: the per-task number of the table (``avg@n`` accuracy, ``mean_score``,
-    ``exact``, ``boxed_rate`` or ``pass@K``); ``probes``: extra probe reports (e.g. the one a
-    sweep's thresholds came from); ``step_states``: job states by step name
-    (``train-<run>``, ...) that the caller knows, e.g. from SLURM accounting, and
-    ``step_logs`` their log files (the last ``error:`` line of a failed step's log is shown
-    with its state). Every file is written under a temporary name and renamed; files of an
-    earlier report in ``out_dir`` that this one does not write again are removed, nothing
-    else there is touched. Bad input (a missing path, no runs, an unusable ``out_dir``) is a
-    :class:`ConfigError` raised before anything is written.
+    ``probes``: extra probe reports; ``step_states`` / ``step_logs``: job states and logs by
+    step name (e.g. from SLURM). An earlier report's figures not written again are removed.
+    Bad input is a :class:`ConfigError` raised before anything is written.
     """
     paths = [str(p) for p in paths]
     if not paths:

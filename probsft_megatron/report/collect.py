@@ -1,10 +1,4 @@
-"""Finding the runs and probe reports under the paths a user gives.
-
-A path may be an experiment work directory, a training run folder, an evaluation folder, a
-probe report (or its folder), or a folder whose sub-folders are any of these (see
-:mod:`probsft_megatron.report`). A path that does not exist, or holds nothing a report can
-use, is a one-line :class:`~probsft_megatron.errors.ConfigError`.
-"""
+"""Finding the runs and probe reports under the paths a user gives (docs/report.md)."""
 
 from __future__ import annotations
 
@@ -71,11 +65,8 @@ def collect(
     step_states: dict[str, str] | None = None,
     step_logs: dict[str, str] | None = None,
 ) -> Collection:
-    """Find and read every run of ``paths`` (see the package docstring for what a path may
-    be).
-
-    Raises :class:`ConfigError` for a path that does not exist or holds nothing a report
-    can use."""
+    """Read every run and probe under ``paths``; :class:`ConfigError` for a path that does not
+    exist or holds nothing a report can use."""
     col = Collection()
     seen: set[str] = set()
 

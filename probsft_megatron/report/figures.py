@@ -1,15 +1,5 @@
-"""The report's figures (PNG, drawn with matplotlib's Agg backend).
-
-* :func:`plot_curves`: training loss and mean p against step, every run;
-* :func:`plot_sweep`: the score against the convexity ``a`` or against the threshold, one
-  panel per task (and the average), with the seed intervals as error bars;
-* :func:`plot_probe`: the base model's token-p histogram with the compared objectives'
-  weights ``w(p)`` (:func:`weight_curve`).
-
-matplotlib comes with the ``[train]`` extra; the report checks for it before calling these
-(without it, the tables and JSON are written and a note says why there are no figures).
-Every figure is written atomically.
-"""
+"""The report's PNG figures (matplotlib Agg, written atomically): training curves, score
+against ``a`` or the threshold, and the probe's token p with the objectives' ``w(p)``."""
 
 from __future__ import annotations
 
@@ -263,8 +253,7 @@ def weight_curve(objective: str, p, probe: dict | None = None):
 
 
 def plot_probe(probe: dict, objectives: list[tuple[str, str]], path: Path) -> Path | None:
-    """The base model's token-p histogram (fraction of response tokens per bin) with the
-    weight curves ``w(p)`` of ``objectives`` (pairs of label and trained name) over it."""
+    """The base model's token-p histogram with the ``w(p)`` of ``objectives`` (label, name)."""
     import numpy as np
 
     hist = probe.get("histogram") or {}

@@ -1,9 +1,5 @@
-"""Reading the files of run, eval and probe folders, and telling the folders apart.
-
-Every reader here is forgiving: a missing file is ``None`` (or empty), an unreadable one is
-noted in the caller's ``problems`` list and skipped, never fatal. The evaluation's task
-metrics (:func:`read_eval`) include the boxed-answer rate of math tasks.
-"""
+"""Reading run, eval and probe folders and telling them apart. Readers are forgiving: a
+missing file is None (or empty), an unreadable one is noted in ``problems`` and skipped."""
 
 from __future__ import annotations
 
@@ -15,10 +11,8 @@ PROBE_FORMAT = "probsft-probe"
 """The ``format`` field of a ``probsft probe`` report."""
 BOXED = "boxed"
 EXTRACTED = "extracted"
-"""What a math task's ``boxed_rate`` counts (``boxed_basis``): samples whose answer came from a
-``\\boxed{}`` (``boxed``: the eval summary's ``metrics["boxed"]`` or the samples' ``source``),
-or, for samples written before ``source`` existed, samples with any extracted answer
-(``extracted``: a boxed answer or an explicit answer statement, an upper bound)."""
+"""``boxed_basis`` of a math task's ``boxed_rate``: ``boxed`` answers, or for samples older
+than their ``source`` field any ``extracted`` answer (an upper bound)."""
 
 
 def read_json(path: Path, problems: list[str]) -> Any:
@@ -106,13 +100,9 @@ def is_eval_dir(path: Path) -> bool:
 
 
 def read_eval(eval_dir: Path, problems: list[str], boxed: bool = True) -> dict[str, dict]:
-    """Task -> ``{grader, sampling, metrics, model}`` of an eval folder, plus ``boxed_basis``
-    for math tasks whose ``metrics["boxed_rate"]`` the report filled in.
-
-    The aggregate ``summary.json`` is preferred; per-task ``<task>/summary.json`` files fill
-    in tasks it lacks (an evaluation that stopped between tasks). For the math grader the
-    share of samples with a boxed answer (``boxed_rate``) is the summary's ``boxed`` metric;
-    without it, it is counted from ``samples.jsonl`` (see :data:`EXTRACTED`)."""
+    """Task -> ``{grader, sampling, metrics, model}`` of an eval folder (the aggregate
+    summary.json, then per-task ones it lacks); math tasks get ``metrics["boxed_rate"]`` (the
+    ``boxed`` metric, else counted from samples.jsonl) and its ``boxed_basis``."""
     tasks: dict[str, dict] = {}
     aggregate = read_json(eval_dir / "summary.json", problems)
     summaries = list(aggregate) if is_eval_summary(aggregate) else []
@@ -141,9 +131,8 @@ def read_eval(eval_dir: Path, problems: list[str], boxed: bool = True) -> dict[s
 
 
 def boxed_rate(samples: Path, problems: list[str]) -> tuple[float | None, str | None]:
-    """``(rate, basis)`` from a math task's ``samples.jsonl``: the fraction of samples whose
-    ``source`` is ``"boxed"``; for older samples without ``source``, the fraction with an
-    extracted answer (basis :data:`EXTRACTED`). ``(None, None)`` without samples."""
+    """``(rate, basis)`` of boxed answers in a math task's samples.jsonl (see :data:`EXTRACTED`);
+    ``(None, None)`` without samples."""
     if not samples.is_file():
         return None, None
     found = total = 0

@@ -1,9 +1,4 @@
-"""``report.md`` and the comparison tables as Markdown.
-
-Numbers are percent with one decimal for task metrics (mean ± the seed interval's
-half-width) and four significant digits for training statistics; the best value of a
-column within its block is bold. :func:`format_tables` is what ``probsft report`` prints.
-"""
+"""``report.md`` and the comparison tables (what ``probsft report`` prints) as Markdown."""
 
 from __future__ import annotations
 

@@ -1,15 +1,6 @@
-"""What the launcher recorded about each run's steps: the run record and NeMo-Run's end states.
-
-``probsft launch`` writes, per experiment, ``WORK/experiments/<title>/<id>/`` with the run
-record ``probsft_experiment.json``
-(:class:`~probsft_megatron.launchers.jobs.ExperimentRecord`): what each run trains (recipe,
-objective, model, layout, the validated config) and each step's command, SLURM job and log
-folder. A local step that has ended also has NeMo-Run's ``<step>/nemo_run/<job>/SUCCESS``
-(JSON with its final state and log paths). From these come each run's launched steps
-(:class:`StepOutcome`): their states, the ``error:`` line of a failed step's log, and the
-config of a run that has not written one yet. An experiment folder without a run record
-predates run records; the report says so in one note and reads its runs from their folders.
-"""
+"""Each run's launched steps (:class:`StepOutcome`) from the launcher's run record
+``probsft_experiment.json`` and NeMo-Run's ``SUCCESS`` files: states, a failed step's
+``error:`` line, and the config of a run that has written none yet."""
 
 from __future__ import annotations
 
@@ -63,12 +54,8 @@ class StepOutcome:
 def read_experiment_records(
     work_dir: str | os.PathLike, notes: list[str] | None = None
 ) -> dict[str, dict[str, StepOutcome]]:
-    """Run folder -> step kind -> the newest :class:`StepOutcome` of the experiments under
-    ``WORK/experiments/<title>/<id>/``.
-
-    SLURM jobs carry no state here: pass their states to
-    :func:`~probsft_megatron.report.build_report` (``step_states``). An experiment folder
-    without a readable run record adds one line to ``notes``."""
+    """Run folder -> step kind -> the newest :class:`StepOutcome` under ``WORK/experiments/``
+    (SLURM states come from ``step_states``). A folder without a run record is one note."""
     notes = [] if notes is None else notes
     out: dict[str, dict[str, StepOutcome]] = {}
     root = Path(work_dir) / "experiments"
@@ -139,9 +126,8 @@ def _exp_time(exp: Path) -> float:
 
 
 def planned_config(outcome: StepOutcome, problems: list[str]) -> dict | None:
-    """The config a launched run that wrote none yet will have: the one the launcher
-    validated, with the model of the checkpoint it starts from once that exists (training
-    takes the model from there)."""
+    """The config a launched run will have: the validated one, with the model of the
+    checkpoint it starts from once that exists (training takes it from there)."""
     config = dict(outcome.config or {})
     if not config:
         return None

@@ -1,10 +1,6 @@
-"""One run: what it trained, on what, how far it got, its evaluation, and its status.
-
-:func:`read_run` reads a training run folder (and the launcher's records of its steps) into
-the flat dict every later stage of the report uses; :func:`read_eval_only` does the same for
-a bare evaluation folder (a row without training). The ``identity`` of a run (its config
-without seed and bookkeeping keys) is what groups seeds.
-"""
+"""One run as the flat dict the report uses (:func:`read_run`; :func:`read_eval_only` for a
+bare evaluation folder): objective, model, data, training, evaluation, status, and the
+``identity`` (config without seed and bookkeeping keys) that groups seeds."""
 
 from __future__ import annotations
 
@@ -29,9 +25,7 @@ from probsft_megatron.report.records import StepOutcome, planned_config, step_er
 TAIL = 10
 """Final training statistics are the mean over the last ``TAIL`` logged steps."""
 STATUSES = ("complete", "trained", "running", "queued", "failed", "not started")
-"""Run states: ``complete`` (evaluated), ``trained`` (training finished, no evaluation yet),
-``running`` (training started, no ``summary.json`` yet), ``queued`` (a job waits), ``failed``
-(a recorded step failed), ``not started`` (only the experiment records know the run)."""
+"""Run states, as docs/report.md describes them."""
 
 # config keys that do not change what a run learns: ignored when grouping seeds
 BOOKKEEPING = {
@@ -46,16 +40,10 @@ BOOKKEEPING = {
 }
 
 
-# -- what a run is ----------------------------------------------------------------------------
-
-
 def objective_info(trained: Any, label: str | None = None) -> dict[str, Any] | None:
-    """What the report needs of an objective: canonical ``name`` (what was trained),
-    ``label`` (how the run is called: ``OnlyTopP-K20`` for a run trained with the absolute
-    20th-percentile threshold), ``family``, ``a``, ``threshold`` and ``percentile``.
-
-    ``label`` (e.g. the tail of a run folder name) is used only when it names the same
-    objective, or the percentile form of the trained absolute threshold."""
+    """``name`` (trained), ``label`` (how the run is called), ``family``, ``a``, ``threshold``,
+    ``percentile`` and ``prefix`` of an objective. ``label`` (a run folder name's tail) is used
+    only as the percentile form of the trained absolute threshold (``OnlyTopP-K20``)."""
     try:
         obj = parse_objective(trained)
     except ObjectiveError:
@@ -64,15 +52,11 @@ def objective_info(trained: Any, label: str | None = None) -> dict[str, Any] | N
         "name": obj.name,
         "label": obj.name,
         "family": obj.family,
-        "a": obj.a,
+        "a": {"p": 1.0, "nll": 0.0}.get(obj.family, obj.a),
         "threshold": None,
         "percentile": None,
         "prefix": obj.name.rsplit("-", 1)[0] if obj.thresholded else None,
     }
-    if obj.family == "p":
-        info["a"] = 1.0
-    elif obj.family == "nll":
-        info["a"] = 0.0
     if obj.threshold is not None:
         info["threshold"] = {
             "value": obj.threshold.value,
@@ -126,8 +110,7 @@ def _presets() -> dict[str, dict]:
 
 
 def model_name(config: dict) -> str | None:
-    """The model preset whose fields the run's model config matches, else the folder name of
-    ``init.checkpoint``, else a size description."""
+    """The matching model preset, else ``init.checkpoint``'s folder name, else a size."""
     model = config.get("model") or {}
     if not isinstance(model, dict) or not model:
         return None
@@ -154,7 +137,7 @@ def _same(value: Any, preset: Any) -> bool:
 
 
 def dataset_name(config: dict) -> str | None:
-    """``figfont``, ``math`` (numina format), ``medical`` (m23k) or the training files' names."""
+    """``figfont``, ``math`` (numina), ``medical`` (m23k) or the training files' names."""
     data = config.get("data") or {}
     if data.get("source") == "figfont":
         return "figfont"
@@ -201,15 +184,11 @@ def _tail_stats(history: list[dict]) -> dict[str, float]:
 
 
 def _last_validation(history: list[dict]) -> dict[str, Any] | None:
-    """The newest validation of the run (``val_*`` keys of ``metrics.jsonl``, written every
-    ``train.eval_interval`` steps and at the last step), with its step; None without one."""
+    """The newest ``val_*`` keys of ``metrics.jsonl`` with their step; None without any."""
     for r in reversed(history):
         if isinstance(r.get("val_loss"), (int, float)):
             return {"step": r["step"], **{k: v for k, v in r.items() if k.startswith("val_")}}
     return None
-
-
-# -- reading a run ------------------------------------------------------------------------------
 
 
 def read_run(
@@ -218,13 +197,9 @@ def read_run(
     step_states: dict[str, str] | None = None,
     step_logs: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Everything the report knows about one run folder (see :data:`STATUSES`).
-
-    ``records``: the run's launched steps by kind (from
-    :func:`~probsft_megatron.report.records.read_experiment_records`); ``step_states``: job
-    states by step name (``train-<run>``, ``export-<run>``, ``eval-<run>``), e.g. from SLURM
-    accounting; they take precedence over ``records``; ``step_logs``: log files by step
-    name, searched for the error of a failed step."""
+    """Everything the report knows about one run folder. ``records``: its launched steps by
+    kind; ``step_states`` (by step name, e.g. ``train-<run>``, from SLURM) override them;
+    ``step_logs``: log files by step name, searched for a failed step's error."""
     root = Path(path)
     problems: list[str] = []
     records = dict(records or {})
@@ -312,7 +287,6 @@ def read_run(
             recommendation=probe_report.get("recommendation"),
         )
 
-    # -- status -------------------------------------------------------------------------
     states = {kind: rec.state for kind, rec in records.items()}
     for kind in ("train", "export", "eval"):
         if step_states and f"{kind}-{name}" in step_states:

@@ -1,5 +1,4 @@
-"""Seed statistics: the mean of a group's runs with a two-sided Student-t interval
-(the critical value from ``scipy.stats.t``)."""
+"""Seed statistics: a group's mean with a two-sided Student-t interval."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Groups of seeds and the comparison tables, as data.
-
-Runs whose configs are equal but for the seed and bookkeeping keys form a group
-(:func:`group_runs`); groups that share a setting (every config difference but the
-objective) form a block, the paper's per-model table (:func:`build_tables`). Each group gets
-per-task statistics over its seeds, the average column and its training statistics.
-"""
+"""Seed groups (:func:`group_runs`: configs equal but for seed and bookkeeping) and blocks of
+groups sharing a setting (:func:`build_tables`, the paper's per-model tables), as data."""
 
 from __future__ import annotations
 
@@ -58,11 +53,8 @@ def _objective_order(info: dict | None) -> tuple:
 
 
 def group_runs(runs: list[dict]) -> list[dict]:
-    """Groups of runs that differ only by seed (equal config identities), in table order.
-
-    Each group: ``id``, ``label`` (objective label, plus the distinguishing setting),
-    ``objective``, ``setting`` (the config differences to other groups, objective aside),
-    ``runs`` (names), ``seeds``."""
+    """Groups of runs that differ only by seed, in table order; ``setting`` names the config
+    differences to other groups, the objective aside."""
     groups: dict[str, dict] = {}
     for run in runs:
         key = run["identity"] or f"run:{run['path']}"
