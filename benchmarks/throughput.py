@@ -200,11 +200,11 @@ def main() -> int:
     if args.variant:
         child(args)
         return 0
-    from probsft_megatron import compat
+    from probsft_megatron import hardware
 
     rows, failed = [], []
     for variant in args.variants.split(","):
-        if variant.startswith("te") and not (torch.cuda.is_available() and compat.te_available()):
+        if variant.startswith("te") and not (torch.cuda.is_available() and hardware.te_available()):
             print(
                 f"[throughput] {variant}: skipped (Transformer Engine or CUDA not available)",
                 file=sys.stderr,

@@ -1,21 +1,8 @@
 """Core attention on ``torch.nn.functional.scaled_dot_product_attention`` for the local spec.
 
-megatron's local ``DotProductAttention`` materializes the full ``[b, heads, s, s]`` score
-matrix, its softmax and dropout. :class:`SDPAttention` is a drop-in replacement (same
-constructor and ``forward`` contract, no parameters, so checkpoints are unchanged) that lets
-PyTorch dispatch to its flash / memory-efficient kernels on GPU and its fused CPU kernel.
-
-Contract (per tensor-parallel rank): ``query`` is ``[sq, b, np, hn]`` with ``np`` this rank's
-heads, ``key``/``value`` are ``[sk, b, ng, hn]`` with ``ng`` this rank's query groups (GQA:
-``np`` a multiple of ``ng``; TP splits whole groups, so no communication happens here).
-``attention_mask`` is ``None`` (causal) or megatron's boolean ``[b or 1, 1, sq, sk]`` with
-True = masked. Packed sequences come as megatron's ``PackedSeqParams`` with ``qkv_format``
-``"thd"``: ``query`` is ``[t, np, hn]`` (megatron drops the batch dimension of 1) and
-``cu_seqlens_q`` (int32 ``[n + 1]``, the same on every rank) bounds the ``n`` sequences;
-each sequence attends causally to itself only, one SDPA call per sequence, so no
-``t x t`` mask is ever built. Returns the context ``[sq, b, np * hn]`` (``[t, np * hn]``
-for ``thd``). Attention dropout uses megatron's model-parallel RNG tracker, like the
-local implementation.
+A drop-in for megatron's ``DotProductAttention`` (same contract, no parameters) that never
+builds the ``[b, heads, s, s]`` scores itself; packed ``thd`` rows attend causally within each
+sequence of ``cu_seqlens_q``, one SDPA call per sequence (docs/attention.md).
 """
 
 from __future__ import annotations
@@ -26,8 +13,6 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from probsft_megatron.config import ATTENTION_IMPLS  # noqa: F401  (re-exported)
 
 
 def _base():
@@ -79,15 +64,19 @@ class SDPAttention(_base()):
         sq, b = query.shape[0], query.shape[1]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         mask = None if attention_mask is None else ~attention_mask  # SDPA: True = attend
-        dropout = self.dropout if self.training else 0.0
-        rng = nullcontext()
-        if dropout > 0.0:
-            from probsft_megatron import compat
-
-            rng = compat.model_parallel_rng()
+        dropout, rng = self._dropout()
         with rng:
             context = self._sdpa(q, k, v, mask, dropout, causal=mask is None and sq > 1)
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
+
+    def _dropout(self):
+        """The dropout rate now, and megatron's model-parallel RNG when there is dropout."""
+        dropout = self.dropout if self.training else 0.0
+        if dropout == 0.0:
+            return dropout, nullcontext()
+        from probsft_megatron import compat
+
+        return dropout, compat.model_parallel_rng()
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask, dropout: float, causal: bool):
         return F.scaled_dot_product_attention(
@@ -102,8 +91,6 @@ class SDPAttention(_base()):
         )
 
     def _packed(self, query: Tensor, key: Tensor, value: Tensor, params) -> Tensor:
-        """``thd`` packed sequences: causal attention within each sequence of
-        ``params.cu_seqlens_q``, one SDPA call per sequence."""
         if params.qkv_format != "thd":
             raise ValueError(f"SDPAttention takes packed sequences as thd, not {params.qkv_format}")
         if query.dim() == 4:  # [t, 1, heads, hn]: a caller that kept the batch dimension
@@ -113,12 +100,7 @@ class SDPAttention(_base()):
             raise ValueError(
                 f"cu_seqlens ends at {bounds[-1]} but the packed row has {query.shape[0]} tokens"
             )
-        dropout = self.dropout if self.training else 0.0
-        rng = nullcontext()
-        if dropout > 0.0:
-            from probsft_megatron import compat
-
-            rng = compat.model_parallel_rng()
+        dropout, rng = self._dropout()
         parts = []
         with rng:
             for start, end in zip(bounds[:-1], bounds[1:]):

@@ -1,13 +1,6 @@
-"""The megatron-core seam: every megatron call that is not model building.
-
-Process groups and ranks, RNG, the pipeline schedule, DDP and the optimizer, tensor-parallel
-region functions, distributed checkpointing. Developed against megatron-core 0.16.1 (the
-newest for Python 3.11, used on CPU and in CI); GPU clusters run newer releases in NGC
-containers. Code elsewhere calls these wrappers instead of reaching into megatron, so a
-version bump is a change to this file (and to the modules that subclass megatron's classes:
-:mod:`~probsft_megatron.model`, :mod:`~probsft_megatron.attention`,
-:mod:`~probsft_megatron.fused_head`). ``tests/test_architecture.py`` enforces that no other
-module imports megatron.
+"""The megatron-core seam: every megatron call that is not model building, and every difference
+between the releases it supports (0.14-0.17; developed against 0.16.1, the newest for Python
+3.11). Only this module, the model modules and ``cpu_backend`` import megatron.
 """
 
 from __future__ import annotations
@@ -21,11 +14,9 @@ import torch
 
 from probsft_megatron import cpu_backend
 from probsft_megatron.errors import CheckpointError
-from probsft_megatron.hardware import te_available  # noqa: F401  (re-exported)
 
 
 def megatron_version() -> str:
-    """The installed megatron-core version (what the version-dependent choices test)."""
     import megatron.core
 
     return getattr(megatron.core, "__version__", "unknown")
@@ -42,8 +33,7 @@ def _accepts(fn: Callable, name: str) -> bool:
 
 
 def initialize_model_parallel(tp: int, pp: int, timeout_s: float | None = None) -> None:
-    """megatron's groups; ``timeout_s``: their collectives' timeout (megatron's default, 30
-    minutes, when None)."""
+    """megatron's groups; ``timeout_s``: their collectives' timeout (None: megatron's 30 min)."""
     from megatron.core import parallel_state
 
     timeout = {} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}
@@ -76,16 +66,11 @@ class RankPosition:
     dp_rank: int
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
 
 def rank_position() -> RankPosition:
-    """Sizes and ranks of this process in the current model-parallel groups."""
     from megatron.core import parallel_state as ps
 
     return RankPosition(
@@ -114,10 +99,7 @@ def data_parallel_group():
 
 
 def seed_model_parallel(seed: int) -> None:
-    """Seed torch and megatron's model-parallel RNG tracker.
-
-    Without CUDA the tracker is the "inference" one, which needs no CUDA RNG state.
-    """
+    """Seed torch and megatron's RNG tracker (without CUDA the "inference" one: no CUDA RNG)."""
     from megatron.core import tensor_parallel
 
     torch.manual_seed(seed)
@@ -131,14 +113,13 @@ def seed_model_parallel(seed: int) -> None:
 
 
 def model_parallel_rng():
-    """Context manager: draw from megatron's model-parallel RNG stream (e.g. for dropout)."""
+    """Context manager: draw from megatron's model-parallel RNG stream (dropout)."""
     from megatron.core import tensor_parallel
 
     return tensor_parallel.get_cuda_rng_tracker().fork()
 
 
 def rng_tracker_states() -> dict:
-    """The model-parallel RNG tracker's states (saved with a training checkpoint)."""
     from megatron.core import tensor_parallel
 
     return tensor_parallel.get_cuda_rng_tracker().get_states()
@@ -150,7 +131,7 @@ def set_rng_tracker_states(states: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(states)
 
 
-# -- tensor-parallel regions (what megatron's ColumnParallelLinear does to its input) ----------
+# -- tensor-parallel regions -------------------------------------------------------------------
 
 
 def copy_to_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
@@ -177,8 +158,7 @@ def get_forward_backward_func() -> Callable:
 
 
 def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int):
-    """megatron's ``PackedSeqParams`` of one packed row (``thd``; the same boundaries for
-    queries and keys): what attention and rotary embeddings read to restart per sequence."""
+    """megatron's ``PackedSeqParams`` of one packed ``thd`` row (same bounds for q and kv)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu = cu_seqlens.to(torch.int32)
@@ -199,14 +179,12 @@ def wrap_ddp(
     grad_reduce_in_fp32: bool = True,
     bucket_size: int | None = None,
 ):
-    """megatron DDP around one model chunk (contiguous grad buffers, DP grad reduction);
-    ``grad_reduce_in_fp32``: float32 gradient buffers and reduction for bf16 parameters."""
+    """megatron DDP around one model chunk."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
-        # off: the fused loss head adds the output weight's gradient to main_grad itself and
-        # leaves no .grad, which DDP's overlapped reduction would wait for
+        # off: the fused head fills main_grad itself and leaves no .grad for overlap to await
         overlap_grad_reduce=False,
         use_distributed_optimizer=use_distributed_optimizer,
         bucket_size=bucket_size,
@@ -215,9 +193,7 @@ def wrap_ddp(
 
 
 def build_optimizer(model_chunks: list, optim, *, use_distributed_optimizer: bool, bf16: bool):
-    """megatron's Adam(W) optimizer (plain or distributed) with built-in grad clipping, from
-    an :class:`~probsft_megatron.config.OptimConfig` (its learning rate is the start value;
-    the training loop sets the scheduled rate every step)."""
+    """megatron's Adam(W) optimizer (plain or distributed, with clipping) from an OptimConfig."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     cfg = OptimizerConfig(
@@ -243,13 +219,8 @@ def finalize_model_grads_func() -> Callable:
 
 
 def _materialize_optimizer_state(optimizer) -> None:
-    """Give a never-stepped distributed optimizer a state to load into.
-
-    Without apex/TE, megatron's DistributedOptimizer.state_dict() (called while building the
-    sharded state dict for loading) needs Adam's per-parameter state including ``step``.
-    One step on zero gradients with the learning rate at 0 creates it and changes no weight;
-    the loaded checkpoint then overwrites it.
-    """
+    """Give a never-stepped distributed optimizer a state to load into: without apex/TE its
+    ``state_dict()`` needs Adam's state; one step at lr 0 on zero gradients creates it."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -268,18 +239,11 @@ def _materialize_optimizer_state(optimizer) -> None:
 
 
 def restore_adam_steps(optimizer, step: int) -> int:
-    """After loading a training checkpoint of ``step``: set every parameter's Adam ``step``
-    (torch Adam's per-parameter state, used by its bias correction) to ``step``, each in a
-    tensor of its own. Returns how many parameters' states were set.
+    """Set every parameter's Adam ``step`` to ``step``, each in its own tensor; returns how many.
 
-    Without apex/TE, megatron-core 0.16's distributed optimizer does not bring the saved
-    ``step`` back: after the load every parameter's state holds one and the same tensor with
-    the value of the state it was loaded into (1, see :func:`_materialize_optimizer_state`),
-    and since torch's Adam increments each parameter's ``step`` in place, that shared tensor
-    then advanced once per parameter on every update. A resumed run drifted from an
-    uninterrupted one from its first update on. In this project's loop every training step is
-    exactly one optimizer update (no fp16 loss scaling skips one; a non-finite step stops the
-    run), so the training step of the checkpoint is the optimizer's step count.
+    Without apex/TE, 0.16's distributed optimizer loads one shared ``step`` tensor (value 1)
+    that torch's Adam then advances once per parameter, so a resumed run drifted. Every
+    training step is one optimizer update, so the checkpoint's step is the step count.
     """
     count = 0
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -295,17 +259,8 @@ def restore_adam_steps(optimizer, step: int) -> int:
 
 
 def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, *, is_loading: bool):
-    """The optimizer's sharded state for a torch_dist checkpoint.
-
-    The distributed optimizer uses ``dp_reshardable`` (its buffers as saved, resumable at the
-    same TP/PP with any DP size): in 0.16 without apex/TE it is the format that round-trips,
-    because ``fully_reshardable`` drops torch Adam's per-parameter ``step`` on save and
-    ``fully_sharded_model_space`` builds flattened ShardedTensors that the torch_dist
-    strategy rejects. Before 0.16 the state is gathered on DP rank 0 instead
-    (``dp_zero_gather_scatter``, also resumable with any DP size; see
-    :func:`distrib_optim_sharding_type`). Model weights always reshard freely. The plain
-    optimizer ignores the metadata.
-    """
+    """The optimizer's sharded state for a torch_dist checkpoint, in the format of
+    :func:`distrib_optim_sharding_type` (the plain optimizer ignores it)."""
     sharding = distrib_optim_sharding_type()
     if is_loading:
         _materialize_optimizer_state(optimizer)
@@ -319,11 +274,12 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, *, is_load
 
 
 def distrib_optim_sharding_type() -> str:
-    """The distributed optimizer's checkpoint format: ``dp_reshardable`` from megatron-core
-    0.16 on, else ``dp_zero_gather_scatter``. Without apex/TE, torch Adam keeps a scalar
-    ``step`` per parameter, which 0.15's ``dp_reshardable`` and 0.14's
-    ``fully_sharded_bucket_space`` reject (shape assertion; 0.16 skips it), and 0.14 has no
-    ``dp_reshardable`` at all (its ``fully_sharded_model_space`` fails on numpy 2)."""
+    """The distributed optimizer's checkpoint format, resumable with any DP size.
+
+    ``dp_reshardable`` from 0.16 on (``fully_reshardable`` drops Adam's ``step`` there); before,
+    ``dp_zero_gather_scatter``: without apex/TE the scalar ``step`` per parameter fails 0.15's
+    ``dp_reshardable`` and 0.14's other formats (0.14 has no ``dp_reshardable``).
+    """
     from packaging.version import Version
 
     if Version(megatron_version()) >= Version("0.16.0"):
@@ -332,10 +288,8 @@ def distrib_optim_sharding_type() -> str:
 
 
 def _keep_unsaved_state_on_dp_zero_load(optimizer) -> None:
-    """0.14, ``dp_zero_gather_scatter`` load without apex/TE: the checkpoint holds ``param``,
-    ``exp_avg`` and ``exp_avg_sq`` per parameter, while megatron copies *every* key of torch
-    Adam's state into place, including ``step`` (restored from the param groups just before),
-    and fails with KeyError. Keys the checkpoint does not have keep their current value."""
+    """0.14 without apex/TE copies every key of Adam's state from a ``dp_zero_gather_scatter``
+    checkpoint, ``step`` included, which it lacks (KeyError): missing keys keep their value."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -366,8 +320,7 @@ def dist_save(sharded_state_dict, ckpt_dir: str) -> None:
 
 
 def dist_load(sharded_state_dict, ckpt_dir: str):
-    """Load a torch_dist checkpoint into ``sharded_state_dict``'s layout; a checkpoint that
-    does not fit (names or shapes) is a one-line CheckpointError."""
+    """Load a torch_dist checkpoint into this layout; a misfit is a one-line CheckpointError."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
@@ -397,13 +350,8 @@ def checkpoint_tensor_dtype(ckpt_dir: str, key: str) -> torch.dtype:
 
 
 def core_attention_module(cls: type) -> type:
-    """``cls`` (a core-attention module written for 0.15+, taking ``pg_collection``) in the
-    form megatron's layer spec instantiates on the installed version.
-
-    megatron-core 0.14 passes the process groups to core attention as ``model_comm_pgs``
-    (0.15 renamed it ``pg_collection``); there a subclass takes the old keyword and hands it
-    on under the new name. On 0.15+ ``cls`` itself is returned.
-    """
+    """``cls`` (a core attention taking 0.15's ``pg_collection``), or on 0.14 a subclass that
+    takes that release's ``model_comm_pgs`` and hands it on under the new name."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     if not _accepts(DotProductAttention.__init__, "model_comm_pgs"):

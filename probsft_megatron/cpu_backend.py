@@ -1,30 +1,8 @@
 """Run megatron-core on a machine without CUDA (CPU + gloo), and nowhere else.
 
-megatron-core assumes a CUDA device in a few dozen places that our training path reaches:
-``torch.cuda.current_device()`` as a device argument, ``device="cuda"`` / ``.cuda()`` /
-``.to("cuda")`` on tensors, ``torch.cuda.synchronize()``, and ``Tensor.type()`` compared with
-``'torch.cuda.FloatTensor'`` (optimizer and grad clipping). :func:`activate` makes those calls
-resolve to the CPU:
-
-* a :class:`~torch.overrides.TorchFunctionMode` rewrites any CUDA device (``"cuda"``,
-  ``"cuda:0"``, ``torch.device("cuda")``, or a bare device index) in tensor factories and
-  ``Tensor.to`` to ``"cpu"``, turns ``Tensor.cuda()`` into a no-op, and spells the CPU float
-  tensor types the CUDA way for argument-less ``Tensor.type()``;
-* ``torch.cuda.current_device`` returns the CPU device (it must work without the mode too:
-  autograd runs megatron's backward functions where the mode is not active), and
-  ``synchronize`` / ``empty_cache`` / ``set_device`` become no-ops.
-
-It is a no-op when CUDA is available: on a GPU machine nothing is patched and megatron runs
-unmodified. This module is the only place that bends torch/megatron behaviour this way;
-megatron *API* differences between versions live in :mod:`probsft_megatron.compat`.
-
-RNG: without CUDA, call ``model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)``
-(see :func:`probsft_megatron.compat.seed_model_parallel`); dropout is then not TP-aware, so
-multi-rank parity tests use dropout 0. Activation recomputation
-(``parallel.recompute_granularity``) saves and restores "the CUDA RNG state" around each
-recomputed block; without CUDA there is none, so megatron's two helpers that read and write
-it are replaced by ones that hand back an empty state and ignore it (the CPU generator, which
-is what the recomputed forward uses, is saved and restored by megatron as usual).
+:func:`activate` sends megatron's CUDA placements to the CPU (a TorchFunctionMode for device
+arguments, ``.cuda()`` and ``Tensor.type()``; no-op ``torch.cuda`` helpers; an empty CUDA RNG
+state for activation recomputation). Where CUDA exists nothing is patched.
 """
 
 from __future__ import annotations
@@ -36,7 +14,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from probsft_megatron.hardware import cuda_available, te_available  # noqa: F401  (re-exported)
+from probsft_megatron.hardware import cuda_available
 
 _STATE: dict[str, Any] = {"active": False, "mode": None, "saved": {}}
 _LOCK = threading.Lock()
@@ -56,10 +34,6 @@ def _is_cuda_device(device: Any) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"
     return False
-
-
-def _cpu_device(device: Any) -> Any:
-    return "cpu" if _is_cuda_device(device) else device
 
 
 class _CudaToCpuMode(TorchFunctionMode):
@@ -85,14 +59,8 @@ def is_active() -> bool:
 
 
 def activate(cuda: bool | None = None) -> bool:
-    """Install the CPU fallback if (and only if) CUDA is unavailable.
-
-    Args:
-        cuda: override for the CUDA check (tests simulate a GPU machine with ``True``).
-
-    Returns:
-        True when the fallback is active after the call. Idempotent.
-    """
+    """Install the CPU fallback if CUDA is unavailable (``cuda`` overrides the check);
+    returns whether it is active. Idempotent."""
     has_cuda = cuda_available() if cuda is None else cuda
     if has_cuda:
         return is_active()
@@ -135,8 +103,7 @@ def deactivate() -> None:
 
 
 def _patch_recompute_rng(saved: dict) -> None:
-    """Let megatron's activation checkpointing run without a CUDA RNG (see the module
-    docstring); a no-op where megatron is not installed."""
+    """Activation recomputation saves "the CUDA RNG state": without CUDA an empty one."""
     try:
         from megatron.core.tensor_parallel import random as mrandom
     except ImportError:

@@ -1,44 +1,13 @@
-"""LoRA adapters on megatron-core's tensor-parallel linears.
+"""LoRA adapters on megatron-core's tensor-parallel linears: ``y = W x + (alpha / r) B A x``.
 
-A LoRA linear computes ``y = W x + (alpha / r) * B A dropout(x)`` with the base weight ``W``
-frozen and only ``A`` ``[r, in]`` and ``B`` ``[out, r]`` trained (``B`` starts at zero, as in
-Hugging Face PEFT and Megatron-Bridge, so training starts from the base model exactly).
-
-The adapters are added through megatron's own seam, the layer spec
-(:func:`lora_layer_spec`): the attention's ``linear_qkv`` / ``linear_proj`` and the MLP's
-``linear_fc1`` / ``linear_fc2`` are built as :class:`LoRAColumnParallelLinear` /
-:class:`LoRARowParallelLinear`, subclasses of megatron's ``ColumnParallelLinear`` /
-``RowParallelLinear`` whose base weight and checkpoint keys are unchanged (the adapters add
-``<linear>.lora_A`` and ``<linear>.lora_B``).
-
-Tensor-parallel contract (TP ranks of ``tp_group``; ``s`` sequence, ``b`` batch):
-
-* column-parallel base (``W`` split along ``out``): ``A`` is replicated ``[r, in]``, ``B`` is
-  split along ``out`` like ``W`` (``[out/TP, r]``; for the gated ``linear_fc1`` each rank holds
-  ``cat(gate_shard, up_shard)`` like its weight). Each rank computes ``A x`` on the input it
-  was given; without sequence parallelism that input is the full, replicated one and the
-  ``r``-wide ``A x`` passes megatron's copy-to-TP region (identity forward, the gradient
-  all-reduced over TP backward, as the base layer does for ``x``); with sequence parallelism
-  the input is this rank's slice of the sequence and the ``r``-wide ``A x`` is all-gathered
-  along the sequence (reduce-scatter backward), ``r/in`` of the base layer's own gather.
-  ``A``'s gradient is then a partial sum over the sequence slices: ``A`` is marked
-  ``sequence_parallel`` so ``finalize_model_grads`` sums it over TP, as for the norms.
-  Each rank returns its ``[s, b, out/TP]`` output shard, base + adapter.
-* row-parallel base (``W`` split along ``in``): ``A`` is split along ``in`` (``[r, in/TP]``),
-  ``B`` is replicated ``[out, r]``. Each rank's ``B A_t x_t`` is a partial sum, added to the
-  base layer's partial output before megatron's reduction (all-reduce, or reduce-scatter
-  along the sequence with SP), so the adapter adds no collective to the forward. ``B``'s
-  gradient is partial over TP as well and is all-reduced over TP in the backward (``B``
-  enters through megatron's copy-to-TP region).
-
-Pipeline and data parallelism need nothing: the adapters live in their layer's stage, and
-megatron DDP (plain or with the distributed optimizer) reduces and shards them like any
-parameter. :func:`prepare_model` freezes every base parameter before DDP is built, so DDP
-allocates no gradient buffer and the optimizer holds no state for them.
+The target linears are built as subclasses of megatron's column-/row-parallel linears through
+the layer spec (base weight and checkpoint keys unchanged), sharded like their base layer; the
+tensor-parallel contract is in docs/lora.md. ``B`` starts at zero, as in PEFT.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -52,31 +21,11 @@ from probsft_megatron import compat
 from probsft_megatron.config import LORA_TARGETS, PeftConfig
 from probsft_megatron.errors import CheckpointError, ConfigError
 
-__all__ = [
-    "ADAPTER_SUFFIXES",
-    "adapter_modules",
-    "adapter_sharded_state_dict",
-    "base_fingerprint",
-    "check_fingerprint",
-    "has_adapters",
-    "init_adapters",
-    "load_adapter_state",
-    "is_adapter",
-    "load_base_weights",
-    "lora_layer_spec",
-    "peft_record",
-    "prepare_model",
-    "run_fingerprint",
-    "trainable_counts",
-]
-
 ADAPTER_SUFFIXES = ("lora_A", "lora_B")
 COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
-ROW_TARGETS = ("linear_proj", "linear_fc2")
 
 
 def is_adapter(name: str) -> bool:
-    """Whether a parameter or state-dict key names a LoRA adapter tensor."""
     return name.rsplit(".", 1)[-1] in ADAPTER_SUFFIXES
 
 
@@ -119,9 +68,8 @@ def _column_class():
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
     class LoRAColumnParallelLinear(_LoRAMixin, ColumnParallelLinear):
-        """megatron's ``ColumnParallelLinear`` plus a LoRA adapter (see the module's
-        contract): ``A`` ``[r, in]`` replicated over TP, ``B`` ``[out/TP, r]``; the forward
-        returns this rank's output shard of ``W x + s B A x``."""
+        """``A`` ``[r, in]`` replicated over TP, ``B`` ``[out/TP, r]``; returns this rank's
+        output shard of ``W x + s B A x``."""
 
         def __init__(self, *args, peft: PeftConfig, lora_target: str, **kwargs):
             super().__init__(*args, **kwargs)
@@ -132,8 +80,7 @@ def _column_class():
                 (self.output_size_per_partition, peft.rank),
                 column=True,
             )
-            # the gated fc1 holds cat(gate_shard, up_shard) per rank (its checkpoint splits
-            # the two halves; the adapter's B follows, see sharded_state_dict)
+            # the gated fc1 holds cat(gate_shard, up_shard) per rank; B's checkpoint follows
             self.lora_glu = lora_target == "linear_fc1" and bool(self.config.gated_linear_unit)
             if self.sequence_parallel:
                 self.lora_A.sequence_parallel = True
@@ -172,9 +119,8 @@ def _row_class():
     from megatron.core.tensor_parallel import RowParallelLinear
 
     class LoRARowParallelLinear(_LoRAMixin, RowParallelLinear):
-        """megatron's ``RowParallelLinear`` plus a LoRA adapter (see the module's contract):
-        ``A`` ``[r, in/TP]``, ``B`` ``[out, r]`` replicated over TP; the adapter's partial
-        output joins the base layer's partial output before megatron's TP reduction."""
+        """``A`` ``[r, in/TP]``, ``B`` ``[out, r]`` replicated; the adapter's partial output
+        joins the base layer's before megatron's TP reduction."""
 
         def __init__(self, *args, peft: PeftConfig, lora_target: str, **kwargs):
             super().__init__(*args, **kwargs)
@@ -209,26 +155,13 @@ def _row_class():
     return LoRARowParallelLinear
 
 
-_CLASSES: dict[str, type] = {}
-
-
+@functools.cache
 def _lora_class(kind: str) -> type:
-    if kind not in _CLASSES:
-        _CLASSES[kind] = _column_class() if kind == "column" else _row_class()
-    return _CLASSES[kind]
-
-
-def __getattr__(name: str):  # the classes are built on first use (megatron imports lazily)
-    if name == "LoRAColumnParallelLinear":
-        return _lora_class("column")
-    if name == "LoRARowParallelLinear":
-        return _lora_class("row")
-    raise AttributeError(name)
+    return _column_class() if kind == "column" else _row_class()
 
 
 def lora_layer_spec(spec, peft: PeftConfig):
-    """``spec`` (a transformer layer's ``ModuleSpec`` of the local spec) with the target
-    linears built as LoRA linears; changed in place and returned."""
+    """A local-spec layer ``spec`` with the target linears built as LoRA linears (in place)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -255,8 +188,7 @@ def lora_layer_spec(spec, peft: PeftConfig):
 
 
 def adapter_modules(model) -> list[tuple[int, str, Any]]:
-    """``(global layer number, target, module)`` of every LoRA linear of a model chunk (DDP
-    wrapped or not), in layer order."""
+    """``(global layer number, target, module)`` of every LoRA linear of a model chunk."""
     found = []
     for module in model.modules():
         number = getattr(module, "layer_number", None)
@@ -280,11 +212,9 @@ def _shard(full: torch.Tensor, dim: int, rank: int, size: int, glu: bool) -> tor
 
 @torch.no_grad()
 def init_adapters(model, seed: int = 0, b_std: float = 0.0) -> None:
-    """(Re)initialize every adapter of ``model`` independently of the parallel layout: each
-    layer's full ``A`` (PEFT's default, Kaiming-uniform, bound ``1/sqrt(in)``) and ``B``
-    (zeros; normal with ``b_std`` when > 0, for tests that need a non-zero start) are drawn
-    from a generator seeded by ``seed``, the global layer number and the target, and each TP
-    rank keeps its shard. So TP=1 and any TP/PP layout start from the same adapters."""
+    """(Re)initialize every adapter independently of the layout: the full ``A`` (PEFT's
+    Kaiming-uniform) and ``B`` (zeros, or normal with ``b_std``) drawn from ``seed``, the layer
+    and the target; each TP rank keeps its shard."""
     for number, target, module in adapter_modules(model):
         rank, size = _tp_rank_size(module.tp_group)
         g = torch.Generator().manual_seed(
@@ -307,9 +237,7 @@ def init_adapters(model, seed: int = 0, b_std: float = 0.0) -> None:
 
 
 def prepare_model(model, peft: PeftConfig, seed: int = 0) -> None:
-    """Initialize the adapters of a freshly built model chunk (:func:`init_adapters`) and
-    freeze everything else (call before megatron DDP and the optimizer see the model).
-    Fails in one line when the model has no adapter (built without the LoRA spec)."""
+    """Initialize the adapters and freeze everything else (before DDP sees the model)."""
     if not adapter_modules(model):
         raise ConfigError(
             "peft.method=lora but the model has no LoRA linears; build it with "
@@ -321,19 +249,17 @@ def prepare_model(model, peft: PeftConfig, seed: int = 0) -> None:
 
 
 def trainable_counts(model) -> dict[str, int]:
-    """Parameters of a model chunk (this rank's shards): ``trainable`` and ``total``."""
+    """This rank's ``trainable`` and ``total`` parameter counts."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": int(trainable), "total": int(total)}
 
 
 def adapter_sharded_state_dict(sharded_state_dict: dict) -> dict:
-    """The adapter entries of a model's sharded state dict (what a LoRA checkpoint holds)."""
     return {k: v for k, v in sharded_state_dict.items() if is_adapter(k)}
 
 
 def has_adapters(model) -> bool:
-    """Whether a model chunk carries LoRA adapters."""
     return any(is_adapter(name) for name, _ in model.named_parameters())
 
 
@@ -350,8 +276,7 @@ def load_adapter_state(model, state: dict) -> None:
 
 
 def load_base_weights(model, ckpt_dir: str) -> None:
-    """Load a base model's torch_dist weights into a LoRA model (collective); the adapters
-    keep their values. Any base key missing from the checkpoint is an error."""
+    """Load a base model's torch_dist weights into a LoRA model (collective; adapters kept)."""
     sd = {k: v for k, v in model.sharded_state_dict().items() if not is_adapter(k)}
     result = model.load_state_dict(compat.dist_load(sd, ckpt_dir), strict=False)
     missing = [k for k in result.missing_keys if not is_adapter(k)]
@@ -370,10 +295,8 @@ FINGERPRINT_FILE = "peft.json"
 def base_fingerprint(
     init_checkpoint: str | Path | None, model_config: dict, random_init: Any = None
 ) -> str:
-    """What identifies the base model a LoRA run adapts: the SHA-256 of its model config and
-    its checkpoint manifest's file list (every file's size and CRC-32); without a checkpoint,
-    of the model config and ``random_init`` (what decides random weights: the seed and the
-    TP/PP layout)."""
+    """SHA-256 of the model config and the base checkpoint's manifest file list (without a
+    checkpoint: ``random_init``, what decides random weights)."""
     h = hashlib.sha256(json.dumps(model_config, sort_keys=True, default=str).encode())
     if init_checkpoint is None:
         h.update(f"random init {random_init!r}".encode())
@@ -387,8 +310,7 @@ def base_fingerprint(
 
 
 def run_fingerprint(config) -> str | None:
-    """The base fingerprint of a training job's config (a
-    :class:`~probsft_megatron.config.TrainJobConfig`); None without LoRA."""
+    """The base fingerprint of a training job's config; None without LoRA."""
     if not config.peft.enabled:
         return None
     layout = (
