@@ -1,14 +1,6 @@
-"""`probsft eval`: evaluate a Hugging Face model folder with vLLM.
-
-Example::
-
-    probsft eval --model ckpt/hf --task math500,aime24 --n 16 --temperature 1 --out results/
-
-The arguments are checked before any model, tokenizer or vLLM engine is loaded
-(:func:`check_args`): the model folder (a Hugging Face checkpoint with a tokenizer, intact
-when probsft exported it, of an architecture whose prompt format is known or named with
-``--prompt-format``), the sampling numbers, and ``--out`` (a writable folder that is not,
-does not contain and does not lie inside the model or the data file).
+"""`probsft eval`: evaluate a Hugging Face model folder with vLLM, e.g.
+``probsft eval --model ckpt/hf --task math500,aime24 --n 16 --temperature 1 --out results/``.
+Every argument is checked (:func:`check_args`) before a model, tokenizer or engine loads.
 """
 
 from __future__ import annotations
@@ -21,10 +13,50 @@ from pathlib import Path
 from probsft_megatron.errors import CheckpointError, ConfigError, ProbsftError
 from probsft_megatron.input_checks import TOKENIZER_FILES
 
+# model types whose prompt format is detected; others need --prompt-format
 KNOWN_MODEL_TYPES = ("qwen2", "qwen3", "llama")
-"""HF model types (``model_type``) whose prompt format is detected (Qwen2/2.5/3, Llama-3.x,
-deepseek-math, SmolLM2); other architectures need ``--prompt-format``."""
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+_OPTIONS = (
+    ("--tensor-parallel-size", dict(type=int, default=1, help="GPUs per model (vLLM TP)")),
+    ("--n", dict(type=int, help="samples per problem (math default 16, others 1)")),
+    ("--temperature", dict(type=float, help="sampling temperature (math default 1.0, others 0)")),
+    ("--top-p", dict(type=float, help="nucleus sampling mass (default 1.0)")),
+    (
+        "--max-new-tokens",
+        dict(
+            type=int,
+            help="tokens generated per sample (math 4096, figfont 5, medical 4096, custom 1024)",
+        ),
+    ),
+    ("--seed", dict(type=int, default=0, help="sampling seed (problem i uses seed + i)")),
+    ("--limit", dict(type=int, help="evaluate only the first N problems of each task")),
+    (
+        "--prompt-format",
+        dict(
+            help="qwen, llama, deepseek or raw (also qwen-boxed, llama-base-boxed-with-bos, "
+            "deepseek-math); detected from the model when omitted"
+        ),
+    ),
+    ("--out", dict(help="folder for samples.jsonl, summary.json and summary.md")),
+    (
+        "--overwrite",
+        dict(action="store_true", help="replace the reports of an earlier evaluation in --out"),
+    ),
+    ("--data", dict(help="jsonl file for medical/custom (or another copy of a math set)")),
+    ("--prompt-field", dict(help="field holding the question/prompt")),
+    ("--reference-field", dict(help="field holding the reference answer")),
+    ("--options-field", dict(help="field holding the options (medical; default 'options')")),
+    ("--grader", dict(help="exact, math, jaro_winkler or choice (overrides the task's grader)")),
+    ("--dtype", dict(default="auto", help="vLLM dtype (auto, bfloat16, float16, float32)")),
+    ("--max-model-len", dict(type=int, help="context length for vLLM (default: the model's)")),
+    (
+        "--adapter",
+        dict(
+            help="a LoRA adapter folder (probsft convert megatron-to-hf of a LoRA checkpoint) "
+            "to evaluate on top of --model, served by vLLM's LoRA support"
+        ),
+    ),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,66 +71,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help=f"task name, or several separated by commas: {', '.join(TASKS)}",
     )
-    parser.add_argument(
-        "--tensor-parallel-size", type=int, default=1, help="GPUs per model (vLLM TP)"
-    )
-    parser.add_argument("--n", type=int, help="samples per problem (math default 16, others 1)")
-    parser.add_argument(
-        "--temperature", type=float, help="sampling temperature (math default 1.0, others 0)"
-    )
-    parser.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0)")
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        help="tokens generated per sample (math 4096, figfont 5, medical 4096, custom 1024)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="sampling seed (problem i uses seed + i)"
-    )
-    parser.add_argument("--limit", type=int, help="evaluate only the first N problems of each task")
-    parser.add_argument(
-        "--prompt-format",
-        help="qwen, llama, deepseek or raw (also qwen-boxed, llama-base-boxed-with-bos, "
-        "deepseek-math); detected from the model when omitted",
-    )
-    parser.add_argument("--out", help="folder for samples.jsonl, summary.json and summary.md")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the reports of an earlier evaluation in --out",
-    )
-    parser.add_argument(
-        "--data", help="jsonl file for medical/custom (or another copy of a math set)"
-    )
-    parser.add_argument("--prompt-field", help="field holding the question/prompt")
-    parser.add_argument("--reference-field", help="field holding the reference answer")
-    parser.add_argument(
-        "--options-field", help="field holding the options (medical; default 'options')"
-    )
-    parser.add_argument(
-        "--grader", help="exact, math, jaro_winkler or choice (overrides the task's grader)"
-    )
-    parser.add_argument(
-        "--dtype", default="auto", help="vLLM dtype (auto, bfloat16, float16, float32)"
-    )
-    parser.add_argument(
-        "--max-model-len", type=int, help="context length for vLLM (default: the model's)"
-    )
-    parser.add_argument(
-        "--adapter",
-        help="a LoRA adapter folder (probsft convert megatron-to-hf of a LoRA checkpoint) to "
-        "evaluate on top of --model, served by vLLM's LoRA support",
-    )
+    for flag, options in _OPTIONS:
+        parser.add_argument(flag, **options)
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse, in one line each, what a user can get wrong before anything is loaded."""
     from probsft_megatron import manifest
-    from probsft_megatron.eval.models import check_hf_model_dir
+    from probsft_megatron.eval.runner import adapter_rank, check_hf_model_dir
 
-    if getattr(args, "adapter", None) is not None:
-        from probsft_megatron.eval.runner import adapter_rank
-
+    if args.adapter is not None:
         adapter_rank(args.adapter)  # a PEFT LoRA folder, or one line saying what it is not
 
     for flag, value in (
@@ -163,13 +145,12 @@ def check_args(args: argparse.Namespace) -> None:
         manifest.check_output(
             args.out, flag="--out", inputs=[("--model", folder), ("--data", args.data)]
         )
-        check_earlier_reports(Path(args.out), getattr(args, "overwrite", False))
+        check_earlier_reports(Path(args.out), args.overwrite)
 
 
 def check_earlier_reports(out: Path, overwrite: bool) -> None:
-    """An evaluation's reports already in ``out`` (its ``summary.json``: a list of task
-    summaries) are replaced only with ``--overwrite``; a ``summary.json`` of anything else (a
-    training run's) never (one line each)."""
+    """Refuse an ``out`` holding an evaluation's reports (a ``summary.json`` list) unless
+    ``overwrite``, and one holding any other ``summary.json`` (a training run's) always."""
     summary = out / "summary.json"
     if not summary.exists():
         return
@@ -197,23 +178,12 @@ def config_from_args(args: argparse.Namespace):
     from probsft_megatron.eval.runner import EvalConfig
     from probsft_megatron.eval.tasks import DataOptions
 
+    copied = ("model", "n", "temperature", "top_p", "max_new_tokens", "seed", "limit")
+    copied += ("prompt_format", "tensor_parallel_size", "adapter", "dtype", "max_model_len")
     return EvalConfig(
-        model=args.model,
+        **{key: getattr(args, key) for key in (*copied, "grader", "out")},
         tasks=[t.strip() for t in args.task.split(",") if t.strip()],
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        limit=args.limit,
-        prompt_format=args.prompt_format,
-        tensor_parallel_size=args.tensor_parallel_size,
-        adapter=getattr(args, "adapter", None),
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        grader=args.grader,
         data=DataOptions(args.data, args.prompt_field, args.reference_field, args.options_field),
-        out=args.out,
     )
 
 

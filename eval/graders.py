@@ -1,28 +1,6 @@
-"""Answer extraction and grading.
-
-Every grader maps ``(completion, reference)`` to a :class:`Grade`: the extracted answer
-(``None`` when nothing could be extracted), whether it is correct, and a score in [0, 1]
-(equal to ``float(correct)`` except for Jaro-Winkler similarity).
-
-Conventions (see docs/eval.md):
-
-* math: the final answer is the content of the **last** ``\\boxed{...}`` (or ``\\fbox``),
-  braces matched, joined with the boxes right before it when only a separator stands
-  between them (``\\boxed{2} and \\boxed{3}``); without a box, the last explicit answer
-  statement ("the answer is X", "final answer is X", "Answer: X"); otherwise nothing is
-  extracted and the sample is wrong (a formatting failure, counted apart in summaries).
-  Equivalence (:func:`math_equal`): units are dropped (``5 \\text{ cm}`` = 5) but a bare
-  letter is a variable unless the reference carries it as a unit (``6t`` != ``6m``); a
-  reference in scientific notation (``4.5e33``) accepts any number that rounds to it at
-  its significant digits, in ``e`` or ``\\times 10^{}`` form; ``25\\%`` equals 1/4 and 25;
-  the rest is math-verify: ``1/2 == 0.5`` but ``1/3 != 0.33``, comma-separated answers are
-  sets, parenthesized tuples stay ordered, equations and matrices compare symbolically.
-  tests/data/grader_pairs.jsonl is the labeled test set (docs/eval.md lists its accuracy).
-* choice: the option letter from ``\\boxed{X}``, "answer is X", "Answer: X", or a
-  completion that is just the letter (``X``, ``(X)``, ``X.``).
-* exact: equality after stripping surrounding whitespace.
-* jaro_winkler: Jaro-Winkler similarity (prefix scale 0.1, prefix up to 4) of the
-  stripped, upper-cased strings; correct when they are equal.
+"""Answer extraction and grading: every grader maps ``(completion, reference)`` to a
+:class:`Grade`. The conventions (math extraction and equivalence, choice letters, exact,
+Jaro-Winkler) are in docs/eval.md; tests/data/grader_pairs.jsonl pins the math verdicts.
 """
 
 from __future__ import annotations
@@ -38,12 +16,8 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 
 @dataclass(frozen=True)
 class Grade:
-    """The outcome of grading one completion.
-
-    ``source`` says where a math answer came from: ``"boxed"`` (a ``\\boxed{}``),
-    ``"statement"`` (an explicit "the answer is ..." without a box) or ``None`` when
-    nothing was extracted; other graders leave it ``None``.
-    """
+    """One graded completion; ``source`` is where a math answer came from (``"boxed"``,
+    ``"statement"``), ``None`` when nothing was extracted or for other graders."""
 
     extracted: str | None
     correct: bool
@@ -52,11 +26,8 @@ class Grade:
 
 
 def _boxes(text: str) -> list[tuple[int, int, str]]:
-    """Every complete ``\\boxed``/``\\fbox`` in ``text`` as (start, end, content), in order.
-
-    Braces are matched, so nested groups survive; ``\\boxed 5`` (no braces) is the
-    following token. An unclosed box is skipped.
-    """
+    """Every complete ``\\boxed``/``\\fbox`` as (start, end, content), in order; braces
+    matched, ``\\boxed 5`` is the following token, an unclosed box is skipped."""
     found = []
     for match in _BOXED.finditer(text):
         pos = match.end()
@@ -78,11 +49,7 @@ def _boxes(text: str) -> list[tuple[int, int, str]]:
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}``/``\\fbox{...}`` in ``text`` (braces matched).
-
-    ``\\boxed 5`` (no braces) yields the following token. Returns ``None`` when there is
-    no complete boxed expression.
-    """
+    """Content of the last complete ``\\boxed{...}``/``\\fbox{...}``, or ``None``."""
     boxes = _boxes(text)
     return boxes[-1][2] if boxes else None
 
@@ -114,13 +81,8 @@ _DELIMITED = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
 def extract_statement(text: str) -> str | None:
-    """The answer of the last explicit statement "the answer is X", "final answer is X" or
-    "Answer: X" in ``text`` (no box needed), or ``None``.
-
-    X is the math-delimited group right after the phrase (``$...$``, ``\\(...\\)``,
-    ``\\[...\\]``), else the rest of the sentence; a leading number followed by words keeps
-    only the number ("13 apples" -> "13").
-    """
+    """X of the last "the answer is X", "final answer is X" or "Answer: X", or ``None``: the
+    math-delimited group after the phrase, else the sentence ("13 apples" -> "13")."""
     matches = list(_STATEMENT.finditer(text))
     if not matches:
         return None
@@ -149,15 +111,14 @@ def normalize_latex(answer: str) -> str:
 
 
 def boxed_answer(text: str) -> str | None:
-    """The normalized last boxed answer: math delimiters (``$``) inside the box, which is
-    already math mode, are dropped; ``None`` when there is no boxed answer."""
+    """The normalized last boxed answer (``$`` inside the box dropped), or ``None``."""
     boxed = extract_boxed(text)
     return None if boxed is None else normalize_latex(_UNESCAPED_DOLLAR.sub("", boxed))
 
 
 def extract_math_answer(text: str) -> tuple[str | None, str | None]:
-    """``(answer, source)`` of a math completion: the final boxed answer (``"boxed"``), else
-    the last explicit answer statement (``"statement"``), else ``(None, None)``."""
+    """``(answer, source)``: the final boxed answer, else the last answer statement, else
+    ``(None, None)``."""
     answer = _final_boxed(text)
     source = "boxed"
     if answer is None:
@@ -167,7 +128,6 @@ def extract_math_answer(text: str) -> tuple[str | None, str | None]:
     return normalize_latex(_UNESCAPED_DOLLAR.sub("", answer)), source
 
 
-# ---------------------------------------------------------------- equivalence
 _REPEATING = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\overline\{(\d+)\}")
 
 
@@ -191,8 +151,8 @@ _NUMBER_WORDS = {
 
 
 def _clean(text: str) -> str:
-    """Drop what never changes an answer's value: math delimiters, ``\\dfrac``, spacing
-    commands, thousands separators, ``\\left``/``\\right``, currency signs, a final period."""
+    """``text`` without what never changes an answer's value (delimiters, spacing, thousands
+    separators, ``\\left``/``\\right``, currency signs, a final period)."""
     s = text.strip()
     s = re.sub(r"(\d)\s*(?:,\s*\\!|\{,\})\s*(?=\d{3})", r"\1", s)  # 32,\!348 and 32{,}348
     s = _UNESCAPED_DOLLAR.sub("", s)
@@ -229,14 +189,8 @@ _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
 
 
 def _strip_units(s: str, bare_units: frozenset[str] = frozenset()) -> tuple[str, frozenset[str]]:
-    """``s`` without trailing units, and the units removed (their letters only).
-
-    Units are ``\\text{...}``/``\\mathrm{...}`` groups (``5\\text{ cm}``, ``3 \\mathrm{~m} /
-    \\mathrm{s}``), unit words of two or more letters from a fixed list (``5 cm``) and
-    degree marks. A bare single letter (``6m``) is a variable, not a unit, unless it is in
-    ``bare_units`` (the reference carries that unit explicitly). Nothing is removed when
-    only the unit would be left (``\\text{east}`` stays).
-    """
+    """``s`` without trailing units (text groups, listed unit words, degrees) and the units'
+    letters; a bare letter is a unit only if in ``bare_units``; a lone unit stays."""
     s = _DEGREES.sub("", s).strip()
     removed: set[str] = set()
     bare = "|".join(re.escape(u) for u in sorted(bare_units, key=len, reverse=True))
@@ -267,9 +221,8 @@ _SCI_TEN = re.compile(
 
 
 def _scientific(s: str):
-    """``(value, half_ulp)`` of a number in scientific notation (``4.5e33``,
-    ``4.5\\times 10^{33}``, ``4.5 \\cdot 10^{33}``), else ``None``. ``half_ulp`` is half a
-    unit in the last significant digit, the rounding the written digits imply."""
+    """``(value, half a unit in the last written digit)`` of ``4.5e33`` or
+    ``4.5\\times 10^{33}``, else ``None``."""
     from decimal import Decimal
 
     compact = s.strip()
@@ -290,8 +243,7 @@ def _latex_scientific(s: str) -> str:
 
 
 def _numeric_value(s: str):
-    """The value of ``s`` as a Decimal when it is a plain or scientific number, else its
-    sympy value when math-verify parses it to a number, else ``None``."""
+    """``s`` as a Decimal (plain, scientific, or a number math-verify parses), else ``None``."""
     from decimal import Decimal
 
     if _NUMBER.match(s):
@@ -312,8 +264,8 @@ _PERCENT = re.compile(r"\s*(?:\\%|%|\\text\{\s*\\?%\s*\})\s*$")
 
 
 def _percent_forms(s: str, both: bool) -> list[str]:
-    """``s`` without a trailing percent sign, then (when ``both``) as a fraction of 100:
-    ``25\\%`` may mean 25 (the sign read as a unit) or 1/4. Other answers have one form."""
+    """``s`` without its percent sign, and with ``both`` also as a fraction of 100 (``25\\%``
+    may mean 25 or 1/4); an answer without a percent sign has one form."""
     bare = _PERCENT.sub("", s).strip()
     if bare == s.strip() or not bare:
         return [s]
@@ -326,10 +278,9 @@ def _percent_forms(s: str, both: bool) -> list[str]:
     return [bare, f"\\frac{{{bare}}}{{100}}"]
 
 
+# Seconds per math-verify parse or comparison (past it: not equal); answers take
+# milliseconds, the margin keeps verdicts stable on a loaded machine.
 MATH_TIMEOUT_S = 10
-"""Wall-clock limit (seconds) of one math-verify parse or comparison; past it the answer
-counts as not equal. Typical answers take milliseconds; the margin keeps verdicts stable
-on a loaded machine."""
 
 
 def _parse(s: str) -> list:
@@ -353,8 +304,7 @@ def _parse(s: str) -> list:
 
 
 def _is_interval(s: str) -> bool:
-    """Whether ``s`` is unambiguously an interval: infinite ends, a union, or mixed/closed
-    brackets (``(a, b)`` alone may be a point)."""
+    """Whether ``s`` is surely an interval (infinite ends, a union, closed or mixed brackets)."""
     return bool(re.search(r"\\infty|\\cup", s)) or bool(
         re.match(r"^\s*(?:\[.*,.*[)\]]|\(.*,.*\])\s*$", s)
     )
@@ -381,8 +331,7 @@ def _symbolic_equal(reference: str, answer: str) -> bool:
 
 
 def _words(s: str) -> str | None:
-    """Lower-cased words of a text answer (``\\text{Evelyn}`` -> ``evelyn``), or ``None``
-    when ``s`` is not only words of two or more letters."""
+    """Lower-cased words of a text answer (``\\text{Evelyn}`` -> ``evelyn``), else ``None``."""
     inner = re.sub(r"\\(?:text|textbf|textit|mathrm|mbox)\s*\{([^{}]*)\}", r"\1", s).strip()
     if re.fullmatch(r"[A-Za-z]{2,}(?:\s+[A-Za-z]+)*", inner):
         return " ".join(inner.lower().split())
@@ -398,15 +347,8 @@ def _choice(s: str, parenthesized: bool = True) -> str | None:
 
 
 def math_equal(reference: str, answer: str) -> bool:
-    """Whether ``answer`` is mathematically equivalent to ``reference``.
-
-    Both are cleaned (delimiters, spacing, thousands separators), stripped of units (a
-    bare letter only when the reference carries it as a unit) and compared: a reference in
-    scientific notation accepts any number that rounds to it at its significant digits;
-    a percent is read both as a number and as a fraction of 100; everything else is
-    decided by math-verify (sets unordered, tuples ordered, equations and matrices
-    compared symbolically). See docs/eval.md for the rules and their measured accuracy.
-    """
+    """Whether ``answer`` is mathematically equivalent to ``reference`` (rules and measured
+    accuracy: docs/eval.md)."""
     ref, ans = _clean(reference), _clean(answer)
     if not ans or not ref:
         return False
@@ -438,8 +380,7 @@ def math_equal(reference: str, answer: str) -> bool:
 
 
 def grade_math(completion: str, reference: str) -> Grade:
-    """The final answer of ``completion`` (last boxed answer, else an explicit answer
-    statement) checked against ``reference`` with :func:`math_equal`."""
+    """The final answer of ``completion`` checked with :func:`math_equal`."""
     answer, source = extract_math_answer(completion)
     if answer is None:
         return Grade(None, False, 0.0)
@@ -455,11 +396,8 @@ _CHOICE_PATTERNS = (
 
 
 def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
-    """The option letter a completion commits to, or ``None``.
-
-    Tried in order: last ``\\boxed{X}``; the last "answer is X"; the last "Answer: X";
-    a completion that is only the letter. Letters outside ``letters`` are ignored.
-    """
+    """The option letter (in ``letters``) of the last ``\\boxed{X}``, else the last "answer is
+    X", else "Answer: X", else a completion that is only the letter; or ``None``."""
     boxed = extract_boxed(text)
     if boxed is not None:
         stripped = re.sub(r"\\text\{([^}]*)\}", r"\1", boxed).strip(" ().")
@@ -489,13 +427,8 @@ def grade_exact(completion: str, reference: str) -> Grade:
 
 
 def jaro_winkler(a: str, b: str, prefix_scale: float = 0.1, max_prefix: int = 4) -> float:
-    """Jaro-Winkler similarity of two strings (1.0 identical, 0.0 nothing in common).
-
-    Jaro: characters match when equal and at most ``max(len)//2 - 1`` positions apart;
-    with ``m`` matches and ``t`` half the number of matched characters out of order,
-    ``jaro = (m/|a| + m/|b| + (m - t)/m) / 3``. Winkler adds
-    ``l * prefix_scale * (1 - jaro)`` for a common prefix of length ``l <= max_prefix``.
-    """
+    """Jaro-Winkler similarity in [0, 1]; the prefix bonus applies at any Jaro value (no
+    0.7 threshold)."""
     if a == b:
         return 1.0
     if not a or not b:
@@ -538,12 +471,9 @@ GRADERS: dict[str, Callable[[str, str], Grade]] = {
     "choice": grade_choice,
 }
 
+# summaries report the mean score of continuous graders, the extracted fraction of extracting ones
 CONTINUOUS_GRADERS = frozenset({"jaro_winkler"})
-"""Graders whose score is not just ``float(correct)``; summaries report their mean score."""
-
 EXTRACTING_GRADERS = frozenset({"math", "choice"})
-"""Graders that may find no answer (``extracted`` is ``None``); summaries report the
-fraction of samples with an extracted answer and the accuracy among them."""
 
 
 def get_grader(name: str) -> Callable[[str, str], Grade]:

@@ -1,14 +1,5 @@
-"""Sampling metrics: avg@n accuracy, the unbiased pass@k estimator, and answer-format rates.
-
-For a problem with ``n`` samples of which ``c`` are correct, pass@k (Chen et al. 2021,
-"Evaluating Large Language Models Trained on Code") is the probability that at least one
-of ``k`` samples drawn without replacement from the ``n`` is correct:
-``1 - C(n - c, k) / C(n, k)``. avg@n is the mean fraction of correct samples.
-
-Graders that extract an answer (math, choice) also report the fraction of samples with an
-extracted final answer and the accuracy among those samples, which tells a formatting
-failure (no answer found) apart from a wrong answer; math adds the fraction with a
-``\\boxed{}`` answer.
+"""Sampling metrics: avg@n, the unbiased pass@k of Chen et al. 2021 (``1 - C(n - c, k) /
+C(n, k)`` for ``c`` correct of ``n``), and the answer-format rates of extracting graders.
 """
 
 from __future__ import annotations
@@ -44,23 +35,9 @@ def summarize(
     extracted: Sequence[Sequence[bool]] | None = None,
     boxed: Sequence[Sequence[bool]] | None = None,
 ) -> dict:
-    """Aggregate per-problem sample outcomes.
-
-    Args:
-        correct: ``correct[i][j]`` is whether sample ``j`` of problem ``i`` is correct;
-            every problem has the same number of samples ``n``.
-        scores: optional graded scores in [0, 1] of the same shape (e.g. similarity).
-        extracted: optional, same shape: whether a final answer was extracted from the
-            sample (a correct sample always has one).
-        boxed: optional, same shape: whether the answer came from a ``\\boxed{}``.
-
-    Returns:
-        ``{"problems", "n", "avg@n", "pass@k": {k: value}}``, plus ``"mean_score"`` when
-        ``scores`` is given; with ``extracted``, ``"extracted"`` (fraction of samples with
-        an extracted answer) and ``"accuracy_extracted"`` (correct samples / samples with
-        an extracted answer; ``None`` when there are none); with ``boxed``, ``"boxed"``.
-        Values are fractions in [0, 1].
-    """
+    """``{"problems", "n", "avg@n", "pass@k": {k: value}}`` of ``correct[problem][sample]``
+    (same ``n`` per problem), with ``mean_score`` from ``scores``, the ``extracted`` and
+    ``boxed`` fractions, and ``accuracy_extracted`` (None without extracted answers)."""
     if not correct:
         raise ValueError("no problems to summarize")
     n = len(correct[0])

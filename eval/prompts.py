@@ -1,18 +1,6 @@
-"""Prompt formats per model family.
-
-A *family* decides the chat markup; a task *kind* (math, figfont, choice, custom) decides
-the instruction. ``TEMPLATES[kind][family]`` is a string with one ``{input}`` slot.
-
-Families and the paper's names for the math formats:
-
-* ``qwen``  - ChatML (``<|im_start|>``); math: ``qwen-boxed`` (Qwen2.5 / Qwen2.5-Math).
-* ``llama`` - Llama-3 headers with an explicit ``<|begin_of_text|>``; math:
-  ``llama-base-boxed-with-bos`` (Llama-3.x base models).
-* ``deepseek`` - ``User: ... Assistant:``; math: ``deepseek-math`` (deepseek-math-7b-base).
-* ``raw`` - no markup: the instruction text only, for models of other families.
-
-The family is detected from the model (:func:`detect_family`) and can be overridden with
-``--prompt-format`` (a family or one of the paper's math format names).
+"""Prompt formats: a family (``qwen`` ChatML, ``llama`` Llama-3 headers with BOS,
+``deepseek`` User/Assistant, ``raw``) decides the markup, a task kind the instruction;
+``TEMPLATES[kind][family]`` has one ``{input}`` slot. The paper's format names are aliases.
 """
 
 from __future__ import annotations
@@ -54,32 +42,24 @@ def _deepseek(user: str) -> str:
     return f"User: {user}\n\nAssistant:"
 
 
-_MATH_USER = "{input}\n" + _BOXED_INSTRUCTION
-_CHOICE_USER = _CHOICE_INSTRUCTION + "\n\n{input}"
+def _every_family(user: str, system: str | None) -> dict[str, str]:
+    return {
+        "qwen": _chatml(user, system),
+        "llama": _llama3(user, system),
+        "deepseek": _deepseek(user),
+        "raw": user,
+    }
 
+
+_SYSTEM = "You are a helpful assistant."
 TEMPLATES: dict[str, dict[str, str]] = {
-    "math": {
-        "qwen": _chatml(_MATH_USER, "You are a helpful assistant."),
-        "llama": _llama3(_MATH_USER, "You are a helpful assistant."),
-        "deepseek": _deepseek(_MATH_USER),
-        "raw": _MATH_USER,
-    },
+    "math": _every_family("{input}\n" + _BOXED_INSTRUCTION, _SYSTEM),
     "figfont": {"qwen": FIGFONT_QWEN, "llama": FIGFONT_LLAMA},
-    "choice": {
-        "qwen": _chatml(_CHOICE_USER, "You are a helpful assistant."),
-        "llama": _llama3(_CHOICE_USER, "You are a helpful assistant."),
-        "deepseek": _deepseek(_CHOICE_USER),
-        "raw": _CHOICE_USER,
-    },
-    "custom": {
-        "qwen": _chatml("{input}", None),
-        "llama": _llama3("{input}", None),
-        "deepseek": _deepseek("{input}"),
-        "raw": "{input}",
-    },
+    "choice": _every_family(_CHOICE_INSTRUCTION + "\n\n{input}", _SYSTEM),
+    "custom": _every_family("{input}", None),
 }
 
-STOP_STRINGS = [
+STOP_STRINGS = [  # every family's end-of-turn markers
     "</s>",
     "<|im_end|>",
     "<|endoftext|>",
@@ -87,7 +67,6 @@ STOP_STRINGS = [
     "<|end_of_text|>",
     "<｜end▁of▁sentence｜>",
 ]
-"""End-of-turn markers of every family; generation stops at the first one."""
 
 
 def resolve_family(name: str) -> str:
@@ -100,13 +79,8 @@ def resolve_family(name: str) -> str:
 
 
 def detect_family(model_config: dict, vocab: Container[str], model_path: str = "") -> str:
-    """Pick the prompt family from a model's config, tokenizer vocabulary and path.
-
-    Qwen2/Qwen3 model types -> ``qwen``; a DeepSeek tokenizer (``<｜begin▁of▁sentence｜>``)
-    or "deepseek" in the path -> ``deepseek``; a Llama-3 vocabulary
-    (``<|start_header_id|>``) -> ``llama``; any other ChatML vocabulary (``<|im_start|>``,
-    e.g. SmolLM2) -> ``qwen``; otherwise ``raw``.
-    """
+    """The prompt family of a model: from its ``model_type`` (Qwen), else its vocabulary's
+    markers (DeepSeek, Llama-3, ChatML as in SmolLM2) or "deepseek" in its path, else raw."""
     model_type = str(model_config.get("model_type", "")).lower()
     if model_type.startswith("qwen"):
         return "qwen"

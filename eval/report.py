@@ -1,22 +1,12 @@
-"""Evaluation reports: per-sample JSONL, summary JSON and a markdown table.
-
-Layout under the output folder::
-
-    <out>/<task>/samples.jsonl   one JSON object per problem (prompt, completions,
-                                 extracted answers, correctness, scores)
-    <out>/<task>/summary.json    metrics and settings of the task
-    <out>/summary.json           all task summaries
-    <out>/summary.md             one table row per task (and, for math, a line per task
-                                 whose samples did not all yield a final answer)
-
-Every file is written to a temporary name in the same folder and renamed when complete.
+"""Evaluation reports, each written atomically: ``<out>/<task>/samples.jsonl`` (one record
+per problem), ``<out>/<task>/summary.json``, ``<out>/summary.json`` (every task's summary)
+and ``<out>/summary.md`` (the table and the answer-format notes).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,29 +22,20 @@ class TaskResult:
     samples: list[dict]
 
 
-def samples_jsonl(samples: Iterable[dict]) -> str:
-    """Per-sample records as JSON lines."""
-    return "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-
-
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+# answer-format columns (metric, header), shown when some task reports them
 _FORMAT_COLUMNS = (
     ("boxed", "boxed"),
     ("extracted", "extracted"),
     ("accuracy_extracted", "acc. of extracted"),
 )
-"""Answer-format columns (metric, header), shown when some task reports them."""
 
 
 def markdown_table(summaries: list[dict]) -> str:
-    """A markdown table with one row per task (percentages).
-
-    Math tasks add ``boxed`` (samples with a ``\\boxed{}`` answer), ``extracted`` (samples
-    with any extracted final answer) and ``acc. of extracted`` (accuracy among those).
-    """
+    """A markdown table with one row per task (percentages)."""
     ks = sorted({int(k) for s in summaries for k in s["metrics"]["pass@k"]})
     formats = [
         (key, title)
@@ -80,8 +61,8 @@ def markdown_table(summaries: list[dict]) -> str:
 
 
 def format_notes(summaries: list[dict]) -> str:
-    """One line per task whose samples did not all yield a final answer: how many had none
-    (a formatting failure, not a wrong answer) and the accuracy among the others."""
+    """One line per task whose samples did not all yield a final answer (a formatting
+    failure, not a wrong answer): how many, and the accuracy among the others."""
     lines = []
     for s in summaries:
         m = s["metrics"]
@@ -102,7 +83,8 @@ def write_reports(out: str | os.PathLike, results: list[TaskResult]) -> Path:
     """Write every report file under ``out`` and return that folder."""
     root = Path(out)
     for result in results:
-        atomic_write_text(root / result.task / "samples.jsonl", samples_jsonl(result.samples))
+        lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in result.samples)
+        atomic_write_text(root / result.task / "samples.jsonl", lines)
         atomic_write_text(
             root / result.task / "summary.json", json.dumps(result.summary, indent=2) + "\n"
         )

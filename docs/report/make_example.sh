@@ -18,7 +18,7 @@ mkdir -p "$root"
 import json, sys
 from pathlib import Path
 from probsft_megatron.demo import arithmetic_records
-from probsft_megatron.eval.models import materialize_smollm2
+from probsft_megatron.embedded import materialize_smollm2
 from probsft_megatron.tokenizers import load_tokenizer
 
 root = Path(sys.argv[1])
