@@ -206,34 +206,26 @@ def generate(
     return recs, info
 
 
-def _generated_task(path: Path) -> str | None:
-    """The task of a file written by ``probsft data generate`` (its first record's ``task``,
-    next to ``prompt``, ``response`` and ``reference``), else None."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = json.loads(f.readline())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    if isinstance(first, dict) and {"prompt", "response", "reference", "task"} <= set(first):
-        return str(first["task"])
-    return None
-
-
 def _check_existing(out: Path, overwrite: bool) -> None:
     """An existing ``--out`` is replaced only with ``--overwrite``, and only when it is a
-    file ``probsft data generate`` wrote (one line otherwise)."""
+    file ``probsft data generate`` wrote (its first record has ``prompt``, ``response``,
+    ``reference`` and ``task``)."""
     if not out.exists():
         return
-    task = _generated_task(out)
-    if task is None:
+    try:
+        with open(out, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError, UnicodeDecodeError):
+        first = None
+    if not isinstance(first, dict) or not {"prompt", "response", "reference", "task"} <= set(first):
         raise ConfigError(
             f"--out {out} already exists and is not a file written by probsft data generate; "
             "--overwrite replaces only such a file: choose another --out or remove it yourself"
         )
     if not overwrite:
         raise ConfigError(
-            f"--out {out} already holds generated {task} records; pass --overwrite to replace "
-            "it, or choose another --out"
+            f"--out {out} already holds generated {first['task']} records; pass --overwrite to "
+            "replace it, or choose another --out"
         )
 
 

@@ -116,14 +116,7 @@ def collate(
     else:
         examples = tuple((int(i),) for i, _, _ in items) + ((),) * (rows - len(items))
     return Batch(
-        tokens=tokens,
-        labels=labels,
-        loss_mask=loss_mask,
-        position_ids=position_ids,
-        examples=examples,
-        real_tokens=real,
-        cu_seqlens=cu_seqlens,
-        max_seqlen=max_seqlen,
+        tokens, labels, loss_mask, position_ids, None, examples, real, cu_seqlens, max_seqlen
     )
 
 
