@@ -1,18 +1,6 @@
-"""What the logging rank records while training: one record per step, to every sink.
-
-A record is a flat dict (:func:`step_record`: loss, learning rate, tokens/s, ...; the steps
-with a validation pass also carry ``val_loss``, ``val_nll`` and the other ``val_*`` keys of
-:func:`probsft_megatron.runtime.eval_step`). :class:`RunLog` writes it to the sinks:
-
-* ``metrics.jsonl`` in ``train.output_dir`` (always; what ``probsft report`` reads). A resume
-  drops the lines of the steps it repeats first;
-* TensorBoard (``train.tensorboard``): ``train/<key>`` and ``val/<key>`` scalars and the
-  histogram of p;
-* Weights & Biases (``train.wandb_project``; ``train.wandb_mode`` ``online`` or ``offline``):
-  the same scalars as ``train/<key>`` and ``val/<key>``, the job's config as the run's config;
-  the run's files go to ``<output_dir>/wandb`` unless ``WANDB_DIR`` says otherwise;
-
-and shows a progress bar with the loss, mean p, tokens/s and ETA.
+"""What the logging rank records while training: one flat record per step (:func:`step_record`,
+plus the ``val_*`` keys on validation steps), written by :class:`RunLog` to ``metrics.jsonl``,
+TensorBoard and Weights & Biases (docs/training.md), with a progress bar.
 """
 
 from __future__ import annotations
@@ -34,11 +22,8 @@ def p_histogram(p: torch.Tensor, bins: int = 20) -> list[int]:
 
 
 def step_record(step: int, lr: float, stats, elapsed: float) -> dict[str, Any]:
-    """One line of ``metrics.jsonl`` from a step's :class:`~probsft_megatron.runtime.StepStats`:
-    ``tokens`` are the global batch's real (non-padding) tokens, ``positions`` the positions
-    computed for it (padding included) and ``positions_per_token`` their ratio (1.0: no
-    padding computed); ``tokens_per_s`` counts real tokens, ``padded_tokens_per_s`` computed
-    positions."""
+    """One line of ``metrics.jsonl`` from a step's StepStats (``tokens``: real tokens,
+    ``positions``: computed ones, padding included)."""
     record = {
         "step": step,
         "loss": stats.loss,
@@ -65,8 +50,7 @@ def step_record(step: int, lr: float, stats, elapsed: float) -> dict[str, Any]:
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
-    """The record's numbers as ``train/<key>`` and ``val/<key>`` (``val_loss`` ->
-    ``val/loss``), the names TensorBoard and W&B show."""
+    """The record's numbers as ``train/<key>`` and ``val/<key>`` (``val_loss`` -> ``val/loss``)."""
     out = {}
     for key, value in record.items():
         if key == "step" or isinstance(value, bool) or not isinstance(value, int | float):
@@ -100,9 +84,8 @@ class WandbSink:
 
 
 class RunLog:
-    """What the logging rank writes while training: ``config.json``, ``metrics.jsonl``
-    (steps a resume repeats are dropped first), TensorBoard scalars and p histograms, W&B,
-    and a progress bar with the loss, mean p, tokens/s and ETA."""
+    """The logging rank's sinks: ``config.json``, ``metrics.jsonl`` (a resume first drops the
+    steps it repeats), TensorBoard, W&B and the progress bar."""
 
     def __init__(self, job, start_step: int, last_step: int) -> None:
         from tqdm import tqdm

@@ -1,13 +1,6 @@
-"""Megatron-Core GPT model building (Qwen2 / Llama families).
-
-:class:`~probsft_megatron.config.ModelConfig` describes a decoder in Hugging Face terms (what a
-``config.json`` says); :func:`transformer_config` turns it plus a
-:class:`~probsft_megatron.config.ParallelConfig` (layout and activation recomputation) into
-megatron's ``TransformerConfig`` (the single source of truth inside megatron), and
-:func:`build_gpt_model` builds one pipeline stage of a ``GPTModel`` with the layer spec of the
-chosen attention (the local spec runs on CPU and GPU alike) and the chosen output head:
-logits (megatron's own) or hidden states for the fused loss
-(:class:`~probsft_megatron.fused_head.FusedHeadGPTModel`).
+"""Megatron-Core GPT model building (Qwen2 / Llama families): ``TransformerConfig`` from a
+ModelConfig + ParallelConfig, the layer spec of the chosen attention, and one pipeline stage
+with megatron's logits head or the fused head.
 """
 
 from __future__ import annotations
@@ -18,25 +11,10 @@ import torch
 
 from probsft_megatron.config import ModelConfig, ParallelConfig, resolve_attention
 
-__all__ = [
-    "TINY_QWEN2",
-    "ModelConfig",
-    "ParallelConfig",
-    "SequenceParallelRMSNorm",
-    "build_gpt_model",
-    "layer_spec",
-    "resolve_attention",
-    "transformer_config",
-]
-
 
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):
-    """torch RMSNorm usable under sequence parallelism.
-
-    megatron's wrapper around torch norms refuses ``sequence_parallel``; the only thing SP
-    needs from a norm is that its weight is marked, so ``finalize_model_grads`` all-reduces
-    its gradient over the tensor-parallel group (each rank saw a slice of the sequence).
-    """
+    """torch RMSNorm under sequence parallelism (megatron's torch-norm wrapper refuses it):
+    the weight is marked so ``finalize_model_grads`` all-reduces its gradient over TP."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
@@ -52,13 +30,8 @@ def transformer_config(
     calculate_per_token_loss: bool = True,
     **overrides: Any,
 ):
-    """megatron ``TransformerConfig`` for ``model`` under ``parallel``.
-
-    Dropout is 0 (SFT of pretrained backbones; also what makes CPU runs TP-exact) and
-    ``calculate_per_token_loss`` is on: losses are summed per micro-batch and gradients are
-    divided once by the global token count (see :mod:`probsft_megatron.loss`). Activation
-    recomputation follows ``parallel.recompute_*`` (megatron's own options).
-    """
+    """megatron ``TransformerConfig`` for ``model`` under ``parallel``: dropout 0 (SFT; also
+    TP-exact on CPU), per-token loss sums (gradients divided once by the global count)."""
     from megatron.core.transformer import TransformerConfig
 
     kwargs: dict[str, Any] = dict(
@@ -98,18 +71,9 @@ def transformer_config(
 
 
 def layer_spec(config, attention: str = "sdpa", peft=None):
-    """The GPT block spec for an attention implementation:
-
-    * ``te``: megatron's Transformer Engine spec (fused attention, TE norms fused into the
-      linears; NGC GPU containers);
-    * ``sdpa``: the local spec with :class:`~probsft_megatron.attention.SDPAttention`;
-    * ``local``: the local spec with megatron's unfused ``DotProductAttention``.
-
-    The local variants use SP-capable RMSNorm everywhere. All store weights under the same
-    checkpoint keys (the local spec maps its norms onto TE's ``layer_norm_weight`` names).
-    ``peft`` (a :class:`~probsft_megatron.config.PeftConfig` with ``method: lora``): the target
-    linears carry LoRA adapters (:func:`probsft_megatron.lora.lora_layer_spec`).
-    """
+    """The GPT block spec of ``attention`` (``te``: megatron's TE spec; ``sdpa``/``local``:
+    the local spec with SDPAttention or megatron's own, SP-capable norms), LoRA with ``peft``;
+    all keep the same checkpoint keys."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -130,9 +94,7 @@ def layer_spec(config, attention: str = "sdpa", peft=None):
         from probsft_megatron import compat
         from probsft_megatron.attention import SDPAttention
 
-        # in the constructor form the installed megatron-core calls (0.14 names the
-        # process groups differently)
-        core_attention = compat.core_attention_module(SDPAttention)
+        core_attention = compat.core_attention_module(SDPAttention)  # 0.14's constructor
         spec.submodules.self_attention.submodules.core_attention = core_attention
     if peft is not None and peft.enabled:
         from probsft_megatron.lora import lora_layer_spec
@@ -154,15 +116,8 @@ def build_gpt_model(
     fused_head: bool = False,
     peft=None,
 ):
-    """One pipeline stage of a megatron ``GPTModel`` (call after parallel state is set up).
-
-    Returns logits split over the vocabulary on each TP rank (``parallel_output=True``);
-    with ``labels`` the model returns the per-token cross entropy ``[b, s]``, identical on
-    every TP rank. ``fused_head``: a :class:`~probsft_megatron.fused_head.FusedHeadGPTModel`,
-    whose last stage returns the hidden states for the fused loss instead (same parameters
-    and checkpoint keys). ``peft``: LoRA adapters on the target linears (see
-    :func:`layer_spec`); the caller freezes the base (:func:`probsft_megatron.lora.prepare_model`).
-    """
+    """One pipeline stage of a ``GPTModel``: vocab-parallel logits (with ``labels`` the
+    per-token CE), or with ``fused_head`` hidden states for the fused loss."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -175,7 +130,7 @@ def build_gpt_model(
         from probsft_megatron.fused_head import FusedHeadGPTModel
 
         model_class = FusedHeadGPTModel
-    gpt = model_class(
+    return model_class(
         config=config,
         transformer_layer_spec=layer_spec(config, resolve_attention(attention), peft),
         vocab_size=model.vocab_size,
@@ -190,9 +145,9 @@ def build_gpt_model(
         rope_scaling=model.rope_scaling_factor is not None,
         rope_scaling_factor=model.rope_scaling_factor or 8.0,
     )
-    return gpt
 
 
+# the tests' tiny Qwen2-style model: RMSNorm, SwiGLU, GQA, qkv bias, RoPE, untied
 TINY_QWEN2 = ModelConfig(
     arch="qwen2",
     num_layers=2,
@@ -203,4 +158,3 @@ TINY_QWEN2 = ModelConfig(
     vocab_size=256,
     rope_theta=1e6,
 )
-"""The tiny Qwen2-style model of the tests: RMSNorm, SwiGLU, GQA, qkv bias, RoPE, untied."""

@@ -26,6 +26,7 @@ from probsft_megatron.fileio import atomic_write_json
 from probsft_megatron.job import Job, resolve_job
 from probsft_megatron.loss import ObjectiveLoss
 from probsft_megatron.metrics import RunLog, step_record
+from probsft_megatron.validation import Validation, global_batches
 
 # by name: under ``python -m`` __name__ is "__main__", outside the package's logging set-up
 logger = logging.getLogger("probsft_megatron.train")
@@ -78,8 +79,6 @@ class Trainer:
     (:meth:`fit`). Tests inject faults by wrapping the module functions it calls."""
 
     def __init__(self, job: Job, stopper: stopping.Stopper) -> None:
-        from probsft_megatron.data import GlobalBatchLoader
-        from probsft_megatron.data.batches import pad_multiple
         from probsft_megatron.data.store import open_dataset
         from probsft_megatron.model import transformer_config
         from probsft_megatron.tokenizers import load_tokenizer
@@ -101,21 +100,7 @@ class Trainer:
         dataset = open_dataset(
             job.data, tokenizer, builder=int(os.environ.get("LOCAL_RANK", "0")) == 0
         )
-        self.loader = GlobalBatchLoader(
-            dataset,
-            global_batch_size=t.global_batch_size,
-            micro_batch_size=t.micro_batch_size,
-            dp_rank=layout.dp_rank,
-            dp_size=layout.dp,
-            seq_length=job.data.max_length,
-            seed=t.seed,
-            epochs=t.epochs,
-            packing=job.data.packing,
-            pad_id=tokenizer.pad_token_id,
-            padding=job.data.padding,
-            pad_multiple=pad_multiple(layout.tp),
-            same_length_per_step=layout.pp > 1,  # stages exchange fixed-shape tensors
-        )
+        self.loader = global_batches(job, dataset, layout, tokenizer.pad_token_id, epochs=t.epochs)
         self.total_steps = len(self.loader)
         self.last_step = run_length(len(dataset), self.total_steps, t, announce=self.is_logger)
 
@@ -153,8 +138,6 @@ class Trainer:
         )
         self.validation = None
         if job.data.val_files:  # held-out loss every train.eval_interval steps and at the end
-            from probsft_megatron.validation import Validation
-
             self.validation = Validation(job, tokenizer, layout)
         self.log = RunLog(job, self.start_step, self.last_step) if self.is_logger else None
 

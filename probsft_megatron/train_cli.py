@@ -1,13 +1,8 @@
 """`probsft train --config RECIPE [--nproc N] [--dry-run] [key=value ...]`.
 
-Resolves the whole configuration for ``N`` processes first
-(:func:`probsft_megatron.config.resolve_job`: a bad key or value, an impossible layout, a
-missing or damaged file, a missing tokenizer fail here, before anything is spawned), checks
-that the layout fits the GPUs' memory (:func:`fit_check`; ``--no-fit-check`` skips it), then
-runs the job in this process (N=1)
-or under torchrun's agent with N processes (:mod:`probsft_megatron.launchers.agent`, which
-leaves SIGTERM/SIGUSR1/SIGINT to the training processes: they save and exit 75).
-``--dry-run`` prints the resolved configuration and stops.
+Resolves and checks the whole job for ``N`` processes before anything is spawned, checks the
+layout's memory fit, then runs it here (N=1) or under torchrun's agent (which leaves the stop
+signals to the training processes).
 """
 
 from __future__ import annotations
@@ -47,13 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def fit_check(job, args: argparse.Namespace) -> str:
-    """The memory planner's verdict on the job's layout (:func:`probsft_megatron.plan.check_fits`,
-    the model counted on the meta device), as a line for the dry run; a layout that will not
-    fit is refused with the planner's one line (the recommended layout's overrides, and
-    ``--no-fit-check``).
-
-    The GPU size is ``--gpu-memory``, else the CUDA device's; on a machine without CUDA the
-    check is skipped (the host's RAM is not what the planner estimates)."""
+    """The memory planner's verdict on the layout as one line; one that will not fit is refused.
+    The GPU size is ``--gpu-memory``, else the CUDA device's (no CUDA: skipped)."""
     if args.gpu_memory is not None and not args.gpu_memory > 0:
         raise ConfigError(f"--gpu-memory must be a positive number of GB (got {args.gpu_memory})")
     if args.no_fit_check:
@@ -88,8 +78,7 @@ def run(args: argparse.Namespace) -> int:
             "probsft train needs --config RECIPE: a YAML file or a shipped recipe "
             f"({', '.join(list_recipes())})"
         )
-    # the checkpoint a resume would load: checked here for --dry-run; a run leaves it to its
-    # rank 0, which checks it once (checkpoint.CheckpointManager.find)
+    # the checkpoint a resume would load: checked here for --dry-run, else once by rank 0
     job = resolve_job(load_config(args.config, args.overrides), args.nproc, resume=args.dry_run)
     fit = fit_check(job, args)
     from probsft_megatron.run_lock import check_free

@@ -1,13 +1,7 @@
-"""The validation loss on held-out data (``data.val_files``), every ``train.eval_interval``
-steps and at the last step (the paper's trainer: ``val_files``, ``test_freq``).
+"""The validation loss on ``data.val_files`` every ``train.eval_interval`` steps and at the end.
 
-The held-out records are tokenized like the training data and cut into global batches the
-same way (same global and micro batch, the same DP split, the last incomplete batch kept and
-filled with empty rows); ``train.eval_batches`` of them (all by default), in a fixed order,
-are run forward only (:func:`probsft_megatron.runtime.eval_step`). Reported, summed over the
-batches before dividing: ``val_loss`` (the training objective with its normalization and
-threshold rule), ``val_nll`` (mean CE of the response tokens, the same for every objective),
-``val_mean_p``, ``val_tokens`` (response tokens) and ``val_time_s``.
+The held-out data is cut into global batches like the training data (last batch kept); the
+``val_*`` metrics are sums over ``train.eval_batches`` of them, divided at the end.
 """
 
 from __future__ import annotations
@@ -19,33 +13,41 @@ from typing import Any
 from probsft_megatron import runtime
 
 
+def global_batches(job, dataset, layout, pad_id: int, **kwargs):
+    """The job's ``GlobalBatchLoader`` over ``dataset`` for this rank's ``layout``."""
+    from probsft_megatron.data import GlobalBatchLoader
+    from probsft_megatron.data.batches import pad_multiple
+
+    t = job.train
+    return GlobalBatchLoader(
+        dataset,
+        global_batch_size=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size,
+        dp_rank=layout.dp_rank,
+        dp_size=layout.dp,
+        seq_length=job.data.max_length,
+        seed=t.seed,
+        packing=job.data.packing,
+        pad_id=pad_id,
+        padding=job.data.padding,
+        pad_multiple=pad_multiple(layout.tp),
+        same_length_per_step=layout.pp > 1,  # stages exchange fixed-shape tensors
+        **kwargs,
+    )
+
+
 class Validation:
     """Built once per run (every rank); call it on every rank at the steps :meth:`due` says."""
 
     def __init__(self, job, tokenizer, layout) -> None:
-        from probsft_megatron.data import GlobalBatchLoader, SFTDataset
-        from probsft_megatron.data.batches import pad_multiple
+        from probsft_megatron.data import SFTDataset
 
         t = job.train
         data = dataclasses.replace(
             job.data, source="file", train_files=list(job.data.val_files), num_samples=None
         )
         dataset = SFTDataset(data, tokenizer)
-        self.loader = GlobalBatchLoader(
-            dataset,
-            global_batch_size=t.global_batch_size,
-            micro_batch_size=t.micro_batch_size,
-            dp_rank=layout.dp_rank,
-            dp_size=layout.dp,
-            seq_length=job.data.max_length,
-            seed=t.seed,
-            packing=job.data.packing,
-            pad_id=tokenizer.pad_token_id,
-            drop_last=False,
-            padding=job.data.padding,
-            pad_multiple=pad_multiple(layout.tp),
-            same_length_per_step=layout.pp > 1,
-        )
+        self.loader = global_batches(job, dataset, layout, tokenizer.pad_token_id, drop_last=False)
         self.batches = min(len(self.loader), t.eval_batches or len(self.loader))
         self.interval = t.eval_interval
         self.examples = len(dataset)
@@ -54,8 +56,7 @@ class Validation:
         return step == last_step or bool(self.interval) and step % self.interval == 0
 
     def __call__(self, model_chunks: list, head) -> dict[str, Any]:
-        """The validation metrics (``val_*``) on the last pipeline stage, ``{}`` elsewhere; a
-        collective over the whole job."""
+        """The ``val_*`` metrics on the last stage, ``{}`` elsewhere (a collective)."""
         t0 = time.perf_counter()
         for chunk in model_chunks:
             chunk.eval()
