@@ -10,7 +10,7 @@ from probsft_megatron.config import list_recipes, load_config
 from probsft_megatron.plan.activations import loss_head
 from probsft_megatron.plan.estimate import estimate, estimate_stage
 from probsft_megatron.plan.layout import GiB, Layout, Workload
-from probsft_megatron.plan.search import Candidate, Plan, plan, workload_of
+from probsft_megatron.plan.search import NO_FIT_HINT, Candidate, Plan, plan, workload_of
 from probsft_megatron.plan.static import lora_parameters
 
 if TYPE_CHECKING:
@@ -163,10 +163,7 @@ def render_plan(rep: dict) -> str:
     )
     lines.append(f"requested    {req['label']}: {verdict}")
     if rec is None:
-        lines.append(
-            "recommended  none: no layout fits on these GPUs (add GPUs, lower "
-            "train.micro_batch_size or data.max_length, or use loss.implementation=fused)"
-        )
+        lines.append(f"recommended  none: no layout fits on these GPUs ({NO_FIT_HINT})")
     else:
         lines.append(f"recommended  {rec['label']}: {rec['per_gpu_gib']['total']:.1f} GiB")
     lines.append("")
@@ -259,19 +256,15 @@ def lora_table(rank: int = 16, gpu_memory_gb: float = NODE_MEMORIES_GB[0]) -> st
         "trainable (LoRA) |",
         "|---|---|---:|---:|---|---|---:|",
     ]
+    lora_keys = ["peft.method=lora", f"peft.rank={rank}"]
+    single = Layout().overrides()[:3]  # TP=1, PP=1, no sequence parallelism
     for name in node_recipes():
         cfg = load_config(name)
-        lora = load_config(name, ["peft.method=lora", f"peft.rank={rank}"])
+        lora = load_config(name, lora_keys)
         cells = []
         for c in (cfg, lora):
             req = plan(c, NODE_GPUS, gpu_memory_gb).requested
             cells.append(f"{req.estimate.total / GiB:.1f}" if req.estimate else "-")
-        single = [
-            "parallel.tensor_model_parallel_size=1",
-            "parallel.pipeline_model_parallel_size=1",
-            "parallel.sequence_parallel=false",
-        ]
-        lora_keys = ["peft.method=lora", f"peft.rank={rank}"]
         one = [
             _one_gpu_cell(plan(load_config(name, [*single, *extra]), 1, gpu_memory_gb))
             for extra in ([], lora_keys)

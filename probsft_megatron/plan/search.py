@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 OVERRIDE_FLAG = "--no-fit-check"
 """How a user overrides a refused layout in ``probsft train`` / ``probsft launch``."""
+NO_FIT_HINT = (
+    "add GPUs, lower train.micro_batch_size or data.max_length, or use loss.implementation=fused"
+)
 
 
 def layout_of(cfg: TrainJobConfig, world_size: int) -> Layout:
@@ -231,7 +234,6 @@ class Verdict:
 
     fits: bool
     message: str
-    needed_gib: float
     recommended: Layout | None
     plan: Plan
 
@@ -249,15 +251,13 @@ def check_fits(
     need = req.estimate.total / GiB if req.estimate else float("nan")
     if req.fits:
         msg = f"fits: {req.layout.label()} needs {need:.1f} GiB of {gpu_memory_gb:g} per GPU"
-        return Verdict(True, msg, need, req.layout, p)
-    what = (
-        (
+        return Verdict(True, msg, req.layout, p)
+    what = f"{req.layout.label()} is not possible ({req.reason})"
+    if req.estimate:
+        what = (
             f"{req.layout.label()} needs {need:.1f} GiB per GPU, more than the "
             f"{gpu_memory_gb:g} GiB of each of {world_size} GPU(s)"
         )
-        if req.estimate
-        else f"{req.layout.label()} is not possible ({req.reason})"
-    )
     if p.recommended is not None:
         rec = p.recommended
         fix = (
@@ -265,9 +265,6 @@ def check_fits(
             f"{' '.join(rec.layout.overrides())}"
         )
     else:
-        fix = (
-            "no layout fits on these GPUs: add GPUs, lower train.micro_batch_size or "
-            "data.max_length, or use loss.implementation=fused"
-        )
+        fix = f"no layout fits on these GPUs: {NO_FIT_HINT}"
     msg = f"will not fit: {what}; {fix}; or pass {OVERRIDE_FLAG} to run it anyway"
-    return Verdict(False, msg, need, p.recommended.layout if p.recommended else None, p)
+    return Verdict(False, msg, p.recommended.layout if p.recommended else None, p)
