@@ -1,12 +1,5 @@
-"""`probsft report PATH... [--out DIR]`: compare the runs of an experiment or sweep.
-
-    probsft report outputs                       # a work directory of probsft launch
-    probsft report outputs --metric mean_score   # the table's score: jaro-winkler mean
-    probsft report runs/nll-s1 runs/nll-s2 runs/p-s1 runs/p-s2 eval/base --out cmp/
-    probsft report sweep-work --probe probes/math-1.5b
-
-Writes ``report.json``, ``report.md`` and PNG figures and prints the comparison table.
-"""
+"""`probsft report PATH... [--out DIR]`: compare the runs of an experiment or sweep; writes
+report.json, report.md and PNG figures and prints the comparison table (docs/report.md)."""
 
 from __future__ import annotations
 

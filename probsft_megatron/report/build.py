@@ -168,30 +168,18 @@ def _draw(
 ) -> list[dict]:
     """Every figure that has something to show; their entries for ``report["figures"]``."""
     figs: list[dict] = []
-    if plot_curves(groups, out / "curves.png"):
-        figs.append(
-            {
-                "file": "curves.png",
-                "kind": "curves",
-                "title": "training loss and mean p against step, every run",
-            }
-        )
-    if plot_sweep(groups, blocks, "a", metric, out / "sweep-a.png"):
-        figs.append(
-            {
-                "file": "sweep-a.png",
-                "kind": "sweep-a",
-                "title": f"{metric_label(metric)} against the convexity a",
-            }
-        )
-    if plot_sweep(groups, blocks, "threshold", metric, out / "sweep-threshold.png"):
-        figs.append(
-            {
-                "file": "sweep-threshold.png",
-                "kind": "sweep-threshold",
-                "title": f"{metric_label(metric)} against the threshold",
-            }
-        )
+    for kind, title, drawn in (
+        ("curves", "training loss and mean p against step, every run", None),
+        ("sweep-a", f"{metric_label(metric)} against the convexity a", "a"),
+        ("sweep-threshold", f"{metric_label(metric)} against the threshold", "threshold"),
+    ):
+        path = out / f"{kind}.png"
+        if drawn is None:
+            made = plot_curves(groups, path)
+        else:
+            made = plot_sweep(groups, blocks, drawn, metric, path)
+        if made:
+            figs.append({"file": path.name, "kind": kind, "title": title})
     objectives = []
     for g in groups:
         o = g["objective"]

@@ -92,6 +92,20 @@ def collect(
                 if path.parts[len(work.parts)] not in ("runs", "experiments", "models"):
                     _add_probe(col, path)
 
+    def add_folder(path: Path, top: bool) -> bool:
+        """Read ``path`` as a work directory, run, eval folder or probe; False if none."""
+        if (path / "runs").is_dir() or (top and (path / "experiments").is_dir()):
+            add_work(path)
+        elif is_run_dir(path):
+            add_run(read_run(path, None, step_states, step_logs))
+            if top and (path / "probe" / "report.json").is_file():
+                _add_probe(col, path / "probe" / "report.json")
+        elif is_eval_dir(path):
+            add_run(read_eval_only(path))
+        else:
+            return _add_probe(col, path / "report.json")
+        return True
+
     for raw in paths:
         path = Path(raw).absolute()
         if not path.exists():
@@ -109,29 +123,9 @@ def collect(
                     f"{path} is a file that is not a probe report; give the folder "
                     "of a run, an experiment or an evaluation instead"
                 )
-        if (path / "runs").is_dir() or (path / "experiments").is_dir():
-            add_work(path)
-        elif is_run_dir(path):
-            add_run(read_run(path, None, step_states, step_logs))
-            if (path / "probe" / "report.json").is_file():
-                _add_probe(col, path / "probe" / "report.json")
-        elif is_eval_dir(path):
-            add_run(read_eval_only(path))
-        elif _add_probe(col, path / "report.json"):
-            continue
-        else:
-            found = False
-            for child in sorted(p for p in path.iterdir() if p.is_dir()):
-                if (child / "runs").is_dir():
-                    add_work(child)
-                elif is_run_dir(child):
-                    add_run(read_run(child, None, step_states, step_logs))
-                elif is_eval_dir(child):
-                    add_run(read_eval_only(child))
-                elif not _add_probe(col, child / "report.json"):
-                    continue
-                found = True
-            if not found:
+        if not add_folder(path, top=True):
+            found = [add_folder(p, top=False) for p in sorted(path.iterdir()) if p.is_dir()]
+            if not any(found):
                 raise ConfigError(
                     f"{path} holds no run: expected a work directory of probsft launch "
                     "(runs/, experiments/), a training run folder (config.json, "

@@ -66,13 +66,7 @@ def is_probe_report(data: Any) -> bool:
 
 def is_eval_summary(data: Any) -> bool:
     """The aggregate ``summary.json`` of ``probsft eval --out``: a list of task summaries."""
-    return (
-        isinstance(data, list)
-        and bool(data)
-        and all(
-            isinstance(s, dict) and "task" in s and isinstance(s.get("metrics"), dict) for s in data
-        )
-    )
+    return isinstance(data, list) and bool(data) and all(is_task_summary(s) for s in data)
 
 
 def is_task_summary(data: Any) -> bool:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from probsft_megatron.report.files import EXTRACTED
-from probsft_megatron.report.runs import TAIL
+from probsft_megatron.report.runs import TAIL, TRAINING_STATS
 from probsft_megatron.report.tables import metric_label
 
 
@@ -154,14 +154,13 @@ def render_markdown(report: dict) -> str:
                     f"{s}/{p}" if p else str(s) for s, p in zip(t["steps"], t["planned_steps"])
                 )
             )
+            stats = [  # the share of kept tokens in percent, the rest as they are
+                _fmt_stat(t.get(k), k == "frac_kept") + ("%" if k == "frac_kept" else "")
+                for k in TRAINING_STATS
+            ]
             lines.append(
                 f"| `{g['label']}` | {_md_escape(g['setting']) or '-'} | "
-                f"n={len(g['runs'])} | {steps} | {_fmt_stat(t.get('loss'), False)} | "
-                f"{_fmt_stat(t.get('mean_p'), False)} | "
-                f"{_fmt_stat(t.get('frac_kept'), True)}% | "
-                f"{_fmt_stat(t.get('mean_w'), False)} | "
-                f"{_fmt_stat(t.get('tokens_per_s'), False)} | "
-                f"{_fmt_stat(t.get('positions_per_token'), False)} |"
+                f"n={len(g['runs'])} | {steps} | " + " | ".join(stats) + " |"
             )
         lines.append("")
         validated = [g for g in trained if "val_loss" in g["training"]]

@@ -24,6 +24,7 @@ from probsft_megatron.report.records import StepOutcome, planned_config, step_er
 
 TAIL = 10
 """Final training statistics are the mean over the last ``TAIL`` logged steps."""
+TRAINING_STATS = ("loss", "mean_p", "frac_kept", "mean_w", "tokens_per_s", "positions_per_token")
 STATUSES = ("complete", "trained", "running", "queued", "failed", "not started")
 """Run states, as docs/report.md describes them."""
 
@@ -165,16 +166,7 @@ def identity(config: dict) -> str:
 def _tail_stats(history: list[dict]) -> dict[str, float]:
     tail = history[-TAIL:]
     out = {}
-    for key in (
-        "loss",
-        "mean_p",
-        "frac_kept",
-        "mean_w",
-        "grad_norm",
-        "tokens_per_s",
-        "positions_per_token",
-        "threshold",
-    ):
+    for key in (*TRAINING_STATS, "grad_norm", "threshold"):
         vals = [
             r[key] for r in tail if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
         ]
@@ -189,6 +181,15 @@ def _last_validation(history: list[dict]) -> dict[str, Any] | None:
         if isinstance(r.get("val_loss"), (int, float)):
             return {"step": r["step"], **{k: v for k, v in r.items() if k.startswith("val_")}}
     return None
+
+
+def _train_state(root: Path, key: str, kind: type, problems: list[str]) -> tuple[Any, str | None]:
+    """``key`` of the newest checkpoint's train_state.json holding a ``kind``, and that file."""
+    for state_file in sorted(root.glob("checkpoints/*/train_state.json"), reverse=True):
+        state = read_json(state_file, problems)
+        if isinstance(state, dict) and isinstance(state.get(key), kind):
+            return state[key], str(state_file.relative_to(root))
+    return None, None
 
 
 def read_run(
@@ -210,13 +211,8 @@ def read_run(
         summary = None
     config_source = "config.json" if isinstance(config, dict) else None
     if config_source is None:
-        config = None
         # a run that has checkpoints keeps its config in each checkpoint's train_state.json
-        for state_file in sorted(root.glob("checkpoints/*/train_state.json"), reverse=True):
-            state = read_json(state_file, problems)
-            if isinstance(state, dict) and isinstance(state.get("config"), dict):
-                config, config_source = state["config"], str(state_file.relative_to(root))
-                break
+        config, config_source = _train_state(root, "config", dict, problems)
     if config is None and "train" in records and records["train"].config:
         config = planned_config(records["train"], problems)
         config_source = "experiment record" if config is not None else None
@@ -241,11 +237,7 @@ def read_run(
 
     total_steps = (summary or {}).get("total_steps")
     if total_steps is None:
-        for state_file in sorted(root.glob("checkpoints/*/train_state.json"), reverse=True):
-            state = read_json(state_file, problems)
-            if isinstance(state, dict) and isinstance(state.get("total_steps"), int):
-                total_steps = state["total_steps"]
-                break
+        total_steps, _ = _train_state(root, "total_steps", int, problems)
     max_steps = ((config or {}).get("train") or {}).get("max_steps")
     planned = total_steps
     if isinstance(max_steps, int) and max_steps > 0:
@@ -262,23 +254,15 @@ def read_run(
             "last": {k: v for k, v in (history[-1] if history else {}).items() if k != "p_hist"},
             "validation": _last_validation(history),
         }
-    curves = {
-        "step": [r["step"] for r in history],
-        "loss": [r.get("loss") for r in history],
-        "mean_p": [r.get("mean_p") for r in history],
-    }
+    curves = {key: [r.get(key) for r in history] for key in ("step", "loss", "mean_p")}
     evals = read_eval(root / "eval", problems) if (root / "eval").is_dir() else {}
 
     probe = None
     probe_report = read_json(root / "probe" / "report.json", problems)
     evidence = (summary or {}).get("objective_evidence")
     if isinstance(evidence, dict):
-        probe = {
-            "source": evidence.get("source"),
-            "placement": evidence.get("placement"),
-            "recommendation": evidence.get("recommendation"),
-            "statistics": evidence.get("statistics"),
-        }
+        keys = ("source", "placement", "recommendation", "statistics")
+        probe = {k: evidence.get(k) for k in keys}
     if is_probe_report(probe_report):
         probe = probe or {}
         probe.update(
@@ -399,20 +383,16 @@ def read_eval_only(path: str | os.PathLike) -> dict[str, Any]:
     problems: list[str] = []
     evals = read_eval(root, problems)
     models = {t["model"] for t in evals.values() if t.get("model")}
+    row: dict[str, Any] = dict.fromkeys(
+        ("objective", "seed", "model", "dataset", "recipe", "identity", "config", "training")
+    )
     return {
         "name": root.name,
         "path": str(root),
         "kind": "eval",
         "status": "complete" if evals else "running",
         "status_detail": "evaluation only" + (f" of {', '.join(sorted(models))}" if models else ""),
-        "objective": None,
-        "seed": None,
-        "model": None,
-        "dataset": None,
-        "recipe": None,
-        "identity": None,
-        "config": None,
-        "training": None,
+        **row,
         "curves": {"step": [], "loss": [], "mean_p": []},
         "eval": evals,
         "probe": None,

@@ -25,12 +25,9 @@ def summarize_values(values: Iterable[float], confidence: float = 0.95) -> dict[
     n = len(vals)
     mean = sum(vals) / n
     out: dict[str, Any] = {"mean": mean, "n": n, "values": vals}
+    out.update(std=None, half_width=None, low=None, high=None, confidence=confidence)
     if n > 1:
         std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
         half = t_quantile(confidence, n - 1) * std / math.sqrt(n)
-        out.update(
-            std=std, half_width=half, low=mean - half, high=mean + half, confidence=confidence
-        )
-    else:
-        out.update(std=None, half_width=None, low=None, high=None, confidence=confidence)
+        out.update(std=std, half_width=half, low=mean - half, high=mean + half)
     return out

@@ -11,7 +11,7 @@ from typing import Any
 
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.report.files import flatten
-from probsft_megatron.report.runs import STATUSES
+from probsft_megatron.report.runs import STATUSES, TRAINING_STATS
 from probsft_megatron.report.stats import summarize_values
 
 METRICS = ("avg@n", "mean_score", "exact", "boxed_rate")
@@ -152,9 +152,6 @@ def _aggregate_group(g: dict, metric: str, tasks: list[str]) -> None:
         have = [r for r in members if task in r["eval"]]
         if not have:
             continue
-        vals = [v for v in (metric_value(r["eval"][task], metric) for r in have) if v is not None]
-        if vals:
-            cells[task] = summarize_values(vals)
         d: dict[str, Any] = {}
         ks = sorted(
             {k for r in have for k in (r["eval"][task]["metrics"].get("pass@k") or {})},
@@ -164,6 +161,8 @@ def _aggregate_group(g: dict, metric: str, tasks: list[str]) -> None:
             vs = [v for v in (metric_value(r["eval"][task], name) for r in have) if v is not None]
             if vs:
                 d[name] = summarize_values(vs)
+        if metric in d:
+            cells[task] = d[metric]
         if "boxed_rate" in d:  # what the boxed rate counts (see report.files.EXTRACTED)
             bases = {r["eval"][task].get("boxed_basis") for r in have}
             d["boxed_basis"] = sorted(b for b in bases if b)
@@ -187,22 +186,12 @@ def _aggregate_group(g: dict, metric: str, tasks: list[str]) -> None:
     g["average"] = summarize_values(per_run) if per_run and len(tasks) > 1 else None
     g["evaluated"] = sum(1 for r in members if r["eval"])
     train_stats: dict[str, Any] = {}
-    for key in ("loss", "mean_p", "frac_kept", "mean_w", "tokens_per_s", "positions_per_token"):
-        vs = [
-            r["training"]["final"][key]
-            for r in members
-            if r["training"] and key in r["training"]["final"]
-        ]
-        if vs:
-            train_stats[key] = summarize_values(vs)
-    for key in ("val_loss", "val_nll"):  # the newest validation of each run
-        vs = [
-            r["training"]["validation"][key]
-            for r in members
-            if r["training"] and (r["training"].get("validation") or {}).get(key) is not None
-        ]
-        if vs:
-            train_stats[key] = summarize_values(vs)
+    trained = [r["training"] for r in members if r["training"]]
+    for part, keys in (("final", TRAINING_STATS), ("validation", ("val_loss", "val_nll"))):
+        for key in keys:  # validation: the newest of each run
+            vs = [t[part][key] for t in trained if (t.get(part) or {}).get(key) is not None]
+            if vs:
+                train_stats[key] = summarize_values(vs)
     steps = [r["training"]["steps"] for r in members if r["training"]]
     planned = [r["training"]["planned_steps"] for r in members if r["training"]]
     train_stats["steps"] = steps
