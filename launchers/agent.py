@@ -1,31 +1,13 @@
-"""torchrun for training: the same options, with stop signals and exit codes that keep a
-checkpoint.
-
-    python -m probsft_megatron.launchers.agent [torchrun options] -m probsft_megatron.train ...
-
-``probsft train --nproc N`` and the train step of ``probsft launch`` (local and SLURM) start
-training through this agent instead of ``torchrun``. It runs torch's elastic agent
-(``torch.distributed.run``) in this process, with two differences:
-
-* **Signals.** SIGTERM, SIGUSR1 and SIGINT belong to the training processes, which finish
-  their step, save and exit 75 (:mod:`probsft_megatron.stopping`). torchrun's own agent
-  instead dies of SIGUSR1 (the default action; SLURM's ``--signal=USR1@T`` and ``scancel
-  --signal=USR1`` reach every process of a job step), or on SIGTERM/SIGINT signals the
-  workers itself, kills them 30 s later and exits 1 with a traceback. Here the agent never
-  dies of them: inside a SLURM step (``SLURM_STEP_ID`` is set) slurmd already signals every
-  process, so the agent only notes them; elsewhere (a terminal, ``kill``) the workers run in
-  sessions of their own and see no terminal signal, so the agent passes each one on to them.
-  A second Ctrl-C kills the workers and their helper processes at once (nothing of the step
-  in flight is saved; the newest checkpoint stays) and the agent exits 130.
-* **Exit codes.** When every worker that failed exited with one of :data:`QUIET_EXIT_CODES`
-  (2: it printed a one-line error; 75: interrupted with a checkpoint saved; 130: stopped at
-  once), the agent exits with that code and prints nothing more; torchrun would print its
-  ``ChildFailedError`` report with a traceback and exit 1, hiding the 75 that a SLURM batch
-  script needs to requeue the job. Any other failure keeps torchrun's report.
+"""torchrun for training (``python -m probsft_megatron.launchers.agent [torchrun options] -m
+probsft_megatron.train ...``): torch's elastic agent, but SIGTERM/SIGUSR1/SIGINT belong to the
+workers (passed on outside a SLURM step, where slurmd signals every process itself; a second
+Ctrl-C kills them at once, exit 130), and when every failed worker exited 2, 75 or 130 the
+agent exits with that code, quietly, instead of torchrun's traceback and 1 (docs/launchers.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -38,23 +20,15 @@ from probsft_megatron.stopping import (
     STOP_SIGNALS,
 )
 
+#: Worker exit codes after which the agent exits quietly with the same code.
 QUIET_EXIT_CODES = (2, INTERRUPTED_EXIT_CODE, HARD_STOP_EXIT_CODE)
-"""Worker exit codes after which the agent exits quietly with the same code."""
-TORCH_SIGNALS = "SIGHUP,SIGQUIT"
-"""Signals left to torch's agent (``--signals-to-handle``): the stop signals are ours."""
-KILL_AFTER_S = 5.0
-"""After a second Ctrl-C, processes of the workers that started meanwhile are killed this
-much later."""
-
-
-def in_slurm_step() -> bool:
-    """Whether this process is a task of a SLURM job step (slurmd signals all its processes)."""
-    return "SLURM_STEP_ID" in os.environ
+TORCH_SIGNALS = "SIGHUP,SIGQUIT"  # left to torch's agent: the stop signals are ours
+KILL_AFTER_S = 5.0  # after a second Ctrl-C, workers' processes started meanwhile die this late
 
 
 class SignalRelay:
-    """The agent's handlers for the stop signals: note them, and outside a SLURM step pass
-    them on to the worker processes (this process's children)."""
+    """The agent's stop-signal handlers: note them and, with ``forward``, pass them on to the
+    workers (this process's children)."""
 
     def __init__(self, forward: bool) -> None:
         self.forward = forward
@@ -93,17 +67,13 @@ class SignalRelay:
         if not self.forward:
             return
         for worker in self._workers():
-            try:
+            with contextlib.suppress(Exception):  # a worker that just ended
                 worker.send_signal(signum)
-            except Exception:  # a worker that just ended
-                pass
 
     def _stop_now(self) -> None:
-        """Second Ctrl-C: kill every worker and its helper processes at once, say so.
-
-        The agent does it rather than each worker: a worker blocked in a collective runs its
-        own handler only once the collective returns, which it does with an error when a
-        faster worker has already gone, and it would then report a lost rank instead."""
+        """Second Ctrl-C: kill every worker and its helpers at once. The agent does it, not
+        each worker: one blocked in a collective would only see its handler after the
+        collective failed, and would report a lost rank instead."""
         self.hard_stop = True
         self._seen = self._workers(recursive=True)
         _say(
@@ -116,18 +86,15 @@ class SignalRelay:
         timer.start()
 
     def kill_leftovers(self) -> None:
-        """Kill what remains of the workers after a hard stop (their helper processes too)."""
         for proc in self._seen:
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 if proc.is_running():
                     proc.kill()
-            except Exception:  # already gone
-                pass
 
 
 class _QuietFailures(logging.Filter):
-    """Drops torch's ``failed (exitcode: N)`` error line for the quiet exit codes, and after
-    a second Ctrl-C for the workers the agent killed itself."""
+    """Drops torch's ``failed (exitcode: N)`` line for the quiet exit codes and, after a second
+    Ctrl-C, for the workers the agent killed."""
 
     def __init__(self, relay: SignalRelay) -> None:
         super().__init__()
@@ -144,22 +111,15 @@ class _QuietFailures(logging.Filter):
 
 
 def _say(text: str) -> None:
-    try:
+    with contextlib.suppress(OSError, ValueError):
         os.write(sys.stderr.fileno(), f"\n[probsft] {text}\n".encode())
-    except (OSError, ValueError):
-        pass
 
 
 def quiet_code(failures: dict, hard_stop: bool) -> int | None:
-    """The agent's exit code when every failure is a quiet one, else None.
-
-    ``failures``: torch's ``ProcessFailure`` per rank (``exitcode`` < 0: killed by a signal).
-    A worker that died of SIGTERM was ended by torch's agent itself, which sends it to the
-    workers still running once one has exited (a training process handles SIGTERM until its
-    run is over, so no other SIGTERM kills it). After a second Ctrl-C, workers that died of
-    SIGINT or were killed count as stopped at once. Precedence: stopped at once, then an
-    error, then interrupted.
-    """
+    """The agent's exit code when every failure (torch's ``ProcessFailure`` per rank) is a
+    quiet one, else None; precedence 130, 2, 75. Deaths by SIGTERM are ignored: only torch's
+    agent, cleaning up after a first exit, kills a worker with it. After a second Ctrl-C,
+    deaths by SIGINT, SIGKILL or SIGTERM count as 130."""
     codes = set()
     for failure in failures.values():
         code = failure.exitcode
@@ -176,14 +136,13 @@ def quiet_code(failures: dict, hard_stop: bool) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run torch's elastic agent with ``argv`` (torchrun's command line); returns the exit
-    code (see the module docstring)."""
+    """Run torch's elastic agent with ``argv`` (torchrun's command line); returns the exit code."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = torchrun.parse_args(sys.argv[1:] if argv is None else argv)
     args.signals_to_handle = TORCH_SIGNALS
-    relay = SignalRelay(forward=not in_slurm_step()).install()
+    relay = SignalRelay(forward="SLURM_STEP_ID" not in os.environ).install()
     quiet = _QuietFailures(relay)
     api_logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     api_logger.addFilter(quiet)

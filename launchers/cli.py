@@ -1,24 +1,11 @@
-"""`probsft launch`: one command from (dataset, model, objective) to evaluated results.
-
-    probsft launch --dataset figfont --model qwen2.5-7b --objective p --hf /models/Qwen2.5-7B
-    probsft launch --dataset math --model qwen2.5-7b --objective p --executor slurm \
-        --profile mycluster --hf /models/Qwen2.5-7B \
-        --set data.train_files=[/data/numina.jsonl] --dryrun
-    probsft launch sweep convexity-math --executor slurm --profile mycluster \
-        --hf /models/Qwen2.5-Math-1.5B ...
-    probsft launch sweep                      # list the sweeps
-    probsft launch status|logs|cancel EXPERIMENT   # a submitted SLURM experiment
-
-Builds one NeMo-Run experiment (convert -> train -> export -> eval for every run), prints its
-steps, then runs it here (``--executor local``: torchrun on this node, waiting for the end),
-submits it (``--executor slurm``: one job per step, chained by dependencies, then waits for
-the jobs with a progress display unless ``--detach``), or with ``--dryrun`` only writes the
-job scripts and says where.
-"""
+"""`probsft launch`: plan one NeMo-Run experiment (convert -> train -> export -> eval per run),
+print it, then run it here, submit it to SLURM (and follow it unless ``--detach``) or, with
+``--dryrun``, only write its job scripts; ``status|logs|cancel`` follow a submission."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import shutil
@@ -27,6 +14,57 @@ from pathlib import Path
 
 from probsft_megatron.errors import ConfigError
 
+_SWITCH = {"action": "store_true"}
+_PAIRS = {"metavar": "KEY=VALUE"}
+#: argparse settings of the options that are not plain strings.
+_KWARGS = {
+    "--executor": {"choices": ("local", "slurm"), "default": "local"},
+    "--dryrun": _SWITCH,
+    "--detach": _SWITCH,
+    "--no-fit-check": _SWITCH,
+    "--lines": {"type": int, "default": 20},
+    "--nproc": {"type": int},
+    "--nodes": {"type": int},
+    "--set": {"dest": "overrides", "action": "extend", "nargs": "+", "default": [], **_PAIRS},
+    "--hf": {"action": "append", "default": [], "metavar": "[PRESET=]DIR"},
+    "--eval-args": {"default": ""},
+    "--env": {"action": "append", "default": [], **_PAIRS},
+    "--peft": {"choices": ("none", "lora")},
+    "--prepare": _SWITCH,
+}
+#: Every option's help, in the order `--help` lists them.
+_HELP = {
+    "--dataset": "math, medical, figfont or custom",
+    "--model": "model preset (configs/models), e.g. qwen2.5-7b",
+    "--objective": "training objective, e.g. original, p, GeneralFamily-8",
+    "--executor": "run here with torchrun (default) or submit to SLURM",
+    "--dryrun": "write the job scripts (sbatch for slurm) and print where; launch nothing",
+    "--detach": "slurm: return once the jobs are queued instead of waiting for them",
+    "--no-fit-check": "submit a training layout even when the memory planner says it will not "
+    "fit the GPUs (the profile's gpu_memory_gb)",
+    "--lines": "status/logs: how many log lines to show per step (default 20)",
+    "--profile": "cluster profile: a name under configs/clusters or a YAML file",
+    "--nproc": "training processes per node (local default 1; slurm: the profile's "
+    "nproc_per_node, else gpus_per_node, else 1)",
+    "--nodes": "training nodes (slurm; default: the profile's)",
+    "--set": "training overrides, e.g. optim.lr=4e-5",
+    "--hf": "Hugging Face backbone folder to convert (per preset for sweeps over models)",
+    "--work-dir": "models/, runs/ and experiments/ go here (local default ./outputs; slurm "
+    "default: the profile's work_dir)",
+    "--recipe": "recipe to use instead of the (dataset, model) lookup",
+    "--eval-task": "eval tasks, comma-separated (default: the dataset's)",
+    "--eval-args": "extra `probsft eval` arguments in one string, e.g. '--limit 8 --n 4'",
+    "--env": "environment variable for every step",
+    "--peft": "lora: every run trains LoRA adapters (peft.method=lora; its export step merges "
+    "them into the base for evaluation)",
+    "--prepare": "build each run's tokenized store in a step of its own (probsft data prepare, "
+    "one CPU process) before its training",
+    "--sweep": "same as the positional `sweep NAME`",
+    "--only": "sweeps: keep these objectives (comma-separated labels)",
+    "--thresholds": "sweeps: percentile -> threshold table (configs/sweeps/thresholds or a file)",
+    "--probe-report": "sweeps: resolve percentile thresholds from this probe report",
+}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the launch options on ``parser``."""
@@ -34,107 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "target",
         nargs="*",
         metavar="sweep NAME | status|logs|cancel EXP",
-        help="`sweep NAME` runs a sweep from configs/sweeps (`sweep` lists "
-        "them); `status EXP`, `logs EXP [STEP]` and `cancel EXP` act on a "
-        "submitted SLURM experiment (its folder, id or title)",
+        help="`sweep NAME` runs a sweep from configs/sweeps (`sweep` lists them); `status EXP`, "
+        "`logs EXP [STEP]` and `cancel EXP` act on a submitted SLURM experiment (its folder, "
+        "id or title)",
     )
-    parser.add_argument("--dataset", help="math, medical, figfont or custom")
-    parser.add_argument("--model", help="model preset (configs/models), e.g. qwen2.5-7b")
-    parser.add_argument("--objective", help="training objective, e.g. original, p, GeneralFamily-8")
-    parser.add_argument(
-        "--executor",
-        choices=("local", "slurm"),
-        default="local",
-        help="run here with torchrun (default) or submit to SLURM",
-    )
-    parser.add_argument(
-        "--dryrun",
-        action="store_true",
-        help="write the job scripts (sbatch for slurm) and print where; launch nothing",
-    )
-    parser.add_argument(
-        "--detach",
-        action="store_true",
-        help="slurm: return once the jobs are queued instead of waiting for them",
-    )
-    parser.add_argument(
-        "--no-fit-check",
-        action="store_true",
-        help="submit a training layout even when the memory planner says it "
-        "will not fit the GPUs (the profile's gpu_memory_gb)",
-    )
-    parser.add_argument(
-        "--lines",
-        type=int,
-        default=20,
-        help="status/logs: how many log lines to show per step (default 20)",
-    )
-    parser.add_argument(
-        "--profile", help="cluster profile: a name under configs/clusters or a YAML file"
-    )
-    parser.add_argument(
-        "--nproc",
-        type=int,
-        help="training processes per node (local default 1; slurm: the profile's "
-        "nproc_per_node, else gpus_per_node, else 1)",
-    )
-    parser.add_argument("--nodes", type=int, help="training nodes (slurm; default: the profile's)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="training overrides, e.g. optim.lr=4e-5",
-    )
-    parser.add_argument(
-        "--hf",
-        action="append",
-        default=[],
-        metavar="[PRESET=]DIR",
-        help="Hugging Face backbone folder to convert (per preset for sweeps over models)",
-    )
-    parser.add_argument(
-        "--work-dir",
-        help="models/, runs/ and experiments/ go here (local default ./outputs; "
-        "slurm default: the profile's work_dir)",
-    )
-    parser.add_argument("--recipe", help="recipe to use instead of the (dataset, model) lookup")
-    parser.add_argument("--eval-task", help="eval tasks, comma-separated (default: the dataset's)")
-    parser.add_argument(
-        "--eval-args",
-        default="",
-        help="extra `probsft eval` arguments in one string, e.g. '--limit 8 --n 4'",
-    )
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="environment variable for every step",
-    )
-    parser.add_argument(
-        "--peft",
-        choices=("none", "lora"),
-        help="lora: every run trains LoRA adapters (peft.method=lora; its export step merges "
-        "them into the base for evaluation)",
-    )
-    parser.add_argument(
-        "--prepare",
-        action="store_true",
-        help="build each run's tokenized store in a step of its own (probsft data prepare, "
-        "one CPU process) before its training",
-    )
-    parser.add_argument("--sweep", help="same as the positional `sweep NAME`")
-    parser.add_argument("--only", help="sweeps: keep these objectives (comma-separated labels)")
-    parser.add_argument(
-        "--thresholds",
-        help="sweeps: percentile -> threshold table (configs/sweeps/thresholds or a file)",
-    )
-    parser.add_argument(
-        "--probe-report", help="sweeps: resolve percentile thresholds from this probe report"
-    )
+    for flag, text in _HELP.items():
+        parser.add_argument(flag, help=text, **_KWARGS.get(flag, {}))
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -187,11 +130,9 @@ def _print_sweeps() -> int:
     for name in list_sweeps():
         parts = load_sweep(name)
         runs = sum(len(s.settings) * len(s.objectives) for s in parts)
-        description = (
-            parts[0].description
-            if len(parts) == 1
-            else "combines " + ", ".join(s.name for s in parts)
-        )
+        description = parts[0].description
+        if len(parts) > 1:
+            description = "combines " + ", ".join(s.name for s in parts)
         print(f"{name:28s} {runs:3d} runs  {description}")
     return 0
 
@@ -224,45 +165,31 @@ def _placement(args: argparse.Namespace):
             f"cluster profile '{profile.name}' has no work_dir; pass "
             "--work-dir DIR on the shared file system"
         )
-
-    def layout_check(tp: int, pp: int) -> None:
-        check_layout(profile, nodes, nproc, tp, pp)
-
-    return profile, nodes, nproc, layout_check, work_dir
+    return profile, nodes, nproc, functools.partial(check_layout, profile, nodes, nproc), work_dir
 
 
 def _fit_check(args: argparse.Namespace, profile, nodes: int, nproc: int):
-    """The memory planner's check of each run's training layout before anything is written
-    or submitted (:func:`probsft_megatron.plan.check_fits`, on the meta device): a callable
-    (run name, config) -> the plan's note line, raising :class:`ConfigError` (the planner's
-    line: the recommended layout and ``--no-fit-check``) for a layout that will not fit.
+    """:attr:`LaunchOptions.fit_check` from ``plan.check_fits`` for the profile's
+    ``gpu_memory_gb`` (or this machine's CUDA device); a check that only says why it was
+    skipped with --no-fit-check, on a CPU partition, without gpu_memory_gb or without CUDA."""
 
-    The GPU size is the profile's ``gpu_memory_gb`` (SLURM) or this machine's CUDA device
-    (local). Skipped, saying so, with ``--no-fit-check``, on a CPU partition
-    (``gpus_per_node: 0``), for a profile without ``gpu_memory_gb`` and locally without CUDA:
-    the planner estimates GPU memory, not a host's RAM."""
+    from probsft_megatron import hardware
 
-    def skipped(why: str):
-        return lambda name, cfg: f"memory fit check skipped: {why}"
-
+    where = f"cluster profile '{profile.name}'" if profile is not None else ""
+    why = None
     if args.no_fit_check:
-        return skipped("--no-fit-check")
+        why = "--no-fit-check"
+    elif profile is not None and not profile.gpus_per_node:
+        why = f"{where} is a CPU partition (gpus_per_node: 0)"
+    elif profile is not None and profile.gpu_memory_gb is None:
+        why = f"{where} has no gpu_memory_gb (set it to check layouts before submission)"
+    elif profile is None and not hardware.cuda_available():
+        why = "no GPU here (the planner estimates GPU memory, not the host's RAM)"
+    if why is not None:
+        return lambda name, cfg: f"memory fit check skipped: {why}"
     if profile is not None:
-        if not profile.gpus_per_node:
-            return skipped(
-                f"cluster profile '{profile.name}' is a CPU partition (gpus_per_node: 0)"
-            )
-        if profile.gpu_memory_gb is None:
-            return skipped(
-                f"cluster profile '{profile.name}' has no gpu_memory_gb (set it to "
-                "check layouts before submission)"
-            )
         gpu_memory = float(profile.gpu_memory_gb)
     else:
-        from probsft_megatron import hardware
-
-        if not hardware.cuda_available():
-            return skipped("no GPU here (the planner estimates GPU memory, not the host's RAM)")
         import torch
 
         gpu_memory = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -290,19 +217,9 @@ def _requests(args: argparse.Namespace, sweep: str | None):
             )
         if args.only or args.thresholds or args.probe_report:
             raise ConfigError("--only, --thresholds and --probe-report apply to sweeps only")
-        return (
-            [
-                RunRequest(
-                    args.dataset,
-                    args.model,
-                    args.objective,
-                    overrides=list(args.overrides),
-                    recipe=args.recipe,
-                )
-            ],
-            [],
-            None,
-        )
+        run = RunRequest(args.dataset, args.model, args.objective, recipe=args.recipe)
+        run.overrides = list(args.overrides)
+        return [run], [], None
     from probsft_megatron.launchers.sweeps import expand_sweep
 
     if args.objective or args.recipe:
@@ -338,12 +255,7 @@ def _report(mode: str, plan, exp_dir: Path) -> int:
             print(f"  {r.name}: results will be in {r.eval_summary}")
         _report_hint(plan.work_dir)
         return 0
-    failed = [r for r in plan.runs if not r.eval_summary.is_file()]
-    for r in plan.runs:
-        print(f"{r.name}: {'missing' if r in failed else 'ok'} {r.eval_summary}")
-        summary_md = Path(r.eval_dir) / "summary.md"
-        if summary_md.is_file():
-            print(summary_md.read_text(), end="")
+    failed = _print_results({r.name: r.eval_summary for r in plan.runs})
     _report_hint(plan.work_dir)
     if failed:
         print(
@@ -352,6 +264,16 @@ def _report(mode: str, plan, exp_dir: Path) -> int:
         )
         return 1
     return 0
+
+
+def _print_results(summaries: dict[str, Path]) -> list[str]:
+    """Print each run's eval summary path (and its summary.md); returns the runs without one."""
+    missing = [name for name, summary in summaries.items() if not summary.is_file()]
+    for name, summary in summaries.items():
+        print(f"{name}: {'missing' if name in missing else 'ok'} {summary}")
+        if (summary.parent / "summary.md").is_file():
+            print((summary.parent / "summary.md").read_text(), end="")
+    return missing
 
 
 def _report_hint(work_dir: str) -> None:
@@ -379,9 +301,7 @@ def _status_report(record, states: dict) -> None:
     except ProbsftError as exc:
         print(f"report: not built ({exc})")
         return
-    print()
-    for line in report.format_tables(rep, heading=""):
-        print(line)
+    print("", *report.format_tables(rep, heading=""), sep="\n")
     print(f"report: {report.default_out_dir([work_dir]) / 'report.md'}")
 
 
@@ -398,21 +318,19 @@ def _job_command(args: argparse.Namespace) -> int:
         )
     if args.lines < 1:
         raise ConfigError(f"--lines must be >= 1 (got {args.lines})")
-    roots = [args.work_dir] if args.work_dir else []
+    roots = [args.work_dir]
     if args.profile:
         from probsft_megatron.launchers.slurm import load_profile
 
-        work_dir = load_profile(args.profile).work_dir
-        if work_dir:
-            roots.append(work_dir)
-    roots.append("outputs")
+        roots.append(load_profile(args.profile).work_dir)
+    roots = [root for root in (*roots, "outputs") if root]
     record = jobs.ExperimentRecord.load(jobs.find_experiment(rest[0], roots))
     if command == "cancel":
         jobs.cancel(record)
         return 0
     if command == "status":
         states = jobs.job_states(s.job_id for s in record.steps if s.job_id)
-        code = jobs.report(record, states, sys.stdout, lines=args.lines)
+        code = jobs.report(record, states, lines=args.lines)
         _status_report(record, states)
         return code
     steps = [record.step(rest[1])] if len(rest) == 2 else record.steps
@@ -444,13 +362,9 @@ def _wait_and_report(exp_dir: Path) -> int:
         )
         return 130
     print()
-    code = jobs.report(record, states, sys.stdout)
+    code = jobs.report(record, states)
     if code == 0:
-        for name, run in record.runs.items():
-            print(f"{name}: ok {run['eval_summary']}")
-            summary_md = Path(run["eval_summary"]).parent / "summary.md"
-            if summary_md.is_file():
-                print(summary_md.read_text(), end="")
+        _print_results({name: Path(run["eval_summary"]) for name, run in record.runs.items()})
     else:
         print(
             f"error: experiment {record.exp_id} failed; see the step logs above "
@@ -466,13 +380,12 @@ def run(args: argparse.Namespace) -> int:
         return _job_command(args)  # reads files and asks SLURM: no heavy imports
     from probsft_megatron.launchers import experiment as ex
 
-    if getattr(args, "peft", None):  # a whole launch or sweep on adapters (or not)
+    if args.peft:  # a whole launch or sweep on adapters (or not)
         args.overrides = [*args.overrides, f"peft.method={args.peft}"]
     sweep = _sweep_ref(args)
     if args.target == ["sweep"] and sweep is None:
         return _print_sweeps()
-    for flag in ("nproc", "nodes"):
-        value = getattr(args, flag)
+    for flag, value in (("nproc", args.nproc), ("nodes", args.nodes)):
         if value is not None and value < 1:
             raise ConfigError(f"--{flag} must be >= 1 (got {value})")
     profile, nodes, nproc, layout_check, work_dir = _placement(args)
@@ -511,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
         eval_args=eval_args,
         layout_check=layout_check,
         fit_check=_fit_check(args, profile, nodes, nproc),
-        prepare=bool(getattr(args, "prepare", False)),
+        prepare=args.prepare,
     )
     requests, notes, title = _requests(args, sweep)
     plan = ex.plan_experiment(title, requests, options)
@@ -527,24 +440,19 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
 
     if profile is None:
-
-        def executor_for(step: ex.Step):
-            return ex.local_executor(step, nproc)
-
+        executor_for = functools.partial(ex.local_executor, nproc_per_node=nproc)
         agent_args = ex.single_node_agent_args(nproc)
     else:
-        from probsft_megatron.launchers.slurm import agent_args as slurm_agent_args
-        from probsft_megatron.launchers.slurm import slurm_executor
+        from probsft_megatron.launchers import slurm
 
         job_dir = str(Path(plan.work_dir) / "experiments")
 
         def executor_for(step: ex.Step):
-            return slurm_executor(
+            return slurm.slurm_executor(
                 profile, step.kind, job_dir=job_dir, nodes=nodes, nproc_per_node=nproc
             )
 
-        agent_args = slurm_agent_args(profile, nodes, nproc)
-
+        agent_args = slurm.agent_args(profile, nodes, nproc)
     mode = "dryrun" if args.dryrun else ("run" if profile is None else "submit")
     if args.detach and mode != "submit":
         raise ConfigError(

@@ -1,18 +1,7 @@
-"""Launched experiments: the run record, job states, progress, logs, cancel.
-
-``probsft launch`` writes ``probsft_experiment.json`` (:data:`RECORD`, an
-:class:`ExperimentRecord`) into the experiment folder for every executor: what each run
-trains (recipe, overrides, objective, model, layout and the validated config), and each
-step's command, SLURM job id, the steps it waits for and where its log is written. It is the
-one source the later commands (``probsft launch status|logs|cancel EXPERIMENT``, the wait
-after submission) and the runs report (``probsft report``) read. SLURM jobs' states come
-from ``sacct`` (the accounting database: states survive the jobs), falling back to
-``squeue`` for jobs that accounting does not list yet.
-
-A step's log is the output of its ``srun`` (``log-<job name>_<job id>_<restart>.out`` in the
-step's folder: the program's stdout and stderr, one file per (re)start); before the srun
-starts, or when it never did, the batch script's own log (``sbatch_<job name>_<job id>.out``).
-"""
+"""Launched experiments: the run record (``probsft_experiment.json``, read by ``probsft launch
+status|logs|cancel`` and ``probsft report``), SLURM job states (``sacct``, else ``squeue``),
+progress, logs and cancel. A step's log is its srun output
+(``log-<job name>_<job id>_<restart>.out``), else its batch script's."""
 
 from __future__ import annotations
 
@@ -20,18 +9,18 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from probsft_megatron.errors import ProbsftError
 from probsft_megatron.fileio import atomic_write_json
 
 RECORD = "probsft_experiment.json"
+#: Job states of SLURM and of NeMo-Run's local runs by class.
 STATE_CLASSES = {
     "failed": (
         "FAILED CANCELLED TIMEOUT NODE_FAIL PREEMPTED OUT_OF_MEMORY BOOT_FAIL DEADLINE "
@@ -41,28 +30,23 @@ STATE_CLASSES = {
     "running": "RUNNING COMPLETING STARTING",
     "queued": "PENDING SUBMITTED QUEUED CONFIGURING REQUEUED UNSUBMITTED",
 }
-"""Job states of SLURM and of NeMo-Run's local runs by class."""
 _CLASS_OF = {state: c for c, states in STATE_CLASSES.items() for state in states.split()}
 #: Job states after which a job will not run again by itself.
 TERMINAL = frozenset(s for s, c in _CLASS_OF.items() if c in ("failed", "succeeded"))
-#: Shown for a job that SLURM does not (yet) report.
-UNKNOWN = "UNKNOWN"
+UNKNOWN = "UNKNOWN"  # a job that SLURM does not (yet) report
+POLL_S = 3.0
+HEARTBEAT_S = 60.0
+_SACCT_FIELDS = "JobIDRaw,State,ElapsedRaw,NodeList,ExitCode,Start,End"
 
 
 def state_class(state: str | None) -> str | None:
-    """A job state (NeMo-Run's or SLURM's) as ``failed``, ``running``, ``queued``,
-    ``succeeded`` or None (unknown)."""
+    """A job state as ``failed``, ``running``, ``queued``, ``succeeded`` or None (unknown)."""
     return _CLASS_OF.get(state.upper()) if state else None
-
-
-POLL_S = 3.0
-HEARTBEAT_S = 60.0
 
 
 @dataclass
 class LaunchedStep:
-    """One launched step: its command, its SLURM job (None for a local one) and where its
-    logs go."""
+    """One launched step: its command, its SLURM job (None for a local one), its log folder."""
 
     name: str
     kind: str
@@ -73,24 +57,21 @@ class LaunchedStep:
     command: list[str] = field(default_factory=list)
 
     def log_path(self) -> Path | None:
-        """The step's newest log: the srun output of the latest (re)start, else the batch
-        script's output; None while neither exists."""
+        """The srun output of the latest (re)start, else the batch script's; None if neither."""
         if self.job_id is None:
             return None
         folder = Path(self.log_dir)
-        runs = sorted(
-            folder.glob(f"log-{self.job_name}_{self.job_id}_*.out"),
-            key=lambda p: (_restart(p), p.name),
-        )
+        runs = sorted(folder.glob(f"log-{self.job_name}_{self.job_id}_*.out"), key=_restart)
         if runs:
             return runs[-1]
         batch = folder / f"sbatch_{self.job_name}_{self.job_id}.out"
         return batch if batch.is_file() else None
 
 
-def _restart(path: Path) -> int:
+def _restart(path: Path) -> tuple[int, str]:
+    """Sort key of srun logs: the (re)start number, then the name."""
     tail = path.stem.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
+    return int(tail) if tail.isdigit() else -1, path.name
 
 
 @dataclass
@@ -100,18 +81,13 @@ class ExperimentRecord:
     title: str
     exp_id: str
     exp_dir: str
-    status: str
-    """``dry run``, ``launched`` (local), ``submitted`` (SLURM), or ``failed`` when the
-    submission itself failed (``error`` says why)."""
+    status: str  # dry run, launched (local), submitted (SLURM) or failed (see error)
     steps: list[LaunchedStep]
+    #: run name -> dataset, model, objective, recipe, overrides, layout, run_dir,
+    #: eval_summary and config (as validated at launch): experiment.RunPlan.record()
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """run name -> what it trains: ``dataset``, ``model``, ``objective`` (canonical name),
-    ``recipe``, ``overrides``, ``layout``, ``run_dir``, ``eval_summary`` and ``config`` (the
-    training config as the launcher validated it)."""
-    executor: str = "slurm"
-    """``local`` or ``slurm``."""
-    command: list[str] = field(default_factory=list)
-    """The ``probsft launch`` command line."""
+    executor: str = "slurm"  # or local
+    command: list[str] = field(default_factory=list)  # the `probsft launch` command line
     error: str | None = None
     submitted_at: str = ""
 
@@ -120,8 +96,7 @@ class ExperimentRecord:
 
     @classmethod
     def load(cls, exp_dir: str | os.PathLike) -> ExperimentRecord:
-        path = Path(exp_dir) / RECORD
-        data = json.loads(path.read_text())
+        data = json.loads((Path(exp_dir) / RECORD).read_text())
         data["steps"] = [LaunchedStep(**s) for s in data["steps"]]
         return cls(**data)
 
@@ -157,70 +132,50 @@ class JobState:
     def ok(self) -> bool:
         return self.state == "COMPLETED"
 
+    @property
+    def never_ran(self) -> bool:
+        """Ended without ever starting (cancelled while pending)."""
+        return self.terminal and not self.elapsed_s and self.start in ("", "None", "Unknown")
+
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
-def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
-    """SLURM's view of ``job_ids``: sacct first, squeue for the jobs it does not list.
-
-    Raises :class:`ProbsftError` when neither command can be run (no SLURM client here).
-    """
-    ids = [j for j in dict.fromkeys(job_ids) if j]
-    if not ids:
-        return {}
-    out: dict[str, JobState] = {}
+def _rows(cmd: list[str]) -> list[list[str]] | None:
+    """The ``|``-separated rows a SLURM client prints; [] when it fails, None if not here."""
     try:
-        proc = _run(
-            [
-                "sacct",
-                "-X",
-                "-n",
-                "-P",
-                "-j",
-                ",".join(ids),
-                "-o",
-                "JobIDRaw,State,ElapsedRaw,NodeList,ExitCode,Start,End",
-            ]
-        )
-        have_sacct = True
+        proc = _run(cmd)
     except FileNotFoundError:
-        have_sacct = False
-        proc = None
-    if proc is not None and proc.returncode == 0:
-        for line in proc.stdout.splitlines():
-            parts = line.split("|")
-            if len(parts) < 7 or parts[0] not in ids:
-                continue
+        return None
+    return [line.split("|") for line in proc.stdout.splitlines()] if proc.returncode == 0 else []
+
+
+def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
+    """SLURM's view of ``job_ids``: sacct first, squeue for the jobs it does not list. Raises
+    ProbsftError when neither command can be run (no SLURM client here)."""
+    ids = [j for j in dict.fromkeys(job_ids) if j]
+    out: dict[str, JobState] = {}
+    if not ids:
+        return out
+    sacct = _rows(["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "-o", _SACCT_FIELDS])
+    for parts in sacct or []:
+        if len(parts) >= 7 and parts[0] in ids:
             elapsed = int(parts[2]) if parts[2].isdigit() else None
-            out[parts[0]] = JobState(
-                parts[1].split()[0] if parts[1] else UNKNOWN,
-                elapsed,
-                parts[3],
-                parts[4],
-                parts[5],
-                parts[6],
-            )
+            state = parts[1].split()[0] if parts[1] else UNKNOWN
+            out[parts[0]] = JobState(state, elapsed, *parts[3:7])
     missing = [j for j in ids if j not in out]
     if missing:
-        try:
-            proc = _run(["squeue", "-h", "-j", ",".join(missing), "-o", "%i|%T|%M|%N"])
-        except FileNotFoundError:
-            if not have_sacct:
-                raise ProbsftError(
-                    "neither sacct nor squeue is on PATH; run this where the "
-                    "SLURM client commands are available (a login node)"
-                ) from None
-            proc = None
-        if proc is not None and proc.returncode == 0:
-            for line in proc.stdout.splitlines():
-                parts = line.split("|")
-                if len(parts) == 4 and parts[0] in missing:
-                    out[parts[0]] = JobState(parts[1], time_limit_seconds(parts[2]), parts[3])
-    for j in ids:
-        out.setdefault(j, JobState(UNKNOWN))
-    return out
+        squeue = _rows(["squeue", "-h", "-j", ",".join(missing), "-o", "%i|%T|%M|%N"])
+        if squeue is None and sacct is None:
+            raise ProbsftError(
+                "neither sacct nor squeue is on PATH; run this where the "
+                "SLURM client commands are available (a login node)"
+            )
+        for parts in squeue or []:
+            if len(parts) == 4 and parts[0] in missing:
+                out[parts[0]] = JobState(parts[1], time_limit_seconds(parts[2]), parts[3])
+    return {j: out.get(j, JobState(UNKNOWN)) for j in ids}
 
 
 _TIME_FORMS = re.compile(
@@ -232,10 +187,8 @@ _TIME_FORMS = re.compile(
 
 def time_limit_seconds(value: str) -> int | None:
     """Seconds of a SLURM time limit in one of sbatch's forms (``MM``, ``MM:SS``,
-    ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``), or None if ``value`` is none of
-    them or has a field out of range (seconds and minutes after hours < 60, hours after days
-    < 24). Note sbatch's reading of two fields: ``30:00`` is thirty minutes, not hours.
-    squeue's elapsed times (``%M``) are written the same way."""
+    ``HH:MM:SS``, ``D-HH[:MM[:SS]]``; ``30:00`` is thirty minutes), or None for another form
+    or a field out of range. squeue's elapsed times (``%M``) are written the same way."""
     m = _TIME_FORMS.match(value.strip())
     if m is None:
         return None
@@ -247,17 +200,15 @@ def time_limit_seconds(value: str) -> int | None:
         hours += 24 * g["days"]
     elif "h" in g:
         hours, minutes, seconds = g["h"], g["hm"], g["hs"]
-    else:
-        hours, minutes, seconds = 0, g["m"], g.get("ms", 0)
-        if seconds >= 60:
-            return None
-        return 60 * minutes + seconds
+    else:  # minutes[:seconds], the minutes unbounded
+        seconds = g.get("ms", 0)
+        return 60 * g["m"] + seconds if seconds < 60 else None
     if minutes >= 60 or seconds >= 60:
         return None
     return 3600 * hours + 60 * minutes + seconds
 
 
-def _fmt_elapsed(seconds: int | None) -> str:
+def _fmt_elapsed(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     h, rem = divmod(int(seconds), 3600)
@@ -270,9 +221,7 @@ def tail(path: Path | None, lines: int) -> list[str]:
     if path is None or not path.is_file():
         return []
     with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 256 * 1024))
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 256 * 1024))
         text = f.read().decode("utf-8", errors="replace")
     # progress bars rewrite one line with carriage returns: keep what a terminal would show
     rows = [row.rsplit("\r", 1)[-1] if row.rstrip("\r") else row for row in text.splitlines()]
@@ -284,10 +233,9 @@ _ERROR_RE = re.compile(r"^(error: \S.*|([A-Za-z_][\w.]*)?(Error|Exception): \S.*
 
 
 def error_lines(path: Path | None, limit: int = 3) -> list[str]:
-    """The distinct error lines of a log, first seen first: the project's one-line
-    ``error: ...`` messages and Python exceptions with a message, without srun's task label
-    and torchrun's rank prefix. They are often far above the end of a multi-node log, where
-    the launchers print their own summaries."""
+    """The distinct ``error: ...`` and Python exception lines of a log, first seen first,
+    without srun's task label and torchrun's rank prefix (in a multi-node log they are often
+    far above the end)."""
     if path is None or not path.is_file():
         return []
     found: list[str] = []
@@ -301,131 +249,86 @@ def error_lines(path: Path | None, limit: int = 3) -> list[str]:
     return found
 
 
-def never_ran(state: JobState) -> bool:
-    """A job that ended without ever starting (cancelled while pending)."""
-    return state.terminal and not state.elapsed_s and state.start in ("", "None", "Unknown")
-
-
-def status_table(record: ExperimentRecord, states: dict[str, JobState]) -> str:
-    """One line per step: name, job id, state, elapsed time, log path."""
+def report(record: ExperimentRecord, states: dict[str, JobState], lines: int = 20) -> int:
+    """Print one line per step (name, job, state, elapsed, log) and the errors and log tail of
+    every failed step; returns 1 when a step failed or never ran (or the submission failed)."""
+    print(f"experiment {record.exp_id}  ({record.exp_dir})")
+    if record.status == "failed":
+        print(f"submission failed: {record.error}")
     width = max([len(s.name) for s in record.steps] + [4])
-    lines = [f"{'STEP':{width}s}  {'JOB':>7s}  {'STATE':11s}  {'ELAPSED':>8s}  LOG"]
+    print(f"{'STEP':{width}s}  {'JOB':>7s}  {'STATE':11s}  {'ELAPSED':>8s}  LOG")
+    failed, skipped = [], []
     for s in record.steps:
         st = states.get(s.job_id or "", JobState("NOT_SUBMITTED"))
         log = s.log_path()
-        where = str(log) if log else ("(never ran)" if never_ran(st) else "-")
-        lines.append(
-            f"{s.name:{width}s}  {s.job_id or '-':>7s}  {st.state:11s}  "
-            f"{_fmt_elapsed(st.elapsed_s):>8s}  {where}"
-        )
-    return "\n".join(lines)
-
-
-def failed_steps(record: ExperimentRecord, states: dict[str, JobState]) -> list[LaunchedStep]:
-    """Steps that ran and ended in another state than COMPLETED (not those that never ran)."""
-    out = []
-    for s in record.steps:
-        st = states.get(s.job_id or "")
-        if st is not None and st.terminal and not st.ok and not never_ran(st):
-            out.append(s)
-    return out
-
-
-def report(
-    record: ExperimentRecord, states: dict[str, JobState], out: TextIO, lines: int = 20
-) -> int:
-    """Print the status table and the log tail of every failed step; 0 when no step failed
-    and every job is known, 1 when one failed (or the submission did)."""
-    print(f"experiment {record.exp_id}  ({record.exp_dir})", file=out)
-    if record.status == "failed":
-        print(f"submission failed: {record.error}", file=out)
-    print(status_table(record, states), file=out)
-    failed = failed_steps(record, states)
+        where = str(log) if log else ("(never ran)" if st.never_ran else "-")
+        elapsed = _fmt_elapsed(st.elapsed_s)
+        print(f"{s.name:{width}s}  {s.job_id or '-':>7s}  {st.state:11s}  {elapsed:>8s}  {where}")
+        if st.never_ran:
+            skipped.append(s.name)
+        elif st.terminal and not st.ok:
+            failed.append(s)
     for s in failed:
-        st = states[s.job_id or ""]
-        log = s.log_path()
-        print(
-            f"\nstep {s.name} (job {s.job_id}) ended {st.state}"
-            f"{' with exit code ' + st.exit_code if st.exit_code else ''}",
-            file=out,
-        )
+        st, log = states[s.job_id], s.log_path()
+        code = f" with exit code {st.exit_code}" if st.exit_code else ""
+        print(f"\nstep {s.name} (job {s.job_id}) ended {st.state}{code}")
         for row in error_lines(log):
-            print(f"  {row}", file=out)
-        print(f"last {lines} lines of {log}:", file=out)
+            print(f"  {row}")
+        print(f"last {lines} lines of {log}:")
         for row in tail(log, lines):
-            print(f"  {row}", file=out)
-    skipped = [
-        s.name
-        for s in record.steps
-        if s.job_id and never_ran(states.get(s.job_id, JobState(UNKNOWN)))
-    ]
+            print(f"  {row}")
     if skipped:
-        print(
-            f"\nnever ran (cancelled while waiting for their turn): {', '.join(skipped)}", file=out
-        )
+        print(f"\nnever ran (cancelled while waiting for their turn): {', '.join(skipped)}")
     return 1 if failed or skipped or record.status == "failed" else 0
 
 
-def wait(
-    record: ExperimentRecord,
-    out: TextIO = sys.stdout,
-    *,
-    poll_s: float = POLL_S,
-    heartbeat_s: float = HEARTBEAT_S,
-    states_fn: Callable = job_states,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
-) -> dict[str, JobState]:
+def wait(record: ExperimentRecord) -> dict[str, JobState]:
     """Poll SLURM until every job of ``record`` has ended, printing one line per state change
-    (and a reminder of what still runs every ``heartbeat_s``). Returns the final states."""
+    (and what still runs every :data:`HEARTBEAT_S`); returns the final states."""
     ids = [s.job_id for s in record.steps if s.job_id]
     names = {s.job_id: s.name for s in record.steps}
     width = max(len(n) for n in names.values())
-    start = last_print = clock()
+    start = last_print = time.monotonic()
     seen: dict[str, str] = {}
     while True:
-        states = states_fn(ids)
-        now = clock()
+        states = job_states(ids)
+        now = time.monotonic()
         stamp = f"[{_fmt_elapsed(now - start)}]"
         for j in ids:
             st = states[j]
             if seen.get(j) != st.state:
                 seen[j] = st.state
-                detail = (
-                    st.nodes
-                    if st.state == "RUNNING"
-                    else (_fmt_elapsed(st.elapsed_s) if st.terminal and st.elapsed_s else "")
-                )
-                print(
-                    f"{stamp} {names[j]:{width}s}  job {j:>6s}  {st.state:11s} {detail}".rstrip(),
-                    file=out,
-                    flush=True,
-                )
+                detail = _fmt_elapsed(st.elapsed_s) if st.terminal and st.elapsed_s else ""
+                if st.state == "RUNNING":
+                    detail = st.nodes
+                line = f"{stamp} {names[j]:{width}s}  job {j:>6s}  {st.state:11s} {detail}"
+                print(line.rstrip(), flush=True)
                 last_print = now
         if all(states[j].terminal for j in ids):
             return states
-        if now - last_print >= heartbeat_s:
+        if now - last_print >= HEARTBEAT_S:
             active = [f"{names[j]} {states[j].state}" for j in ids if not states[j].terminal]
-            print(f"{stamp} waiting: {', '.join(active)}", file=out, flush=True)
+            print(f"{stamp} waiting: {', '.join(active)}", flush=True)
             last_print = now
-        sleep(poll_s)
+        time.sleep(POLL_S)
 
 
-def cancel(record: ExperimentRecord, out: TextIO = sys.stdout) -> int:
+def cancel(record: ExperimentRecord) -> int:
     """scancel every job of ``record`` that has not ended; returns how many were cancelled."""
     states = job_states(s.job_id for s in record.steps if s.job_id)
     live = [j for j, st in states.items() if not st.terminal]
     if not live:
-        print(f"experiment {record.exp_id}: no job left to cancel", file=out)
+        print(f"experiment {record.exp_id}: no job left to cancel")
         return 0
     proc = _run(["scancel", *live])
     if proc.returncode != 0:
-        raise ProbsftError(f"scancel {' '.join(live)} failed: {_one_line(proc.stderr)}")
-    print(f"experiment {record.exp_id}: cancelled jobs {', '.join(live)}", file=out)
+        raise ProbsftError(f"scancel {' '.join(live)} failed: {one_line(proc.stderr)}")
+    print(f"experiment {record.exp_id}: cancelled jobs {', '.join(live)}")
     return len(live)
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """The non-blank lines of ``text`` joined with ``; ``."""
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 

@@ -1,21 +1,11 @@
-"""SLURM cluster profiles (``configs/clusters/<name>.yaml``) and the NeMo-Run executors built
-from them.
-
-A profile says where and how jobs run: account, partition, nodes, GPUs per node, time limits,
-container image and mounts, environment, job-name prefix, and the work directory on the shared
-file system. Every field is documented in ``configs/clusters/example.yaml`` and
-``docs/launchers.md``. A profile is checked when it is loaded (unknown keys, missing account,
-bad values) and again against the training layout (:func:`check_layout`), so a mistake fails
-with one sentence before anything is submitted.
-
-Jobs are submitted from a node that sees the cluster's file system (a login node): the
-executors use NeMo-Run's ``LocalTunnel``, which writes the sbatch scripts under
-``<work_dir>/experiments`` and calls ``sbatch`` there.
-"""
+"""SLURM cluster profiles (``configs/clusters/<name>.yaml``, every field documented in
+``example.yaml``), checked when loaded and against the training layout, and the NeMo-Run
+executors built from them (``LocalTunnel``: sbatch runs here, on a login node)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -34,9 +24,8 @@ _PLACEHOLDER_RE = re.compile(r"<[^<>]+>")
 #: torchrun's rendezvous across the nodes of the train job (on the job's first node).
 RDZV_BACKEND = "c10d"
 RDZV_PORT = 29500
-#: Lines of a multi-node train job's batch script (bare nodes) that start torchrun's
-#: rendezvous store in the batch script itself, on a free port of the first node, and make
-#: every torchrun agent a client of it (see ``launchers/steps.py``, ``rdzv-store``).
+#: A multi-node train job on bare nodes hosts torchrun's rendezvous store in its batch script
+#: (``steps.py rdzv-store``) and makes every agent a client of it.
 RDZV_STORE_SETUP = """\
 # torchrun's rendezvous store runs here, not inside one of the torchrun agents, so that no
 # agent takes it down while the others still shut down
@@ -51,11 +40,8 @@ if [ -z "$PROBSFT_RDZV_PORT" ]; then
     exit 1
 fi
 export PET_RDZV_CONF=is_host=0"""
-#: Lines of every train job's batch script: training that stopped on a signal after saving a
-#: checkpoint exits 75 (``stopping.INTERRUPTED_EXIT_CODE``); the batch script then requeues
-#: its job, which resumes from that checkpoint, and the steps that wait for it (``afterok``)
-#: keep waiting. A signal that also reaches the batch shell (``scancel`` without
-#: ``--signal``, the time limit itself) ends the shell before it gets there: no requeue.
+#: Every train job requeues itself when training exits 75 (stopped on a signal, checkpoint
+#: saved); a signal that ends the batch shell itself (plain scancel, the time limit) does not.
 REQUEUE_SETUP = """\
 # training exits 75 after saving a checkpoint on a stop signal sent to this job's steps
 # (the profile's warning signal, scancel --signal=USR1): requeue the job to resume from it
@@ -66,14 +52,13 @@ probsft_requeue() {
     fi
 }
 trap probsft_requeue EXIT"""
-#: srun options of a multi-node train job, after NeMo-Run's own (the last one counts):
-#: ``--label`` prefixes every line with the task that printed it ("0: ...", "1: ..."; task i
-#: runs on the job's node i). ``--kill-on-bad-exit=0`` replaces NeMo-Run's ``=1``: with it,
-#: the first agent to exit 75 after the collective save got the other agent terminated
-#: (measured: srun exit 143 instead of 75, so the job was not requeued). Tasks that do not
-#: end together are still ended by srun 60 s after the first one (NeMo-Run's ``--wait=60``),
-#: and a rank whose peer died stops on its own within ``train.dist_timeout_s``.
+#: srun options of a multi-node train job after NeMo-Run's own: ``--label`` prefixes lines
+#: with the task (node) number. ``--kill-on-bad-exit=0`` replaces NeMo-Run's ``=1``, with which
+#: the first agent to exit 75 got the other terminated (measured: srun exit 143, no requeue);
+#: srun's ``--wait=60`` and ``train.dist_timeout_s`` still end stragglers.
 TRAIN_SRUN_ARGS = ["--label", "--kill-on-bad-exit=0"]
+#: Integer fields of a profile and their least value.
+_INT_FIELDS = {"gpus_per_node": 0, "nodes": 1, "nproc_per_node": 1, "cpus_per_task": 1}
 _SIGNAL_RE = re.compile(r"^((R|B|RB|BR):)?(SIG)?[A-Z0-9]+(@\d+)?$")
 
 
@@ -81,50 +66,25 @@ _SIGNAL_RE = re.compile(r"^((R|B|RB|BR):)?(SIG)?[A-Z0-9]+(@\d+)?$")
 class ClusterProfile:
     """One cluster's submission settings (the fields of a ``configs/clusters/*.yaml`` file)."""
 
-    account: str
-    """SLURM account charged for the jobs (``sbatch --account``); required."""
-    gpus_per_node: int
-    """GPUs requested on every node (``--gpus-per-node``); 0 for a CPU partition: no GPU
-    request. Training runs one process per GPU unless ``nproc_per_node`` says otherwise."""
+    account: str  # sbatch --account
+    gpus_per_node: int  # 0: a CPU partition, no GPU request
     partition: str | None = None
-    """SLURM partition (``--partition``); the cluster's default when omitted."""
     qos: str | None = None
-    """Quality of service (``--qos``), if the cluster uses one."""
-    nodes: int = 1
-    """Nodes of the training job (convert, export and eval use one node)."""
+    nodes: int = 1  # of the train job; the other steps use one
+    #: Time limit per step kind, or one for all, in a form of :func:`time_limit_seconds`.
     time: dict[str, str] | str = field(default_factory=dict)
-    """Time limit per step kind (``convert``, ``train``, ``export``, ``eval``), or one string
-    for all, in a form of :func:`time_limit_seconds`. Unset kinds get ``DEFAULT_TIME``."""
-    container_image: str | None = None
-    """Container image (pyxis/enroot, ``--container-image``) with probsft-megatron installed;
-    jobs run on the bare nodes when omitted."""
-    container_mounts: list[str] = field(default_factory=list)
-    """``SRC:DST`` mounts (``--container-mounts``): data, models and the work directory."""
-    env: dict[str, str] = field(default_factory=dict)
-    """Environment variables exported in every job (e.g. HF_HOME, NCCL settings)."""
+    container_image: str | None = None  # pyxis/enroot; bare nodes when omitted
+    container_mounts: list[str] = field(default_factory=list)  # SRC:DST
+    env: dict[str, str] = field(default_factory=dict)  # exported in every job
     job_name_prefix: str = "probsft-"
-    """Prefix of every SLURM job name; the step name follows (``probsft-train-...``)."""
-    work_dir: str | None = None
-    """Default ``--work-dir`` on the shared file system: converted models, runs, sbatch scripts."""
+    work_dir: str | None = None  # default --work-dir, on the shared file system
     cpus_per_task: int | None = None
-    """CPUs per task (``--cpus-per-task``)."""
-    mem: str | None = None
-    """Memory per node (``--mem``, e.g. ``0`` for all of it)."""
-    exclusive: bool | None = None
-    """Request whole nodes: ``true`` renders a bare ``--exclusive``; ``false`` or omitted
-    renders nothing (sbatch rejects ``--exclusive=False``)."""
-    nproc_per_node: int | None = None
-    """Training processes per node; default ``gpus_per_node``, or 1 on a CPU partition
-    (``gpus_per_node: 0``). ``probsft launch --nproc`` overrides it."""
-    gpu_memory_gb: float | None = None
-    """Memory of one GPU in GB (80 for an 80 GB H100). ``probsft launch`` checks with it that
-    the train step's layout fits (:func:`probsft_megatron.plan.check_fits`) before anything
-    is submitted; omitted, or on a CPU partition, the check is skipped and the plan says so."""
-    signal: str | None = None
-    """Warning signal before the time limit for the train job (``--signal``), e.g.
-    ``USR1@120``: SLURM sends SIGUSR1 to the job's processes 120 s before the limit."""
-    name: str = ""
-    """The profile's name (its file name); set by :func:`load_profile`."""
+    mem: str | None = None  # per node, e.g. 0 for all of it
+    exclusive: bool | None = None  # true renders a bare --exclusive (sbatch refuses =False)
+    nproc_per_node: int | None = None  # default gpus_per_node, or 1 on a CPU partition
+    gpu_memory_gb: float | None = None  # for the memory planner's check before submission
+    signal: str | None = None  # the train job's warning signal (--signal), e.g. USR1@120
+    name: str = ""  # the profile's file name, set by load_profile
 
     DEFAULT_TIME = "04:00:00"
 
@@ -135,27 +95,28 @@ class ClusterProfile:
                 f"{where}: 'account' is missing; set the SLURM account to charge "
                 "(see configs/clusters/example.yaml)"
             )
-        for key, low in (("gpus_per_node", 0), ("nodes", 1), ("nproc_per_node", 1)):
+        for key, low in _INT_FIELDS.items():
             value = getattr(self, key)
-            if value is None and key == "nproc_per_node":
+            if value is None and key in ("nproc_per_node", "cpus_per_task"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 hint = " (0 for a CPU partition)" if key == "gpus_per_node" else ""
                 raise ConfigError(
                     f"{where}: '{key}' must be an integer >= {low}{hint} (got {value!r})"
                 )
-        for key in ("exclusive",):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, bool):
-                raise ConfigError(f"{where}: '{key}' must be true or false (got {value!r})")
-        if self.gpu_memory_gb is not None and (
-            isinstance(self.gpu_memory_gb, bool)
-            or not isinstance(self.gpu_memory_gb, (int, float))
-            or not 0 < self.gpu_memory_gb < float("inf")
+        if self.exclusive is not None and not isinstance(self.exclusive, bool):
+            raise ConfigError(
+                f"{where}: 'exclusive' must be true or false (got {self.exclusive!r})"
+            )
+        memory = self.gpu_memory_gb
+        if memory is not None and (
+            isinstance(memory, bool)
+            or not isinstance(memory, (int, float))
+            or not 0 < memory < math.inf
         ):
             raise ConfigError(
                 f"{where}: 'gpu_memory_gb' must be a positive number of GB per "
-                f"GPU, e.g. 80 (got {self.gpu_memory_gb!r})"
+                f"GPU, e.g. 80 (got {memory!r})"
             )
         if self.signal is not None and (
             not isinstance(self.signal, str) or not _SIGNAL_RE.match(self.signal)
@@ -172,14 +133,6 @@ class ClusterProfile:
             if isinstance(self.mem, bool) or not isinstance(self.mem, (str, int)):
                 raise ConfigError(f"{where}: 'mem' must be a size such as '64G' or '0'")
             self.mem = str(self.mem)
-        if self.cpus_per_task is not None and (
-            isinstance(self.cpus_per_task, bool)
-            or not isinstance(self.cpus_per_task, int)
-            or self.cpus_per_task < 1
-        ):
-            raise ConfigError(
-                f"{where}: 'cpus_per_task' must be an integer >= 1 (got {self.cpus_per_task!r})"
-            )
         if isinstance(self.time, str):
             self.time = dict.fromkeys(STEP_KINDS, self.time)
         if not isinstance(self.time, dict):
@@ -211,21 +164,17 @@ class ClusterProfile:
         return self.nproc_per_node or self.gpus_per_node or 1
 
     def time_for(self, kind: str) -> str:
-        """The time limit of a step kind."""
         return self.time.get(kind, self.DEFAULT_TIME)
 
     def placeholders(self) -> list[str]:
         """Fields that still hold an ``<...>`` placeholder (the example profile's values)."""
         found = []
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            texts = (
-                value
-                if isinstance(value, list)
-                else list(value.values())
-                if isinstance(value, dict)
-                else [value]
-            )
+            texts = getattr(self, f.name)
+            if isinstance(texts, dict):
+                texts = list(texts.values())
+            elif not isinstance(texts, list):
+                texts = [texts]
             if any(isinstance(t, str) and _PLACEHOLDER_RE.search(t) for t in texts):
                 found.append(f.name)
         return found
@@ -254,23 +203,18 @@ def load_profile(ref: str) -> ClusterProfile:
             f"cluster profile {path}: unknown field '{unknown[0]}'; valid fields: "
             f"{', '.join(sorted(fields))}"
         )
-    for key in ("account", "gpus_per_node"):
+    required = {
+        "account": "set the SLURM account to charge",
+        "gpus_per_node": "set the number of GPUs on each node (0 for a CPU partition)",
+    }
+    for key, what in required.items():
         if data.get(key) is None:
-            what = (
-                "set the SLURM account to charge"
-                if key == "account"
-                else "set the number of GPUs on each node (0 for a CPU partition)"
-            )
             raise ConfigError(f"cluster profile {path}: '{key}' is missing; {what}")
     return ClusterProfile(**data, name=path.stem)
 
 
 def check_layout(
-    profile: ClusterProfile,
-    nodes: int,
-    nproc_per_node: int,
-    tp: int,
-    pp: int,
+    profile: ClusterProfile, nodes: int, nproc_per_node: int, tp: int, pp: int
 ) -> None:
     """Refuse a training job whose processes cannot be split into TP*PP model replicas."""
     where = f"cluster profile '{profile.name}'"
@@ -291,12 +235,8 @@ def check_layout(
 
 
 def sbatch_fields(profile: ClusterProfile, kind: str) -> dict[str, Any]:
-    """The optional sbatch settings of one step's job, each in a form sbatch accepts.
-
-    ``None`` means "leave the flag out": NeMo-Run renders ``True`` as a bare flag
-    (``--exclusive``) and any other value as ``--flag=value``, so a ``False`` must never reach
-    it (sbatch rejects ``--exclusive=False``). No GPU request on a CPU partition.
-    """
+    """The optional sbatch settings of one step's job; None leaves the flag out (NeMo-Run
+    renders True as a bare flag, anything else as ``--flag=value``: never False)."""
     return {
         "partition": profile.partition,
         "qos": profile.qos,
@@ -310,60 +250,29 @@ def sbatch_fields(profile: ClusterProfile, kind: str) -> dict[str, Any]:
 
 
 def agent_args(profile: ClusterProfile, nodes: int, nproc_per_node: int) -> list[str]:
-    """The training agent's (torchrun's) options in the train job, one agent per node.
+    """The training agent's (torchrun's) options in the train job, one agent per node. Several
+    nodes: the c10d rendezvous on the job's first node (the batch script's store on bare nodes,
+    the first agent's on :data:`RDZV_PORT` in a container); the batch script expands the ``$``
+    words."""
+    from probsft_megatron.launchers.experiment import single_node_agent_args
 
-    One node: a local rendezvous (``--standalone``). Several: the c10d rendezvous on the job's
-    first node (the batch script's store on ``$PROBSFT_RDZV_PORT`` on bare nodes, the first
-    agent's on :data:`RDZV_PORT` in a container), the job id as rendezvous id, SLURM's node
-    id as node rank; the ``$`` words are expanded by the batch script's shell.
-    """
     if nodes == 1:
-        return [
-            "--standalone",
-            "--nnodes",
-            "1",
-            "--nproc-per-node",
-            str(nproc_per_node),
-            "--tee",
-            "3",
-        ]
-    own_store = profile.container_image is None
-    port = "${PROBSFT_RDZV_PORT}" if own_store else str(RDZV_PORT)
+        return single_node_agent_args(nproc_per_node)
+    port = "${PROBSFT_RDZV_PORT}" if profile.container_image is None else str(RDZV_PORT)
+    rdzv = f"--rdzv-backend {RDZV_BACKEND} --rdzv-endpoint $head_node_ip:{port}"
     return [
-        "--rdzv-backend",
-        RDZV_BACKEND,
-        "--rdzv-endpoint",
-        f"$head_node_ip:{port}",
-        "--rdzv-id",
-        "$SLURM_JOB_ID",
-        "--nnodes",
-        str(nodes),
-        "--nproc-per-node",
-        str(nproc_per_node),
-        "--node-rank",
-        "$SLURM_NODEID",
-        "--tee",
-        "3",
+        *f"{rdzv} --rdzv-id $SLURM_JOB_ID --nnodes {nodes}".split(),
+        *f"--nproc-per-node {nproc_per_node} --node-rank $SLURM_NODEID --tee 3".split(),
     ]
 
 
 def slurm_executor(
     profile: ClusterProfile, kind: str, *, job_dir: str, nodes: int, nproc_per_node: int
 ) -> Any:
-    """The NeMo-Run ``SlurmExecutor`` of one step.
-
-    ``train`` runs on ``nodes`` nodes, one srun task per node running the training agent
-    (``python -m probsft_megatron.launchers.agent``, torchrun with the stop signals left to
-    training, with the options of :func:`agent_args`) with ``nproc_per_node`` processes
-    each; the other steps run one process on one node. Every step
-    requests the profile's GPUs per node (none when ``gpus_per_node`` is 0). A multi-node
-    train job on bare nodes hosts torchrun's rendezvous store in its batch script
-    (:data:`RDZV_STORE_SETUP`); with a container image the first agent hosts it on port
-    :data:`RDZV_PORT`, as NeMo-Run does. A train job requeues itself when training stopped on
-    a signal after saving (:data:`REQUEUE_SETUP`). A job whose dependency failed is cancelled
-    by SLURM (``--kill-on-invalid-dep=yes``) instead of pending forever. Without a container
-    image the jobs run this interpreter's environment: its folder leads ``PATH``.
-    """
+    """The NeMo-Run ``SlurmExecutor`` of one step: ``train`` on ``nodes`` nodes, one srun task
+    (the training agent, :func:`agent_args`) per node, requeueing itself on exit 75; other
+    steps one process on one node. A job whose dependency failed is cancelled
+    (``--kill-on-invalid-dep``); without a container this interpreter's folder leads PATH."""
     from probsft_megatron.launchers.experiment import import_nemo_run
 
     run = import_nemo_run()

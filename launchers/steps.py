@@ -1,27 +1,13 @@
-"""Run-time helpers of launched experiments: what a step can only decide once it runs.
-
-    python -m probsft_megatron.launchers.steps export --train-dir RUN_DIR --out HF_DIR
-    python -m probsft_megatron.launchers.steps rdzv-store --port-file FILE
-
-``export`` picks the newest complete checkpoint under ``RUN_DIR/checkpoints`` (it does not
-exist when the experiment is built), exports it with the converters' ``megatron_to_hf``
-(the function behind ``probsft convert megatron-to-hf``; a LoRA run's adapters are merged
-into its base, :mod:`probsft_megatron.converters.peft_export`) and, for a run that started from
-random weights and so has no Hugging Face template, adds the training tokenizer so that vLLM
-can load the folder. The folder is assembled under a hidden name and renamed when complete.
-
-``rdzv-store`` hosts the TCP store of torchrun's c10d rendezvous for a multi-node SLURM train
-job. It runs in the job's batch script (on the first node) and every torchrun agent joins it as
-a client (``is_host=0``). When an agent hosts the store instead, as torchrun does by default,
-it takes the store down as soon as it exits, and the agents still shutting down print a
-connection-error stack trace although the run succeeded. The store binds a free port, writes
-it to ``--port-file`` (atomically) and lives until its parent, the batch script, exits.
-"""
+"""What a launched step decides only when it runs (``python -m probsft_megatron.launchers.steps``):
+``export`` the newest complete checkpoint of a run to a Hugging Face folder, and ``rdzv-store``,
+the TCP store of a multi-node SLURM train job's c10d rendezvous, hosted by its batch script so
+that no exiting torchrun agent takes it down under the others (docs/launchers.md)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -30,20 +16,21 @@ import time
 from pathlib import Path
 
 from probsft_megatron.errors import CheckpointError
+from probsft_megatron.fileio import atomic_write_json, atomic_write_text
 
 EXPORT_INFO = "probsft_export.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def export_latest(train_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Export the newest complete checkpoint of a training run as a Hugging Face folder.
-
-    Returns ``out``, which holds the weights, config, tokenizer and ``probsft_export.json``
-    (the checkpoint and step it came from). Raises :class:`CheckpointError` when the run has
-    no complete checkpoint or no tokenizer can be found.
-    """
+    """Export the newest complete checkpoint under ``train_dir`` to ``out`` (assembled under a
+    hidden name, then renamed): weights (LoRA merged into its base), config, tokenizer (the
+    run's own when there is no HF template) and ``probsft_export.json``. Raises CheckpointError
+    without a complete checkpoint or a tokenizer."""
     from probsft_megatron.checkpoint import latest_checkpoint
+    from probsft_megatron.converters import peft_export
     from probsft_megatron.converters.api import megatron_to_hf
+    from probsft_megatron.tokenizers import load_tokenizer
 
     train_dir, out = Path(train_dir), Path(out)
     ckpt = latest_checkpoint(train_dir / "checkpoints")
@@ -53,8 +40,6 @@ def export_latest(train_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
             "the train step did not finish (see its log)"
         )
     staging = out.parent / f".{out.name}.export"
-    from probsft_megatron.converters import peft_export
-
     if peft_export.peft_record(ckpt) is not None:  # LoRA: the adapters merged into the base
         peft_export.export(ckpt, staging, merge=True, overwrite=True)
     else:
@@ -67,28 +52,20 @@ def export_latest(train_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
                 f"{ckpt} has no hf/ template and its run named no "
                 "init.tokenizer, so the export would have no tokenizer"
             )
-        from probsft_megatron.tokenizers import load_tokenizer
-
         load_tokenizer(spec).save_pretrained(staging)
-    (staging / EXPORT_INFO).write_text(
-        json.dumps({"checkpoint": str(ckpt), "step": state.get("step")}, indent=2) + "\n"
-    )
+    atomic_write_json(staging / EXPORT_INFO, {"checkpoint": str(ckpt), "step": state.get("step")})
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
     return out
 
 
-def serve_rdzv_store(
-    port_file: str | os.PathLike, *, poll_s: float = 1.0, max_s: float | None = None
-) -> None:
-    """Host a multi-tenant ``TCPStore`` on a free port, write the port to ``port_file`` and
-    serve until the parent process exits (or ``max_s`` seconds pass, or SIGTERM)."""
+def serve_rdzv_store(port_file: str | os.PathLike, max_s: float | None = None) -> None:
+    """Host a multi-tenant ``TCPStore`` on a free port, write the port to ``port_file``, serve
+    until the parent process exits (or ``max_s`` seconds pass, or SIGTERM)."""
     from datetime import timedelta
 
     from torch.distributed import TCPStore
-
-    from probsft_megatron.fileio import atomic_write_text
 
     parent = os.getppid()
     store = TCPStore(
@@ -102,11 +79,9 @@ def serve_rdzv_store(
     atomic_write_text(port_file, f"{store.port}\n")
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    start = time.monotonic()
-    while (
-        not stop and os.getppid() == parent and (max_s is None or time.monotonic() - start < max_s)
-    ):
-        time.sleep(poll_s)
+    deadline = time.monotonic() + (math.inf if max_s is None else max_s)
+    while not stop and os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(1.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,18 +1,7 @@
-"""The paper's ablations as experiments: sweep files in ``configs/sweeps``.
-
-A sweep file lists ``settings`` (dataset, model, optional ``set`` overrides) and
-``objectives``; the sweep is every objective on every setting, one run each. A file may
-instead combine other sweeps with ``sweeps: [name, ...]``.
-
-Objectives named with a percentile threshold, ``OnlyTopP-K20``, are the figure-5 runs: the
-paper trains them with a *fixed* absolute threshold, the k-th percentile of the base model's
-token probabilities on the training set. Those percentiles come from the capability probe's
-report (``--probe-report``, through ``probsft_megatron.probe.resolve_threshold_names``) or
-from a threshold table (``--thresholds``, default the sweep's ``thresholds`` entry, a file in
-``configs/sweeps/thresholds``; the shipped one is the seed's table for Qwen2.5-Math-1.5B on
-NuminaMath-CoT). The run keeps the percentile in its name (``...-OnlyTopP-K20``) and trains
-with the absolute threshold (``OnlyTopP-0.5858418226242066``).
-"""
+"""The paper's ablations as sweeps (``configs/sweeps``): every objective on every (dataset,
+model) setting, or a combination of other sweeps. Percentile objectives (``OnlyTopP-K20``, the
+figure-5 runs) keep the percentile in their run's name and train with the absolute threshold
+of a probe report (``--probe-report``) or a threshold table (``configs/sweeps/thresholds``)."""
 
 from __future__ import annotations
 
@@ -66,16 +55,22 @@ class ThresholdTable:
                 f"threshold table {self.source} has no {k:g}th percentile (for "
                 f"{name}); it lists {known}"
             )
-        prefix = objective.name.rsplit("-", 1)[0]
-        return parse_objective(f"{prefix}-{self.percentiles[k]!r}").name
+        return _with_threshold(name, self.percentiles[k])
 
 
-def _find(ref: str, kind: str, what: str, names: list[str]) -> Path:
+def _with_threshold(name: str, q: float) -> str:
+    """A percentile objective's canonical name with the absolute threshold ``q``."""
+    prefix = parse_objective(name).name.rsplit("-", 1)[0]
+    return parse_objective(f"{prefix}-{q!r}").name
+
+
+def _find(ref: str, kind: str, what: str) -> Path:
     path = Path(ref)
     if not path.is_file():
         path = resources.find(kind, ref) or path
     if not path.is_file():
-        raise ConfigError(f"{what} {ref!r} not found (a file, or one of: {', '.join(names)})")
+        names = ", ".join(resources.names(kind))
+        raise ConfigError(f"{what} {ref!r} not found (a file, or one of: {names})")
     return path
 
 
@@ -84,14 +79,9 @@ def list_sweeps() -> list[str]:
     return resources.names("sweeps")
 
 
-def list_threshold_tables() -> list[str]:
-    """Names of the threshold tables shipped in ``configs/sweeps/thresholds``."""
-    return resources.names("sweeps/thresholds")
-
-
 def load_sweep(ref: str, _seen: tuple[str, ...] = ()) -> list[Sweep]:
     """The sweep(s) of a file or name; a combining file returns each part in order."""
-    path = _find(ref, "sweeps", "sweep", list_sweeps())
+    path = _find(ref, "sweeps", "sweep")
     if path.stem in _seen:
         raise ConfigError(f"sweep {path.stem} includes itself")
     data = read_yaml_mapping(path, "a sweep")
@@ -114,28 +104,18 @@ def load_sweep(ref: str, _seen: tuple[str, ...] = ()) -> list[Sweep]:
                 f"sweep {path}: each setting needs dataset and model (and "
                 f"optionally set: [key=value, ...]); got {item!r}"
             )
-        settings.append(
-            Setting(
-                str(item["dataset"]), str(item["model"]), [str(o) for o in item.get("set") or []]
-            )
-        )
+        overrides = [str(o) for o in item.get("set") or []]
+        settings.append(Setting(str(item["dataset"]), str(item["model"]), overrides))
     objectives = [str(o) for o in data.get("objectives") or []]
     if not settings or not objectives:
         raise ConfigError(f"sweep {path} needs at least one setting and one objective")
-    return [
-        Sweep(
-            path.stem,
-            str(data.get("description", "")),
-            settings,
-            objectives,
-            data.get("thresholds"),
-        )
-    ]
+    description = str(data.get("description", ""))
+    return [Sweep(path.stem, description, settings, objectives, data.get("thresholds"))]
 
 
 def load_threshold_table(ref: str) -> ThresholdTable:
     """A table of absolute thresholds by percentile (file or name under thresholds/)."""
-    path = _find(ref, "sweeps/thresholds", "threshold table", list_threshold_tables())
+    path = _find(ref, "sweeps/thresholds", "threshold table")
     data = read_yaml_mapping(path, "a threshold table")
     table = data.get("percentiles")
     if not isinstance(table, dict) or not table:
@@ -161,26 +141,18 @@ def load_threshold_table(ref: str) -> ThresholdTable:
 
 
 def resolve_with_probe(report: str, names: list[str]) -> dict[str, str]:
-    """Percentile names -> absolute names through the capability probe's report.
+    """Percentile names -> canonical absolute names through the probe's report, whose
+    ``resolve_threshold_names`` gives each as a name (``OnlyTopP-0.58``) or a number."""
+    from probsft_megatron.probe import resolve_threshold_names
 
-    ``probsft_megatron.probe.resolve_threshold_names(report, names)`` maps each name to its
-    absolute threshold, as a name (``"OnlyTopP-0.58"``) or a number (``0.58``).
-    """
-    try:
-        from probsft_megatron.probe import resolve_threshold_names
-    except ImportError:
-        raise ConfigError(
-            "--probe-report needs `probsft probe`, which this build does not "
-            "have; pass --thresholds TABLE instead"
-        ) from None
     resolved = resolve_threshold_names(report, names)
     out = {}
     for name in names:
         value = resolved[name]
-        prefix = parse_objective(name).name.rsplit("-", 1)[0]
-        out[name] = parse_objective(
-            value if isinstance(value, str) else f"{prefix}-{float(value)!r}"
-        ).name
+        if isinstance(value, str):
+            out[name] = parse_objective(value).name
+        else:
+            out[name] = _with_threshold(name, float(value))
     return out
 
 
@@ -194,12 +166,9 @@ def expand_sweep(
     probe_report: str | None = None,
     overrides: list[str] | None = None,
 ) -> tuple[list[RunRequest], list[str]]:
-    """The runs of a sweep and notes about how its thresholds were resolved.
-
-    ``dataset`` / ``model`` replace those of every setting (e.g. to try a sweep on a small
-    model); ``only`` keeps the objectives with these labels; ``overrides`` apply to every run
-    after the setting's own.
-    """
+    """The runs of a sweep and notes on how its thresholds were resolved; ``dataset`` and
+    ``model`` replace every setting's, ``only`` keeps these labels, ``overrides`` follow each
+    setting's own."""
     requests: list[RunRequest] = []
     notes: list[str] = []
     wanted = {parse_objective(o).name.lower() for o in only or []}
@@ -230,27 +199,24 @@ def expand_sweep(
         settings: list[Setting] = []
         for s in sweep.settings:
             setting = Setting(dataset or s.dataset, model or s.model, s.overrides)
-            if setting not in settings:
-                settings.append(setting)
-        if percentile_names and not probe_report:
-            for s in settings:
-                if (s.model, s.dataset) != (table.model, table.dataset):
-                    notes.append(
-                        f"the thresholds were measured for {table.model} "
-                        f"on {table.dataset}, not {s.model} on {s.dataset}; measure "
-                        "them with `probsft probe` and pass --probe-report"
-                    )
-        for s in settings:
-            for label in labels:
-                requests.append(
-                    RunRequest(
-                        s.dataset,
-                        s.model,
-                        resolved.get(label, label),
-                        label=label,
-                        overrides=[*s.overrides, *(overrides or [])],
-                    )
+            if setting in settings:
+                continue
+            settings.append(setting)
+            from_table = percentile_names and not probe_report
+            if from_table and (setting.model, setting.dataset) != (table.model, table.dataset):
+                notes.append(
+                    f"the thresholds were measured for {table.model} "
+                    f"on {table.dataset}, not {setting.model} on {setting.dataset}; measure "
+                    "them with `probsft probe` and pass --probe-report"
                 )
+        extra = overrides or []
+        requests += [
+            RunRequest(
+                s.dataset, s.model, resolved.get(label, label), label, [*s.overrides, *extra]
+            )
+            for s in settings
+            for label in labels
+        ]
     unknown = sorted(wanted - seen_labels)
     if unknown:
         raise ConfigError(f"--only {unknown[0]} is not an objective of sweep {ref}")
