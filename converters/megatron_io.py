@@ -1,11 +1,6 @@
-"""The Megatron side of conversion: one process, TP=1/PP=1, torch_dist checkpoints.
-
-Every megatron operation the converters need goes through here, and from here through the
-megatron layer (:mod:`probsft_megatron.model` builds the model,
-:mod:`probsft_megatron.compat` holds the megatron calls). The conversion model is built with
-``perform_initialization=False``: its parameters are allocated but never written before the
-checkpoint's values are copied in, so untouched pages cost no host memory and the model is
-held once.
+"""The Megatron side of conversion: one process, TP=1/PP=1, torch_dist checkpoints, through
+the megatron layer (``model``, ``compat``). The model is built with
+``perform_initialization=False``: untouched pages cost no host memory until weights arrive.
 """
 
 from __future__ import annotations
@@ -27,13 +22,8 @@ from probsft_megatron.model import build_gpt_model, transformer_config
 
 @contextmanager
 def single_process_group() -> Iterator[None]:
-    """torch.distributed (gloo, world size 1) and megatron TP=1/PP=1 groups for this block.
-
-    Reuses groups that already exist with that layout and tears down only what it created.
-
-    Raises:
-        CheckpointError: the process belongs to a multi-process job or another layout.
-    """
+    """torch.distributed (gloo, world size 1) and megatron TP=1/PP=1 groups for this block,
+    reusing existing ones; CheckpointError inside a multi-process job or another layout."""
     was_active = cpu_backend.is_active()
     cpu_backend.activate()
     own_dist = not dist.is_initialized()
@@ -91,12 +81,9 @@ def _is_partial_view(t: torch.Tensor) -> bool:
 
 
 def save_weights(gpt, weights_dir: str | os.PathLike) -> None:
-    """Save the model as a torch_dist checkpoint; the model is unusable afterwards.
-
-    The checkpoint writer copies any tensor that is a view into part of a parameter (the
-    gate and up halves of ``linear_fc1``). To keep one copy of the model in memory, those
-    views are materialized one parameter at a time and the parameter's storage is released.
-    """
+    """Save the model as a torch_dist checkpoint; the model is unusable afterwards. The writer
+    copies views into part of a parameter (``linear_fc1``'s halves), so to hold the model once
+    they are materialized one parameter at a time and the parameter's storage released."""
     sd, tensors = compat.sharded_tensors(gpt)
     by_storage = {p.untyped_storage().data_ptr(): p for p in gpt.parameters()}
     partial_views = defaultdict(list)
@@ -113,11 +100,7 @@ def save_weights(gpt, weights_dir: str | os.PathLike) -> None:
 
 
 def load_weights(gpt, weights_dir: str | os.PathLike) -> None:
-    """Load a torch_dist checkpoint into the model's parameters in place.
-
-    Raises:
-        CheckpointError: the checkpoint does not fit the model (names or shapes).
-    """
+    """Load a torch_dist checkpoint into the model's parameters in place."""
     sd, _ = compat.sharded_tensors(gpt)
     compat.dist_load(sd, str(weights_dir))
 

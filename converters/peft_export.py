@@ -1,21 +1,10 @@
-"""A LoRA training checkpoint out to Hugging Face: a PEFT adapter folder, or merged weights.
+"""A LoRA checkpoint out to Hugging Face: a PEFT adapter folder, or merged full weights.
 
-A LoRA checkpoint (``peft.json`` next to its ``weights/``, see :mod:`probsft_megatron.lora`)
-holds only the adapters; its base is the run's ``init.checkpoint`` (or ``--base``), checked
-against the fingerprint the checkpoint records. Both are loaded into one TP=1 Megatron model
-with the LoRA linears, then:
-
-* adapter (default): ``adapter_config.json`` + ``adapter_model.safetensors`` under the names
-  Hugging Face PEFT loads onto the HF base (``base_model.model.model.layers.N.self_attn.
-  q_proj.lora_A.weight`` ...). Megatron's fused linears are written in HF's terms: the
-  ``linear_qkv`` adapter's ``B`` rows are split into q/k/v following the grouped layout of
-  :func:`~probsft_megatron.converters.mapping.qkv_views` and its ``A`` is shared, so q, k and
-  v get the same ``A``; ``linear_fc1``'s ``B`` is split into gate and up
-  (:func:`~probsft_megatron.converters.mapping.fc1_views`), ``A`` again shared. This is
-  exact: ``B_q A x`` is the q rows of ``B A x``.
-* merged (``--merge``): ``W + (alpha/r) B A`` in every adapted linear, written as a full HF
-  model by :func:`~probsft_megatron.converters.api.megatron_to_hf` (from a merged Megatron
-  model dir kept in a temporary folder next to ``--out``).
+The base (``init.checkpoint`` or ``--base``, checked against the recorded fingerprint) and the
+adapters load into one TP=1 model. Adapter names are PEFT's; ``linear_qkv``'s ``B`` splits into
+q/k/v (:func:`~.mapping.qkv_views`) and ``linear_fc1``'s into gate/up, sharing ``A`` (exact:
+``B_q A x`` is the q rows of ``B A x``). ``--merge`` writes ``W + (alpha/r) B A`` through
+:func:`~.api.megatron_to_hf` from a merged model dir in a temporary folder next to ``--out``.
 """
 
 from __future__ import annotations
@@ -29,27 +18,26 @@ from pathlib import Path
 
 import torch
 
-from probsft_megatron import lora, manifest
+from probsft_megatron import lora, manifest, model_dir
 from probsft_megatron.config import PeftConfig
-from probsft_megatron.converters import layout, mapping, megatron_io
+from probsft_megatron.converters import api, mapping, megatron_io
 from probsft_megatron.errors import CheckpointError, ConfigError
+from probsft_megatron.input_checks import check_model_dir
 
 log = logging.getLogger(__name__)
 
-HF_MODULES = {
+HF_MODULES = {  # Megatron linear -> (HF parent module, the HF linears it holds)
     "linear_qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
     "linear_proj": ("self_attn", ("o_proj",)),
     "linear_fc1": ("mlp", ("gate_proj", "up_proj")),
     "linear_fc2": ("mlp", ("down_proj",)),
 }
-"""Megatron linear -> (HF parent module, the HF linears it holds)."""
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def peft_record(ckpt_dir: str | os.PathLike) -> dict | None:
-    """A LoRA checkpoint's ``peft.json`` (settings and base fingerprint); None for a
-    checkpoint or model dir of full weights."""
+    """A LoRA checkpoint's ``peft.json`` (settings, base fingerprint); None for full weights."""
     path = Path(ckpt_dir) / lora.FINGERPRINT_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -62,8 +50,8 @@ def _train_config(ckpt_dir: Path) -> dict:
 
 
 def base_model_dir(ckpt_dir: str | os.PathLike, base: str | os.PathLike | None) -> Path:
-    """The Megatron model dir a LoRA checkpoint's adapters belong to: ``base``, else the run's
-    ``init.checkpoint``; refused in one line when its fingerprint is not the one recorded."""
+    """The model dir a LoRA checkpoint adapts (``base``, else the run's ``init.checkpoint``),
+    refused in one line when its fingerprint is not the one recorded."""
     ckpt_dir = Path(ckpt_dir)
     record = peft_record(ckpt_dir) or {}
     cfg = _train_config(ckpt_dir)
@@ -73,8 +61,6 @@ def base_model_dir(ckpt_dir: str | os.PathLike, base: str | os.PathLike | None) 
             f"{ckpt_dir} adapts a randomly initialized base, which no file holds; "
             "train the adapters on a converted base model (init.checkpoint) to export them"
         )
-    from probsft_megatron.input_checks import check_model_dir
-
     check_model_dir(chosen, "--base", training_checkpoint_ok=False)
     random_init = (
         cfg["train"]["seed"],
@@ -101,20 +87,20 @@ def peft_config(record: dict) -> PeftConfig:
 
 
 def load_lora_model(ckpt_dir: str | os.PathLike, base_dir: str | os.PathLike, peft: PeftConfig):
-    """The whole model (TP=1/PP=1, float32) with the base's weights and the checkpoint's
-    adapters (call inside :func:`megatron_io.single_process_group`)."""
+    """The TP=1/PP=1 float32 model with the base's weights and the checkpoint's adapters
+    (inside :func:`megatron_io.single_process_group`)."""
     from probsft_megatron import compat
     from probsft_megatron.config import ParallelConfig
     from probsft_megatron.model import build_gpt_model, transformer_config
 
-    md = layout.read_model_dir(base_dir)
+    md = model_dir.read_model_dir(base_dir)
     config = transformer_config(
         md.model, ParallelConfig(), perform_initialization=False, use_cpu_initialization=True
     )
     gpt = build_gpt_model(md.model, config, pre_process=True, post_process=True, peft=peft)
     lora.load_base_weights(gpt, str(md.weights))
     adapters = lora.adapter_sharded_state_dict(gpt.sharded_state_dict())
-    weights = str(Path(ckpt_dir) / layout.WEIGHTS_DIR)
+    weights = str(Path(ckpt_dir) / model_dir.WEIGHTS_DIR)
     lora.load_adapter_state(gpt, compat.dist_load(adapters, weights))
     return gpt, md
 
@@ -146,7 +132,7 @@ def adapter_config(record: dict, base: Path) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(base / layout.HF_DIR),
+        "base_model_name_or_path": str(base / model_dir.HF_DIR),
         "r": int(record["rank"]),
         "lora_alpha": float(record["alpha"]),
         "lora_dropout": float(record["dropout"]),
@@ -168,15 +154,11 @@ def export(
     base: str | os.PathLike | None = None,
     hf_template: str | os.PathLike | None = None,
     dtype: str | None = None,
-    max_shard_size: int | str | None = None,
+    max_shard_size: int | str = api.DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
 ) -> Path:
-    """Export a LoRA checkpoint as a PEFT adapter folder, or (``merge``) as merged full HF
-    weights; returns ``out_dir``. A checkpoint of full weights with ``merge`` is refused in
-    one line (it has nothing to merge)."""
-    from probsft_megatron.converters import api
-    from probsft_megatron.input_checks import check_model_dir
-
+    """Export a LoRA checkpoint as a PEFT adapter folder, or with ``merge`` as full HF weights;
+    returns ``out_dir``. A checkpoint of full weights is refused (nothing to merge)."""
     check_model_dir(ckpt_dir, "--ckpt")
     record = peft_record(ckpt_dir)
     if record is None:
@@ -196,7 +178,7 @@ def export(
     start = time.perf_counter()
     if not merge:
         out_dtype = api._dtype(dtype) or torch.float32
-        with layout.staged(out_dir, overwrite=replace) as staging:
+        with model_dir.staged(out_dir, overwrite=replace) as staging:
             with megatron_io.single_process_group():
                 gpt, md = load_lora_model(ckpt_dir, base_dir, peft)
                 tensors = {k: v.to(out_dtype) for k, v in adapter_tensors(gpt, md.model).items()}
@@ -222,22 +204,15 @@ def export(
                 for _, _, module in lora.adapter_modules(gpt):
                     module.weight += module.lora_scaling * module.lora_B @ module.lora_A
                     module.lora_B.zero_()
-            megatron_io.save_weights(gpt, merged / layout.WEIGHTS_DIR)
+            megatron_io.save_weights(gpt, merged / model_dir.WEIGHTS_DIR)
             del gpt
-        layout.write_model_config(
+        model_dir.write_model_config(
             merged, md.model, dtype="float32", source={"kind": "LoRA merged", "ckpt": str(ckpt_dir)}
         )
         if md.hf is not None:
-            layout.copy_hf_files(md.hf, merged / layout.HF_DIR)
+            model_dir.copy_hf_files(md.hf, merged / model_dir.HF_DIR)
         manifest.write_manifest(merged, manifest.MODEL_DIR)
-        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-        api.megatron_to_hf(
-            merged,
-            out_dir,
-            hf_template=hf_template,
-            dtype=dtype,
-            overwrite=overwrite,
-            **kwargs,
-        )
+        options = dict(hf_template=hf_template, dtype=dtype, max_shard_size=max_shard_size)
+        api.megatron_to_hf(merged, out_dir, overwrite=overwrite, **options)
     log.info("exported %s merged in %.1f s", ckpt_dir, time.perf_counter() - start)
     return Path(out_dir)

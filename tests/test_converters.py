@@ -25,8 +25,9 @@ import torch
 
 from conftest import run_torchrun
 from probsft_megatron import manifest
+from probsft_megatron import model_dir as layout
 from probsft_megatron.cli import main
-from probsft_megatron.converters import api, layout, mapping, megatron_io
+from probsft_megatron.converters import api, mapping, megatron_io
 from probsft_megatron.converters.testing import qwen_tokenizer, tiny_hf_checkpoint
 from probsft_megatron.errors import CheckpointError, ConfigError, ProbsftError
 from probsft_megatron.model import ModelConfig, ParallelConfig

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import run_torchrun
-from probsft_megatron.converters import api, layout
+from probsft_megatron import model_dir as layout
+from probsft_megatron.converters import api
 from probsft_megatron.converters.testing import qwen_tokenizer, tiny_hf_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]

@@ -71,8 +71,8 @@ def run_logits(jobs_file: str) -> None:
     from megatron.core import parallel_state
 
     from probsft_megatron import runtime
-    from probsft_megatron.converters.layout import read_model_dir
     from probsft_megatron.model import ParallelConfig, build_gpt_model, transformer_config
+    from probsft_megatron.model_dir import read_model_dir
 
     current = None
     for job in json.loads(open(jobs_file).read()):
@@ -109,8 +109,8 @@ def counting_batches(steps: int, batch: int, seq: int, vocab: int, seed: int = 0
 def run_train(args) -> None:
     from megatron.core import parallel_state
 
+    from probsft_megatron import model_dir as layout
     from probsft_megatron import runtime
-    from probsft_megatron.converters import layout
     from probsft_megatron.loss import LossConfig, ObjectiveLoss
     from probsft_megatron.model import ParallelConfig, transformer_config
 
