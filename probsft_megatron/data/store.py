@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from probsft_megatron.config import DataConfig
+from probsft_megatron.data.chat import load_template
 from probsft_megatron.data.examples import SFTDataset
 from probsft_megatron.data.records import iter_records
 from probsft_megatron.errors import DataError
@@ -78,14 +79,6 @@ def _code_identity() -> str:
     return digest.hexdigest()
 
 
-def _template_text(cfg: DataConfig) -> str | None:
-    """The Jinja text ``data.chat_template`` names (None for ``auto``/``none``, whose
-    template is the tokenizer's and part of its identity)."""
-    from probsft_megatron.data.chat import load_template
-
-    return None if cfg.chat_template in ("auto", "none") else load_template(cfg.chat_template)
-
-
 def fingerprint(cfg: DataConfig, tokenizer) -> tuple[str, dict[str, Any]]:
     """``(key, inputs)``: the store's name and everything it was derived from."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in TOKEN_INDEPENDENT}
@@ -97,14 +90,16 @@ def fingerprint(cfg: DataConfig, tokenizer) -> tuple[str, dict[str, Any]]:
         except OSError as exc:
             raise DataError(f"data file {name}: {exc.strerror}; check data.train_files") from None
         files.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    # a shipped template's or a .jinja file's text: editing it changes the tokens (auto/none:
+    # the tokenizer's template, part of its identity)
+    template = None if cfg.chat_template in ("auto", "none") else load_template(cfg.chat_template)
     inputs = {
         "version": STORE_VERSION,
         "data": settings,
         "files": files,
         "tokenizer": _tokenizer_identity(tokenizer),
         "code_sha256": _code_identity(),
-        # a shipped template's or a .jinja file's text: editing it changes the tokens
-        "chat_template_text": _template_text(cfg),
+        "chat_template_text": template,
     }
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20], inputs
