@@ -1,9 +1,6 @@
-"""Measuring: the base model forward-only over the probe sample, distributed like training.
-
-Every rank calls :func:`probe` with the same arguments; the last pipeline stage keeps each
-example's response-token CE, the DP ranks all-gather it, one last-stage rank builds the report
-and broadcasts it, every rank returns it, and global rank 0 writes the files.
-"""
+"""The base model forward-only over the probe sample, distributed like training: the last
+stage keeps each example's response-token CE, the DP ranks all-gather it, one last-stage rank
+builds the report and broadcasts it to every rank; global rank 0 writes the files."""
 
 from __future__ import annotations
 
@@ -46,10 +43,6 @@ def resolve_dtype(dtype: str) -> str:
     return dtype
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def measure(
     model_chunks: list,
     examples: ProbeExamples,
@@ -62,13 +55,14 @@ def measure(
     exist, same ``examples``). Returns ``{example index: float64 response-token CE}`` for this
     DP rank's examples on last-stage ranks, ``{}`` on other stages."""
     from probsft_megatron.data import GlobalBatchLoader, pad_multiple
+    from probsft_megatron.data.batches import round_up
 
     dataset = examples.dataset
     n = len(dataset)
     lay = compat.rank_position()
     mbs = max(1, min(micro_batch_size, -(-n // lay.dp)))
     per_call = max(1, min(4 * lay.pp, -(-n // (mbs * lay.dp))))
-    seq_length = _round_up(int(dataset.lengths.max()), 8 * lay.tp)
+    seq_length = round_up(int(dataset.lengths.max()), 8 * lay.tp)
     loader = GlobalBatchLoader(
         dataset,
         global_batch_size=mbs * lay.dp * per_call,

@@ -29,13 +29,9 @@ TABLE_PERCENTILES = (0, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100)
 HISTOGRAM_BINS = 100
 
 STRONG_MEAN_P = 0.65
-"""Mean response-token p at or above which a task is model-strong (see docs/probe.md):
-the paper's model-strong anchor (Qwen2.5-Math-1.5B on NuminaMath-CoT, median p 0.9936 and
-20th percentile 0.586) has mean p >= 0.5 * 0.9936 + 0.3 * 0.586 = 0.673."""
+"""Mean response-token p from which a task is model-strong (derivation: docs/probe.md)."""
 WEAK_MEAN_P = 0.35
-"""Mean response-token p below which a task is model-weak: the paper's model-weak anchor
-(figlet-font words, near-zero prior on the 2-5 letter word) has mean p <= 1/3 for a word of
-two or more tokens even if the end-of-turn token after it were certain."""
+"""Mean response-token p below which a task is model-weak (derivation: docs/probe.md)."""
 
 RECOMMENDATIONS: dict[str, dict[str, Any]] = {
     "model-strong": {
