@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -104,12 +103,8 @@ def seed_model_parallel(seed: int) -> None:
 
     torch.manual_seed(seed)
     fn = tensor_parallel.model_parallel_cuda_manual_seed
-    kwargs: dict[str, Any] = {}
-    if not cpu_backend.cuda_available():
-        for name in ("inference_rng_tracker", "force_reset_rng"):
-            if _accepts(fn, name):
-                kwargs[name] = True
-    fn(seed, **kwargs)
+    names = () if cpu_backend.cuda_available() else ("inference_rng_tracker", "force_reset_rng")
+    fn(seed, **{name: True for name in names if _accepts(fn, name)})
 
 
 def model_parallel_rng():

@@ -19,21 +19,14 @@ from probsft_megatron.hardware import cuda_available
 _STATE: dict[str, Any] = {"active": False, "mode": None, "saved": {}}
 _LOCK = threading.Lock()
 
-_CUDA_TYPE_NAMES = {
-    "torch.FloatTensor": "torch.cuda.FloatTensor",
-    "torch.HalfTensor": "torch.cuda.HalfTensor",
-    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
-}
+_FLOAT_TYPES = ("Float", "Half", "BFloat16")
+_CUDA_TYPE_NAMES = {f"torch.{t}Tensor": f"torch.cuda.{t}Tensor" for t in _FLOAT_TYPES}
 
 
 def _is_cuda_device(device: Any) -> bool:
     if isinstance(device, int) and not isinstance(device, bool):
         return True  # a bare index means a CUDA ordinal in torch's factory functions
-    if isinstance(device, str):
-        return device.startswith("cuda")
-    if isinstance(device, torch.device):
-        return device.type == "cuda"
-    return False
+    return isinstance(device, str | torch.device) and str(device).startswith("cuda")
 
 
 class _CudaToCpuMode(TorchFunctionMode):

@@ -288,24 +288,8 @@ def fused_objective_loss(
     else:  # resolved on this micro-batch's CE: a CE-only pass first
         ce = full(_ce_only(h.detach(), weight.detach(), y, chunk, vocab_start, tp_group))
         q = resolve_threshold(threshold, ce, response)
-    loss_sum, ce, keep = _LinearObjective.apply(
-        h,
-        weight,
-        y,
-        objective_loss.objective,
-        q,
-        chunk,
-        vocab_start,
-        tp_group,
-        main_grad,
-        weight.requires_grad,
-    )
-    return loss_triple(
-        loss_sum,
-        full(ce),
-        full(keep),
-        response,
-        objective_loss.objective,
-        normalization=objective_loss.normalization,
-        record_p=record_p,
-    )
+    objective = objective_loss.objective
+    setup = (objective, q, chunk, vocab_start, tp_group, main_grad, weight.requires_grad)
+    loss_sum, ce, keep = _LinearObjective.apply(h, weight, y, *setup)
+    report = {"normalization": objective_loss.normalization, "record_p": record_p}
+    return loss_triple(loss_sum, full(ce), full(keep), response, objective, **report)

@@ -40,19 +40,21 @@ class _LoRAMixin:
 
     lora_target: str
 
-    def _add_adapters(self, peft: PeftConfig, target: str, a_shape, b_shape, column: bool) -> None:
+    def _add_adapters(self, peft: PeftConfig, target: str, column: bool) -> None:
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-        config = self.config
-        dtype = config.params_dtype
-        device = self.weight.device
+        r = int(peft.rank)
+        if column:  # B is split along out (dim 0) like W
+            a_shape, b_shape = (r, self.input_size), (self.output_size_per_partition, r)
+        else:  # A is split along in (dim 1) like W
+            a_shape, b_shape = (r, self.input_size_per_partition), (self.output_size, r)
+        dtype, device = self.config.params_dtype, self.weight.device
         self.lora_target = target
-        self.lora_rank = int(peft.rank)
+        self.lora_rank = r
         self.lora_scaling = float(peft.alpha) / float(peft.rank)
         self.lora_dropout = float(peft.dropout)
         self.lora_A = torch.nn.Parameter(torch.zeros(*a_shape, dtype=dtype, device=device))
         self.lora_B = torch.nn.Parameter(torch.zeros(*b_shape, dtype=dtype, device=device))
-        # column: B is split along out (dim 0); row: A is split along in (dim 1)
         sharded = self.lora_B if column else self.lora_A
         dim = 0 if column else 1
         set_tensor_model_parallel_attributes(sharded, is_parallel=True, dim=dim, stride=1)
@@ -73,13 +75,7 @@ def _column_class():
 
         def __init__(self, *args, peft: PeftConfig, lora_target: str, **kwargs):
             super().__init__(*args, **kwargs)
-            self._add_adapters(
-                peft,
-                lora_target,
-                (peft.rank, self.input_size),
-                (self.output_size_per_partition, peft.rank),
-                column=True,
-            )
+            self._add_adapters(peft, lora_target, column=True)
             # the gated fc1 holds cat(gate_shard, up_shard) per rank; B's checkpoint follows
             self.lora_glu = lora_target == "linear_fc1" and bool(self.config.gated_linear_unit)
             if self.sequence_parallel:
@@ -124,13 +120,7 @@ def _row_class():
 
         def __init__(self, *args, peft: PeftConfig, lora_target: str, **kwargs):
             super().__init__(*args, **kwargs)
-            self._add_adapters(
-                peft,
-                lora_target,
-                (peft.rank, self.input_size_per_partition),
-                (self.output_size, peft.rank),
-                column=False,
-            )
+            self._add_adapters(peft, lora_target, column=False)
             self.lora_glu = False
 
         def _forward_impl(self, input, weight, *args, **kwargs):
@@ -156,8 +146,8 @@ def _row_class():
 
 
 @functools.cache
-def _lora_class(kind: str) -> type:
-    return _column_class() if kind == "column" else _row_class()
+def _lora_class(column: bool) -> type:
+    return _column_class() if column else _row_class()
 
 
 def lora_layer_spec(spec, peft: PeftConfig):
@@ -171,19 +161,15 @@ def lora_layer_spec(spec, peft: PeftConfig):
     for target in peft.target_modules:
         holder = holders[target]
         current = getattr(holder, target)
-        expected = ColumnParallelLinear if target in COLUMN_TARGETS else RowParallelLinear
-        if current is not expected:
+        column = target in COLUMN_TARGETS
+        if current is not (ColumnParallelLinear if column else RowParallelLinear):
             raise ConfigError(
                 f"peft.method=lora adapts megatron's local linears, but {target} is "
                 f"{getattr(current, '__name__', current)} here (Transformer Engine layers); "
                 "use train.attention=sdpa or local"
             )
-        kind = "column" if target in COLUMN_TARGETS else "row"
-        setattr(
-            holder,
-            target,
-            ModuleSpec(module=_lora_class(kind), params={"peft": peft, "lora_target": target}),
-        )
+        lora = ModuleSpec(module=_lora_class(column), params={"peft": peft, "lora_target": target})
+        setattr(holder, target, lora)
     return spec
 
 

@@ -125,16 +125,8 @@ def objective_loss(
         )
     keep = objective.keep_mask(ce.detach(), q) & response
     loss_sum = (objective.loss_from_ce(ce) * (keep.to(ce.dtype) * weights)).sum()
-    return loss_triple(
-        loss_sum,
-        ce,
-        keep,
-        response,
-        objective,
-        normalization=normalization,
-        record_p=record_p,
-        units=units,
-    )
+    report = {"normalization": normalization, "record_p": record_p, "units": units}
+    return loss_triple(loss_sum, ce, keep, response, objective, **report)
 
 
 def loss_triple(

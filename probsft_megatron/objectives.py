@@ -33,19 +33,6 @@ _VALID_FORMS = (
 
 # lower-cased spelling -> family, for names without a parameter
 _PLAIN = {"original": "nll", "nll": "nll", "logp": "nll", "p": "p", "dft": "p"}
-# lower-cased spelling -> (family, side), for names with a parameter
-_PARAMETRIC = {
-    "generalfamily": ("general", None),
-    "convexity": ("general", None),
-    "onlytopp": ("p_thr", "top"),
-    "onlybottomp": ("p_thr", "bottom"),
-    "onlytoplogp": ("logp_thr", "top"),
-    "onlybottomlogp": ("logp_thr", "bottom"),
-    "unlikehoodtop": ("unlikelihood_thr", "top"),
-    "unlikehoodbottom": ("unlikelihood_thr", "bottom"),
-    "unlikelihoodtop": ("unlikelihood_thr", "top"),
-    "unlikelihoodbottom": ("unlikelihood_thr", "bottom"),
-}
 # (family, side) -> canonical prefix of thresholded names
 _THRESHOLD_PREFIX = {
     ("p_thr", "top"): "OnlyTopP",
@@ -54,6 +41,14 @@ _THRESHOLD_PREFIX = {
     ("logp_thr", "bottom"): "OnlyBottomLogP",
     ("unlikelihood_thr", "top"): "UnlikehoodTop",
     ("unlikelihood_thr", "bottom"): "UnlikehoodBottom",
+}
+# lower-cased spelling -> (family, side), for names with a parameter
+_PARAMETRIC = {
+    "generalfamily": ("general", None),
+    "convexity": ("general", None),
+    **{prefix.lower(): key for key, prefix in _THRESHOLD_PREFIX.items()},
+    "unlikelihoodtop": ("unlikelihood_thr", "top"),
+    "unlikelihoodbottom": ("unlikelihood_thr", "bottom"),
 }
 _NAME_ARG = re.compile(r"^([A-Za-z_]+)-(.+)$")
 _NUMBER = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
@@ -324,40 +319,18 @@ def resolve_percentile(p: Tensor, percentile: float) -> float:
 
 def list_objectives() -> list[dict]:
     """One entry per spelling form: ``form``, ``f``, ``w``, ``mask``, ``example``, ``aliases``."""
-    f_nll, w_nll = _formulas("nll", None)
-    f_p, w_p = _formulas("p", None)
-    out = [
-        {
-            "form": "original",
-            "f": f_nll,
-            "w": w_nll,
-            "mask": "all",
-            "example": "original",
-            "aliases": ["nll", "logp"],
-        },
-        {"form": "p", "f": f_p, "w": w_p, "mask": "all", "example": "p", "aliases": ["dft"]},
-        {
-            "form": "GeneralFamily-<a>",
-            "f": "(1 - p^a) / a  (a = 0: -log p)",
-            "w": "p^a",
-            "mask": "all",
-            "example": "GeneralFamily-8",
-            "aliases": ["convexity-<a>"],
-        },
+    general = ("GeneralFamily-<a>", "(1 - p^a) / a  (a = 0: -log p)", "p^a")
+    rows = [
+        ("original", *_formulas("nll", None), "all", "original", ["nll", "logp"]),
+        ("p", *_formulas("p", None), "all", "p", ["dft"]),
+        (*general, "all", "GeneralFamily-8", ["convexity-<a>"]),
     ]
     for (family, side), prefix in _THRESHOLD_PREFIX.items():
-        f, w = _formulas(family, None)
         aliases = [f"{prefix}-K<k>"]
         if family == "unlikelihood_thr":
             aliases.append(prefix.replace("Unlikehood", "Unlikelihood") + "-<q>")
-        out.append(
-            {
-                "form": f"{prefix}-<q>",
-                "f": f,
-                "w": w,
-                "mask": "p >= q" if side == "top" else "p <= q",
-                "example": f"{prefix}-{'0.5' if side == 'top' else '0.9'}",
-                "aliases": aliases,
-            }
-        )
-    return out
+        mask, q = ("p >= q", "0.5") if side == "top" else ("p <= q", "0.9")
+        form = (f"{prefix}-<q>", *_formulas(family, None))
+        rows.append((*form, mask, f"{prefix}-{q}", aliases))
+    keys = ("form", "f", "w", "mask", "example", "aliases")
+    return [dict(zip(keys, row, strict=True)) for row in rows]

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -228,16 +228,18 @@ def loss_head(loss: ObjectiveLoss, device: Any = "cpu") -> LossHead:
     return (FusedLossHead if loss.config.implementation == "fused" else LossHead)(loss, device)
 
 
-def _schedule(model_chunks, micro_batches, forward_step_func, *, forward_only, shape):
-    return compat.get_forward_backward_func()(
-        forward_step_func=forward_step_func,
-        data_iterator=iter(micro_batches),
-        model=model_chunks,
-        num_microbatches=len(micro_batches),
-        seq_length=shape[0],
-        micro_batch_size=shape[1],
-        forward_only=forward_only,
-    )
+def _schedule(model_chunks, micro_batches, forward_step_func, shape, forward_only=True):
+    """megatron's pipeline schedule; forward only (without autograd) unless told otherwise."""
+    with nullcontext() if not forward_only else torch.no_grad():
+        return compat.get_forward_backward_func()(
+            forward_step_func=forward_step_func,
+            data_iterator=iter(micro_batches),
+            model=model_chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=shape[0],
+            micro_batch_size=shape[1],
+            forward_only=forward_only,
+        )
 
 
 def measure_token_ce(
@@ -246,14 +248,7 @@ def measure_token_ce(
     """Forward-only pass; every row's response-token CE in order on the last stage, ``[]``
     elsewhere. ``shape``: default :func:`batch_shape`."""
     shape = shape or batch_shape(micro_batches)
-    with torch.no_grad():
-        reports = _schedule(
-            model_chunks,
-            micro_batches,
-            head.forward_step(measure=True),
-            forward_only=True,
-            shape=shape,
-        )
+    reports = _schedule(model_chunks, micro_batches, head.forward_step(measure=True), shape)
     if not is_last_stage():
         return []
     return [row for report in reports for row in report["token_ce"]]
@@ -267,11 +262,7 @@ def global_threshold(
     rows = measure_token_ce(model_chunks, micro_batches, head, shape)
     if not is_last_stage() or not head.loss.needs_global_threshold:
         return None, rows
-    local = (
-        torch.exp(-torch.cat(rows)).to(torch.float64)
-        if rows
-        else torch.zeros(0, dtype=torch.float64)
-    )
+    local = torch.exp(-torch.cat(rows)).double() if rows else torch.zeros(0, dtype=torch.float64)
     threshold = resolve_percentile(
         gather_varlen(local, head.loss.dp_group), head.loss.objective.threshold.value
     )
@@ -355,13 +346,8 @@ def train_step(
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     with local_grad_check(model_chunks) as grads_ok:
-        losses = _schedule(
-            model_chunks,
-            micro_batches,
-            head.forward_step(threshold, record_p),
-            forward_only=False,
-            shape=shape,
-        )
+        step = head.forward_step(threshold, record_p)
+        losses = _schedule(model_chunks, micro_batches, step, shape, forward_only=False)
     local_losses = [d["stats"][0] for d in losses if isinstance(d, dict) and "stats" in d]
     update_successful, grad_norm, _ = optimizer.step()
     stats: dict[str, Any] = {}
@@ -390,27 +376,16 @@ def eval_step(model_chunks: list, head: LossHead, micro_batches: list[Batch]) ->
     ``count``, ``nll_sum``, ``response_tokens``, ``p_sum`` on the last stage, ``{}`` elsewhere."""
     shape = batch_shape(micro_batches)
     threshold, rows = global_threshold(model_chunks, head, micro_batches, shape)
-    with torch.no_grad():
-        losses = _schedule(
-            model_chunks,
-            micro_batches,
-            head.forward_step(threshold),
-            forward_only=True,
-            shape=shape,
-        )
+    losses = _schedule(model_chunks, micro_batches, head.forward_step(threshold), shape)
     if not is_last_stage():
         return {}
-    ce = torch.cat(rows).to(torch.float64) if rows else torch.zeros(0, dtype=torch.float64)
-    nll = torch.stack([ce.sum(), torch.tensor(float(ce.numel()), dtype=torch.float64)])
-    group = dp_group()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(nll, group=group)
-    stats = reduce_stats(losses, group)
+    nll = float(torch.cat(rows).double().sum()) if rows else 0.0  # rows: the response tokens
+    stats = reduce_stats(losses, dp_group(), extra={"nll_sum": nll})
     return {
         "loss_sum": stats["loss_sum"],
         "count": float(normalizer(stats, head.loss.normalization)),
-        "nll_sum": float(nll[0]),
-        "response_tokens": int(nll[1]),
+        "nll_sum": stats["nll_sum"],
+        "response_tokens": stats["response_tokens"],
         "p_sum": stats["mean_p"] * stats["response_tokens"],
     }
 
@@ -455,8 +430,7 @@ def build_training_model(
     """
     from probsft_megatron.model import build_gpt_model
 
-    optim = optim or LIBRARY_OPTIM
-    optim = dataclasses.replace(optim, **optim_overrides)
+    optim = dataclasses.replace(optim or LIBRARY_OPTIM, **optim_overrides)
     fused = loss_config is not None and loss_config.implementation == "fused"
     lora = peft is not None and peft.enabled
     gpt = build_gpt_model(

@@ -114,6 +114,4 @@ def run(args: argparse.Namespace) -> int:
     from probsft_megatron.launchers.agent import main as agent
 
     argv = ["--standalone", "--nproc-per-node", str(args.nproc), "-m", "probsft_megatron.train"]
-    if args.config:
-        argv += ["--config", args.config]
-    return agent(argv + list(args.overrides))
+    return agent([*argv, "--config", args.config, *args.overrides])
