@@ -6,6 +6,7 @@ from their folders' files only (docs/report.md). Data flows ``files`` -> ``recor
 from __future__ import annotations
 
 from probsft_megatron.report.build import FORMAT, build_report, default_out_dir
+from probsft_megatron.report.collect import collect
 from probsft_megatron.report.figures import weight_curve
 from probsft_megatron.report.markdown import format_tables
 from probsft_megatron.report.runs import read_run
@@ -14,6 +15,7 @@ from probsft_megatron.report.stats import summarize_values, t_quantile
 __all__ = [
     "FORMAT",
     "build_report",
+    "collect",
     "default_out_dir",
     "format_tables",
     "read_run",
