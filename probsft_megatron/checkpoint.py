@@ -1,26 +1,6 @@
-"""Training checkpoints: torch_dist model + optimizer, training state, RNG; atomic; keep last K.
-
-A checkpoint is a Megatron model dir (:mod:`probsft_megatron.model_dir`:
-``model_config.json``, ``weights/`` in torch_dist format, ``hf/`` export template) plus what
-resuming needs::
-
-    <output_dir>/checkpoints/step_0000100/
-        model_config.json   weights/ (model + optimizer shards)   hf/ (if the run had one)
-        train_state.json    (step, data position, config, metrics so far)
-        rng/rank_00000.pt   (per-rank torch / CUDA / megatron RNG states)
-
-It is written under ``.step_0000100.partial`` and renamed only after every rank has finished,
-so a crash mid-write leaves the previous checkpoint as the newest complete one. Before the
-rename rank 0 lists every file with its size and CRC-32 in ``probsft_manifest.json``
-(:mod:`probsft_megatron.manifest`).
-
-A run's checkpoints belong to its :class:`CheckpointManager`: it holds the run lock, finds
-the newest intact checkpoint (rank 0 checks it against its manifest once and every rank
-learns the verdict), loads it, saves and prunes. A damaged checkpoint is refused in one
-line naming the step, the file and the fix. The model
-weights reshard on load (export or fine-tune at any TP/PP); the distributed optimizer's state
-resumes at the same TP/PP with any DP size (see :func:`compat.optimizer_sharded_state_dict`).
-"""
+"""Training checkpoints (``<output_dir>/checkpoints/step_NNNNNNN``: a Megatron model dir plus
+``train_state.json`` and per-rank RNG states), written under a ``.partial`` name with their
+manifest and renamed when complete; the :class:`CheckpointManager` that owns a run's."""
 
 from __future__ import annotations
 
@@ -43,12 +23,6 @@ from probsft_megatron.manifest import step_name
 logger = logging.getLogger(__name__)
 
 
-def complete_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint under ``ckpt_root`` (renamed into place),
-    oldest first, intact or not."""
-    return manifest.step_folders(ckpt_root)
-
-
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     """The newest intact checkpoint under ``ckpt_root`` (damaged newer ones passed over with
     a warning), or None; what an export of a finished run reads."""
@@ -56,12 +30,9 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
 
 
 class CheckpointManager:
-    """The checkpoints of one run (``<output_dir>/checkpoints``) and its run lock.
-
-    Built once per run on every rank; :meth:`lock`, :meth:`find`, :meth:`load` and
-    :meth:`save` are collectives over the whole job. ``latest`` is the newest complete
-    checkpoint this run found or wrote (None before any).
-    """
+    """The checkpoints of one run (``<output_dir>/checkpoints``) and its run lock; built on
+    every rank, its methods are collectives. ``latest``: the newest checkpoint this run found
+    or wrote."""
 
     def __init__(
         self,
@@ -79,24 +50,19 @@ class CheckpointManager:
         self.latest: Path | None = None
 
     def lock(self):
-        """Take the run lock (rank 0 takes it, every rank learns the verdict); returns the
-        function that releases it (:mod:`probsft_megatron.run_lock`)."""
-        return run_lock.hold(self.output_dir, cpu_backend.device()).release
+        """Take the run lock (:func:`probsft_megatron.run_lock.hold`); returns its release."""
+        return run_lock.hold(self.output_dir, cpu_backend.device())
 
     def newest(self) -> Path | None:
-        """The newest complete checkpoint folder, unchecked: the one this run recorded, or a
-        newer one already renamed into place (a rank can be lost in the save's own
-        collectives, after the rename and before the run records it)."""
-        found = complete_checkpoints(self.root)
+        """The newest checkpoint folder, unchecked (a rank lost inside a save may leave one
+        renamed into place that ``latest`` does not know yet)."""
+        found = manifest.step_folders(self.root)
         return found[-1][1] if found else self.latest
 
     def find(self) -> Path | None:
-        """The checkpoint to resume from (None: a fresh start, or ``resume`` is off).
-
-        Rank 0 checks the candidates against their manifests once
+        """The checkpoint to resume from (None: a fresh start). Rank 0 verifies once
         (:func:`probsft_megatron.manifest.newest_intact`) and broadcasts the verdict: every
-        rank returns the same folder, or raises the same one-line CheckpointError (printed
-        by rank 0 only: ``announce``)."""
+        rank returns the same folder or raises the same CheckpointError (rank 0 prints it)."""
         verdict: list[Any] = [None]
         if _rank() == 0 and self.resume:
             try:
@@ -116,21 +82,13 @@ class CheckpointManager:
     def load(
         self, path: str | Path, model, optimizer, *, base_fingerprint: str | None = None
     ) -> dict[str, Any]:
-        """Load weights (+ optimizer when given) and this rank's RNG; returns the train state.
-
-        A LoRA model loads only its adapters (its base was loaded before, from
-        ``init.checkpoint``); ``base_fingerprint`` must then match the checkpoint's
-        ``peft.json`` (:func:`probsft_megatron.lora.check_fingerprint`), and a model without
-        adapters refuses a LoRA checkpoint, each in one line.
-
-        The folder is not checked against its manifest again (:meth:`find` did that once);
-        files that cannot be read are a one-line CheckpointError naming the step, the file
-        and the fix.
-        """
+        """Load weights (+ optimizer) and this rank's RNG (not verified again: :meth:`find`
+        did); returns the train state. A LoRA model loads only its adapters, whose
+        ``peft.json`` must match ``base_fingerprint``; unreadable files are a one-line
+        CheckpointError."""
         from probsft_megatron import lora
 
         path = Path(path)
-
         adapters_only = lora.has_adapters(model)
         if adapters_only:
             lora.check_fingerprint(path, base_fingerprint)
@@ -176,9 +134,8 @@ class CheckpointManager:
 
 
 def read_failure(exc: BaseException) -> str:
-    """A short phrase for why checkpoint files could not be read: torch DCP wraps each rank's
-    error in a ``CheckpointException`` (a ``BaseException``) with a traceback in its text; the
-    innermost error's type and first line are what a person needs."""
+    """Why checkpoint files could not be read, short: the innermost error's type and first
+    line (torch DCP wraps each rank's in a ``CheckpointException`` with a traceback)."""
     failures = getattr(exc, "failures", None)
     if isinstance(failures, dict) and failures:
         inner = next(iter(failures.values()))
@@ -240,13 +197,9 @@ def save_checkpoint(
     keep_last: int = 2,
     peft_record: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically (collective: every rank must call it).
-
-    ``model`` is this rank's (unwrapped) GPT model chunk. Returns the final directory.
-    A LoRA model (:mod:`probsft_megatron.lora`) saves only its adapters (and their optimizer
-    state); ``peft_record`` (:func:`probsft_megatron.lora.peft_record`: the LoRA settings and
-    the base model's fingerprint) is written next to them as ``peft.json``.
-    """
+    """Write checkpoint ``step`` of this rank's unwrapped ``model`` atomically (a collective);
+    returns its folder. A LoRA model saves only its adapters, with ``peft_record`` as
+    ``peft.json``."""
     root = Path(ckpt_root)
     final = root / step_name(step)
     staging = layout.staging_path(final)
@@ -272,9 +225,8 @@ def save_checkpoint(
             atomic_write_json(staging / "peft.json", peft_record)
         manifest.write_manifest(staging, manifest.TRAINING_CHECKPOINT, step=step)
         layout.commit_staging(staging, final)
-        # keep the newest ``keep_last`` up to this step; newer folders (left by a run that
-        # resumed past a damaged checkpoint) are replaced when the run reaches their step
-        older = [path for s, path in complete_checkpoints(root) if s <= step]
+        # newer folders (a resume past a damaged one) are replaced when the run reaches them
+        older = [path for s, path in manifest.step_folders(root) if s <= step]
         for old in older[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

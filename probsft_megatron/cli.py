@@ -1,16 +1,8 @@
 """`probsft` console entry point: one thin subcommand per library module.
 
-Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``;
-the heavy imports (megatron, vllm, nemo_run) happen only inside the chosen module,
-so ``probsft objectives`` stays instant. ``-v`` / ``--verbose`` (before or after the
-subcommand) turns on debug logging, megatron's own warnings included
-(:mod:`probsft_megatron.console`).
-
-Exit codes: 0 success, 2 a usage error (argparse's, or one ``error: ...`` line for a
-:class:`~probsft_megatron.errors.ProbsftError`), 1 a run that failed on its own terms
-(e.g. a local experiment whose steps failed). ``key=value`` overrides may stand anywhere
-after the subcommand, also after its options (``train --config R --nproc 2 optim.lr=1e-5``).
-"""
+Each subcommand module has ``add_arguments(parser)`` and ``run(args) -> int`` and is imported
+only when chosen. Exit codes: 0 success, 2 a usage error or a ProbsftError (one line), 1 a
+run that failed on its own terms. ``key=value`` overrides may follow the options too."""
 
 from __future__ import annotations
 
@@ -18,7 +10,6 @@ import argparse
 import importlib
 import sys
 
-# subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "objectives": ("probsft_megatron.objectives_cli", "list or validate training objectives"),
     "train": ("probsft_megatron.train_cli", "supervised fine-tuning on Megatron-Core"),
@@ -53,16 +44,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is None or name == only:
             from probsft_megatron import extras
 
-            try:
-                # the subcommand's pip extra first (a find_spec check, no import), so that a
-                # lazy import deep inside it cannot fail later with a traceback
+            try:  # the pip extra first, so a lazy import inside cannot fail with a traceback
                 missing = extras.missing_module(name)
                 if missing is not None:
                     raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
                 module = importlib.import_module(module_name)
             except ModuleNotFoundError as exc:  # a missing extra, or a module not installed
                 reason = extras.explain_missing(name, module_name, exc.name)
-                # whatever follows (options, --help) is not parsed: the reason is the answer
                 p.parse_known_args = lambda args=None, namespace=None, _r=reason: (
                     argparse.Namespace(_unavailable=_r),
                     [],
@@ -74,8 +62,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def _overrides_after_options(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    """Move ``key=value`` words that argparse left over (they followed an option, e.g.
-    ``--nproc 2 optim.lr=1e-5``) to the subcommand's overrides; returns what is still left."""
+    """Move ``key=value`` words argparse left over (after an option) to the overrides;
+    returns what is still left."""
     if not isinstance(getattr(args, "overrides", None), list):
         return extra
     left = []

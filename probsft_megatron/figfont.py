@@ -1,17 +1,6 @@
-"""The figlet-font task (model-weak end of the capability continuum), generated offline.
-
-Items come from reasoning-gym's ``figlet_font`` generator with the paper's settings:
-words of 2-5 letters, letters rendered with spaces between them, generator seed 42.
-Item ``i`` depends only on ``seed + i`` (reasoning-gym seeds one ``Random`` per index),
-so the splits are index ranges of one generator:
-
-* train: indices ``[0, 40000)``  (40,000 items)
-* test:  indices ``[40000, 45000)`` (5,000 items)
-
-Each record carries the raw question (``prompt``), the word (``response``) and the two
-chat-formatted prompts the paper trains and evaluates with (``qwen_prompt``,
-``llama_prompt``).
-"""
+"""The figlet-font task (the paper's settings: reasoning-gym's ``figlet_font``, words of 2-5
+letters spaced out, seed 42), generated offline; item ``i`` depends only on ``seed + i``, so
+the splits are index ranges of one generator."""
 
 from __future__ import annotations
 
@@ -19,8 +8,8 @@ from functools import lru_cache
 
 from probsft_megatron.errors import ConfigError
 
+# split -> (first generator index, number of items)
 SPLITS: dict[str, tuple[int, int]] = {"train": (0, 40_000), "test": (40_000, 5_000)}
-"""split -> (first generator index, number of items)."""
 
 MIN_WORD_LEN = 2
 MAX_WORD_LEN = 5
@@ -45,7 +34,6 @@ LLAMA_TEMPLATE = (
 
 @lru_cache(maxsize=4)
 def _generator(seed: int):
-    """The reasoning-gym dataset object; its ``size`` is irrelevant to item content."""
     import reasoning_gym
 
     return reasoning_gym.create_dataset(
@@ -59,18 +47,8 @@ def _generator(seed: int):
 
 
 def figfont_records(split: str, n: int | None = None, seed: int = DEFAULT_SEED) -> list[dict]:
-    """Deterministic prompt/response records of one split.
-
-    Args:
-        split: ``"train"`` or ``"test"``.
-        n: the first ``n`` items of the split (all of it when ``None``).
-        seed: generator seed (the paper's data uses 42).
-
-    Returns:
-        dicts with keys ``prompt`` (question with the figlet rendering), ``response``
-        (the upper-case word), ``qwen_prompt``, ``llama_prompt`` (chat-formatted prompts),
-        ``index`` (generator index) and ``font``.
-    """
+    """The first ``n`` (None: all) records of ``split``: ``prompt``, ``response`` (the word),
+    the chat-formatted ``qwen_prompt`` and ``llama_prompt``, ``index`` and ``font``."""
     if split not in SPLITS:
         raise ConfigError(f"unknown figfont split {split!r}; choose one of {sorted(SPLITS)}")
     start, size = SPLITS[split]

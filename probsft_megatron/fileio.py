@@ -1,9 +1,5 @@
-"""Atomic file writes: every result, report and state file goes through here.
-
-A file is written under a temporary name in its own folder and renamed over the target, so a
-reader (or a resumed run) sees either the old complete file or the new complete one, never a
-half-written file; a failed write removes its temporary file.
-"""
+"""Atomic file writes: written under a temporary name in the target's folder and renamed
+over it, so a reader sees the old complete file or the new one, never half of one."""
 
 from __future__ import annotations
 

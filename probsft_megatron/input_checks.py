@@ -1,18 +1,12 @@
-"""The files a training job reads and writes, checked before any work (one line each).
-
-:func:`probsft_megatron.job.resolve_job` calls :func:`check_files` before the config's own
-validation (``probsft train`` and its ``--dry-run``); the probe and the converters call the
-single checks for their own flags. Nothing here builds a
-process group, a tokenizer or a model, or reads more of a data file than its name and
-kind: the config module owns the keys and their ranges, this module what they point at.
-"""
+"""What a training job's paths point at, checked before any work, one line each
+(:func:`check_files`, called by :func:`probsft_megatron.job.resolve_job`); the probe and
+the converters call the single checks for their own flags."""
 
 from __future__ import annotations
 
 import dataclasses
 import errno
 import json
-import logging
 import math
 import os
 from pathlib import Path
@@ -24,9 +18,8 @@ from probsft_megatron.tokenizers import tokenizer_spec
 from probsft_megatron.typed_yaml import oddity, shown
 
 if TYPE_CHECKING:
-    from probsft_megatron.config import DataConfig, TrainConfig, TrainJobConfig
+    from probsft_megatron.config import DataConfig, TrainJobConfig
 
-logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -37,12 +30,8 @@ BUILTIN_TOKENIZERS = {"smollm2": 49152}
 def check_model_dir(
     path: str | os.PathLike, key: str, *, training_checkpoint_ok: bool = True
 ) -> Path:
-    """``path`` if it is a complete, intact Megatron model dir (a converted model or a
-    training checkpoint); else a one-line error naming ``key`` and what to pass instead.
-
-    ``training_checkpoint_ok=False``: a training checkpoint (weights saved together with the
-    optimizer state) is refused with the way round it.
-    """
+    """``path`` if it is an intact Megatron model dir (or, with ``training_checkpoint_ok``, a
+    training checkpoint); else a one-line error naming ``key`` and what to pass instead."""
     folder = Path(path)
     if not folder.exists():
         raise ConfigError(
@@ -86,9 +75,9 @@ def check_model_dir(
 def check_tokenizer(spec: str, key: str) -> None:
     """``spec`` names a built-in tokenizer or a folder (or a model dir's ``hf/``) with
     tokenizer files; else one line naming ``key``."""
-    if spec in BUILTIN_TOKENIZERS:
+    folder = _tokenizer_folder(spec)
+    if folder is None:
         return
-    folder = Path(spec)
     if not folder.exists():
         raise ConfigError(
             f"{key} {spec} does not exist; name a folder with tokenizer files "
@@ -96,8 +85,6 @@ def check_tokenizer(spec: str, key: str) -> None:
         )
     if not folder.is_dir():
         raise ConfigError(f"{key} {spec} is a file; name the folder that holds the tokenizer")
-    if (folder / "hf").is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        folder = folder / "hf"
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(
             f"{key} {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
@@ -106,9 +93,8 @@ def check_tokenizer(spec: str, key: str) -> None:
 
 
 def tokenizer_vocab_size(folder: str | os.PathLike) -> int | None:
-    """The number of token ids of a Hugging Face ``tokenizer.json`` in ``folder`` (the largest
-    id + 1, added tokens included), read without building the tokenizer; None when there is
-    no such file."""
+    """The number of token ids (largest + 1, added tokens included) of ``folder``'s
+    ``tokenizer.json``, read without building the tokenizer; None without one."""
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         return None
@@ -124,6 +110,8 @@ def tokenizer_vocab_size(folder: str | os.PathLike) -> int | None:
 
 
 def _tokenizer_folder(spec: str) -> Path | None:
+    """The folder a tokenizer spec names (a model dir's ``hf/`` for a model dir); None for a
+    built-in one."""
     if spec in BUILTIN_TOKENIZERS:
         return None
     folder = Path(spec)
@@ -133,8 +121,8 @@ def _tokenizer_folder(spec: str) -> Path | None:
 
 
 def check_vocab_fits(tokenizer: str, vocab_size: int, key: str) -> None:
-    """A tokenizer whose ids reach past the model's vocabulary would index past the embedding;
-    refuse it in one line (a tokenizer without tokenizer.json is not checked here)."""
+    """Refuse a tokenizer whose ids reach past the model's vocabulary (without a
+    ``tokenizer.json`` it is not checked)."""
     folder = _tokenizer_folder(tokenizer)
     size = BUILTIN_TOKENIZERS.get(tokenizer) if folder is None else tokenizer_vocab_size(folder)
     if size is not None and size > vocab_size:
@@ -191,10 +179,8 @@ def check_data_files(data: DataConfig, key: str = "data.train_files") -> None:
 
 
 def count_records(data: DataConfig) -> int | None:
-    """How many records the data gives, counted without parsing them (the lines of a JSON
-    lines file, the length of a JSON list, a parquet file's row count), capped at
-    ``data.num_samples``; None when that cannot be told cheaply (a generated source without
-    ``data.num_samples``, a file that cannot be read here: its own check reports it)."""
+    """How many records the data gives (capped at ``data.num_samples``), counted without
+    parsing them; None when that cannot be told cheaply."""
     if data.source != "file":
         return data.num_samples
     total = 0
@@ -219,13 +205,9 @@ def count_records(data: DataConfig) -> int | None:
 
 
 def planned_length(cfg: TrainJobConfig) -> str:
-    """What the run will train, as the dry run states it: steps, epochs, examples (an upper
-    bound before tokenizing: records too long for ``data.max_length`` are dropped then, and
-    the run's first line states the exact count).
-
-    Raises:
-        ConfigError: ``train.max_steps`` is more than the data can give.
-    """
+    """What the run will train, as the dry run states it (an upper bound: over-long records
+    are dropped when tokenizing); ConfigError when ``train.max_steps`` is more than the data
+    gives."""
     t = cfg.train
     records = count_records(cfg.data)
     if records is None:
@@ -254,21 +236,10 @@ def planned_length(cfg: TrainJobConfig) -> str:
     return f"length: at most {bound} steps: {shape}"
 
 
-def check_resume(train: TrainConfig) -> Path | None:
-    """The checkpoint a run of ``train.output_dir`` would resume from (None: a fresh start),
-    checked against its manifest (:func:`probsft_megatron.manifest.newest_intact`)."""
-    if not train.resume:
-        return None
-    root = Path(train.output_dir) / "checkpoints"
-    return manifest.newest_intact(root, skip_damaged=train.resume_skip_damaged)
-
-
 def check_files(cfg: TrainJobConfig, *, resume: bool = True) -> None:
-    """Every path the job reads or writes, checked before any work (one line each):
-    ``init.checkpoint`` (an intact Megatron model dir), ``init.tokenizer`` (or the
-    checkpoint's ``hf/`` tokenizer), the data files, ``train.output_dir`` (writable, not an
-    input, not inside one, containing none), and (``resume``) the checkpoint a resume would
-    load; a training run's ranks leave that to its CheckpointManager (rank 0, once)."""
+    """Every path the job reads or writes, one line each: ``init.checkpoint``, the tokenizer,
+    the data files, ``train.output_dir`` (writable, no input's) and (``resume``) the checkpoint
+    a resume would load (a run's ranks leave it to the CheckpointManager)."""
     init = cfg.init
     if init.checkpoint is not None:
         check_model_dir(init.checkpoint, "init.checkpoint", training_checkpoint_ok=False)
@@ -284,7 +255,7 @@ def check_files(cfg: TrainJobConfig, *, resume: bool = True) -> None:
     tokenizer = tokenizer_spec(init)
     if tokenizer is not None:
         vocab = cfg.model.vocab_size
-        if init.checkpoint is not None:  # the checkpoint's model (checked just above)
+        if init.checkpoint is not None:  # the checkpoint's model
             meta = json.loads((Path(init.checkpoint) / "model_config.json").read_text())
             vocab = int((meta.get("model") or {}).get("vocab_size") or vocab)
         check_vocab_fits(tokenizer, vocab, "init.tokenizer" if init.tokenizer else "the tokenizer")
@@ -307,5 +278,6 @@ def check_files(cfg: TrainJobConfig, *, resume: bool = True) -> None:
                 "a training run; a run writes config.json, metrics.jsonl and checkpoints/ there: "
                 "choose another train.output_dir"
             )
-    if resume:
-        check_resume(cfg.train)
+    if resume and cfg.train.resume:
+        root = Path(out) / "checkpoints"
+        manifest.newest_intact(root, skip_damaged=cfg.train.resume_skip_damaged)

@@ -1,14 +1,5 @@
-"""The resolved training job: what a run derives from its configuration, decided once.
-
-:func:`resolve_job` validates a :class:`~probsft_megatron.config.TrainJobConfig` for a world
-size (:func:`probsft_megatron.config.validate`) and resolves it into a frozen :class:`Job`:
-the model (a converted checkpoint's own config wins over the recipe's), the data-parallel
-size, the parameter dtype, the attention implementation, the parsed objective, the tokenizer
-and the paths. Training reads the Job, never the raw config; ``probsft train --dry-run`` and
-every rank of a real run call :func:`resolve_job` first. It is cheap and collective-free: it
-checks every path the job reads or writes (:func:`probsft_megatron.input_checks.check_files`) and
-reads only the checkpoint's ``model_config.json`` and the first record of each data file.
-"""
+"""The resolved training job: what a run derives from its configuration, decided once by
+:func:`resolve_job` into a frozen :class:`Job` that training reads."""
 
 from __future__ import annotations
 
@@ -37,37 +28,23 @@ from probsft_megatron.model_dir import read_model_config
 from probsft_megatron.objectives import Objective, parse_objective
 from probsft_megatron.tokenizers import tokenizer_spec
 
-__all__ = ["Job", "resolve_job"]
-
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Job:
-    """A validated training job, resolved once; training reads this, not the raw config.
-
-    ``config`` holds the sections as loaded, except ``model``, which is the checkpoint's own
-    config when the job starts from one. ``objective`` is the parsed objective, or None while
-    ``loss.objective`` is ``auto`` (training resolves it with the probe once the base model is
-    loaded: :meth:`with_objective`).
-    """
+    """A validated training job. ``config`` holds the sections as loaded, except ``model``:
+    the checkpoint's own when the job starts from one."""
 
     config: TrainJobConfig
     world_size: int
     data_parallel_size: int
-    dtype: str
-    """Parameter dtype name: ``bfloat16`` or ``float32``."""
-    attention: str
-    """Core attention implementation: ``te``, ``sdpa`` or ``local``."""
-    tokenizer: str | None
-    """What :func:`probsft_megatron.tokenizers.load_tokenizer` loads: ``init.tokenizer``, else
-    the checkpoint's ``hf/`` folder; None when the config names neither (a run refuses to
-    start, see :meth:`require_tokenizer`; a dry run only reports it)."""
+    dtype: str  # bfloat16 or float32
+    attention: str  # te, sdpa or local
+    tokenizer: str | None  # init.tokenizer, else the checkpoint's hf/; None: neither
     output_dir: Path
-    init_weights: Path | None
-    """torch_dist weights to start from (``<init.checkpoint>/weights``), or None."""
-    hf_template: Path | None
-    """Hugging Face files copied into every checkpoint (``<init.checkpoint>/hf``), or None."""
+    init_weights: Path | None  # <init.checkpoint>/weights
+    hf_template: Path | None  # <init.checkpoint>/hf, copied into every checkpoint
 
     @property
     def model(self) -> ModelConfig:
@@ -83,7 +60,6 @@ class Job:
 
     @property
     def objective(self) -> Objective | None:
-        """The parsed objective (the loss section's own parse), or None for ``auto``."""
         return self.config.loss.parsed_objective
 
     @property
@@ -104,11 +80,10 @@ class Job:
 
     @property
     def use_distributed_optimizer(self) -> bool:
-        """The distributed optimizer shards over DP ranks; with DP = 1 the plain one is used."""
+        """The distributed optimizer, only where there are DP ranks to shard over."""
         return self.optim.use_distributed_optimizer and self.data_parallel_size > 1
 
     def require_tokenizer(self) -> str:
-        """The tokenizer spec, or the one-line error of a job that names none."""
         if self.tokenizer is None:
             raise ConfigError(
                 "no tokenizer: set init.tokenizer (a folder, or 'smollm2') or "
@@ -122,20 +97,14 @@ class Job:
         return dataclasses.replace(self, config=dataclasses.replace(self.config, loss=loss))
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved configuration (what a run records as ``config.json``)."""
         return self.config.to_dict()
 
 
 def resolve_job(cfg: TrainJobConfig, world_size: int, *, resume: bool = True) -> Job:
-    """Validate ``cfg`` for ``world_size`` processes and resolve it into a :class:`Job`.
-
-    Cheap and collective-free, so ``--dry-run`` and every rank of a real run call it first.
-    Reads only the ``model_config.json`` of ``init.checkpoint`` (its model config replaces the
-    recipe's: a note is logged when they differ).
-    """
+    """Check ``cfg``'s paths (and with ``resume`` the checkpoint a resume would load), validate
+    it for ``world_size`` processes and resolve it into a :class:`Job`; cheap and
+    collective-free, so ``--dry-run`` and every rank of a run call it first."""
     cfg = dataclasses.replace(cfg)  # the Job's own container (the sections are frozen)
-    # every path first (input_checks.check_files), so the checkpoint read is sound; ``resume``:
-    # also the checkpoint a resume would load (a run's ranks leave it to the Trainer)
     check_files(cfg, resume=resume)
     check_first_records(cfg.data)  # the data's fields, before any tokenizer reads it
     init = cfg.init

@@ -1,33 +1,7 @@
-"""What a folder written by probsft holds, checked later; and the guard that keeps an output
-away from its inputs.
-
-**Manifests.** Every training checkpoint, converted model dir and Hugging Face export gets a
-``probsft_manifest.json`` written inside the folder before the folder's atomic rename::
-
-    {"format": "probsft-manifest", "format_version": 1, "kind": "training-checkpoint",
-     "step": 40, "files": {"weights/__0_0.distcp": {"size": 1048576, "crc32": "1c291ca3",
-                                                   "crc32_of": "all"}, ...}}
-
-Every file is listed with its size and a CRC-32: of the whole file up to
-:data:`FULL_CHECKSUM_BYTES` (configs, training state, RNG states, metadata and the shards of
-small models), of its first and last :data:`SAMPLE_BYTES` above that (``"crc32_of":
-"ends"``), so that writing and checking a manifest stays cheap for a 14B model's shards
-while a truncated, zeroed-out or half-copied file is still caught. Files a manifest does
-not list are ignored (notes a user adds, a launcher's ``probsft_export.json``). A folder
-without a manifest was written before manifests existed: it loads unverified.
-
-**Kinds.** :func:`folder_kind` recognises what probsft wrote into a folder (the manifest's
-``kind``; for older folders ``model_config.json``, ``train_state.json``,
-``probsft_export.json`` or a run's ``checkpoints/``): ``--overwrite`` replaces only a
-previous output of the same kind, never an arbitrary folder.
-
-**The output guard.** :func:`check_output` refuses, in one line, an output that is, contains
-or lies inside one of the command's inputs (with or without ``--overwrite``), an output
-that is a file, and an existing folder of another kind.
-
-Standard library only (layer 0): the config validation, the checkpoints, the converters and
-the command line all use it.
-"""
+"""What a folder written by probsft holds (``probsft_manifest.json``: each file's size and
+CRC-32, of all of it up to :data:`FULL_CHECKSUM_BYTES`, else of its first and last
+:data:`SAMPLE_BYTES`), the checkpoint a run resumes from, and the guard that keeps an output
+away from its inputs. Standard library only (layer 0)."""
 
 from __future__ import annotations
 
@@ -83,20 +57,12 @@ def step_of(path: str | os.PathLike) -> int | None:
 
 
 def step_folders(ckpt_root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint folder under ``ckpt_root`` that was renamed into
-    place (a write in progress is ``.step_NNNNNNN.partial``), oldest first; intact or not: a
-    folder that has lost a file (its ``train_state.json`` too) is still a checkpoint, and
-    :func:`checkpoint_damage` names what it lacks, so that a resume never passes over it in
-    silence."""
+    """(step, path) of every ``step_NNNNNNN`` folder renamed into place under ``ckpt_root``,
+    oldest first, intact or not (a resume names what a damaged one lacks, never skips it)."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    found = []
-    for p in root.iterdir():
-        step = step_of(p)
-        if step is not None and p.is_dir():
-            found.append((step, p))
-    return sorted(found)
+    return sorted((step_of(p), p) for p in root.iterdir() if step_of(p) is not None and p.is_dir())
 
 
 # -- manifests ---------------------------------------------------------------------------------
@@ -115,23 +81,16 @@ def _crc(path: Path, size: int) -> tuple[str, str]:
     return f"{crc:08x}", "ends"
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_FILE
-    )
-
-
 def write_manifest(folder: str | os.PathLike, kind: str, **info: Any) -> Path:
-    """List every file under ``folder`` (sizes and CRC-32s) in its manifest, written atomically
-    as the folder's last file; ``info`` (e.g. ``step=40``) is recorded next to the kind."""
+    """List every file under ``folder`` in its manifest, written atomically as the folder's
+    last file; ``info`` (e.g. ``step=40``) is recorded next to the kind."""
     folder = Path(folder)
     files = {}
-    for path in _files(folder):
-        size = path.stat().st_size
-        crc, of = _crc(path, size)
-        files[path.relative_to(folder).as_posix()] = {"size": size, "crc32": crc, "crc32_of": of}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name != MANIFEST_FILE:
+            crc, of = _crc(path, path.stat().st_size)
+            files[name] = {"size": path.stat().st_size, "crc32": crc, "crc32_of": of}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -143,13 +102,8 @@ def write_manifest(folder: str | os.PathLike, kind: str, **info: Any) -> Path:
     return atomic_write_json(folder / MANIFEST_FILE, manifest)
 
 
-class Damage(str):
-    """What is wrong with a folder, as a phrase: ``weights/__0_0.distcp is 1000 bytes, its
-    manifest lists 20480``."""
-
-
 def read_manifest(folder: str | os.PathLike) -> dict | None:
-    """The folder's manifest, or None when it has none (written before manifests existed).
+    """The folder's manifest, or None when it has none.
 
     Raises:
         CheckpointError: the manifest itself is unreadable.
@@ -163,80 +117,40 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
         manifest = None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(
-            f"{path} is damaged (not a readable manifest); delete the folder and write it "
-            "again, or delete only the manifest to load the folder unverified"
+            f"{path} is damaged (not a readable manifest); delete the folder and write it again"
         )
     return manifest
 
 
-def find_damage(folder: str | os.PathLike, manifest: dict | None = None) -> Damage | None:
-    """The first problem of ``folder`` against its manifest (missing files, then sizes, then
-    checksums), or None when it is intact or has no manifest."""
-    folder = Path(folder)
-    manifest = read_manifest(folder) if manifest is None else manifest
+def checkpoint_damage(path: str | os.PathLike) -> str | None:
+    """The first problem of a training checkpoint or model dir (no manifest, then missing
+    files, sizes, checksums), or None when it is intact."""
+    folder = Path(path)
+    manifest = read_manifest(folder)
     if manifest is None:
-        return None
+        return (
+            f"it has no {MANIFEST_FILE} (it was not written by probsft, or its write did not "
+            "finish)"
+        )
     entries = manifest["files"]
     for name, entry in entries.items():
-        path = folder / name
-        if not path.is_file():
-            return Damage(f"{name} is missing")
-        size = path.stat().st_size
+        if not (folder / name).is_file():
+            return str(f"{name} is missing")
+        size = (folder / name).stat().st_size
         if size != entry.get("size"):
-            return Damage(f"{name} is {size} bytes, its manifest lists {entry.get('size')}")
+            return str(f"{name} is {size} bytes, its manifest lists {entry.get('size')}")
     for name, entry in entries.items():
-        crc, _ = _crc(folder / name, int(entry["size"]))
-        if crc != entry.get("crc32"):
-            return Damage(f"{name} does not match its checksum (changed since it was written)")
-    return None
-
-
-def json_damage(path: Path, name: str | None = None) -> Damage | None:
-    """A JSON file that is missing or cannot be parsed, as :class:`Damage` naming it ``name``
-    (default: the file's name)."""
-    name = name or path.name
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return Damage(f"{name} is missing")
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        return Damage(f"{name} is not valid JSON ({first})")
-    return None
-
-
-def checkpoint_damage(path: str | os.PathLike) -> Damage | None:
-    """The damage of a training checkpoint or model dir: against its manifest, or without one
-    the JSON files that loading parses first."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    if manifest is not None:
-        return find_damage(path, manifest)
-    if step_of(path) is not None and not (path / "train_state.json").exists():
-        return Damage("train_state.json is missing")
-    for name in ("model_config.json", "train_state.json", "weights/metadata.json"):
-        if (path / name).exists():
-            damage = json_damage(path / name, name)
-            if damage is not None:
-                return damage
-    return None
-
-
-def newest_intact_before(ckpt_root: Path, step: int) -> tuple[int, Path] | None:
-    """The newest intact checkpoint older than ``step`` under ``ckpt_root``, or None."""
-    for s, p in reversed(step_folders(ckpt_root)):
-        if s < step and checkpoint_damage(p) is None:
-            return s, p
+        if _crc(folder / name, int(entry["size"]))[0] != entry.get("crc32"):
+            return str(f"{name} does not match its checksum (changed since it was written)")
     return None
 
 
 def newest_intact(
     ckpt_root: str | os.PathLike, *, skip_damaged: bool, resuming: bool = True
 ) -> Path | None:
-    """The newest intact checkpoint under ``ckpt_root`` (checked against its manifest), or
-    None when there is none. A newer damaged one is a one-line CheckpointError
-    (:func:`damaged_message`), or with ``skip_damaged`` passed over with a warning; so is
-    every checkpoint damaged when ``resuming`` (else None)."""
+    """The newest intact checkpoint under ``ckpt_root``, or None. A newer damaged one is a
+    one-line CheckpointError (:func:`damaged_message`), or with ``skip_damaged`` passed over
+    with a warning; so is every one damaged when ``resuming``."""
     root = Path(ckpt_root)
     steps = step_folders(root)
     for step, path in reversed(steps):
@@ -256,54 +170,51 @@ def newest_intact(
 
 
 def damaged_message(path: str | os.PathLike, damage: str, *, resuming: bool = False) -> str:
-    """One line: which checkpoint (step) is damaged, which file, and the fix.
-
-    ``resuming``: the fix names the option that resumes from the newest intact step
-    (``train.resume_skip_damaged=true``); otherwise the previous step to use instead.
-    """
+    """One line: which checkpoint (step) is damaged, which file, and the fix (``resuming``:
+    resume from the newest intact step; otherwise use the previous step instead)."""
     path = Path(path)
     step = step_of(path)
     if step is None:  # a converted model dir or an export
-        kind = folder_kind(path)
         redo = (
             "export it again (probsft convert megatron-to-hf ... --overwrite)"
-            if kind == HF_EXPORT
+            if folder_kind(path) == HF_EXPORT
             else "convert it again (probsft convert hf-to-megatron ... --overwrite)"
         )
         return f"{path} is damaged: {damage}; {redo}"
-    previous = newest_intact_before(path.parent, step)
+    older = reversed([p for s, p in step_folders(path.parent) if s < step])
+    previous = next((p for p in older if checkpoint_damage(p) is None), None)
     head = f"checkpoint step {step} ({path}) is damaged: {damage}"
-    if resuming and not (path / MANIFEST_FILE).is_file():
-        # written before manifests: only deleting it lets a resume pass over it
-        then = f"resumes from step {previous[0]}" if previous else "starts from its initial weights"
-        return f"{head}; delete {path} (the run then {then}) or set train.resume=false"
-    if resuming:
-        if previous is None:
-            return (
-                f"{head}; no earlier intact checkpoint to resume from: delete {path} (the run "
-                "then starts from its initial weights) or set train.resume=false"
-            )
+    if resuming and previous is None:
         return (
-            f"{head}; resume from step {previous[0]}, the newest intact one, with "
+            f"{head}; no earlier intact checkpoint to resume from: delete {path} (the run "
+            "then starts from its initial weights) or set train.resume=false"
+        )
+    if resuming:
+        return (
+            f"{head}; resume from step {step_of(previous)}, the newest intact one, with "
             f"train.resume_skip_damaged=true, or delete {path}"
         )
     if previous is None:
         return f"{head}; the run has no earlier intact checkpoint: delete it and train again"
-    return f"{head}; use the previous step {previous[1]} instead, or delete the damaged one"
+    return f"{head}; use the previous step {previous} instead, or delete the damaged one"
 
 
 def verify(path: str | os.PathLike, *, resuming: bool = False) -> bool:
-    """Check a checkpoint, model dir or export against its manifest.
-
-    Returns True when verified, False when it has no manifest (loads unverified).
+    """Check a checkpoint, model dir or export against its manifest; True when verified,
+    False for a Hugging Face folder without one (it may come from elsewhere). A Megatron
+    model dir or checkpoint without one is damaged.
 
     Raises:
         CheckpointError: one line from :func:`damaged_message`.
     """
+    path = Path(path)
+    megatron = (path / "model_config.json").is_file() or step_of(path) is not None
+    if not megatron and not (path / MANIFEST_FILE).is_file():
+        return False
     damage = checkpoint_damage(path)
     if damage is not None:
         raise CheckpointError(damaged_message(path, damage, resuming=resuming))
-    return (Path(path) / MANIFEST_FILE).is_file()
+    return True
 
 
 # -- kinds -------------------------------------------------------------------------------------
@@ -322,8 +233,6 @@ def folder_kind(path: str | os.PathLike) -> str | None:
         return manifest["kind"]
     if (path / "model_config.json").is_file():
         return TRAINING_CHECKPOINT if (path / "train_state.json").is_file() else MODEL_DIR
-    if (path / LEGACY_EXPORT_FILE).is_file():
-        return HF_EXPORT
     if _is_run(path):
         return TRAINING_RUN
     return None
@@ -393,6 +302,14 @@ def writable_folder(path: str | os.PathLike) -> str | None:
     return None
 
 
+_DESTROYS = ": writing it would destroy the input (with or without --overwrite)"
+_OVERLAP_FIXES = {
+    "is": _DESTROYS + "; choose another {flag}",
+    "contains": _DESTROYS + "; choose a {flag} outside it",
+    "lies inside": "; choose a {flag} outside it",
+}
+
+
 def check_output(
     out: str | os.PathLike,
     *,
@@ -401,36 +318,15 @@ def check_output(
     kind: str | None = None,
     overwrite: bool = False,
 ) -> bool:
-    """Refuse an output that would destroy an input or an unrelated folder (one line each).
-
-    ``inputs`` are ``(flag, path)`` pairs; ``out`` may not be, contain or lie inside any of
-    them. ``kind``: the kind of folder the command writes (replaced as a whole): an existing
-    non-empty ``out`` is replaced only with ``overwrite`` and only when it holds that kind.
-    Without ``kind`` the command adds files to ``out`` (it must only be a writable folder).
-
-    Returns whether ``out`` exists and may be replaced.
-
-    Raises:
-        ConfigError: the output is not acceptable; the message says why and what to do.
-    """
+    """Refuse (one-line ConfigError) an ``out`` that is, contains or lies inside one of the
+    ``(flag, path)`` ``inputs``, or cannot be written; with ``kind`` (a folder replaced as a
+    whole) an existing non-empty ``out`` only with ``overwrite`` and of that kind. Returns
+    whether ``out`` exists and may be replaced."""
     for in_flag, inp in inputs:
-        if inp is None:
-            continue
-        how = overlap(out, inp)
-        if how == "is":
-            raise ConfigError(
-                f"{flag} {out} is the input {in_flag} {inp}: writing it would destroy the "
-                f"input (with or without --overwrite); choose another {flag}"
-            )
-        if how == "contains":
-            raise ConfigError(
-                f"{flag} {out} contains the input {in_flag} {inp}: writing it would destroy "
-                f"the input (with or without --overwrite); choose a {flag} outside it"
-            )
-        if how == "lies inside":
-            raise ConfigError(
-                f"{flag} {out} lies inside the input {in_flag} {inp}; choose a {flag} outside it"
-            )
+        how = None if inp is None else overlap(out, inp)
+        if how is not None:
+            fix = _OVERLAP_FIXES[how].format(flag=flag)
+            raise ConfigError(f"{flag} {out} {how} the input {in_flag} {inp}{fix}")
     problem = writable_folder(out)
     if problem is not None:
         raise ConfigError(f"{flag} {out} {problem}; name a folder that can be written")

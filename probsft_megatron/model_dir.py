@@ -1,28 +1,7 @@
-"""The on-disk layout of a Megatron model directory, shared by conversion, training and probing.
-
-Used below training, probing and conversion alike (``probsft_megatron.converters.layout``
-re-exports it for the converters), so none of them imports another to read a model dir.
-A *Megatron model dir* is::
-
-    <dir>/
-      model_config.json   {"format": "probsft-megatron-model", "format_version": 1,
-                           "model": <ModelConfig dict>, "weights": {"format": "torch_dist",
-                           "dtype": "bfloat16"}, "source": {...free-form provenance...}}
-      weights/            megatron dist_checkpointing (torch_dist) model weights; any TP/PP
-                          layout loads them (resharded on load), e.g. with
-                          probsft_megatron.runtime.load_model_weights(model, dir / "weights")
-      hf/                 the source checkpoint's config.json, generation_config.json and
-                          tokenizer files: the template for exporting back to Hugging Face
-
-Only ``model`` is required when reading (``format`` and ``weights`` default to the values
-above), so a writer may add its own top-level keys.
-
-Writers never leave a half-written directory under the final name: everything is written
-into :func:`staging_path` (a hidden sibling) and renamed when complete. In one process use
-:func:`staged`; in a multi-rank job, rank 0 calls :func:`begin_staging`, every rank saves
-its weight shards into ``staging / WEIGHTS_DIR``, and after a barrier rank 0 writes
-:func:`write_model_config` (and :func:`copy_hf_files`) and calls :func:`commit_staging`.
-"""
+"""The on-disk Megatron model dir (``model_config.json``, torch_dist ``weights/`` that any
+TP/PP layout loads, ``hf/``: the Hugging Face template for export), shared by conversion,
+training and probing. Writers fill a hidden staging sibling and rename it when complete
+(:func:`staged` in one process; :func:`begin_staging`/:func:`commit_staging` across ranks)."""
 
 from __future__ import annotations
 
@@ -43,23 +22,15 @@ FORMAT_VERSION = 1
 MODEL_CONFIG_FILE = "model_config.json"
 WEIGHTS_DIR = "weights"
 HF_DIR = "hf"
-WEIGHT_FILE_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".h5",
-    ".msgpack",
-    ".gguf",
-    ".index.json",
+# files of an HF folder that hold weights (or their index): never copied into hf/
+WEIGHT_FILE_SUFFIXES = tuple(
+    ".safetensors .bin .pt .pth .ckpt .h5 .msgpack .gguf .index.json".split()
 )
-"""Files of an HF folder that hold weights (or their index): never copied into ``hf/``."""
 
 
 @dataclass(frozen=True)
 class ModelDir:
-    """A complete Megatron model directory (see the module docstring)."""
+    """A complete Megatron model directory."""
 
     path: Path
     model: ModelConfig
@@ -68,7 +39,6 @@ class ModelDir:
 
     @property
     def weights(self) -> Path:
-        """The torch_dist checkpoint folder."""
         return self.path / WEIGHTS_DIR
 
     @property
@@ -79,11 +49,7 @@ class ModelDir:
 
 
 def read_model_dir(path: str | os.PathLike) -> ModelDir:
-    """Open a Megatron model directory, checking that it is complete.
-
-    Raises:
-        CheckpointError: one line naming the folder and what is missing or wrong.
-    """
+    """Open a Megatron model directory; CheckpointError (one line) when it is incomplete."""
     path = Path(path)
     cfg_file = path / MODEL_CONFIG_FILE
     if not cfg_file.is_file():
@@ -111,13 +77,12 @@ def read_model_dir(path: str | os.PathLike) -> ModelDir:
         raise CheckpointError(f"{path} has no torch_dist weights ({weights}/metadata.json missing)")
     if not isinstance(meta.get("model"), dict):
         raise CheckpointError(f'{cfg_file} has no "model" section')
-    model = ModelConfig.from_dict(meta["model"])
+    model = ModelConfig(**meta["model"])
     return ModelDir(path, model, (meta.get("weights") or {}).get("dtype"), meta.get("source") or {})
 
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
-    """The :class:`ModelConfig` stored in a Megatron model dir (converted or a training
-    checkpoint); CheckpointError when the folder is not a complete model dir."""
+    """The :class:`ModelConfig` of a Megatron model dir (:func:`read_model_dir`)."""
     return read_model_dir(path).model
 
 
@@ -136,10 +101,7 @@ def write_model_config(
 
 
 def copy_hf_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy an HF folder's non-weight top-level files (config, tokenizer, generation config).
-
-    Returns the copied file names.
-    """
+    """Copy an HF folder's non-weight top-level files; returns their names."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     copied = []
@@ -157,13 +119,8 @@ def staging_path(out_dir: str | os.PathLike) -> Path:
 
 
 def begin_staging(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Create an empty staging directory for ``out_dir`` (call on one rank) and return it.
-
-    A leftover staging directory of an interrupted write is removed.
-
-    Raises:
-        CheckpointError: ``out_dir`` exists and ``overwrite`` is False.
-    """
+    """Create an empty staging directory for ``out_dir`` (on one rank; an interrupted
+    write's is removed); CheckpointError when ``out_dir`` exists without ``overwrite``."""
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise CheckpointError(
@@ -192,10 +149,8 @@ def commit_staging(staging: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 
 @contextmanager
 def staged(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Write ``out_dir`` in one process: yields the staging folder, renames it on success.
-
-    On an exception the staging folder is removed and ``out_dir`` is left untouched.
-    """
+    """Write ``out_dir`` in one process: yields the staging folder, renamed on success and
+    removed on an exception."""
     staging = begin_staging(out_dir, overwrite=overwrite)
     try:
         yield staging

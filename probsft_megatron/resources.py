@@ -1,20 +1,6 @@
-"""Where the shipped configuration is found: recipes, model presets, cluster profiles, sweeps.
-
-The YAML files live in the checkout's top-level ``configs/`` folder and ship inside the wheel
-as ``probsft_megatron/configs`` (package data), so a name such as ``--config
-math-qwen2.5-7b`` resolves the same way from a source checkout, an editable install and a
-plain ``pip install`` outside the checkout.
-
-A named item of one kind (``recipes``, ``models``, ``clusters``, ``sweeps``,
-``sweeps/thresholds``) is searched for, first match wins:
-
-1. the folders listed in ``$PROBSFT_CONFIG_PATH`` (``os.pathsep``-separated), each laid out
-   like ``configs/`` (``<folder>/recipes/<name>.yaml``) - a user's own recipes and profiles
-   take precedence over the shipped ones of the same name;
-2. the configs shipped with the package.
-
-A path to an existing file is always used as it is; callers check that before asking here.
-"""
+"""Where the shipped configuration is found (recipes, model presets, cluster profiles,
+sweeps): first the folders of ``$PROBSFT_CONFIG_PATH``, each laid out like ``configs/``, then
+the configs shipped with the package (``probsft_megatron/configs`` in a wheel)."""
 
 from __future__ import annotations
 
@@ -26,11 +12,8 @@ KINDS = ("recipes", "models", "clusters", "sweeps", "sweeps/thresholds")
 
 
 def packaged_configs() -> Path:
-    """The configs shipped with this installation.
-
-    A wheel installs them as ``probsft_megatron/configs``; a source checkout (editable
-    install, or ``PYTHONPATH`` pointing at it) has them next to the package folder.
-    """
+    """The configs shipped with this installation (a wheel's, or a checkout's beside the
+    package)."""
     package = Path(__file__).resolve().parent
     for candidate in (package / "configs", package.parent / "configs"):
         if (candidate / "recipes").is_dir():
@@ -68,8 +51,7 @@ def find(kind: str, name: str) -> Path | None:
 
 
 def names(kind: str, include_private: bool = False) -> list[str]:
-    """Every name of ``kind`` found on the search path (``_``-prefixed files are bases that
-    recipes include, listed only with ``include_private``)."""
+    """Every name of ``kind`` (``_``-prefixed bases only with ``include_private``)."""
     found = {p.stem for folder in search_dirs(kind) for p in folder.glob("*.yaml")}
     return sorted(n for n in found if include_private or not n.startswith("_"))
 

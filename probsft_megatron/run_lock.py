@@ -1,27 +1,11 @@
-"""One training run per output folder: the run lock (``<train.output_dir>/run.lock``).
-
-A training run holds the lock for its whole life. Rank 0 creates the file before any other
-work of the run (after the process groups, before the tokenizer, the data and the model) with
-``open(O_CREAT | O_EXCL)``, which is atomic on a local disk, on NFS v3 and later and on
-Lustre, so of two runs started at once exactly one gets it. The file names the holder::
-
-    {"format": "probsft-run-lock", "host": "node12", "pid": 4711, "pid_started": 1765100000.2,
-     "slurm_job_id": "8812", "started": "2026-12-07T11:40:02+0000", "command": "..."}
-
-Every rank learns rank 0's verdict (:func:`hold`, one all-reduce) so that all of them go on,
-or all of them exit 2 with one line from rank 0 naming the holder. The lock is released when
-the run ends: finished, stopped by a signal after its checkpoint (exit 75), or failed.
-
-A lock whose holder is gone is taken over with a warning: its host is this host and its
-process is no longer running (the pid and the process's start time, so a reused pid does not
-count), or its SLURM job has ended (``squeue``, else ``sacct``). A requeued SLURM job keeps
-its job id, so it continues its own run. A holder on another host without a SLURM job
-cannot be checked from here: the message then says which file to delete once that run is
-known to be gone.
-"""
+"""One training run per output folder: ``<train.output_dir>/run.lock``, created by rank 0
+with ``O_CREAT | O_EXCL`` (atomic on local disks, NFS v3+ and Lustre) and held for the run's
+whole life. A gone holder's lock (a dead process on this host, an ended SLURM job; a
+requeued job keeps its id and continues its own run) is taken over with a warning."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,18 +23,11 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
 FORMAT = "probsft-run-lock"
-SLURM_ENDED = {
-    "BOOT_FAIL",
-    "CANCELLED",
-    "COMPLETED",
-    "DEADLINE",
-    "FAILED",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "PREEMPTED",
-    "TIMEOUT",
-}
-"""SLURM job states after which the job runs no more (a requeued job is PENDING again)."""
+# SLURM job states after which the job runs no more (a requeued job is PENDING again)
+SLURM_ENDED = frozenset(
+    "BOOT_FAIL CANCELLED COMPLETED DEADLINE FAILED NODE_FAIL OUT_OF_MEMORY PREEMPTED "
+    "TIMEOUT".split()
+)
 
 
 class RunLockedError(ProbsftError):
@@ -84,7 +62,6 @@ class Holder:
         )
 
     def describe(self) -> str:
-        """``pid 4711 on host node12, SLURM job 8812, started 2026-12-07T11:40:02+0000``."""
         job = f", SLURM job {self.slurm_job_id}" if self.slurm_job_id else ""
         return f"pid {self.pid} on host {self.host}{job}, started {self.started}"
 
@@ -122,37 +99,26 @@ def parse(text: str) -> Holder | None:
         return None
 
 
+def _first_word(argv: list[str]) -> tuple[str | None, str]:
+    """The first word of a command's stdout (None when it fails) and its stderr."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, ""
+    words = proc.stdout.split()  # "CANCELLED by 0" is one state in two words
+    return (words[0] if proc.returncode == 0 and words else None), proc.stderr
+
+
 def slurm_job_state(job_id: str) -> str | None:
-    """SLURM's state of job ``job_id`` (``RUNNING``, ``COMPLETED``, ...; ``ENDED`` for a job
-    squeue no longer knows), or None when neither squeue nor sacct can tell."""
-    try:
-        proc = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
-        )
-        states = proc.stdout.split()
-        if proc.returncode == 0 and states:
-            return states[0]
-        if "invalid job id" in proc.stderr.lower():
-            state = _sacct_state(job_id)
-            return state or "ENDED"
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return _sacct_state(job_id)
-
-
-def _sacct_state(job_id: str) -> str | None:
-    try:
-        proc = subprocess.run(
-            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    states = proc.stdout.split()
-    # "CANCELLED by 0" is one state in two words
-    return states[0] if proc.returncode == 0 and states else None
+    """SLURM's state of job ``job_id`` (``ENDED``: squeue no longer knows it), or None when
+    neither squeue nor sacct can tell."""
+    state, err = _first_word(["squeue", "-h", "-j", job_id, "-o", "%T"])
+    if state is not None:
+        return state
+    state, _ = _first_word(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
+    if state is None and "invalid job id" in err.lower():
+        return "ENDED"
+    return state
 
 
 def gone_reason(holder: Holder, me: Holder | None = None) -> tuple[str, str] | None:
@@ -207,10 +173,8 @@ def _read(lock: Path) -> str:
 
 
 def check_free(output_dir: str | os.PathLike) -> None:
-    """Read-only: refuse (:class:`RunLockedError`) when a live run holds ``output_dir``.
-
-    For the command line before it starts anything (``probsft train``, its ``--dry-run``);
-    :func:`acquire` decides for real."""
+    """Read-only: RunLockedError when a live run holds ``output_dir`` (for the command line
+    before it starts anything; :func:`acquire` decides for real)."""
     out = Path(output_dir)
     lock = out / LOCK_FILE
     if not lock.is_file():
@@ -233,10 +197,9 @@ def _create(lock: Path, me: Holder) -> None:
 
 
 def _remove_gone(lock: Path, text: str) -> bool:
-    """Delete ``lock`` if it still holds ``text`` (a gone holder's), under the takeover
-    mutex ``run.lock.takeover`` (itself created with O_EXCL), so that of several runs taking
-    over at once only one deletes, and none deletes a lock created meanwhile; the runs then
-    race for the lock with O_EXCL again. Returns whether this process deleted it."""
+    """Delete ``lock`` if it still holds ``text`` (a gone holder's), under an O_EXCL mutex
+    so that of several runs taking over at once only one deletes, and none deletes a lock
+    created meanwhile. Returns whether this process deleted it."""
     mutex = lock.with_name(LOCK_FILE + ".takeover")
     try:
         _create(mutex, Holder.current())
@@ -272,13 +235,8 @@ def _announce_takeover(out: Path, reason: tuple[str, str], holder: Holder) -> No
 
 
 def acquire(output_dir: str | os.PathLike) -> Holder:
-    """Take the lock of ``output_dir`` for this process (created if needed); returns the
-    holder written. A gone holder's lock is taken over with a warning (an own requeued SLURM
-    job's with an info line).
-
-    Raises:
-        RunLockedError: another run holds it (one line naming the holder).
-    """
+    """Take the lock of ``output_dir`` for this process; returns the holder written. A gone
+    holder's lock is taken over; RunLockedError (one line) when a live run holds it."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK_FILE
@@ -312,36 +270,20 @@ def acquire(output_dir: str | os.PathLike) -> Holder:
     )
 
 
-def release(output_dir: str | os.PathLike, me: Holder) -> None:
+def release(output_dir: str | os.PathLike, me: Holder | None) -> None:
     """Remove the lock of ``output_dir`` when it is still ``me``'s (idempotent)."""
     lock = Path(output_dir) / LOCK_FILE
     holder = parse(_read(lock))
-    if holder is not None and (holder.host, holder.pid, holder.started) == (
-        me.host,
-        me.pid,
-        me.started,
-    ):
+    if me is None or holder is None:
+        return
+    if (holder.host, holder.pid, holder.started) == (me.host, me.pid, me.started):
         lock.unlink(missing_ok=True)
 
 
-class RunLock:
-    """The lock of one training run, held by its rank 0 (:func:`hold`)."""
-
-    def __init__(self, output_dir: Path, holder: Holder | None) -> None:
-        self.output_dir = output_dir
-        self.holder = holder
-
-    def release(self) -> None:
-        if self.holder is not None:
-            release(self.output_dir, self.holder)
-            self.holder = None
-
-
-def hold(output_dir: str | os.PathLike, device=None) -> RunLock:
-    """Every rank of a run: rank 0 takes the lock (:func:`acquire`), then all ranks agree
-    (one all-reduce): all go on, or all raise :class:`RunLockedError` (announced by rank 0
-    only, so the job prints one line). Returns the lock to release at the end (a no-op on
-    ranks other than 0)."""
+def hold(output_dir: str | os.PathLike, device=None) -> Callable[[], None]:
+    """Every rank: rank 0 takes the lock (:func:`acquire`) and all agree in one all-reduce,
+    going on or raising RunLockedError (printed by rank 0 only). Returns the function that
+    releases it (a no-op on other ranks)."""
     import torch
     import torch.distributed as dist
 
@@ -363,4 +305,4 @@ def hold(output_dir: str | os.PathLike, device=None) -> RunLock:
             )
     if error is not None:
         raise error
-    return RunLock(Path(output_dir), holder)
+    return functools.partial(release, output_dir, holder)

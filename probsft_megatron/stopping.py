@@ -1,30 +1,7 @@
-"""Stopping a training run on request or on a fault, losing nothing but the step in flight.
-
-**Signals.** SIGTERM (``scancel``, preemption, a time limit), SIGUSR1 (SLURM's warning before
-the time limit, ``--signal=USR1@SECONDS``) and SIGINT (Ctrl-C) only set a flag
-(:class:`Stopper`). The loop finishes the step it is in; at the step boundary every rank
-learns whether any rank got a signal (:meth:`Stopper.boundary`, one small all-reduce), so all
-ranks stop after the same step even when only some of them were signalled. They save a
-checkpoint (atomically, like every checkpoint), record the stop in ``events.jsonl`` and the
-log, and the process exits with :data:`INTERRUPTED_EXIT_CODE`: the same command resumes from
-that checkpoint. A second SIGINT stops at once without saving (:data:`HARD_STOP_EXIT_CODE`).
-
-**Non-finite values.** The same all-reduce carries, for every rank, whether its own loss sums
-and its own gradients (before the data-parallel reduction mixes them) were finite, and
-whether the step's global loss and gradient norm are. A non-finite one stops the run before
-anything of that step is logged or saved, with :class:`NonFiniteError` naming the step and
-the rank(s) where it appeared: the newest checkpoint is the previous one, with finite
-weights.
-
-**Lost ranks.** A collective that fails because another rank died (its connections close) or
-stopped answering (for ``train.dist_timeout_s`` seconds) becomes :class:`RankLostError`, one
-line with the step, the reason and the newest checkpoint, instead of a traceback.
-
-Exit codes of a training process: 0 done; 2 a one-line error (bad input, a non-finite loss or
-gradient norm, a lost rank); 75 interrupted with a checkpoint saved (``EX_TEMPFAIL`` of
-sysexits.h, "try again later"; SLURM jobs of ``probsft launch`` requeue themselves on it);
-130 stopped at once by a second Ctrl-C; anything else is a crash with its traceback.
-"""
+"""What ends a training run early, losing nothing but the step in flight: stop signals
+(saved and stopped at the same step boundary on every rank, exit 75; a second Ctrl-C stops at
+once, 130), non-finite losses and gradients (stopped before anything of the step is saved,
+exit 2), and a lost rank (one line instead of a traceback, exit 2)."""
 
 from __future__ import annotations
 
@@ -50,20 +27,16 @@ from probsft_megatron.errors import ProbsftError
 
 logger = logging.getLogger(__name__)
 
+# sysexits' EX_TEMPFAIL: not 0, so nothing waiting for a finished run (afterok) starts on it
 INTERRUPTED_EXIT_CODE = 75
-"""Exit code of a run stopped by a signal after saving its checkpoint (sysexits' EX_TEMPFAIL):
-not 0, so nothing that waits for a finished run (SLURM's ``afterok``) starts on it."""
-HARD_STOP_EXIT_CODE = 130
-"""Exit code after a second Ctrl-C (128 + SIGINT, what a shell reports for Ctrl-C)."""
+HARD_STOP_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 EVENTS_FILE = "events.jsonl"
 
 
 class NonFiniteError(ProbsftError):
     """The loss or the gradient norm of a step was NaN or infinite; nothing of it was saved.
-
-    Every rank raises it at the same step; ``announce`` is True on the one rank that should
-    print it (the others exit with the same code, quietly)."""
+    Every rank raises it; ``announce``: this rank prints it."""
 
     def __init__(self, message: str, announce: bool = True) -> None:
         super().__init__(message)
@@ -90,21 +63,15 @@ class Boundary:
     """What every rank agreed on after one step (:meth:`Stopper.boundary`)."""
 
     step: int
-    signals: dict[int, int]
-    """rank -> the first stop signal it received (only ranks that got one)."""
-    loss_ranks: tuple[int, ...] = ()
-    """Ranks whose own loss sums of the step were not finite."""
-    grad_ranks: tuple[int, ...] = ()
-    """Ranks whose own gradients (before the data-parallel reduction) were not finite."""
-    loss_nonfinite: bool = False
-    """The step's global loss was not finite (seen on the last pipeline stage)."""
+    signals: dict[int, int]  # rank -> the first stop signal it received
+    loss_ranks: tuple[int, ...] = ()  # ranks whose own loss sums were not finite
+    grad_ranks: tuple[int, ...] = ()  # ranks whose own gradients (before DP) were not finite
+    loss_nonfinite: bool = False  # the step's global loss (on the last pipeline stage)
     grad_norm_nonfinite: bool = False
-    """The step's global gradient norm was not finite."""
     grad_norm: float = 0.0
 
     @property
     def stop(self) -> bool:
-        """Some rank got a stop signal: every rank saves and stops after this step."""
         return bool(self.signals)
 
     @property
@@ -119,7 +86,6 @@ class Boundary:
         return f"{'/'.join(names)} on {_ranks(tuple(sorted(self.signals)))}"
 
     def problem(self) -> str:
-        """What was non-finite, and on which ranks it appeared first."""
         norm = f"gradient norm {self.grad_norm}"
         if self.loss_ranks:
             return f"non-finite loss at step {self.step} on {_ranks(self.loss_ranks)}"
@@ -150,15 +116,10 @@ class Boundary:
 
 
 class Stopper:
-    """The training run's guard: stop signals, the step-boundary agreement, lost ranks.
-
-    As a context manager (in the main thread) it installs handlers for :data:`STOP_SIGNALS`
-    that only record the signal, and restores the previous handlers on exit; a collective
-    failure raised inside becomes :class:`RankLostError`. The loop keeps ``step`` (the step in
-    flight) up to date for the messages, which name the newest checkpoint of ``checkpoints``
-    (a :class:`~probsft_megatron.checkpoint.CheckpointManager`: ``latest``, ``newest()``).
-    ``announce``: this process prints what it does on a signal (one rank per job).
-    """
+    """The run's guard, a context manager: handlers for :data:`STOP_SIGNALS` that only record
+    the signal, the step-boundary agreement, and collective failures as :class:`RankLostError`.
+    The loop keeps ``step`` current; messages name the newest checkpoint of ``checkpoints``
+    (a CheckpointManager). ``announce``: this process prints (one rank per job)."""
 
     def __init__(
         self, dist_timeout_s: float | None = None, announce: bool = True, checkpoints=None
@@ -172,8 +133,7 @@ class Stopper:
         self._at_exit: list[Any] = []
 
     def at_exit(self, release) -> None:
-        """Call ``release()`` when the run ends, however it ends: on leaving the context
-        (finished, stopped after a save, failed) and on a second Ctrl-C (the run lock)."""
+        """Call ``release()`` when the run ends, however it ends (a second Ctrl-C too)."""
         self._at_exit.append(release)
 
     def _release(self) -> None:
@@ -220,8 +180,7 @@ class Stopper:
             )
 
     def _hard_stop(self) -> None:
-        """Second Ctrl-C: end this process now (and its helper processes, such as the
-        checkpoint writer's), without a traceback."""
+        """Second Ctrl-C: end this process and its helpers now, without a traceback."""
         if self.announce:
             latest = self.checkpoints.latest if self.checkpoints is not None else None
             kept = f" (newest checkpoint: {latest})" if latest else ""
@@ -238,10 +197,8 @@ class Stopper:
 
     # -- the step boundary ---------------------------------------------------------------
     def boundary(self, stats, device: torch.device | str = "cpu", group=None) -> Boundary:
-        """What all ranks agree on after step ``self.step`` (a collective over ``group``, the
-        whole job by default): which ranks got a stop signal, and whether the step's loss or
-        gradients were non-finite anywhere. ``stats``: this rank's
-        :class:`~probsft_megatron.runtime.StepStats`. One all-reduce of ``5 x world`` ints."""
+        """What all ranks of ``group`` agree on after step ``self.step``, from this rank's
+        :class:`~probsft_megatron.runtime.StepStats` (one all-reduce of ``5 x world`` ints)."""
         world = dist.get_world_size(group) if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         me = dist.get_group_rank(group, rank) if group is not None else rank
@@ -303,19 +260,11 @@ def collective_reason(exc: BaseException) -> str:
     return text[:200] or type(exc).__name__
 
 
-# -- saving with the stop signals held back from helper processes ---------------------------
-
-
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Block :data:`STOP_SIGNALS` in this (main) thread for the duration of a save.
-
-    The checkpoint writer starts helper processes (megatron's results queue lives in a
-    multiprocessing manager that outlives the save); they inherit this thread's signal mask,
-    so the stop signals that SLURM sends to every process of a job step cannot kill them
-    before the final save. This process still sees the signals through its other threads (or
-    right after the block), so a second Ctrl-C still stops at once.
-    """
+    """Block :data:`STOP_SIGNALS` in the main thread during a save: the writer's helper
+    processes (megatron's results queue manager) inherit the mask, so SLURM's signals to the
+    whole job step cannot kill them before the final save."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -324,9 +273,6 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-# -- what happened -------------------------------------------------------------------------
 
 
 def record_event(output_dir: str | Path, event: str, **fields: Any) -> None:
@@ -346,8 +292,7 @@ def ignore_stop_signals() -> None:
 
 
 def exit_code(summary: dict[str, Any]) -> int:
-    """The exit code of a training process that returned ``summary``: 0, or
-    :data:`INTERRUPTED_EXIT_CODE` when a signal stopped it."""
+    """0, or :data:`INTERRUPTED_EXIT_CODE` when a signal stopped the run."""
     return INTERRUPTED_EXIT_CODE if summary.get("interrupted") else 0
 
 

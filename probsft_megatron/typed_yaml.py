@@ -1,12 +1,6 @@
-"""Typed config sections from YAML mappings and dotted ``section.key=value`` overrides.
-
-Generic machinery under :mod:`probsft_megatron.config` (which owns the sections): reading a
-YAML file whose top level is a mapping, merging mappings, applying an override, and the
-:func:`section` decorator that makes a class a frozen pydantic dataclass whose every
-construction is checked by pydantic (types, ``Literal`` choices, ``Field(ge=, gt=, lt=)``
-ranges, unknown keys) and fails with one :class:`ConfigError` line naming the dotted key, the
-bad value and what is allowed (:func:`config_error`). Why pydantic: docs/training.md.
-"""
+"""Typed config sections from YAML mappings and dotted ``section.key=value`` overrides: the
+:func:`section` decorator makes a class a frozen pydantic dataclass whose every bad key or
+value fails with one ConfigError line naming the dotted key (why pydantic: docs/training.md)."""
 
 from __future__ import annotations
 
@@ -25,9 +19,8 @@ from probsft_megatron.errors import ConfigError
 
 
 def shown(text: str) -> str:
-    """``text`` (a key, a path) as a message shows it: unchanged when it is printable ASCII,
-    else with every invisible or non-ASCII character escaped (``optim.lr\\u200b``), so that
-    a key or a file name that only looks right reads differently from the right one."""
+    """``text`` (a key, a path) with every invisible or non-ASCII character escaped
+    (``optim.lr\\u200b``), so that a name that only looks right reads differently."""
     if text.isascii() and text.isprintable():
         return text
     return "".join(
@@ -36,8 +29,8 @@ def shown(text: str) -> str:
 
 
 def oddity(text: str) -> str:
-    """`` (it contains U+200B ZERO WIDTH SPACE)``: the first invisible or non-ASCII character
-    of ``text``, for a message; empty when there is none."""
+    """`` (it contains U+200B ZERO WIDTH SPACE)``: ``text``'s first invisible or non-ASCII
+    character, for a message; empty when there is none."""
     import unicodedata
 
     for c in text:
@@ -48,9 +41,7 @@ def oddity(text: str) -> str:
 
 
 def read_yaml_mapping(path: Path, what: str = "config sections at the top level") -> dict:
-    """A YAML file whose top level is a mapping (``what`` it should hold names it in the error);
-    unreadable files, invalid YAML, a file with no YAML in it (empty, or only comments) and
-    other top levels raise a one-line ConfigError."""
+    """A YAML file whose top level is a mapping (of ``what``); else a one-line ConfigError."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
@@ -77,11 +68,8 @@ def deep_merge(base: dict, update: dict) -> dict:
 
 
 def apply_override(data: dict, override: str) -> dict:
-    """Apply one ``a.b.c=value`` override to a raw config mapping (value parsed as YAML).
-
-    A section given by name (``model: tiny-qwen2``) that an override reaches into becomes
-    ``{"__preset__": name, ...}``, resolved by the config module.
-    """
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a raw mapping; a section
+    given by name that it reaches into becomes ``{"__preset__": name, ...}``."""
     if "=" not in override:
         raise ConfigError(
             f"override {override!r} must look like section.key=value (e.g. optim.lr=4e-5)"
@@ -105,10 +93,8 @@ def apply_override(data: dict, override: str) -> dict:
 
 # -- typed sections on pydantic -----------------------------------------------------------------
 
+# unknown keys refused, no inf/nan, a number accepted as a string; otherwise pydantic's lax mode
 SETTINGS = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
-"""Every section: unknown keys refused, no inf/nan, a number accepted where a string is
-expected (``init.tokenizer: 123``); otherwise pydantic's lax coercion (``"3"`` -> 3,
-``"true"`` -> True, ``2.0`` -> 2, ``2.5`` refused for an int)."""
 
 
 def _split(value: Any) -> Any:
@@ -132,14 +118,14 @@ def _fields(cls) -> dict[str, FieldInfo]:
 
 
 def _choices(annotation: Any) -> tuple:
-    """The allowed values of a ``Literal`` annotation (``Literal[...] | None`` included)."""
+    """The allowed values of a ``Literal`` (``| None``) annotation."""
     if typing.get_origin(annotation) is typing.Literal:
         return typing.get_args(annotation)
     return tuple(c for arg in typing.get_args(annotation) for c in _choices(arg))
 
 
 def _constraints(info: FieldInfo) -> list:
-    """The metadata of a field, that of an ``Annotated[...] | None`` annotation included."""
+    """The metadata of a field, its ``Annotated[...] | None`` annotation's included."""
     found, todo = list(info.metadata), [info.annotation]
     while todo:
         tp = todo.pop()
@@ -170,8 +156,8 @@ def _got(value: Any) -> str:
 
 
 def config_error(exc: ValidationError, cls, prefix: str = "") -> ConfigError:
-    """pydantic's first error as the project's one line: the dotted key, the bad value, what
-    is allowed (a field's ``description`` is the hint after it) and the fix."""
+    """pydantic's first error as one line: the dotted key, the bad value, what is allowed
+    (a field's ``description`` is the hint)."""
     err = exc.errors()[0]
     if isinstance((err.get("ctx") or {}).get("error"), ConfigError):
         return err["ctx"]["error"]  # a rule that spans keys, raised with its own words
@@ -217,8 +203,7 @@ def _is_number(annotation: Any) -> bool:
 
 
 def _refuse_bool_numbers(cls, prefix: str, values: dict) -> None:
-    """``true``/``false`` where a number is expected is a mistake pydantic's lax mode would
-    read as 1/0 (``optim.lr=true``): refused in one line."""
+    """Refuse ``true``/``false`` where a number is expected (lax mode would read 1/0)."""
     for name, value in values.items():
         info = _fields(cls).get(name)
         if isinstance(value, bool) and info is not None and _is_number(info.annotation):
@@ -227,9 +212,8 @@ def _refuse_bool_numbers(cls, prefix: str, values: dict) -> None:
 
 
 def section(prefix: str = "", *, frozen: bool = True):
-    """A frozen pydantic dataclass whose construction fails with :func:`config_error` (keys
-    named ``prefix.key``): ``dataclasses.replace``, ``asdict`` and ``fields`` keep working,
-    and every construction (YAML, override, code) is validated the same way."""
+    """A frozen pydantic dataclass whose every construction fails with :func:`config_error`
+    (keys named ``prefix.key``); ``dataclasses.replace`` and ``asdict`` keep working."""
 
     def make(cls):
         cls = dataclass(frozen=frozen, config=SETTINGS)(cls)
@@ -250,8 +234,7 @@ def section(prefix: str = "", *, frozen: bool = True):
 
 
 def _nulls(cls, data: Any, prefix: str = "") -> Any:
-    """``null``/``none`` given as text (an override) -> None for the keys that may be null;
-    a true/false where a number is expected refused (:func:`_refuse_bool_numbers`)."""
+    """``null``/``none`` given as text -> None for the keys that may be null (nested)."""
     if not isinstance(data, dict):
         return data
     _refuse_bool_numbers(cls, prefix, data)
@@ -272,8 +255,7 @@ def _nulls(cls, data: Any, prefix: str = "") -> Any:
 
 
 def from_mapping(cls, data: Any):
-    """An instance of the :func:`section` class ``cls`` from a raw mapping (sections nested
-    as mappings); every key and value checked by pydantic."""
+    """An instance of the :func:`section` class ``cls`` from a raw (nested) mapping."""
     if not isinstance(data, dict):
         raise ConfigError(f"the config must be a mapping of sections, got {data!r}")
     return cls(**_nulls(cls, data))

@@ -173,7 +173,8 @@ CASES = [
          "train_state.json is 9 bytes, its manifest lists", ("run_badstate",)),
     Case("resume-corrupt-train-state-no-manifest", DAMAGED,
          TRAIN + " train.output_dir={legacy_badstate}",
-         "train_state.json is not valid JSON", ("legacy_badstate",)),
+         "is damaged: it has no probsft_manifest.json (it was not written by probsft",
+         ("legacy_badstate",)),
     Case("resume-flipped-byte", DAMAGED, TRAIN + " train.output_dir={run_flipped}",
          "does not match its checksum", ("run_flipped",)),
     Case("resume-missing-listed-file", DAMAGED, TRAIN + " train.output_dir={run_nostate}",
@@ -184,13 +185,13 @@ CASES = [
          "every checkpoint under", ("run_all_damaged",)),
     Case("resume-truncated-shard-no-manifest", DAMAGED,
          "train --config {recipe} train.output_dir={legacy_truncated}",
-         "is damaged: its weights cannot be read", ("legacy_truncated",), subprocess=True),
+         "is damaged: it has no probsft_manifest.json", ("legacy_truncated",), subprocess=True),
     Case("export-truncated-shard", DAMAGED,
          "convert megatron-to-hf --ckpt {run_truncated}/checkpoints/step_0000002 --out {W}/x1",
          "use the previous step", ("run_truncated",), ("{W}/x1",)),
     Case("export-truncated-shard-no-manifest", DAMAGED,
          "convert megatron-to-hf --ckpt {legacy_truncated}/checkpoints/step_0000002 "
-         "--out {W}/x2", "is damaged: its weights cannot be read", ("legacy_truncated",),
+         "--out {W}/x2", "is damaged: it has no probsft_manifest.json", ("legacy_truncated",),
          ("{W}/x2",)),
     Case("export-damaged-model-dir", DAMAGED,
          "convert megatron-to-hf --ckpt {mg_damaged} --out {W}/x3",
@@ -1046,8 +1047,8 @@ check a folder against it first; a damaged one is named with its step, the file 
 for each damaged one it passes over; the run then writes a new, intact checkpoint of the
 damaged step in its place, as
 `test_resume_skip_damaged_falls_back_loudly_and_replaces_the_damaged_step` shows).
-Folders written before manifests existed load unverified; an unreadable shard in one of them
-is still one line (the loader's error).
+A Megatron model dir or training checkpoint without a manifest (not written by probsft, or its
+write did not finish) is refused the same way, in one line with the fix.
 
 ## The bad-input suite
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from probsft_megatron.checkpoint import complete_checkpoints
+from probsft_megatron.manifest import step_folders
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = [
@@ -134,7 +134,7 @@ def _events(out: Path) -> list[dict]:
 
 
 def _steps(out: Path) -> list[int]:
-    return [s for s, _ in complete_checkpoints(out / "checkpoints")]
+    return [s for s, _ in step_folders(out / "checkpoints")]
 
 
 def _flat_state(ckpt: Path, tmp: Path) -> dict:

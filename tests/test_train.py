@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from probsft_megatron.checkpoint import complete_checkpoints, latest_checkpoint
+from probsft_megatron.checkpoint import latest_checkpoint
+from probsft_megatron.manifest import step_folders
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
@@ -204,10 +205,10 @@ def test_checkpoint_interrupted_mid_write_keeps_previous(tmp_path):
     assert rc != 0  # died while writing the step-4 checkpoint
     root = out / "checkpoints"
     assert (root / ".step_0000004.partial" / "weights").is_dir()
-    assert [s for s, _ in complete_checkpoints(root)] == [2]
+    assert [s for s, _ in step_folders(root)] == [2]
 
     _run(1, out, extra)  # resumes from step 2 and completes
-    assert [s for s, _ in complete_checkpoints(root)] == [2, 4]
+    assert [s for s, _ in step_folders(root)] == [2, 4]
     assert not (root / ".step_0000004.partial").exists()
     ref = tmp_path / "ref"
     _run(1, ref, extra)
