@@ -12,11 +12,7 @@ from probsft_megatron.figfont import LLAMA_TEMPLATE as FIGFONT_LLAMA
 from probsft_megatron.figfont import QWEN_TEMPLATE as FIGFONT_QWEN
 
 FAMILIES = ("qwen", "llama", "deepseek", "raw")
-ALIASES = {
-    "qwen-boxed": "qwen",
-    "llama-base-boxed-with-bos": "llama",
-    "deepseek-math": "deepseek",
-}
+ALIASES = {"qwen-boxed": "qwen", "llama-base-boxed-with-bos": "llama", "deepseek-math": "deepseek"}
 
 _BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 _CHOICE_INSTRUCTION = (

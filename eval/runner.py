@@ -198,6 +198,11 @@ def build_llm(
             dtype = "bfloat16" if saved == "float16" else "auto"
     from vllm import LLM
 
+    lora = {}
+    if max_lora_rank is not None:
+        lora = dict(
+            enable_lora=True, max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= max_lora_rank)
+        )
     return LLM(
         model=model,
         tensor_parallel_size=tensor_parallel_size,
@@ -205,14 +210,7 @@ def build_llm(
         seed=seed,
         max_model_len=max_model_len,
         enforce_eager=on_cpu,
-        **(
-            {}
-            if max_lora_rank is None
-            else {
-                "enable_lora": True,
-                "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= max_lora_rank),
-            }
-        ),
+        **lora,
     )
 
 
@@ -247,7 +245,7 @@ def _generate(
         [TokensPrompt(prompt_token_ids=ids) for ids in token_prompts],
         params,
         use_tqdm=True,
-        **({} if adapter is None else {"lora_request": lora_request(adapter)}),
+        lora_request=None if adapter is None else lora_request(adapter),
     )
     return [[c.text for c in out.outputs] for out in outputs]
 
