@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 
 from probsft_megatron.errors import ConfigError
 
@@ -133,8 +135,6 @@ _REPEATING = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\overline\{(\d+)\}")
 
 def _repeating_fraction(match: re.Match) -> str:
     """``0.1\\overline{6}`` -> ``\\frac{1}{6}`` (a repeating decimal as its exact fraction)."""
-    from fractions import Fraction
-
     whole, fixed, period = match.group(1) or "0", match.group(2), match.group(3)
     value = Fraction(int(whole)) + Fraction(int(fixed or "0"), 10 ** len(fixed))
     value += Fraction(int(period), (10 ** len(period) - 1) * 10 ** len(fixed))
@@ -223,8 +223,6 @@ _SCI_TEN = re.compile(
 def _scientific(s: str):
     """``(value, half a unit in the last written digit)`` of ``4.5e33`` or
     ``4.5\\times 10^{33}``, else ``None``."""
-    from decimal import Decimal
-
     compact = s.strip()
     match = _SCI_E.match(compact) or _SCI_TEN.match(compact)
     if not match:
@@ -244,8 +242,6 @@ def _latex_scientific(s: str) -> str:
 
 def _numeric_value(s: str):
     """``s`` as a Decimal (plain, scientific, or a number math-verify parses), else ``None``."""
-    from decimal import Decimal
-
     if _NUMBER.match(s):
         return Decimal(s)
     sci = _scientific(s)
@@ -272,8 +268,6 @@ def _percent_forms(s: str, both: bool) -> list[str]:
     if not both:
         return [bare]
     if _NUMBER.match(bare):
-        from decimal import Decimal
-
         return [bare, f"{Decimal(bare).scaleb(-2):f}"]
     return [bare, f"\\frac{{{bare}}}{{100}}"]
 
@@ -287,16 +281,9 @@ def _parse(s: str) -> list:
     from latex2sympy2_extended.latex2sympy2 import NormalizationConfig
     from math_verify import LatexExtractionConfig, parse
 
-    config = LatexExtractionConfig(
-        normalization_config=NormalizationConfig(
-            basic_latex=True,
-            units=False,
-            malformed_operators=True,
-            nits=True,
-            boxed="all",
-            equations=False,
-        )
-    )
+    flags = dict(basic_latex=True, units=False, malformed_operators=True, nits=True)
+    normalization = NormalizationConfig(**flags, boxed="all", equations=False)
+    config = LatexExtractionConfig(normalization_config=normalization)
     try:
         return parse(f"${s}$", extraction_config=[config], parsing_timeout=MATH_TIMEOUT_S)
     except Exception:  # math-verify raises on pathological input: no parse
@@ -316,16 +303,9 @@ def _symbolic_equal(reference: str, answer: str) -> bool:
     gold, pred = _parse(reference), _parse(answer)
     if not gold or not pred:
         return False
+    options = dict(float_rounding=10, timeout_seconds=MATH_TIMEOUT_S)
     try:
-        return bool(
-            verify(
-                gold,
-                pred,
-                float_rounding=10,
-                timeout_seconds=MATH_TIMEOUT_S,
-                allow_set_relation_comp=_is_interval(reference),
-            )
-        )
+        return bool(verify(gold, pred, allow_set_relation_comp=_is_interval(reference), **options))
     except Exception:  # timeouts and sympy failures count as not equal
         return False
 
@@ -366,8 +346,6 @@ def math_equal(reference: str, answer: str) -> bool:
         return False
     sci = _scientific(ref)
     if sci is not None:
-        from decimal import Decimal
-
         value, half_ulp = sci
         got = _numeric_value(ans)
         return got is not None and abs(got - value) <= half_ulp * Decimal("1.000000001")
