@@ -24,22 +24,17 @@ def p_histogram(p: torch.Tensor, bins: int = 20) -> list[int]:
 def step_record(step: int, lr: float, stats, elapsed: float) -> dict[str, Any]:
     """One line of ``metrics.jsonl`` from a step's StepStats (``tokens``: real tokens,
     ``positions``: computed ones, padding included)."""
-    record = {
-        "step": step,
-        "loss": stats.loss,
-        "lr": lr,
-        "grad_norm": stats.grad_norm,
-        "mean_p": stats.mean_p,
-        "frac_kept": stats.frac_kept,
-        "mean_w": stats.mean_w,
-        "response_tokens": stats.response_tokens,
-        "tokens": stats.tokens,
-        "positions": stats.positions,
-        "positions_per_token": stats.positions / max(stats.tokens, 1),
-        "tokens_per_s": stats.tokens / elapsed,
-        "padded_tokens_per_s": stats.positions / elapsed,
-        "step_time_s": elapsed,
-    }
+    record = {"step": step, "loss": stats.loss, "lr": lr}
+    for key in ("grad_norm", "mean_p", "frac_kept", "mean_w", "response_tokens"):
+        record[key] = getattr(stats, key)
+    record.update(
+        tokens=stats.tokens,
+        positions=stats.positions,
+        positions_per_token=stats.positions / max(stats.tokens, 1),
+        tokens_per_s=stats.tokens / elapsed,
+        padded_tokens_per_s=stats.positions / elapsed,
+        step_time_s=elapsed,
+    )
     if stats.threshold is not None:
         record["threshold"] = stats.threshold
     if getattr(stats, "units", None):  # loss.normalization=sample: examples (or turns) averaged
@@ -60,27 +55,6 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
         else:
             out[f"train/{key}"] = value
     return out
-
-
-class WandbSink:
-    """A Weights & Biases run for one training process (the logging rank's)."""
-
-    def __init__(self, project: str, mode: str, output_dir, config: dict[str, Any]) -> None:
-        import wandb
-
-        self.run = wandb.init(
-            project=project,
-            mode=mode,
-            name=output_dir.name,
-            dir=None if os.environ.get("WANDB_DIR") else str(output_dir),
-            config=json.loads(json.dumps(config, default=str)),
-        )
-
-    def log(self, record: dict[str, Any]) -> None:
-        self.run.log(scalars(record), step=record["step"])
-
-    def close(self) -> None:
-        self.run.finish()
 
 
 class RunLog:
@@ -109,8 +83,14 @@ class RunLog:
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
         self.wandb = None
         if job.train.wandb_project:
-            self.wandb = WandbSink(
-                job.train.wandb_project, job.train.wandb_mode, out_dir, job.to_dict()
+            import wandb
+
+            self.wandb = wandb.init(
+                project=job.train.wandb_project,
+                mode=job.train.wandb_mode,
+                name=out_dir.name,
+                dir=None if os.environ.get("WANDB_DIR") else str(out_dir),
+                config=json.loads(json.dumps(job.to_dict(), default=str)),
             )
         self.progress = tqdm(
             total=last_step,
@@ -133,7 +113,7 @@ class RunLog:
                 if p_values is not None and p_values.numel():
                     self.tb.add_histogram("train/p", p_values.float(), record["step"])
             if self.wandb is not None:
-                self.wandb.log(record)
+                self.wandb.log(scalars(record), step=record["step"])
         postfix = {
             "loss": f"{record['loss']:.4f}",
             "mean_p": f"{record['mean_p']:.3f}",
@@ -150,4 +130,4 @@ class RunLog:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
-            self.wandb.close()
+            self.wandb.finish()
