@@ -28,23 +28,14 @@ from probsft_megatron.typed_yaml import (
 
 logger = logging.getLogger(__name__)
 
-Arch = Literal["llama", "qwen2"]
 Attention = Literal["auto", "sdpa", "local", "te"]
 Precision = Literal["auto", "bf16", "fp32"]
-Normalization = Literal["kept", "response", "sample"]
-SampleUnit = Literal["example", "turn"]
-Implementation = Literal["unfused", "fused"]
-PercentileScope = Literal["global", "micro"]
 RecomputeGranularity = Literal["none", "selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
-Schedule = Literal["cosine", "constant"]
 Source = Literal["file", "figfont"]
 Format = Literal["auto", "jsonl", "parquet", "numina", "m23k"]
 Truncation = Literal["turn", "right", "error"]
 Padding = Literal["longest", "max_length"]
-TrainOn = Literal["all_assistant", "last_assistant"]
-PeftMethod = Literal["none", "lora"]
-WandbMode = Literal["online", "offline"]
 
 ATTENTION_IMPLS, SOURCES, FORMATS, TRUNCATIONS, PADDINGS = map(
     typing.get_args, (Attention, Source, Format, Truncation, Padding)
@@ -64,15 +55,12 @@ def _one_of(key: str, value: Any, allowed) -> None:
         raise ConfigError(f"{key}={value!r} is invalid; use one of {', '.join(allowed)}")
 
 
-# -- sections ----------------------------------------------------------------------------------
-
-
 @section("model")
 class ModelConfig:
     """A decoder-only transformer in Hugging Face terms: ``qwen2`` (q/k/v bias) or ``llama``;
     ``head_dim`` defaults to hidden/heads."""
 
-    arch: Arch = "llama"
+    arch: Literal["llama", "qwen2"] = "llama"
     num_layers: Count = 2
     hidden_size: Count = 64
     ffn_hidden_size: Count = 128
@@ -156,19 +144,19 @@ class LossConfig:
     CE that never holds the full logits, :mod:`probsft_megatron.fused_loss`)."""
 
     objective: Any = "original"
-    normalization: Normalization = Field(
+    normalization: Literal["kept", "response", "sample"] = Field(
         "kept",
         description="'kept': divide by the tokens the objective keeps, the paper's default; "
         "'response': all response tokens; 'sample': each example's mean, averaged",
     )
-    implementation: Implementation = "unfused"
+    implementation: Literal["unfused", "fused"] = "unfused"
     chunk_size: Count = Field(512, description="tokens per chunk of the fused loss, e.g. 512")
-    percentile_scope: PercentileScope = Field(
+    percentile_scope: Literal["global", "micro"] = Field(
         "global",
         description="'global': exact over the global batch, 'micro': per micro-batch, "
         "no extra forward",
     )
-    sample_unit: SampleUnit = Field(
+    sample_unit: Literal["example", "turn"] = Field(
         "example",
         description="what normalization=sample averages: whole examples or assistant turns",
     )
@@ -208,7 +196,7 @@ class DataConfig:
     response_dict_keys: Names | None = None
     messages_key: str | None = None  # a conversation's field; None: messages or conversations
     tools_key: str = "tools"  # a conversation's tool definitions (passed to the template)
-    train_on: TrainOn = "all_assistant"  # a message's own train/weight field wins
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"  # a message's own wins
     chat_template: str = "auto"  # auto, none, a shipped name, a .jinja file or a template
     system_prompt: str | None = None
     max_length: int = Field(1024, ge=2)  # longest example in tokens (prompt + response)
@@ -259,7 +247,7 @@ class OptimConfig:
     adam_eps: Annotated[float, POSITIVE] = 1e-8
     clip_grad: float = Field(1.0, ge=0, description="0 turns clipping off")
     warmup_ratio: Annotated[float, FRACTION] = 0.1
-    schedule: Schedule = "cosine"
+    schedule: Literal["cosine", "constant"] = "cosine"
     use_distributed_optimizer: bool = True
     grad_reduce_in_fp32: bool = True
 
@@ -291,7 +279,7 @@ class TrainConfig:
     eval_interval: int = Field(0, ge=0, description="0: only at the last step")
     eval_batches: Count | None = Field(None, description="or null: all of it")
     wandb_project: str | None = None  # null: no Weights & Biases
-    wandb_mode: WandbMode = "online"
+    wandb_mode: Literal["online", "offline"] = "online"
     # a collective's wait for a dead or hung rank; also bounds a rank's share of a save
     dist_timeout_s: float = Field(
         600.0,
@@ -317,7 +305,7 @@ class PeftConfig:
     """LoRA (:mod:`probsft_megatron.lora`) on megatron's linears (``all-linear``: all four);
     the output layer and the embeddings stay frozen."""
 
-    method: PeftMethod = "none"
+    method: Literal["none", "lora"] = "none"
     rank: Count = Field(16, description="e.g. 16")
     alpha: float = Field(32.0, gt=0, description="the adapter is scaled by alpha/rank")
     dropout: Annotated[float, FRACTION] = 0.0
@@ -362,9 +350,6 @@ class TrainJobConfig:
     def validate(self, world_size: int) -> int:
         """:func:`validate`: the DP size."""
         return validate(self, world_size)
-
-
-# -- validation --------------------------------------------------------------------------------
 
 
 def validate_layout(
@@ -459,9 +444,6 @@ def validate(cfg: TrainJobConfig, world_size: int) -> int:
     return dp
 
 
-# -- resolution of single values ------------------------------------------------------------
-
-
 def resolve_precision(precision: str) -> str:
     """``train.precision`` -> ``bfloat16`` | ``float32`` (``auto``: bf16 with CUDA)."""
     if precision == "auto":
@@ -476,9 +458,6 @@ def resolve_attention(impl: str) -> str:
     if impl != "auto":
         return impl
     return "te" if hardware.cuda_available() and hardware.te_available() else "sdpa"
-
-
-# -- loading -----------------------------------------------------------------------------------
 
 
 def list_presets() -> list[str]:

@@ -75,10 +75,6 @@ class Job:
         return self.config.train
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return self.output_dir / "checkpoints"
-
-    @property
     def use_distributed_optimizer(self) -> bool:
         """The distributed optimizer, only where there are DP ranks to shard over."""
         return self.optim.use_distributed_optimizer and self.data_parallel_size > 1

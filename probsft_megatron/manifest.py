@@ -65,9 +65,6 @@ def step_folders(ckpt_root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted((step_of(p), p) for p in root.iterdir() if step_of(p) is not None and p.is_dir())
 
 
-# -- manifests ---------------------------------------------------------------------------------
-
-
 def _crc(path: Path, size: int) -> tuple[str, str]:
     crc = 0
     with open(path, "rb") as f:
@@ -217,9 +214,6 @@ def verify(path: str | os.PathLike, *, resuming: bool = False) -> bool:
     return True
 
 
-# -- kinds -------------------------------------------------------------------------------------
-
-
 def folder_kind(path: str | os.PathLike) -> str | None:
     """What probsft wrote into ``path`` (one of :data:`KIND_NAMES`), or None."""
     path = Path(path)
@@ -261,9 +255,6 @@ def describe(path: str | os.PathLike) -> str:
     if (path / "config.json").is_file():
         return "a Hugging Face folder"
     return "other files"
-
-
-# -- the output guard ------------------------------------------------------------------------
 
 
 def _absolute(path: str | os.PathLike) -> Path:

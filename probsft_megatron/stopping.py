@@ -143,7 +143,6 @@ class Stopper:
             except Exception as exc:  # a clean-up must not hide the run's own outcome
                 logger.warning("while ending the run: %s", exc)
 
-    # -- signals --------------------------------------------------------------------------
     def __enter__(self) -> Stopper:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
@@ -195,7 +194,6 @@ class Stopper:
             pass
         os._exit(HARD_STOP_EXIT_CODE)
 
-    # -- the step boundary ---------------------------------------------------------------
     def boundary(self, stats, device: torch.device | str = "cpu", group=None) -> Boundary:
         """What all ranks of ``group`` agree on after step ``self.step``, from this rank's
         :class:`~probsft_megatron.runtime.StepStats` (one all-reduce of ``5 x world`` ints)."""
@@ -223,7 +221,6 @@ class Stopper:
             grad_norm=stats.grad_norm,
         )
 
-    # -- lost ranks ----------------------------------------------------------------------
     def rank_lost(self, exc: BaseException) -> RankLostError:
         rank = dist.get_rank() if dist.is_initialized() else 0
         wait = (
