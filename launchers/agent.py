@@ -85,29 +85,21 @@ class SignalRelay:
         timer.daemon = True
         timer.start()
 
+    def keep_log(self, record: logging.LogRecord) -> bool:
+        """Log filter: drops torch's ``failed (exitcode: N)`` line for the quiet exit codes
+        and, after a second Ctrl-C, for the workers the agent killed."""
+        if not (str(record.msg).startswith("failed (exitcode: ") and record.args):
+            return True
+        code = record.args[0]
+        if self.hard_stop and isinstance(code, int) and code < 0:
+            return False
+        return code not in QUIET_EXIT_CODES
+
     def kill_leftovers(self) -> None:
         for proc in self._seen:
             with contextlib.suppress(Exception):  # already gone
                 if proc.is_running():
                     proc.kill()
-
-
-class _QuietFailures(logging.Filter):
-    """Drops torch's ``failed (exitcode: N)`` line for the quiet exit codes and, after a second
-    Ctrl-C, for the workers the agent killed."""
-
-    def __init__(self, relay: SignalRelay) -> None:
-        super().__init__()
-        self.relay = relay
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = str(record.msg)
-        if msg.startswith("failed (exitcode: ") and record.args:
-            code = record.args[0]
-            if self.relay.hard_stop and isinstance(code, int) and code < 0:
-                return False
-            return code not in QUIET_EXIT_CODES
-        return True
 
 
 def _say(text: str) -> None:
@@ -129,10 +121,7 @@ def quiet_code(failures: dict, hard_stop: bool) -> int | None:
             codes.add(code)
     if not codes or not codes <= set(QUIET_EXIT_CODES):
         return None
-    for code in (HARD_STOP_EXIT_CODE, 2, INTERRUPTED_EXIT_CODE):
-        if code in codes:
-            return code
-    return None
+    return next(c for c in (HARD_STOP_EXIT_CODE, 2, INTERRUPTED_EXIT_CODE) if c in codes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     args = torchrun.parse_args(sys.argv[1:] if argv is None else argv)
     args.signals_to_handle = TORCH_SIGNALS
     relay = SignalRelay(forward="SLURM_STEP_ID" not in os.environ).install()
-    quiet = _QuietFailures(relay)
     api_logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
-    api_logger.addFilter(quiet)
+    api_logger.addFilter(relay.keep_log)
     try:
         torchrun.run(args)
     except ChildFailedError as exc:
@@ -155,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         relay.restore()
-        api_logger.removeFilter(quiet)
+        api_logger.removeFilter(relay.keep_log)
         if relay.hard_stop:
             relay.kill_leftovers()
     return 0

@@ -436,8 +436,7 @@ def run(args: argparse.Namespace) -> int:
                     f"--hf {folder} is not a Hugging Face folder (no config.json); "
                     "name the backbone's checkpoint folder"
                 )
-    print(plan.describe(nodes, nproc))
-    sys.stdout.flush()
+    print(plan.describe(nodes, nproc), flush=True)
 
     if profile is None:
         executor_for = functools.partial(ex.local_executor, nproc_per_node=nproc)

@@ -154,10 +154,9 @@ class RecipeChoice:
 def _recipe_identity(raw: dict[str, Any]) -> tuple[str, str | None]:
     """(dataset, model preset) that a raw recipe trains."""
     data = raw.get("data") or {}
+    dataset = {"numina": "math", "m23k": "medical"}.get(data.get("format"), "custom")
     if data.get("source") == "figfont":
         dataset = "figfont"
-    else:
-        dataset = {"numina": "math", "m23k": "medical"}.get(data.get("format"), "custom")
     model = raw.get("model")
     if isinstance(model, dict):
         model = model.get("preset")

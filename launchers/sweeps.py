@@ -5,7 +5,6 @@ of a probe report (``--probe-report``) or a threshold table (``configs/sweeps/th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,11 +94,7 @@ def load_sweep(ref: str, _seen: tuple[str, ...] = ()) -> list[Sweep]:
         return [s for part in data["sweeps"] for s in load_sweep(str(part), _seen + (path.stem,))]
     settings = []
     for item in data.get("settings") or []:
-        if (
-            not isinstance(item, dict)
-            or not {"dataset", "model"} <= set(item)
-            or set(item) - {"dataset", "model", "set"}
-        ):
+        if not isinstance(item, dict) or set(item) - {"set"} != {"dataset", "model"}:
             raise ConfigError(
                 f"sweep {path}: each setting needs dataset and model (and "
                 f"optionally set: [key=value, ...]); got {item!r}"
@@ -125,13 +120,8 @@ def load_threshold_table(ref: str) -> ThresholdTable:
         )
     percentiles = {}
     for k, q in table.items():
-        if not (
-            isinstance(k, (int, float))
-            and isinstance(q, (int, float))
-            and 0 <= k <= 100
-            and 0 <= q <= 1
-            and math.isfinite(q)
-        ):
+        numbers = isinstance(k, (int, float)) and isinstance(q, (int, float))
+        if not (numbers and 0 <= k <= 100 and 0 <= q <= 1):  # NaN fails the comparisons
             raise ConfigError(
                 f"threshold table {path}: entry {k!r}: {q!r} must be a "
                 "percentile in [0, 100] mapped to a probability in [0, 1]"
