@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -70,13 +71,10 @@ def _hf_folder(path: str | os.PathLike, what: str) -> Path:
             reason = "does not exist"
         elif not folder.is_dir():
             reason = "is a file"
+        elif manifest.folder_kind(folder):
+            reason = f"is {manifest.describe(folder)}, not a Hugging Face folder"
         else:
-            kind = manifest.folder_kind(folder)
-            reason = (
-                f"is {manifest.describe(folder)}, not a Hugging Face folder"
-                if kind
-                else "has no config.json"
-            )
+            reason = "has no config.json"
         raise CheckpointError(f"{what} {folder} {reason}; pass a Hugging Face checkpoint folder")
     if manifest.folder_kind(folder) in (manifest.MODEL_DIR, manifest.TRAINING_CHECKPOINT):
         raise CheckpointError(
@@ -127,9 +125,8 @@ def _source_tensors(hf_dir: Path) -> dict[str, TensorInfo]:
         return read_header(hf_dir / SINGLE_FILE)
     if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
         raise CheckpointError(
-            f"{hf_dir} holds PyTorch pickle weights; only safetensors are "
-            "converted: re-save with "
-            "save_pretrained(..., safe_serialization=True)"
+            f"{hf_dir} holds PyTorch pickle weights; only safetensors are converted: re-save "
+            "with save_pretrained(..., safe_serialization=True)"
         )
     raise CheckpointError(f"{hf_dir} has no {SINGLE_FILE} or {SAFETENSORS_INDEX}")
 
@@ -157,9 +154,8 @@ def _check_tensors(
     ]
     if extra:
         raise CheckpointError(
-            f"{hf_dir} has {len(extra)} tensor(s) the {model.arch} mapping has "
-            f"no place for, e.g. {extra[0]}; the config does not describe "
-            "these weights"
+            f"{hf_dir} has {len(extra)} tensor(s) the {model.arch} mapping has no place for, "
+            f"e.g. {extra[0]}; the config does not describe these weights"
         )
     for name, tm in maps.items():
         info = infos[name]
@@ -252,11 +248,10 @@ def _plan_shards(
     maps: list[TensorMap], dtype: torch.dtype, max_bytes: int
 ) -> list[list[TensorMap]]:
     """Consecutive groups of tensors, each at most ``max_bytes`` (or a single larger tensor)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
     shards: list[list[TensorMap]] = [[]]
     size = 0
     for tm in maps:
-        nbytes = itemsize * int(torch.Size(tm.hf_shape).numel())
+        nbytes = dtype.itemsize * math.prod(tm.hf_shape)
         if shards[-1] and size + nbytes > max_bytes:
             shards.append([])
             size = 0
