@@ -318,13 +318,8 @@ def _env_rank() -> int:
 def build_arg_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="probsft train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="recipe YAML (path or name under configs/recipes)")
-    ap.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=0,
-        help="debug logging, including megatron's own warnings",
-    )
+    verbose = "debug logging, including megatron's own warnings"
+    ap.add_argument("-v", "--verbose", action="count", default=0, help=verbose)
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=4e-5")
     return ap
 

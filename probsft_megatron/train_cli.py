@@ -26,18 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dry-run", action="store_true", help="validate and print the resolved config, then exit"
     )
-    p.add_argument(
-        "--gpu-memory",
-        type=float,
-        metavar="GB",
-        help="memory of each GPU for the fit check (default: the CUDA device's; without CUDA "
-        "the check is skipped unless this is given)",
+    gpu_memory = (
+        "memory of each GPU for the fit check (default: the CUDA device's; without CUDA "
+        "the check is skipped unless this is given)"
     )
-    p.add_argument(
-        "--no-fit-check",
-        action="store_true",
-        help="run a layout even when the memory planner says it will not fit",
-    )
+    p.add_argument("--gpu-memory", type=float, metavar="GB", help=gpu_memory)
+    no_fit = "run a layout even when the memory planner says it will not fit"
+    p.add_argument("--no-fit-check", action="store_true", help=no_fit)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=4e-5")
 
 
