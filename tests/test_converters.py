@@ -286,6 +286,7 @@ def test_cli_roundtrip_with_template(tmp_path, capsys):
     (tmp_path / "bare").mkdir()
     for part in (layout.MODEL_CONFIG_FILE, layout.WEIGHTS_DIR):
         (tmp_path / "mg" / part).rename(tmp_path / "bare" / part)
+    manifest.write_manifest(tmp_path / "bare", manifest.MODEL_DIR)
     assert (
         main(
             [

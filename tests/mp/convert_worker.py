@@ -109,8 +109,8 @@ def counting_batches(steps: int, batch: int, seq: int, vocab: int, seed: int = 0
 def run_train(args) -> None:
     from megatron.core import parallel_state
 
+    from probsft_megatron import manifest, runtime
     from probsft_megatron import model_dir as layout
-    from probsft_megatron import runtime
     from probsft_megatron.loss import LossConfig, ObjectiveLoss
     from probsft_megatron.model import ParallelConfig, transformer_config
 
@@ -144,6 +144,7 @@ def run_train(args) -> None:
             staging, src.model, dtype=src.dtype, source=dict(src.source, trained_steps=args.steps)
         )
         layout.copy_hf_files(src.hf, staging / layout.HF_DIR)
+        manifest.write_manifest(staging, manifest.MODEL_DIR)  # the folder's last file
         layout.commit_staging(staging, args.out)
     torch.distributed.barrier()
 
