@@ -73,9 +73,7 @@ class CheckpointManager:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(verdict, src=0)
         if isinstance(verdict[0], CheckpointError):
-            error = CheckpointError(str(verdict[0]))
-            error.announce = _rank() == 0
-            raise error
+            raise CheckpointError(str(verdict[0]), announce=_rank() == 0)
         self.latest = None if verdict[0] is None else Path(verdict[0])
         return self.latest
 

@@ -3,7 +3,12 @@ wrong, where, and how to fix it (printed as one ``error: ...`` line)."""
 
 
 class ProbsftError(Exception):
-    """A user's mistake, reported as one line by the CLI."""
+    """A user's mistake, reported as one line by the CLI; in a multi-rank job every rank
+    raises it and only the one with ``announce`` prints it."""
+
+    def __init__(self, message: str = "", announce: bool = True) -> None:
+        super().__init__(message)
+        self.announce = announce
 
 
 class ConfigError(ProbsftError, ValueError):

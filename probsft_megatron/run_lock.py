@@ -31,11 +31,7 @@ SLURM_ENDED = frozenset(
 
 
 class RunLockedError(ProbsftError):
-    """``train.output_dir`` is held by another run. ``announce``: this rank prints it."""
-
-    def __init__(self, message: str, announce: bool = True) -> None:
-        super().__init__(message)
-        self.announce = announce
+    """``train.output_dir`` is held by another run."""
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,7 @@ EVENTS_FILE = "events.jsonl"
 
 
 class NonFiniteError(ProbsftError):
-    """The loss or the gradient norm of a step was NaN or infinite; nothing of it was saved.
-    Every rank raises it; ``announce``: this rank prints it."""
-
-    def __init__(self, message: str, announce: bool = True) -> None:
-        super().__init__(message)
-        self.announce = announce
+    """The loss or the gradient norm of a step was NaN or infinite; nothing of it was saved."""
 
 
 class RankLostError(ProbsftError):
