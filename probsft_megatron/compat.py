@@ -355,13 +355,5 @@ def core_attention_module(cls: type) -> type:
     def __init__(self, *args, model_comm_pgs=None, **kwargs):
         cls.__init__(self, *args, pg_collection=model_comm_pgs, **kwargs)
 
-    return type(
-        cls.__name__,
-        (cls,),
-        {
-            "__init__": __init__,
-            "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__,
-            "__doc__": cls.__doc__,
-        },
-    )
+    names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+    return type(cls.__name__, (cls,), {"__init__": __init__, **names})

@@ -7,6 +7,7 @@ tensor-parallel contract is in docs/lora.md. ``B`` starts at zero, as in PEFT.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -309,14 +310,8 @@ def run_fingerprint(config) -> str | None:
 
 def peft_record(peft: PeftConfig, fingerprint: str) -> dict:
     """What a LoRA checkpoint records beside its adapters (``peft.json``)."""
-    return {
-        "method": peft.method,
-        "rank": peft.rank,
-        "alpha": peft.alpha,
-        "dropout": peft.dropout,
-        "target_modules": list(peft.target_modules),
-        "base_fingerprint": fingerprint,
-    }
+    record = dataclasses.asdict(peft)  # method, rank, alpha, dropout, target_modules
+    return {**record, "target_modules": list(peft.target_modules), "base_fingerprint": fingerprint}
 
 
 def check_fingerprint(checkpoint: str | Path, fingerprint: str | None) -> None:

@@ -230,7 +230,7 @@ def loss_head(loss: ObjectiveLoss, device: Any = "cpu") -> LossHead:
 
 def _schedule(model_chunks, micro_batches, forward_step_func, shape, forward_only=True):
     """megatron's pipeline schedule; forward only (without autograd) unless told otherwise."""
-    with nullcontext() if not forward_only else torch.no_grad():
+    with torch.no_grad() if forward_only else nullcontext():
         return compat.get_forward_backward_func()(
             forward_step_func=forward_step_func,
             data_iterator=iter(micro_batches),
