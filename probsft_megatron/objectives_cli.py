@@ -1,10 +1,5 @@
-"""`probsft objectives`: list the training objectives or validate one spec.
-
-probsft objectives                      table of every form with f(p), w(p) and mask
-probsft objectives --describe NAME      canonical name, f, w, mask; exit 2 if invalid
-                                        (one ``error:`` line, like every usage error)
-probsft objectives [--describe NAME] --json
-"""
+"""`probsft objectives [--describe NAME] [--json]`: the table of every objective form with
+f(p), w(p) and mask, or one spec's canonical name and formulas (exit 2 if invalid)."""
 
 from __future__ import annotations
 

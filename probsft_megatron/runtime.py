@@ -421,13 +421,9 @@ def build_training_model(
     peft_seed: int = 0,
     **optim_overrides,
 ):
-    """This rank's stage in megatron DDP and megatron's optimizer: ``([ddp_model], optimizer)``.
-
-    ``optim`` (default :data:`LIBRARY_OPTIM`) with keyword overrides of its fields on top;
-    ``load_dir``: torch_dist weights loaded before DDP (with ``peft``: the base model only);
-    ``loss_config`` with ``implementation="fused"``: the fused head; ``peft``: LoRA adapters
-    seeded by ``peft_seed``, everything else frozen before DDP.
-    """
+    """``([ddp_model], optimizer)`` of this rank's stage. ``optim`` fields may be overridden by
+    keyword; ``load_dir``: weights loaded before DDP (with ``peft``: the base model only);
+    ``loss_config`` may ask for the fused head; ``peft``: LoRA, everything else frozen."""
     from probsft_megatron.model import build_gpt_model
 
     optim = dataclasses.replace(optim or LIBRARY_OPTIM, **optim_overrides)
