@@ -57,17 +57,14 @@ def transformer_config(
         bf16=params_dtype == torch.bfloat16,
         pipeline_dtype=params_dtype,
         calculate_per_token_loss=calculate_per_token_loss,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        cross_entropy_loss_fusion=False,
+        **dict.fromkeys(  # megatron's fused kernels, all off
+            "bias_activation_fusion masked_softmax_fusion bias_dropout_fusion apply_rope_fusion "
+            "persist_layer_norm gradient_accumulation_fusion cross_entropy_loss_fusion".split(),
+            False,
+        ),
         **parallel.megatron_recompute(),
     )
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return TransformerConfig(**(kwargs | overrides))
 
 
 def layer_spec(config, attention: str = "sdpa", peft=None):
@@ -82,14 +79,10 @@ def layer_spec(config, attention: str = "sdpa", peft=None):
 
     if attention == "te":
         spec = get_gpt_layer_with_transformer_engine_spec()
-        if peft is not None and peft.enabled:
-            from probsft_megatron.lora import lora_layer_spec
-
-            lora_layer_spec(spec, peft)  # refuses Transformer Engine linears in one line
-        return spec
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.input_layernorm = SequenceParallelRMSNorm
-    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec.submodules.input_layernorm = SequenceParallelRMSNorm
+        spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
     if attention == "sdpa":
         from probsft_megatron import compat
         from probsft_megatron.attention import SDPAttention
@@ -99,7 +92,9 @@ def layer_spec(config, attention: str = "sdpa", peft=None):
     if peft is not None and peft.enabled:
         from probsft_megatron.lora import lora_layer_spec
 
-        spec = lora_layer_spec(spec, peft)
+        spec = lora_layer_spec(spec, peft)  # refuses Transformer Engine linears in one line
+    if attention == "te":
+        return spec
     return TransformerBlockSubmodules(
         layer_specs=[spec] * (config.num_layers // config.pipeline_model_parallel_size),
         layer_norm=SequenceParallelRMSNorm,

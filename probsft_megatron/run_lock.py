@@ -5,6 +5,7 @@ requeued job keeps its id and continues its own run) is taken over with a warnin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -84,9 +85,7 @@ def parse(text: str) -> Holder | None:
         return Holder(
             host=str(data["host"]),
             pid=int(data["pid"]),
-            pid_started=(
-                float(data["pid_started"]) if data.get("pid_started") is not None else None
-            ),
+            pid_started=None if data.get("pid_started") is None else float(data["pid_started"]),
             slurm_job_id=str(data["slurm_job_id"]) if data.get("slurm_job_id") else None,
             started=str(data.get("started", "")),
             command=str(data.get("command", "")),
@@ -161,11 +160,13 @@ def _held_message(out: Path, lock: Path, holder: Holder | None, text: str) -> st
     )
 
 
-def _read(lock: Path) -> str:
+def _read(lock: Path) -> tuple[str, Holder | None]:
+    """The lock file's text (empty when there is none) and the holder it names."""
     try:
-        return lock.read_text(encoding="utf-8", errors="replace")
+        text = lock.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        return ""
+        text = ""
+    return text, parse(text)
 
 
 def check_free(output_dir: str | os.PathLike) -> None:
@@ -175,8 +176,7 @@ def check_free(output_dir: str | os.PathLike) -> None:
     lock = out / LOCK_FILE
     if not lock.is_file():
         return
-    text = _read(lock)
-    holder = parse(text)
+    text, holder = _read(lock)
     if holder is None and not text:
         return  # released while we looked, or being written: acquire() decides
     if holder is None or gone_reason(holder) is None:
@@ -200,15 +200,13 @@ def _remove_gone(lock: Path, text: str) -> bool:
     try:
         _create(mutex, Holder.current())
     except FileExistsError:
-        try:  # a mutex left by a process that died while taking over
+        with contextlib.suppress(FileNotFoundError):  # left by a process that died taking over
             if time.time() - mutex.stat().st_mtime > 60:
                 mutex.unlink(missing_ok=True)
-        except FileNotFoundError:
-            pass
         time.sleep(0.2)
         return False
     try:
-        if _read(lock) != text:
+        if _read(lock)[0] != text:
             return False
         lock.unlink(missing_ok=True)
         return True
@@ -239,20 +237,15 @@ def acquire(output_dir: str | os.PathLike) -> Holder:
     me = Holder.current()
     removed = None  # (reason, holder) of the gone lock this process deleted
     for _ in range(20):
-        try:
+        with contextlib.suppress(FileExistsError):
             _create(lock, me)
-        except FileExistsError:
-            pass
-        else:
             if removed is not None:
                 _announce_takeover(out, *removed)
             return me
-        text = _read(lock)
-        holder = parse(text)
+        text, holder = _read(lock)
         if holder is None and text == "":
             time.sleep(0.5)  # created a moment ago and not written yet, or just released
-            text = _read(lock)
-            holder = parse(text)
+            text, holder = _read(lock)
             if text == "" and not lock.exists():
                 continue
         reason = gone_reason(holder, me) if holder is not None else None
@@ -269,7 +262,7 @@ def acquire(output_dir: str | os.PathLike) -> Holder:
 def release(output_dir: str | os.PathLike, me: Holder | None) -> None:
     """Remove the lock of ``output_dir`` when it is still ``me``'s (idempotent)."""
     lock = Path(output_dir) / LOCK_FILE
-    holder = parse(_read(lock))
+    holder = _read(lock)[1]
     if me is None or holder is None:
         return
     if (holder.host, holder.pid, holder.started) == (me.host, me.pid, me.started):

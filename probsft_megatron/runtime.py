@@ -158,16 +158,28 @@ def _fused_token_ce(
 
 @dataclass(frozen=True)
 class LossHead:
-    """The run's loss head, chosen once (:func:`loss_head`): makes megatron's ``forward_step_func``.
-    Unfused: the model gets the labels and returns the vocab-parallel per-token CE."""
+    """The run's loss head (``loss.config.implementation``): makes megatron's
+    ``forward_step_func``. Unfused: the model gets the labels and returns the vocab-parallel
+    per-token CE; fused: the model returns hidden states and :func:`head_loss` forms the loss."""
 
     loss: ObjectiveLoss
     device: Any = "cpu"
 
-    def model_kwargs(self, batch: Batch) -> dict:
-        return {"labels": batch.labels}
+    @property
+    def fused(self) -> bool:
+        return self.loss.config.implementation == "fused"
 
     def objective(self, model, batch: Batch, threshold, record_p: bool) -> Callable:
+        if self.fused:
+            return partial(
+                head_loss,
+                loss=self.loss,
+                model=model,
+                labels=batch.labels,
+                loss_mask=batch.loss_mask,
+                threshold=threshold,
+                record_p=record_p,
+            )
         return partial(
             self.loss,
             loss_mask=batch.loss_mask,
@@ -177,6 +189,14 @@ class LossHead:
         )
 
     def token_ce(self, model, batch: Batch) -> Callable:
+        if self.fused:
+            return partial(
+                _fused_token_ce,
+                model=model,
+                labels=batch.labels,
+                loss_mask=batch.loss_mask,
+                chunk_size=self.loss.config.chunk_size,
+            )
         return partial(token_ce_triple, loss_mask=batch.loss_mask)
 
     def forward_step(
@@ -188,7 +208,8 @@ class LossHead:
         def step(data_iterator: Iterator[Batch], model):
             batch = next(data_iterator).to(self.device)
             inputs = (batch.tokens, batch.position_ids, batch.attention_mask)
-            out = model(*inputs, **self.model_kwargs(batch), **packed_kwargs(batch))
+            labels = {} if self.fused else {"labels": batch.labels}
+            out = model(*inputs, **labels, **packed_kwargs(batch))
             if measure:
                 return out, self.token_ce(model, batch)
             return out, self.objective(model, batch, threshold, record_p)
@@ -196,36 +217,7 @@ class LossHead:
         return step
 
 
-class FusedLossHead(LossHead):
-    """The fused head: the model returns hidden states and :func:`head_loss` forms the loss."""
-
-    def model_kwargs(self, batch: Batch) -> dict:
-        return {}
-
-    def objective(self, model, batch: Batch, threshold, record_p: bool) -> Callable:
-        return partial(
-            head_loss,
-            loss=self.loss,
-            model=model,
-            labels=batch.labels,
-            loss_mask=batch.loss_mask,
-            threshold=threshold,
-            record_p=record_p,
-        )
-
-    def token_ce(self, model, batch: Batch) -> Callable:
-        return partial(
-            _fused_token_ce,
-            model=model,
-            labels=batch.labels,
-            loss_mask=batch.loss_mask,
-            chunk_size=self.loss.config.chunk_size,
-        )
-
-
-def loss_head(loss: ObjectiveLoss, device: Any = "cpu") -> LossHead:
-    """The loss head of ``loss.config.implementation`` (``fused`` or ``unfused``)."""
-    return (FusedLossHead if loss.config.implementation == "fused" else LossHead)(loss, device)
+loss_head = LossHead  # the name the callers know
 
 
 def _schedule(model_chunks, micro_batches, forward_step_func, shape, forward_only=True):
@@ -392,14 +384,9 @@ def eval_step(model_chunks: list, head: LossHead, micro_batches: list[Batch]) ->
 
 def grads_finite(model_chunks: list) -> torch.Tensor:
     """Whether every ``main_grad`` (else ``.grad``) is finite, as a 0-dim bool tensor."""
-    flags = []
-    for chunk in model_chunks:
-        for param in chunk.parameters():
-            grad = getattr(param, "main_grad", None)
-            if grad is None:
-                grad = param.grad
-            if grad is not None:
-                flags.append(torch.isfinite(grad).all())
+    params = [p for chunk in model_chunks for p in chunk.parameters()]
+    grads = [p.main_grad if getattr(p, "main_grad", None) is not None else p.grad for p in params]
+    flags = [torch.isfinite(g).all() for g in grads if g is not None]
     return torch.stack(flags).all() if flags else torch.tensor(True)
 
 

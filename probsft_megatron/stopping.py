@@ -5,6 +5,7 @@ exit 2), and a lost rank (one line instead of a traceback, exit 2)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -154,10 +155,6 @@ class Stopper:
         if exc is not None and is_collective_failure(exc):
             raise self.rank_lost(exc) from None
 
-    @property
-    def requested(self) -> bool:
-        return bool(self.received)
-
     def _on_signal(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and signal.SIGINT in self.received:
             self._hard_stop()
@@ -180,13 +177,11 @@ class Stopper:
             kept = f" (newest checkpoint: {latest})" if latest else ""
             _say(f"second interrupt: stopped at once during step {self.step}, nothing saved{kept}")
         self._release()
-        try:
+        with contextlib.suppress(Exception):  # best effort while going down
             import psutil
 
             for child in psutil.Process().children(recursive=True):
                 child.kill()
-        except Exception:  # best effort while going down
-            pass
         os._exit(HARD_STOP_EXIT_CODE)
 
     def boundary(self, stats, device: torch.device | str = "cpu", group=None) -> Boundary:
@@ -290,7 +285,5 @@ def exit_code(summary: dict[str, Any]) -> int:
 
 def _say(text: str) -> None:
     """One ``[probsft]`` line on stderr, safe inside a signal handler."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         os.write(sys.stderr.fileno(), f"\n[probsft] {text}\n".encode())
-    except (OSError, ValueError):
-        pass
