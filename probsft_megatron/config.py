@@ -5,9 +5,8 @@ combinations for a world size (it reads no file: :mod:`.input_checks`; :mod:`.jo
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import logging
+import importlib.util
 import os
 import typing
 from pathlib import Path
@@ -26,33 +25,20 @@ from probsft_megatron.typed_yaml import (
     section,
 )
 
-logger = logging.getLogger(__name__)
-
 Attention = Literal["auto", "sdpa", "local", "te"]
-Precision = Literal["auto", "bf16", "fp32"]
 RecomputeGranularity = Literal["none", "selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
-Source = Literal["file", "figfont"]
-Format = Literal["auto", "jsonl", "parquet", "numina", "m23k"]
-Truncation = Literal["turn", "right", "error"]
 Padding = Literal["longest", "max_length"]
 
-ATTENTION_IMPLS, SOURCES, FORMATS, TRUNCATIONS, PADDINGS = map(
-    typing.get_args, (Attention, Source, Format, Truncation, Padding)
+ATTENTION_IMPLS, PADDINGS, RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS = map(
+    typing.get_args, (Attention, Padding, RecomputeGranularity, RecomputeMethod)
 )
-RECOMPUTE_GRANULARITIES = typing.get_args(RecomputeGranularity)
-RECOMPUTE_METHODS = typing.get_args(RecomputeMethod)
 PRECISIONS = {"bf16": "bfloat16", "fp32": "float32"}
 CHAT_TEMPLATES = ("chatml", "qwen2.5", "llama-3")  # configs/chat_templates/<name>.jinja
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 POSITIVE = Field(gt=0)
 FRACTION = Field(ge=0, lt=1)
 Count = Annotated[int, Field(ge=1)]
-
-
-def _one_of(key: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is invalid; use one of {', '.join(allowed)}")
 
 
 @section("model")
@@ -92,17 +78,13 @@ class ModelConfig:
                 f"model.num_query_groups={self.num_query_groups}"
             )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def num_parameters(self) -> int:
         """Parameter count of the unsharded model (for FLOPs and reporting)."""
         h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
         q = self.num_attention_heads * self.head_dim
         kv = self.num_query_groups * self.head_dim
         attn = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if self.qkv_bias else 0)
-        mlp = 3 * h * f
-        per_layer = attn + mlp + 2 * h
+        per_layer = attn + 3 * h * f + 2 * h  # attention, the gated MLP, two norms
         emb = v * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + emb + h
 
@@ -186,10 +168,10 @@ class LossConfig:
 class DataConfig:
     """Where the SFT examples come from and how they are tokenized (the ``data.*`` keys)."""
 
-    source: Source = "file"  # file (train_files) or figfont (generated offline)
+    source: Literal["file", "figfont"] = "file"  # file (train_files) or figfont (generated offline)
     train_files: Names = Field(default_factory=list)  # .jsonl/.json/.parquet, in this order
     val_files: Names = Field(default_factory=list)  # held-out files for the validation loss
-    format: Format = "auto"  # by extension, or a field preset: numina, m23k
+    format: Literal["auto", "jsonl", "parquet", "numina", "m23k"] = "auto"  # auto: by extension
     prompt_key: str = "prompt"
     response_key: str = "response"
     prompt_dict_keys: Names | None = None  # nested keys to follow when prompt_key holds a dict
@@ -200,7 +182,7 @@ class DataConfig:
     chat_template: str = "auto"  # auto, none, a shipped name, a .jinja file or a template
     system_prompt: str | None = None
     max_length: int = Field(1024, ge=2)  # longest example in tokens (prompt + response)
-    truncation: Truncation = "turn"  # after the last whole assistant turn that fits
+    truncation: Literal["turn", "right", "error"] = "turn"  # turn: cut after a whole turn
     cache: bool = True  # tokenize once into a store every rank maps (data/store.py)
     cache_dir: str | None = None  # default $PROBSFT_CACHE/data; on a cluster, a shared one
     padding: Padding = "longest"  # without packing: pad to the micro-batch's longest example
@@ -266,7 +248,7 @@ class TrainConfig:
     epochs: Count = 1
     max_steps: Count | None = Field(None, description="or null: every step of the epochs")
     seed: int = 42
-    precision: Precision = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU
     attention: Attention = "auto"  # auto (te where TE+CUDA, else sdpa) | sdpa | local | te
     output_dir: str = "runs/sft"
     save_interval: int = Field(100, ge=0, description="0: save only at the end")
@@ -312,12 +294,10 @@ class PeftConfig:
     target_modules: Names = Field(default_factory=lambda: list(LORA_TARGETS))
 
     def __post_init__(self) -> None:
-        targets = list(self.target_modules)
-        if targets == ["all-linear"]:
+        if self.target_modules == ["all-linear"]:
             object.__setattr__(self, "target_modules", list(LORA_TARGETS))
-            targets = list(LORA_TARGETS)
-        unknown = [t for t in targets if t not in LORA_TARGETS]
-        if unknown or not targets:
+        unknown = [t for t in self.target_modules if t not in LORA_TARGETS]
+        if unknown or not self.target_modules:
             frozen = " (the output layer and embeddings stay frozen)" if unknown else ""
             raise ConfigError(
                 f"peft.target_modules has {unknown[0] if unknown else 'nothing'!r}, which is not "
@@ -343,9 +323,6 @@ class TrainJobConfig:
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     peft: PeftConfig = Field(default_factory=PeftConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def validate(self, world_size: int) -> int:
         """:func:`validate`: the DP size."""
@@ -422,14 +399,11 @@ def validate(cfg: TrainJobConfig, world_size: int) -> int:
             "data.packing needs attention that takes packed sequences (sdpa or te); "
             "train.attention=local does not; use train.attention=auto"
         )
-    if t.wandb_project is not None:
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            raise ConfigError(
-                "train.wandb_project is set but wandb is not installed here; "
-                "pip install 'probsft-megatron[wandb]', or set train.wandb_project=null"
-            )
+    if t.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "train.wandb_project is set but wandb is not installed here; "
+            "pip install 'probsft-megatron[wandb]', or set train.wandb_project=null"
+        )
     if (t.eval_interval or t.eval_batches is not None) and not cfg.data.val_files:
         key = "train.eval_interval" if t.eval_interval else "train.eval_batches"
         raise ConfigError(
@@ -448,13 +422,14 @@ def resolve_precision(precision: str) -> str:
     """``train.precision`` -> ``bfloat16`` | ``float32`` (``auto``: bf16 with CUDA)."""
     if precision == "auto":
         return "bfloat16" if hardware.cuda_available() else "float32"
-    _one_of("train.precision", precision, typing.get_args(Precision))
     return PRECISIONS[precision]
 
 
 def resolve_attention(impl: str) -> str:
     """``auto`` -> ``te`` where TE and CUDA exist, else ``sdpa``; others as they are."""
-    _one_of("train.attention", impl, ATTENTION_IMPLS)
+    if impl not in ATTENTION_IMPLS:
+        allowed = ", ".join(ATTENTION_IMPLS)
+        raise ConfigError(f"train.attention={impl!r} is invalid; use one of {allowed}")
     if impl != "auto":
         return impl
     return "te" if hardware.cuda_available() and hardware.te_available() else "sdpa"
@@ -477,31 +452,22 @@ def load_preset(name: str) -> dict[str, Any]:
     return data
 
 
-def _resolve_recipe_path(ref: str, relative_to: Path | None) -> Path:
+def load_raw(ref: str, relative_to: Path | None = None, seen: tuple = ()) -> dict:
+    """The raw mapping of a recipe (a path or a shipped name), ``base`` chains merged."""
     if Path(ref).is_dir():
         raise ConfigError(
             f"config {ref} is a folder; name a recipe YAML file in it or a shipped recipe "
             f"({', '.join(list_recipes())})"
         )
-    candidates = [Path(ref)]
-    if relative_to is not None:
-        candidates.append(relative_to / ref)
-    for c in candidates:
-        if c.is_file():
-            return c
-    shipped = resources.find("recipes", ref)
-    if shipped is not None:
-        return shipped
-    raise ConfigError(
-        f"config {ref!r} not found (looked for a file and for a recipe named "
-        f"{ref!r} in {resources.describe_search('recipes')}; recipes: "
-        f"{', '.join(list_recipes())})"
-    )
-
-
-def load_raw(ref: str, relative_to: Path | None = None, seen: tuple = ()) -> dict:
-    """The raw mapping of a recipe (a path or a shipped name), ``base`` chains merged."""
-    path = _resolve_recipe_path(ref, relative_to).resolve()
+    local = [Path(ref), *([relative_to / ref] if relative_to is not None else [])]
+    path = next((c for c in local if c.is_file()), None) or resources.find("recipes", ref)
+    if path is None:
+        raise ConfigError(
+            f"config {ref!r} not found (looked for a file and for a recipe named "
+            f"{ref!r} in {resources.describe_search('recipes')}; recipes: "
+            f"{', '.join(list_recipes())})"
+        )
+    path = path.resolve()
     if path in seen:
         raise ConfigError(f"recipe {path} includes itself through 'base'")
     data = read_yaml_mapping(path)

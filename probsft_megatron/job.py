@@ -6,16 +6,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 from probsft_megatron.config import (
-    DataConfig,
-    LossConfig,
     ModelConfig,
-    OptimConfig,
-    ParallelConfig,
-    TrainConfig,
     TrainJobConfig,
     resolve_attention,
     resolve_precision,
@@ -25,7 +21,7 @@ from probsft_megatron.data.records import check_first_records
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.input_checks import check_files, planned_length
 from probsft_megatron.model_dir import read_model_config
-from probsft_megatron.objectives import Objective, parse_objective
+from probsft_megatron.objectives import parse_objective
 from probsft_megatron.tokenizers import tokenizer_spec
 
 logger = logging.getLogger(__name__)
@@ -46,33 +42,14 @@ class Job:
     init_weights: Path | None  # <init.checkpoint>/weights
     hf_template: Path | None  # <init.checkpoint>/hf, copied into every checkpoint
 
-    @property
-    def model(self) -> ModelConfig:
-        return self.config.model
-
-    @property
-    def parallel(self) -> ParallelConfig:
-        return self.config.parallel
-
-    @property
-    def loss(self) -> LossConfig:
-        return self.config.loss
-
-    @property
-    def objective(self) -> Objective | None:
-        return self.config.loss.parsed_objective
-
-    @property
-    def data(self) -> DataConfig:
-        return self.config.data
-
-    @property
-    def optim(self) -> OptimConfig:
-        return self.config.optim
-
-    @property
-    def train(self) -> TrainConfig:
-        return self.config.train
+    # the sections (``objective``: the parsed loss.objective), read through the job
+    model = property(attrgetter("config.model"))
+    parallel = property(attrgetter("config.parallel"))
+    loss = property(attrgetter("config.loss"))
+    objective = property(attrgetter("config.loss.parsed_objective"))
+    data = property(attrgetter("config.data"))
+    optim = property(attrgetter("config.optim"))
+    train = property(attrgetter("config.train"))
 
     @property
     def use_distributed_optimizer(self) -> bool:
@@ -116,7 +93,6 @@ def resolve_job(cfg: TrainJobConfig, world_size: int, *, resume: bool = True) ->
     dp = validate(cfg, world_size)
     if cfg.train.max_steps is not None:  # beyond what the data gives: refused, not cut
         planned_length(cfg)
-    tokenizer = tokenizer_spec(init)
     checkpoint = Path(init.checkpoint) if init.checkpoint else None
     return Job(
         config=cfg,
@@ -124,7 +100,7 @@ def resolve_job(cfg: TrainJobConfig, world_size: int, *, resume: bool = True) ->
         data_parallel_size=dp,
         dtype=resolve_precision(cfg.train.precision),
         attention=resolve_attention(cfg.train.attention),
-        tokenizer=tokenizer,
+        tokenizer=tokenizer_spec(init),
         output_dir=Path(cfg.train.output_dir),
         init_weights=checkpoint / "weights" if checkpoint else None,
         hf_template=checkpoint / "hf" if checkpoint else None,

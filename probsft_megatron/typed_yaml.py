@@ -5,8 +5,10 @@ value fails with one ConfigError line naming the dotted key (why pydantic: docs/
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import typing
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,8 +23,6 @@ from probsft_megatron.errors import ConfigError
 def shown(text: str) -> str:
     """``text`` (a key, a path) with every invisible or non-ASCII character escaped
     (``optim.lr\\u200b``), so that a name that only looks right reads differently."""
-    if text.isascii() and text.isprintable():
-        return text
     return "".join(
         c if c.isascii() and c.isprintable() else c.encode("unicode_escape").decode() for c in text
     )
@@ -31,13 +31,10 @@ def shown(text: str) -> str:
 def oddity(text: str) -> str:
     """`` (it contains U+200B ZERO WIDTH SPACE)``: ``text``'s first invisible or non-ASCII
     character, for a message; empty when there is none."""
-    import unicodedata
-
-    for c in text:
-        if not (c.isascii() and c.isprintable()):
-            name = unicodedata.name(c, "a control character")
-            return f" (it contains U+{ord(c):04X} {name})"
-    return ""
+    c = next((c for c in text if not (c.isascii() and c.isprintable())), None)
+    if c is None:
+        return ""
+    return f" (it contains U+{ord(c):04X} {unicodedata.name(c, 'a control character')})"
 
 
 def read_yaml_mapping(path: Path, what: str = "config sections at the top level") -> dict:
@@ -228,6 +225,7 @@ def section(prefix: str = "", *, frozen: bool = True):
                 raise config_error(exc, type(self), prefix) from None
 
         cls.__init__ = __init__
+        cls.to_dict = dataclasses.asdict  # the section as plain nested dicts
         return cls
 
     return make
