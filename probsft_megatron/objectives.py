@@ -33,22 +33,21 @@ _VALID_FORMS = (
 
 # lower-cased spelling -> family, for names without a parameter
 _PLAIN = {"original": "nll", "nll": "nll", "logp": "nll", "p": "p", "dft": "p"}
-# (family, side) -> canonical prefix of thresholded names
-_THRESHOLD_PREFIX = {
-    ("p_thr", "top"): "OnlyTopP",
-    ("p_thr", "bottom"): "OnlyBottomP",
-    ("logp_thr", "top"): "OnlyTopLogP",
-    ("logp_thr", "bottom"): "OnlyBottomLogP",
-    ("unlikelihood_thr", "top"): "UnlikehoodTop",
-    ("unlikelihood_thr", "bottom"): "UnlikehoodBottom",
+# canonical prefix of a name with a parameter -> (family, side)
+_PARAMETRIC_FORMS = {
+    "GeneralFamily": ("general", None),
+    "OnlyTopP": ("p_thr", "top"),
+    "OnlyBottomP": ("p_thr", "bottom"),
+    "OnlyTopLogP": ("logp_thr", "top"),
+    "OnlyBottomLogP": ("logp_thr", "bottom"),
+    "UnlikehoodTop": ("unlikelihood_thr", "top"),
+    "UnlikehoodBottom": ("unlikelihood_thr", "bottom"),
 }
-# lower-cased spelling -> (family, side), for names with a parameter
-_PARAMETRIC = {
-    "generalfamily": ("general", None),
-    "convexity": ("general", None),
-    **{prefix.lower(): key for key, prefix in _THRESHOLD_PREFIX.items()},
-    "unlikelihoodtop": ("unlikelihood_thr", "top"),
-    "unlikelihoodbottom": ("unlikelihood_thr", "bottom"),
+# lower-cased spelling -> canonical prefix
+_PARAMETRIC = {prefix.lower(): prefix for prefix in _PARAMETRIC_FORMS} | {
+    "convexity": "GeneralFamily",
+    "unlikelihoodtop": "UnlikehoodTop",
+    "unlikelihoodbottom": "UnlikehoodBottom",
 }
 _NAME_ARG = re.compile(r"^([A-Za-z_]+)-(.+)$")
 _NUMBER = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
@@ -64,6 +63,20 @@ class ObjectiveError(ConfigError):
 def _fmt(x: float) -> str:
     s = repr(float(x))
     return s[:-2] if s.endswith(".0") else s
+
+
+# family -> (a of f(p) = (1 - p^a) / a, a = 0 meaning -log p, None the unlikelihood; f, w as text)
+_FAMILIES = {
+    "nll": (0.0, "-log p", "1"),
+    "logp_thr": (0.0, "-log p", "1"),
+    "p": (1.0, "1 - p", "p"),
+    "p_thr": (1.0, "1 - p", "p"),
+    "unlikelihood_thr": (
+        None,
+        f"log(1 - p), continued linearly in ce once 1 - p < {_fmt(UNLIKELIHOOD_EPS)}",
+        f"p / (1 - p), capped at {_fmt(_UNLIKELIHOOD_WMAX)}",
+    ),
+}
 
 
 def _work(ce: Tensor) -> Tensor:
@@ -116,19 +129,20 @@ class Objective:
     def needs_percentile(self) -> bool:
         return self.threshold is not None and self.threshold.percentile
 
+    @property
+    def _power(self) -> float | None:
+        """``a`` of ``f(p) = (1 - p^a) / a`` (0: ``-log p``); None for the unlikelihood."""
+        return self.a if self.family == "general" else _FAMILIES[self.family][0]
+
     def loss_from_ce(self, ce: Tensor) -> Tensor:
         """Elementwise ``f(p)`` (no threshold), whose backward is exactly ``w(p)`` (autograd
         through ``expm1`` would round it for tiny p); half precision is computed in float32."""
-        if self.family in ("nll", "logp_thr") or (self.family == "general" and self.a == 0):
-            return _work(ce).clone()
-        return _WeightedLoss.apply(ce, self)
+        return _work(ce).clone() if self._power == 0 else _WeightedLoss.apply(ce, self)
 
     def _loss_values(self, ce: Tensor) -> Tensor:
         """``f(p)`` without autograd, for ``ce`` already in the working dtype."""
-        if self.family in ("p", "p_thr"):
-            return -torch.expm1(-ce)
-        if self.family == "general":
-            return -torch.expm1(-self.a * ce) / self.a
+        if self._power is not None:
+            return -torch.expm1(-self._power * ce) / self._power
         # log(1 - p) while 1 - p >= eps; below, the tangent line in ce at 1 - p = eps
         log_part = torch.log(-torch.expm1(-ce.clamp(min=_UNLIKELIHOOD_CE0)))
         return log_part + _UNLIKELIHOOD_WMAX * (ce - _UNLIKELIHOOD_CE0).clamp(max=0.0)
@@ -136,15 +150,10 @@ class Objective:
     def weight_from_ce(self, ce: Tensor) -> Tensor:
         """Elementwise ``w(p) = -f'(p) * p`` (the factor on the NLL gradient), without grad."""
         with torch.no_grad():
-            ce = _work(ce)
-            if self.family in ("nll", "logp_thr"):
-                return torch.ones_like(ce)
-            if self.family in ("p", "p_thr"):
-                return torch.exp(-ce)
-            if self.family == "general":
-                return torch.exp(-self.a * ce)
-            # p / (1 - p) = 1 / expm1(ce), capped where 1 - p = eps
-            return 1.0 / torch.expm1(ce.clamp(min=_UNLIKELIHOOD_CE0))
+            ce, a = _work(ce), self._power
+            if a is None:  # p / (1 - p) = 1 / expm1(ce), capped where 1 - p = eps
+                return 1.0 / torch.expm1(ce.clamp(min=_UNLIKELIHOOD_CE0))
+            return torch.ones_like(ce) if a == 0 else torch.exp(-a * ce)
 
     def keep_mask(self, ce: Tensor, q: float | None = None) -> Tensor:
         """Bool mask of the tokens trained on, comparing ``p`` with ``q`` like the seed;
@@ -162,44 +171,27 @@ class Objective:
         return p >= q if self.threshold.side == "top" else p <= q
 
     def describe(self) -> dict:
-        f, w = _formulas(self.family, self.a)
-        if self.threshold is None:
-            mask = "all response tokens"
-            norm = (
-                "sum of f(p) over response tokens / number of response tokens (counted "
-                "over the whole global batch)"
-            )
+        if self.family == "general" and self.a:
+            s = _fmt(self.a)
+            f, w = f"(1 - p^{s}) / {s}", f"p^{s}"
         else:
-            op = ">=" if self.threshold.side == "top" else "<="
-            if self.threshold.percentile:
-                q = (
-                    f"q = percentile {_fmt(self.threshold.value)} of p over the batch's "
-                    "response tokens (all data-parallel ranks)"
-                )
-            else:
-                q = f"q = {_fmt(self.threshold.value)}"
-            mask = f"response tokens with p {op} q, {q}"
-            norm = (
-                "sum of f(p) over kept tokens / number of kept tokens over the whole global "
-                "batch (the seed's default; the count is clamped at 1, so an empty keep set "
-                "gives loss 0)"
-            )
-        return {"name": self.name, "f": f, "w": w, "mask": mask, "normalization": norm}
-
-
-def _formulas(family: str, a: float | None) -> tuple[str, str]:
-    if family in ("nll", "logp_thr") or (family == "general" and a == 0):
-        return "-log p", "1"
-    if family in ("p", "p_thr"):
-        return "1 - p", "p"
-    if family == "general":
-        s = _fmt(a)
-        return f"(1 - p^{s}) / {s}", f"p^{s}"
-    cap = _fmt(_UNLIKELIHOOD_WMAX)
-    return (
-        f"log(1 - p), continued linearly in ce once 1 - p < {_fmt(UNLIKELIHOOD_EPS)}",
-        f"p / (1 - p), capped at {cap}",
-    )
+            f, w = _FAMILIES["nll" if self.family == "general" else self.family][1:]
+        info = {"name": self.name, "f": f, "w": w, "mask": "all response tokens"}
+        t = self.threshold
+        if t is None:
+            return info | {
+                "normalization": "sum of f(p) over response tokens / number of response tokens "
+                "(counted over the whole global batch)"
+            }
+        q = _fmt(t.value)
+        if t.percentile:
+            q = f"percentile {q} of p over the batch's response tokens (all data-parallel ranks)"
+        return info | {
+            "mask": f"response tokens with p {'>=' if t.side == 'top' else '<='} q, q = {q}",
+            "normalization": "sum of f(p) over kept tokens / number of kept tokens over the "
+            "whole global batch (the seed's default; the count is clamped at 1, so an empty "
+            "keep set gives loss 0)",
+        }
 
 
 def _number(text: str, spec: str) -> float:
@@ -218,7 +210,8 @@ def _parse_string(spec: str) -> Objective:
         if text.lower() in _PARAMETRIC:
             raise ObjectiveError(f"objective {spec!r} needs a parameter, e.g. {text}-0.5")
         raise ObjectiveError(f"unknown objective {spec!r}")
-    family, side = _PARAMETRIC[m.group(1).lower()]
+    prefix = _PARAMETRIC[m.group(1).lower()]
+    family, side = _PARAMETRIC_FORMS[prefix]
     arg = m.group(2).strip()
     if family == "general":
         a = _number(arg, spec)
@@ -231,19 +224,15 @@ def _parse_string(spec: str) -> Objective:
         return Objective(name=f"GeneralFamily-{_fmt(a)}", family="general", a=a)
     percentile = arg[:1] in ("K", "k")
     value = _number(arg[1:] if percentile else arg, spec)
-    prefix = _THRESHOLD_PREFIX[(family, side)]
-    if percentile:
-        if not 0.0 <= value <= 100.0:
-            raise ObjectiveError(
-                f"objective {spec!r}: percentile K must be in [0, 100] (got {value:g})"
-            )
-        tag = f"K{_fmt(value)}"
-    elif side == "top" and not 0.0 <= value < 1.0:
-        raise ObjectiveError(f"objective {spec!r}: {prefix} needs 0 <= q < 1 (got {value:g})")
-    elif side == "bottom" and not 0.0 < value <= 1.0:
-        raise ObjectiveError(f"objective {spec!r}: {prefix} needs 0 < q <= 1 (got {value:g})")
-    else:
-        tag = _fmt(value)
+    if percentile and not 0.0 <= value <= 100.0:
+        raise ObjectiveError(
+            f"objective {spec!r}: percentile K must be in [0, 100] (got {value:g})"
+        )
+    top = side == "top"
+    if not percentile and not (0.0 <= value < 1.0 if top else 0.0 < value <= 1.0):
+        bounds = "0 <= q < 1" if top else "0 < q <= 1"
+        raise ObjectiveError(f"objective {spec!r}: {prefix} needs {bounds} (got {value:g})")
+    tag = f"K{_fmt(value)}" if percentile else _fmt(value)
     return Objective(
         name=f"{prefix}-{tag}",
         family=family,
@@ -278,7 +267,7 @@ def _parse_dict(spec: dict) -> Objective:
             "one of a (GeneralFamily), q or percentile (thresholds)"
         )
     key = params[0]
-    if (key == "a") != (_PARAMETRIC[base][0] == "general"):
+    if (key == "a") != (_PARAMETRIC[base] == "GeneralFamily"):
         raise ObjectiveError(f"objective {spec!r}: {name} does not take {key}")
     text = _param_text(spec[key], key, spec)
     return _parse_string(f"{name.strip()}-{'K' if key == 'percentile' else ''}{text}")
@@ -321,16 +310,16 @@ def list_objectives() -> list[dict]:
     """One entry per spelling form: ``form``, ``f``, ``w``, ``mask``, ``example``, ``aliases``."""
     general = ("GeneralFamily-<a>", "(1 - p^a) / a  (a = 0: -log p)", "p^a")
     rows = [
-        ("original", *_formulas("nll", None), "all", "original", ["nll", "logp"]),
-        ("p", *_formulas("p", None), "all", "p", ["dft"]),
+        ("original", *_FAMILIES["nll"][1:], "all", "original", ["nll", "logp"]),
+        ("p", *_FAMILIES["p"][1:], "all", "p", ["dft"]),
         (*general, "all", "GeneralFamily-8", ["convexity-<a>"]),
     ]
-    for (family, side), prefix in _THRESHOLD_PREFIX.items():
+    for prefix, (family, side) in list(_PARAMETRIC_FORMS.items())[1:]:
         aliases = [f"{prefix}-K<k>"]
         if family == "unlikelihood_thr":
             aliases.append(prefix.replace("Unlikehood", "Unlikelihood") + "-<q>")
         mask, q = ("p >= q", "0.5") if side == "top" else ("p <= q", "0.9")
-        form = (f"{prefix}-<q>", *_formulas(family, None))
+        form = (f"{prefix}-<q>", *_FAMILIES[family][1:])
         rows.append((*form, mask, f"{prefix}-{q}", aliases))
     keys = ("form", "f", "w", "mask", "example", "aliases")
     return [dict(zip(keys, row, strict=True)) for row in rows]
