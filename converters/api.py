@@ -29,6 +29,7 @@ from probsft_megatron.converters.safetensors_io import (
     write_file,
 )
 from probsft_megatron.errors import CheckpointError, ConfigError
+from probsft_megatron.fileio import atomic_write_json
 from probsft_megatron.input_checks import check_model_dir
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_GB = 1024**3
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -241,7 +241,7 @@ def hf_to_megatron(
 
 def _log_file(verb: str, i: int, total: int, name: str, nbytes: int, t0: float) -> None:
     elapsed = time.perf_counter() - t0
-    log.info("%s [%d/%d] %s: %.2f GB in %.1f s", verb, i, total, name, nbytes / _GB, elapsed)
+    log.info("%s [%d/%d] %s: %.2f GB in %.1f s", verb, i, total, name, nbytes / 1024**3, elapsed)
 
 
 def _plan_shards(
@@ -258,14 +258,6 @@ def _plan_shards(
         shards[-1].append(tm)
         size += nbytes
     return shards
-
-
-def _generation_config(config: dict) -> dict:
-    return {
-        k: config[k]
-        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-        if config.get(k) is not None
-    }
 
 
 def megatron_to_hf(
@@ -336,7 +328,7 @@ def megatron_to_hf(
             _log_file("wrote", i, len(shards), file, nbytes, t0)
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (staging / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            atomic_write_json(staging / SAFETENSORS_INDEX, index)
         if template is not None:
             model_dir.copy_hf_files(template, staging)
             _drop_copied_markers(staging)
@@ -346,11 +338,11 @@ def megatron_to_hf(
                 "generated and no tokenizer is exported",
                 md.path,
             )
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write_json(staging / "config.json", config)
         if not (staging / "generation_config.json").is_file():
-            (staging / "generation_config.json").write_text(
-                json.dumps(_generation_config(config), indent=2) + "\n"
-            )
+            ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+            generation = {k: config[k] for k in ids if config.get(k) is not None}
+            atomic_write_json(staging / "generation_config.json", generation)
         manifest.write_manifest(staging, manifest.HF_EXPORT, source=str(md.path.absolute()))
     log.info("exported %s in %.1f s", out_dir, time.perf_counter() - start)
     return Path(out_dir)

@@ -23,6 +23,13 @@ LLAMA3_FIXED = {
 }
 _DEFAULT_MAX_POSITIONS = {"qwen2": 32768, "llama": 2048}
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_UNSUPPORTED_FLAGS = {  # architecture -> config flags its mapping cannot represent when set
+    "llama": {
+        "attention_bias": "the Llama mapping has no linear biases",
+        "mlp_bias": "the Llama mapping has no linear biases",
+    },
+    "qwen2": {"use_sliding_window": "Megatron's attention here is full causal attention"},
+}
 
 
 def _refuse(where: str, field: str, value: Any, why: str) -> CheckpointError:
@@ -41,12 +48,8 @@ def _arch(cfg: dict, where: str) -> str:
         )
     arch = ARCHITECTURES[archs[0]]
     if cfg.get("model_type", arch) != arch:
-        raise _refuse(
-            where,
-            "model_type",
-            cfg.get("model_type"),
-            f"does not match architectures={archs}; expected {arch!r}",
-        )
+        why = f"does not match architectures={archs}; expected {arch!r}"
+        raise _refuse(where, "model_type", cfg.get("model_type"), why)
     return arch
 
 
@@ -64,20 +67,12 @@ def rope_settings(cfg: dict, where: str = "config.json") -> tuple[float, dict | 
     if rope_type in (None, "default"):
         return float(theta), None
     if rope_type != "llama3":
-        raise _unsupported(
-            where,
-            "rope_scaling.rope_type",
-            rope_type,
-            "Megatron's rotary embedding implements only 'llama3' scaling (or none)",
-        )
+        why = "Megatron's rotary embedding implements only 'llama3' scaling (or none)"
+        raise _unsupported(where, "rope_scaling.rope_type", rope_type, why)
     for key, fixed in LLAMA3_FIXED.items():
         if float(scaling.get(key, float("nan"))) != fixed:
-            raise _unsupported(
-                where,
-                f"rope_scaling.{key}",
-                scaling.get(key),
-                f"megatron-core hard-codes {key}={fixed:g} for llama3 rope scaling",
-            )
+            why = f"megatron-core hard-codes {key}={fixed:g} for llama3 rope scaling"
+            raise _unsupported(where, f"rope_scaling.{key}", scaling.get(key), why)
     return float(theta), scaling
 
 
@@ -85,35 +80,21 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     """The :class:`ModelConfig` of an HF config dict, or a one-line :class:`CheckpointError`."""
     arch = _arch(cfg, where)
     if cfg.get("quantization_config"):
-        raise _refuse(
-            where,
-            "quantization_config",
-            cfg["quantization_config"].get("quant_method"),
-            "is set; dequantize the checkpoint (save it in bf16/fp32) before converting",
-        )
+        method = cfg["quantization_config"].get("quant_method")
+        why = "is set; dequantize the checkpoint (save it in bf16/fp32) before converting"
+        raise _refuse(where, "quantization_config", method, why)
     if cfg.get("hidden_act", "silu") != "silu":
         raise _unsupported(
             where, "hidden_act", cfg["hidden_act"], "the Megatron model uses SwiGLU (silu)"
         )
-    if arch == "llama":
-        for field in ("attention_bias", "mlp_bias"):
-            if cfg.get(field):
-                raise _unsupported(
-                    where, field, cfg[field], "the Llama mapping has no linear biases"
-                )
-    if arch == "qwen2":
-        if cfg.get("use_sliding_window"):
-            raise _unsupported(
-                where,
-                "use_sliding_window",
-                True,
-                "Megatron's attention here is full causal attention",
-            )
-        kinds = set(cfg.get("layer_types") or ["full_attention"])
-        if kinds != {"full_attention"}:
-            raise _unsupported(
-                where, "layer_types", sorted(kinds), "every layer must use full attention"
-            )
+    for field, why in _UNSUPPORTED_FLAGS[arch].items():
+        if cfg.get(field):
+            raise _unsupported(where, field, cfg[field], why)
+    kinds = set(cfg.get("layer_types") or ["full_attention"])
+    if arch == "qwen2" and kinds != {"full_attention"}:
+        raise _unsupported(
+            where, "layer_types", sorted(kinds), "every layer must use full attention"
+        )
     theta, scaling = rope_settings(cfg, where)
     if theta != int(theta):
         raise _unsupported(where, "rope_theta", theta, "Megatron takes an integer rotary base")
@@ -161,9 +142,7 @@ def export_config(
                     f"{where} describes {key}={described[key]!r} but the checkpoint has "
                     f"{key}={value!r}; pass the matching --hf-template"
                 )
-        out = dict(template)
-        out["dtype" if "dtype" in template else "torch_dtype"] = dtype
-        return out
+        return {**template, ("dtype" if "dtype" in template else "torch_dtype"): dtype}
     if model.qkv_bias != (model.arch == "qwen2"):
         raise CheckpointError(
             f"model qkv_bias={model.qkv_bias} cannot be expressed by the HF "
@@ -193,8 +172,4 @@ def export_config(
         "initializer_range": model.init_std,
         "torch_dtype": dtype,
     }
-    if model.arch == "llama":
-        out.update(attention_bias=False, mlp_bias=False)
-    else:
-        out.update(use_sliding_window=False)
-    return out
+    return {**out, **dict.fromkeys(_UNSUPPORTED_FLAGS[model.arch], False)}

@@ -46,12 +46,8 @@ def _whole(param: torch.Tensor) -> torch.Tensor:
     return param
 
 
-def _qkv_part(param: torch.Tensor, model: ModelConfig, part: int) -> torch.Tensor:
-    return qkv_views(param, model)[part]
-
-
-def _fc1_part(param: torch.Tensor, model: ModelConfig, part: int) -> torch.Tensor:
-    return fc1_views(param, model)[part]
+def _part(views: Callable, model: ModelConfig, part: int, param: torch.Tensor) -> torch.Tensor:
+    return views(param, model)[part]
 
 
 def tensor_maps(model: ModelConfig) -> list[TensorMap]:
@@ -65,7 +61,7 @@ def tensor_maps(model: ModelConfig) -> list[TensorMap]:
         qkv = "self_attention.linear_qkv."
         layer = [("input_layernorm.weight", "input_layernorm.weight", (h,), _whole)]
         for part, (name, rows) in enumerate((("q_proj", q), ("k_proj", kv), ("v_proj", kv))):
-            view = partial(_qkv_part, model=model, part=part)
+            view = partial(_part, qkv_views, model, part)
             layer.append((f"self_attn.{name}.weight", qkv + "weight", (rows, h), view))
             if model.qkv_bias:
                 layer.append((f"self_attn.{name}.bias", qkv + "bias", (rows,), view))
@@ -74,7 +70,7 @@ def tensor_maps(model: ModelConfig) -> list[TensorMap]:
         )
         layer.append(("post_attention_layernorm.weight", "pre_mlp_layernorm.weight", (h,), _whole))
         for part, name in enumerate(("gate_proj", "up_proj")):
-            view = partial(_fc1_part, model=model, part=part)
+            view = partial(_part, fc1_views, model, part)
             layer.append((f"mlp.{name}.weight", "mlp.linear_fc1.weight", (f, h), view))
         layer.append(("mlp.down_proj.weight", "mlp.linear_fc2.weight", (h, f), _whole))
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."

@@ -76,10 +76,6 @@ def parameters(gpt) -> dict[str, torch.Tensor]:
     }
 
 
-def _is_partial_view(t: torch.Tensor) -> bool:
-    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
-
-
 def save_weights(gpt, weights_dir: str | os.PathLike) -> None:
     """Save the model as a torch_dist checkpoint; the model is unusable afterwards. The writer
     copies views into part of a parameter (``linear_fc1``'s halves), so to hold the model once
@@ -88,7 +84,7 @@ def save_weights(gpt, weights_dir: str | os.PathLike) -> None:
     by_storage = {p.untyped_storage().data_ptr(): p for p in gpt.parameters()}
     partial_views = defaultdict(list)
     for sh in tensors:
-        if _is_partial_view(sh.data):
+        if sh.data.untyped_storage().nbytes() != sh.data.numel() * sh.data.element_size():
             partial_views[sh.data.untyped_storage().data_ptr()].append(sh)
     for ptr, views in partial_views.items():
         for sh in views:

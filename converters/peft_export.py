@@ -22,15 +22,16 @@ from probsft_megatron import lora, manifest, model_dir
 from probsft_megatron.config import PeftConfig
 from probsft_megatron.converters import api, mapping, megatron_io
 from probsft_megatron.errors import CheckpointError, ConfigError
+from probsft_megatron.fileio import atomic_write_json
 from probsft_megatron.input_checks import check_model_dir
 
 log = logging.getLogger(__name__)
 
-HF_MODULES = {  # Megatron linear -> (HF parent module, the HF linears it holds)
-    "linear_qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
-    "linear_proj": ("self_attn", ("o_proj",)),
-    "linear_fc1": ("mlp", ("gate_proj", "up_proj")),
-    "linear_fc2": ("mlp", ("down_proj",)),
+HF_MODULES = {  # Megatron linear -> (HF parent module, the HF linears it holds, B's split)
+    "linear_qkv": ("self_attn", ("q_proj", "k_proj", "v_proj"), mapping.qkv_views),
+    "linear_proj": ("self_attn", ("o_proj",), None),
+    "linear_fc1": ("mlp", ("gate_proj", "up_proj"), mapping.fc1_views),
+    "linear_fc2": ("mlp", ("down_proj",), None),
 }
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -42,19 +43,15 @@ def peft_record(ckpt_dir: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _train_config(ckpt_dir: Path) -> dict:
-    state = ckpt_dir / "train_state.json"
-    if not state.is_file():
-        raise CheckpointError(f"{ckpt_dir} has no train_state.json; point --ckpt to a step_NNNNNNN")
-    return json.loads(state.read_text())["config"]
-
-
 def base_model_dir(ckpt_dir: str | os.PathLike, base: str | os.PathLike | None) -> Path:
     """The model dir a LoRA checkpoint adapts (``base``, else the run's ``init.checkpoint``),
     refused in one line when its fingerprint is not the one recorded."""
     ckpt_dir = Path(ckpt_dir)
     record = peft_record(ckpt_dir) or {}
-    cfg = _train_config(ckpt_dir)
+    state = ckpt_dir / "train_state.json"
+    if not state.is_file():
+        raise CheckpointError(f"{ckpt_dir} has no train_state.json; point --ckpt to a step_NNNNNNN")
+    cfg = json.loads(state.read_text())["config"]
     chosen = base if base is not None else cfg["init"]["checkpoint"]
     if chosen is None:
         raise CheckpointError(
@@ -74,16 +71,6 @@ def base_model_dir(ckpt_dir: str | os.PathLike, base: str | os.PathLike | None) 
             "(fingerprints differ); pass that run's init.checkpoint as --base"
         )
     return Path(chosen)
-
-
-def peft_config(record: dict) -> PeftConfig:
-    return PeftConfig(
-        method="lora",
-        rank=int(record["rank"]),
-        alpha=float(record["alpha"]),
-        dropout=float(record["dropout"]),
-        target_modules=list(record["target_modules"]),
-    )
 
 
 def load_lora_model(ckpt_dir: str | os.PathLike, base_dir: str | os.PathLike, peft: PeftConfig):
@@ -109,16 +96,10 @@ def adapter_tensors(gpt, model) -> dict[str, torch.Tensor]:
     """The model's adapters under Hugging Face PEFT's names (q/k/v and gate/up split)."""
     out = {}
     for number, target, module in lora.adapter_modules(gpt):
-        parent, names = HF_MODULES[target]
-        a = module.lora_A.detach()
-        b = module.lora_B.detach()
+        parent, names, split = HF_MODULES[target]
+        a, b = module.lora_A.detach(), module.lora_B.detach()
         r = a.shape[0]
-        if target == "linear_qkv":
-            parts = mapping.qkv_views(b, model)
-        elif target == "linear_fc1":
-            parts = mapping.fc1_views(b, model)
-        else:
-            parts = (b,)
+        parts = split(b, model) if split else (b,)
         prefix = f"base_model.model.model.layers.{number - 1}.{parent}."
         for name, part in zip(names, parts):
             out[f"{prefix}{name}.lora_A.weight"] = a.clone().contiguous()
@@ -174,7 +155,8 @@ def export(
         kind=manifest.HF_EXPORT,
         overwrite=overwrite,
     )
-    peft = peft_config(record)
+    settings = ("rank", "alpha", "dropout", "target_modules")
+    peft = PeftConfig(method="lora", **{k: record[k] for k in settings})
     start = time.perf_counter()
     if not merge:
         out_dtype = api._dtype(dtype) or torch.float32
@@ -186,9 +168,7 @@ def export(
             from safetensors.torch import save_file
 
             save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-            (staging / ADAPTER_CONFIG).write_text(
-                json.dumps(adapter_config(record, base_dir), indent=2) + "\n"
-            )
+            atomic_write_json(staging / ADAPTER_CONFIG, adapter_config(record, base_dir))
             manifest.write_manifest(staging, manifest.HF_EXPORT, source=str(Path(ckpt_dir)))
         log.info("exported the LoRA adapter of %s in %.1f s", ckpt_dir, time.perf_counter() - start)
         return Path(out_dir)

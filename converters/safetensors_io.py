@@ -68,14 +68,8 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
                 "converter does not read; save the checkpoint in bf16/fp16/fp32"
             )
         begin, end = entry["data_offsets"]
-        infos[name] = TensorInfo(
-            path,
-            name,
-            DTYPES[entry["dtype"]],
-            tuple(entry["shape"]),
-            data_start + begin,
-            end - begin,
-        )
+        dtype, shape = DTYPES[entry["dtype"]], tuple(entry["shape"])
+        infos[name] = TensorInfo(path, name, dtype, shape, data_start + begin, end - begin)
     return dict(sorted(infos.items(), key=lambda kv: kv[1].offset))
 
 
@@ -125,7 +119,7 @@ def write_file(
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape, dtype in specs:
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         header[name] = {
             "dtype": DTYPE_NAMES[dtype],
             "shape": list(shape),
