@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from probsft_megatron.errors import CheckpointError, ConfigError, ProbsftError
@@ -15,91 +16,63 @@ from probsft_megatron.input_checks import TOKENIZER_FILES
 
 # model types whose prompt format is detected; others need --prompt-format
 KNOWN_MODEL_TYPES = ("qwen2", "qwen3", "llama")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-_OPTIONS = (
-    ("--tensor-parallel-size", dict(type=int, default=1, help="GPUs per model (vLLM TP)")),
-    ("--n", dict(type=int, help="samples per problem (math default 16, others 1)")),
-    ("--temperature", dict(type=float, help="sampling temperature (math default 1.0, others 0)")),
-    ("--top-p", dict(type=float, help="nucleus sampling mass (default 1.0)")),
-    (
-        "--max-new-tokens",
-        dict(
-            type=int,
-            help="tokens generated per sample (math 4096, figfont 5, medical 4096, custom 1024)",
-        ),
-    ),
-    ("--seed", dict(type=int, default=0, help="sampling seed (problem i uses seed + i)")),
-    ("--limit", dict(type=int, help="evaluate only the first N problems of each task")),
-    (
-        "--prompt-format",
-        dict(
-            help="qwen, llama, deepseek or raw (also qwen-boxed, llama-base-boxed-with-bos, "
-            "deepseek-math); detected from the model when omitted"
-        ),
-    ),
-    ("--out", dict(help="folder for samples.jsonl, summary.json and summary.md")),
-    (
-        "--overwrite",
-        dict(action="store_true", help="replace the reports of an earlier evaluation in --out"),
-    ),
-    ("--data", dict(help="jsonl file for medical/custom (or another copy of a math set)")),
-    ("--prompt-field", dict(help="field holding the question/prompt")),
-    ("--reference-field", dict(help="field holding the reference answer")),
-    ("--options-field", dict(help="field holding the options (medical; default 'options')")),
-    ("--grader", dict(help="exact, math, jaro_winkler or choice (overrides the task's grader)")),
-    ("--dtype", dict(default="auto", help="vLLM dtype (auto, bfloat16, float16, float32)")),
-    ("--max-model-len", dict(type=int, help="context length for vLLM (default: the model's)")),
-    (
-        "--adapter",
-        dict(
-            help="a LoRA adapter folder (probsft convert megatron-to-hf of a LoRA checkpoint) "
-            "to evaluate on top of --model, served by vLLM's LoRA support"
-        ),
-    ),
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the eval options on ``parser``."""
     from probsft_megatron.eval.tasks import TASKS
 
-    parser.add_argument(
-        "--model", required=True, help="Hugging Face checkpoint folder (config.json + weights)"
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("--model", required=True, help="Hugging Face checkpoint folder (config.json + weights)")
+    add(
         "--task",
         required=True,
         help=f"task name, or several separated by commas: {', '.join(TASKS)}",
     )
-    for flag, options in _OPTIONS:
-        parser.add_argument(flag, **options)
+    add("--tensor-parallel-size", type=int, default=1, help="GPUs per model (vLLM TP)")
+    add("--n", type=int, help="samples per problem (math default 16, others 1)")
+    add("--temperature", type=float, help="sampling temperature (math default 1.0, others 0)")
+    add("--top-p", type=float, help="nucleus sampling mass (default 1.0)")
+    add(
+        "--max-new-tokens",
+        type=int,
+        help="tokens generated per sample (math 4096, figfont 5, medical 4096, custom 1024)",
+    )
+    add("--seed", type=int, default=0, help="sampling seed (problem i uses seed + i)")
+    add("--limit", type=int, help="evaluate only the first N problems of each task")
+    add(
+        "--prompt-format",
+        help="qwen, llama, deepseek or raw (also qwen-boxed, llama-base-boxed-with-bos, "
+        "deepseek-math); detected from the model when omitted",
+    )
+    add("--out", help="folder for samples.jsonl, summary.json and summary.md")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="replace the reports of an earlier evaluation in --out",
+    )
+    add("--data", help="jsonl file for medical/custom (or another copy of a math set)")
+    add("--prompt-field", help="field holding the question/prompt")
+    add("--reference-field", help="field holding the reference answer")
+    add("--options-field", help="field holding the options (medical; default 'options')")
+    add("--grader", help="exact, math, jaro_winkler or choice (overrides the task's grader)")
+    add("--dtype", default="auto", help="vLLM dtype (auto, bfloat16, float16, float32)")
+    add("--max-model-len", type=int, help="context length for vLLM (default: the model's)")
+    add(
+        "--adapter",
+        help="a LoRA adapter folder (probsft convert megatron-to-hf of a LoRA checkpoint) "
+        "to evaluate on top of --model, served by vLLM's LoRA support",
+    )
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse, in one line each, what a user can get wrong before anything is loaded."""
     from probsft_megatron import manifest
-    from probsft_megatron.eval.runner import adapter_rank, check_hf_model_dir
+    from probsft_megatron.eval.runner import adapter_rank, check_config, check_hf_model_dir
 
     if args.adapter is not None:
         adapter_rank(args.adapter)  # a PEFT LoRA folder, or one line saying what it is not
-
-    for flag, value in (
-        ("--n", args.n),
-        ("--max-new-tokens", args.max_new_tokens),
-        ("--limit", args.limit),
-        ("--max-model-len", args.max_model_len),
-        ("--tensor-parallel-size", args.tensor_parallel_size),
-    ):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be >= 1 (got {value})")
-    if args.temperature is not None and not args.temperature >= 0:
-        raise ConfigError(f"--temperature must be >= 0 (got {args.temperature})")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ConfigError(f"--top-p must be in (0, 1] (got {args.top_p})")
-    if args.dtype not in DTYPES:
-        raise ConfigError(f"--dtype {args.dtype!r} is invalid; use one of {', '.join(DTYPES)}")
-    if not [t for t in args.task.split(",") if t.strip()]:
-        raise ConfigError("--task is empty; name a task, e.g. --task math500")
+    check_config(config_from_args(args))
     folder = Path(args.model)
     kind = manifest.folder_kind(folder)
     if kind in (manifest.MODEL_DIR, manifest.TRAINING_CHECKPOINT, manifest.TRAINING_RUN):
@@ -141,16 +114,11 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.data is not None and not Path(args.data).is_file():
         raise ConfigError(f"--data {args.data} is not a file; name a .jsonl file")
-    if args.out is not None:
-        manifest.check_output(
-            args.out, flag="--out", inputs=[("--model", folder), ("--data", args.data)]
-        )
-        check_earlier_reports(Path(args.out), args.overwrite)
-
-
-def check_earlier_reports(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` holding an evaluation's reports (a ``summary.json`` list) unless
-    ``overwrite``, and one holding any other ``summary.json`` (a training run's) always."""
+    if args.out is None:
+        return
+    out = Path(args.out)
+    manifest.check_output(out, flag="--out", inputs=[("--model", folder), ("--data", args.data)])
+    # an evaluation's reports (a summary.json list) go only with --overwrite, others never
     summary = out / "summary.json"
     if not summary.exists():
         return
@@ -159,14 +127,12 @@ def check_earlier_reports(out: Path, overwrite: bool) -> None:
     except (OSError, ValueError, UnicodeDecodeError):
         data = None
     if not isinstance(data, list):
-        from probsft_megatron import manifest
-
         raise ConfigError(
             f"--out {out} holds a summary.json that probsft eval did not write (it holds "
             f"{manifest.describe(out)}); --overwrite replaces only an evaluation's reports: "
             "choose another --out"
         )
-    if not overwrite:
+    if not args.overwrite:
         raise ConfigError(
             f"--out {out} already holds the reports of an evaluation (summary.json); pass "
             "--overwrite to replace them, or choose another --out"
@@ -178,10 +144,9 @@ def config_from_args(args: argparse.Namespace):
     from probsft_megatron.eval.runner import EvalConfig
     from probsft_megatron.eval.tasks import DataOptions
 
-    copied = ("model", "n", "temperature", "top_p", "max_new_tokens", "seed", "limit")
-    copied += ("prompt_format", "tensor_parallel_size", "adapter", "dtype", "max_model_len")
+    copied = [f.name for f in fields(EvalConfig) if f.name not in ("tasks", "data")]
     return EvalConfig(
-        **{key: getattr(args, key) for key in (*copied, "grader", "out")},
+        **{key: getattr(args, key) for key in copied},
         tasks=[t.strip() for t in args.task.split(",") if t.strip()],
         data=DataOptions(args.data, args.prompt_field, args.reference_field, args.options_field),
     )
@@ -199,8 +164,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summaries = [r.summary for r in results]
-    print(markdown_table(summaries), end="")
-    print(format_notes(summaries), end="")
+    print(markdown_table(summaries) + format_notes(summaries), end="")
     if args.out:
         print(f"reports written to {args.out}")
     return 0

@@ -27,6 +27,7 @@ from probsft_megatron.eval.tasks import DataOptions, Example, Task, get_task
 from probsft_megatron.tokenizers import load_tokenizer
 
 CPU_KVCACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE without a GPU, when unset
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
 
 
@@ -71,18 +72,28 @@ class _Plan:
     prompts: list[str] = field(default_factory=list)
 
 
+def check_config(config: EvalConfig) -> None:
+    """Refuse, in one line each, numbers out of range, an unknown dtype and no task."""
+    for key in ("n", "max_new_tokens", "limit", "max_model_len", "tensor_parallel_size"):
+        value = getattr(config, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1 (got {value})")
+    if config.temperature is not None and not config.temperature >= 0:
+        raise ConfigError(f"--temperature must be >= 0 (got {config.temperature})")
+    if config.top_p is not None and not 0 < config.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1] (got {config.top_p})")
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {config.dtype!r} is invalid; use one of {', '.join(DTYPES)}")
+    if not config.tasks:
+        raise ConfigError("--task is empty; name a task, e.g. --task math500")
+
+
 def _resolve_sampling(config: EvalConfig, task: Task) -> Sampling:
     chosen = {
         key: getattr(task, key) if getattr(config, key) is None else getattr(config, key)
         for key in ("n", "temperature", "top_p", "max_new_tokens")
     }
     sampling = Sampling(**chosen, seed=config.seed)
-    if sampling.n < 1 or sampling.max_new_tokens < 1:
-        raise ConfigError(
-            f"--n and --max-new-tokens must be >= 1 (got {sampling.n}, {sampling.max_new_tokens})"
-        )
-    if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
-        raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
     if sampling.temperature == 0:
         if sampling.n > 1:
             raise ConfigError(
@@ -95,10 +106,7 @@ def _resolve_sampling(config: EvalConfig, task: Task) -> Sampling:
 
 def _plan(config: EvalConfig) -> list[_Plan]:
     """Validate the config and load every task's examples (no engine needed)."""
-    if not config.tasks:
-        raise ConfigError("no task given; pass --task NAME")
-    if config.limit is not None and config.limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {config.limit}")
+    check_config(config)
     plans = []
     for name in config.tasks:
         task = get_task(name)
