@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from probsft_megatron import extras
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "objectives": ("probsft_megatron.objectives_cli", "list or validate training objectives"),
     "train": ("probsft_megatron.train_cli", "supervised fine-tuning on Megatron-Core"),
@@ -41,38 +43,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.add_argument(
             "-v", "--verbose", action="count", default=argparse.SUPPRESS, help=VERBOSE_HELP
         )
-        if only is None or name == only:
-            from probsft_megatron import extras
-
-            try:  # the pip extra first, so a lazy import inside cannot fail with a traceback
-                missing = extras.missing_module(name)
-                if missing is not None:
-                    raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:  # a missing extra, or a module not installed
-                reason = extras.explain_missing(name, module_name, exc.name)
-                p.parse_known_args = lambda args=None, namespace=None, _r=reason: (
-                    argparse.Namespace(_unavailable=_r),
-                    [],
-                )
-                continue
-            module.add_arguments(p)
-            p.set_defaults(_run=module.run)
+        if only not in (None, name):
+            continue
+        try:  # the pip extra first, so a lazy import inside cannot fail with a traceback
+            missing = extras.missing_module(name)
+            if missing is not None:
+                raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:  # a missing extra, or a module not installed
+            reason = extras.explain_missing(name, module_name, exc.name)
+            p.parse_known_args = lambda *_, r=reason: (argparse.Namespace(_unavailable=r), [])
+            continue
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
     return parser
-
-
-def _overrides_after_options(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    """Move ``key=value`` words argparse left over (after an option) to the overrides;
-    returns what is still left."""
-    if not isinstance(getattr(args, "overrides", None), list):
-        return extra
-    left = []
-    for word in extra:
-        if "=" in word and not word.startswith("-"):
-            args.overrides.append(word)
-        else:
-            left.append(word)
-    return left
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=first if first in SUBCOMMANDS else None)
     args, extra = parser.parse_known_args(argv)
-    extra = _overrides_after_options(args, extra)
+    if isinstance(getattr(args, "overrides", None), list):  # key=value words after an option
+        args.overrides += [w for w in extra if "=" in w and not w.startswith("-")]
+        extra = [w for w in extra if "=" not in w or w.startswith("-")]
     if extra:
         parser.error(
             f"unrecognized arguments: {' '.join(extra)} (see probsft {args.command or ''} --help)"

@@ -35,11 +35,8 @@ class _Format(logging.Formatter):
 
 def log_level(verbose: int = 0) -> int:
     """The level asked for: DEBUG with ``verbose``, else ``$PROBSFT_LOG_LEVEL``, else INFO."""
-    if verbose:
-        return logging.DEBUG
     name = os.environ.get(LOG_LEVEL_ENV, "").strip().upper()
-    level = logging.getLevelName(name) if name else logging.INFO
-    return level if isinstance(level, int) else logging.INFO
+    return logging.DEBUG if verbose else logging.getLevelNamesMapping().get(name, logging.INFO)
 
 
 def setup_logging(verbose: int = 0) -> int:

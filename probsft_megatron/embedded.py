@@ -72,6 +72,5 @@ def materialize_smollm2(out_dir: str | os.PathLike | None = None, dtype: str = "
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed
     return target

@@ -42,11 +42,8 @@ def _installed(module: str) -> bool:
 
 def missing_module(subcommand: str) -> str | None:
     """The first module of the subcommand's extra that is not installed, else None."""
-    extra = SUBCOMMAND_EXTRAS.get(subcommand)
-    for module in EXTRA_MODULES.get(extra, ()):
-        if not _installed(module):
-            return module
-    return None
+    modules = EXTRA_MODULES.get(SUBCOMMAND_EXTRAS.get(subcommand), ())
+    return next((m for m in modules if not _installed(m)), None)
 
 
 def extra_of(module: str, subcommand: str | None = None) -> str | None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from probsft_megatron import manifest
 from probsft_megatron.errors import CheckpointError, ConfigError
-from probsft_megatron.tokenizers import tokenizer_spec
+from probsft_megatron.tokenizers import BUILTIN, tokenizer_spec
 from probsft_megatron.typed_yaml import oddity, shown
 
 if TYPE_CHECKING:
@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-BUILTIN_TOKENIZERS = {"smollm2": 49152}
-"""Tokenizers known by name (:mod:`probsft_megatron.tokenizers`) and their number of ids."""
 
 
 def check_model_dir(
@@ -81,7 +79,7 @@ def check_tokenizer(spec: str, key: str) -> None:
     if not folder.exists():
         raise ConfigError(
             f"{key} {spec} does not exist; name a folder with tokenizer files "
-            f"({', '.join(TOKENIZER_FILES[:2])}) or one of {', '.join(BUILTIN_TOKENIZERS)}"
+            f"({', '.join(TOKENIZER_FILES[:2])}) or one of {', '.join(BUILTIN)}"
         )
     if not folder.is_dir():
         raise ConfigError(f"{key} {spec} is a file; name the folder that holds the tokenizer")
@@ -112,7 +110,7 @@ def tokenizer_vocab_size(folder: str | os.PathLike) -> int | None:
 def _tokenizer_folder(spec: str) -> Path | None:
     """The folder a tokenizer spec names (a model dir's ``hf/`` for a model dir); None for a
     built-in one."""
-    if spec in BUILTIN_TOKENIZERS:
+    if spec in BUILTIN:
         return None
     folder = Path(spec)
     if (folder / "hf").is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
@@ -124,7 +122,7 @@ def check_vocab_fits(tokenizer: str, vocab_size: int, key: str) -> None:
     """Refuse a tokenizer whose ids reach past the model's vocabulary (without a
     ``tokenizer.json`` it is not checked)."""
     folder = _tokenizer_folder(tokenizer)
-    size = BUILTIN_TOKENIZERS.get(tokenizer) if folder is None else tokenizer_vocab_size(folder)
+    size = BUILTIN.get(tokenizer) if folder is None else tokenizer_vocab_size(folder)
     if size is not None and size > vocab_size:
         raise ConfigError(
             f"{key} {tokenizer} has {size} token ids but the model's vocabulary has "
@@ -264,7 +262,7 @@ def check_files(cfg: TrainJobConfig, *, resume: bool = True) -> None:
         val = dataclasses.replace(cfg.data, source="file", train_files=cfg.data.val_files)
         check_data_files(val, key="data.val_files")
     inputs = [("init.checkpoint", init.checkpoint)]
-    if init.tokenizer not in (None, *BUILTIN_TOKENIZERS):
+    if init.tokenizer not in (None, *BUILTIN):
         inputs.append(("init.tokenizer", init.tokenizer))
     if cfg.data.source == "file":
         inputs += [("data.train_files", f) for f in cfg.data.train_files]

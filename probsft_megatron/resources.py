@@ -13,41 +13,27 @@ KINDS = ("recipes", "models", "clusters", "sweeps", "sweeps/thresholds")
 
 def packaged_configs() -> Path:
     """The configs shipped with this installation (a wheel's, or a checkout's beside the
-    package)."""
+    package); without any, ``probsft_megatron/configs``, where every lookup finds nothing."""
     package = Path(__file__).resolve().parent
-    for candidate in (package / "configs", package.parent / "configs"):
-        if (candidate / "recipes").is_dir():
-            return candidate
-    return package / "configs"  # nothing shipped: every lookup reports "not found"
-
-
-def user_config_dirs() -> list[Path]:
-    """The folders of ``$PROBSFT_CONFIG_PATH``, in order (missing entries are skipped)."""
-    raw = os.environ.get(ENV_VAR, "")
-    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+    candidates = (package / "configs", package.parent / "configs")
+    return next((c for c in candidates if (c / "recipes").is_dir()), package / "configs")
 
 
 def search_dirs(kind: str) -> list[Path]:
-    """Folders holding items of ``kind``, highest precedence first (existing ones only)."""
+    """The existing folders of ``kind``, highest precedence first (``$PROBSFT_CONFIG_PATH``'s
+    entries in order, blank ones skipped, then the shipped configs)."""
     if kind not in KINDS:
         raise ValueError(f"unknown config kind {kind!r}; one of {', '.join(KINDS)}")
-    roots = [*user_config_dirs(), packaged_configs()]
-    seen, out = set(), []
-    for root in roots:
-        folder = (root / kind).resolve()
-        if folder.is_dir() and folder not in seen:
-            seen.add(folder)
-            out.append(folder)
-    return out
+    user = os.environ.get(ENV_VAR, "").split(os.pathsep)
+    roots = [*(Path(p).expanduser() for p in user if p.strip()), packaged_configs()]
+    folders = ((root / kind).resolve() for root in roots)
+    return list(dict.fromkeys(f for f in folders if f.is_dir()))
 
 
 def find(kind: str, name: str) -> Path | None:
     """``<name>.yaml`` of ``kind`` from the first folder that has it, else None."""
-    for folder in search_dirs(kind):
-        path = folder / f"{name}.yaml"
-        if path.is_file():
-            return path
-    return None
+    paths = (folder / f"{name}.yaml" for folder in search_dirs(kind))
+    return next((p for p in paths if p.is_file()), None)
 
 
 def names(kind: str, include_private: bool = False) -> list[str]:
@@ -58,5 +44,4 @@ def names(kind: str, include_private: bool = False) -> list[str]:
 
 def describe_search(kind: str) -> str:
     """Where ``kind`` was looked for, for error messages."""
-    where = [str(d) for d in search_dirs(kind)] or [str(packaged_configs() / kind)]
-    return ", ".join(where)
+    return ", ".join(str(d) for d in search_dirs(kind) or [packaged_configs() / kind])

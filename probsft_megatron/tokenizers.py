@@ -11,7 +11,7 @@ from pathlib import Path
 
 from probsft_megatron.errors import CheckpointError, ConfigError
 
-BUILTIN = ("smollm2",)
+BUILTIN = {"smollm2": 49152}  # tokenizers known by name -> their number of token ids
 
 
 def tokenizer_spec(init) -> str | None:
@@ -39,7 +39,7 @@ def load_tokenizer(spec: str):
             path = path / "hf"
         if not path.is_dir():
             raise ConfigError(
-                f"tokenizer {spec!r} is neither a folder nor one of {BUILTIN}; "
+                f"tokenizer {spec!r} is neither a folder nor one of {tuple(BUILTIN)}; "
                 "name a folder with tokenizer files (init.tokenizer, --tokenizer)"
             )
         try:

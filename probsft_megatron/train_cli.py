@@ -1,9 +1,6 @@
-"""`probsft train --config RECIPE [--nproc N] [--dry-run] [key=value ...]`.
-
-Resolves and checks the whole job for ``N`` processes before anything is spawned, checks the
-layout's memory fit, then runs it here (N=1) or under torchrun's agent (which leaves the stop
-signals to the training processes).
-"""
+"""`probsft train --config RECIPE [--nproc N] [--dry-run] [key=value ...]`: the whole job
+resolved and checked for ``N`` processes, its memory fit too, before anything is spawned, then
+run here (N=1) or under torchrun's agent (which leaves the stop signals to the processes)."""
 
 from __future__ import annotations
 
@@ -13,9 +10,12 @@ import logging
 import os
 import sys
 
-from probsft_megatron.config import load_config
+from probsft_megatron import hardware
+from probsft_megatron.config import list_recipes, load_config
 from probsft_megatron.errors import ConfigError
+from probsft_megatron.input_checks import planned_length
 from probsft_megatron.job import resolve_job
+from probsft_megatron.run_lock import check_free
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,6 @@ def fit_check(job, args: argparse.Namespace) -> str:
         return "memory fit check skipped (--no-fit-check)"
     gpu_memory = args.gpu_memory
     if gpu_memory is None:
-        from probsft_megatron import hardware
-
         if not hardware.cuda_available():
             return (
                 "memory fit check skipped: no GPU here (the planner estimates GPU memory, not "
@@ -67,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (got {args.nproc})")
     if not args.config:
-        from probsft_megatron.config import list_recipes
-
         raise ConfigError(
             "probsft train needs --config RECIPE: a YAML file or a shipped recipe "
             f"({', '.join(list_recipes())})"
@@ -76,8 +72,6 @@ def run(args: argparse.Namespace) -> int:
     # the checkpoint a resume would load: checked here for --dry-run, else once by rank 0
     job = resolve_job(load_config(args.config, args.overrides), args.nproc, resume=args.dry_run)
     fit = fit_check(job, args)
-    from probsft_megatron.run_lock import check_free
-
     check_free(job.output_dir)  # another live run in train.output_dir: one line, now
     if args.dry_run:
         print(json.dumps(job.to_dict(), indent=2, default=str))
@@ -91,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         print(f"# {fit}", file=sys.stderr)
-        from probsft_megatron.input_checks import planned_length
-
         print(f"# {planned_length(job.config)}", file=sys.stderr)
         return 0
     if args.nproc == 1 and "RANK" not in os.environ:
