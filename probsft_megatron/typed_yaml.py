@@ -114,22 +114,24 @@ def _fields(cls) -> dict[str, FieldInfo]:
     return getattr(cls, "__pydantic_fields__", {})
 
 
+def _nested(tp: Any):
+    """``tp`` and every type inside it (``Annotated[...] | None``), a Literal's values not."""
+    yield tp
+    if typing.get_origin(tp) is not typing.Literal:
+        for arg in typing.get_args(tp):
+            yield from _nested(arg)
+
+
 def _choices(annotation: Any) -> tuple:
     """The allowed values of a ``Literal`` (``| None``) annotation."""
-    if typing.get_origin(annotation) is typing.Literal:
-        return typing.get_args(annotation)
-    return tuple(c for arg in typing.get_args(annotation) for c in _choices(arg))
+    literals = [tp for tp in _nested(annotation) if typing.get_origin(tp) is typing.Literal]
+    return tuple(c for tp in literals for c in typing.get_args(tp))
 
 
 def _constraints(info: FieldInfo) -> list:
     """The metadata of a field, its ``Annotated[...] | None`` annotation's included."""
-    found, todo = list(info.metadata), [info.annotation]
-    while todo:
-        tp = todo.pop()
-        if typing.get_origin(tp) is Annotated:
-            found += [m for arg in tp.__metadata__ for m in getattr(arg, "metadata", [arg])]
-        todo += typing.get_args(tp) if typing.get_origin(tp) is not typing.Literal else ()
-    return found
+    nested = [m for tp in _nested(info.annotation) for m in getattr(tp, "__metadata__", ())]
+    return [*info.metadata, *(m for arg in nested for m in getattr(arg, "metadata", [arg]))]
 
 
 def _range(metadata: list) -> str:
@@ -190,20 +192,11 @@ def config_error(exc: ValidationError, cls, prefix: str = "") -> ConfigError:
     return ConfigError(f"{key or 'config'}: {err['msg']} (got {value!r})")
 
 
-def _is_number(annotation: Any) -> bool:
-    """An ``int``/``float`` annotation (``Annotated``/``| None`` around it included)."""
-    if annotation in (int, float):
-        return True
-    if typing.get_origin(annotation) is typing.Literal:
-        return False
-    return any(_is_number(arg) for arg in typing.get_args(annotation))
-
-
 def _refuse_bool_numbers(cls, prefix: str, values: dict) -> None:
     """Refuse ``true``/``false`` where a number is expected (lax mode would read 1/0)."""
     for name, value in values.items():
-        info = _fields(cls).get(name)
-        if isinstance(value, bool) and info is not None and _is_number(info.annotation):
+        annotation = getattr(_fields(cls).get(name), "annotation", None)
+        if isinstance(value, bool) and any(t in (int, float) for t in _nested(annotation)):
             key = f"{prefix}.{name}" if prefix else name
             raise ConfigError(f"{key} expects a number, got {value!r}")
 
