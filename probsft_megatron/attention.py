@@ -12,16 +12,13 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
-
-def _base():
-    from megatron.core.transformer.module import MegatronModule
-
-    return MegatronModule
+from probsft_megatron import compat
 
 
-class SDPAttention(_base()):
+class SDPAttention(MegatronModule):
     """Drop-in for megatron's ``DotProductAttention`` built on PyTorch SDPA."""
 
     def __init__(
@@ -38,8 +35,6 @@ class SDPAttention(_base()):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise ValueError("SDPAttention does not support context parallelism")
-        from probsft_megatron import compat
-
         tp = compat.rank_position().tp
         self.heads = config.num_attention_heads // tp
         self.groups = config.num_query_groups // tp
@@ -74,8 +69,6 @@ class SDPAttention(_base()):
         dropout = self.dropout if self.training else 0.0
         if dropout == 0.0:
             return dropout, nullcontext()
-        from probsft_megatron import compat
-
         return dropout, compat.model_parallel_rng()
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask, dropout: float, causal: bool):

@@ -17,13 +17,6 @@ from probsft_megatron.errors import ConfigError
 class FusedOutputLayer(ColumnParallelLinear):
     """megatron's vocab-parallel output layer that returns its input (the hidden states)."""
 
-    @classmethod
-    def adopt(cls, layer: ColumnParallelLinear) -> FusedOutputLayer:
-        """A fused output layer holding ``layer``'s parameters and attributes."""
-        fused = cls.__new__(cls)
-        fused.__dict__.update(layer.__dict__)
-        return fused
-
     def forward(
         self,
         input_: Tensor,
@@ -49,8 +42,8 @@ class FusedHeadGPTModel(GPTModel):
                 "gradient itself; turn off defer_embedding_wgrad_compute"
             )
         super().__init__(config, *args, **kwargs)
-        if self.post_process:
-            self.output_layer = FusedOutputLayer.adopt(self.output_layer)
+        if self.post_process:  # the very layer megatron built, with the forward above
+            self.output_layer.__class__ = FusedOutputLayer
 
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
         raise RuntimeError(

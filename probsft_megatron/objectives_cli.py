@@ -57,14 +57,8 @@ def run(args: argparse.Namespace) -> int:
         )
         print(json.dumps(info, indent=2))
         return 0
-    labels = {
-        "name": "name",
-        "f": "loss f(p)",
-        "w": "weight w(p)",
-        "mask": "mask",
-        "normalization": "normalization",
-    }
-    width = max(map(len, labels.values()))
-    for key, label in labels.items():
-        print(f"{label + ':':<{width + 1}}  {info[key]}")
+    labels = ("name", "loss f(p)", "weight w(p)", "mask", "normalization")  # of info's keys
+    width = max(map(len, labels))
+    for label, value in zip(labels, info.values(), strict=True):
+        print(f"{label + ':':<{width + 1}}  {value}")
     return 0
