@@ -18,8 +18,13 @@ from probsft_megatron.report.collect import Collection, collect
 from probsft_megatron.report.figures import plot_curves, plot_probe, plot_sweep
 from probsft_megatron.report.files import read_json
 from probsft_megatron.report.markdown import render_markdown
-from probsft_megatron.report.runs import STATUSES
-from probsft_megatron.report.tables import build_tables, check_metric, group_runs, metric_label
+from probsft_megatron.report.tables import (
+    build_tables,
+    check_metric,
+    group_runs,
+    metric_label,
+    status_counts,
+)
 
 FORMAT = "probsft-runs-report"
 FORMAT_VERSION = 1
@@ -82,11 +87,6 @@ def check_out_dir(out: Path, col: Collection) -> None:
         )
 
 
-def _matplotlib_note() -> str:
-    extra = extras.OPTIONAL_EXTRAS["report"]
-    return f"no figures: matplotlib is not installed ({extras.install_hint(extra)})"
-
-
 def build_report(
     paths: Iterable[str | os.PathLike],
     out_dir: str | os.PathLike | None = None,
@@ -141,11 +141,34 @@ def build_report(
     figs: list[dict] = []
     if figures and importlib.util.find_spec("matplotlib") is None:
         figures = False
-        notes.append(_matplotlib_note())
+        hint = extras.install_hint(extras.OPTIONAL_EXTRAS["report"])
+        notes.append(f"no figures: matplotlib is not installed ({hint})")
     try:
         if figures:
             figs = _draw(groups, blocks, col, metric, out)
-        report = _assemble(paths, metric, notes, col, groups, blocks, figs)
+        order = {
+            r["path"]: (i, j) for i, g in enumerate(groups) for j, r in enumerate(g["_members"])
+        }
+        col.runs.sort(key=lambda r: order.get(r["path"], (len(groups), 0)))  # then the rest
+        report = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "inputs": paths,
+            "metric": metric,
+            "status_counts": status_counts(col.runs),
+            "notes": notes,
+            "runs": [
+                {k: v for k, v in r.items() if k not in ("identity", "config")}
+                | {"config": r["config"]}
+                for r in col.runs
+            ],
+            "groups": [{k: v for k, v in g.items() if not k.startswith("_")} for g in groups],
+            "tables": blocks,
+            "probes": [dict(p) for p in col.probes],
+            "figures": figs,
+            "files": ["report.json", "report.md", *(f["file"] for f in figs)],
+        }
         previous = _previous_report(out)
         atomic_write_text(out / "report.md", render_markdown(report))
         atomic_write_json(out / "report.json", report, default=str)
@@ -167,24 +190,18 @@ def _draw(
     groups: list[dict], blocks: list[dict], col: Collection, metric: str, out: Path
 ) -> list[dict]:
     """Every figure that has something to show; their entries for ``report["figures"]``."""
-    figs: list[dict] = []
-    for kind, title, drawn in (
-        ("curves", "training loss and mean p against step, every run", None),
-        ("sweep-a", f"{metric_label(metric)} against the convexity a", "a"),
-        ("sweep-threshold", f"{metric_label(metric)} against the threshold", "threshold"),
-    ):
-        path = out / f"{kind}.png"
-        if drawn is None:
-            made = plot_curves(groups, path)
-        else:
-            made = plot_sweep(groups, blocks, drawn, metric, path)
-        if made:
-            figs.append({"file": path.name, "kind": kind, "title": title})
-    objectives = []
-    for g in groups:
-        o = g["objective"]
-        if o and (o["label"], o["name"]) not in objectives:
-            objectives.append((o["label"], o["name"]))
+    label = metric_label(metric)
+    titles = {
+        "curves": "training loss and mean p against step, every run",
+        "sweep-a": f"{label} against the convexity a",
+        "sweep-threshold": f"{label} against the threshold",
+    }
+    sweeps = [plot_sweep(groups, blocks, axis, metric, out) for axis in ("a", "threshold")]
+    made = [path for path in (plot_curves(groups, out), *sweeps) if path]
+    figs = [{"file": p.name, "kind": p.stem, "title": titles[p.stem]} for p in made]
+    objectives = list(
+        dict.fromkeys((o["label"], o["name"]) for g in groups if (o := g["objective"]))
+    )
     for i, probe in enumerate(col.probes):
         name = "probe.png" if len(col.probes) == 1 else f"probe-{i + 1}.png"
         if plot_probe(probe, objectives, out / name):
@@ -198,42 +215,3 @@ def _draw(
                 }
             )
     return figs
-
-
-def _assemble(
-    paths: list[str],
-    metric: str,
-    notes: list[str],
-    col: Collection,
-    groups: list[dict],
-    blocks: list[dict],
-    figs: list[dict],
-) -> dict[str, Any]:
-    """The report dict (what ``report.json`` holds): runs in group order, then the rest."""
-    order = {r["path"]: (i, j) for i, g in enumerate(groups) for j, r in enumerate(g["_members"])}
-    col.runs.sort(key=lambda r: order.get(r["path"], (len(groups), 0)))
-    status_counts = {
-        s: sum(r["status"] == s for r in col.runs)
-        for s in STATUSES
-        if any(r["status"] == s for r in col.runs)
-    }
-    report = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "inputs": paths,
-        "metric": metric,
-        "status_counts": status_counts,
-        "notes": notes,
-        "runs": [
-            {k: v for k, v in r.items() if k not in ("identity", "config")}
-            | {"config": r["config"]}
-            for r in col.runs
-        ],
-        "groups": [{k: v for k, v in g.items() if not k.startswith("_")} for g in groups],
-        "tables": blocks,
-        "probes": [dict(p) for p in col.probes],
-        "figures": figs,
-    }
-    report["files"] = ["report.json", "report.md", *(f["file"] for f in figs)]
-    return report

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from probsft_megatron.fileio import atomic_write
 from probsft_megatron.objectives import parse_objective
-from probsft_megatron.report.tables import metric_label
+from probsft_megatron.report.tables import cell, columns, metric_label
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,28 +22,26 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    plt = _plt()
     try:
         return atomic_write(
             path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
         )
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
 
 
 def _colors(n: int) -> list:
-    plt = _plt()
-    cmap = plt.get_cmap("tab10" if n <= 10 else "viridis")
+    cmap = pyplot().get_cmap("tab10" if n <= 10 else "viridis")
     return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
 
 
-def plot_curves(groups: list[dict], path: Path) -> Path | None:
-    """Loss and mean p against step for every run; a group's seeds share a colour."""
+def plot_curves(groups: list[dict], out: Path) -> Path | None:
+    """``out/curves.png``: loss and mean p against step for every run; a group's seeds share
+    a colour."""
     trained = [g for g in groups if any(r["curves"]["step"] for r in g["_members"])]
     if not trained:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.2))
     few = max(len(r["curves"]["step"]) for g in trained for r in g["_members"]) < 8
     for color, g in zip(_colors(len(trained)), trained):
         label = g["label"] + (f" ({g['setting']})" if g["setting"] else "")
@@ -75,18 +74,7 @@ def plot_curves(groups: list[dict], path: Path) -> Path | None:
         ncol=1 + len(labels) // 25,
     )
     fig.tight_layout()
-    return _save(fig, path)
-
-
-def _panel_columns(block: dict) -> list[str]:
-    cols = list(block["tasks"])
-    if len(cols) > 1:
-        cols.append("average")
-    return cols
-
-
-def _stat(g: dict, col: str) -> dict | None:
-    return g["average"] if col == "average" else g["cells"].get(col)
+    return _save(fig, out / "curves.png")
 
 
 def _errorbar(ax, xs, stats, **kw):
@@ -96,55 +84,45 @@ def _errorbar(ax, xs, stats, **kw):
 
 
 def plot_sweep(
-    groups: list[dict], blocks: list[dict], axis: str, metric: str, path: Path
+    groups: list[dict], blocks: list[dict], axis: str, metric: str, out: Path
 ) -> Path | None:
-    """Score against ``a`` (``axis="a"``, GeneralFamily runs; ``p`` is a = 1 and NLL the
-    dashed line at a = 0) or against the threshold (``axis="threshold"``: the percentile
-    when the runs are named by one, else the absolute threshold), one panel per task."""
+    """``out/sweep-{axis}.png``: score against ``a`` (``axis="a"``, GeneralFamily runs; ``p``
+    is a = 1 and NLL the dashed line at a = 0) or against the threshold (``axis="threshold"``:
+    the percentile when the runs are named by one, else the absolute threshold), one panel
+    per task."""
     by_id = {g["id"]: g for g in groups}
     series: list[tuple[dict, str, list[tuple[float, dict, dict]]]] = []
     refs: list[tuple[dict, str, str, dict]] = []  # (block, column, label, group)
     for block in blocks:
         members = [by_id[i] for i in block["groups"]]
-        cols = _panel_columns(block)
-        if axis == "a":
-            pts = [
-                (g["objective"]["a"], g)
-                for g in members
-                if g["objective"] and g["objective"]["family"] == "general"
-            ]
-            lines = [pts] if len(pts) >= 2 else []
-        else:
-            fams: dict[tuple, list] = {}
-            for g in members:
-                o = g["objective"]
-                if not o or o["threshold"] is None:
-                    continue
+        fams: dict[tuple, list] = {}  # one line per family (and threshold kind)
+        for g in members:
+            o = g["objective"]
+            if axis == "a" and o and o["family"] == "general":
+                fams.setdefault(("", False), []).append((o["a"], g))
+            elif axis != "a" and o and o["threshold"] is not None:
                 pct = o["percentile"] is not None
                 x = o["percentile"] if pct else o["threshold"]["value"]
                 fams.setdefault((o["prefix"], pct), []).append((x, g))
-            lines = [pts for _key, pts in sorted(fams.items()) if len(pts) >= 2]
+        lines = [pts for _key, pts in sorted(fams.items()) if len(pts) >= 2]
         if not lines:
             continue
-        for col in cols:
+        for col in columns(block["tasks"]):
             for pts in lines:
                 line = [
-                    (x, g, _stat(g, col))
-                    for x, g in sorted(pts, key=lambda t: t[0])
-                    if _stat(g, col)
+                    (x, g, s) for x, g in sorted(pts, key=lambda t: t[0]) if (s := cell(g, col))
                 ]
                 if line:
                     series.append((block, col, line))
             refs += [
                 (block, col, g["label"], g)
                 for g in members
-                if g["objective"] and g["objective"]["family"] in ("nll", "p") and _stat(g, col)
+                if g["objective"] and g["objective"]["family"] in ("nll", "p") and cell(g, col)
             ]
     if not series:
         return None
     cols = list(dict.fromkeys(col for _, col, _ in series))
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(cols), figsize=(4.6 * len(cols), 3.8), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(cols), figsize=(4.6 * len(cols), 3.8), squeeze=False)
     axes = axes[0]
     settings = list(dict.fromkeys(b["setting"] for b, _, _ in series))
     colors = dict(zip(settings, _colors(max(len(settings), 1))))
@@ -154,8 +132,7 @@ def plot_sweep(
         for block, c, line in series:
             if c != col:
                 continue
-            xs = [x for x, _, _ in line]
-            stats = [s for _, _, s in line]
+            xs, _, stats = zip(*line)
             name = line[0][1]["objective"]["prefix"] if axis != "a" else "GeneralFamily-a"
             fam = fam_idx.setdefault(name, len(fam_idx))
             label = (
@@ -168,7 +145,7 @@ def plot_sweep(
         for block, c, label, g in refs:
             if c != col:
                 continue
-            s = _stat(g, col)
+            s = cell(g, col)
             color = colors.get(block["setting"], "k")
             where = f", {block['setting']}" if block["setting"] else ""
             seeds = f", n={s['n']}" if s["n"] > 1 else ""
@@ -224,7 +201,7 @@ def plot_sweep(
                 labels.append(lab)
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, out / f"sweep-{axis}.png")
 
 
 def weight_curve(objective: str, p, probe: dict | None = None):
@@ -244,10 +221,9 @@ def weight_curve(objective: str, p, probe: dict | None = None):
             pct = (probe or {}).get("percentiles") or {}
             k = obj.threshold.value
             lo, hi = math.floor(k), math.ceil(k)
-            if str(lo) in pct and str(hi) in pct:
-                q = pct[str(lo)] + (pct[str(hi)] - pct[str(lo)]) * (k - lo)
-            else:
+            if not {str(lo), str(hi)} <= pct.keys():
                 return None
+            q = pct[str(lo)] + (pct[str(hi)] - pct[str(lo)]) * (k - lo)
         w = w * obj.keep_mask(ce, q).to(w.dtype)
     return w.numpy()
 
@@ -260,10 +236,9 @@ def plot_probe(probe: dict, objectives: list[tuple[str, str]], path: Path) -> Pa
     counts = np.asarray(hist.get("counts") or [], dtype=float)
     if counts.size == 0:
         return None
-    plt = _plt()
     lo, hi = (hist.get("range") or [0.0, 1.0])[:2]
     edges = np.linspace(lo, hi, counts.size + 1)
-    fig, ax = plt.subplots(figsize=(9, 4.4))
+    fig, ax = pyplot().subplots(figsize=(9, 4.4))
     ax.bar(
         edges[:-1],
         counts / max(counts.sum(), 1.0),

@@ -7,120 +7,99 @@ from typing import Any
 
 from probsft_megatron.report.files import EXTRACTED
 from probsft_megatron.report.runs import TAIL, TRAINING_STATS
-from probsft_megatron.report.tables import metric_label
+from probsft_megatron.report.tables import cell, columns, metric_label
 
 
-def _fmt_stat(s: dict | None, pct: bool = True, digits: int = 1) -> str:
+def _fmt_stat(s: dict | None, pct: bool = True) -> str:
     if not s:
         return "-"
-    scale = 100.0 if pct else 1.0
-    text = f"{s['mean'] * scale:.{digits}f}" if pct else _num(s["mean"])
-    if s.get("half_width") is not None:
-        text += f" ± {s['half_width'] * scale:.{digits}f}" if pct else f" ± {_num(s['half_width'])}"
-    return text
+
+    def fmt(x: float) -> str:
+        return f"{x * 100.0:.1f}" if pct else _num(x)
+
+    half = s.get("half_width")
+    return fmt(s["mean"]) + (f" ± {fmt(half)}" if half is not None else "")
 
 
-def _num(x: float) -> str:
-    if x == 0 or 1e-3 <= abs(x) < 1e5:
-        return f"{x:.4g}"
-    return f"{x:.3e}"
+def _num(x: Any) -> str:
+    """4 significant digits, scientific outside [1e-3, 1e5); ``-`` for a non-number."""
+    if not isinstance(x, (int, float)):
+        return "-"
+    return f"{x:.4g}" if x == 0 or 1e-3 <= abs(x) < 1e5 else f"{x:.3e}"
 
 
 def _md_escape(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    """``3 complete, 1 failed``."""
+    return ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
 def format_tables(report: dict, heading: str = "## ") -> list[str]:
     """The comparison table of each block as markdown lines (objective x task, Avg., status)."""
     groups = {g["id"]: g for g in report["groups"]}
-    lines: list[str] = []
-    for block in report["tables"]:
-        lines += _block_table(block, groups, heading)
-    return lines
+    return [line for block in report["tables"] for line in _block_table(block, groups, heading)]
 
 
 def _block_table(block: dict, groups: dict, heading: str = "## ") -> list[str]:
-    lines = [f"{heading}{block['setting'] or 'all runs'}", ""]
-    tasks = block["tasks"]
-    cols = ["objective", "seeds", *tasks]
-    if len(tasks) > 1:
-        cols.append("Avg.")
-    cols.append("status")
-    lines.append("| " + " | ".join(_md_escape(c) for c in cols) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(cols) - 2) + ["---"]) + "|")
+    tasks, cols = block["tasks"], columns(block["tasks"])
+    names = ["objective", "seeds", *tasks, *["Avg."] * (len(cols) - len(tasks)), "status"]
+    lines = [f"{heading}{block['setting'] or 'all runs'}", "", _row(map(_md_escape, names))]
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(names) - 2) + ["---"]) + "|")
     for gid in block["groups"]:
         g = groups[gid]
         row = [f"`{g['label']}`", f"n={len(g['runs'])}"]
-        for t in tasks + (["average"] if len(tasks) > 1 else []):
-            s = g["average"] if t == "average" else g["cells"].get(t)
-            text = _fmt_stat(s)
-            if s and s["n"] < len(g["runs"]):
-                text += f" (n={s['n']})"
-            if gid in block["best"].get(t, []):
-                text = f"**{text}**"
-            row.append(text)
-        row.append(", ".join(f"{n} {s}" for s, n in g["statuses"].items()))
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
-    return lines
+        for col in cols:
+            s = cell(g, col)
+            text = _fmt_stat(s) + (f" (n={s['n']})" if s and s["n"] < len(g["runs"]) else "")
+            row.append(f"**{text}**" if gid in block["best"].get(col, []) else text)
+        lines.append(_row([*row, counts_text(g["statuses"])]))
+    return [*lines, ""]
 
 
 def render_markdown(report: dict) -> str:
     """``report.md``: summary, the comparison table(s), training statistics, runs, probes
     and the figures."""
     groups = {g["id"]: g for g in report["groups"]}
-    metric = report["metric"]
-    lines = ["# Runs report", ""]
-    counts = report["status_counts"]
-    lines.append(
-        f"{len(report['runs'])} run(s) in {len(groups)} group(s) from "
-        f"{', '.join(f'`{p}`' for p in report['inputs'])}: "
-        + ", ".join(f"{n} {s}" for s, n in counts.items())
-        + "."
-    )
-    lines += [
+    inputs = ", ".join(f"`{p}`" for p in report["inputs"])
+    lines = [
+        "# Runs report",
         "",
-        f"Cells: {metric_label(metric)} as mean ± half-width of the 95% t-interval "
+        f"{len(report['runs'])} run(s) in {len(groups)} group(s) from {inputs}: "
+        f"{counts_text(report['status_counts'])}.",
+        "",
+        f"Cells: {metric_label(report['metric'])} as mean ± half-width of the 95% t-interval "
         "over seeds (runs identical but for `train.seed`); a single seed has no interval "
         "(n=1). **Bold**: best in its column within the block. Avg.: the mean over the "
         "block's tasks, per run, then over seeds (only runs evaluated on every task).",
         "",
     ]
-    for note in report["notes"]:
-        lines.append(f"- note: {note}")
+    lines += [f"- note: {note}" for note in report["notes"]]
     if report["notes"]:
         lines.append("")
     for block in report["tables"]:
         lines += _block_table(block, groups)
-        tasks = block["tasks"]
-        # per task details
         detail_rows = []
-        for gid in block["groups"]:
-            g = groups[gid]
-            for t in tasks:
-                d = g["details"].get(t)
-                if not d:
-                    continue
-                passes = [k for k in d if k.startswith("pass@")]
-                pass_txt = (
-                    ", ".join(f"{k} {_fmt_stat(d[k])}" for k in passes if k != "pass@1") or "-"
+        for g in (groups[gid] for gid in block["groups"]):
+            for t, d in g["details"].items():
+                samples = " x ".join(
+                    "/".join(map(str, d[k])) for k in ("problems", "samples_per_problem")
                 )
-                samples = (
-                    "/".join(str(x) for x in d["problems"])
-                    + " x "
-                    + "/".join(str(x) for x in d["samples_per_problem"])
-                )
+                boxed = _fmt_stat(d.get("boxed_rate"))
+                if EXTRACTED in d.get("boxed_basis", []):  # any extracted answer (old samples)
+                    boxed += f" ({EXTRACTED})"
+                stats = [_fmt_stat(d.get(k)) for k in ("avg@n", "mean_score", "exact")]
+                passes = [
+                    f"{k} {_fmt_stat(d[k])}" for k in d if k.startswith("pass@") and k != "pass@1"
+                ]
                 detail_rows.append(
-                    [
-                        f"`{g['label']}`",
-                        t,
-                        samples,
-                        _fmt_stat(d.get("avg@n")),
-                        _fmt_stat(d.get("mean_score")),
-                        _fmt_stat(d.get("exact")),
-                        pass_txt,
-                        _fmt_boxed(d),
-                    ]
+                    [f"`{g['label']}`", t, samples, *stats, ", ".join(passes) or "-", boxed]
                 )
         if detail_rows:
             lines += [
@@ -130,10 +109,11 @@ def render_markdown(report: dict) -> str:
                 "| objective | task | problems x samples | accuracy | score | exact | "
                 "pass@k | boxed |",
                 "|---|---|---|---:|---:|---:|---|---:|",
+                *map(_row, detail_rows),
+                "",
+                "</details>",
+                "",
             ]
-            lines += ["| " + " | ".join(r) + " |" for r in detail_rows]
-            lines += ["", "</details>", ""]
-    # training statistics
     trained = [g for g in report["groups"] if g["training"].get("steps")]
     if trained:
         lines += [
@@ -149,19 +129,14 @@ def render_markdown(report: dict) -> str:
         ]
         for g in trained:
             t = g["training"]
-            steps = ", ".join(
-                dict.fromkeys(
-                    f"{s}/{p}" if p else str(s) for s, p in zip(t["steps"], t["planned_steps"])
-                )
+            steps = dict.fromkeys(
+                f"{s}/{p}" if p else str(s) for s, p in zip(t["steps"], t["planned_steps"])
             )
             stats = [  # the share of kept tokens in percent, the rest as they are
                 _fmt_stat(t.get(k), k == "frac_kept") + ("%" if k == "frac_kept" else "")
                 for k in TRAINING_STATS
             ]
-            lines.append(
-                f"| `{g['label']}` | {_md_escape(g['setting']) or '-'} | "
-                f"n={len(g['runs'])} | {steps} | " + " | ".join(stats) + " |"
-            )
+            lines.append(_row([*_group_cells(g), ", ".join(steps), *stats]))
         lines.append("")
         validated = [g for g in trained if "val_loss" in g["training"]]
         if validated:
@@ -173,14 +148,9 @@ def render_markdown(report: dict) -> str:
                 "|---|---|---|---:|---:|",
             ]
             for g in validated:
-                t = g["training"]
-                lines.append(
-                    f"| `{g['label']}` | {_md_escape(g['setting']) or '-'} | n={len(g['runs'])} "
-                    f"| {_fmt_stat(t.get('val_loss'), False)} | "
-                    f"{_fmt_stat(t.get('val_nll'), False)} |"
-                )
+                stats = [_fmt_stat(g["training"].get(k), False) for k in ("val_loss", "val_nll")]
+                lines.append(_row([*_group_cells(g), *stats]))
             lines.append("")
-    # runs
     lines += [
         "## Runs",
         "",
@@ -201,18 +171,16 @@ def render_markdown(report: dict) -> str:
         if r["probe"] and r["probe"].get("placement"):
             pl, rec = r["probe"]["placement"], r["probe"].get("recommendation") or {}
             placement = f"{pl.get('regime')} -> {rec.get('objective', '?')}"
-        status = f"**{r['status']}**" + (
-            f": {_md_escape(r['status_detail'])}" if r["status_detail"] else ""
-        )
-        lines.append(
-            f"| `{shown}` | {label} | {r['seed'] if r['seed'] is not None else '-'}"
-            f" | {r['model'] or '-'} | {r['dataset'] or '-'} | {r['recipe'] or '-'} | "
-            f"{status} | {placement} |"
-        )
+        status = f"**{r['status']}**"
+        if r["status_detail"]:
+            status += f": {_md_escape(r['status_detail'])}"
+        seed = str(r["seed"]) if r["seed"] is not None else "-"
+        cells = [r["model"] or "-", r["dataset"] or "-", r["recipe"] or "-", status, placement]
+        lines.append(_row([f"`{shown}`", label, seed, *cells]))
     lines.append("")
     problems = [p for r in report["runs"] for p in r["problems"]]
     if problems:
-        lines += ["Problems met while reading (skipped):", ""] + [f"- {p}" for p in problems] + [""]
+        lines += ["Problems met while reading (skipped):", "", *(f"- {p}" for p in problems), ""]
     if report["probes"]:
         lines += [
             "## Probe of the base model",
@@ -224,12 +192,13 @@ def render_markdown(report: dict) -> str:
         for p in report["probes"]:
             pl, rec = p.get("placement") or {}, p.get("recommendation") or {}
             pct20 = (p.get("percentiles") or {}).get("20")
+            nums = [_num(x) for x in (p.get("mean_p"), p.get("median_p"), pct20)]
             short = "/".join(Path(p["path"]).parts[-3:])
             lines.append(
-                f"| `{short}` | {p['model'] or '-'} | {p['data'] or '-'} | "
-                f"{p['tokens']} | {_fmt_num(p.get('mean_p'))} | "
-                f"{_fmt_num(p.get('median_p'))} | {_fmt_num(pct20)} | "
-                f"{pl.get('regime', '-')} | `{rec.get('objective', '-')}` |"
+                _row(
+                    [f"`{short}`", p["model"] or "-", p["data"] or "-", str(p["tokens"]), *nums]
+                    + [pl.get("regime", "-"), f"`{rec.get('objective', '-')}`"]
+                )
             )
         lines.append("")
     if report["figures"]:
@@ -243,13 +212,6 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt_boxed(detail: dict) -> str:
-    """The boxed rate; ``(extracted)`` when it counts any extracted answer (old samples)."""
-    text = _fmt_stat(detail.get("boxed_rate"))
-    if EXTRACTED in detail.get("boxed_basis", []):
-        text += f" ({EXTRACTED})"
-    return text
-
-
-def _fmt_num(x: Any) -> str:
-    return _num(float(x)) if isinstance(x, (int, float)) else "-"
+def _group_cells(g: dict) -> list[str]:
+    """A group's objective, setting and seeds cells of the training tables."""
+    return [f"`{g['label']}`", _md_escape(g["setting"]) or "-", f"n={len(g['runs'])}"]

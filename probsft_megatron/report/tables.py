@@ -38,16 +38,27 @@ def metric_label(metric: str) -> str:
     }.get(metric, f"{metric} (%)")
 
 
+def columns(tasks: list[str]) -> list[str]:
+    """A block's columns: its tasks, then ``average`` when there are several."""
+    return [*tasks, "average"] if len(tasks) > 1 else list(tasks)
+
+
+def cell(g: dict, col: str) -> dict | None:
+    """A group's statistics in a column (a task or ``average``)."""
+    return g["average"] if col == "average" else g["cells"].get(col)
+
+
+def status_counts(runs: list[dict]) -> dict[str, int]:
+    """How many of ``runs`` are in each state, in :data:`STATUSES` order (none: left out)."""
+    return {s: n for s in STATUSES if (n := sum(r["status"] == s for r in runs))}
+
+
 def _objective_order(info: dict | None) -> tuple:
     if info is None:
         return (-1, "", 0.0)
-    fam = info["family"]
-    if fam == "nll":
-        return (0, "", 0.0)
-    if fam == "p":
-        return (1, "", 0.0)
-    if fam == "general":
-        return (2, "", info["a"])
+    rank = {"nll": 0, "p": 1, "general": 2}.get(info["family"], 3)
+    if rank < 3:
+        return (rank, "", info["a"] if rank == 2 else 0.0)
     x = info["percentile"] if info["percentile"] is not None else info["threshold"]["value"]
     return (3, info["prefix"] or "", float(x))
 
@@ -197,11 +208,7 @@ def _aggregate_group(g: dict, metric: str, tasks: list[str]) -> None:
     train_stats["steps"] = steps
     train_stats["planned_steps"] = planned
     g["training"] = train_stats
-    g["statuses"] = {
-        s: sum(r["status"] == s for r in members)
-        for s in STATUSES
-        if any(r["status"] == s for r in members)
-    }
+    g["statuses"] = status_counts(members)
 
 
 def build_tables(groups: list[dict], metric: str) -> list[dict]:
@@ -216,12 +223,8 @@ def build_tables(groups: list[dict], metric: str) -> list[dict]:
         for g in members:
             _aggregate_group(g, metric, tasks)
         best: dict[str, list[str]] = {}
-        for col in [*tasks, "average"]:
-            vals = [
-                (g["cells"].get(col) if col != "average" else g["average"], g["id"])
-                for g in members
-            ]
-            vals = [(s["mean"], gid) for s, gid in vals if s]
+        for col in columns(tasks):
+            vals = [(s["mean"], g["id"]) for g in members if (s := cell(g, col))]
             if len(vals) > 1:
                 top = max(v for v, _ in vals)
                 best[col] = [
