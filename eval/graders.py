@@ -5,6 +5,7 @@ Jaro-Winkler) are in docs/eval.md; tests/data/grader_pairs.jsonl pins the math v
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -292,9 +293,7 @@ def _parse(s: str) -> list:
 
 def _is_interval(s: str) -> bool:
     """Whether ``s`` is surely an interval (infinite ends, a union, closed or mixed brackets)."""
-    return bool(re.search(r"\\infty|\\cup", s)) or bool(
-        re.match(r"^\s*(?:\[.*,.*[)\]]|\(.*,.*\])\s*$", s)
-    )
+    return bool(re.search(r"\\infty|\\cup|^\s*(?:\[.*,.*[)\]]|\(.*,.*\])\s*$", s))
 
 
 def _symbolic_equal(reference: str, answer: str) -> bool:
@@ -360,9 +359,7 @@ def math_equal(reference: str, answer: str) -> bool:
 def grade_math(completion: str, reference: str) -> Grade:
     """The final answer of ``completion`` checked with :func:`math_equal`."""
     answer, source = extract_math_answer(completion)
-    if answer is None:
-        return Grade(None, False, 0.0)
-    correct = math_equal(reference, answer)
+    correct = answer is not None and math_equal(reference, answer)
     return Grade(answer, correct, float(correct), source)
 
 
@@ -427,11 +424,7 @@ def jaro_winkler(a: str, b: str, prefix_scale: float = 0.1, max_prefix: int = 4)
     b_seq = [ch for ch, hit in zip(b, b_matched) if hit]
     transpositions = sum(x != y for x, y in zip(a_seq, b_seq)) / 2
     jaro = (matches / len(a) + matches / len(b) + (matches - transpositions) / matches) / 3
-    prefix = 0
-    for x, y in zip(a[:max_prefix], b[:max_prefix]):
-        if x != y:
-            break
-        prefix += 1
+    prefix = len(os.path.commonprefix([a[:max_prefix], b[:max_prefix]]))
     return jaro + prefix * prefix_scale * (1 - jaro)
 
 

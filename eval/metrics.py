@@ -21,12 +21,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def default_ks(n: int) -> list[int]:
     """The k values reported for ``n`` samples: powers of two below ``n``, and ``n``."""
-    ks = [1]
-    while ks[-1] * 2 < n:
-        ks.append(ks[-1] * 2)
-    if ks[-1] != n:
-        ks.append(n)
-    return ks
+    return [2**i for i in range(n.bit_length()) if 2**i < n] + [n]
 
 
 def summarize(

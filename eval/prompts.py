@@ -34,15 +34,11 @@ def _llama3(user: str, system: str | None) -> str:
     )
 
 
-def _deepseek(user: str) -> str:
-    return f"User: {user}\n\nAssistant:"
-
-
 def _every_family(user: str, system: str | None) -> dict[str, str]:
     return {
         "qwen": _chatml(user, system),
         "llama": _llama3(user, system),
-        "deepseek": _deepseek(user),
+        "deepseek": f"User: {user}\n\nAssistant:",
         "raw": user,
     }
 

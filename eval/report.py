@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from probsft_megatron.fileio import atomic_write_text
+from probsft_megatron.fileio import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -26,36 +26,32 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-# answer-format columns (metric, header), shown when some task reports them
-_FORMAT_COLUMNS = (
-    ("boxed", "boxed"),
-    ("extracted", "extracted"),
-    ("accuracy_extracted", "acc. of extracted"),
+# percentage columns after pass@k: (metric, header, shown when no task reports it)
+_COLUMNS = (
+    ("mean_score", "mean score", True),
+    ("exact", "exact", True),
+    ("boxed", "boxed", False),
+    ("extracted", "extracted", False),
+    ("accuracy_extracted", "acc. of extracted", False),
 )
 
 
 def markdown_table(summaries: list[dict]) -> str:
     """A markdown table with one row per task (percentages)."""
     ks = sorted({int(k) for s in summaries for k in s["metrics"]["pass@k"]})
-    formats = [
+    columns = [
         (key, title)
-        for key, title in _FORMAT_COLUMNS
-        if any(key in s["metrics"] for s in summaries)
+        for key, title, always in _COLUMNS
+        if always or any(key in s["metrics"] for s in summaries)
     ]
-    header = (
-        ["task", "problems", "n", "avg@n"] + [f"pass@{k}" for k in ks] + ["mean score", "exact"]
-    )
-    header += [title for _, title in formats]
+    header = ["task", "problems", "n", "avg@n", *(f"pass@{k}" for k in ks)]
+    header += [title for _, title in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
         m = s["metrics"]
         row = [s["task"], str(m["problems"]), str(m["n"]), _pct(m["avg@n"])]
         row += [_pct(m["pass@k"][str(k)]) if str(k) in m["pass@k"] else "" for k in ks]
-        row += [
-            _pct(m["mean_score"]) if "mean_score" in m else "",
-            _pct(m["exact"]) if "exact" in m else "",
-        ]
-        row += [_pct(m[key]) if m.get(key) is not None else "" for key, _ in formats]
+        row += [_pct(m[key]) if m.get(key) is not None else "" for key, _ in columns]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -85,10 +81,8 @@ def write_reports(out: str | os.PathLike, results: list[TaskResult]) -> Path:
     for result in results:
         lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in result.samples)
         atomic_write_text(root / result.task / "samples.jsonl", lines)
-        atomic_write_text(
-            root / result.task / "summary.json", json.dumps(result.summary, indent=2) + "\n"
-        )
+        atomic_write_json(root / result.task / "summary.json", result.summary)
     summaries = [r.summary for r in results]
-    atomic_write_text(root / "summary.json", json.dumps(summaries, indent=2) + "\n")
+    atomic_write_json(root / "summary.json", summaries)
     atomic_write_text(root / "summary.md", markdown_table(summaries) + format_notes(summaries))
     return root

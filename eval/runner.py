@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from probsft_megatron.errors import CheckpointError, ConfigError, ProbsftError
@@ -55,19 +55,10 @@ class EvalConfig:
 
 
 @dataclass
-class Sampling:
-    n: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int
-
-
-@dataclass
 class _Plan:
     task: Task
     grader: str
-    sampling: Sampling
+    sampling: dict  # n, temperature, top_p, max_new_tokens, seed (the summary's "sampling")
     examples: list[Example]
     prompts: list[str] = field(default_factory=list)
 
@@ -88,22 +79,6 @@ def check_config(config: EvalConfig) -> None:
         raise ConfigError("--task is empty; name a task, e.g. --task math500")
 
 
-def _resolve_sampling(config: EvalConfig, task: Task) -> Sampling:
-    chosen = {
-        key: getattr(task, key) if getattr(config, key) is None else getattr(config, key)
-        for key in ("n", "temperature", "top_p", "max_new_tokens")
-    }
-    sampling = Sampling(**chosen, seed=config.seed)
-    if sampling.temperature == 0:
-        if sampling.n > 1:
-            raise ConfigError(
-                f"task {task.name}: greedy decoding (--temperature 0) gives one answer; "
-                "use --n 1 or a temperature > 0"
-            )
-        sampling = replace(sampling, top_p=1.0)  # vLLM requires top_p == 1 for greedy sampling
-    return sampling
-
-
 def _plan(config: EvalConfig) -> list[_Plan]:
     """Validate the config and load every task's examples (no engine needed)."""
     check_config(config)
@@ -115,7 +90,18 @@ def _plan(config: EvalConfig) -> list[_Plan]:
         examples = task.load(config.data, config.limit)
         if not examples:
             raise ConfigError(f"task {name} has no examples to evaluate")
-        plans.append(_Plan(task, grader, _resolve_sampling(config, task), examples))
+        sampling = {
+            key: getattr(task, key) if getattr(config, key) is None else getattr(config, key)
+            for key in ("n", "temperature", "top_p", "max_new_tokens")
+        }
+        if sampling["temperature"] == 0:
+            if sampling["n"] > 1:
+                raise ConfigError(
+                    f"task {task.name}: greedy decoding (--temperature 0) gives one answer; "
+                    "use --n 1 or a temperature > 0"
+                )
+            sampling["top_p"] = 1.0  # vLLM requires top_p == 1 for greedy sampling
+        plans.append(_Plan(task, grader, {**sampling, "seed": config.seed}, examples))
     return plans
 
 
@@ -200,10 +186,9 @@ def build_llm(
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
-        if dtype == "auto":
-            saved_config = read_hf_config(model)
-            saved = saved_config.get("torch_dtype") or saved_config.get("dtype")
-            dtype = "bfloat16" if saved == "float16" else "auto"
+        saved = read_hf_config(model) if dtype == "auto" else {}
+        if (saved.get("torch_dtype") or saved.get("dtype")) == "float16":
+            dtype = "bfloat16"
     from vllm import LLM
 
     lora = {}
@@ -238,15 +223,9 @@ def _generate(
                 f"the {context}-token context; raise --max-model-len or drop the problem"
             )
     s = plan.sampling
+    fixed = dict(n=s["n"], temperature=s["temperature"], top_p=s["top_p"], stop=STOP_STRINGS)
     params = [
-        SamplingParams(
-            n=s.n,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            max_tokens=s.max_new_tokens,
-            seed=s.seed + i,
-            stop=STOP_STRINGS,
-        )
+        SamplingParams(**fixed, max_tokens=s["max_new_tokens"], seed=s["seed"] + i)
         for i in range(len(token_prompts))
     ]
     outputs = llm.generate(
@@ -295,7 +274,7 @@ def _grade(plan: _Plan, completions: list[list[str]]) -> TaskResult:
     summary = {
         "task": plan.task.name,
         "grader": plan.grader,
-        "sampling": asdict(plan.sampling),
+        "sampling": plan.sampling,
         "metrics": metrics,
     }
     return TaskResult(plan.task.name, summary, samples)
