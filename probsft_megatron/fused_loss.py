@@ -7,8 +7,6 @@ into ``d_hidden`` and the weight gradient at once. Contract, thresholds: docs/fu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -21,18 +19,12 @@ from probsft_megatron.loss import (
     ObjectiveLoss,
     Threshold,
     loss_triple,
-    resolve_threshold,
 )
 from probsft_megatron.objectives import Objective
 
 
 def _tp_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
-
-
-def _reduce_max(values: Tensor, group) -> None:
-    if _tp_size(group) > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
 
 
 def _reduce_partials(partials: Tensor, group) -> None:
@@ -46,7 +38,8 @@ def _chunk_ce(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_start: int, 
     ``(ce, exp(logits - max), sum_exp, local_target, owned)``, all float32 but the last two."""
     logits = torch.mm(hidden, weight.t()).float()
     logits_max = logits.max(dim=1).values
-    _reduce_max(logits_max, group)
+    if _tp_size(group) > 1:
+        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
     logits.sub_(logits_max.unsqueeze(1))
     local = labels - vocab_start
     owned = (local >= 0) & (local < logits.shape[1])
@@ -61,28 +54,15 @@ def _chunk_ce(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_start: int, 
     return ce, logits, sum_exp, local, owned
 
 
-def _chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, n, chunk_size):
-        yield start, min(start + chunk_size, n)
-
-
 def _ce_only(
     hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int, vocab_start: int, group
 ) -> Tensor:
     ce = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
-        for start, end in _chunks(hidden.shape[0], chunk_size):
-            ce[start:end] = _chunk_ce(
-                hidden[start:end], weight, labels[start:end], vocab_start, group
-            )[0]
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            ce[rows] = _chunk_ce(hidden[rows], weight, labels[rows], vocab_start, group)[0]
     return ce
-
-
-def _main_grad(weight: Tensor) -> Tensor | None:
-    target = getattr(weight, "main_grad", None)
-    if isinstance(target, Tensor) and target.shape == weight.shape:
-        return target
-    return None
 
 
 def _accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
@@ -130,20 +110,21 @@ class _LinearObjective(torch.autograd.Function):
         else:
             d_weight = main_grad
         arange = torch.arange(min(chunk_size, n), device=hidden.device)
-        for start, end in _chunks(n, chunk_size):
-            h = hidden[start:end]
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            h = hidden[rows]
             ce_c, probs, sum_exp, local, owned = _chunk_ce(
-                h, weight, labels[start:end], vocab_start, group
+                h, weight, labels[rows], vocab_start, group
             )
             keep_c = objective.keep_mask(ce_c, q)
             coef = objective.weight_from_ce(ce_c) * keep_c
-            ce[start:end], keep[start:end] = ce_c, keep_c
+            ce[rows], keep[rows] = ce_c, keep_c
             # d(coef * ce) / d logits = coef * (softmax - onehot), as megatron's CE backward;
             # one pass over the chunk: exp * (coef / sum_exp), then -coef at the owned target
             probs.mul_((coef / sum_exp).unsqueeze(1))
-            probs[arange[: end - start], local] -= coef * owned.to(probs.dtype)
+            probs[arange[: h.shape[0]], local] -= coef * owned.to(probs.dtype)
             grad_logits = probs.to(weight.dtype)
-            torch.mm(grad_logits, weight, out=d_hidden[start:end])
+            torch.mm(grad_logits, weight, out=d_hidden[rows])
             if d_weight is not None:
                 _accumulate_weight_grad(d_weight, grad_logits, h)
             del probs, grad_logits
@@ -269,7 +250,9 @@ def fused_objective_loss(
         raise ValueError(
             f"weight_grad={weight_grad!r} is invalid; use 'auto', 'main_grad' or 'autograd'"
         )
-    main_grad = None if weight_grad == "autograd" else _main_grad(weight)
+    main_grad = None if weight_grad == "autograd" else getattr(weight, "main_grad", None)
+    if not isinstance(main_grad, Tensor) or main_grad.shape != weight.shape:
+        main_grad = None  # no megatron DDP buffer for this weight
     if weight_grad == "main_grad" and main_grad is None:
         raise ValueError(
             "weight_grad='main_grad' needs a weight wrapped by megatron's "
@@ -287,7 +270,7 @@ def fused_objective_loss(
         q = threshold
     else:  # resolved on this micro-batch's CE: a CE-only pass first
         ce = full(_ce_only(h.detach(), weight.detach(), y, chunk, vocab_start, tp_group))
-        q = resolve_threshold(threshold, ce, response)
+        q = threshold.resolve(ce, response)
     objective = objective_loss.objective
     setup = (objective, q, chunk, vocab_start, tp_group, main_grad, weight.requires_grad)
     loss_sum, ce, keep = _LinearObjective.apply(h, weight, y, *setup)

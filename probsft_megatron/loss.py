@@ -45,21 +45,14 @@ class MicroBatchPercentile:
     percentile: float
     group: Any = None
 
-    def resolve(self, p: torch.Tensor) -> float:
-        return resolve_percentile(gather_varlen(p.to(torch.float64), self.group), self.percentile)
+    def resolve(self, ce: torch.Tensor, response: torch.Tensor) -> float:
+        """The absolute ``q`` of this micro-batch's CE ``[b, s]`` (a collective over ``group``)."""
+        p = torch.exp(-ce.detach()[response]).to(torch.float64)
+        return resolve_percentile(gather_varlen(p, self.group), self.percentile)
 
 
 # an absolute q, None (the objective's own absolute threshold, or none), or a per-micro-batch rule
 Threshold = float | None | MicroBatchPercentile
-
-
-def resolve_threshold(
-    threshold: Threshold, ce: torch.Tensor, response: torch.Tensor
-) -> float | None:
-    """The absolute ``q`` for this micro-batch (a collective for a MicroBatchPercentile)."""
-    if isinstance(threshold, MicroBatchPercentile):
-        return threshold.resolve(torch.exp(-ce.detach()[response]))
-    return threshold
 
 
 def _work_dtype(ce: torch.Tensor) -> torch.dtype:
@@ -117,7 +110,11 @@ def objective_loss(
         weights = weights.to(ce.dtype)
     else:
         weights = loss_mask.to(ce.dtype)
-    q = resolve_threshold(threshold, ce, response)
+    q = (
+        threshold.resolve(ce, response)
+        if isinstance(threshold, MicroBatchPercentile)
+        else threshold
+    )
     if objective.needs_percentile and q is None:
         raise ValueError(
             f"objective {objective.name} has a percentile threshold: pass the "
@@ -159,9 +156,7 @@ def loss_triple(
                 keep_f.sum(),
                 (torch.exp(-ce) * resp_f).sum(),
                 (objective.weight_from_ce(ce) * keep_f).sum(),
-                torch.zeros((), dtype=ce.dtype, device=ce.device)
-                if units is None
-                else units.to(ce.dtype),
+                ce.new_zeros(()) if units is None else units.to(ce.dtype),
             ]
         ).to(torch.float64)
         report: dict[str, Any] = {"stats": stats}
@@ -206,13 +201,11 @@ class ObjectiveLoss:
         """A percentile objective with ``percentile_scope="global"``."""
         return self.objective.needs_percentile and self.config.percentile_scope == "global"
 
-    def default_threshold(self) -> Threshold:
-        if not self.objective.needs_percentile:
-            return None
-        return MicroBatchPercentile(self.objective.threshold.value, self.dp_group)
-
     def threshold(self, threshold: Threshold = None) -> Threshold:
-        return self.default_threshold() if threshold is None else threshold
+        """``threshold``, else the objective's own rule (a percentile: per micro-batch over DP)."""
+        if threshold is not None or not self.objective.needs_percentile:
+            return threshold
+        return MicroBatchPercentile(self.objective.threshold.value, self.dp_group)
 
     def __call__(
         self,

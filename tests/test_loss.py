@@ -121,7 +121,7 @@ def test_percentile_prepass_uses_the_whole_batch():
 def test_without_prepass_falls_back_to_micro_batch_percentile():
     logits, labels, mask = _inputs(seed=5)
     loss = ObjectiveLoss(LossConfig(objective="OnlyBottomP-K50"))
-    assert loss.default_threshold() == MicroBatchPercentile(50.0, None)
+    assert loss.threshold() == MicroBatchPercentile(50.0, None)
     _, n, _ = loss(_ce(logits, labels), mask)
     resp = int((mask > 0).sum())
     assert abs(int(n) - resp / 2) <= 1
