@@ -89,6 +89,42 @@ class ModelConfig:
         return self.num_layers * per_layer + emb + h
 
 
+def validate_layout(
+    parallel: ParallelConfig, world_size: int, model: ModelConfig | None = None
+) -> int:
+    """Check a parallel layout against the world size and the model; returns the DP size."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"TP*PP = {tp}*{pp} = {tp * pp} does not divide the world size {world_size}; "
+            "change parallel.tensor_model_parallel_size / parallel.pipeline_model_parallel_size "
+            "or the number of processes"
+        )
+    if parallel.sequence_parallel and tp == 1:
+        raise ConfigError(
+            "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1"
+        )
+    if model is not None:
+        for key in ("num_attention_heads", "num_query_groups", "vocab_size", "ffn_hidden_size"):
+            if (value := getattr(model, key)) % tp:
+                raise ConfigError(
+                    f"model.{key}={value} is not divisible by "
+                    f"parallel.tensor_model_parallel_size={tp}; pick a TP that divides it"
+                )
+        if model.num_layers % pp:
+            raise ConfigError(
+                f"model.num_layers={model.num_layers} is not divisible by "
+                f"parallel.pipeline_model_parallel_size={pp}"
+            )
+        per_stage = model.num_layers // pp
+        if parallel.recompute_granularity == "full" and parallel.recompute_num_layers > per_stage:
+            raise ConfigError(
+                f"parallel.recompute_num_layers={parallel.recompute_num_layers} exceeds the "
+                f"{per_stage} layers of a pipeline stage; use 1..{per_stage}"
+            )
+    return world_size // (tp * pp)
+
+
 @section("parallel")
 class ParallelConfig:
     """TP, PP and sequence parallelism (the rest of the world is DP) and megatron's activation
@@ -102,9 +138,7 @@ class ParallelConfig:
     recompute_method: RecomputeMethod = "uniform"
     recompute_num_layers: Count = 1
 
-    def validate(self, world_size: int, model: ModelConfig | None = None) -> int:
-        """:func:`validate_layout`: the DP size."""
-        return validate_layout(self, world_size, model)
+    validate = validate_layout  # (world_size, model=None) -> the DP size
 
     def megatron_recompute(self) -> dict[str, Any]:
         """The ``TransformerConfig`` recompute options (empty without recomputation)."""
@@ -151,17 +185,14 @@ class LossConfig:
             )
         self.parsed_objective  # noqa: B018  (parsed here, once: a bad name fails at load)
 
-    @property
-    def is_auto(self) -> bool:
-        """Whether the objective is ``auto`` (chosen by the probe when training starts)."""
-        return isinstance(self.objective, str) and self.objective.strip().lower() == "auto"
-
     @functools.cached_property
     def parsed_objective(self):
-        """The parsed :class:`~probsft_megatron.objectives.Objective`; None for ``auto``."""
+        """The parsed :class:`~probsft_megatron.objectives.Objective`; None for ``auto`` (the
+        probe chooses when training starts)."""
         from probsft_megatron.objectives import parse_objective
 
-        return None if self.is_auto else parse_objective(self.objective)
+        auto = isinstance(self.objective, str) and self.objective.strip().lower() == "auto"
+        return None if auto else parse_objective(self.objective)
 
 
 @section("data")
@@ -310,66 +341,6 @@ class PeftConfig:
         return self.method != "none"
 
 
-@section(frozen=False)
-class TrainJobConfig:
-    """The sections of a training job (frozen; this container is not, so a whole section may
-    be put in place). Training reads the frozen :class:`~probsft_megatron.job.Job`."""
-
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    init: InitConfig = Field(default_factory=InitConfig)
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    peft: PeftConfig = Field(default_factory=PeftConfig)
-
-    def validate(self, world_size: int) -> int:
-        """:func:`validate`: the DP size."""
-        return validate(self, world_size)
-
-
-def validate_layout(
-    parallel: ParallelConfig, world_size: int, model: ModelConfig | None = None
-) -> int:
-    """Check a parallel layout against the world size and the model; returns the DP size."""
-    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"TP*PP = {tp}*{pp} = {tp * pp} does not divide the world size {world_size}; "
-            "change parallel.tensor_model_parallel_size / parallel.pipeline_model_parallel_size "
-            "or the number of processes"
-        )
-    if parallel.sequence_parallel and tp == 1:
-        raise ConfigError(
-            "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1"
-        )
-    if model is not None:
-        for key, value in (
-            ("num_attention_heads", model.num_attention_heads),
-            ("num_query_groups", model.num_query_groups),
-            ("vocab_size", model.vocab_size),
-            ("ffn_hidden_size", model.ffn_hidden_size),
-        ):
-            if value % tp:
-                raise ConfigError(
-                    f"model.{key}={value} is not divisible by "
-                    f"parallel.tensor_model_parallel_size={tp}; pick a TP that divides it"
-                )
-        if model.num_layers % pp:
-            raise ConfigError(
-                f"model.num_layers={model.num_layers} is not divisible by "
-                f"parallel.pipeline_model_parallel_size={pp}"
-            )
-        per_stage = model.num_layers // pp
-        if parallel.recompute_granularity == "full" and parallel.recompute_num_layers > per_stage:
-            raise ConfigError(
-                f"parallel.recompute_num_layers={parallel.recompute_num_layers} exceeds the "
-                f"{per_stage} layers of a pipeline stage; use 1..{per_stage}"
-            )
-    return world_size // (tp * pp)
-
-
 def validate(cfg: TrainJobConfig, world_size: int) -> int:
     """What single keys cannot check, for ``world_size`` processes; returns the DP size.
     Reads no file, so a job can be planned for another machine."""
@@ -416,6 +387,23 @@ def validate(cfg: TrainJobConfig, world_size: int) -> int:
             f"max_position_embeddings={cfg.model.max_position_embeddings}"
         )
     return dp
+
+
+@section(frozen=False)
+class TrainJobConfig:
+    """The sections of a training job (frozen; this container is not, so a whole section may
+    be put in place). Training reads the frozen :class:`~probsft_megatron.job.Job`."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
+
+    validate = validate  # (world_size) -> the DP size
 
 
 def resolve_precision(precision: str) -> str:
