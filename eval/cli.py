@@ -11,11 +11,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from probsft_megatron.errors import CheckpointError, ConfigError, ProbsftError
-from probsft_megatron.input_checks import TOKENIZER_FILES
-
-# model types whose prompt format is detected; others need --prompt-format
-KNOWN_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+from probsft_megatron.errors import ConfigError, ProbsftError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,50 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse, in one line each, what a user can get wrong before anything is loaded."""
     from probsft_megatron import manifest
-    from probsft_megatron.eval.runner import adapter_rank, check_config, check_hf_model_dir
+    from probsft_megatron.eval.runner import adapter_rank, check_config, check_model
 
     if args.adapter is not None:
         adapter_rank(args.adapter)  # a PEFT LoRA folder, or one line saying what it is not
     check_config(config_from_args(args))
     folder = Path(args.model)
-    kind = manifest.folder_kind(folder)
-    if kind in (manifest.MODEL_DIR, manifest.TRAINING_CHECKPOINT, manifest.TRAINING_RUN):
-        raise CheckpointError(
-            f"--model {folder} is {manifest.describe(folder)}, not a Hugging "
-            "Face folder; export it first: probsft convert megatron-to-hf "
-            f"--ckpt {folder} --out HF_DIR"
-        )
-    if folder.is_file():
-        raise CheckpointError(
-            f"--model {folder} is a file, not a folder; pass a Hugging Face "
-            "checkpoint folder (config.json, weights, tokenizer files)"
-        )
-    check_hf_model_dir(folder)
-    manifest.verify(folder)  # an export written by probsft: every file intact
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(
-            f"{folder}/config.json is not valid JSON ({first}); export or save the model again"
-        ) from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{folder}/config.json does not hold a JSON object")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise CheckpointError(
-            f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])})"
-            "; export it with --hf-template TOKENIZER_DIR or copy the "
-            "tokenizer files into it"
-        )
-    model_type = str(config.get("model_type", "")).lower()
-    if args.prompt_format is None and model_type not in KNOWN_MODEL_TYPES:
-        arch = ", ".join(config.get("architectures") or []) or "none listed"
-        raise ConfigError(
-            f"--model {folder} has model_type {model_type or 'unset'!r} "
-            f"(architectures: {arch}), whose prompt format probsft does not know "
-            f"(it knows {', '.join(KNOWN_MODEL_TYPES)}); pass --prompt-format "
-            "qwen, llama, deepseek or raw to evaluate it with vLLM anyway"
-        )
+    check_model(folder, args.prompt_format)
     if args.data is not None and not Path(args.data).is_file():
         raise ConfigError(f"--data {args.data} is not a file; name a .jsonl file")
     if args.out is None:

@@ -18,16 +18,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from probsft_megatron import manifest
 from probsft_megatron.errors import CheckpointError, ConfigError, ProbsftError
 from probsft_megatron.eval.graders import CONTINUOUS_GRADERS, EXTRACTING_GRADERS, get_grader
 from probsft_megatron.eval.metrics import summarize
 from probsft_megatron.eval.prompts import STOP_STRINGS, detect_family, render, resolve_family
 from probsft_megatron.eval.report import TaskResult, write_reports
 from probsft_megatron.eval.tasks import DataOptions, Example, Task, get_task
+from probsft_megatron.input_checks import TOKENIZER_FILES
 from probsft_megatron.tokenizers import load_tokenizer
 
 CPU_KVCACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE without a GPU, when unset
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+KNOWN_MODEL_TYPES = ("qwen2", "qwen3", "llama")  # others need --prompt-format
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
 
 
@@ -105,10 +108,22 @@ def _plan(config: EvalConfig) -> list[_Plan]:
     return plans
 
 
-def check_hf_model_dir(path: str | os.PathLike) -> Path:
-    """``path`` if it is a Hugging Face checkpoint folder (config.json + weights); else a
-    one-line CheckpointError naming what is missing."""
+def check_model(path: str | os.PathLike, prompt_format: str | None = None) -> dict:
+    """The parsed config.json of the Hugging Face checkpoint folder ``path`` (weights,
+    tokenizer, a prompt format known or given); else one line naming what is wrong."""
     folder = Path(path)
+    kind = manifest.folder_kind(folder)
+    if kind in (manifest.MODEL_DIR, manifest.TRAINING_CHECKPOINT, manifest.TRAINING_RUN):
+        raise CheckpointError(
+            f"--model {folder} is {manifest.describe(folder)}, not a Hugging "
+            "Face folder; export it first: probsft convert megatron-to-hf "
+            f"--ckpt {folder} --out HF_DIR"
+        )
+    if folder.is_file():
+        raise CheckpointError(
+            f"--model {folder} is a file, not a folder; pass a Hugging Face "
+            "checkpoint folder (config.json, weights, tokenizer files)"
+        )
     if not folder.is_dir():
         raise CheckpointError(
             f"model folder {folder} does not exist; pass a Hugging Face checkpoint folder"
@@ -124,7 +139,32 @@ def check_hf_model_dir(path: str | os.PathLike) -> Path:
             f"{folder} has a config.json but no weights (*.safetensors or pytorch_model*.bin); "
             "the checkpoint is incomplete"
         )
-    return folder
+    manifest.verify(folder)  # an export written by probsft: every file intact
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"{folder}/config.json is not valid JSON ({first}); export or save the model again"
+        ) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder}/config.json does not hold a JSON object")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])})"
+            "; export it with --hf-template TOKENIZER_DIR or copy the "
+            "tokenizer files into it"
+        )
+    model_type = str(config.get("model_type", "")).lower()
+    if prompt_format is None and model_type not in KNOWN_MODEL_TYPES:
+        arch = ", ".join(config.get("architectures") or []) or "none listed"
+        raise ConfigError(
+            f"--model {folder} has model_type {model_type or 'unset'!r} "
+            f"(architectures: {arch}), whose prompt format probsft does not know "
+            f"(it knows {', '.join(KNOWN_MODEL_TYPES)}); pass --prompt-format "
+            "qwen, llama, deepseek or raw to evaluate it with vLLM anyway"
+        )
+    return config
 
 
 def read_hf_config(folder: str | os.PathLike) -> dict:
@@ -383,7 +423,7 @@ def _log_path(config: EvalConfig) -> Path:
 def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
     """One TaskResult per task of ``config`` (reports written when ``config.out`` is set);
     ``llm``: an engine for the same model to reuse. User mistakes raise before vLLM starts."""
-    check_hf_model_dir(config.model)
+    hf_config = check_model(config.model, config.prompt_format)
     rank = adapter_rank(config.adapter) if config.adapter is not None else None
     if rank is not None:
         logging.getLogger(__name__).info(
@@ -392,10 +432,7 @@ def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
     family = resolve_family(config.prompt_format) if config.prompt_format else None
     plans = _plan(config)
     tokenizer = load_tokenizer(str(config.model))
-    if family is None:
-        family = detect_family(
-            read_hf_config(config.model), tokenizer.get_vocab(), str(config.model)
-        )
+    family = family or detect_family(hf_config, tokenizer.get_vocab(), str(config.model))
     for plan in plans:
         plan.prompts = [render(plan.task.kind, family, ex.text) for ex in plan.examples]
     results = []
