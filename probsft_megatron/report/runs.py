@@ -4,6 +4,7 @@ bare evaluation folder): objective, model, data, training, evaluation, status, a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,69 +31,44 @@ STATUSES = ("complete", "trained", "running", "queued", "failed", "not started")
 
 # config keys that do not change what a run learns: ignored when grouping seeds
 BOOKKEEPING = {
-    "train.seed",
-    "train.output_dir",
-    "train.resume",
-    "train.tensorboard",
-    "train.log_interval",
-    "train.save_interval",
-    "train.keep_last",
-    "train.histogram_interval",
+    f"train.{key}"
+    for key in (
+        *("seed", "output_dir", "resume", "tensorboard", "log_interval", "save_interval"),
+        *("keep_last", "histogram_interval"),
+    )
 }
 
 
-def objective_info(trained: Any, label: str | None = None) -> dict[str, Any] | None:
+def objective_info(trained: Any, name: str) -> dict[str, Any] | None:
     """``name`` (trained), ``label`` (how the run is called), ``family``, ``a``, ``threshold``,
-    ``percentile`` and ``prefix`` of an objective. ``label`` (a run folder name's tail) is used
-    only as the percentile form of the trained absolute threshold (``OnlyTopP-K20``)."""
+    ``percentile`` and ``prefix`` of an objective. The objective at the end of the run folder's
+    ``name`` is the label only as the percentile form of the trained absolute threshold
+    (``math-qwen2.5-7b-OnlyTopP-K20``)."""
     try:
         obj = parse_objective(trained)
     except ObjectiveError:
         return None
+    th = obj.threshold
     info: dict[str, Any] = {
         "name": obj.name,
         "label": obj.name,
         "family": obj.family,
         "a": {"p": 1.0, "nll": 0.0}.get(obj.family, obj.a),
-        "threshold": None,
-        "percentile": None,
+        "threshold": None
+        if th is None
+        else {"value": th.value, "side": th.side, "per_batch_percentile": th.percentile},
+        "percentile": th.value if th is not None and th.percentile else None,
         "prefix": obj.name.rsplit("-", 1)[0] if obj.thresholded else None,
     }
-    if obj.threshold is not None:
-        info["threshold"] = {
-            "value": obj.threshold.value,
-            "side": obj.threshold.side,
-            "per_batch_percentile": obj.threshold.percentile,
-        }
-        if obj.threshold.percentile:
-            info["percentile"] = obj.threshold.value
-    if label:
-        try:
-            named = parse_objective(label)
-        except ObjectiveError:
-            named = None
-        if (
-            named is not None
-            and named.name != obj.name
-            and named.needs_percentile
-            and obj.thresholded
-            and not obj.needs_percentile
-            and named.name.rsplit("-", 1)[0] == info["prefix"]
-        ):
-            info["label"] = named.name
-            info["percentile"] = named.threshold.value
-    return info
-
-
-def label_from_name(name: str) -> str | None:
-    """The objective spelled at the end of a run folder name (``math-qwen2.5-7b-OnlyTopP-K20``)."""
     parts = name.split("-")
-    for i in range(len(parts) - 1, -1, -1):
-        try:
-            return parse_objective("-".join(parts[i:])).name
-        except ObjectiveError:
-            continue
-    return None
+    for i in range(len(parts) - 1, -1, -1):  # the shortest objective name ending the folder's
+        with contextlib.suppress(ObjectiveError):
+            named = parse_objective("-".join(parts[i:]))
+            if named.needs_percentile and obj.thresholded and not obj.needs_percentile:
+                if named.name.rsplit("-", 1)[0] == info["prefix"]:
+                    info["label"], info["percentile"] = named.name, named.threshold.value
+            break
+    return info
 
 
 @cache
@@ -128,13 +104,8 @@ def model_name(config: dict) -> str | None:
 
 def _same(value: Any, preset: Any) -> bool:
     """Equal, or numbers equal to 1e-6 (a preset value that went through float32)."""
-    if value == preset:
-        return True
-    return (
-        isinstance(preset, (int, float))
-        and isinstance(value, (int, float))
-        and math.isclose(value, preset, rel_tol=1e-6)
-    )
+    numbers = all(isinstance(v, (int, float)) for v in (value, preset))
+    return value == preset or (numbers and math.isclose(value, preset, rel_tol=1e-6))
 
 
 def dataset_name(config: dict) -> str | None:
@@ -142,11 +113,8 @@ def dataset_name(config: dict) -> str | None:
     data = config.get("data") or {}
     if data.get("source") == "figfont":
         return "figfont"
-    fmt = {"numina": "math", "m23k": "medical"}.get(data.get("format"))
-    if fmt:
-        return fmt
-    files = data.get("train_files") or []
-    return ",".join(Path(str(f)).name for f in files) or None
+    files = ",".join(Path(str(f)).name for f in data.get("train_files") or [])
+    return {"numina": "math", "m23k": "medical"}.get(data.get("format")) or files or None
 
 
 def identity(config: dict) -> str:
@@ -201,10 +169,9 @@ def read_run(
     """Everything the report knows about one run folder. ``records``: its launched steps by
     kind; ``step_states`` (by step name, e.g. ``train-<run>``, from SLURM) override them;
     ``step_logs``: log files by step name, searched for a failed step's error."""
-    root = Path(path)
-    problems: list[str] = []
+    root, problems = Path(path), []
     records = dict(records or {})
-    name = root.name
+    name, train = root.name, records.get("train")
     config = read_json(root / "config.json", problems)
     summary = read_json(root / "summary.json", problems)
     if not isinstance(summary, dict) or "output_dir" not in summary:
@@ -213,39 +180,35 @@ def read_run(
     if config_source is None:
         # a run that has checkpoints keeps its config in each checkpoint's train_state.json
         config, config_source = _train_state(root, "config", dict, problems)
-    if config is None and "train" in records and records["train"].config:
-        config = planned_config(records["train"], problems)
+    if config is None and train and train.config:
+        config = planned_config(train, problems)
         config_source = "experiment record" if config is not None else None
+    done, cfg = summary or {}, config or {}
     history = read_jsonl(root / "metrics.jsonl", problems)
-    if not history and summary and isinstance(summary.get("history"), list):
-        history = [r for r in summary["history"] if isinstance(r, dict)]
-    history = [r for r in history if isinstance(r.get("step"), int)]
-    history.sort(key=lambda r: r["step"])
-
-    trained_objective = (summary or {}).get("objective") or ((config or {}).get("loss") or {}).get(
-        "objective"
+    if not history and isinstance(done.get("history"), list):
+        history = [r for r in done["history"] if isinstance(r, dict)]
+    history = sorted(
+        (r for r in history if isinstance(r.get("step"), int)), key=lambda r: r["step"]
     )
-    if trained_objective is None and "train" in records:
-        trained_objective = records["train"].objective
-    objective = (
-        objective_info(trained_objective, label_from_name(name))
-        if trained_objective is not None
-        else None
-    )
-    if trained_objective is not None and objective is None:
-        problems.append(f"{root}: objective {trained_objective!r} is not one probsft knows")
 
-    total_steps = (summary or {}).get("total_steps")
+    trained = done.get("objective") or (cfg.get("loss") or {}).get("objective")
+    if trained is None and train:
+        trained = train.objective
+    objective = objective_info(trained, name) if trained is not None else None
+    if trained is not None and objective is None:
+        problems.append(f"{root}: objective {trained!r} is not one probsft knows")
+
+    total_steps = done.get("total_steps")
     if total_steps is None:
         total_steps, _ = _train_state(root, "total_steps", int, problems)
-    max_steps = ((config or {}).get("train") or {}).get("max_steps")
+    max_steps = (cfg.get("train") or {}).get("max_steps")
     planned = total_steps
     if isinstance(max_steps, int) and max_steps > 0:
         planned = min(max_steps, total_steps) if total_steps else max_steps
     training = None
     if history or summary:
         training = {
-            "steps": history[-1]["step"] if history else (summary or {}).get("steps"),
+            "steps": history[-1]["step"] if history else done.get("steps"),
             "planned_steps": planned,
             "total_steps": total_steps,
             "finished": summary is not None,
@@ -254,15 +217,15 @@ def read_run(
             "last": {k: v for k, v in (history[-1] if history else {}).items() if k != "p_hist"},
             "validation": _last_validation(history),
         }
-    curves = {key: [r.get(key) for r in history] for key in ("step", "loss", "mean_p")}
     evals = read_eval(root / "eval", problems) if (root / "eval").is_dir() else {}
 
     probe = None
     probe_report = read_json(root / "probe" / "report.json", problems)
-    evidence = (summary or {}).get("objective_evidence")
+    evidence = done.get("objective_evidence")
     if isinstance(evidence, dict):
-        keys = ("source", "placement", "recommendation", "statistics")
-        probe = {k: evidence.get(k) for k in keys}
+        probe = {
+            k: evidence.get(k) for k in ("source", "placement", "recommendation", "statistics")
+        }
     if is_probe_report(probe_report):
         probe = probe or {}
         probe.update(
@@ -271,110 +234,81 @@ def read_run(
             recommendation=probe_report.get("recommendation"),
         )
 
-    states = {kind: rec.state for kind, rec in records.items()}
-    for kind in ("train", "export", "eval"):
-        if step_states and f"{kind}-{name}" in step_states:
-            states[kind] = step_states[f"{kind}-{name}"]
-            rec = records.setdefault(kind, StepOutcome(f"{kind}-{name}", kind, str(root)))
-            log = (step_logs or {}).get(f"{kind}-{name}") or rec.log
-            rec.state = states[kind]
+    for kind in ("train", "export", "eval"):  # the caller's job states decide over records
+        step = f"{kind}-{name}"
+        if step in (step_states or {}):
+            rec = records.setdefault(kind, StepOutcome(step, kind, str(root)))
+            rec.state, log = step_states[step], (step_logs or {}).get(step) or rec.log
             if log and state_class(rec.state) == "failed":
                 rec.log, rec.error = str(log), step_error([Path(log)])
-    status, detail = _status(
-        root, records, states, summary, training, evals, config_source, planned
-    )
-
-    recipe = records["train"].recipe if "train" in records else None
-    return {
+    run = {
         "name": name,
         "path": str(root),
         "kind": "train",
-        "status": status,
-        "status_detail": detail,
+        "status": None,
+        "status_detail": None,
         "objective": objective,
-        "seed": ((config or {}).get("train") or {}).get("seed"),
+        "seed": (cfg.get("train") or {}).get("seed"),
         "model": model_name(config) if config else None,
         "dataset": dataset_name(config) if config else None,
-        "recipe": recipe,
+        "recipe": train.recipe if train else None,
         "identity": identity(config) if config else None,
         "config": config,
         "config_source": config_source,
         "training": training,
-        "curves": curves,
+        "curves": {key: [r.get(key) for r in history] for key in ("step", "loss", "mean_p")},
         "eval": evals,
         "probe": probe,
         "steps": {
-            kind: {
-                "state": states.get(kind),
-                "error": rec.error,
-                "log": rec.log,
-                "experiment": rec.experiment,
-            }
+            kind: {k: getattr(rec, k) for k in ("state", "error", "log", "experiment")}
             for kind, rec in records.items()
         },
         "problems": problems,
     }
+    run["status"], run["status_detail"] = _status(run, records, planned)
+    return run
 
 
-def _status(
-    root: Path,
-    records: dict[str, StepOutcome],
-    states: dict[str, str | None],
-    summary: dict | None,
-    training: dict | None,
-    evals: dict,
-    config_source: str | None,
-    planned: int | None,
-) -> tuple[str, str]:
+def _status(run: dict, records: dict[str, StepOutcome], planned: int | None) -> tuple[str, str]:
     """``(status, detail)`` of a run: its files first, then its steps' states."""
-    classes = {kind: state_class(s) for kind, s in states.items()}
-    exists = root.is_dir() and any(root.iterdir())
-    detail = ""
+    root, training, evals = Path(run["path"]), run["training"], run["eval"]
+    classes = {kind: state_class(rec.state) for kind, rec in records.items()}
     failed = [k for k in ("train", "export", "eval") if classes.get(k) == "failed"]
-    all_tasks_done = (root / "eval" / "summary.json").is_file()  # written after the last task
-    if evals and all_tasks_done:
+    if evals and (root / "eval" / "summary.json").is_file():  # written after the last task
         return "complete", ""
     if failed:
-        kind = failed[0]
-        rec = records.get(kind)
-        detail = f"{kind} step {states[kind].lower()}"
-        if kind == "train" and training:
+        rec = records[failed[0]]
+        detail = f"{rec.kind} step {rec.state.lower()}"
+        if rec.kind == "train" and training:
             detail += f" at step {training['steps']}"
-        if rec is not None and rec.error:
+        if rec.error:
             detail += f": {rec.error}"
         if evals:
             detail += f" (tasks done: {', '.join(sorted(evals))})"
         return "failed", detail
     if evals:
         return "running", f"evaluation under way: {', '.join(sorted(evals))} done"
-    if summary is not None:
+    if training and training["finished"]:
         later = [k for k in ("eval", "export") if classes.get(k) in ("running", "queued")]
         if later:
-            detail = f"{later[0]} step {classes[later[0]]}"
-        elif (root / "hf" / "probsft_export.json").is_file():
-            detail = "exported, not evaluated"
-        else:
-            detail = "not evaluated"
-        return "trained", detail
-    if training or config_source not in (None, "experiment record"):
+            return "trained", f"{later[0]} step {classes[later[0]]}"
+        exported = (root / "hf" / "probsft_export.json").is_file()
+        return "trained", "exported, not evaluated" if exported else "not evaluated"
+    if training or run["config_source"] not in (None, "experiment record"):
         if classes.get("train") == "succeeded":
             return "failed", "train step ended without writing summary.json"
-        steps = training["steps"] if training else 0
         of = f" of {planned}" if planned else ""
         return "running", (
-            f"step {steps}{of}; no summary.json yet (still training, or stopped "
-            "without a record of it)"
+            f"step {training['steps'] if training else 0}{of}; no summary.json yet (still "
+            "training, or stopped without a record of it)"
         )
     if classes.get("train") == "queued":
         return "queued", "train step queued"
     if classes.get("train") == "running":
         return "running", "train step started, nothing written yet"
-    detail = (
-        "named by the experiment records, no output yet"
-        if records or not exists
-        else "folder holds no run files"
-    )
-    return "not started", detail
+    if records or not (root.is_dir() and any(root.iterdir())):
+        return "not started", "named by the experiment records, no output yet"
+    return "not started", "folder holds no run files"
 
 
 def read_eval_only(path: str | os.PathLike) -> dict[str, Any]:
