@@ -27,10 +27,8 @@ class _Format(logging.Formatter):
     """``[probsft] message``; warnings and errors name their level."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        if record.levelno >= logging.WARNING:
-            text = f"{record.levelname.lower()}: {text}"
-        return f"[probsft] {text}"
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"[probsft] {level}{super().format(record)}"
 
 
 def log_level(verbose: int = 0) -> int:

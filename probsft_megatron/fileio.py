@@ -32,12 +32,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def atomic_write_json(
-    path: str | os.PathLike,
-    data: Any,
-    *,
-    indent: int | None = 2,
-    default: Callable[[Any], Any] | None = None,
-) -> Path:
-    """``data`` as JSON (plus a final newline) to ``path`` atomically."""
-    return atomic_write_text(path, json.dumps(data, indent=indent, default=default) + "\n")
+def atomic_write_json(path: str | os.PathLike, data: Any, **dumps_args: Any) -> Path:
+    """``data`` as JSON (plus a final newline) to ``path`` atomically; ``dumps_args`` go to
+    ``json.dumps`` (``indent=2`` unless given, ``default=str``...)."""
+    return atomic_write_text(path, json.dumps(data, **{"indent": 2, **dumps_args}) + "\n")

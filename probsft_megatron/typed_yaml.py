@@ -231,15 +231,11 @@ def _nulls(cls, data: Any, prefix: str = "") -> Any:
     _refuse_bool_numbers(cls, prefix, data)
     out = {}
     for name, value in data.items():
-        info = _fields(cls).get(name)
-        if info is not None and _fields(info.annotation):
-            value = _nulls(info.annotation, value, f"{prefix}.{name}" if prefix else name)
-        elif (
-            info is not None
-            and type(None) in typing.get_args(info.annotation)
-            and isinstance(value, str)
-            and value.strip().lower() in ("null", "none")
-        ):
+        annotation = getattr(_fields(cls).get(name), "annotation", None)
+        null = isinstance(value, str) and value.strip().lower() in ("null", "none")
+        if _fields(annotation):
+            value = _nulls(annotation, value, f"{prefix}.{name}" if prefix else name)
+        elif null and type(None) in typing.get_args(annotation):
             value = None
         out[name] = value
     return out
