@@ -120,7 +120,10 @@ class CheckpointManager:
                 raise CheckpointError(
                     manifest.damaged_message(path, damage, resuming=True)
                 ) from None
-            _set_rng_state(rng)
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+            compat.set_rng_tracker_states(rng["tracker"])
         return json.loads((path / "train_state.json").read_text())
 
     def save(self, step: int, model, optimizer, **kwargs) -> Path:
@@ -151,21 +154,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": compat.rng_tracker_states(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    compat.set_rng_tracker_states(state["tracker"])
 
 
 def _sharded_state(model, optimizer, *, is_loading: bool) -> dict[str, Any]:
@@ -210,7 +198,12 @@ def save_checkpoint(
     compat.dist_save(
         _sharded_state(model, optimizer, is_loading=False), str(staging / layout.WEIGHTS_DIR)
     )
-    torch.save(_rng_state(), staging / "rng" / f"rank_{_rank():05d}.pt")
+    rng = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": compat.rng_tracker_states(),
+    }
+    torch.save(rng, staging / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
         layout.write_model_config(

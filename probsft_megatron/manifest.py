@@ -65,29 +65,26 @@ def step_folders(ckpt_root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted((step_of(p), p) for p in root.iterdir() if step_of(p) is not None and p.is_dir())
 
 
-def _crc(path: Path, size: int) -> tuple[str, str]:
-    crc = 0
+def _entry(path: Path) -> dict[str, Any]:
+    """A file's manifest entry: its size and CRC-32 (of all of it, or of its ends)."""
+    size, crc = path.stat().st_size, 0
     with open(path, "rb") as f:
         if size <= FULL_CHECKSUM_BYTES:
             while chunk := f.read(_CHUNK):
                 crc = zlib.crc32(chunk, crc)
-            return f"{crc:08x}", "all"
+            return {"size": size, "crc32": f"{crc:08x}", "crc32_of": "all"}
         crc = zlib.crc32(f.read(SAMPLE_BYTES), crc)
         f.seek(size - SAMPLE_BYTES)
         crc = zlib.crc32(f.read(SAMPLE_BYTES), crc)
-    return f"{crc:08x}", "ends"
+    return {"size": size, "crc32": f"{crc:08x}", "crc32_of": "ends"}
 
 
 def write_manifest(folder: str | os.PathLike, kind: str, **info: Any) -> Path:
     """List every file under ``folder`` in its manifest, written atomically as the folder's
     last file; ``info`` (e.g. ``step=40``) is recorded next to the kind."""
     folder = Path(folder)
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder).as_posix()
-        if name != MANIFEST_FILE:
-            crc, of = _crc(path, path.stat().st_size)
-            files[name] = {"size": path.stat().st_size, "crc32": crc, "crc32_of": of}
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST_FILE)
+    files = {path.relative_to(folder).as_posix(): _entry(path) for path in paths}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -100,11 +97,7 @@ def write_manifest(folder: str | os.PathLike, kind: str, **info: Any) -> Path:
 
 
 def read_manifest(folder: str | os.PathLike) -> dict | None:
-    """The folder's manifest, or None when it has none.
-
-    Raises:
-        CheckpointError: the manifest itself is unreadable.
-    """
+    """The folder's manifest, or None when it has none; CheckpointError when it is unreadable."""
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         return None
@@ -132,13 +125,13 @@ def checkpoint_damage(path: str | os.PathLike) -> str | None:
     entries = manifest["files"]
     for name, entry in entries.items():
         if not (folder / name).is_file():
-            return str(f"{name} is missing")
+            return f"{name} is missing"
         size = (folder / name).stat().st_size
         if size != entry.get("size"):
-            return str(f"{name} is {size} bytes, its manifest lists {entry.get('size')}")
+            return f"{name} is {size} bytes, its manifest lists {entry.get('size')}"
     for name, entry in entries.items():
-        if _crc(folder / name, int(entry["size"]))[0] != entry.get("crc32"):
-            return str(f"{name} does not match its checksum (changed since it was written)")
+        if _entry(folder / name)["crc32"] != entry.get("crc32"):
+            return f"{name} does not match its checksum (changed since it was written)"
     return None
 
 
@@ -199,11 +192,7 @@ def damaged_message(path: str | os.PathLike, damage: str, *, resuming: bool = Fa
 def verify(path: str | os.PathLike, *, resuming: bool = False) -> bool:
     """Check a checkpoint, model dir or export against its manifest; True when verified,
     False for a Hugging Face folder without one (it may come from elsewhere). A Megatron
-    model dir or checkpoint without one is damaged.
-
-    Raises:
-        CheckpointError: one line from :func:`damaged_message`.
-    """
+    model dir or checkpoint without one is damaged (CheckpointError, :func:`damaged_message`)."""
     path = Path(path)
     megatron = (path / "model_config.json").is_file() or step_of(path) is not None
     if not megatron and not (path / MANIFEST_FILE).is_file():
@@ -227,9 +216,7 @@ def folder_kind(path: str | os.PathLike) -> str | None:
         return manifest["kind"]
     if (path / "model_config.json").is_file():
         return TRAINING_CHECKPOINT if (path / "train_state.json").is_file() else MODEL_DIR
-    if _is_run(path):
-        return TRAINING_RUN
-    return None
+    return TRAINING_RUN if _is_run(path) else None
 
 
 def _is_run(path: Path) -> bool:
@@ -251,10 +238,7 @@ def describe(path: str | os.PathLike) -> str:
     kind = folder_kind(path)
     if kind is not None:
         return f"a {KIND_NAMES[kind]}"
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return "a Hugging Face folder"
-    return "other files"
+    return "a Hugging Face folder" if (Path(path) / "config.json").is_file() else "other files"
 
 
 def _absolute(path: str | os.PathLike) -> Path:

@@ -17,10 +17,6 @@ from probsft_megatron.fileio import atomic_write_json
 VAL_PREFIX = "val_"
 
 
-def p_histogram(p: torch.Tensor, bins: int = 20) -> list[int]:
-    return torch.histc(p.float(), bins=bins, min=0.0, max=1.0).to(torch.int64).tolist()
-
-
 def step_record(step: int, lr: float, stats, elapsed: float) -> dict[str, Any]:
     """One line of ``metrics.jsonl`` from a step's StepStats (``tokens``: real tokens,
     ``positions``: computed ones, padding included)."""
@@ -39,8 +35,8 @@ def step_record(step: int, lr: float, stats, elapsed: float) -> dict[str, Any]:
         record["threshold"] = stats.threshold
     if getattr(stats, "units", None):  # loss.normalization=sample: examples (or turns) averaged
         record["units"] = stats.units
-    if stats.p is not None:
-        record["p_hist"] = p_histogram(stats.p)
+    if stats.p is not None:  # 20 bins over [0, 1]
+        record["p_hist"] = torch.histc(stats.p.float(), 20, 0.0, 1.0).to(torch.int64).tolist()
     return record
 
 

@@ -67,7 +67,7 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
     )
     # from here on a stop signal finishes the step, saves and stops (see module stopping)
     with stopping.Stopper(
-        t.dist_timeout_s, announce=_env_rank() == 0, checkpoints=checkpoints
+        t.dist_timeout_s, announce=os.environ.get("RANK", "0") == "0", checkpoints=checkpoints
     ) as stopper:
         summary = Trainer(job, stopper).fit()
         runtime.shutdown()
@@ -136,9 +136,8 @@ class Trainer:
         self.head = runtime.loss_head(
             ObjectiveLoss(job.loss, runtime.dp_group()), cpu_backend.device()
         )
-        self.validation = None
-        if job.data.val_files:  # held-out loss every train.eval_interval steps and at the end
-            self.validation = Validation(job, tokenizer, layout)
+        # held-out loss every train.eval_interval steps and at the end
+        self.validation = Validation(job, tokenizer, layout) if job.data.val_files else None
         self.log = RunLog(job, self.start_step, self.last_step) if self.is_logger else None
 
     def _resume(self, job: Job, path: Path) -> int:
@@ -171,13 +170,9 @@ class Trainer:
                 if verdict.nonfinite:  # before anything of this step is logged or saved
                     raise self._nonfinite(verdict)
                 last = step == self.last_step
-                val = {}
-                if (
-                    self.validation is not None
-                    and not verdict.stop
-                    and self.validation.due(step, self.last_step)
-                ):
-                    val = self.validation(self.chunks, self.head)  # val_* on the logger
+                due = self.validation is not None and self.validation.due(step, self.last_step)
+                # the val_* metrics on the logger
+                val = self.validation(self.chunks, self.head) if due and not verdict.stop else {}
                 if self.log is not None:
                     write = step % t.log_interval == 0 or last or verdict.stop or bool(val)
                     self.log.step({**step_record(step, lr, stats, elapsed), **val}, stats.p, write)
@@ -294,9 +289,7 @@ def run_length(examples: int, total_steps: int, t, *, announce: bool) -> int:
             f"train.max_steps={total_steps} or lower (null: every step of the epochs)"
         )
     if problem is not None:
-        error = ConfigError(problem)
-        error.announce = announce
-        raise error
+        raise ConfigError(problem, announce=announce)
     last_step = t.max_steps or total_steps
     if announce:
         cut = (
@@ -308,24 +301,13 @@ def run_length(examples: int, total_steps: int, t, *, announce: bool) -> int:
     return last_step
 
 
-def _env_rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="probsft train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="recipe YAML (path or name under configs/recipes)")
     verbose = "debug logging, including megatron's own warnings"
     ap.add_argument("-v", "--verbose", action="count", default=0, help=verbose)
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=4e-5")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+    args = ap.parse_args(argv)
 
     def run() -> int:
         try:
