@@ -1,8 +1,7 @@
 """`probsft` console entry point: one thin subcommand per library module.
 
-Each subcommand module has ``add_arguments(parser)`` and ``run(args) -> int`` and is imported
-only when chosen. Exit codes: 0 success, 2 a usage error or a ProbsftError (one line), 1 a
-run that failed on its own terms. ``key=value`` overrides may follow the options too."""
+Each subcommand module has ``add_arguments(parser)`` and ``run(args) -> int``, imported only
+when chosen. Exit codes: 0 success, 2 a usage error or a ProbsftError, 1 a failed run."""
 
 from __future__ import annotations
 

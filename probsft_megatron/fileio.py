@@ -12,8 +12,7 @@ from typing import Any
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` for a temporary file next to ``path``, then rename it over
-    ``path`` (the folder is created if needed). Returns ``path``."""
+    """Call ``write(tmp_path)``, then rename it over ``path`` (folder created); ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -1,6 +1,5 @@
 """What a training job's paths point at, checked before any work, one line each
-(:func:`check_files`, called by :func:`probsft_megatron.job.resolve_job`); the probe and
-the converters call the single checks for their own flags."""
+(:func:`check_files`); the probe and the converters call the single checks."""
 
 from __future__ import annotations
 
@@ -71,8 +70,7 @@ def check_model_dir(
 
 
 def check_tokenizer(spec: str, key: str) -> None:
-    """``spec`` names a built-in tokenizer or a folder (or a model dir's ``hf/``) with
-    tokenizer files; else one line naming ``key``."""
+    """``spec`` is a built-in tokenizer or a folder with tokenizer files, else one line."""
     folder = _tokenizer_folder(spec)
     if folder is None:
         return
@@ -91,8 +89,7 @@ def check_tokenizer(spec: str, key: str) -> None:
 
 
 def tokenizer_vocab_size(folder: str | os.PathLike) -> int | None:
-    """The number of token ids (largest + 1, added tokens included) of ``folder``'s
-    ``tokenizer.json``, read without building the tokenizer; None without one."""
+    """The number of token ids in ``folder``'s ``tokenizer.json`` (None without one)."""
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         return None
@@ -108,8 +105,7 @@ def tokenizer_vocab_size(folder: str | os.PathLike) -> int | None:
 
 
 def _tokenizer_folder(spec: str) -> Path | None:
-    """The folder a tokenizer spec names (a model dir's ``hf/`` for a model dir); None for a
-    built-in one."""
+    """The folder a spec names (a model dir's ``hf/``); None for a built-in tokenizer."""
     if spec in BUILTIN:
         return None
     folder = Path(spec)
@@ -119,8 +115,7 @@ def _tokenizer_folder(spec: str) -> Path | None:
 
 
 def check_vocab_fits(tokenizer: str, vocab_size: int, key: str) -> None:
-    """Refuse a tokenizer whose ids reach past the model's vocabulary (without a
-    ``tokenizer.json`` it is not checked)."""
+    """Refuse a tokenizer with more ids than the model's vocabulary (if it tells its size)."""
     folder = _tokenizer_folder(tokenizer)
     size = BUILTIN.get(tokenizer) if folder is None else tokenizer_vocab_size(folder)
     if size is not None and size > vocab_size:
@@ -177,8 +172,7 @@ def check_data_files(data: DataConfig, key: str = "data.train_files") -> None:
 
 
 def count_records(data: DataConfig) -> int | None:
-    """How many records the data gives (capped at ``data.num_samples``), counted without
-    parsing them; None when that cannot be told cheaply."""
+    """Records the data gives (at most ``data.num_samples``), None when not cheaply told."""
     if data.source != "file":
         return data.num_samples
     total = 0
@@ -203,9 +197,8 @@ def count_records(data: DataConfig) -> int | None:
 
 
 def planned_length(cfg: TrainJobConfig) -> str:
-    """What the run will train, as the dry run states it (an upper bound: over-long records
-    are dropped when tokenizing); ConfigError when ``train.max_steps`` is more than the data
-    gives."""
+    """What the run will train, as the dry run states it (an upper bound); ConfigError when
+    ``train.max_steps`` is more than the data gives."""
     t = cfg.train
     records = count_records(cfg.data)
     if records is None:
@@ -235,9 +228,8 @@ def planned_length(cfg: TrainJobConfig) -> str:
 
 
 def check_files(cfg: TrainJobConfig, *, resume: bool = True) -> None:
-    """Every path the job reads or writes, one line each: ``init.checkpoint``, the tokenizer,
-    the data files, ``train.output_dir`` (writable, no input's) and (``resume``) the checkpoint
-    a resume would load (a run's ranks leave it to the CheckpointManager)."""
+    """Every path the job reads or writes, one line each, and (``resume``) the checkpoint a
+    resume would load (a run's ranks leave that to the CheckpointManager)."""
     init = cfg.init
     if init.checkpoint is not None:
         check_model_dir(init.checkpoint, "init.checkpoint", training_checkpoint_ok=False)

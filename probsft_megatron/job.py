@@ -1,5 +1,4 @@
-"""The resolved training job: what a run derives from its configuration, decided once by
-:func:`resolve_job` into a frozen :class:`Job` that training reads."""
+"""The resolved training job: a frozen :class:`Job`, decided once by :func:`resolve_job`."""
 
 from __future__ import annotations
 
@@ -74,9 +73,8 @@ class Job:
 
 
 def resolve_job(cfg: TrainJobConfig, world_size: int, *, resume: bool = True) -> Job:
-    """Check ``cfg``'s paths (and with ``resume`` the checkpoint a resume would load), validate
-    it for ``world_size`` processes and resolve it into a :class:`Job`; cheap and
-    collective-free, so ``--dry-run`` and every rank of a run call it first."""
+    """Check ``cfg``'s paths and layout for ``world_size`` processes and resolve it into a
+    :class:`Job`; cheap and collective-free (``--dry-run`` and every rank call it first)."""
     cfg = dataclasses.replace(cfg)  # the Job's own container (the sections are frozen)
     check_files(cfg, resume=resume)
     check_first_records(cfg.data)  # the data's fields, before any tokenizer reads it

@@ -1,6 +1,5 @@
-"""Where the shipped configuration is found (recipes, model presets, cluster profiles,
-sweeps): first the folders of ``$PROBSFT_CONFIG_PATH``, each laid out like ``configs/``, then
-the configs shipped with the package (``probsft_megatron/configs`` in a wheel)."""
+"""Where shipped configuration is found: ``$PROBSFT_CONFIG_PATH``'s folders (laid out like
+``configs/``), then the package's own configs."""
 
 from __future__ import annotations
 

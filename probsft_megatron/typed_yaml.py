@@ -1,6 +1,5 @@
-"""Typed config sections from YAML mappings and dotted ``section.key=value`` overrides: the
-:func:`section` decorator makes a class a frozen pydantic dataclass whose every bad key or
-value fails with one ConfigError line naming the dotted key (why pydantic: docs/training.md)."""
+"""Typed config sections from YAML and dotted ``section.key=value`` overrides, frozen pydantic
+dataclasses whose every bad key or value is one ConfigError line (why: docs/training.md)."""
 
 from __future__ import annotations
 
@@ -21,16 +20,14 @@ from probsft_megatron.errors import ConfigError
 
 
 def shown(text: str) -> str:
-    """``text`` (a key, a path) with every invisible or non-ASCII character escaped
-    (``optim.lr\\u200b``), so that a name that only looks right reads differently."""
+    """``text`` with every invisible or non-ASCII character escaped (``optim.lr\\u200b``)."""
     return "".join(
         c if c.isascii() and c.isprintable() else c.encode("unicode_escape").decode() for c in text
     )
 
 
 def oddity(text: str) -> str:
-    """`` (it contains U+200B ZERO WIDTH SPACE)``: ``text``'s first invisible or non-ASCII
-    character, for a message; empty when there is none."""
+    """`` (it contains U+200B ZERO WIDTH SPACE)`` for ``text``'s first such character, or ""."""
     c = next((c for c in text if not (c.isascii() and c.isprintable())), None)
     if c is None:
         return ""
@@ -155,8 +152,7 @@ def _got(value: Any) -> str:
 
 
 def config_error(exc: ValidationError, cls, prefix: str = "") -> ConfigError:
-    """pydantic's first error as one line: the dotted key, the bad value, what is allowed
-    (a field's ``description`` is the hint)."""
+    """pydantic's first error as one line: dotted key, bad value, what is allowed, hint."""
     err = exc.errors()[0]
     if isinstance((err.get("ctx") or {}).get("error"), ConfigError):
         return err["ctx"]["error"]  # a rule that spans keys, raised with its own words
@@ -202,8 +198,7 @@ def _refuse_bool_numbers(cls, prefix: str, values: dict) -> None:
 
 
 def section(prefix: str = "", *, frozen: bool = True):
-    """A frozen pydantic dataclass whose every construction fails with :func:`config_error`
-    (keys named ``prefix.key``); ``dataclasses.replace`` and ``asdict`` keep working."""
+    """A frozen pydantic dataclass whose bad constructions raise :func:`config_error` lines."""
 
     def make(cls):
         cls = dataclass(frozen=frozen, config=SETTINGS)(cls)
