@@ -1,16 +1,14 @@
 """The embedded default, end to end on a CPU: ``make demo`` / ``python -m probsft_megatron.demo``.
 
-SmolLM2-135M-Instruct (no download) is converted to Megatron, probed on generated two-digit
-additions, fine-tuned with NLL (``original``) and with ``-p`` (``p``), exported and evaluated
-with vLLM next to the base model; a markdown report compares them. Every stage is its own
-process (the commands a user types), reused on a rerun with the same settings. ``--size
-smoke`` is the same pipeline on a few examples (tests/test_demo.py); ``--compare
-REPORT.json`` checks a run against a committed report within :data:`TOLERANCE`.
+SmolLM2-135M-Instruct (no download) probed on generated two-digit additions, fine-tuned with NLL
+and with ``-p``, exported and evaluated next to the base model, every stage its own process and
+reused on a rerun (docs/demo/README.md); ``--compare`` checks a committed report.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -46,11 +44,8 @@ numerics change that left the losses equal to four digits)."""
 def arithmetic_records(n: int, seed: int) -> list[dict[str, str]]:
     """Two-digit additions in the model's own answer style (``"37 + 48 = 85"``)."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        out.append({"prompt": f"What is {a} + {b}?", "response": f"{a} + {b} = {a + b}"})
-    return out
+    pairs = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(n)]
+    return [{"prompt": f"What is {a} + {b}?", "response": f"{a} + {b} = {a + b}"} for a, b in pairs]
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -97,12 +92,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def plot(report: dict[str, Any], histories: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
+    from probsft_megatron.report.figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.6))
     for name, rows in histories.items():
         steps = [r["step"] for r in rows]
         axes[0].plot(steps, [r["loss"] for r in rows], label=name)
@@ -116,7 +108,7 @@ def plot(report: dict[str, Any], histories: dict[str, list[dict]], path: Path) -
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,14 +239,16 @@ def run(args: argparse.Namespace) -> int:
         f"optim.lr={args.lr}",
         f"train.seed={args.seed}",
     ]
-    evals = {"base": hf_base}
+    evals, histories = {"base": hf_base}, {}
     for obj in OBJECTIVES:
         run_dir = work / "runs" / obj
         argv = [*train, f"loss.objective={obj}", f"train.output_dir={run_dir}"]
         stages.run(f"train-{obj}", argv, done=run_dir / "summary.json")
-        ckpt = json.loads((run_dir / "summary.json").read_text())["checkpoint"]
-        hf = run_dir / "hf"
-        export = _probsft("convert", "megatron-to-hf", "--ckpt", ckpt, "--out", str(hf))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        histories[obj], hf = summary["history"], run_dir / "hf"
+        export = _probsft(
+            "convert", "megatron-to-hf", "--ckpt", summary["checkpoint"], "--out", str(hf)
+        )
         stages.run(f"export-{obj}", export, done=hf / "config.json")
         evals[obj] = hf
     flags = "--task custom --grader exact --prompt-format raw --max-new-tokens 24"
@@ -265,10 +259,6 @@ def run(args: argparse.Namespace) -> int:
         stages.run(f"eval-{name}", [*argv, *flags.split()], done=out / "summary.json")
 
     # 5. the report
-    histories = {
-        obj: json.loads((work / "runs" / obj / "summary.json").read_text())["history"]
-        for obj in OBJECTIVES
-    }
     total = time.perf_counter() - t_start
     report = _report(work, settings, evals, probe, histories, stages.times, total)
     plot(report, histories, work / "report.png")
@@ -291,13 +281,10 @@ def _machine() -> dict[str, Any]:
     import torch
 
     cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -370,7 +357,8 @@ def compare(report: dict[str, Any], reference: dict[str, Any]) -> list[str]:
 def _markdown(report: dict[str, Any], probe: dict[str, Any]) -> list[str]:
     settings, accuracy, final = report["settings"], report["accuracy"], report["final"]
     placement = probe.get("placement") or {}
-    lines = [
+    m, tol = report["machine"], report["tolerance"]
+    return [
         "# probsft-megatron demo: NLL vs -p on SmolLM2-135M-Instruct (CPU)",
         "",
         f"Task: two-digit addition in the model's answer style (`What is 37 + 48?` -> "
@@ -388,14 +376,11 @@ def _markdown(report: dict[str, Any], probe: dict[str, Any]) -> list[str]:
         "| model | steps | final train loss | final mean p | test exact match |",
         "|---|---|---|---|---|",
         f"| base | - | - | - | {accuracy['base']:.3f} |",
-    ]
-    for obj in OBJECTIVES:
-        last = final[obj]
-        lines.append(
+        *(
             f"| {obj} | {last['step']} | {last['loss']:.4f} | {last['mean_p']:.3f} "
             f"| {accuracy[obj]:.3f} |"
-        )
-    lines += [
+            for obj, last in final.items()  # in OBJECTIVES order
+        ),
         "",
         "The training loss column is each run's own objective (NLL for `original`, "
         "1-p for `p`), so only the mean p and accuracy columns compare across rows.",
@@ -406,20 +391,12 @@ def _markdown(report: dict[str, Any], probe: dict[str, Any]) -> list[str]:
         "",
         "| stage | seconds |",
         "|---|---|",
-    ]
-    lines += [f"| {k} | {v:.0f} |" for k, v in report["stage_seconds"].items()]
-    lines += [
+        *(f"| {k} | {v:.0f} |" for k, v in report["stage_seconds"].items()),
         f"| **total** | **{report['total_seconds']:.0f}** |",
         "",
         "First test example, greedy completion per model:",
         "",
-    ]
-    lines += [
-        f"- {name}: `{text.strip()[:80]}`" for name, text in report["first_completion"].items()
-    ]
-    m = report["machine"]
-    tol = report["tolerance"]
-    lines += [
+        *(f"- {name}: `{text.strip()[:80]}`" for name, text in report["first_completion"].items()),
         "",
         "## Reproducing this report",
         "",
@@ -436,7 +413,6 @@ def _markdown(report: dict[str, Any], probe: dict[str, Any]) -> list[str]:
         "with docs/demo/report.json) and exits 1 listing what differs; stage times depend on "
         "the machine and its load and are not compared.",
     ]
-    return lines
 
 
 CONTINUUM_NOTE = (
