@@ -54,10 +54,11 @@ class _LoRAMixin:
         self.lora_rank = r
         self.lora_scaling = float(peft.alpha) / float(peft.rank)
         self.lora_dropout = float(peft.dropout)
+        # the gated fc1 holds cat(gate_shard, up_shard) per rank; B's checkpoint follows
+        self.lora_glu = column and target == "linear_fc1" and bool(self.config.gated_linear_unit)
         self.lora_A = torch.nn.Parameter(torch.zeros(*a_shape, dtype=dtype, device=device))
         self.lora_B = torch.nn.Parameter(torch.zeros(*b_shape, dtype=dtype, device=device))
-        sharded = self.lora_B if column else self.lora_A
-        dim = 0 if column else 1
+        sharded, dim = (self.lora_B, 0) if column else (self.lora_A, 1)
         set_tensor_model_parallel_attributes(sharded, is_parallel=True, dim=dim, stride=1)
         torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
@@ -66,7 +67,20 @@ class _LoRAMixin:
             return torch.nn.functional.dropout(x, p=self.lora_dropout, training=self.training)
         return x
 
+    def _with_adapter(self, sd: dict, name: str, dim: int, prefix: str, offsets) -> dict:
+        """``sd`` plus the TP-split adapter ``name`` (split along ``dim``, gated fc1 in halves)."""
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+        part = make_sharded_tensors_for_checkpoint(
+            {name: getattr(self, name)}, prefix, {name: dim}, offsets
+        )
+        if self.lora_glu:
+            part = {k: apply_swiglu_sharded_factory(v, offsets) for k, v in part.items()}
+        return sd | part
+
+
+@functools.cache
 def _column_class():
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
@@ -77,8 +91,6 @@ def _column_class():
         def __init__(self, *args, peft: PeftConfig, lora_target: str, **kwargs):
             super().__init__(*args, **kwargs)
             self._add_adapters(peft, lora_target, column=True)
-            # the gated fc1 holds cat(gate_shard, up_shard) per rank; B's checkpoint follows
-            self.lora_glu = lora_target == "linear_fc1" and bool(self.config.gated_linear_unit)
             if self.sequence_parallel:
                 self.lora_A.sequence_parallel = True
 
@@ -96,22 +108,13 @@ def _column_class():
             return out + self.lora_scaling * torch.matmul(ax, self.lora_B.t())
 
         def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-            from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
             sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-            b = make_sharded_tensors_for_checkpoint(
-                {"lora_B": self.lora_B}, prefix, {"lora_B": 0}, sharded_offsets
-            )
-            if self.lora_glu:
-                from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-
-                b = {k: apply_swiglu_sharded_factory(v, sharded_offsets) for k, v in b.items()}
-            sd.update(b)
-            return sd
+            return self._with_adapter(sd, "lora_B", 0, prefix, sharded_offsets)
 
     return LoRAColumnParallelLinear
 
 
+@functools.cache
 def _row_class():
     from megatron.core.tensor_parallel import RowParallelLinear
 
@@ -122,7 +125,6 @@ def _row_class():
         def __init__(self, *args, peft: PeftConfig, lora_target: str, **kwargs):
             super().__init__(*args, **kwargs)
             self._add_adapters(peft, lora_target, column=False)
-            self.lora_glu = False
 
         def _forward_impl(self, input, weight, *args, **kwargs):
             out = super()._forward_impl(input, weight, *args, **kwargs)
@@ -133,22 +135,10 @@ def _row_class():
             return out + self.lora_scaling * torch.matmul(ax, b.t())
 
         def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-            from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
             sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-            sd.update(
-                make_sharded_tensors_for_checkpoint(
-                    {"lora_A": self.lora_A}, prefix, {"lora_A": 1}, sharded_offsets
-                )
-            )
-            return sd
+            return self._with_adapter(sd, "lora_A", 1, prefix, sharded_offsets)
 
     return LoRARowParallelLinear
-
-
-@functools.cache
-def _lora_class(column: bool) -> type:
-    return _column_class() if column else _row_class()
 
 
 def lora_layer_spec(spec, peft: PeftConfig):
@@ -169,7 +159,8 @@ def lora_layer_spec(spec, peft: PeftConfig):
                 f"{getattr(current, '__name__', current)} here (Transformer Engine layers); "
                 "use train.attention=sdpa or local"
             )
-        lora = ModuleSpec(module=_lora_class(column), params={"peft": peft, "lora_target": target})
+        module = _column_class() if column else _row_class()
+        lora = ModuleSpec(module=module, params={"peft": peft, "lora_target": target})
         setattr(holder, target, lora)
     return spec
 
@@ -207,15 +198,12 @@ def init_adapters(model, seed: int = 0, b_std: float = 0.0) -> None:
         g = torch.Generator().manual_seed(
             (int(seed) * 1_000_003 + number * 16 + LORA_TARGETS.index(target)) % (2**63)
         )
-        column = target in COLUMN_TARGETS
-        in_full = module.input_size
-        out_full = module.output_size
-        r = module.lora_rank
-        a = (torch.rand(r, in_full, generator=g, dtype=torch.float64) * 2 - 1) / math.sqrt(in_full)
-        b = torch.zeros(out_full, r, dtype=torch.float64)
+        r, n_in, n_out = module.lora_rank, module.input_size, module.output_size
+        a = (torch.rand(r, n_in, generator=g, dtype=torch.float64) * 2 - 1) / math.sqrt(n_in)
+        b = torch.zeros(n_out, r, dtype=torch.float64)
         if b_std > 0:
-            b = torch.randn(out_full, r, generator=g, dtype=torch.float64) * b_std
-        if column:
+            b = torch.randn(n_out, r, generator=g, dtype=torch.float64) * b_std
+        if target in COLUMN_TARGETS:
             b = _shard(b, 0, rank, size, module.lora_glu)
         else:
             a = _shard(a, 1, rank, size, False)
@@ -233,13 +221,6 @@ def prepare_model(model, peft: PeftConfig, seed: int = 0) -> None:
     init_adapters(model, seed)
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter(name))
-
-
-def trainable_counts(model) -> dict[str, int]:
-    """This rank's ``trainable`` and ``total`` parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable": int(trainable), "total": int(total)}
 
 
 def adapter_sharded_state_dict(sharded_state_dict: dict) -> dict:

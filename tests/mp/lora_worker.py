@@ -169,8 +169,8 @@ def run_layout(args, layout, init_dir):
         torch.distributed.all_gather_object(parts, mine)
         merged = next(p["rec"] for p in parts if p["rec"] is not None)
         merged["adapters"] = {k: v for p in parts for k, v in p["adapters"].items()}
-        trainable = lora.trainable_counts(gpt)
-        merged["trainable_fraction"] = trainable["trainable"] / trainable["total"]
+        trainable = sum(p.numel() for p in gpt.parameters() if p.requires_grad)
+        merged["trainable_fraction"] = trainable / sum(p.numel() for p in gpt.parameters())
         results[f"{model_name}/{objective}/{head}"] = merged
     compat.destroy_model_parallel()
     return results
