@@ -277,9 +277,8 @@ def distrib_optim_sharding_type() -> str:
     """
     from packaging.version import Version
 
-    if Version(megatron_version()) >= Version("0.16.0"):
-        return "dp_reshardable"
-    return "dp_zero_gather_scatter"
+    new = Version(megatron_version()) >= Version("0.16.0")
+    return "dp_reshardable" if new else "dp_zero_gather_scatter"
 
 
 def _keep_unsaved_state_on_dp_zero_load(optimizer) -> None:

@@ -69,10 +69,9 @@ def sample_weights(
     mask = loss_mask.to(torch.float64)
     b, s = mask.shape
     trained = mask > 0
-    if position_ids is None:
-        starts = torch.zeros_like(trained)
-    else:
-        starts = position_ids.to(mask.device) == 0
+    starts = (
+        torch.zeros_like(trained) if position_ids is None else position_ids.to(mask.device) == 0
+    )
     starts[:, 0] = True  # a row never continues the previous row's unit
     if unit == "turn":
         before = torch.zeros_like(trained)
