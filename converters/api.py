@@ -117,8 +117,7 @@ def _source_tensors(hf_dir: Path) -> dict[str, TensorInfo]:
             if not (hf_dir / file).is_file():
                 raise CheckpointError(f"{index} lists {file}, which is missing")
             infos.update(read_header(hf_dir / file))
-        absent = sorted(set(weight_map) - set(infos))
-        if absent:
+        if absent := sorted(set(weight_map) - set(infos)):
             raise CheckpointError(f"{index} maps {absent[0]} to a file that does not contain it")
         return infos
     if (hf_dir / SINGLE_FILE).is_file():
@@ -140,8 +139,7 @@ def _check_tensors(
             f"{hf_dir}/config.json says tie_word_embeddings=false but the "
             "checkpoint has no lm_head.weight; set tie_word_embeddings=true"
         )
-    missing = [name for name in maps if name not in infos]
-    if missing:
+    if missing := [name for name in maps if name not in infos]:
         raise CheckpointError(
             f"{hf_dir} lacks {len(missing)} tensor(s) the {model.arch} "
             f"mapping needs, e.g. {missing[0]}"
@@ -208,8 +206,7 @@ def hf_to_megatron(
             t0, nbytes = time.perf_counter(), 0
             with open(path, "rb") as f:
                 for info in by_file[path]:
-                    tm = maps.get(info.name)
-                    if tm is not None:
+                    if (tm := maps.get(info.name)) is not None:
                         read_into(f, info, tm.view(params[tm.megatron_name].data))
                         nbytes += info.nbytes
             _log_file("read", i, len(by_file), path.name, nbytes, t0)
@@ -397,8 +394,7 @@ def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:
     hf_dir = smollm2_hf_dir()
     if not hf_dir.is_dir():
         smollm2_gguf_path()  # the package is installed (or one line naming the fix)
-        problem = manifest.writable_folder(hf_dir.parent)
-        if problem is not None:
+        if (problem := manifest.writable_folder(hf_dir.parent)) is not None:
             raise ConfigError(
                 f"the probsft cache {hf_dir.parent} {problem}; set PROBSFT_CACHE to a "
                 "writable folder"

@@ -98,8 +98,7 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     theta, scaling = rope_settings(cfg, where)
     if theta != int(theta):
         raise _unsupported(where, "rope_theta", theta, "Megatron takes an integer rotary base")
-    missing = [k for k in (*_REQUIRED, "vocab_size") if k not in cfg]
-    if missing:
+    if missing := [k for k in (*_REQUIRED, "vocab_size") if k not in cfg]:
         raise CheckpointError(f"{where}: required field(s) {missing} missing")
     heads = cfg["num_attention_heads"]
     try:

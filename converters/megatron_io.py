@@ -56,8 +56,9 @@ def single_process_group() -> Iterator[None]:
             cpu_backend.deactivate()
 
 
-def build_model(model: ModelConfig, dtype: torch.dtype):
-    """The whole model (TP=1/PP=1) in ``dtype`` with uninitialized parameters on the CPU."""
+def build_model(model: ModelConfig, dtype: torch.dtype, peft=None):
+    """The whole model (TP=1/PP=1, LoRA linears with ``peft``) in ``dtype`` with uninitialized
+    parameters on the CPU."""
     config = transformer_config(
         model,
         ParallelConfig(),
@@ -66,7 +67,7 @@ def build_model(model: ModelConfig, dtype: torch.dtype):
         use_cpu_initialization=True,
         fp16=dtype == torch.float16,
     )
-    return build_gpt_model(model, config, pre_process=True, post_process=True)
+    return build_gpt_model(model, config, pre_process=True, post_process=True, peft=peft)
 
 
 def parameters(gpt) -> dict[str, torch.Tensor]:

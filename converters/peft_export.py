@@ -77,14 +77,9 @@ def load_lora_model(ckpt_dir: str | os.PathLike, base_dir: str | os.PathLike, pe
     """The TP=1/PP=1 float32 model with the base's weights and the checkpoint's adapters
     (inside :func:`megatron_io.single_process_group`)."""
     from probsft_megatron import compat
-    from probsft_megatron.config import ParallelConfig
-    from probsft_megatron.model import build_gpt_model, transformer_config
 
     md = model_dir.read_model_dir(base_dir)
-    config = transformer_config(
-        md.model, ParallelConfig(), perform_initialization=False, use_cpu_initialization=True
-    )
-    gpt = build_gpt_model(md.model, config, pre_process=True, post_process=True, peft=peft)
+    gpt = megatron_io.build_model(md.model, torch.float32, peft)
     lora.load_base_weights(gpt, str(md.weights))
     adapters = lora.adapter_sharded_state_dict(gpt.sharded_state_dict())
     weights = str(Path(ckpt_dir) / model_dir.WEIGHTS_DIR)

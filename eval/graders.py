@@ -45,8 +45,7 @@ def _boxes(text: str) -> list[tuple[int, int, str]]:
                         found.append((match.start(), end + 1, text[pos + 1 : end].strip()))
                         break
         elif match.group(0).endswith(" "):
-            token = re.match(r"[^\s$]+", text[pos:])
-            if token:
+            if token := re.match(r"[^\s$]+", text[pos:]):
                 found.append((match.start(), pos + token.end(), token.group(0)))
     return found
 
@@ -245,8 +244,7 @@ def _numeric_value(s: str):
     """``s`` as a Decimal (plain, scientific, or a number math-verify parses), else ``None``."""
     if _NUMBER.match(s):
         return Decimal(s)
-    sci = _scientific(s)
-    if sci is not None:
+    if (sci := _scientific(s)) is not None:
         return sci[0]
     for item in _parse(s):
         if getattr(item, "is_number", False) and getattr(item, "is_real", False):
@@ -333,18 +331,15 @@ def math_equal(reference: str, answer: str) -> bool:
         return False
     if re.sub(r"\s", "", ref) == re.sub(r"\s", "", ans):
         return True
-    ref_letter = _choice(ref)
-    if ref_letter is not None:
+    if (ref_letter := _choice(ref)) is not None:
         return ref_letter == _choice(ans, parenthesized=False)
-    ref_words = _words(ref)
-    if ref_words is not None and ref_words == _words(ans):
+    if (ref_words := _words(ref)) is not None and ref_words == _words(ans):
         return True
     ref, ref_units = _strip_units(ref)
     ans, _ = _strip_units(ans, frozenset(u for u in ref_units if len(u) == 1))
     if not ans:
         return False
-    sci = _scientific(ref)
-    if sci is not None:
+    if (sci := _scientific(ref)) is not None:
         value, half_ulp = sci
         got = _numeric_value(ans)
         return got is not None and abs(got - value) <= half_ulp * Decimal("1.000000001")
@@ -373,8 +368,7 @@ _CHOICE_PATTERNS = (
 def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
     """The option letter (in ``letters``) of the last ``\\boxed{X}``, else the last "answer is
     X", else "Answer: X", else a completion that is only the letter; or ``None``."""
-    boxed = extract_boxed(text)
-    if boxed is not None:
+    if (boxed := extract_boxed(text)) is not None:
         stripped = re.sub(r"\\text\{([^}]*)\}", r"\1", boxed).strip(" ().")
         if len(stripped) == 1 and stripped.upper() in letters:
             return stripped.upper()

@@ -93,10 +93,6 @@ def _joined(answer: object) -> str:
     return ",".join(answer) if isinstance(answer, list) else str(answer)
 
 
-def _question(row: dict, question: str) -> str:
-    return question
-
-
 def _olympiad_text(row: dict, question: str) -> str:
     context = row.get("context")
     return f"{context}\n{question}" if context else question
@@ -117,7 +113,7 @@ def _jsonl_loader(
     questions: tuple[str, ...],
     references: tuple[str, ...],
     to_ref: Callable = str,
-    to_text: Callable = _question,
+    to_text: Callable | None = None,
     ids: tuple[str, ...] = ("idx", "id", "unique_id"),
 ) -> Callable[[DataOptions, int | None], list[Example]]:
     """A loader of question/reference rows (``--prompt-field``/``--reference-field`` rename
@@ -132,7 +128,8 @@ def _jsonl_loader(
             question = str(_field(row, q_names, path, lineno, "--prompt-field"))
             reference = to_ref(_field(row, ref_names, path, lineno, "--reference-field"))
             row_id = next((row[key] for key in ids if key in row), lineno - 1)
-            examples.append(Example(str(row_id), to_text(row, question), reference))
+            text = to_text(row, question) if to_text else question
+            examples.append(Example(str(row_id), text, reference))
         return examples
 
     return load
@@ -185,7 +182,7 @@ def _math_task(
     questions: tuple[str, ...],
     reference: str = "answer",
     to_ref: Callable = str,
-    to_text: Callable = _question,
+    to_text: Callable | None = None,
     filename: str | None = None,
 ) -> Task:
     source = (filename or f"{name}.jsonl", questions, (reference,), to_ref, to_text)
