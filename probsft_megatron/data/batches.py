@@ -44,16 +44,9 @@ class Batch:
         """Positions the model computes (real tokens and padding)."""
         return self.tokens.numel()
 
-    @property
-    def packed(self) -> bool:
-        return self.cu_seqlens is not None
-
     def to(self, device) -> Batch:
-        moved = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                moved[f.name] = value.to(device, non_blocking=True)
+        tensors = {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        moved = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
         return dataclasses.replace(self, **moved)
 
 
@@ -89,20 +82,18 @@ def collate(
         raise ValueError(f"length={s} is shorter than the micro-batch's {need} tokens")
     b = 1 if packed else rows
     tokens = torch.full((b, s), pad_id, dtype=torch.long)
-    labels = torch.full((b, s), pad_id, dtype=torch.long)
+    labels = tokens.clone()
     loss_mask = torch.zeros((b, s), dtype=torch.float32)
     position_ids = torch.arange(s, dtype=torch.long).repeat(b, 1)
     offset = 0
     for slot, (_, ids, mask) in enumerate(items):
         row, start = (0, offset) if packed else (slot, 0)
-        n = len(ids)
-        end = start + n
+        offset = end = start + len(ids)
         tokens[row, start:end] = ids
         labels[row, start : end - 1] = ids[1:]  # the last label stays pad_id
-        loss_mask[row, start : end - 1] = mask[: n - 1]
+        loss_mask[row, start : end - 1] = mask[:-1]
         if packed:
-            position_ids[row, start:end] = torch.arange(n)  # rotary positions restart
-        offset = end
+            position_ids[row, start:end] = torch.arange(len(ids))  # rotary positions restart
     real = sum(lengths)
     cu_seqlens = max_seqlen = None
     if packed:

@@ -9,6 +9,7 @@ A token is trained when any of its characters is (as transformers' assistant mas
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,28 +18,20 @@ import numpy as np
 
 from probsft_megatron.errors import ConfigError, DataError
 
-_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
-
 
 def has_generation_blocks(template: str | None) -> bool:
     """Whether ``template`` marks assistant text with ``{% generation %}`` blocks."""
-    return bool(template) and bool(_GENERATION.search(template))
-
-
-def shipped_template_dir() -> Path:
-    """``configs/chat_templates`` of this installation (checkout or wheel)."""
-    from probsft_megatron.resources import packaged_configs
-
-    return packaged_configs() / "chat_templates"
+    return bool(template) and bool(re.search(r"\{%-?\s*generation\s*-?%\}", template))
 
 
 def load_template(spec: str) -> str:
     """The Jinja text of a shipped template's name (``qwen2.5``) or a ``.jinja`` file;
     ``spec`` itself when it is a Jinja string."""
     from probsft_megatron.config import CHAT_TEMPLATES
+    from probsft_megatron.resources import packaged_configs
 
     if spec in CHAT_TEMPLATES:
-        path = shipped_template_dir() / f"{spec}.jinja"
+        path = packaged_configs() / "chat_templates" / f"{spec}.jinja"
     elif spec.endswith(".jinja") and "{" not in spec:
         path = Path(spec).expanduser()
     else:
@@ -67,14 +60,6 @@ class Rendered:
     method: str
 
 
-def _special_strings(tokenizer) -> list[str]:
-    """The text of every special token (end-of-turn markers among them)."""
-    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    specials.update(t.content for t in decoder.values() if getattr(t, "special", False))
-    return sorted((s for s in specials if s), key=len, reverse=True)
-
-
 def _apply(tokenizer, messages, template, tools, where: str, **kwargs):
     """``apply_chat_template`` (the text unless ``kwargs`` ask for tokens); DataError on
     a template error."""
@@ -87,18 +72,12 @@ def _apply(tokenizer, messages, template, tools, where: str, **kwargs):
         raise DataError(f"{where}: the chat template failed on this conversation: {exc}") from None
 
 
-def _char_span_to_tokens(
-    offsets: list[tuple[int, int]], start: int, end: int
-) -> tuple[int, int] | None:
-    """The tokens ``[a, b)`` with a character in ``[start, end)``; None when none has."""
-    hit = [k for k, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
-    if not hit:
-        return None
-    return hit[0], hit[-1] + 1
-
-
 def _prefix_spans(tokenizer, messages, template, tools, text, offsets, where) -> list:
-    specials = _special_strings(tokenizer)
+    # the text of every special token (end-of-turn markers among them)
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    specials.update(t.content for t in decoder.values() if getattr(t, "special", False))
+    specials.discard("")
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -112,13 +91,12 @@ def _prefix_spans(tokenizer, messages, template, tools, text, offsets, where) ->
                 "located; use a template with {% generation %} blocks (data.chat_template="
                 "qwen2.5, llama-3, chatml or your own)"
             )
-        start, stop = len(head), len(upto)
-        end = max(
-            (upto.rfind(s, start) + len(s) for s in specials if upto.rfind(s, start) >= 0),
-            default=stop,
-        )
-        span = _char_span_to_tokens(offsets, start, end)
-        spans.append(span if span is not None else (0, 0))
+        start = len(head)
+        ends = [upto.rfind(s, start) + len(s) for s in specials if upto.rfind(s, start) >= 0]
+        end = max(ends, default=len(upto))
+        # the tokens with a character in [start, end)
+        hit = [k for k, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
+        spans.append((hit[0], hit[-1] + 1) if hit else (0, 0))
     return spans
 
 
@@ -129,17 +107,13 @@ def _generation_spans(tokenizer, messages, template, tools, ids, where) -> list 
     out = _apply(tokenizer, messages, template, tools, where, **kwargs)
     if list(out["input_ids"]) != list(ids):
         return None
-    mask = list(out["assistant_masks"]) + [0]
-    runs, start = [], None
-    for k, m in enumerate(mask):
-        if m and start is None:
-            start = k
-        elif not m and start is not None:
-            runs.append((start, k))
-            start = None
-    if len(runs) != sum(m["role"] == "assistant" for m in messages):
-        return None
-    return runs
+    runs, k = [], 0
+    for on, group in itertools.groupby(bool(m) for m in out["assistant_masks"]):
+        n = len(list(group))
+        if on:
+            runs.append((k, k + n))
+        k += n
+    return runs if len(runs) == sum(m["role"] == "assistant" for m in messages) else None
 
 
 def render_conversation(
@@ -183,18 +157,15 @@ def cut_conversation(rendered: Rendered, max_length: int, mode: str) -> Cut | No
         weights[a:b] = w
     ids = np.asarray(rendered.ids, dtype=np.int64)
     trained = [(a, b) for (a, b), w in zip(rendered.spans, rendered.weights) if w > 0 and b > a]
-    n = len(ids)
-    cut: str | None = None
-    kept = len(trained)
-    if n > max_length:
+    cut, kept = None, len(trained)
+    if len(ids) > max_length:
         whole = [b for a, b in trained if b <= max_length]
         if mode == "turn" and whole:
             end, cut = whole[-1], "turn"
-            kept = len(whole)
         else:
             end = max_length
-            kept = sum(b <= end for _, b in trained)
             cut = "inside" if any(a < end < b for a, b in trained) else "turn"
+        kept = sum(b <= end for _, b in trained)  # the spans are in order
         ids, weights = ids[:end], weights[:end]
     label_mask = np.zeros(len(ids), dtype=np.float32)
     label_mask[:-1] = weights[1:]

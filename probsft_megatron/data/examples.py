@@ -28,12 +28,9 @@ STATS = tuple(
 
 def _resolve_template(cfg: DataConfig, tokenizer) -> str | None:
     """The Jinja template to render with, or None for plain concatenation."""
-    if cfg.chat_template == "none":
-        return None
+    if cfg.chat_template == "none" or (cfg.chat_template == "auto" and cfg.format == "m23k"):
+        return None  # m23k prompts are already chat-formatted for their model family
     if cfg.chat_template == "auto":
-        # m23k prompts are already chat-formatted for their model family.
-        if cfg.format == "m23k":
-            return None
         return getattr(tokenizer, "chat_template", None) or None
     return load_template(cfg.chat_template)
 
@@ -87,8 +84,7 @@ class SFTDataset:
 
     def _setup(self, cfg: DataConfig, tokenizer) -> None:
         """The settings every example needs (template, eos, pad) and zeroed ``stats``."""
-        self.cfg = cfg
-        self.tokenizer = tokenizer
+        self.cfg, self.tokenizer = cfg, tokenizer
         self.template = _resolve_template(cfg, tokenizer)
         if self.template is None and cfg.system_prompt is not None:
             raise ConfigError(
@@ -96,10 +92,9 @@ class SFTDataset:
                 "none or the tokenizer has none); put the text into the prompts "
                 "or set data.chat_template"
             )
-        eos_id = tokenizer.eos_token_id
-        if eos_id is None:
+        if tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has no eos_token; SFT responses must end with one")
-        self.eos_id = int(eos_id)
+        self.eos_id = int(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id
         self.pad_id = int(self.eos_id if pad is None else pad)
         self.stats = dict.fromkeys(STATS, 0)
@@ -120,7 +115,6 @@ class SFTDataset:
             kept += [example for example in chunk if example is not None]
         tokens = np.concatenate([np.zeros(0, np.int64), *(ids for ids, _ in kept)])
         masks = np.concatenate([np.zeros(0, np.float32), *(m for _, m in kept)])
-        masks = masks.astype(np.float32)
         offsets = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in kept])]).astype(np.int64)
         self.stats["n_response_tokens"] += int((masks > 0).sum())
         binary = bool(np.all((masks == 0) | (masks == 1)))
@@ -140,7 +134,31 @@ class SFTDataset:
                 f"(dropped: {self.stats['n_dropped']}); raise data.max_length"
             )
         self.stats.update(n_examples=n_examples, n_tokens=n_tokens)
-        self._warn(n_records)
+        s, limit = self.stats, self.cfg.max_length
+        if s["n_truncated"]:
+            logger.warning(
+                f"{s['n_truncated']} of {n_records} examples were longer than data.max_length="
+                f"{limit} tokens and were cut (data.truncation={self.cfg.truncation}); raise "
+                "data.max_length to keep them whole"
+            )
+        if s["n_conversations"] and s["n_turns_kept"] < s["n_turns_trained"]:
+            logger.warning(
+                f"conversations: {s['n_turns_kept']} of {s['n_turns_trained']} trained assistant "
+                f"turns kept whole ({s['n_cut_at_turn']} cut after a whole turn, "
+                f"{s['n_cut_inside_turn']} cut inside a turn, whose end-of-turn token is then "
+                "not trained)"
+            )
+        if s["n_dropped"]:
+            logger.warning(
+                f"{s['n_dropped']} of {n_records} examples were dropped: their prompt alone "
+                f"fills data.max_length={limit} tokens; raise data.max_length to keep them"
+            )
+        if s["n_template_fallback"]:
+            logger.warning(
+                f"{s['n_template_fallback']} of {n_records} examples: the chat template's prompt "
+                "tokens are not a prefix of the whole conversation's tokens; their prompt and "
+                "response were tokenized separately and concatenated"
+            )
 
     # -- building
 
@@ -150,11 +168,7 @@ class SFTDataset:
         plain = [i for i, r in enumerate(records) if "messages" not in r]
         pairs = self._tokenize([records[i] for i in plain])
         for i, (prompt_ids, response_ids) in zip(plain, pairs):
-            ids = self._truncate(prompt_ids, response_ids, records[i])
-            if ids is not None:
-                mask = np.zeros(len(ids), dtype=np.float32)
-                mask[max(len(prompt_ids), 1) - 1 : len(ids) - 1] = 1.0
-                out[i] = (ids, mask)
+            out[i] = self._truncate(prompt_ids, response_ids, records[i])
         return out
 
     def _conversation(self, record: dict) -> tuple[np.ndarray, np.ndarray] | None:
@@ -250,8 +264,8 @@ class SFTDataset:
 
     def _truncate(
         self, prompt_ids: list[int], response_ids: list[int], record: dict
-    ) -> np.ndarray | None:
-        """The example's tokens within ``max_length``, or None when it is dropped."""
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The example's ``(input_ids, loss_mask)`` within ``max_length`` (None: dropped)."""
         limit = self.cfg.max_length
         n = len(prompt_ids) + len(response_ids)
         if n > limit:
@@ -265,34 +279,10 @@ class SFTDataset:
                 self.stats["n_dropped"] += 1
                 return None
             self.stats["n_truncated"] += 1
-        return np.array((prompt_ids + response_ids)[:limit], dtype=np.int64)
-
-    def _warn(self, n_records: int) -> None:
-        s, limit = self.stats, self.cfg.max_length
-        if s["n_truncated"]:
-            logger.warning(
-                f"{s['n_truncated']} of {n_records} examples were longer than data.max_length="
-                f"{limit} tokens and were cut (data.truncation={self.cfg.truncation}); raise "
-                "data.max_length to keep them whole"
-            )
-        if s["n_conversations"] and s["n_turns_kept"] < s["n_turns_trained"]:
-            logger.warning(
-                f"conversations: {s['n_turns_kept']} of {s['n_turns_trained']} trained assistant "
-                f"turns kept whole ({s['n_cut_at_turn']} cut after a whole turn, "
-                f"{s['n_cut_inside_turn']} cut inside a turn, whose end-of-turn token is then "
-                "not trained)"
-            )
-        if s["n_dropped"]:
-            logger.warning(
-                f"{s['n_dropped']} of {n_records} examples were dropped: their prompt alone "
-                f"fills data.max_length={limit} tokens; raise data.max_length to keep them"
-            )
-        if s["n_template_fallback"]:
-            logger.warning(
-                f"{s['n_template_fallback']} of {n_records} examples: the chat template's prompt "
-                "tokens are not a prefix of the whole conversation's tokens; their prompt and "
-                "response were tokenized separately and concatenated"
-            )
+        ids = np.array((prompt_ids + response_ids)[:limit], dtype=np.int64)
+        mask = np.zeros(len(ids), dtype=np.float32)
+        mask[max(len(prompt_ids), 1) - 1 : len(ids) - 1] = 1.0
+        return ids, mask
 
     # -- access
 

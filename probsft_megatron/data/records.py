@@ -7,6 +7,7 @@ A record is ``{"prompt", "response", "origin"}`` or a conversation ``{"messages"
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -73,14 +74,11 @@ def _choose_fields(cfg: DataConfig, keys: Sequence[str], where: str) -> _Fields:
     for fields in candidates:
         if fields.prompt_key in keys and fields.response_key in keys:
             return fields
-    if cfg.messages_key and cfg.format not in ("numina", "m23k"):
-        raise DataError(
-            f"{where}: missing field {cfg.messages_key!r} (data.messages_key); "
-            f"available keys: {sorted(keys)}"
-        )
     if len(candidates) == 1 or cfg.format not in ("numina", "m23k"):
-        role = "prompt" if candidates[0].prompt_key not in keys else "response"
-        key = getattr(candidates[0], f"{role}_key")
+        first = candidates[0]  # data.messages_key's or data.prompt_key / response_key's
+        role = "prompt" if first.prompt_key not in keys else "response"
+        key = getattr(first, f"{role}_key")
+        role = "messages" if first.messages else role
         raise DataError(
             f"{where}: missing field {key!r} (data.{role}_key); available keys: {sorted(keys)}"
         )
@@ -268,16 +266,15 @@ def _extract(record: Any, fields: _Fields, where: str, cfg: DataConfig) -> dict:
     return {"messages": messages, "tools": tools, "origin": where}
 
 
-def _file_kind(path: Path, fmt: str) -> str:
+def _is_parquet(path: Path, fmt: str) -> bool:
     if fmt in ("jsonl", "parquet"):
-        return "json" if fmt == "jsonl" else "parquet"
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix.lower())
-    if kind is None:
+        return fmt == "parquet"
+    if path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
         raise DataError(
             f"cannot tell the format of {path} from its extension; "
             "set data.format=jsonl or data.format=parquet"
         )
-    return kind
+    return path.suffix.lower() == ".parquet"
 
 
 def _iter_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -311,20 +308,19 @@ def _iter_file(path: Path, cfg: DataConfig) -> Iterator[dict]:
     of rows at a time)."""
     if not path.is_file():
         raise DataError(f"training file {path} does not exist (data.train_files)")
-    if _file_kind(path, cfg.format) == "parquet":
+    if _is_parquet(path, cfg.format):
         import pyarrow.parquet as pq
 
         try:
-            schema = pq.read_schema(path)
             parquet = pq.ParquetFile(path)
-            rows_in_file = parquet.metadata.num_rows
         except Exception as exc:  # pyarrow raises several types for unreadable files
             raise DataError(f"cannot read {path} as parquet: {exc}") from None
-        if rows_in_file == 0:
+        if parquet.metadata.num_rows == 0:
             raise DataError(f"{path} contains no records")
-        fields = _choose_fields(cfg, schema.names, str(path))
+        names = parquet.schema_arrow.names
+        fields = _choose_fields(cfg, names, str(path))
         columns = sorted({fields.prompt_key, fields.response_key})
-        if fields.messages and cfg.tools_key in schema.names:
+        if fields.messages and cfg.tools_key in names:
             columns.append(cfg.tools_key)
         i = 0
         for batch in parquet.iter_batches(batch_size=4096, columns=columns):
@@ -354,15 +350,6 @@ def load_records(cfg: DataConfig) -> list[dict]:
     """The records (module docstring) of ``cfg``: files in ``cfg.train_files`` order, the
     first ``cfg.num_samples`` kept (before any shuffling). ``origin`` is ``file:line`` (JSON
     lines), ``file[index]`` (JSON list, parquet) or ``figfont:<split>[index]``."""
-    cfg.validate()
-    if cfg.source == "figfont":
-        from probsft_megatron.figfont import figfont_records
-
-        fields = _key_fields(cfg)
-        return [
-            _extract(item, fields, f"figfont:{cfg.figfont_split}[{item['index']}]", cfg)
-            for item in figfont_records(cfg.figfont_split, n=cfg.num_samples)
-        ]
     return list(iter_records(cfg))
 
 
@@ -371,14 +358,11 @@ def iter_records(cfg: DataConfig) -> Iterator[dict]:
     file is parsed whole), so a consumer that does not keep them holds only the current one."""
     cfg.validate()
     if cfg.source == "figfont":
-        yield from load_records(cfg)
+        from probsft_megatron.figfont import figfont_records
+
+        fields = _key_fields(cfg)
+        for item in figfont_records(cfg.figfont_split, n=cfg.num_samples):
+            yield _extract(item, fields, f"figfont:{cfg.figfont_split}[{item['index']}]", cfg)
         return
-    if cfg.num_samples is not None and cfg.num_samples <= 0:
-        return
-    n = 0
-    for name in cfg.train_files:
-        for record in _iter_file(Path(name).expanduser(), cfg):
-            yield record
-            n += 1
-            if cfg.num_samples is not None and n >= cfg.num_samples:
-                return
+    files = (_iter_file(Path(name).expanduser(), cfg) for name in cfg.train_files)
+    yield from itertools.islice(itertools.chain.from_iterable(files), cfg.num_samples)

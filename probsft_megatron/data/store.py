@@ -120,21 +120,15 @@ def open_store(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | Non
         meta = json.loads((path / "meta.json").read_text())
         if meta.get("version") != STORE_VERSION:
             return None
-        arrays = {}
-        for name in FILES:
-            arrays[name] = np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-            if _describe(arrays[name]) != meta["arrays"][name]:
-                return None
-        offsets = np.asarray(arrays["offsets"])  # small: held in memory
-        if zlib.crc32(offsets.tobytes()) != meta["offsets_crc32"]:
-            return None
-        n = len(offsets) - 1
-        if int(offsets[-1]) != len(arrays["tokens"]) or len(arrays["prompt_lengths"]) != n:
-            return None
-        if len(arrays["masks"]) != len(arrays["tokens"]):
-            return None
-        arrays["offsets"] = offsets
-        return arrays, meta
+        arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in FILES}
+        arrays["offsets"] = offsets = np.asarray(arrays["offsets"])  # small: held in memory
+        ok = (
+            all(_describe(array) == meta["arrays"][name] for name, array in arrays.items())
+            and zlib.crc32(offsets.tobytes()) == meta["offsets_crc32"]
+            and int(offsets[-1]) == len(arrays["tokens"]) == len(arrays["masks"])
+            and len(arrays["prompt_lengths"]) == len(offsets) - 1
+        )
+        return (arrays, meta) if ok else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -159,7 +153,8 @@ def available_cpus() -> int:
 
 class _NpyAppender:
     """A 1-D ``.npy`` file written a piece at a time; :meth:`close` rewrites the header with
-    the final length (numpy reserves room in it for the length to grow) and fsyncs."""
+    the final length (numpy reserves room in it for the length to grow) and fsyncs. A piece
+    of a wider dtype (the first loss weight among uint8 0/1 masks) rewrites the file once."""
 
     def __init__(self, path: Path, dtype) -> None:
         self.path, self.dtype, self.n = path, np.dtype(dtype), 0
@@ -176,8 +171,21 @@ class _NpyAppender:
         np.lib.format.write_array_header_1_0(self.file, header)
 
     def append(self, array: np.ndarray) -> None:
+        if not np.can_cast(array.dtype, self.dtype):
+            self._widen(array.dtype)
         self.file.write(memoryview(np.ascontiguousarray(array, dtype=self.dtype)).cast("B"))
         self.n += len(array)
+
+    def _widen(self, dtype) -> None:
+        self.close()  # the pieces so far, a whole .npy file
+        narrow = self.path.with_name(self.path.name + ".u8")
+        os.replace(self.path, narrow)
+        old = np.load(narrow, mmap_mode="r") if self.n else []
+        _NpyAppender.__init__(self, self.path, dtype)
+        for lo in range(0, len(old), 1 << 24):
+            self.append(old[lo : lo + (1 << 24)])
+        del old
+        narrow.unlink()
 
     def close(self) -> None:
         self.file.seek(0)
@@ -187,32 +195,6 @@ class _NpyAppender:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-
-
-class _MaskAppender(_NpyAppender):
-    """Loss masks: uint8 while every value is 0/1, float32 (rewritten once) from the first
-    loss weight on."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, np.uint8)
-
-    def append(self, array: np.ndarray) -> None:
-        if self.dtype == np.uint8 and array.dtype != np.uint8:
-            self._widen()
-        super().append(array)
-
-    def _widen(self) -> None:
-        super().close()  # the 0/1 masks so far, a whole .npy file
-        narrow = self.path.with_name(self.path.name + ".u8")
-        os.replace(self.path, narrow)
-        old = np.load(narrow, mmap_mode="r") if self.n else np.zeros(0, np.uint8)
-        n, self.dtype, self.n = self.n, np.dtype(np.float32), 0
-        self.file = open(self.path, "wb")
-        self._header()
-        for lo in range(0, n, 1 << 24):
-            super().append(old[lo : lo + (1 << 24)])
-        del old
-        narrow.unlink()
 
 
 def _shards(records: Iterator[dict], size: int) -> Iterator[list[dict]]:
@@ -231,20 +213,17 @@ def tokenize_into(
     num_proc = max(1, num_proc or available_cpus())
     fork = num_proc > 1 and "fork" in multiprocessing.get_all_start_methods()
     tokens = _NpyAppender(folder / "tokens.npy", np.int32)
-    masks = _MaskAppender(folder / "masks.npy")
+    masks = _NpyAppender(folder / "masks.npy", np.uint8)
     lengths: list[np.ndarray] = []
     prompt_lengths: list[np.ndarray] = []
     stats: collections.Counter = collections.Counter()
-    n_records = 0
+    n_records, processes = 0, 1 + (num_proc - 1) * fork
     t0 = last_note = time.perf_counter()
 
     def note() -> None:
         rate = n_records / max(time.perf_counter() - t0, 1e-9)
         logger.info(
-            "tokenized %d records (%.0f records/s, %d processes)",
-            n_records,
-            rate,
-            1 + (num_proc - 1) * fork,
+            "tokenized %d records (%.0f records/s, %d processes)", n_records, rate, processes
         )
 
     def take(part: tuple[dict[str, np.ndarray], dict[str, int]]) -> None:
@@ -260,26 +239,24 @@ def tokenize_into(
             last_note = time.perf_counter()
 
     _WORK.update(cfg=cfg, tokenizer=tokenizer)
-    pool = None
+    pool, pending = None, collections.deque()
     try:
-        shards = _shards(iter_records(cfg), _SHARD)
-        if not fork:
-            for shard in shards:
-                n_records += len(shard)
-                take(_encode_shard(shard))
-        else:
+        if fork:
             # forked workers must not start the tokenizer's own thread pool
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             pool = multiprocessing.get_context("fork").Pool(num_proc)
-            pending: collections.deque = collections.deque()
-            for shard in shards:
-                n_records += len(shard)
-                pending.append(pool.apply_async(_encode_shard, (shard,)))
-                del shard  # held by its task only
-                while len(pending) >= 2 * num_proc:
-                    take(pending.popleft().get())
-            while pending:
+        for shard in _shards(iter_records(cfg), _SHARD):
+            n_records += len(shard)
+            if pool is None:
+                take(_encode_shard(shard))
+                continue
+            pending.append(pool.apply_async(_encode_shard, (shard,)))
+            del shard  # held by its task only
+            while len(pending) >= 2 * num_proc:
                 take(pending.popleft().get())
+        while pending:
+            take(pending.popleft().get())
+        if pool is not None:
             # close + join, not terminate: forked workers inherit the trainer's SIGTERM
             # handler, and terminate() hung joining an idle worker that caught the signal
             pool.close()
