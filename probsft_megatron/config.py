@@ -414,12 +414,8 @@ def resolve_attention(impl: str) -> str:
     return "te" if hardware.cuda_available() and hardware.te_available() else "sdpa"
 
 
-def list_presets() -> list[str]:
-    return resources.names("models")
-
-
-def list_recipes() -> list[str]:
-    return resources.names("recipes")
+list_presets = functools.partial(resources.names, "models")  # () -> the model presets' names
+list_recipes = functools.partial(resources.names, "recipes")  # () -> the shipped recipes' names
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -459,24 +455,18 @@ def load_raw(ref: str, relative_to: Path | None = None, seen: tuple = ()) -> dic
 def build_config(raw: dict[str, Any]) -> TrainJobConfig:
     """Typed config from a raw mapping (presets expanded, every key checked)."""
     raw = dict(raw)
-    model = raw.get("model")
-    if isinstance(model, str):
-        raw["model"] = load_preset(model)
-    elif isinstance(model, dict):
-        for key in ("preset", "__preset__"):
-            if key in model:
-                model = dict(model)
-                raw["model"] = deep_merge(load_preset(str(model.pop(key))), model)
-                break
+    model = {"preset": raw["model"]} if isinstance(raw.get("model"), str) else raw.get("model")
+    for key in ("preset", "__preset__") if isinstance(model, dict) else ():
+        if key in model:
+            model = dict(model)
+            raw["model"] = deep_merge(load_preset(str(model.pop(key))), model)
+            break
     return from_mapping(TrainJobConfig, raw)
 
 
 def load_config(ref: str | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainJobConfig:
     """Load a recipe (path or name under configs/recipes) and apply dotted overrides."""
-    raw = load_raw(ref) if ref else {}
-    for o in overrides:
-        raw = apply_override(raw, o)
-    return build_config(raw)
+    return build_config(functools.reduce(apply_override, overrides, load_raw(ref) if ref else {}))
 
 
 def world_size_from_env(default: int = 1) -> int:

@@ -81,11 +81,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"# valid for {args.nproc} process(es): TP={p.tensor_model_parallel_size}"
             f" PP={p.pipeline_model_parallel_size} DP={job.data_parallel_size}, "
-            f"{job.dtype}, attention {job.attention}",
+            f"{job.dtype}, attention {job.attention}\n# {fit}\n# {planned_length(job.config)}",
             file=sys.stderr,
         )
-        print(f"# {fit}", file=sys.stderr)
-        print(f"# {planned_length(job.config)}", file=sys.stderr)
         return 0
     if args.nproc == 1 and "RANK" not in os.environ:
         from probsft_megatron.train import train
