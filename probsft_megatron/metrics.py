@@ -1,7 +1,5 @@
-"""What the logging rank records while training: one flat record per step (:func:`step_record`,
-plus the ``val_*`` keys on validation steps), written by :class:`RunLog` to ``metrics.jsonl``,
-TensorBoard and Weights & Biases (docs/training.md), with a progress bar.
-"""
+"""What the logging rank records: one flat record per step (:func:`step_record`, plus ``val_*``
+keys), written by :class:`RunLog` to ``metrics.jsonl``, TensorBoard, W&B and a progress bar."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""Megatron-Core GPT model building (Qwen2 / Llama families): ``TransformerConfig`` from a
-ModelConfig + ParallelConfig, the layer spec of the chosen attention, and one pipeline stage
-with megatron's logits head or the fused head.
-"""
+"""Megatron-Core GPT models (Qwen2 / Llama families): ``TransformerConfig``, the layer spec of
+the chosen attention, and one pipeline stage with megatron's logits head or the fused head."""
 
 from __future__ import annotations
 

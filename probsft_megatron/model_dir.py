@@ -100,16 +100,12 @@ def write_model_config(
     Path(path, MODEL_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def copy_hf_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy an HF folder's non-weight top-level files; returns their names."""
-    src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for f in sorted(src.iterdir()):
+def copy_hf_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy an HF folder's non-weight top-level files."""
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(src).iterdir()):
         if f.is_file() and not f.name.startswith(".") and not f.name.endswith(WEIGHT_FILE_SUFFIXES):
-            shutil.copy2(f, dst / f.name)
-            copied.append(f.name)
-    return copied
+            shutil.copy2(f, Path(dst, f.name))
 
 
 def staging_path(out_dir: str | os.PathLike) -> Path:
@@ -127,8 +123,7 @@ def begin_staging(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Pat
             f"{out} already exists; choose another output folder or allow overwriting (--overwrite)"
         )
     staging = staging_path(out)
-    if staging.exists():
-        shutil.rmtree(staging)
+    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging
 

@@ -1,8 +1,5 @@
-"""Process groups, the model and optimizer, the loss head and one training step.
-
-Launch: one process per device under torchrun, or a plain single process (world size 1).
-:func:`train_step` is megatron's ``forward_backward_func`` driven by the run's :class:`LossHead`.
-"""
+"""Process groups (one process per device under torchrun, or one plain process), the model and
+optimizer, the loss head and one training step (megatron's schedule: :func:`train_step`)."""
 
 from __future__ import annotations
 
@@ -294,10 +291,8 @@ class StepStats:
 
 @contextmanager
 def local_grad_check(model_chunks: list) -> Iterator[list[torch.Tensor]]:
-    """Yields a list holding, after the schedule, whether this rank's own gradients were finite.
-
-    Checked inside ``finalize_model_grads_func`` before its DP reduction spreads one rank's NaN.
-    """
+    """Yields a list holding, after the schedule, whether this rank's own gradients were finite
+    (checked in ``finalize_model_grads_func`` before its DP reduction spreads one rank's NaN)."""
     config = model_chunks[0].config
     finalize = config.finalize_model_grads_func
     found: list[torch.Tensor] = []
@@ -350,8 +345,7 @@ def train_step(
         positions = sum(b.positions for b in micro_batches)
         stats = reduce_stats(losses, dp_group(), extra={"tokens": real, "positions": positions})
         if stats:
-            stats["tokens"] = int(stats["tokens"])
-            stats["positions"] = int(stats["positions"])
+            stats.update(tokens=int(stats["tokens"]), positions=int(stats["positions"]))
             stats["loss"] = step_loss(stats, head.loss.normalization)
         stats["threshold"] = threshold
     return StepStats(

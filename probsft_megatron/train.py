@@ -1,9 +1,7 @@
 """`probsft train`: supervised fine-tuning of a Megatron-Core GPT model with any objective.
 
-Run one process per device: ``torchrun --nproc-per-node N -m probsft_megatron.train
---config RECIPE [key=value ...]``. :class:`Trainer` builds the run's components once; ``fit``
-is the step loop.
-"""
+One process per device: ``torchrun --nproc-per-node N -m probsft_megatron.train --config
+RECIPE [key=value ...]``; :class:`Trainer` builds the run once, ``fit`` is the step loop."""
 
 from __future__ import annotations
 
@@ -60,10 +58,7 @@ def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
     job.require_tokenizer()
     t = job.train
     checkpoints = CheckpointManager(
-        job.output_dir,
-        keep_last=t.keep_last,
-        resume=t.resume,
-        skip_damaged=t.resume_skip_damaged,
+        job.output_dir, keep_last=t.keep_last, resume=t.resume, skip_damaged=t.resume_skip_damaged
     )
     # from here on a stop signal finishes the step, saves and stops (see module stopping)
     with stopping.Stopper(

@@ -1,13 +1,11 @@
-"""The validation loss on ``data.val_files`` every ``train.eval_interval`` steps and at the end.
-
-The held-out data is cut into global batches like the training data (last batch kept); the
-``val_*`` metrics are sums over ``train.eval_batches`` of them, divided at the end.
-"""
+"""The validation loss on ``data.val_files`` every ``train.eval_interval`` steps and at the end:
+sums over ``train.eval_batches`` global batches (cut like the training data, last one kept)."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from typing import Any
 
 from probsft_megatron import runtime
@@ -60,14 +58,12 @@ class Validation:
         t0 = time.perf_counter()
         for chunk in model_chunks:
             chunk.eval()
-        total: dict[str, float] = {}
+        total: Counter[str] = Counter()
         self.loader.load_state_dict({"step": 0})  # the same batches every time
         batches = iter(self.loader)
         try:
             for _ in range(self.batches):
-                found = runtime.eval_step(model_chunks, head, next(batches))
-                for key, value in found.items():
-                    total[key] = total.get(key, 0.0) + value
+                total.update(runtime.eval_step(model_chunks, head, next(batches)))
         finally:
             for chunk in model_chunks:
                 chunk.train()
