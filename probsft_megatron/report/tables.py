@@ -66,48 +66,39 @@ def _objective_order(info: dict | None) -> tuple:
 def group_runs(runs: list[dict]) -> list[dict]:
     """Groups of runs that differ only by seed, in table order; ``setting`` names the config
     differences to other groups, the objective aside."""
-    groups: dict[str, dict] = {}
+    groups: dict[str, list[dict]] = {}
     for run in runs:
-        key = run["identity"] or f"run:{run['path']}"
-        g = groups.setdefault(key, {"identity": run["identity"], "members": []})
-        g["members"].append(run)
+        groups.setdefault(run["identity"] or f"run:{run['path']}", []).append(run)
+    firsts = [members[0] for members in groups.values()]
+    flats = [flatten(json.loads(r["identity"])) if r["identity"] else None for r in firsts]
     # which config keys vary between groups (the objective is shown on its own)
-    flats = {
-        k: flatten(json.loads(g["identity"])) if g["identity"] else None for k, g in groups.items()
-    }
-    keys = sorted({k for f in flats.values() if f for k in f})
+    known = [f for f in flats if f]
     varying = [
-        k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats.values() if f}) > 1
+        k
+        for k in sorted({k for f in known for k in f} - {"loss.objective"})
+        if len({json.dumps(f.get(k), default=str) for f in known}) > 1
     ]
-    varying = [k for k in varying if k != "loss.objective"]
+    rest = [k for k in varying if not k.startswith(("model.", "data.")) or k == "data.seed"]
     out = []
-    for key, g in groups.items():
-        first = g["members"][0]
-        flat = flats[key]
-        setting_parts: list[str] = []
+    for first, flat, members in zip(firsts, flats, groups.values()):
+        parts: list[str] = []
         if flat:
             for prefix, field_name in (("model.", "model"), ("data.", "dataset")):
                 keys_here = [k for k in varying if k.startswith(prefix) and k != "data.seed"]
-                if not keys_here:
-                    continue
-                names = {gg["members"][0][field_name] for gg in groups.values() if gg["identity"]}
-                if len(names) > 1:  # the preset / dataset name tells the settings apart
-                    setting_parts.append(first[field_name] or "?")
+                names = {r[field_name] for r in firsts if r["identity"]}
+                if keys_here and len(names) > 1:  # the preset / dataset name tells them apart
+                    parts.append(first[field_name] or "?")
                 else:
-                    setting_parts += [f"{k}={_short(flat.get(k))}" for k in keys_here]
-            for k in varying:
-                if not k.startswith(("model.", "data.")) or k == "data.seed":
-                    setting_parts.append(f"{k}={_short(flat.get(k))}")
-        setting = ", ".join(setting_parts)
+                    parts += [f"{k}={_short(flat.get(k))}" for k in keys_here]
+            parts += [f"{k}={_short(flat.get(k))}" for k in rest]
         obj = first["objective"]
-        label = obj["label"] if obj else first["name"]
-        members = sorted(g["members"], key=lambda r: (r["seed"] is None, r["seed"] or 0, r["name"]))
+        members = sorted(members, key=lambda r: (r["seed"] is None, r["seed"] or 0, r["name"]))
         out.append(
             {
                 "id": "",
-                "label": label,
+                "label": obj["label"] if obj else first["name"],
                 "objective": obj,
-                "setting": setting,
+                "setting": ", ".join(parts),
                 "model": first["model"],
                 "dataset": first["dataset"],
                 "kind": first["kind"],
@@ -147,10 +138,7 @@ def _short(value: Any) -> str:
 def metric_value(task: dict, metric: str) -> float | None:
     """One run's value of ``metric`` on one task (``task``: an entry of its ``eval``)."""
     m = task["metrics"]
-    if metric.startswith("pass@"):
-        v = (m.get("pass@k") or {}).get(metric[5:])
-    else:
-        v = m.get(metric)
+    v = (m.get("pass@k") or {}).get(metric[5:]) if metric.startswith("pass@") else m.get(metric)
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
@@ -160,30 +148,26 @@ def _aggregate_group(g: dict, metric: str, tasks: list[str]) -> None:
     cells: dict[str, dict] = {}
     details: dict[str, dict] = {}
     for task in tasks:
-        have = [r for r in members if task in r["eval"]]
-        if not have:
+        evals = [r["eval"][task] for r in members if task in r["eval"]]
+        if not evals:
             continue
         d: dict[str, Any] = {}
         ks = sorted(
-            {k for r in have for k in (r["eval"][task]["metrics"].get("pass@k") or {})},
+            {k for e in evals for k in (e["metrics"].get("pass@k") or {})},
             key=lambda k: int(k) if str(k).isdigit() else 0,
         )
         for name in [*METRICS, *[f"pass@{k}" for k in ks]]:
-            vs = [v for v in (metric_value(r["eval"][task], name) for r in have) if v is not None]
+            vs = [v for e in evals if (v := metric_value(e, name)) is not None]
             if vs:
                 d[name] = summarize_values(vs)
         if metric in d:
             cells[task] = d[metric]
         if "boxed_rate" in d:  # what the boxed rate counts (see report.files.EXTRACTED)
-            bases = {r["eval"][task].get("boxed_basis") for r in have}
-            d["boxed_basis"] = sorted(b for b in bases if b)
-        samples = {
-            (r["eval"][task]["metrics"].get("problems"), r["eval"][task]["metrics"].get("n"))
-            for r in have
-        }
-        d["problems"] = sorted({s[0] for s in samples if s[0] is not None})
-        d["samples_per_problem"] = sorted({s[1] for s in samples if s[1] is not None})
-        sampling = {json.dumps(r["eval"][task].get("sampling"), sort_keys=True) for r in have}
+            d["boxed_basis"] = sorted({b for e in evals if (b := e.get("boxed_basis"))})
+        samples = {(e["metrics"].get("problems"), e["metrics"].get("n")) for e in evals}
+        d["problems"] = sorted({p for p, _ in samples if p is not None})
+        d["samples_per_problem"] = sorted({n for _, n in samples if n is not None})
+        sampling = {json.dumps(e.get("sampling"), sort_keys=True) for e in evals}
         d["same_sampling"] = len(sampling) == 1 and len(samples) == 1
         details[task] = d
     # average over the block's tasks, per run, then over seeds
@@ -192,23 +176,23 @@ def _aggregate_group(g: dict, metric: str, tasks: list[str]) -> None:
         vals = [metric_value(r["eval"][t], metric) if t in r["eval"] else None for t in tasks]
         if tasks and all(v is not None for v in vals):
             per_run.append(sum(vals) / len(vals))
-    g["cells"] = cells
-    g["details"] = details
-    g["average"] = summarize_values(per_run) if per_run and len(tasks) > 1 else None
-    g["evaluated"] = sum(1 for r in members if r["eval"])
-    train_stats: dict[str, Any] = {}
     trained = [r["training"] for r in members if r["training"]]
+    train_stats: dict[str, Any] = {}
     for part, keys in (("final", TRAINING_STATS), ("validation", ("val_loss", "val_nll"))):
         for key in keys:  # validation: the newest of each run
             vs = [t[part][key] for t in trained if (t.get(part) or {}).get(key) is not None]
             if vs:
                 train_stats[key] = summarize_values(vs)
-    steps = [r["training"]["steps"] for r in members if r["training"]]
-    planned = [r["training"]["planned_steps"] for r in members if r["training"]]
-    train_stats["steps"] = steps
-    train_stats["planned_steps"] = planned
-    g["training"] = train_stats
-    g["statuses"] = status_counts(members)
+    train_stats["steps"] = [t["steps"] for t in trained]
+    train_stats["planned_steps"] = [t["planned_steps"] for t in trained]
+    g.update(
+        cells=cells,
+        details=details,
+        average=summarize_values(per_run) if per_run and len(tasks) > 1 else None,
+        evaluated=sum(1 for r in members if r["eval"]),
+        training=train_stats,
+        statuses=status_counts(members),
+    )
 
 
 def build_tables(groups: list[dict], metric: str) -> list[dict]:
