@@ -76,10 +76,12 @@ class SignalRelay:
         collective failed, and would report a lost rank instead."""
         self.hard_stop = True
         self._seen = self._workers(recursive=True)
-        _say(
+        text = (
             "second interrupt: stopped at once; the step in flight is not saved, the newest "
             "checkpoint stays (resume with the same command)"
         )
+        with contextlib.suppress(OSError, ValueError):
+            os.write(sys.stderr.fileno(), f"\n[probsft] {text}\n".encode())
         self.kill_leftovers()
         timer = threading.Timer(KILL_AFTER_S, self.kill_leftovers)  # any started meanwhile
         timer.daemon = True
@@ -100,11 +102,6 @@ class SignalRelay:
             with contextlib.suppress(Exception):  # already gone
                 if proc.is_running():
                     proc.kill()
-
-
-def _say(text: str) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        os.write(sys.stderr.fileno(), f"\n[probsft] {text}\n".encode())
 
 
 def quiet_code(failures: dict, hard_stop: bool) -> int | None:

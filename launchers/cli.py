@@ -18,6 +18,7 @@ _SWITCH = {"action": "store_true"}
 _PAIRS = {"metavar": "KEY=VALUE"}
 #: argparse settings of the options that are not plain strings.
 _KWARGS = {
+    "target": {"nargs": "*", "metavar": "sweep NAME | status|logs|cancel EXP"},
     "--executor": {"choices": ("local", "slurm"), "default": "local"},
     "--dryrun": _SWITCH,
     "--detach": _SWITCH,
@@ -34,6 +35,9 @@ _KWARGS = {
 }
 #: Every option's help, in the order `--help` lists them.
 _HELP = {
+    "target": "`sweep NAME` runs a sweep from configs/sweeps (`sweep` lists them); `status EXP`, "
+    "`logs EXP [STEP]` and `cancel EXP` act on a submitted SLURM experiment (its folder, "
+    "id or title)",
     "--dataset": "math, medical, figfont or custom",
     "--model": "model preset (configs/models), e.g. qwen2.5-7b",
     "--objective": "training objective, e.g. original, p, GeneralFamily-8",
@@ -68,26 +72,15 @@ _HELP = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the launch options on ``parser``."""
-    parser.add_argument(
-        "target",
-        nargs="*",
-        metavar="sweep NAME | status|logs|cancel EXP",
-        help="`sweep NAME` runs a sweep from configs/sweeps (`sweep` lists them); `status EXP`, "
-        "`logs EXP [STEP]` and `cancel EXP` act on a submitted SLURM experiment (its folder, "
-        "id or title)",
-    )
     for flag, text in _HELP.items():
         parser.add_argument(flag, help=text, **_KWARGS.get(flag, {}))
 
 
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    out = {}
+def _env(items: list[str]) -> dict[str, str]:
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{flag} {item!r} must look like KEY=VALUE")
-        out[key] = value
-    return out
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"--env {item!r} must look like KEY=VALUE")
+    return dict(item.split("=", 1) for item in items)
 
 
 def _hf_folders(items: list[str]) -> dict[str, str]:
@@ -99,18 +92,13 @@ def _hf_folders(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if sep and key in presets:
-            out[key] = os.path.abspath(value)
-        else:
-            out[ANY_MODEL] = os.path.abspath(item)
+        key, value = (key, value) if sep and key in presets else (ANY_MODEL, item)
+        out[key] = os.path.abspath(value)
     return out
 
 
-JOB_COMMANDS = ("status", "logs", "cancel")
-
-
 def _sweep_ref(args: argparse.Namespace) -> str | None:
-    target = list(args.target)
+    target = args.target
     if (target and target[0] != "sweep") or len(target) > 2:
         raise ConfigError(
             f"unexpected arguments {' '.join(target)!r}; the positional forms "
@@ -130,9 +118,8 @@ def _print_sweeps() -> int:
     for name in list_sweeps():
         parts = load_sweep(name)
         runs = sum(len(s.settings) * len(s.objectives) for s in parts)
-        description = parts[0].description
-        if len(parts) > 1:
-            description = "combines " + ", ".join(s.name for s in parts)
+        combines = "combines " + ", ".join(s.name for s in parts)
+        description = parts[0].description if len(parts) == 1 else combines
         print(f"{name:28s} {runs:3d} runs  {description}")
     return 0
 
@@ -153,8 +140,7 @@ def _placement(args: argparse.Namespace):
     profile = load_profile(args.profile)
     nodes = args.nodes or profile.nodes
     nproc = args.nproc or profile.processes_per_node()
-    placeholders = profile.placeholders()
-    if placeholders and not args.dryrun:
+    if (placeholders := profile.placeholders()) and not args.dryrun:
         raise ConfigError(
             f"cluster profile '{profile.name}' still has placeholders in "
             f"{', '.join(placeholders)}; fill them in before submitting"
@@ -172,7 +158,6 @@ def _fit_check(args: argparse.Namespace, profile, nodes: int, nproc: int):
     """:attr:`LaunchOptions.fit_check` from ``plan.check_fits`` for the profile's
     ``gpu_memory_gb`` (or this machine's CUDA device); a check that only says why it was
     skipped with --no-fit-check, on a CPU partition, without gpu_memory_gb or without CUDA."""
-
     from probsft_megatron import hardware
 
     where = f"cluster profile '{profile.name}'" if profile is not None else ""
@@ -224,39 +209,39 @@ def _requests(args: argparse.Namespace, sweep: str | None):
 
     if args.objective or args.recipe:
         raise ConfigError("a sweep sets the objectives and recipes; drop --objective/--recipe")
-    requests, notes = expand_sweep(
-        sweep,
-        dataset=args.dataset,
-        model=args.model,
-        only=[o for o in (args.only or "").split(",") if o.strip()],
-        thresholds=args.thresholds,
-        probe_report=args.probe_report,
-        overrides=args.overrides,
-    )
+    only = [o for o in (args.only or "").split(",") if o.strip()]
+    keys = ("dataset", "model", "thresholds", "probe_report", "overrides")
+    requests, notes = expand_sweep(sweep, only=only, **{k: getattr(args, k) for k in keys})
     return requests, notes, f"sweep-{Path(sweep).stem}"
 
 
 def _report(mode: str, plan, exp_dir: Path) -> int:
-    """Say where the scripts, jobs or results are; exit code 1 when a local run failed."""
+    """Say where the scripts, jobs or results are (and the runs report); exit code 1 when a
+    local run failed."""
     if mode == "dryrun":
         print(f"dry run: experiment written to {exp_dir}")
         for script in sorted(exp_dir.glob("*_sbatch.sh")):
             print(f"  sbatch script: {script}")
         return 0
+    from probsft_megatron import report
+
+    failed = []
     if mode == "submit":
         from probsft_megatron.launchers.jobs import ExperimentRecord
 
-        record = ExperimentRecord.load(exp_dir)
         print(f"submitted {len(plan.steps)} jobs; experiment record and logs: {exp_dir}")
-        for s in record.steps:
+        for s in ExperimentRecord.load(exp_dir).steps:
             after = f" (after {', '.join(s.after)})" if s.after else ""
             print(f"  job {s.job_id}: {s.name}{after}")
         for r in plan.runs:
             print(f"  {r.name}: results will be in {r.eval_summary}")
-        _report_hint(plan.work_dir)
-        return 0
-    failed = _print_results({r.name: r.eval_summary for r in plan.runs})
-    _report_hint(plan.work_dir)
+    else:
+        failed = _print_results({r.name: r.eval_summary for r in plan.runs})
+    print(
+        f"report: probsft report {plan.work_dir} (writes "
+        f"{report.default_out_dir([plan.work_dir]) / 'report.md'}; "
+        "`probsft launch status` builds it too)"
+    )
     if failed:
         print(
             f"error: {len(failed)} run(s) produced no eval summary; step logs are under {exp_dir}",
@@ -274,17 +259,6 @@ def _print_results(summaries: dict[str, Path]) -> list[str]:
         if (summary.parent / "summary.md").is_file():
             print((summary.parent / "summary.md").read_text(), end="")
     return missing
-
-
-def _report_hint(work_dir: str) -> None:
-    """Where the experiment's runs report (``probsft report``) goes."""
-    from probsft_megatron import report
-
-    out = report.default_out_dir([work_dir])
-    print(
-        f"report: probsft report {work_dir} (writes {out / 'report.md'}; "
-        "`probsft launch status` builds it too)"
-    )
 
 
 def _status_report(record, states: dict) -> None:
@@ -376,7 +350,7 @@ def _wait_and_report(exp_dir: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Plan, print and dry-run / run / submit the experiment; returns the exit code."""
-    if args.target and args.target[0] in JOB_COMMANDS:
+    if args.target and args.target[0] in ("status", "logs", "cancel"):
         return _job_command(args)  # reads files and asks SLURM: no heavy imports
     from probsft_megatron.launchers import experiment as ex
 
@@ -399,8 +373,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"work directory {work_dir!r} is a placeholder; pass --work-dir DIR")
     from probsft_megatron.manifest import writable_folder
 
-    problem = writable_folder(work_dir)
-    if problem is not None:
+    if (problem := writable_folder(work_dir)) is not None:
         raise ConfigError(f"work directory {work_dir} {problem}; pass --work-dir DIR (a folder)")
     hf = _hf_folders(args.hf)
     try:
@@ -419,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
         work_dir=os.path.abspath(work_dir),
         world_size=nodes * nproc,
         hf=hf,
-        env=_pairs(args.env, "--env"),
+        env=_env(args.env),
         eval_tasks=args.eval_task,
         eval_args=eval_args,
         layout_check=layout_check,
@@ -440,17 +413,14 @@ def run(args: argparse.Namespace) -> int:
 
     if profile is None:
         executor_for = functools.partial(ex.local_executor, nproc_per_node=nproc)
-        agent_args = ex.single_node_agent_args(nproc)
+        agent_args = None  # one node: the default of ex.step_command
     else:
         from probsft_megatron.launchers import slurm
 
         job_dir = str(Path(plan.work_dir) / "experiments")
-
-        def executor_for(step: ex.Step):
-            return slurm.slurm_executor(
-                profile, step.kind, job_dir=job_dir, nodes=nodes, nproc_per_node=nproc
-            )
-
+        executor_for = functools.partial(
+            slurm.slurm_executor, profile, job_dir=job_dir, nodes=nodes, nproc_per_node=nproc
+        )
         agent_args = slurm.agent_args(profile, nodes, nproc)
     mode = "dryrun" if args.dryrun else ("run" if profile is None else "submit")
     if args.detach and mode != "submit":

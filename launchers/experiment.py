@@ -6,7 +6,6 @@ The recipe lookup order is in :func:`resolve_recipe`; configs are validated whil
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -17,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,8 @@ ANY_MODEL = "*"
 
 @dataclass
 class Step:
-    """One command, ``python -m module *args`` with ``env`` added; ``kind`` is convert,
-    prepare, train (torchrun on every node), export or eval; ``after``: steps that must succeed
-    first."""
+    """``python -m module *args`` with ``env`` added; ``kind``: convert, prepare, train (torchrun
+    on every node), export or eval; ``after``: steps that must succeed first."""
 
     name: str
     kind: str
@@ -212,85 +211,81 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
-def _plan_backbone(
-    plan: ExperimentPlan,
-    converts: dict[str, str],
-    req: RunRequest,
-    name: str,
-    cfg: TrainJobConfig,
-    recipe: str,
-    overrides: list[str],
-    options: LaunchOptions,
-) -> list[str]:
-    """Where run ``name`` starts from: adds a convert step (once per Megatron model dir, in
-    ``converts``) and ``init.checkpoint`` to ``overrides`` when needed; returns the steps its
-    training waits for."""
-    megatron = cfg.init.checkpoint
-    hf = options.hf.get(req.model, options.hf.get(ANY_MODEL))
-    if megatron is None and hf:
-        megatron = str(Path(options.work_dir) / "models" / req.model)
-        overrides.append(f"init.checkpoint={megatron}")
-    if megatron is None:
-        if cfg.peft.enabled:  # adapters of a random base: nothing on disk to merge them into
-            raise ConfigError(
-                f"run {name}: peft.method=lora adapts a base model, but recipe {recipe} starts "
-                f"from random weights; pass --hf DIR (the {req.model} Hugging Face folder) or "
-                "--set init.checkpoint=MEGATRON_DIR"
-            )
-        if not cfg.init.tokenizer:
-            raise ConfigError(
-                f"run {name}: recipe {recipe} starts from no checkpoint; pass --hf DIR "
-                f"(the {req.model} Hugging Face folder) or --set init.checkpoint=MEGATRON_DIR"
-            )
-        plan.notes.append(
-            f"run {name} trains {req.model} from random initialization "
-            f"(no init.checkpoint, no --hf; tokenizer {cfg.init.tokenizer})"
-        )
-        return []
-    if (Path(megatron) / "model_config.json").is_file():
-        plan.notes.append(f"using the existing Megatron model dir {megatron} (no conversion)")
-        return []
-    if not hf:
-        plan.notes.append(
-            f"run {name}: init.checkpoint {megatron} is not a Megatron model dir "
-            "on this machine; it must exist where the job runs (or pass --hf)"
-        )
-        return []
-    if megatron not in converts:
-        step_name = safe_name(f"convert-{req.model}")
-        while any(s.name == step_name for s in plan.steps):
-            step_name += "_"
-        converts[megatron] = step_name
-        args = ["convert", "hf-to-megatron", "--hf", hf, "--out", megatron]
-        plan.steps.append(Step(step_name, "convert", CLI_MODULE, args))
-    return [converts[megatron]]
+@dataclass
+class _Planner:
+    """Adds the steps of each run to ``plan``, sharing a conversion per Megatron model dir and
+    a prepare step per (data settings, tokenizer)."""
 
+    plan: ExperimentPlan
+    options: LaunchOptions
+    converts: dict[str, str] = field(default_factory=dict)  # model dir -> convert step name
+    prepares: dict[str, str] = field(default_factory=dict)  # data settings -> prepare step
 
-def _plan_prepare(
-    plan: ExperimentPlan,
-    prepares: dict[str, str],
-    name: str,
-    cfg: TrainJobConfig,
-    recipe: str,
-    overrides: list[str],
-    after: list[str],
-) -> list[str]:
-    """Add the step that builds run ``name``'s tokenized store (``probsft data prepare`` with
-    the recipe, its ``data.*`` overrides and tokenizer), after the backbone's conversion, once
-    per distinct (data settings, tokenizer); returns the steps the training waits for."""
-    if not cfg.data.cache:
-        plan.notes.append(f"run {name}: data.cache is false, so there is no store to prepare")
-        return after
-    tokenizer = tokenizer_spec(cfg.init)
-    if tokenizer is None:  # _plan_backbone has refused such a run already
-        return after
-    key = repr((sorted(dataclasses.asdict(cfg.data).items()), tokenizer))
-    if key not in prepares:
-        prepares[key] = safe_name(f"prepare-{name}")
-        data_overrides = [o for o in overrides if o.strip().startswith("data.")]
-        args = ["data", "prepare", "--config", recipe, "--tokenizer", tokenizer, *data_overrides]
-        plan.steps.append(Step(prepares[key], "prepare", CLI_MODULE, args, after=list(after)))
-    return [*after, prepares[key]]
+    def backbone(self, run: RunPlan, cfg: TrainJobConfig) -> list[str]:
+        """Where ``run`` starts from: adds a convert step and ``init.checkpoint`` to its
+        overrides when needed; returns the steps its training waits for."""
+        notes, model, name, recipe = self.plan.notes, run.model, run.name, run.recipe
+        megatron = cfg.init.checkpoint
+        hf = self.options.hf.get(model, self.options.hf.get(ANY_MODEL))
+        if megatron is None and hf:
+            megatron = str(Path(self.options.work_dir) / "models" / model)
+            run.overrides.append(f"init.checkpoint={megatron}")
+        if megatron is None:
+            if cfg.peft.enabled:  # adapters of a random base: nothing on disk to merge them into
+                raise ConfigError(
+                    f"run {name}: peft.method=lora adapts a base model, but recipe {recipe} "
+                    f"starts from random weights; pass --hf DIR (the {model} Hugging Face "
+                    "folder) or --set init.checkpoint=MEGATRON_DIR"
+                )
+            if not cfg.init.tokenizer:
+                raise ConfigError(
+                    f"run {name}: recipe {recipe} starts from no checkpoint; pass --hf DIR "
+                    f"(the {model} Hugging Face folder) or --set init.checkpoint=MEGATRON_DIR"
+                )
+            notes.append(
+                f"run {name} trains {model} from random initialization "
+                f"(no init.checkpoint, no --hf; tokenizer {cfg.init.tokenizer})"
+            )
+            return []
+        if (Path(megatron) / "model_config.json").is_file():
+            notes.append(f"using the existing Megatron model dir {megatron} (no conversion)")
+            return []
+        if not hf:
+            notes.append(
+                f"run {name}: init.checkpoint {megatron} is not a Megatron model dir "
+                "on this machine; it must exist where the job runs (or pass --hf)"
+            )
+            return []
+        if megatron not in self.converts:
+            step_name = safe_name(f"convert-{model}")
+            while any(s.name == step_name for s in self.plan.steps):
+                step_name += "_"
+            self.converts[megatron] = step_name
+            args = ["convert", "hf-to-megatron", "--hf", hf, "--out", megatron]
+            self.plan.steps.append(Step(step_name, "convert", CLI_MODULE, args))
+        return [self.converts[megatron]]
+
+    def prepare(self, run: RunPlan, cfg: TrainJobConfig, after: list[str]) -> list[str]:
+        """Add the step that builds ``run``'s tokenized store (``probsft data prepare`` with the
+        recipe, its ``data.*`` overrides and tokenizer) after ``after``, once per distinct
+        (data settings, tokenizer); returns the steps its training waits for."""
+        if not cfg.data.cache:
+            self.plan.notes.append(
+                f"run {run.name}: data.cache is false, so there is no store to prepare"
+            )
+            return after
+        tokenizer = tokenizer_spec(cfg.init)
+        if tokenizer is None:  # a backbone converted from --hf: its tokenizer is not there yet
+            return after
+        key = repr((sorted(asdict(cfg.data).items()), tokenizer))
+        if key not in self.prepares:
+            self.prepares[key] = safe_name(f"prepare-{run.name}")
+            data = [o for o in run.overrides if o.strip().startswith("data.")]
+            args = ["data", "prepare", "--config", run.recipe, "--tokenizer", tokenizer, *data]
+            self.plan.steps.append(
+                Step(self.prepares[key], "prepare", CLI_MODULE, args, after=after)
+            )
+        return [*after, self.prepares[key]]
 
 
 def plan_experiment(
@@ -302,8 +297,7 @@ def plan_experiment(
     backbone, or two runs with the same name."""
     work = Path(options.work_dir)
     plan = ExperimentPlan(title=safe_name(title or ""), work_dir=str(work), steps=[], runs=[])
-    converts: dict[str, str] = {}  # Megatron model dir -> convert step name
-    prepares: dict[str, str] = {}  # data settings and tokenizer -> prepare step name
+    planner = _Planner(plan, options)
     models = sorted({req.model for req in requests})
     if len(models) > 1 and ANY_MODEL in options.hf:
         raise ConfigError(
@@ -322,12 +316,8 @@ def plan_experiment(
         if any(r.name == name for r in plan.runs):
             raise ConfigError(f"two runs are named {name}; give them different labels")
         run_dir = work / "runs" / name
-        overrides = [
-            *choice.overrides,
-            f"loss.objective={objective}",
-            f"train.output_dir={run_dir}",
-        ]
-        overrides += req.overrides
+        overrides = [*choice.overrides, f"loss.objective={objective}"]
+        overrides += [f"train.output_dir={run_dir}", *req.overrides]
         cfg = load_config(choice.ref, overrides)
         if cfg.train.output_dir != str(run_dir):
             raise ConfigError(
@@ -335,17 +325,18 @@ def plan_experiment(
                 "remove it from --set and choose --work-dir instead"
             )
         if options.layout_check is not None:
-            parallel = cfg.parallel
-            options.layout_check(
-                parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-            )
+            p = cfg.parallel
+            options.layout_check(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
         cfg.validate(options.world_size)
         if options.fit_check is not None:
             plan.notes.append(options.fit_check(name, cfg))
-
-        after = _plan_backbone(plan, converts, req, name, cfg, choice.ref, overrides, options)
+        config = cfg.to_dict()
+        layout = {"world_size": options.world_size, **config.get("parallel", {})}
+        run = RunPlan(name, req.dataset, req.model, objective, choice.ref, str(run_dir))
+        run.overrides, run.layout, run.config = overrides, layout, config
+        after = planner.backbone(run, cfg)
         if options.prepare:
-            after = _plan_prepare(plan, prepares, name, cfg, choice.ref, overrides, after)
+            after = planner.prepare(run, cfg, after)
         tasks = options.eval_tasks or EVAL_TASKS[req.dataset]
         has_data = any(a == "--data" or a.startswith("--data=") for a in options.eval_args)
         if {"medical", "custom"} & set(tasks.split(",")) and not has_data:
@@ -353,10 +344,6 @@ def plan_experiment(
                 f"eval task(s) {tasks} read a local jsonl; pass "
                 "--eval-args '--data FILE' (and fields, see probsft eval --help)"
             )
-        config = cfg.to_dict()
-        layout = {"world_size": options.world_size, **config.get("parallel", {})}
-        run = RunPlan(name, req.dataset, req.model, objective, choice.ref, str(run_dir))
-        run.overrides, run.layout, run.config = overrides, layout, config
         plan.runs.append(run)
         export = ["export", "--train-dir", run.run_dir, "--out", run.hf_dir]
         # --overwrite: a requeued or re-launched step redoes its own eval
@@ -385,16 +372,14 @@ def import_nemo_run() -> Any:
     return nemo_run
 
 
-def local_executor(step: Step, nproc_per_node: int) -> Any:
-    """A NeMo-Run ``LocalExecutor`` for one step (``train``: ``nproc_per_node`` tasks); this
-    interpreter's folder leads ``PATH`` so that ``python`` is the one of this environment."""
+def local_executor(kind: str, nproc_per_node: int) -> Any:
+    """A NeMo-Run ``LocalExecutor`` for a step of ``kind`` (``train``: ``nproc_per_node`` tasks);
+    this interpreter's folder leads ``PATH`` so that ``python`` is the one of this environment."""
     run = import_nemo_run()
-    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    if step.kind == "train":
-        return run.LocalExecutor(
-            ntasks_per_node=nproc_per_node, env_vars={"PATH": path, "LOGLEVEL": "INFO"}
-        )
-    return run.LocalExecutor(env_vars={"PATH": path})
+    env = {"PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
+    if kind != "train":
+        return run.LocalExecutor(env_vars=env)
+    return run.LocalExecutor(ntasks_per_node=nproc_per_node, env_vars={**env, "LOGLEVEL": "INFO"})
 
 
 def single_node_agent_args(nproc_per_node: int) -> list[str]:
@@ -423,7 +408,7 @@ def step_command(
 
 def execute(
     plan: ExperimentPlan,
-    executor_for: Callable[[Step], Any],
+    executor_for: Callable[[str], Any],
     mode: str,
     agent_args: list[str] | None = None,
 ) -> Path:
@@ -434,15 +419,13 @@ def execute(
     from probsft_megatron.launchers import jobs
 
     run = import_nemo_run()
-    if mode not in ("dryrun", "run", "submit"):
-        raise ValueError(f"mode must be dryrun, run or submit, got {mode!r}")
     exp_id = f"{plan.title}_{time.time_ns()}"
     exp_dir = Path(plan.work_dir) / "experiments" / plan.title / exp_id
     status = {"dryrun": "dry run", "run": "launched", "submit": "submitted"}[mode]
     runs = {r.name: r.record() for r in plan.runs}
     record = jobs.ExperimentRecord(plan.title, exp_id, str(exp_dir), status, [], runs)
     record.command = ["probsft", *sys.argv[1:]]
-    record.submitted_at = jobs.now_iso()
+    record.submitted_at = datetime.now().astimezone().isoformat(timespec="seconds")
     # a submission reports through the run record (jobs.py), not NeMo-Run's console
     exp = run.Experiment(
         plan.title,
@@ -455,7 +438,7 @@ def execute(
     with exp:
         job_ids: dict[str, str] = {}
         for step in plan.steps:
-            executor = executor_for(step)
+            executor = executor_for(step.kind)
             record.executor = "slurm" if isinstance(executor, run.SlurmExecutor) else "local"
             module, args = step_command(step, executor, agent_args)
             command, log_dir = ["python", "-m", module, *args], str(exp_dir / step.name)
@@ -510,8 +493,7 @@ def _submit(record: Any, exp: Any) -> None:
         error = _sbatch_error(exc)
     by_name = {job.id: job for job in exp.jobs}
     for step in record.steps:
-        job = by_name.get(step.name)
-        if job is None:
+        if (job := by_name.get(step.name)) is None:
             continue
         # a NeMo-Run app handle: slurm_tunnel://nemo_run/<job id>[/...]
         parts = (job.handle or "").partition("://")[2].split("/")

@@ -12,7 +12,6 @@ import subprocess
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -102,10 +101,9 @@ class ExperimentRecord:
 
     def step(self, ref: str) -> LaunchedStep:
         """A step by name, or by a unique prefix or kind (``train``)."""
-        for s in self.steps:
-            if s.name == ref:
-                return s
-        matches = [s for s in self.steps if s.name.startswith(ref) or s.kind == ref]
+        matches = [s for s in self.steps if s.name == ref] or [
+            s for s in self.steps if s.name.startswith(ref) or s.kind == ref
+        ]
         if len(matches) == 1:
             return matches[0]
         names = ", ".join(s.name for s in self.steps)
@@ -178,34 +176,27 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
     return {j: out.get(j, JobState(UNKNOWN)) for j in ids}
 
 
-_TIME_FORMS = re.compile(
-    r"^(?:(?P<days>\d+)-(?P<dh>\d{1,2})(?::(?P<dm>\d{1,2})(?::(?P<ds>\d{1,2}))?)?"
-    r"|(?P<h>\d{1,3}):(?P<hm>\d{1,2}):(?P<hs>\d{1,2})"
-    r"|(?P<m>\d+)(?::(?P<ms>\d{1,2}))?)$"
-)
+_TIME_RE = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?")
 
 
 def time_limit_seconds(value: str) -> int | None:
     """Seconds of a SLURM time limit in one of sbatch's forms (``MM``, ``MM:SS``,
     ``HH:MM:SS``, ``D-HH[:MM[:SS]]``; ``30:00`` is thirty minutes), or None for another form
     or a field out of range. squeue's elapsed times (``%M``) are written the same way."""
-    m = _TIME_FORMS.match(value.strip())
+    m = _TIME_RE.fullmatch(value.strip())
     if m is None:
         return None
-    g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
-    if "days" in g:
-        hours, minutes, seconds = g["dh"], g.get("dm", 0), g.get("ds", 0)
-        if hours >= 24:
-            return None
-        hours += 24 * g["days"]
-    elif "h" in g:
-        hours, minutes, seconds = g["h"], g["hm"], g["hs"]
-    else:  # minutes[:seconds], the minutes unbounded
-        seconds = g.get("ms", 0)
-        return 60 * g["m"] + seconds if seconds < 60 else None
-    if minutes >= 60 or seconds >= 60:
+    days, first = m.group(1, 2)
+    fields = [int(f) for f in m.groups()[1:] if f is not None]
+    if any(f >= 60 for f in fields[1:]):
         return None
-    return 3600 * hours + 60 * minutes + seconds
+    if days is not None:  # D-HH[:MM[:SS]]
+        if len(first) > 2 or fields[0] >= 24:
+            return None
+        return 86400 * int(days) + sum(f * u for f, u in zip(fields, (3600, 60, 1)))
+    if len(fields) == 3:  # HH:MM:SS
+        return None if len(first) > 3 else 3600 * fields[0] + 60 * fields[1] + fields[2]
+    return 60 * fields[0] + sum(fields[1:])  # MM[:SS], the minutes unbounded
 
 
 def _fmt_elapsed(seconds: float | None) -> str:
@@ -355,7 +346,3 @@ def find_experiment(ref: str, roots: list[str]) -> Path:
         f"experiment id or title under {where}; pass the folder that "
         "`probsft launch` printed (or --work-dir)"
     )
-
-
-def now_iso() -> str:
-    return datetime.now().astimezone().isoformat(timespec="seconds")

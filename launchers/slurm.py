@@ -21,8 +21,7 @@ from probsft_megatron.launchers.jobs import time_limit_seconds
 #: Step kinds that get their own SLURM job; ``train`` spans all nodes under torchrun.
 STEP_KINDS = ("convert", "train", "export", "eval")
 _PLACEHOLDER_RE = re.compile(r"<[^<>]+>")
-#: torchrun's rendezvous across the nodes of the train job (on the job's first node).
-RDZV_BACKEND = "c10d"
+#: Port of torchrun's c10d rendezvous on the train job's first node (in a container).
 RDZV_PORT = 29500
 #: A multi-node train job on bare nodes hosts torchrun's rendezvous store in its batch script
 #: (``steps.py rdzv-store``) and makes every agent a client of it.
@@ -86,8 +85,6 @@ class ClusterProfile:
     signal: str | None = None  # the train job's warning signal (--signal), e.g. USR1@120
     name: str = ""  # the profile's file name, set by load_profile
 
-    DEFAULT_TIME = "04:00:00"
-
     def __post_init__(self) -> None:
         where = f"cluster profile '{self.name}'" if self.name else "cluster profile"
         if not isinstance(self.account, str) or not self.account.strip():
@@ -99,7 +96,7 @@ class ClusterProfile:
             value = getattr(self, key)
             if value is None and key in ("nproc_per_node", "cpus_per_task"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if type(value) is not int or value < low:  # a bool is no count
                 hint = " (0 for a CPU partition)" if key == "gpus_per_node" else ""
                 raise ConfigError(
                     f"{where}: '{key}' must be an integer >= {low}{hint} (got {value!r})"
@@ -109,20 +106,15 @@ class ClusterProfile:
                 f"{where}: 'exclusive' must be true or false (got {self.exclusive!r})"
             )
         memory = self.gpu_memory_gb
-        if memory is not None and (
-            isinstance(memory, bool)
-            or not isinstance(memory, (int, float))
-            or not 0 < memory < math.inf
-        ):
+        if memory is not None and not (type(memory) in (int, float) and 0 < memory < math.inf):
             raise ConfigError(
                 f"{where}: 'gpu_memory_gb' must be a positive number of GB per "
                 f"GPU, e.g. 80 (got {memory!r})"
             )
-        if self.signal is not None and (
-            not isinstance(self.signal, str) or not _SIGNAL_RE.match(self.signal)
-        ):
+        sig = self.signal
+        if sig is not None and not (isinstance(sig, str) and _SIGNAL_RE.match(sig)):
             raise ConfigError(
-                f"{where}: signal={self.signal!r} is not an sbatch --signal value; "
+                f"{where}: signal={sig!r} is not an sbatch --signal value; "
                 "write SIGNAL@SECONDS, e.g. 'USR1@120' (optionally 'B:USR1@120')"
             )
         for key in ("partition", "qos", "container_image", "work_dir"):
@@ -164,7 +156,7 @@ class ClusterProfile:
         return self.nproc_per_node or self.gpus_per_node or 1
 
     def time_for(self, kind: str) -> str:
-        return self.time.get(kind, self.DEFAULT_TIME)
+        return self.time.get(kind, "04:00:00")
 
     def placeholders(self) -> list[str]:
         """Fields that still hold an ``<...>`` placeholder (the example profile's values)."""
@@ -259,7 +251,7 @@ def agent_args(profile: ClusterProfile, nodes: int, nproc_per_node: int) -> list
     if nodes == 1:
         return single_node_agent_args(nproc_per_node)
     port = "${PROBSFT_RDZV_PORT}" if profile.container_image is None else str(RDZV_PORT)
-    rdzv = f"--rdzv-backend {RDZV_BACKEND} --rdzv-endpoint $head_node_ip:{port}"
+    rdzv = f"--rdzv-backend c10d --rdzv-endpoint $head_node_ip:{port}"
     return [
         *f"{rdzv} --rdzv-id $SLURM_JOB_ID --nnodes {nodes}".split(),
         *f"--nproc-per-node {nproc_per_node} --node-rank $SLURM_NODEID --tee 3".split(),

@@ -5,7 +5,7 @@ of a probe report (``--probe-report``) or a threshold table (``configs/sweeps/th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from probsft_megatron import resources
@@ -15,13 +15,13 @@ from probsft_megatron.launchers.experiment import RunRequest
 from probsft_megatron.objectives import parse_objective
 
 
-@dataclass
+@dataclass(frozen=True)
 class Setting:
     """A (dataset, model) pair of a sweep, with training overrides of its own."""
 
     dataset: str
     model: str
-    overrides: list[str] = field(default_factory=list)
+    overrides: tuple[str, ...] = ()
 
 
 @dataclass
@@ -54,13 +54,8 @@ class ThresholdTable:
                 f"threshold table {self.source} has no {k:g}th percentile (for "
                 f"{name}); it lists {known}"
             )
-        return _with_threshold(name, self.percentiles[k])
-
-
-def _with_threshold(name: str, q: float) -> str:
-    """A percentile objective's canonical name with the absolute threshold ``q``."""
-    prefix = parse_objective(name).name.rsplit("-", 1)[0]
-    return parse_objective(f"{prefix}-{q!r}").name
+        prefix = objective.name.rsplit("-", 1)[0]
+        return parse_objective(f"{prefix}-{self.percentiles[k]!r}").name
 
 
 def _find(ref: str, kind: str, what: str) -> Path:
@@ -99,7 +94,7 @@ def load_sweep(ref: str, _seen: tuple[str, ...] = ()) -> list[Sweep]:
                 f"sweep {path}: each setting needs dataset and model (and "
                 f"optionally set: [key=value, ...]); got {item!r}"
             )
-        overrides = [str(o) for o in item.get("set") or []]
+        overrides = tuple(str(o) for o in item.get("set") or [])
         settings.append(Setting(str(item["dataset"]), str(item["model"]), overrides))
     objectives = [str(o) for o in data.get("objectives") or []]
     if not settings or not objectives:
@@ -130,22 +125,6 @@ def load_threshold_table(ref: str) -> ThresholdTable:
     return ThresholdTable(str(path), data.get("model"), data.get("dataset"), percentiles)
 
 
-def resolve_with_probe(report: str, names: list[str]) -> dict[str, str]:
-    """Percentile names -> canonical absolute names through the probe's report, whose
-    ``resolve_threshold_names`` gives each as a name (``OnlyTopP-0.58``) or a number."""
-    from probsft_megatron.probe import resolve_threshold_names
-
-    resolved = resolve_threshold_names(report, names)
-    out = {}
-    for name in names:
-        value = resolved[name]
-        if isinstance(value, str):
-            out[name] = parse_objective(value).name
-        else:
-            out[name] = _with_threshold(name, float(value))
-    return out
-
-
 def expand_sweep(
     ref: str,
     *,
@@ -168,37 +147,34 @@ def expand_sweep(
         seen_labels.update(label.lower() for label in labels)
         labels = [label for label in labels if not wanted or label.lower() in wanted]
         percentile_names = [label for label in labels if parse_objective(label).needs_percentile]
+        pairs = ((dataset or s.dataset, model or s.model, s.overrides) for s in sweep.settings)
+        settings = [Setting(*p) for p in dict.fromkeys(pairs)]
         resolved: dict[str, str] = {}
-        if percentile_names:
-            if probe_report:
-                resolved = resolve_with_probe(probe_report, percentile_names)
-                notes.append(f"percentile thresholds from the probe report {probe_report}")
-            else:
-                table_ref = thresholds or sweep.thresholds
-                if table_ref is None:
-                    raise ConfigError(
-                        f"sweep {sweep.name} names percentile thresholds; pass "
-                        "--probe-report REPORT or --thresholds TABLE"
-                    )
-                table = load_threshold_table(table_ref)
-                resolved = {name: table.resolve(name) for name in percentile_names}
-                notes.append(
-                    f"percentile thresholds from {table.source} "
-                    f"(measured for {table.model} on {table.dataset})"
+        if percentile_names and probe_report:  # canonical absolute names, from the probe
+            from probsft_megatron.probe import resolve_threshold_names
+
+            resolved = resolve_threshold_names(probe_report, percentile_names)
+            notes.append(f"percentile thresholds from the probe report {probe_report}")
+        elif percentile_names:
+            table_ref = thresholds or sweep.thresholds
+            if table_ref is None:
+                raise ConfigError(
+                    f"sweep {sweep.name} names percentile thresholds; pass "
+                    "--probe-report REPORT or --thresholds TABLE"
                 )
-        settings: list[Setting] = []
-        for s in sweep.settings:
-            setting = Setting(dataset or s.dataset, model or s.model, s.overrides)
-            if setting in settings:
-                continue
-            settings.append(setting)
-            from_table = percentile_names and not probe_report
-            if from_table and (setting.model, setting.dataset) != (table.model, table.dataset):
-                notes.append(
-                    f"the thresholds were measured for {table.model} "
-                    f"on {table.dataset}, not {setting.model} on {setting.dataset}; measure "
-                    "them with `probsft probe` and pass --probe-report"
-                )
+            table = load_threshold_table(table_ref)
+            resolved = {name: table.resolve(name) for name in percentile_names}
+            notes.append(
+                f"percentile thresholds from {table.source} "
+                f"(measured for {table.model} on {table.dataset})"
+            )
+            notes += [
+                f"the thresholds were measured for {table.model} on {table.dataset}, not "
+                f"{s.model} on {s.dataset}; measure them with `probsft probe` and pass "
+                "--probe-report"
+                for s in settings
+                if (s.model, s.dataset) != (table.model, table.dataset)
+            ]
         extra = overrides or []
         requests += [
             RunRequest(

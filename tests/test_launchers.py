@@ -236,7 +236,7 @@ def test_percentiles_through_the_probe_report(monkeypatch):
 
     def resolve_threshold_names(report, names):
         calls.append((report, list(names)))
-        return {name: 0.25 if "K20" in name else "OnlyTopP-0.5" for name in names}
+        return {name: "OnlyTopP-0.25" if "K20" in name else "OnlyTopP-0.5" for name in names}
 
     monkeypatch.setitem(
         sys.modules,
@@ -760,7 +760,7 @@ def test_launch_prepare_step_builds_the_store_before_training(tmp_path, smollm2_
     # the step itself, run by NeMo-Run's local executor: a reader then maps the store
     assert not stores.exists()
     only = dataclasses.replace(plan, steps=[prepare])
-    ex.execute(only, lambda step: ex.local_executor(step, 1), "run")
+    ex.execute(only, lambda kind: ex.local_executor(kind, 1), "run")
     run = plan.runs[0]
     cfg = load_config(run.recipe, run.overrides)
     ds = open_dataset(cfg.data, load_tokenizer(str(smollm2_hf)), builder=False, timeout_s=0)

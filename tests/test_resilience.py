@@ -268,7 +268,7 @@ def test_step_arguments_are_quoted_for_slurm_only(tmp_path):
         "probsft_megatron.train",
         ["--config", "r", "data.train_files=[/d/a b.jsonl]"],
     )
-    module, args = step_command(step, local_executor(step, 2))
+    module, args = step_command(step, local_executor(step.kind, 2))
     assert module == AGENT_MODULE
     assert args == [
         "--standalone",
