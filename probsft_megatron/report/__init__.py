@@ -1,6 +1,6 @@
 """Runs report (``probsft report``): the runs of an experiment or sweep side by side, read
 from their folders' files only (docs/report.md). Data flows ``files`` -> ``records`` ->
-``runs`` -> ``collect`` -> ``stats`` / ``tables`` -> ``figures`` / ``markdown`` -> ``build``.
+``runs`` -> ``collect`` -> ``tables`` -> ``figures`` / ``markdown`` -> ``build``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from probsft_megatron.report.collect import collect
 from probsft_megatron.report.figures import weight_curve
 from probsft_megatron.report.markdown import format_tables
 from probsft_megatron.report.runs import read_run
-from probsft_megatron.report.stats import summarize_values, t_quantile
+from probsft_megatron.report.tables import summarize_values, t_quantile
 
 __all__ = [
     "FORMAT",

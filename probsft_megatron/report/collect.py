@@ -25,27 +25,24 @@ class Collection:
     work_dirs: list[str] = field(default_factory=list)
 
 
+# what a report keeps of a probe report as it is
+PROBE_FIELDS = "tokens mean_p median_p percentiles histogram placement recommendation".split()
+
+
 def _probe_entry(path: Path, data: dict) -> dict[str, Any]:
     model = data.get("model") or {}
     dcfg = (data.get("data") or {}).get("config") or {}
-    source = (
-        "figfont"
-        if dcfg.get("source") == "figfont"
-        else ",".join(Path(str(f)).name for f in dcfg.get("train_files") or []) or None
-    )
-    return {
+    names = ",".join(Path(str(f)).name for f in dcfg.get("train_files") or [])
+    source = "figfont" if dcfg.get("source") == "figfont" else names or None
+    entry = {
         "path": str(path),
         "key": data.get("key"),
         "model": re.sub(r"-[0-9a-f]{12}$", "", Path(str(model.get("path", ""))).name) or None,
         "data": source,
-        "tokens": data.get("tokens"),
-        "mean_p": data.get("mean_p"),
-        "median_p": data.get("median_p"),
-        "percentiles": data.get("percentiles") or {},
-        "histogram": data.get("histogram"),
-        "placement": data.get("placement"),
-        "recommendation": data.get("recommendation"),
+        **{k: data.get(k) for k in PROBE_FIELDS},
     }
+    entry["percentiles"] = entry["percentiles"] or {}
+    return entry
 
 
 def _add_probe(col: Collection, path: Path) -> bool:

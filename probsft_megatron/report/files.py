@@ -73,17 +73,15 @@ def is_task_summary(data: Any) -> bool:
     return isinstance(data, dict) and "task" in data and isinstance(data.get("metrics"), dict)
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "eval/summary.json")
+
+
 def is_run_dir(path: Path) -> bool:
     """A training run folder (``config.json``, ``metrics.jsonl``, ``checkpoints/``, ...)."""
-    if any((path / f).is_file() for f in ("config.json", "metrics.jsonl")):
+    if (path / "checkpoints").is_dir() or any((path / f).is_file() for f in RUN_FILES):
         return True
-    if (path / "checkpoints").is_dir() or (path / "eval" / "summary.json").is_file():
-        return True
-    summary = path / "summary.json"
-    if summary.is_file():
-        data = read_json(summary, [])
-        return isinstance(data, dict) and "output_dir" in data
-    return False
+    data = read_json(path / "summary.json", [])  # a training run's, not an eval folder's
+    return isinstance(data, dict) and "output_dir" in data
 
 
 def is_eval_dir(path: Path) -> bool:
@@ -93,7 +91,7 @@ def is_eval_dir(path: Path) -> bool:
     return any(is_task_summary(read_json(p, [])) for p in path.glob("*/summary.json"))
 
 
-def read_eval(eval_dir: Path, problems: list[str], boxed: bool = True) -> dict[str, dict]:
+def read_eval(eval_dir: Path, problems: list[str]) -> dict[str, dict]:
     """Task -> ``{grader, sampling, metrics, model}`` of an eval folder (the aggregate
     summary.json, then per-task ones it lacks); math tasks get ``metrics["boxed_rate"]`` (the
     ``boxed`` metric, else counted from samples.jsonl) and its ``boxed_basis``."""
@@ -113,7 +111,7 @@ def read_eval(eval_dir: Path, problems: list[str], boxed: bool = True) -> dict[s
             "metrics": metrics,
             "model": s.get("model"),
         }
-        if boxed and "boxed_rate" not in metrics and s.get("grader") == "math":
+        if "boxed_rate" not in metrics and s.get("grader") == "math":
             rate, basis = metrics.get("boxed"), BOXED
             if not isinstance(rate, (int, float)):
                 rate, basis = boxed_rate(eval_dir / task / "samples.jsonl", problems)
@@ -127,26 +125,17 @@ def read_eval(eval_dir: Path, problems: list[str], boxed: bool = True) -> dict[s
 def boxed_rate(samples: Path, problems: list[str]) -> tuple[float | None, str | None]:
     """``(rate, basis)`` of boxed answers in a math task's samples.jsonl (see :data:`EXTRACTED`);
     ``(None, None)`` without samples."""
-    if not samples.is_file():
-        return None, None
     found = total = 0
     old = False
-    with open(samples, errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(record, dict):
-                continue
-            source, extracted = record.get("source"), record.get("extracted")
-            if isinstance(source, list):
-                total += len(source)
-                found += sum(s == BOXED for s in source)
-            elif isinstance(extracted, list):
-                old = True
-                total += len(extracted)
-                found += sum(e is not None for e in extracted)
+    for record in read_jsonl(samples, []):  # lines that are not JSON are skipped
+        source, extracted = record.get("source"), record.get("extracted")
+        if isinstance(source, list):
+            total += len(source)
+            found += sum(s == BOXED for s in source)
+        elif isinstance(extracted, list):
+            old = True
+            total += len(extracted)
+            found += sum(e is not None for e in extracted)
     if not total:
         return None, None
     return found / total, EXTRACTED if old else BOXED
