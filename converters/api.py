@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from probsft_megatron import manifest, model_dir
+from probsft_megatron import compat, manifest, model_dir
 from probsft_megatron.config import ModelConfig
 from probsft_megatron.converters import hf_config, megatron_io
 from probsft_megatron.converters.mapping import IGNORED_HF_SUFFIXES, TensorMap, tensor_maps
@@ -289,7 +289,7 @@ def megatron_to_hf(
     max_bytes = parse_size(max_shard_size)
     if max_bytes < 1:
         raise ConfigError(f"--max-shard-size {max_shard_size} must be a positive size, e.g. 2GB")
-    stored = megatron_io.checkpoint_dtype(md.weights)
+    stored = compat.checkpoint_tensor_dtype(str(md.weights), "embedding.word_embeddings.weight")
     out_dtype = _dtype(dtype) or stored
     template_cfg = _read_config(template) if template else None
     config = hf_config.export_config(

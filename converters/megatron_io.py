@@ -110,8 +110,3 @@ def load_weights(gpt, md: ModelDir) -> None:
     except BaseException as exc:  # torch DCP (a BaseException), pickle and zip errors
         damage = f"its weights cannot be read ({read_failure(exc)})"
         raise CheckpointError(manifest.damaged_message(md.path, damage)) from None
-
-
-def checkpoint_dtype(weights_dir: str | os.PathLike) -> torch.dtype:
-    """The dtype of the word embedding stored in a torch_dist checkpoint."""
-    return compat.checkpoint_tensor_dtype(str(weights_dir), "embedding.word_embeddings.weight")

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import run_torchrun
-from probsft_megatron import manifest
+from probsft_megatron import compat, manifest
 from probsft_megatron import model_dir as layout
 from probsft_megatron.cli import main
 from probsft_megatron.converters import api, mapping, megatron_io
@@ -276,7 +276,8 @@ def test_sharded_bf16_source_and_export(tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, source(tokens).logits)
     md32 = api.hf_to_megatron(tmp_path / "bf16", tmp_path / "megatron32", dtype="float32")
-    assert megatron_io.checkpoint_dtype(md32.weights) == torch.float32
+    stored = compat.checkpoint_tensor_dtype(str(md32.weights), "embedding.word_embeddings.weight")
+    assert stored == torch.float32
 
 
 def test_cli_roundtrip_with_template(tmp_path, capsys):
