@@ -119,20 +119,11 @@ def _nested(tp: Any):
             yield from _nested(arg)
 
 
-def _choices(annotation: Any) -> tuple:
-    """The allowed values of a ``Literal`` (``| None``) annotation."""
-    literals = [tp for tp in _nested(annotation) if typing.get_origin(tp) is typing.Literal]
-    return tuple(c for tp in literals for c in typing.get_args(tp))
-
-
-def _constraints(info: FieldInfo) -> list:
-    """The metadata of a field, its ``Annotated[...] | None`` annotation's included."""
+def _range(info: FieldInfo) -> str:
+    """``>= 1``, ``> 0``, ``in [0, 1)``: a field's ``Field(ge=, gt=, le=, lt=)`` bounds, those
+    of its ``Annotated[...] | None`` annotation included."""
     nested = [m for tp in _nested(info.annotation) for m in getattr(tp, "__metadata__", ())]
-    return [*info.metadata, *(m for arg in nested for m in getattr(arg, "metadata", [arg]))]
-
-
-def _range(metadata: list) -> str:
-    """``>= 1``, ``> 0``, ``in [0, 1)``: the bounds of a ``Field(ge=, gt=, le=, lt=)``."""
+    metadata = [*info.metadata, *(m for arg in nested for m in getattr(arg, "metadata", [arg]))]
     b = {k: getattr(m, k) for m in metadata for k in ("ge", "gt", "le", "lt") if hasattr(m, k)}
     low = ("[", b["ge"]) if "ge" in b else ("(", b["gt"]) if "gt" in b else None
     high = ("]", b["le"]) if "le" in b else (")", b["lt"]) if "lt" in b else None
@@ -175,9 +166,10 @@ def config_error(exc: ValidationError, cls, prefix: str = "") -> ConfigError:
         )
     hint = f" ({info.description})" if info is not None and info.description else ""
     if kind == "literal_error" and info is not None:
-        allowed = ", ".join(str(c) for c in _choices(info.annotation))
+        literals = [t for t in _nested(info.annotation) if typing.get_origin(t) is typing.Literal]
+        allowed = ", ".join(str(c) for t in literals for c in typing.get_args(t))
         return ConfigError(f"{key}={value!r} is invalid; use one of {allowed}{hint}")
-    bounds = _range(_constraints(info)) if info is not None else ""
+    bounds = _range(info) if info is not None else ""
     if kind == "finite_number" and not (bounds and _got(value) == "nan"):
         return ConfigError(f"{key} must be a finite number (got {_got(value)}){hint}")
     if bounds and (kind == "finite_number" or kind.startswith(("greater", "less"))):
