@@ -57,18 +57,15 @@ def figfont_records(split: str, n: int | None = None, seed: int = DEFAULT_SEED) 
             raise ConfigError(f"figfont record count must be >= 0, got {n}")
         size = min(size, n)
     dataset = _generator(seed)
-    records = []
-    for index in range(start, start + size):
-        item = dataset[index]
-        question = item["question"]
-        records.append(
-            {
-                "prompt": question,
-                "response": item["answer"],
-                "qwen_prompt": QWEN_TEMPLATE.format(input=question),
-                "llama_prompt": LLAMA_TEMPLATE.format(input=question),
-                "index": index,
-                "font": item["metadata"]["font"],
-            }
-        )
-    return records
+    items = [(index, dataset[index]) for index in range(start, start + size)]
+    return [
+        {
+            "prompt": item["question"],
+            "response": item["answer"],
+            "qwen_prompt": QWEN_TEMPLATE.format(input=item["question"]),
+            "llama_prompt": LLAMA_TEMPLATE.format(input=item["question"]),
+            "index": index,
+            "font": item["metadata"]["font"],
+        }
+        for index, item in items
+    ]

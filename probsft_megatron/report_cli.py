@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the report; print the table and where it went. Returns the exit code."""
     from probsft_megatron.report import build_report, format_tables
+    from probsft_megatron.report.markdown import counts_text
 
     report = build_report(
         args.paths, args.out, metric=args.metric, probes=args.probe, figures=not args.no_figures
@@ -46,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
     for note in report["notes"]:
         print(f"note: {note}")
     print("\n".join(format_tables(report, heading="")).rstrip())
-    counts = ", ".join(f"{n} {s}" for s, n in report["status_counts"].items())
-    print(f"\n{len(report['runs'])} run(s): {counts}")
+    print(f"\n{len(report['runs'])} run(s): {counts_text(report['status_counts'])}")
     print(
         f"report: {report['out_dir']}/report.md (data: report.json, "
         f"{len(report['figures'])} figure(s))"

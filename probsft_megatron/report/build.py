@@ -115,13 +115,13 @@ def build_report(
     blocks = build_tables(groups, metric)
     notes = list(col.notes)
     for g in groups:
-        for task, d in g.get("details", {}).items():
-            if not d["same_sampling"]:
-                where = f" ({g['setting']})" if g["setting"] else ""
-                notes.append(
-                    f"{g['label']}{where}: the seeds of {task} were evaluated with different "
-                    "problems or sampling; their mean mixes them"
-                )
+        where = f" ({g['setting']})" if g["setting"] else ""
+        notes += [
+            f"{g['label']}{where}: the seeds of {task} were evaluated with different "
+            "problems or sampling; their mean mixes them"
+            for task, d in g.get("details", {}).items()
+            if not d["same_sampling"]
+        ]
         seeds = [s for s in g["seeds"] if s is not None]
         if len(seeds) != len(set(seeds)):
             notes.append(
@@ -134,10 +134,7 @@ def build_report(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(
-            f"--out {out}: cannot create the folder ({exc.strerror or exc}); choose a "
-            "writable folder"
-        ) from None
+        raise _unwritable(out, "create the folder", exc) from None
     figs: list[dict] = []
     if figures and importlib.util.find_spec("matplotlib") is None:
         figures = False
@@ -173,10 +170,7 @@ def build_report(
         atomic_write_text(out / "report.md", render_markdown(report))
         atomic_write_json(out / "report.json", report, default=str)
     except OSError as exc:
-        raise ConfigError(
-            f"--out {out}: cannot write the report ({exc.strerror or exc}); choose a "
-            "writable folder"
-        ) from None
+        raise _unwritable(out, "write the report", exc) from None
     if previous is not None:
         for stale in set(previous.get("files") or []) - set(report["files"]):
             target = out / Path(str(stale)).name
@@ -184,6 +178,12 @@ def build_report(
                 target.unlink()
     report["out_dir"] = str(out)
     return report
+
+
+def _unwritable(out: Path, what: str, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"--out {out}: cannot {what} ({exc.strerror or exc}); choose a writable folder"
+    )
 
 
 def _draw(

@@ -24,13 +24,10 @@ def step_error(log_files: list[Path]) -> str | None:
         except OSError:
             continue
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        for ln in reversed(lines):
-            m = re.search(r"\berror: .*", ln)
-            if m:
-                return m.group(0)[:300]
-        for ln in reversed(lines):
-            if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*", ln):
-                return ln[:300]
+        found = [m.group(0) for ln in lines if (m := re.search(r"\berror: .*", ln))]
+        found = found or [ln for ln in lines if re.match(r"[A-Za-z_.]*(Error|Exception)\b", ln)]
+        if found:
+            return found[-1][:300]
     return None
 
 
@@ -58,12 +55,8 @@ def read_experiment_records(
     (SLURM states come from ``step_states``). A folder without a run record is one note."""
     notes = [] if notes is None else notes
     out: dict[str, dict[str, StepOutcome]] = {}
-    root = Path(work_dir) / "experiments"
-    if not root.is_dir():
-        return out
-    exp_dirs = [d for d in root.glob("*/*") if d.is_dir()]
-    exp_dirs.sort(key=lambda d: (_exp_time(d), str(d)))
-    for exp in exp_dirs:  # older first: newer launches of the same run win
+    exp_dirs = [d for d in (Path(work_dir) / "experiments").glob("*/*") if d.is_dir()]
+    for exp in sorted(exp_dirs, key=lambda d: (_exp_time(d), str(d))):  # newer launches win
         try:
             record = ExperimentRecord.load(exp)
             runs = {n: r for n, r in record.runs.items() if isinstance(r.get("config"), dict)}
@@ -86,8 +79,7 @@ def read_experiment_records(
             if step.kind == "train":
                 outcome.recipe, outcome.objective = run["recipe"], run["objective"]
                 outcome.config = run["config"]
-            log = step.log_path()
-            outcome.log = str(log) if log is not None else None
+            outcome.log = str(log) if (log := step.log_path()) is not None else None
             _local_end(exp / step.name, outcome)
             if record.status == "failed":
                 outcome.state, outcome.error = "FAILED", f"submission failed: {record.error}"
@@ -116,8 +108,7 @@ def _local_end(step_dir: Path, outcome: StepOutcome) -> None:
 
 
 def _exp_time(exp: Path) -> float:
-    m = re.search(r"_(\d{12,})$", exp.name)
-    if m:
+    if m := re.search(r"_(\d{12,})$", exp.name):  # NeMo-Run's id ends in nanoseconds
         return int(m.group(1)) / 1e9
     try:
         return exp.stat().st_mtime
