@@ -12,6 +12,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
@@ -65,11 +66,11 @@ class SDPAttention(MegatronModule):
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
 
     def _dropout(self):
-        """The dropout rate now, and megatron's model-parallel RNG when there is dropout."""
+        """The dropout rate now, and megatron's model-parallel RNG stream when there is dropout."""
         dropout = self.dropout if self.training else 0.0
         if dropout == 0.0:
             return dropout, nullcontext()
-        return dropout, compat.model_parallel_rng()
+        return dropout, tensor_parallel.get_cuda_rng_tracker().fork()
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask, dropout: float, causal: bool):
         return F.scaled_dot_product_attention(

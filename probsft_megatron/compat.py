@@ -107,13 +107,6 @@ def seed_model_parallel(seed: int) -> None:
     fn(seed, **{name: True for name in names if _accepts(fn, name)})
 
 
-def model_parallel_rng():
-    """Context manager: draw from megatron's model-parallel RNG stream (dropout)."""
-    from megatron.core import tensor_parallel
-
-    return tensor_parallel.get_cuda_rng_tracker().fork()
-
-
 def rng_tracker_states() -> dict:
     from megatron.core import tensor_parallel
 

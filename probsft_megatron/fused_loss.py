@@ -158,12 +158,7 @@ class _LinearObjective(torch.autograd.Function):
 
 
 def _response_rows(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    loss_mask: Tensor,
-    tp_group,
-    sequence_parallel: bool,
+    hidden: Tensor, weight: Tensor, labels: Tensor, loss_mask: Tensor, tp_group, sequence_parallel
 ):
     """The response rows after megatron's output-layer collective: ``(h [N, h], y [N],
     response [b, s], full, vocab_start)``; ``full`` scatters row values back to ``[b, s]``."""
@@ -266,9 +261,8 @@ def fused_objective_loss(
     if not wants_grad:
         ce = full(_ce_only(h, weight, y, chunk, vocab_start, tp_group))
         return objective_loss(ce, loss_mask, threshold=threshold, record_p=record_p)
-    if not isinstance(threshold, MicroBatchPercentile):
-        q = threshold
-    else:  # resolved on this micro-batch's CE: a CE-only pass first
+    q = threshold
+    if isinstance(threshold, MicroBatchPercentile):  # resolved on a CE-only pass first
         ce = full(_ce_only(h.detach(), weight.detach(), y, chunk, vocab_start, tp_group))
         q = threshold.resolve(ce, response)
     objective = objective_loss.objective
