@@ -115,7 +115,7 @@ def plot_sweep(
                 if line:
                     series.append((block, col, line))
             refs += [
-                (block, col, g["label"], g)
+                (block, col, g)
                 for g in members
                 if g["objective"] and g["objective"]["family"] in ("nll", "p") and cell(g, col)
             ]
@@ -129,9 +129,8 @@ def plot_sweep(
     markers = ["o", "s", "^", "v", "D", "P"]
     for ax, col in zip(axes, cols):
         fam_idx: dict[str, int] = {}
-        for block, c, line in series:
-            if c != col:
-                continue
+        mine = [(block, line) for block, c, line in series if c == col]
+        for block, line in mine:
             xs, _, stats = zip(*line)
             name = line[0][1]["objective"]["prefix"] if axis != "a" else "GeneralFamily-a"
             fam = fam_idx.setdefault(name, len(fam_idx))
@@ -142,24 +141,14 @@ def plot_sweep(
             _errorbar(
                 ax, xs, stats, color=colors[block["setting"]], marker=markers[fam % 6], label=label
             )
-        for block, c, label, g in refs:
-            if c != col:
-                continue
-            s = cell(g, col)
+        for block, g in [(b, g) for b, c, g in refs if c == col]:
+            s, label = cell(g, col), g["label"]
             color = colors.get(block["setting"], "k")
             where = f", {block['setting']}" if block["setting"] else ""
             seeds = f", n={s['n']}" if s["n"] > 1 else ""
             if axis == "a" and g["objective"]["family"] == "p":
-                _errorbar(
-                    ax,
-                    [1.0],
-                    [s],
-                    marker="*",
-                    markersize=12,
-                    color=color,
-                    linestyle="none",
-                    label=f"p (a = 1{seeds}){where}",
-                )
+                star = {"marker": "*", "markersize": 12, "linestyle": "none"}
+                _errorbar(ax, [1.0], [s], color=color, label=f"p (a = 1{seeds}){where}", **star)
             else:
                 nll = g["objective"]["family"] == "nll"
                 what = ("NLL, a = 0" if axis == "a" else "NLL") if nll else "no threshold"
@@ -175,21 +164,14 @@ def plot_sweep(
                         100 * s["low"], 100 * s["high"], color=color, alpha=0.08, linewidth=0
                     )
         if axis == "a":
-            xs_all = [x for b, c, line in series if c == col for x, _, _ in line]
+            xs_all = [x for _, line in mine for x, _, _ in line]
             if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:
                 ax.set_xscale("log")
             ax.set_xlabel("convexity a of (1 - p^a) / a")
+        elif any(line[0][1]["objective"]["percentile"] is not None for _, line in mine):
+            ax.set_xlabel("threshold: percentile of the base model's token p")
         else:
-            pct = any(
-                line[0][1]["objective"]["percentile"] is not None
-                for _, c, line in series
-                if c == col
-            )
-            ax.set_xlabel(
-                "threshold: percentile of the base model's token p"
-                if pct
-                else "threshold q (absolute p)"
-            )
+            ax.set_xlabel("threshold q (absolute p)")
         ax.set_ylabel(metric_label(metric))
         ax.set_title(col)
         ax.grid(alpha=0.3)
