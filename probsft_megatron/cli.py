@@ -6,27 +6,22 @@ when chosen. Exit codes: 0 success, 2 a usage error or a ProbsftError, 1 a faile
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import sys
 
 from probsft_megatron import extras
 
+# subcommand -> (its module, relative to probsft_megatron unless absolute; its help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "objectives": ("probsft_megatron.objectives_cli", "list or validate training objectives"),
-    "train": ("probsft_megatron.train_cli", "supervised fine-tuning on Megatron-Core"),
-    "convert": ("probsft_megatron.converters.cli", "Hugging Face <-> Megatron checkpoints"),
-    "eval": ("probsft_megatron.eval.cli", "vLLM evaluation of a Hugging Face model"),
-    "probe": ("probsft_megatron.probe_cli", "token-probability probe of a base model on a dataset"),
-    "launch": ("probsft_megatron.launchers.cli", "NeMo-Run experiments (local or SLURM)"),
-    "data": ("probsft_megatron.data_cli", "generate or inspect SFT datasets"),
-    "plan": (
-        "probsft_megatron.plan_cli",
-        "per-GPU memory estimate and the cheapest layout that fits",
-    ),
-    "report": (
-        "probsft_megatron.report_cli",
-        "compare the runs of an experiment or sweep: tables and figures",
-    ),
+    "objectives": (".objectives_cli", "list or validate training objectives"),
+    "train": (".train_cli", "supervised fine-tuning on Megatron-Core"),
+    "convert": (".converters.cli", "Hugging Face <-> Megatron checkpoints"),
+    "eval": (".eval.cli", "vLLM evaluation of a Hugging Face model"),
+    "probe": (".probe_cli", "token-probability probe of a base model on a dataset"),
+    "launch": (".launchers.cli", "NeMo-Run experiments (local or SLURM)"),
+    "data": (".data_cli", "generate or inspect SFT datasets"),
+    "plan": (".plan_cli", "per-GPU memory estimate and the cheapest layout that fits"),
+    "report": (".report_cli", "compare the runs of an experiment or sweep: tables and figures"),
 }
 
 
@@ -38,6 +33,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module_name = importlib.util.resolve_name(module_name, "probsft_megatron")
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument(
             "-v", "--verbose", action="count", default=argparse.SUPPRESS, help=VERBOSE_HELP

@@ -18,13 +18,8 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
 ALTERNATIVES: dict[str, str] = {"eval": "eval-cpu"}
 
 # subcommand -> the extra it needs (subcommands not listed need only the base install)
-SUBCOMMAND_EXTRAS: dict[str, str] = {
-    "train": "train",
-    "probe": "train",
-    "data": "train",
-    "eval": "eval",
-    "launch": "launch",
-}
+SUBCOMMAND_EXTRAS: dict[str, str] = dict.fromkeys(("train", "probe", "data"), "train")
+SUBCOMMAND_EXTRAS |= {"eval": "eval", "launch": "launch"}
 
 # subcommand -> the extra it uses when installed but does without (report: its figures)
 OPTIONAL_EXTRAS: dict[str, str] = {"report": "train"}

@@ -261,8 +261,7 @@ def check_files(cfg: TrainJobConfig, *, resume: bool = True) -> None:
     inputs += [("data.val_files", f) for f in cfg.data.val_files]
     out = cfg.train.output_dir
     if manifest.check_output(out, flag="train.output_dir", inputs=inputs):
-        kind = manifest.folder_kind(out)
-        if kind != manifest.TRAINING_RUN and any(Path(out).iterdir()):
+        if manifest.folder_kind(out) != manifest.TRAINING_RUN and any(Path(out).iterdir()):
             raise ConfigError(
                 f"train.output_dir {out} already exists and holds {manifest.describe(out)}, not "
                 "a training run; a run writes config.json, metrics.jsonl and checkpoints/ there: "
