@@ -144,13 +144,8 @@ def _check_tensors(
             f"{hf_dir} lacks {len(missing)} tensor(s) the {model.arch} "
             f"mapping needs, e.g. {missing[0]}"
         )
-    allowed = {"lm_head.weight"} if model.tie_word_embeddings else set()
-    extra = [
-        n
-        for n in infos
-        if n not in maps and n not in allowed and not n.endswith(IGNORED_HF_SUFFIXES)
-    ]
-    if extra:
+    allowed = {*maps, "lm_head.weight"} if model.tie_word_embeddings else set(maps)
+    if extra := [n for n in infos if n not in allowed and not n.endswith(IGNORED_HF_SUFFIXES)]:
         raise CheckpointError(
             f"{hf_dir} has {len(extra)} tensor(s) the {model.arch} mapping has no place for, "
             f"e.g. {extra[0]}; the config does not describe these weights"

@@ -373,10 +373,7 @@ def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
         if len(stripped) == 1 and stripped.upper() in letters:
             return stripped.upper()
     for pattern in _CHOICE_PATTERNS:
-        found = [
-            m.group(1).upper() for m in pattern.finditer(text) if m.group(1).upper() in letters
-        ]
-        if found:
+        if found := [m.upper() for m in pattern.findall(text) if m.upper() in letters]:
             return found[-1]
     return None
 

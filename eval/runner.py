@@ -331,18 +331,13 @@ _NOISY = re.compile(rb"Traceback \(most recent call last\)|\) ERROR \d\d-\d\d ")
 def vllm_root_cause(log_text: str) -> str | None:
     """``Type: message`` of the first exception in a vLLM log that is not a wrapper pointing
     elsewhere (``EngineDeadError``), vLLM's line prefix removed; None without one."""
-    wrappers = []
+    causes = []  # (is a wrapper, "Type: message") of each exception line, in order
     for raw in log_text.splitlines():
         line = _VLLM_PREFIX.sub("", raw.strip("\r")).strip()
-        match = _EXCEPTION_LINE.match(line)
-        if match is None:
-            continue
-        found = f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2).strip()}"
-        if _WRAPPERS.search(line):
-            wrappers.append(found)
-            continue
-        return found
-    return wrappers[0] if wrappers else None
+        if match := _EXCEPTION_LINE.match(line):
+            cause = f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2).strip()}"
+            causes.append((bool(_WRAPPERS.search(line)), cause))
+    return min(causes, key=lambda c: c[0])[1] if causes else None  # the first non-wrapper
 
 
 class _Tee:
