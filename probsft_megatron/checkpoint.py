@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from probsft_megatron import compat, cpu_backend, manifest, run_lock
+from probsft_megatron import compat, manifest
 from probsft_megatron import model_dir as layout
 from probsft_megatron.config import ModelConfig
 from probsft_megatron.errors import CheckpointError
@@ -29,29 +30,21 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return manifest.newest_intact(ckpt_root, skip_damaged=True, resuming=False)
 
 
+@dataclass
 class CheckpointManager:
-    """The checkpoints of one run (``<output_dir>/checkpoints``) and its run lock; built on
-    every rank, its methods are collectives. ``latest``: the newest checkpoint this run found
-    or wrote."""
+    """The checkpoints of one run (``<output_dir>/checkpoints``); built on every rank, its
+    methods are collectives; ``latest``: the newest one this run found or wrote."""
 
-    def __init__(
-        self,
-        output_dir: str | Path,
-        *,
-        keep_last: int = 2,
-        resume: bool = True,
-        skip_damaged: bool = False,
-    ) -> None:
-        self.output_dir = Path(output_dir)
-        self.root = self.output_dir / "checkpoints"
-        self.keep_last = keep_last
-        self.resume = resume
-        self.skip_damaged = skip_damaged
-        self.latest: Path | None = None
+    output_dir: str | Path
+    _: KW_ONLY
+    keep_last: int = 2
+    resume: bool = True
+    skip_damaged: bool = False
+    latest: Path | None = field(default=None, init=False)
 
-    def lock(self):
-        """Take the run lock (:func:`probsft_megatron.run_lock.hold`); returns its release."""
-        return run_lock.hold(self.output_dir, cpu_backend.device())
+    @property
+    def root(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
 
     def newest(self) -> Path | None:
         """The newest checkpoint folder, unchecked (a rank lost inside a save may leave one
@@ -80,10 +73,9 @@ class CheckpointManager:
     def load(
         self, path: str | Path, model, optimizer, *, base_fingerprint: str | None = None
     ) -> dict[str, Any]:
-        """Load weights (+ optimizer) and this rank's RNG (not verified again: :meth:`find`
-        did); returns the train state. A LoRA model loads only its adapters, whose
-        ``peft.json`` must match ``base_fingerprint``; unreadable files are a one-line
-        CheckpointError."""
+        """Load weights (+ optimizer) and this rank's RNG (verified by :meth:`find`); returns
+        the train state. A LoRA model loads only its adapters, whose ``peft.json`` must match
+        ``base_fingerprint``; unreadable files are a one-line CheckpointError."""
         from probsft_megatron import lora
 
         path = Path(path)

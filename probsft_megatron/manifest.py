@@ -139,8 +139,7 @@ def newest_intact(
     ckpt_root: str | os.PathLike, *, skip_damaged: bool, resuming: bool = True
 ) -> Path | None:
     """The newest intact checkpoint under ``ckpt_root``, or None. A newer damaged one is a
-    one-line CheckpointError (:func:`damaged_message`), or with ``skip_damaged`` passed over
-    with a warning; so is every one damaged when ``resuming``."""
+    CheckpointError (with ``skip_damaged``: a warning); all damaged while ``resuming``: an error."""
     root = Path(ckpt_root)
     steps = step_folders(root)
     for step, path in reversed(steps):
@@ -165,11 +164,9 @@ def damaged_message(path: str | os.PathLike, damage: str, *, resuming: bool = Fa
     path = Path(path)
     step = step_of(path)
     if step is None:  # a converted model dir or an export
-        redo = (
-            "export it again (probsft convert megatron-to-hf ... --overwrite)"
-            if folder_kind(path) == HF_EXPORT
-            else "convert it again (probsft convert hf-to-megatron ... --overwrite)"
-        )
+        redo = "convert it again (probsft convert hf-to-megatron ... --overwrite)"
+        if folder_kind(path) == HF_EXPORT:
+            redo = "export it again (probsft convert megatron-to-hf ... --overwrite)"
         return f"{path} is damaged: {damage}; {redo}"
     older = reversed([p for s, p in step_folders(path.parent) if s < step])
     previous = next((p for p in older if checkpoint_damage(p) is None), None)
@@ -220,9 +217,8 @@ def folder_kind(path: str | os.PathLike) -> str | None:
 
 
 def _is_run(path: Path) -> bool:
-    """A training run's folder: its checkpoints/, metrics.jsonl, summary.json or run.lock
-    (a run that has just started), or the config.json of a run (the job's sections, written
-    when the run starts)."""
+    """A training run's folder: checkpoints/, metrics.jsonl, summary.json, run.lock, or a
+    config.json with the job's sections (both written when a run starts)."""
     names = ("checkpoints", "metrics.jsonl", "summary.json", "run.lock")
     if any((path / name).exists() for name in names):
         return True

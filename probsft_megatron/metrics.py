@@ -18,9 +18,8 @@ VAL_PREFIX = "val_"
 def step_record(step: int, lr: float, stats, elapsed: float) -> dict[str, Any]:
     """One line of ``metrics.jsonl`` from a step's StepStats (``tokens``: real tokens,
     ``positions``: computed ones, padding included)."""
-    record = {"step": step, "loss": stats.loss, "lr": lr}
-    for key in ("grad_norm", "mean_p", "frac_kept", "mean_w", "response_tokens"):
-        record[key] = getattr(stats, key)
+    keys = ("grad_norm", "mean_p", "frac_kept", "mean_w", "response_tokens")
+    record = {"step": step, "loss": stats.loss, "lr": lr} | {k: getattr(stats, k) for k in keys}
     record.update(
         tokens=stats.tokens,
         positions=stats.positions,
@@ -40,15 +39,11 @@ def step_record(step: int, lr: float, stats, elapsed: float) -> dict[str, Any]:
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The record's numbers as ``train/<key>`` and ``val/<key>`` (``val_loss`` -> ``val/loss``)."""
-    out = {}
-    for key, value in record.items():
-        if key == "step" or isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        if key.startswith(VAL_PREFIX):
-            out[f"val/{key[len(VAL_PREFIX) :]}"] = value
-        else:
-            out[f"train/{key}"] = value
-    return out
+    return {
+        (f"val/{k[len(VAL_PREFIX) :]}" if k.startswith(VAL_PREFIX) else f"train/{k}"): v
+        for k, v in record.items()
+        if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 class RunLog:

@@ -270,9 +270,8 @@ def release(output_dir: str | os.PathLike, me: Holder | None) -> None:
 
 
 def hold(output_dir: str | os.PathLike, device=None) -> Callable[[], None]:
-    """Every rank: rank 0 takes the lock (:func:`acquire`) and all agree in one all-reduce,
-    going on or raising RunLockedError (printed by rank 0 only). Returns the function that
-    releases it (a no-op on other ranks)."""
+    """Every rank: rank 0 takes the lock (:func:`acquire`), all agree in one all-reduce (or
+    raise RunLockedError, printed by rank 0); returns its release (a no-op on other ranks)."""
     import torch
     import torch.distributed as dist
 

@@ -74,10 +74,6 @@ def is_last_stage() -> bool:
     return compat.is_pipeline_last_stage()
 
 
-def dp_group():
-    return compat.data_parallel_group()
-
-
 # -- the loss head -----------------------------------------------------------------------------
 
 
@@ -284,10 +280,6 @@ class StepStats:
     threshold: float | None = None
     p: torch.Tensor | None = None
 
-    @property
-    def has_loss(self) -> bool:
-        return self.loss_sum is not None
-
 
 @contextmanager
 def local_grad_check(model_chunks: list) -> Iterator[list[torch.Tensor]]:
@@ -343,7 +335,9 @@ def train_step(
             b.tokens.numel() if b.real_tokens is None else b.real_tokens for b in micro_batches
         )
         positions = sum(b.positions for b in micro_batches)
-        stats = reduce_stats(losses, dp_group(), extra={"tokens": real, "positions": positions})
+        stats = reduce_stats(
+            losses, compat.data_parallel_group(), extra={"tokens": real, "positions": positions}
+        )
         if stats:
             stats.update(tokens=int(stats["tokens"]), positions=int(stats["positions"]))
             stats["loss"] = step_loss(stats, head.loss.normalization)
@@ -366,7 +360,7 @@ def eval_step(model_chunks: list, head: LossHead, micro_batches: list[Batch]) ->
     if not is_last_stage():
         return {}
     nll = float(torch.cat(rows).double().sum()) if rows else 0.0  # rows: the response tokens
-    stats = reduce_stats(losses, dp_group(), extra={"nll_sum": nll})
+    stats = reduce_stats(losses, compat.data_parallel_group(), extra={"nll_sum": nll})
     return {
         "loss_sum": stats["loss_sum"],
         "count": float(normalizer(stats, head.loss.normalization)),

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +98,9 @@ class Boundary:
         )
 
     def error(self, checkpoint: Path | None, announce: bool = True) -> NonFiniteError:
-        kept = (
-            f"the newest checkpoint, {checkpoint}, is from before it"
-            if checkpoint is not None
-            else "no checkpoint was written"
-        )
+        kept = "no checkpoint was written"
+        if checkpoint is not None:
+            kept = f"the newest checkpoint, {checkpoint}, is from before it"
         return NonFiniteError(
             f"{self.problem()}; the run stopped without logging or saving that step, and "
             f"{kept}; lower optim.lr (or optim.clip_grad) or check that step's data, then run "
@@ -111,22 +109,19 @@ class Boundary:
         )
 
 
+@dataclass(eq=False)
 class Stopper:
-    """The run's guard, a context manager: handlers for :data:`STOP_SIGNALS` that only record
-    the signal, the step-boundary agreement, and collective failures as :class:`RankLostError`.
-    The loop keeps ``step`` current; messages name the newest checkpoint of ``checkpoints``
-    (a CheckpointManager). ``announce``: this process prints (one rank per job)."""
+    """The run's guard (a context manager): stop-signal handlers that only record the signal,
+    the step-boundary agreement, collective failures as :class:`RankLostError`. The loop keeps
+    ``step`` current; ``checkpoints``: a CheckpointManager; ``announce``: this rank prints."""
 
-    def __init__(
-        self, dist_timeout_s: float | None = None, announce: bool = True, checkpoints=None
-    ) -> None:
-        self.dist_timeout_s = dist_timeout_s
-        self.announce = announce
-        self.checkpoints = checkpoints
-        self.step = 0
-        self.received: list[int] = []
-        self._previous: dict[int, Any] = {}
-        self._at_exit: list[Any] = []
+    dist_timeout_s: float | None = None
+    announce: bool = True
+    checkpoints: Any = None
+    step: int = field(default=0, init=False)
+    received: list[int] = field(default_factory=list, init=False)
+    _previous: dict[int, Any] = field(default_factory=dict, init=False)
+    _at_exit: list[Any] = field(default_factory=list, init=False)
 
     def at_exit(self, release) -> None:
         """Call ``release()`` when the run ends, however it ends (a second Ctrl-C too)."""
@@ -199,25 +194,22 @@ class Stopper:
         if world > 1:
             flags = flags.to(device)
             dist.all_reduce(flags, group=group)
-        rows = flags.cpu().tolist()
-        ranks = range(world)
+        signals, loss, grads, loss_nonfinite, norm_nonfinite = flags.cpu().tolist()
         return Boundary(
             step=self.step,
-            signals={r: rows[0][r] for r in ranks if rows[0][r]},
-            loss_ranks=tuple(r for r in ranks if rows[1][r]),
-            grad_ranks=tuple(r for r in ranks if rows[2][r]),
-            loss_nonfinite=any(rows[3]),
-            grad_norm_nonfinite=any(rows[4]),
+            signals={r: s for r, s in enumerate(signals) if s},
+            loss_ranks=tuple(r for r, bad in enumerate(loss) if bad),
+            grad_ranks=tuple(r for r, bad in enumerate(grads) if bad),
+            loss_nonfinite=any(loss_nonfinite),
+            grad_norm_nonfinite=any(norm_nonfinite),
             grad_norm=stats.grad_norm,
         )
 
     def rank_lost(self, exc: BaseException) -> RankLostError:
         rank = dist.get_rank() if dist.is_initialized() else 0
-        wait = (
-            f" (a collective waits train.dist_timeout_s={self.dist_timeout_s:g} s)"
-            if self.dist_timeout_s
-            else ""
-        )
+        wait = ""
+        if self.dist_timeout_s:
+            wait = f" (a collective waits train.dist_timeout_s={self.dist_timeout_s:g} s)"
         newest = self.checkpoints.newest() if self.checkpoints is not None else None
         kept = f"the newest checkpoint is {newest}" if newest else "no checkpoint of this run yet"
         return RankLostError(
@@ -250,8 +242,7 @@ def collective_reason(exc: BaseException) -> str:
 @contextmanager
 def signals_deferred() -> Iterator[None]:
     """Block :data:`STOP_SIGNALS` in the main thread during a save: the writer's helper
-    processes (megatron's results queue manager) inherit the mask, so SLURM's signals to the
-    whole job step cannot kill them before the final save."""
+    processes inherit the mask, so SLURM's signals to the job step cannot kill them mid-save."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

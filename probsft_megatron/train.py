@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from probsft_megatron import compat, console, cpu_backend, lora, runtime, stopping
+from probsft_megatron import compat, console, cpu_backend, lora, run_lock, runtime, stopping
 from probsft_megatron.checkpoint import CheckpointManager
 from probsft_megatron.config import TrainJobConfig, load_config, world_size_from_env
 from probsft_megatron.errors import ConfigError, ProbsftError
@@ -84,7 +84,7 @@ class Trainer:
             job.parallel, seed=t.seed, model=job.model, timeout_s=t.dist_timeout_s
         )
         # one run per output folder, released when the run ends however it ends (exit 75 too)
-        stopper.at_exit(self.checkpoints.lock())
+        stopper.at_exit(run_lock.hold(job.output_dir, cpu_backend.device()))
         layout = compat.rank_position()
         self.is_logger = layout.is_last_stage and layout.dp_rank == 0 and layout.tp_rank == 0
         stopper.announce = self.is_logger
@@ -129,7 +129,7 @@ class Trainer:
             job = job.with_objective(name)
         self.job = job
         self.head = runtime.loss_head(
-            ObjectiveLoss(job.loss, runtime.dp_group()), cpu_backend.device()
+            ObjectiveLoss(job.loss, compat.data_parallel_group()), cpu_backend.device()
         )
         # held-out loss every train.eval_interval steps and at the end
         self.validation = Validation(job, tokenizer, layout) if job.data.val_files else None
@@ -287,11 +287,9 @@ def run_length(examples: int, total_steps: int, t, *, announce: bool) -> int:
         raise ConfigError(problem, announce=announce)
     last_step = t.max_steps or total_steps
     if announce:
-        cut = (
-            f" (train.max_steps={t.max_steps}; the schedule spans all {total_steps})"
-            if last_step < total_steps
-            else ""
-        )
+        cut = ""
+        if last_step < total_steps:
+            cut = f" (train.max_steps={t.max_steps}; the schedule spans all {total_steps})"
         logger.info("training %d steps%s: %s", last_step, cut, shape)
     return last_step
 

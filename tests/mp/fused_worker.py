@@ -193,7 +193,7 @@ def train(parallel, model_cfg, objectives, implementation, init_ckpt, steps) -> 
     """Per-objective per-step losses (last stage) and grad norms from the shared init."""
     from megatron.core import parallel_state
 
-    from probsft_megatron import runtime
+    from probsft_megatron import compat, runtime
     from probsft_megatron.loss import ObjectiveLoss
     from probsft_megatron.model import transformer_config
 
@@ -212,7 +212,7 @@ def train(parallel, model_cfg, objectives, implementation, init_ckpt, steps) -> 
         chunks, optimizer = runtime.build_training_model(
             model_cfg, tconfig, lr=1e-3, load_dir=init_ckpt, loss_config=cfg
         )
-        loss = ObjectiveLoss(cfg, dp_group=runtime.dp_group())
+        loss = ObjectiveLoss(cfg, dp_group=compat.data_parallel_group())
         fwd = runtime.loss_head(loss, "cpu")
         rec = {"loss": [], "grad_norm": [], "frac_kept": []}
         for tokens, labels, mask in batches(steps, global_batch, seq, model_cfg.vocab_size, seed=0):
@@ -226,7 +226,7 @@ def train(parallel, model_cfg, objectives, implementation, init_ckpt, steps) -> 
                 chunks, optimizer, fwd, mbs, seq_length=seq, micro_batch_size=micro
             )
             rec["grad_norm"].append(stats.grad_norm)
-            if stats.has_loss:
+            if stats.loss_sum is not None:
                 rec["loss"].append(stats.loss)
                 rec["frac_kept"].append(stats.frac_kept)
         out[spec] = (

@@ -140,7 +140,9 @@ def run_layout(args, layout, init_dir):
             torch.distributed.barrier()
             saved.add(model_name)
         lora.init_adapters(gpt, seed=5, b_std=0.05)
-        fwd = runtime.loss_head(ObjectiveLoss(loss_config, dp_group=runtime.dp_group()), "cpu")
+        fwd = runtime.loss_head(
+            ObjectiveLoss(loss_config, dp_group=compat.data_parallel_group()), "cpu"
+        )
         rec = {"loss": [], "grad_norm": []}
         for tokens, labels, mask in batches(args.steps, args.global_batch, args.seq, 256):
             sl = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
@@ -158,7 +160,7 @@ def run_layout(args, layout, init_dir):
                 chunks, optimizer, fwd, mbs, seq_length=args.seq, micro_batch_size=args.micro_batch
             )
             rec["grad_norm"].append(stats.grad_norm)
-            if stats.has_loss:
+            if stats.loss_sum is not None:
                 rec["loss"].append(stats.loss)
         first = dp_rank == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
         mine = {

@@ -224,7 +224,7 @@ def run(argv: list[str]) -> None:
         )
         loss = ObjectiveLoss(
             LossConfig(objective=name, normalization=args.normalization),
-            dp_group=runtime.dp_group(),
+            dp_group=compat.data_parallel_group(),
         )
         fwd = runtime.loss_head(loss, "cpu")
         rec = {k: [] for k in ("loss", "grad_norm", "mean_p", "frac_kept", "mean_w")}
@@ -240,7 +240,7 @@ def run(argv: list[str]) -> None:
         for step_batches in steps:
             stats = runtime.train_step(chunks, optimizer, fwd, step_batches)
             rec["grad_norm"].append(stats.grad_norm)
-            if stats.has_loss:
+            if stats.loss_sum is not None:
                 rec["loss"].append(stats.loss)
                 for k in ("mean_p", "frac_kept", "mean_w"):
                     rec[k].append(getattr(stats, k))
