@@ -103,24 +103,19 @@ def objective_loss(
     ce = ce.to(_work_dtype(ce))
     loss_mask = loss_mask.to(ce.device)
     response = loss_mask > 0
-    units = None
+    weights, units = loss_mask, None
     if normalization == "sample":
         weights, units = sample_weights(loss_mask, position_ids, sample_unit)
-        weights = weights.to(ce.dtype)
-    else:
-        weights = loss_mask.to(ce.dtype)
-    q = (
-        threshold.resolve(ce, response)
-        if isinstance(threshold, MicroBatchPercentile)
-        else threshold
-    )
+    q = threshold
+    if isinstance(threshold, MicroBatchPercentile):
+        q = threshold.resolve(ce, response)
     if objective.needs_percentile and q is None:
         raise ValueError(
             f"objective {objective.name} has a percentile threshold: pass the "
             "resolved threshold (a float or a MicroBatchPercentile)"
         )
     keep = objective.keep_mask(ce.detach(), q) & response
-    loss_sum = (objective.loss_from_ce(ce) * (keep.to(ce.dtype) * weights)).sum()
+    loss_sum = (objective.loss_from_ce(ce) * (keep.to(ce.dtype) * weights.to(ce.dtype))).sum()
     report = {"normalization": normalization, "record_p": record_p, "units": units}
     return loss_triple(loss_sum, ce, keep, response, objective, **report)
 

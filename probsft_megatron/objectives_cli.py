@@ -22,12 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _table(rows: list[dict], columns: list[str]) -> str:
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
-        "  ".join("-" * w for w in widths),
+    head, *body = [  # the header is a row of the column names
+        "  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)).rstrip()
+        for r in [dict(zip(columns, columns)), *rows]
     ]
-    lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)).rstrip() for r in rows]
-    return "\n".join(lines)
+    return "\n".join([head, "  ".join("-" * w for w in widths), *body])
 
 
 def run(args: argparse.Namespace) -> int:
