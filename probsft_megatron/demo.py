@@ -36,9 +36,8 @@ TOLERANCE = {
     "mean_p": 5e-3,  # final mean p of each objective, and the probe's mean and median p
     "flipped_answers": 4,  # greedy test answers that may differ per model (of 64)
 }
-"""How close a rerun on another CPU must come to a committed report: other SIMD kernels and
-thread counts change the last bits of every step (measured: 2 of 64 answers flipped after a
-numerics change that left the losses equal to four digits)."""
+"""How close a rerun on another CPU must come to a committed report (other SIMD kernels and
+thread counts change the last bits; docs/demo/README.md)."""
 
 
 def arithmetic_records(n: int, seed: int) -> list[dict[str, str]]:
@@ -96,13 +95,12 @@ def plot(report: dict[str, Any], histories: dict[str, list[dict]], path: Path) -
 
     fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.6))
     for name, rows in histories.items():
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r["loss"] for r in rows], label=name)
-        axes[1].plot(steps, [r["mean_p"] for r in rows], label=name)
+        for ax, key in zip(axes, ("loss", "mean_p")):
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
     axes[0].set(title="training loss (own objective)", xlabel="step")
     axes[1].set(title="mean p of response tokens", xlabel="step", ylim=(0, 1))
-    names = list(report["accuracy"])
-    axes[2].bar(names, [report["accuracy"][n] for n in names], color=["grey", "C0", "C1"])
+    accuracy = report["accuracy"]
+    axes[2].bar(list(accuracy), list(accuracy.values()), color=["grey", "C0", "C1"])
     axes[2].set(title="test exact match", ylim=(0, 1))
     for ax in axes[:2]:
         ax.legend()

@@ -86,10 +86,8 @@ def _errorbar(ax, xs, stats, **kw):
 def plot_sweep(
     groups: list[dict], blocks: list[dict], axis: str, metric: str, out: Path
 ) -> Path | None:
-    """``out/sweep-{axis}.png``: score against ``a`` (``axis="a"``, GeneralFamily runs; ``p``
-    is a = 1 and NLL the dashed line at a = 0) or against the threshold (``axis="threshold"``:
-    the percentile when the runs are named by one, else the absolute threshold), one panel
-    per task."""
+    """``out/sweep-{axis}.png``, one panel per task: score against ``a`` (GeneralFamily; ``p``
+    at a = 1, NLL a line at a = 0) or against the threshold (percentile if the runs name one)."""
     by_id = {g["id"]: g for g in groups}
     series: list[tuple[dict, str, list[tuple[float, dict, dict]]]] = []
     refs: list[tuple[dict, str, str, dict]] = []  # (block, column, label, group)
@@ -187,10 +185,8 @@ def plot_sweep(
 
 
 def weight_curve(objective: str, p, probe: dict | None = None):
-    """``w(p)`` of an objective on the probabilities ``p`` (numpy), thresholds applied.
-
-    A per-batch percentile threshold (``OnlyTopP-K20`` trained as such) is drawn at the
-    probe's percentile, the value it takes on average over the base model's tokens."""
+    """``w(p)`` of an objective on the probabilities ``p`` (numpy), thresholds applied; a
+    per-batch percentile threshold (``OnlyTopP-K20``) at the probe's percentile (None without)."""
     import numpy as np
     import torch
 

@@ -92,9 +92,8 @@ def is_eval_dir(path: Path) -> bool:
 
 
 def read_eval(eval_dir: Path, problems: list[str]) -> dict[str, dict]:
-    """Task -> ``{grader, sampling, metrics, model}`` of an eval folder (the aggregate
-    summary.json, then per-task ones it lacks); math tasks get ``metrics["boxed_rate"]`` (the
-    ``boxed`` metric, else counted from samples.jsonl) and its ``boxed_basis``."""
+    """Task -> ``{grader, sampling, metrics, model}`` of an eval folder's summaries; math tasks
+    get ``metrics["boxed_rate"]`` (``boxed``, else counted from samples) and ``boxed_basis``."""
     tasks: dict[str, dict] = {}
     aggregate = read_json(eval_dir / "summary.json", problems)
     summaries = list(aggregate) if is_eval_summary(aggregate) else []

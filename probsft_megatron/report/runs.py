@@ -40,10 +40,8 @@ BOOKKEEPING = {
 
 
 def objective_info(trained: Any, name: str) -> dict[str, Any] | None:
-    """``name`` (trained), ``label`` (how the run is called), ``family``, ``a``, ``threshold``,
-    ``percentile`` and ``prefix`` of an objective. The objective at the end of the run folder's
-    ``name`` is the label only as the percentile form of the trained absolute threshold
-    (``math-qwen2.5-7b-OnlyTopP-K20``)."""
+    """An objective's ``name``, ``label``, ``family``, ``a``, ``threshold``, ``percentile`` and
+    ``prefix``; labelled by the folder ``name``'s percentile form of its threshold (``-K20``)."""
     try:
         obj = parse_objective(trained)
     except ObjectiveError:
