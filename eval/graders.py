@@ -37,13 +37,10 @@ def _boxes(text: str) -> list[tuple[int, int, str]]:
         if pos < len(text) and text[pos] == "{":
             depth = 0
             for end in range(pos, len(text)):
-                if text[end] == "{":
-                    depth += 1
-                elif text[end] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        found.append((match.start(), end + 1, text[pos + 1 : end].strip()))
-                        break
+                depth += {"{": 1, "}": -1}.get(text[end], 0)
+                if depth == 0:
+                    found.append((match.start(), end + 1, text[pos + 1 : end].strip()))
+                    break
         elif match.group(0).endswith(" "):
             if token := re.match(r"[^\s$]+", text[pos:]):
                 found.append((match.start(), pos + token.end(), token.group(0)))
