@@ -100,8 +100,7 @@ def tokenizer_vocab_size(folder: str | os.PathLike) -> int | None:
     vocab = (data.get("model") or {}).get("vocab") or {}
     ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
     ids += [t.get("id", -1) for t in data.get("added_tokens") or [] if isinstance(t, dict)]
-    ids = [i for i in ids if isinstance(i, int)]
-    return max(ids) + 1 if ids else None
+    return max((i + 1 for i in ids if isinstance(i, int)), default=None)
 
 
 def _tokenizer_folder(spec: str) -> Path | None:

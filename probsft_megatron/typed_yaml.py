@@ -85,8 +85,6 @@ def apply_override(data: dict, override: str) -> dict:
     return data
 
 
-# -- typed sections on pydantic -----------------------------------------------------------------
-
 # unknown keys refused, no inf/nan, a number accepted as a string; otherwise pydantic's lax mode
 SETTINGS = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
 
@@ -100,8 +98,7 @@ def _split(value: Any) -> Any:
     return [v for v in value.split(",") if v]
 
 
-Names = Annotated[list[str], BeforeValidator(_split)]
-"""A list of strings that an override may also give as ``a,b``."""
+Names = Annotated[list[str], BeforeValidator(_split)]  # strings; an override may give a,b
 
 _TYPE_WORDS = {"int": "int", "float": "float", "bool": "true/false", "string": "a string"}
 _TYPE_WORDS |= {"list": "a list", "dataclass": "a mapping", "dict": "a mapping"}
