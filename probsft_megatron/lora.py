@@ -151,17 +151,14 @@ def lora_layer_spec(spec, peft: PeftConfig):
 
 def adapter_modules(model) -> list[tuple[int, str, Any]]:
     """``(global layer number, target, module)`` of every LoRA linear of a model chunk."""
-    found = []
-    for module in model.modules():
-        number = getattr(module, "layer_number", None)
-        if number is None or not hasattr(module, "self_attention"):
-            continue
-        for holder in (module.self_attention, module.mlp):
-            for target in LORA_TARGETS:
-                sub = getattr(holder, target, None)
-                if sub is not None and hasattr(sub, "lora_A"):
-                    found.append((int(number), target, sub))
-    return found
+    return [
+        (int(module.layer_number), target, sub)
+        for module in model.modules()
+        if getattr(module, "layer_number", None) is not None and hasattr(module, "self_attention")
+        for holder in (module.self_attention, module.mlp)
+        for target in LORA_TARGETS
+        if hasattr(sub := getattr(holder, target, None), "lora_A")
+    ]
 
 
 def _shard(full: torch.Tensor, dim: int, rank: int, size: int, glu: bool) -> torch.Tensor:
@@ -265,11 +262,8 @@ def run_fingerprint(config) -> str | None:
     """The base fingerprint of a training job's config; None without LoRA."""
     if not config.peft.enabled:
         return None
-    layout = (
-        config.train.seed,
-        config.parallel.tensor_model_parallel_size,
-        config.parallel.pipeline_model_parallel_size,
-    )
+    par = config.parallel
+    layout = (config.train.seed, par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
     return base_fingerprint(config.init.checkpoint, config.model.to_dict(), random_init=layout)
 
 
