@@ -21,7 +21,10 @@ def pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, handles: list, labels: list, **legend) -> Path:
+    """The legend right of the axes, then the PNG at ``path``."""
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, **legend)
+    fig.tight_layout()
     try:
         return atomic_write(
             path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
@@ -64,17 +67,8 @@ def plot_curves(groups: list[dict], out: Path) -> Path | None:
     for ax in axes:
         ax.grid(alpha=0.3)
     handles, labels = axes[1].get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="center left",
-        bbox_to_anchor=(1.0, 0.5),
-        fontsize=8,
-        title="group (seeds share a colour)",
-        ncol=1 + len(labels) // 25,
-    )
-    fig.tight_layout()
-    return _save(fig, out / "curves.png")
+    title, ncol = "group (seeds share a colour)", 1 + len(labels) // 25
+    return _save(fig, out / "curves.png", handles, labels, title=title, ncol=ncol)
 
 
 def _errorbar(ax, xs, stats, **kw):
@@ -179,9 +173,7 @@ def plot_sweep(
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.tight_layout()
-    return _save(fig, out / f"sweep-{axis}.png")
+    return _save(fig, out / f"sweep-{axis}.png", handles, labels)
 
 
 def weight_curve(objective: str, p, probe: dict | None = None):
@@ -241,7 +233,6 @@ def plot_probe(probe: dict, objectives: list[tuple[str, str]], path: Path) -> Pa
     right = ax.twinx()
     grid = np.linspace(1e-4, 1 - 1e-6, 2000)
     ymax = 1.05
-    drawn = []
     for color, (label, name) in zip(_colors(len(objectives)), objectives):
         w = weight_curve(name, grid, probe)
         if w is None:
@@ -257,7 +248,6 @@ def plot_probe(probe: dict, objectives: list[tuple[str, str]], path: Path) -> Pa
             linestyle="--" if thresholded else "-",
             label=f"w(p), {label}",
         )
-        drawn.append(label)
     right.set_ylim(0, ymax)
     right.set_ylabel("weight w(p) on the NLL gradient" + (" (clipped)" if ymax > 1.5 else ""))
     regime = (probe.get("placement") or {}).get("regime")
@@ -267,6 +257,4 @@ def plot_probe(probe: dict, objectives: list[tuple[str, str]], path: Path) -> Pa
     ax.set_title(title)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = right.get_legend_handles_labels()
-    fig.legend(h1 + h2, l1 + l2, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, h1 + h2, l1 + l2)
