@@ -59,7 +59,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         options = dict(hf_template=args.hf_template, dtype=args.dtype, overwrite=args.overwrite)
         options.update(max_shard_size=args.max_shard_size)
-        if args.merge or args.base is not None or _is_lora(args.ckpt):
+        try:
+            lora = peft_export.peft_record(args.ckpt) is not None
+        except (OSError, ValueError):  # unreadable: megatron_to_hf refuses it in one line
+            lora = False
+        if args.merge or args.base is not None or lora:
             out = peft_export.export(
                 args.ckpt, args.out, merge=args.merge, base=args.base, **options
             )
@@ -67,12 +71,3 @@ def run(args: argparse.Namespace) -> int:
             out = api.megatron_to_hf(args.ckpt, args.out, **options)
     print(out)
     return 0
-
-
-def _is_lora(ckpt: str) -> bool:
-    from probsft_megatron.converters.peft_export import peft_record
-
-    try:
-        return peft_record(ckpt) is not None
-    except (OSError, ValueError):
-        return False
