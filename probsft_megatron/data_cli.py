@@ -117,21 +117,17 @@ def _inspect_args(args: argparse.Namespace) -> argparse.Namespace:
     _inspect_options(parser)
     parser.add_argument("data")
     parser.add_argument("overrides", nargs="*")
+    parser.set_defaults(tokenizer=args.tokenizer, limit=args.limit, json=args.json)
     if not args.items:
         raise ConfigError("probsft data inspect needs the data: a file, 'figfont' or a recipe")
     try:
-        later = parser.parse_intermixed_args(args.items)
+        return parser.parse_intermixed_args(args.items)
     except SystemExit:
         raise ConfigError(
             f"cannot read the inspect arguments {' '.join(args.items)!r}; "
             "usage: probsft data inspect DATA [--tokenizer T] [--limit N] "
             "[--json] [data.key=value ...]"
         ) from None
-    for key in ("tokenizer", "limit"):
-        if getattr(later, key) is None:
-            setattr(later, key, getattr(args, key))
-    later.json = later.json or args.json
-    return later
 
 
 def run(args: argparse.Namespace) -> int:
@@ -206,39 +202,15 @@ def generate(
     return recs, info
 
 
-def _check_existing(out: Path, overwrite: bool) -> None:
-    """An existing ``--out`` is replaced only with ``--overwrite``, and only when it is a
-    file ``probsft data generate`` wrote (its first record has ``prompt``, ``response``,
-    ``reference`` and ``task``)."""
-    if not out.exists():
-        return
-    try:
-        with open(out, encoding="utf-8") as f:
-            first = json.loads(f.readline())
-    except (OSError, ValueError, UnicodeDecodeError):
-        first = None
-    if not isinstance(first, dict) or not {"prompt", "response", "reference", "task"} <= set(first):
-        raise ConfigError(
-            f"--out {out} already exists and is not a file written by probsft data generate; "
-            "--overwrite replaces only such a file: choose another --out or remove it yourself"
-        )
-    if not overwrite:
-        raise ConfigError(
-            f"--out {out} already holds generated {first['task']} records; pass --overwrite to "
-            "replace it, or choose another --out"
-        )
-
-
 def _generate(args: argparse.Namespace) -> int:
     from probsft_megatron.fileio import atomic_write_text
+    from probsft_megatron.manifest import overlap, writable_folder
 
     out = Path(args.out)
     if out.suffix.lower() not in (".jsonl", ".json"):
         raise ConfigError(f"--out {out} must end in .jsonl (JSON lines)")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; name the .jsonl file to write")
-    from probsft_megatron.manifest import writable_folder
-
     problem = writable_folder(out.absolute().parent)
     if problem is not None:
         raise ConfigError(
@@ -256,14 +228,28 @@ def _generate(args: argparse.Namespace) -> int:
                 f"--from-eval {args.from_eval} is not a file; name the "
                 "samples.jsonl of a probsft eval run"
             )
-        from probsft_megatron.manifest import overlap
-
         if overlap(out, args.from_eval) == "is":
             raise ConfigError(
                 f"--out {out} is the input --from-eval {args.from_eval}: writing "
                 "it would destroy the input; choose another --out"
             )
-    _check_existing(out, args.overwrite)
+    if out.exists():  # replaced only with --overwrite, and only a file this command wrote
+        try:
+            with open(out, encoding="utf-8") as f:
+                first = json.loads(f.readline())
+        except (OSError, ValueError, UnicodeDecodeError):
+            first = None
+        fields = {"prompt", "response", "reference", "task"}
+        if not isinstance(first, dict) or not fields <= set(first):
+            raise ConfigError(
+                f"--out {out} already exists and is not a file written by probsft data generate; "
+                "--overwrite replaces only such a file: choose another --out or remove it yourself"
+            )
+        if not args.overwrite:
+            raise ConfigError(
+                f"--out {out} already holds generated {first['task']} records; pass --overwrite "
+                "to replace it, or choose another --out"
+            )
     options = ("split", "n", "seed", "corrupt", "render_with", "from_eval", "max_records")
     recs, info = generate(args.task, **{k: getattr(args, k) for k in options})
     atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in recs))
@@ -297,8 +283,7 @@ def _resolve(spec: str, overrides: list[str], tokenizer: str | None):
         )
     cfg = load_config(spec, overrides)
     cfg.data.validate()
-    if tokenizer is None:
-        tokenizer = tokenizer_spec(cfg.init)
+    tokenizer = tokenizer_spec(cfg.init) if tokenizer is None else tokenizer
     if tokenizer is None:
         raise ConfigError(
             f"recipe {spec} names no tokenizer (init.tokenizer or "
@@ -321,27 +306,18 @@ def _spread(values) -> dict:
     }
 
 
-MARK_OPEN, MARK_CLOSE = "[[", "]]"
-GREEN, RESET = "\033[32m", "\033[0m"
-
-
 def segments(tokenizer, ids, loss_mask) -> list[tuple[str, bool]]:
     """The example's text as ``(text, trained)`` pieces: runs of tokens that are trained
     (the labels ``loss_mask`` selects) or not, each decoded."""
     trained = [False] + [float(m) > 0 for m in loss_mask[:-1]]  # token k is label k - 1
-    out, start = [], 0
-    for k in range(1, len(ids) + 1):
-        if k == len(ids) or trained[k] != trained[start]:
-            out.append((tokenizer.decode(list(ids[start:k])), trained[start]))
-            start = k
-    return out
+    bounds = [k for k in range(len(ids)) if k == 0 or trained[k] != trained[k - 1]] + [len(ids)]
+    return [(tokenizer.decode(list(ids[a:b])), trained[a]) for a, b in zip(bounds, bounds[1:])]
 
 
 def marked_text(pieces: list[tuple[str, bool]], color: bool = False) -> str:
     """``pieces`` joined, trained ones green (``color``) or between ``[[`` and ``]]``."""
     return "".join(
-        (f"{GREEN}{t}{RESET}" if color else f"{MARK_OPEN}{t}{MARK_CLOSE}") if on else t
-        for t, on in pieces
+        (f"\033[32m{t}\033[0m" if color else f"[[{t}]]") if on else t for t, on in pieces
     )
 
 
@@ -422,11 +398,8 @@ def inspect(
         cut_stats = SFTDataset(cfg, tok, records).stats
     except ProbsftError:  # nothing would be left to train
         cut_stats = dict.fromkeys(whole.stats, 0)
-    tokens = {
-        "total": _spread(lengths),
-        "prompt": _spread(prompts),
-        "response": _spread(lengths - prompts),
-    }
+    parts = {"total": lengths, "prompt": prompts, "response": lengths - prompts}
+    tokens = {key: _spread(values) for key, values in parts.items()}
     conversations = None
     if whole.stats["n_conversations"]:
         tokens["trained"] = _spread(

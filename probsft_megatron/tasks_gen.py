@@ -1,10 +1,8 @@
 """Small generated SFT tasks that span the model-capability continuum (offline, verifiable).
 
-Each task draws prompt/response records from a fixed pool of items (number pairs, ranges,
-words) by a seeded generator; a stable hash puts each pool item in exactly one split, so a
-test question is never trained. Every record has ``prompt``, ``response``, ``reference``,
-``task``, ``id`` (unique within the split) and ``corrupted``. The tasks: docs/continuum.md.
-"""
+Each task draws records from a fixed pool of items (number pairs, ranges, words) by a seeded
+generator; a stable hash puts each item in one split, so no test question is trained. The
+tasks: docs/continuum.md."""
 
 from __future__ import annotations
 
@@ -34,39 +32,36 @@ _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 WORDS = tuple(
     dict.fromkeys(
         """
-able acid aged also area army away baby back ball band bank base bath bear beat bed bell
-belt best bird blow blue boat body bone book boot born boss both bowl box boy bread bus
-busy cake call calm camp card care cart case cash cat cell chat chef city clay club coal
-coat code cold cook cool copy corn cost crew crop cup cut dark data date dawn day deal
-dear deep desk dish dog door down draw drop drum duck dust duty each earn east easy edge
-egg else even ever exam face fact fair farm fast fear feet felt file film fine fire firm
-fish flag flat flow fog food foot form fox free frog fuel full fund game gate gift girl
-glad goal gold golf good gown gray grow hair half hall hand hard hat head heat help hero
-high hill hold hole home hope horn host hour huge idea inch iron item jazz job join joke
-jump jury just keen keep key kind king kite lake lamp land lane last late lazy leaf left
-lens life lift line lion list live loan lock long loud love luck lung made mail main make
-map mark mask meal meat milk mind mint mist moon most move much nail name navy neck need
-nest news nice nine note oak oven page pair palm park past path peak pen pet pink pipe
-plan play plum poem pond pool port post pull pure quiz race rail rain rate read real rest
-rice rich ride ring road rock roof room root rope rose ruby rule safe sail salt sand seat
-seed ship shoe shop side sign silk sing size skin sky slow snow soap sock sofa soft soil
-song soup star stem step sun swim tail talk tall tank tape task taxi team tent test text
-tide tile time tiny tool tour town toy tree trip tube tune van vast vote wait walk wall
-warm wave wax week well west wide wild wind wine wing wire wise wish wolf wood wool word
-work yard year zero zone apple beach bread chair clock cloud dance dream field flame
-glass grape green heart horse house juice lemon light money mouse music night ocean paint
-paper party piano plant radio river robot salad sheep smile snake space spoon storm sugar
-table tiger toast tower train water whale wheel world ant arm art bag bat bee bin bow
-cab cap car cow cry dam den dew dig dot dry ear elf elm eye fan fig fin fit fly fog fur gap
-gas gem gum gym hen hip hog hop hot hut ice ink ivy jam jar jaw jet jog jug kid kit lab lap
-law leg lid lip log low mad man mat mix mob mop mud mug net nod nut oar oil owl pad pan paw
-pea pie pig pin pit pot pub rag ram rat ray rib rim rod row rug saw sea set sip sit ski sob
-son spa spy tab tag tan tap tar tea ten tie tin tip toe ton top tub tug web wig win yak yam
-yes zip zoo bark barn bead beam bean bike bolt bulb cage cane cape cave chin clip comb crab
-crow cube dart deer dime dock doll dove duke dune fawn fern foam fork frost glue goat gulf
-harp hawk herb hive hook hoop horn jade kelp knee knot lace lamb lime loaf mane mare maze
-mill mole moss moth mule nose nut opal pear pest pine pole puma rake reef rope rust sack
-seal shed silo slab sled slug snail sofa swan tent toad tusk vase vest vine wasp whip yarn
+able acid aged also area army away baby back ball band bank base bath bear beat bed bell belt best
+bird blow blue boat body bone book boot born boss both bowl box boy bread bus busy cake call calm
+camp card care cart case cash cat cell chat chef city clay club coal coat code cold cook cool copy
+corn cost crew crop cup cut dark data date dawn day deal dear deep desk dish dog door down draw drop
+drum duck dust duty each earn east easy edge egg else even ever exam face fact fair farm fast fear
+feet felt file film fine fire firm fish flag flat flow fog food foot form fox free frog fuel full
+fund game gate gift girl glad goal gold golf good gown gray grow hair half hall hand hard hat head
+heat help hero high hill hold hole home hope horn host hour huge idea inch iron item jazz job join
+joke jump jury just keen keep key kind king kite lake lamp land lane last late lazy leaf left lens
+life lift line lion list live loan lock long loud love luck lung made mail main make map mark mask
+meal meat milk mind mint mist moon most move much nail name navy neck need nest news nice nine note
+oak oven page pair palm park past path peak pen pet pink pipe plan play plum poem pond pool port
+post pull pure quiz race rail rain rate read real rest rice rich ride ring road rock roof room root
+rope rose ruby rule safe sail salt sand seat seed ship shoe shop side sign silk sing size skin sky
+slow snow soap sock sofa soft soil song soup star stem step sun swim tail talk tall tank tape task
+taxi team tent test text tide tile time tiny tool tour town toy tree trip tube tune van vast vote
+wait walk wall warm wave wax week well west wide wild wind wine wing wire wise wish wolf wood wool
+word work yard year zero zone apple beach bread chair clock cloud dance dream field flame glass
+grape green heart horse house juice lemon light money mouse music night ocean paint paper party
+piano plant radio river robot salad sheep smile snake space spoon storm sugar table tiger toast
+tower train water whale wheel world ant arm art bag bat bee bin bow cab cap car cow cry dam den dew
+dig dot dry ear elf elm eye fan fig fin fit fly fog fur gap gas gem gum gym hen hip hog hop hot hut
+ice ink ivy jam jar jaw jet jog jug kid kit lab lap law leg lid lip log low mad man mat mix mob mop
+mud mug net nod nut oar oil owl pad pan paw pea pie pig pin pit pot pub rag ram rat ray rib rim rod
+row rug saw sea set sip sit ski sob son spa spy tab tag tan tap tar tea ten tie tin tip toe ton top
+tub tug web wig win yak yam yes zip zoo bark barn bead beam bean bike bolt bulb cage cane cape cave
+chin clip comb crab crow cube dart deer dime dock doll dove duke dune fawn fern foam fork frost glue
+goat gulf harp hawk herb hive hook hoop horn jade kelp knee knot lace lamb lime loaf mane mare maze
+mill mole moss moth mule nose nut opal pear pest pine pole puma rake reef rope rust sack seal shed
+silo slab sled slug snail sofa swan tent toad tusk vase vest vine wasp whip yarn
 """.split()
     )
 )
@@ -287,7 +282,9 @@ def get_task(name: str) -> TaskSpec:
 
 def records(task: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
     """``n`` records of ``task`` drawn without replacement from ``split``'s pool (all when
-    None) in an order fixed by ``seed``; ``figfont``: the paper's items (``seed`` ignored)."""
+    None) in an order fixed by ``seed``; ``figfont``: the paper's items (``seed`` ignored).
+    A record: ``prompt``, ``response``, ``reference``, ``task``, ``id`` (unique within the
+    split), ``item`` (not for figfont) and ``corrupted``."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if n is not None and n < 1:
@@ -342,9 +339,8 @@ def _wrong_response(rec: dict, rng: random.Random) -> str:
     spec = get_task(task)
     item = tuple(rec["item"]) if isinstance(rec["item"], list) else rec["item"]
     if task == "self-addition" and rec.get("source") == "model":
-        total = str(item[0] + item[1])
-        wrong = str(_wrong_sum(int(total), rng))
-        return re.sub(rf"(?<!\d){total}(?!\d)", wrong, rec["response"])
+        total = item[0] + item[1]
+        return re.sub(rf"(?<!\d){total}(?!\d)", str(_wrong_sum(total, rng)), rec["response"])
     return spec.wrong(item, rng)
 
 

@@ -9,7 +9,6 @@ from probsft_megatron.config import DataConfig
 from probsft_megatron.data.batches import (
     Batch,
     GlobalBatchLoader,
-    collate,
     epoch_permutation,
     pad_multiple,
 )
@@ -21,7 +20,6 @@ __all__ = [
     "DataConfig",
     "GlobalBatchLoader",
     "SFTDataset",
-    "collate",
     "epoch_permutation",
     "pad_multiple",
     "load_records",

@@ -1,8 +1,8 @@
 """Global batches: deterministic, data-parallel-sharded, resumable; padded only as needed.
 
-A micro-batch (:func:`collate`) is one example per row padded to ``seq_length``
-(``max_length``) or to its longest example (``longest``), or packed: its examples in one row
-(``THD``) with their boundaries in ``cu_seqlens``. Contract in full: docs/data.md.
+A micro-batch is one example per row padded to ``seq_length`` (``max_length``) or to its
+longest example (``longest``), or packed: its examples in one row (``THD``) with their
+boundaries in ``cu_seqlens``. Contract in full: docs/data.md.
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ import dataclasses
 import math
 import random
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from probsft_megatron.config import PADDINGS
 from probsft_megatron.errors import ConfigError, DataError
 
 
@@ -60,57 +59,6 @@ def pad_multiple(tp: int = 1) -> int:
     return math.lcm(8, tp)
 
 
-def collate(
-    items: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
-    *,
-    rows: int,
-    pad_id: int,
-    packed: bool = False,
-    length: int | None = None,
-    multiple: int = 8,
-) -> Batch:
-    """One micro-batch of ``items`` (``(index, input_ids, loss_mask)`` per example).
-
-    ``rows`` rows (missing ones are padding), or packed: one row with ``cu_seqlens``; each
-    ``length`` long (default: what they need rounded up to ``multiple``). Padding has token
-    and label ``pad_id`` and ``loss_mask`` 0, as has an example's last position.
-    """
-    lengths = [len(ids) for _, ids, _ in items]
-    need = sum(lengths) if packed else max(lengths, default=1)
-    s = round_up(need, multiple) if length is None else length
-    if s < need:
-        raise ValueError(f"length={s} is shorter than the micro-batch's {need} tokens")
-    b = 1 if packed else rows
-    tokens = torch.full((b, s), pad_id, dtype=torch.long)
-    labels = tokens.clone()
-    loss_mask = torch.zeros((b, s), dtype=torch.float32)
-    position_ids = torch.arange(s, dtype=torch.long).repeat(b, 1)
-    offset = 0
-    for slot, (_, ids, mask) in enumerate(items):
-        row, start = (0, offset) if packed else (slot, 0)
-        offset = end = start + len(ids)
-        tokens[row, start:end] = ids
-        labels[row, start : end - 1] = ids[1:]  # the last label stays pad_id
-        loss_mask[row, start : end - 1] = mask[:-1]
-        if packed:
-            position_ids[row, start:end] = torch.arange(len(ids))  # rotary positions restart
-    real = sum(lengths)
-    cu_seqlens = max_seqlen = None
-    if packed:
-        bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-        if s > real:  # the padding tail: its own sequence, positions from 0
-            position_ids[0, real:] = torch.arange(s - real)
-            bounds = np.append(bounds, s)
-        cu_seqlens = torch.from_numpy(bounds.astype(np.int32))
-        max_seqlen = int(np.diff(bounds).max())
-        examples = (tuple(int(i) for i, _, _ in items),)
-    else:
-        examples = tuple((int(i),) for i, _, _ in items) + ((),) * (rows - len(items))
-    return Batch(
-        tokens, labels, loss_mask, position_ids, None, examples, real, cu_seqlens, max_seqlen
-    )
-
-
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled example order of one epoch; stable across Python and numpy versions."""
     order = list(range(n))
@@ -119,20 +67,11 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 class GlobalBatchLoader:
-    """Deterministic, DP-sharded, resumable iteration over global batches (docs/data.md).
-
-    Every rank computes the same schedule without communication: epoch ``e`` visits the
-    examples in :func:`epoch_permutation` ``(seed, e)`` order; global batch ``k`` is examples
-    ``[k*G, (k+1)*G)``, DP rank ``r`` takes the ``r``-th contiguous share and splits it into
-    micro-batches of ``micro_batch_size``. Each item is this rank's ``list[Batch]`` of one
-    optimizer step (:func:`collate`; ``same_length_per_step``: every micro-batch padded to the
-    step's longest, for pipeline parallelism). ``drop_last=False`` keeps an epoch's last
-    incomplete global batch, filled with padding rows. ``state_dict`` / ``load_state_dict``
-    resume exactly, for any ``dp_size``, ``micro_batch_size`` or layout.
-
-    ``dataset``: ``len(dataset)`` and ``dataset[i] -> {"input_ids", "loss_mask"}``; its
-    ``lengths`` attribute, when present, saves reading every example.
-    """
+    """Deterministic, DP-sharded, resumable iteration over global batches: each item is this
+    rank's ``list[Batch]`` of one optimizer step (schedule, padding, ``drop_last`` and
+    resumption: docs/data.md). ``dataset``: ``len(dataset)`` and ``dataset[i] ->
+    {"input_ids", "loss_mask"}``; its ``lengths`` attribute, when present, saves reading
+    every example."""
 
     def __init__(
         self,
@@ -152,18 +91,7 @@ class GlobalBatchLoader:
         pad_multiple: int = 8,
         same_length_per_step: bool = False,
     ):
-        for name, value, low in (
-            ("global_batch_size", global_batch_size, 1),
-            ("micro_batch_size", micro_batch_size, 1),
-            ("data-parallel size", dp_size, 1),
-            ("seq_length", seq_length, 2),
-            ("epochs", epochs, 1),
-            ("pad_multiple", pad_multiple, 1),
-        ):
-            if value < low:
-                raise ConfigError(f"{name} must be >= {low}, got {value}")
-        if padding not in PADDINGS:
-            raise ConfigError(f"data.padding={padding!r} is unknown; use one of {list(PADDINGS)}")
+        # the sizes and data.padding come validated from the config (>= 1, a known padding)
         if not 0 <= dp_rank < dp_size:
             raise ConfigError(f"dp_rank={dp_rank} is outside [0, {dp_size})")
         if global_batch_size % (micro_batch_size * dp_size):
@@ -203,12 +131,6 @@ class GlobalBatchLoader:
             )
         self._step = 0
         self._cached: tuple[int, list[int]] = (-1, [])
-
-    def _order(self, epoch: int) -> list[int]:
-        """Epoch ``epoch``'s example order (the last epoch's is kept)."""
-        if self._cached[0] != epoch:
-            self._cached = (epoch, epoch_permutation(len(self._lengths), self.seed, epoch))
-        return self._cached[1]
 
     def __len__(self) -> int:
         """Optimizer steps (global batches) over all epochs."""
@@ -260,41 +182,63 @@ class GlobalBatchLoader:
 
     def __iter__(self) -> Iterator[list[Batch]]:
         """This rank's micro-batches of each remaining global batch, in order."""
-        g = self.global_batch_size
+        g, m = self.global_batch_size, self.micro_batch_size
         share = g // self.dp_size
-        m = self.micro_batch_size
         while self._step < len(self):
             epoch, k = divmod(self._step, self._steps_per_epoch)
-            units = self._order(epoch)[k * g : (k + 1) * g]
+            if self._cached[0] != epoch:  # the order of the epoch in progress
+                self._cached = (epoch, epoch_permutation(len(self._lengths), self.seed, epoch))
+            units = self._cached[1][k * g : (k + 1) * g]
             mine = units[self.dp_rank * share : (self.dp_rank + 1) * share]
             self._step += 1
             groups = [mine[i * m : (i + 1) * m] for i in range(share // m)]
-            yield self._step_batches(groups)
+            lengths = [self._length_of(group) for group in groups]
+            if self.same_length_per_step:
+                lengths = [max(lengths)] * len(groups)
+            yield [self._collate(group, length) for group, length in zip(groups, lengths)]
 
     def _length_of(self, group: list[int]) -> int:
-        """The sequence length :func:`collate` gives ``group`` on its own."""
+        """The sequence length of ``group``'s micro-batch on its own."""
         if self.padding == "max_length" and not self.packing:
             return round_up(self.seq_length, self.pad_multiple)
         lengths = self._lengths[group] if group else np.zeros(1, dtype=np.int64)
         need = int(lengths.sum()) if self.packing else int(lengths.max())
         return round_up(need, self.pad_multiple)
 
-    def _step_batches(self, groups: list[list[int]]) -> list[Batch]:
-        lengths = [self._length_of(group) for group in groups]
-        if self.same_length_per_step:
-            lengths = [max(lengths)] * len(groups)
-        out = []
-        for group, length in zip(groups, lengths):
-            examples = [self.dataset[index] for index in group]
-            items = [(i, e["input_ids"], e["loss_mask"]) for i, e in zip(group, examples)]
-            out.append(
-                collate(
-                    items,
-                    rows=self.micro_batch_size,
-                    pad_id=self.pad_id,
-                    packed=self.packing,
-                    length=length,
-                    multiple=self.pad_multiple,
-                )
-            )
-        return out
+    def _collate(self, group: list[int], s: int) -> Batch:
+        """The micro-batch of examples ``group``, rows ``s`` long: one example per row
+        (``micro_batch_size`` rows, missing ones padding) or, packed, one row with
+        ``cu_seqlens``. Padding has token and label ``pad_id`` and ``loss_mask`` 0, as has an
+        example's last position."""
+        b, packed = (1 if self.packing else self.micro_batch_size), self.packing
+        tokens = torch.full((b, s), self.pad_id, dtype=torch.long)
+        labels = tokens.clone()
+        loss_mask = torch.zeros((b, s), dtype=torch.float32)
+        position_ids = torch.arange(s, dtype=torch.long).repeat(b, 1)
+        lengths, offset = [], 0
+        for slot, index in enumerate(group):
+            example = self.dataset[index]
+            ids, mask = example["input_ids"], example["loss_mask"]
+            row, start = (0, offset) if packed else (slot, 0)
+            offset = end = start + len(ids)
+            lengths.append(len(ids))
+            tokens[row, start:end] = ids
+            labels[row, start : end - 1] = ids[1:]  # the last label stays pad_id
+            loss_mask[row, start : end - 1] = mask[:-1]
+            if packed:
+                position_ids[row, start:end] = torch.arange(len(ids))  # rotary positions restart
+        real = sum(lengths)
+        cu_seqlens = max_seqlen = None
+        if packed:
+            bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+            if s > real:  # the padding tail: its own sequence, positions from 0
+                position_ids[0, real:] = torch.arange(s - real)
+                bounds = np.append(bounds, s)
+            cu_seqlens = torch.from_numpy(bounds.astype(np.int32))
+            max_seqlen = int(np.diff(bounds).max())
+            examples = (tuple(int(i) for i in group),)
+        else:
+            examples = tuple((int(i),) for i in group) + ((),) * (b - len(group))
+        return Batch(
+            tokens, labels, loss_mask, position_ids, None, examples, real, cu_seqlens, max_seqlen
+        )

@@ -1,9 +1,8 @@
 """Tokenized SFT examples: chat template or plain concatenation, truncation, loss masks.
 
 Every record (prompt/response, or a conversation via :mod:`.chat`) becomes one example
-``(input_ids, loss_mask)``; ``loss_mask`` values are loss weights under the label convention
-of :mod:`probsft_megatron.data` (``loss_mask[t]`` weights the label ``input_ids[t + 1]``).
-"""
+``(input_ids, loss_mask)``, the mask's values loss weights (label convention:
+:mod:`probsft_megatron.data`)."""
 
 from __future__ import annotations
 
@@ -26,15 +25,6 @@ STATS = tuple(
 )
 
 
-def _resolve_template(cfg: DataConfig, tokenizer) -> str | None:
-    """The Jinja template to render with, or None for plain concatenation."""
-    if cfg.chat_template == "none" or (cfg.chat_template == "auto" and cfg.format == "m23k"):
-        return None  # m23k prompts are already chat-formatted for their model family
-    if cfg.chat_template == "auto":
-        return getattr(tokenizer, "chat_template", None) or None
-    return load_template(cfg.chat_template)
-
-
 def _prompt_lengths(masks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Per example, the tokens before its first trained label plus one (1 when none is
     trained): the prompt of a single-turn example."""
@@ -47,13 +37,10 @@ def _prompt_lengths(masks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 class SFTDataset:
-    """Tokenized SFT examples (int32 tokens; masks uint8 when 0/1, else float32).
-
-    ``dataset[i]`` is ``{"input_ids": LongTensor[n], "loss_mask": FloatTensor[n]}`` with
-    ``n <= cfg.max_length``; every untruncated example ends with the eos token. ``stats``
-    holds the :data:`STATS` counts (docs/data.md); ``pad_id`` is the tokenizer's pad token
-    (its eos token when it has none).
-    """
+    """Tokenized SFT examples (int32 tokens; masks uint8 when 0/1, else float32):
+    ``dataset[i]`` is ``{"input_ids": LongTensor[n], "loss_mask": FloatTensor[n]}``, ``n <=
+    cfg.max_length``, every untruncated example ending with eos. ``stats``: the :data:`STATS`
+    counts (docs/data.md); ``pad_id``: the tokenizer's pad token (else its eos token)."""
 
     def __init__(self, cfg: DataConfig, tokenizer, records: list[dict] | None = None):
         """Tokenize ``records`` (default: :func:`load_records` of ``cfg``) in this process;
@@ -85,7 +72,13 @@ class SFTDataset:
     def _setup(self, cfg: DataConfig, tokenizer) -> None:
         """The settings every example needs (template, eos, pad) and zeroed ``stats``."""
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.template = _resolve_template(cfg, tokenizer)
+        # the Jinja template to render with, or None for plain concatenation
+        if cfg.chat_template == "none" or (cfg.chat_template == "auto" and cfg.format == "m23k"):
+            self.template = None  # m23k prompts are already chat-formatted for their model family
+        elif cfg.chat_template == "auto":
+            self.template = getattr(tokenizer, "chat_template", None) or None
+        else:
+            self.template = load_template(cfg.chat_template)
         if self.template is None and cfg.system_prompt is not None:
             raise ConfigError(
                 "data.system_prompt needs a chat template (data.chat_template is "
@@ -109,10 +102,8 @@ class SFTDataset:
         """The kept records' examples: ``tokens`` (int32) and ``masks`` (uint8 when every
         weight is 0/1, else float32) concatenated, ``offsets`` (int64 ``[n + 1]``) and
         ``prompt_lengths``; counts into ``stats``."""
-        kept = []
-        for start in range(0, len(records), _TOKENIZE_CHUNK):
-            chunk = self._encode_chunk(records[start : start + _TOKENIZE_CHUNK])
-            kept += [example for example in chunk if example is not None]
+        chunks = (records[k : k + _TOKENIZE_CHUNK] for k in range(0, len(records), _TOKENIZE_CHUNK))
+        kept = [example for c in chunks for example in self._encode_chunk(c) if example is not None]
         tokens = np.concatenate([np.zeros(0, np.int64), *(ids for ids, _ in kept)])
         masks = np.concatenate([np.zeros(0, np.float32), *(m for _, m in kept)])
         offsets = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in kept])]).astype(np.int64)
@@ -207,9 +198,7 @@ class SFTDataset:
         return cut.ids, cut.loss_mask
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     def _render(self, record: dict, with_response: bool) -> str:
         messages = [{"role": "user", "content": record["prompt"]}]

@@ -53,9 +53,7 @@ def _candidate_fields(cfg: DataConfig) -> list[_Fields]:
         return [_Fields("extra_info", "extra_info", prompt, response)]
     keys = [cfg.messages_key] if cfg.messages_key else ["messages", "conversations"]
     conversations = [_Fields(k, k, messages=True) for k in keys]
-    if cfg.messages_key:
-        return conversations
-    return [_key_fields(cfg), *conversations]
+    return conversations if cfg.messages_key else [_key_fields(cfg), *conversations]
 
 
 def _key_fields(cfg: DataConfig) -> _Fields:
@@ -126,10 +124,8 @@ ROLE_NAMES = {
 
 def _content(value: Any, where: str) -> str:
     """A message's content as one string (None -> "", a list of text parts joined)."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
+    if value is None or isinstance(value, str):
+        return value or ""
     if isinstance(value, list):
         parts = []
         for part in value:
@@ -152,8 +148,7 @@ def _content(value: Any, where: str) -> str:
 def _weight(message: dict, where: str) -> float | None:
     """The message's own loss weight (``train``: bool or number; ``weight``), None if unset."""
     for key in ("train", "weight", "loss_weight"):
-        if key in message and message[key] is not None:
-            value = message[key]
+        if (value := message.get(key)) is not None:
             if isinstance(value, bool):
                 return 1.0 if value else 0.0
             if isinstance(value, (int, float)) and value >= 0 and value == value:
@@ -211,18 +206,15 @@ def conversation_messages(messages: Any, train_on: str, where: str) -> list[dict
             if role != "assistant":
                 raise DataError(f"{at}: tool_calls on a {role} message; only assistants call")
             item["tool_calls"] = _tool_calls(message["tool_calls"], at)
-        for key in ("name", "tool_call_id"):
-            if message.get(key) is not None:
-                item[key] = message[key]
-        weight = _weight(message, at)
+        item.update({k: message[k] for k in ("name", "tool_call_id") if message.get(k) is not None})
+        item["weight"] = _weight(message, at)
         if role != "assistant":
-            if weight:
+            if item["weight"]:
                 raise DataError(
                     f"{at}: a {role} message is marked as trained; only assistant messages "
                     "are trained (remove its train/weight)"
                 )
-            weight = 0.0
-        item["weight"] = weight
+            item["weight"] = 0.0
         out.append(item)
     assistants = [i for i, m in enumerate(out) if m["role"] == "assistant"]
     if not assistants:
@@ -266,17 +258,6 @@ def _extract(record: Any, fields: _Fields, where: str, cfg: DataConfig) -> dict:
     return {"messages": messages, "tools": tools, "origin": where}
 
 
-def _is_parquet(path: Path, fmt: str) -> bool:
-    if fmt in ("jsonl", "parquet"):
-        return fmt == "parquet"
-    if path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
-        raise DataError(
-            f"cannot tell the format of {path} from its extension; "
-            "set data.format=jsonl or data.format=parquet"
-        )
-    return path.suffix.lower() == ".parquet"
-
-
 def _iter_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """``(where, record)`` pairs of a JSON-lines file, read line by line, or of a JSON list
     file (parsed whole: its text is one value)."""
@@ -308,7 +289,13 @@ def _iter_file(path: Path, cfg: DataConfig) -> Iterator[dict]:
     of rows at a time)."""
     if not path.is_file():
         raise DataError(f"training file {path} does not exist (data.train_files)")
-    if _is_parquet(path, cfg.format):
+    suffix = path.suffix.lower()
+    if cfg.format not in ("jsonl", "parquet") and suffix not in (".jsonl", ".json", ".parquet"):
+        raise DataError(
+            f"cannot tell the format of {path} from its extension; "
+            "set data.format=jsonl or data.format=parquet"
+        )
+    if cfg.format == "parquet" or (cfg.format != "jsonl" and suffix == ".parquet"):
         import pyarrow.parquet as pq
 
         try:
@@ -322,11 +309,10 @@ def _iter_file(path: Path, cfg: DataConfig) -> Iterator[dict]:
         columns = sorted({fields.prompt_key, fields.response_key})
         if fields.messages and cfg.tools_key in names:
             columns.append(cfg.tools_key)
-        i = 0
-        for batch in parquet.iter_batches(batch_size=4096, columns=columns):
-            for row in batch.to_pylist():
-                yield _extract(row, fields, f"{path}[{i}]", cfg)
-                i += 1
+        batches = parquet.iter_batches(batch_size=4096, columns=columns)
+        rows = itertools.chain.from_iterable(batch.to_pylist() for batch in batches)
+        for i, row in enumerate(rows):
+            yield _extract(row, fields, f"{path}[{i}]", cfg)
         return
     fields = None
     for where, row in _iter_json_rows(path):

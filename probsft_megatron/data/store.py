@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,19 +67,11 @@ def _tokenizer_identity(tokenizer) -> dict[str, Any]:
     }
 
 
-def _code_identity() -> str:
-    """The source of the modules that turn records into tokens and masks."""
+def fingerprint(cfg: DataConfig, tokenizer) -> tuple[str, dict[str, Any]]:
+    """``(key, inputs)``: the store's name and everything it was derived from."""
     from probsft_megatron import figfont
     from probsft_megatron.data import chat, examples, records
 
-    digest = hashlib.sha256()
-    for module in (examples, records, figfont, chat):
-        digest.update(inspect.getsource(module).encode())
-    return digest.hexdigest()
-
-
-def fingerprint(cfg: DataConfig, tokenizer) -> tuple[str, dict[str, Any]]:
-    """``(key, inputs)``: the store's name and everything it was derived from."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in TOKEN_INDEPENDENT}
     files = []
     for name in cfg.train_files if cfg.source == "file" else []:
@@ -93,12 +84,14 @@ def fingerprint(cfg: DataConfig, tokenizer) -> tuple[str, dict[str, Any]]:
     # a shipped template's or a .jinja file's text: editing it changes the tokens (auto/none:
     # the tokenizer's template, part of its identity)
     template = None if cfg.chat_template in ("auto", "none") else load_template(cfg.chat_template)
+    sources = (inspect.getsource(module) for module in (examples, records, figfont, chat))
     inputs = {
         "version": STORE_VERSION,
         "data": settings,
         "files": files,
         "tokenizer": _tokenizer_identity(tokenizer),
-        "code_sha256": _code_identity(),
+        # the source of the modules that turn records into tokens and masks
+        "code_sha256": hashlib.sha256("".join(sources).encode()).hexdigest(),
         "chat_template_text": template,
     }
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
@@ -144,13 +137,6 @@ def _encode_shard(records: list[dict]) -> tuple[dict[str, np.ndarray], dict[str,
     return ds.encode_records(records), ds.stats
 
 
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 class _NpyAppender:
     """A 1-D ``.npy`` file written a piece at a time; :meth:`close` rewrites the header with
     the final length (numpy reserves room in it for the length to grow) and fsyncs. A piece
@@ -163,29 +149,22 @@ class _NpyAppender:
         self.data_start = self.file.tell()
 
     def _header(self) -> None:
-        header = {
-            "descr": np.lib.format.dtype_to_descr(self.dtype),
-            "fortran_order": False,
-            "shape": (self.n,),
-        }
-        np.lib.format.write_array_header_1_0(self.file, header)
+        header = np.lib.format.header_data_from_array_1_0(np.empty(0, self.dtype))
+        np.lib.format.write_array_header_1_0(self.file, {**header, "shape": (self.n,)})
 
     def append(self, array: np.ndarray) -> None:
-        if not np.can_cast(array.dtype, self.dtype):
-            self._widen(array.dtype)
+        if not np.can_cast(array.dtype, self.dtype):  # widen: rewrite the pieces so far
+            self.close()
+            narrow = self.path.with_name(self.path.name + ".u8")
+            os.replace(self.path, narrow)
+            old = np.load(narrow, mmap_mode="r") if self.n else []
+            _NpyAppender.__init__(self, self.path, array.dtype)
+            for lo in range(0, len(old), 1 << 24):
+                self.append(old[lo : lo + (1 << 24)])
+            del old
+            narrow.unlink()
         self.file.write(memoryview(np.ascontiguousarray(array, dtype=self.dtype)).cast("B"))
         self.n += len(array)
-
-    def _widen(self, dtype) -> None:
-        self.close()  # the pieces so far, a whole .npy file
-        narrow = self.path.with_name(self.path.name + ".u8")
-        os.replace(self.path, narrow)
-        old = np.load(narrow, mmap_mode="r") if self.n else []
-        _NpyAppender.__init__(self, self.path, dtype)
-        for lo in range(0, len(old), 1 << 24):
-            self.append(old[lo : lo + (1 << 24)])
-        del old
-        narrow.unlink()
 
     def close(self) -> None:
         self.file.seek(0)
@@ -197,20 +176,15 @@ class _NpyAppender:
         self.file.close()
 
 
-def _shards(records: Iterator[dict], size: int) -> Iterator[list[dict]]:
-    while shard := list(itertools.islice(records, size)):
-        yield shard
-
-
 def tokenize_into(
     folder: Path, cfg: DataConfig, tokenizer, num_proc: int | None = None
 ) -> dict[str, Any]:
     """Tokenize ``cfg``'s records into the store files of ``folder``; returns the ``stats``.
-
     Records stream in shards of ``_SHARD`` to ``num_proc`` forked processes (default: the
     usable CPUs), at most two shards per process in flight, each appended in record order:
     memory holds a few shards and the index, whatever the size of the dataset."""
-    num_proc = max(1, num_proc or available_cpus())
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    num_proc = max(1, num_proc or usable or 1)
     fork = num_proc > 1 and "fork" in multiprocessing.get_all_start_methods()
     tokens = _NpyAppender(folder / "tokens.npy", np.int32)
     masks = _NpyAppender(folder / "masks.npy", np.uint8)
@@ -226,9 +200,8 @@ def tokenize_into(
             "tokenized %d records (%.0f records/s, %d processes)", n_records, rate, processes
         )
 
-    def take(part: tuple[dict[str, np.ndarray], dict[str, int]]) -> None:
+    def take(arrays: dict[str, np.ndarray], shard_stats: dict[str, int]) -> None:
         nonlocal last_note
-        arrays, shard_stats = part
         tokens.append(arrays["tokens"])
         masks.append(arrays["masks"])
         lengths.append(np.diff(arrays["offsets"]))
@@ -245,17 +218,18 @@ def tokenize_into(
             # forked workers must not start the tokenizer's own thread pool
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             pool = multiprocessing.get_context("fork").Pool(num_proc)
-        for shard in _shards(iter_records(cfg), _SHARD):
+        records = iter_records(cfg)
+        for shard in iter(lambda: list(itertools.islice(records, _SHARD)), []):
             n_records += len(shard)
             if pool is None:
-                take(_encode_shard(shard))
+                take(*_encode_shard(shard))
                 continue
             pending.append(pool.apply_async(_encode_shard, (shard,)))
             del shard  # held by its task only
             while len(pending) >= 2 * num_proc:
-                take(pending.popleft().get())
+                take(*pending.popleft().get())
         while pending:
-            take(pending.popleft().get())
+            take(*pending.popleft().get())
         if pool is not None:
             # close + join, not terminate: forked workers inherit the trainer's SIGTERM
             # handler, and terminate() hung joining an idle worker that caught the signal
@@ -331,10 +305,8 @@ def open_dataset(
     timeout_s: float = WAIT_TIMEOUT_S,
 ) -> SFTDataset:
     """The tokenized dataset of ``cfg``, mapped from its store (built first when needed).
-
     ``builder`` (local rank 0): may build the store, under a file lock beside it; other
-    processes wait up to ``timeout_s`` for it. ``data.cache: false``: tokenized in memory.
-    """
+    processes wait up to ``timeout_s`` for it. ``data.cache: false``: tokenized in memory."""
     if not cfg.cache:
         return SFTDataset(cfg, tokenizer)
     root = store_root(cfg)
