@@ -280,9 +280,8 @@ def _keep_unsaved_state_on_dp_zero_load(optimizer) -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(
-            sub, DistributedOptimizer
-        ) or "_set_main_param_and_optimizer_states" in vars(sub):
+        name = "_set_main_param_and_optimizer_states"
+        if not isinstance(sub, DistributedOptimizer) or name in vars(sub):  # or patched already
             continue
         original = sub._set_main_param_and_optimizer_states
 
