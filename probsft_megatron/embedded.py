@@ -63,8 +63,7 @@ def materialize_smollm2(out_dir: str | os.PathLike | None = None, dtype: str = "
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tokenizer.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         (tmp / _STAMP).write_text(dtype)
         if target.exists():
             shutil.rmtree(target)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from probsft_megatron.embedded import smollm2_gguf_path
 from probsft_megatron.errors import CheckpointError, ConfigError
 
 BUILTIN = {"smollm2": 49152}  # tokenizers known by name -> their number of token ids
@@ -25,8 +26,6 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     if spec == "smollm2":
-        from probsft_megatron.embedded import smollm2_gguf_path
-
         gguf = smollm2_gguf_path()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     else:
