@@ -71,15 +71,10 @@ def check_out_dir(out: Path, col: Collection) -> None:
                 f"--out {out} is under {runs}, where every folder is read as a run; choose "
                 f"another folder, e.g. {Path(work) / REPORT_DIR}"
             )
-    if not out.is_dir():
-        return
     previous = _previous_report(out)
     ours = {"report.json", "report.md", *(previous.get("files") or [])} if previous else set()
-    foreign = sorted(
-        p.name
-        for p in out.iterdir()
-        if OUTPUT_NAME.fullmatch(p.name) and p.name not in ours and p.is_file()
-    )
+    found = [p.name for p in out.iterdir() if p.is_file()] if out.is_dir() else []
+    foreign = sorted(n for n in found if OUTPUT_NAME.fullmatch(n) and n not in ours)
     if foreign:
         raise ConfigError(
             f"--out {out} holds {', '.join(foreign)}, which probsft report did not write "

@@ -92,12 +92,10 @@ def model_name(config: dict) -> str | None:
     for name, preset in _presets().items():
         if preset and all(_same(model.get(k), v) for k, v in preset.items()):
             return name
-    ckpt = (config.get("init") or {}).get("checkpoint")
-    if ckpt:
+    if ckpt := (config.get("init") or {}).get("checkpoint"):
         return Path(str(ckpt)).name
-    return (
-        f"{model.get('arch', '?')} {model.get('num_layers', '?')}x{model.get('hidden_size', '?')}"
-    )
+    size = f"{model.get('num_layers', '?')}x{model.get('hidden_size', '?')}"
+    return f"{model.get('arch', '?')} {size}"
 
 
 def _same(value: Any, preset: Any) -> bool:
@@ -311,8 +309,7 @@ def _status(run: dict, records: dict[str, StepOutcome], planned: int | None) -> 
 
 def read_eval_only(path: str | os.PathLike) -> dict[str, Any]:
     """A bare ``probsft eval --out`` folder (e.g. the base model) as a run without training."""
-    root = Path(path)
-    problems: list[str] = []
+    root, problems = Path(path), []
     evals = read_eval(root, problems)
     models = {t["model"] for t in evals.values() if t.get("model")}
     row: dict[str, Any] = dict.fromkeys(

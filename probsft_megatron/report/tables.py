@@ -47,12 +47,11 @@ def summarize_values(values: Iterable[float], confidence: float = 0.95) -> dict[
 
 def check_metric(metric: str) -> None:
     """A :class:`ConfigError` unless ``metric`` is one of :data:`METRICS` or ``pass@K``."""
-    if metric in METRICS or re.fullmatch(r"pass@\d+", metric):
-        return
-    raise ConfigError(
-        f"--metric {metric!r} is not a task metric; use one of "
-        f"{', '.join(METRICS)} or pass@K (e.g. pass@4)"
-    )
+    if metric not in METRICS and not re.fullmatch(r"pass@\d+", metric):
+        raise ConfigError(
+            f"--metric {metric!r} is not a task metric; use one of "
+            f"{', '.join(METRICS)} or pass@K (e.g. pass@4)"
+        )
 
 
 def metric_label(metric: str) -> str:
