@@ -31,7 +31,6 @@ Padding = Literal["longest", "max_length"]
 ATTENTION_IMPLS, PADDINGS, RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS = map(
     typing.get_args, (Attention, Padding, RecomputeGranularity, RecomputeMethod)
 )
-PRECISIONS = {"bf16": "bfloat16", "fp32": "float32"}
 CHAT_TEMPLATES = ("chatml", "qwen2.5", "llama-3")  # configs/chat_templates/<name>.jinja
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 POSITIVE = Field(gt=0)
@@ -395,7 +394,7 @@ def resolve_precision(precision: str) -> str:
     """``train.precision`` -> ``bfloat16`` | ``float32`` (``auto``: bf16 with CUDA)."""
     if precision == "auto":
         return "bfloat16" if hardware.cuda_available() else "float32"
-    return PRECISIONS[precision]
+    return {"bf16": "bfloat16", "fp32": "float32"}[precision]
 
 
 def resolve_attention(impl: str) -> str:
