@@ -199,9 +199,7 @@ def _strip_units(s: str, bare_units: frozenset[str] = frozenset()) -> tuple[str,
         changed = False
         for pattern in patterns:
             match = pattern.search(s)
-            if not match:
-                continue
-            rest = s[: match.start()].rstrip()
+            rest = s[: match.start()].rstrip() if match else ""
             if not rest or rest[-1] in "=+-*/^_,({[":
                 continue
             unit = match.group(1) if match.groups() else match.group(0)

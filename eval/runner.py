@@ -350,8 +350,7 @@ class _Tee:
         read, write = os.pipe()
         os.dup2(write, fd)
         os.close(write)
-        self.thread = threading.Thread(target=self._pump, args=(read,), daemon=True)
-        self.thread.start()
+        threading.Thread(target=self._pump, args=(read,), daemon=True).start()
 
     def _pump(self, read: int) -> None:
         quiet, pending = False, b""
