@@ -53,10 +53,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
+        out.update(flatten(v, key) if isinstance(v, dict) and v else {key: v})
     return out
 
 

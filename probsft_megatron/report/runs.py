@@ -115,14 +115,11 @@ def dataset_name(config: dict) -> str | None:
 
 def identity(config: dict) -> str:
     """The config without seed and bookkeeping keys: runs with equal identities are seeds."""
-    flat = flatten(config)
-    for key in BOOKKEEPING:
-        flat.pop(key, None)
+    flat = {k: v for k, v in flatten(config).items() if k not in BOOKKEEPING}
     for key, value in flat.items():  # a float that went through float32 (1e-5 as 9.99999e-06)
         if isinstance(value, float) and math.isfinite(value):
             flat[key] = float(f"{value:.6g}")
-    ckpt = flat.get("init.checkpoint")
-    if ckpt:  # the same backbone converted into two work directories
+    if ckpt := flat.get("init.checkpoint"):  # the same backbone converted into two work dirs
         flat["init.checkpoint"] = Path(str(ckpt)).name
     return json.dumps(flat, sort_keys=True, default=str)
 
