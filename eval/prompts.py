@@ -21,23 +21,13 @@ _CHOICE_INSTRUCTION = (
 )
 
 
-def _chatml(user: str, system: str | None) -> str:
-    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-    return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def _llama3(user: str, system: str | None) -> str:
-    head = f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>" if system else ""
-    return (
-        f"<|begin_of_text|>{head}<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    )
-
-
 def _every_family(user: str, system: str | None) -> dict[str, str]:
+    chatml = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    llama = f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>" if system else ""
     return {
-        "qwen": _chatml(user, system),
-        "llama": _llama3(user, system),
+        "qwen": f"{chatml}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n",
+        "llama": f"<|begin_of_text|>{llama}<|start_header_id|>user<|end_header_id|>\n\n{user}"
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
         "deepseek": f"User: {user}\n\nAssistant:",
         "raw": user,
     }
