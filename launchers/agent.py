@@ -2,8 +2,7 @@
 probsft_megatron.train ...``): torch's elastic agent, but SIGTERM/SIGUSR1/SIGINT belong to the
 workers (passed on outside a SLURM step, where slurmd signals every process itself; a second
 Ctrl-C kills them at once, exit 130), and when every failed worker exited 2, 75 or 130 the
-agent exits with that code, quietly, instead of torchrun's traceback and 1 (docs/launchers.md).
-"""
+agent exits with that code, quietly, instead of torchrun's traceback and 1 (docs/launchers.md)."""
 
 from __future__ import annotations
 
@@ -14,11 +13,7 @@ import signal
 import sys
 import threading
 
-from probsft_megatron.stopping import (
-    HARD_STOP_EXIT_CODE,
-    INTERRUPTED_EXIT_CODE,
-    STOP_SIGNALS,
-)
+from probsft_megatron.stopping import HARD_STOP_EXIT_CODE, INTERRUPTED_EXIT_CODE, STOP_SIGNALS
 
 #: Worker exit codes after which the agent exits quietly with the same code.
 QUIET_EXIT_CODES = (2, INTERRUPTED_EXIT_CODE, HARD_STOP_EXIT_CODE)
@@ -27,8 +22,7 @@ KILL_AFTER_S = 5.0  # after a second Ctrl-C, workers' processes started meanwhil
 
 
 class SignalRelay:
-    """The agent's stop-signal handlers: note them and, with ``forward``, pass them on to the
-    workers (this process's children)."""
+    """The agent's stop-signal handlers: count them and, with ``forward``, pass them to workers."""
 
     def __init__(self, forward: bool) -> None:
         self.forward = forward
@@ -71,9 +65,7 @@ class SignalRelay:
                 worker.send_signal(signum)
 
     def _stop_now(self) -> None:
-        """Second Ctrl-C: kill every worker and its helpers at once. The agent does it, not
-        each worker: one blocked in a collective would only see its handler after the
-        collective failed, and would report a lost rank instead."""
+        """Second Ctrl-C: kill every worker and its helpers at once, not worker by worker."""
         self.hard_stop = True
         self._seen = self._workers(recursive=True)
         text = (
@@ -88,14 +80,12 @@ class SignalRelay:
         timer.start()
 
     def keep_log(self, record: logging.LogRecord) -> bool:
-        """Log filter: drops torch's ``failed (exitcode: N)`` line for the quiet exit codes
-        and, after a second Ctrl-C, for the workers the agent killed."""
+        """Log filter: drops torch's ``failed (exitcode: N)`` for quiet codes and killed workers."""
         if not (str(record.msg).startswith("failed (exitcode: ") and record.args):
             return True
         code = record.args[0]
-        if self.hard_stop and isinstance(code, int) and code < 0:
-            return False
-        return code not in QUIET_EXIT_CODES
+        killed = self.hard_stop and isinstance(code, int) and code < 0
+        return not killed and code not in QUIET_EXIT_CODES
 
     def kill_leftovers(self) -> None:
         for proc in self._seen:
@@ -105,17 +95,12 @@ class SignalRelay:
 
 
 def quiet_code(failures: dict, hard_stop: bool) -> int | None:
-    """The agent's exit code when every failure (torch's ``ProcessFailure`` per rank) is a
-    quiet one, else None; precedence 130, 2, 75. Deaths by SIGTERM are ignored: only torch's
-    agent, cleaning up after a first exit, kills a worker with it. After a second Ctrl-C,
-    deaths by SIGINT, SIGKILL or SIGTERM count as 130."""
-    codes = set()
-    for failure in failures.values():
-        code = failure.exitcode
-        if hard_stop and code in (-signal.SIGINT, -signal.SIGKILL, -signal.SIGTERM):
-            code = HARD_STOP_EXIT_CODE
-        if code != -signal.SIGTERM:
-            codes.add(code)
+    """The agent's exit code when every failure (torch's ``ProcessFailure`` per rank) is quiet,
+    else None; precedence 130, 2, 75. A death by SIGTERM (torch's agent cleaning up) is ignored;
+    after a second Ctrl-C, deaths by SIGINT, SIGKILL or SIGTERM count as 130."""
+    killed = (-signal.SIGINT, -signal.SIGKILL, -signal.SIGTERM) if hard_stop else ()
+    codes = {HARD_STOP_EXIT_CODE if f.exitcode in killed else f.exitcode for f in failures.values()}
+    codes.discard(-signal.SIGTERM)
     if not codes or not codes <= set(QUIET_EXIT_CODES):
         return None
     return next(c for c in (HARD_STOP_EXIT_CODE, 2, INTERRUPTED_EXIT_CODE) if c in codes)
@@ -134,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torchrun.run(args)
     except ChildFailedError as exc:
-        code = quiet_code(exc.failures, relay.hard_stop)
-        if code is None:
+        if (code := quiet_code(exc.failures, relay.hard_stop)) is None:
             raise
         return code
     finally:

@@ -14,24 +14,21 @@ from pathlib import Path
 
 from probsft_megatron.errors import ConfigError
 
-_SWITCH = {"action": "store_true"}
 _PAIRS = {"metavar": "KEY=VALUE"}
 #: argparse settings of the options that are not plain strings.
 _KWARGS = {
     "target": {"nargs": "*", "metavar": "sweep NAME | status|logs|cancel EXP"},
     "--executor": {"choices": ("local", "slurm"), "default": "local"},
-    "--dryrun": _SWITCH,
-    "--detach": _SWITCH,
-    "--no-fit-check": _SWITCH,
+    **dict.fromkeys(
+        ("--dryrun", "--detach", "--no-fit-check", "--prepare"), {"action": "store_true"}
+    ),
     "--lines": {"type": int, "default": 20},
-    "--nproc": {"type": int},
-    "--nodes": {"type": int},
+    **dict.fromkeys(("--nproc", "--nodes"), {"type": int}),
     "--set": {"dest": "overrides", "action": "extend", "nargs": "+", "default": [], **_PAIRS},
     "--hf": {"action": "append", "default": [], "metavar": "[PRESET=]DIR"},
     "--eval-args": {"default": ""},
     "--env": {"action": "append", "default": [], **_PAIRS},
     "--peft": {"choices": ("none", "lora")},
-    "--prepare": _SWITCH,
 }
 #: Every option's help, in the order `--help` lists them.
 _HELP = {
@@ -105,11 +102,9 @@ def _sweep_ref(args: argparse.Namespace) -> str | None:
             "are `probsft launch sweep NAME` and `probsft launch status|logs|cancel "
             "EXPERIMENT` (training overrides follow --set)"
         )
-    if len(target) == 2:
-        if args.sweep and args.sweep != target[1]:
-            raise ConfigError("give the sweep once: `sweep NAME` or --sweep NAME")
-        return target[1]
-    return args.sweep
+    if len(target) == 2 and args.sweep and args.sweep != target[1]:
+        raise ConfigError("give the sweep once: `sweep NAME` or --sweep NAME")
+    return target[1] if len(target) == 2 else args.sweep
 
 
 def _print_sweeps() -> int:
@@ -155,9 +150,8 @@ def _placement(args: argparse.Namespace):
 
 
 def _fit_check(args: argparse.Namespace, profile, nodes: int, nproc: int):
-    """:attr:`LaunchOptions.fit_check` from ``plan.check_fits`` for the profile's
-    ``gpu_memory_gb`` (or this machine's CUDA device); a check that only says why it was
-    skipped with --no-fit-check, on a CPU partition, without gpu_memory_gb or without CUDA."""
+    """:attr:`LaunchOptions.fit_check`: ``plan.check_fits`` for the profile's ``gpu_memory_gb``
+    or this CUDA device, or a note of why it is skipped (flag, CPU partition, no size, no CUDA)."""
     from probsft_megatron import hardware
 
     where = f"cluster profile '{profile.name}'" if profile is not None else ""
@@ -195,8 +189,7 @@ def _requests(args: argparse.Namespace, sweep: str | None):
     from probsft_megatron.launchers.experiment import RunRequest
 
     if sweep is None:
-        missing = [f"--{k}" for k in ("dataset", "model", "objective") if not getattr(args, k)]
-        if missing:
+        if missing := [f"--{k}" for k in ("dataset", "model", "objective") if not getattr(args, k)]:
             raise ConfigError(
                 f"missing {', '.join(missing)} (or run a sweep: probsft launch sweep NAME)"
             )
@@ -216,8 +209,7 @@ def _requests(args: argparse.Namespace, sweep: str | None):
 
 
 def _report(mode: str, plan, exp_dir: Path) -> int:
-    """Say where the scripts, jobs or results are (and the runs report); exit code 1 when a
-    local run failed."""
+    """Say where the scripts, jobs, results and runs report are; 1 when a local run failed."""
     if mode == "dryrun":
         print(f"dry run: experiment written to {exp_dir}")
         for script in sorted(exp_dir.glob("*_sbatch.sh")):
@@ -262,8 +254,7 @@ def _print_results(summaries: dict[str, Path]) -> list[str]:
 
 
 def _status_report(record, states: dict) -> None:
-    """Build the work directory's runs report (``probsft report``) with the jobs' states and
-    print its tables; a report that cannot be built yet (no run started) is one line."""
+    """Print the work dir's runs report with the jobs' states (one line if it cannot be built)."""
     from probsft_megatron import report
     from probsft_megatron.errors import ProbsftError
 
@@ -402,13 +393,12 @@ def run(args: argparse.Namespace) -> int:
     requests, notes, title = _requests(args, sweep)
     plan = ex.plan_experiment(title, requests, options)
     plan.notes[:0] = notes
-    if not args.dryrun:  # a dry run may name paths of another machine (the cluster's)
-        for folder in hf.values():
-            if not os.path.isfile(os.path.join(folder, "config.json")):
-                raise ConfigError(
-                    f"--hf {folder} is not a Hugging Face folder (no config.json); "
-                    "name the backbone's checkpoint folder"
-                )
+    missing = [f for f in hf.values() if not os.path.isfile(os.path.join(f, "config.json"))]
+    if missing and not args.dryrun:  # a dry run may name paths of another machine
+        raise ConfigError(
+            f"--hf {missing[0]} is not a Hugging Face folder (no config.json); "
+            "name the backbone's checkpoint folder"
+        )
     print(plan.describe(nodes, nproc), flush=True)
 
     if profile is None:
@@ -429,6 +419,4 @@ def run(args: argparse.Namespace) -> int:
         )
     exp_dir = ex.execute(plan, executor_for, mode, agent_args)
     code = _report(mode, plan, exp_dir)
-    if mode == "submit" and not args.detach:
-        code = _wait_and_report(exp_dir)
-    return code
+    return _wait_and_report(exp_dir) if mode == "submit" and not args.detach else code

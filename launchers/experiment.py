@@ -1,8 +1,7 @@
 """From (dataset, model, objective) to one NeMo-Run experiment: convert -> [prepare] -> train ->
 export -> eval. A plan (:class:`ExperimentPlan`) is plain data, printed and tested without
 NeMo-Run; :func:`execute` turns it into NeMo-Run tasks and writes the run record (``jobs``).
-The recipe lookup order is in :func:`resolve_recipe`; configs are validated while planning.
-"""
+The recipe lookup order is in :func:`resolve_recipe`; configs are validated while planning."""
 
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ from typing import Any
 
 from probsft_megatron.config import TrainJobConfig, list_recipes, load_config, load_preset, load_raw
 from probsft_megatron.errors import ConfigError, ProbsftError
+from probsft_megatron.launchers import jobs
 from probsft_megatron.objectives import parse_objective
 from probsft_megatron.tokenizers import tokenizer_spec
 
@@ -128,11 +128,9 @@ class ExperimentPlan:
         """One line per note, and per step its command."""
         lines = [f"experiment {self.title}: {len(self.steps)} steps, {len(self.runs)} run(s)"]
         lines += [f"note: {n}" for n in dict.fromkeys(self.notes)]
-        agent = ["python", "-m", AGENT_MODULE, "--nnodes", str(nodes), "--nproc-per-node"]
+        agent = f"python -m {AGENT_MODULE} --nnodes {nodes} --nproc-per-node {nproc_per_node}"
         for step in self.steps:
-            argv = step.argv()
-            if step.kind == "train":
-                argv = [*agent, str(nproc_per_node), *argv[1:]]
+            argv = [*agent.split(), *step.argv()[1:]] if step.kind == "train" else step.argv()
             after = f" (after {', '.join(step.after)})" if step.after else ""
             lines.append(f"  [{step.name}]{after}\n    {shlex.join(argv)}")
         return "\n".join(lines)
@@ -213,8 +211,7 @@ def safe_name(text: str) -> str:
 
 @dataclass
 class _Planner:
-    """Adds the steps of each run to ``plan``, sharing a conversion per Megatron model dir and
-    a prepare step per (data settings, tokenizer)."""
+    """Adds each run's steps to ``plan``; runs share conversions and prepare steps."""
 
     plan: ExperimentPlan
     options: LaunchOptions
@@ -222,8 +219,7 @@ class _Planner:
     prepares: dict[str, str] = field(default_factory=dict)  # data settings -> prepare step
 
     def backbone(self, run: RunPlan, cfg: TrainJobConfig) -> list[str]:
-        """Where ``run`` starts from: adds a convert step and ``init.checkpoint`` to its
-        overrides when needed; returns the steps its training waits for."""
+        """Add a convert step and ``init.checkpoint`` when needed; the steps training waits for."""
         notes, model, name, recipe = self.plan.notes, run.model, run.name, run.recipe
         megatron = cfg.init.checkpoint
         hf = self.options.hf.get(model, self.options.hf.get(ANY_MODEL))
@@ -266,9 +262,8 @@ class _Planner:
         return [self.converts[megatron]]
 
     def prepare(self, run: RunPlan, cfg: TrainJobConfig, after: list[str]) -> list[str]:
-        """Add the step that builds ``run``'s tokenized store (``probsft data prepare`` with the
-        recipe, its ``data.*`` overrides and tokenizer) after ``after``, once per distinct
-        (data settings, tokenizer); returns the steps its training waits for."""
+        """Add ``probsft data prepare`` for ``run``'s store after ``after``, once per (data
+        settings, tokenizer); returns the steps its training waits for."""
         if not cfg.data.cache:
             self.plan.notes.append(
                 f"run {run.name}: data.cache is false, so there is no store to prepare"
@@ -291,10 +286,9 @@ class _Planner:
 def plan_experiment(
     title: str | None, requests: list[RunRequest], options: LaunchOptions
 ) -> ExperimentPlan:
-    """Plan the steps of ``requests`` (one chain each, conversions shared by model); the
-    experiment is called ``title``, or after its first run when None. Raises ConfigError for
-    an unknown dataset, preset, objective or recipe key, an impossible layout, a missing
-    backbone, or two runs with the same name."""
+    """Plan ``requests`` (one chain each, conversions shared by model) as experiment ``title``
+    (None: its first run's name). Raises ConfigError for an unknown dataset, preset, objective
+    or recipe key, an impossible layout, a missing backbone, or two runs of one name."""
     work = Path(options.work_dir)
     plan = ExperimentPlan(title=safe_name(title or ""), work_dir=str(work), steps=[], runs=[])
     planner = _Planner(plan, options)
@@ -383,26 +377,21 @@ def local_executor(kind: str, nproc_per_node: int) -> Any:
 
 
 def single_node_agent_args(nproc_per_node: int) -> list[str]:
-    """The training agent's torchrun options on one node: a local rendezvous on a free port;
-    ``--tee 3`` keeps every rank's output in the step's log and torchrun's per-rank files."""
+    """torchrun options on one node: a local rendezvous, every rank's output kept (``--tee``)."""
     return ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc_per_node), "--tee", "3"]
 
 
 def step_command(
     step: Step, executor: Any, agent_args: list[str] | None = None
 ) -> tuple[str, list[str]]:
-    """(module, arguments) that ``executor`` runs for ``step``; ``train`` runs the agent with
-    ``agent_args`` (default: one node). A SLURM step's arguments are shell-quoted (NeMo-Run
-    pastes them into a bash script; the agent's ``$`` words stay for it to expand); a local
-    step gets its own argv (no shell), so ``data.train_files=[a.jsonl]`` arrives intact."""
-    run = import_nemo_run()
-    args = list(step.args)
-    if isinstance(executor, run.SlurmExecutor):
-        args = [shlex.quote(a) for a in args]
+    """(module, arguments) that ``executor`` runs for ``step`` (``train``: the agent with
+    ``agent_args``, default one node). A SLURM step's arguments are shell-quoted for its batch
+    script (the agent's ``$`` words are not); a local step gets its argv as is (no shell)."""
+    slurm = isinstance(executor, import_nemo_run().SlurmExecutor)
+    args = [shlex.quote(a) for a in step.args] if slurm else list(step.args)
     if step.kind != "train":
         return step.module, args
-    if agent_args is None:
-        agent_args = single_node_agent_args(executor.nproc_per_node())
+    agent_args = agent_args or single_node_agent_args(executor.nproc_per_node())
     return AGENT_MODULE, [*agent_args, "-m", step.module, *args]
 
 
@@ -412,12 +401,9 @@ def execute(
     mode: str,
     agent_args: list[str] | None = None,
 ) -> Path:
-    """Turn ``plan`` into a NeMo-Run experiment and return its folder. ``mode``: ``dryrun``
-    (write the job scripts), ``run`` (local: the steps in plan order, waiting for each) or
-    ``submit`` (SLURM: one job per step, depending on its ``after`` steps). Every mode writes
-    the run record (a local run when it ends, also by an error or Ctrl-C)."""
-    from probsft_megatron.launchers import jobs
-
+    """Turn ``plan`` into a NeMo-Run experiment, return its folder; ``mode``: ``dryrun`` (job
+    scripts only), ``run`` (local, steps in plan order) or ``submit`` (SLURM, a job per step
+    after its ``after`` jobs). Writes the run record (a local run's when it ends, however)."""
     run = import_nemo_run()
     exp_id = f"{plan.title}_{time.time_ns()}"
     exp_dir = Path(plan.work_dir) / "experiments" / plan.title / exp_id
@@ -436,24 +422,19 @@ def execute(
         clean_mode=mode == "submit",
     )
     with exp:
-        job_ids: dict[str, str] = {}
+        ids: dict[str, str] = {}  # step name -> NeMo-Run job id
         for step in plan.steps:
             executor = executor_for(step.kind)
             record.executor = "slurm" if isinstance(executor, run.SlurmExecutor) else "local"
             module, args = step_command(step, executor, agent_args)
-            command, log_dir = ["python", "-m", module, *args], str(exp_dir / step.name)
-            record.steps.append(
-                jobs.LaunchedStep(
-                    step.name, step.kind, list(step.after), None, step.name, log_dir, command
-                )
-            )
+            log_dir, command = str(exp_dir / step.name), ["python", "-m", module, *args]
+            launched = (step.name, step.kind, list(step.after), None, step.name, log_dir, command)
+            record.steps.append(jobs.LaunchedStep(*launched))
             script = run.Script(
                 path=module, args=args, env=dict(step.env), entrypoint="python", m=True
             )
-            deps = [job_ids[a] for a in step.after] if mode == "submit" else None
-            job_ids[step.name] = exp.add(
-                script, executor=executor, name=step.name, dependencies=deps
-            )
+            deps = [ids[a] for a in step.after] if mode == "submit" else None
+            ids[step.name] = exp.add(script, executor=executor, name=step.name, dependencies=deps)
         if mode == "dryrun":
             exp.dryrun(log=False, delete_exp_dir=False)
             record.save()
@@ -468,24 +449,20 @@ def execute(
 
 
 def _sbatch_error(exc: BaseException) -> str:
-    """sbatch's own error lines on one line, from the exception NeMo-Run let through (invoke's
-    ``UnexpectedExit`` carries the command's result, possibly as the cause of another)."""
-    from probsft_megatron.launchers.jobs import one_line
-
+    """sbatch's own error lines on one line, from the exception NeMo-Run let through."""
     seen = exc
     while seen is not None:
         stderr = getattr(getattr(seen, "result", None), "stderr", None)
         if stderr:
-            lines = [ln for ln in stderr.splitlines() if ln.strip()]
-            return one_line("\n".join([ln for ln in lines if "error" in ln.lower()] or lines))
-        seen = seen.__cause__ or seen.__context__
-    return f"{type(exc).__name__}: {one_line(str(exc))}"
+            errors = [ln for ln in stderr.splitlines() if "error" in ln.lower()]
+            return jobs.one_line("\n".join(errors) or stderr)
+        seen = seen.__cause__ or seen.__context__  # invoke's UnexpectedExit may be a cause
+    return f"{type(exc).__name__}: {jobs.one_line(str(exc))}"
 
 
 def _submit(record: Any, exp: Any) -> None:
-    """Queue every step's job and complete ``record`` with their job ids and log folders. A
-    job that sbatch refuses cancels those already queued, marks the record failed and raises
-    ProbsftError with sbatch's message on one line."""
+    """Queue every step's job and fill in ``record``'s job ids and log folders; a job sbatch
+    refuses cancels those queued, marks the record failed and raises ProbsftError."""
     error = None
     try:
         exp.run(detach=True)

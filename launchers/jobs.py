@@ -1,7 +1,6 @@
 """Launched experiments: the run record (``probsft_experiment.json``, read by ``probsft launch
 status|logs|cancel`` and ``probsft report``), SLURM job states (``sacct``, else ``squeue``),
-progress, logs and cancel. A step's log is its srun output
-(``log-<job name>_<job id>_<restart>.out``), else its batch script's."""
+progress, logs (a step's srun output, else its batch script's) and cancel."""
 
 from __future__ import annotations
 
@@ -21,10 +20,8 @@ from probsft_megatron.fileio import atomic_write_json
 RECORD = "probsft_experiment.json"
 #: Job states of SLURM and of NeMo-Run's local runs by class.
 STATE_CLASSES = {
-    "failed": (
-        "FAILED CANCELLED TIMEOUT NODE_FAIL PREEMPTED OUT_OF_MEMORY BOOT_FAIL DEADLINE "
-        "REVOKED UNKNOWN_FAILED"
-    ),
+    "failed": "FAILED CANCELLED TIMEOUT NODE_FAIL PREEMPTED OUT_OF_MEMORY BOOT_FAIL DEADLINE "
+    "REVOKED UNKNOWN_FAILED",
     "succeeded": "COMPLETED SUCCEEDED SUCCESS",
     "running": "RUNNING COMPLETING STARTING",
     "queued": "PENDING SUBMITTED QUEUED CONFIGURING REQUEUED UNSUBMITTED",
@@ -60,11 +57,9 @@ class LaunchedStep:
         if self.job_id is None:
             return None
         folder = Path(self.log_dir)
-        runs = sorted(folder.glob(f"log-{self.job_name}_{self.job_id}_*.out"), key=_restart)
-        if runs:
-            return runs[-1]
+        runs = folder.glob(f"log-{self.job_name}_{self.job_id}_*.out")
         batch = folder / f"sbatch_{self.job_name}_{self.job_id}.out"
-        return batch if batch.is_file() else None
+        return max(runs, key=_restart, default=None) or (batch if batch.is_file() else None)
 
 
 def _restart(path: Path) -> tuple[int, str]:
@@ -127,10 +122,6 @@ class JobState:
         return self.state in TERMINAL
 
     @property
-    def ok(self) -> bool:
-        return self.state == "COMPLETED"
-
-    @property
     def never_ran(self) -> bool:
         """Ended without ever starting (cancelled while pending)."""
         return self.terminal and not self.elapsed_s and self.start in ("", "None", "Unknown")
@@ -150,8 +141,7 @@ def _rows(cmd: list[str]) -> list[list[str]] | None:
 
 
 def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
-    """SLURM's view of ``job_ids``: sacct first, squeue for the jobs it does not list. Raises
-    ProbsftError when neither command can be run (no SLURM client here)."""
+    """SLURM's view of ``job_ids`` (sacct, else squeue); ProbsftError without a SLURM client."""
     ids = [j for j in dict.fromkeys(job_ids) if j]
     out: dict[str, JobState] = {}
     if not ids:
@@ -162,8 +152,7 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
             elapsed = int(parts[2]) if parts[2].isdigit() else None
             state = parts[1].split()[0] if parts[1] else UNKNOWN
             out[parts[0]] = JobState(state, elapsed, *parts[3:7])
-    missing = [j for j in ids if j not in out]
-    if missing:
+    if missing := [j for j in ids if j not in out]:
         squeue = _rows(["squeue", "-h", "-j", ",".join(missing), "-o", "%i|%T|%M|%N"])
         if squeue is None and sacct is None:
             raise ProbsftError(
@@ -203,8 +192,7 @@ def _fmt_elapsed(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     h, rem = divmod(int(seconds), 3600)
-    m, s = divmod(rem, 60)
-    return f"{h:d}:{m:02d}:{s:02d}"
+    return f"{h:d}:{rem // 60:02d}:{rem % 60:02d}"
 
 
 def tail(path: Path | None, lines: int) -> list[str]:
@@ -224,9 +212,8 @@ _ERROR_RE = re.compile(r"^(error: \S.*|([A-Za-z_][\w.]*)?(Error|Exception): \S.*
 
 
 def error_lines(path: Path | None, limit: int = 3) -> list[str]:
-    """The distinct ``error: ...`` and Python exception lines of a log, first seen first,
-    without srun's task label and torchrun's rank prefix (in a multi-node log they are often
-    far above the end)."""
+    """The distinct ``error: ...`` and Python exception lines of a log (in a multi-node log often
+    far above the end), first seen first, without srun's task label and torchrun's rank prefix."""
     if path is None or not path.is_file():
         return []
     found: list[str] = []
@@ -257,7 +244,7 @@ def report(record: ExperimentRecord, states: dict[str, JobState], lines: int = 2
         print(f"{s.name:{width}s}  {s.job_id or '-':>7s}  {st.state:11s}  {elapsed:>8s}  {where}")
         if st.never_ran:
             skipped.append(s.name)
-        elif st.terminal and not st.ok:
+        elif st.terminal and st.state != "COMPLETED":
             failed.append(s)
     for s in failed:
         st, log = states[s.job_id], s.log_path()
@@ -274,8 +261,7 @@ def report(record: ExperimentRecord, states: dict[str, JobState], lines: int = 2
 
 
 def wait(record: ExperimentRecord) -> dict[str, JobState]:
-    """Poll SLURM until every job of ``record`` has ended, printing one line per state change
-    (and what still runs every :data:`HEARTBEAT_S`); returns the final states."""
+    """Poll until every job of ``record`` has ended, printing state changes; the final states."""
     ids = [s.job_id for s in record.steps if s.job_id]
     names = {s.job_id: s.name for s in record.steps}
     width = max(len(n) for n in names.values())
@@ -324,8 +310,7 @@ def one_line(text: str) -> str:
 
 
 def find_experiment(ref: str, roots: list[str]) -> Path:
-    """An experiment folder from a path, an experiment id or a title (its newest
-    experiment), searched under ``<root>/experiments`` for each root."""
+    """An experiment folder from a path, or an id or title (newest) under ``ROOT/experiments``."""
     path = Path(ref)
     if path.is_file() and path.name == RECORD:
         path = path.parent
@@ -342,7 +327,6 @@ def find_experiment(ref: str, roots: list[str]) -> Path:
         return max(candidates, key=lambda p: (p / RECORD).stat().st_mtime)
     where = ", ".join(str(Path(r) / "experiments") for r in roots) or "nowhere"
     raise ProbsftError(
-        f"no submitted experiment {ref!r}: not a folder with {RECORD}, nor an "
-        f"experiment id or title under {where}; pass the folder that "
-        "`probsft launch` printed (or --work-dir)"
+        f"no submitted experiment {ref!r}: not a folder with {RECORD}, nor an experiment id or "
+        f"title under {where}; pass the folder that `probsft launch` printed (or --work-dir)"
     )

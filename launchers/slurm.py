@@ -179,9 +179,7 @@ def list_profiles() -> list[str]:
 
 def load_profile(ref: str) -> ClusterProfile:
     """Load a profile by file path or by name under ``configs/clusters``."""
-    path = Path(ref)
-    if not path.is_file():
-        path = resources.find("clusters", ref) or path
+    path = Path(ref) if Path(ref).is_file() else resources.find("clusters", ref) or Path(ref)
     if not path.is_file():
         raise ConfigError(
             f"cluster profile {ref!r} not found (a file, or a name under "
@@ -189,8 +187,7 @@ def load_profile(ref: str) -> ClusterProfile:
         )
     data = read_yaml_mapping(path, "cluster profile fields")
     fields = {f.name for f in dataclasses.fields(ClusterProfile)} - {"name"}
-    unknown = sorted(set(data) - fields)
-    if unknown:
+    if unknown := sorted(set(data) - fields):
         raise ConfigError(
             f"cluster profile {path}: unknown field '{unknown[0]}'; valid fields: "
             f"{', '.join(sorted(fields))}"
@@ -205,22 +202,20 @@ def load_profile(ref: str) -> ClusterProfile:
     return ClusterProfile(**data, name=path.stem)
 
 
-def check_layout(
-    profile: ClusterProfile, nodes: int, nproc_per_node: int, tp: int, pp: int
-) -> None:
+def check_layout(profile: ClusterProfile, nodes: int, nproc: int, tp: int, pp: int) -> None:
     """Refuse a training job whose processes cannot be split into TP*PP model replicas."""
     where = f"cluster profile '{profile.name}'"
-    if profile.gpus_per_node and nproc_per_node > profile.gpus_per_node:
+    if profile.gpus_per_node and nproc > profile.gpus_per_node:
         raise ConfigError(
-            f"{where}: {nproc_per_node} processes per node exceed gpus_per_node="
+            f"{where}: {nproc} processes per node exceed gpus_per_node="
             f"{profile.gpus_per_node}; lower --nproc or raise gpus_per_node"
         )
-    world = nodes * nproc_per_node
-    what = "GPUs" if profile.gpus_per_node else "processes"
-    per_node = "gpus_per_node" if profile.gpus_per_node else "processes per node"
+    world = nodes * nproc
+    gpus = profile.gpus_per_node
+    what, per_node = ("GPUs", "gpus_per_node") if gpus else ("processes", "processes per node")
     if world % (tp * pp):
         raise ConfigError(
-            f"{where}: nodes*{per_node} = {nodes}*{nproc_per_node} = {world} {what} is not "
+            f"{where}: nodes*{per_node} = {nodes}*{nproc} = {world} {what} is not "
             f"divisible by TP*PP = {tp}*{pp} = {tp * pp}; use a multiple of {tp * pp} {what} "
             "or change parallel.tensor_model_parallel_size / pipeline_model_parallel_size"
         )
@@ -243,9 +238,8 @@ def sbatch_fields(profile: ClusterProfile, kind: str) -> dict[str, Any]:
 
 def agent_args(profile: ClusterProfile, nodes: int, nproc_per_node: int) -> list[str]:
     """The training agent's (torchrun's) options in the train job, one agent per node. Several
-    nodes: the c10d rendezvous on the job's first node (the batch script's store on bare nodes,
-    the first agent's on :data:`RDZV_PORT` in a container); the batch script expands the ``$``
-    words."""
+    nodes: the c10d rendezvous on the first node (the batch script's store on bare nodes, the
+    first agent's on :data:`RDZV_PORT` in a container); the batch script expands ``$`` words."""
     from probsft_megatron.launchers.experiment import single_node_agent_args
 
     if nodes == 1:
@@ -261,10 +255,9 @@ def agent_args(profile: ClusterProfile, nodes: int, nproc_per_node: int) -> list
 def slurm_executor(
     profile: ClusterProfile, kind: str, *, job_dir: str, nodes: int, nproc_per_node: int
 ) -> Any:
-    """The NeMo-Run ``SlurmExecutor`` of one step: ``train`` on ``nodes`` nodes, one srun task
-    (the training agent, :func:`agent_args`) per node, requeueing itself on exit 75; other
-    steps one process on one node. A job whose dependency failed is cancelled
-    (``--kill-on-invalid-dep``); without a container this interpreter's folder leads PATH."""
+    """The NeMo-Run ``SlurmExecutor`` of one step: ``train`` on ``nodes`` nodes, an agent per
+    node, requeued on exit 75; others one process on one node. A job whose dependency failed is
+    cancelled; without a container this interpreter's folder leads PATH."""
     from probsft_megatron.launchers.experiment import import_nemo_run
 
     run = import_nemo_run()

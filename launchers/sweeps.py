@@ -59,9 +59,7 @@ class ThresholdTable:
 
 
 def _find(ref: str, kind: str, what: str) -> Path:
-    path = Path(ref)
-    if not path.is_file():
-        path = resources.find(kind, ref) or path
+    path = Path(ref) if Path(ref).is_file() else resources.find(kind, ref) or Path(ref)
     if not path.is_file():
         names = ", ".join(resources.names(kind))
         raise ConfigError(f"{what} {ref!r} not found (a file, or one of: {names})")
@@ -80,8 +78,7 @@ def load_sweep(ref: str, _seen: tuple[str, ...] = ()) -> list[Sweep]:
         raise ConfigError(f"sweep {path.stem} includes itself")
     data = read_yaml_mapping(path, "a sweep")
     allowed = {"description", "settings", "objectives", "thresholds", "sweeps"}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
+    if unknown := sorted(set(data) - allowed):
         raise ConfigError(
             f"sweep {path}: unknown key '{unknown[0]}'; valid keys: {', '.join(sorted(allowed))}"
         )
@@ -135,9 +132,8 @@ def expand_sweep(
     probe_report: str | None = None,
     overrides: list[str] | None = None,
 ) -> tuple[list[RunRequest], list[str]]:
-    """The runs of a sweep and notes on how its thresholds were resolved; ``dataset`` and
-    ``model`` replace every setting's, ``only`` keeps these labels, ``overrides`` follow each
-    setting's own."""
+    """The runs of a sweep and notes on its thresholds; ``dataset``/``model`` replace every
+    setting's, ``only`` keeps these labels, ``overrides`` follow each setting's own."""
     requests: list[RunRequest] = []
     notes: list[str] = []
     wanted = {parse_objective(o).name.lower() for o in only or []}
