@@ -40,15 +40,13 @@ class Validation:
     def __init__(self, job, tokenizer, layout) -> None:
         from probsft_megatron.data import SFTDataset
 
-        t = job.train
         data = dataclasses.replace(
             job.data, source="file", train_files=list(job.data.val_files), num_samples=None
         )
         dataset = SFTDataset(data, tokenizer)
         self.loader = global_batches(job, dataset, layout, tokenizer.pad_token_id, drop_last=False)
-        self.batches = min(len(self.loader), t.eval_batches or len(self.loader))
-        self.interval = t.eval_interval
-        self.examples = len(dataset)
+        self.batches = min(len(self.loader), job.train.eval_batches or len(self.loader))
+        self.interval = job.train.eval_interval
 
     def due(self, step: int, last_step: int) -> bool:
         return step == last_step or bool(self.interval) and step % self.interval == 0
