@@ -1,7 +1,6 @@
 """`probsft data`: list and generate the built-in SFT tasks (``tasks``, ``generate``), inspect
 a dataset as training tokenizes it (``inspect``: lengths, truncation, the trained tokens of a
-few records marked), or tokenize a recipe's data into its store (``prepare``).
-"""
+few records marked), or tokenize a recipe's data into its store (``prepare``)."""
 
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from probsft_megatron.errors import ConfigError, ProbsftError
@@ -146,12 +146,9 @@ def run(args: argparse.Namespace) -> int:
 def _tasks(args: argparse.Namespace) -> int:
     from probsft_megatron import tasks_gen
 
-    rows = [
-        (name, spec.description, str(spec.max_length), spec.grader)
-        for name, spec in tasks_gen.TASKS.items()
-    ]
-    figfont = "the paper's figlet-font task (40,000 train, 5,000 test)"
-    rows.append((tasks_gen.FIGFONT, figfont, "800", "jaro_winkler"))
+    figfont = ("the paper's figlet-font task (40,000 train, 5,000 test)", "800", "jaro_winkler")
+    rows = [(n, s.description, str(s.max_length), s.grader) for n, s in tasks_gen.TASKS.items()]
+    rows.append((tasks_gen.FIGFONT, *figfont))
     header = ("task", "description", "max_length", "grader")
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(4)]
     for r in [header, tuple("-" * w for w in widths), *rows]:
@@ -177,21 +174,19 @@ def generate(
     from probsft_megatron import tasks_gen
 
     recs = tasks_gen.records(task, split, n=n, seed=seed)
-    info: dict = {"records": len(recs)}
+    info: dict = {}
     if from_eval is not None:
         if task != "self-addition":
             raise ConfigError(f"--from-eval applies to self-addition, not {task}")
         recs, counts = tasks_gen.self_answer_records(recs, from_eval)
-        info.update(counts, records=len(recs))
+        info.update(counts)
         if not recs:
             raise ConfigError(
                 f"none of the {counts['questions']} completions in {from_eval} "
                 "was correct and complete; evaluate with a larger "
                 "--max-new-tokens or more questions"
             )
-    if max_records is not None:
-        recs = recs[:max_records]
-        info["records"] = len(recs)
+    recs = recs[:max_records]
     if corrupt:
         recs = tasks_gen.corrupt(recs, corrupt, seed=seed)
         info["corrupted"] = sum(r["corrupted"] for r in recs)
@@ -199,7 +194,7 @@ def generate(
         from probsft_megatron.tokenizers import load_tokenizer
 
         recs = tasks_gen.render_prompts(recs, load_tokenizer(render_with))
-    return recs, info
+    return recs, {"records": len(recs), **info}
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -513,8 +508,6 @@ def prepare(
     num_proc: int | None = None,
 ) -> dict:
     """Build (or find) the tokenized store of ``recipe``'s data; what training will map."""
-    import time
-
     from probsft_megatron.data import store
     from probsft_megatron.tokenizers import load_tokenizer
 

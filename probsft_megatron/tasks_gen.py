@@ -272,12 +272,10 @@ FIGFONT = "figfont"
 
 
 def get_task(name: str) -> TaskSpec:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown task {name!r}; generated tasks: {', '.join([*TASKS, FIGFONT])}"
-        ) from None
+    if name not in TASKS:
+        names = ", ".join([*TASKS, FIGFONT])
+        raise ConfigError(f"unknown task {name!r}; generated tasks: {names}")
+    return TASKS[name]
 
 
 def records(task: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:

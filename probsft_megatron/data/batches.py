@@ -2,8 +2,7 @@
 
 A micro-batch is one example per row padded to ``seq_length`` (``max_length``) or to its
 longest example (``longest``), or packed: its examples in one row (``THD``) with their
-boundaries in ``cu_seqlens``. Contract in full: docs/data.md.
-"""
+boundaries in ``cu_seqlens``. Contract in full: docs/data.md."""
 
 from __future__ import annotations
 

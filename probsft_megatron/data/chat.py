@@ -4,8 +4,7 @@ Trained: each trained assistant message's tokens plus its end-of-turn token, not
 (not the role header, not what follows the end-of-turn token). The conversation is rendered
 and tokenized once; the assistant spans come from the template's ``{% generation %}`` blocks
 or, for any template, from prefix renders (docs/data.md); the two agree where both apply.
-A token is trained when any of its characters is (as transformers' assistant mask does).
-"""
+A token is trained when any of its characters is (as transformers' assistant mask does)."""
 
 from __future__ import annotations
 
@@ -61,8 +60,7 @@ class Rendered:
 
 
 def _apply(tokenizer, messages, template, tools, where: str, **kwargs):
-    """``apply_chat_template`` (the text unless ``kwargs`` ask for tokens); DataError on
-    a template error."""
+    """``apply_chat_template`` (the text unless ``kwargs`` ask for tokens); DataError on error."""
     kwargs.setdefault("tokenize", False)
     try:
         return tokenizer.apply_chat_template(

@@ -2,8 +2,7 @@
 
 A record is ``{"prompt", "response", "origin"}`` or a conversation ``{"messages", "tools",
 "origin"}`` (OpenAI ``messages`` or ShareGPT ``conversations``, normalized by
-:func:`conversation_messages`). Every malformed input is a DataError naming file, line, field.
-"""
+:func:`conversation_messages`). Every malformed input is a DataError naming file, line, field."""
 
 from __future__ import annotations
 
@@ -35,27 +34,6 @@ class _Fields:
         return f"{prompt} / {'.'.join((self.response_key, *self.response_path))}"
 
 
-def _candidate_fields(cfg: DataConfig) -> list[_Fields]:
-    """The field layouts ``cfg`` accepts, in order of preference."""
-    if cfg.format == "numina":
-        # The paper's processed subset keeps question/answer under extra_info; the original
-        # NuminaMath-CoT has problem/solution and the same pair as a chat message list.
-        return [
-            _Fields("extra_info", "extra_info", ("question",), ("answer",)),
-            _Fields("problem", "solution"),
-            _Fields("messages", "messages", messages=True),
-        ]
-    if cfg.format == "m23k":
-        # The paper's processed m23k: chat-formatted prompts and responses per model family
-        # under extra_info (the "reponse" spelling is the dataset's own).
-        prompt = tuple(cfg.prompt_dict_keys or ("qwen_prompt",))
-        response = tuple(cfg.response_dict_keys or ("qwen_reponse_no_thinking",))
-        return [_Fields("extra_info", "extra_info", prompt, response)]
-    keys = [cfg.messages_key] if cfg.messages_key else ["messages", "conversations"]
-    conversations = [_Fields(k, k, messages=True) for k in keys]
-    return conversations if cfg.messages_key else [_key_fields(cfg), *conversations]
-
-
 def _key_fields(cfg: DataConfig) -> _Fields:
     """The layout named by ``prompt_key`` / ``response_key`` and their dict keys."""
     return _Fields(
@@ -68,7 +46,25 @@ def _key_fields(cfg: DataConfig) -> _Fields:
 
 def _choose_fields(cfg: DataConfig, keys: Sequence[str], where: str) -> _Fields:
     """The first field layout whose top-level keys the file has; DataError otherwise."""
-    candidates = _candidate_fields(cfg)
+    # the field layouts cfg accepts, in order of preference
+    if cfg.format == "numina":
+        # The paper's processed subset keeps question/answer under extra_info; the original
+        # NuminaMath-CoT has problem/solution and the same pair as a chat message list.
+        candidates = [
+            _Fields("extra_info", "extra_info", ("question",), ("answer",)),
+            _Fields("problem", "solution"),
+            _Fields("messages", "messages", messages=True),
+        ]
+    elif cfg.format == "m23k":
+        # The paper's processed m23k: chat-formatted prompts and responses per model family
+        # under extra_info (the "reponse" spelling is the dataset's own).
+        prompt = tuple(cfg.prompt_dict_keys or ("qwen_prompt",))
+        response = tuple(cfg.response_dict_keys or ("qwen_reponse_no_thinking",))
+        candidates = [_Fields("extra_info", "extra_info", prompt, response)]
+    else:
+        names = [cfg.messages_key] if cfg.messages_key else ["messages", "conversations"]
+        conversations = [_Fields(k, k, messages=True) for k in names]
+        candidates = conversations if cfg.messages_key else [_key_fields(cfg), *conversations]
     for fields in candidates:
         if fields.prompt_key in keys and fields.response_key in keys:
             return fields
@@ -95,11 +91,8 @@ def _walk(record: dict, key: str, path: tuple[str, ...], role: str, where: str) 
         if isinstance(value, list) and len(value) == 1:  # a one-element list wraps the dict
             value = value[0]
         if not isinstance(value, dict) or nested not in value:
-            have = (
-                f"has keys {sorted(value)}"
-                if isinstance(value, dict)
-                else f"is of type {type(value).__name__}"
-            )
+            kind = f"is of type {type(value).__name__}"
+            have = f"has keys {sorted(value)}" if isinstance(value, dict) else kind
             raise DataError(
                 f"{where}: missing field {name}.{nested} (data.{role}_dict_keys); {name} {have}"
             )

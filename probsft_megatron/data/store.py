@@ -2,8 +2,7 @@
 
 A store is ``<root>/<key>/``: ``tokens``, ``masks``, ``offsets`` and ``prompt_lengths`` as
 ``.npy`` files and ``meta.json`` (written last), published by renaming a finished temporary
-folder; ``key`` is :func:`fingerprint`. Layout, locking and measurements: docs/data.md.
-"""
+folder; ``key`` is :func:`fingerprint`. Layout, locking and measurements: docs/data.md."""
 
 from __future__ import annotations
 
@@ -50,23 +49,6 @@ def store_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir() / "data"
 
 
-def _tokenizer_identity(tokenizer) -> dict[str, Any]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        serialized = backend.to_str()
-    else:  # a slow tokenizer: its vocabulary
-        serialized = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return {
-        "class": type(tokenizer).__name__,
-        "serialized_sha256": hashlib.sha256(serialized.encode()).hexdigest(),
-        "size": len(tokenizer),
-        "eos": tokenizer.eos_token_id,
-        "pad": tokenizer.pad_token_id,
-        "bos": getattr(tokenizer, "bos_token_id", None),
-        "chat_template": getattr(tokenizer, "chat_template", None),
-    }
-
-
 def fingerprint(cfg: DataConfig, tokenizer) -> tuple[str, dict[str, Any]]:
     """``(key, inputs)``: the store's name and everything it was derived from."""
     from probsft_megatron import figfont
@@ -85,11 +67,24 @@ def fingerprint(cfg: DataConfig, tokenizer) -> tuple[str, dict[str, Any]]:
     # the tokenizer's template, part of its identity)
     template = None if cfg.chat_template in ("auto", "none") else load_template(cfg.chat_template)
     sources = (inspect.getsource(module) for module in (examples, records, figfont, chat))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        serialized = backend.to_str()
+    else:  # a slow tokenizer: its vocabulary
+        serialized = json.dumps(sorted(tokenizer.get_vocab().items()))
     inputs = {
         "version": STORE_VERSION,
         "data": settings,
         "files": files,
-        "tokenizer": _tokenizer_identity(tokenizer),
+        "tokenizer": {
+            "class": type(tokenizer).__name__,
+            "serialized_sha256": hashlib.sha256(serialized.encode()).hexdigest(),
+            "size": len(tokenizer),
+            "eos": tokenizer.eos_token_id,
+            "pad": tokenizer.pad_token_id,
+            "bos": getattr(tokenizer, "bos_token_id", None),
+            "chat_template": getattr(tokenizer, "chat_template", None),
+        },
         # the source of the modules that turn records into tokens and masks
         "code_sha256": hashlib.sha256("".join(sources).encode()).hexdigest(),
         "chat_template_text": template,
