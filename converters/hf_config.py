@@ -40,19 +40,6 @@ def _unsupported(where: str, field: str, value: Any, why: str) -> CheckpointErro
     return _refuse(where, field, value, f"is not supported; {why}")
 
 
-def _arch(cfg: dict, where: str) -> str:
-    archs = cfg.get("architectures") or []
-    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
-        raise _unsupported(
-            where, "architectures", archs, f"this converter handles {_SUPPORTED_TEXT}"
-        )
-    arch = ARCHITECTURES[archs[0]]
-    if cfg.get("model_type", arch) != arch:
-        why = f"does not match architectures={archs}; expected {arch!r}"
-        raise _refuse(where, "model_type", cfg.get("model_type"), why)
-    return arch
-
-
 def rope_settings(cfg: dict, where: str = "config.json") -> tuple[float, dict | None]:
     """``(rope_theta, scaling)`` from either config spelling (``scaling`` None: unscaled)."""
     params = cfg.get("rope_parameters")
@@ -78,7 +65,15 @@ def rope_settings(cfg: dict, where: str = "config.json") -> tuple[float, dict | 
 
 def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     """The :class:`ModelConfig` of an HF config dict, or a one-line :class:`CheckpointError`."""
-    arch = _arch(cfg, where)
+    archs = cfg.get("architectures") or []
+    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        raise _unsupported(
+            where, "architectures", archs, f"this converter handles {_SUPPORTED_TEXT}"
+        )
+    arch = ARCHITECTURES[archs[0]]
+    if cfg.get("model_type", arch) != arch:
+        why = f"does not match architectures={archs}; expected {arch!r}"
+        raise _refuse(where, "model_type", cfg.get("model_type"), why)
     if cfg.get("quantization_config"):
         method = cfg["quantization_config"].get("quant_method")
         why = "is set; dequantize the checkpoint (save it in bf16/fp32) before converting"

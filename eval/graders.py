@@ -229,12 +229,6 @@ def _scientific(s: str):
     return value, Decimal(5).scaleb(exponent - decimals - 1)
 
 
-def _latex_scientific(s: str) -> str:
-    """``4.5e33`` -> ``4.5\\times10^{33}`` (math-verify reads ``e`` as Euler's number)."""
-    match = _SCI_E.match(s.strip())
-    return f"{match.group(1)}{match.group(2)}\\times10^{{{int(match.group(3))}}}" if match else s
-
-
 def _numeric_value(s: str):
     """``s`` as a Decimal (plain, scientific, or a number math-verify parses), else ``None``."""
     if _NUMBER.match(s):
@@ -284,20 +278,17 @@ def _parse(s: str) -> list:
         return []
 
 
-def _is_interval(s: str) -> bool:
-    """Whether ``s`` is surely an interval (infinite ends, a union, closed or mixed brackets)."""
-    return bool(re.search(r"\\infty|\\cup|^\s*(?:\[.*,.*[)\]]|\(.*,.*\])\s*$", s))
-
-
 def _symbolic_equal(reference: str, answer: str) -> bool:
     from math_verify import verify
 
     gold, pred = _parse(reference), _parse(answer)
     if not gold or not pred:
         return False
+    # a reference that is surely an interval: infinite ends, a union, closed or mixed brackets
+    interval = bool(re.search(r"\\infty|\\cup|^\s*(?:\[.*,.*[)\]]|\(.*,.*\])\s*$", reference))
     options = dict(float_rounding=10, timeout_seconds=MATH_TIMEOUT_S)
     try:
-        return bool(verify(gold, pred, allow_set_relation_comp=_is_interval(reference), **options))
+        return bool(verify(gold, pred, allow_set_relation_comp=interval, **options))
     except Exception:  # timeouts and sympy failures count as not equal
         return False
 
@@ -338,7 +329,8 @@ def math_equal(reference: str, answer: str) -> bool:
         value, half_ulp = sci
         got = _numeric_value(ans)
         return got is not None and abs(got - value) <= half_ulp * Decimal("1.000000001")
-    ans = _latex_scientific(ans)
+    if match := _SCI_E.match(ans.strip()):  # math-verify reads the e of 4.5e33 as Euler's number
+        ans = f"{match.group(1)}{match.group(2)}\\times10^{{{int(match.group(3))}}}"
     # a percent on one side only may be a unit or a fraction of 100; on both, compare numbers
     both = bool(_PERCENT.search(ref)) != bool(_PERCENT.search(ans))
     return any(

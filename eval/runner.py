@@ -167,18 +167,6 @@ def check_model(path: str | os.PathLike, prompt_format: str | None = None) -> di
     return config
 
 
-def read_hf_config(folder: str | os.PathLike) -> dict:
-    """The parsed config.json of a Hugging Face checkpoint folder."""
-    return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a rendered prompt; a prompt that spells out BOS gets no second one."""
-    bos = tokenizer.bos_token
-    add_special = not (bos and text.startswith(bos))
-    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
-
-
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank values
 
 
@@ -226,7 +214,8 @@ def build_llm(
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
-        saved = read_hf_config(model) if dtype == "auto" else {}
+        config = Path(model) / "config.json"
+        saved = json.loads(config.read_text(encoding="utf-8")) if dtype == "auto" else {}
         if (saved.get("torch_dtype") or saved.get("dtype")) == "float16":
             dtype = "bfloat16"
     from vllm import LLM
@@ -406,14 +395,6 @@ def vllm_output(log_path: str | os.PathLike) -> Iterator[Path]:
             tee.restore()
 
 
-def _log_path(config: EvalConfig) -> Path:
-    if config.out:
-        return Path(config.out) / "vllm.log"
-    fd, name = tempfile.mkstemp(prefix="probsft-eval-vllm-", suffix=".log")
-    os.close(fd)
-    return Path(name)
-
-
 def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
     """One TaskResult per task of ``config`` (reports written when ``config.out`` is set);
     ``llm``: an engine for the same model to reuse. User mistakes raise before vLLM starts."""
@@ -426,11 +407,17 @@ def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
     family = resolve_family(config.prompt_format) if config.prompt_format else None
     plans = _plan(config)
     tokenizer = load_tokenizer(str(config.model))
+    bos = tokenizer.bos_token
     family = family or detect_family(hf_config, tokenizer.get_vocab(), str(config.model))
     for plan in plans:
         plan.prompts = [render(plan.task.kind, family, ex.text) for ex in plan.examples]
+    if config.out:
+        log_path = Path(config.out) / "vllm.log"
+    else:
+        fd, log_path = tempfile.mkstemp(prefix="probsft-eval-vllm-", suffix=".log")
+        os.close(fd)
     results = []
-    with vllm_output(_log_path(config)):  # a vLLM failure: one line, its cause, the log
+    with vllm_output(log_path):  # a vLLM failure: one line, its cause, the log
         if llm is None:
             llm = build_llm(
                 config.model,
@@ -442,7 +429,10 @@ def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
             )
         for plan in plans:
             start = time.perf_counter()
-            prompts = [encode_prompt(tokenizer, p) for p in plan.prompts]
+            prompts = [  # a prompt that spells out BOS gets no second one
+                tokenizer(p, add_special_tokens=not (bos and p.startswith(bos)))["input_ids"]
+                for p in plan.prompts
+            ]
             completions = _generate(llm, plan, prompts, config.adapter)
             seconds = time.perf_counter() - start
             result = _grade(plan, completions)

@@ -144,15 +144,6 @@ def _load_figfont(options: DataOptions, limit: int | None) -> list[Example]:
     ]
 
 
-def _format_options(options: object, path: Path, lineno: int) -> dict[str, str]:
-    """Options as {letter: text} from a dict keyed by letters or a list in order."""
-    if isinstance(options, dict):
-        return {str(k).strip().upper(): str(v) for k, v in options.items()}
-    if isinstance(options, list):
-        return {chr(ord("A") + i): str(v) for i, v in enumerate(options)}
-    raise DataError(f"{path} line {lineno}: 'options' must be a list or a letter -> text object")
-
-
 def _load_medical(options: DataOptions, limit: int | None) -> list[Example]:
     path = _data_path(options, "medical", None)
     q_field = options.prompt_field or "question"
@@ -161,9 +152,14 @@ def _load_medical(options: DataOptions, limit: int | None) -> list[Example]:
     examples = []
     for lineno, row in islice(_read_jsonl(path), limit):
         question = str(_field(row, (q_field,), path, lineno, "--prompt-field"))
-        choices = _format_options(
-            _field(row, (o_field,), path, lineno, "--options-field"), path, lineno
-        )
+        choices = _field(row, (o_field,), path, lineno, "--options-field")
+        if isinstance(choices, list):  # in order, else a dict keyed by letters
+            choices = {chr(ord("A") + i): v for i, v in enumerate(choices)}
+        if not isinstance(choices, dict):
+            raise DataError(
+                f"{path} line {lineno}: 'options' must be a list or a letter -> text object"
+            )
+        choices = {str(k).strip().upper(): str(v) for k, v in choices.items()}
         answer = _field(row, (a_field,), path, lineno, "--reference-field")
         answer = str(answer).strip().strip("()").upper()
         if answer not in choices:
