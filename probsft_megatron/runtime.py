@@ -139,14 +139,12 @@ def head_loss(
     )
 
 
-def _fused_token_ce(
-    hidden: torch.Tensor, *, model, labels: torch.Tensor, loss_mask: torch.Tensor, chunk_size: int
-):
+def _fused_token_ce(hidden: torch.Tensor, *, model, batch: Batch, chunk_size: int):
     from probsft_megatron.fused_loss import fused_token_ce
 
     weight, tp = _output_layer(model)
-    ce = fused_token_ce(hidden, weight, labels, loss_mask, chunk_size=chunk_size, **tp)
-    return token_ce_triple(ce, loss_mask)
+    ce = fused_token_ce(hidden, weight, batch.labels, batch.loss_mask, chunk_size=chunk_size, **tp)
+    return token_ce_triple(ce, batch.loss_mask)
 
 
 @dataclass(frozen=True)
@@ -184,11 +182,7 @@ class LossHead:
     def token_ce(self, model, batch: Batch) -> Callable:
         if self.fused:
             return partial(
-                _fused_token_ce,
-                model=model,
-                labels=batch.labels,
-                loss_mask=batch.loss_mask,
-                chunk_size=self.loss.config.chunk_size,
+                _fused_token_ce, model=model, batch=batch, chunk_size=self.loss.config.chunk_size
             )
         return partial(token_ce_triple, loss_mask=batch.loss_mask)
 
