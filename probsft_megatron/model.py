@@ -55,14 +55,17 @@ def transformer_config(
         bf16=params_dtype == torch.bfloat16,
         pipeline_dtype=params_dtype,
         calculate_per_token_loss=calculate_per_token_loss,
-        **dict.fromkeys(  # megatron's fused kernels, all off
-            "bias_activation_fusion masked_softmax_fusion bias_dropout_fusion apply_rope_fusion "
-            "persist_layer_norm gradient_accumulation_fusion cross_entropy_loss_fusion".split(),
-            False,
-        ),
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
         **parallel.megatron_recompute(),
     )
-    return TransformerConfig(**(kwargs | overrides))
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
 
 
 def layer_spec(config, attention: str = "sdpa", peft=None):
