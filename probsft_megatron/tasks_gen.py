@@ -75,8 +75,7 @@ def number_words(n: int) -> str:
         return _ONES[n]
     if n < 100:
         return _TENS[n // 10] + ("" if n % 10 == 0 else "-" + _ONES[n % 10])
-    rest = n % 100
-    return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_words(rest))
+    return _ONES[n // 100] + " hundred" + (" " + number_words(n % 100) if n % 100 else "")
 
 
 WORD_TEST_SHARE = 3
@@ -396,10 +395,9 @@ def render_prompts(recs: list[dict], tokenizer) -> list[dict]:
             "the tokenizer has no chat template; evaluate with "
             "--prompt-format qwen/llama instead of rendered prompts"
         )
-    out = []
-    for rec in recs:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": rec["prompt"]}], tokenize=False, add_generation_prompt=True
-        )
-        out.append({**rec, "question": rec["prompt"], "prompt": rendered})
-    return out
+
+    def render(prompt: str) -> str:
+        user = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+
+    return [{**rec, "question": rec["prompt"], "prompt": render(rec["prompt"])} for rec in recs]

@@ -123,9 +123,8 @@ def render_conversation(
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     offsets = [tuple(o) for o in enc["offset_mapping"]]
-    spans = None
-    if has_generation_blocks(template):
-        spans = _generation_spans(tokenizer, clean, template, tools, ids, where)
+    gen = has_generation_blocks(template)
+    spans = _generation_spans(tokenizer, clean, template, tools, ids, where) if gen else None
     method = "prefix" if spans is None else "generation"
     if spans is None:
         spans = _prefix_spans(tokenizer, clean, template, tools, text, offsets, where)

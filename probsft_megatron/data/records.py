@@ -6,6 +6,7 @@ A record is ``{"prompt", "response", "origin"}`` or a conversation ``{"messages"
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections.abc import Iterator, Sequence
@@ -160,10 +161,8 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
             raise DataError(f"{where}: a tool call needs a function name, got {call!r:.80}")
         args = fn.get("arguments", {})
         if isinstance(args, str):
-            try:
+            with contextlib.suppress(json.JSONDecodeError):  # else kept as the record's string
                 args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError:
-                pass  # kept as the string the record has
         item = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
         if isinstance(call, dict) and "id" in call:
             item["id"] = call["id"]
