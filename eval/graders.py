@@ -118,8 +118,7 @@ def boxed_answer(text: str) -> str | None:
 def extract_math_answer(text: str) -> tuple[str | None, str | None]:
     """``(answer, source)``: the final boxed answer, else the last answer statement, else
     ``(None, None)``."""
-    answer = _final_boxed(text)
-    source = "boxed"
+    answer, source = _final_boxed(text), "boxed"
     if answer is None:
         answer, source = extract_statement(text), "statement"
     if answer is None:
@@ -387,8 +386,7 @@ def jaro_winkler(a: str, b: str, prefix_scale: float = 0.1, max_prefix: int = 4)
     if not a or not b:
         return 0.0
     window = max(max(len(a), len(b)) // 2 - 1, 0)
-    a_matched = [False] * len(a)
-    b_matched = [False] * len(b)
+    a_matched, b_matched = [False] * len(a), [False] * len(b)
     matches = 0
     for i, ch in enumerate(a):
         for j in range(max(0, i - window), min(len(b), i + window + 1)):
@@ -408,8 +406,7 @@ def jaro_winkler(a: str, b: str, prefix_scale: float = 0.1, max_prefix: int = 4)
 
 def grade_jaro_winkler(completion: str, reference: str) -> Grade:
     """Jaro-Winkler similarity as the score; correct on a (case-insensitive) exact match."""
-    answer = completion.strip().upper()
-    target = reference.strip().upper()
+    answer, target = completion.strip().upper(), reference.strip().upper()
     return Grade(answer, answer == target, jaro_winkler(answer, target))
 
 
