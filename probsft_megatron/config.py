@@ -137,9 +137,15 @@ class ParallelConfig:
 
     def megatron_recompute(self) -> dict[str, Any]:
         """The ``TransformerConfig`` recompute options (empty without recomputation)."""
-        full = ("recompute_granularity", "recompute_method", "recompute_num_layers")
-        keys = {"none": (), "selective": full[:1], "full": full}[self.recompute_granularity]
-        return {key: getattr(self, key) for key in keys}
+        if self.recompute_granularity == "none":
+            return {}
+        if self.recompute_granularity == "selective":
+            return {"recompute_granularity": "selective"}
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": self.recompute_method,
+            "recompute_num_layers": self.recompute_num_layers,
+        }
 
 
 @section("loss")
