@@ -124,9 +124,8 @@ def _inspect_args(args: argparse.Namespace) -> argparse.Namespace:
         return parser.parse_intermixed_args(args.items)
     except SystemExit:
         raise ConfigError(
-            f"cannot read the inspect arguments {' '.join(args.items)!r}; "
-            "usage: probsft data inspect DATA [--tokenizer T] [--limit N] "
-            "[--json] [data.key=value ...]"
+            f"cannot read the inspect arguments {' '.join(args.items)!r}; usage: probsft data "
+            "inspect DATA [--tokenizer T] [--limit N] [--json] [data.key=value ...]"
         ) from None
 
 
@@ -182,9 +181,8 @@ def generate(
         info.update(counts)
         if not recs:
             raise ConfigError(
-                f"none of the {counts['questions']} completions in {from_eval} "
-                "was correct and complete; evaluate with a larger "
-                "--max-new-tokens or more questions"
+                f"none of the {counts['questions']} completions in {from_eval} was correct and "
+                "complete; evaluate with a larger --max-new-tokens or more questions"
             )
     recs = recs[:max_records]
     if corrupt:
@@ -267,8 +265,7 @@ def _resolve(spec: str, overrides: list[str], tokenizer: str | None):
     if Path(spec).is_file() and Path(spec).suffix.lower() not in (".yaml", ".yml"):
         raise ConfigError(
             f"cannot tell what {spec} is from its name: probsft data inspect takes "
-            "a .jsonl/.json/.parquet data file, 'figfont' or a recipe (.yaml); "
-            "rename the file"
+            "a .jsonl/.json/.parquet data file, 'figfont' or a recipe (.yaml); rename the file"
         )
     bad = [o for o in overrides if not o.strip().startswith("data.")]
     if bad:
@@ -281,9 +278,8 @@ def _resolve(spec: str, overrides: list[str], tokenizer: str | None):
     tokenizer = tokenizer_spec(cfg.init) if tokenizer is None else tokenizer
     if tokenizer is None:
         raise ConfigError(
-            f"recipe {spec} names no tokenizer (init.tokenizer or "
-            "init.checkpoint); pass --tokenizer DIR (a folder with tokenizer "
-            "files) or --tokenizer smollm2"
+            f"recipe {spec} names no tokenizer (init.tokenizer or init.checkpoint); pass "
+            "--tokenizer DIR (a folder with tokenizer files) or --tokenizer smollm2"
         )
     return cfg.data, tokenizer
 

@@ -372,8 +372,7 @@ def self_answer_records(questions: list[dict], samples_path: str | Path) -> tupl
         if question is None:
             raise DataError(
                 f"{path}:{lineno}: id {sample['id']!r} is not among the questions; "
-                "generate them with the same task, split, --n and --seed as the "
-                "evaluated file"
+                "generate them with the same task, split, --n and --seed as the evaluated file"
             )
         seen += 1
         if sample["correct"][0]:

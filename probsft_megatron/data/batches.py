@@ -97,8 +97,7 @@ class GlobalBatchLoader:
             raise ConfigError(
                 f"global_batch_size={global_batch_size} must be divisible by micro_batch_size="
                 f"{micro_batch_size} x data-parallel size {dp_size} "
-                f"(= {micro_batch_size * dp_size}); "
-                "change global_batch_size or micro_batch_size"
+                f"(= {micro_batch_size * dp_size}); change global_batch_size or micro_batch_size"
             )
         self.dataset = dataset
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
@@ -124,9 +123,8 @@ class GlobalBatchLoader:
         self._steps_per_epoch = n // global_batch_size if drop_last else -(-n // global_batch_size)
         if self._steps_per_epoch == 0:
             raise ConfigError(
-                f"one epoch has {n} examples, fewer than "
-                f"global_batch_size={global_batch_size}; lower global_batch_size "
-                "or keep the incomplete batch (drop_last=False)"
+                f"one epoch has {n} examples, fewer than global_batch_size={global_batch_size}; "
+                "lower global_batch_size or keep the incomplete batch (drop_last=False)"
             )
         self._step = 0
         self._cached: tuple[int, list[int]] = (-1, [])

@@ -81,9 +81,8 @@ class SFTDataset:
             self.template = load_template(cfg.chat_template)
         if self.template is None and cfg.system_prompt is not None:
             raise ConfigError(
-                "data.system_prompt needs a chat template (data.chat_template is "
-                "none or the tokenizer has none); put the text into the prompts "
-                "or set data.chat_template"
+                "data.system_prompt needs a chat template (data.chat_template is none or the "
+                "tokenizer has none); put the text into the prompts or set data.chat_template"
             )
         if tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has no eos_token; SFT responses must end with one")
@@ -261,8 +260,7 @@ class SFTDataset:
             if self.cfg.truncation == "error":
                 raise DataError(
                     f"{record.get('origin', 'an example')} has {n} tokens, more than "
-                    f"data.max_length={limit}; raise data.max_length or set "
-                    "data.truncation=right"
+                    f"data.max_length={limit}; raise data.max_length or set data.truncation=right"
                 )
             if len(prompt_ids) >= limit:
                 self.stats["n_dropped"] += 1
