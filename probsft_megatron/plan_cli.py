@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.recipes_table:
         print(P.recipes_table())
         return 0
-    if getattr(args, "lora_table", False):
+    if args.lora_table:
         print(P.lora_table(gpu_memory_gb=args.gpu_memory))
         return 0
     if not args.config:

@@ -3,8 +3,8 @@ flight, the loss head, the backward and optimizer-step transients, and the margi
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from operator import attrgetter
 
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.plan.activations import layer_activations, loss_head, recompute_terms
@@ -16,6 +16,18 @@ DEFAULT_MARGIN_GIB = 2.0
 Transformer Engine workspaces."""
 FRAGMENTATION = 0.05
 """Proportional part of the margin: the caching allocator reserves more than it hands out."""
+PARTS = (  # JSON key, table label, attribute of a StageEstimate
+    ("weights", "weights", "static.weights"),
+    ("gradient_buffer", "gradient buffer", "static.grad_buffer"),
+    ("optimizer_state", "optimizer state", "static.optimizer"),
+    ("activations", "activations (in flight)", "activations"),
+    ("loss_head", "loss head", "loss_head"),
+    ("backward_transient", "backward transient", "backward_transient"),
+    ("embedding_backward", "embedding backward", "embedding_backward"),
+    ("optimizer_step_transient", "optimizer-step transient", "optimizer_step"),
+    ("margin", "margin", "margin"),
+    ("total", "peak per GPU", "total"),
+)
 
 
 @dataclass
@@ -24,7 +36,6 @@ class StageEstimate:
 
     pp_rank: int
     static: Static
-    static_other_optimizer: Static  # the same with the distributed optimizer toggled
     in_flight: int  # micro-batches whose activations this stage holds at once
     per_micro_batch: int  # activations one micro-batch keeps on this stage
     loss_head: int  # last stage: peak of the loss head (0 elsewhere)
@@ -51,14 +62,6 @@ class StageEstimate:
         return self.static.total + self.dynamic + self.margin
 
 
-def _fullest_static(model, layout: Layout, workload: Workload, pp_rank: int, dp_rank) -> Static:
-    """``dp_rank``'s static parts; None: the DP rank with the most optimizer state."""
-    sharded = dp_rank is None and layout.uses_distributed_optimizer
-    ranks = range(layout.dp) if sharded else [dp_rank or 0]
-    parts = (static_memory(model, layout, workload, pp_rank, r) for r in ranks)
-    return max(parts, key=lambda st: st.total)
-
-
 def estimate_stage(
     model,
     layout: Layout,
@@ -69,9 +72,10 @@ def estimate_stage(
 ) -> StageEstimate:
     """Peak memory of one rank of pipeline stage ``pp_rank`` (``dp_rank`` None: the DP rank
     with the most optimizer state)."""
-    static = _fullest_static(model, layout, workload, pp_rank, dp_rank)
-    other = dataclasses.replace(layout, distributed_optimizer=not layout.distributed_optimizer)
-    other_static = _fullest_static(model, other, workload, pp_rank, None)
+    sharded = dp_rank is None and layout.uses_distributed_optimizer
+    ranks = range(layout.dp) if sharded else [dp_rank or 0]
+    parts = (static_memory(model, layout, workload, pp_rank, r) for r in ranks)
+    static = max(parts, key=attrgetter("total"))
     d = dims(model)
     layers = d["layers"] // layout.pp
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
@@ -91,13 +95,8 @@ def estimate_stage(
     # step sqrt(v) and its quotient for one tensor at a time; float32 grads are copied for
     # non-float32 gradient buffers; grad clipping scales one tensor at a time
     held = static.adam_moments // 8
-    step = 4 * static.largest_shard
-    if workload.adam == "foreach":
-        step += 4 * held
-    elif workload.adam == "single":
-        step += 4 * static.largest_shard
-    if workload.grad_bytes != 4:
-        step += 4 * held
+    adam = {"foreach": held, "single": static.largest_shard}.get(workload.adam, 0)
+    step = 4 * (static.largest_shard + adam + (held if workload.grad_bytes != 4 else 0))
     # the word-embedding gradient is a dense V/TP x h tensor; with tied embeddings on one
     # stage the unfused output layer's gradient of the same weight waits for it through the
     # whole backward, then autograd adds the two (a third tensor); the fused head adds its
@@ -112,7 +111,6 @@ def estimate_stage(
     est = StageEstimate(
         pp_rank=pp_rank,
         static=static,
-        static_other_optimizer=other_static,
         in_flight=in_flight,
         per_micro_batch=per_mb,
         loss_head=head,
@@ -146,19 +144,7 @@ class Estimate:
 
     def parts(self) -> dict[str, float]:
         """The worst stage's parts in GiB (for tables and JSON)."""
-        w = self.worst
-        return {
-            "weights": w.static.weights / GiB,
-            "gradient_buffer": w.static.grad_buffer / GiB,
-            "optimizer_state": w.static.optimizer / GiB,
-            "activations": w.activations / GiB,
-            "loss_head": w.loss_head / GiB,
-            "backward_transient": w.backward_transient / GiB,
-            "embedding_backward": w.embedding_backward / GiB,
-            "optimizer_step_transient": w.optimizer_step / GiB,
-            "margin": w.margin / GiB,
-            "total": w.total / GiB,
-        }
+        return {key: attrgetter(attr)(self.worst) / GiB for key, _, attr in PARTS}
 
 
 def estimate(

@@ -49,10 +49,6 @@ class Layout:
                 )
 
     @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    @property
     def uses_distributed_optimizer(self) -> bool:
         """It only shards with more than one DP rank (``probsft train`` turns it off at DP=1)."""
         return self.distributed_optimizer and self.dp > 1

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from probsft_megatron.config import list_recipes, load_config
 from probsft_megatron.plan.activations import loss_head
-from probsft_megatron.plan.estimate import estimate, estimate_stage
+from probsft_megatron.plan.estimate import PARTS, estimate, estimate_stage
 from probsft_megatron.plan.layout import GiB, Layout, Workload
 from probsft_megatron.plan.search import NO_FIT_HINT, Candidate, Plan, plan, workload_of
 from probsft_megatron.plan.static import lora_parameters
@@ -53,26 +53,23 @@ def _candidate_json(c: Candidate | None) -> dict | None:
 def alternatives(model, layout: Layout, workload: Workload) -> dict:
     """The worst stage's optimizer state with and without the distributed optimizer,
     activations with and without SP per recompute setting, and both loss heads (GiB)."""
-    est = estimate(model, layout, workload)
-    worst = est.worst
-    with_dist = worst.static if layout.distributed_optimizer else worst.static_other_optimizer
-    without = worst.static_other_optimizer if layout.distributed_optimizer else worst.static
+    worst = estimate(model, layout, workload).worst
+    other = dataclasses.replace(layout, distributed_optimizer=not layout.distributed_optimizer)
+    pair = (worst.static, estimate_stage(model, other, workload, worst.pp_rank).static)
+    with_dist, without = pair if layout.distributed_optimizer else pair[::-1]
+    no_method = {"recompute_method": None, "recompute_num_layers": None}
     recomputes = {
-        "none": ("none", None, None),
-        "selective": ("selective", None, None),
-        "full_uniform_1": ("full", "uniform", 1),
+        "none": dict(no_method, recompute="none"),
+        "selective": dict(no_method, recompute="selective"),
+        "full_uniform_1": dict(
+            recompute="full", recompute_method="uniform", recompute_num_layers=1
+        ),
     }
     acts = {}
     for sp in [False, True] if layout.tp > 1 else [False]:
         row = {}
-        for name, (recompute, method, layers) in recomputes.items():
-            other = dataclasses.replace(
-                layout,
-                sequence_parallel=sp,
-                recompute=recompute,
-                recompute_method=method,
-                recompute_num_layers=layers,
-            )
+        for name, fields in recomputes.items():
+            other = dataclasses.replace(layout, sequence_parallel=sp, **fields)
             row[name] = _gib(estimate_stage(model, other, workload, worst.pp_rank).activations)
         acts["sp" if sp else "no_sp"] = row
     head = loss_head(model, layout, workload)
@@ -118,26 +115,12 @@ def plan_report(cfg: TrainJobConfig, result: Plan, name: str | None) -> dict:
     return out
 
 
-PART_NAMES = {
-    "weights": "weights",
-    "gradient_buffer": "gradient buffer",
-    "optimizer_state": "optimizer state",
-    "activations": "activations (in flight)",
-    "loss_head": "loss head",
-    "backward_transient": "backward transient",
-    "embedding_backward": "embedding backward",
-    "optimizer_step_transient": "optimizer-step transient",
-    "margin": "margin",
-    "total": "peak per GPU",
-}
-
-
 def _parts_table(columns: dict[str, dict | None]) -> str:
     names = [k for k, v in columns.items() if v and v.get("per_gpu_gib")]
-    width = max(len(n) for n in PART_NAMES.values())
+    width = max(len(label) for _, label, _ in PARTS)
     col = max([12] + [len(n) for n in names])
     lines = ["GiB per GPU".ljust(width) + "".join(n.rjust(col + 2) for n in names)]
-    for key, label in PART_NAMES.items():
+    for key, label, _ in PARTS:
         lines.append(
             label.ljust(width)
             + "".join(f"{columns[n]['per_gpu_gib'][key]:.1f}".rjust(col + 2) for n in names)
@@ -175,8 +158,7 @@ def render_plan(rep: dict) -> str:
     alt = rep.get("alternatives")
     if alt:
         lines.append(f"the requested layout, stage {alt['stage']} (GiB per GPU):")
-        o = alt["optimizer_state_gib"]
-        wt = alt["weights_gib"]
+        o, wt = alt["optimizer_state_gib"], alt["weights_gib"]
         lines.append(
             f"  optimizer state: {o['distributed']:.2f} with the distributed optimizer, "
             f"{o['not_distributed']:.2f} without (weights {wt['distributed']:.2f} / "
@@ -186,7 +168,7 @@ def render_plan(rep: dict) -> str:
         for key, row in alt["activations_gib"].items():
             label = "with SP" if key == "sp" else "without SP"
             lines.append(f"    {label:<14}  " + " / ".join(f"{v:.2f}" for v in row.values()))
-        heads = list(alt["loss_head_gib"].items())
+        heads = alt["loss_head_gib"].items()
         lines.append(
             "  loss head (last stage): "
             + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in heads)
@@ -221,13 +203,11 @@ def recipes_table() -> str:
     ]
     for name in node_recipes():
         cfg = load_config(name)
-        p80 = plan(cfg, NODE_GPUS, small)
-        p141 = plan(cfg, NODE_GPUS, large)
-        req = p80.requested
+        req = plan(cfg, NODE_GPUS, small).requested
         own = f"{req.estimate.total / GiB:.1f}" if req.estimate else "-"
         if not req.fits:
             own += " (does not fit)"
-        rec = p141.recommended
+        rec = plan(cfg, NODE_GPUS, large).recommended
         large_cells = (
             f"{rec.layout.label()} | {rec.estimate.total / GiB:.1f}" if rec else "none fits | -"
         )
@@ -261,10 +241,8 @@ def lora_table(rank: int = 16, gpu_memory_gb: float = NODE_MEMORIES_GB[0]) -> st
     for name in node_recipes():
         cfg = load_config(name)
         lora = load_config(name, lora_keys)
-        cells = []
-        for c in (cfg, lora):
-            req = plan(c, NODE_GPUS, gpu_memory_gb).requested
-            cells.append(f"{req.estimate.total / GiB:.1f}" if req.estimate else "-")
+        reqs = [plan(c, NODE_GPUS, gpu_memory_gb).requested for c in (cfg, lora)]
+        cells = [f"{r.estimate.total / GiB:.1f}" if r.estimate else "-" for r in reqs]
         one = [
             _one_gpu_cell(plan(load_config(name, [*single, *extra]), 1, gpu_memory_gb))
             for extra in ([], lora_keys)

@@ -4,7 +4,7 @@ first that fits, and the one-line verdict ``probsft train`` / ``probsft launch``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from probsft_megatron.errors import ConfigError
@@ -160,33 +160,11 @@ class Plan:
     gpu_memory_gb: float
     requested: Candidate
     recommended: Candidate | None
-    rejected: list[Candidate] = field(default_factory=list)  # cheaper layouts that do not fit
+    rejected: list[Candidate]  # cheaper layouts that do not fit
 
     @property
     def fits(self) -> bool:
         return self.requested.fits
-
-
-def plan_model(
-    model,
-    workload: Workload,
-    requested: Layout,
-    gpus: int,
-    gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB,
-    gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
-    margin_gib: float = DEFAULT_MARGIN_GIB,
-) -> Plan:
-    """Estimate ``requested`` and search the cheapest layout that fits on ``gpus`` GPUs."""
-    req = evaluate(model, requested, workload, gpu_memory_gb, margin_gib)
-    rejected: list[Candidate] = []
-    best = None
-    for layout in candidate_layouts(model, gpus, min(gpus_per_node, gpus)):
-        cand = evaluate(model, layout, workload, gpu_memory_gb, margin_gib)
-        if cand.fits:
-            best = cand
-            break
-        rejected.append(cand)
-    return Plan(gpus, gpus_per_node, gpu_memory_gb, req, best, rejected)
 
 
 def plan(
@@ -197,8 +175,9 @@ def plan(
     device: str = "cuda",
     margin_gib: float = DEFAULT_MARGIN_GIB,
 ) -> Plan:
-    """:func:`plan_model` for a config; ``gpus`` defaults to one node. A GPU count, memory or
-    margin that cannot be planned for is a one-line :class:`ConfigError` naming the option."""
+    """Estimate the layout ``cfg`` asks for and search the cheapest layout that fits on ``gpus``
+    GPUs (default: one node). A GPU count, memory or margin that cannot be planned for is a
+    one-line :class:`ConfigError` naming the option."""
     if gpus_per_node < 1:
         raise ConfigError(f"--gpus-per-node must be >= 1 (got {gpus_per_node})")
     gpus = gpus_per_node if gpus is None else gpus
@@ -217,15 +196,15 @@ def plan(
             f"max_position_embeddings={positions}: no layout or number of GPUs changes that; "
             f"set data.max_length={positions} or lower"
         )
-    return plan_model(
-        cfg.model,
-        workload_of(cfg, device),
-        layout_of(cfg, gpus),
-        gpus,
-        gpu_memory_gb,
-        gpus_per_node,
-        margin_gib,
-    )
+    model, workload = cfg.model, workload_of(cfg, device)
+    req = evaluate(model, layout_of(cfg, gpus), workload, gpu_memory_gb, margin_gib)
+    rejected: list[Candidate] = []
+    for layout in candidate_layouts(model, gpus, min(gpus_per_node, gpus)):
+        cand = evaluate(model, layout, workload, gpu_memory_gb, margin_gib)
+        if cand.fits:
+            return Plan(gpus, gpus_per_node, gpu_memory_gb, req, cand, rejected)
+        rejected.append(cand)
+    return Plan(gpus, gpus_per_node, gpu_memory_gb, req, None, rejected)
 
 
 @dataclass
@@ -247,7 +226,7 @@ def check_fits(
     """Does ``cfg`` fit on ``world_size`` GPUs of ``gpu_memory_gb``? A refusal is one line naming
     the recommended layout's overrides and :data:`OVERRIDE_FLAG`."""
     p = plan(cfg, world_size, gpu_memory_gb, gpus_per_node)
-    req = p.requested
+    req, rec = p.requested, p.recommended
     need = req.estimate.total / GiB if req.estimate else float("nan")
     if req.fits:
         msg = f"fits: {req.layout.label()} needs {need:.1f} GiB of {gpu_memory_gb:g} per GPU"
@@ -258,13 +237,9 @@ def check_fits(
             f"{req.layout.label()} needs {need:.1f} GiB per GPU, more than the "
             f"{gpu_memory_gb:g} GiB of each of {world_size} GPU(s)"
         )
-    if p.recommended is not None:
-        rec = p.recommended
-        fix = (
-            f"use {rec.layout.label()} ({rec.estimate.total / GiB:.1f} GiB): "
-            f"{' '.join(rec.layout.overrides())}"
-        )
-    else:
-        fix = f"no layout fits on these GPUs: {NO_FIT_HINT}"
+    fix = f"no layout fits on these GPUs: {NO_FIT_HINT}"
+    if rec is not None:
+        overrides = " ".join(rec.layout.overrides())
+        fix = f"use {rec.layout.label()} ({rec.estimate.total / GiB:.1f} GiB): {overrides}"
     msg = f"will not fit: {what}; {fix}; or pass {OVERRIDE_FLAG} to run it anyway"
-    return Verdict(False, msg, p.recommended.layout if p.recommended else None, p)
+    return Verdict(False, msg, rec.layout if rec else None, p)

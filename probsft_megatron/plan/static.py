@@ -97,9 +97,8 @@ def _one_process_megatron():
 @dataclass
 class GradBuffer:
     """megatron DDP's contiguous buffer for one stage: ``buckets`` are ``(start, end)``
-    element offsets, ``ranges[i]`` is ``(start, end, bucket)`` of ``params[i]``."""
+    element offsets, ``ranges[i]`` is ``(start, end, bucket)`` of the ``i``-th parameter."""
 
-    params: list[Param]
     numel: int
     numel_unpadded: int
     buckets: list[tuple[int, int]]
@@ -131,7 +130,6 @@ def grad_buffer(
     order; with the distributed optimizer each parameter starts at a multiple of 64, each
     bucket ends at a multiple of ``lcm(dp, 128)`` and a ``shared_embedding`` parameter gets a
     bucket of its own. ``bucket_size`` None (this project's setting) is one bucket."""
-    order = list(range(len(params)))[::-1]
     ranges: list[tuple[int, int, int] | None] = [None] * len(params)
     buckets: list[tuple[int, int]] = []
     unpadded = 0
@@ -147,7 +145,7 @@ def grad_buffer(
         bucket_start, in_bucket = bucket_end, 0
         return bucket_end
 
-    for i in order:
+    for i in reversed(range(len(params))):
         p = params[i]
         shared = p.shared_embedding and distributed_optimizer
         if distributed_optimizer:
@@ -164,7 +162,7 @@ def grad_buffer(
     if in_bucket:
         close(end)
     numel = buckets[-1][1] if buckets else 0
-    return GradBuffer(params, numel, unpadded, buckets, ranges)  # type: ignore[arg-type]
+    return GradBuffer(numel, unpadded, buckets, ranges)  # type: ignore[arg-type]
 
 
 @dataclass
