@@ -7,6 +7,7 @@ under ``torchrun --nproc-per-node N``.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -29,6 +30,12 @@ VALUE_FLAGS = (
     ("--tp", int, 1, "tensor-parallel size"),
     ("--pp", int, 1, "pipeline-parallel size"),
     ("--micro-batch-size", int, 4, "rows per forward micro-batch"),
+)
+PROBE_FLAGS = (  # training's layout keys in a layout message -> the probe's own flags
+    ("parallel.tensor_model_parallel_size", "--tp"),
+    ("parallel.pipeline_model_parallel_size", "--pp"),
+    ("the number of processes", "--nproc"),
+    ("pick a TP", "pick a --tp"),
 )
 SWITCHES = (
     ("--refresh", "ignore and replace a cached report"),
@@ -79,9 +86,7 @@ def data_config(spec: str, overrides: list[str], command: str = "probsft probe")
             if spec == "figfont"
             else {"source": "file", "train_files": [spec]}
         }
-        for o in overrides:
-            raw = apply_override(raw, o)
-        cfg = build_config(raw).data
+        cfg = build_config(functools.reduce(apply_override, overrides, raw)).data
     else:
         cfg = load_config(spec, overrides).data
     from probsft_megatron.input_checks import check_data_files
@@ -109,8 +114,8 @@ def _model_config(model: Path):
 
 
 def check_inputs(args: argparse.Namespace):
-    """Check every input before any conversion or model (one error line each); returns the
-    DataConfig. Order: the numbers, the model and its layout, the data, ``--out``, the tokenizer."""
+    """Check every input before any conversion or model (one error line each): the numbers, the
+    model and its layout, the data, ``--out``, the tokenizer. Returns (DataConfig, layout)."""
     from probsft_megatron import manifest
     from probsft_megatron.config import ParallelConfig, validate_layout
     from probsft_megatron.input_checks import (
@@ -147,7 +152,10 @@ def check_inputs(args: argparse.Namespace):
     try:
         validate_layout(layout, int(os.environ["WORLD_SIZE"]) if launched else args.nproc, config)
     except ConfigError as exc:  # the probe's flags, not the training keys it does not take
-        raise ConfigError(_probe_flags(str(exc))) from None
+        message = str(exc)
+        for key, flag in PROBE_FLAGS:
+            message = message.replace(key, flag)
+        raise ConfigError(message) from None
     data = data_config(args.data, args.overrides)
     from probsft_megatron.data.records import check_first_records
 
@@ -157,7 +165,7 @@ def check_inputs(args: argparse.Namespace):
         if data.source == "file":
             inputs += [("--data", f) for f in data.train_files]
         manifest.check_output(args.out, flag="--out", inputs=inputs)
-        _check_earlier_report(Path(args.out), getattr(args, "overwrite", False))
+        _check_earlier_report(Path(args.out), args.overwrite)
     tokenizer = args.tokenizer
     if tokenizer is None:
         tokenizer = str(model / "hf") if (model / "model_config.json").is_file() else str(model)
@@ -169,42 +177,27 @@ def check_inputs(args: argparse.Namespace):
     else:
         check_tokenizer(tokenizer, "--tokenizer")
     check_vocab_fits(tokenizer, config.vocab_size, "the tokenizer")
-    return data
+    return data, layout
 
 
 def _check_earlier_report(out: Path, overwrite: bool) -> None:
     """A probe's report.json in ``out`` is replaced only with ``--overwrite``, another never."""
-    from probsft_megatron.probe.report import FORMAT, REPORT_FILE
+    from probsft_megatron.probe.report import REPORT_FILE, load_report
 
-    path = out / REPORT_FILE
-    if not path.exists():
+    if not (out / REPORT_FILE).exists():
         return
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        data = None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        load_report(out / REPORT_FILE)
+    except ConfigError:
         raise ConfigError(
             f"--out {out} holds a {REPORT_FILE} that probsft probe did not write; --overwrite "
             "replaces only a probe's report: choose another --out"
-        )
+        ) from None
     if not overwrite:
         raise ConfigError(
             f"--out {out} already holds a probe report ({REPORT_FILE}); pass --overwrite to "
             "replace it, or choose another --out"
         )
-
-
-def _probe_flags(message: str) -> str:
-    """A layout message in the probe's own flags (``--tp``, ``--pp``, ``--nproc``)."""
-    for key, flag in (
-        ("parallel.tensor_model_parallel_size", "--tp"),
-        ("parallel.pipeline_model_parallel_size", "--pp"),
-        ("the number of processes", "--nproc"),
-        ("pick a TP", "pick a --tp"),
-    ):
-        message = message.replace(key, flag)
-    return message
 
 
 def megatron_model_dir(path: str) -> Path:
@@ -216,11 +209,6 @@ def megatron_model_dir(path: str) -> Path:
     folder = Path(path)
     if (folder / "model_config.json").is_file():
         return folder
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"--model {folder} is neither a Megatron model dir "
-            "(model_config.json) nor a Hugging Face folder (config.json)"
-        )
     h = hashlib.sha256(str(folder.resolve()).encode())
     h.update((folder / "config.json").read_bytes())
     for f in sorted(folder.glob("*.safetensors")):
@@ -254,12 +242,7 @@ def run(args: argparse.Namespace) -> int:
     """Probe and print the table (rank 0); spawns torchrun for ``--nproc`` > 1."""
     import torch.distributed as dist
 
-    from probsft_megatron.config import ParallelConfig
-
-    data = check_inputs(args)
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp
-    )
+    data, parallel = check_inputs(args)
     under_torchrun = dist.is_torchelastic_launched()
     model_dir = Path(args.model) if under_torchrun else megatron_model_dir(args.model)
     if not under_torchrun and args.nproc > 1:  # the layout was checked by check_inputs

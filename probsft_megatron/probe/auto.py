@@ -11,7 +11,6 @@ import torch.distributed as dist
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.fileio import atomic_write_json
 from probsft_megatron.job import Job
-from probsft_megatron.model_dir import read_model_config
 from probsft_megatron.objectives import parse_objective
 from probsft_megatron.probe.examples import (
     DEFAULT_SAMPLES,
@@ -20,7 +19,7 @@ from probsft_megatron.probe.examples import (
     probe_key,
     read_cached,
 )
-from probsft_megatron.probe.measure import broadcast, build_probe_model, run_probe
+from probsft_megatron.probe.measure import broadcast, run_probe
 from probsft_megatron.probe.report import REPORT_FILE, TABLE_PERCENTILES, write_outputs
 
 logger = logging.getLogger(__name__)
@@ -51,27 +50,23 @@ def resolve_auto_objective(
     found: tuple[str, dict | None] = ("measured", None)
     if dist.get_rank() == 0:
         recorded = json.loads(choice_file.read_text()) if choice_file.is_file() else {}
-        cached = read_cached(key)
         if recorded.get("key") == key:
             found = ("run", recorded["report"])
-        elif cached is not None:
+        elif (cached := read_cached(key)) is not None:
             found = ("cache", cached)
     source, report = broadcast(found, 0)
     if report is None:
-        model = read_model_config(model_dir)
-        chunks = model_chunks or build_probe_model(model_dir, model, job.parallel, job.dtype)
         report = run_probe(
-            chunks,
             examples,
             model_dir=model_dir,
-            model=model,
+            parallel=job.parallel,
             dtype=job.dtype,
             key=key,
             micro_batch_size=job.train.micro_batch_size,
+            model_chunks=model_chunks,
             implementation=job.loss.implementation if model_chunks else "unfused",
             chunk_size=job.loss.chunk_size,
         )
-        del chunks
     objective = parse_objective(report["recommendation"]["objective"]).name
     evidence = {
         "objective": objective,
@@ -87,7 +82,7 @@ def resolve_auto_objective(
         "percentiles": {str(k): report["percentiles"][str(k)] for k in TABLE_PERCENTILES},
     }
     if dist.get_rank() == 0:
-        if source != "cache":
+        if source == "run":  # a measured report is cached already
             write_outputs(report, cache_dir() / key)
         write_outputs(report, job.output_dir / "probe")
         atomic_write_json(choice_file, dict(evidence, report=report))

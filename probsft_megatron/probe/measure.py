@@ -34,32 +34,40 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 vocab-parallel CE casts the logits), so float64 bounds the error of p by that CE (~5e-7)."""
 
 
-def resolve_dtype(dtype: str) -> str:
-    """``auto`` -> bfloat16 with CUDA, float32 on the CPU (training's ``precision: auto``)."""
-    if dtype == "auto":
-        return resolve_precision("auto")
-    if dtype not in DTYPES:
-        raise ConfigError(f"probe dtype {dtype!r} is invalid; use auto, {', '.join(DTYPES)}")
-    return dtype
+def broadcast(obj: Any, src: int) -> Any:
+    """``obj`` of rank ``src`` on every rank (a collective)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
-def measure(
-    model_chunks: list,
+def run_probe(
     examples: ProbeExamples,
     *,
+    model_dir: str | os.PathLike,
+    parallel: ParallelConfig,
+    dtype: str,
+    key: str,
     micro_batch_size: int,
+    model_chunks: list | None = None,
     implementation: str = "unfused",
     chunk_size: int = 4096,
-) -> dict[int, np.ndarray]:
-    """Forward-only pass over every example (collective: every rank, after megatron's groups
-    exist, same ``examples``). Returns ``{example index: float64 response-token CE}`` for this
-    DP rank's examples on last-stage ranks, ``{}`` on other stages."""
+) -> dict[str, Any]:
+    """Measure ``model_dir`` (``model_chunks``: this rank's stage of it, already built) and
+    report (collective: every rank, after megatron's groups exist, same ``examples``; see the
+    module docstring); global rank 0 caches the report under ``key``. Every rank returns it."""
+    from tqdm import tqdm
+
     from probsft_megatron.data import GlobalBatchLoader, pad_multiple
     from probsft_megatron.data.batches import round_up
 
+    model = read_model_config(model_dir)
+    chunks = model_chunks or build_probe_model(model_dir, model, parallel, dtype)
+    start = time.perf_counter()
     dataset = examples.dataset
     n = len(dataset)
     lay = compat.rank_position()
+    last = runtime.is_last_stage()
     mbs = max(1, min(micro_batch_size, -(-n // lay.dp)))
     per_call = max(1, min(4 * lay.pp, -(-n // (mbs * lay.dp))))
     seq_length = round_up(int(dataset.lengths.max()), 8 * lay.tp)
@@ -78,18 +86,19 @@ def measure(
     )
     loss = ObjectiveLoss(LossConfig(implementation=implementation, chunk_size=chunk_size))
     step = runtime.loss_head(loss, cpu_backend.device())
-    progress = None
-    if dist.get_rank() == 0:
-        from tqdm import tqdm
-
-        progress = tqdm(
-            total=len(loader), desc="probe", unit="batch", dynamic_ncols=True, file=sys.stderr
-        )
-    out: dict[int, np.ndarray] = {}
-    start, tokens = time.perf_counter(), 0
+    progress = tqdm(
+        total=len(loader),
+        desc="probe",
+        unit="batch",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=dist.get_rank() != 0,
+    )
+    local: dict[int, np.ndarray] = {}
+    tokens = 0
     for micro_batches in loader:
-        rows = runtime.measure_token_ce(model_chunks, micro_batches, step)
-        if runtime.is_last_stage():
+        rows = runtime.measure_token_ce(chunks, micro_batches, step)
+        if last:
             owners = [row for batch in micro_batches for row in batch.examples]
             if len(rows) != len(owners):
                 raise RuntimeError(
@@ -97,52 +106,12 @@ def measure(
                 )
             for owner, ce in zip(owners, rows):
                 if owner:  # padding rows hold no example
-                    out[owner[0]] = ce.to(torch.float64).cpu().numpy()
-        if progress is not None:
-            tokens += sum(batch.real_tokens for batch in micro_batches)
-            progress.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f} (rank 0)")
-            progress.update(1)
-    if progress is not None:
-        progress.close()
-    return out
-
-
-def _reporter_rank(is_reporter: bool) -> int:
-    flags: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, bool(is_reporter))
-    return flags.index(True)
-
-
-def broadcast(obj: Any, src: int) -> Any:
-    """``obj`` of rank ``src`` on every rank (a collective)."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def run_probe(
-    model_chunks: list,
-    examples: ProbeExamples,
-    *,
-    model_dir: str | os.PathLike,
-    model: ModelConfig,
-    dtype: str,
-    key: str,
-    micro_batch_size: int,
-    implementation: str = "unfused",
-    chunk_size: int = 4096,
-) -> dict[str, Any]:
-    """Measure and report (collective; see the module docstring). Every rank returns the report."""
-    start = time.perf_counter()
-    local = measure(
-        model_chunks,
-        examples,
-        micro_batch_size=micro_batch_size,
-        implementation=implementation,
-        chunk_size=chunk_size,
-    )
-    lay = compat.rank_position()
-    last = runtime.is_last_stage()
+                    local[owner[0]] = ce.to(torch.float64).cpu().numpy()
+        tokens += sum(batch.real_tokens for batch in micro_batches)
+        progress.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f} (rank 0)")
+        progress.update(1)
+    progress.close()
+    del chunks
     merged: dict[int, np.ndarray] = {}
     if last:
         parts: list[Any] = [None] * lay.dp
@@ -150,7 +119,8 @@ def run_probe(
         for part in parts:
             merged.update(part)
     reporter = last and lay.dp_rank == 0 and lay.tp_rank == 0
-    src = _reporter_rank(reporter)
+    flags: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, reporter)
     report = None
     if reporter:
         report = build_probe_report(
@@ -163,7 +133,10 @@ def run_probe(
             layout={"tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
             elapsed_s=time.perf_counter() - start,
         )
-    return broadcast(report, src)
+    report = broadcast(report, flags.index(True))
+    if dist.get_rank() == 0:
+        write_outputs(report, cache_dir() / key)
+    return report
 
 
 def build_probe_model(
@@ -178,17 +151,6 @@ def build_probe_model(
     runtime.load_model_weights(gpt, str(Path(model_dir) / "weights"))
     gpt.eval()
     return [gpt]
-
-
-def default_tokenizer(model_dir: str | os.PathLike) -> str:
-    """The tokenizer of a Megatron model dir: its ``hf/`` folder."""
-    hf = Path(model_dir) / "hf"
-    if not hf.is_dir():
-        raise ConfigError(
-            f"{model_dir} has no hf/ folder with tokenizer files; pass a tokenizer "
-            "(--tokenizer DIR or 'smollm2')"
-        )
-    return str(hf)
 
 
 def probe(
@@ -213,45 +175,43 @@ def probe(
 
     parallel = parallel or ParallelConfig()
     model = read_model_config(model_dir)
-    dtype = resolve_dtype(dtype)
+    if dtype == "auto":  # training's precision: auto
+        dtype = resolve_precision("auto")
+    if dtype not in DTYPES:
+        raise ConfigError(f"probe dtype {dtype!r} is invalid; use auto, {', '.join(DTYPES)}")
     if micro_batch_size < 1:
         raise ConfigError(f"micro batch size must be >= 1 (got {micro_batch_size})")
-    if samples is not None and samples < 1:
-        raise ConfigError(f"--samples must be >= 1 (got {samples})")
+    hf = Path(model_dir) / "hf"
+    if tokenizer is None and not hf.is_dir():
+        raise ConfigError(
+            f"{model_dir} has no hf/ folder with tokenizer files; pass a tokenizer "
+            "(--tokenizer DIR or 'smollm2')"
+        )
     was_active = cpu_backend.is_active()
     own = not compat.model_parallel_is_initialized()
     if own:
         runtime.init_distributed(parallel, model=model)
     else:
         lay = compat.rank_position()
-        if (lay.tp, lay.pp) != (
-            parallel.tensor_model_parallel_size,
-            parallel.pipeline_model_parallel_size,
-        ):
+        tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+        if (lay.tp, lay.pp) != (tp, pp):
             raise ConfigError(
-                f"the probe was asked for TP={parallel.tensor_model_parallel_size} "
-                f"PP={parallel.pipeline_model_parallel_size} but this job's groups "
+                f"the probe was asked for TP={tp} PP={pp} but this job's groups "
                 f"are TP={lay.tp} PP={lay.pp}"
             )
     try:
-        tok = load_tokenizer(tokenizer or default_tokenizer(model_dir))
-        examples = load_examples(data_cfg, tok, samples)
+        examples = load_examples(data_cfg, load_tokenizer(tokenizer or str(hf)), samples)
         key = probe_key(model_dir, dtype, examples)
         report = broadcast(read_cached(key) if use_cache and dist.get_rank() == 0 else None, 0)
         if report is None:
-            chunks = build_probe_model(model_dir, model, parallel, dtype)
             report = run_probe(
-                chunks,
                 examples,
                 model_dir=model_dir,
-                model=model,
+                parallel=parallel,
                 dtype=dtype,
                 key=key,
                 micro_batch_size=micro_batch_size,
             )
-            del chunks
-            if dist.get_rank() == 0:
-                write_outputs(report, cache_dir() / key)
         if out_dir is not None and dist.get_rank() == 0:
             write_outputs(report, out_dir)
         dist.barrier()

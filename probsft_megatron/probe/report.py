@@ -172,11 +172,8 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as a human-readable table."""
     pl, rec = report["placement"], report["recommendation"]
     lay, data = report["layout"], report["data"]
-    source = (
-        "figfont"
-        if data["config"]["source"] == "figfont"
-        else ", ".join(data["config"]["train_files"])
-    )
+    config = data["config"]
+    source = "figfont" if config["source"] == "figfont" else ", ".join(config["train_files"])
     lines = [
         f"model  {report['model']['path']}",
         f"data   {source}: {report['tokens']} response tokens in {data['examples']} examples "
@@ -221,10 +218,8 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
         align="edge",
         color="tab:blue",
     )
-    for value, label, style in (
-        (report["mean_p"], "mean", "--"),
-        (report["median_p"], "median", ":"),
-    ):
+    for label, style in (("mean", "--"), ("median", ":")):
+        value = report[f"{label}_p"]
         left.axvline(value, color="k", linestyle=style, label=f"{label} {value:.3f}")
     left.set(
         xlabel="p of the target token",
@@ -278,7 +273,7 @@ def load_report(report: dict | str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"cannot read the probe report {path}: {exc.strerror}") from None
     except ValueError:
         raise ConfigError(f"{path} is not a JSON probe report") from None
-    if data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a probe report (written by `probsft probe`)")
     return data
 
