@@ -36,8 +36,7 @@ class SignalRelay:
         # handler is still importing it would find psutil half initialized
         import psutil  # noqa: F401
 
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._on_signal)
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         return self
 
     def restore(self) -> None:

@@ -12,7 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from probsft_megatron.errors import ConfigError
+from probsft_megatron.errors import ConfigError, ProbsftError
+from probsft_megatron.launchers import jobs
 
 _PAIRS = {"metavar": "KEY=VALUE"}
 #: argparse settings of the options that are not plain strings.
@@ -219,10 +220,8 @@ def _report(mode: str, plan, exp_dir: Path) -> int:
 
     failed = []
     if mode == "submit":
-        from probsft_megatron.launchers.jobs import ExperimentRecord
-
         print(f"submitted {len(plan.steps)} jobs; experiment record and logs: {exp_dir}")
-        for s in ExperimentRecord.load(exp_dir).steps:
+        for s in jobs.ExperimentRecord.load(exp_dir).steps:
             after = f" (after {', '.join(s.after)})" if s.after else ""
             print(f"  job {s.job_id}: {s.name}{after}")
         for r in plan.runs:
@@ -256,7 +255,6 @@ def _print_results(summaries: dict[str, Path]) -> list[str]:
 def _status_report(record, states: dict) -> None:
     """Print the work dir's runs report with the jobs' states (one line if it cannot be built)."""
     from probsft_megatron import report
-    from probsft_megatron.errors import ProbsftError
 
     work_dir = Path(record.exp_dir).parents[2]  # WORK/experiments/<title>/<id>
     step_states = {s.name: states[s.job_id].state for s in record.steps if s.job_id in states}
@@ -272,8 +270,6 @@ def _status_report(record, states: dict) -> None:
 
 def _job_command(args: argparse.Namespace) -> int:
     """`probsft launch status|logs|cancel EXPERIMENT [STEP]` on a submitted experiment."""
-    from probsft_megatron.launchers import jobs
-
     command, rest = args.target[0], args.target[1:]
     if not rest or len(rest) > (2 if command == "logs" else 1):
         usage = "logs EXPERIMENT [STEP]" if command == "logs" else f"{command} EXPERIMENT"
@@ -309,8 +305,6 @@ def _job_command(args: argparse.Namespace) -> int:
 
 def _wait_and_report(exp_dir: Path) -> int:
     """Follow a submitted experiment until its jobs end; 1 when a step failed."""
-    from probsft_megatron.launchers import jobs
-
     record = jobs.ExperimentRecord.load(exp_dir)
     print(
         f"waiting for {len(record.steps)} jobs (Ctrl-C stops waiting; the jobs keep running; "
@@ -400,7 +394,6 @@ def run(args: argparse.Namespace) -> int:
             "name the backbone's checkpoint folder"
         )
     print(plan.describe(nodes, nproc), flush=True)
-
     if profile is None:
         executor_for = functools.partial(ex.local_executor, nproc_per_node=nproc)
         agent_args = None  # one node: the default of ex.step_command

@@ -78,8 +78,7 @@ class LaunchOptions:
     eval_args: list[str] = field(default_factory=list)  # extra `probsft eval` arguments
     #: Called with (TP, PP) of each run before its config is validated (cluster profiles).
     layout_check: Callable[[int, int], None] | None = None
-    #: The memory planner's check of (run name, validated config): raises ConfigError for a
-    #: layout that will not fit, else returns a line for the plan's notes.
+    #: Memory planner's check of (run name, validated config): a note, or ConfigError (no fit).
     fit_check: Callable[[str, TrainJobConfig], str] | None = None
     #: Add a `probsft data prepare` step (one CPU process) per distinct data setting.
     prepare: bool = False

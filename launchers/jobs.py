@@ -77,8 +77,7 @@ class ExperimentRecord:
     exp_dir: str
     status: str  # dry run, launched (local), submitted (SLURM) or failed (see error)
     steps: list[LaunchedStep]
-    #: run name -> dataset, model, objective, recipe, overrides, layout, run_dir,
-    #: eval_summary and config (as validated at launch): experiment.RunPlan.record()
+    #: run name -> experiment.RunPlan.record() (its config as validated at launch included)
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     executor: str = "slurm"  # or local
     command: list[str] = field(default_factory=list)  # the `probsft launch` command line
@@ -271,8 +270,7 @@ def wait(record: ExperimentRecord) -> dict[str, JobState]:
         states = job_states(ids)
         now = time.monotonic()
         stamp = f"[{_fmt_elapsed(now - start)}]"
-        for j in ids:
-            st = states[j]
+        for j, st in states.items():
             if seen.get(j) != st.state:
                 seen[j] = st.state
                 detail = _fmt_elapsed(st.elapsed_s) if st.terminal and st.elapsed_s else ""

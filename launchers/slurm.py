@@ -51,10 +51,9 @@ probsft_requeue() {
     fi
 }
 trap probsft_requeue EXIT"""
-#: srun options of a multi-node train job after NeMo-Run's own: ``--label`` prefixes lines
-#: with the task (node) number. ``--kill-on-bad-exit=0`` replaces NeMo-Run's ``=1``, with which
-#: the first agent to exit 75 got the other terminated (measured: srun exit 143, no requeue);
-#: srun's ``--wait=60`` and ``train.dist_timeout_s`` still end stragglers.
+#: srun options of a multi-node train job after NeMo-Run's: ``--label`` prefixes lines with the
+#: node; ``--kill-on-bad-exit=0`` overrides ``=1``, with which the first agent to exit 75 got the
+#: others killed (srun exit 143, no requeue); ``--wait=60`` and dist_timeout_s end stragglers.
 TRAIN_SRUN_ARGS = ["--label", "--kill-on-bad-exit=0"]
 #: Integer fields of a profile and their least value.
 _INT_FIELDS = {"gpus_per_node": 0, "nodes": 1, "nproc_per_node": 1, "cpus_per_task": 1}
