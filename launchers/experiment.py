@@ -268,9 +268,12 @@ class _Planner:
                 f"run {run.name}: data.cache is false, so there is no store to prepare"
             )
             return after
-        tokenizer = tokenizer_spec(cfg.init)
-        if tokenizer is None:  # a backbone converted from --hf: its tokenizer is not there yet
-            return after
+        # a backbone converted from --hf: the store is keyed by the tokenizer's content, and
+        # the conversion copies the Hugging Face folder's tokenizer unchanged
+        # (backbone() refused a run with neither a tokenizer nor a checkpoint)
+        tokenizer = tokenizer_spec(cfg.init) or self.options.hf.get(
+            run.model, self.options.hf.get(ANY_MODEL)
+        )
         key = repr((sorted(asdict(cfg.data).items()), tokenizer))
         if key not in self.prepares:
             self.prepares[key] = safe_name(f"prepare-{run.name}")

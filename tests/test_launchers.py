@@ -723,6 +723,20 @@ def test_time_limits_are_read_as_sbatch_reads_them():
         assert time_limit_seconds(bad) is None, bad
 
 
+def test_launch_prepare_with_hf_tokenizes_with_the_hugging_face_folder(tmp_path, smollm2_hf):
+    """``--prepare --hf`` for a recipe that names no tokenizer (the real backbones' recipes):
+    the experiment converts the backbone itself, so the store is prepared with the Hugging Face
+    folder's tokenizer (the conversion copies it unchanged; the store is keyed by content)."""
+    request = RunRequest("figfont", "tiny-llama", "p", overrides=["init.tokenizer=null"])
+    options = LaunchOptions(str(tmp_path), hf={"tiny-llama": str(smollm2_hf)}, prepare=True)
+    plan = plan_experiment("prep-hf", [request], options)
+    (convert,) = [s for s in plan.steps if s.kind == "convert"]
+    (prepare,) = [s for s in plan.steps if s.kind == "prepare"]
+    (train,) = [s for s in plan.steps if s.kind == "train"]
+    assert prepare.args[prepare.args.index("--tokenizer") + 1] == str(smollm2_hf)
+    assert prepare.name in train.after and convert.name in train.after
+
+
 def test_launch_prepare_step_builds_the_store_before_training(tmp_path, smollm2_hf):
     """``--prepare``: one ``probsft data prepare`` step per distinct data setting, before the
     trainings that map its store; run for real through NeMo-Run's LocalExecutor."""
