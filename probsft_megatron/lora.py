@@ -8,6 +8,7 @@ tensor-parallel contract is in docs/lora.md. ``B`` starts at zero, as in PEFT.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -16,11 +17,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from probsft_megatron import compat
 from probsft_megatron.config import LORA_TARGETS, PeftConfig
@@ -46,6 +42,8 @@ class _LoRAMixin:
     lora_target: str
 
     def _add_adapters(self, peft: PeftConfig, target: str, column: bool) -> None:
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
         r = int(peft.rank)
         if column:  # B is split along out (dim 0) like W
             a_shape, b_shape = (r, self.input_size), (self.output_size_per_partition, r)
@@ -71,6 +69,9 @@ class _LoRAMixin:
 
     def _with_adapter(self, sd: dict, name: str, dim: int, prefix: str, offsets) -> dict:
         """``sd`` plus the TP-split adapter ``name`` (split along ``dim``, gated fc1 in halves)."""
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
         part = make_sharded_tensors_for_checkpoint(
             {name: getattr(self, name)}, prefix, {name: dim}, offsets
         )
@@ -79,57 +80,72 @@ class _LoRAMixin:
         return sd | part
 
 
-class LoRAColumnParallelLinear(_LoRAMixin, ColumnParallelLinear):
-    """``A`` ``[r, in]`` replicated over TP, ``B`` ``[out/TP, r]``; returns this rank's
-    output shard of ``W x + s B A x``."""
+@functools.cache
+def _column_class():
+    from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    def __init__(self, *args, peft: PeftConfig, lora_target: str, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._add_adapters(peft, lora_target, column=True)
-        if self.sequence_parallel:
-            self.lora_A.sequence_parallel = True
+    class LoRAColumnParallelLinear(_LoRAMixin, ColumnParallelLinear):
+        """``A`` ``[r, in]`` replicated over TP, ``B`` ``[out/TP, r]``; returns this rank's
+        output shard of ``W x + s B A x``."""
 
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        out = super()._forward_impl(input, weight, *args, **kwargs)
-        if weight is not self.weight:  # not this layer's own weight (never in the spec)
-            return out
-        ax = torch.matmul(self._dropped(input), self.lora_A.t())
-        group = kwargs.get("tp_group")
-        group = self.tp_group if group is None else group
-        if kwargs.get("sequence_parallel"):
-            ax = compat.gather_from_sequence_parallel_region(ax, group)
-        elif kwargs.get("allreduce_dgrad"):
-            ax = compat.copy_to_tensor_parallel_region(ax, group)
-        return out + self.lora_scaling * torch.matmul(ax, self.lora_B.t())
+        def __init__(self, *args, peft: PeftConfig, lora_target: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._add_adapters(peft, lora_target, column=True)
+            if self.sequence_parallel:
+                self.lora_A.sequence_parallel = True
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        return self._with_adapter(sd, "lora_B", 0, prefix, sharded_offsets)
+        def _forward_impl(self, input, weight, *args, **kwargs):
+            out = super()._forward_impl(input, weight, *args, **kwargs)
+            if weight is not self.weight:  # not this layer's own weight (never in the spec)
+                return out
+            ax = torch.matmul(self._dropped(input), self.lora_A.t())
+            group = kwargs.get("tp_group")
+            group = self.tp_group if group is None else group
+            if kwargs.get("sequence_parallel"):
+                ax = compat.gather_from_sequence_parallel_region(ax, group)
+            elif kwargs.get("allreduce_dgrad"):
+                ax = compat.copy_to_tensor_parallel_region(ax, group)
+            return out + self.lora_scaling * torch.matmul(ax, self.lora_B.t())
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+            return self._with_adapter(sd, "lora_B", 0, prefix, sharded_offsets)
+
+    return LoRAColumnParallelLinear
 
 
-class LoRARowParallelLinear(_LoRAMixin, RowParallelLinear):
-    """``A`` ``[r, in/TP]``, ``B`` ``[out, r]`` replicated; the adapter's partial output
-    joins the base layer's before megatron's TP reduction."""
+@functools.cache
+def _row_class():
+    from megatron.core.tensor_parallel import RowParallelLinear
 
-    def __init__(self, *args, peft: PeftConfig, lora_target: str, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._add_adapters(peft, lora_target, column=False)
+    class LoRARowParallelLinear(_LoRAMixin, RowParallelLinear):
+        """``A`` ``[r, in/TP]``, ``B`` ``[out, r]`` replicated; the adapter's partial output
+        joins the base layer's before megatron's TP reduction."""
 
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        out = super()._forward_impl(input, weight, *args, **kwargs)
-        b = self.lora_B
-        if _tp_rank_size(self.tp_group)[1] > 1:
-            b = compat.copy_to_tensor_parallel_region(b, self.tp_group)
-        ax = torch.matmul(self._dropped(input), self.lora_A.t())
-        return out + self.lora_scaling * torch.matmul(ax, b.t())
+        def __init__(self, *args, peft: PeftConfig, lora_target: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._add_adapters(peft, lora_target, column=False)
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        return self._with_adapter(sd, "lora_A", 1, prefix, sharded_offsets)
+        def _forward_impl(self, input, weight, *args, **kwargs):
+            out = super()._forward_impl(input, weight, *args, **kwargs)
+            b = self.lora_B
+            if _tp_rank_size(self.tp_group)[1] > 1:
+                b = compat.copy_to_tensor_parallel_region(b, self.tp_group)
+            ax = torch.matmul(self._dropped(input), self.lora_A.t())
+            return out + self.lora_scaling * torch.matmul(ax, b.t())
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+            return self._with_adapter(sd, "lora_A", 1, prefix, sharded_offsets)
+
+    return LoRARowParallelLinear
 
 
 def lora_layer_spec(spec, peft: PeftConfig):
     """A local-spec layer ``spec`` with the target linears built as LoRA linears (in place)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
     attn = spec.submodules.self_attention.submodules
     mlp = spec.submodules.mlp.submodules
     holders = {"linear_qkv": attn, "linear_proj": attn, "linear_fc1": mlp, "linear_fc2": mlp}
@@ -143,7 +159,7 @@ def lora_layer_spec(spec, peft: PeftConfig):
                 f"{getattr(current, '__name__', current)} here (Transformer Engine layers); "
                 "use train.attention=sdpa or local"
             )
-        module = LoRAColumnParallelLinear if column else LoRARowParallelLinear
+        module = _column_class() if column else _row_class()
         lora = ModuleSpec(module=module, params={"peft": peft, "lora_target": target})
         setattr(holder, target, lora)
     return spec

@@ -32,6 +32,10 @@ from probsft_megatron.errors import CheckpointError, ConfigError
 
 PEFT = PeftConfig(method="lora", rank=8, alpha=16.0)
 TOL = 2e-4  # fp32 logits, HF vs Megatron (the base mapping alone is ~1e-6 on tiny models)
+# merged weights W + (alpha/r) B A round differently from W x + (alpha/r) B (A x): on
+# SmolLM2 (30 layers, B std 0.02) the fp32 logits differ by 1e-4 to 3e-4 with the CPU's
+# kernels (2.85e-4 on one machine, under 2e-4 on another); the control differs by ~3.5
+MERGED_TOL = 1e-3
 
 
 def _tokens(vocab: int) -> torch.Tensor:
@@ -123,8 +127,8 @@ def _round_trip(hf_dir, base_dir, tmp_path, b_std):
         "base (control)": (base - megatron).abs().max().item(),
     }
     print({k: f"{v:.2e}" for k, v in diffs.items()})
-    assert diffs["peft"] < TOL and diffs["merged"] < TOL, diffs
-    assert diffs["base (control)"] > 100 * TOL, diffs
+    assert diffs["peft"] < TOL and diffs["merged"] < MERGED_TOL, diffs
+    assert diffs["base (control)"] > 100 * MERGED_TOL, diffs
     return path
 
 
