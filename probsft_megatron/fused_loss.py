@@ -18,18 +18,15 @@ from probsft_megatron.loss import (
     MicroBatchPercentile,
     ObjectiveLoss,
     Threshold,
+    group_size,
     loss_triple,
 )
 from probsft_megatron.objectives import Objective
 
 
-def _tp_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
 def _reduce_partials(partials: Tensor, group) -> None:
     """In-place all-reduce SUM of ``[target logit (0 where not owned), local sum of exp]``."""
-    if _tp_size(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(partials, op=dist.ReduceOp.SUM, group=group)
 
 
@@ -38,7 +35,7 @@ def _chunk_ce(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_start: int, 
     ``(ce, exp(logits - max), sum_exp, local_target, owned)``, all float32 but the last two."""
     logits = torch.mm(hidden, weight.t()).float()
     logits_max = logits.max(dim=1).values
-    if _tp_size(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
     logits.sub_(logits_max.unsqueeze(1))
     local = labels - vocab_start
@@ -49,9 +46,8 @@ def _chunk_ce(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_start: int, 
     logits.exp_()
     partials = torch.stack([target, logits.sum(dim=1)])
     _reduce_partials(partials, group)
-    target, sum_exp = partials[0], partials[1]
-    ce = torch.log(sum_exp) - target
-    return ce, logits, sum_exp, local, owned
+    target, sum_exp = partials
+    return torch.log(sum_exp) - target, logits, sum_exp, local, owned
 
 
 def _ce_only(
@@ -71,12 +67,11 @@ def _accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, hidden: Tensor) ->
     if grad_logits.dtype == acc.dtype and hidden.dtype == acc.dtype:
         acc.addmm_(grad_logits.t(), hidden)
         return
-    rows = acc.shape[0]
     blocks = max(1, -(-hidden.shape[1] // max(grad_logits.shape[0], 1)))
-    step = -(-rows // blocks)
-    for start in range(0, rows, step):
-        end = min(start + step, rows)
-        acc[start:end].add_(torch.mm(grad_logits[:, start:end].t(), hidden))
+    step = -(-acc.shape[0] // blocks)
+    for start in range(0, acc.shape[0], step):
+        rows = slice(start, start + step)
+        acc[rows].add_(torch.mm(grad_logits[:, rows].t(), hidden))
 
 
 class _LinearObjective(torch.autograd.Function):
@@ -103,12 +98,9 @@ class _LinearObjective(torch.autograd.Function):
         ce = torch.empty(n, dtype=torch.float32, device=hidden.device)
         keep = torch.empty(n, dtype=torch.bool, device=hidden.device)
         d_hidden = torch.empty_like(hidden)
-        if not need_weight_grad:
-            d_weight = None  # a frozen output weight: no weight-gradient work at all
-        elif main_grad is None:
+        d_weight = main_grad if need_weight_grad else None  # None: a frozen output weight
+        if need_weight_grad and main_grad is None:
             d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        else:
-            d_weight = main_grad
         arange = torch.arange(min(chunk_size, n), device=hidden.device)
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
@@ -162,18 +154,15 @@ def _response_rows(
 ):
     """The response rows after megatron's output-layer collective: ``(h [N, h], y [N],
     response [b, s], full, vocab_start)``; ``full`` scatters row values back to ``[b, s]``."""
-    if hidden.dtype != weight.dtype:
-        # e.g. megatron's Float16Module hands the last stage's output back in float32; the
-        # unfused output layer multiplies in the weight's dtype, and so does this
-        hidden = hidden.to(weight.dtype)
-    tp = _tp_size(tp_group)
-    if tp > 1:
-        if sequence_parallel:
-            hidden = compat.gather_from_sequence_parallel_region(
-                hidden.transpose(0, 1), tp_group
-            ).transpose(0, 1)
-        else:
-            hidden = compat.copy_to_tensor_parallel_region(hidden, tp_group)
+    # e.g. megatron's Float16Module hands the last stage's output back in float32; the
+    # unfused output layer multiplies in the weight's dtype, and so does this
+    hidden = hidden.to(weight.dtype)
+    tp = group_size(tp_group)
+    if tp > 1 and sequence_parallel:
+        hidden = compat.gather_from_sequence_parallel_region(hidden.transpose(0, 1), tp_group)
+        hidden = hidden.transpose(0, 1)
+    elif tp > 1:
+        hidden = compat.copy_to_tensor_parallel_region(hidden, tp_group)
     b, s = labels.shape
     if hidden.dim() != 3 or tuple(hidden.shape[:2]) != (b, s) or hidden.shape[2] != weight.shape[1]:
         raise ValueError(
@@ -196,6 +185,7 @@ def _response_rows(
 
 
 def _check_chunk(chunk: int) -> int:
+    chunk = int(chunk)
     if chunk < 1:
         raise ConfigError(f"loss.chunk_size={chunk} is invalid; use a positive number of tokens")
     return chunk
@@ -216,7 +206,7 @@ def fused_token_ce(
         h, y, _, full, vocab_start = _response_rows(
             hidden, weight, labels, loss_mask, tp_group, sequence_parallel
         )
-        return full(_ce_only(h, weight, y, _check_chunk(int(chunk_size)), vocab_start, tp_group))
+        return full(_ce_only(h, weight, y, _check_chunk(chunk_size), vocab_start, tp_group))
 
 
 def fused_objective_loss(
@@ -238,9 +228,7 @@ def fused_objective_loss(
     ``weight_grad``: ``main_grad`` (DDP's buffer, during the forward), ``autograd`` (into
     ``weight.grad``) or ``auto`` (``main_grad`` when the weight has one).
     """
-    chunk = _check_chunk(
-        objective_loss.config.chunk_size if chunk_size is None else int(chunk_size)
-    )
+    chunk = _check_chunk(objective_loss.config.chunk_size if chunk_size is None else chunk_size)
     if weight_grad not in ("auto", "main_grad", "autograd"):
         raise ValueError(
             f"weight_grad={weight_grad!r} is invalid; use 'auto', 'main_grad' or 'autograd'"
@@ -256,15 +244,13 @@ def fused_objective_loss(
     h, y, response, full, vocab_start = _response_rows(
         hidden, weight, labels, loss_mask, tp_group, sequence_parallel
     )
-    threshold = objective_loss.threshold(threshold)
+    q = objective_loss.threshold(threshold)
     wants_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    if not wants_grad:
+    if not wants_grad or isinstance(q, MicroBatchPercentile):  # a CE-only pass (no gradient)
         ce = full(_ce_only(h, weight, y, chunk, vocab_start, tp_group))
-        return objective_loss(ce, loss_mask, threshold=threshold, record_p=record_p)
-    q = threshold
-    if isinstance(threshold, MicroBatchPercentile):  # resolved on a CE-only pass first
-        ce = full(_ce_only(h.detach(), weight.detach(), y, chunk, vocab_start, tp_group))
-        q = threshold.resolve(ce, response)
+        if not wants_grad:
+            return objective_loss(ce, loss_mask, threshold=q, record_p=record_p)
+        q = q.resolve(ce, response)
     objective = objective_loss.objective
     setup = (objective, q, chunk, vocab_start, tp_group, main_grad, weight.requires_grad)
     loss_sum, ce, keep = _LinearObjective.apply(h, weight, y, *setup)

@@ -14,17 +14,20 @@ import torch
 import torch.distributed as dist
 
 from probsft_megatron.config import LossConfig
-from probsft_megatron.objectives import Objective, parse_objective, resolve_percentile
+from probsft_megatron.objectives import Objective, parse_objective, resolve_percentile, working_ce
 
 # per-micro-batch statistics, summed over micro-batches and DP ranks by reduce_stats
 STAT_FIELDS = ("loss_sum", "response_tokens", "kept_tokens", "p_sum", "w_sum", "units")
 
 
+def group_size(group) -> int:
+    """The number of ranks of ``group`` (1 without a group or without torch.distributed)."""
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
 def gather_varlen(values: torch.Tensor, group) -> torch.Tensor:
     """All-gather 1-D tensors of different lengths over ``group`` and concatenate them."""
-    if group is None or not dist.is_initialized():
-        return values
-    world = dist.get_world_size(group)
+    world = group_size(group)
     if world == 1:
         return values
     n = torch.tensor([values.numel()], dtype=torch.long, device=values.device)
@@ -55,10 +58,6 @@ class MicroBatchPercentile:
 Threshold = float | None | MicroBatchPercentile
 
 
-def _work_dtype(ce: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(ce.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
-
-
 def sample_weights(
     loss_mask: torch.Tensor, position_ids: torch.Tensor | None, unit: str = "example"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,10 +72,8 @@ def sample_weights(
         torch.zeros_like(trained) if position_ids is None else position_ids.to(mask.device) == 0
     )
     starts[:, 0] = True  # a row never continues the previous row's unit
-    if unit == "turn":
-        before = torch.zeros_like(trained)
-        before[:, 1:] = trained[:, :-1]
-        starts = starts | (trained & ~before)
+    if unit == "turn":  # a run of trained labels starts a turn
+        starts[:, 1:] |= trained[:, 1:] & ~trained[:, :-1]
     ids = torch.cumsum(starts.reshape(-1).to(torch.long), 0) - 1
     totals = torch.zeros(int(ids[-1]) + 1 if ids.numel() else 0, dtype=mask.dtype)
     totals = totals.to(mask.device).index_add_(0, ids, mask.reshape(-1))
@@ -100,15 +97,15 @@ def objective_loss(
     per-token CE ``[b, s]`` and the token weights ``loss_mask`` (0: not trained). A percentile
     objective needs ``threshold``; ``record_p`` adds the response tokens' ``"p"``.
     """
-    ce = ce.to(_work_dtype(ce))
+    ce = working_ce(ce)
     loss_mask = loss_mask.to(ce.device)
     response = loss_mask > 0
     weights, units = loss_mask, None
     if normalization == "sample":
         weights, units = sample_weights(loss_mask, position_ids, sample_unit)
     q = threshold
-    if isinstance(threshold, MicroBatchPercentile):
-        q = threshold.resolve(ce, response)
+    if isinstance(q, MicroBatchPercentile):
+        q = q.resolve(ce, response)
     if objective.needs_percentile and q is None:
         raise ValueError(
             f"objective {objective.name} has a percentile threshold: pass the "
@@ -141,7 +138,7 @@ def loss_triple(
         counted = keep if normalization == "kept" else response
         num_tokens = counted.sum().to(torch.int)
     with torch.no_grad():
-        ce = ce.detach().to(_work_dtype(ce))
+        ce = working_ce(ce.detach())
         keep_f, resp_f = keep.to(ce.dtype), response.to(ce.dtype)
         stats = torch.stack(
             [
@@ -162,7 +159,7 @@ def loss_triple(
 def token_ce_triple(ce: torch.Tensor, loss_mask: torch.Tensor):
     """A measuring loss triple: zero loss and count, and each row's response-token CE."""
     response = loss_mask.to(ce.device) > 0
-    detached = ce.detach().to(_work_dtype(ce))
+    detached = working_ce(ce.detach())
     rows = [detached[row][response[row]] for row in range(ce.shape[0])]
     return ce.sum() * 0.0, torch.zeros((), dtype=torch.int), {"token_ce": rows}
 
@@ -174,11 +171,10 @@ class ObjectiveLoss:
     __slots__ = ("config", "objective", "dp_group")
 
     def __init__(self, config: LossConfig, dp_group=None) -> None:
-        object.__setattr__(self, "config", config)
         # the section's own parse (``auto`` has none: parse_objective refuses it in one line)
-        objective = config.parsed_objective
-        object.__setattr__(self, "objective", objective or parse_objective(config.objective))
-        object.__setattr__(self, "dp_group", dp_group)
+        objective = config.parsed_objective or parse_objective(config.objective)
+        for name, value in zip(self.__slots__, (config, objective, dp_group)):
+            object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"ObjectiveLoss is immutable (cannot set {name!r})")
@@ -231,13 +227,9 @@ def reduce_stats(
     if not parts:
         return {}
     extra = dict(extra or {})
-    total = torch.cat(
-        [
-            torch.stack(parts).sum(0),
-            torch.tensor(list(extra.values()), dtype=torch.float64, device=parts[0].device),
-        ]
-    )
-    if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+    counts = torch.tensor(list(extra.values()), dtype=torch.float64, device=parts[0].device)
+    total = torch.cat([torch.stack(parts).sum(0), counts])
+    if group_size(dp_group) > 1:
         dist.all_reduce(total, group=dp_group)
     values = total.tolist()
     s = dict(zip(STAT_FIELDS, values))

@@ -79,7 +79,7 @@ _FAMILIES = {
 }
 
 
-def _work(ce: Tensor) -> Tensor:
+def working_ce(ce: Tensor) -> Tensor:
     """``ce`` in at least float32 (half-precision ``ce`` loses p near 1)."""
     return ce.float() if ce.dtype in (torch.float16, torch.bfloat16) else ce
 
@@ -89,7 +89,7 @@ class _WeightedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ce: Tensor, objective: Objective) -> Tensor:
-        work = _work(ce)
+        work = working_ce(ce)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(objective.weight_from_ce(work))
         ctx.ce_dtype = ce.dtype
@@ -137,7 +137,7 @@ class Objective:
     def loss_from_ce(self, ce: Tensor) -> Tensor:
         """Elementwise ``f(p)`` (no threshold), whose backward is exactly ``w(p)`` (autograd
         through ``expm1`` would round it for tiny p); half precision is computed in float32."""
-        return _work(ce).clone() if self._power == 0 else _WeightedLoss.apply(ce, self)
+        return working_ce(ce).clone() if self._power == 0 else _WeightedLoss.apply(ce, self)
 
     def _loss_values(self, ce: Tensor) -> Tensor:
         """``f(p)`` without autograd, for ``ce`` already in the working dtype."""
@@ -150,7 +150,7 @@ class Objective:
     def weight_from_ce(self, ce: Tensor) -> Tensor:
         """Elementwise ``w(p) = -f'(p) * p`` (the factor on the NLL gradient), without grad."""
         with torch.no_grad():
-            ce, a = _work(ce), self._power
+            ce, a = working_ce(ce), self._power
             if a is None:  # p / (1 - p) = 1 / expm1(ce), capped where 1 - p = eps
                 return 1.0 / torch.expm1(ce.clamp(min=_UNLIKELIHOOD_CE0))
             return torch.ones_like(ce) if a == 0 else torch.exp(-a * ce)
@@ -167,7 +167,7 @@ class Objective:
                     "probability from resolve_percentile(), to keep_mask()"
                 )
             q = self.threshold.value
-        p = torch.exp(-_work(ce))
+        p = torch.exp(-working_ce(ce))
         return p >= q if self.threshold.side == "top" else p <= q
 
     def describe(self) -> dict:
