@@ -1,7 +1,6 @@
 """`probsft eval`: evaluate a Hugging Face model folder with vLLM, e.g.
 ``probsft eval --model ckpt/hf --task math500,aime24 --n 16 --temperature 1 --out results/``.
-Every argument is checked (:func:`check_args`) before a model, tokenizer or engine loads.
-"""
+Every argument is checked (:func:`check_args`) before a model, tokenizer or engine loads."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
 """Answer extraction and grading: every grader maps ``(completion, reference)`` to a
-:class:`Grade`. The conventions (math extraction and equivalence, choice letters, exact,
-Jaro-Winkler) are in docs/eval.md; tests/data/grader_pairs.jsonl pins the math verdicts.
-"""
+:class:`Grade` (conventions: docs/eval.md; tests/data/grader_pairs.jsonl pins math verdicts)."""
 
 from __future__ import annotations
 
@@ -13,14 +11,15 @@ from decimal import Decimal
 from fractions import Fraction
 
 from probsft_megatron.errors import ConfigError
+from probsft_megatron.tasks_gen import number_words
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 
 
 @dataclass(frozen=True)
 class Grade:
-    """One graded completion; ``source`` is where a math answer came from (``"boxed"``,
-    ``"statement"``), ``None`` when nothing was extracted or for other graders."""
+    """One graded completion; ``source``: where a math answer came from (boxed, statement)."""
 
     extracted: str | None
     correct: bool
@@ -29,8 +28,7 @@ class Grade:
 
 
 def _boxes(text: str) -> list[tuple[int, int, str]]:
-    """Every complete ``\\boxed``/``\\fbox`` as (start, end, content), in order; braces
-    matched, ``\\boxed 5`` is the following token, an unclosed box is skipped."""
+    """Every complete ``\\boxed``/``\\fbox`` as (start, end, content), in order."""
     found = []
     for match in _BOXED.finditer(text):
         pos = match.end()
@@ -60,8 +58,7 @@ _BOX_GAP = re.compile(r"^(?:,|;|and|or|,and|,or|&)?(?:[A-Za-z](?:_\{?\w+\}?)?=)?
 
 
 def _final_boxed(text: str) -> str | None:
-    """The last boxed answer, joined with the boxes right before it when only a separator
-    stands between them (``\\boxed{2} and \\boxed{3}`` -> ``2, 3``); ``None`` without a box."""
+    """The last boxed answer with the boxes only separators precede (``2, 3``), or ``None``."""
     boxes = _boxes(text)
     if not boxes:
         return None
@@ -80,8 +77,7 @@ _DELIMITED = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
 def extract_statement(text: str) -> str | None:
-    """X of the last "the answer is X", "final answer is X" or "Answer: X", or ``None``: the
-    math-delimited group after the phrase, else the sentence ("13 apples" -> "13")."""
+    """X of the last "the answer is X" / "final answer is X" / "Answer: X", or ``None``."""
     matches = list(_STATEMENT.finditer(text))
     if not matches:
         return None
@@ -101,32 +97,23 @@ def extract_statement(text: str) -> str | None:
     return answer or None
 
 
-_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
-
-
-def normalize_latex(answer: str) -> str:
-    """Light normalization for display and parsing: ``\\dfrac``/``\\tfrac`` -> ``\\frac``."""
-    return re.sub(r"\\[dt]frac", r"\\frac", answer).strip()
+def _normalized(answer: str) -> str:
+    """``answer`` without unescaped ``$``, ``\\dfrac``/``\\tfrac`` as ``\\frac``."""
+    return re.sub(r"\\[dt]frac", r"\\frac", _UNESCAPED_DOLLAR.sub("", answer)).strip()
 
 
 def boxed_answer(text: str) -> str | None:
-    """The normalized last boxed answer (``$`` inside the box dropped), or ``None``."""
+    """The normalized last boxed answer, or ``None``."""
     boxed = extract_boxed(text)
-    return None if boxed is None else normalize_latex(_UNESCAPED_DOLLAR.sub("", boxed))
+    return None if boxed is None else _normalized(boxed)
 
 
 def extract_math_answer(text: str) -> tuple[str | None, str | None]:
-    """``(answer, source)``: the final boxed answer, else the last answer statement, else
-    ``(None, None)``."""
+    """``(answer, source)``: the final boxed answer, else the last answer statement."""
     answer, source = _final_boxed(text), "boxed"
     if answer is None:
         answer, source = extract_statement(text), "statement"
-    if answer is None:
-        return None, None
-    return normalize_latex(_UNESCAPED_DOLLAR.sub("", answer)), source
-
-
-_REPEATING = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\overline\{(\d+)\}")
+    return (None, None) if answer is None else (_normalized(answer), source)
 
 
 def _repeating_fraction(match: re.Match) -> str:
@@ -137,18 +124,11 @@ def _repeating_fraction(match: re.Match) -> str:
     return f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
 
 
-_NUMBER_WORDS = {
-    word: str(i)
-    for i, word in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-        "fifteen sixteen seventeen eighteen nineteen twenty".split()
-    )
-}
+_NUMBER_WORDS = {number_words(i): str(i) for i in range(21)}  # "seven" -> "7"
 
 
 def _clean(text: str) -> str:
-    """``text`` without what never changes an answer's value (delimiters, spacing, thousands
-    separators, ``\\left``/``\\right``, currency signs, a final period)."""
+    """``text`` without what never changes an answer's value (delimiters, spacing, ...)."""
     s = text.strip()
     s = re.sub(r"(\d)\s*(?:,\s*\\!|\{,\})\s*(?=\d{3})", r"\1", s)  # 32,\!348 and 32{,}348
     s = _UNESCAPED_DOLLAR.sub("", s)
@@ -157,7 +137,7 @@ def _clean(text: str) -> str:
     s = re.sub(r"\\displaystyle|\\!", "", s)
     s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)\b\s*", "", s)
     s = re.sub(r"(?<!\\)\\[,;: ]|~", " ", s)
-    s = _REPEATING.sub(_repeating_fraction, s)
+    s = re.sub(r"(?<![\d.])(\d*)\.(\d*)\\overline\{(\d+)\}", _repeating_fraction, s)
     s = s.replace("\\$", "").replace("−", "-")
     s = re.sub(r"\bnp\.(?=[a-z])", r"\\", s)  # np.arcsin(x) in a reference
     s = re.sub(r"(\d)\.(?!\d)", r"\1", s)  # 1./3 -> 1/3, 5. -> 5
@@ -185,8 +165,7 @@ _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
 
 
 def _strip_units(s: str, bare_units: frozenset[str] = frozenset()) -> tuple[str, frozenset[str]]:
-    """``s`` without trailing units (text groups, listed unit words, degrees) and the units'
-    letters; a bare letter is a unit only if in ``bare_units``; a lone unit stays."""
+    """``s`` without trailing units, and their letters (bare letters only in ``bare_units``)."""
     s = _DEGREES.sub("", s).strip()
     removed: set[str] = set()
     bare = "|".join(re.escape(u) for u in sorted(bare_units, key=len, reverse=True))
@@ -215,8 +194,7 @@ _SCI_TEN = re.compile(
 
 
 def _scientific(s: str):
-    """``(value, half a unit in the last written digit)`` of ``4.5e33`` or
-    ``4.5\\times 10^{33}``, else ``None``."""
+    """``(value, half a unit in the last digit)`` of ``4.5e33``/``4.5\\times 10^{33}``, or None."""
     compact = s.strip()
     match = _SCI_E.match(compact) or _SCI_TEN.match(compact)
     if not match:
@@ -247,8 +225,7 @@ _PERCENT = re.compile(r"\s*(?:\\%|%|\\text\{\s*\\?%\s*\})\s*$")
 
 
 def _percent_forms(s: str, both: bool) -> list[str]:
-    """``s`` without its percent sign, and with ``both`` also as a fraction of 100 (``25\\%``
-    may mean 25 or 1/4); an answer without a percent sign has one form."""
+    """``s`` without its percent sign, with ``both`` also as a fraction of 100 (25 or 1/4)."""
     bare = _PERCENT.sub("", s).strip()
     if bare == s.strip() or not bare:
         return [s]
@@ -259,9 +236,7 @@ def _percent_forms(s: str, both: bool) -> list[str]:
     return [bare, f"\\frac{{{bare}}}{{100}}"]
 
 
-# Seconds per math-verify parse or comparison (past it: not equal); answers take
-# milliseconds, the margin keeps verdicts stable on a loaded machine.
-MATH_TIMEOUT_S = 10
+MATH_TIMEOUT_S = 10  # per math-verify parse or comparison (past it: not equal), a wide margin
 
 
 def _parse(s: str) -> list:
@@ -301,16 +276,14 @@ def _words(s: str) -> str | None:
 
 
 def _choice(s: str, parenthesized: bool = True) -> str | None:
-    """The option letter of ``(C)``, ``\\text{(C)}`` or ``\\textbf{(C)}`` (also ``C`` and
-    ``\\text{C}`` unless ``parenthesized``), else ``None``."""
+    """The option letter of ``(C)`` or ``\\text{(C)}`` (bare ``C`` unless ``parenthesized``)."""
     inner = re.sub(r"\\(?:text|textbf|mathrm)\s*\{([^{}]*)\}", r"\1", s).strip()
     match = re.fullmatch(r"\(\s*([A-E])\s*\)" if parenthesized else r"\(?\s*([A-E])\s*\)?", inner)
     return match.group(1) if match else None
 
 
 def math_equal(reference: str, answer: str) -> bool:
-    """Whether ``answer`` is mathematically equivalent to ``reference`` (rules and measured
-    accuracy: docs/eval.md)."""
+    """Whether ``answer`` is mathematically equivalent to ``reference`` (docs/eval.md)."""
     ref, ans = _clean(reference), _clean(answer)
     if not ans or not ref:
         return False
@@ -352,8 +325,7 @@ _CHOICE_PATTERNS = (
 
 
 def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
-    """The option letter (in ``letters``) of the last ``\\boxed{X}``, else the last "answer is
-    X", else "Answer: X", else a completion that is only the letter; or ``None``."""
+    """The option letter of the last ``\\boxed{X}``, "answer is X", "Answer: X" or bare letter."""
     if (boxed := extract_boxed(text)) is not None:
         stripped = re.sub(r"\\text\{([^}]*)\}", r"\1", boxed).strip(" ().")
         if len(stripped) == 1 and stripped.upper() in letters:
@@ -379,24 +351,21 @@ def grade_exact(completion: str, reference: str) -> Grade:
 
 
 def jaro_winkler(a: str, b: str, prefix_scale: float = 0.1, max_prefix: int = 4) -> float:
-    """Jaro-Winkler similarity in [0, 1]; the prefix bonus applies at any Jaro value (no
-    0.7 threshold)."""
+    """Jaro-Winkler similarity in [0, 1], the prefix bonus at any Jaro value (no 0.7 threshold)."""
     if a == b:
         return 1.0
     if not a or not b:
         return 0.0
     window = max(max(len(a), len(b)) // 2 - 1, 0)
-    a_matched, b_matched = [False] * len(a), [False] * len(b)
-    matches = 0
+    b_matched, a_seq = [False] * len(b), []  # a's matched characters, in order
     for i, ch in enumerate(a):
         for j in range(max(0, i - window), min(len(b), i + window + 1)):
             if not b_matched[j] and b[j] == ch:
-                a_matched[i] = b_matched[j] = True
-                matches += 1
+                b_matched[j] = True
+                a_seq.append(ch)
                 break
-    if matches == 0:
+    if not (matches := len(a_seq)):
         return 0.0
-    a_seq = [ch for ch, hit in zip(a, a_matched) if hit]
     b_seq = [ch for ch, hit in zip(b, b_matched) if hit]
     transpositions = sum(x != y for x, y in zip(a_seq, b_seq)) / 2
     jaro = (matches / len(a) + matches / len(b) + (matches - transpositions) / matches) / 3

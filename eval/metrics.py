@@ -1,6 +1,5 @@
 """Sampling metrics: avg@n, the unbiased pass@k of Chen et al. 2021 (``1 - C(n - c, k) /
-C(n, k)`` for ``c`` correct of ``n``), and the answer-format rates of extracting graders.
-"""
+C(n, k)`` for ``c`` correct of ``n``), and the answer-format rates of extracting graders."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Prompt formats: a family (``qwen`` ChatML, ``llama`` Llama-3 headers with BOS,
 ``deepseek`` User/Assistant, ``raw``) decides the markup, a task kind the instruction;
-``TEMPLATES[kind][family]`` has one ``{input}`` slot. The paper's format names are aliases.
-"""
+``TEMPLATES[kind][family]`` has one ``{input}`` slot. The paper's format names are aliases."""
 
 from __future__ import annotations
 
@@ -41,14 +40,9 @@ TEMPLATES: dict[str, dict[str, str]] = {
     "custom": _every_family("{input}", None),
 }
 
-STOP_STRINGS = [  # every family's end-of-turn markers
-    "</s>",
-    "<|im_end|>",
-    "<|endoftext|>",
-    "<|eot_id|>",
-    "<|end_of_text|>",
-    "<｜end▁of▁sentence｜>",
-]
+STOP_STRINGS = (  # every family's end-of-turn markers
+    "</s> <|im_end|> <|endoftext|> <|eot_id|> <|end_of_text|> <｜end▁of▁sentence｜>".split()
+)
 
 
 def resolve_family(name: str) -> str:

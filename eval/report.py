@@ -1,7 +1,6 @@
 """Evaluation reports, each written atomically: ``<out>/<task>/samples.jsonl`` (one record
 per problem), ``<out>/<task>/summary.json``, ``<out>/summary.json`` (every task's summary)
-and ``<out>/summary.md`` (the table and the answer-format notes).
-"""
+and ``<out>/summary.md`` (the table and the answer-format notes)."""
 
 from __future__ import annotations
 

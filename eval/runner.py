@@ -1,7 +1,6 @@
 """vLLM generation and :func:`evaluate`: everything a user can get wrong is checked before
 the engine starts; then prompts are rendered, sampled, graded, summarized and reported.
-vLLM starts worker processes: call :func:`evaluate` under ``if __name__ == "__main__":``.
-"""
+vLLM starts worker processes: call :func:`evaluate` under ``if __name__ == "__main__":``."""
 
 from __future__ import annotations
 
@@ -220,11 +219,9 @@ def build_llm(
             dtype = "bfloat16"
     from vllm import LLM
 
-    lora = {}
-    if max_lora_rank is not None:
-        lora = dict(
-            enable_lora=True, max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= max_lora_rank)
-        )
+    if max_lora_rank is not None:  # the smallest of vLLM's ranks that holds it
+        max_lora_rank = min(r for r in VLLM_LORA_RANKS if r >= max_lora_rank)
+    lora = {} if max_lora_rank is None else dict(enable_lora=True, max_lora_rank=max_lora_rank)
     return LLM(
         model=model,
         tensor_parallel_size=tensor_parallel_size,
@@ -300,12 +297,7 @@ def _grade(plan: _Plan, completions: list[list[str]]) -> TaskResult:
     metrics = summarize([r["correct"] for r in samples], scores, extracted, boxed)
     if plan.task.kind == "figfont":
         metrics["exact"] = sum(sum(r["exact"]) / len(r["exact"]) for r in samples) / len(samples)
-    summary = {
-        "task": plan.task.name,
-        "grader": plan.grader,
-        "sampling": plan.sampling,
-        "metrics": metrics,
-    }
+    summary = dict(task=plan.task.name, grader=plan.grader, sampling=plan.sampling, metrics=metrics)
     return TaskResult(plan.task.name, summary, samples)
 
 
@@ -329,23 +321,19 @@ def vllm_root_cause(log_text: str) -> str | None:
     return min(causes, key=lambda c: c[0])[1] if causes else None  # the first non-wrapper
 
 
-class _Tee:
-    """What is written to ``fd`` (also by child processes such as vLLM's engine) goes to
-    ``log`` and, until an error or a traceback starts, to where ``fd`` pointed before."""
+def _tee(fd: int, log) -> int:
+    """What is written to ``fd`` (vLLM's engine processes too) goes to ``log`` and, until an
+    error or a traceback starts, to where ``fd`` pointed before (its returned duplicate)."""
+    saved = os.dup(fd)
+    read, write = os.pipe()
+    os.dup2(write, fd)
+    os.close(write)
 
-    def __init__(self, fd: int, log) -> None:
-        self.fd, self.log = fd, log
-        self.saved = os.dup(fd)
-        read, write = os.pipe()
-        os.dup2(write, fd)
-        os.close(write)
-        threading.Thread(target=self._pump, args=(read,), daemon=True).start()
-
-    def _pump(self, read: int) -> None:
+    def pump() -> None:
         quiet, pending = False, b""
         while data := os.read(read, 65536):
-            self.log.write(data)
-            self.log.flush()
+            log.write(data)
+            log.flush()
             if quiet:
                 continue
             pending += data
@@ -357,12 +345,11 @@ class _Tee:
                 cut = max(pending.rfind(b"\n"), pending.rfind(b"\r")) + 1
                 data, pending = pending[:cut], pending[cut:]
             if data:
-                os.write(self.saved, data)
+                os.write(saved, data)
         os.close(read)
 
-    def restore(self) -> None:
-        """Point ``fd`` back; the pump runs on for processes still holding the pipe."""
-        os.dup2(self.saved, self.fd)
+    threading.Thread(target=pump, daemon=True).start()
+    return saved
 
 
 @contextmanager
@@ -374,7 +361,7 @@ def vllm_output(log_path: str | os.PathLike) -> Iterator[Path]:
     log = open(log_path, "ab")  # the pumps write it as long as any writer remains
     sys.stdout.flush()
     sys.stderr.flush()
-    tees = [_Tee(1, log), _Tee(2, log)]
+    saved = {fd: _tee(fd, log) for fd in (1, 2)}
     try:
         yield log_path
     except ProbsftError:
@@ -391,8 +378,8 @@ def vllm_output(log_path: str | os.PathLike) -> Iterator[Path]:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        for tee in tees:
-            tee.restore()
+        for fd, previous in saved.items():  # the pumps run on for processes holding the pipes
+            os.dup2(previous, fd)
 
 
 def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:

@@ -1,6 +1,5 @@
 """The evaluation tasks: where each task's examples come from, how they are prompted and
-graded, and the paper's default sampling settings (the table in docs/eval.md).
-"""
+graded, and the paper's default sampling settings (the table in docs/eval.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +11,8 @@ from itertools import islice
 from pathlib import Path
 
 from probsft_megatron.errors import ConfigError, DataError
+from probsft_megatron.eval.graders import boxed_answer
+from probsft_megatron.figfont import figfont_records
 
 
 @dataclass(frozen=True)
@@ -79,25 +80,6 @@ def _field(row: dict, names: tuple[str, ...], path: Path, lineno: int, flag: str
     )
 
 
-def _last_boxed(solution: str) -> str:
-    from probsft_megatron.eval.graders import boxed_answer
-
-    return boxed_answer(solution) or ""
-
-
-def _gsm8k_answer(answer: str) -> str:
-    return answer.split("####")[-1].strip().replace(",", "")
-
-
-def _joined(answer: object) -> str:
-    return ",".join(answer) if isinstance(answer, list) else str(answer)
-
-
-def _olympiad_text(row: dict, question: str) -> str:
-    context = row.get("context")
-    return f"{context}\n{question}" if context else question
-
-
 def _data_path(options: DataOptions, name: str, filename: str | None) -> Path:
     """``--data``, else the copy shipped in ``eval/data``; tasks without one need ``--data``."""
     if options.path:
@@ -136,8 +118,6 @@ def _jsonl_loader(
 
 
 def _load_figfont(options: DataOptions, limit: int | None) -> list[Example]:
-    from probsft_megatron.figfont import figfont_records
-
     return [
         Example(str(r["index"]), r["prompt"], r["response"], {"font": r["font"]})
         for r in figfont_records("test", n=limit)
@@ -172,17 +152,23 @@ def _load_medical(options: DataOptions, limit: int | None) -> list[Example]:
     return examples
 
 
+_MATH_REFERENCES = {  # how a math task's reference field becomes its answer (default: str)
+    "minerva_math": lambda solution: boxed_answer(solution) or "",
+    "olympiadbench": lambda answer: ",".join(answer) if isinstance(answer, list) else str(answer),
+    "gsm8k": lambda answer: answer.split("####")[-1].strip().replace(",", ""),
+}
+
+
 def _math_task(
     name: str,
     description: str,
     questions: tuple[str, ...],
     reference: str = "answer",
-    to_ref: Callable = str,
     to_text: Callable | None = None,
     filename: str | None = None,
 ) -> Task:
-    source = (filename or f"{name}.jsonl", questions, (reference,), to_ref, to_text)
-    load = _jsonl_loader(name, *source)
+    refs = _MATH_REFERENCES.get(name, str)
+    load = _jsonl_loader(name, filename or f"{name}.jsonl", questions, (reference,), refs, to_text)
     return Task(name, "math", "math", description, load, 16, 1.0, 1.0, 4096)
 
 
@@ -192,19 +178,18 @@ TASKS: dict[str, Task] = {
         _math_task(
             "math500", "MATH500 test problems (500)", ("problem",), filename="math_oai.jsonl"
         ),
-        _math_task("minerva_math", "Minerva math (272)", ("problem",), "solution", _last_boxed),
+        _math_task("minerva_math", "Minerva math (272)", ("problem",), "solution"),
         _math_task(
             "olympiadbench",
             "OlympiadBench, English text-only (675)",
             ("question",),
             "final_answer",
-            _joined,
-            _olympiad_text,
+            lambda row, q: f"{row['context']}\n{q}" if row.get("context") else q,
         ),
         _math_task("aime24", "AIME 2024 (30)", ("problem", "question")),
         _math_task("aime25", "AIME 2025 (30)", ("question", "problem")),
         _math_task("amc23", "AMC 2023 (40)", ("question", "problem")),
-        _math_task("gsm8k", "GSM8K test (1319)", ("question",), "answer", _gsm8k_answer),
+        _math_task("gsm8k", "GSM8K test (1319)", ("question",)),
         Task(
             "figfont",
             "figfont",

@@ -1,8 +1,6 @@
-"""Small generated SFT tasks that span the model-capability continuum (offline, verifiable).
-
-Each task draws records from a fixed pool of items (number pairs, ranges, words) by a seeded
-generator; a stable hash puts each item in one split, so no test question is trained. The
-tasks: docs/continuum.md."""
+"""Small generated SFT tasks that span the model-capability continuum (docs/continuum.md):
+records drawn from a fixed pool of items by a seeded generator; a stable hash puts each item
+in one split, so no test question is trained."""
 
 from __future__ import annotations
 
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from probsft_megatron.errors import ConfigError, DataError
+from probsft_megatron.figfont import figfont_records
 
 SPLITS = ("train", "test")
 TEST_SHARE = 4
@@ -29,9 +28,8 @@ _ONES = (
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 # Common English words of 2-6 letters (no proper nouns), the pool of the word tasks.
-WORDS = tuple(
-    dict.fromkeys(
-        """
+WORDS = frozenset(
+    """
 able acid aged also area army away baby back ball band bank base bath bear beat bed bell belt best
 bird blow blue boat body bone book boot born boss both bowl box boy bread bus busy cake call calm
 camp card care cart case cash cat cell chat chef city clay club coal coat code cold cook cool copy
@@ -63,7 +61,6 @@ goat gulf harp hawk herb hive hook hoop horn jade kelp knee knot lace lamb lime 
 mill mole moss moth mule nose nut opal pear pest pine pole puma rake reef rope rust sack seal shed
 silo slab sled slug snail sofa swan tent toad tusk vase vest vine wasp whip yarn
 """.split()
-    )
 )
 
 
@@ -83,9 +80,8 @@ WORD_TEST_SHARE = 3
 
 
 def _is_test(task: str, item: Any) -> bool:
-    """Whether pool item ``item`` of ``task`` is a test item: a CRC of its repr (of the word
-    for word tasks; of the number pair for self-addition, so no test pair is trained under
-    any phrasing)."""
+    """Whether ``item`` of ``task`` is a test item: a CRC of the word, else of the number pair's
+    repr (self-addition's phrasing left out: no test pair is trained under any phrasing)."""
     if task in WORD_TASKS:
         return zlib.crc32(item.encode()) % WORD_TEST_SHARE == 0
     if task == "self-addition":
@@ -98,9 +94,8 @@ def _is_test(task: str, item: Any) -> bool:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A generated task: its pool of items, how an item becomes a record, how to corrupt one.
-    ``max_length``: the ``data.max_length`` every example needs with SmolLM2's template;
-    ``grader`` and ``max_new_tokens``: how ``probsft eval`` grades the test split."""
+    """A generated task: its pool of items, how an item becomes a record, how to corrupt one;
+    ``max_length``: the ``data.max_length`` every example needs with SmolLM2's template."""
 
     name: str
     description: str
@@ -126,8 +121,7 @@ def _wrong_sum(total: int, rng: random.Random) -> int:
 
 def _sums(prompt: str | None, answer: str, words: bool = False):
     """``(make, wrong)`` of an addition task over items ``(a, b[, phrasing])``: ``prompt``
-    (None: the item's :data:`SELF_TEMPLATES` phrasing) and ``answer`` format ``a``, ``b`` and
-    the sum ``s`` (in words with ``words``); a wrong answer's sum is off by 1-10."""
+    (None: the item's phrasing) and ``answer`` format ``a``, ``b`` and the sum ``s``."""
 
     def text(item, total: int) -> str:
         return answer.format(a=item[0], b=item[1], s=number_words(total) if words else total)
@@ -157,8 +151,7 @@ def _count_wrong(item, rng):
 
 
 def _scrambled(word: str, rng: random.Random) -> str:
-    """``word`` with its letters shuffled, never ``word`` itself; a word whose letters have
-    no other order ("zz", "a") gets one letter replaced instead."""
+    """``word`` shuffled, never ``word`` itself (one letter replaced if no other order exists)."""
     for _ in range(20):
         letters = list(word)
         rng.shuffle(letters)
@@ -279,16 +272,12 @@ def get_task(name: str) -> TaskSpec:
 
 def records(task: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
     """``n`` records of ``task`` drawn without replacement from ``split``'s pool (all when
-    None) in an order fixed by ``seed``; ``figfont``: the paper's items (``seed`` ignored).
-    A record: ``prompt``, ``response``, ``reference``, ``task``, ``id`` (unique within the
-    split), ``item`` (not for figfont) and ``corrupted``."""
+    None) in an order fixed by ``seed``; ``figfont``: the paper's items (``seed`` ignored)."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if n is not None and n < 1:
         raise ConfigError(f"the number of records must be >= 1, got {n}")
     if task == FIGFONT:
-        from probsft_megatron.figfont import figfont_records
-
         rows = [
             (r["index"], (r["prompt"], r["response"], r["response"]), {})
             for r in figfont_records(split, n=n)
@@ -315,8 +304,7 @@ def records(task: str, split: str = "train", n: int | None = None, seed: int = 0
 
 def corrupt(recs: list[dict], fraction: float, seed: int = 0) -> list[dict]:
     """A copy of ``recs`` with ``round(fraction * len)`` responses (chosen by ``seed``)
-    replaced by the task's plausible wrong answer (``corrupted: true``; the model's own words
-    keep their wording, the sum changed); prompts and references are untouched."""
+    replaced by the task's plausible wrong answer (``corrupted: true``)."""
     if not 0.0 <= fraction <= 1.0:
         raise ConfigError(f"the corrupted fraction must be in [0, 1], got {fraction}")
     rng = random.Random(f"probsft-corrupt:{seed}")
@@ -345,9 +333,8 @@ def _wrong_response(rec: dict, rng: random.Random) -> str:
 
 
 def self_answer_records(questions: list[dict], samples_path: str | Path) -> tuple[list[dict], dict]:
-    """``questions`` joined by ``id`` with their ``probsft eval`` ``samples.jsonl``: each
-    first completion the grader marked correct and that ends a sentence becomes the response
-    (``source: model``). Returns the records and counts ``{"questions", "correct", "kept"}``."""
+    """``questions`` whose first ``samples.jsonl`` completion is correct and ends a sentence, with
+    it as the response (``source: model``), and counts ``{"questions", "correct", "kept"}``."""
     path = Path(samples_path)
     if not path.is_file():
         raise DataError(
@@ -386,9 +373,8 @@ def self_answer_records(questions: list[dict], samples_path: str | Path) -> tupl
 
 
 def render_prompts(recs: list[dict], tokenizer) -> list[dict]:
-    """Evaluation records for ``probsft eval --task custom --prompt-format raw``: each
-    ``prompt`` rendered with ``tokenizer``'s chat template (the one training applies) and
-    ending with the assistant turn's header; the plain question stays in ``question``."""
+    """``recs`` for ``probsft eval --task custom --prompt-format raw``: ``prompt`` rendered with
+    ``tokenizer``'s chat template up to the assistant's turn, the plain one in ``question``."""
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             "the tokenizer has no chat template; evaluate with "
