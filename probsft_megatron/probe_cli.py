@@ -22,7 +22,10 @@ from probsft_megatron.input_checks import DATA_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
-
+REQUIRED = (
+    ("--model", "Megatron model dir, or a Hugging Face folder (converted once, cached)"),
+    ("--data", "recipe (path or name), a .jsonl/.json/.parquet file, or 'figfont'"),
+)
 VALUE_FLAGS = (
     ("--samples", int, None, "examples to probe (a seeded random sample; default 512)"),
     ("--out", str, None, "also write report.json and probe.png into this folder"),
@@ -44,16 +47,8 @@ SWITCHES = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        required=True,
-        help="Megatron model dir, or a Hugging Face folder (converted once, cached)",
-    )
-    p.add_argument(
-        "--data",
-        required=True,
-        help="recipe (path or name), a .jsonl/.json/.parquet file, or 'figfont'",
-    )
+    for flag, help_text in REQUIRED:
+        p.add_argument(flag, required=True, help=help_text)
     for flag, kind, default, help_text in VALUE_FLAGS:
         p.add_argument(flag, type=kind, default=default, help=help_text)
     p.add_argument(

@@ -40,11 +40,7 @@ def _candidate_json(c: Candidate | None) -> dict | None:
         out["per_gpu_gib"] = {k: round(v, 2) for k, v in c.estimate.parts().items()}
         out["worst_stage"] = c.estimate.worst.pp_rank
         out["stages"] = [
-            {
-                "pp_rank": s.pp_rank,
-                "total_gib": _gib(s.total),
-                "in_flight_micro_batches": s.in_flight,
-            }
+            dict(pp_rank=s.pp_rank, total_gib=_gib(s.total), in_flight_micro_batches=s.in_flight)
             for s in c.estimate.stages
         ]
     return out
@@ -57,19 +53,17 @@ def alternatives(model, layout: Layout, workload: Workload) -> dict:
     other = dataclasses.replace(layout, distributed_optimizer=not layout.distributed_optimizer)
     pair = (worst.static, estimate_stage(model, other, workload, worst.pp_rank).static)
     with_dist, without = pair if layout.distributed_optimizer else pair[::-1]
-    no_method = {"recompute_method": None, "recompute_num_layers": None}
+    fields = ("recompute", "recompute_method", "recompute_num_layers")
     recomputes = {
-        "none": dict(no_method, recompute="none"),
-        "selective": dict(no_method, recompute="selective"),
-        "full_uniform_1": dict(
-            recompute="full", recompute_method="uniform", recompute_num_layers=1
-        ),
+        "none": ("none", None, None),
+        "selective": ("selective", None, None),
+        "full_uniform_1": ("full", "uniform", 1),
     }
     acts = {}
     for sp in [False, True] if layout.tp > 1 else [False]:
         row = {}
-        for name, fields in recomputes.items():
-            other = dataclasses.replace(layout, sequence_parallel=sp, **fields)
+        for name, values in recomputes.items():
+            other = dataclasses.replace(layout, sequence_parallel=sp, **dict(zip(fields, values)))
             row[name] = _gib(estimate_stage(model, other, workload, worst.pp_rank).activations)
         acts["sp" if sp else "no_sp"] = row
     head = loss_head(model, layout, workload)

@@ -91,36 +91,24 @@ def candidate_layouts(
 ) -> list[Layout]:
     """Layouts from the cheapest: recompute last (none, selective, full/block with 1, 2, ...
     layers, full/uniform/1); for each, PP ascending and TP ascending within a node."""
-    splits = [
-        (tp, pp)
+    splits = [  # (PP, TP) ascending: the divisors come in ascending order
+        (tp, pp, world_size // (tp * pp))
         for pp in _divisors(world_size)
         for tp in _divisors(world_size // pp)
         if tp <= gpus_per_node
     ]
-    splits.sort(key=lambda x: (x[1], x[0]))
-    out: list[Layout] = []
-
-    def add(**recompute) -> None:
-        for tp, pp in splits:
-            if recompute.get("recompute_num_layers", 0) > model.num_layers // pp:
-                continue
-            out.append(
-                Layout(
-                    tp=tp,
-                    pp=pp,
-                    dp=world_size // (tp * pp),
-                    sequence_parallel=tp > 1,
-                    distributed_optimizer=distributed_optimizer,
-                    **recompute,
-                )
-            )
-
-    add()
-    add(recompute="selective")
-    for n in range(1, model.num_layers + 1):
-        add(recompute="full", recompute_method="block", recompute_num_layers=n)
-    add(recompute="full", recompute_method="uniform", recompute_num_layers=1)
-    return out
+    full = [("block", n) for n in range(1, model.num_layers + 1)] + [("uniform", 1)]
+    recomputes = [{}, {"recompute": "selective"}] + [
+        {"recompute": "full", "recompute_method": m, "recompute_num_layers": n} for m, n in full
+    ]
+    return [
+        Layout(
+            tp, pp, dp, sequence_parallel=tp > 1, distributed_optimizer=distributed_optimizer, **r
+        )
+        for r in recomputes
+        for tp, pp, dp in splits
+        if r.get("recompute_num_layers", 0) <= model.num_layers // pp
+    ]
 
 
 def evaluate(

@@ -132,9 +132,7 @@ def grad_buffer(
     bucket of its own. ``bucket_size`` None (this project's setting) is one bucket."""
     ranges: list[tuple[int, int, int] | None] = [None] * len(params)
     buckets: list[tuple[int, int]] = []
-    unpadded = 0
-    bucket_start = start = end = 0
-    in_bucket = 0
+    unpadded = bucket_start = start = end = in_bucket = 0
 
     def close(bucket_end: int) -> int:
         nonlocal bucket_start, in_bucket, unpadded
@@ -145,8 +143,7 @@ def grad_buffer(
         bucket_start, in_bucket = bucket_end, 0
         return bucket_end
 
-    for i in reversed(range(len(params))):
-        p = params[i]
+    for i, p in reversed(list(enumerate(params))):
         shared = p.shared_embedding and distributed_optimizer
         if distributed_optimizer:
             start = _round_up(start, 64)
@@ -155,10 +152,8 @@ def grad_buffer(
         end = start + p.numel
         ranges[i] = (start, end, len(buckets))
         in_bucket += 1
-        if (bucket_size is not None and end - bucket_start >= bucket_size) or shared:
-            start = close(end)
-        else:
-            start = end
+        full = bucket_size is not None and end - bucket_start >= bucket_size
+        start = close(end) if full or shared else end
     if in_bucket:
         close(end)
     numel = buckets[-1][1] if buckets else 0
@@ -197,9 +192,8 @@ def lora_parameters(model, layout: Layout, workload: Workload) -> list[Param]:
     }
     out = []
     for layer in range(model.num_layers // layout.pp):
-        for target in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"):
+        for target, (a, b) in shapes.items():
             if target in workload.lora_targets:
-                a, b = shapes[target]
                 out += [Param(f"{layer}.{target}.lora_A", a), Param(f"{layer}.{target}.lora_B", b)]
     return out
 
@@ -222,12 +216,8 @@ def static_memory(
     dist_opt = layout.uses_distributed_optimizer
     buf = grad_buffer(params, layout.dp, dist_opt, bucket_size if pp_rank == 0 else None)
     pb = workload.param_bytes
-    if dist_opt:
-        weights = buf.numel * pb
-        shards = buf.shard_numels(layout.dp, dp_rank)
-    else:
-        weights = sum(p.numel for p in params) * pb
-        shards = [p.numel for p in params]
+    weights = (buf.numel if dist_opt else sum(p.numel for p in params)) * pb
+    shards = buf.shard_numels(layout.dp, dp_rank) if dist_opt else [p.numel for p in params]
     held = [n for n in shards if n > 0]
     return Static(
         weights=weights + frozen,

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from probsft_megatron import compat, cpu_backend, runtime
-from probsft_megatron.config import LossConfig, ModelConfig, ParallelConfig, resolve_precision
+from probsft_megatron.config import LossConfig, ParallelConfig, resolve_precision
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.loss import ObjectiveLoss
 from probsft_megatron.model_dir import read_model_config
@@ -60,9 +60,15 @@ def run_probe(
 
     from probsft_megatron.data import GlobalBatchLoader, pad_multiple
     from probsft_megatron.data.batches import round_up
+    from probsft_megatron.model import build_gpt_model, transformer_config
 
     model = read_model_config(model_dir)
-    chunks = model_chunks or build_probe_model(model_dir, model, parallel, dtype)
+    chunks = model_chunks
+    if not chunks:  # this rank's stage of the model in model_dir, weights loaded (resharded)
+        tconfig = transformer_config(model, parallel, params_dtype=DTYPES[dtype])
+        gpt = build_gpt_model(model, tconfig).to(cpu_backend.device())
+        runtime.load_model_weights(gpt, str(Path(model_dir) / "weights"))
+        chunks = [gpt.eval()]
     start = time.perf_counter()
     dataset = examples.dataset
     n = len(dataset)
@@ -137,20 +143,6 @@ def run_probe(
     if dist.get_rank() == 0:
         write_outputs(report, cache_dir() / key)
     return report
-
-
-def build_probe_model(
-    model_dir: str | os.PathLike, model: ModelConfig, parallel: ParallelConfig, dtype: str
-) -> list:
-    """``[gpt]``: this rank's stage of the model in ``model_dir``, weights loaded (resharded;
-    collective), in eval mode."""
-    from probsft_megatron.model import build_gpt_model, transformer_config
-
-    tconfig = transformer_config(model, parallel, params_dtype=DTYPES[dtype])
-    gpt = build_gpt_model(model, tconfig).to(cpu_backend.device())
-    runtime.load_model_weights(gpt, str(Path(model_dir) / "weights"))
-    gpt.eval()
-    return [gpt]
 
 
 def probe(

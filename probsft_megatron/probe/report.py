@@ -202,22 +202,14 @@ def format_table(report: dict[str, Any]) -> str:
 def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """A PNG (written atomically): the token-p histogram and the CDFs of token p and
     per-example mean p."""
-    import matplotlib
+    from probsft_megatron.report.figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
+    plt = pyplot()
     counts = np.asarray(report["histogram"]["counts"])
+    fractions = counts / max(counts.sum(), 1)
     edges = np.linspace(0.0, 1.0, report["histogram"]["bins"] + 1)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.bar(
-        edges[:-1],
-        counts / max(counts.sum(), 1),
-        width=np.diff(edges),
-        align="edge",
-        color="tab:blue",
-    )
+    left.bar(edges[:-1], fractions, width=np.diff(edges), align="edge", color="tab:blue")
     for label, style in (("mean", "--"), ("median", ":")):
         value = report[f"{label}_p"]
         left.axvline(value, color="k", linestyle=style, label=f"{label} {value:.3f}")
