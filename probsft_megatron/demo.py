@@ -1,9 +1,7 @@
 """The embedded default, end to end on a CPU: ``make demo`` / ``python -m probsft_megatron.demo``.
 
-SmolLM2-135M-Instruct (no download) probed on generated two-digit additions, fine-tuned with NLL
-and with ``-p``, exported and evaluated next to the base model, every stage its own process and
-reused on a rerun (docs/demo/README.md); ``--compare`` checks a committed report.
-"""
+SmolLM2-135M-Instruct probed, fine-tuned (NLL and ``-p``), exported and evaluated on generated
+additions, each stage its own process, reused on a rerun (docs/demo/README.md)."""
 
 from __future__ import annotations
 
@@ -29,15 +27,24 @@ SIZES = {
     "full": {"train_examples": 192, "test_examples": 64, "epochs": 1},
     "smoke": {"train_examples": 32, "test_examples": 8, "epochs": 1},
 }
-SETTINGS_FILE = "demo_settings.json"
-"""The settings a demo folder was made with; a rerun into it must use the same ones."""
+SETTINGS_FILE = "demo_settings.json"  # a demo folder's settings; a rerun must use the same
+# how close a rerun on another CPU must come to a committed report (docs/demo/README.md)
 TOLERANCE = {
     "loss": 5e-4,  # final training loss of each objective, absolute
     "mean_p": 5e-3,  # final mean p of each objective, and the probe's mean and median p
     "flipped_answers": 4,  # greedy test answers that may differ per model (of 64)
 }
-"""How close a rerun on another CPU must come to a committed report (other SIMD kernels and
-thread counts change the last bits; docs/demo/README.md)."""
+CONTINUUM_NOTE = (
+    "A single run of each objective at this size says little about the recommendation: in "
+    "the measured continuum sweep (docs/continuum.md: this model, six tasks, three seeds) "
+    "no task, this one included, separated `-p` from NLL beyond the seed-to-seed spread, "
+    "with NLL ahead by 0.05 on average here (0.714 vs 0.664 exact match). The placement "
+    "rule comes from the paper's larger models."
+)
+SMOKE_NOTE = (
+    "Size `smoke` checks that every stage of the pipeline runs and fits together; with two "
+    "training steps per objective its numbers say nothing about the objectives."
+)
 
 
 def arithmetic_records(n: int, seed: int) -> list[dict[str, str]]:
@@ -67,13 +74,10 @@ class Stages:
         print(f"[demo] {name} ...", flush=True)
         t0 = time.perf_counter()
         log = self.work / "logs" / f"{name}.log"
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
         with open(log, "w") as f:
             rc = subprocess.call(
-                argv,
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env=dict(os.environ, PYTHONWARNINGS="ignore"),
-                start_new_session=True,
+                argv, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         self.times[name] = time.perf_counter() - t0
         if rc != 0:
@@ -84,10 +88,6 @@ class Stages:
 
 def _probsft(*args: str) -> list[str]:
     return [sys.executable, "-m", "probsft_megatron.cli", *args]
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot(report: dict[str, Any], histories: dict[str, list[dict]], path: Path) -> None:
@@ -124,11 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, help="default: the size's (1)")
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--compare",
-        metavar="REPORT_JSON",
-        help="a committed report.json this run must reproduce within the stated tolerances",
-    )
+    compare_help = "a committed report.json this run must reproduce within the stated tolerances"
+    ap.add_argument("--compare", metavar="REPORT_JSON", help=compare_help)
     args = ap.parse_args(argv)
     from probsft_megatron.console import run_main
 
@@ -136,9 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    size = SIZES[args.size]
     settings = {"size": args.size, "lr": args.lr, "seed": args.seed}
-    for key, default in size.items():
+    for key, default in SIZES[args.size].items():
         value = getattr(args, key)
         settings[key] = default if value is None else value
         if settings[key] < 1:
@@ -230,24 +226,18 @@ def run(args: argparse.Namespace) -> int:
 
     # 4. fine-tune with each objective, export, evaluate
     train = [sys.executable, "-m", "probsft_megatron.train", "--config", "demo-smollm2"]
-    train += [
-        f"init.checkpoint={model_dir}",
-        f"data.train_files=[{train_file}]",
-        f"train.epochs={settings['epochs']}",
-        f"optim.lr={args.lr}",
-        f"train.seed={args.seed}",
-    ]
+    train += [f"init.checkpoint={model_dir}", f"data.train_files=[{train_file}]"]
+    train += [f"train.epochs={settings['epochs']}", f"optim.lr={args.lr}"]
+    train.append(f"train.seed={args.seed}")
     evals, histories = {"base": hf_base}, {}
     for obj in OBJECTIVES:
         run_dir = work / "runs" / obj
         argv = [*train, f"loss.objective={obj}", f"train.output_dir={run_dir}"]
         stages.run(f"train-{obj}", argv, done=run_dir / "summary.json")
         summary = json.loads((run_dir / "summary.json").read_text())
-        histories[obj], hf = summary["history"], run_dir / "hf"
-        export = _probsft(
-            "convert", "megatron-to-hf", "--ckpt", summary["checkpoint"], "--out", str(hf)
-        )
-        stages.run(f"export-{obj}", export, done=hf / "config.json")
+        histories[obj], hf, ckpt = summary["history"], run_dir / "hf", summary["checkpoint"]
+        cmd = _probsft("convert", "megatron-to-hf", "--ckpt", ckpt, "--out", str(hf))
+        stages.run(f"export-{obj}", cmd, done=hf / "config.json")
         evals[obj] = hf
     flags = "--task custom --grader exact --prompt-format raw --max-new-tokens 24"
     flags += " --temperature 0 --n 1"
@@ -296,14 +286,12 @@ def _report(work, settings, evals, probe, histories, stage_seconds, total) -> di
     """report.json: the settings, the probe, each run's final step, each model's answers."""
     accuracy, correct, first = {}, {}, {}
     for name in evals:
-        rows = _read_jsonl(next((work / "eval" / name).glob("*/samples.jsonl")))
+        samples = next((work / "eval" / name).glob("*/samples.jsonl")).read_text().splitlines()
+        rows = [json.loads(line) for line in samples if line.strip()]
         correct[name] = [bool(r["correct"][0]) for r in rows]
         accuracy[name] = sum(correct[name]) / len(rows)
         first[name] = rows[0]["completions"][0]
-    final = {
-        obj: {key: rows[-1][key] for key in ("step", "loss", "mean_p")}
-        for obj, rows in histories.items()
-    }
+    final = {obj: {k: h[-1][k] for k in ("step", "loss", "mean_p")} for obj, h in histories.items()}
     return {
         "settings": settings,
         "probe": {
@@ -343,11 +331,10 @@ def compare(report: dict[str, Any], reference: dict[str, Any]) -> list[str]:
     for name, ref in reference["correct"].items():
         flipped = sum(a != b for a, b in zip(report["correct"][name], ref, strict=True))
         if flipped > TOLERANCE["flipped_answers"]:
+            got, want = report["accuracy"][name], reference["accuracy"][name]
             problems.append(
-                f"{name}: {flipped} of {len(ref)} greedy answers flipped "
-                f"(exact match {report['accuracy'][name]:.3f} vs "
-                f"{reference['accuracy'][name]:.3f}; tolerance "
-                f"{TOLERANCE['flipped_answers']})"
+                f"{name}: {flipped} of {len(ref)} greedy answers flipped (exact match "
+                f"{got:.3f} vs {want:.3f}; tolerance {TOLERANCE['flipped_answers']})"
             )
     return problems
 
@@ -359,11 +346,10 @@ def _markdown(report: dict[str, Any], probe: dict[str, Any]) -> list[str]:
     return [
         "# probsft-megatron demo: NLL vs -p on SmolLM2-135M-Instruct (CPU)",
         "",
-        f"Task: two-digit addition in the model's answer style (`What is 37 + 48?` -> "
-        f"`37 + 48 = 85`), {settings['train_examples']} training and "
-        f"{settings['test_examples']} test examples generated offline; "
-        f"{settings['epochs']} epoch(s), lr {settings['lr']}, seed {settings['seed']}, "
-        f"global batch 16, max length 64 (size `{settings['size']}`).",
+        "Task: two-digit addition in the model's answer style (`What is 37 + 48?` -> "
+        f"`37 + 48 = 85`), {settings['train_examples']} training and {settings['test_examples']} "
+        f"test examples generated offline; {settings['epochs']} epoch(s), lr {settings['lr']}, "
+        f"seed {settings['seed']}, global batch 16, max length 64 (size `{settings['size']}`).",
         "",
         f"Probe of the base model on the training responses: mean p "
         f"{probe.get('mean_p', float('nan')):.3f}, median p "
@@ -399,33 +385,17 @@ def _markdown(report: dict[str, Any], probe: dict[str, Any]) -> list[str]:
         "## Reproducing this report",
         "",
         f"Made by `python -m probsft_megatron.demo --size {settings['size']}` on {m['cpu']} "
-        f"({m['cores']} cores, {m['torch_threads']} torch threads), torch {m['torch']}, "
-        f"Python {m['python']}; nothing was downloaded from a model hub. A run is "
-        "deterministic on one machine. A rerun on another CPU reproduces this report when "
-        f"each final training loss is within {tol['loss']} of the table's, each final mean p "
-        f"and the probe's mean and median p within {tol['mean_p']}, and at most "
-        f"{tol['flipped_answers']} greedy test answers per model differ from this run's "
-        "(report.json lists every answer's correctness): other SIMD kernels and thread "
-        "counts change the last bits of every step, and a few greedy answers sit near a "
-        "tie. The demo checks this itself with `--compare REPORT.json` (`make demo` compares "
-        "with docs/demo/report.json) and exits 1 listing what differs; stage times depend on "
-        "the machine and its load and are not compared.",
+        f"({m['cores']} cores, {m['torch_threads']} torch threads), torch {m['torch']}, Python "
+        f"{m['python']}; nothing was downloaded from a model hub. A run is deterministic on one "
+        "machine. A rerun on another CPU reproduces this report when each final training loss is "
+        f"within {tol['loss']} of the table's, each final mean p and the probe's mean and median p "
+        f"within {tol['mean_p']}, and at most {tol['flipped_answers']} greedy test answers per "
+        "model differ from this run's (report.json lists every answer's correctness): other SIMD "
+        "kernels and thread counts change the last bits of every step, and a few greedy answers "
+        "sit near a tie. The demo checks this itself with `--compare REPORT.json` (`make demo` "
+        "compares with docs/demo/report.json) and exits 1 listing what differs; stage times depend "
+        "on the machine and its load and are not compared.",
     ]
-
-
-CONTINUUM_NOTE = (
-    "A single run of each objective at this size says little about the recommendation: in "
-    "the measured continuum sweep (docs/continuum.md: this model, six tasks, three seeds) "
-    "no task, this one included, separated `-p` from NLL beyond the seed-to-seed spread, "
-    "with NLL ahead by 0.05 on average here (0.714 vs 0.664 exact match). The placement "
-    "rule comes from the paper's larger models."
-)
-
-
-SMOKE_NOTE = (
-    "Size `smoke` checks that every stage of the pipeline runs and fits together; with two "
-    "training steps per objective its numbers say nothing about the objectives."
-)
 
 
 if __name__ == "__main__":
