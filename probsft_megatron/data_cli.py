@@ -5,6 +5,7 @@ few records marked), or tokenize a recipe's data into its store (``prepare``).""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -117,7 +118,7 @@ def _inspect_args(args: argparse.Namespace) -> argparse.Namespace:
     _inspect_options(parser)
     parser.add_argument("data")
     parser.add_argument("overrides", nargs="*")
-    parser.set_defaults(tokenizer=args.tokenizer, limit=args.limit, json=args.json)
+    parser.set_defaults(**vars(args))  # the options given before the data
     if not args.items:
         raise ConfigError("probsft data inspect needs the data: a file, 'figfont' or a recipe")
     try:
@@ -139,9 +140,6 @@ def run(args: argparse.Namespace) -> int:
     return actions[args.data_command](args)
 
 
-# ----------------------------------------------------------------------------- tasks
-
-
 def _tasks(args: argparse.Namespace) -> int:
     from probsft_megatron import tasks_gen
 
@@ -155,47 +153,8 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- generate
-
-
-def generate(
-    task: str,
-    *,
-    split: str = "train",
-    n: int | None = None,
-    seed: int = 0,
-    corrupt: float = 0.0,
-    render_with: str | None = None,
-    from_eval: str | None = None,
-    max_records: int | None = None,
-) -> tuple[list[dict], dict]:
-    """The records ``probsft data generate`` writes, and counts for its summary line."""
-    from probsft_megatron import tasks_gen
-
-    recs = tasks_gen.records(task, split, n=n, seed=seed)
-    info: dict = {}
-    if from_eval is not None:
-        if task != "self-addition":
-            raise ConfigError(f"--from-eval applies to self-addition, not {task}")
-        recs, counts = tasks_gen.self_answer_records(recs, from_eval)
-        info.update(counts)
-        if not recs:
-            raise ConfigError(
-                f"none of the {counts['questions']} completions in {from_eval} was correct and "
-                "complete; evaluate with a larger --max-new-tokens or more questions"
-            )
-    recs = recs[:max_records]
-    if corrupt:
-        recs = tasks_gen.corrupt(recs, corrupt, seed=seed)
-        info["corrupted"] = sum(r["corrupted"] for r in recs)
-    if render_with is not None:
-        from probsft_megatron.tokenizers import load_tokenizer
-
-        recs = tasks_gen.render_prompts(recs, load_tokenizer(render_with))
-    return recs, {"records": len(recs), **info}
-
-
 def _generate(args: argparse.Namespace) -> int:
+    from probsft_megatron import tasks_gen
     from probsft_megatron.fileio import atomic_write_text
     from probsft_megatron.manifest import overlap, writable_folder
 
@@ -204,8 +163,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} must end in .jsonl (JSON lines)")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; name the .jsonl file to write")
-    problem = writable_folder(out.absolute().parent)
-    if problem is not None:
+    if (problem := writable_folder(out.absolute().parent)) is not None:
         raise ConfigError(
             f"--out {out} cannot be written: its folder {out.absolute().parent} "
             f"{problem}; name a file in a folder that can be written"
@@ -227,11 +185,9 @@ def _generate(args: argparse.Namespace) -> int:
                 "it would destroy the input; choose another --out"
             )
     if out.exists():  # replaced only with --overwrite, and only a file this command wrote
-        try:
-            with open(out, encoding="utf-8") as f:
-                first = json.loads(f.readline())
-        except (OSError, ValueError, UnicodeDecodeError):
-            first = None
+        first = None
+        with contextlib.suppress(OSError, ValueError), open(out, encoding="utf-8") as f:
+            first = json.loads(f.readline())
         fields = {"prompt", "response", "reference", "task"}
         if not isinstance(first, dict) or not fields <= set(first):
             raise ConfigError(
@@ -243,15 +199,29 @@ def _generate(args: argparse.Namespace) -> int:
                 f"--out {out} already holds generated {first['task']} records; pass --overwrite "
                 "to replace it, or choose another --out"
             )
-    options = ("split", "n", "seed", "corrupt", "render_with", "from_eval", "max_records")
-    recs, info = generate(args.task, **{k: getattr(args, k) for k in options})
+    recs = tasks_gen.records(args.task, args.split, n=args.n, seed=args.seed)
+    info: dict = {}
+    if args.from_eval is not None:
+        if args.task != "self-addition":
+            raise ConfigError(f"--from-eval applies to self-addition, not {args.task}")
+        recs, info = tasks_gen.self_answer_records(recs, args.from_eval)
+        if not recs:
+            raise ConfigError(
+                f"none of the {info['questions']} completions in {args.from_eval} was correct "
+                "and complete; evaluate with a larger --max-new-tokens or more questions"
+            )
+    recs = recs[: args.max_records]
+    if args.corrupt:
+        recs = tasks_gen.corrupt(recs, args.corrupt, seed=args.seed)
+        info["corrupted"] = sum(r["corrupted"] for r in recs)
+    if args.render_with is not None:
+        from probsft_megatron.tokenizers import load_tokenizer
+
+        recs = tasks_gen.render_prompts(recs, load_tokenizer(args.render_with))
     atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in recs))
-    extra = "".join(f", {k} {v}" for k, v in info.items() if k != "records")
+    extra = "".join(f", {k} {v}" for k, v in info.items())
     print(f"wrote {len(recs)} {args.task} {args.split} records to {out}{extra}")
     return 0
-
-
-# ----------------------------------------------------------------------------- inspect
 
 
 def _resolve(spec: str, overrides: list[str], tokenizer: str | None):
@@ -494,22 +464,14 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- prepare
-
-
-def prepare(
-    recipe: str,
-    overrides: list[str] | None = None,
-    tokenizer: str | None = None,
-    num_proc: int | None = None,
-) -> dict:
-    """Build (or find) the tokenized store of ``recipe``'s data; what training will map."""
+def _prepare(args: argparse.Namespace) -> int:
+    """Build (or find) the tokenized store of a recipe's data; what training will map."""
     from probsft_megatron.data import store
     from probsft_megatron.tokenizers import load_tokenizer
 
-    if num_proc is not None and num_proc < 1:
-        raise ConfigError(f"--num-proc must be >= 1, got {num_proc}")
-    cfg, tokenizer_spec = _resolve(recipe, list(overrides or []), tokenizer)
+    if args.num_proc is not None and args.num_proc < 1:
+        raise ConfigError(f"--num-proc must be >= 1, got {args.num_proc}")
+    cfg, tokenizer_spec = _resolve(args.config, list(args.overrides), args.tokenizer)
     if not cfg.cache:
         raise ConfigError(
             "data.cache is false: training tokenizes in memory and reads no store; "
@@ -519,18 +481,14 @@ def prepare(
     tok = load_tokenizer(tokenizer_spec)
     key, _ = store.fingerprint(cfg, tok)
     found = store.open_store(store.store_root(cfg) / key) is not None
-    ds = store.open_dataset(cfg, tok, num_proc=num_proc)
+    ds = store.open_dataset(cfg, tok, num_proc=args.num_proc)
     counts = ("examples", "tokens", "response_tokens", "truncated", "dropped")
-    return {
+    r = {
         "store": str(ds.store_path),
         "built": not found,
         "seconds": round(time.perf_counter() - t0, 2),
         **{key: int(ds.stats[f"n_{key}"]) for key in counts},
     }
-
-
-def _prepare(args: argparse.Namespace) -> int:
-    r = prepare(args.config, args.overrides, args.tokenizer, args.num_proc)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
