@@ -1,7 +1,5 @@
-"""torchrun for training (``python -m probsft_megatron.launchers.agent [torchrun options] -m
-probsft_megatron.train ...``): torch's elastic agent, but SIGTERM/SIGUSR1/SIGINT belong to the
-workers (passed on outside a SLURM step, where slurmd signals every process itself; a second
-Ctrl-C kills them at once, exit 130), and when every failed worker exited 2, 75 or 130 the
+"""torchrun for training: torch's elastic agent, but the stop signals belong to the workers (a
+second Ctrl-C kills them at once, exit 130), and when every failed worker exited 2, 75 or 130 the
 agent exits with that code, quietly, instead of torchrun's traceback and 1 (docs/launchers.md)."""
 
 from __future__ import annotations

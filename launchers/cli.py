@@ -1,6 +1,5 @@
-"""`probsft launch`: plan one NeMo-Run experiment (convert -> train -> export -> eval per run),
-print it, then run it here, submit it to SLURM (and follow it unless ``--detach``) or, with
-``--dryrun``, only write its job scripts; ``status|logs|cancel`` follow a submission."""
+"""`probsft launch`: plan a NeMo-Run experiment, print it, then run it here, submit it to SLURM
+or (``--dryrun``) only write its job scripts; ``status|logs|cancel`` follow a submission."""
 
 from __future__ import annotations
 
@@ -72,13 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the launch options on ``parser``."""
     for flag, text in _HELP.items():
         parser.add_argument(flag, help=text, **_KWARGS.get(flag, {}))
-
-
-def _env(items: list[str]) -> dict[str, str]:
-    for item in items:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"--env {item!r} must look like KEY=VALUE")
-    return dict(item.split("=", 1) for item in items)
 
 
 def _hf_folders(items: list[str]) -> dict[str, str]:
@@ -373,11 +365,14 @@ def run(args: argparse.Namespace) -> int:
 
         for name in args.eval_task.split(","):
             get_task(name.strip())
+    for item in args.env:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"--env {item!r} must look like KEY=VALUE")
     options = ex.LaunchOptions(
         work_dir=os.path.abspath(work_dir),
         world_size=nodes * nproc,
         hf=hf,
-        env=_env(args.env),
+        env=dict(item.split("=", 1) for item in args.env),
         eval_tasks=args.eval_task,
         eval_args=eval_args,
         layout_check=layout_check,

@@ -1,7 +1,5 @@
 """From (dataset, model, objective) to one NeMo-Run experiment: convert -> [prepare] -> train ->
-export -> eval. A plan (:class:`ExperimentPlan`) is plain data, printed and tested without
-NeMo-Run; :func:`execute` turns it into NeMo-Run tasks and writes the run record (``jobs``).
-The recipe lookup order is in :func:`resolve_recipe`; configs are validated while planning."""
+export -> eval, planned as plain data (:class:`ExperimentPlan`), then run by :func:`execute`."""
 
 from __future__ import annotations
 
@@ -144,18 +142,12 @@ class RecipeChoice:
     note: str | None = None
 
 
-# -- recipes ------------------------------------------------------------------------------
-
-
 def _recipe_identity(raw: dict[str, Any]) -> tuple[str, str | None]:
     """(dataset, model preset) that a raw recipe trains."""
-    data = raw.get("data") or {}
+    data, model = raw.get("data") or {}, raw.get("model")
     dataset = {"numina": "math", "m23k": "medical"}.get(data.get("format"), "custom")
-    if data.get("source") == "figfont":
-        dataset = "figfont"
-    model = raw.get("model")
-    if isinstance(model, dict):
-        model = model.get("preset")
+    dataset = "figfont" if data.get("source") == "figfont" else dataset
+    model = model.get("preset") if isinstance(model, dict) else model
     return dataset, model if isinstance(model, str) else None
 
 
@@ -200,9 +192,6 @@ def resolve_recipe(dataset: str, model: str, explicit: str | None = None) -> Rec
     return RecipeChoice(nearest, (f"model={model}",), note)
 
 
-# -- planning -----------------------------------------------------------------------------
-
-
 def safe_name(text: str) -> str:
     """``text`` reduced to characters safe in file and SLURM job names."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
@@ -217,11 +206,10 @@ class _Planner:
     converts: dict[str, str] = field(default_factory=dict)  # model dir -> convert step name
     prepares: dict[str, str] = field(default_factory=dict)  # data settings -> prepare step
 
-    def backbone(self, run: RunPlan, cfg: TrainJobConfig) -> list[str]:
-        """Add a convert step and ``init.checkpoint`` when needed; the steps training waits for."""
+    def backbone(self, run: RunPlan, cfg: TrainJobConfig, hf: str | None) -> list[str]:
+        """Add a convert step of ``hf`` and ``init.checkpoint`` if needed; the steps to wait for."""
         notes, model, name, recipe = self.plan.notes, run.model, run.name, run.recipe
         megatron = cfg.init.checkpoint
-        hf = self.options.hf.get(model, self.options.hf.get(ANY_MODEL))
         if megatron is None and hf:
             megatron = str(Path(self.options.work_dir) / "models" / model)
             run.overrides.append(f"init.checkpoint={megatron}")
@@ -260,28 +248,22 @@ class _Planner:
             self.plan.steps.append(Step(step_name, "convert", CLI_MODULE, args))
         return [self.converts[megatron]]
 
-    def prepare(self, run: RunPlan, cfg: TrainJobConfig, after: list[str]) -> list[str]:
-        """Add ``probsft data prepare`` for ``run``'s store after ``after``, once per (data
-        settings, tokenizer); returns the steps its training waits for."""
+    def prepare(self, run: RunPlan, cfg: TrainJobConfig, after: list[str], hf: str | None):
+        """Add ``probsft data prepare`` once per (data settings, tokenizer); steps to wait for."""
         if not cfg.data.cache:
             self.plan.notes.append(
                 f"run {run.name}: data.cache is false, so there is no store to prepare"
             )
             return after
-        # a backbone converted from --hf: the store is keyed by the tokenizer's content, and
-        # the conversion copies the Hugging Face folder's tokenizer unchanged
-        # (backbone() refused a run with neither a tokenizer nor a checkpoint)
-        tokenizer = tokenizer_spec(cfg.init) or self.options.hf.get(
-            run.model, self.options.hf.get(ANY_MODEL)
-        )
+        # a backbone converted from --hf: the conversion copies its tokenizer unchanged, and
+        # the store is keyed by the tokenizer's content
+        tokenizer = tokenizer_spec(cfg.init) or hf
         key = repr((sorted(asdict(cfg.data).items()), tokenizer))
         if key not in self.prepares:
-            self.prepares[key] = safe_name(f"prepare-{run.name}")
+            name = self.prepares[key] = safe_name(f"prepare-{run.name}")
             data = [o for o in run.overrides if o.strip().startswith("data.")]
             args = ["data", "prepare", "--config", run.recipe, "--tokenizer", tokenizer, *data]
-            self.plan.steps.append(
-                Step(self.prepares[key], "prepare", CLI_MODULE, args, after=after)
-            )
+            self.plan.steps.append(Step(name, "prepare", CLI_MODULE, args, after=after))
         return [*after, self.prepares[key]]
 
 
@@ -330,9 +312,10 @@ def plan_experiment(
         layout = {"world_size": options.world_size, **config.get("parallel", {})}
         run = RunPlan(name, req.dataset, req.model, objective, choice.ref, str(run_dir))
         run.overrides, run.layout, run.config = overrides, layout, config
-        after = planner.backbone(run, cfg)
+        hf = options.hf.get(req.model, options.hf.get(ANY_MODEL))
+        after = planner.backbone(run, cfg, hf)
         if options.prepare:
-            after = planner.prepare(run, cfg, after)
+            after = planner.prepare(run, cfg, after, hf)
         tasks = options.eval_tasks or EVAL_TASKS[req.dataset]
         has_data = any(a == "--data" or a.startswith("--data=") for a in options.eval_args)
         if {"medical", "custom"} & set(tasks.split(",")) and not has_data:
@@ -355,9 +338,6 @@ def plan_experiment(
         step.env = dict(options.env)
     plan.title = plan.title or plan.runs[0].name
     return plan
-
-
-# -- NeMo-Run -----------------------------------------------------------------------------
 
 
 def import_nemo_run() -> Any:

@@ -1,6 +1,5 @@
-"""Launched experiments: the run record (``probsft_experiment.json``, read by ``probsft launch
-status|logs|cancel`` and ``probsft report``), SLURM job states (``sacct``, else ``squeue``),
-progress, logs (a step's srun output, else its batch script's) and cancel."""
+"""Launched experiments: the run record (``probsft_experiment.json``), SLURM job states (``sacct``,
+else ``squeue``), progress, logs (srun's output, else the batch script's) and cancel."""
 
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ TERMINAL = frozenset(s for s, c in _CLASS_OF.items() if c in ("failed", "succeed
 UNKNOWN = "UNKNOWN"  # a job that SLURM does not (yet) report
 POLL_S = 3.0
 HEARTBEAT_S = 60.0
-_SACCT_FIELDS = "JobIDRaw,State,ElapsedRaw,NodeList,ExitCode,Start,End"
+_SACCT_FIELDS = "JobIDRaw,State,ElapsedRaw,NodeList,ExitCode,Start"
 
 
 def state_class(state: str | None) -> str | None:
@@ -114,7 +113,6 @@ class JobState:
     nodes: str = ""
     exit_code: str = ""
     start: str = ""
-    end: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -142,15 +140,15 @@ def _rows(cmd: list[str]) -> list[list[str]] | None:
 def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
     """SLURM's view of ``job_ids`` (sacct, else squeue); ProbsftError without a SLURM client."""
     ids = [j for j in dict.fromkeys(job_ids) if j]
-    out: dict[str, JobState] = {}
     if not ids:
-        return out
+        return {}
+    out: dict[str, JobState] = {}
     sacct = _rows(["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "-o", _SACCT_FIELDS])
     for parts in sacct or []:
-        if len(parts) >= 7 and parts[0] in ids:
+        if len(parts) >= 6 and parts[0] in ids:
             elapsed = int(parts[2]) if parts[2].isdigit() else None
             state = parts[1].split()[0] if parts[1] else UNKNOWN
-            out[parts[0]] = JobState(state, elapsed, *parts[3:7])
+            out[parts[0]] = JobState(state, elapsed, *parts[3:6])
     if missing := [j for j in ids if j not in out]:
         squeue = _rows(["squeue", "-h", "-j", ",".join(missing), "-o", "%i|%T|%M|%N"])
         if squeue is None and sacct is None:
@@ -178,13 +176,11 @@ def time_limit_seconds(value: str) -> int | None:
     fields = [int(f) for f in m.groups()[1:] if f is not None]
     if any(f >= 60 for f in fields[1:]):
         return None
-    if days is not None:  # D-HH[:MM[:SS]]
-        if len(first) > 2 or fields[0] >= 24:
-            return None
-        return 86400 * int(days) + sum(f * u for f, u in zip(fields, (3600, 60, 1)))
-    if len(fields) == 3:  # HH:MM:SS
-        return None if len(first) > 3 else 3600 * fields[0] + 60 * fields[1] + fields[2]
-    return 60 * fields[0] + sum(fields[1:])  # MM[:SS], the minutes unbounded
+    if days is None and len(fields) < 3:  # MM[:SS], the minutes unbounded
+        return 60 * fields[0] + sum(fields[1:])
+    if len(first) > (3 if days is None else 2) or (days is not None and fields[0] >= 24):
+        return None  # HH:MM:SS has up to 3 digits of hours, D-HH[:MM[:SS]] below 24
+    return 86400 * int(days or 0) + sum(f * u for f, u in zip(fields, (3600, 60, 1)))
 
 
 def _fmt_elapsed(seconds: float | None) -> str:
@@ -274,8 +270,7 @@ def wait(record: ExperimentRecord) -> dict[str, JobState]:
             if seen.get(j) != st.state:
                 seen[j] = st.state
                 detail = _fmt_elapsed(st.elapsed_s) if st.terminal and st.elapsed_s else ""
-                if st.state == "RUNNING":
-                    detail = st.nodes
+                detail = st.nodes if st.state == "RUNNING" else detail
                 line = f"{stamp} {names[j]:{width}s}  job {j:>6s}  {st.state:11s} {detail}"
                 print(line.rstrip(), flush=True)
                 last_print = now

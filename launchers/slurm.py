@@ -1,6 +1,5 @@
-"""SLURM cluster profiles (``configs/clusters/<name>.yaml``, every field documented in
-``example.yaml``), checked when loaded and against the training layout, and the NeMo-Run
-executors built from them (``LocalTunnel``: sbatch runs here, on a login node)."""
+"""SLURM cluster profiles (``configs/clusters/<name>.yaml``, documented in ``example.yaml``), their
+checks, and the NeMo-Run executors built from them (``LocalTunnel``: sbatch runs here)."""
 
 from __future__ import annotations
 

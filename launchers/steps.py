@@ -1,7 +1,6 @@
 """What a launched step decides only when it runs (``python -m probsft_megatron.launchers.steps``):
-``export`` the newest complete checkpoint of a run to a Hugging Face folder, and ``rdzv-store``,
-the TCP store of a multi-node SLURM train job's c10d rendezvous, hosted by its batch script so
-that no exiting torchrun agent takes it down under the others (docs/launchers.md)."""
+``export`` a run's newest complete checkpoint to a Hugging Face folder, and ``rdzv-store``, the
+c10d rendezvous store of a multi-node SLURM train job, hosted by its batch script."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""The paper's ablations as sweeps (``configs/sweeps``): every objective on every (dataset,
-model) setting, or a combination of other sweeps. Percentile objectives (``OnlyTopP-K20``, the
-figure-5 runs) keep the percentile in their run's name and train with the absolute threshold
-of a probe report (``--probe-report``) or a threshold table (``configs/sweeps/thresholds``)."""
+"""The paper's ablations as sweeps (``configs/sweeps``): every objective on every (dataset, model)
+setting, or a combination of sweeps. Percentile objectives (``OnlyTopP-K20``) keep the percentile
+in their run's name and train with the threshold of a probe report or a threshold table."""
 
 from __future__ import annotations
 
