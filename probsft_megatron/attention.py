@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,8 @@ class SDPAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        gqa = self.heads != self.groups
+        self.sdpa = partial(F.scaled_dot_product_attention, scale=self.scale, enable_gqa=gqa)
 
     def forward(
         self,
@@ -62,7 +65,9 @@ class SDPAttention(MegatronModule):
         mask = None if attention_mask is None else ~attention_mask  # SDPA: True = attend
         dropout, rng = self._dropout()
         with rng:
-            context = self._sdpa(q, k, v, mask, dropout, causal=mask is None and sq > 1)
+            context = self.sdpa(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and sq > 1
+            )
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
 
     def _dropout(self):
@@ -71,18 +76,6 @@ class SDPAttention(MegatronModule):
         if dropout == 0.0:
             return dropout, nullcontext()
         return dropout, tensor_parallel.get_cuda_rng_tracker().fork()
-
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask, dropout: float, causal: bool):
-        return F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=dropout,
-            is_causal=causal,
-            scale=self.scale,
-            enable_gqa=self.heads != self.groups,
-        )
 
     def _packed(self, query: Tensor, key: Tensor, value: Tensor, params) -> Tensor:
         if params.qkv_format != "thd":
@@ -99,7 +92,7 @@ class SDPAttention(MegatronModule):
         with rng:
             for start, end in zip(bounds[:-1], bounds[1:]):
                 q, k, v = (x[start:end].transpose(0, 1)[None] for x in (query, key, value))
-                parts.append(self._sdpa(q, k, v, None, dropout, causal=end - start > 1)[0])
+                parts.append(self.sdpa(q, k, v, dropout_p=dropout, is_causal=end - start > 1)[0])
         context = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [heads, t, hn]
         return context.transpose(0, 1).reshape(query.shape[0], self.heads * self.head_dim)
 

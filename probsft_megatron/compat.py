@@ -149,13 +149,9 @@ def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int):
     """megatron's ``PackedSeqParams`` of one packed ``thd`` row (same bounds for q and kv)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    cu = cu_seqlens.to(torch.int32)
+    cu, n = cu_seqlens.to(torch.int32), int(max_seqlen)
     return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        max_seqlen_q=int(max_seqlen),
-        max_seqlen_kv=int(max_seqlen),
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=n, max_seqlen_kv=n
     )
 
 
@@ -233,17 +229,16 @@ def restore_adam_steps(optimizer, step: int) -> int:
     that torch's Adam then advances once per parameter, so a resumed run drifted. Every
     training step is one optimizer update, so the checkpoint's step is the step count.
     """
-    count = 0
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", None)
-        if inner is None:
-            continue
-        for state in inner.state.values():
-            old = state.get("step")
-            if torch.is_tensor(old):
-                state["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device)
-                count += 1
-    return count
+    states = [
+        state
+        for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+        for state in getattr(getattr(sub, "optimizer", None), "state", {}).values()
+        if torch.is_tensor(state.get("step"))
+    ]
+    for state in states:
+        old = state["step"]
+        state["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device)
+    return len(states)
 
 
 def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict, *, is_loading: bool):

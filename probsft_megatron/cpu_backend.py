@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 import torch
@@ -60,21 +61,26 @@ def activate(cuda: bool | None = None) -> bool:
     with _LOCK:
         if _STATE["active"]:
             return True
-        saved = _STATE["saved"]
-        for name, replacement in {
+        patches = {
             # A device argument, not an ordinal: autograd runs backward functions outside
             # the mode, and megatron's SP backward allocates with this as `device=`.
-            "current_device": lambda: torch.device("cpu"),
-            "synchronize": lambda *a, **k: None,
-            "empty_cache": lambda: None,
-            "set_device": lambda *a, **k: None,
-        }.items():
-            saved[name] = getattr(torch.cuda, name)
-            setattr(torch.cuda, name, replacement)
+            (torch.cuda, "current_device"): lambda: torch.device("cpu"),
+            (torch.cuda, "synchronize"): lambda *a, **k: None,
+            (torch.cuda, "empty_cache"): lambda: None,
+            (torch.cuda, "set_device"): lambda *a, **k: None,
+        }
+        with suppress(ImportError):  # recomputation saves "the CUDA RNG state": an empty one
+            from megatron.core.tensor_parallel import random as mrandom
+
+            empty = torch.empty(0, dtype=torch.uint8)
+            patches[(mrandom, "_get_cuda_rng_state")] = lambda *a, **k: empty
+            patches[(mrandom, "_set_cuda_rng_state")] = lambda *a, **k: None
+        for (owner, attr), replacement in patches.items():
+            _STATE["saved"][(owner, attr)] = getattr(owner, attr)
+            setattr(owner, attr, replacement)
         # Tiny objective weights (p^a with small p) make subnormal gradients, which x86 CPUs
         # process orders of magnitude slower; GPUs flush them in their fast paths anyway.
         torch.set_flush_denormal(True)
-        _patch_recompute_rng(saved)
         mode = _CudaToCpuMode()
         mode.__enter__()
         _STATE.update(active=True, mode=mode)
@@ -88,26 +94,10 @@ def deactivate() -> None:
             return
         _STATE["mode"].__exit__(None, None, None)
         torch.set_flush_denormal(False)
-        for name, original in _STATE["saved"].items():
-            owner, attr = name if isinstance(name, tuple) else (torch.cuda, name)
+        for (owner, attr), original in _STATE["saved"].items():
             setattr(owner, attr, original)
         _STATE["saved"].clear()
         _STATE.update(active=False, mode=None)
-
-
-def _patch_recompute_rng(saved: dict) -> None:
-    """Activation recomputation saves "the CUDA RNG state": without CUDA an empty one."""
-    try:
-        from megatron.core.tensor_parallel import random as mrandom
-    except ImportError:
-        return
-    empty = torch.empty(0, dtype=torch.uint8)
-    for attr, replacement in (
-        ("_get_cuda_rng_state", lambda *a, **k: empty),
-        ("_set_cuda_rng_state", lambda *a, **k: None),
-    ):
-        saved[(mrandom, attr)] = getattr(mrandom, attr)
-        setattr(mrandom, attr, replacement)
 
 
 def device() -> torch.device:

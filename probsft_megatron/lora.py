@@ -39,8 +39,6 @@ def _tp_rank_size(group) -> tuple[int, int]:
 class _LoRAMixin:
     """What both LoRA linears share: the adapter tensors and their scaling."""
 
-    lora_target: str
-
     def _add_adapters(self, peft: PeftConfig, target: str, column: bool) -> None:
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
@@ -50,7 +48,6 @@ class _LoRAMixin:
         else:  # A is split along in (dim 1) like W
             a_shape, b_shape = (r, self.input_size_per_partition), (self.output_size, r)
         dtype, device = self.config.params_dtype, self.weight.device
-        self.lora_target = target
         self.lora_rank = r
         self.lora_scaling = float(peft.alpha) / float(peft.rank)
         self.lora_dropout = float(peft.dropout)
@@ -81,8 +78,9 @@ class _LoRAMixin:
 
 
 @functools.cache
-def _column_class():
-    from megatron.core.tensor_parallel import ColumnParallelLinear
+def _lora_classes() -> tuple[type, type]:
+    """The column- and the row-parallel LoRA linear (built once, megatron imported lazily)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     class LoRAColumnParallelLinear(_LoRAMixin, ColumnParallelLinear):
         """``A`` ``[r, in]`` replicated over TP, ``B`` ``[out/TP, r]``; returns this rank's
@@ -111,13 +109,6 @@ def _column_class():
             sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
             return self._with_adapter(sd, "lora_B", 0, prefix, sharded_offsets)
 
-    return LoRAColumnParallelLinear
-
-
-@functools.cache
-def _row_class():
-    from megatron.core.tensor_parallel import RowParallelLinear
-
     class LoRARowParallelLinear(_LoRAMixin, RowParallelLinear):
         """``A`` ``[r, in/TP]``, ``B`` ``[out, r]`` replicated; the adapter's partial output
         joins the base layer's before megatron's TP reduction."""
@@ -138,7 +129,7 @@ def _row_class():
             sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
             return self._with_adapter(sd, "lora_A", 1, prefix, sharded_offsets)
 
-    return LoRARowParallelLinear
+    return LoRAColumnParallelLinear, LoRARowParallelLinear
 
 
 def lora_layer_spec(spec, peft: PeftConfig):
@@ -159,7 +150,7 @@ def lora_layer_spec(spec, peft: PeftConfig):
                 f"{getattr(current, '__name__', current)} here (Transformer Engine layers); "
                 "use train.attention=sdpa or local"
             )
-        module = _column_class() if column else _row_class()
+        module = _lora_classes()[0 if column else 1]
         lora = ModuleSpec(module=module, params={"peft": peft, "lora_target": target})
         setattr(holder, target, lora)
     return spec

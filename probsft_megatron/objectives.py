@@ -240,16 +240,6 @@ def _parse_string(spec: str) -> Objective:
     )
 
 
-def _param_text(value: object, key: str, spec: dict) -> str:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, str))
-        or (isinstance(value, float) and not math.isfinite(value))
-    ):
-        raise ObjectiveError(f"objective {spec!r}: {key} must be a finite number")
-    return value.strip() if isinstance(value, str) else _fmt(value)
-
-
 def _parse_dict(spec: dict) -> Objective:
     unknown = sorted(set(spec) - {"name", "a", "q", "percentile"})
     if unknown:
@@ -269,7 +259,14 @@ def _parse_dict(spec: dict) -> Objective:
     key = params[0]
     if (key == "a") != (_PARAMETRIC[base] == "GeneralFamily"):
         raise ObjectiveError(f"objective {spec!r}: {name} does not take {key}")
-    text = _param_text(spec[key], key, spec)
+    value = spec[key]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, str))
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
+        raise ObjectiveError(f"objective {spec!r}: {key} must be a finite number")
+    text = value.strip() if isinstance(value, str) else _fmt(value)
     return _parse_string(f"{name.strip()}-{'K' if key == 'percentile' else ''}{text}")
 
 
