@@ -25,8 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The newest intact checkpoint under ``ckpt_root`` (damaged newer ones passed over with
-    a warning), or None; what an export of a finished run reads."""
+    """The newest intact checkpoint under ``ckpt_root`` (damaged ones skipped, warned), or None."""
     return manifest.newest_intact(ckpt_root, skip_damaged=True, resuming=False)
 
 
@@ -53,21 +52,19 @@ class CheckpointManager:
         return found[-1][1] if found else self.latest
 
     def find(self) -> Path | None:
-        """The checkpoint to resume from (None: a fresh start). Rank 0 verifies once
-        (:func:`probsft_megatron.manifest.newest_intact`) and broadcasts the verdict: every
-        rank returns the same folder or raises the same CheckpointError (rank 0 prints it)."""
+        """The checkpoint to resume from (None: a fresh start), verified by rank 0: every rank
+        returns the same folder or raises the same CheckpointError (rank 0 prints it)."""
         verdict: list[Any] = [None]
         if _rank() == 0 and self.resume:
             try:
-                found = manifest.newest_intact(self.root, skip_damaged=self.skip_damaged)
-                verdict = [None if found is None else str(found)]
+                verdict = [manifest.newest_intact(self.root, skip_damaged=self.skip_damaged)]
             except CheckpointError as exc:
                 verdict = [exc]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(verdict, src=0)
         if isinstance(verdict[0], CheckpointError):
             raise CheckpointError(str(verdict[0]), announce=_rank() == 0)
-        self.latest = None if verdict[0] is None else Path(verdict[0])
+        self.latest = verdict[0]
         return self.latest
 
     def load(
@@ -87,10 +84,9 @@ class CheckpointManager:
                 f"{path} holds LoRA adapters, not full weights; resume it with peft.method=lora "
                 "(and its base as init.checkpoint), or use another train.output_dir"
             )
+        state = _sharded_state(model, optimizer, is_loading=True)
         try:
-            loaded = compat.dist_load(
-                _sharded_state(model, optimizer, is_loading=True), str(path / "weights")
-            )
+            loaded = compat.dist_load(state, str(path / "weights"))
         except (CheckpointError, KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # a truncated or corrupt shard: DCP, miniz and pickle errors
@@ -109,9 +105,8 @@ class CheckpointManager:
                 rng = torch.load(rng_file, weights_only=False)
             except Exception as exc:  # a truncated zip archive
                 damage = f"{rng_file.relative_to(path)} cannot be read ({read_failure(exc)})"
-                raise CheckpointError(
-                    manifest.damaged_message(path, damage, resuming=True)
-                ) from None
+                message = manifest.damaged_message(path, damage, resuming=True)
+                raise CheckpointError(message) from None
             torch.set_rng_state(rng["torch"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
@@ -176,13 +171,11 @@ def save_checkpoint(
     peft_record: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` of this rank's unwrapped ``model`` atomically (a collective);
-    returns its folder. A LoRA model saves only its adapters, with ``peft_record`` as
-    ``peft.json``."""
+    returns its folder. A LoRA model saves its adapters, with ``peft_record`` as peft.json."""
     root = Path(ckpt_root)
     final = root / step_name(step)
     staging = layout.staging_path(final)
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
         layout.begin_staging(final, overwrite=True)  # also clears an interrupted write
         (staging / "rng").mkdir()
         (staging / layout.WEIGHTS_DIR).mkdir()

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from probsft_megatron.errors import ProbsftError
 
 LOG_LEVEL_ENV = "PROBSFT_LOG_LEVEL"
-LOGGER = "probsft_megatron"
 _HANDLER_MARK = "_probsft_handler"
 
 # (category, message regex, module regex) hidden by default
@@ -41,7 +40,7 @@ def setup_logging(verbose: int = 0) -> int:
     root logger) and export the level to child processes; returns the level."""
     level = log_level(verbose)
     os.environ[LOG_LEVEL_ENV] = logging.getLevelName(level)
-    logger = logging.getLogger(LOGGER)
+    logger = logging.getLogger("probsft_megatron")
     logger.setLevel(level)
     if not any(getattr(h, _HANDLER_MARK, False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)

@@ -1,10 +1,10 @@
 """What a folder written by probsft holds (``probsft_manifest.json``: each file's size and
-CRC-32, of all of it up to :data:`FULL_CHECKSUM_BYTES`, else of its first and last
-:data:`SAMPLE_BYTES`), the checkpoint a run resumes from, and the guard that keeps an output
-away from its inputs. Standard library only (layer 0)."""
+CRC-32), the checkpoint a run resumes from, and the guard that keeps an output away from its
+inputs. Standard library only (layer 0)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -38,7 +38,6 @@ KIND_NAMES = {
     TRAINING_RUN: "training run folder",
 }
 
-STEP_RE = re.compile(r"^step_(\d{7})$")
 LEGACY_EXPORT_FILE = "probsft_export.json"  # written by the launcher's export step
 _CHUNK = 8 * 2**20
 
@@ -52,7 +51,7 @@ def step_name(step: int) -> str:
 
 def step_of(path: str | os.PathLike) -> int | None:
     """The step of a ``step_NNNNNNN`` folder, else None."""
-    m = STEP_RE.match(Path(path).name)
+    m = re.fullmatch(r"step_(\d{7})", Path(path).name)
     return int(m.group(1)) if m else None
 
 
@@ -122,14 +121,13 @@ def checkpoint_damage(path: str | os.PathLike) -> str | None:
             f"it has no {MANIFEST_FILE} (it was not written by probsft, or its write did not "
             "finish)"
         )
-    entries = manifest["files"]
-    for name, entry in entries.items():
+    for name, entry in manifest["files"].items():
         if not (folder / name).is_file():
             return f"{name} is missing"
         size = (folder / name).stat().st_size
         if size != entry.get("size"):
             return f"{name} is {size} bytes, its manifest lists {entry.get('size')}"
-    for name, entry in entries.items():
+    for name, entry in manifest["files"].items():
         if _entry(folder / name)["crc32"] != entry.get("crc32"):
             return f"{name} does not match its checksum (changed since it was written)"
     return None
@@ -213,20 +211,16 @@ def folder_kind(path: str | os.PathLike) -> str | None:
         return manifest["kind"]
     if (path / "model_config.json").is_file():
         return TRAINING_CHECKPOINT if (path / "train_state.json").is_file() else MODEL_DIR
-    return TRAINING_RUN if _is_run(path) else None
-
-
-def _is_run(path: Path) -> bool:
-    """A training run's folder: checkpoints/, metrics.jsonl, summary.json, run.lock, or a
-    config.json with the job's sections (both written when a run starts)."""
+    # a run's folder: what a run writes when it starts, or a config.json with the job's sections
     names = ("checkpoints", "metrics.jsonl", "summary.json", "run.lock")
     if any((path / name).exists() for name in names):
-        return True
+        return TRAINING_RUN
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(config, dict) and {"train", "optim", "model"} <= set(config)
+        return None
+    job = isinstance(config, dict) and {"train", "optim", "model"} <= set(config)
+    return TRAINING_RUN if job else None
 
 
 def describe(path: str | os.PathLike) -> str:
@@ -255,22 +249,18 @@ def overlap(out: str | os.PathLike, inp: str | os.PathLike) -> str | None:
 
 def writable_folder(path: str | os.PathLike) -> str | None:
     """Why a folder cannot be created or written at ``path`` (a phrase), or None."""
-    p = _absolute(path)
-    if p.exists() and not p.is_dir():
+    probe = _absolute(path)
+    if probe.exists() and not probe.is_dir():
         return "is a file, not a folder"
-    probe = p
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
         return f"cannot be created: {probe} is a file"
-    unwritable = f"is not writable (nothing can be created in {probe})"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return unwritable
-    try:  # root passes os.access everywhere: only creating something shows a read-only mount
-        os.rmdir(tempfile.mkdtemp(prefix=".probsft-write-check-", dir=probe))
-    except OSError:
-        return unwritable
-    return None
+    with contextlib.suppress(OSError):  # root passes os.access: creating shows a read-only mount
+        if os.access(probe, os.W_OK | os.X_OK):
+            os.rmdir(tempfile.mkdtemp(prefix=".probsft-write-check-", dir=probe))
+            return None
+    return f"is not writable (nothing can be created in {probe})"
 
 
 _DESTROYS = ": writing it would destroy the input (with or without --overwrite)"
@@ -304,9 +294,8 @@ def check_output(
     target = _absolute(out)
     if kind is None or not target.exists() or not any(target.iterdir()):
         return target.exists()
-    found = folder_kind(target)
     name = KIND_NAMES[kind]
-    if found != kind:
+    if folder_kind(target) != kind:
         raise ConfigError(
             f"{flag} {out} already exists and holds {describe(target)}, not a {name} written "
             f"by probsft; --overwrite replaces only a previous {name}: choose another {flag} "

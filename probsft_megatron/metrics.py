@@ -16,13 +16,10 @@ VAL_PREFIX = "val_"
 
 
 def step_record(step: int, lr: float, stats, elapsed: float) -> dict[str, Any]:
-    """One line of ``metrics.jsonl`` from a step's StepStats (``tokens``: real tokens,
-    ``positions``: computed ones, padding included)."""
-    keys = ("grad_norm", "mean_p", "frac_kept", "mean_w", "response_tokens")
+    """One line of ``metrics.jsonl`` from a step's StepStats (``positions``: padding included)."""
+    keys = ("grad_norm", "mean_p", "frac_kept", "mean_w", "response_tokens", "tokens", "positions")
     record = {"step": step, "loss": stats.loss, "lr": lr} | {k: getattr(stats, k) for k in keys}
     record.update(
-        tokens=stats.tokens,
-        positions=stats.positions,
         positions_per_token=stats.positions / max(stats.tokens, 1),
         tokens_per_s=stats.tokens / elapsed,
         padded_tokens_per_s=stats.positions / elapsed,
@@ -58,11 +55,8 @@ class RunLog:
         atomic_write_json(out_dir / "config.json", job.to_dict(), default=str)
         self.path = out_dir / "metrics.jsonl"
         if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step
-            ]
+            lines = self.path.read_text().splitlines()
+            kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")
         self.tb = None

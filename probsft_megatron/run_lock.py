@@ -121,13 +121,9 @@ def gone_reason(holder: Holder, me: Holder | None = None) -> tuple[str, str] | N
     requeued: the same job id) or ``"stale"``; None while it may still run."""
     me = me or Holder.current()
     same_host = holder.host == me.host
-    if same_host:
-        started = _process_started(holder.pid)
-        alive = started is not None and (
-            holder.pid_started is None or abs(started - holder.pid_started) < 1.0
-        )
-        if alive:
-            return None
+    if same_host and (started := _process_started(holder.pid)) is not None:
+        if holder.pid_started is None or abs(started - holder.pid_started) < 1.0:
+            return None  # alive (the same pid, started at the same time)
     if holder.slurm_job_id and holder.slurm_job_id == me.slurm_job_id:
         return "own", f"it is this SLURM job ({holder.slurm_job_id}), requeued"
     if same_host:
@@ -174,11 +170,9 @@ def check_free(output_dir: str | os.PathLike) -> None:
     before it starts anything; :func:`acquire` decides for real)."""
     out = Path(output_dir)
     lock = out / LOCK_FILE
-    if not lock.is_file():
-        return
-    text, holder = _read(lock)
+    text, holder = _read(lock) if lock.is_file() else ("", None)
     if holder is None and not text:
-        return  # released while we looked, or being written: acquire() decides
+        return  # none, released while we looked, or being written: acquire() decides
     if holder is None or gone_reason(holder) is None:
         raise RunLockedError(_held_message(out, lock, holder, text))
 
@@ -193,9 +187,8 @@ def _create(lock: Path, me: Holder) -> None:
 
 
 def _remove_gone(lock: Path, text: str) -> bool:
-    """Delete ``lock`` if it still holds ``text`` (a gone holder's), under an O_EXCL mutex
-    so that of several runs taking over at once only one deletes, and none deletes a lock
-    created meanwhile. Returns whether this process deleted it."""
+    """Delete ``lock`` if it still holds ``text`` (a gone holder's) under an O_EXCL mutex (one
+    of several runs taking over deletes, none a lock created meanwhile); whether this one did."""
     mutex = lock.with_name(LOCK_FILE + ".takeover")
     try:
         _create(mutex, Holder.current())
@@ -214,20 +207,6 @@ def _remove_gone(lock: Path, text: str) -> bool:
         mutex.unlink(missing_ok=True)
 
 
-def _announce_takeover(out: Path, reason: tuple[str, str], holder: Holder) -> None:
-    kind, why = reason
-    if kind == "own":
-        logger.info("continuing this run in %s: %s", out, why)
-        return
-    logger.warning(
-        "took over the lock of %s from a run that is gone (%s; %s); this run continues from "
-        "the newest checkpoint there",
-        out,
-        holder.describe(),
-        why,
-    )
-
-
 def acquire(output_dir: str | os.PathLike) -> Holder:
     """Take the lock of ``output_dir`` for this process; returns the holder written. A gone
     holder's lock is taken over; RunLockedError (one line) when a live run holds it."""
@@ -235,12 +214,20 @@ def acquire(output_dir: str | os.PathLike) -> Holder:
     out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK_FILE
     me = Holder.current()
-    removed = None  # (reason, holder) of the gone lock this process deleted
+    removed = None  # (kind, why, holder) of the gone lock this process deleted
     for _ in range(20):
         with contextlib.suppress(FileExistsError):
             _create(lock, me)
-            if removed is not None:
-                _announce_takeover(out, *removed)
+            if removed is not None and removed[0] == "own":
+                logger.info("continuing this run in %s: %s", out, removed[1])
+            elif removed is not None:
+                logger.warning(
+                    "took over the lock of %s from a run that is gone (%s; %s); this run "
+                    "continues from the newest checkpoint there",
+                    out,
+                    removed[2].describe(),
+                    removed[1],
+                )
             return me
         text, holder = _read(lock)
         if holder is None and text == "":
@@ -252,7 +239,7 @@ def acquire(output_dir: str | os.PathLike) -> Holder:
         if reason is None:
             raise RunLockedError(_held_message(out, lock, holder, text))
         if _remove_gone(lock, text):
-            removed = (reason, holder)
+            removed = (*reason, holder)
     raise RunLockedError(
         f"train.output_dir {out}: could not take {lock}, other runs keep taking it; run one "
         "training run per train.output_dir"
@@ -287,10 +274,8 @@ def hold(output_dir: str | os.PathLike, device=None) -> Callable[[], None]:
         refused = torch.tensor([1 if error is not None else 0], dtype=torch.int64, device=device)
         dist.all_reduce(refused)
         if error is None and int(refused.item()):
-            error = RunLockedError(
-                f"train.output_dir {output_dir} is in use by another training run",
-                announce=False,
-            )
+            in_use = f"train.output_dir {output_dir} is in use by another training run"
+            error = RunLockedError(in_use, announce=False)
     if error is not None:
         raise error
     return functools.partial(release, output_dir, holder)

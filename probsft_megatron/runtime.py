@@ -31,24 +31,20 @@ from probsft_megatron.loss import (
 from probsft_megatron.objectives import resolve_percentile
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(
     parallel: ParallelConfig, seed: int = 1234, model=None, timeout_s: float | None = None
 ) -> int:
-    """Start torch.distributed (nccl, or gloo on CPU) and megatron's groups after checking the
-    layout; ``timeout_s``: every collective's timeout (None: the defaults). Returns the DP size."""
+    """Check the layout, start torch.distributed (nccl; gloo on CPU) and megatron's groups with
+    ``timeout_s`` per collective (None: the defaults); returns the DP size."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = validate_layout(parallel, world, model)
     cpu_backend.activate()
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if "MASTER_ADDR" not in os.environ:  # a free local port
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         if cpu_backend.cuda_available():
@@ -85,8 +81,7 @@ def packed_kwargs(batch: Batch) -> dict:
 
 
 def batch_shape(micro_batches: list[Batch]) -> tuple[int, int]:
-    """``(seq_length, micro_batch_size)`` the pipeline schedule exchanges (one shape for all
-    micro-batches when PP > 1)."""
+    """``(seq_length, micro_batch_size)`` the schedule exchanges (one shape for all if PP > 1)."""
     shapes = {tuple(b.tokens.shape) for b in micro_batches}
     rows, seq = max(shapes, key=lambda shape: shape[0] * shape[1])
     if len(shapes) > 1 and compat.rank_position().pp > 1:
@@ -149,9 +144,8 @@ def _fused_token_ce(hidden: torch.Tensor, *, model, batch: Batch, chunk_size: in
 
 @dataclass(frozen=True)
 class LossHead:
-    """The run's loss head (``loss.config.implementation``): makes megatron's
-    ``forward_step_func``. Unfused: the model gets the labels and returns the vocab-parallel
-    per-token CE; fused: the model returns hidden states and :func:`head_loss` forms the loss."""
+    """The loss head (``loss.config.implementation``), maker of megatron's ``forward_step_func``.
+    Unfused: the model returns the per-token CE; fused: hidden states for :func:`head_loss`."""
 
     loss: ObjectiveLoss
     device: Any = "cpu"
@@ -161,23 +155,11 @@ class LossHead:
         return self.loss.config.implementation == "fused"
 
     def objective(self, model, batch: Batch, threshold, record_p: bool) -> Callable:
+        rule = {"loss_mask": batch.loss_mask, "threshold": threshold, "record_p": record_p}
         if self.fused:
-            return partial(
-                head_loss,
-                loss=self.loss,
-                model=model,
-                labels=batch.labels,
-                loss_mask=batch.loss_mask,
-                threshold=threshold,
-                record_p=record_p,
-            )
-        return partial(
-            self.loss,
-            loss_mask=batch.loss_mask,
-            threshold=threshold,
-            record_p=record_p,
-            position_ids=batch.position_ids,  # where examples start (normalization=sample)
-        )
+            return partial(head_loss, loss=self.loss, model=model, labels=batch.labels, **rule)
+        # position_ids: where examples start (normalization=sample)
+        return partial(self.loss, position_ids=batch.position_ids, **rule)
 
     def token_ce(self, model, batch: Batch) -> Callable:
         if self.fused:
@@ -224,8 +206,7 @@ def _schedule(model_chunks, micro_batches, forward_step_func, shape, forward_onl
 def measure_token_ce(
     model_chunks: list, micro_batches: list[Batch], head: LossHead, shape: tuple | None = None
 ) -> list[torch.Tensor]:
-    """Forward-only pass; every row's response-token CE in order on the last stage, ``[]``
-    elsewhere. ``shape``: default :func:`batch_shape`."""
+    """Forward only: every row's response-token CE in order on the last stage, ``[]`` elsewhere."""
     shape = shape or batch_shape(micro_batches)
     reports = _schedule(model_chunks, micro_batches, head.forward_step(measure=True), shape)
     if not is_last_stage():
@@ -236,16 +217,13 @@ def measure_token_ce(
 def global_threshold(
     model_chunks: list, head: LossHead, micro_batches: list[Batch], shape: tuple[int, int]
 ) -> tuple[float | None, list[torch.Tensor]]:
-    """The objective's percentile over the whole global batch (a measuring pass, p gathered
-    over DP) on the last stage (else None) and the measured rows."""
+    """The global batch's percentile (p over DP; last stage, else None) and the measured rows."""
     rows = measure_token_ce(model_chunks, micro_batches, head, shape)
     if not is_last_stage() or not head.loss.needs_global_threshold:
         return None, rows
     local = torch.exp(-torch.cat(rows)).double() if rows else torch.zeros(0, dtype=torch.float64)
-    threshold = resolve_percentile(
-        gather_varlen(local, head.loss.dp_group), head.loss.objective.threshold.value
-    )
-    return threshold, rows
+    gathered = gather_varlen(local, head.loss.dp_group)
+    return resolve_percentile(gathered, head.loss.objective.threshold.value), rows
 
 
 # -- the training step -------------------------------------------------------------------------
@@ -253,9 +231,8 @@ def global_threshold(
 
 @dataclass(frozen=True)
 class StepStats:
-    """What one optimizer step reports. Every rank: the first four (``local_*``: this rank's
-    own loss and gradients before the DP reduction). The last stage also has the loss
-    statistics of :func:`~probsft_megatron.loss.reduce_stats`; None elsewhere."""
+    """What one optimizer step reports: every rank the first four (``local_*``: before the DP
+    reduction), the last stage also :func:`~probsft_megatron.loss.reduce_stats`'s (else None)."""
 
     grad_norm: float
     update_successful: bool
@@ -307,8 +284,7 @@ def train_step(
     micro_batch_size: int | None = None,
     record_p: bool = False,
 ) -> StepStats:
-    """One optimizer step over ``micro_batches`` (a collective over the job). The shape
-    defaults to :func:`batch_shape`; ``record_p`` asks for the response tokens' p."""
+    """One optimizer step over ``micro_batches`` (a collective); ``record_p``: report their p."""
     shape = (seq_length, micro_batch_size)
     if None in shape:
         shape = batch_shape(micro_batches)
@@ -390,9 +366,8 @@ def build_training_model(
     peft_seed: int = 0,
     **optim_overrides,
 ):
-    """``([ddp_model], optimizer)`` of this rank's stage. ``optim`` fields may be overridden by
-    keyword; ``load_dir``: weights loaded before DDP (with ``peft``: the base model only);
-    ``loss_config`` may ask for the fused head; ``peft``: LoRA, everything else frozen."""
+    """``([ddp_model], optimizer)`` of this rank's stage; ``optim`` fields may be overridden by
+    keyword; ``load_dir``: weights loaded before DDP (with ``peft``, LoRA: the base only)."""
     from probsft_megatron.model import build_gpt_model
 
     optim = dataclasses.replace(optim or LIBRARY_OPTIM, **optim_overrides)

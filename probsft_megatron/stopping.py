@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 INTERRUPTED_EXIT_CODE = 75
 HARD_STOP_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-EVENTS_FILE = "events.jsonl"
 
 
 class NonFiniteError(ProbsftError):
@@ -82,19 +81,16 @@ class Boundary:
         return f"{'/'.join(names)} on {_ranks(tuple(sorted(self.signals)))}"
 
     def problem(self) -> str:
-        norm = f"gradient norm {self.grad_norm}"
+        at, norm = f"at step {self.step}", f"gradient norm {self.grad_norm}"
         if self.loss_ranks:
-            return f"non-finite loss at step {self.step} on {_ranks(self.loss_ranks)}"
+            return f"non-finite loss {at} on {_ranks(self.loss_ranks)}"
         if self.grad_ranks:
-            return (
-                f"non-finite gradients at step {self.step} on {_ranks(self.grad_ranks)} "
-                f"(finite loss; {norm})"
-            )
+            return f"non-finite gradients {at} on {_ranks(self.grad_ranks)} (finite loss; {norm})"
         if self.loss_nonfinite:
-            return f"non-finite loss at step {self.step} (every rank's own part was finite)"
+            return f"non-finite loss {at} (every rank's own part was finite)"
         return (
-            f"non-finite {norm} at step {self.step} (every rank's own gradients were finite; "
-            "their norm overflowed)"
+            f"non-finite {norm} {at} (every rank's own gradients were finite; their norm "
+            "overflowed)"
         )
 
     def error(self, checkpoint: Path | None, announce: bool = True) -> NonFiniteError:
@@ -112,8 +108,7 @@ class Boundary:
 @dataclass(eq=False)
 class Stopper:
     """The run's guard (a context manager): stop-signal handlers that only record the signal,
-    the step-boundary agreement, collective failures as :class:`RankLostError`. The loop keeps
-    ``step`` current; ``checkpoints``: a CheckpointManager; ``announce``: this rank prints."""
+    the step-boundary agreement, collective failures as :class:`RankLostError`."""
 
     dist_timeout_s: float | None = None
     announce: bool = True
@@ -121,16 +116,13 @@ class Stopper:
     step: int = field(default=0, init=False)
     received: list[int] = field(default_factory=list, init=False)
     _previous: dict[int, Any] = field(default_factory=dict, init=False)
-    _at_exit: list[Any] = field(default_factory=list, init=False)
-
-    def at_exit(self, release) -> None:
-        """Call ``release()`` when the run ends, however it ends (a second Ctrl-C too)."""
-        self._at_exit.append(release)
+    # called when the run ends, however it ends (a second Ctrl-C too)
+    at_exit: list[Any] = field(default_factory=list, init=False)
 
     def _release(self) -> None:
-        while self._at_exit:
+        while self.at_exit:
             try:
-                self._at_exit.pop()()
+                self.at_exit.pop()()
             except Exception as exc:  # a clean-up must not hide the run's own outcome
                 logger.warning("while ending the run: %s", exc)
 
@@ -156,14 +148,11 @@ class Stopper:
         first = not self.received
         self.received.append(signum)
         if first and self.announce:
-            again = (
-                " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
-            )
             now = f"finishing step {self.step}" if self.step else "training one step"
-            _say(
-                f"{signal_name(signum)} received: {now}, then saving a checkpoint and "
-                f"stopping{again}"
-            )
+            text = f"{signal_name(signum)} received: {now}, then saving a checkpoint and stopping"
+            if signum == signal.SIGINT:
+                text += " (Ctrl-C again stops at once, without saving)"
+            _say(text)
 
     def _hard_stop(self) -> None:
         """Second Ctrl-C: end this process and its helpers now, without a traceback."""
@@ -179,12 +168,11 @@ class Stopper:
                 child.kill()
         os._exit(HARD_STOP_EXIT_CODE)
 
-    def boundary(self, stats, device: torch.device | str = "cpu", group=None) -> Boundary:
-        """What all ranks of ``group`` agree on after step ``self.step``, from this rank's
+    def boundary(self, stats, device: torch.device | str = "cpu") -> Boundary:
+        """What all ranks agree on after step ``self.step``, from this rank's
         :class:`~probsft_megatron.runtime.StepStats` (one all-reduce of ``5 x world`` ints)."""
-        world = dist.get_world_size(group) if dist.is_initialized() else 1
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        me = dist.get_group_rank(group, rank) if group is not None else rank
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        me = dist.get_rank() if dist.is_initialized() else 0
         flags = torch.zeros(5, world, dtype=torch.int64)
         flags[0, me] = self.received[0] if self.received else 0
         flags[1, me] = not stats.local_loss_finite
@@ -193,7 +181,7 @@ class Stopper:
         flags[4, me] = not math.isfinite(stats.grad_norm)
         if world > 1:
             flags = flags.to(device)
-            dist.all_reduce(flags, group=group)
+            dist.all_reduce(flags)
         signals, loss, grads, loss_nonfinite, norm_nonfinite = flags.cpu().tolist()
         return Boundary(
             step=self.step,
@@ -256,7 +244,7 @@ def signals_deferred() -> Iterator[None]:
 def record_event(output_dir: str | Path, event: str, **fields: Any) -> None:
     """Append one line to ``<output_dir>/events.jsonl``: the run's starts, stops and faults."""
     line = {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
-    path = Path(output_dir) / EVENTS_FILE
+    path = Path(output_dir) / "events.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(line, default=str) + "\n")

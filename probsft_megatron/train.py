@@ -1,7 +1,6 @@
 """`probsft train`: supervised fine-tuning of a Megatron-Core GPT model with any objective.
 
-One process per device: ``torchrun --nproc-per-node N -m probsft_megatron.train --config
-RECIPE [key=value ...]``; :class:`Trainer` builds the run once, ``fit`` is the step loop."""
+One process per device (under torchrun); :class:`Trainer` builds the run, ``fit`` is the loop."""
 
 from __future__ import annotations
 
@@ -41,15 +40,6 @@ def lr_at(step: int, total: int, cfg) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def efficiency(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Real ``tokens``, computed ``positions`` and their ratio over the steps of ``history``."""
-    tokens = sum(r.get("tokens") or 0 for r in history)
-    positions = sum(r.get("positions") or 0 for r in history)
-    if not tokens:
-        return {}
-    return {"tokens": tokens, "positions": positions, "positions_per_token": positions / tokens}
-
-
 def train(cfg: TrainJobConfig | Job) -> dict[str, Any]:
     """Run (or resume) the job; returns a summary on every rank (``interrupted`` after a stop
     signal and a save). Raises ``stopping.NonFiniteError`` or ``stopping.RankLostError``."""
@@ -84,7 +74,7 @@ class Trainer:
             job.parallel, seed=t.seed, model=job.model, timeout_s=t.dist_timeout_s
         )
         # one run per output folder, released when the run ends however it ends (exit 75 too)
-        stopper.at_exit(run_lock.hold(job.output_dir, cpu_backend.device()))
+        stopper.at_exit.append(run_lock.hold(job.output_dir, cpu_backend.device()))
         layout = compat.rank_position()
         self.is_logger = layout.is_last_stage and layout.dp_rank == 0 and layout.tp_rank == 0
         stopper.announce = self.is_logger
@@ -92,26 +82,22 @@ class Trainer:
 
         # local rank 0 of each node builds the token store if needed; every rank maps it
         tokenizer = load_tokenizer(job.require_tokenizer())
-        dataset = open_dataset(
-            job.data, tokenizer, builder=int(os.environ.get("LOCAL_RANK", "0")) == 0
-        )
+        builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        dataset = open_dataset(job.data, tokenizer, builder=builder)
         self.loader = global_batches(job, dataset, layout, tokenizer.pad_token_id, epochs=t.epochs)
         self.total_steps = len(self.loader)
         self.last_step = run_length(len(dataset), self.total_steps, t, announce=self.is_logger)
 
         resume_from = self.checkpoints.find()  # rank 0 verifies, every rank learns the verdict
-        tconfig = transformer_config(
-            job.model, job.parallel, params_dtype=getattr(torch, job.dtype)
-        )
+        dtype = getattr(torch, job.dtype)
+        # a LoRA checkpoint holds only the adapters: its base comes from init.checkpoint
+        base = job.init_weights if resume_from is None or job.config.peft.enabled else None
         self.chunks, self.optimizer = runtime.build_training_model(
             job.model,
-            tconfig,
+            transformer_config(job.model, job.parallel, params_dtype=dtype),
             job.optim,
             use_distributed_optimizer=job.use_distributed_optimizer,
-            # a LoRA checkpoint holds only the adapters: its base comes from init.checkpoint
-            load_dir=str(job.init_weights)
-            if job.init_weights and (resume_from is None or job.config.peft.enabled)
-            else None,
+            load_dir=str(base) if base else None,
             loss_config=job.loss,
             attention=job.attention,
             peft=job.config.peft,
@@ -128,9 +114,8 @@ class Trainer:
             )
             job = job.with_objective(name)
         self.job = job
-        self.head = runtime.loss_head(
-            ObjectiveLoss(job.loss, compat.data_parallel_group()), cpu_backend.device()
-        )
+        loss = ObjectiveLoss(job.loss, compat.data_parallel_group())
+        self.head = runtime.loss_head(loss, cpu_backend.device())
         # held-out loss every train.eval_interval steps and at the end
         self.validation = Validation(job, tokenizer, layout) if job.data.val_files else None
         self.log = RunLog(job, self.start_step, self.last_step) if self.is_logger else None
@@ -163,7 +148,12 @@ class Trainer:
                 # every rank learns whether any rank got a stop signal or a non-finite value
                 verdict = self.stopper.boundary(stats, cpu_backend.device())
                 if verdict.nonfinite:  # before anything of this step is logged or saved
-                    raise self._nonfinite(verdict)
+                    latest = self.checkpoints.latest
+                    if self.is_logger:
+                        event = {"step": step, "problem": verdict.problem(), "checkpoint": latest}
+                        stopping.record_event(self.job.output_dir, "non_finite", **event)
+                    runtime.shutdown()
+                    raise verdict.error(latest, announce=self.is_logger)
                 last = step == self.last_step
                 due = self.validation is not None and self.validation.due(step, self.last_step)
                 # the val_* metrics on the logger
@@ -190,31 +180,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         every = self.job.train.histogram_interval
-        stats = runtime.train_step(
-            self.chunks,
-            self.optimizer,
-            self.head,
-            next(self.batches),
-            record_p=bool(every) and step % every == 0,
-        )
+        batch, record_p = next(self.batches), bool(every) and step % every == 0
+        stats = runtime.train_step(self.chunks, self.optimizer, self.head, batch, record_p=record_p)
         return stats, lr, time.perf_counter() - t0
-
-    def _nonfinite(self, verdict: stopping.Boundary) -> stopping.NonFiniteError:
-        latest = self.checkpoints.latest
-        if self.is_logger:
-            stopping.record_event(
-                self.job.output_dir,
-                "non_finite",
-                step=verdict.step,
-                problem=verdict.problem(),
-                checkpoint=latest,
-            )
-        runtime.shutdown()
-        return verdict.error(latest, announce=self.is_logger)
 
     def save(self, step: int) -> Path:
         """The atomic training checkpoint of ``step`` (collective), stop signals deferred."""
-        job = self.job
+        job, peft = self.job, self.job.config.peft
+        record = lora.peft_record(peft, lora.run_fingerprint(job.config)) if peft.enabled else None
         with stopping.signals_deferred():
             return self.checkpoints.save(
                 step,
@@ -228,9 +201,7 @@ class Trainer:
                     "config": job.to_dict(),
                 },
                 hf_template=job.hf_template,
-                peft_record=lora.peft_record(job.config.peft, lora.run_fingerprint(job.config))
-                if job.config.peft.enabled
-                else None,
+                peft_record=record,
             )
 
     def summary(self, step: int, interrupted: dict | None) -> dict[str, Any]:
@@ -244,17 +215,21 @@ class Trainer:
             "objective_evidence": self.objective_evidence,
             "checkpoint": str(self.checkpoints.latest),
             "history": history,
-            **efficiency(history),
         }
+        tokens = sum(r.get("tokens") or 0 for r in history)  # real ones; positions: computed
+        positions = sum(r.get("positions") or 0 for r in history)
+        if tokens:
+            summary.update(
+                tokens=tokens, positions=positions, positions_per_token=positions / tokens
+            )
         if interrupted is not None:  # no summary.json: the run is not finished
             summary["interrupted"] = interrupted
             if self.is_logger:
                 stopping.record_event(job.output_dir, "interrupted", **interrupted)
                 logger.info(
-                    "interrupted at step %d (%s); checkpoint %s; resume with the same command",
-                    step,
-                    interrupted["by"],
-                    interrupted["checkpoint"],
+                    "interrupted at step %(step)d (%(by)s); checkpoint %(checkpoint)s; resume "
+                    "with the same command",
+                    interrupted,
                 )
         elif self.is_logger:
             atomic_write_json(job.output_dir / "summary.json", summary)
@@ -269,21 +244,20 @@ def run_length(examples: int, total_steps: int, t, *, announce: bool) -> int:
         f"train.epochs={t.epochs} over {examples} examples, train.global_batch_size="
         f"{t.global_batch_size}: {per_epoch:g} steps per epoch"
     )
-    problem = None
     if total_steps == 0:
         problem = (
             f"the dataset has {examples} examples, fewer than one global batch "
             f"(train.global_batch_size={t.global_batch_size}); add data or lower "
             "train.global_batch_size"
         )
-    elif t.max_steps is not None and t.max_steps > total_steps:
-        epochs = math.ceil(t.max_steps / per_epoch)
+        raise ConfigError(problem, announce=announce)
+    if t.max_steps is not None and t.max_steps > total_steps:
         problem = (
             f"train.max_steps={t.max_steps} is more than the {total_steps} steps the data "
-            f"gives ({shape}); set train.epochs={epochs} to train {t.max_steps} steps, or "
-            f"train.max_steps={total_steps} or lower (null: every step of the epochs)"
+            f"gives ({shape}); set train.epochs={math.ceil(t.max_steps / per_epoch)} to train "
+            f"{t.max_steps} steps, or train.max_steps={total_steps} or lower (null: every step "
+            "of the epochs)"
         )
-    if problem is not None:
         raise ConfigError(problem, announce=announce)
     last_step = t.max_steps or total_steps
     if announce:
