@@ -1,7 +1,6 @@
 """`probsft plan`: will a recipe fit on the GPUs, and with which layout? (docs/training.md)
 
-Exit status 0 when the requested layout fits, 1 when it does not, 2 for bad input.
-"""
+Exit status 0 when the requested layout fits, 1 when it does not, 2 for bad input."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """`probsft probe`: token-probability probe of a base model on SFT data (docs/probe.md).
 
 Every input is checked before any work (:func:`check_inputs`); ``--nproc N`` runs the probe
-under ``torchrun --nproc-per-node N``.
-"""
+under ``torchrun --nproc-per-node N``."""
 
 from __future__ import annotations
 
@@ -18,7 +17,14 @@ from pathlib import Path
 
 from probsft_megatron import console
 from probsft_megatron.errors import CheckpointError, ConfigError
-from probsft_megatron.input_checks import DATA_SUFFIXES
+from probsft_megatron.input_checks import (
+    DATA_SUFFIXES,
+    TOKENIZER_FILES,
+    check_data_files,
+    check_model_dir,
+    check_tokenizer,
+    check_vocab_fits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +81,11 @@ def data_config(spec: str, overrides: list[str], command: str = "probsft probe")
             f"override {bad[0]!r} is not a data.* key; `{command}` only takes "
             "data overrides (e.g. data.max_length=2048)"
         )
+    raw = {"source": "figfont"} if spec == "figfont" else {"source": "file", "train_files": [spec]}
     if spec == "figfont" or Path(spec).suffix.lower() in DATA_SUFFIXES:
-        raw = {
-            "data": {"source": "figfont"}
-            if spec == "figfont"
-            else {"source": "file", "train_files": [spec]}
-        }
-        cfg = build_config(functools.reduce(apply_override, overrides, raw)).data
+        cfg = build_config(functools.reduce(apply_override, overrides, {"data": raw})).data
     else:
         cfg = load_config(spec, overrides).data
-    from probsft_megatron.input_checks import check_data_files
-
     check_data_files(cfg, "--data")
     return cfg
 
@@ -113,12 +113,6 @@ def check_inputs(args: argparse.Namespace):
     model and its layout, the data, ``--out``, the tokenizer. Returns (DataConfig, layout)."""
     from probsft_megatron import manifest
     from probsft_megatron.config import ParallelConfig, validate_layout
-    from probsft_megatron.input_checks import (
-        TOKENIZER_FILES,
-        check_model_dir,
-        check_tokenizer,
-        check_vocab_fits,
-    )
 
     for flag, kind, _, _ in VALUE_FLAGS:
         value = _value(args, flag)
@@ -147,9 +141,7 @@ def check_inputs(args: argparse.Namespace):
     try:
         validate_layout(layout, int(os.environ["WORLD_SIZE"]) if launched else args.nproc, config)
     except ConfigError as exc:  # the probe's flags, not the training keys it does not take
-        message = str(exc)
-        for key, flag in PROBE_FLAGS:
-            message = message.replace(key, flag)
+        message = functools.reduce(lambda m, pair: m.replace(*pair), PROBE_FLAGS, str(exc))
         raise ConfigError(message) from None
     data = data_config(args.data, args.overrides)
     from probsft_megatron.data.records import check_first_records

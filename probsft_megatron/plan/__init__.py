@@ -1,8 +1,6 @@
-"""Will it fit? Per-GPU memory of a training job, and the cheapest layout that fits.
-
-Parameters are counted on the real model built on the meta device; the rest is arithmetic
-(what is counted, how it is checked and how the layout is chosen: docs/training.md).
-"""
+"""Will it fit? Per-GPU memory of a training job, and the cheapest layout that fits: the
+parameters counted on the real model built on the meta device, the rest arithmetic (what is
+counted, how it is checked and how the layout is chosen: docs/training.md)."""
 
 from __future__ import annotations
 

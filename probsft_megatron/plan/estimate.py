@@ -63,17 +63,10 @@ class StageEstimate:
 
 
 def estimate_stage(
-    model,
-    layout: Layout,
-    workload: Workload,
-    pp_rank: int,
-    margin_gib: float = DEFAULT_MARGIN_GIB,
-    dp_rank: int | None = None,
+    model, layout: Layout, workload: Workload, pp_rank: int, margin_gib: float = DEFAULT_MARGIN_GIB
 ) -> StageEstimate:
-    """Peak memory of one rank of pipeline stage ``pp_rank`` (``dp_rank`` None: the DP rank
-    with the most optimizer state)."""
-    sharded = dp_rank is None and layout.uses_distributed_optimizer
-    ranks = range(layout.dp) if sharded else [dp_rank or 0]
+    """Peak memory of pipeline stage ``pp_rank`` on its DP rank with the most optimizer state."""
+    ranks = range(layout.dp) if layout.uses_distributed_optimizer else [0]
     parts = (static_memory(model, layout, workload, pp_rank, r) for r in ranks)
     static = max(parts, key=attrgetter("total"))
     d = dims(model)
@@ -127,8 +120,6 @@ def estimate_stage(
 class Estimate:
     """Every stage of one layout; ``worst`` is the stage the verdict is about."""
 
-    layout: Layout
-    workload: Workload
     stages: list[StageEstimate]
 
     @property
@@ -151,19 +142,15 @@ def estimate(
     model, layout: Layout, workload: Workload, margin_gib: float = DEFAULT_MARGIN_GIB
 ) -> Estimate:
     """The per-GPU estimate of ``layout`` (all pipeline stages)."""
-    problem = layout_problem(model, layout.tp, layout.pp)
-    if problem:
+    if problem := layout_problem(model, layout.tp, layout.pp):
         raise ConfigError(problem)
     if layout.recompute == "full" and layout.recompute_method == "uniform":
         layers = model.num_layers // layout.pp
         if layers % min(layout.recompute_num_layers or 1, layers):
             raise ConfigError(
-                f"parallel.recompute_num_layers={layout.recompute_num_layers} does "
-                f"not divide the {layers} layers of a pipeline stage "
-                "(recompute_method=uniform)"
+                f"parallel.recompute_num_layers={layout.recompute_num_layers} does not divide "
+                f"the {layers} layers of a pipeline stage (recompute_method=uniform)"
             )
     return Estimate(
-        layout,
-        workload,
-        [estimate_stage(model, layout, workload, r, margin_gib) for r in range(layout.pp)],
+        [estimate_stage(model, layout, workload, r, margin_gib) for r in range(layout.pp)]
     )

@@ -102,16 +102,14 @@ class Workload:
     lora_targets: tuple[str, ...] = ()  # megatron linears with adapters (peft.target_modules)
 
     def __post_init__(self) -> None:
-        if self.params_dtype not in DTYPE_BYTES:
-            raise ConfigError(
-                f"unknown parameter dtype {self.params_dtype!r}; use {' or '.join(DTYPE_BYTES)}"
-            )
-        if self.kernels not in KERNELS:
-            raise ConfigError(f"unknown kernels {self.kernels!r}; use {' or '.join(KERNELS)}")
-        if self.adam not in ADAM_IMPLS:
-            raise ConfigError(
-                f"unknown Adam implementation {self.adam!r}; use one of {', '.join(ADAM_IMPLS)}"
-            )
+        for what, value, allowed in (
+            ("parameter dtype", self.params_dtype, DTYPE_BYTES),
+            ("kernels", self.kernels, KERNELS),
+            ("Adam implementation", self.adam, ADAM_IMPLS),
+        ):
+            if value not in allowed:
+                use = " or ".join(allowed) if len(allowed) == 2 else f"one of {', '.join(allowed)}"
+                raise ConfigError(f"unknown {what} {value!r}; use {use}")
 
     @property
     def param_bytes(self) -> int:

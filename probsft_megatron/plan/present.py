@@ -126,6 +126,7 @@ def render_plan(rep: dict) -> str:
     """:func:`plan_report`'s data as the text ``probsft plan`` prints."""
     m, w = rep["model"], rep["workload"]
     req, rec = rep["requested"], rep["recommended"]
+    switch = rec is not None and rec["label"] != req["label"]
     lines = [
         f"{rep['config'] or 'config'}: {m['arch']} {m['layers']} layers, "
         f"{m['parameters'] / 1e9:.2f}B parameters; micro batch {w['micro_batch_size']} x "
@@ -144,9 +145,7 @@ def render_plan(rep: dict) -> str:
     else:
         lines.append(f"recommended  {rec['label']}: {rec['per_gpu_gib']['total']:.1f} GiB")
     lines.append("")
-    cols = {"requested": req}
-    if rec is not None and rec["label"] != req["label"]:
-        cols["recommended"] = rec
+    cols = {"requested": req, **({"recommended": rec} if switch else {})}
     if any(c.get("per_gpu_gib") for c in cols.values()):
         lines += [_parts_table(cols), ""]
     alt = rep.get("alternatives")
@@ -172,7 +171,7 @@ def render_plan(rep: dict) -> str:
         lines.append("cheaper layouts that do not fit:")
         lines += [f"  {r['label']}: {r['reason']}" for r in rep["rejected"]]
         lines.append("")
-    if rec is not None and rec["label"] != req["label"]:
+    if switch:
         lines.append("to use the recommended layout: " + " ".join(rec["overrides"]))
     return "\n".join(lines).rstrip()
 

@@ -119,17 +119,12 @@ def evaluate(
     margin_gib: float = DEFAULT_MARGIN_GIB,
 ) -> Candidate:
     """One layout: possible? fits? (with the reason when not)."""
-    problem = layout_problem(model, layout.tp, layout.pp)
-    if problem:
+    if problem := layout_problem(model, layout.tp, layout.pp):
         return Candidate(layout, None, problem)
     gbs, mbs = workload.global_batch_size, workload.micro_batch_size
     if gbs is not None and gbs % (mbs * layout.dp):
-        return Candidate(
-            layout,
-            None,
-            f"train.global_batch_size={gbs} is not a multiple of "
-            f"micro batch x DP = {mbs}x{layout.dp}",
-        )
+        why = f"is not a multiple of micro batch x DP = {mbs}x{layout.dp}"
+        return Candidate(layout, None, f"train.global_batch_size={gbs} {why}")
     try:
         est = estimate(model, layout, workload, margin_gib)
     except ConfigError as exc:

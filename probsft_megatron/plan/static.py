@@ -11,6 +11,8 @@ from functools import lru_cache
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.plan.layout import Layout, Workload, dims, layout_problem
 
+TIED_WEIGHTS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
 
 @dataclass(frozen=True)
 class Param:
@@ -25,17 +27,12 @@ def stage_parameters(model, tp: int = 1, pp: int = 1, pp_rank: int = 0) -> list[
     """The parameters one TP rank of pipeline stage ``pp_rank`` holds, in megatron's
     registration order. With tied embeddings and PP > 1 the first stage's word embedding and
     the last stage's copy are ``shared_embedding`` (a one-process build cannot show it)."""
-    problem = layout_problem(model, tp, pp)
-    if problem:
+    if problem := layout_problem(model, tp, pp):
         raise ConfigError(problem)
     first, last = pp_rank == 0, pp_rank == pp - 1
     shared = bool(model.tie_word_embeddings) and pp > 1
     return [
-        Param(
-            name,
-            numel // tp if split else numel,
-            shared and name in ("embedding.word_embeddings.weight", "output_layer.weight"),
-        )
+        Param(name, numel // tp if split else numel, shared and name in TIED_WEIGHTS)
         for name, numel, split in _meta_stage(model, pp, first, last)
     ]
 
@@ -54,11 +51,8 @@ def _meta_stage(model, pp: int, first: bool, last: bool) -> tuple[tuple[str, int
     # all-reduce the tied embedding copy between the stages while it builds)
     stage = dataclasses.replace(model, num_layers=model.num_layers // pp)
     with _one_process_megatron() as tp_now:
-        config = transformer_config(
-            stage,
-            ParallelConfig(),
-            use_cpu_initialization=True,  # no device= of its own: the meta device applies
-        )
+        # use_cpu_initialization: no device= of its own, so the meta device applies
+        config = transformer_config(stage, ParallelConfig(), use_cpu_initialization=True)
         with torch.device("meta"):
             gpt = build_gpt_model(stage, config, pre_process=first, post_process=last)
         out = []
@@ -121,15 +115,12 @@ def _round_up(n: int, divisor: int) -> int:
 
 
 def grad_buffer(
-    params: list[Param],
-    dp: int = 1,
-    distributed_optimizer: bool = False,
-    bucket_size: int | None = None,
+    params: list[Param], dp: int = 1, distributed_optimizer: bool = False
 ) -> GradBuffer:
     """Lay ``params`` out as megatron's ``_ParamAndGradBuffer`` does: in reverse registration
     order; with the distributed optimizer each parameter starts at a multiple of 64, each
     bucket ends at a multiple of ``lcm(dp, 128)`` and a ``shared_embedding`` parameter gets a
-    bucket of its own. ``bucket_size`` None (this project's setting) is one bucket."""
+    bucket of its own; otherwise one bucket (this project sets no bucket size)."""
     ranges: list[tuple[int, int, int] | None] = [None] * len(params)
     buckets: list[tuple[int, int]] = []
     unpadded = bucket_start = start = end = in_bucket = 0
@@ -152,8 +143,7 @@ def grad_buffer(
         end = start + p.numel
         ranges[i] = (start, end, len(buckets))
         in_bucket += 1
-        full = bucket_size is not None and end - bucket_start >= bucket_size
-        start = close(end) if full or shared else end
+        start = close(end) if shared else end
     if in_bucket:
         close(end)
     numel = buckets[-1][1] if buckets else 0
@@ -199,12 +189,7 @@ def lora_parameters(model, layout: Layout, workload: Workload) -> list[Param]:
 
 
 def static_memory(
-    model,
-    layout: Layout,
-    workload: Workload,
-    pp_rank: int = 0,
-    dp_rank: int = 0,
-    bucket_size: int | None = None,
+    model, layout: Layout, workload: Workload, pp_rank: int = 0, dp_rank: int = 0
 ) -> Static:
     """Exact bytes of weights, gradient buffer and optimizer state on one rank. With LoRA the
     frozen base weights are held outside the buffer; only the adapters have gradients and state."""
@@ -214,7 +199,7 @@ def static_memory(
         frozen = sum(p.numel for p in params) * workload.param_bytes
         params = lora_parameters(model, layout, workload)
     dist_opt = layout.uses_distributed_optimizer
-    buf = grad_buffer(params, layout.dp, dist_opt, bucket_size if pp_rank == 0 else None)
+    buf = grad_buffer(params, layout.dp, dist_opt)
     pb = workload.param_bytes
     weights = (buf.numel if dist_opt else sum(p.numel for p in params)) * pb
     shards = buf.shard_numels(layout.dp, dp_rank) if dist_opt else [p.numel for p in params]

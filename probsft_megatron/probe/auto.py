@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 import torch.distributed as dist
 
@@ -27,15 +26,12 @@ logger = logging.getLogger(__name__)
 CHOICE_FILE = "objective_choice.json"
 
 
-def resolve_auto_objective(
-    job: Job, model_chunks: list | None = None
-) -> tuple[str, dict[str, Any]]:
+def resolve_auto_objective(job: Job, model_chunks: list | None = None) -> tuple[str, dict]:
     """``(objective, evidence)`` for ``loss.objective: auto`` (collective, before the loss is
-    built). The choice comes from this run's ``objective_choice.json`` with the same probe key
-    (a resume keeps it), the probe cache, or a new measurement of ``init.checkpoint``
-    (``model_chunks``: training's untrained model, None after a resume); evidence ``source``:
-    ``run`` | ``cache`` | ``measured``. Rank 0 writes the choice and ``<output_dir>/probe/``.
-    """
+    built), from this run's ``objective_choice.json`` of the same probe key (a resume), the
+    probe cache, or a new measurement of ``init.checkpoint`` (``model_chunks``: training's
+    untrained model); evidence ``source``: ``run`` | ``cache`` | ``measured``. Rank 0 writes
+    the choice and ``<output_dir>/probe/``."""
     from probsft_megatron.tokenizers import load_tokenizer
 
     model_dir = job.config.init.checkpoint

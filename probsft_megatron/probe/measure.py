@@ -157,12 +157,9 @@ def probe(
     out_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
 ) -> dict[str, Any]:
-    """Probe the Megatron model dir ``model_dir`` on ``data_cfg``; returns the report.
-
-    Collective under torchrun. Starts and shuts down megatron's groups unless they exist (then
-    ``parallel`` must match). The report is cached by :func:`probe_key`; ``use_cache=False``
-    measures again. With ``out_dir`` global rank 0 also writes report.json and probe.png there.
-    """
+    """Probe the Megatron model dir ``model_dir`` on ``data_cfg`` and return the report
+    (collective; starts megatron's groups unless they exist with the same ``parallel``), cached
+    by :func:`probe_key` unless ``use_cache=False``; rank 0 also writes it into ``out_dir``."""
     from probsft_megatron.tokenizers import load_tokenizer
 
     parallel = parallel or ParallelConfig()
