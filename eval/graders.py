@@ -13,8 +13,20 @@ from fractions import Fraction
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.tasks_gen import number_words
 
+# answer extraction
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
+# What may stand between two boxes that together state one answer ("x = \boxed{2} or
+# x = \boxed{3}"): math delimiters, spacing, a separator word, and an "x =" label.
+_BOX_GAP_NOISE = re.compile(r"\$|\\[(\[\])]|\\q?quad|\\[,;: ]|\\text\s*\{|[{}\s~]")
+_BOX_GAP = re.compile(r"^(?:,|;|and|or|,and|,or|&)?(?:[A-Za-z](?:_\{?\w+\}?)?=)?$")
+_STATEMENT = re.compile(r"(?i)(?:final\s+answer\s+is|the\s+answer\s+is|\banswer\s*:)[\s:*]*")
+_DELIMITED = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+_CHOICE_PATTERNS = (
+    re.compile(r"(?i:answer\s+is)\s*:?\s*\(?\s*([A-Z])\b"),
+    re.compile(r"(?i:answer)\s*:\s*\(?\s*([A-Z])\b"),
+    re.compile(r"^\s*\(?([A-Z])[).:]?\s*$"),
+)
 
 
 @dataclass(frozen=True)
@@ -51,12 +63,6 @@ def extract_boxed(text: str) -> str | None:
     return boxes[-1][2] if boxes else None
 
 
-# What may stand between two boxes that together state one answer ("x = \boxed{2} or
-# x = \boxed{3}"): math delimiters, spacing, a separator word, and an "x =" label.
-_BOX_GAP_NOISE = re.compile(r"\$|\\[(\[\])]|\\q?quad|\\[,;: ]|\\text\s*\{|[{}\s~]")
-_BOX_GAP = re.compile(r"^(?:,|;|and|or|,and|,or|&)?(?:[A-Za-z](?:_\{?\w+\}?)?=)?$")
-
-
 def _final_boxed(text: str) -> str | None:
     """The last boxed answer with the boxes only separators precede (``2, 3``), or ``None``."""
     boxes = _boxes(text)
@@ -70,10 +76,6 @@ def _final_boxed(text: str) -> str | None:
         if prev != parts[0]:
             parts.insert(0, prev)
     return ", ".join(parts)
-
-
-_STATEMENT = re.compile(r"(?i)(?:final\s+answer\s+is|the\s+answer\s+is|\banswer\s*:)[\s:*]*")
-_DELIMITED = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
 def extract_statement(text: str) -> str | None:
@@ -116,15 +118,38 @@ def extract_math_answer(text: str) -> tuple[str | None, str | None]:
     return (None, None) if answer is None else (_normalized(answer), source)
 
 
+# answer equivalence: what math_equal's cleaning, units, numbers and percents match
+_NUMBER_WORDS = {number_words(i): str(i) for i in range(21)}  # "seven" -> "7"
+_UNIT_WORDS = (
+    "cm|mm|km|nm|kg|mg|ml|mL|eV|keV|MeV|GeV|Hz|kHz|MHz|GHz|AU|pc|kpc|Mpc|yr|yrs|years?|days?|"
+    "hours?|hrs?|minutes?|mins?|seconds?|secs?|meters?|metres?|inches|inch|feet|foot|ft|yards?|"
+    "miles?|mph|degrees?|deg|cents?|dollars?|units?|square units|sq units|cubic units|kelvin|"
+    "liters?|litres?|grams?|kilograms?|ohms?|watts?|joules?|newtons?|volts?|amps?|pounds?|lbs?|"
+    "ounces?|oz|gallons?|acres?|hectares?|percentage points"
+)
+_UNIT_GROUP = re.compile(
+    r"(?:\s*(?:/|\\cdot|\\times))?\s*\\(?:text|textrm|textnormal|mathrm|mbox|rm|operatorname)\s*"
+    r"\{([^{}()\d=]*[A-Za-z][^{}()\d=]*)\}(?:\s*\^\s*(?:\{\s*-?\d+\s*\}|-?\d))?\s*$"
+)
+_UNIT_WORD = re.compile(
+    rf"(?<=[\d}}\s])\s*(?:{_UNIT_WORDS})(?:\s*\^\s*(?:\{{\s*-?\d\s*\}}|-?\d))?\s*$"
+)
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
+_NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)$")
+_SCI_E = re.compile(r"^([-+]?)(\d+(?:\.\d*)?|\.\d+)\s*[eE]\s*([-+]?\d+)$")
+_SCI_TEN = re.compile(
+    r"^([-+]?)(\d+(?:\.\d*)?|\.\d+)\s*(?:\\times|\\cdot|\*|×|x)\s*10\s*\^\s*(?:\{\s*([-+]?\s*\d+)\s*\}|([-+]?\d))$"
+)
+_PERCENT = re.compile(r"\s*(?:\\%|%|\\text\{\s*\\?%\s*\})\s*$")
+MATH_TIMEOUT_S = 10  # per math-verify parse or comparison (past it: not equal), a wide margin
+
+
 def _repeating_fraction(match: re.Match) -> str:
     """``0.1\\overline{6}`` -> ``\\frac{1}{6}`` (a repeating decimal as its exact fraction)."""
     whole, fixed, period = match.group(1) or "0", match.group(2), match.group(3)
     value = Fraction(int(whole)) + Fraction(int(fixed or "0"), 10 ** len(fixed))
     value += Fraction(int(period), (10 ** len(period) - 1) * 10 ** len(fixed))
     return f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
-
-
-_NUMBER_WORDS = {number_words(i): str(i) for i in range(21)}  # "seven" -> "7"
 
 
 def _clean(text: str) -> str:
@@ -145,23 +170,6 @@ def _clean(text: str) -> str:
     s = re.sub(r"^\s*(?:\\approx|\\sim|≈|=)\s*", "", s)  # "\approx 41.8" states 41.8
     s = s.strip().rstrip(".").strip()
     return _NUMBER_WORDS.get(s.lower(), s)
-
-
-_UNIT_WORDS = (
-    "cm|mm|km|nm|kg|mg|ml|mL|eV|keV|MeV|GeV|Hz|kHz|MHz|GHz|AU|pc|kpc|Mpc|yr|yrs|years?|days?|"
-    "hours?|hrs?|minutes?|mins?|seconds?|secs?|meters?|metres?|inches|inch|feet|foot|ft|yards?|"
-    "miles?|mph|degrees?|deg|cents?|dollars?|units?|square units|sq units|cubic units|kelvin|"
-    "liters?|litres?|grams?|kilograms?|ohms?|watts?|joules?|newtons?|volts?|amps?|pounds?|lbs?|"
-    "ounces?|oz|gallons?|acres?|hectares?|percentage points"
-)
-_UNIT_GROUP = re.compile(
-    r"(?:\s*(?:/|\\cdot|\\times))?\s*\\(?:text|textrm|textnormal|mathrm|mbox|rm|operatorname)\s*"
-    r"\{([^{}()\d=]*[A-Za-z][^{}()\d=]*)\}(?:\s*\^\s*(?:\{\s*-?\d+\s*\}|-?\d))?\s*$"
-)
-_UNIT_WORD = re.compile(
-    rf"(?<=[\d}}\s])\s*(?:{_UNIT_WORDS})(?:\s*\^\s*(?:\{{\s*-?\d\s*\}}|-?\d))?\s*$"
-)
-_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
 
 
 def _strip_units(s: str, bare_units: frozenset[str] = frozenset()) -> tuple[str, frozenset[str]]:
@@ -186,17 +194,9 @@ def _strip_units(s: str, bare_units: frozenset[str] = frozenset()) -> tuple[str,
     return s, frozenset(u for u in removed if u)
 
 
-_NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)$")
-_SCI_E = re.compile(r"^([-+]?)(\d+(?:\.\d*)?|\.\d+)\s*[eE]\s*([-+]?\d+)$")
-_SCI_TEN = re.compile(
-    r"^([-+]?)(\d+(?:\.\d*)?|\.\d+)\s*(?:\\times|\\cdot|\*|×|x)\s*10\s*\^\s*(?:\{\s*([-+]?\s*\d+)\s*\}|([-+]?\d))$"
-)
-
-
 def _scientific(s: str):
     """``(value, half a unit in the last digit)`` of ``4.5e33``/``4.5\\times 10^{33}``, or None."""
-    compact = s.strip()
-    match = _SCI_E.match(compact) or _SCI_TEN.match(compact)
+    match = _SCI_E.match(s.strip()) or _SCI_TEN.match(s.strip())
     if not match:
         return None
     sign, mantissa = match.group(1), match.group(2)
@@ -221,9 +221,6 @@ def _numeric_value(s: str):
     return None
 
 
-_PERCENT = re.compile(r"\s*(?:\\%|%|\\text\{\s*\\?%\s*\})\s*$")
-
-
 def _percent_forms(s: str, both: bool) -> list[str]:
     """``s`` without its percent sign, with ``both`` also as a fraction of 100 (25 or 1/4)."""
     bare = _PERCENT.sub("", s).strip()
@@ -234,9 +231,6 @@ def _percent_forms(s: str, both: bool) -> list[str]:
     if _NUMBER.match(bare):
         return [bare, f"{Decimal(bare).scaleb(-2):f}"]
     return [bare, f"\\frac{{{bare}}}{{100}}"]
-
-
-MATH_TIMEOUT_S = 10  # per math-verify parse or comparison (past it: not equal), a wide margin
 
 
 def _parse(s: str) -> list:
@@ -315,13 +309,6 @@ def grade_math(completion: str, reference: str) -> Grade:
     answer, source = extract_math_answer(completion)
     correct = answer is not None and math_equal(reference, answer)
     return Grade(answer, correct, float(correct), source)
-
-
-_CHOICE_PATTERNS = (
-    re.compile(r"(?i:answer\s+is)\s*:?\s*\(?\s*([A-Z])\b"),
-    re.compile(r"(?i:answer)\s*:\s*\(?\s*([A-Z])\b"),
-    re.compile(r"^\s*\(?([A-Z])[).:]?\s*$"),
-)
 
 
 def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:

@@ -11,6 +11,15 @@ from pathlib import Path
 
 from probsft_megatron.fileio import atomic_write_json, atomic_write_text
 
+# percentage columns after pass@k: (metric, header, shown when no task reports it)
+_COLUMNS = (
+    ("mean_score", "mean score", True),
+    ("exact", "exact", True),
+    ("boxed", "boxed", False),
+    ("extracted", "extracted", False),
+    ("accuracy_extracted", "acc. of extracted", False),
+)
+
 
 @dataclass
 class TaskResult:
@@ -23,16 +32,6 @@ class TaskResult:
 
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
-
-
-# percentage columns after pass@k: (metric, header, shown when no task reports it)
-_COLUMNS = (
-    ("mean_score", "mean score", True),
-    ("exact", "exact", True),
-    ("boxed", "boxed", False),
-    ("extracted", "extracted", False),
-    ("accuracy_extracted", "acc. of extracted", False),
-)
 
 
 def markdown_table(summaries: list[dict]) -> str:

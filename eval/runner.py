@@ -30,7 +30,15 @@ from probsft_megatron.tokenizers import load_tokenizer
 CPU_KVCACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE without a GPU, when unset
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 KNOWN_MODEL_TYPES = ("qwen2", "qwen3", "llama")  # others need --prompt-format
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank values
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
+# vLLM's log lines: their prefix, an exception, a wrapper pointing elsewhere, where noise starts
+_VLLM_PREFIX = re.compile(r"^\((?:[\w.-]+ )?pid=\d+\) (?:[A-Z]+ \d\d-\d\d [\d:]+ \[[^\]]*\] ?)?")
+_EXCEPTION_LINE = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+_WRAPPERS = re.compile(
+    r"EngineDeadError|see (the )?(stack trace|root cause)|check the stack trace above", re.I
+)
+_NOISY = re.compile(rb"Traceback \(most recent call last\)|\) ERROR \d\d-\d\d ")
 
 
 @dataclass
@@ -114,9 +122,8 @@ def check_model(path: str | os.PathLike, prompt_format: str | None = None) -> di
     kind = manifest.folder_kind(folder)
     if kind in (manifest.MODEL_DIR, manifest.TRAINING_CHECKPOINT, manifest.TRAINING_RUN):
         raise CheckpointError(
-            f"--model {folder} is {manifest.describe(folder)}, not a Hugging "
-            "Face folder; export it first: probsft convert megatron-to-hf "
-            f"--ckpt {folder} --out HF_DIR"
+            f"--model {folder} is {manifest.describe(folder)}, not a Hugging Face folder; export "
+            f"it first: probsft convert megatron-to-hf --ckpt {folder} --out HF_DIR"
         )
     if folder.is_file():
         raise CheckpointError(
@@ -129,9 +136,8 @@ def check_model(path: str | os.PathLike, prompt_format: str | None = None) -> di
         )
     if not (folder / "config.json").is_file():
         raise CheckpointError(
-            f"{folder} has no config.json, so it is not a Hugging Face checkpoint; "
-            "export one with `probsft convert` or point --model at a folder saved by "
-            "save_pretrained"
+            f"{folder} has no config.json, so it is not a Hugging Face checkpoint; export one "
+            "with `probsft convert` or point --model at a folder saved by save_pretrained"
         )
     if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
         raise CheckpointError(
@@ -150,23 +156,18 @@ def check_model(path: str | os.PathLike, prompt_format: str | None = None) -> di
         raise CheckpointError(f"{folder}/config.json does not hold a JSON object")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(
-            f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])})"
-            "; export it with --hf-template TOKENIZER_DIR or copy the "
-            "tokenizer files into it"
+            f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); export it "
+            "with --hf-template TOKENIZER_DIR or copy the tokenizer files into it"
         )
     model_type = str(config.get("model_type", "")).lower()
     if prompt_format is None and model_type not in KNOWN_MODEL_TYPES:
         arch = ", ".join(config.get("architectures") or []) or "none listed"
         raise ConfigError(
-            f"--model {folder} has model_type {model_type or 'unset'!r} "
-            f"(architectures: {arch}), whose prompt format probsft does not know "
-            f"(it knows {', '.join(KNOWN_MODEL_TYPES)}); pass --prompt-format "
-            "qwen, llama, deepseek or raw to evaluate it with vLLM anyway"
+            f"--model {folder} has model_type {model_type or 'unset'!r} (architectures: {arch}), "
+            f"whose prompt format probsft does not know (it knows {', '.join(KNOWN_MODEL_TYPES)}); "
+            "pass --prompt-format qwen, llama, deepseek or raw to evaluate it with vLLM anyway"
         )
     return config
-
-
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank values
 
 
 def adapter_rank(adapter: str) -> int:
@@ -299,14 +300,6 @@ def _grade(plan: _Plan, completions: list[list[str]]) -> TaskResult:
         metrics["exact"] = sum(sum(r["exact"]) / len(r["exact"]) for r in samples) / len(samples)
     summary = dict(task=plan.task.name, grader=plan.grader, sampling=plan.sampling, metrics=metrics)
     return TaskResult(plan.task.name, summary, samples)
-
-
-_VLLM_PREFIX = re.compile(r"^\((?:[\w.-]+ )?pid=\d+\) (?:[A-Z]+ \d\d-\d\d [\d:]+ \[[^\]]*\] ?)?")
-_EXCEPTION_LINE = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.+)$")
-_WRAPPERS = re.compile(
-    r"EngineDeadError|see (the )?(stack trace|root cause)|check the stack trace above", re.I
-)
-_NOISY = re.compile(rb"Traceback \(most recent call last\)|\) ERROR \d\d-\d\d ")
 
 
 def vllm_root_cause(log_text: str) -> str | None:

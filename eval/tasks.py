@@ -14,6 +14,12 @@ from probsft_megatron.errors import ConfigError, DataError
 from probsft_megatron.eval.graders import boxed_answer
 from probsft_megatron.figfont import figfont_records
 
+_MATH_REFERENCES = {  # how a math task's reference field becomes its answer (default: str)
+    "minerva_math": lambda solution: boxed_answer(solution) or "",
+    "olympiadbench": lambda answer: ",".join(answer) if isinstance(answer, list) else str(answer),
+    "gsm8k": lambda answer: answer.split("####")[-1].strip().replace(",", ""),
+}
+
 
 @dataclass(frozen=True)
 class Example:
@@ -37,8 +43,7 @@ class DataOptions:
 
 @dataclass(frozen=True)
 class Task:
-    """A registered task: ``kind`` picks the prompt templates, ``grader`` the grader, the
-    rest are the default sampling settings."""
+    """A registered task: its prompt ``kind``, ``grader`` and default sampling settings."""
 
     name: str
     kind: str
@@ -150,13 +155,6 @@ def _load_medical(options: DataOptions, limit: int | None) -> list[Example]:
         lines = [question] + [f"{letter}. {choice}" for letter, choice in choices.items()]
         examples.append(Example(str(row.get("id", lineno - 1)), "\n".join(lines), answer))
     return examples
-
-
-_MATH_REFERENCES = {  # how a math task's reference field becomes its answer (default: str)
-    "minerva_math": lambda solution: boxed_answer(solution) or "",
-    "olympiadbench": lambda answer: ",".join(answer) if isinstance(answer, list) else str(answer),
-    "gsm8k": lambda answer: answer.split("####")[-1].strip().replace(",", ""),
-}
 
 
 def _math_task(

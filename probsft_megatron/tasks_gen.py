@@ -20,6 +20,8 @@ from probsft_megatron.figfont import figfont_records
 SPLITS = ("train", "test")
 TEST_SHARE = 4
 """One pool item in ``TEST_SHARE`` goes to the test split (by a stable hash of the item)."""
+WORD_TEST_SHARE = 3
+"""The word tasks (a smaller pool) put one word in three into the test split."""
 
 _ONES = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen "
@@ -75,10 +77,6 @@ def number_words(n: int) -> str:
     return _ONES[n // 100] + " hundred" + (" " + number_words(n % 100) if n % 100 else "")
 
 
-WORD_TEST_SHARE = 3
-"""The word tasks (a smaller pool) put one word in three into the test split."""
-
-
 def _is_test(task: str, item: Any) -> bool:
     """Whether ``item`` of ``task`` is a test item: a CRC of the word, else of the number pair's
     repr (self-addition's phrasing left out: no test pair is trained under any phrasing)."""
@@ -87,9 +85,6 @@ def _is_test(task: str, item: Any) -> bool:
     if task == "self-addition":
         item = item[:2]
     return zlib.crc32(repr(item).encode()) % TEST_SHARE == 0
-
-
-# ----------------------------------------------------------------------------- tasks
 
 
 @dataclass(frozen=True)
@@ -169,6 +164,12 @@ def _figlet(word):
     return f"Which word is drawn here?\n{art}", word.upper(), word.upper()
 
 
+def _word_pool(low: int, high: int) -> Callable[[], list[str]]:
+    return lambda: sorted({w for w in WORDS if low <= len(w) <= high})
+
+
+_TWO_DIGIT = functools.partial(_pairs, 10, 99)
+_QUESTION = "What is {a} + {b}?"
 SELF_TEMPLATES = (
     "What is {a} + {b}?",
     "What is {a} plus {b}?",
@@ -177,14 +178,6 @@ SELF_TEMPLATES = (
     "Add {a} and {b}.",
     "How much is {a} + {b}?",
 )
-
-
-def _word_pool(low: int, high: int) -> Callable[[], list[str]]:
-    return lambda: sorted({w for w in WORDS if low <= len(w) <= high})
-
-
-_TWO_DIGIT = functools.partial(_pairs, 10, 99)
-_QUESTION = "What is {a} + {b}?"
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
@@ -327,9 +320,6 @@ def _wrong_response(rec: dict, rng: random.Random) -> str:
         total = item[0] + item[1]
         return re.sub(rf"(?<!\d){total}(?!\d)", str(_wrong_sum(total, rng)), rec["response"])
     return spec.wrong(item, rng)
-
-
-# ----------------------------------------------------------------------------- own words
 
 
 def self_answer_records(questions: list[dict], samples_path: str | Path) -> tuple[list[dict], dict]:
