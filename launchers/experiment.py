@@ -102,9 +102,6 @@ class RunPlan:
         self.hf_dir = str(Path(self.run_dir) / "hf")
         self.eval_dir = str(Path(self.run_dir) / "eval")
 
-    def record(self) -> dict[str, Any]:
-        return {**asdict(self), "eval_summary": str(self.eval_summary)}
-
     @property
     def eval_summary(self) -> Path:
         """The evaluation's ``summary.json`` (present once the run succeeded)."""
@@ -390,7 +387,7 @@ def execute(
     exp_id = f"{plan.title}_{time.time_ns()}"
     exp_dir = Path(plan.work_dir) / "experiments" / plan.title / exp_id
     status = {"dryrun": "dry run", "run": "launched", "submit": "submitted"}[mode]
-    runs = {r.name: r.record() for r in plan.runs}
+    runs = {r.name: {**asdict(r), "eval_summary": str(r.eval_summary)} for r in plan.runs}
     record = jobs.ExperimentRecord(plan.title, exp_id, str(exp_dir), status, [], runs)
     record.command = ["probsft", *sys.argv[1:]]
     record.submitted_at = datetime.now().astimezone().isoformat(timespec="seconds")

@@ -76,7 +76,7 @@ class ExperimentRecord:
     exp_dir: str
     status: str  # dry run, launched (local), submitted (SLURM) or failed (see error)
     steps: list[LaunchedStep]
-    #: run name -> experiment.RunPlan.record() (its config as validated at launch included)
+    #: run name -> the fields of its experiment.RunPlan (the config as validated at launch)
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     executor: str = "slurm"  # or local
     command: list[str] = field(default_factory=list)  # the `probsft launch` command line

@@ -22,8 +22,7 @@ STEP_KINDS = ("convert", "train", "export", "eval")
 _PLACEHOLDER_RE = re.compile(r"<[^<>]+>")
 #: Port of torchrun's c10d rendezvous on the train job's first node (in a container).
 RDZV_PORT = 29500
-#: A multi-node train job on bare nodes hosts torchrun's rendezvous store in its batch script
-#: (``steps.py rdzv-store``) and makes every agent a client of it.
+#: A multi-node train job on bare nodes hosts torchrun's rendezvous store in its batch script.
 RDZV_STORE_SETUP = """\
 # torchrun's rendezvous store runs here, not inside one of the torchrun agents, so that no
 # agent takes it down while the others still shut down
@@ -38,8 +37,7 @@ if [ -z "$PROBSFT_RDZV_PORT" ]; then
     exit 1
 fi
 export PET_RDZV_CONF=is_host=0"""
-#: Every train job requeues itself when training exits 75 (stopped on a signal, checkpoint
-#: saved); a signal that ends the batch shell itself (plain scancel, the time limit) does not.
+#: Every train job requeues itself when training exits 75 (stopped on a signal, checkpoint saved).
 REQUEUE_SETUP = """\
 # training exits 75 after saving a checkpoint on a stop signal sent to this job's steps
 # (the profile's warning signal, scancel --signal=USR1): requeue the job to resume from it
@@ -51,8 +49,7 @@ probsft_requeue() {
 }
 trap probsft_requeue EXIT"""
 #: srun options of a multi-node train job after NeMo-Run's: ``--label`` prefixes lines with the
-#: node; ``--kill-on-bad-exit=0`` overrides ``=1``, with which the first agent to exit 75 got the
-#: others killed (srun exit 143, no requeue); ``--wait=60`` and dist_timeout_s end stragglers.
+#: node; ``--kill-on-bad-exit=0`` overrides ``=1``, which let the first agent to exit 75 kill all.
 TRAIN_SRUN_ARGS = ["--label", "--kill-on-bad-exit=0"]
 #: Integer fields of a profile and their least value.
 _INT_FIELDS = {"gpus_per_node": 0, "nodes": 1, "nproc_per_node": 1, "cpus_per_task": 1}

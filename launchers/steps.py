@@ -23,8 +23,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 def export_latest(train_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Export the newest complete checkpoint under ``train_dir`` to ``out`` (built under a hidden
-    name, then renamed): weights (LoRA merged), config, tokenizer and ``probsft_export.json``.
-    Raises CheckpointError without a complete checkpoint or a tokenizer."""
+    name, then renamed); CheckpointError without a complete checkpoint or a tokenizer."""
     from probsft_megatron.checkpoint import latest_checkpoint
     from probsft_megatron.converters import peft_export
     from probsft_megatron.converters.api import megatron_to_hf

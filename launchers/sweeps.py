@@ -129,7 +129,7 @@ def expand_sweep(
     only: list[str] | None = None,
     thresholds: str | None = None,
     probe_report: str | None = None,
-    overrides: list[str] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> tuple[list[RunRequest], list[str]]:
     """The runs of a sweep and notes on its thresholds; ``dataset``/``model`` replace every
     setting's, ``only`` keeps these labels, ``overrides`` follow each setting's own."""
@@ -170,16 +170,14 @@ def expand_sweep(
                 for s in settings
                 if (s.model, s.dataset) != (table.model, table.dataset)
             ]
-        extra = overrides or []
         requests += [
             RunRequest(
-                s.dataset, s.model, resolved.get(label, label), label, [*s.overrides, *extra]
+                s.dataset, s.model, resolved.get(label, label), label, [*s.overrides, *overrides]
             )
             for s in settings
             for label in labels
         ]
-    unknown = sorted(wanted - seen_labels)
-    if unknown:
+    if unknown := sorted(wanted - seen_labels):
         raise ConfigError(f"--only {unknown[0]} is not an objective of sweep {ref}")
     if not requests:
         raise ConfigError(f"sweep {ref} has no runs left after --only")

@@ -35,10 +35,10 @@ def find(kind: str, name: str) -> Path | None:
     return next((p for p in paths if p.is_file()), None)
 
 
-def names(kind: str, include_private: bool = False) -> list[str]:
-    """Every name of ``kind`` (``_``-prefixed bases only with ``include_private``)."""
+def names(kind: str) -> list[str]:
+    """Every name of ``kind`` but the ``_``-prefixed bases."""
     found = {p.stem for folder in search_dirs(kind) for p in folder.glob("*.yaml")}
-    return sorted(n for n in found if include_private or not n.startswith("_"))
+    return sorted(n for n in found if not n.startswith("_"))
 
 
 def describe_search(kind: str) -> str:
