@@ -11,10 +11,6 @@ from probsft_megatron.errors import ConfigError
 # split -> (first generator index, number of items)
 SPLITS: dict[str, tuple[int, int]] = {"train": (0, 40_000), "test": (40_000, 5_000)}
 
-MIN_WORD_LEN = 2
-MAX_WORD_LEN = 5
-DEFAULT_SEED = 42
-
 SYSTEM_PROMPT = (
     "You are an expert at decoding Figlet Font ASCII art. When given Figlet Font text, "
     "identify the word it represents and output only that without any explanations or "
@@ -38,15 +34,15 @@ def _generator(seed: int):
 
     return reasoning_gym.create_dataset(
         "figlet_font",
-        min_word_len=MIN_WORD_LEN,
-        max_word_len=MAX_WORD_LEN,
+        min_word_len=2,
+        max_word_len=5,
         space_letters=True,
         seed=seed,
         size=sum(SPLITS["test"]),
     )
 
 
-def figfont_records(split: str, n: int | None = None, seed: int = DEFAULT_SEED) -> list[dict]:
+def figfont_records(split: str, n: int | None = None, seed: int = 42) -> list[dict]:
     """The first ``n`` (None: all) records of ``split``: ``prompt``, ``response`` (the word),
     the chat-formatted ``qwen_prompt`` and ``llama_prompt``, ``index`` and ``font``."""
     if split not in SPLITS:
@@ -57,7 +53,6 @@ def figfont_records(split: str, n: int | None = None, seed: int = DEFAULT_SEED) 
             raise ConfigError(f"figfont record count must be >= 0, got {n}")
         size = min(size, n)
     dataset = _generator(seed)
-    items = [(index, dataset[index]) for index in range(start, start + size)]
     return [
         {
             "prompt": item["question"],
@@ -67,5 +62,6 @@ def figfont_records(split: str, n: int | None = None, seed: int = DEFAULT_SEED) 
             "index": index,
             "font": item["metadata"]["font"],
         }
-        for index, item in items
+        for index in range(start, start + size)
+        for item in [dataset[index]]
     ]

@@ -1,8 +1,6 @@
-"""Global batches: deterministic, data-parallel-sharded, resumable; padded only as needed.
-
-A micro-batch is one example per row padded to ``seq_length`` (``max_length``) or to its
-longest example (``longest``), or packed: its examples in one row (``THD``) with their
-boundaries in ``cu_seqlens``. Contract in full: docs/data.md."""
+"""Global batches: deterministic, data-parallel-sharded, resumable. A micro-batch is one example
+per row padded to ``seq_length`` or to its longest example, or packed into one row with
+``cu_seqlens`` (contract: docs/data.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +9,6 @@ import math
 import random
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,7 +17,7 @@ import torch
 from probsft_megatron.errors import ConfigError, DataError
 
 
-@dataclass
+@dataclasses.dataclass
 class Batch:
     """One micro-batch on one rank, tensors ``[b, s]``: ``labels[i, t]`` follows
     ``tokens[i, t]``; ``attention_mask`` None = causal. Packed (``b == 1``): ``cu_seqlens``
@@ -66,11 +63,9 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 class GlobalBatchLoader:
-    """Deterministic, DP-sharded, resumable iteration over global batches: each item is this
-    rank's ``list[Batch]`` of one optimizer step (schedule, padding, ``drop_last`` and
-    resumption: docs/data.md). ``dataset``: ``len(dataset)`` and ``dataset[i] ->
-    {"input_ids", "loss_mask"}``; its ``lengths`` attribute, when present, saves reading
-    every example."""
+    """Deterministic, DP-sharded, resumable global batches: each item is this rank's
+    ``list[Batch]`` of one optimizer step (docs/data.md). ``dataset``: ``len()`` and ``dataset[i]
+    -> {"input_ids", "loss_mask"}``; ``dataset.lengths``, when present, saves reading them all."""
 
     def __init__(
         self,
@@ -133,8 +128,6 @@ class GlobalBatchLoader:
         """Optimizer steps (global batches) over all epochs."""
         return self._steps_per_epoch * self.epochs
 
-    # -- resumption
-
     def _fingerprint(self) -> dict[str, Any]:
         return {
             "seed": self.seed,
@@ -147,13 +140,8 @@ class GlobalBatchLoader:
     def state_dict(self) -> dict[str, Any]:
         """Data position: ``step`` (global batches handed out), ``epoch``,
         ``step_in_epoch``, plus the settings the schedule depends on (checked on load)."""
-        epoch, in_epoch = divmod(self._step, self._steps_per_epoch)
-        return {
-            "step": self._step,
-            "epoch": epoch,
-            "step_in_epoch": in_epoch,
-            **self._fingerprint(),
-        }
+        epoch, k = divmod(self._step, self._steps_per_epoch)
+        return {"step": self._step, "epoch": epoch, "step_in_epoch": k, **self._fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after ``state["step"]`` global batches; settings recorded in ``state``
@@ -174,8 +162,6 @@ class GlobalBatchLoader:
                 f"cannot resume the data position at step {step}: this run has {len(self)} steps"
             )
         self._step = step
-
-    # -- batches
 
     def __iter__(self) -> Iterator[list[Batch]]:
         """This rank's micro-batches of each remaining global batch, in order."""
@@ -203,10 +189,9 @@ class GlobalBatchLoader:
         return round_up(need, self.pad_multiple)
 
     def _collate(self, group: list[int], s: int) -> Batch:
-        """The micro-batch of examples ``group``, rows ``s`` long: one example per row
-        (``micro_batch_size`` rows, missing ones padding) or, packed, one row with
-        ``cu_seqlens``. Padding has token and label ``pad_id`` and ``loss_mask`` 0, as has an
-        example's last position."""
+        """The micro-batch of examples ``group``, rows ``s`` long: one example per row or, packed,
+        one row. Padding has token and label ``pad_id`` and ``loss_mask`` 0, as has an example's
+        last position."""
         b, packed = (1 if self.packing else self.micro_batch_size), self.packing
         tokens = torch.full((b, s), self.pad_id, dtype=torch.long)
         labels = tokens.clone()

@@ -1,14 +1,11 @@
 """Conversations: render with the tokenizer's chat template, mark the trained tokens, cut.
 
-Trained: each trained assistant message's tokens plus its end-of-turn token, nothing else
-(not the role header, not what follows the end-of-turn token). The conversation is rendered
-and tokenized once; the assistant spans come from the template's ``{% generation %}`` blocks
-or, for any template, from prefix renders (docs/data.md); the two agree where both apply.
-A token is trained when any of its characters is (as transformers' assistant mask does)."""
+Trained: each trained assistant message's tokens plus its end-of-turn token, nothing else, located
+by the template's ``{% generation %}`` blocks or, for any template, by prefix renders
+(docs/data.md); a token is trained when any of its characters is."""
 
 from __future__ import annotations
 
-import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +43,8 @@ def load_template(spec: str) -> str:
 
 @dataclass
 class Rendered:
-    """One conversation rendered (``text``) and tokenized (``ids``, each token's character
-    range in ``offsets``). ``spans``: per assistant message, the token range ``[start, end)``
-    it trains (content + end-of-turn token); ``weights``: each span's loss weight;
+    """One conversation rendered (``text``) and tokenized (``ids``, character ``offsets``);
+    per assistant message the token range it trains (``spans``) and its loss weight (``weights``);
     ``method``: ``generation`` or ``prefix``."""
 
     text: str
@@ -105,12 +101,8 @@ def _generation_spans(tokenizer, messages, template, tools, ids, where) -> list 
     out = _apply(tokenizer, messages, template, tools, where, **kwargs)
     if list(out["input_ids"]) != list(ids):
         return None
-    runs, k = [], 0
-    for on, group in itertools.groupby(bool(m) for m in out["assistant_masks"]):
-        n = len(list(group))
-        if on:
-            runs.append((k, k + n))
-        k += n
+    edges = np.flatnonzero(np.diff(np.array([0, *out["assistant_masks"], 0], dtype=bool))).tolist()
+    runs = list(zip(edges[::2], edges[1::2]))  # [start, end) of each run of assistant tokens
     return runs if len(runs) == sum(m["role"] == "assistant" for m in messages) else None
 
 

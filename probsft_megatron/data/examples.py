@@ -1,8 +1,6 @@
-"""Tokenized SFT examples: chat template or plain concatenation, truncation, loss masks.
-
-Every record (prompt/response, or a conversation via :mod:`.chat`) becomes one example
-``(input_ids, loss_mask)``, the mask's values loss weights (label convention:
-:mod:`probsft_megatron.data`)."""
+"""Tokenized SFT examples: every record (prompt/response, or a conversation via :mod:`.chat`)
+becomes one ``(input_ids, loss_mask)``, with chat template or plain concatenation, truncated;
+the mask's values are loss weights (label convention: :mod:`probsft_megatron.data`)."""
 
 from __future__ import annotations
 
@@ -25,20 +23,8 @@ STATS = tuple(
 )
 
 
-def _prompt_lengths(masks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Per example, the tokens before its first trained label plus one (1 when none is
-    trained): the prompt of a single-turn example."""
-    trained = np.flatnonzero(masks > 0)
-    starts, ends = offsets[:-1], offsets[1:]
-    k = np.searchsorted(trained, starts)
-    first = trained[np.minimum(k, max(len(trained) - 1, 0))] if len(trained) else starts
-    inside = (k < len(trained)) & (first < ends)
-    return np.where(inside, first - starts, 0).astype(np.int64) + 1
-
-
 class SFTDataset:
-    """Tokenized SFT examples (int32 tokens; masks uint8 when 0/1, else float32):
-    ``dataset[i]`` is ``{"input_ids": LongTensor[n], "loss_mask": FloatTensor[n]}``, ``n <=
+    """``dataset[i]``: ``{"input_ids": LongTensor[n], "loss_mask": FloatTensor[n]}``, ``n <=
     cfg.max_length``, every untruncated example ending with eos. ``stats``: the :data:`STATS`
     counts (docs/data.md); ``pad_id``: the tokenizer's pad token (else its eos token)."""
 
@@ -62,8 +48,7 @@ class SFTDataset:
     def from_arrays(
         cls, cfg: DataConfig, tokenizer, arrays: dict[str, np.ndarray], stats: dict
     ) -> SFTDataset:
-        """The dataset of ``arrays`` (:meth:`encode_records`' keys, e.g. memory-mapped from a
-        store) with ``stats``; nothing is tokenized."""
+        """The dataset of ``arrays`` (:meth:`encode_records`' keys; a store's) and ``stats``."""
         ds = cls.encoder(cfg, tokenizer)
         ds._hold(arrays)
         ds.stats.update(stats)
@@ -98,21 +83,22 @@ class SFTDataset:
         self.prompt_lengths = np.asarray(arrays["prompt_lengths"], dtype=np.int64)
 
     def encode_records(self, records: list[dict]) -> dict[str, np.ndarray]:
-        """The kept records' examples: ``tokens`` (int32) and ``masks`` (uint8 when every
-        weight is 0/1, else float32) concatenated, ``offsets`` (int64 ``[n + 1]``) and
-        ``prompt_lengths``; counts into ``stats``."""
+        """The kept records' examples: ``tokens`` (int32) and ``masks`` (uint8 when every weight
+        is 0/1, else float32) concatenated, ``offsets``, ``prompt_lengths``; counts in ``stats``."""
         chunks = (records[k : k + _TOKENIZE_CHUNK] for k in range(0, len(records), _TOKENIZE_CHUNK))
         kept = [example for c in chunks for example in self._encode_chunk(c) if example is not None]
         tokens = np.concatenate([np.zeros(0, np.int64), *(ids for ids, _ in kept)])
         masks = np.concatenate([np.zeros(0, np.float32), *(m for _, m in kept)])
         offsets = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in kept])]).astype(np.int64)
+        # the prompt of a single-turn example: the tokens before its first trained label, + 1
+        prompts = np.array([np.argmax(m > 0) + 1 for _, m in kept], dtype=np.int64)
         self.stats["n_response_tokens"] += int((masks > 0).sum())
         binary = bool(np.all((masks == 0) | (masks == 1)))
         return {
             "tokens": tokens.astype(np.int32),
             "masks": masks.astype(np.uint8) if binary else masks,  # 1 byte/token when 0/1
             "offsets": offsets,
-            "prompt_lengths": _prompt_lengths(masks, offsets),
+            "prompt_lengths": prompts,
         }
 
     def finish(self, n_examples: int, n_tokens: int, n_records: int) -> None:
@@ -149,8 +135,6 @@ class SFTDataset:
                 "tokens are not a prefix of the whole conversation's tokens; their prompt and "
                 "response were tokenized separately and concatenated"
             )
-
-    # -- building
 
     def _encode_chunk(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray] | None]:
         """``(input_ids, loss_mask)`` per record (None: dropped), in record order."""
@@ -270,8 +254,6 @@ class SFTDataset:
         mask = np.zeros(len(ids), dtype=np.float32)
         mask[max(len(prompt_ids), 1) - 1 : len(ids) - 1] = 1.0
         return ids, mask
-
-    # -- access
 
     def __len__(self) -> int:
         return len(self.lengths)

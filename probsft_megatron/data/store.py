@@ -93,9 +93,6 @@ def fingerprint(cfg: DataConfig, tokenizer) -> tuple[str, dict[str, Any]]:
     return hashlib.sha256(blob).hexdigest()[:20], inputs
 
 
-# -- reading ------------------------------------------------------------------------------------
-
-
 def _describe(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": str(array.dtype), "shape": list(array.shape), "bytes": int(array.nbytes)}
 
@@ -120,8 +117,6 @@ def open_store(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | Non
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
-
-# -- building -----------------------------------------------------------------------------------
 
 _WORK: dict[str, Any] = {}  # what forked workers read: the config and the tokenizer
 
@@ -175,9 +170,8 @@ def tokenize_into(
     folder: Path, cfg: DataConfig, tokenizer, num_proc: int | None = None
 ) -> dict[str, Any]:
     """Tokenize ``cfg``'s records into the store files of ``folder``; returns the ``stats``.
-    Records stream in shards of ``_SHARD`` to ``num_proc`` forked processes (default: the
-    usable CPUs), at most two shards per process in flight, each appended in record order:
-    memory holds a few shards and the index, whatever the size of the dataset."""
+    Shards of ``_SHARD`` records go to ``num_proc`` forked processes (default: the usable CPUs),
+    at most two per process in flight, appended in record order (memory holds a few shards)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     num_proc = max(1, num_proc or usable or 1)
     fork = num_proc > 1 and "fork" in multiprocessing.get_all_start_methods()
@@ -283,11 +277,8 @@ def _build(cfg: DataConfig, tokenizer, final: Path, inputs: dict, num_proc: int 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info(
-        "store %s: %d examples, %d tokens, built in %.1f s",
-        final,
-        stats["n_examples"],
-        stats["n_tokens"],
-        time.perf_counter() - t0,
+        f"store {final}: {stats['n_examples']} examples, {stats['n_tokens']} tokens, "
+        f"built in {time.perf_counter() - t0:.1f} s"
     )
 
 
