@@ -28,9 +28,6 @@ def _accepts(fn: Callable, name: str) -> bool:
         return False
 
 
-# -- process groups ----------------------------------------------------------------------------
-
-
 def initialize_model_parallel(tp: int, pp: int, timeout_s: float | None = None) -> None:
     """megatron's groups; ``timeout_s``: their collectives' timeout (None: megatron's 30 min)."""
     from megatron.core import parallel_state
@@ -94,9 +91,6 @@ def data_parallel_group():
     return parallel_state.get_data_parallel_group()
 
 
-# -- RNG ---------------------------------------------------------------------------------------
-
-
 def seed_model_parallel(seed: int) -> None:
     """Seed torch and megatron's RNG tracker (without CUDA the "inference" one: no CUDA RNG)."""
     from megatron.core import tensor_parallel
@@ -119,9 +113,6 @@ def set_rng_tracker_states(states: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(states)
 
 
-# -- tensor-parallel regions -------------------------------------------------------------------
-
-
 def copy_to_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     """Identity forward, all-reduce of the gradient over ``group`` backward."""
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
@@ -134,9 +125,6 @@ def gather_from_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region as gather
 
     return gather(x, group=group)
-
-
-# -- the step: schedule, DDP, optimizer ---------------------------------------------------------
 
 
 def get_forward_backward_func() -> Callable:
@@ -289,9 +277,6 @@ def _keep_unsaved_state_on_dp_zero_load(optimizer) -> None:
             )
 
         sub._set_main_param_and_optimizer_states = set_states
-
-
-# -- distributed checkpointing -----------------------------------------------------------------
 
 
 def dist_save(sharded_state_dict, ckpt_dir: str) -> None:

@@ -243,9 +243,7 @@ def load_base_weights(model, ckpt_dir: str) -> None:
         )
 
 
-# -- the base model's fingerprint ----------------------------------------------------------------
-
-FINGERPRINT_FILE = "peft.json"
+FINGERPRINT_FILE = "peft.json"  # the base model's fingerprint beside a LoRA checkpoint
 
 
 def base_fingerprint(

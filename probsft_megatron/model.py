@@ -141,16 +141,3 @@ def build_gpt_model(
         rope_scaling=model.rope_scaling_factor is not None,
         rope_scaling_factor=model.rope_scaling_factor or 8.0,
     )
-
-
-# the tests' tiny Qwen2-style model: RMSNorm, SwiGLU, GQA, qkv bias, RoPE, untied
-TINY_QWEN2 = ModelConfig(
-    arch="qwen2",
-    num_layers=2,
-    hidden_size=64,
-    ffn_hidden_size=128,
-    num_attention_heads=4,
-    num_query_groups=2,
-    vocab_size=256,
-    rope_theta=1e6,
-)

@@ -18,12 +18,13 @@ import types
 
 import pytest
 import torch
+from mp.tiny_model import TINY_QWEN2
 
 from conftest import read_json, run_torchrun
 from probsft_megatron import cpu_backend, fused_head, fused_loss, runtime
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.loss import LossConfig, ObjectiveLoss, reduce_stats, token_ce_triple
-from probsft_megatron.model import TINY_QWEN2, ParallelConfig, build_gpt_model, transformer_config
+from probsft_megatron.model import ParallelConfig, build_gpt_model, transformer_config
 from probsft_megatron.objectives import resolve_percentile
 
 RTOL, ATOL = 1e-5, 1e-6

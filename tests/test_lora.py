@@ -19,11 +19,12 @@ import dataclasses
 
 import pytest
 import torch
+from mp.tiny_model import TINY_QWEN2
 
 from probsft_megatron import cpu_backend, runtime
 from probsft_megatron.config import ConfigError, PeftConfig, load_config
 from probsft_megatron.loss import LossConfig, ObjectiveLoss
-from probsft_megatron.model import TINY_QWEN2, ParallelConfig, build_gpt_model, transformer_config
+from probsft_megatron.model import ParallelConfig, build_gpt_model, transformer_config
 
 LORA = PeftConfig(method="lora", rank=4, alpha=8.0)
 OBJECTIVES = (

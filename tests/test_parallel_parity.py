@@ -281,10 +281,12 @@ def _counting_batches(steps: int, rows: int, seq: int, vocab: int):
 
 def _train_with(recompute: dict, objective: str, steps: int = 3) -> dict:
     """Losses, grad norms and forward calls (layers, core attention) of a few steps."""
+    from mp.tiny_model import TINY_QWEN2
+
     from probsft_megatron import compat, runtime
     from probsft_megatron.attention import SDPAttention
     from probsft_megatron.loss import LossConfig, ObjectiveLoss
-    from probsft_megatron.model import TINY_QWEN2, ParallelConfig, transformer_config
+    from probsft_megatron.model import ParallelConfig, transformer_config
 
     model = dataclasses.replace(TINY_QWEN2, num_layers=2)
     parallel = ParallelConfig(**recompute)

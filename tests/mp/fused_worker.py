@@ -272,8 +272,10 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
+    from tiny_model import TINY_QWEN2
+
     from probsft_megatron import runtime
-    from probsft_megatron.model import TINY_QWEN2, ParallelConfig
+    from probsft_megatron.model import ParallelConfig
 
     torch.use_deterministic_algorithms(True)
     if args.break_sumexp_reduce:

@@ -42,7 +42,7 @@ LAYOUTS = {
 
 
 def models():
-    from probsft_megatron.model import TINY_QWEN2
+    from tiny_model import TINY_QWEN2
 
     llama = dataclasses.replace(
         TINY_QWEN2, arch="llama", qkv_bias=False, rope_theta=1e4, tie_word_embeddings=True

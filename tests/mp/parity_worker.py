@@ -130,10 +130,11 @@ def run(argv: list[str]) -> None:
     args = ap.parse_args(argv)
 
     from megatron.core import parallel_state
+    from tiny_model import TINY_QWEN2
 
     from probsft_megatron import compat, runtime
     from probsft_megatron.loss import LossConfig, ObjectiveLoss
-    from probsft_megatron.model import TINY_QWEN2, ParallelConfig, transformer_config
+    from probsft_megatron.model import ParallelConfig, transformer_config
 
     torch.use_deterministic_algorithms(True)
     undo = break_tp_reduction() if args.break_tp_reduction else None

@@ -31,10 +31,11 @@ import gc
 
 import torch
 import torch.distributed as dist
+from tiny_model import TINY_QWEN2
 
 from probsft_megatron import compat, runtime
 from probsft_megatron.fileio import atomic_write_json
-from probsft_megatron.model import TINY_QWEN2, ModelConfig, ParallelConfig, transformer_config
+from probsft_megatron.model import ModelConfig, ParallelConfig, transformer_config
 
 MODELS = {
     "tiny-qwen2": TINY_QWEN2,
