@@ -64,5 +64,6 @@ def run_main(command: Callable[[], int | None], verbose: int = 0) -> int:
     try:
         return int(command() or 0)
     except ProbsftError as exc:  # a user's mistake: one line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
+        if exc.announce:  # of a job's ranks that all raise it, those that print
+            print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -51,11 +51,8 @@ def init_distributed(
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
         dist.init_process_group(backend=cpu_backend.distributed_backend(), **timeout)
-    compat.initialize_model_parallel(
-        parallel.tensor_model_parallel_size,
-        parallel.pipeline_model_parallel_size,
-        timeout_s=timeout_s,
-    )
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    compat.initialize_model_parallel(tp, pp, timeout_s=timeout_s)
     compat.seed_model_parallel(seed)
     return dp
 
@@ -68,9 +65,6 @@ def shutdown() -> None:
 
 def is_last_stage() -> bool:
     return compat.is_pipeline_last_stage()
-
-
-# -- the loss head -----------------------------------------------------------------------------
 
 
 def packed_kwargs(batch: Batch) -> dict:
@@ -226,9 +220,6 @@ def global_threshold(
     return resolve_percentile(gathered, head.loss.objective.threshold.value), rows
 
 
-# -- the training step -------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class StepStats:
     """What one optimizer step reports: every rank the first four (``local_*``: before the DP
@@ -301,13 +292,11 @@ def train_step(
     update_successful, grad_norm, _ = optimizer.step()
     stats: dict[str, Any] = {}
     if is_last_stage():
-        real = sum(
-            b.tokens.numel() if b.real_tokens is None else b.real_tokens for b in micro_batches
-        )
-        positions = sum(b.positions for b in micro_batches)
-        stats = reduce_stats(
-            losses, compat.data_parallel_group(), extra={"tokens": real, "positions": positions}
-        )
+        extra = {"tokens": 0, "positions": 0}  # real tokens; positions: computed ones
+        for b in micro_batches:
+            extra["tokens"] += b.tokens.numel() if b.real_tokens is None else b.real_tokens
+            extra["positions"] += b.positions
+        stats = reduce_stats(losses, compat.data_parallel_group(), extra=extra)
         if stats:
             stats.update(tokens=int(stats["tokens"]), positions=int(stats["positions"]))
             stats["loss"] = step_loss(stats, head.loss.normalization)
@@ -347,8 +336,6 @@ def grads_finite(model_chunks: list) -> torch.Tensor:
     flags = [torch.isfinite(g).all() for g in grads if g is not None]
     return torch.stack(flags).all() if flags else torch.tensor(True)
 
-
-# -- model and optimizer -----------------------------------------------------------------------
 
 LIBRARY_OPTIM = OptimConfig(lr=1e-3, weight_decay=0.0)  # when given none (tests, benchmarks)
 

@@ -18,7 +18,7 @@ import torch
 from probsft_megatron import compat, console, cpu_backend, lora, run_lock, runtime, stopping
 from probsft_megatron.checkpoint import CheckpointManager
 from probsft_megatron.config import TrainJobConfig, load_config, world_size_from_env
-from probsft_megatron.errors import ConfigError, ProbsftError
+from probsft_megatron.errors import ConfigError
 from probsft_megatron.fileio import atomic_write_json
 from probsft_megatron.job import Job, resolve_job
 from probsft_megatron.loss import ObjectiveLoss
@@ -122,12 +122,8 @@ class Trainer:
 
     def _resume(self, job: Job, path: Path) -> int:
         """Load ``path`` (weights, optimizer, data position, RNG); returns its step."""
-        state = self.checkpoints.load(
-            path,
-            self.chunks[0].module,
-            self.optimizer,
-            base_fingerprint=lora.run_fingerprint(job.config),
-        )
+        model, fingerprint = self.chunks[0].module, lora.run_fingerprint(job.config)
+        state = self.checkpoints.load(path, model, self.optimizer, base_fingerprint=fingerprint)
         step = state["step"]
         compat.restore_adam_steps(self.optimizer, step)  # megatron leaves it at 1
         self.loader.load_state_dict(state["data"])
@@ -277,12 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def run() -> int:
-        try:
-            summary = train(load_config(args.config, args.overrides))
-        except ProbsftError as exc:
-            if getattr(exc, "announce", True) is False:  # every rank stops; one says why
-                return 2
-            raise
+        summary = train(load_config(args.config, args.overrides))
         # the run is over: a late signal (torchrun's agent ends the other workers with SIGTERM
         # once one has exited) must not cut short this process's own clean exit
         stopping.ignore_stop_signals()
