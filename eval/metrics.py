@@ -29,9 +29,8 @@ def summarize(
     extracted: Sequence[Sequence[bool]] | None = None,
     boxed: Sequence[Sequence[bool]] | None = None,
 ) -> dict:
-    """``{"problems", "n", "avg@n", "pass@k": {k: value}}`` of ``correct[problem][sample]``
-    (same ``n`` per problem), with ``mean_score`` from ``scores``, the ``extracted`` and
-    ``boxed`` fractions, and ``accuracy_extracted`` (None without extracted answers)."""
+    """``{"problems", "n", "avg@n", "pass@k": {k: value}}`` of ``correct[problem][sample]``, with
+    ``mean_score``, the ``extracted``/``boxed`` fractions and ``accuracy_extracted`` if given."""
     if not correct:
         raise ValueError("no problems to summarize")
     n = len(correct[0])

@@ -55,8 +55,8 @@ def markdown_table(summaries: list[dict]) -> str:
 
 
 def format_notes(summaries: list[dict]) -> str:
-    """One line per task whose samples did not all yield a final answer (a formatting
-    failure, not a wrong answer): how many, and the accuracy among the others."""
+    """One line per task whose samples did not all yield a final answer (a formatting failure):
+    how many, and the accuracy among the others."""
     lines = []
     for s in summaries:
         m = s["metrics"]

@@ -386,9 +386,10 @@ def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
         )
     family = resolve_family(config.prompt_format) if config.prompt_format else None
     plans = _plan(config)
-    tokenizer = load_tokenizer(str(config.model))
+    model = str(config.model)
+    tokenizer = load_tokenizer(model)
     bos = tokenizer.bos_token
-    family = family or detect_family(hf_config, tokenizer.get_vocab(), str(config.model))
+    family = family or detect_family(hf_config, tokenizer.get_vocab(), model)
     for plan in plans:
         plan.prompts = [render(plan.task.kind, family, ex.text) for ex in plan.examples]
     if config.out:
@@ -399,14 +400,9 @@ def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
     results = []
     with vllm_output(log_path):  # a vLLM failure: one line, its cause, the log
         if llm is None:
-            llm = build_llm(
-                config.model,
-                tensor_parallel_size=config.tensor_parallel_size,
-                dtype=config.dtype,
-                seed=config.seed,
-                max_model_len=config.max_model_len,
-                max_lora_rank=rank,
-            )
+            keys = ("tensor_parallel_size", "dtype", "seed", "max_model_len")
+            options = {key: getattr(config, key) for key in keys}
+            llm = build_llm(config.model, max_lora_rank=rank, **options)
         for plan in plans:
             start = time.perf_counter()
             prompts = [  # a prompt that spells out BOS gets no second one
@@ -414,11 +410,9 @@ def evaluate(config: EvalConfig, llm=None) -> list[TaskResult]:
                 for p in plan.prompts
             ]
             completions = _generate(llm, plan, prompts, config.adapter)
-            seconds = time.perf_counter() - start
+            seconds = round(time.perf_counter() - start, 2)
             result = _grade(plan, completions)
-            result.summary.update(
-                model=str(config.model), prompt_format=family, generation_s=round(seconds, 2)
-            )
+            result.summary.update(model=model, prompt_format=family, generation_s=seconds)
             if config.adapter is not None:
                 result.summary.update(adapter=str(config.adapter))
             results.append(result)
