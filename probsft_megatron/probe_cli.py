@@ -92,12 +92,11 @@ def data_config(spec: str, overrides: list[str], command: str = "probsft probe")
 
 def _model_config(model: Path):
     """The ModelConfig of a Megatron model dir or a Hugging Face folder (before conversion)."""
+    from probsft_megatron.converters.hf_config import model_config_from_hf
     from probsft_megatron.model_dir import read_model_config
 
     if (model / "model_config.json").is_file():
         return read_model_config(model)
-    from probsft_megatron.converters.hf_config import model_config_from_hf
-
     path = model / "config.json"
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -113,6 +112,7 @@ def check_inputs(args: argparse.Namespace):
     model and its layout, the data, ``--out``, the tokenizer. Returns (DataConfig, layout)."""
     from probsft_megatron import manifest
     from probsft_megatron.config import ParallelConfig, validate_layout
+    from probsft_megatron.data.records import check_first_records
 
     for flag, kind, _, _ in VALUE_FLAGS:
         value = _value(args, flag)
@@ -144,8 +144,6 @@ def check_inputs(args: argparse.Namespace):
         message = functools.reduce(lambda m, pair: m.replace(*pair), PROBE_FLAGS, str(exc))
         raise ConfigError(message) from None
     data = data_config(args.data, args.overrides)
-    from probsft_megatron.data.records import check_first_records
-
     check_first_records(data)
     if args.out is not None:
         inputs = [("--model", model), ("--tokenizer", args.tokenizer)]

@@ -1,5 +1,4 @@
-"""Activations, analytic: what a transformer layer and the loss head keep for their backward
-per micro-batch, and what recomputation keeps instead."""
+"""Activations, analytic: what a layer and the loss head keep for backward, with recompute."""
 
 from __future__ import annotations
 

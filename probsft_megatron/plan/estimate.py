@@ -1,5 +1,4 @@
-"""The peak of a training step on one GPU, per pipeline stage: static parts, activations in
-flight, the loss head, the backward and optimizer-step transients, and the margin."""
+"""The peak of a training step on one GPU, per pipeline stage, with its parts (PARTS)."""
 
 from __future__ import annotations
 
@@ -75,11 +74,9 @@ def estimate_stage(
     layer = layer_activations(model, layout, workload)
     kept, remat = recompute_terms(layer, layout, layers, workload.seq_length * d["hd"] * 4)
     t = workload.micro_batch_size * workload.seq_length
-    per_mb = kept
-    if first:
-        per_mb += t * 8  # token ids kept by the embedding
-    if not last:
-        per_mb += layer.checkpoint_input  # the stage output the 1F1B schedule keeps until backward
+    # + the token ids the embedding keeps (first stage), + the stage output the 1F1B schedule
+    # keeps until its backward (all but the last)
+    per_mb = kept + (t * 8 if first else 0) + (0 if last else layer.checkpoint_input)
     # packing (cu_seqlens, one row of the micro-batch's tokens) keeps no s x s mask
     m = workload.num_microbatches(layout.dp, layout.pp)
     in_flight = min(layout.pp - pp_rank, m) if layout.pp > 1 else 1

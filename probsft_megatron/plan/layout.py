@@ -54,16 +54,14 @@ class Layout:
         return self.distributed_optimizer and self.dp > 1
 
     def label(self) -> str:
-        parts = [f"TP={self.tp}", f"PP={self.pp}", f"DP={self.dp}"]
-        if self.sequence_parallel:
-            parts.append("SP")
-        if self.uses_distributed_optimizer:
-            parts.append("dist-opt")
-        if self.recompute == "selective":
-            parts.append("recompute=selective")
-        elif self.recompute == "full":
-            parts.append(f"recompute=full/{self.recompute_method}/{self.recompute_num_layers}")
-        return " ".join(parts)
+        full = f"recompute=full/{self.recompute_method}/{self.recompute_num_layers}"
+        parts = [
+            f"TP={self.tp} PP={self.pp} DP={self.dp}",
+            "SP" if self.sequence_parallel else "",
+            "dist-opt" if self.uses_distributed_optimizer else "",
+            {"none": "", "selective": "recompute=selective", "full": full}[self.recompute],
+        ]
+        return " ".join(filter(None, parts))
 
     def overrides(self) -> list[str]:
         """The ``key=value`` overrides that select this layout."""

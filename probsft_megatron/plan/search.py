@@ -50,9 +50,8 @@ def layout_of(cfg: TrainJobConfig, world_size: int) -> Layout:
 def workload_of(cfg: TrainJobConfig, device: str = "cuda") -> Workload:
     """The per-step workload of ``cfg`` on a ``device`` (``cuda``: ``precision=auto`` is
     bf16; ``cpu``: fp32, CPU kernels, torch's single-tensor Adam)."""
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device == "cuda" else "fp32"
+    auto = "bf16" if device == "cuda" else "fp32"
+    precision = auto if cfg.train.precision == "auto" else cfg.train.precision
     attention = cfg.train.attention if cfg.train.attention in ("local", "te") else "sdpa"
     return Workload(
         micro_batch_size=cfg.train.micro_batch_size,

@@ -99,8 +99,7 @@ class GradBuffer:
     ranges: list[tuple[int, int, int]]
 
     def shard_numels(self, dp: int, dp_rank: int) -> list[int]:
-        """Elements of each parameter inside ``dp_rank``'s slice of every bucket (what the
-        distributed optimizer keeps state for)."""
+        """Elements of each parameter in ``dp_rank``'s slice of the buckets (optimizer state)."""
         out = []
         for start, end, b in self.ranges:
             b_start, b_end = self.buckets[b]

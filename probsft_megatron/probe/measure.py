@@ -63,12 +63,11 @@ def run_probe(
     from probsft_megatron.model import build_gpt_model, transformer_config
 
     model = read_model_config(model_dir)
-    chunks = model_chunks
-    if not chunks:  # this rank's stage of the model in model_dir, weights loaded (resharded)
+    if not model_chunks:  # this rank's stage of the model in model_dir, weights loaded (resharded)
         tconfig = transformer_config(model, parallel, params_dtype=DTYPES[dtype])
         gpt = build_gpt_model(model, tconfig).to(cpu_backend.device())
         runtime.load_model_weights(gpt, str(Path(model_dir) / "weights"))
-        chunks = [gpt.eval()]
+        model_chunks = [gpt.eval()]
     start = time.perf_counter()
     dataset = examples.dataset
     n = len(dataset)
@@ -103,7 +102,7 @@ def run_probe(
     local: dict[int, np.ndarray] = {}
     tokens = 0
     for micro_batches in loader:
-        rows = runtime.measure_token_ce(chunks, micro_batches, step)
+        rows = runtime.measure_token_ce(model_chunks, micro_batches, step)
         if last:
             owners = [row for batch in micro_batches for row in batch.examples]
             if len(rows) != len(owners):
@@ -117,7 +116,7 @@ def run_probe(
         progress.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f} (rank 0)")
         progress.update(1)
     progress.close()
-    del chunks
+    del model_chunks
     merged: dict[int, np.ndarray] = {}
     if last:
         parts: list[Any] = [None] * lay.dp

@@ -99,8 +99,7 @@ def build_probe_report(
     """The JSON-serializable report from every example's response-token CE (``examples``: the
     measured :class:`~probsft_megatron.probe.examples.ProbeExamples`)."""
     n = len(examples.dataset)
-    missing = sorted(set(range(n)) - set(ce_by_example))
-    if missing:
+    if missing := sorted(set(range(n)) - set(ce_by_example)):
         raise RuntimeError(
             f"the probe has no result for {len(missing)} example(s), e.g. {missing[0]}"
         )
@@ -172,8 +171,9 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as a human-readable table."""
     pl, rec = report["placement"], report["recommendation"]
     lay, data = report["layout"], report["data"]
-    config = data["config"]
+    config, ex = data["config"], report["per_example_summary"]
     source = "figfont" if config["source"] == "figfont" else ", ".join(config["train_files"])
+    q, alts = ex["percentiles"], ", ".join(rec["alternatives"]) or "none"
     lines = [
         f"model  {report['model']['path']}",
         f"data   {source}: {report['tokens']} response tokens in {data['examples']} examples "
@@ -185,23 +185,17 @@ def format_table(report: dict[str, Any]) -> str:
         f"  p > 0.5   {100 * report['frac_p_gt_0.5']:6.2f}%   p > 0.9   "
         f"{100 * report['frac_p_gt_0.9']:6.2f}%",
         "  percentile   p",
-    ]
-    lines += [f"  {k:>10}   {report['percentiles'][str(k)]:.6g}" for k in TABLE_PERCENTILES]
-    ex = report["per_example_summary"]
-    q = ex["percentiles"]
-    lines.append(
+        *(f"  {k:>10}   {report['percentiles'][str(k)]:.6g}" for k in TABLE_PERCENTILES),
         f"  per-example mean p: mean {_num(ex['mean'])}  min {_num(q['0'])}  "
-        f"median {_num(q['50'])}  max {_num(q['100'])}"
-    )
-    lines.append(f"  placement: {pl['regime']} ({pl['reason']})")
-    alts = ", ".join(rec["alternatives"]) or "none"
-    lines.append(f"  recommended objective: {rec['objective']}  (alternatives to sweep: {alts})")
+        f"median {_num(q['50'])}  max {_num(q['100'])}",
+        f"  placement: {pl['regime']} ({pl['reason']})",
+        f"  recommended objective: {rec['objective']}  (alternatives to sweep: {alts})",
+    ]
     return "\n".join(lines)
 
 
 def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
-    """A PNG (written atomically): the token-p histogram and the CDFs of token p and
-    per-example mean p."""
+    """A PNG, written atomically: the token-p histogram and the CDFs of token and example p."""
     from probsft_megatron.report.figures import pyplot
 
     plt = pyplot()
@@ -292,10 +286,9 @@ def resolve_threshold_names(
                 f"not {k:g}; use K{round(k)}"
             )
         q = float(data["percentiles"][str(int(k))])
-        if objective.threshold.side == "top":
-            q = min(q, math.nextafter(1.0, 0.0))
-        else:
-            q = max(q, sys.float_info.min)  # smallest normal float: CPU runs flush subnormals
+        # inside (0, 1): below 1, or the smallest normal float (CPU runs flush subnormals)
+        top = objective.threshold.side == "top"
+        q = min(q, math.nextafter(1.0, 0.0)) if top else max(q, sys.float_info.min)
         prefix = objective.name.rsplit("-", 1)[0]
         out[label] = parse_objective(f"{prefix}-{q!r}").name
     return out
