@@ -197,13 +197,7 @@ def _draw(
     for i, probe in enumerate(col.probes):
         name = "probe.png" if len(col.probes) == 1 else f"probe-{i + 1}.png"
         if plot_probe(probe, objectives, out / name):
-            figs.append(
-                {
-                    "file": name,
-                    "kind": "probe",
-                    "probe": probe["path"],
-                    "title": f"base model's token p ({probe['model']} on "
-                    f"{probe['data']}) with the objectives' w(p)",
-                }
-            )
+            what = f"{probe['model']} on {probe['data']}"
+            title = f"base model's token p ({what}) with the objectives' w(p)"
+            figs.append({"file": name, "kind": "probe", "probe": probe["path"], "title": title})
     return figs

@@ -39,29 +39,22 @@ def _colors(n: int) -> list:
 
 
 def plot_curves(groups: list[dict], out: Path) -> Path | None:
-    """``out/curves.png``: loss and mean p against step for every run; a group's seeds share
-    a colour."""
+    """``out/curves.png``: loss and mean p against step, every run (seeds share a colour)."""
     trained = [g for g in groups if any(r["curves"]["step"] for r in g["_members"])]
     if not trained:
         return None
     fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.2))
     few = max(len(r["curves"]["step"]) for g in trained for r in g["_members"]) < 8
+    marker = "o" if few else None  # a few points: show them
     for color, g in zip(_colors(len(trained)), trained):
         label = g["label"] + (f" ({g['setting']})" if g["setting"] else "")
+        style = dict(color=color, alpha=0.85, linewidth=1.2, marker=marker, markersize=3)
         for i, r in enumerate(g["_members"]):
             c = r["curves"]
             for ax, key in zip(axes, ("loss", "mean_p")):
                 pts = [(s, v) for s, v in zip(c["step"], c[key]) if isinstance(v, (int, float))]
                 if pts:
-                    ax.plot(
-                        *zip(*pts),
-                        color=color,
-                        alpha=0.85,
-                        linewidth=1.2,
-                        marker="o" if few else None,
-                        markersize=3,
-                        label=label if i == 0 else None,
-                    )
+                    ax.plot(*zip(*pts), label=label if i == 0 else None, **style)
     axes[0].set(xlabel="step", ylabel="training loss (each run's own objective)", title="loss")
     axes[1].set(xlabel="step", ylabel="mean p of response tokens", title="mean p", ylim=(0, 1))
     for ax in axes:
@@ -84,7 +77,7 @@ def plot_sweep(
     at a = 1, NLL a line at a = 0) or against the threshold (percentile if the runs name one)."""
     by_id = {g["id"]: g for g in groups}
     series: list[tuple[dict, str, list[tuple[float, dict, dict]]]] = []
-    refs: list[tuple[dict, str, str, dict]] = []  # (block, column, label, group)
+    refs: list[tuple[dict, str, dict]] = []  # (block, column, group): NLL and p
     for block in blocks:
         members = [by_id[i] for i in block["groups"]]
         fams: dict[tuple, list] = {}  # one line per family (and threshold kind)
@@ -96,15 +89,12 @@ def plot_sweep(
                 pct = o["percentile"] is not None
                 x = o["percentile"] if pct else o["threshold"]["value"]
                 fams.setdefault((o["prefix"], pct), []).append((x, g))
-        lines = [pts for _key, pts in sorted(fams.items()) if len(pts) >= 2]
+        lines = [sorted(p, key=lambda t: t[0]) for _, p in sorted(fams.items()) if len(p) >= 2]
         if not lines:
             continue
         for col in columns(block["tasks"]):
             for pts in lines:
-                line = [
-                    (x, g, s) for x, g in sorted(pts, key=lambda t: t[0]) if (s := cell(g, col))
-                ]
-                if line:
+                if line := [(x, g, s) for x, g in pts if (s := cell(g, col))]:
                     series.append((block, col, line))
             refs += [
                 (block, col, g)
@@ -114,11 +104,9 @@ def plot_sweep(
     if not series:
         return None
     cols = list(dict.fromkeys(col for _, col, _ in series))
-    fig, axes = pyplot().subplots(1, len(cols), figsize=(4.6 * len(cols), 3.8), squeeze=False)
-    axes = axes[0]
+    fig, (axes,) = pyplot().subplots(1, len(cols), figsize=(4.6 * len(cols), 3.8), squeeze=False)
     settings = list(dict.fromkeys(b["setting"] for b, _, _ in series))
     colors = dict(zip(settings, _colors(max(len(settings), 1))))
-    markers = ["o", "s", "^", "v", "D", "P"]
     for ax, col in zip(axes, cols):
         fam_idx: dict[str, int] = {}
         mine = [(block, line) for block, c, line in series if c == col]
@@ -126,13 +114,10 @@ def plot_sweep(
             xs, _, stats = zip(*line)
             name = line[0][1]["objective"]["prefix"] if axis != "a" else "GeneralFamily-a"
             fam = fam_idx.setdefault(name, len(fam_idx))
-            label = (
-                ", ".join(t for t in (name if axis != "a" else "", block["setting"]) if t)
-                or "GeneralFamily-a"
-            )
-            _errorbar(
-                ax, xs, stats, color=colors[block["setting"]], marker=markers[fam % 6], label=label
-            )
+            parts = (name if axis != "a" else "", block["setting"])
+            label = ", ".join(t for t in parts if t) or "GeneralFamily-a"
+            marker = "os^vDP"[fam % 6]  # one per family
+            _errorbar(ax, xs, stats, color=colors[block["setting"]], marker=marker, label=label)
         for block, g in [(b, g) for b, c, g in refs if c == col]:
             s, label = cell(g, col), g["label"]
             color = colors.get(block["setting"], "k")
@@ -144,28 +129,21 @@ def plot_sweep(
             else:
                 nll = g["objective"]["family"] == "nll"
                 what = ("NLL, a = 0" if axis == "a" else "NLL") if nll else "no threshold"
-                ax.axhline(
-                    100 * s["mean"],
-                    color=color,
-                    linestyle="--" if nll else ":",
-                    linewidth=1,
-                    label=f"{label} ({what}{seeds}){where}",
-                )
+                style = dict(color=color, linestyle="--" if nll else ":", linewidth=1)
+                ax.axhline(100 * s["mean"], label=f"{label} ({what}{seeds}){where}", **style)
                 if s.get("half_width"):  # the seed interval as a band
-                    ax.axhspan(
-                        100 * s["low"], 100 * s["high"], color=color, alpha=0.08, linewidth=0
-                    )
+                    band = dict(color=color, alpha=0.08, linewidth=0)
+                    ax.axhspan(100 * s["low"], 100 * s["high"], **band)
         if axis == "a":
             xs_all = [x for _, line in mine for x, _, _ in line]
             if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:
                 ax.set_xscale("log")
-            ax.set_xlabel("convexity a of (1 - p^a) / a")
+            xlabel = "convexity a of (1 - p^a) / a"
         elif any(line[0][1]["objective"]["percentile"] is not None for _, line in mine):
-            ax.set_xlabel("threshold: percentile of the base model's token p")
+            xlabel = "threshold: percentile of the base model's token p"
         else:
-            ax.set_xlabel("threshold q (absolute p)")
-        ax.set_ylabel(metric_label(metric))
-        ax.set_title(col)
+            xlabel = "threshold q (absolute p)"
+        ax.set(xlabel=xlabel, ylabel=metric_label(metric), title=col)
         ax.grid(alpha=0.3)
     handles, labels = axes[-1].get_legend_handles_labels()
     for ax in axes[:-1]:
@@ -209,20 +187,11 @@ def plot_probe(probe: dict, objectives: list[tuple[str, str]], path: Path) -> Pa
     lo, hi = (hist.get("range") or [0.0, 1.0])[:2]
     edges = np.linspace(lo, hi, counts.size + 1)
     fig, ax = pyplot().subplots(figsize=(9, 4.4))
-    ax.bar(
-        edges[:-1],
-        counts / max(counts.sum(), 1.0),
-        width=np.diff(edges),
-        align="edge",
-        color="lightgrey",
-        edgecolor="grey",
-        linewidth=0.3,
-        label="base model: token p",
-    )
-    for value, name, style in (
-        (probe.get("mean_p"), "mean p", "--"),
-        (probe.get("median_p"), "median p", ":"),
-    ):
+    shares = counts / max(counts.sum(), 1.0)
+    bars = dict(align="edge", color="lightgrey", edgecolor="grey", linewidth=0.3)
+    ax.bar(edges[:-1], shares, width=np.diff(edges), label="base model: token p", **bars)
+    for key, style in (("mean_p", "--"), ("median_p", ":")):
+        value, name = probe.get(key), key.replace("_", " ")
         if isinstance(value, (int, float)):
             ax.axvline(value, color="k", linestyle=style, linewidth=1, label=f"{name} {value:.3f}")
     ax.set(
@@ -239,15 +208,8 @@ def plot_probe(probe: dict, objectives: list[tuple[str, str]], path: Path) -> Pa
             continue
         if np.nanmax(w) > 1.5:
             ymax = 3.0
-        thresholded = parse_objective(name).thresholded  # dashed: they overlay their family
-        right.plot(
-            grid,
-            w,
-            color=color,
-            linewidth=1.4,
-            linestyle="--" if thresholded else "-",
-            label=f"w(p), {label}",
-        )
+        style = "--" if parse_objective(name).thresholded else "-"  # dashed: over their family
+        right.plot(grid, w, color=color, linewidth=1.4, linestyle=style, label=f"w(p), {label}")
     right.set_ylim(0, ymax)
     right.set_ylabel("weight w(p) on the NLL gradient" + (" (clipped)" if ymax > 1.5 else ""))
     regime = (probe.get("placement") or {}).get("regime")

@@ -11,14 +11,11 @@ from probsft_megatron.report.tables import cell, columns, metric_label
 
 
 def _fmt_stat(s: dict | None, pct: bool = True) -> str:
+    """``mean ± half-width`` in percent (``pct``) or as :func:`_num`; ``-`` for none."""
     if not s:
         return "-"
-
-    def fmt(x: float) -> str:
-        return f"{x * 100.0:.1f}" if pct else _num(x)
-
-    half = s.get("half_width")
-    return fmt(s["mean"]) + (f" ± {fmt(half)}" if half is not None else "")
+    shown = [s["mean"], s.get("half_width")]
+    return " ± ".join(f"{x * 100.0:.1f}" if pct else _num(x) for x in shown if x is not None)
 
 
 def _num(x: Any) -> str:

@@ -1,6 +1,5 @@
-"""One run as the flat dict the report uses (:func:`read_run`; :func:`read_eval_only` for a
-bare evaluation folder): objective, model, data, training, evaluation, status, and the
-``identity`` (config without seed and bookkeeping keys) that groups seeds."""
+"""One run as the flat dict the report uses (:func:`read_run`; :func:`read_eval_only` for a bare
+eval folder): objective, model, data, training, evaluation, status, the seed-grouping identity."""
 
 from __future__ import annotations
 
@@ -165,13 +164,11 @@ def read_run(
     root, problems = Path(path), []
     records = dict(records or {})
     name, train = root.name, records.get("train")
-    config = read_json(root / "config.json", problems)
+    config, config_source = read_json(root / "config.json", problems), "config.json"
     summary = read_json(root / "summary.json", problems)
     if not isinstance(summary, dict) or "output_dir" not in summary:
         summary = None
-    config_source = "config.json" if isinstance(config, dict) else None
-    if config_source is None:
-        # a run that has checkpoints keeps its config in each checkpoint's train_state.json
+    if not isinstance(config, dict):  # a run with checkpoints: in their train_state.json
         config, config_source = _train_state(root, "config", dict, problems)
     if config is None and train and train.config:
         config = planned_config(train, problems)
@@ -212,13 +209,10 @@ def read_run(
         }
     evals = read_eval(root / "eval", problems) if (root / "eval").is_dir() else {}
 
-    probe = None
     probe_report = read_json(root / "probe" / "report.json", problems)
     evidence = done.get("objective_evidence")
-    if isinstance(evidence, dict):
-        probe = {
-            k: evidence.get(k) for k in ("source", "placement", "recommendation", "statistics")
-        }
+    keys = ("source", "placement", "recommendation", "statistics")
+    probe = {k: evidence.get(k) for k in keys} if isinstance(evidence, dict) else None
     if is_probe_report(probe_report):
         probe = probe or {}
         probe.update(
@@ -309,16 +303,13 @@ def read_eval_only(path: str | os.PathLike) -> dict[str, Any]:
     root, problems = Path(path), []
     evals = read_eval(root, problems)
     models = {t["model"] for t in evals.values() if t.get("model")}
-    row: dict[str, Any] = dict.fromkeys(
-        ("objective", "seed", "model", "dataset", "recipe", "identity", "config", "training")
-    )
     return {
         "name": root.name,
         "path": str(root),
         "kind": "eval",
         "status": "complete" if evals else "running",
         "status_detail": "evaluation only" + (f" of {', '.join(sorted(models))}" if models else ""),
-        **row,
+        **dict.fromkeys("objective seed model dataset recipe identity config training".split()),
         "curves": {"step": [], "loss": [], "mean_p": []},
         "eval": evals,
         "probe": None,

@@ -79,14 +79,16 @@ def status_counts(runs: list[dict]) -> dict[str, int]:
     return {s: n for s in STATUSES if (n := sum(r["status"] == s for r in runs))}
 
 
-def _objective_order(info: dict | None) -> tuple:
-    if info is None:
-        return (-1, "", 0.0)
-    rank = {"nll": 0, "p": 1, "general": 2}.get(info["family"], 3)
-    if rank < 3:
-        return (rank, "", info["a"] if rank == 2 else 0.0)
-    x = info["percentile"] if info["percentile"] is not None else info["threshold"]["value"]
-    return (3, info["prefix"] or "", float(x))
+def _table_order(g: dict) -> tuple:
+    """By setting, eval-only rows first, then NLL, p, GeneralFamily by a, thresholded ones."""
+    info, prefix, x = g["objective"], "", 0.0
+    rank = -1 if info is None else {"nll": 0, "p": 1, "general": 2}.get(info["family"], 3)
+    if rank == 2:
+        x = info["a"]
+    elif rank == 3:
+        prefix = info["prefix"] or ""
+        x = float(info["threshold"]["value"] if info["percentile"] is None else info["percentile"])
+    return (g["setting"], g["kind"] != "eval", rank, prefix, x, g["label"])
 
 
 def group_runs(runs: list[dict]) -> list[dict]:
@@ -133,14 +135,7 @@ def group_runs(runs: list[dict]) -> list[dict]:
                 "_members": members,
             }
         )
-    out.sort(
-        key=lambda g: (
-            g["setting"],
-            g["kind"] != "eval",
-            _objective_order(g["objective"]),
-            g["label"],
-        )
-    )
+    out.sort(key=_table_order)
     used: set[str] = set()
     for g in out:
         base = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{g['setting']}-{g['label']}".strip("-"))
@@ -209,8 +204,7 @@ def _aggregate_group(g: dict, metric: str, tasks: list[str]) -> None:
             vs = [t[part][key] for t in trained if (t.get(part) or {}).get(key) is not None]
             if vs:
                 train_stats[key] = summarize_values(vs)
-    train_stats["steps"] = [t["steps"] for t in trained]
-    train_stats["planned_steps"] = [t["planned_steps"] for t in trained]
+    train_stats.update({k: [t[k] for t in trained] for k in ("steps", "planned_steps")})
     g.update(
         cells=cells,
         details=details,
