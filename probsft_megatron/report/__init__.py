@@ -1,7 +1,6 @@
 """Runs report (``probsft report``): the runs of an experiment or sweep side by side, read
 from their folders' files only (docs/report.md). Data flows ``files`` -> ``records`` ->
-``runs`` -> ``collect`` -> ``tables`` -> ``figures`` / ``markdown`` -> ``build``.
-"""
+``runs`` -> ``collect`` -> ``tables`` -> ``figures`` / ``markdown`` -> ``build``."""
 
 from __future__ import annotations
 

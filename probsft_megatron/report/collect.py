@@ -65,13 +65,10 @@ def collect(
     """Read every run and probe under ``paths``; :class:`ConfigError` for a path that does not
     exist or holds nothing a report can use."""
     col = Collection()
-    seen: set[str] = set()
+    runs: dict[str, dict] = {}  # by resolved folder: a run reached twice counts once
 
     def add_run(run: dict) -> None:
-        key = str(Path(run["path"]).resolve())
-        if key not in seen:
-            seen.add(key)
-            col.runs.append(run)
+        runs.setdefault(str(Path(run["path"]).resolve()), run)
 
     def add_work(work: Path) -> None:
         col.work_dirs.append(str(work))
@@ -82,7 +79,7 @@ def collect(
         for run_dir in run_dirs:
             add_run(read_run(run_dir, by_dir.get(str(run_dir.resolve())), step_states, step_logs))
         for run_dir, recs in sorted(records.items()):
-            if str(Path(run_dir).resolve()) not in seen:  # planned, not started
+            if str(Path(run_dir).resolve()) not in runs:  # planned, not started
                 add_run(read_run(Path(run_dir), recs, step_states, step_logs))
         for depth in ("report.json", "*/report.json", "*/*/report.json"):
             for path in sorted(work.glob(depth)):
@@ -129,6 +126,7 @@ def collect(
                     "metrics.jsonl, summary.json), an eval folder (summary.json) or a probe "
                     "report, or a folder of those"
                 )
+    col.runs = list(runs.values())
     for run in col.runs:  # probes written by `loss.objective: auto`
         if run.get("probe") and run["probe"].get("report"):
             _add_probe(col, Path(run["probe"]["report"]))

@@ -99,14 +99,9 @@ def read_eval(eval_dir: Path, problems: list[str]) -> dict[str, dict]:
         if is_task_summary(data) and data["task"] not in {s["task"] for s in summaries}:
             summaries.append(data)
     for s in summaries:
-        metrics = dict(s["metrics"])
-        task = str(s["task"])
-        entry = {
-            "grader": s.get("grader"),
-            "sampling": s.get("sampling"),
-            "metrics": metrics,
-            "model": s.get("model"),
-        }
+        task, metrics = str(s["task"]), dict(s["metrics"])
+        entry = {k: s.get(k) for k in ("grader", "sampling", "metrics", "model")}
+        entry["metrics"] = metrics
         if "boxed_rate" not in metrics and s.get("grader") == "math":
             rate, basis = metrics.get("boxed"), BOXED
             if not isinstance(rate, (int, float)):

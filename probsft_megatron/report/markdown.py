@@ -61,8 +61,7 @@ def _block_table(block: dict, groups: dict, heading: str = "## ") -> list[str]:
 
 
 def render_markdown(report: dict) -> str:
-    """``report.md``: summary, the comparison table(s), training statistics, runs, probes
-    and the figures."""
+    """``report.md``: summary, comparison tables, training statistics, runs, probes, figures."""
     groups = {g["id"]: g for g in report["groups"]}
     inputs = ", ".join(f"`{p}`" for p in report["inputs"])
     lines = [

@@ -88,8 +88,7 @@ def read_experiment_records(
 
 
 def _local_end(step_dir: Path, outcome: StepOutcome) -> None:
-    """The final state of a local step from NeMo-Run's ``SUCCESS`` file, and a failed
-    step's error from its logs."""
+    """A local step's final state from NeMo-Run's ``SUCCESS`` file, a failed one's error."""
     ends = sorted(step_dir.glob("nemo_run/*/SUCCESS"), key=lambda p: p.stat().st_mtime)
     info = read_json(ends[-1], []) if ends else None
     if not isinstance(info, dict):

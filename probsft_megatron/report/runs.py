@@ -11,6 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from probsft_megatron.errors import ConfigError
 from probsft_megatron.launchers.jobs import state_class
 from probsft_megatron.objectives import ObjectiveError, parse_objective
 from probsft_megatron.report.files import (
@@ -72,14 +73,11 @@ def objective_info(trained: Any, name: str) -> dict[str, Any] | None:
 def _presets() -> dict[str, dict]:
     """The model presets' own keys (``configs/models/<name>.yaml``), by name."""
     from probsft_megatron.config import list_presets, load_preset
-    from probsft_megatron.errors import ConfigError
 
     out = {}
     for name in list_presets():
-        try:
+        with contextlib.suppress(ConfigError):  # an unreadable preset names no run
             out[name] = load_preset(name)
-        except ConfigError:  # an unreadable preset names no run
-            continue
     return out
 
 
@@ -177,9 +175,8 @@ def read_run(
     history = read_jsonl(root / "metrics.jsonl", problems)
     if not history and isinstance(done.get("history"), list):
         history = [r for r in done["history"] if isinstance(r, dict)]
-    history = sorted(
-        (r for r in history if isinstance(r.get("step"), int)), key=lambda r: r["step"]
-    )
+    history = [r for r in history if isinstance(r.get("step"), int)]
+    history.sort(key=lambda r: r["step"])
 
     trained = done.get("objective") or (cfg.get("loss") or {}).get("objective")
     if trained is None and train:
