@@ -12,110 +12,89 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from probsft_megatron.errors import ConfigError, ProbsftError
 from probsft_megatron.input_checks import DATA_SUFFIXES
 
-
-def _action(sub, name: str, text: str, description: str | None = None):
-    return sub.add_parser(name, help=text, description=description or text)
+#: argparse settings of the options that are not plain strings
+_KWARGS = {
+    "--out": {"required": True},
+    **dict.fromkeys(("--overwrite", "--json"), {"action": "store_true"}),
+    "--split": {"default": "train", "choices": ("train", "test")},
+    **dict.fromkeys(("--n", "--limit", "--num-proc"), {"type": int}),
+    "--seed": {"type": int, "default": 0},
+    "--max-records": {"type": int, "metavar": "N"},
+    "--corrupt": {"type": float, "default": 0.0, "metavar": "FRACTION"},
+    "--render-with": {"metavar": "TOKENIZER"},
+    "--from-eval": {"metavar": "SAMPLES"},
+    "--show": {"type": int, "default": 3},
+    # inspect re-reads everything from the data on with parse_intermixed_args, so that data.*
+    # overrides may follow the options: `inspect FILE --tokenizer T data.max_length=512`
+    "items": {"nargs": argparse.REMAINDER, "metavar": "DATA [data.key=value ...]"},
+    "--config": {"required": True, "metavar": "RECIPE"},
+    "overrides": {"nargs": "*", "metavar": "data.key=value"},
+}
+#: Each action's options and their help, in the order --help lists them.
+_GENERATE = {
+    "task": "task name (probsft data tasks lists them)",
+    "--out": "output .jsonl file (written atomically)",
+    "--overwrite": "replace an existing --out (only a file written by probsft data generate)",
+    "--split": "train or test items (disjoint by construction)",
+    "--n": "number of records (default: the whole split)",
+    "--seed": "which items, in which order",
+    "--max-records": "keep at most the first N records (after --from-eval filtering, before "
+    "--corrupt)",
+    "--corrupt": "replace this fraction of responses by wrong answers (noise studies)",
+    "--render-with": "render prompts with this tokenizer's chat template (a folder or "
+    "'smollm2'), for probsft eval --task custom --prompt-format raw",
+    "--from-eval": "self-addition: keep the correct completions of this probsft eval "
+    "samples.jsonl (evaluated on the same --split/--n/--seed questions)",
+}
+_INSPECT = {
+    "--tokenizer": "tokenizer folder or 'smollm2' (default: a recipe's init.tokenizer / "
+    "init.checkpoint; smollm2 for files)",
+    "--limit": "inspect only the first N records",
+    "--show": "records shown with their trained tokens marked",
+    "--json": "print the report as JSON",
+    "items": "a .jsonl/.json/.parquet file, 'figfont', or a recipe; then data overrides, "
+    "e.g. data.max_length=512",
+}
+_PREPARE = {
+    "--config": "recipe (.yaml or name)",
+    "--tokenizer": "tokenizer folder or 'smollm2' (default: the recipe's tokenizer)",
+    "--num-proc": "tokenizing processes (default: every CPU this may use)",
+    "--json": "print the result as JSON",
+    "overrides": "data overrides of the recipe",
+}
+#: action -> (help, description or None: the help, options)
+_ACTIONS = {
+    "tasks": ("list the generated tasks", None, {}),
+    "generate": ("write a generated task as JSON lines", None, _GENERATE),
+    "inspect": ("token lengths, truncation and a sample of a dataset", None, _INSPECT),
+    "prepare": (
+        "tokenize a recipe's data once into its store (what training maps)",
+        "tokenize a recipe's data once into its fingerprinted store under data.cache_dir "
+        "($PROBSFT_CACHE/data), in parallel; training then maps it",
+        _PREPARE,
+    ),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
-    _action(sub, "tasks", "list the generated tasks")
-
-    g = _action(sub, "generate", "write a generated task as JSON lines")
-    g.add_argument("task", help="task name (probsft data tasks lists them)")
-    g.add_argument("--out", required=True, help="output .jsonl file (written atomically)")
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing --out (only a file written by probsft data generate)",
-    )
-    g.add_argument(
-        "--split",
-        default="train",
-        choices=("train", "test"),
-        help="train or test items (disjoint by construction)",
-    )
-    g.add_argument("--n", type=int, help="number of records (default: the whole split)")
-    g.add_argument("--seed", type=int, default=0, help="which items, in which order")
-    g.add_argument(
-        "--max-records",
-        type=int,
-        metavar="N",
-        help="keep at most the first N records (after --from-eval filtering, before --corrupt)",
-    )
-    g.add_argument(
-        "--corrupt",
-        type=float,
-        default=0.0,
-        metavar="FRACTION",
-        help="replace this fraction of responses by wrong answers (noise studies)",
-    )
-    g.add_argument(
-        "--render-with",
-        metavar="TOKENIZER",
-        help="render prompts with this tokenizer's chat template (a folder or "
-        "'smollm2'), for probsft eval --task custom --prompt-format raw",
-    )
-    g.add_argument(
-        "--from-eval",
-        metavar="SAMPLES",
-        help="self-addition: keep the correct completions of this probsft eval "
-        "samples.jsonl (evaluated on the same --split/--n/--seed questions)",
-    )
-
-    i = _action(sub, "inspect", "token lengths, truncation and a sample of a dataset")
-    _inspect_options(i)
-    # everything from the data argument on is re-read with parse_intermixed_args, so that
-    # data.* overrides may follow the options: `inspect FILE --tokenizer T data.max_length=512`
-    i.add_argument(
-        "items",
-        nargs=argparse.REMAINDER,
-        metavar="DATA [data.key=value ...]",
-        help="a .jsonl/.json/.parquet file, 'figfont', or a recipe; then data "
-        "overrides, e.g. data.max_length=512",
-    )
-    pr = _action(
-        sub,
-        "prepare",
-        "tokenize a recipe's data once into its store (what training maps)",
-        "tokenize a recipe's data once into its fingerprinted store under "
-        "data.cache_dir ($PROBSFT_CACHE/data), in parallel; training then maps it",
-    )
-    pr.add_argument("--config", required=True, metavar="RECIPE", help="recipe (.yaml or name)")
-    pr.add_argument(
-        "--tokenizer", help="tokenizer folder or 'smollm2' (default: the recipe's tokenizer)"
-    )
-    pr.add_argument(
-        "--num-proc", type=int, help="tokenizing processes (default: every CPU this may use)"
-    )
-    pr.add_argument("--json", action="store_true", help="print the result as JSON")
-    pr.add_argument(
-        "overrides", nargs="*", metavar="data.key=value", help="data overrides of the recipe"
-    )
-
-
-def _inspect_options(i: argparse.ArgumentParser) -> None:
-    i.add_argument(
-        "--tokenizer",
-        help="tokenizer folder or 'smollm2' (default: a recipe's "
-        "init.tokenizer / init.checkpoint; smollm2 for files)",
-    )
-    i.add_argument("--limit", type=int, help="inspect only the first N records")
-    i.add_argument(
-        "--show", type=int, default=3, help="records shown with their trained tokens marked"
-    )
-    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    for action, (text, description, options) in _ACTIONS.items():
+        parser = sub.add_parser(action, help=text, description=description or text)
+        for flag, help_text in options.items():
+            parser.add_argument(flag, help=help_text, **_KWARGS.get(flag, {}))
 
 
 def _inspect_args(args: argparse.Namespace) -> argparse.Namespace:
     """The inspect options wherever they stood, with ``data`` and ``overrides``."""
     parser = argparse.ArgumentParser(prog="probsft data inspect", add_help=False)
-    _inspect_options(parser)
+    for flag in ("--tokenizer", "--limit", "--show", "--json"):
+        parser.add_argument(flag, **_KWARGS.get(flag, {}))
     parser.add_argument("data")
     parser.add_argument("overrides", nargs="*")
     parser.set_defaults(**vars(args))  # the options given before the data
@@ -237,8 +216,7 @@ def _resolve(spec: str, overrides: list[str], tokenizer: str | None):
             f"cannot tell what {spec} is from its name: probsft data inspect takes "
             "a .jsonl/.json/.parquet data file, 'figfont' or a recipe (.yaml); rename the file"
         )
-    bad = [o for o in overrides if not o.strip().startswith("data.")]
-    if bad:
+    if bad := [o for o in overrides if not o.strip().startswith("data.")]:
         raise ConfigError(
             f"override {bad[0]!r} is not a data.* key; `probsft data inspect` "
             "only takes data overrides (e.g. data.max_length=2048)"
@@ -289,41 +267,37 @@ _CUTS = (
 )
 
 
-def _shown(cfg, tok, records: list[dict], n: int) -> list[dict]:
-    """The first ``n`` records as training tokenizes them, with their trained tokens."""
+def _shown(cfg, tok, records: list[dict]) -> Iterator[dict]:
+    """``records`` as training tokenizes them, with their trained tokens."""
     from probsft_megatron.data import SFTDataset
 
-    out = []
     quiet = logging.getLogger("probsft_megatron.data")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the whole data set's warnings were given already
     try:
-        for record in records[:n]:
+        for record in records:
             try:
                 ds = SFTDataset(cfg, tok, [record])
             except ProbsftError as exc:  # e.g. dropped: the prompt alone fills max_length
-                out.append({"origin": record.get("origin"), "dropped": str(exc)})
+                yield {"origin": record.get("origin"), "dropped": str(exc)}
                 continue
             ids, mask = ds[0]["input_ids"].tolist(), ds[0]["loss_mask"].tolist()
             pieces = segments(tok, ids, mask)
             trained = sum(m > 0 for m in mask)
             s = ds.stats
-            out.append(
-                {
-                    "origin": record.get("origin"),
-                    "tokens": len(ids),
-                    "trained": trained,
-                    "masked": len(ids) - trained,
-                    "turns_trained": s["n_turns_trained"],
-                    "turns_kept": s["n_turns_kept"],
-                    "cut": next((text for key, text in _CUTS if s[key]), None),
-                    "text": marked_text(pieces),
-                    "segments": pieces,
-                }
-            )
+            yield {
+                "origin": record.get("origin"),
+                "tokens": len(ids),
+                "trained": trained,
+                "masked": len(ids) - trained,
+                "turns_trained": s["n_turns_trained"],
+                "turns_kept": s["n_turns_kept"],
+                "cut": next((text for key, text in _CUTS if s[key]), None),
+                "text": marked_text(pieces),
+                "segments": pieces,
+            }
     finally:
         quiet.setLevel(level)
-    return out
 
 
 def inspect(
@@ -389,7 +363,7 @@ def inspect(
         "trained_tokens": int(trained),
         "masked_tokens": int(cut_stats["n_tokens"] - trained),
         "conversations": conversations,
-        "shown": _shown(cfg, tok, records, show),
+        "shown": list(_shown(cfg, tok, records[:show])),
         "sample": {
             "origin": records[0].get("origin"),
             "prompt": tok.decode(first_ids[:p0]),

@@ -28,12 +28,6 @@ class _Fields:
     response_path: tuple[str, ...] = ()
     messages: bool = False  # prompt_key names a conversation (a list of messages)
 
-    def describe(self) -> str:
-        if self.messages:
-            return f"{self.prompt_key} (a conversation)"
-        prompt = ".".join((self.prompt_key, *self.prompt_path))
-        return f"{prompt} / {'.'.join((self.response_key, *self.response_path))}"
-
 
 def _key_fields(cfg: DataConfig) -> _Fields:
     """The layout named by ``prompt_key`` / ``response_key`` and their dict keys."""
@@ -69,7 +63,7 @@ def _choose_fields(cfg: DataConfig, keys: Sequence[str], where: str) -> _Fields:
     for fields in candidates:
         if fields.prompt_key in keys and fields.response_key in keys:
             return fields
-    if len(candidates) == 1 or cfg.format not in ("numina", "m23k"):
+    if cfg.format != "numina":
         first = candidates[0]  # data.messages_key's or data.prompt_key / response_key's
         role = "prompt" if first.prompt_key not in keys else "response"
         key = getattr(first, f"{role}_key")
@@ -77,8 +71,10 @@ def _choose_fields(cfg: DataConfig, keys: Sequence[str], where: str) -> _Fields:
         raise DataError(
             f"{where}: missing field {key!r} (data.{role}_key); available keys: {sorted(keys)}"
         )
-    expected = ", ".join(f.describe() for f in candidates)
-    raise DataError(f"{where}: no {cfg.format} fields ({expected}); available keys: {sorted(keys)}")
+    raise DataError(
+        f"{where}: no numina fields (extra_info.question / extra_info.answer, problem / solution, "
+        f"messages (a conversation)); available keys: {sorted(keys)}"
+    )
 
 
 def _walk(record: dict, key: str, path: tuple[str, ...], role: str, where: str) -> str:
@@ -222,15 +218,16 @@ def conversation_messages(messages: Any, train_on: str, where: str) -> list[dict
     return out
 
 
-def _check_object(record: Any, where: str) -> None:
+def _object(record: Any, where: str) -> dict:
     if not isinstance(record, dict):
         raise DataError(
             f"{where}: expected an object with fields, got type {type(record).__name__}"
         )
+    return record
 
 
 def _extract(record: Any, fields: _Fields, where: str, cfg: DataConfig) -> dict:
-    _check_object(record, where)
+    _object(record, where)
     if not fields.messages:
         prompt = _walk(record, fields.prompt_key, fields.prompt_path, "prompt", where)
         response = _walk(record, fields.response_key, fields.response_path, "response", where)
@@ -251,8 +248,7 @@ def _extract(record: Any, fields: _Fields, where: str, cfg: DataConfig) -> dict:
 
 
 def _iter_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """``(where, record)`` pairs of a JSON-lines file, read line by line, or of a JSON list
-    file (parsed whole: its text is one value)."""
+    """``(where, record)`` of a JSON-lines file, line by line, or of a JSON list (parsed whole)."""
     try:
         with open(path, encoding="utf-8") as f:
             first = True
@@ -277,8 +273,7 @@ def _iter_json_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_file(path: Path, cfg: DataConfig) -> Iterator[dict]:
-    """The records of one file, one at a time (JSON lines: a line at a time; parquet: a batch
-    of rows at a time)."""
+    """The records of one file, one at a time (parquet: read a batch of rows at a time)."""
     if not path.is_file():
         raise DataError(f"training file {path} does not exist (data.train_files)")
     suffix = path.suffix.lower()
@@ -308,9 +303,7 @@ def _iter_file(path: Path, cfg: DataConfig) -> Iterator[dict]:
         return
     fields = None
     for where, row in _iter_json_rows(path):
-        if fields is None:
-            _check_object(row, where)
-            fields = _choose_fields(cfg, list(row), where)
+        fields = fields or _choose_fields(cfg, list(_object(row, where)), where)
         yield _extract(row, fields, where, cfg)
     if fields is None:
         raise DataError(f"{path} contains no records")
