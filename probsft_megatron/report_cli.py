@@ -48,9 +48,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print("\n".join(format_tables(report, heading="")).rstrip())
     print(f"\n{len(report['runs'])} run(s): {counts_text(report['status_counts'])}")
-    print(
-        f"report: {report['out_dir']}/report.md (data: report.json, "
-        f"{len(report['figures'])} figure(s))"
-    )
+    figures = len(report["figures"])
+    print(f"report: {report['out_dir']}/report.md (data: report.json, {figures} figure(s))")
     sys.stdout.flush()
     return 0

@@ -92,10 +92,9 @@ def build_report(
     step_logs: dict[str, str] | None = None,
     figures: bool = True,
 ) -> dict[str, Any]:
-    """Write ``report.json``, ``report.md`` and the figures of the runs under ``paths`` into
-    ``out_dir`` (default: :func:`default_out_dir`; an earlier report's stale figures go) and
-    return the report dict. ``probes``: extra probe reports; ``step_states`` / ``step_logs``:
-    job states and logs by step name (SLURM). Bad input: :class:`ConfigError`, nothing written."""
+    """Write report.json, report.md and the figures of the runs under ``paths`` into ``out_dir``
+    (default :func:`default_out_dir`) and return the report; ``step_states``/``step_logs``: job
+    states and logs by step name (SLURM). Bad input: :class:`ConfigError`, nothing written."""
     paths = [str(p) for p in paths]
     if not paths:
         raise ConfigError("no PATH given; pass an experiment work directory or run folders")

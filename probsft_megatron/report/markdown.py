@@ -76,9 +76,8 @@ def render_markdown(report: dict) -> str:
         "block's tasks, per run, then over seeds (only runs evaluated on every task).",
         "",
     ]
-    lines += [f"- note: {note}" for note in report["notes"]]
     if report["notes"]:
-        lines.append("")
+        lines += [*(f"- note: {note}" for note in report["notes"]), ""]
     for block in report["tables"]:
         lines += _block_table(block, groups)
         detail_rows = []
@@ -190,12 +189,9 @@ def render_markdown(report: dict) -> str:
             pct20 = (p.get("percentiles") or {}).get("20")
             nums = [_num(x) for x in (p.get("mean_p"), p.get("median_p"), pct20)]
             short = "/".join(Path(p["path"]).parts[-3:])
-            lines.append(
-                _row(
-                    [f"`{short}`", p["model"] or "-", p["data"] or "-", str(p["tokens"]), *nums]
-                    + [pl.get("regime", "-"), f"`{rec.get('objective', '-')}`"]
-                )
-            )
+            ends = [pl.get("regime", "-"), f"`{rec.get('objective', '-')}`"]
+            cells = [p["model"] or "-", p["data"] or "-", str(p["tokens"]), *nums, *ends]
+            lines.append(_row([f"`{short}`", *cells]))
         lines.append("")
     if report["figures"]:
         lines += ["## Figures", ""]
