@@ -2,8 +2,7 @@
 
 A drop-in for megatron's ``DotProductAttention`` (same contract, no parameters) that never
 builds the ``[b, heads, s, s]`` scores itself; packed ``thd`` rows attend causally within each
-sequence of ``cu_seqlens_q``, one SDPA call per sequence (docs/attention.md).
-"""
+sequence of ``cu_seqlens_q``, one SDPA call per sequence (docs/attention.md)."""
 
 from __future__ import annotations
 

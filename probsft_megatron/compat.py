@@ -1,7 +1,6 @@
 """The megatron-core seam: every megatron call that is not model building, and every difference
 between the releases it supports (0.14-0.17; developed against 0.16.1, the newest for Python
-3.11). Only this module, the model modules and ``cpu_backend`` import megatron.
-"""
+3.11). Only this module, the model modules and ``cpu_backend`` import megatron."""
 
 from __future__ import annotations
 
@@ -215,8 +214,7 @@ def restore_adam_steps(optimizer, step: int) -> int:
 
     Without apex/TE, 0.16's distributed optimizer loads one shared ``step`` tensor (value 1)
     that torch's Adam then advances once per parameter, so a resumed run drifted. Every
-    training step is one optimizer update, so the checkpoint's step is the step count.
-    """
+    training step is one optimizer update, so the checkpoint's step is the step count."""
     states = [
         state
         for sub in getattr(optimizer, "chained_optimizers", [optimizer])
@@ -249,8 +247,7 @@ def distrib_optim_sharding_type() -> str:
 
     ``dp_reshardable`` from 0.16 on (``fully_reshardable`` drops Adam's ``step`` there); before,
     ``dp_zero_gather_scatter``: without apex/TE the scalar ``step`` per parameter fails 0.15's
-    ``dp_reshardable`` and 0.14's other formats (0.14 has no ``dp_reshardable``).
-    """
+    ``dp_reshardable`` and 0.14's other formats (0.14 has no ``dp_reshardable``)."""
     from packaging.version import Version
 
     new = Version(megatron_version()) >= Version("0.16.0")
@@ -272,9 +269,7 @@ def _keep_unsaved_state_on_dp_zero_load(optimizer) -> None:
             group_index, group_order = _sub.model_param_group_index_map[model_param]
             main_param = _sub.optimizer.param_groups[group_index]["params"][group_order]
             current = _sub.optimizer.state[main_param]
-            _original(
-                model_param, {**{k: v for k, v in current.items() if k not in tensors}, **tensors}
-            )
+            _original(model_param, {**current, **tensors})
 
         sub._set_main_param_and_optimizer_states = set_states
 

@@ -2,8 +2,7 @@
 
 :func:`activate` sends megatron's CUDA placements to the CPU (a TorchFunctionMode for device
 arguments, ``.cuda()`` and ``Tensor.type()``; no-op ``torch.cuda`` helpers; an empty CUDA RNG
-state for activation recomputation). Where CUDA exists nothing is patched.
-"""
+state for activation recomputation). Where CUDA exists nothing is patched."""
 
 from __future__ import annotations
 

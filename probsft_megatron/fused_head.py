@@ -1,8 +1,7 @@
 """The model side of the fused loss: a GPT model whose output layer hands back its input.
 
 megatron's ``GPTModel`` builds its output layer itself, so the seam is the model class; the
-weight stays megatron's (initialized, sharded, tied, checkpointed as before).
-"""
+weight stays megatron's (initialized, sharded, tied, checkpointed as before)."""
 
 from __future__ import annotations
 

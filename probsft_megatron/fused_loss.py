@@ -2,8 +2,7 @@
 
 The tokens are walked in chunks of ``loss.chunk_size``: per chunk the logits' max, sum-exp and
 target logit are reduced over TP (two all-reduces), and the objective's logit gradient is folded
-into ``d_hidden`` and the weight gradient at once. Contract, thresholds: docs/fused_loss.md.
-"""
+into ``d_hidden`` and the weight gradient at once. Contract, thresholds: docs/fused_loss.md."""
 
 from __future__ import annotations
 
@@ -77,8 +76,7 @@ def _accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, hidden: Tensor) ->
 class _LinearObjective(torch.autograd.Function):
     """``sum_t keep_t * f(p_t)`` over rows ``hidden [N, h]``, gradients formed in the forward;
     returns (loss sum, ce, keep). With ``main_grad`` the weight gradient goes into DDP's buffer
-    during the forward, which needs an upstream gradient of 1 (checked in the backward).
-    """
+    during the forward, which needs an upstream gradient of 1 (checked in the backward)."""
 
     @staticmethod
     def forward(
@@ -226,8 +224,7 @@ def fused_objective_loss(
     """The loss triple of ``hidden @ weight^T`` without the logits; equal to the unfused loss.
 
     ``weight_grad``: ``main_grad`` (DDP's buffer, during the forward), ``autograd`` (into
-    ``weight.grad``) or ``auto`` (``main_grad`` when the weight has one).
-    """
+    ``weight.grad``) or ``auto`` (``main_grad`` when the weight has one)."""
     chunk = _check_chunk(objective_loss.config.chunk_size if chunk_size is None else chunk_size)
     if weight_grad not in ("auto", "main_grad", "autograd"):
         raise ValueError(

@@ -2,8 +2,7 @@
 
 The target linears are built as subclasses of megatron's column-/row-parallel linears through
 the layer spec (base weight and checkpoint keys unchanged), sharded like their base layer; the
-tensor-parallel contract is in docs/lora.md. ``B`` starts at zero, as in PEFT.
-"""
+tensor-parallel contract is in docs/lora.md. ``B`` starts at zero, as in PEFT."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 Every objective is an elementwise map of megatron's per-token CE (no rank holds the full
 vocabulary); each micro-batch returns its loss *sum* and normalizer count, which megatron sums
-over micro-batches and DP and divides once (docs/objectives.md, docs/training.md).
-"""
+over micro-batches and DP and divides once (docs/objectives.md, docs/training.md)."""
 
 from __future__ import annotations
 
@@ -63,8 +62,7 @@ def sample_weights(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights, units)`` of ``normalization="sample"``: ``loss_mask / W`` with ``W`` the
     mask's sum over the token's unit (an example starts where ``position_ids`` is 0; a turn is
-    a run of trained labels), and the count of units with a trained token.
-    """
+    a run of trained labels), and the count of units with a trained token."""
     mask = loss_mask.to(torch.float64)
     b, s = mask.shape
     trained = mask > 0
@@ -95,8 +93,7 @@ def objective_loss(
 ):
     """The loss triple of one micro-batch ``(loss_sum, num_tokens, {"stats": ...})`` from the
     per-token CE ``[b, s]`` and the token weights ``loss_mask`` (0: not trained). A percentile
-    objective needs ``threshold``; ``record_p`` adds the response tokens' ``"p"``.
-    """
+    objective needs ``threshold``; ``record_p`` adds the response tokens' ``"p"``."""
     ce = working_ce(ce)
     loss_mask = loss_mask.to(ce.device)
     response = loss_mask > 0
@@ -221,8 +218,7 @@ def reduce_stats(
     losses_reduced: list[dict], dp_group=None, extra: dict[str, float] | None = None
 ) -> dict[str, Any]:
     """A step's stats summed over micro-batches and DP (last stage; a collective), with
-    ``extra`` counts in the same all-reduce and the gathered ``p`` when recorded; ``{}`` if none.
-    """
+    ``extra`` counts in the same all-reduce and the gathered ``p`` when recorded; ``{}`` if none."""
     parts = [d["stats"] for d in losses_reduced if "stats" in d]
     if not parts:
         return {}

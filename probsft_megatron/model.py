@@ -72,16 +72,13 @@ def layer_spec(config, attention: str = "sdpa", peft=None):
     """The GPT block spec of ``attention`` (``te``: megatron's TE spec; ``sdpa``/``local``:
     the local spec with SDPAttention or megatron's own, SP-capable norms), LoRA with ``peft``;
     all keep the same checkpoint keys."""
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+    from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     if attention == "te":
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
         spec.submodules.input_layernorm = SequenceParallelRMSNorm
         spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
     if attention == "sdpa":

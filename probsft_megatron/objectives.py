@@ -2,8 +2,7 @@
 
 An objective is a per-token loss ``f(p)``, ``p = exp(-ce)``, with gradient weight ``w(p) =
 -f'(p) * p`` on the NLL gradient: an elementwise map of the CE, exact under any CE backend.
-Spellings, thresholds (absolute or ``K<k>`` percentiles) and formulas: docs/objectives.md.
-"""
+Spellings, thresholds (absolute or ``K<k>`` percentiles) and formulas: docs/objectives.md."""
 
 from __future__ import annotations
 
@@ -286,8 +285,7 @@ def parse_objective(spec: str | dict | Objective) -> Objective:
 def resolve_percentile(p: Tensor, percentile: float) -> float:
     """The ``percentile``-th percentile of 1-D ``p`` (linear interpolation, float64; NaN if empty).
 
-    A full sort: ``torch.quantile`` has a size limit, ``kthvalue`` is slow on sorted CPU input.
-    """
+    A full sort: ``torch.quantile`` has a size limit, ``kthvalue`` is slow on sorted CPU input."""
     if not 0.0 <= percentile <= 100.0:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")
     if p.dim() != 1:

@@ -48,12 +48,8 @@ def run(args: argparse.Namespace) -> int:
     objective = parse_objective(args.describe)
     info = objective.describe()
     if args.json:
-        threshold = objective.threshold
-        info.update(
-            family=objective.family,
-            a=objective.a,
-            threshold=None if threshold is None else dataclasses.asdict(threshold),
-        )
+        threshold = objective.threshold and dataclasses.asdict(objective.threshold)
+        info.update(family=objective.family, a=objective.a, threshold=threshold)
         print(json.dumps(info, indent=2))
         return 0
     labels = ("name", "loss f(p)", "weight w(p)", "mask", "normalization")  # of info's keys
