@@ -78,13 +78,11 @@ def loss_head(model, layout: Layout, workload: Workload) -> Head:
     """Final norm + output layer + cross entropy of one micro-batch on one TP rank."""
     d = dims(model)
     tp, D = layout.tp, workload.param_bytes
-    b, s = workload.micro_batch_size, workload.seq_length
-    t = b * s
+    t = workload.micro_batch_size * workload.seq_length
     sp = layout.sequence_parallel and tp > 1
     t_h = t // tp if sp else t
     v = d["v"] // tp
-    cpu = workload.kernels == "cpu"
-    norm = t_h * d["h"] * (8 if cpu else D) + t_h * 4  # as in layer_activations
+    norm = t_h * d["h"] * (8 if workload.kernels == "cpu" else D) + t_h * 4  # cf. layer_activations
     gathered = t * d["h"] * D if sp else 0
     # unfused: megatron's output layer keeps its input; the vocab-parallel cross entropy keeps
     # float32 logits (exp, in place), the masked targets, one boolean mask (two at TP > 1)

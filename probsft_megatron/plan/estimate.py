@@ -92,11 +92,8 @@ def estimate_stage(
     # whole backward, then autograd adds the two (a third tensor); the fused head adds its
     # part to DDP's buffer during the forward instead
     emb_grad = d["v"] // layout.tp * d["h"] * workload.param_bytes
-    tied_one_stage = (
-        bool(model.tie_word_embeddings)
-        and layout.pp == 1
-        and workload.loss_implementation != "fused"
-    )
+    unfused = workload.loss_implementation != "fused"
+    tied_one_stage = bool(model.tie_word_embeddings) and layout.pp == 1 and unfused
     waiting = emb_grad if tied_one_stage else 0
     est = StageEstimate(
         pp_rank=pp_rank,

@@ -67,16 +67,11 @@ def alternatives(model, layout: Layout, workload: Workload) -> dict:
             row[name] = _gib(estimate_stage(model, other, workload, worst.pp_rank).activations)
         acts["sp" if sp else "no_sp"] = row
     head = loss_head(model, layout, workload)
+    both = {"distributed": with_dist, "not_distributed": without}
     return {
         "stage": worst.pp_rank,
-        "optimizer_state_gib": {
-            "distributed": _gib(with_dist.optimizer),
-            "not_distributed": _gib(without.optimizer),
-        },
-        "weights_gib": {
-            "distributed": _gib(with_dist.weights),
-            "not_distributed": _gib(without.weights),
-        },
+        "optimizer_state_gib": {k: _gib(static.optimizer) for k, static in both.items()},
+        "weights_gib": {k: _gib(static.weights) for k, static in both.items()},
         "activations_gib": acts,
         "loss_head_gib": {
             "unfused": _gib(head.unfused_peak),

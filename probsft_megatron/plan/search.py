@@ -160,11 +160,10 @@ def plan(
     """Estimate the layout ``cfg`` asks for and search the cheapest layout that fits on ``gpus``
     GPUs (default: one node). A GPU count, memory or margin that cannot be planned for is a
     one-line :class:`ConfigError` naming the option."""
-    if gpus_per_node < 1:
-        raise ConfigError(f"--gpus-per-node must be >= 1 (got {gpus_per_node})")
     gpus = gpus_per_node if gpus is None else gpus
-    if gpus < 1:
-        raise ConfigError(f"--gpus must be >= 1 (got {gpus})")
+    for flag, n in (("--gpus-per-node", gpus_per_node), ("--gpus", gpus)):
+        if n < 1:
+            raise ConfigError(f"{flag} must be >= 1 (got {n})")
     if not (math.isfinite(gpu_memory_gb) and gpu_memory_gb > 0):
         raise ConfigError(
             f"--gpu-memory must be a positive number of GB, e.g. 80 (got {gpu_memory_gb:g})"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from probsft_megatron.errors import ConfigError
@@ -40,8 +40,6 @@ def stage_parameters(model, tp: int = 1, pp: int = 1, pp_rank: int = 0) -> list[
 @lru_cache(maxsize=64)
 def _meta_stage(model, pp: int, first: bool, last: bool) -> tuple[tuple[str, int, bool], ...]:
     """``(name, elements of the whole tensor, split over TP)`` per parameter of one stage."""
-    import dataclasses
-
     import torch
 
     from probsft_megatron.config import ParallelConfig
@@ -49,7 +47,7 @@ def _meta_stage(model, pp: int, first: bool, last: bool) -> tuple[tuple[str, int
 
     # one stage's layers as a model of its own (a config with PP > 1 would have megatron
     # all-reduce the tied embedding copy between the stages while it builds)
-    stage = dataclasses.replace(model, num_layers=model.num_layers // pp)
+    stage = replace(model, num_layers=model.num_layers // pp)
     with _one_process_megatron() as tp_now:
         # use_cpu_initialization: no device= of its own, so the meta device applies
         config = transformer_config(stage, ParallelConfig(), use_cpu_initialization=True)

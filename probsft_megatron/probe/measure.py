@@ -121,8 +121,7 @@ def run_probe(
     if last:
         parts: list[Any] = [None] * lay.dp
         dist.all_gather_object(parts, local, group=compat.data_parallel_group())
-        for part in parts:
-            merged.update(part)
+        merged = {i: ce for part in parts for i, ce in part.items()}
     reporter = last and lay.dp_rank == 0 and lay.tp_rank == 0
     flags: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(flags, reporter)
@@ -163,8 +162,7 @@ def probe(
 
     parallel = parallel or ParallelConfig()
     model = read_model_config(model_dir)
-    if dtype == "auto":  # training's precision: auto
-        dtype = resolve_precision("auto")
+    dtype = resolve_precision("auto") if dtype == "auto" else dtype  # training's precision
     if dtype not in DTYPES:
         raise ConfigError(f"probe dtype {dtype!r} is invalid; use auto, {', '.join(DTYPES)}")
     if micro_batch_size < 1:

@@ -131,9 +131,7 @@ def build_probe_report(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": {
             "path": str(Path(model_dir).absolute()),
-            "arch": model.arch,
-            "num_layers": model.num_layers,
-            "hidden_size": model.hidden_size,
+            **{k: getattr(model, k) for k in ("arch", "num_layers", "hidden_size")},
             "num_parameters": model.num_parameters(),
         },
         "data": {
@@ -207,12 +205,8 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     for label, style in (("mean", "--"), ("median", ":")):
         value = report[f"{label}_p"]
         left.axvline(value, color="k", linestyle=style, label=f"{label} {value:.3f}")
-    left.set(
-        xlabel="p of the target token",
-        ylabel="fraction of response tokens",
-        title=f"{report['tokens']} response tokens",
-        xlim=(0, 1),
-    )
+    left.set(xlabel="p of the target token", ylabel="fraction of response tokens", xlim=(0, 1))
+    left.set_title(f"{report['tokens']} response tokens")
     left.legend()
     pct = np.arange(101)
     right.plot([report["percentiles"][str(k)] for k in pct], pct / 100, label="token p")
@@ -222,13 +216,8 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     )
     for bound, label in ((WEAK_MEAN_P, "mean-p bounds: weak | strong"), (STRONG_MEAN_P, None)):
         right.axvline(bound, color="grey", linewidth=0.8, label=label)
-    right.set(
-        xlabel="p",
-        ylabel="cumulative fraction",
-        xlim=(0, 1),
-        ylim=(0, 1),
-        title=f"{report['placement']['regime']} -> {report['recommendation']['objective']}",
-    )
+    title = f"{report['placement']['regime']} -> {report['recommendation']['objective']}"
+    right.set(xlabel="p", ylabel="cumulative fraction", xlim=(0, 1), ylim=(0, 1), title=title)
     right.legend(loc="upper left")
     fig.tight_layout()
     try:
@@ -250,9 +239,7 @@ def load_report(report: dict | str | os.PathLike) -> dict[str, Any]:
     """A report given as a dict, a report.json path or a folder holding one."""
     if isinstance(report, dict):
         return report
-    path = Path(report)
-    if path.is_dir():
-        path = path / REPORT_FILE
+    path = Path(report) / REPORT_FILE if Path(report).is_dir() else Path(report)
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
@@ -289,6 +276,5 @@ def resolve_threshold_names(
         # inside (0, 1): below 1, or the smallest normal float (CPU runs flush subnormals)
         top = objective.threshold.side == "top"
         q = min(q, math.nextafter(1.0, 0.0)) if top else max(q, sys.float_info.min)
-        prefix = objective.name.rsplit("-", 1)[0]
-        out[label] = parse_objective(f"{prefix}-{q!r}").name
+        out[label] = parse_objective(f"{objective.name.rsplit('-', 1)[0]}-{q!r}").name
     return out
