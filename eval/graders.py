@@ -95,8 +95,7 @@ def extract_statement(text: str) -> str | None:
         number = re.match(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?\s*(?:\\?%)?(?=\s+[A-Za-z]|$)", answer)
         if number:
             answer = number.group(0)
-    answer = answer.strip().rstrip(".").strip()
-    return answer or None
+    return answer.strip().rstrip(".").strip() or None
 
 
 def _normalized(answer: str) -> str:

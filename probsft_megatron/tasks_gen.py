@@ -139,8 +139,7 @@ def _count(item):
 
 
 def _count_wrong(item, rng):
-    start, end = item
-    values = list(range(start, end + 1))
+    values = list(range(item[0], item[1] + 1))
     values[rng.randrange(1, len(values))] += rng.choice([-2, 1, 2])
     return ", ".join(map(str, values))
 
