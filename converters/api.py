@@ -1,8 +1,6 @@
-"""Hugging Face <-> Megatron conversion (:func:`hf_to_megatron`, :func:`megatron_to_hf`,
-:func:`default_model_dir`). Both directions stream tensors into or out of one TP=1/PP=1
-model in a single process (peak host memory: one model plus one tensor), check every input
-first, and write their output (with its manifest) under a temporary name renamed when done.
-"""
+"""Hugging Face <-> Megatron conversion: tensors stream into or out of one TP=1/PP=1 model in
+one process (peak host memory: the model plus one tensor), every input is checked first, and the
+output (with its manifest) is written under a temporary name renamed when done."""
 
 from __future__ import annotations
 
@@ -46,10 +44,6 @@ def _dtype(name: str | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise ConfigError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(k for k, v in DTYPES.items() if v == dtype)
 
 
 def parse_size(text: str | int) -> int:
@@ -101,10 +95,11 @@ def _read_config(folder: Path) -> dict:
     return cfg
 
 
-def _drop_copied_markers(folder: Path) -> None:
-    """Remove the manifest and export record a copied HF template brought (they are its own)."""
+def _copy_template(src: Path, dst: Path) -> None:
+    """Copy an HF folder's config and tokenizer files, less its own manifest and export record."""
+    model_dir.copy_hf_files(src, dst)
     for name in (manifest.MANIFEST_FILE, manifest.LEGACY_EXPORT_FILE):
-        (folder / name).unlink(missing_ok=True)
+        (dst / name).unlink(missing_ok=True)
 
 
 def _source_tensors(hf_dir: Path) -> dict[str, TensorInfo]:
@@ -169,8 +164,7 @@ def hf_to_megatron(
     overwrite: bool = False,
 ) -> model_dir.ModelDir:
     """Convert an HF safetensors folder into the Megatron model dir ``out_dir`` (in ``dtype``,
-    default the checkpoint's) and return it; anything it cannot represent exactly (a config
-    field, a missing, extra or misshapen tensor, tied weights that differ) is one line."""
+    default the checkpoint's); what it cannot represent exactly is refused in one line."""
     hf_dir = _hf_folder(hf_dir, "Hugging Face folder")
     replace = manifest.check_output(
         out_dir,
@@ -223,9 +217,9 @@ def hf_to_megatron(
             "architecture": cfg["architectures"][0],
             "hf_dtype": str(infos["model.embed_tokens.weight"].dtype).removeprefix("torch."),
         }
-        model_dir.write_model_config(staging, model, dtype=_dtype_name(target), source=source)
-        model_dir.copy_hf_files(hf_dir, staging / model_dir.HF_DIR)
-        _drop_copied_markers(staging / model_dir.HF_DIR)
+        dtype_name = str(target).removeprefix("torch.")
+        model_dir.write_model_config(staging, model, dtype=dtype_name, source=source)
+        _copy_template(hf_dir, staging / model_dir.HF_DIR)
         manifest.write_manifest(staging, manifest.MODEL_DIR)
     log.info("wrote %s in %.1f s", out_dir, time.perf_counter() - start)
     return model_dir.read_model_dir(out_dir)
@@ -286,10 +280,9 @@ def megatron_to_hf(
         raise ConfigError(f"--max-shard-size {max_shard_size} must be a positive size, e.g. 2GB")
     stored = compat.checkpoint_tensor_dtype(str(md.weights), "embedding.word_embeddings.weight")
     out_dtype = _dtype(dtype) or stored
+    dtype_name = str(out_dtype).removeprefix("torch.")
     template_cfg = _read_config(template) if template else None
-    config = hf_config.export_config(
-        md.model, _dtype_name(out_dtype), template_cfg, where=f"{template}/config.json"
-    )
+    config = hf_config.export_config(md.model, dtype_name, template_cfg, f"{template}/config.json")
     maps = tensor_maps(md.model)
     shards = _plan_shards(maps, out_dtype, max_bytes)
     names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
@@ -322,8 +315,7 @@ def megatron_to_hf(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             atomic_write_json(staging / SAFETENSORS_INDEX, index)
         if template is not None:
-            model_dir.copy_hf_files(template, staging)
-            _drop_copied_markers(staging)
+            _copy_template(template, staging)
         else:
             log.warning(
                 "no HF template (no hf/ in %s and no --hf-template): config.json is "

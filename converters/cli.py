@@ -1,7 +1,6 @@
 """`probsft convert`: Hugging Face <-> Megatron checkpoints (docs/converters.md); a LoRA
 checkpoint exports as a PEFT adapter folder, or with ``--merge`` as full weights. ``--out``
-may not be, contain or lie inside an input; ``--overwrite`` replaces only an output of its kind.
-"""
+may not be, contain or lie inside an input; ``--overwrite`` replaces only an output of its kind."""
 
 from __future__ import annotations
 

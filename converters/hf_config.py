@@ -1,7 +1,6 @@
 """Hugging Face ``config.json`` <-> :class:`ModelConfig` for ``Qwen2ForCausalLM`` and
 ``LlamaForCausalLM``; what the Megatron model cannot represent exactly is one-line refused.
-Both transformers 4 (``rope_theta``/``rope_scaling``) and 5 (``rope_parameters``) are read.
-"""
+Both transformers 4 (``rope_theta``/``rope_scaling``) and 5 (``rope_parameters``) are read."""
 
 from __future__ import annotations
 
@@ -67,9 +66,8 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     """The :class:`ModelConfig` of an HF config dict, or a one-line :class:`CheckpointError`."""
     archs = cfg.get("architectures") or []
     if len(archs) != 1 or archs[0] not in ARCHITECTURES:
-        raise _unsupported(
-            where, "architectures", archs, f"this converter handles {_SUPPORTED_TEXT}"
-        )
+        why = f"this converter handles {_SUPPORTED_TEXT}"
+        raise _unsupported(where, "architectures", archs, why)
     arch = ARCHITECTURES[archs[0]]
     if cfg.get("model_type", arch) != arch:
         why = f"does not match architectures={archs}; expected {arch!r}"
@@ -79,23 +77,22 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
         why = "is set; dequantize the checkpoint (save it in bf16/fp32) before converting"
         raise _refuse(where, "quantization_config", method, why)
     if cfg.get("hidden_act", "silu") != "silu":
-        raise _unsupported(
-            where, "hidden_act", cfg["hidden_act"], "the Megatron model uses SwiGLU (silu)"
-        )
+        why = "the Megatron model uses SwiGLU (silu)"
+        raise _unsupported(where, "hidden_act", cfg["hidden_act"], why)
     for field, why in _UNSUPPORTED_FLAGS[arch].items():
         if cfg.get(field):
             raise _unsupported(where, field, cfg[field], why)
     kinds = set(cfg.get("layer_types") or ["full_attention"])
     if arch == "qwen2" and kinds != {"full_attention"}:
-        raise _unsupported(
-            where, "layer_types", sorted(kinds), "every layer must use full attention"
-        )
+        why = "every layer must use full attention"
+        raise _unsupported(where, "layer_types", sorted(kinds), why)
     theta, scaling = rope_settings(cfg, where)
     if theta != int(theta):
         raise _unsupported(where, "rope_theta", theta, "Megatron takes an integer rotary base")
     if missing := [k for k in (*_REQUIRED, "vocab_size") if k not in cfg]:
         raise CheckpointError(f"{where}: required field(s) {missing} missing")
     heads = cfg["num_attention_heads"]
+    max_positions = cfg.get("max_position_embeddings", _DEFAULT_MAX_POSITIONS[arch])
     try:
         return ModelConfig(
             arch=arch,
@@ -106,9 +103,7 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
             num_query_groups=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             vocab_size=cfg["vocab_size"],
-            max_position_embeddings=cfg.get(
-                "max_position_embeddings", _DEFAULT_MAX_POSITIONS[arch]
-            ),
+            max_position_embeddings=max_positions,
             rope_theta=theta,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -126,8 +121,7 @@ def export_config(
     template: dict | None = None,
     where: str = "template config.json",
 ) -> dict:
-    """The ``config.json`` of an export: ``template`` (which must describe ``model``) with
-    its dtype set, or without one a config generated from ``model``."""
+    """An export's config.json: ``template`` (matching ``model``) in ``dtype``, else generated."""
     if template is not None:
         described = model_config_from_hf(template, where).to_dict()
         for key, value in model.to_dict().items():
@@ -143,6 +137,9 @@ def export_config(
             f"{model.arch} architecture"
         )
     arch_class = next(k for k, v in ARCHITECTURES.items() if v == model.arch)
+    scaling = None
+    if (factor := model.rope_scaling_factor) is not None:
+        scaling = {"rope_type": "llama3", "factor": factor, **LLAMA3_FIXED}
     out = {
         "architectures": [arch_class],
         "model_type": model.arch,
@@ -156,11 +153,7 @@ def export_config(
         "max_position_embeddings": model.max_position_embeddings,
         "rms_norm_eps": model.rms_norm_eps,
         "rope_theta": model.rope_theta,
-        "rope_scaling": (
-            {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_FIXED}
-            if model.rope_scaling_factor is not None
-            else None
-        ),
+        "rope_scaling": scaling,
         "tie_word_embeddings": model.tie_word_embeddings,
         "hidden_act": "silu",
         "initializer_range": model.init_std,

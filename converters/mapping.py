@@ -1,9 +1,7 @@
-"""Where each Hugging Face tensor lives in the (TP=1, PP=1) Megatron GPT model (local spec).
-
-q/k/v go into ``linear_qkv`` grouped per key/value head as ``[q heads of g; k_g; v_g]``
-(megatron splits whole groups across TP ranks); gate/up into ``linear_fc1`` as ``[gate; up]``.
-A :class:`TensorMap`'s view holds the HF tensor's elements in HF's row-major order.
-"""
+"""Where each Hugging Face tensor lives in the (TP=1, PP=1) Megatron GPT model (local spec):
+q/k/v in ``linear_qkv`` grouped per key/value head as ``[q heads of g; k_g; v_g]`` (megatron
+splits whole groups across TP ranks), gate/up in ``linear_fc1`` as ``[gate; up]``. A
+:class:`TensorMap`'s view holds the HF tensor's elements in HF's row-major order."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""The Megatron side of conversion: one process, TP=1/PP=1, torch_dist checkpoints, through
-the megatron layer (``model``, ``compat``). The model is built with
-``perform_initialization=False``: untouched pages cost no host memory until weights arrive.
-"""
+"""The Megatron side of conversion: one process, TP=1/PP=1, torch_dist checkpoints; the model is
+built uninitialized, so untouched pages cost no host memory until the weights arrive."""
 
 from __future__ import annotations
 
@@ -58,8 +56,7 @@ def single_process_group() -> Iterator[None]:
 
 
 def build_model(model: ModelConfig, dtype: torch.dtype, peft=None):
-    """The whole model (TP=1/PP=1, LoRA linears with ``peft``) in ``dtype`` with uninitialized
-    parameters on the CPU."""
+    """The TP=1/PP=1 model (LoRA linears with ``peft``) in ``dtype``, uninitialized, on the CPU."""
     config = transformer_config(
         model,
         ParallelConfig(),
@@ -73,9 +70,8 @@ def build_model(model: ModelConfig, dtype: torch.dtype, peft=None):
 
 def parameters(gpt) -> dict[str, torch.Tensor]:
     """The model's parameters by state-dict name (tied output weights appear once)."""
-    return {
-        name: p for name, p in gpt.state_dict(keep_vars=True).items() if isinstance(p, torch.Tensor)
-    }
+    state = gpt.state_dict(keep_vars=True)
+    return {name: p for name, p in state.items() if isinstance(p, torch.Tensor)}
 
 
 def save_weights(gpt, weights_dir: str | os.PathLike) -> None:

@@ -1,11 +1,8 @@
-"""A LoRA checkpoint out to Hugging Face: a PEFT adapter folder, or merged full weights.
-
-The base (``init.checkpoint`` or ``--base``, checked against the recorded fingerprint) and the
-adapters load into one TP=1 model. Adapter names are PEFT's; ``linear_qkv``'s ``B`` splits into
-q/k/v (:func:`~.mapping.qkv_views`) and ``linear_fc1``'s into gate/up, sharing ``A`` (exact:
-``B_q A x`` is the q rows of ``B A x``). ``--merge`` writes ``W + (alpha/r) B A`` through
-:func:`~.api.megatron_to_hf` from a merged model dir in a temporary folder next to ``--out``.
-"""
+"""A LoRA checkpoint out to Hugging Face: a PEFT adapter folder, or merged full weights. The base
+(``init.checkpoint`` or ``--base``, fingerprint-checked) and the adapters load into one TP=1
+model; ``linear_qkv``'s ``B`` splits into q/k/v and ``linear_fc1``'s into gate/up, sharing ``A``
+(exact: ``B_q A x`` is the q rows of ``B A x``). ``--merge`` writes ``W + (alpha/r) B A``
+through :func:`~.api.megatron_to_hf` from a merged model dir in a temporary folder by ``--out``."""
 
 from __future__ import annotations
 

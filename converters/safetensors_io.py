@@ -1,7 +1,6 @@
 """Streaming safetensors I/O, one tensor at a time (no memory map, no intermediate copy), so a
 conversion holds the model once plus one tensor. Format: an 8-byte little-endian header
-length, a JSON header (``dtype``, ``shape``, ``data_offsets``), the raw tensor bytes.
-"""
+length, a JSON header (``dtype``, ``shape``, ``data_offsets``), the raw tensor bytes."""
 
 from __future__ import annotations
 
