@@ -322,9 +322,8 @@ def inspect(
     tok = load_tokenizer(tok_spec)
     records = load_records(cfg)
     # untruncated lengths: the same tokenization with room for everything
-    whole = SFTDataset(
-        dataclasses.replace(cfg, max_length=2**31 - 1, truncation="right"), tok, records
-    )
+    untruncated = dataclasses.replace(cfg, max_length=2**31 - 1, truncation="right")
+    whole = SFTDataset(untruncated, tok, records)
     lengths, prompts = whole.lengths, whole.prompt_lengths
     dropped = prompts >= cfg.max_length
     first_ids = whole[0]["input_ids"].tolist()

@@ -103,12 +103,11 @@ def open_store(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | Non
     offsets' CRC and their agreement with the other files)."""
     try:
         meta = json.loads((path / "meta.json").read_text())
-        if meta.get("version") != STORE_VERSION:
-            return None
         arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in FILES}
         arrays["offsets"] = offsets = np.asarray(arrays["offsets"])  # small: held in memory
         ok = (
-            all(_describe(array) == meta["arrays"][name] for name, array in arrays.items())
+            meta["version"] == STORE_VERSION
+            and all(_describe(array) == meta["arrays"][name] for name, array in arrays.items())
             and zlib.crc32(offsets.tobytes()) == meta["offsets_crc32"]
             and int(offsets[-1]) == len(arrays["tokens"]) == len(arrays["masks"])
             and len(arrays["prompt_lengths"]) == len(offsets) - 1
