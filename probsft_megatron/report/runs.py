@@ -29,13 +29,9 @@ TRAINING_STATS = ("loss", "mean_p", "frac_kept", "mean_w", "tokens_per_s", "posi
 STATUSES = ("complete", "trained", "running", "queued", "failed", "not started")
 """Run states, as docs/report.md describes them."""
 
-# config keys that do not change what a run learns: ignored when grouping seeds
-BOOKKEEPING = {
-    f"train.{key}"
-    for key in (
-        *("seed", "output_dir", "resume", "tensorboard", "log_interval", "save_interval"),
-        *("keep_last", "histogram_interval"),
-    )
+BOOKKEEPING = {  # config keys that do not change what a run learns: ignored when grouping seeds
+    *("train.seed", "train.output_dir", "train.resume", "train.tensorboard"),
+    *("train.log_interval", "train.save_interval", "train.keep_last", "train.histogram_interval"),
 }
 
 
@@ -125,9 +121,7 @@ def _tail_stats(history: list[dict]) -> dict[str, float]:
     tail = history[-TAIL:]
     out = {}
     for key in (*TRAINING_STATS, "grad_norm", "threshold"):
-        vals = [
-            r[key] for r in tail if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
-        ]
+        vals = [v for r in tail if isinstance(v := r.get(key), (int, float)) and math.isfinite(v)]
         if vals:
             out[key] = sum(vals) / len(vals)
     return out
