@@ -101,9 +101,10 @@ def _sweep_ref(args: argparse.Namespace) -> str | None:
 
 
 def _print_sweeps() -> int:
-    from probsft_megatron.launchers.sweeps import list_sweeps, load_sweep
+    from probsft_megatron import resources
+    from probsft_megatron.launchers.sweeps import load_sweep
 
-    for name in list_sweeps():
+    for name in resources.names("sweeps"):
         parts = load_sweep(name)
         runs = sum(len(s.settings) * len(s.objectives) for s in parts)
         combines = "combines " + ", ".join(s.name for s in parts)

@@ -65,11 +65,6 @@ def _find(ref: str, kind: str, what: str) -> Path:
     return path
 
 
-def list_sweeps() -> list[str]:
-    """Names of the sweeps shipped in ``configs/sweeps``."""
-    return resources.names("sweeps")
-
-
 def load_sweep(ref: str, _seen: tuple[str, ...] = ()) -> list[Sweep]:
     """The sweep(s) of a file or name; a combining file returns each part in order."""
     path = _find(ref, "sweeps", "sweep")
