@@ -1,5 +1,4 @@
-"""What a training job's paths point at, checked before any work, one line each
-(:func:`check_files`); the probe and the converters call the single checks."""
+"""What a training job's paths point at, checked before any work, one line each."""
 
 from __future__ import annotations
 
@@ -13,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from probsft_megatron import manifest
 from probsft_megatron.errors import CheckpointError, ConfigError
-from probsft_megatron.tokenizers import BUILTIN, tokenizer_spec
+from probsft_megatron.model_dir import read_model_config
+from probsft_megatron.tokenizers import BUILTIN, TOKENIZER_FILES, tokenizer_folder, tokenizer_spec
 from probsft_megatron.typed_yaml import oddity, shown
 
 if TYPE_CHECKING:
@@ -21,14 +21,12 @@ if TYPE_CHECKING:
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def check_model_dir(
     path: str | os.PathLike, key: str, *, training_checkpoint_ok: bool = True
 ) -> Path:
-    """``path`` if it is an intact Megatron model dir (or, with ``training_checkpoint_ok``, a
-    training checkpoint); else a one-line error naming ``key`` and what to pass instead."""
+    """``path`` if it is an intact Megatron model dir (or training checkpoint), else one line."""
     folder = Path(path)
     if not folder.exists():
         raise ConfigError(
@@ -71,7 +69,7 @@ def check_model_dir(
 
 def check_tokenizer(spec: str, key: str) -> None:
     """``spec`` is a built-in tokenizer or a folder with tokenizer files, else one line."""
-    folder = _tokenizer_folder(spec)
+    folder = tokenizer_folder(spec)
     if folder is None:
         return
     if not folder.exists():
@@ -103,19 +101,9 @@ def tokenizer_vocab_size(folder: str | os.PathLike) -> int | None:
     return max((i + 1 for i in ids if isinstance(i, int)), default=None)
 
 
-def _tokenizer_folder(spec: str) -> Path | None:
-    """The folder a spec names (a model dir's ``hf/``); None for a built-in tokenizer."""
-    if spec in BUILTIN:
-        return None
-    folder = Path(spec)
-    if (folder / "hf").is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        folder = folder / "hf"
-    return folder
-
-
 def check_vocab_fits(tokenizer: str, vocab_size: int, key: str) -> None:
     """Refuse a tokenizer with more ids than the model's vocabulary (if it tells its size)."""
-    folder = _tokenizer_folder(tokenizer)
+    folder = tokenizer_folder(tokenizer)
     size = BUILTIN.get(tokenizer) if folder is None else tokenizer_vocab_size(folder)
     if size is not None and size > vocab_size:
         raise ConfigError(
@@ -196,8 +184,7 @@ def count_records(data: DataConfig) -> int | None:
 
 
 def planned_length(cfg: TrainJobConfig) -> str:
-    """What the run will train, as the dry run states it (an upper bound); ConfigError when
-    ``train.max_steps`` is more than the data gives."""
+    """The run's length as the dry run states it; ConfigError if max_steps exceeds the data."""
     t = cfg.train
     records = count_records(cfg.data)
     if records is None:
@@ -227,26 +214,22 @@ def planned_length(cfg: TrainJobConfig) -> str:
 
 
 def check_files(cfg: TrainJobConfig, *, resume: bool = True) -> None:
-    """Every path the job reads or writes, one line each, and (``resume``) the checkpoint a
-    resume would load (a run's ranks leave that to the CheckpointManager)."""
+    """Every path the job reads or writes, and (``resume``) the checkpoint a resume loads."""
     init = cfg.init
     if init.checkpoint is not None:
         check_model_dir(init.checkpoint, "init.checkpoint", training_checkpoint_ok=False)
     if init.tokenizer is not None:
         check_tokenizer(init.tokenizer, "init.tokenizer")
     elif init.checkpoint is not None:
-        hf = Path(init.checkpoint) / "hf"
-        if not any((hf / f).is_file() for f in TOKENIZER_FILES):
+        if not any(Path(init.checkpoint, "hf", f).is_file() for f in TOKENIZER_FILES):
             raise ConfigError(
                 f"init.checkpoint {init.checkpoint} has no tokenizer (no tokenizer files in "
                 "its hf/ folder); set init.tokenizer to a tokenizer folder or smollm2"
             )
     tokenizer = tokenizer_spec(init)
     if tokenizer is not None:
-        vocab = cfg.model.vocab_size
-        if init.checkpoint is not None:  # the checkpoint's model
-            meta = json.loads((Path(init.checkpoint) / "model_config.json").read_text())
-            vocab = int((meta.get("model") or {}).get("vocab_size") or vocab)
+        model = cfg.model if init.checkpoint is None else read_model_config(init.checkpoint)
+        vocab = model.vocab_size
         check_vocab_fits(tokenizer, vocab, "init.tokenizer" if init.tokenizer else "the tokenizer")
     check_data_files(cfg.data)
     if cfg.data.val_files:
