@@ -1,5 +1,4 @@
-"""The training configuration: the typed sections (:func:`.typed_yaml.section`), recipes
-with ``base:`` chains and dotted overrides, and :func:`validate`, a job's cross-key check."""
+"""The training configuration: typed sections, recipes with ``base:`` chains, dotted overrides."""
 
 from __future__ import annotations
 
@@ -26,10 +25,8 @@ from probsft_megatron.typed_yaml import (
 Attention = Literal["auto", "sdpa", "local", "te"]
 RecomputeGranularity = Literal["none", "selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
-Padding = Literal["longest", "max_length"]
-
-ATTENTION_IMPLS, PADDINGS, RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS = map(
-    typing.get_args, (Attention, Padding, RecomputeGranularity, RecomputeMethod)
+ATTENTION_IMPLS, RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS = map(
+    typing.get_args, (Attention, RecomputeGranularity, RecomputeMethod)
 )
 CHAT_TEMPLATES = ("chatml", "qwen2.5", "llama-3")  # configs/chat_templates/<name>.jinja
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -85,46 +82,9 @@ class ModelConfig:
         return self.num_layers * per_layer + emb + h
 
 
-def validate_layout(
-    parallel: ParallelConfig, world_size: int, model: ModelConfig | None = None
-) -> int:
-    """Check a parallel layout against the world size and the model; returns the DP size."""
-    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"TP*PP = {tp}*{pp} = {tp * pp} does not divide the world size {world_size}; "
-            "change parallel.tensor_model_parallel_size / parallel.pipeline_model_parallel_size "
-            "or the number of processes"
-        )
-    if parallel.sequence_parallel and tp == 1:
-        raise ConfigError(
-            "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1"
-        )
-    if model is not None:
-        for key in ("num_attention_heads", "num_query_groups", "vocab_size", "ffn_hidden_size"):
-            if (value := getattr(model, key)) % tp:
-                raise ConfigError(
-                    f"model.{key}={value} is not divisible by "
-                    f"parallel.tensor_model_parallel_size={tp}; pick a TP that divides it"
-                )
-        if model.num_layers % pp:
-            raise ConfigError(
-                f"model.num_layers={model.num_layers} is not divisible by "
-                f"parallel.pipeline_model_parallel_size={pp}"
-            )
-        per_stage = model.num_layers // pp
-        if parallel.recompute_granularity == "full" and parallel.recompute_num_layers > per_stage:
-            raise ConfigError(
-                f"parallel.recompute_num_layers={parallel.recompute_num_layers} exceeds the "
-                f"{per_stage} layers of a pipeline stage; use 1..{per_stage}"
-            )
-    return world_size // (tp * pp)
-
-
 @section("parallel")
 class ParallelConfig:
-    """TP, PP, sequence parallelism (the rest is DP) and activation recomputation (``selective``:
-    core attention; ``full``: whole layers, ``uniform`` groups or each stage's first ``block``)."""
+    """TP, PP, SP (the rest is DP), recomputation (selective: core attention; full: layers)."""
 
     tensor_model_parallel_size: Count = 1
     pipeline_model_parallel_size: Count = 1
@@ -133,7 +93,38 @@ class ParallelConfig:
     recompute_method: RecomputeMethod = "uniform"
     recompute_num_layers: Count = 1
 
-    validate = validate_layout  # (world_size, model=None) -> the DP size
+    def validate(self, world_size: int, model: ModelConfig | None = None) -> int:
+        """Check the layout against the world size and the model; returns the DP size."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"TP*PP = {tp}*{pp} = {tp * pp} does not divide the world size {world_size}; "
+                "change parallel.tensor_model_parallel_size / "
+                "parallel.pipeline_model_parallel_size or the number of processes"
+            )
+        if self.sequence_parallel and tp == 1:
+            raise ConfigError(
+                "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1"
+            )
+        if model is not None:
+            for key in ("num_attention_heads", "num_query_groups", "vocab_size", "ffn_hidden_size"):
+                if (value := getattr(model, key)) % tp:
+                    raise ConfigError(
+                        f"model.{key}={value} is not divisible by "
+                        f"parallel.tensor_model_parallel_size={tp}; pick a TP that divides it"
+                    )
+            if model.num_layers % pp:
+                raise ConfigError(
+                    f"model.num_layers={model.num_layers} is not divisible by "
+                    f"parallel.pipeline_model_parallel_size={pp}"
+                )
+            per_stage = model.num_layers // pp
+            if self.recompute_granularity == "full" and self.recompute_num_layers > per_stage:
+                raise ConfigError(
+                    f"parallel.recompute_num_layers={self.recompute_num_layers} exceeds the "
+                    f"{per_stage} layers of a pipeline stage; use 1..{per_stage}"
+                )
+        return world_size // (tp * pp)
 
     def megatron_recompute(self) -> dict[str, Any]:
         """The ``TransformerConfig`` recompute options (empty without recomputation)."""
@@ -148,10 +139,12 @@ class ParallelConfig:
         }
 
 
+validate_layout = ParallelConfig.validate  # (parallel, world_size, model=None) -> the DP size
+
+
 @section("loss")
 class LossConfig:
-    """The objective (:mod:`.objectives`; ``auto``: the probe's choice) and how its loss is
-    normalized and computed (``fused``: chunked, never the full logits, :mod:`.fused_loss`)."""
+    """The objective (``auto``: the probe's choice), its normalization and implementation."""
 
     objective: Any = "original"
     normalization: Literal["kept", "response", "sample"] = Field(
@@ -209,22 +202,19 @@ class DataConfig:
     truncation: Literal["turn", "right", "error"] = "turn"  # turn: cut after a whole turn
     cache: bool = True  # tokenize once into a store every rank maps (data/store.py)
     cache_dir: str | None = None  # default $PROBSFT_CACHE/data; on a cluster, a shared one
-    padding: Padding = "longest"  # without packing: pad to the micro-batch's longest example
+    padding: Literal["longest", "max_length"] = "longest"  # pad to the micro-batch's longest
     packing: bool = False  # one row per micro-batch with cu_seqlens, no padding between
     num_samples: Count | None = Field(None, description="or null for all")  # the first N
     figfont_split: str = "train"
     seed: int = 42  # the per-epoch shuffle (the figfont generator keeps the paper's seed)
 
     def __post_init__(self) -> None:
-        if (
-            self.chat_template not in ("auto", "none", *CHAT_TEMPLATES)
-            and not self.chat_template.endswith(".jinja")
-            and not ("{{" in self.chat_template or "{%" in self.chat_template)
-        ):
+        t = self.chat_template
+        jinja = t.endswith(".jinja") or "{{" in t or "{%" in t
+        if t not in ("auto", "none", *CHAT_TEMPLATES) and not jinja:
             raise ConfigError(
-                f"data.chat_template={self.chat_template!r} is neither auto, none, "
-                f"a shipped template ({', '.join(CHAT_TEMPLATES)}), a .jinja file "
-                "nor a Jinja template string"
+                f"data.chat_template={t!r} is neither auto, none, a shipped "
+                f"template ({', '.join(CHAT_TEMPLATES)}), a .jinja file nor a Jinja template string"
             )
 
     def validate(self) -> None:
@@ -437,9 +427,8 @@ def load_raw(ref: str, relative_to: Path | None = None, seen: tuple = ()) -> dic
     path = next((c for c in local if c.is_file()), None) or resources.find("recipes", ref)
     if path is None:
         raise ConfigError(
-            f"config {ref!r} not found (looked for a file and for a recipe named "
-            f"{ref!r} in {resources.describe_search('recipes')}; recipes: "
-            f"{', '.join(list_recipes())})"
+            f"config {ref!r} not found (looked for a file and for a recipe named {ref!r} in "
+            f"{resources.describe_search('recipes')}; recipes: {', '.join(list_recipes())})"
         )
     path = path.resolve()
     if path in seen:

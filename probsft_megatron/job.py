@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from probsft_megatron.config import (
     TrainJobConfig,
     resolve_attention,
     resolve_precision,
-    validate,
 )
 from probsft_megatron.data.records import check_first_records
 from probsft_megatron.errors import ConfigError
@@ -26,10 +24,9 @@ from probsft_megatron.tokenizers import tokenizer_spec
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Job:
-    """A validated training job. ``config`` holds the sections as loaded, except ``model``:
-    the checkpoint's own when the job starts from one."""
+    """A validated training job; ``config.model`` is the checkpoint's own when it has one."""
 
     config: TrainJobConfig
     world_size: int
@@ -73,8 +70,7 @@ class Job:
 
 
 def resolve_job(cfg: TrainJobConfig, world_size: int, *, resume: bool = True) -> Job:
-    """Check ``cfg``'s paths and layout for ``world_size`` processes and resolve it into a
-    :class:`Job`; cheap and collective-free (``--dry-run`` and every rank call it first)."""
+    """``cfg`` checked for ``world_size`` processes, as a :class:`Job` (cheap, no collectives)."""
     cfg = dataclasses.replace(cfg)  # the Job's own container (the sections are frozen)
     check_files(cfg, resume=resume)
     check_first_records(cfg.data)  # the data's fields, before any tokenizer reads it
@@ -88,7 +84,7 @@ def resolve_job(cfg: TrainJobConfig, world_size: int, *, resume: bool = True) ->
                 ", ".join(diff),
             )
         cfg = dataclasses.replace(cfg, model=stored)
-    dp = validate(cfg, world_size)
+    dp = cfg.validate(world_size)
     if cfg.train.max_steps is not None:  # beyond what the data gives: refused, not cut
         planned_length(cfg)
     checkpoint = Path(init.checkpoint) if init.checkpoint else None

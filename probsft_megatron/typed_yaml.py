@@ -1,5 +1,4 @@
-"""Typed config sections from YAML and dotted ``section.key=value`` overrides, frozen pydantic
-dataclasses whose every bad key or value is one ConfigError line (why: docs/training.md)."""
+"""Typed config sections from YAML and dotted overrides; a bad key or value is one line."""
 
 from __future__ import annotations
 
@@ -62,8 +61,7 @@ def deep_merge(base: dict, update: dict) -> dict:
 
 
 def apply_override(data: dict, override: str) -> dict:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a raw mapping; a section
-    given by name that it reaches into becomes ``{"__preset__": name, ...}``."""
+    """One ``a.b.c=value`` override (a YAML value); a named section becomes ``__preset__``."""
     if "=" not in override:
         raise ConfigError(
             f"override {override!r} must look like section.key=value (e.g. optim.lr=4e-5)"
@@ -102,6 +100,7 @@ Names = Annotated[list[str], BeforeValidator(_split)]  # strings; an override ma
 
 _TYPE_WORDS = {"int": "int", "float": "float", "bool": "true/false", "string": "a string"}
 _TYPE_WORDS |= {"list": "a list", "dataclass": "a mapping", "dict": "a mapping"}
+_BOUNDS = {"ge": (">=", "["), "gt": (">", "("), "le": ("<=", "]"), "lt": ("<", ")")}
 
 
 def _fields(cls) -> dict[str, FieldInfo]:
@@ -117,18 +116,14 @@ def _nested(tp: Any):
 
 
 def _range(info: FieldInfo) -> str:
-    """``>= 1``, ``> 0``, ``in [0, 1)``: a field's ``Field(ge=, gt=, le=, lt=)`` bounds, those
-    of its ``Annotated[...] | None`` annotation included."""
+    """``>= 1``, ``> 0``, ``in [0, 1)``: a field's bounds, its ``Annotated[...] | None``'s too."""
     nested = [m for tp in _nested(info.annotation) for m in getattr(tp, "__metadata__", ())]
     metadata = [*info.metadata, *(m for arg in nested for m in getattr(arg, "metadata", [arg]))]
-    b = {k: getattr(m, k) for m in metadata for k in ("ge", "gt", "le", "lt") if hasattr(m, k)}
-    low = ("[", b["ge"]) if "ge" in b else ("(", b["gt"]) if "gt" in b else None
-    high = ("]", b["le"]) if "le" in b else (")", b["lt"]) if "lt" in b else None
+    b = {k: getattr(m, k) for m in metadata for k in _BOUNDS if hasattr(m, k)}
+    low, high = (next((k for k in pair if k in b), None) for pair in (("ge", "gt"), ("le", "lt")))
     if low and high:
-        return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
-    if low:
-        return f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
-    return f"{'<=' if high[0] == ']' else '<'} {high[1]:g}" if high else ""
+        return f"in {_BOUNDS[low][1]}{b[low]:g}, {b[high]:g}{_BOUNDS[high][1]}"
+    return f"{_BOUNDS[low or high][0]} {b[low or high]:g}" if low or high else ""
 
 
 def _got(value: Any) -> str:
