@@ -1,7 +1,6 @@
 """`probsft` console entry point: one thin subcommand per library module.
 
-Each subcommand module has ``add_arguments(parser)`` and ``run(args) -> int``, imported only
-when chosen. Exit codes: 0 success, 2 a usage error or a ProbsftError, 1 a failed run."""
+Exit codes: 0 success, 2 a usage error or a ProbsftError, 1 a failed run."""
 
 from __future__ import annotations
 
@@ -23,21 +22,18 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": (".plan_cli", "per-GPU memory estimate and the cheapest layout that fits"),
     "report": (".report_cli", "compare the runs of an experiment or sweep: tables and figures"),
 }
-
-
 VERBOSE_HELP = "debug logging, including megatron's own warnings (also PROBSFT_LOG_LEVEL)"
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="probsft", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
+    verbose = {"action": "count", "help": VERBOSE_HELP}
+    parser.add_argument("-v", "--verbose", default=0, **verbose)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module_name = importlib.util.resolve_name(module_name, "probsft_megatron")
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument(
-            "-v", "--verbose", action="count", default=argparse.SUPPRESS, help=VERBOSE_HELP
-        )
+        p.add_argument("-v", "--verbose", default=argparse.SUPPRESS, **verbose)
         if only not in (None, name):
             continue
         try:  # the pip extra first, so a lazy import inside cannot fail with a traceback
@@ -63,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += [w for w in extra if "=" in w and not w.startswith("-")]
         extra = [w for w in extra if "=" not in w or w.startswith("-")]
     if extra:
-        parser.error(
-            f"unrecognized arguments: {' '.join(extra)} (see probsft {args.command or ''} --help)"
-        )
+        see = f"see probsft {args.command or ''} --help"
+        parser.error(f"unrecognized arguments: {' '.join(extra)} ({see})")
     if getattr(args, "_unavailable", None):
         print(f"error: {args._unavailable}", file=sys.stderr)
         return 2

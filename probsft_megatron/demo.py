@@ -1,7 +1,6 @@
 """The embedded default, end to end on a CPU: ``make demo`` / ``python -m probsft_megatron.demo``.
 
-SmolLM2-135M-Instruct probed, fine-tuned (NLL and ``-p``), exported and evaluated on generated
-additions, each stage its own process, reused on a rerun (docs/demo/README.md)."""
+SmolLM2-135M-Instruct probed, fine-tuned, exported and evaluated (docs/demo/README.md)."""
 
 from __future__ import annotations
 
@@ -310,8 +309,7 @@ def _report(work, settings, evals, probe, histories, stage_seconds, total) -> di
 
 
 def compare(report: dict[str, Any], reference: dict[str, Any]) -> list[str]:
-    """Where ``report`` differs from ``reference`` beyond :data:`TOLERANCE` (empty: it
-    reproduces it)."""
+    """Where ``report`` differs from ``reference`` beyond :data:`TOLERANCE` (empty: none)."""
     problems = []
     if report["settings"] != reference.get("settings"):
         return [f"other settings: {report['settings']} vs {reference.get('settings')}"]

@@ -2,8 +2,7 @@
 
 
 class ProbsftError(Exception):
-    """A user's mistake, reported as one line by the CLI; in a multi-rank job every rank
-    raises it and only the one with ``announce`` prints it."""
+    """A user's mistake, one line from the CLI (of a job's ranks, those with ``announce``)."""
 
     def __init__(self, message: str = "", announce: bool = True) -> None:
         super().__init__(message)

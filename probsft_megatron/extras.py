@@ -1,5 +1,4 @@
-"""Which pip extras each `probsft` subcommand needs, checked without importing; the lists must
-match ``pyproject.toml`` (tests/test_install.py)."""
+"""Which pip extras each `probsft` subcommand needs (as ``pyproject.toml`` lists them)."""
 
 from __future__ import annotations
 
@@ -40,26 +39,18 @@ def missing_module(subcommand: str) -> str | None:
     return next((m for m in modules if not _installed(m)), None)
 
 
-def extra_of(module: str, subcommand: str | None = None) -> str | None:
-    """The extra that installs ``module`` (the subcommand's own extra first)."""
-    top = module.split(".")[0]
-    preferred = SUBCOMMAND_EXTRAS.get(subcommand or "")
-    if preferred and top in EXTRA_MODULES.get(preferred, ()):
-        return preferred
-    return next((extra for extra, mods in EXTRA_MODULES.items() if top in mods), None)
-
-
 def install_hint(extra: str) -> str:
+    alt = ALTERNATIVES.get(extra)
     hint = f"pip install '{DIST_NAME}[{extra}]'"
-    if extra in ALTERNATIVES:
-        hint += f" (or '[{ALTERNATIVES[extra]}]' on a machine without a GPU)"
-    return hint
+    return hint + (f" (or '[{alt}]' on a machine without a GPU)" if alt else "")
 
 
 def explain_missing(subcommand: str, module_name: str, missing: str | None) -> str:
     """Why ``probsft <subcommand>`` cannot start, ``missing`` lacking for ``module_name``."""
     missing = missing or "?"
-    extra = extra_of(missing, subcommand)
+    # the extra that installs it, the subcommand's own first
+    extras = sorted(EXTRA_MODULES, key=lambda e: e != SUBCOMMAND_EXTRAS.get(subcommand))
+    extra = next((e for e in extras if missing.split(".")[0] in EXTRA_MODULES[e]), None)
     if extra is not None:
         return (
             f"`probsft {subcommand}` needs the [{extra}] extra, and its module "

@@ -1,5 +1,4 @@
-"""Atomic file writes: written under a temporary name in the target's folder and renamed
-over it, so a reader sees the old complete file or the new one, never half of one."""
+"""Atomic file writes: a temporary file renamed over the target; never half a file."""
 
 from __future__ import annotations
 
@@ -32,6 +31,5 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any, **dumps_args: Any) -> Path:
-    """``data`` as JSON (plus a final newline) to ``path`` atomically; ``dumps_args`` go to
-    ``json.dumps`` (``indent=2`` unless given, ``default=str``...)."""
+    """``data`` as JSON and a newline to ``path`` atomically (``json.dumps(indent=2, ...)``)."""
     return atomic_write_text(path, json.dumps(data, **{"indent": 2, **dumps_args}) + "\n")

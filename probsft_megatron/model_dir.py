@@ -1,7 +1,4 @@
-"""The on-disk Megatron model dir (``model_config.json``, torch_dist ``weights/`` that any
-TP/PP layout loads, ``hf/``: the Hugging Face template for export), shared by conversion,
-training and probing. Writers fill a hidden staging sibling and rename it when complete
-(:func:`staged` in one process; :func:`begin_staging`/:func:`commit_staging` across ranks)."""
+"""The on-disk Megatron model dir: ``model_config.json``, ``weights/`` and the ``hf/`` template."""
 
 from __future__ import annotations
 
@@ -68,9 +65,8 @@ def read_model_dir(path: str | os.PathLike) -> ModelDir:
         raise CheckpointError(f"{cfg_file} is not valid JSON ({exc})") from None
     if meta.get("format", FORMAT) != FORMAT or meta.get("format_version", 1) > FORMAT_VERSION:
         raise CheckpointError(
-            f"{cfg_file} has format {meta.get('format')!r} version "
-            f"{meta.get('format_version')!r}; this version reads {FORMAT!r} "
-            f"up to version {FORMAT_VERSION}"
+            f"{cfg_file} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
+            f"this version reads {FORMAT!r} up to version {FORMAT_VERSION}"
         )
     weights = path / WEIGHTS_DIR
     if not (weights / "metadata.json").is_file():
@@ -115,8 +111,7 @@ def staging_path(out_dir: str | os.PathLike) -> Path:
 
 
 def begin_staging(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Create an empty staging directory for ``out_dir`` (on one rank; an interrupted
-    write's is removed); CheckpointError when ``out_dir`` exists without ``overwrite``."""
+    """An empty staging folder for ``out_dir`` (one rank); an existing out_dir needs overwrite."""
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise CheckpointError(
@@ -133,19 +128,16 @@ def commit_staging(staging: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     out = Path(out_dir).absolute()
     old = out.parent / f".{out.name}.old"
     if out.exists():
-        if old.exists():
-            shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
     os.replace(staging, out)
-    if old.exists():
-        shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
 @contextmanager
 def staged(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Write ``out_dir`` in one process: yields the staging folder, renamed on success and
-    removed on an exception."""
+    """Yields ``out_dir``'s staging folder (one process), renamed on success, else removed."""
     staging = begin_staging(out_dir, overwrite=overwrite)
     try:
         yield staging

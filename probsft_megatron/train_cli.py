@@ -1,6 +1,4 @@
-"""`probsft train --config RECIPE [--nproc N] [--dry-run] [key=value ...]`: the whole job
-resolved and checked for ``N`` processes, its memory fit too, before anything is spawned, then
-run here (N=1) or under torchrun's agent (which leaves the stop signals to the processes)."""
+"""`probsft train`: the job checked (its memory fit too) before anything is spawned, then run."""
 
 from __future__ import annotations
 
@@ -23,9 +21,8 @@ logger = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="recipe YAML: a path or a name under configs/recipes")
     p.add_argument("--nproc", type=int, default=1, help="processes (devices) on this node")
-    p.add_argument(
-        "--dry-run", action="store_true", help="validate and print the resolved config, then exit"
-    )
+    dry_run = "validate and print the resolved config, then exit"
+    p.add_argument("--dry-run", action="store_true", help=dry_run)
     gpu_memory = (
         "memory of each GPU for the fit check (default: the CUDA device's; without CUDA "
         "the check is skipped unless this is given)"
@@ -37,8 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def fit_check(job, args: argparse.Namespace) -> str:
-    """The memory planner's verdict on the layout as one line; one that will not fit is refused.
-    The GPU size is ``--gpu-memory``, else the CUDA device's (no CUDA: skipped)."""
+    """The memory planner's one-line verdict (for --gpu-memory, or CUDA's); a misfit is refused."""
     if args.gpu_memory is not None and not args.gpu_memory > 0:
         raise ConfigError(f"--gpu-memory must be a positive number of GB (got {args.gpu_memory})")
     if args.no_fit_check:
