@@ -74,8 +74,7 @@ def check_out_dir(out: Path, col: Collection) -> None:
     previous = _previous_report(out)
     ours = {"report.json", "report.md", *(previous.get("files") or [])} if previous else set()
     found = [p.name for p in out.iterdir() if p.is_file()] if out.is_dir() else []
-    foreign = sorted(n for n in found if OUTPUT_NAME.fullmatch(n) and n not in ours)
-    if foreign:
+    if foreign := sorted(n for n in found if OUTPUT_NAME.fullmatch(n) and n not in ours):
         raise ConfigError(
             f"--out {out} holds {', '.join(foreign)}, which probsft report did not write "
             "there and would replace; choose another folder"

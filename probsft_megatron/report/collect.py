@@ -131,9 +131,7 @@ def collect(
         if run.get("probe") and run["probe"].get("report"):
             _add_probe(col, Path(run["probe"]["report"]))
     for p in probes:
-        path = Path(p)
-        target = path / "report.json" if path.is_dir() else path
-        if not _add_probe(col, target):
+        if not _add_probe(col, Path(p) / "report.json" if Path(p).is_dir() else Path(p)):
             raise ConfigError(
                 f"--probe {p}: not a probe report (the report.json written by "
                 "`probsft probe`, or its folder)"
