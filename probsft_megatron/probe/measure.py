@@ -156,8 +156,9 @@ def probe(
     use_cache: bool = True,
 ) -> dict[str, Any]:
     """Probe the Megatron model dir ``model_dir`` on ``data_cfg`` and return the report
-    (collective; starts megatron's groups unless they exist with the same ``parallel``), cached
-    by :func:`probe_key` unless ``use_cache=False``; rank 0 also writes it into ``out_dir``."""
+    (collective; starts and shuts down megatron's groups unless they exist with the same
+    ``parallel``), cached by :func:`probe_key` unless ``use_cache=False``; global rank 0 also
+    writes report.json and probe.png into ``out_dir``."""
     from probsft_megatron.tokenizers import load_tokenizer
 
     parallel = parallel or ParallelConfig()
