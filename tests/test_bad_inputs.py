@@ -663,8 +663,8 @@ def world(tmp_path_factory) -> dict[str, str]:
     """Real inputs: a tiny HF checkpoint (and broken variants), its conversion (with and
     without a tokenizer), an export, a two-checkpoint training run (and damaged copies), data
     files and a recipe. Built once (about a minute on 2 cores, most of it the training run)."""
+    from mp.tiny_hf import tiny_hf_checkpoint
     from probsft_megatron.converters import api
-    from probsft_megatron.converters.testing import tiny_hf_checkpoint
     from probsft_megatron.tokenizers import load_tokenizer
 
     w = tmp_path_factory.mktemp("bad_inputs")

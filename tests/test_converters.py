@@ -24,11 +24,11 @@ import pytest
 import torch
 
 from conftest import run_torchrun
+from mp.tiny_hf import qwen_tokenizer, tiny_hf_checkpoint
 from probsft_megatron import compat, manifest
 from probsft_megatron import model_dir as layout
 from probsft_megatron.cli import main
 from probsft_megatron.converters import api, mapping, megatron_io
-from probsft_megatron.converters.testing import qwen_tokenizer, tiny_hf_checkpoint
 from probsft_megatron.errors import CheckpointError, ConfigError, ProbsftError
 from probsft_megatron.model import ModelConfig, ParallelConfig
 
@@ -320,7 +320,7 @@ def test_cli_roundtrip_with_template(tmp_path, capsys):
 
 # ------------------------------------------------------------------ refusals, one line each
 def _write_config(folder: Path, kind: str = "llama3", **changes) -> Path:
-    from probsft_megatron.converters.testing import TINY_CONFIGS
+    from mp.tiny_hf import TINY_CONFIGS
 
     cfg = dict(TINY_CONFIGS[kind], model_type="qwen2" if kind.startswith("qwen2") else "llama")
     for key, value in changes.items():

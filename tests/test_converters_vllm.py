@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import run_torchrun
+from mp.tiny_hf import qwen_tokenizer, tiny_hf_checkpoint
 from probsft_megatron import model_dir as layout
 from probsft_megatron.converters import api
-from probsft_megatron.converters.testing import qwen_tokenizer, tiny_hf_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 

@@ -18,9 +18,9 @@ import types
 
 import pytest
 import torch
-from mp.tiny_model import TINY_QWEN2
 
 from conftest import read_json, run_torchrun
+from mp.tiny_model import TINY_QWEN2
 from probsft_megatron import cpu_backend, fused_head, fused_loss, runtime
 from probsft_megatron.errors import ConfigError
 from probsft_megatron.loss import LossConfig, ObjectiveLoss, reduce_stats, token_ce_triple

@@ -19,8 +19,8 @@ import dataclasses
 
 import pytest
 import torch
-from mp.tiny_model import TINY_QWEN2
 
+from mp.tiny_model import TINY_QWEN2
 from probsft_megatron import cpu_backend, runtime
 from probsft_megatron.config import ConfigError, PeftConfig, load_config
 from probsft_megatron.loss import LossConfig, ObjectiveLoss

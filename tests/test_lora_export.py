@@ -23,11 +23,11 @@ import pytest
 import torch
 
 from conftest import MP_DIR
+from mp.tiny_hf import tiny_hf_checkpoint
 from probsft_megatron import checkpoint as ckpt
 from probsft_megatron import lora
 from probsft_megatron.config import InitConfig, PeftConfig, TrainJobConfig
 from probsft_megatron.converters import api, megatron_io, peft_export
-from probsft_megatron.converters.testing import tiny_hf_checkpoint
 from probsft_megatron.errors import CheckpointError, ConfigError
 
 PEFT = PeftConfig(method="lora", rank=8, alpha=16.0)
@@ -183,7 +183,7 @@ def test_vllm_serves_the_exported_adapter_like_peft(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from probsft_megatron.converters.testing import qwen_tokenizer
+    from mp.tiny_hf import qwen_tokenizer
 
     hf = tiny_hf_checkpoint(
         tmp_path / "hf", "qwen2", tokenizer_dir=qwen_tokenizer(), vocab_size=151646
@@ -252,7 +252,7 @@ def test_eval_refuses_a_folder_that_is_no_adapter(tmp_path):
 def test_launch_export_step_merges_a_lora_run(tmp_path):
     """The export step of `probsft launch` (launchers.steps.export_latest) turns a LoRA run's
     newest checkpoint into a full HF folder (merged, with the base's tokenizer) for eval."""
-    from probsft_megatron.converters.testing import qwen_tokenizer
+    from mp.tiny_hf import qwen_tokenizer
     from probsft_megatron.launchers.steps import export_latest
 
     hf = tiny_hf_checkpoint(

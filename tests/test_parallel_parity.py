@@ -282,7 +282,6 @@ def _counting_batches(steps: int, rows: int, seq: int, vocab: int):
 def _train_with(recompute: dict, objective: str, steps: int = 3) -> dict:
     """Losses, grad norms and forward calls (layers, core attention) of a few steps."""
     from mp.tiny_model import TINY_QWEN2
-
     from probsft_megatron import compat, runtime
     from probsft_megatron.attention import SDPAttention
     from probsft_megatron.loss import LossConfig, ObjectiveLoss

@@ -275,8 +275,8 @@ def test_smollm2_percentiles_match_transformers_float64(smollm2):
 def tiny(tmp_path_factory):
     """A tiny random Qwen2-style HF checkpoint with SmolLM2's tokenizer, converted by the
     probe CLI's HF path into a (module-private) cache; plus a counting data file."""
+    from mp.tiny_hf import tiny_hf_checkpoint
     from probsft_megatron import probe_cli
-    from probsft_megatron.converters.testing import tiny_hf_checkpoint
     from probsft_megatron.tokenizers import load_tokenizer
 
     root = tmp_path_factory.mktemp("probe_tiny")

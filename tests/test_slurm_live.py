@@ -210,7 +210,7 @@ def test_rejected_submission_is_one_line_and_marked_failed(cluster, tmp_path):
 @pytest.fixture(scope="module")
 def hf_backbone(tmp_path_factory, smollm2_hf) -> Path:
     """A random Hugging Face Llama with the tiny-llama preset's shape and SmolLM2's tokenizer."""
-    from probsft_megatron.converters.testing import tiny_hf_checkpoint
+    from mp.tiny_hf import tiny_hf_checkpoint
 
     tokenizer = smollm2_hf
     out = tiny_hf_checkpoint(

