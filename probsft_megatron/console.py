@@ -29,6 +29,13 @@ class _Format(logging.Formatter):
         return f"[probsft] {level}{super().format(record)}"
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted, so a handler set up under
+    a redirection (a library caller's, a test's capture) never writes to a closed stream."""
+
+    stream = property(lambda self: sys.stderr, lambda self, stream: None)
+
+
 def log_level(verbose: int = 0) -> int:
     """The level asked for: DEBUG with ``verbose``, else ``$PROBSFT_LOG_LEVEL``, else INFO."""
     name = os.environ.get(LOG_LEVEL_ENV, "").strip().upper()
@@ -43,7 +50,7 @@ def setup_logging(verbose: int = 0) -> int:
     logger = logging.getLogger("probsft_megatron")
     logger.setLevel(level)
     if not any(getattr(h, _HANDLER_MARK, False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(_Format("%(message)s"))
         setattr(handler, _HANDLER_MARK, True)
         logger.addHandler(handler)

@@ -30,7 +30,6 @@ import functools
 import hashlib
 import io
 import json
-import logging
 import os
 import re
 import shlex
@@ -819,9 +818,6 @@ def _fingerprint(path: Path) -> dict[str, str]:
 def _in_process(argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        for handler in logging.getLogger("probsft_megatron").handlers:
-            if getattr(handler, "_probsft_handler", False):
-                handler.setStream(err)  # the CLI's log handler writes where this case reads
         try:
             code = main(argv)
         except SystemExit as exc:  # argparse's usage errors

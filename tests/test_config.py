@@ -275,3 +275,26 @@ def test_sections_are_checked_however_they_are_built():
         TrainConfig(8, 0)  # positional arguments are named by their field
     with pytest.raises(ConfigError, match=r"^data\.train_files\[1\] expects a string"):
         load_config("tiny-figfont-cpu", ["data.train_files=[a.jsonl, [b]]"])
+
+
+def test_log_lines_follow_stderr_when_it_is_replaced(capsys):
+    """The log handler writes to the current ``sys.stderr``: a command run in-process under a
+    capture that is then closed leaves no handler behind writing to the closed stream."""
+    import contextlib
+    import io
+    import logging
+
+    from probsft_megatron import console
+
+    first = io.StringIO()
+    with contextlib.redirect_stderr(first):
+        console.setup_logging()
+        logging.getLogger("probsft_megatron.test").info("into the first")
+    first.close()
+    second = io.StringIO()
+    with contextlib.redirect_stderr(second):
+        console.setup_logging()
+        logging.getLogger("probsft_megatron.test").info("into the second")
+    assert second.getvalue() == "[probsft] into the second\n"
+    logging.getLogger("probsft_megatron.test").warning("onto stderr")
+    assert capsys.readouterr().err.endswith("[probsft] warning: onto stderr\n")
